@@ -1,0 +1,47 @@
+// vdit_C: schemas of the compiled ops and the Python module stub.
+//
+// Every schema is defined here, in every build, so the op set is the same whether or
+// not CUDA kernels were compiled; CUDA builds add implementations in csrc/*.cu with
+// TORCH_LIBRARY_IMPL(vdit_C, CUDA, m). has_cuda() says which build this is.
+#include <Python.h>
+#include <torch/library.h>
+
+#include <string>
+
+namespace vdit {
+
+bool has_cuda() {
+#ifdef VDIT_WITH_CUDA
+  return true;
+#else
+  return false;
+#endif
+}
+
+std::string build_info() {
+  std::string info = "vdit_kernels._C";
+#ifdef VDIT_WITH_CUDA
+  info += " cuda=1";
+#else
+  info += " cuda=0";
+#endif
+#ifdef CUDA_VERSION
+  info += " cuda_version=" + std::to_string(CUDA_VERSION);
+#endif
+  return info;
+}
+
+}  // namespace vdit
+
+TORCH_LIBRARY(vdit_C, m) {
+  m.def("has_cuda() -> bool", &vdit::has_cuda);
+  m.def("build_info() -> str", &vdit::build_info);
+}
+
+// Importing vdit_kernels._C runs the static registrations above; the module itself is empty.
+extern "C" {
+PyObject* PyInit__C(void) {
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", "vdit_kernels compiled ops", -1, nullptr};
+  return PyModule_Create(&module_def);
+}
+}

@@ -1,0 +1,1 @@
+"""vdit_kernels.model: the thin video DiT on the package's fused ops (installed from model/)."""

@@ -1,0 +1,138 @@
+"""Build vdit_kernels with its compiled extension vdit_kernels._C.
+
+What gets built:
+  * CUDA torch + nvcc found      -> csrc/ops.cpp + csrc/*.cu (CUDA kernels for the
+                                    memory-bound ops), for TORCH_CUDA_ARCH_LIST
+  * otherwise, or VDIT_SKIP_CUDA_BUILD=1 -> csrc/ops.cpp alone (op schemas, no kernels)
+  * VDIT_SKIP_BUILD=1            -> no extension; the Python paths still work
+No GPU is needed or looked for: the architectures come from TORCH_CUDA_ARCH_LIST
+(default below). Build with `pip install --no-build-isolation -e .` (torch must be
+importable at build time; the extension is tied to that torch).
+"""
+import os
+import re
+import shutil
+import sys
+from pathlib import Path
+
+from setuptools import find_packages, setup
+
+ROOT = Path(__file__).parent
+DEFAULT_ARCH_LIST = "8.0;9.0a;9.0+PTX"  # A100, H100/H200 (wgmma-capable 9.0a), PTX for newer GPUs
+
+
+def say(msg: str) -> None:
+    print(f"[vdit_kernels setup] {msg}", file=sys.stderr, flush=True)
+
+
+def real_cuda_home():
+    """The CUDA toolkit folder: CUDA_HOME/CUDA_PATH if set, else where `nvcc` really lives.
+
+    The nvcc on PATH can be a wrapper script (e.g. /usr/local/bin/nvcc doing
+    `exec /usr/local/cuda-13.0/bin/nvcc "$@"`); torch would then guess the folder above
+    the wrapper. We follow symlinks, then read a small wrapper script for the nvcc it runs.
+    """
+    for var in ("CUDA_HOME", "CUDA_PATH"):
+        home = os.environ.get(var)
+        if home:
+            if (Path(home) / "bin" / "nvcc").exists():
+                return Path(home), f"${var}"
+            say(f"${var}={home} has no bin/nvcc; ignoring it")
+    nvcc = shutil.which("nvcc")
+    candidates = []
+    if nvcc:
+        real = Path(nvcc).resolve()
+        candidates.append((real.parent.parent, f"nvcc on PATH ({nvcc} -> {real})"))
+        try:
+            if real.stat().st_size < 4096:
+                text = real.read_text(errors="ignore")
+                for match in re.findall(r"(/[^\s\"']+)/bin/nvcc\b", text):
+                    candidates.append((Path(match), f"the wrapper script {real}"))
+        except OSError:
+            pass
+    candidates.append((Path("/usr/local/cuda"), "the standard location /usr/local/cuda"))
+    for home, how in candidates:
+        if (home / "bin" / "nvcc").exists() and (home / "include" / "cuda_runtime.h").exists():
+            return home.resolve(), how
+    return None, "no nvcc on PATH, no CUDA_HOME, nothing in /usr/local/cuda"
+
+
+def extensions():
+    if os.environ.get("VDIT_SKIP_BUILD", "0") == "1":
+        say("VDIT_SKIP_BUILD=1: not building vdit_kernels._C")
+        return [], {}
+    cuda_home, how = real_cuda_home()
+    if cuda_home is not None:
+        os.environ["CUDA_HOME"] = str(cuda_home)  # before cpp_extension reads it at import
+    import torch
+    from torch.utils import cpp_extension
+
+    torch_cuda = torch.version.cuda
+    skip_cuda = os.environ.get("VDIT_SKIP_CUDA_BUILD", "0") == "1"
+    with_cuda = bool(torch_cuda) and cuda_home is not None and not skip_cuda
+    if skip_cuda:
+        say("VDIT_SKIP_CUDA_BUILD=1: building the CPU-only extension (op schemas, no CUDA kernels)")
+    elif torch_cuda and cuda_home is None:
+        say(f"torch {torch.__version__} is a CUDA {torch_cuda} build but no CUDA toolkit was found "
+            f"({how}). Set CUDA_HOME to the toolkit to build the CUDA kernels; building CPU-only.")
+    elif not torch_cuda and cuda_home is not None:
+        say(f"a CUDA toolkit is at {cuda_home} but torch {torch.__version__} is a CPU build; the CUDA "
+            "kernels need a CUDA build of torch. Building CPU-only.")
+    elif not torch_cuda:
+        say(f"torch {torch.__version__} is a CPU build and no CUDA toolkit was found: building CPU-only")
+
+    if "MAX_JOBS" not in os.environ:
+        # nvcc with torch headers takes ~2 GB per job: cap jobs by memory as well as cores
+        try:
+            mem_gb = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+        except (ValueError, OSError):
+            mem_gb = 8
+        os.environ["MAX_JOBS"] = str(max(1, min(os.cpu_count() or 1, int(mem_gb // 3))))
+
+    cxx_flags = ["-O3", "-DNDEBUG"]  # the C++ standard is torch's own default
+    sources = ["csrc/ops.cpp"]
+    if not with_cuda:
+        ext = cpp_extension.CppExtension("vdit_kernels._C", sources, extra_compile_args={"cxx": cxx_flags})
+        return [ext], {"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)}
+
+    os.environ.setdefault("TORCH_CUDA_ARCH_LIST", DEFAULT_ARCH_LIST)
+    include_dirs = [str(ROOT / "csrc")]
+    # torch's ATen/cuda headers include cusparse.h / cublas_v2.h; a bare toolkit may lack
+    # them while torch's nvidia wheels ship them
+    for site in sys.path:
+        extra = Path(site) / "nvidia" / "cu13" / "include"
+        if extra.is_dir():
+            include_dirs.append(str(extra))
+            break
+    sources += sorted(str(p.relative_to(ROOT)) for p in (ROOT / "csrc").glob("*.cu"))
+    say(f"building CUDA kernels with the toolkit at {cuda_home} (found via {how}), torch CUDA "
+        f"{torch_cuda}, TORCH_CUDA_ARCH_LIST={os.environ['TORCH_CUDA_ARCH_LIST']}, "
+        f"MAX_JOBS={os.environ['MAX_JOBS']}, sources: {', '.join(sources)}")
+    ext = cpp_extension.CUDAExtension(
+        "vdit_kernels._C",
+        sources,
+        include_dirs=include_dirs,
+        define_macros=[("VDIT_WITH_CUDA", "1")],
+        extra_compile_args={
+            "cxx": cxx_flags,
+            "nvcc": ["-O3", "-DNDEBUG", "--expt-relaxed-constexpr", "-lineinfo"],
+        },
+    )
+    return [ext], {"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)}
+
+
+ext_modules, cmdclass = extensions()
+
+setup(
+    name="vdit_kernels",
+    version="0.1.0",
+    description="Fused patchify, 3D RoPE and variable-length attention kernels for video diffusion transformers",
+    packages=find_packages(include=["vdit_kernels", "vdit_kernels.*"]) + ["vdit_kernels.model"],
+    package_dir={"vdit_kernels.model": "model"},
+    python_requires=">=3.10",
+    install_requires=["torch>=2.4", "numpy"],
+    extras_require={"triton": ["triton>=3.0"], "test": ["pytest", "einops"],
+                    "bench": ["pytest-benchmark", "tqdm", "matplotlib"]},
+    ext_modules=ext_modules,
+    cmdclass=cmdclass,
+)

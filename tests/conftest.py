@@ -1,0 +1,66 @@
+"""Shared test settings: device, Triton interpreter, tolerances, comparison helpers.
+
+Without a GPU, Triton kernels run under the Triton interpreter on CPU tensors; the
+variable must be set before triton.jit decorates any kernel, hence at the top here.
+Tolerances live in one table, per dtype. Matmul-like ops (patch embedding, attention)
+use flash-attention's rule instead: the kernel's max error against a float32
+reference must be at most 2x PyTorch's own max error in the same dtype.
+"""
+import os
+
+import pytest
+import torch
+
+HAS_CUDA = torch.cuda.is_available()
+if not HAS_CUDA:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+DEVICE = torch.device("cuda" if HAS_CUDA else "cpu")
+
+# (atol, rtol) for elementwise ops (RoPE, data movement is exact) per dtype
+TOLERANCES = {
+    torch.float64: (1e-10, 1e-10),
+    torch.float32: (1e-5, 1e-5),
+    torch.float16: (2e-3, 2e-3),
+    torch.bfloat16: (1.6e-2, 1.6e-2),
+}
+
+# bfloat16 tl.dot is wrong in the Triton interpreter (it multiplies the raw bits), so
+# dot-kernels are tested in bfloat16 only on a GPU
+DOT_DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if HAS_CUDA else [])
+ALL_DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+
+gpu_only = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
+
+
+def assert_verbose_close(actual, expected, atol=None, rtol=None, name="tensor"):
+    """allclose that says how many elements differ, where, and about NaN/inf mismatches."""
+    if atol is None:
+        atol, rtol = TOLERANCES[expected.dtype]
+    assert actual.shape == expected.shape, f"{name}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
+    a, e = actual.detach().double().cpu(), expected.detach().double().cpu()
+    finite_mismatch = torch.isfinite(a) != torch.isfinite(e)
+    nan_mismatch = torch.isnan(a) != torch.isnan(e)
+    both = torch.isfinite(a) & torch.isfinite(e)
+    bad = (~torch.isclose(a, e, atol=atol, rtol=rtol, equal_nan=True) & both) | finite_mismatch | nan_mismatch
+    if bad.any():
+        idx = bad.nonzero()[:5].tolist()
+        worst = (a - e).abs().masked_fill(~both, 0).max().item()
+        pairs = [(i, a[tuple(i)].item(), e[tuple(i)].item()) for i in idx]
+        raise AssertionError(
+            f"{name}: {int(bad.sum())}/{bad.numel()} elements differ (atol={atol}, rtol={rtol}); "
+            f"max abs diff {worst:.3e}; NaN mismatches {int(nan_mismatch.sum())}, "
+            f"finite/inf mismatches {int(finite_mismatch.sum())}; first (index, actual, expected): {pairs}")
+
+
+def assert_matmul_rule(actual, torch_same_dtype, reference_fp32, name="tensor", floor=1e-6):
+    """flash-attention's rule: err(actual) <= 2 * err(PyTorch in the same dtype) (+ a tiny floor)."""
+    ref = reference_fp32.detach().double().cpu()
+    err = (actual.detach().double().cpu() - ref).abs().max().item()
+    base = (torch_same_dtype.detach().double().cpu() - ref).abs().max().item()
+    assert err <= 2 * base + floor, f"{name}: max error {err:.3e} > 2 x PyTorch's {base:.3e} (+{floor})"
+
+
+def random_videos(pack, channels, dtype=torch.float32, device=DEVICE, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(channels, *s, generator=g).to(device=device, dtype=dtype) for s in pack.shapes]

@@ -1,0 +1,247 @@
+"""Public API: backend choice, bad input, registered ops (opcheck, torch.compile), gradients."""
+import os
+
+import pytest
+import torch
+
+import vdit_kernels as vk
+from vdit_kernels import backend as B
+from vdit_kernels import reference as ref
+from vdit_kernels.ops import attention as attn_ops, patch as patch_ops, rope as rope_ops
+
+
+@pytest.fixture
+def pack():
+    return vk.VideoPack.from_shapes([(2, 4, 6), (1, 2, 2), (3, 2, 4)], (1, 2, 2), text_lengths=[3, 0, 5])
+
+
+def _qkv(n, heads=4, kv_heads=2, d=12, dtype=torch.float64, nk=None, requires_grad=False):
+    nk = n if nk is None else nk
+    g = torch.Generator().manual_seed(0)
+    mk = lambda rows, h: torch.randn(rows, h, d, generator=g, dtype=dtype).requires_grad_(requires_grad)
+    return mk(n, heads), mk(nk, kv_heads), mk(nk, kv_heads)
+
+
+# -- backend choice -------------------------------------------------------------------
+
+def test_resolve_order(monkeypatch):
+    monkeypatch.delenv("VDIT_BACKEND", raising=False)
+    cpu = torch.device("cpu")
+    assert B.resolve("patch", cpu) == "reference"  # auto on CPU is the reference path
+    monkeypatch.setenv("VDIT_BACKEND", "reference")
+    assert B.resolve("rope", cpu) == "reference"
+    with vk.use_backend("reference"):
+        assert B.resolve("attention", cpu, None) == "reference"
+    with pytest.raises(ValueError, match="unknown backend"):
+        B.resolve("patch", cpu, "tpu")
+    with pytest.raises(ValueError, match="unknown backend"):
+        with vk.use_backend("fast"):
+            pass
+
+
+def test_named_backend_that_cannot_run_raises(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(vk.BackendUnavailable, match="triton.*CUDA tensors"):
+        B.resolve("rope", torch.device("cpu"), "triton")
+    with pytest.raises(vk.BackendUnavailable, match="cuda"):
+        B.resolve("attention", torch.device("cpu"), "cuda")  # no CUDA attention, and CPU tensors
+    pack = vk.VideoPack.from_shapes([(1, 2, 2)], (1, 2, 2))
+    q = torch.randn(1, 1, 12)
+    with vk.use_backend("cuda"):
+        with pytest.raises(vk.BackendUnavailable):
+            vk.apply_rope_3d(q, q, pack, (4, 4, 4))
+
+
+def test_extension_loaded_with_its_schemas():
+    assert B.extension() is not None, "vdit_kernels._C did not load"
+    info = torch.ops.vdit_C.build_info()
+    assert info.startswith("vdit_kernels._C cuda=")
+    assert torch.ops.vdit_C.has_cuda() == ("cuda=1" in info)
+
+
+# -- bad input ------------------------------------------------------------------------
+
+def test_bad_videos(pack):
+    videos = [torch.randn(3, *s) for s in pack.shapes]
+    with pytest.raises(ValueError, match="got 2 videos for a pack of 3"):
+        vk.patchify(videos[:2], pack)
+    with pytest.raises(ValueError, match=r"video 1 has \(T, H, W\)"):
+        vk.patchify([videos[0], torch.randn(3, 1, 4, 2), videos[2]], pack)
+    with pytest.raises(ValueError, match="video 2 has 4 channels"):
+        vk.patchify([videos[0], videos[1], torch.randn(4, *pack.shapes[2])], pack)
+    with pytest.raises(ValueError, match="dtype"):
+        vk.patchify([videos[0], videos[1].half(), videos[2]], pack)
+    with pytest.raises(ValueError, match=r"\(C, T, H, W\)"):
+        vk.patchify([videos[0][0], videos[1], videos[2]], pack)
+    with pytest.raises(ValueError, match=r"\(B, C, T, H, W\)"):
+        vk.patchify(torch.randn(3, 2, 4, 6), pack)
+    with pytest.raises(ValueError, match="must be float"):
+        vk.patchify([v.long() for v in videos], pack)
+    w = torch.randn(8, 3, 1, 2, 2)
+    with pytest.raises(ValueError, match="patch size"):
+        vk.patch_embed(videos, pack, torch.randn(8, 3, 1, 1, 2))
+    with pytest.raises(ValueError, match="expects 5 channels"):
+        vk.patch_embed(videos, pack, torch.randn(8, 5, 1, 2, 2))
+    with pytest.raises(ValueError, match="bias must be"):
+        vk.patch_embed(videos, pack, w, torch.randn(7))
+    with pytest.raises(ValueError, match="features"):
+        vk.unpatchify(torch.randn(pack.num_tokens, 11), pack, 3)
+    with pytest.raises(ValueError, match="rows"):
+        vk.unpatchify(torch.randn(5, 12), pack, 3)
+
+
+def test_bad_rope(pack):
+    q = torch.randn(pack.num_tokens, 2, 12)
+    with pytest.raises(ValueError, match="sum to 14"):
+        vk.apply_rope_3d(q, q, pack, (4, 4, 6))
+    with pytest.raises(ValueError, match="even"):
+        vk.apply_rope_3d(q, q, pack, (3, 5, 4))
+    with pytest.raises(ValueError, match="share N and head_dim"):
+        vk.apply_rope_3d(q, q[:3], pack, (4, 4, 4))
+    with pytest.raises(ValueError, match="positions has 3 rows"):
+        vk.apply_rope_3d(q, q, None, (4, 4, 4), positions=torch.zeros(3, 3))
+    with pytest.raises(ValueError, match="dtype"):
+        vk.apply_rope_3d(q, q.double(), pack, (4, 4, 4))
+    with pytest.raises(ValueError, match=r"\(N, heads, head_dim\)"):
+        vk.apply_rope_3d(q[:, 0], q[:, 0], pack, (4, 4, 4))
+    with pytest.raises(ValueError, match="records no gradient"):
+        vk.apply_rope_3d(q.clone().requires_grad_(), q.clone(), pack, (4, 4, 4), inplace=True)
+
+
+def test_bad_attention(pack):
+    n, cu, m = pack.num_tokens, pack.cu_seqlens, pack.max_seqlen
+    q, k, v = _qkv(n, dtype=torch.float32)
+    with pytest.raises(ValueError, match="int32"):
+        vk.varlen_attention(q, k, v, cu.long(), cu, m, m)
+    with pytest.raises(ValueError, match="non-decreasing"):
+        vk.varlen_attention(q, k, v, torch.tensor([0, 20, 10, n], dtype=torch.int32), cu, m, m)
+    with pytest.raises(ValueError, match="ends at"):
+        vk.varlen_attention(q[:-1], k, v, cu, cu, m, m)
+    with pytest.raises(ValueError, match="must start at 0"):
+        vk.varlen_attention(q, k, v, cu + 1, cu, m, m)
+    with pytest.raises(ValueError, match="max_seqlen 3 is smaller"):
+        vk.varlen_attention(q, k, v, cu, cu, 3, m)
+    with pytest.raises(ValueError, match="Python int"):
+        vk.varlen_attention(q, k, v, cu, cu, torch.tensor(m), m)
+    with pytest.raises(ValueError, match="must divide"):
+        vk.varlen_attention(q, k[:, :1].expand(-1, 3, -1).contiguous(), v[:, :1].expand(-1, 3, -1).contiguous(), cu, cu, m, m)
+    with pytest.raises(ValueError, match="dtype"):
+        vk.varlen_attention(q, k.half(), v, cu, cu, m, m)
+    with pytest.raises(ValueError, match="same shape"):
+        vk.varlen_attention(q, k, v[:, :1], cu, cu, m, m)
+    with pytest.raises(ValueError, match="head_dim"):
+        vk.varlen_attention(q, k[..., :8], v[..., :8], cu, cu, m, m)
+    with pytest.raises(ValueError, match="same number of segments"):
+        vk.varlen_attention(q, k, v, cu, torch.tensor([0, n], dtype=torch.int32), m, m)
+    with pytest.raises(ValueError, match=r"\(tokens, heads, head_dim\)"):
+        vk.varlen_attention(q[:, 0], k, v, cu, cu, m, m)
+    rope = vk.Rope3D.from_pack(pack, (4, 4, 6))
+    with pytest.raises(ValueError, match="sum to 14"):
+        vk.varlen_attention(q, k, v, cu, cu, m, m, rope=rope)
+
+
+# -- gradients (float64 gradcheck through the registered ops) ---------------------------
+
+def test_gradcheck_patch_ops(pack):
+    videos = [torch.randn(2, *s, dtype=torch.float64, requires_grad=True) for s in pack.shapes]
+    w = torch.randn(5, 2, 1, 2, 2, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(5, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda *v: vk.patchify(list(v), pack), videos)
+    tokens = torch.randn(pack.num_tokens, 8, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda t: vk.unpatchify(t, pack, 2), (tokens,))
+    assert torch.autograd.gradcheck(lambda w, b, *v: vk.patch_embed(list(v), pack, w, b), (w, b, *videos))
+    assert torch.autograd.gradcheck(lambda w, *v: vk.patch_embed(list(v), pack, w), (w, *videos))
+    x = torch.randn(pack.num_tokens, 6, dtype=torch.float64, requires_grad=True)
+    lw = torch.randn(8, 6, dtype=torch.float64, requires_grad=True)
+    lb = torch.randn(8, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda x, w, b: vk.linear_unpatchify(x, pack, w, b, 2), (x, lw, lb))
+
+
+@pytest.mark.parametrize("interleaved", [True, False])
+def test_gradcheck_rope(pack, interleaved):
+    q = torch.randn(pack.num_tokens, 2, 12, dtype=torch.float64, requires_grad=True)
+    k = torch.randn(pack.num_tokens, 1, 12, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(
+        lambda q, k: vk.apply_rope_3d(q, k, pack, (4, 2, 6), 100.0, interleaved), (q, k))
+
+
+@pytest.mark.parametrize("cross", [False, True])
+def test_gradcheck_attention(pack, cross):
+    nk = pack.num_text_tokens if cross else pack.num_tokens
+    cu_k = pack.cu_seqlens_k if cross else pack.cu_seqlens
+    mk = pack.max_seqlen_k if cross else pack.max_seqlen
+    q, k, v = _qkv(pack.num_tokens, nk=nk, requires_grad=True)
+    rope = None if cross else vk.Rope3D.from_pack(pack, (4, 4, 4))
+    fn = lambda q, k, v: vk.varlen_attention(q, k, v, pack.cu_seqlens, cu_k, pack.max_seqlen, mk, rope=rope)
+    assert torch.autograd.gradcheck(fn, (q, k, v))
+
+
+def test_fused_rope_attention_equals_rope_then_attention(pack):
+    q, k, v = _qkv(pack.num_tokens)
+    rope = vk.Rope3D.from_pack(pack, (4, 4, 4), theta=500.0, interleaved=False)
+    cu, m = pack.cu_seqlens, pack.max_seqlen
+    fused = vk.varlen_attention(q, k, v, cu, cu, m, m, rope=rope)
+    qr, kr = vk.apply_rope_3d(q, k, pack, (4, 4, 4), 500.0, False)
+    assert torch.allclose(fused, vk.varlen_attention(qr, kr, v, cu, cu, m, m), atol=1e-12)
+
+
+def test_inplace_rope_matches_out_of_place(pack):
+    q, k, _ = _qkv(pack.num_tokens, dtype=torch.float32)
+    expect = vk.apply_rope_3d(q, k, pack, (4, 4, 4))
+    q2, k2 = q.clone(), k.clone()
+    out = vk.apply_rope_3d(q2, k2, pack, (4, 4, 4), inplace=True)
+    assert out[0] is q2 and torch.equal(q2, expect[0]) and torch.equal(k2, expect[1])
+
+
+# -- registered ops: opcheck and torch.compile ------------------------------------------
+
+def _op_samples(pack):
+    videos = [torch.randn(2, *s, requires_grad=True) for s in pack.shapes]
+    w = torch.randn(5, 2, 1, 2, 2, requires_grad=True)
+    b = torch.randn(5, requires_grad=True)
+    tokens = torch.randn(pack.num_tokens, 8, requires_grad=True)
+    q, k, v = _qkv(pack.num_tokens, dtype=torch.float32, requires_grad=True)
+    pos = pack.positions.float()
+    shapes = [s for shape in pack.shapes for s in shape]
+    cu, m = pack.cu_seqlens, pack.max_seqlen
+    lw = torch.randn(8, 5, requires_grad=True)
+    x = torch.randn(pack.num_tokens, 5, requires_grad=True)
+    return [
+        (patch_ops.patchify_op, (videos, [1, 2, 2], "reference")),
+        (patch_ops.unpatchify_op, (tokens, shapes, [1, 2, 2], 2, "reference")),
+        (patch_ops.patch_embed_op, (videos, w, b, "reference")),
+        (patch_ops.patch_embed_op, (videos, w, None, "reference")),
+        (patch_ops.linear_unpatchify_op, (x, lw, None, shapes, [1, 2, 2], 2, "reference")),
+        (rope_ops.rope_3d_op, (q, k, pos, [4, 4, 4], 10000.0, True, False, "reference")),
+        (rope_ops.rope_3d_inplace_op, (q.detach().clone(), k.detach().clone(), pos, [4, 4, 4], 10000.0,
+                                       False, False, "reference")),
+        (attn_ops.varlen_attention_op, (q, k, v, cu, cu, m, m, 0.5, None, [], 10000.0, True, False, "reference")),
+        (attn_ops.varlen_attention_op, (q, k, v, cu, cu, m, m, 0.5, pos, [4, 4, 4], 100.0, False, False,
+                                        "reference")),
+    ]
+
+
+def test_opcheck_every_op(pack):
+    for op, args in _op_samples(pack):
+        torch.library.opcheck(op, args)
+
+
+def test_compile_fullgraph_whole_stack(pack):
+    torch._dynamo.reset()
+    videos = [torch.randn(4, *s) for s in pack.shapes]
+    w = torch.randn(24, 4, 1, 2, 2, requires_grad=True)
+    out_w = torch.randn(16, 24, requires_grad=True)
+
+    def step(videos, w, out_w):
+        x = vk.patch_embed(videos, pack, w)
+        q = k = v = x.view(-1, 2, 12)
+        q, k = vk.apply_rope_3d(q, k, pack, (4, 4, 4))
+        o = vk.varlen_attention(q, k, v, pack.cu_seqlens, pack.cu_seqlens, pack.max_seqlen, pack.max_seqlen)
+        return vk.linear_unpatchify(o.reshape(-1, 24), pack, out_w, None, 4)
+
+    eager = step(videos, w, out_w)
+    compiled = torch.compile(step, fullgraph=True)(videos, w, out_w)
+    for a, e in zip(compiled, eager):
+        torch.testing.assert_close(a, e)
+    sum(o.sum() for o in compiled).backward()
+    assert w.grad is not None and out_w.grad is not None

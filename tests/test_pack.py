@@ -1,0 +1,60 @@
+import pytest
+import torch
+
+from vdit_kernels import VideoPack
+
+
+def test_mixed_shapes_metadata():
+    # one regular clip, a one-frame video (an image) and a 1x1 spatial token grid
+    pack = VideoPack.from_shapes([(4, 6, 8), (1, 4, 2), (3, 2, 2)], patch_size=(1, 2, 2),
+                                 text_lengths=[5, 0, 3])
+    assert pack.grid_sizes == ((4, 3, 4), (1, 2, 1), (3, 1, 1))
+    assert pack.seqlens == (48, 2, 3)
+    assert pack.num_tokens == 53 and pack.max_seqlen == 48 and pack.batch_size == 3
+    assert pack.cu_seqlens.dtype == torch.int32
+    assert pack.cu_seqlens.tolist() == [0, 48, 50, 53]
+    assert pack.cu_seqlens_k.tolist() == [0, 5, 5, 8]
+    assert pack.num_text_tokens == 8 and pack.max_seqlen_k == 5
+    assert pack.segment_ids.tolist() == [0] * 48 + [1] * 2 + [2] * 3
+    pos = pack.positions
+    assert pos.dtype == torch.int32 and pos.shape == (53, 3)
+    assert pos is pack.positions  # cached
+    # raster order (t, h, w), w fastest
+    assert pos[:5].tolist() == [[0, 0, 0], [0, 0, 1], [0, 0, 2], [0, 0, 3], [0, 1, 0]]
+    assert pos[47].tolist() == [3, 2, 3]
+    assert pos[48:50].tolist() == [[0, 0, 0], [0, 1, 0]]
+    assert pos[50:].tolist() == [[0, 0, 0], [1, 0, 0], [2, 0, 0]]
+
+
+def test_positions_match_meshgrid_per_video():
+    pack = VideoPack.from_shapes([(2, 4, 6), (3, 2, 8)], patch_size=(1, 2, 2))
+    for (t, h, w), part in zip(pack.grid_sizes, pack.split(pack.positions)):
+        grid = torch.stack(torch.meshgrid(torch.arange(t), torch.arange(h), torch.arange(w),
+                                          indexing="ij"), -1).reshape(-1, 3)
+        assert torch.equal(part, grid.int())
+
+
+@pytest.mark.parametrize("shape, axis", [((3, 4, 4), "T"), ((2, 5, 4), "H"), ((2, 4, 7), "W")])
+def test_indivisible_axis_names_video_and_axis(shape, axis):
+    with pytest.raises(ValueError, match=rf"video 1: axis {axis}"):
+        VideoPack.from_shapes([(2, 4, 4), shape], patch_size=(2, 2, 2))
+
+
+def test_bad_pack_arguments():
+    with pytest.raises(ValueError, match="shape must be"):
+        VideoPack.from_shapes([(2, 4)], patch_size=(1, 2, 2))
+    with pytest.raises(ValueError, match="patch_size"):
+        VideoPack.from_shapes([(2, 4, 4)], patch_size=(1, 0, 2))
+    with pytest.raises(ValueError, match="text_lengths has 1 entries for 2 videos"):
+        VideoPack.from_shapes([(2, 4, 4), (2, 4, 4)], patch_size=(1, 2, 2), text_lengths=[3])
+    with pytest.raises(ValueError, match="non-negative"):
+        VideoPack.from_shapes([(2, 4, 4)], patch_size=(1, 2, 2), text_lengths=[-1])
+
+
+def test_split_and_to():
+    pack = VideoPack.from_shapes([(1, 2, 2), (2, 2, 2)], patch_size=(1, 2, 2))
+    parts = pack.split(torch.arange(3))
+    assert [p.tolist() for p in parts] == [[0], [1, 2]]
+    with pytest.raises(ValueError, match="rows"):
+        pack.split(torch.arange(4))
+    assert pack.to("cpu").cu_seqlens.tolist() == [0, 1, 3]

@@ -1,0 +1,153 @@
+"""The oracle against independent formulations: Conv3d, complex multiplication, dense masked softmax."""
+import math
+
+import pytest
+import torch
+
+import vdit_kernels as vk
+from vdit_kernels import reference as ref
+from conftest import TOLERANCES, assert_verbose_close, random_videos
+
+SHAPES = [[(4, 6, 8), (1, 4, 2), (3, 2, 2)], [(1, 2, 2)], [(2, 4, 4)] * 3]
+
+
+@pytest.mark.parametrize("shapes", SHAPES)
+@pytest.mark.parametrize("patch", [(1, 2, 2), (1, 1, 1)])
+def test_patchify_round_trip_and_order(shapes, patch):
+    pack = vk.VideoPack.from_shapes(shapes, patch)
+    videos = random_videos(pack, 3, device="cpu")
+    tokens = ref.patchify(videos, pack)
+    assert tokens.shape == (pack.num_tokens, 3 * math.prod(patch))
+    for v, back in zip(videos, ref.unpatchify(tokens, pack, 3)):
+        assert torch.equal(v, back)
+    # token 1 of video 0 is the patch at grid (0, 0, 1), features ordered (c, pt, ph, pw)
+    pt, ph, pw = patch
+    if pack.grid_sizes[0][2] > 1:
+        expect = videos[0][:, 0:pt, 0:ph, pw:2 * pw].reshape(-1)
+        assert torch.equal(tokens[1], expect)
+
+
+@pytest.mark.parametrize("shapes", SHAPES)
+def test_patch_embed_equals_conv3d(shapes):
+    patch = (1, 2, 2)
+    pack = vk.VideoPack.from_shapes(shapes, patch)
+    conv = torch.nn.Conv3d(4, 24, kernel_size=patch, stride=patch, dtype=torch.float64)
+    videos = random_videos(pack, 4, dtype=torch.float64, device="cpu")
+    out = ref.patch_embed(videos, pack, conv.weight, conv.bias)
+    expect = torch.cat([conv(v[None])[0].flatten(1).t() for v in videos])
+    assert_verbose_close(out, expect.detach())
+    # the definition in the docstring
+    manual = ref.patchify(videos, pack) @ conv.weight.flatten(1).t() + conv.bias
+    assert_verbose_close(out, manual.detach())
+
+
+def test_batch_tensor_equals_list():
+    pack = vk.VideoPack.from_shapes([(2, 4, 4)] * 2, (1, 2, 2))
+    batch = torch.randn(2, 3, 2, 4, 4)
+    assert torch.equal(ref.patchify(batch, pack), ref.patchify(list(batch), pack))
+
+
+def test_linear_unpatchify_is_linear_then_unpatchify():
+    pack = vk.VideoPack.from_shapes([(2, 4, 6), (1, 2, 2)], (1, 2, 2))
+    x = torch.randn(pack.num_tokens, 32, dtype=torch.float64)
+    lin = torch.nn.Linear(32, 3 * 4, dtype=torch.float64)
+    outs = ref.linear_unpatchify(x, pack, lin.weight, lin.bias, 3)
+    for o, e in zip(outs, ref.unpatchify(lin(x), pack, 3)):
+        assert_verbose_close(o, e.detach())
+
+
+def _complex_rope(x, positions, dims, theta, interleaved):
+    """Independent formulation: each rotated pair is a complex number times e^{i angle}."""
+    x = x.double()
+    outs, c0 = [], 0
+    for axis, d in enumerate(dims):
+        chunk = x[..., c0:c0 + d]
+        j = torch.arange(d // 2, dtype=torch.float64)
+        angle = positions[:, axis, None].double() / theta ** (2 * j / d)  # (N, d/2)
+        rot = torch.polar(torch.ones_like(angle), angle)[:, None, :]
+        if interleaved:
+            z = torch.view_as_complex(chunk.reshape(*chunk.shape[:-1], d // 2, 2).contiguous())
+            outs.append(torch.view_as_real(z * rot).flatten(-2))
+        else:
+            z = torch.complex(chunk[..., : d // 2], chunk[..., d // 2:]) * rot
+            outs.append(torch.cat((z.real, z.imag), dim=-1))
+        c0 += d
+    return torch.cat(outs, dim=-1)
+
+
+@pytest.mark.parametrize("interleaved", [True, False])
+@pytest.mark.parametrize("dims", [(4, 6, 6), (16, 56, 56), (44, 42, 42), (0, 4, 4)])
+def test_rope_matches_complex_formulation(dims, interleaved):
+    pack = vk.VideoPack.from_shapes([(3, 4, 6), (1, 2, 2)], (1, 2, 2))
+    d = sum(dims)
+    q = torch.randn(pack.num_tokens, 3, d, dtype=torch.float64)
+    k = torch.randn(pack.num_tokens, 1, d, dtype=torch.float64)
+    qr, kr = ref.apply_rope_3d(q, k, pack, dims, 10000.0, interleaved)
+    assert_verbose_close(qr, _complex_rope(q, pack.positions, dims, 10000.0, interleaved))
+    assert_verbose_close(kr, _complex_rope(k, pack.positions, dims, 10000.0, interleaved))
+    # a rotation preserves norms; the inverse rotation undoes it
+    assert_verbose_close(qr.norm(dim=-1), q.norm(dim=-1))
+    q_back, _ = ref.apply_rope_3d(qr, kr, pack, dims, 10000.0, interleaved, inverse=True)
+    assert_verbose_close(q_back, q)
+
+
+def test_rope_float_positions_and_position_zero_is_identity():
+    pack = vk.VideoPack.from_shapes([(1, 2, 2)], (1, 2, 2))
+    q = torch.randn(1, 2, 12)
+    qr, _ = ref.apply_rope_3d(q, q, pack, (4, 4, 4))
+    assert torch.equal(qr, q)  # the single token sits at (0, 0, 0)
+    pos = torch.tensor([[0.5, 1.25, 3.0]])
+    qr, _ = ref.apply_rope_3d(q, q, None, (4, 4, 4), positions=pos)
+    assert_verbose_close(qr.double(), _complex_rope(q, pos, (4, 4, 4), 10000.0, True), atol=1e-5, rtol=1e-5)
+
+
+def _dense_attention(q, k, v, cu_q, cu_k, scale):
+    """Independent formulation: one dense score matrix with a block-diagonal segment mask."""
+    seg_q = torch.repeat_interleave(torch.arange(len(cu_q) - 1), torch.diff(torch.tensor(cu_q)))
+    seg_k = torch.repeat_interleave(torch.arange(len(cu_k) - 1), torch.diff(torch.tensor(cu_k)))
+    groups = q.shape[1] // k.shape[1]
+    k = k.double().repeat_interleave(groups, 1)
+    v = v.double().repeat_interleave(groups, 1)
+    s = torch.einsum("qhd,khd->hqk", q.double(), k) * scale
+    s = s.masked_fill(seg_q[None, :, None] != seg_k[None, None, :], float("-inf"))
+    lse = torch.logsumexp(s, dim=-1)
+    p = torch.softmax(s, dim=-1).nan_to_num(0.0)  # rows with no key: all -inf -> NaN -> 0
+    return torch.einsum("hqk,khd->qhd", p, v), lse
+
+
+@pytest.mark.parametrize("lens_q, lens_k", [
+    ([5, 1, 17], [5, 1, 17]),        # self-attention over a pack
+    ([7, 0, 9, 3], [4, 2, 0, 6]),    # cross-attention with empty segments on both sides
+    ([33], [33]),
+])
+@pytest.mark.parametrize("heads, kv_heads", [(4, 4), (4, 2), (3, 1)])
+def test_attention_matches_dense_masked_softmax(lens_q, lens_k, heads, kv_heads):
+    cu_q = torch.tensor([0] + list(torch.tensor(lens_q).cumsum(0)), dtype=torch.int32)
+    cu_k = torch.tensor([0] + list(torch.tensor(lens_k).cumsum(0)), dtype=torch.int32)
+    q = torch.randn(sum(lens_q), heads, 16, dtype=torch.float64)
+    k = torch.randn(sum(lens_k), kv_heads, 16, dtype=torch.float64)
+    v = torch.randn(sum(lens_k), kv_heads, 16, dtype=torch.float64)
+    out, lse = ref.varlen_attention(q, k, v, cu_q, cu_k, max(lens_q), max(lens_k), 0.3, return_lse=True)
+    expect_out, expect_lse = _dense_attention(q, k, v, cu_q.tolist(), cu_k.tolist(), 0.3)
+    assert_verbose_close(out, expect_out)
+    assert_verbose_close(lse, expect_lse)  # -inf where a query has no keys, in both
+
+
+def test_attention_lse_is_logsumexp_of_scores_float32():
+    q, k, v = (torch.randn(10, 2, 8) for _ in range(3))
+    cu = torch.tensor([0, 4, 10], dtype=torch.int32)
+    out, lse = ref.varlen_attention(q, k, v, cu, cu, 6, 6, return_lse=True)
+    assert lse.dtype == torch.float32 and lse.shape == (2, 10)
+    s = torch.einsum("qhd,khd->hqk", q[4:], k[4:]) / math.sqrt(8)
+    assert_verbose_close(lse[:, 4:], torch.logsumexp(s, -1))
+    assert out.dtype == torch.float32
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_reference_keeps_input_dtype_and_computes_in_float32(dtype):
+    q, k, v = (torch.randn(12, 2, 8) for _ in range(3))
+    cu = torch.tensor([0, 12], dtype=torch.int32)
+    out = ref.varlen_attention(q.to(dtype), k.to(dtype), v.to(dtype), cu, cu, 12, 12)
+    assert out.dtype == dtype
+    expect = ref.varlen_attention(q.to(dtype).float(), k.to(dtype).float(), v.to(dtype).float(), cu, cu, 12, 12)
+    assert torch.equal(out, expect.to(dtype))  # float32 math, one rounding at the end

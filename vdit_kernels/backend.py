@@ -1,0 +1,153 @@
+"""Which backends exist here and how one is chosen for a call.
+
+Backends: "reference" (plain PyTorch, always available), "triton" (Triton kernels
+in vdit_kernels/triton/<family>.py) and "cuda" (kernels from csrc/, compiled into
+vdit_kernels._C, wrapped in vdit_kernels/cuda/<family>.py). Op families: "patch"
+(patchify, unpatchify, patch_embed, linear_unpatchify), "rope" and "attention".
+
+Choice, first match wins: the op's `backend=` argument, then `use_backend(...)`,
+then the VDIT_BACKEND environment variable, then "auto". "auto" takes the first
+backend of DEFAULT_ORDER[family] that can run on the tensors at hand and falls
+back to "reference" (the only place a fallback happens). A backend asked for by
+name that cannot run raises BackendUnavailable saying why; it never falls back.
+"""
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import importlib
+import importlib.util
+import os
+import warnings
+from functools import lru_cache
+from typing import Optional
+
+import torch
+
+BACKENDS = ("reference", "triton", "cuda")
+FAMILIES = ("patch", "rope", "attention")
+
+# The default per op family on a GPU, fastest first, from the benchmarks
+# (benchmarks/results/). Until a GPU run has measured CUDA against Triton for an op,
+# the order keeps the backend the op's issue targets first.
+DEFAULT_ORDER = {
+    "patch": ("triton", "cuda"),
+    "rope": ("triton", "cuda"),
+    "attention": ("triton",),
+}
+
+_requested: contextvars.ContextVar[Optional[str]] = contextvars.ContextVar(
+    "vdit_backend", default=None
+)
+
+
+class BackendUnavailable(RuntimeError):
+    """A backend was asked for by name but cannot run here or on these tensors."""
+
+
+@contextlib.contextmanager
+def use_backend(name: str):
+    """Run the enclosed ops on backend `name` ("auto", "reference", "triton", "cuda")."""
+    _check_name(name)
+    token = _requested.set(name)
+    try:
+        yield
+    finally:
+        _requested.reset(token)
+
+
+def _check_name(name: str) -> None:
+    if name != "auto" and name not in BACKENDS:
+        raise ValueError(f"unknown backend {name!r}; choose one of auto, {', '.join(BACKENDS)}")
+
+
+def triton_interpreter() -> bool:
+    """True when TRITON_INTERPRET=1: Triton kernels then run on CPU tensors."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+@lru_cache(maxsize=None)
+def _has_module(name: str) -> bool:
+    try:
+        return importlib.util.find_spec(name) is not None
+    except ModuleNotFoundError:
+        return False
+
+
+_EXTENSION: dict = {}
+
+
+def extension():
+    """The compiled vdit_kernels._C module, or None (with a one-time warning saying why)."""
+    if "module" not in _EXTENSION:
+        try:
+            from vdit_kernels import _C  # noqa: F401  (importing registers torch.ops.vdit_C)
+            _EXTENSION["module"], _EXTENSION["error"] = _C, None
+        except ImportError as exc:  # only a missing or unloadable build; real errors propagate
+            _EXTENSION["module"], _EXTENSION["error"] = None, str(exc)
+            warnings.warn(
+                f"vdit_kernels._C is not available ({exc}); the CUDA backend is disabled, "
+                "the reference and Triton backends work. Reinstall with the compile step "
+                "(pip install --no-build-isolation -e .) to build it.",
+                stacklevel=3,
+            )
+    return _EXTENSION["module"]
+
+
+def extension_has_cuda() -> bool:
+    """True when _C was built with its CUDA kernels (not a CPU-only build)."""
+    return extension() is not None and bool(torch.ops.vdit_C.has_cuda())
+
+
+def why_not(backend: str, family: str, device: torch.device) -> Optional[str]:
+    """None if `backend` can run op family `family` on `device`, else the reason."""
+    device = torch.device(device)
+    if backend == "reference":
+        return None
+    if backend == "triton":
+        if not _has_module("triton"):
+            return "triton is not installed"
+        if device.type == "cpu" and not triton_interpreter():
+            return "Triton kernels need CUDA tensors (or TRITON_INTERPRET=1 for CPU tensors)"
+        if device.type not in ("cpu", "cuda"):
+            return f"Triton kernels do not run on {device.type} tensors"
+        if not _has_module(f"vdit_kernels.triton.{family}"):
+            return f"there is no Triton implementation of the {family} ops yet"
+        return None
+    if backend == "cuda":
+        if not _has_module(f"vdit_kernels.cuda.{family}"):
+            return f"there is no CUDA implementation of the {family} ops"
+        if extension() is None:
+            return f"vdit_kernels._C is not built: {_EXTENSION['error']}"
+        if not extension_has_cuda():
+            return "vdit_kernels._C was built without CUDA (CPU-only torch or no nvcc at build time)"
+        if device.type != "cuda":
+            return f"the CUDA kernels need CUDA tensors, got {device.type} tensors"
+        return None
+    raise ValueError(f"unknown backend {backend!r}")
+
+
+def resolve(family: str, device: torch.device, backend: Optional[str] = None) -> str:
+    """The concrete backend for one call of an op of `family` on `device`."""
+    name = backend or _requested.get() or os.environ.get("VDIT_BACKEND") or "auto"
+    _check_name(name)
+    if name != "auto":
+        reason = why_not(name, family, device)
+        if reason is not None:
+            raise BackendUnavailable(f"backend {name!r} cannot run the {family} ops: {reason}")
+        return name
+    if torch.device(device).type == "cuda":
+        for candidate in DEFAULT_ORDER[family]:
+            if why_not(candidate, family, device) is None:
+                return candidate
+    return "reference"
+
+
+def implementation(backend: str, family: str):
+    """The module holding `backend`'s kernels for `family` (imported on first use)."""
+    return importlib.import_module(f"vdit_kernels.{backend}.{family}")
+
+
+def available_backends(family: str, device="cuda") -> list[str]:
+    """Backends that can run `family` on `device` in this process."""
+    return [b for b in BACKENDS if why_not(b, family, torch.device(device)) is None]

@@ -1,0 +1,189 @@
+"""Variable-length (packed) attention with optional fused 3D RoPE.
+
+Backend contract (every backend module for the "attention" family provides):
+  varlen_attention_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                       softmax_scale, rope) -> (out (Nq, H, D), lse (H, Nq) float32)
+  varlen_attention_bwd(grad_out, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k,
+                       max_seqlen_q, max_seqlen_k, softmax_scale, rope, deterministic)
+      -> (grad_q, grad_k, grad_v)
+rope is None or a tuple (positions float32 (N, 3), dims, theta, interleaved): q and k
+are rotated as loaded; grads are w.r.t. the unrotated q and k.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from .. import backend as _backend
+from .. import reference as ref
+from ..checks import check, check_cu_seqlens, check_float, check_rope_dims, check_same, check_positions
+from .rope import Rope3D
+
+FAMILY = "attention"
+
+
+def _rope_tuple(positions, dims, theta, interleaved):
+    return None if positions is None else (positions, list(dims), theta, interleaved)
+
+
+class _Reference:
+    @staticmethod
+    def _forward(q, k, v, cu_q, cu_k, max_q, max_k, scale, rope):
+        if rope is not None:
+            positions, dims, theta, interleaved = rope
+            q, k = ref.apply_rope_3d(q, k, None, dims, theta, interleaved, positions=positions)
+        return ref.varlen_attention(q, k, v, cu_q, cu_k, max_q, max_k, scale, return_lse=True)
+
+    @staticmethod
+    def varlen_attention_fwd(q, k, v, cu_q, cu_k, max_q, max_k, scale, rope):
+        return _Reference._forward(q, k, v, cu_q, cu_k, max_q, max_k, scale, rope)
+
+    @staticmethod
+    def varlen_attention_bwd(grad_out, q, k, v, out, lse, cu_q, cu_k, max_q, max_k, scale, rope,
+                             deterministic):
+        # Explicit FlashAttention backward math per segment (autograd is off inside an op):
+        #   P = exp(S - lse), dV = P^T dO, dP = dO V^T, dS = P * (dP - rowsum(dO * O)),
+        #   dQ = scale dS K, dK = scale dS^T Q; RoPE'd q/k are rotated back at the end.
+        cd = ref.compute_dtype(q.dtype)
+        qf, kf, vf = q.to(cd), k.to(cd), v.to(cd)
+        if rope is not None:
+            positions, dims, theta, interleaved = rope
+            qf, kf = ref.apply_rope_3d(qf, kf, None, dims, theta, interleaved, positions=positions)
+        do, o = grad_out.to(cd), out.to(cd)
+        groups = q.shape[1] // k.shape[1]
+        dq, dk, dv = torch.zeros_like(qf), torch.zeros_like(kf), torch.zeros_like(vf)
+        cq, ck = cu_q.tolist(), cu_k.tolist()
+        for i in range(len(cq) - 1):
+            sq, sk = slice(cq[i], cq[i + 1]), slice(ck[i], ck[i + 1])
+            if cq[i] == cq[i + 1] or ck[i] == ck[i + 1]:
+                continue  # no scores: every gradient of this segment is zero
+            qi = qf[sq].transpose(0, 1)  # (H, Lq, D)
+            ki = kf[sk].transpose(0, 1).repeat_interleave(groups, 0)
+            vi = vf[sk].transpose(0, 1).repeat_interleave(groups, 0)
+            doi, oi = do[sq].transpose(0, 1), o[sq].transpose(0, 1)
+            p = torch.exp((qi @ ki.transpose(1, 2)) * scale - lse[:, sq, None].to(cd))
+            dvi = p.transpose(1, 2) @ doi
+            ds = p * (doi @ vi.transpose(1, 2) - (doi * oi).sum(-1, keepdim=True))
+            dq[sq] = (scale * ds @ ki).transpose(0, 1)
+            dki = scale * ds.transpose(1, 2) @ qi
+            h, lk = dki.shape[0] // groups, dki.shape[1]
+            dk[sk] = dki.reshape(h, groups, lk, -1).sum(1).transpose(0, 1)
+            dv[sk] = dvi.reshape(h, groups, lk, -1).sum(1).transpose(0, 1)
+        if rope is not None:
+            dq, dk = ref.apply_rope_3d(dq, dk, None, dims, theta, interleaved, positions=positions,
+                                       inverse=True)
+        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
+
+
+def _impl(backend: str):
+    return _Reference if backend == "reference" else _backend.implementation(backend, FAMILY)
+
+
+@torch.library.custom_op("vdit::varlen_attention", mutates_args=())
+def varlen_attention_op(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_seqlens_k: Tensor,
+                        max_seqlen_q: int, max_seqlen_k: int, softmax_scale: float,
+                        rope_positions: Optional[Tensor], rope_dims: list[int], rope_theta: float,
+                        rope_interleaved: bool, deterministic: bool,
+                        backend: str) -> tuple[Tensor, Tensor]:
+    rope = _rope_tuple(rope_positions, rope_dims, rope_theta, rope_interleaved)
+    return _impl(backend).varlen_attention_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+                                               max_seqlen_k, softmax_scale, rope)
+
+
+@varlen_attention_op.register_fake
+def _(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale,
+      rope_positions, rope_dims, rope_theta, rope_interleaved, deterministic, backend):
+    return torch.empty_like(q), q.new_empty(q.shape[1], q.shape[0], dtype=torch.float32)
+
+
+@torch.library.custom_op("vdit::varlen_attention_backward", mutates_args=())
+def varlen_attention_backward_op(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor,
+                                 lse: Tensor, cu_seqlens_q: Tensor, cu_seqlens_k: Tensor,
+                                 max_seqlen_q: int, max_seqlen_k: int, softmax_scale: float,
+                                 rope_positions: Optional[Tensor], rope_dims: list[int],
+                                 rope_theta: float, rope_interleaved: bool, deterministic: bool,
+                                 backend: str) -> tuple[Tensor, Tensor, Tensor]:
+    rope = _rope_tuple(rope_positions, rope_dims, rope_theta, rope_interleaved)
+    return _impl(backend).varlen_attention_bwd(grad_out, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k,
+                                               max_seqlen_q, max_seqlen_k, softmax_scale, rope,
+                                               deterministic)
+
+
+@varlen_attention_backward_op.register_fake
+def _(grad_out, q, k, v, out, lse, *args):
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+def _attention_setup(ctx, inputs, output):
+    q, k, v, cu_q, cu_k, max_q, max_k, scale, rope_positions, *rest = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse, cu_q, cu_k, rope_positions)
+    ctx.args = (max_q, max_k, scale)
+    ctx.rest = tuple(rest)  # rope_dims, rope_theta, rope_interleaved, deterministic, backend
+
+
+def _attention_backward(ctx, grad_out, grad_lse):
+    q, k, v, out, lse, cu_q, cu_k, rope_positions = ctx.saved_tensors
+    # lse is an output for merging partial results, not a differentiable one
+    gq, gk, gv = varlen_attention_backward_op(grad_out.contiguous(), q, k, v, out, lse, cu_q, cu_k,
+                                              *ctx.args, rope_positions, *ctx.rest)
+    return (gq, gk, gv) + (None,) * 11
+
+
+varlen_attention_op.register_autograd(_attention_backward, setup_context=_attention_setup)
+
+
+def varlen_attention(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_seqlens_k: Tensor,
+                     max_seqlen_q: int, max_seqlen_k: int, softmax_scale: Optional[float] = None,
+                     return_lse: bool = False, rope: Optional[Rope3D] = None,
+                     deterministic: bool = False, *, backend: Optional[str] = None):
+    """Attention over a packed batch of variable-length segments (flash_attn_varlen_func layout).
+
+    q: (Nq, H, D); k, v: (Nk, Hk, D) with Hk dividing H (grouped-query attention: query
+    head h reads kv head h // (H // Hk)). cu_seqlens_q / cu_seqlens_k: int32 (B+1,)
+    segment offsets; max_seqlen_q / max_seqlen_k: Python ints, upper bounds of the
+    segment lengths. Segment i of q attends to segment i of k/v only:
+
+        q tokens   [ seg 0 | seg 1 | ... ]       out_i = softmax(scale * q_i k_i^T) v_i
+        k tokens   [ seg 0 | seg 1 | ... ]       (block-diagonal over the pack)
+
+    Same cu_seqlens on both sides is self-attention over a video pack; pack.cu_seqlens
+    with pack.cu_seqlens_k is per-video cross-attention to text tokens. Zero-length
+    segments are allowed; a query row with an empty key segment gets out = 0 and
+    lse = -inf. softmax_scale defaults to 1/sqrt(D).
+    rope: a Rope3D (self-attention only, Nq == Nk): q and k are rotated by 3D RoPE as
+    they are loaded, equal to apply_rope_3d followed by attention without a second
+    pass over memory. deterministic=True makes the backward free of atomics.
+    Returns out (Nq, H, D) in q's dtype, and with return_lse=True also
+    lse (H, Nq) float32, the natural-log logsumexp of each row's scaled scores.
+    Differentiable in q, k and v (not through lse).
+    """
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        check_float(name, t)
+        check(t.dim() == 3, f"{name} must be (tokens, heads, head_dim), got shape {tuple(t.shape)}")
+    check_same(["q", "k", "v"], [q, k, v])
+    check(k.shape == v.shape, f"k {tuple(k.shape)} and v {tuple(v.shape)} must have the same shape")
+    check(q.shape[2] == k.shape[2], f"q head_dim {q.shape[2]} differs from k head_dim {k.shape[2]}")
+    check(k.shape[1] >= 1 and q.shape[1] % k.shape[1] == 0,
+          f"k/v heads ({k.shape[1]}) must divide q heads ({q.shape[1]})")
+    check(isinstance(cu_seqlens_q, torch.Tensor) and isinstance(cu_seqlens_k, torch.Tensor)
+          and cu_seqlens_q.shape == cu_seqlens_k.shape,
+          f"cu_seqlens_q and cu_seqlens_k must be tensors with the same number of segments")
+    check_cu_seqlens("cu_seqlens_q", cu_seqlens_q, q.shape[0], max_seqlen_q, q.device)
+    check_cu_seqlens("cu_seqlens_k", cu_seqlens_k, k.shape[0], max_seqlen_k, q.device)
+    scale = float(softmax_scale) if softmax_scale is not None else 1.0 / math.sqrt(q.shape[2])
+    rope_args = (None, [], 10000.0, True)
+    if rope is not None:
+        check(isinstance(rope, Rope3D), f"rope must be a Rope3D, got {type(rope).__name__}")
+        check(q.shape[0] == k.shape[0], "rope= is for self-attention: q and k need the same tokens")
+        dims = check_rope_dims(rope.dims, q.shape[2])
+        check_positions(rope.positions, q.shape[0], q.device)
+        positions = rope.positions.to(torch.float32).contiguous()
+        rope_args = (positions, list(dims), float(rope.theta), bool(rope.interleaved))
+    name = _backend.resolve(FAMILY, q.device, backend)
+    out, lse = varlen_attention_op(q, k, v, cu_seqlens_q, cu_seqlens_k, int(max_seqlen_q),
+                                   int(max_seqlen_k), scale, *rope_args, bool(deterministic), name)
+    return (out, lse) if return_lse else out

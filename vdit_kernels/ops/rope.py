@@ -1,0 +1,145 @@
+"""Fused 3D rotary position embedding of q and k.
+
+Backend contract (every backend module for the "rope" family provides):
+  rope_3d(q, k, positions, dims, theta, interleaved, inverse) -> (q_rot, k_rot)
+  rope_3d_(q, k, positions, dims, theta, interleaved, inverse) -> None  (in place)
+q, k (N, heads, head_dim) (heads may differ between q and k), positions float32
+(N, 3) contiguous, dims (dt, dh, dw) even with dt+dh+dw = head_dim. inverse=True
+rotates by the negative angle: the backward of the forward rotation.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+import torch
+from torch import Tensor
+
+from .. import backend as _backend
+from .. import reference as ref
+from ..checks import check, check_float, check_positions, check_rope_dims, check_same
+
+FAMILY = "rope"
+
+
+class _Reference:
+    @staticmethod
+    def rope_3d(q, k, positions, dims, theta, interleaved, inverse):
+        return ref.apply_rope_3d(q, k, None, dims, theta, interleaved, positions=positions,
+                                 inverse=inverse)
+
+    @staticmethod
+    def rope_3d_(q, k, positions, dims, theta, interleaved, inverse):
+        q_rot, k_rot = _Reference.rope_3d(q, k, positions, dims, theta, interleaved, inverse)
+        q.copy_(q_rot)
+        k.copy_(k_rot)
+
+
+def _impl(backend: str):
+    return _Reference if backend == "reference" else _backend.implementation(backend, FAMILY)
+
+
+@torch.library.custom_op("vdit::rope_3d", mutates_args=())
+def rope_3d_op(q: Tensor, k: Tensor, positions: Tensor, dims: list[int], theta: float,
+               interleaved: bool, inverse: bool, backend: str) -> tuple[Tensor, Tensor]:
+    return _impl(backend).rope_3d(q, k, positions, dims, theta, interleaved, inverse)
+
+
+@rope_3d_op.register_fake
+def _(q, k, positions, dims, theta, interleaved, inverse, backend):
+    return torch.empty_like(q), torch.empty_like(k)
+
+
+def _rope_setup(ctx, inputs, output):
+    q, k, positions, dims, theta, interleaved, inverse, backend = inputs
+    ctx.save_for_backward(positions)
+    ctx.args = (dims, theta, interleaved, not inverse, backend)
+
+
+def _rope_backward(ctx, grad_q, grad_k):
+    (positions,) = ctx.saved_tensors
+    # a rotation's backward is the inverse rotation of the incoming gradient
+    gq, gk = rope_3d_op(grad_q.contiguous(), grad_k.contiguous(), positions, *ctx.args)
+    return gq, gk, None, None, None, None, None, None
+
+
+rope_3d_op.register_autograd(_rope_backward, setup_context=_rope_setup)
+
+
+@torch.library.custom_op("vdit::rope_3d_", mutates_args=("q", "k"))
+def rope_3d_inplace_op(q: Tensor, k: Tensor, positions: Tensor, dims: list[int], theta: float,
+                       interleaved: bool, inverse: bool, backend: str) -> None:
+    _impl(backend).rope_3d_(q, k, positions, dims, theta, interleaved, inverse)
+
+
+@rope_3d_inplace_op.register_fake
+def _(q, k, positions, dims, theta, interleaved, inverse, backend):
+    return None
+
+
+@dataclass(frozen=True)
+class Rope3D:
+    """What 3D RoPE needs, bundled for `varlen_attention(..., rope=...)`.
+
+    positions: (N, 3) token coordinates (t, h, w), float32 (use `from_pack`);
+    dims: head-dim split (dt, dh, dw), each even; theta: the frequency base;
+    interleaved: pairs (x0, x1), ... (True) or rotate-half per axis chunk (False).
+    """
+
+    positions: Tensor
+    dims: tuple[int, int, int]
+    theta: float = 10000.0
+    interleaved: bool = True
+
+    @classmethod
+    def from_pack(cls, pack, dims: Sequence[int], theta: float = 10000.0,
+                  interleaved: bool = True, positions: Optional[Tensor] = None) -> "Rope3D":
+        pos = pack.positions if positions is None else positions
+        return cls(pos.to(torch.float32).contiguous(), tuple(int(d) for d in dims), float(theta),
+                   bool(interleaved))
+
+
+def float_positions(pack, positions: Optional[Tensor], num_tokens: int, device) -> Tensor:
+    """Positions as the ops take them: float32 (N, 3) contiguous, checked against the tokens."""
+    if positions is None:
+        check(pack is not None, "apply_rope_3d needs a pack or explicit positions")
+        positions = pack.positions
+    check_positions(positions, num_tokens, device)
+    return positions.to(torch.float32).contiguous()
+
+
+def apply_rope_3d(q: Tensor, k: Tensor, pack=None, dims: Sequence[int] = None,
+                  theta: float = 10000.0, interleaved: bool = True,
+                  positions: Optional[Tensor] = None, *, inplace: bool = False,
+                  backend: Optional[str] = None):
+    """Rotate q and k by 3D RoPE, both in one launch on GPU backends.
+
+    q (N, Hq, D), k (N, Hk, D), same N, dtype and device. D = dt + dh + dw, each even,
+    split into time, height and width chunks; chunk a of size d_a rotates by
+    angle_j = pos_a * theta ** (-2j / d_a), j < d_a / 2.
+      interleaved=True:  (x[2j], x[2j+1]) -> (x0 cos - x1 sin, x1 cos + x0 sin) (complex multiply)
+      interleaved=False: (x[j], x[j + d_a/2]) of each axis chunk (rotate_half)
+    Positions: pack.positions, or `positions` (N, 3), float allowed (scaled or offset
+    coordinates for resolution extrapolation). Angles are computed in float32 from the
+    positions inside the kernels; no (N, D) cos/sin table is read.
+    inplace=True rotates q and k in place and returns them (inference only: it does
+    not record a gradient). Otherwise returns new (q_rot, k_rot), differentiable; the
+    backward rotates the gradients back.
+    """
+    check_float("q", q)
+    check_float("k", k)
+    check(q.dim() == 3 and k.dim() == 3,
+          f"q and k must be (N, heads, head_dim), got {tuple(q.shape)} and {tuple(k.shape)}")
+    check(q.shape[0] == k.shape[0] and q.shape[2] == k.shape[2],
+          f"q {tuple(q.shape)} and k {tuple(k.shape)} must share N and head_dim")
+    check_same(["q", "k"], [q, k])
+    check(dims is not None, "apply_rope_3d needs dims=(dt, dh, dw)")
+    dims = list(check_rope_dims(dims, q.shape[2]))
+    pos = float_positions(pack, positions, q.shape[0], q.device)
+    name = _backend.resolve(FAMILY, q.device, backend)
+    if inplace:
+        check(not (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad)),
+              "inplace RoPE records no gradient; use inplace=False when q or k requires grad")
+        rope_3d_inplace_op(q, k, pos, dims, float(theta), bool(interleaved), False, name)
+        return q, k
+    return rope_3d_op(q, k, pos, dims, float(theta), bool(interleaved), False, name)

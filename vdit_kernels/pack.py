@@ -1,0 +1,197 @@
+"""VideoPack: the metadata of a variable-length pack of videos ("patch n' pack").
+
+A pack is B videos of different latent sizes (T_i, H_i, W_i) cut into spacetime
+patches of size (pt, ph, pw) and flattened into one token sequence of length
+
+    N = sum_i (T_i/pt) * (H_i/ph) * (W_i/pw)
+
+Video i owns tokens cu_seqlens[i] : cu_seqlens[i+1]; inside a video, tokens are in
+raster order over the token grid (t, h, w), w fastest. This is the layout
+flash_attn_varlen_func uses, so every op takes (cu_seqlens, max_seqlen) and
+max_seqlen is a Python int: no kernel launch ever needs a device->host sync.
+
+Cross-attention keys (per-video text tokens) are described by `text_lengths`:
+video i's queries attend to text tokens cu_seqlens_k[i] : cu_seqlens_k[i+1].
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional, Sequence
+
+import torch
+
+_AXES = ("T", "H", "W")
+
+
+def _as_triple(value, name: str) -> tuple[int, int, int]:
+    if isinstance(value, int):
+        value = (value, value, value)
+    value = tuple(int(v) for v in value)
+    if len(value) != 3 or any(v <= 0 for v in value):
+        raise ValueError(f"{name} must be three positive ints (t, h, w), got {value}")
+    return value
+
+
+def _cumsum_int32(lengths: Sequence[int], device) -> torch.Tensor:
+    cu = [0]
+    for n in lengths:
+        cu.append(cu[-1] + n)
+    return torch.tensor(cu, dtype=torch.int32, device=device)
+
+
+@dataclass(eq=False)
+class VideoPack:
+    """Metadata of a pack of B videos; build it with `VideoPack.from_shapes`.
+
+    Attributes (Python values, no device syncs to read them):
+      shapes:      B latent sizes (T, H, W)
+      patch_size:  (pt, ph, pw)
+      grid_sizes:  B token grids (T/pt, H/ph, W/pw)
+      seqlens:     B token counts
+      num_tokens:  N = sum(seqlens)
+      max_seqlen:  max(seqlens) (0 for an empty pack)
+      text_lengths, num_text_tokens, max_seqlen_k: the cross-attention key side
+        (None / 0 / 0 when no text lengths were given)
+    Tensors on `device`:
+      cu_seqlens:    int32 (B+1,)
+      cu_seqlens_k:  int32 (B+1,) text-token offsets, or None
+      positions:     int32 (N, 3) token coordinates (t, h, w), built lazily and cached
+      segment_ids:   int32 (N,) the video each token belongs to, lazy and cached
+    """
+
+    shapes: tuple[tuple[int, int, int], ...]
+    patch_size: tuple[int, int, int]
+    device: torch.device
+    grid_sizes: tuple[tuple[int, int, int], ...]
+    seqlens: tuple[int, ...]
+    cu_seqlens: torch.Tensor
+    text_lengths: Optional[tuple[int, ...]] = None
+    cu_seqlens_k: Optional[torch.Tensor] = None
+    _cache: dict = field(default_factory=dict, repr=False)
+
+    @classmethod
+    def from_shapes(
+        cls,
+        shapes: Sequence[Sequence[int]],
+        patch_size=(1, 2, 2),
+        device=None,
+        text_lengths: Optional[Sequence[int]] = None,
+    ) -> "VideoPack":
+        """Pack videos of latent sizes `shapes` [(T, H, W), ...].
+
+        Each axis must be divisible by the matching patch size; `text_lengths`
+        (one non-negative int per video) describes per-video text tokens for
+        cross-attention. Raises ValueError naming the video and axis at fault.
+        """
+        patch_size = _as_triple(patch_size, "patch_size")
+        device = torch.device(device) if device is not None else torch.device("cpu")
+        shapes = [tuple(int(s) for s in shape) for shape in shapes]
+        grids = []
+        for i, shape in enumerate(shapes):
+            if len(shape) != 3:
+                raise ValueError(f"video {i}: shape must be (T, H, W), got {shape}")
+            grid = []
+            for axis, size, p in zip(_AXES, shape, patch_size):
+                if size <= 0:
+                    raise ValueError(f"video {i}: axis {axis} has size {size}, must be positive")
+                if size % p:
+                    raise ValueError(
+                        f"video {i}: axis {axis} size {size} is not divisible by patch size {p}"
+                    )
+                grid.append(size // p)
+            grids.append(tuple(grid))
+        seqlens = tuple(t * h * w for t, h, w in grids)
+        cu_k = None
+        if text_lengths is not None:
+            text_lengths = tuple(int(n) for n in text_lengths)
+            if len(text_lengths) != len(shapes):
+                raise ValueError(
+                    f"text_lengths has {len(text_lengths)} entries for {len(shapes)} videos"
+                )
+            if any(n < 0 for n in text_lengths):
+                raise ValueError(f"text_lengths must be non-negative, got {text_lengths}")
+            cu_k = _cumsum_int32(text_lengths, device)
+        return cls(
+            shapes=tuple(shapes),
+            patch_size=patch_size,
+            device=device,
+            grid_sizes=tuple(grids),
+            seqlens=seqlens,
+            cu_seqlens=_cumsum_int32(seqlens, device),
+            text_lengths=text_lengths,
+            cu_seqlens_k=cu_k,
+        )
+
+    # -- sizes -------------------------------------------------------------
+    @property
+    def batch_size(self) -> int:
+        return len(self.shapes)
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(self.seqlens)
+
+    @property
+    def max_seqlen(self) -> int:
+        return max(self.seqlens, default=0)
+
+    @property
+    def offsets(self) -> tuple[int, ...]:
+        """Python copy of cu_seqlens (B+1 ints)."""
+        out = [0]
+        for n in self.seqlens:
+            out.append(out[-1] + n)
+        return tuple(out)
+
+    @property
+    def num_text_tokens(self) -> int:
+        return sum(self.text_lengths) if self.text_lengths is not None else 0
+
+    @property
+    def max_seqlen_k(self) -> int:
+        return max(self.text_lengths, default=0) if self.text_lengths is not None else 0
+
+    # -- lazily built per-token tensors --------------------------------------
+    @property
+    def positions(self) -> torch.Tensor:
+        """int32 (N, 3): the (t, h, w) token coordinates, raster order per video."""
+        if "positions" not in self._cache:
+            parts = []
+            for t, h, w in self.grid_sizes:
+                grid = torch.stack(
+                    torch.meshgrid(
+                        torch.arange(t), torch.arange(h), torch.arange(w), indexing="ij"
+                    ),
+                    dim=-1,
+                )
+                parts.append(grid.reshape(-1, 3))
+            pos = torch.cat(parts) if parts else torch.zeros(0, 3, dtype=torch.int64)
+            self._cache["positions"] = pos.to(device=self.device, dtype=torch.int32)
+        return self._cache["positions"]
+
+    @property
+    def segment_ids(self) -> torch.Tensor:
+        """int32 (N,): index of the video each token belongs to."""
+        if "segment_ids" not in self._cache:
+            ids = torch.repeat_interleave(
+                torch.arange(self.batch_size, dtype=torch.int32),
+                torch.tensor(self.seqlens, dtype=torch.int64),
+            )
+            self._cache["segment_ids"] = ids.to(self.device)
+        return self._cache["segment_ids"]
+
+    def to(self, device) -> "VideoPack":
+        """The same pack with its tensors on `device`."""
+        return VideoPack.from_shapes(self.shapes, self.patch_size, device, self.text_lengths)
+
+    def split(self, tokens: torch.Tensor) -> list[torch.Tensor]:
+        """Split a packed (N, ...) tensor into per-video (seqlen_i, ...) views."""
+        if tokens.shape[0] != self.num_tokens:
+            raise ValueError(f"tokens has {tokens.shape[0]} rows, the pack has {self.num_tokens}")
+        return list(torch.split(tokens, list(self.seqlens)))
+
+    def __repr__(self) -> str:
+        return (
+            f"VideoPack(B={self.batch_size}, N={self.num_tokens}, max_seqlen={self.max_seqlen}, "
+            f"patch_size={self.patch_size}, grids={list(self.grid_sizes)}, device={self.device})"
+        )
