@@ -99,8 +99,15 @@ def extension_has_cuda() -> bool:
     return extension() is not None and bool(torch.ops.vdit_C.has_cuda())
 
 
-def why_not(backend: str, family: str, device: torch.device) -> Optional[str]:
-    """None if `backend` can run op family `family` on `device`, else the reason."""
+def _lacks(backend: str, family: str, op: Optional[str]) -> Optional[str]:
+    """A backend may implement part of a family: say so when `op` is missing."""
+    if op is not None and not hasattr(implementation(backend, family), op):
+        return f"the {backend} backend does not implement {op} yet"
+    return None
+
+
+def why_not(backend: str, family: str, device: torch.device, op: Optional[str] = None) -> Optional[str]:
+    """None if `backend` can run op `op` of family `family` on `device`, else the reason."""
     device = torch.device(device)
     if backend == "reference":
         return None
@@ -113,7 +120,7 @@ def why_not(backend: str, family: str, device: torch.device) -> Optional[str]:
             return f"Triton kernels do not run on {device.type} tensors"
         if not _has_module(f"vdit_kernels.triton.{family}"):
             return f"there is no Triton implementation of the {family} ops yet"
-        return None
+        return _lacks(backend, family, op)
     if backend == "cuda":
         if not _has_module(f"vdit_kernels.cuda.{family}"):
             return f"there is no CUDA implementation of the {family} ops"
@@ -123,22 +130,23 @@ def why_not(backend: str, family: str, device: torch.device) -> Optional[str]:
             return "vdit_kernels._C was built without CUDA (CPU-only torch or no nvcc at build time)"
         if device.type != "cuda":
             return f"the CUDA kernels need CUDA tensors, got {device.type} tensors"
-        return None
+        return _lacks(backend, family, op)
     raise ValueError(f"unknown backend {backend!r}")
 
 
-def resolve(family: str, device: torch.device, backend: Optional[str] = None) -> str:
-    """The concrete backend for one call of an op of `family` on `device`."""
+def resolve(family: str, device: torch.device, backend: Optional[str] = None,
+            op: Optional[str] = None) -> str:
+    """The concrete backend for one call of op `op` (of `family`) on `device`."""
     name = backend or _requested.get() or os.environ.get("VDIT_BACKEND") or "auto"
     _check_name(name)
     if name != "auto":
-        reason = why_not(name, family, device)
+        reason = why_not(name, family, device, op)
         if reason is not None:
-            raise BackendUnavailable(f"backend {name!r} cannot run the {family} ops: {reason}")
+            raise BackendUnavailable(f"backend {name!r} cannot run {op or 'the ' + family + ' ops'}: {reason}")
         return name
     if torch.device(device).type == "cuda":
         for candidate in DEFAULT_ORDER[family]:
-            if why_not(candidate, family, device) is None:
+            if why_not(candidate, family, device, op) is None:
                 return candidate
     return "reference"
 

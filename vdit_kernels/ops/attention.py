@@ -183,7 +183,7 @@ def varlen_attention(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_s
         check_positions(rope.positions, q.shape[0], q.device)
         positions = rope.positions.to(torch.float32).contiguous()
         rope_args = (positions, list(dims), float(rope.theta), bool(rope.interleaved))
-    name = _backend.resolve(FAMILY, q.device, backend)
+    name = _backend.resolve(FAMILY, q.device, backend, "varlen_attention_fwd")
     out, lse = varlen_attention_op(q, k, v, cu_seqlens_q, cu_seqlens_k, int(max_seqlen_q),
                                    int(max_seqlen_k), scale, *rope_args, bool(deterministic), name)
     return (out, lse) if return_lse else out

@@ -245,10 +245,10 @@ linear_unpatchify_op.register_autograd(_linear_unpatchify_backward, setup_contex
 
 # -- public functions ---------------------------------------------------------------
 
-def _videos_for(latents, pack, backend):
+def _videos_for(latents, pack, backend, op):
     videos = ref.as_video_list(latents)
     channels = check_videos(videos, pack)
-    name = _backend.resolve(FAMILY, videos[0].device, backend)
+    name = _backend.resolve(FAMILY, videos[0].device, backend, op)
     return videos, channels, name
 
 
@@ -262,7 +262,7 @@ def patchify(latents, pack, *, backend: Optional[str] = None) -> Tensor:
     (c, pt, ph, pw) order (an nn.Conv3d weight's flattening). Differentiable; the
     backward is unpatchify.
     """
-    videos, _, name = _videos_for(latents, pack, backend)
+    videos, _, name = _videos_for(latents, pack, backend, "patchify")
     return patchify_op(videos, list(pack.patch_size), name)
 
 
@@ -275,7 +275,7 @@ def unpatchify(tokens: Tensor, pack, channels: int, *, backend: Optional[str] = 
           f"tokens has {tokens.shape[0]} rows, the pack has {pack.num_tokens} tokens")
     check(tokens.shape[1] == channels * pt * ph * pw,
           f"tokens has {tokens.shape[1]} features, expected channels*pt*ph*pw = {channels * pt * ph * pw}")
-    name = _backend.resolve(FAMILY, tokens.device, backend)
+    name = _backend.resolve(FAMILY, tokens.device, backend, "unpatchify")
     return unpatchify_op(tokens, _flat(pack.shapes), list(pack.patch_size), channels, name)
 
 
@@ -289,7 +289,7 @@ def patch_embed(latents, pack, weight: Tensor, bias: Optional[Tensor] = None, *,
     Fused backends gather the patches inside the GEMM (the patchified matrix never
     exists in memory). Output in the latents' dtype; differentiable in all three.
     """
-    videos, channels, name = _videos_for(latents, pack, backend)
+    videos, channels, name = _videos_for(latents, pack, backend, "patch_embed")
     check_float("weight", weight)
     check(weight.dim() == 5, f"weight must be (hidden, C, pt, ph, pw), got shape {tuple(weight.shape)}")
     check(tuple(weight.shape[2:]) == tuple(pack.patch_size),
@@ -326,5 +326,5 @@ def linear_unpatchify(x: Tensor, pack, weight: Tensor, bias: Optional[Tensor], c
         tensors.append(bias)
         names.append("bias")
     check_same(names, tensors)
-    name = _backend.resolve(FAMILY, x.device, backend)
+    name = _backend.resolve(FAMILY, x.device, backend, "linear_unpatchify")
     return linear_unpatchify_op(x, weight, bias, _flat(pack.shapes), list(pack.patch_size), channels, name)

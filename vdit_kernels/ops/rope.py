@@ -136,7 +136,7 @@ def apply_rope_3d(q: Tensor, k: Tensor, pack=None, dims: Sequence[int] = None,
     check(dims is not None, "apply_rope_3d needs dims=(dt, dh, dw)")
     dims = list(check_rope_dims(dims, q.shape[2]))
     pos = float_positions(pack, positions, q.shape[0], q.device)
-    name = _backend.resolve(FAMILY, q.device, backend)
+    name = _backend.resolve(FAMILY, q.device, backend, "rope_3d_" if inplace else "rope_3d")
     if inplace:
         check(not (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad)),
               "inplace RoPE records no gradient; use inplace=False when q or k requires grad")
