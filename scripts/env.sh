@@ -15,11 +15,11 @@ so=$(ls vdit_kernels/_C*.so 2>/dev/null | head -n1 || true)
 if [ -z "$so" ] || [ "${VDIT_REBUILD:-0}" = 1 ] || [ -n "$(find setup.py csrc -newer "$so" -type f | head -n1)" ]; then
   echo "[env] building vdit_kernels (compile step: vdit_kernels._C)"
   start=$(date +%s)
-  .venv/bin/python -m pip install -q --disable-pip-version-check --no-build-isolation --no-deps -v -e . 2>&1 \
-    | grep -E "^\s*\[vdit_kernels setup\]|error|Error" || true
+  .venv/bin/python -m pip install --disable-pip-version-check --no-build-isolation --no-deps -v -e . 2>&1 \
+    | grep -E "^\s*\[vdit_kernels setup\]|error|Error" | awk '!seen[$0]++' || true
   .venv/bin/python -c "import vdit_kernels._C" || { echo "[env] the build of vdit_kernels._C failed"; exit 1; }
   echo "[env] build finished in $(( $(date +%s) - start )) s"
 else
   echo "[env] vdit_kernels._C is up to date ($so)"
 fi
-.venv/bin/python -c "import torch, vdit_kernels; print('[env] torch', torch.__version__, '|', torch.ops.vdit_C.build_info())"
+.venv/bin/python -c "import torch, vdit_kernels.backend as b; b.extension(); print('[env] torch', torch.__version__, '|', torch.ops.vdit_C.build_info())"
