@@ -1,0 +1,118 @@
+"""The static report: every Triton kernel compiled ahead of time for sm_90a, on any machine.
+
+No GPU is needed: triton.compile builds PTX and a cubin for the target, and the
+cuobjdump shipped with triton reads registers, shared memory and local-memory
+(spill) use from the cubin. Each Triton module of vdit_kernels lists the
+configurations it launches on a GPU in `aot_specs()`: a list of dicts with keys
+name, fn, signature, constexprs, num_warps, num_stages (optional) and
+expect_mma (True where the kernel should use tensor cores: wgmma on sm_90a).
+
+python -m benchmarks.static_report [--json out.json] exits non-zero when a kernel
+spills or misses its expected tensor-core instructions.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import os
+import pkgutil
+import re
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+SM = 90
+
+
+def nvidia_tool(name: str) -> Path:
+    """cuobjdump / ptxas as shipped inside the triton wheel."""
+    import triton
+
+    return Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / name
+
+
+def compile_spec(spec: dict) -> dict:
+    import triton
+    from triton.backends.compiler import GPUTarget
+
+    src = triton.compiler.ASTSource(fn=spec["fn"], signature=spec["signature"],
+                                    constexprs=spec.get("constexprs", {}))
+    options = {"num_warps": spec.get("num_warps", 4), "num_stages": spec.get("num_stages", 3)}
+    kernel = triton.compile(src, target=GPUTarget("cuda", SM, 32), options=options)
+    ptx = kernel.asm["ptx"]
+    with tempfile.TemporaryDirectory() as tmp:
+        cubin, ptx_file = Path(tmp) / "k.cubin", Path(tmp) / "k.ptx"
+        cubin.write_bytes(kernel.asm["cubin"])
+        ptx_file.write_text(ptx)
+        usage = subprocess.run([str(nvidia_tool("cuobjdump")), "-res-usage", str(cubin)],
+                               capture_output=True, text=True, check=True).stdout
+        # ptxas -v counts spills exactly; STACK alone also holds e.g. the scratch array of
+        # precise sinf/cosf argument reduction, which is not a spill
+        ptxas = subprocess.run([str(nvidia_tool("ptxas")), f"-arch=sm_{SM}a", "-v", str(ptx_file),
+                                "-o", str(Path(tmp) / "check.cubin")],
+                               capture_output=True, text=True, check=True).stderr
+    fields = dict(re.findall(r"(REG|STACK|SHARED|LOCAL):(\d+)", usage))
+    spills = [int(a) + int(b) for a, b in re.findall(r"(\d+) bytes spill stores, (\d+) bytes spill loads", ptxas)]
+    return {
+        "kernel": spec["name"],
+        "registers": int(fields.get("REG", 0)),
+        "spill_bytes": sum(spills) + int(fields.get("LOCAL", 0)),
+        "stack_bytes": int(fields.get("STACK", 0)),
+        "static_shared_bytes": int(fields.get("SHARED", 0)),
+        "shared_bytes": int(kernel.metadata.shared),
+        "num_warps": options["num_warps"],
+        "wgmma": "wgmma" in ptx,
+        "mma": "mma.sync" in ptx or "wgmma" in ptx,
+        "expect_mma": bool(spec.get("expect_mma", False)),
+    }
+
+
+def all_specs() -> list[dict]:
+    import vdit_kernels.triton as pkg
+
+    specs = []
+    for mod in pkgutil.iter_modules(pkg.__path__):
+        module = importlib.import_module(f"vdit_kernels.triton.{mod.name}")
+        if hasattr(module, "aot_specs"):
+            specs.extend(module.aot_specs())
+    return specs
+
+
+def report() -> list[dict]:
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        raise SystemExit("unset TRITON_INTERPRET: the static report compiles real kernels")
+    return [compile_spec(spec) for spec in all_specs()]
+
+
+def problems(rows: list[dict]) -> list[str]:
+    out = []
+    for r in rows:
+        if r["spill_bytes"]:
+            out.append(f"{r['kernel']}: {r['spill_bytes']} B of register spills")
+        if r["expect_mma"] and not r["wgmma"]:
+            out.append(f"{r['kernel']}: no wgmma instruction in the sm_90a PTX")
+    return out
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--json", help="write the rows as JSON here")
+    args = parser.parse_args(argv)
+    rows = report()
+    print(f"Static report: Triton kernels compiled for sm_{SM}a (no GPU needed)")
+    print(f"{'kernel':<44}{'warps':>6}{'regs':>6}{'spill B':>9}{'stack B':>9}{'smem B':>9}{'wgmma':>7}")
+    for r in rows:
+        print(f"{r['kernel']:<44}{r['num_warps']:>6}{r['registers']:>6}{r['spill_bytes']:>9}"
+              f"{r['stack_bytes']:>9}{r['shared_bytes']:>9}{('yes' if r['wgmma'] else 'no'):>7}")
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=2))
+    bad = problems(rows)
+    for line in bad:
+        print("PROBLEM:", line)
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

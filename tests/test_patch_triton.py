@@ -1,0 +1,106 @@
+"""Triton patchify / unpatchify against the reference backend: exact equality.
+
+Runs on a GPU when there is one, else under the Triton interpreter on CPU tensors
+(conftest sets TRITON_INTERPRET=1). Spatial sizes stay tiny to keep the interpreter fast.
+"""
+import pytest
+import torch
+
+import vdit_kernels as vk
+from conftest import ALL_DTYPES, DEVICE, random_videos
+
+PACKS = {
+    "mixed": [(2, 4, 6), (1, 2, 2), (4, 2, 4)],
+    "one_video": [(2, 4, 4)],
+    "one_frame": [(2, 2, 4), (1, 4, 2)],      # the second video has T == pt when pt == 1
+    "grid_1x1": [(2, 2, 2), (2, 4, 6)],       # a 1x1 spatial token grid for ph = pw = 2
+    "sixteen": [(2, 2, 2) if i % 3 else (2, 2, 4) for i in range(16)],
+}
+
+
+def _pack(shapes, patch_size):
+    pt = patch_size[0]
+    shapes = [(max(pt, t - t % pt), h, w) for t, h, w in shapes]  # T divisible by pt
+    return vk.VideoPack.from_shapes(shapes, patch_size, device=DEVICE)
+
+
+def _check(videos, pack, channels):
+    tok = vk.patchify(videos, pack, backend="triton")
+    expected = vk.patchify(videos, pack, backend="reference")
+    assert tok.dtype == expected.dtype and torch.equal(tok, expected)
+    outs = vk.unpatchify(expected, pack, channels, backend="triton")
+    refs = vk.unpatchify(expected, pack, channels, backend="reference")
+    assert len(outs) == len(refs)
+    for o, r in zip(outs, refs):
+        assert o.is_contiguous() and o.shape == r.shape and torch.equal(o, r)
+        assert o.untyped_storage().data_ptr() != expected.untyped_storage().data_ptr()
+
+
+@pytest.mark.parametrize("dtype", ALL_DTYPES)
+@pytest.mark.parametrize("patch_size", [(1, 2, 2), (2, 2, 2), (1, 1, 1)])
+def test_dtypes_and_patch_sizes(dtype, patch_size):
+    pack = _pack(PACKS["mixed"], patch_size)
+    _check(random_videos(pack, 4, dtype), pack, 4)
+
+
+@pytest.mark.parametrize("channels", [4, 16, 48])
+@pytest.mark.parametrize("name", sorted(PACKS))
+def test_channels_and_packs(channels, name):
+    pack = _pack(PACKS[name], (1, 2, 2))
+    _check(random_videos(pack, channels, torch.float16, seed=channels), pack, channels)
+
+
+def test_wide_features_split_over_programs():
+    # F = 48 * 8 = 384 > 128: several feature blocks per token block
+    pack = _pack(PACKS["mixed"], (2, 2, 2))
+    _check(random_videos(pack, 48, torch.bfloat16), pack, 48)
+
+
+def test_batch_tensor_input():
+    pack = vk.VideoPack.from_shapes([(2, 4, 6)] * 3, (1, 2, 2), device=DEVICE)
+    batch = torch.randn(3, 4, 2, 4, 6, device=DEVICE)
+    tok = vk.patchify(batch, pack, backend="triton")
+    assert torch.equal(tok, vk.patchify(batch, pack, backend="reference"))
+
+
+def test_non_contiguous_videos():
+    pack = vk.VideoPack.from_shapes([(2, 4, 6), (3, 2, 2), (1, 4, 4)], (1, 2, 2), device=DEVICE)
+    g = torch.Generator().manual_seed(1)
+    big = torch.randn(4, 2, 4, 12, generator=g).to(DEVICE)
+    a = big[:, :, :, ::2]                                                  # strided slice
+    b = torch.randn(2, 2, 3, 4, generator=g).to(DEVICE).permute(3, 2, 1, 0)  # (4, 3, 2, 2) view
+    c = torch.randn(4, 1, 4, 8, generator=g).to(DEVICE)[..., 2:6]          # offset slice
+    videos = [a, b, c]
+    assert not any(v.is_contiguous() for v in videos)
+    tok = vk.patchify(videos, pack, backend="triton")
+    assert torch.equal(tok, vk.patchify([v.contiguous() for v in videos], pack, backend="reference"))
+    # non-contiguous tokens into unpatchify
+    wide = torch.randn(pack.num_tokens, 32, generator=g).to(DEVICE)[:, ::2]
+    for o, r in zip(vk.unpatchify(wide, pack, 4, backend="triton"),
+                    vk.unpatchify(wide, pack, 4, backend="reference")):
+        assert torch.equal(o, r)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_autograd_matches_reference(dtype):
+    pack = _pack(PACKS["mixed"], (1, 2, 2))
+    grads = {}
+    for backend in ("triton", "reference"):
+        videos = [v.requires_grad_() for v in random_videos(pack, 4, dtype)]
+        tok = vk.patchify(videos, pack, backend=backend)
+        w = torch.arange(tok.numel(), device=DEVICE).reshape(tok.shape).to(dtype)
+        (tok * w).sum().backward()
+        grads[backend] = [v.grad for v in videos]
+        tokens = tok.detach().requires_grad_()
+        outs = vk.unpatchify(tokens, pack, 4, backend=backend)
+        sum((o * (i + 1)).sum() for i, o in enumerate(outs)).backward()
+        grads[backend].append(tokens.grad)
+    for a, b in zip(grads["triton"], grads["reference"]):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("channels,patch_size", [(16, (1, 2, 2)), (48, (2, 2, 2)), (4, (1, 1, 1))])
+def test_several_token_blocks_per_video(channels, patch_size):
+    # videos longer than one token block (BLOCK_T = 16, 8, 256 here), next to short ones
+    pack = _pack([(2, 8, 8), (1, 6, 4), (4, 10, 14), (2, 2, 2)], patch_size)
+    _check(random_videos(pack, channels, torch.float32, seed=3), pack, channels)

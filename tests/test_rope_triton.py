@@ -1,0 +1,149 @@
+"""Triton backend of the rope family against the reference (interpreter on CPU, or a GPU)."""
+import pytest
+import torch
+
+from conftest import ALL_DTYPES, DEVICE, TOLERANCES, assert_verbose_close
+
+import vdit_kernels as vk
+
+SHAPES = [(2, 4, 6), (1, 2, 2), (3, 2, 2)]  # 12 + 1 + 3 = 16 tokens
+DIMS = [(4, 4, 4), (16, 56, 56), (44, 42, 42), (8, 28, 28), (24, 24, 24), (32, 32, 32)]
+
+
+def _pack(shapes=SHAPES):
+    return vk.VideoPack.from_shapes(shapes, (1, 2, 2), device=DEVICE)
+
+
+def _qk(n, d, dtype, heads=2, kv_heads=1, seed=0, requires_grad=False):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(n, heads, d, generator=g).to(device=DEVICE, dtype=dtype)
+    k = torch.randn(n, kv_heads, d, generator=g).to(device=DEVICE, dtype=dtype)
+    return q.requires_grad_(requires_grad), k.requires_grad_(requires_grad)
+
+
+def _both(q, k, pack, dims, **kw):
+    out = vk.apply_rope_3d(q, k, pack, dims, backend="triton", **kw)
+    exp = vk.apply_rope_3d(q, k, pack, dims, backend="reference", **kw)
+    return out, exp
+
+
+@pytest.mark.parametrize("dims", DIMS, ids=lambda d: "x".join(map(str, d)))
+@pytest.mark.parametrize("interleaved", [True, False])
+@pytest.mark.parametrize("dtype", ALL_DTYPES, ids=str)
+def test_matches_reference(dtype, interleaved, dims):
+    pack = _pack()
+    q, k = _qk(pack.num_tokens, sum(dims), dtype)
+    (qo, ko), (qe, ke) = _both(q, k, pack, dims, theta=10000.0, interleaved=interleaved)
+    assert qo.dtype == dtype and ko.dtype == dtype
+    assert_verbose_close(qo, qe, name="q")
+    assert_verbose_close(ko, ke, name="k")
+
+
+@pytest.mark.parametrize("interleaved", [True, False])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_backward_matches_reference(dtype, interleaved):
+    pack, dims = _pack(), (8, 28, 28)
+    grads = []
+    for backend in ("triton", "reference"):
+        q, k = _qk(pack.num_tokens, 64, dtype, heads=3, kv_heads=2, requires_grad=True)
+        gq, gk = _qk(pack.num_tokens, 64, dtype, heads=3, kv_heads=2, seed=1)
+        qr, kr = vk.apply_rope_3d(q, k, pack, dims, 500.0, interleaved, backend=backend)
+        ((qr * gq).sum() + (kr * gk).sum()).backward()
+        grads.append((q.grad, k.grad))
+    assert_verbose_close(grads[0][0], grads[1][0], name="dq")
+    assert_verbose_close(grads[0][1], grads[1][1], name="dk")
+
+
+def test_backward_inverts_forward():
+    pack, dims = _pack(), (4, 4, 4)
+    q, k = _qk(pack.num_tokens, 12, torch.float32, requires_grad=True)
+    qr, kr = vk.apply_rope_3d(q, k, pack, dims, backend="triton")
+    dq, dk = torch.autograd.grad((qr, kr), (q, k), (qr.detach(), kr.detach()))
+    assert_verbose_close(dq, q.detach(), name="dq")  # rotating back recovers the input
+    assert_verbose_close(dk, k.detach(), name="dk")
+
+
+@pytest.mark.parametrize("interleaved", [True, False])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+def test_inplace_equals_out_of_place(dtype, interleaved):
+    pack, dims = _pack(), (24, 24, 24)
+    q, k = _qk(pack.num_tokens, 72, dtype)
+    qo, ko = vk.apply_rope_3d(q, k, pack, dims, interleaved=interleaved, backend="triton")
+    qi, ki = q.clone(), k.clone()
+    r = vk.apply_rope_3d(qi, ki, pack, dims, interleaved=interleaved, inplace=True, backend="triton")
+    assert r[0] is qi and r[1] is ki
+    assert torch.equal(qi, qo) and torch.equal(ki, ko)
+
+
+def test_float_positions():
+    pack, dims = _pack(), (16, 56, 56)
+    g = torch.Generator().manual_seed(3)
+    pos = (torch.rand(pack.num_tokens, 3, generator=g) * 40.0 - 5.0).to(DEVICE)  # fractional
+    q, k = _qk(pack.num_tokens, 128, torch.float32)
+    for interleaved in (True, False):
+        (qo, ko), (qe, ke) = _both(q, k, None, dims, theta=10000.0, interleaved=interleaved,
+                                   positions=pos)
+        assert_verbose_close(qo, qe, atol=2e-5, rtol=2e-5, name="q")
+        assert_verbose_close(ko, ke, atol=2e-5, rtol=2e-5, name="k")
+
+
+@pytest.mark.parametrize("interleaved", [True, False])
+def test_non_contiguous_inputs(interleaved):
+    pack, dims = _pack(), (44, 42, 42)
+    n = pack.num_tokens
+    q_full, k_full = _qk(n, 128, torch.float16, heads=6, kv_heads=3)
+    q = q_full[:, ::2]  # heads strided
+    k = k_full.transpose(0, 1).contiguous().transpose(0, 1)  # (N, Hk, D) with heads outermost
+    assert not q.is_contiguous() and not k.is_contiguous()
+    (qo, ko), (qe, ke) = _both(q, k, pack, dims, interleaved=interleaved)
+    assert_verbose_close(qo, qe, name="q")
+    assert_verbose_close(ko, ke, name="k")
+    # in place on the views writes through to the parent tensors, and only there
+    before = q_full.clone()
+    vk.apply_rope_3d(q, k, pack, dims, interleaved=interleaved, inplace=True, backend="triton")
+    assert torch.equal(q, qo) and torch.equal(k, ko)
+    assert torch.equal(q_full[:, 1::2], before[:, 1::2])
+
+
+def test_last_dim_not_contiguous():
+    from vdit_kernels.triton import rope as trope
+    pack, dims = _pack(), (4, 4, 4)
+    q, k = _qk(pack.num_tokens, 12, torch.float32)
+    qt = q.transpose(1, 2).contiguous().transpose(1, 2)  # head_dim stride != 1
+    pos = pack.positions.float()
+    qo, ko = trope.rope_3d(qt, k, pos, dims, 10000.0, True, False)
+    qe, ke = vk.apply_rope_3d(q, k, pack, dims, backend="reference")
+    assert_verbose_close(qo, qe, name="q")
+    assert_verbose_close(ko, ke, name="k")
+    with pytest.raises(ValueError, match="contiguous"):
+        trope.rope_3d_(qt, k, pos, dims, 10000.0, True, False)
+
+
+def test_pack_of_16_videos():
+    shapes = [(1 + i % 3, 2 * (1 + i % 2), 2 * (1 + (i // 2) % 3)) for i in range(16)]
+    pack = _pack(shapes)
+    q, k = _qk(pack.num_tokens, 96, torch.bfloat16, heads=3, kv_heads=1)
+    (qo, ko), (qe, ke) = _both(q, k, pack, (32, 32, 32), theta=256.0, interleaved=False)
+    assert_verbose_close(qo, qe, name="q")
+    assert_verbose_close(ko, ke, name="k")
+
+
+@pytest.mark.parametrize("interleaved", [True, False])
+def test_one_token_pack(interleaved):
+    pack = _pack([(1, 2, 2)])
+    assert pack.num_tokens == 1
+    q, k = _qk(1, 64, torch.float32, heads=4, kv_heads=2)
+    pos = torch.tensor([[3.0, 7.0, 11.0]], device=DEVICE)
+    (qo, ko), (qe, ke) = _both(q, k, None, (8, 28, 28), interleaved=interleaved, positions=pos)
+    assert_verbose_close(qo, qe, name="q")
+    assert_verbose_close(ko, ke, name="k")
+
+
+def test_zero_size_axes_and_many_heads():
+    pack = _pack()
+    q, k = _qk(pack.num_tokens, 12, torch.float32, heads=5, kv_heads=3)
+    for dims in [(0, 6, 6), (6, 6, 0), (0, 12, 0)]:
+        for interleaved in (True, False):
+            (qo, ko), (qe, ke) = _both(q, k, pack, dims, interleaved=interleaved)
+            assert_verbose_close(qo, qe, name=f"q {dims}")
+            assert_verbose_close(ko, ke, name=f"k {dims}")

@@ -1,0 +1,1 @@
+"""Triton kernels, one module per op family (vdit_kernels.backend imports them on first use)."""
