@@ -1,0 +1,319 @@
+"""A compact Sora-style video DiT over packed spacetime patches.
+
+One forward takes B videos of different sizes as a VideoPack: all videos' tokens are
+one (N, hidden) sequence, attention is block-diagonal over the pack (varlen), and the
+per-video timestep conditioning is gathered per token with pack.segment_ids. Nothing
+here reads a device value back to the host, so the forward is torch.compile-able and
+needs no padding.
+
+    latents (B x (C, T_i, H_i, W_i))
+      -> patch_embed (Conv3d weights, one launch)               x (N, hidden)
+      -> depth x Block:
+           adaLN-Zero self-attention, q/k RMSNorm, fused 3D RoPE (varlen over the pack)
+           cross-attention to each video's own text tokens (pack.cu_seqlens_k)
+           adaLN-Zero MLP (GELU tanh)
+      -> LayerNorm + shift/scale from c -> linear_unpatchify    B x (C, T_i, H_i, W_i)
+
+`backend=` on forward picks the vdit_kernels backend for every op ("reference",
+"triton", "cuda", "auto"/None), or per op family with a dict such as
+{"patch": "cuda", "rope": "triton", "attention": "reference"}.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, replace
+from typing import Optional, Sequence, Union
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+import vdit_kernels as vk
+from vdit_kernels import backend as _backend
+
+Backend = Union[None, str, dict]
+
+
+# -- config ---------------------------------------------------------------------------
+
+def wan_rope_dims(head_dim: int) -> tuple[int, int, int]:
+    """Wan's head-dim split: h = w = 2 * (head_dim // 6), t gets the rest (128 -> 44, 42, 42)."""
+    hw = 2 * (head_dim // 6)
+    return (head_dim - 2 * hw, hw, hw)
+
+
+@dataclass
+class DiTConfig:
+    in_channels: int = 16
+    hidden: int = 1536
+    heads: int = 12
+    head_dim: int = 128
+    depth: int = 30
+    mlp_ratio: float = 4.0
+    patch_size: tuple[int, int, int] = (1, 2, 2)
+    text_dim: int = 4096
+    rope_dims: Optional[tuple[int, int, int]] = None  # (t, h, w); None -> wan_rope_dims(head_dim)
+    rope_theta: float = 10000.0
+    qk_norm: bool = True       # per-head RMSNorm on q and k (Wan / Hunyuan style)
+    fused_rope: bool = True    # RoPE inside varlen_attention; False: apply_rope_3d, then attention
+    time_freq_dim: int = 256   # sinusoidal timestep embedding width
+    eps: float = 1e-6
+
+    def __post_init__(self):
+        self.patch_size = tuple(int(p) for p in self.patch_size)
+        if self.rope_dims is None:
+            self.rope_dims = wan_rope_dims(self.head_dim)
+        self.rope_dims = tuple(int(d) for d in self.rope_dims)
+        if self.heads * self.head_dim != self.hidden:
+            raise ValueError(f"hidden ({self.hidden}) must be heads ({self.heads}) x head_dim ({self.head_dim})")
+        if sum(self.rope_dims) != self.head_dim or any(d % 2 for d in self.rope_dims):
+            raise ValueError(f"rope_dims {self.rope_dims} must be even and sum to head_dim {self.head_dim}")
+
+    @property
+    def mlp_hidden(self) -> int:
+        return int(round(self.hidden * self.mlp_ratio))
+
+    @property
+    def patch_features(self) -> int:
+        pt, ph, pw = self.patch_size
+        return self.in_channels * pt * ph * pw
+
+    @classmethod
+    def from_name(cls, name: str, **overrides) -> "DiTConfig":
+        if name not in PRESETS:
+            raise ValueError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
+        if "head_dim" in overrides and "rope_dims" not in overrides:
+            overrides["rope_dims"] = None  # re-derive the split for the new head_dim
+        return replace(PRESETS[name], **overrides)
+
+
+PRESETS = {
+    # tests: 2 heads of 24 -> rope dims (8, 8, 8)
+    "tiny": DiTConfig(in_channels=4, hidden=48, heads=2, head_dim=24, depth=2, mlp_ratio=2.0,
+                      text_dim=32, time_freq_dim=32),
+    "small": DiTConfig(in_channels=16, hidden=384, heads=6, head_dim=64, depth=6, text_dim=256),
+    # Wan2.1 1.3B: dim 1536, 12 heads, 30 layers, ffn 8960, umT5 text (4096)
+    "wan-1.3b-like": DiTConfig(hidden=1536, heads=12, head_dim=128, depth=30, mlp_ratio=8960 / 1536),
+    # HunyuanVideo width: 3072, 24 heads of 128, rope split (16, 56, 56), theta 256
+    "hunyuan-like": DiTConfig(hidden=3072, heads=24, head_dim=128, depth=40, mlp_ratio=4.0,
+                              rope_dims=(16, 56, 56), rope_theta=256.0),
+}
+
+
+# -- backend choice -------------------------------------------------------------------
+
+def family_backends(backend: Backend) -> dict:
+    """backend= as one name for every family, or a dict per family (missing ones: auto)."""
+    if backend is None or isinstance(backend, str):
+        return {f: backend for f in _backend.FAMILIES}
+    unknown = set(backend) - set(_backend.FAMILIES)
+    if unknown:
+        raise ValueError(f"unknown op families {sorted(unknown)}; families are {_backend.FAMILIES}")
+    return {f: backend.get(f) for f in _backend.FAMILIES}
+
+
+def model_ops(config: DiTConfig) -> list[tuple[str, str]]:
+    """(family, backend-contract function) pairs a forward + backward of the model calls."""
+    ops = [("patch", "patch_embed"), ("patch", "patch_embed_backward"),
+           ("patch", "linear_unpatchify"), ("patch", "linear_unpatchify_backward"),
+           ("attention", "varlen_attention_fwd"), ("attention", "varlen_attention_bwd")]
+    if not config.fused_rope:
+        ops.append(("rope", "rope_3d"))
+    return ops
+
+
+def why_not(config: DiTConfig, backend: Backend, device) -> Optional[str]:
+    """None if the model can run forward + backward with `backend` on `device`, else why not."""
+    device = torch.device(device)
+    chosen = family_backends(backend)
+    reasons = []
+    for family, op in model_ops(config):
+        name = chosen[family]
+        if name in (None, "auto"):
+            continue  # auto always finds a backend (reference at worst)
+        reason = _backend.why_not(name, family, device, op)
+        if reason is not None and not any(reason in r for r in reasons):
+            reasons.append(f"{family}: {reason}")
+    return "; ".join(reasons) or None
+
+
+# -- layers ---------------------------------------------------------------------------
+
+def timestep_embedding(t: Tensor, dim: int, max_period: float = 10000.0) -> Tensor:
+    """(B,) float timesteps -> (B, dim) [cos | sin] features (DiT / Wan), float32 or float64."""
+    dtype = torch.promote_types(t.dtype, torch.float32)
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=t.device, dtype=dtype) / half)
+    args = t.to(dtype)[:, None] * freqs[None]
+    emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+    return F.pad(emb, (0, dim % 2))
+
+
+def per_token(mod: Tensor, segment_ids: Tensor) -> Tensor:
+    """(B, ...) per-video values -> (N, ...) per-token values (gather, no host sync)."""
+    return mod.index_select(0, segment_ids)
+
+
+def modulate(x: Tensor, shift: Tensor, scale: Tensor) -> Tensor:
+    return torch.addcmul(shift, x, 1 + scale)
+
+
+class RMSNorm(nn.Module):
+    """RMSNorm over the last dim with a learned scale, computed in float32."""
+
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        dtype = torch.promote_types(x.dtype, torch.float32)
+        return F.rms_norm(x.to(dtype), x.shape[-1:], self.weight.to(dtype), self.eps).to(x.dtype)
+
+
+class SelfAttention(nn.Module):
+    def __init__(self, cfg: DiTConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.qkv = nn.Linear(cfg.hidden, 3 * cfg.hidden)
+        self.q_norm = RMSNorm(cfg.head_dim, cfg.eps) if cfg.qk_norm else nn.Identity()
+        self.k_norm = RMSNorm(cfg.head_dim, cfg.eps) if cfg.qk_norm else nn.Identity()
+        self.proj = nn.Linear(cfg.hidden, cfg.hidden)
+
+    def forward(self, x: Tensor, pack: vk.VideoPack, rope: vk.Rope3D, backends: dict) -> Tensor:
+        n, h, d = x.shape[0], self.cfg.heads, self.cfg.head_dim
+        q, k, v = self.qkv(x).view(n, 3, h, d).unbind(1)
+        q, k = self.q_norm(q), self.k_norm(k)
+        if not self.cfg.fused_rope:
+            q, k = vk.apply_rope_3d(q.contiguous(), k.contiguous(), positions=rope.positions,
+                                    dims=rope.dims, theta=rope.theta, backend=backends["rope"])
+            rope = None
+        out = vk.varlen_attention(q.contiguous(), k.contiguous(), v.contiguous(), pack.cu_seqlens,
+                                  pack.cu_seqlens, pack.max_seqlen, pack.max_seqlen, rope=rope,
+                                  backend=backends["attention"])
+        return self.proj(out.reshape(n, h * d))
+
+
+class CrossAttention(nn.Module):
+    """Each video's tokens attend to its own text tokens (pack.cu_seqlens_k)."""
+
+    def __init__(self, cfg: DiTConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.q = nn.Linear(cfg.hidden, cfg.hidden)
+        self.kv = nn.Linear(cfg.hidden, 2 * cfg.hidden)
+        self.q_norm = RMSNorm(cfg.head_dim, cfg.eps) if cfg.qk_norm else nn.Identity()
+        self.k_norm = RMSNorm(cfg.head_dim, cfg.eps) if cfg.qk_norm else nn.Identity()
+        self.proj = nn.Linear(cfg.hidden, cfg.hidden)
+
+    def forward(self, x: Tensor, context: Tensor, pack: vk.VideoPack, backends: dict) -> Tensor:
+        n, h, d = x.shape[0], self.cfg.heads, self.cfg.head_dim
+        q = self.q_norm(self.q(x).view(n, h, d))
+        k, v = self.kv(context).view(context.shape[0], 2, h, d).unbind(1)
+        k = self.k_norm(k)
+        out = vk.varlen_attention(q.contiguous(), k.contiguous(), v.contiguous(), pack.cu_seqlens,
+                                  pack.cu_seqlens_k, pack.max_seqlen, pack.max_seqlen_k,
+                                  backend=backends["attention"])
+        return self.proj(out.reshape(n, h * d))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: DiTConfig):
+        super().__init__()
+        self.eps = cfg.eps
+        self.attn = SelfAttention(cfg)
+        self.cross_norm = nn.LayerNorm(cfg.hidden, eps=cfg.eps)  # affine, as in Wan's norm3
+        self.cross_attn = CrossAttention(cfg)
+        self.mlp = nn.Sequential(nn.Linear(cfg.hidden, cfg.mlp_hidden), nn.GELU(approximate="tanh"),
+                                 nn.Linear(cfg.mlp_hidden, cfg.hidden))
+        self.adaLN = nn.Sequential(nn.SiLU(), nn.Linear(cfg.hidden, 6 * cfg.hidden))
+
+    def forward(self, x: Tensor, c: Tensor, context: Tensor, pack: vk.VideoPack, rope: vk.Rope3D,
+                seg: Tensor, backends: dict) -> Tensor:
+        # per-video (B, 6, hidden) modulation, gathered per token only as each piece is used
+        mod = self.adaLN(c).view(c.shape[0], 6, -1)
+        shift_a, scale_a, gate_a, shift_m, scale_m, gate_m = (per_token(m, seg) for m in mod.unbind(1))
+        norm = lambda t: F.layer_norm(t, t.shape[-1:], eps=self.eps)
+        x = x + gate_a * self.attn(modulate(norm(x), shift_a, scale_a), pack, rope, backends)
+        x = x + self.cross_attn(self.cross_norm(x), context, pack, backends)
+        x = x + gate_m * self.mlp(modulate(norm(x), shift_m, scale_m))
+        return x
+
+
+class VideoDiT(nn.Module):
+    """Video DiT over a VideoPack; see the module docstring for the data flow."""
+
+    def __init__(self, config: DiTConfig, zero_init: bool = True):
+        super().__init__()
+        self.config = cfg = config
+        self.patch_embed = nn.Conv3d(cfg.in_channels, cfg.hidden, cfg.patch_size, cfg.patch_size)
+        self.time_embed = nn.Sequential(nn.Linear(cfg.time_freq_dim, cfg.hidden), nn.SiLU(),
+                                        nn.Linear(cfg.hidden, cfg.hidden))
+        self.text_embed = nn.Sequential(nn.Linear(cfg.text_dim, cfg.hidden), nn.GELU(approximate="tanh"),
+                                        nn.Linear(cfg.hidden, cfg.hidden))
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.depth))
+        self.final_adaLN = nn.Sequential(nn.SiLU(), nn.Linear(cfg.hidden, 2 * cfg.hidden))
+        self.final_proj = nn.Linear(cfg.hidden, cfg.patch_features)
+        self.init_weights(zero_init)
+
+    @torch.no_grad()
+    def init_weights(self, zero_init: bool = True, generator: Optional[torch.Generator] = None):
+        """DiT init: xavier Linear/patch weights, zero biases, N(0, 0.02) timestep MLP.
+
+        zero_init=True (adaLN-Zero, for training): the modulation and output layers start
+        at zero, so every block is the identity and the model outputs zeros.
+        zero_init=False gives those layers small random weights instead (tests, demos:
+        outputs and gradients are then non-trivial everywhere).
+        """
+        def xavier(w):
+            fan_out, fan_in = w.shape[0], w[0].numel()
+            bound = math.sqrt(6.0 / (fan_in + fan_out))
+            w.copy_(torch.rand(w.shape, generator=generator, dtype=torch.float32) * 2 * bound - bound)
+
+        for m in self.modules():
+            if isinstance(m, (nn.Linear, nn.Conv3d)):
+                xavier(m.weight)
+                if m.bias is not None:
+                    m.bias.zero_()
+            elif isinstance(m, (RMSNorm, nn.LayerNorm)):
+                m.weight.fill_(1.0)
+                if getattr(m, "bias", None) is not None:
+                    m.bias.zero_()
+        for lin in (self.time_embed[0], self.time_embed[2]):
+            lin.weight.copy_(torch.randn(lin.weight.shape, generator=generator) * 0.02)
+        modulation = [b.adaLN[1] for b in self.blocks] + [self.final_adaLN[1], self.final_proj]
+        for lin in modulation:
+            if zero_init:
+                lin.weight.zero_()
+            else:
+                lin.weight.copy_(torch.randn(lin.weight.shape, generator=generator) * 0.02)
+                lin.bias.copy_(torch.randn(lin.bias.shape, generator=generator) * 0.02)
+        return self
+
+    def forward(self, latents: Sequence[Tensor], pack: vk.VideoPack, timesteps: Tensor, text: Tensor,
+                backend: Backend = None) -> list[Tensor]:
+        """latents: B videos (C, T_i, H_i, W_i) matching `pack`; timesteps (B,) float;
+        text (pack.num_text_tokens, text_dim), video i's text at rows
+        pack.cu_seqlens_k[i]:pack.cu_seqlens_k[i+1]. Returns B predictions (C, T_i, H_i, W_i)."""
+        cfg, backends = self.config, family_backends(backend)
+        if pack.cu_seqlens_k is None:
+            raise ValueError("pack has no text lengths: build it with VideoPack.from_shapes(..., text_lengths=...)")
+        if text.dim() != 2 or text.shape != (pack.num_text_tokens, cfg.text_dim):
+            raise ValueError(f"text must be (num_text_tokens={pack.num_text_tokens}, text_dim={cfg.text_dim}), "
+                             f"got {tuple(text.shape)}")
+        if timesteps.shape != (pack.batch_size,):
+            raise ValueError(f"timesteps must be ({pack.batch_size},), got {tuple(timesteps.shape)}")
+        dtype = self.patch_embed.weight.dtype
+        seg = pack.segment_ids.long()
+        rope = vk.Rope3D.from_pack(pack, cfg.rope_dims, cfg.rope_theta)
+
+        x = vk.patch_embed(latents, pack, self.patch_embed.weight, self.patch_embed.bias,
+                           backend=backends["patch"])                               # (N, hidden)
+        c = self.time_embed(timestep_embedding(timesteps, cfg.time_freq_dim).to(dtype))  # (B, hidden)
+        context = self.text_embed(text.to(dtype))                                   # (Ntext, hidden)
+        for block in self.blocks:
+            x = block(x, c, context, pack, rope, seg, backends)
+        shift, scale = (per_token(m, seg) for m in self.final_adaLN(c).view(c.shape[0], 2, -1).unbind(1))
+        x = modulate(F.layer_norm(x, x.shape[-1:], eps=cfg.eps), shift, scale)
+        return vk.linear_unpatchify(x, pack, self.final_proj.weight, self.final_proj.bias,
+                                    cfg.in_channels, backend=backends["patch"])

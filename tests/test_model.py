@@ -1,0 +1,176 @@
+"""The video DiT (vdit_kernels.model): packing, backend parity, torch.compile.
+
+Tiny config, float32 unless said otherwise; on CPU the Triton backend runs under the
+interpreter (conftest) where the model's ops have Triton kernels, else the test skips
+with the backend's own reason.
+"""
+import pytest
+import torch
+
+import vdit_kernels as vk
+from vdit_kernels.model import DiTConfig, VideoDiT, why_not
+
+from conftest import DEVICE, assert_verbose_close
+
+SHAPES = [(2, 4, 6), (1, 4, 4), (3, 2, 2)]  # latent (T, H, W); patch (1, 2, 2) -> 12, 4, 3 tokens
+TEXT = [3, 5, 0]                             # per-video text tokens (the last video has none)
+
+
+def _model(dtype=torch.float32, **overrides):
+    cfg = DiTConfig.from_name("tiny", **overrides)
+    g = torch.Generator().manual_seed(0)
+    return VideoDiT(cfg).init_weights(zero_init=False, generator=g).to(DEVICE, dtype), cfg
+
+
+def _inputs(cfg, dtype=torch.float32, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    pack = vk.VideoPack.from_shapes(SHAPES, cfg.patch_size, device=DEVICE, text_lengths=TEXT)
+    latents = [torch.randn(cfg.in_channels, *s, generator=g) for s in SHAPES]
+    text = torch.randn(pack.num_text_tokens, cfg.text_dim, generator=g)
+    t = torch.tensor([10.0, 500.0, 999.0])
+    cot = [torch.randn(cfg.in_channels, *s, generator=g) for s in SHAPES]  # d loss / d output
+    to = lambda x: x.to(DEVICE, dtype)
+    return pack, [to(x) for x in latents], to(t), to(text), [to(x) for x in cot]
+
+
+def _run(model, pack, latents, t, text, cot, backend="reference"):
+    """Forward + backward of sum_i <out_i, cot_i>: outputs, latent grads, parameter grads."""
+    model.zero_grad(set_to_none=True)
+    latents = [x.detach().clone().requires_grad_(True) for x in latents]
+    out = model(latents, pack, t, text, backend=backend)
+    sum((o * c).sum() for o, c in zip(out, cot)).backward()
+    grads = {n: p.grad.detach().clone() for n, p in model.named_parameters()}
+    return [o.detach() for o in out], [x.grad for x in latents], grads
+
+
+def test_config_presets():
+    for name in ("tiny", "small", "wan-1.3b-like", "hunyuan-like"):
+        cfg = DiTConfig.from_name(name)
+        assert cfg.hidden == cfg.heads * cfg.head_dim and sum(cfg.rope_dims) == cfg.head_dim
+    assert DiTConfig.from_name("wan-1.3b-like").rope_dims == (44, 42, 42)
+    assert DiTConfig.from_name("wan-1.3b-like").mlp_hidden == 8960
+    assert DiTConfig.from_name("tiny").rope_dims == (8, 8, 8)
+    with pytest.raises(ValueError, match="heads"):
+        DiTConfig(hidden=100, heads=3, head_dim=32)
+    with pytest.raises(ValueError, match="rope_dims"):
+        DiTConfig(hidden=96, heads=4, head_dim=24, rope_dims=(7, 9, 8))
+
+
+def test_zero_init_outputs_zero():
+    cfg = DiTConfig.from_name("tiny")
+    model = VideoDiT(cfg).to(DEVICE)  # adaLN-Zero: every block is the identity, output 0
+    pack, latents, t, text, _ = _inputs(cfg)
+    out = model(latents, pack, t, text, backend="reference")
+    assert all(torch.count_nonzero(o) == 0 for o in out)
+
+
+def test_bad_inputs():
+    model, cfg = _model()
+    pack, latents, t, text, _ = _inputs(cfg)
+    with pytest.raises(ValueError, match="text must be"):
+        model(latents, pack, t, text[:-1], backend="reference")
+    with pytest.raises(ValueError, match="timesteps"):
+        model(latents, pack, t[:2], text, backend="reference")
+    no_text = vk.VideoPack.from_shapes(SHAPES, cfg.patch_size, device=DEVICE)
+    with pytest.raises(ValueError, match="text lengths"):
+        model(latents, no_text, t, text, backend="reference")
+
+
+@pytest.mark.parametrize("fused_rope", [True, False])
+def test_packing_equals_one_video_at_a_time(fused_rope):
+    """No leakage through attention, cross-attention, modulation or RoPE: the pack's
+    outputs and gradients equal those of each video run alone as a pack of one."""
+    model, cfg = _model(fused_rope=fused_rope)
+    pack, latents, t, text, cot = _inputs(cfg)
+    out, dlat, grads = _run(model, pack, latents, t, text, cot)
+
+    texts = text.split(list(TEXT))
+    summed = {n: torch.zeros_like(g) for n, g in grads.items()}
+    for i, shape in enumerate(SHAPES):
+        one = vk.VideoPack.from_shapes([shape], cfg.patch_size, device=DEVICE, text_lengths=[TEXT[i]])
+        o, d, g = _run(model, one, [latents[i]], t[i:i + 1], texts[i], [cot[i]])
+        assert_verbose_close(out[i], o[0], 1e-5, 1e-5, name=f"output of video {i}")
+        assert_verbose_close(dlat[i], d[0], 1e-5, 1e-5, name=f"latent grad of video {i}")
+        for n in summed:
+            summed[n] += g[n]
+    for n, g in grads.items():
+        assert_verbose_close(g, summed[n], 1e-5, 1e-5, name=f"grad of {n}")
+    assert any(g.abs().max() > 0 for n, g in grads.items() if "adaLN" in n)
+
+
+def _max_err(actual, expected):
+    return max((a.double() - e.double()).abs().max().item() for a, e in zip(actual, expected))
+
+
+def _rel_err(actual, expected):
+    return max(((a.double() - e.double()).abs().max() / e.double().abs().max().clamp_min(1e-30)).item()
+               for a, e in zip(actual, expected))
+
+
+_CACHE = {}
+
+
+def _float64_oracle(fused_rope):
+    """float64 reference run (the oracle) and float32 reference run, cached per config."""
+    if fused_rope not in _CACHE:
+        model, cfg = _model(fused_rope=fused_rope)
+        args32 = _inputs(cfg)
+        r32 = _run(model, *args32)
+        model64 = _model(torch.float64, fused_rope=fused_rope)[0]
+        r64 = _run(model64, *_inputs(cfg, torch.float64))
+        _CACHE[fused_rope] = (model, cfg, args32, r32, r64)
+    return _CACHE[fused_rope]
+
+
+def test_float32_reference_matches_float64():
+    model, cfg, args, (o32, d32, g32), (o64, d64, g64) = _float64_oracle(True)
+    # float32 rounding through a 2-block model: relative to each tensor's scale
+    assert _rel_err(o32, o64) < 1e-5, _rel_err(o32, o64)
+    assert _rel_err(d32, d64) < 1e-5, _rel_err(d32, d64)
+    assert _rel_err(list(g32.values()), list(g64.values())) < 1e-4
+
+
+# backend= values to compare with the reference: whole backends, and per-family mixes that
+# run whatever Triton kernels exist today (RoPE unfused, so the rope family is exercised)
+BACKENDS = [
+    pytest.param("triton", True, id="triton"),
+    pytest.param("cuda", True, id="cuda"),
+    pytest.param({"patch": "triton", "rope": "triton", "attention": "triton"}, False, id="triton-unfused-rope"),
+    pytest.param({"patch": "reference", "rope": "triton", "attention": "reference"}, False,
+                 id="triton-rope-only"),
+    pytest.param({"patch": "cuda", "rope": "cuda", "attention": "reference"}, False, id="cuda-patch-rope"),
+]
+
+
+@pytest.mark.parametrize("backend,fused_rope", BACKENDS)
+def test_backend_matches_reference(backend, fused_rope):
+    """flash-attention's rule end to end: a backend's float32 error against the float64
+    oracle is at most 2x the float32 reference's own error (plus a small floor)."""
+    cfg = DiTConfig.from_name("tiny", fused_rope=fused_rope)
+    reason = why_not(cfg, backend, DEVICE)
+    if reason is not None:
+        pytest.skip(reason)
+    model, cfg, args, (o32, d32, g32), (o64, d64, g64) = _float64_oracle(fused_rope)
+    ob, db, gb = _run(model, *args, backend=backend)
+    for name, got, ref32, ref64 in (("outputs", ob, o32, o64), ("latent grads", db, d32, d64),
+                                    ("parameter grads", list(gb.values()), list(g32.values()),
+                                     list(g64.values()))):
+        err, base = _max_err(got, ref64), _max_err(ref32, ref64)
+        assert err <= 2 * base + 1e-5, f"{name}: {backend} error {err:.3e} > 2 x reference's {base:.3e}"
+
+
+def test_compile_fullgraph_matches_eager():
+    torch._dynamo.reset()
+    model, cfg = _model()
+    pack, latents, t, text, cot = _inputs(cfg)
+    pack.positions, pack.segment_ids  # built eagerly (cached), outside the graph
+
+    def step(latents, t, text):
+        return model(latents, pack, t, text, backend="reference")
+
+    eager = step(latents, t, text)
+    compiled = torch.compile(step, fullgraph=True)(latents, t, text)
+    for a, e in zip(compiled, eager):
+        assert_verbose_close(a, e, 1e-5, 1e-5, name="compiled output")
+    sum((o * c).sum() for o, c in zip(compiled, cot)).backward()
+    assert all(p.grad is not None for p in model.parameters())
