@@ -1,69 +1,350 @@
-"""The main command (scripts/bench.sh): time the fused ops on a mixed-resolution pack.
+"""The main command (scripts/bench.sh): the vdit_kernels ops and their peers, side by side.
 
-On a GPU this runs realistic sizes; on CPU it runs tiny sizes through the reference
-path only and says so: CPU numbers are not a performance result.
+    python -m benchmarks.run [--quick] [--op patch|rope|attention|block ...] [--provider SUBSTR ...]
+                             [--workload NAME ...] [--out DIR] [--no-static]
+
+For each op: one table of workload, provider, median ms (min/max), TFLOP/s or GB/s,
+% of the hardware limit measured in this run (benchmarks/limits.py: large D2D copy,
+large bf16 matmul), and speedup over the reference provider (the vdit reference path;
+where it cannot run, the first baseline of BASELINES that ran). Peers that cannot run
+are listed with the reason. Results go to --out (default on a GPU:
+benchmarks/results/<gpu-name>/; on CPU a temporary directory): results.json (rows,
+environment, limits), summary.md, plots (if matplotlib is installed) and
+static_report.json (benchmarks/static_report.py, unless --no-static).
+
+On CPU only tiny sizes run, through the reference providers: a smoke test of the
+suite, not a performance result.
 """
 from __future__ import annotations
 
 import argparse
+import datetime
+import gc
+import json
+import os
+import platform
+import re
+import subprocess
+import sys
+import tempfile
 import time
+from pathlib import Path
 
 import torch
+import torch._dynamo
 
-import vdit_kernels as vk
+from . import bench_attention, bench_block, bench_patch, bench_rope, limits, workloads
+from .common import OPTIONS
+from .timing import bench
+
+ROOT = Path(__file__).resolve().parent.parent
+SUITES = {"patch": bench_patch, "rope": bench_rope, "attention": bench_attention, "block": bench_block}
+# speedup column: the first of these that ran for the same (op, name, mode, workload)
+BASELINES = {
+    "patch": ("vdit-reference", "torch-permute", "nn.Conv3d"),
+    "rope": ("vdit-reference", "reference-compile"),
+    "attention": ("vdit-reference", "sdpa-padded", "torch-varlen"),
+    "block": ("vdit-reference", "torch-varlen"),
+}
+BANNER = ("=" * 78 + "\n CPU SMOKE TEST: tiny sizes, reference providers only. "
+          "NOT A PERFORMANCE RESULT.\n" + "=" * 78)
 
 
-def timed(fn, reps: int) -> float:
-    fn()
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-    start = time.perf_counter()
-    for _ in range(reps):
-        fn()
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-    return (time.perf_counter() - start) / reps * 1e3
+def slug(name: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-") or "unknown"
 
 
-def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--quick", action="store_true", help="tiny sizes, one repetition")
-    args = parser.parse_args(argv)
-    gpu = torch.cuda.is_available()
-    device = "cuda" if gpu else "cpu"
-    dtype = torch.bfloat16 if gpu else torch.float32
-    if gpu and not args.quick:
-        shapes, channels, hidden, heads, head_dim = [(21, 60, 104), (13, 30, 52), (1, 90, 160)], 16, 3072, 24, 128
-    else:
-        shapes, channels, hidden, heads, head_dim = [(3, 8, 12), (1, 4, 4), (2, 6, 4)], 4, 96, 2, 48
-        print("CPU run at tiny sizes: a smoke test of the ops, not a performance result.")
-    pack = vk.VideoPack.from_shapes(shapes, (1, 2, 2), device=device)
-    print(pack)
-    videos = [torch.randn(channels, *s, device=device, dtype=dtype) for s in shapes]
-    weight = torch.randn(hidden, channels, 1, 2, 2, device=device, dtype=dtype) * 0.05
-    dims = (head_dim - 4 * (head_dim // 6), 2 * (head_dim // 6), 2 * (head_dim // 6))
-    reps = 1 if args.quick else 10
-    backends = vk.available_backends("patch", device) if gpu else ["reference"]
-    print(f"{'op':<18}{'backend':<11}{'shape':<22}{'ms':>10}")
-    for backend in backends:
-        x = vk.patch_embed(videos, pack, weight, backend=backend)
-        q = k = v = x.view(-1, heads, head_dim)
-        cu, m = pack.cu_seqlens, pack.max_seqlen
-        rows = [
-            ("patchify", lambda: vk.patchify(videos, pack, backend=backend)),
-            ("patch_embed", lambda: vk.patch_embed(videos, pack, weight, backend=backend)),
-            ("apply_rope_3d", lambda: vk.apply_rope_3d(q, k, pack, dims, backend=backend)),
-            ("varlen_attention", lambda: vk.varlen_attention(q, k, v, cu, cu, m, m, backend=backend)),
-        ]
-        for name, fn in rows:
+def gpu_name() -> str:
+    return torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+
+
+def environment(device: str, lim: dict) -> dict:
+    def version(mod):
+        try:
+            return __import__(mod).__version__
+        except Exception:  # noqa: BLE001  (absent or broken: just record it)
+            return None
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True,
+                                timeout=10).stdout.strip() or None
+        dirty = bool(subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
+                                    capture_output=True, text=True, timeout=10).stdout.strip())
+    except Exception:  # noqa: BLE001
+        commit, dirty = None, None
+    import vdit_kernels
+    env = {
+        "device": device, "gpu": gpu_name(), "torch": torch.__version__, "triton": version("triton"),
+        "cuda": torch.version.cuda, "vdit_kernels": vdit_kernels.__version__, "git_commit": commit,
+        "git_dirty": dirty, "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "python": platform.python_version(), "host": platform.node(), "limits": lim,
+        "performance_result": device == "cuda",
+    }
+    if device == "cuda":
+        p = torch.cuda.get_device_properties(0)
+        env.update(sm=f"{p.major}{p.minor}", sm_count=p.multi_processor_count, memory_gb=round(p.total_memory / 2**30, 1))
+    return env
+
+
+class Progress:
+    """tqdm over the cases, or plain lines when tqdm is missing."""
+
+    def __init__(self, total: int):
+        self.bar = None
+        try:
+            if not sys.stderr.isatty():
+                raise ImportError("not a terminal: plain progress lines")
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, unit="case", dynamic_ncols=True, file=sys.stderr)
+        except ImportError:
+            self.bar = None
+        self.total, self.done = total, 0
+
+    def step(self, text: str):
+        self.done += 1
+        if self.bar is not None:
+            self.bar.set_postfix_str(text[:60], refresh=False)
+            self.bar.update(1)
+        else:
+            print(f"[{self.done}/{self.total}] {text}", flush=True)
+
+    def close(self):
+        if self.bar is not None:
+            self.bar.close()
+
+
+def run_case(case, device: str, quick: bool, lim: dict) -> dict:
+    wl = case.workload
+    row = {"op": case.op, "name": case.name, "mode": case.mode, "workload": wl.name, "tokens": wl.num_tokens,
+           "videos": len(wl.shapes), "shapes": [list(s) for s in wl.shapes], "heads": wl.heads,
+           "head_dim": wl.head_dim, "hidden": wl.hidden, "provider": case.provider, "note": case.note,
+           "flops": case.flops, "bytes": case.bytes}
+    try:
+        prepared = case.build()
+        t = bench(prepared.fn, device, quick=quick, grad_to_none=prepared.grad_to_none)
+        row.update(t)
+        row.update(prepared.extra)
+        sec = t["median_ms"] * 1e-3
+        if case.flops:
+            row["tflops"] = case.flops / sec / 1e12
+            row["pct_of_limit"] = 100 * row["tflops"] / lim["compute_tflops"]
+            row["limit"] = "compute"
+        elif case.bytes:
+            row["gbs"] = case.bytes / sec / 1e9
+            row["pct_of_limit"] = 100 * row["gbs"] / lim["bandwidth_gbs"]
+            row["limit"] = "bandwidth"
+        del prepared
+    except Exception as exc:  # noqa: BLE001  (one failing provider must not end the run)
+        row["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"
+        if device == "cuda":
             try:
-                out = fn()
-            except vk.BackendUnavailable as exc:
-                print(f"{name:<18}{backend:<11}skipped: {exc}")
+                torch.cuda.synchronize()
+            except RuntimeError as sticky:  # a sticky CUDA error: later cases cannot run either
+                row["error"] += f" (CUDA context lost: {sticky})"
+    gc.collect()
+    if device == "cuda":
+        torch.cuda.empty_cache()
+    return row
+
+
+def add_speedups(rows: list[dict]) -> None:
+    groups: dict = {}
+    for r in rows:
+        if "median_ms" in r:
+            groups.setdefault((r["op"], r["name"], r["mode"], r["workload"]), {})[r["provider"]] = r
+    for key, by_provider in groups.items():
+        base = next((p for p in BASELINES.get(key[0], ()) if p in by_provider), None)
+        for r in by_provider.values():
+            r["baseline"] = base
+            r["speedup"] = by_provider[base]["median_ms"] / r["median_ms"] if base else None
+
+
+def _fmt_ms(r):
+    return f"{r['median_ms']:.3f} ({r['min_ms']:.3f}/{r['max_ms']:.3f})"
+
+
+def table(rows: list[dict], op: str) -> str:
+    head = f"| workload | op | mode | provider | median ms (min/max) | TFLOP/s or GB/s | % of limit | speedup |"
+    lines = [head, "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for r in rows:
+        if r["op"] != op:
+            continue
+        wl = f"{r['workload']} ({r['tokens']} tok)"
+        if "error" in r:
+            lines.append(f"| {wl} | {r['name']} | {r['mode']} | {r['provider']} | error: {r['error']} | | | |")
+            continue
+        thr = f"{r['tflops']:.2f} TFLOP/s" if "tflops" in r else (f"{r['gbs']:.1f} GB/s" if "gbs" in r else "-")
+        pct = f"{r['pct_of_limit']:.1f}%" if "pct_of_limit" in r else "-"
+        sp = f"{r['speedup']:.2f}x vs {r['baseline']}" if r.get("speedup") else "-"
+        lines.append(f"| {wl} | {r['name']} | {r['mode']} | {r['provider']} | {_fmt_ms(r)} | {thr} | {pct} | {sp} |")
+    if len(lines) == 2:
+        lines.append("| (no case ran for this op here: see the skipped lines) | | | | | | | |")
+    return "\n".join(lines)
+
+
+def plots(rows: list[dict], out: Path) -> list[str]:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("plots skipped: matplotlib is not installed")
+        return []
+    made = []
+    for op in sorted({r["op"] for r in rows}):
+        for (name, mode) in sorted({(r["name"], r["mode"]) for r in rows if r["op"] == op}):
+            sel = [r for r in rows if r["op"] == op and r["name"] == name and r["mode"] == mode
+                   and r["workload"].startswith("sweep-") and "median_ms" in r and ("tflops" in r or "gbs" in r)]
+            if len({r["tokens"] for r in sel}) < 2:
                 continue
-            shape = tuple((out[0] if isinstance(out, tuple) else out).shape)
-            print(f"{name:<18}{backend:<11}{str(shape):<22}{timed(fn, reps):>10.3f}")
+            fig, ax = plt.subplots(figsize=(7, 4.5))
+            unit = "tflops" if "tflops" in sel[0] else "gbs"
+            for prov in sorted({r["provider"] for r in sel}):
+                pts = sorted((r["tokens"], r[unit]) for r in sel if r["provider"] == prov)
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=prov)
+            ax.set_xscale("log")
+            ax.set_xlabel("sequence length (tokens, one video)")
+            ax.set_ylabel("TFLOP/s" if unit == "tflops" else "GB/s")
+            ax.set_title(f"{name} {mode} on {gpu_name()}")
+            ax.grid(True, alpha=0.3)
+            ax.legend(fontsize=8)
+            path = out / f"plot_{op}_{slug(name)}_{slug(mode)}.png"
+            fig.tight_layout()
+            fig.savefig(path, dpi=120)
+            plt.close(fig)
+            made.append(path.name)
+    return made
+
+
+def static_report(out: Path) -> str:
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    try:
+        proc = subprocess.run([sys.executable, "-m", "benchmarks.static_report", "--json",
+                               str(out / "static_report.json")], cwd=ROOT, env=env, capture_output=True,
+                              text=True, timeout=600)
+    except subprocess.TimeoutExpired:
+        return "static report: timed out after 600 s"
+    (out / "static_report.txt").write_text(proc.stdout + proc.stderr)
+    if proc.returncode not in (0, 1) or not (out / "static_report.json").exists():
+        return f"static report failed (exit {proc.returncode}): {(proc.stderr or proc.stdout).strip()[-300:]}"
+    problems = [l for l in proc.stdout.splitlines() if l.startswith("PROBLEM")]
+    n = len(json.loads((out / "static_report.json").read_text()))
+    return f"static report: {n} kernels compiled for sm_90a, {len(problems)} problems -> static_report.json"
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="small workloads, short timing")
+    parser.add_argument("--op", action="append", choices=sorted(SUITES), help="op suite (repeatable; default all)")
+    parser.add_argument("--provider", action="append", help="only providers whose name contains this (repeatable)")
+    parser.add_argument("--workload", action="append",
+                        help=f"workload name (repeatable): {', '.join(workloads.WORKLOADS)}, sweep-<T>")
+    parser.add_argument("--out", help="results directory (default: benchmarks/results/<gpu>/ on GPU, a temp dir on CPU)")
+    parser.add_argument("--no-static", action="store_true", help="skip the static (sm_90a) report")
+    parser.add_argument("--cpu-peers", action="store_true", help="on CPU also run the eager peers (code check only)")
+    args = parser.parse_args(argv)
+    OPTIONS["cpu_peers"] = args.cpu_peers
+    started = time.perf_counter()
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    # every workload shape recompiles the torch.compile'd peers: allow that instead of
+    # silently falling back to eager after 8 shapes
+    for knob in ("cache_size_limit", "recompile_limit", "accumulated_cache_size_limit", "accumulated_recompile_limit"):
+        if hasattr(torch._dynamo.config, knob):
+            setattr(torch._dynamo.config, knob, max(getattr(torch._dynamo.config, knob), 256))
+    if device == "cpu":
+        print(BANNER)
+    if args.out:
+        out = Path(args.out)
+    elif device == "cuda":
+        out = ROOT / "benchmarks" / "results" / slug(gpu_name())
+    else:
+        out = Path(tempfile.mkdtemp(prefix="vdit-bench-cpu-"))
+    out.mkdir(parents=True, exist_ok=True)
+
+    if args.workload:
+        wls = []
+        for name in args.workload:
+            if name in workloads.WORKLOADS:
+                wls.append(workloads.WORKLOADS[name])
+            elif re.fullmatch(r"sweep-\d+", name):
+                wls.extend(workloads.sweep([int(name.split("-")[1])]))
+            else:
+                parser.error(f"unknown workload {name!r}")
+    else:
+        wls = workloads.select(device, args.quick)
+
+    lim = limits.measure(device, args.quick)
+    print(f"device: {gpu_name()} | torch {torch.__version__} | limits measured now: "
+          f"copy {lim['bandwidth_gbs']:.1f} GB/s (read+write), {lim['matmul_dtype']} matmul "
+          f"{lim['compute_tflops']:.2f} TFLOP/s" + (f"  [{limits.CPU_LABEL}]" if device == "cpu" else ""))
+    print("workloads: " + "; ".join(w.label() for w in wls))
+
+    ops = args.op or list(SUITES)
+    all_cases, skips = [], []
+    for op in ops:
+        # the seq-length sweep (for the plots) is an attention sweep unless asked for by name
+        op_wls = wls if args.workload or op == "attention" else [w for w in wls if not w.name.startswith("sweep-")]
+        c, s = SUITES[op].cases(device, args.quick, op_wls, args.provider)
+        all_cases += c
+        skips += s
+    seen = set()
+    grouped: dict = {}
+    for s in skips:
+        seen.add((s.op, s.provider, s.reason))
+        base, _, detail = s.provider.partition(" ")
+        details = grouped.setdefault((s.op, base, s.reason), [])
+        if detail and detail not in details:
+            details.append(detail)
+    for (op, base, reason), details in grouped.items():
+        print(f"skipped: [{op}] {base}{' (' + ', '.join(details) + ')' if details else ''}: {reason}")
+
+    progress = Progress(len(all_cases))
+    rows = []
+    for case in all_cases:
+        rows.append(run_case(case, device, args.quick, lim))
+        progress.step(f"{case.op}/{case.name} {case.mode} {case.provider} {case.workload.name}")
+    progress.close()
+    add_speedups(rows)
+
+    md = []
+    if device == "cpu":
+        md.append(f"**{limits.CPU_LABEL.upper()}**\n")
+    env = environment(device, lim)
+    md.append(f"Device: {env['gpu']}, torch {env['torch']}, triton {env['triton']}, commit "
+              f"{(env['git_commit'] or '?')[:12]}{' (dirty)' if env['git_dirty'] else ''}, {env['date']}.  \n"
+              f"Limits measured in this run: copy {lim['bandwidth_gbs']:.1f} GB/s, "
+              f"{lim['matmul_dtype']} matmul {lim['compute_tflops']:.2f} TFLOP/s ({lim['label']}).\n")
+    for op in ops:
+        t = table(rows, op)
+        print(f"\n== {op} ==" + ("   (CPU smoke test, not a performance result)" if device == "cpu" else ""))
+        print(t)
+        md += [f"\n## {op}\n", t]
+    if skips:
+        md.append("\n## Skipped\n")
+        md += [f"- [{op}] {p}: {r}" for op, p, r in sorted(seen)]
+    errors = [r for r in rows if "error" in r]
+
+    made = plots(rows, out)
+    static = None
+    if not args.no_static:
+        static = static_report(out)
+        print(static)
+        md.append(f"\n{static}\n")
+    (out / "summary.md").write_text("\n".join(md) + "\n")
+    (out / "results.json").write_text(json.dumps(
+        {"environment": env, "rows": rows, "skipped": [dict(op=o, provider=p, reason=r) for o, p, r in sorted(seen)],
+         "plots": made, "static_report": static, "quick": args.quick, "argv": sys.argv[1:] if argv is None else argv},
+        indent=1, default=str))
+    print(f"\n{len(rows)} cases, {len(errors)} errors, {time.perf_counter() - started:.1f} s; results in {out}")
+    for r in errors:
+        print(f"ERROR: [{r['op']}] {r['name']} {r['mode']} {r['provider']} {r['workload']}: {r['error']}")
+    if device == "cpu":
+        print("(CPU smoke test: not a performance result)")
+    # a peer failing is reported; a vdit provider failing fails the run
+    return 1 if any(r["provider"].startswith("vdit-") for r in errors) else 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -1,0 +1,126 @@
+"""Patch suite: patchify, unpatchify (memory bound, GB/s) and patch_embed (a GEMM, TFLOP/s).
+
+Providers: vdit backends (reference, triton, cuda) where they implement the op;
+peers: per-video reshape+permute (eager and torch.compile'd) for (un)patchify;
+nn.Conv3d (F.conv3d per video + flatten), reshape+permute+nn.Linear eager and
+torch.compile'd for patch_embed.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+import vdit_kernels as vk
+
+from . import flops
+from .common import VDIT_BACKENDS, Case, Prepared, Skip, dtype_for, peer_reason, vdit_reason, wanted
+
+OP = "patch"
+
+
+def _patchify_torch(videos, patch):
+    pt, ph, pw = patch
+    out = []
+    for v in videos:
+        c, t, h, w = v.shape
+        x = v.view(c, t // pt, pt, h // ph, ph, w // pw, pw).permute(1, 3, 5, 0, 2, 4, 6)
+        out.append(x.reshape(-1, c * pt * ph * pw))
+    return torch.cat(out)
+
+
+def _unpatchify_torch(tokens, shapes, patch, channels):
+    pt, ph, pw = patch
+    out, start = [], 0
+    for t, h, w in shapes:
+        n = (t // pt) * (h // ph) * (w // pw)
+        x = tokens[start:start + n].view(t // pt, h // ph, w // pw, channels, pt, ph, pw)
+        out.append(x.permute(3, 0, 4, 1, 5, 2, 6).reshape(channels, t, h, w))
+        start += n
+    return out
+
+
+def _conv3d(videos, weight, bias, patch):
+    return torch.cat([F.conv3d(v[None], weight, bias, stride=patch)[0].flatten(1).t() for v in videos])
+
+
+def _permute_linear(videos, weight2d, bias, patch):
+    return F.linear(_patchify_torch(videos, patch), weight2d, bias)
+
+
+class _Inputs:
+    def __init__(self, wl, device):
+        dtype = dtype_for(device)
+        g = torch.Generator(device="cpu").manual_seed(0)
+        self.pack = vk.VideoPack.from_shapes(wl.shapes, wl.patch, device=device)
+        self.videos = [torch.randn(wl.channels, *s, generator=g).to(device, dtype) for s in wl.shapes]
+        self.tokens = torch.randn(wl.num_tokens, wl.features, generator=g).to(device, dtype)
+        self.weight = (torch.randn(wl.hidden, wl.channels, *wl.patch, generator=g) * 0.05).to(device, dtype)
+        self.bias = torch.zeros(wl.hidden, device=device, dtype=dtype)
+
+
+def cases(device: str, quick: bool, workloads, providers=None):
+    out, skips = [], []
+    elt = torch.empty(0, dtype=dtype_for(device)).element_size()
+    def _one(wl):  # a function, so each case's build() closes over its own workload
+        n, k = wl.num_tokens, wl.features
+        cost = {"patchify": dict(bytes=flops.patchify_bytes(n, k, elt)),
+                "unpatchify": dict(bytes=flops.patchify_bytes(n, k, elt)),
+                "patch_embed": dict(flops=flops.patch_embed_flops(n, k, wl.hidden))}
+
+        def add(name, provider, make, **kw):
+            if wanted(provider, providers):
+                out.append(Case(OP, name, "fwd", wl, provider, make, **cost[name], **kw))
+
+        for b in VDIT_BACKENDS:
+            for name in ("patchify", "unpatchify", "patch_embed"):
+                reason = vdit_reason(b, "patch", device, name)
+                if reason:
+                    skips.append(Skip(OP, f"vdit-{b} {name}", reason))
+                    continue
+
+                def make(b=b, name=name):
+                    x = _Inputs(wl, device)
+                    if name == "patchify":
+                        return Prepared(lambda: vk.patchify(x.videos, x.pack, backend=b))
+                    if name == "unpatchify":
+                        return Prepared(lambda: vk.unpatchify(x.tokens, x.pack, wl.channels, backend=b))
+                    return Prepared(lambda: vk.patch_embed(x.videos, x.pack, x.weight, x.bias, backend=b))
+                add(name, f"vdit-{b}", make)
+
+        for compiled in (False, True):
+            suffix = "-compile" if compiled else ""
+            reason = peer_reason(device, needs_cuda=compiled, cpu_ok=True)
+            if reason:
+                for p in (f"torch-permute{suffix}", f"permute-linear{suffix}"):
+                    skips.append(Skip(OP, p, reason))
+                if not compiled:
+                    skips.append(Skip(OP, "nn.Conv3d", reason))
+                continue
+
+            def wrap(fn, compiled=compiled):
+                return torch.compile(fn, dynamic=False) if compiled else fn
+
+            def make_p(wrap=wrap):
+                x, f = _Inputs(wl, device), wrap(_patchify_torch)
+                return Prepared(lambda: f(x.videos, wl.patch))
+
+            def make_u(wrap=wrap):
+                x, f = _Inputs(wl, device), wrap(_unpatchify_torch)
+                return Prepared(lambda: f(x.tokens, wl.shapes, wl.patch, wl.channels))
+
+            def make_l(wrap=wrap):
+                x, f = _Inputs(wl, device), wrap(_permute_linear)
+                w2 = x.weight.reshape(wl.hidden, -1).contiguous()
+                return Prepared(lambda: f(x.videos, w2, x.bias, wl.patch))
+
+            add("patchify", f"torch-permute{suffix}", make_p)
+            add("unpatchify", f"torch-permute{suffix}", make_u)
+            add("patch_embed", f"permute-linear{suffix}", make_l)
+            if not compiled:
+                def make_c():
+                    x = _Inputs(wl, device)
+                    return Prepared(lambda: _conv3d(x.videos, x.weight, x.bias, wl.patch))
+                add("patch_embed", "nn.Conv3d", make_c)
+    for wl in workloads:
+        _one(wl)
+    return out, skips

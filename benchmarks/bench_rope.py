@@ -1,0 +1,97 @@
+"""RoPE suite: 3D rotary embedding of q and k (memory bound: GB/s against the copy limit).
+
+Providers: vdit backends (out of place; forward), the reference under torch.compile,
+and, if importable, flash_attn.layers.rotary.apply_rotary_emb and liger_kernel's rope,
+both given the 3D angles as a 1D cos/sin table (interleaved 3D RoPE is 1D RoPE with
+concatenated per-axis angles; liger rotates halves of the whole head dim instead, same
+bytes moved). The peers read a precomputed (N, D/2) cos/sin table; vdit computes angles
+in-kernel from the (N, 3) positions.
+"""
+from __future__ import annotations
+
+import torch
+
+import vdit_kernels as vk
+from vdit_kernels import reference as ref
+
+from . import flops
+from .common import VDIT_BACKENDS, Case, Prepared, Skip, dtype_for, peer_reason, vdit_reason, wanted
+
+OP = "rope"
+
+
+class _Inputs:
+    def __init__(self, wl, device):
+        dtype = dtype_for(device)
+        g = torch.Generator(device="cpu").manual_seed(0)
+        self.pack = vk.VideoPack.from_shapes(wl.shapes, wl.patch, device=device)
+        n = wl.num_tokens
+        self.q = torch.randn(n, wl.heads, wl.head_dim, generator=g).to(device, dtype)
+        self.k = torch.randn(n, wl.heads, wl.head_dim, generator=g).to(device, dtype)
+        self.positions = self.pack.positions.to(torch.float32)
+        self.angles = ref.rope_angles(self.positions, wl.rope_dims, 10000.0)
+
+
+def cases(device: str, quick: bool, workloads, providers=None):
+    out, skips = [], []
+    elt = torch.empty(0, dtype=dtype_for(device)).element_size()
+    def _one(wl):  # a function, so each case's build() closes over its own workload
+        nbytes = flops.rope_bytes(wl.num_tokens, wl.heads, wl.heads, wl.head_dim, elt)
+
+        def add(provider, make, note=""):
+            if wanted(provider, providers):
+                out.append(Case(OP, "rope_3d", "fwd", wl, provider, make, bytes=nbytes, note=note))
+
+        for b in VDIT_BACKENDS:
+            reason = vdit_reason(b, "rope", device, "rope_3d")
+            if reason:
+                skips.append(Skip(OP, f"vdit-{b}", reason))
+                continue
+
+            def make(b=b):
+                x = _Inputs(wl, device)
+                return Prepared(lambda: vk.apply_rope_3d(x.q, x.k, x.pack, wl.rope_dims, backend=b))
+            add(f"vdit-{b}", make)
+
+        reason = peer_reason(device)
+        if reason:
+            skips.append(Skip(OP, "reference-compile", reason))
+        else:
+            def make_c():
+                x = _Inputs(wl, device)
+                f = torch.compile(ref.apply_rope_3d, dynamic=False)
+                return Prepared(lambda: f(x.q, x.k, None, wl.rope_dims, positions=x.positions))
+            add("reference-compile", make_c)
+
+        reason = peer_reason(device, "flash_attn")
+        if reason:
+            skips.append(Skip(OP, "flash-attn-rotary", reason))
+        else:
+            def make_fa():
+                from flash_attn.layers.rotary import apply_rotary_emb
+
+                x = _Inputs(wl, device)
+                cos, sin = x.angles.cos().to(x.q.dtype), x.angles.sin().to(x.q.dtype)
+
+                def run():
+                    return (apply_rotary_emb(x.q[None], cos, sin, interleaved=True),
+                            apply_rotary_emb(x.k[None], cos, sin, interleaved=True))
+                return Prepared(run)
+            add("flash-attn-rotary", make_fa, "1D table of the 3D angles")
+
+        reason = peer_reason(device, "liger_kernel")
+        if reason:
+            skips.append(Skip(OP, "liger-rope", reason))
+        else:
+            def make_lg():
+                from liger_kernel.ops.rope import LigerRopeFunction
+
+                x = _Inputs(wl, device)
+                q, k = x.q.transpose(0, 1)[None].contiguous(), x.k.transpose(0, 1)[None].contiguous()
+                ang = torch.cat([x.angles, x.angles], dim=-1)[None]
+                cos, sin = ang.cos().to(q.dtype), ang.sin().to(q.dtype)
+                return Prepared(lambda: LigerRopeFunction.apply(q.clone(), k.clone(), cos, sin))
+            add("liger-rope", make_lg, "rotate-half 1D table; includes a q/k clone (in-place kernel)")
+    for wl in workloads:
+        _one(wl)
+    return out, skips

@@ -1,0 +1,44 @@
+"""FLOP and byte counts of every benchmarked op: the ONE place these formulas live.
+
+Attention (block-diagonal over a pack, no causal mask), per head of size D:
+    forward  FLOPs = 4 * sum_i(Lq_i * Lk_i) * H * D     (QK^T and PV, 2 FLOPs per MAC)
+    backward FLOPs = 2.5 * forward                       (dV, dP, dS->dQ, dK: 5 matmuls vs 2)
+    fwd+bwd  FLOPs = 3.5 * forward
+patch_embed (a GEMM): 2 * N * K * hidden, K = C * pt * ph * pw.
+Memory-bound ops count the bytes read plus the bytes written:
+    patchify / unpatchify: 2 * N * K * element size
+    3D RoPE of q and k:    2 * N * (Hq + Hk) * D * element size (+ positions, int32 (N, 3))
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+BWD_FACTOR = 2.5
+
+
+def attention_flops(seqlens_q: Sequence[int], seqlens_k: Sequence[int], heads: int, head_dim: int,
+                    mode: str = "fwd") -> float:
+    """FLOPs of block-diagonal attention over a pack; mode fwd, bwd or fwd+bwd."""
+    if len(seqlens_q) != len(seqlens_k):
+        raise ValueError("seqlens_q and seqlens_k must have the same length")
+    fwd = 4.0 * sum(int(a) * int(b) for a, b in zip(seqlens_q, seqlens_k)) * heads * head_dim
+    factor = {"fwd": 1.0, "bwd": BWD_FACTOR, "fwd+bwd": 1.0 + BWD_FACTOR}
+    if mode not in factor:
+        raise ValueError(f"mode must be one of {sorted(factor)}, got {mode!r}")
+    return fwd * factor[mode]
+
+
+def patch_embed_flops(num_tokens: int, features: int, hidden: int) -> float:
+    """2 * N * K * hidden (bias adds are ignored)."""
+    return 2.0 * num_tokens * features * hidden
+
+
+def patchify_bytes(num_tokens: int, features: int, element_size: int) -> float:
+    """patchify or unpatchify: read every element once, write it once."""
+    return 2.0 * num_tokens * features * element_size
+
+
+def rope_bytes(num_tokens: int, heads_q: int, heads_k: int, head_dim: int, element_size: int,
+               position_bytes: int = 12) -> float:
+    """RoPE of q and k (out of place): read and write q and k, read the positions."""
+    return 2.0 * num_tokens * (heads_q + heads_k) * head_dim * element_size + num_tokens * position_bytes

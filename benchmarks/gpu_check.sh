@@ -1,0 +1,69 @@
+#!/usr/bin/env bash
+# The ONE GPU script: build, run every test (GPU-only ones included), run the benchmarks.
+#
+# Usage (repository root, on a CUDA machine with torch, triton and nvcc preinstalled;
+# no package registry needed):
+#   bash benchmarks/gpu_check.sh                 # all three steps: build, test, bench
+#   bash benchmarks/gpu_check.sh build           # pip install --no-build-isolation --no-deps -e .
+#   bash benchmarks/gpu_check.sh test [-k rope]  # python -m pytest tests (args go to pytest)
+#   bash benchmarks/gpu_check.sh bench [--quick] # python -m benchmarks.run (args go to run.py)
+#   bash benchmarks/gpu_check.sh all --quick     # all steps, args go to run.py
+# Steps can run in separate calls (each stays under a 10-minute command limit); the
+# build output stays in the working tree between them.
+# Results: benchmarks/results/<gpu-slug>/ (results.json, summary.md, static_report.json,
+# plots) plus logs/ (build.log, pytest.log, bench.log). If $OUT is set (the device
+# tool collects at most 8 files from it, 2 folder levels deep), it also receives:
+#   $OUT/summary.md, $OUT/results.json, $OUT/<step>.log tails, $OUT/gpu_check.tar.gz (everything).
+# PYTHON picks the interpreter (default: python). Exit status: non-zero if a step failed.
+set -uo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+PY=${PYTHON:-python}
+STEP=${1:-all}
+[ $# -gt 0 ] && shift
+SLUG=$($PY -c "import torch, re; n = torch.cuda.get_device_name() if torch.cuda.is_available() else 'cpu'; print(re.sub(r'[^a-z0-9]+', '-', n.lower()).strip('-'))")
+RES=benchmarks/results/$SLUG
+LOGS=$RES/logs
+mkdir -p "$LOGS"
+status=0
+
+echo "gpu_check: step=$STEP gpu=$SLUG $($PY -c 'import torch, triton; print("torch", torch.__version__, "triton", triton.__version__, "cuda", torch.version.cuda)')"
+nvidia-smi --query-gpu=name,driver_version,clocks.max.sm,memory.total --format=csv > "$LOGS/nvidia-smi.txt" 2>&1 || true
+
+run_build() {
+    echo "== build: pip install --no-build-isolation --no-deps -e . (log: $LOGS/build.log)"
+    local t0=$SECONDS
+    if ! $PY -m pip install --no-build-isolation --no-deps -e . > "$LOGS/build.log" 2>&1; then
+        echo "BUILD FAILED"; tail -40 "$LOGS/build.log"; status=1; return 1
+    fi
+    $PY -c "import vdit_kernels.backend as b; import torch; print('built in', $SECONDS - $t0, 's; _C:', b.extension() is not None, 'cuda kernels:', b.extension_has_cuda()); print('backends:', {f: b.available_backends(f, 'cuda') for f in b.FAMILIES})" 2>&1 | tee -a "$LOGS/build.log"
+}
+
+run_tests() {
+    echo "== test: python -m pytest tests $* (log: $LOGS/pytest.log)"
+    env -u TRITON_INTERPRET $PY -m pytest tests -q -p no:logging -rs "$@" > "$LOGS/pytest.log" 2>&1 || status=1
+    tail -25 "$LOGS/pytest.log"
+}
+
+run_bench() {
+    echo "== bench: python -m benchmarks.run --out $RES $* (log: $LOGS/bench.log)"
+    env -u TRITON_INTERPRET $PY -m benchmarks.run --out "$RES" "$@" 2>&1 | tee "$LOGS/bench.log" | grep -v '^\[[0-9]*/[0-9]*\]'
+    [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+}
+
+case "$STEP" in
+    build) run_build ;;
+    test) run_tests "$@" ;;
+    bench) run_bench "$@" ;;
+    all) run_build && { run_tests; run_bench "$@"; } ;;
+    *) echo "unknown step $STEP (all|build|test|bench)"; exit 2 ;;
+esac
+
+if [ -n "${OUT:-}" ]; then
+    mkdir -p "$OUT"
+    tar -czf "$OUT/gpu_check.tar.gz" "$RES"
+    for f in summary.md results.json; do [ -f "$RES/$f" ] && cp "$RES/$f" "$OUT/"; done
+    for f in build pytest bench; do [ -f "$LOGS/$f.log" ] && tail -c 200000 "$LOGS/$f.log" > "$OUT/$f.log"; done
+    echo "copied results to $OUT: $(ls "$OUT" | tr '\n' ' ')"
+fi
+echo "gpu_check: step=$STEP status=$status results in $RES"
+exit $status

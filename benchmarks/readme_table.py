@@ -1,0 +1,57 @@
+"""Print the README performance table (markdown) from benchmarks/results/*/results.json.
+
+    python -m benchmarks.readme_table [--results DIR] [--op attention ...] [--mode fwd ...]
+
+One section per result file (GPU), rows: op, mode, workload, provider, median ms,
+TFLOP/s or GB/s, % of the limit measured in that run, speedup. CPU smoke results
+(environment.performance_result false) are left out.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def render(data: dict, ops=None, modes=None) -> str:
+    env, lim = data["environment"], data["environment"]["limits"]
+    lines = [f"**{env['gpu']}** (torch {env['torch']}, triton {env['triton']}, commit "
+             f"{(env.get('git_commit') or '?')[:10]}, {env['date'][:10]}; measured limits: "
+             f"copy {lim['bandwidth_gbs']:.0f} GB/s, {lim['matmul_dtype']} matmul {lim['compute_tflops']:.0f} TFLOP/s)",
+             "", "| op | mode | workload | provider | median ms | throughput | % of limit | speedup |",
+             "| --- | --- | --- | --- | ---: | ---: | ---: | ---: |"]
+    for r in data["rows"]:
+        if "median_ms" not in r or (ops and r["op"] not in ops) or (modes and r["mode"] not in modes):
+            continue
+        thr = f"{r['tflops']:.1f} TFLOP/s" if "tflops" in r else (f"{r['gbs']:.0f} GB/s" if "gbs" in r else "-")
+        pct = f"{r['pct_of_limit']:.0f}%" if "pct_of_limit" in r else "-"
+        sp = f"{r['speedup']:.2f}x vs {r['baseline']}" if r.get("speedup") else "-"
+        name = r["name"] if r["op"] != r["name"] else r["op"]
+        lines.append(f"| {name} | {r['mode']} | {r['workload']} ({r['tokens']} tok) | {r['provider']} | "
+                     f"{r['median_ms']:.3f} | {thr} | {pct} | {sp} |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--results", default=str(RESULTS), help="folder holding <gpu>/results.json")
+    parser.add_argument("--op", action="append")
+    parser.add_argument("--mode", action="append")
+    args = parser.parse_args(argv)
+    files = sorted(Path(args.results).glob("*/results.json"))
+    shown = 0
+    for f in files:
+        data = json.loads(f.read_text())
+        if not data["environment"].get("performance_result", True):
+            continue
+        print(render(data, args.op, args.mode) + "\n")
+        shown += 1
+    if not shown:
+        print(f"_No GPU results under {args.results} yet: run `bash benchmarks/gpu_check.sh` on a GPU machine._")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

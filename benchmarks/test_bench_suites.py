@@ -1,0 +1,30 @@
+"""pytest-benchmark view of the same cases run.py times (collected only when asked for):
+
+    python -m pytest benchmarks/test_bench_suites.py --benchmark-only [-k attention]
+
+Cases come from the suites' cases() (quick workloads); on GPU every call is synchronized.
+run.py remains the main command (limits, % of limit, speedups, results files).
+"""
+import pytest
+import torch
+
+from benchmarks import bench_attention, bench_block, bench_patch, bench_rope, workloads
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+WORKLOADS = workloads.select(DEVICE, quick=True)
+CASES = []
+for suite in (bench_patch, bench_rope, bench_attention, bench_block):
+    CASES += suite.cases(DEVICE, True, WORKLOADS)[0]
+
+
+@pytest.mark.parametrize("case", CASES, ids=[f"{c.op}-{c.name}-{c.mode}-{c.provider}-{c.workload.name}" for c in CASES])
+def test_bench(benchmark, case):
+    pytest.importorskip("pytest_benchmark")
+    prepared = case.build()
+
+    def call():
+        prepared.fn()
+        if DEVICE == "cuda":
+            torch.cuda.synchronize()
+    benchmark.extra_info.update(flops=case.flops, bytes=case.bytes, tokens=case.workload.num_tokens)
+    benchmark(call)

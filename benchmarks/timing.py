@@ -1,0 +1,84 @@
+"""Timing: median / min / max milliseconds of a callable.
+
+GPU: triton.testing.do_bench (warm-up, then repetitions timed with CUDA events). It
+clears the L2 cache before every repetition (it zeroes a 256 MB buffer between runs:
+`di.clear_cache(cache)` inside do_bench), so memory-bound ops are timed from DRAM, not
+from a warm L2. Without triton, CUDA events with an explicit L2 flush do the same.
+CPU: time.perf_counter over a few repetitions (a smoke test, not a performance result).
+"""
+from __future__ import annotations
+
+import statistics
+import time
+from typing import Callable, Optional, Sequence
+
+import torch
+
+
+def _cuda_events(fn: Callable, warmup_ms: float, rep_ms: float, grad_to_none) -> list[float]:
+    flush = torch.empty(256 * 1024 * 1024 // 4, dtype=torch.int32, device="cuda")
+    fn()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(5):
+        fn()
+    end.record()
+    torch.cuda.synchronize()
+    estimate = max(start.elapsed_time(end) / 5, 1e-3)
+    n_warm, n_rep = max(1, int(warmup_ms / estimate)), max(3, int(rep_ms / estimate))
+    for _ in range(n_warm):
+        fn()
+    times = []
+    for _ in range(n_rep):
+        if grad_to_none:
+            for t in grad_to_none:
+                t.grad = None
+        flush.zero_()
+        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        s.record()
+        fn()
+        e.record()
+        torch.cuda.synchronize()
+        times.append(s.elapsed_time(e))
+    return times
+
+
+def bench(fn: Callable, device: str, *, quick: bool = False,
+          grad_to_none: Optional[Sequence[torch.Tensor]] = None) -> dict:
+    """{'median_ms', 'min_ms', 'max_ms', 'reps'} of fn() on `device`."""
+    if device == "cuda":
+        warmup, rep = (10, 40) if quick else (25, 100)
+        try:
+            import triton.testing
+
+            med, lo, hi = triton.testing.do_bench(fn, warmup=warmup, rep=rep, grad_to_none=grad_to_none,
+                                                  quantiles=[0.5, 0.0, 1.0])
+            return {"median_ms": med, "min_ms": lo, "max_ms": hi, "reps": None, "timer": "triton.do_bench"}
+        except ImportError:
+            times = _cuda_events(fn, warmup, rep, grad_to_none)
+            return {"median_ms": statistics.median(times), "min_ms": min(times), "max_ms": max(times),
+                    "reps": len(times), "timer": "cuda-events"}
+    fn()  # warm-up
+    reps = 2 if quick else 5
+    times = []
+    for _ in range(reps):
+        if grad_to_none:
+            for t in grad_to_none:
+                t.grad = None
+        start = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - start) * 1e3)
+    return {"median_ms": statistics.median(times), "min_ms": min(times), "max_ms": max(times),
+            "reps": reps, "timer": "perf_counter"}
+
+
+def once_ms(fn: Callable, device: str) -> float:
+    """Wall time of one call (e.g. building a block mask), synchronized."""
+    if device == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    fn()
+    if device == "cuda":
+        torch.cuda.synchronize()
+    return (time.perf_counter() - start) * 1e3

@@ -1,0 +1,110 @@
+"""The benchmark suite: the main command runs end to end, the FLOP formulas, the peers' math."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from benchmarks import flops
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_attention_flops_hand_computed():
+    # pack of two videos, 3 and 5 tokens, 2 heads of dim 4: 4 * (3*3 + 5*5) * 2 * 4 = 1088
+    assert flops.attention_flops([3, 5], [3, 5], heads=2, head_dim=4) == 1088
+    # cross attention: 3 queries x 7 keys + 5 x 1
+    assert flops.attention_flops([3, 5], [7, 1], heads=1, head_dim=8) == 4 * (21 + 5) * 8
+    assert flops.attention_flops([3, 5], [3, 5], 2, 4, "bwd") == 2.5 * 1088
+    assert flops.attention_flops([3, 5], [3, 5], 2, 4, "fwd+bwd") == 3.5 * 1088
+    # wan2.1-480p: one video of 21*30*52 tokens, 12 heads x 128
+    assert flops.attention_flops([32760], [32760], 12, 128) == 4 * 32760 ** 2 * 12 * 128
+    with pytest.raises(ValueError):
+        flops.attention_flops([1], [1], 1, 1, "causal")
+
+
+def test_other_formulas():
+    assert flops.patch_embed_flops(10, 64, 3072) == 2 * 10 * 64 * 3072
+    assert flops.patchify_bytes(10, 64, 2) == 2 * 10 * 64 * 2
+    assert flops.rope_bytes(10, 4, 2, 8, 2, position_bytes=0) == 2 * 10 * 6 * 8 * 2
+
+
+def test_peers_compute_the_same_thing():
+    """The peer implementations benchmarked against vdit compute the same results (CPU, float32)."""
+    import torch.nn.functional as F
+
+    import vdit_kernels as vk
+    from benchmarks import bench_attention, bench_patch
+    from benchmarks.workloads import WORKLOADS
+
+    wl = WORKLOADS["cpu-tiny"]
+    x = bench_patch._Inputs(wl, "cpu")
+    ref_tokens = vk.patchify(x.videos, x.pack, backend="reference")
+    torch.testing.assert_close(bench_patch._patchify_torch(x.videos, wl.patch), ref_tokens)
+    for a, b in zip(bench_patch._unpatchify_torch(x.tokens, wl.shapes, wl.patch, wl.channels),
+                    vk.unpatchify(x.tokens, x.pack, wl.channels, backend="reference")):
+        torch.testing.assert_close(a, b)
+    ref_embed = vk.patch_embed(x.videos, x.pack, x.weight, x.bias, backend="reference")
+    torch.testing.assert_close(bench_patch._conv3d(x.videos, x.weight, x.bias, wl.patch), ref_embed,
+                               atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(bench_patch._permute_linear(x.videos, x.weight.reshape(wl.hidden, -1), x.bias,
+                                                           wl.patch), ref_embed, atol=1e-4, rtol=1e-4)
+    a = bench_attention._Inputs(wl, "cpu", False)
+    lens = wl.seqlens
+    ref_out = vk.varlen_attention(a.q, a.k, a.v, a.cu, a.cu, a.max, a.max, backend="reference")
+    q, k, v = (bench_attention._padded(t, lens, max(lens)) for t in (a.q, a.k, a.v))
+    valid = torch.arange(max(lens))[None, :] < torch.tensor(lens)[:, None]
+    padded = F.scaled_dot_product_attention(q, k, v, attn_mask=valid[:, None, None, :]).transpose(1, 2)
+    torch.testing.assert_close(padded[valid], ref_out, atol=1e-5, rtol=1e-5)
+
+
+def test_main_command_quick(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    cmd = [sys.executable, "-m", "benchmarks.run", "--quick", "--no-static", "--out", str(tmp_path),
+           "--op", "patch", "--op", "rope", "--op", "attention"]
+    if torch.cuda.is_available():  # keep it short on a GPU too: one small video, vdit providers
+        cmd += ["--workload", "sweep-1", "--provider", "vdit-"]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    if not torch.cuda.is_available():
+        assert "NOT A PERFORMANCE RESULT" in proc.stdout
+    assert "skipped:" in proc.stdout  # peers that cannot run say why
+    data = json.loads((tmp_path / "results.json").read_text())
+    assert (tmp_path / "summary.md").exists()
+    env_info = data["environment"]
+    for key in ("gpu", "torch", "triton", "git_commit", "date", "limits"):
+        assert key in env_info
+    assert env_info["limits"]["bandwidth_gbs"] > 0 and env_info["limits"]["compute_tflops"] > 0
+    rows = data["rows"]
+    assert {r["op"] for r in rows} >= {"patch", "rope", "attention"}
+    assert {r["mode"] for r in rows if r["op"] == "attention"} >= {"fwd", "bwd", "fwd+bwd"}
+    for r in rows:
+        assert "error" not in r, r
+        assert r["provider"] and r["median_ms"] > 0
+        assert ("tflops" in r) or ("gbs" in r), r
+        assert r["pct_of_limit"] > 0
+    attn = next(r for r in rows if r["op"] == "attention" and r["mode"] == "fwd")
+    assert attn["flops"] == flops.attention_flops(_seqlens(attn), _seqlens(attn), attn["heads"], attn["head_dim"])
+
+
+def _seqlens(row):
+    return [t * h * w // 4 for t, h, w in row["shapes"]]  # patch (1, 2, 2)
+
+
+def test_cases_build_their_own_workload():
+    """Each case's build() uses its own workload, not the last one of the loop."""
+    from benchmarks import bench_attention, bench_patch, bench_rope
+    from benchmarks.workloads import WORKLOADS, Workload
+
+    small = Workload("tiny-2", "test", ((1, 4, 4), (2, 4, 6)), 4, (1, 2, 2), 48, 2, 24)
+    wls = [WORKLOADS["cpu-tiny"], small]
+    for suite in (bench_patch, bench_rope, bench_attention):
+        cases, _ = suite.cases("cpu", True, wls, ["vdit-reference"])
+        for case in cases:
+            if case.name in ("patchify", "patch_embed", "rope_3d", "varlen_attention") and case.mode == "fwd":
+                out = case.build().fn()
+                out = out[0] if isinstance(out, tuple) else out
+                assert out.shape[0] == case.workload.num_tokens, (case.provider, case.name, case.workload.name)
