@@ -23,6 +23,34 @@
 #
 # The host side builds ONE int64 table from Python ints (shapes, strides, data_ptr())
 # with torch.tensor(..., device=...): a host->device copy, never a device->host sync.
+#
+# Fused GEMMs (patch embedding, the DiT output layer, and their backwards) reuse the same
+# table and the same per-block video lookup (_find_video / _token_offsets /
+# _feature_offsets), with the token block as the GEMM's M tile (BLOCK_M tokens of one
+# video), so the patchified matrix A (N, F) is never materialized:
+#   _gather_gemm_kernel:  out[N, NOUT] = A @ Bmat[F, NOUT] (+ bias). The A tile
+#     (BLOCK_M x BLOCK_K) is loaded straight from the video (the patchify address
+#     math), Bmat is dense. patch_embed: Bmat = W.flatten(1).T (NOUT = hidden);
+#     linear_unpatchify's grad_x: A = patchify(grad videos), Bmat = W (F, hidden).
+#   _scatter_gemm_kernel: videos <- unpatchify(X[N, HID] @ Bmat[HID, F] (+ bias)): dense
+#     loop over HID, the epilogue stores each token's F outputs into its (fresh,
+#     contiguous) video (the unpatchify address math). linear_unpatchify: X = x,
+#     Bmat = W.T; patch_embed's grad videos: X = grad, Bmat = W.flatten(1).
+#   _wgrad_kernel: a weight gradient, a reduction over all tokens of the pack:
+#     grad^T @ A (patch_embed, (hidden, F)) or A^T @ x (linear_unpatchify, (F, hidden),
+#     A = patchify(grad videos)); each program owns a BLOCK_P x BLOCK_Q output tile and
+#     loops over a range of token blocks (binary search per block), gathering its A tile
+#     transposed or not; grid axis 2 splits the token blocks (~2 programs per SM on a GPU)
+#     into fp32 partials that PyTorch sums. Bias gradients are PyTorch float32 sums.
+# Grid (token blocks, cdiv(NOUT or F, BLOCK_N)) for the two token GEMMs. tl.dot with float32
+# accumulation (input_precision="ieee" for float32 inputs: no tf32 rounding), output in
+# the input dtype; hidden / F not multiples of the blocks are masked. GPU tiles
+# (_GEMM_GPU, _SCATTER_GPU, _WGRAD_GPU) are the largest that compile to wgmma with no
+# spills on sm_90a (benchmarks/static_report.py; 128x128x64 spilled); the interpreter
+# (CPU tensors) uses 16/32 blocks. Limitation: the weight-gradient grid is small for
+# small hidden sizes and the gathered K loop recomputes the feature decomposition per
+# step (F = 64 is 2 steps); no autotuning yet. float64 (gradcheck) has no tl.dot here:
+# it runs the Triton patchify/unpatchify copies around PyTorch float64 GEMMs.
 from __future__ import annotations
 
 import math
@@ -36,11 +64,8 @@ _META = 9  # int64 fields per video: ptr, strides c/t/h/w, first token, grid h/w
 
 
 @triton.jit
-def _block_offsets(cu_blocks_ptr, meta_ptr, pid_t, pid_f, B,
-                   PT: tl.constexpr, PH: tl.constexpr, PW: tl.constexpr,
-                   LOG_B: tl.constexpr, META: tl.constexpr,
-                   BLOCK_T: tl.constexpr, BLOCK_F: tl.constexpr):
-    """This program's video row, packed token indices, valid-token count and element offsets."""
+def _find_video(cu_blocks_ptr, meta_ptr, pid_t, B, LOG_B: tl.constexpr, META: tl.constexpr):
+    """Token block pid_t -> (its video's table row pointer, the block's index inside the video)."""
     # scalar binary search: the largest vid with cu_blocks[vid] <= pid_t (< cu_blocks[B])
     lo = pid_t * 0
     hi = lo + B
@@ -50,7 +75,13 @@ def _block_offsets(cu_blocks_ptr, meta_ptr, pid_t, pid_f, B,
         lo = tl.where(go, mid, lo)
         hi = tl.where(go, hi, mid)
     row = meta_ptr + lo.to(tl.int64) * META
-    s_c = tl.load(row + 1)
+    return row, pid_t - tl.load(cu_blocks_ptr + lo)
+
+
+@triton.jit
+def _token_offsets(row, local_block, PT: tl.constexpr, PH: tl.constexpr, PW: tl.constexpr,
+                   BLOCK_T: tl.constexpr):
+    """Packed token indices, valid mask and element offset of each token's first element."""
     s_t = tl.load(row + 2)
     s_h = tl.load(row + 3)
     s_w = tl.load(row + 4)
@@ -58,21 +89,39 @@ def _block_offsets(cu_blocks_ptr, meta_ptr, pid_t, pid_f, B,
     g_h = tl.load(row + 6)
     g_w = tl.load(row + 7)
     g_t = tl.load(row + 8)
-    local = (pid_t - tl.load(cu_blocks_ptr + lo)).to(tl.int64) * BLOCK_T \
-        + tl.arange(0, BLOCK_T).to(tl.int64)
+    local = local_block.to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T).to(tl.int64)
     valid = local < g_t * g_h * g_w
     gw = local % g_w
     gh = (local // g_w) % g_h
     gt = local // (g_w * g_h)
-    tok_off = gt * (PT * s_t) + gh * (PH * s_h) + gw * (PW * s_w)
-    # feature f = ((c * PT + it) * PH + ih) * PW + iw
-    offs_f = pid_f.to(tl.int64) * BLOCK_F + tl.arange(0, BLOCK_F).to(tl.int64)
+    return tok_start + local, valid, gt * (PT * s_t) + gh * (PH * s_h) + gw * (PW * s_w)
+
+
+@triton.jit
+def _feature_offsets(row, offs_f, PT: tl.constexpr, PH: tl.constexpr, PW: tl.constexpr):
+    """Element offset of feature f = ((c * PT + it) * PH + ih) * PW + iw inside a patch."""
+    s_c = tl.load(row + 1)
+    s_t = tl.load(row + 2)
+    s_h = tl.load(row + 3)
+    s_w = tl.load(row + 4)
     iw = offs_f % PW
     ih = (offs_f // PW) % PH
     it = (offs_f // (PW * PH)) % PT
     c = offs_f // (PW * PH * PT)
-    feat_off = c * s_c + it * s_t + ih * s_h + iw * s_w
-    return row, tok_start + local, valid, offs_f, tok_off[:, None] + feat_off[None, :]
+    return c * s_c + it * s_t + ih * s_h + iw * s_w
+
+
+@triton.jit
+def _block_offsets(cu_blocks_ptr, meta_ptr, pid_t, pid_f, B,
+                   PT: tl.constexpr, PH: tl.constexpr, PW: tl.constexpr,
+                   LOG_B: tl.constexpr, META: tl.constexpr,
+                   BLOCK_T: tl.constexpr, BLOCK_F: tl.constexpr):
+    """This program's video row, packed token indices, valid-token count and element offsets."""
+    row, local_block = _find_video(cu_blocks_ptr, meta_ptr, pid_t, B, LOG_B, META)
+    tok, valid, tok_off = _token_offsets(row, local_block, PT, PH, PW, BLOCK_T)
+    offs_f = pid_f.to(tl.int64) * BLOCK_F + tl.arange(0, BLOCK_F).to(tl.int64)
+    feat_off = _feature_offsets(row, offs_f, PT, PH, PW)
+    return row, tok, valid, offs_f, tok_off[:, None] + feat_off[None, :]
 
 
 @triton.jit
@@ -157,6 +206,275 @@ def unpatchify(tokens, shapes, patch_size, channels):
     return outs
 
 
+# -- fused GEMMs: patch embedding and the output layer --------------------------------
+
+@triton.jit
+def _dot(a, b, acc, IEEE: tl.constexpr):
+    if IEEE:  # float32 inputs: exact fp32 products, not tf32
+        return tl.dot(a, b, acc, input_precision="ieee")
+    return tl.dot(a, b, acc)
+
+
+@triton.jit
+def _gather_gemm_kernel(out_ptr, b_ptr, bias_ptr, cu_blocks_ptr, meta_ptr,
+                        stride_om, stride_on, stride_bk, stride_bn,
+                        NOUT, F, B,
+                        HAS_BIAS: tl.constexpr, IEEE: tl.constexpr,
+                        PT: tl.constexpr, PH: tl.constexpr, PW: tl.constexpr,
+                        LOG_B: tl.constexpr, META: tl.constexpr,
+                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """out[N, NOUT] = patchify(videos)[N, F] @ b[F, NOUT] (+ bias), A gathered from the videos."""
+    row, local_block = _find_video(cu_blocks_ptr, meta_ptr, tl.program_id(0), B, LOG_B, META)
+    tok, valid, tok_off = _token_offsets(row, local_block, PT, PH, PW, BLOCK_M)
+    src = tl.load(row).to(tl.pointer_type(out_ptr.dtype.element_ty))
+    offs_n = tl.program_id(1).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N).to(tl.int64)
+    n_ok = offs_n < NOUT
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, F, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K).to(tl.int64)
+        k_ok = offs_k < F
+        feat_off = _feature_offsets(row, offs_k, PT, PH, PW)
+        a = tl.load(src + tok_off[:, None] + feat_off[None, :],
+                    mask=valid[:, None] & k_ok[None, :], other=0.0)
+        b = tl.load(b_ptr + offs_k[:, None] * stride_bk + offs_n[None, :] * stride_bn,
+                    mask=k_ok[:, None] & n_ok[None, :], other=0.0)
+        acc = _dot(a, b, acc, IEEE)
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+    tl.store(out_ptr + tok[:, None] * stride_om + offs_n[None, :] * stride_on,
+             acc.to(out_ptr.dtype.element_ty), mask=valid[:, None] & n_ok[None, :])
+
+
+@triton.jit
+def _scatter_gemm_kernel(x_ptr, b_ptr, bias_ptr, cu_blocks_ptr, meta_ptr,
+                         stride_xm, stride_xk, stride_bk, stride_bn,
+                         HID, F, B,
+                         HAS_BIAS: tl.constexpr, IEEE: tl.constexpr,
+                         PT: tl.constexpr, PH: tl.constexpr, PW: tl.constexpr,
+                         LOG_B: tl.constexpr, META: tl.constexpr,
+                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """videos <- unpatchify(x[N, HID] @ b[HID, F] (+ bias)), scattered from the epilogue."""
+    row, local_block = _find_video(cu_blocks_ptr, meta_ptr, tl.program_id(0), B, LOG_B, META)
+    tok, valid, tok_off = _token_offsets(row, local_block, PT, PH, PW, BLOCK_M)
+    dst = tl.load(row).to(tl.pointer_type(x_ptr.dtype.element_ty))
+    offs_f = tl.program_id(1).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N).to(tl.int64)
+    f_ok = offs_f < F
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    offs_k = tl.arange(0, BLOCK_K)
+    a_ptrs = x_ptr + tok[:, None] * stride_xm + offs_k[None, :] * stride_xk
+    b_ptrs = b_ptr + offs_k[:, None] * stride_bk + offs_f[None, :] * stride_bn
+    for k0 in range(0, HID, BLOCK_K):  # dense operands: pointers advance, the standard GEMM loop
+        k_ok = offs_k < HID - k0
+        a = tl.load(a_ptrs, mask=valid[:, None] & k_ok[None, :], other=0.0)
+        b = tl.load(b_ptrs, mask=k_ok[:, None] & f_ok[None, :], other=0.0)
+        acc = _dot(a, b, acc, IEEE)
+        a_ptrs += BLOCK_K * stride_xk
+        b_ptrs += BLOCK_K * stride_bk
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + offs_f, mask=f_ok, other=0.0).to(tl.float32)[None, :]
+    feat_off = _feature_offsets(row, offs_f, PT, PH, PW)
+    tl.store(dst + tok_off[:, None] + feat_off[None, :], acc.to(x_ptr.dtype.element_ty),
+             mask=valid[:, None] & f_ok[None, :])
+
+
+@triton.jit
+def _wgrad_kernel(out_ptr, dense_ptr, cu_blocks_ptr, meta_ptr,
+                  stride_dn, stride_dh, stride_os, stride_op, stride_oq,
+                  HID, F, B, BLOCKS, BLOCKS_PER_SPLIT,
+                  GATHER_LEFT: tl.constexpr, IEEE: tl.constexpr,
+                  PT: tl.constexpr, PH: tl.constexpr, PW: tl.constexpr,
+                  LOG_B: tl.constexpr, META: tl.constexpr,
+                  BLOCK_T: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_Q: tl.constexpr):
+    """Split s of a weight gradient, a reduction over the pack's tokens (fp32 partials):
+    GATHER_LEFT: out[s, F, HID] = patchify(videos)^T @ dense  (output layer: grad_y^T @ x)
+    else:        out[s, HID, F] = dense^T @ patchify(videos)  (patch embed: grad^T @ A)."""
+    offs_p = tl.program_id(0).to(tl.int64) * BLOCK_P + tl.arange(0, BLOCK_P).to(tl.int64)
+    offs_q = tl.program_id(1).to(tl.int64) * BLOCK_Q + tl.arange(0, BLOCK_Q).to(tl.int64)
+    split = tl.program_id(2)
+    if GATHER_LEFT:
+        p_ok = offs_p < F
+        q_ok = offs_q < HID
+    else:
+        p_ok = offs_p < HID
+        q_ok = offs_q < F
+    acc = tl.zeros((BLOCK_P, BLOCK_Q), dtype=tl.float32)
+    first = split * BLOCKS_PER_SPLIT
+    last = tl.minimum(first + BLOCKS_PER_SPLIT, BLOCKS)
+    for blk in range(first, last):
+        row, local_block = _find_video(cu_blocks_ptr, meta_ptr, blk, B, LOG_B, META)
+        tok, valid, tok_off = _token_offsets(row, local_block, PT, PH, PW, BLOCK_T)
+        src = tl.load(row).to(tl.pointer_type(dense_ptr.dtype.element_ty))
+        if GATHER_LEFT:
+            feat_off = _feature_offsets(row, offs_p, PT, PH, PW)
+            lt = tl.load(src + feat_off[:, None] + tok_off[None, :],
+                         mask=p_ok[:, None] & valid[None, :], other=0.0)
+            rt = tl.load(dense_ptr + tok[:, None] * stride_dn + offs_q[None, :] * stride_dh,
+                         mask=valid[:, None] & q_ok[None, :], other=0.0)
+        else:
+            feat_off = _feature_offsets(row, offs_q, PT, PH, PW)
+            lt = tl.load(dense_ptr + offs_p[:, None] * stride_dh + tok[None, :] * stride_dn,
+                         mask=p_ok[:, None] & valid[None, :], other=0.0)
+            rt = tl.load(src + tok_off[:, None] + feat_off[None, :],
+                         mask=valid[:, None] & q_ok[None, :], other=0.0)
+        acc = _dot(lt, rt, acc, IEEE)
+    tl.store(out_ptr + split * stride_os + offs_p[:, None] * stride_op + offs_q[None, :] * stride_oq,
+             acc, mask=p_ok[:, None] & q_ok[None, :])
+
+
+# (BLOCK_M, BLOCK_N, BLOCK_K, num_warps) for the two token GEMMs and (BLOCK_T, BLOCK_P,
+# BLOCK_Q, num_warps) for the weight gradient: on a GPU; the interpreter gets small blocks
+_GEMM_GPU = (128, 128, 32, 8)
+_SCATTER_GPU = (64, 64, 64, 8)
+_WGRAD_GPU = (32, 128, 64, 8)
+_SMALL = (16, 32, 32, 4)
+
+
+def _interp(t: torch.Tensor) -> bool:
+    return t.device.type != "cuda"
+
+
+def _log_b(b: int) -> int:
+    return max(0, math.ceil(math.log2(b)))
+
+
+def _gather_gemm(videos, b_mat, bias, patch_size):
+    """(N, NOUT) = patchify(videos) @ b_mat (F, NOUT) (+ bias), one launch, A never stored."""
+    pt, ph, pw = patch_size
+    v0 = videos[0]
+    f, nout = b_mat.shape
+    n = sum((v.shape[1] // pt) * (v.shape[2] // ph) * (v.shape[3] // pw) for v in videos)
+    out = torch.empty(n, nout, dtype=v0.dtype, device=v0.device)
+    if n == 0 or nout == 0:
+        return out
+    if f == 0:
+        return out.copy_(bias.expand(n, nout) if bias is not None else torch.zeros_like(out))
+    bm, bn, bk, warps = _SMALL if _interp(v0) else _GEMM_GPU
+    table, blocks = _tables(videos, patch_size, bm, v0.device)
+    b = len(videos)
+    _gather_gemm_kernel[(blocks, triton.cdiv(nout, bn))](
+        out, b_mat, bias if bias is not None else out, table, table[b + 1:],
+        out.stride(0), out.stride(1), b_mat.stride(0), b_mat.stride(1), nout, f, b,
+        HAS_BIAS=bias is not None, IEEE=v0.dtype == torch.float32,
+        PT=pt, PH=ph, PW=pw, LOG_B=_log_b(b), META=_META,
+        BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps)
+    return out
+
+
+def _scatter_gemm(x, b_mat, bias, shapes, patch_size, channels):
+    """unpatchify(x (N, HID) @ b_mat (HID, F) (+ bias)) into new contiguous videos, one launch."""
+    pt, ph, pw = patch_size
+    hid, f = b_mat.shape
+    outs = [torch.empty(channels, *shapes[i:i + 3], dtype=x.dtype, device=x.device)
+            for i in range(0, len(shapes), 3)]
+    if x.shape[0] == 0 or f == 0:
+        return outs
+    if hid == 0:
+        for o in outs:
+            o.copy_(bias.view(channels, pt, ph, pw).repeat(1, o.shape[1] // pt, o.shape[2] // ph,
+                                                            o.shape[3] // pw)
+                    if bias is not None else torch.zeros_like(o))
+        return outs
+    bm, bn, bk, warps = _SMALL if _interp(x) else _SCATTER_GPU
+    table, blocks = _tables(outs, patch_size, bm, x.device)
+    b = len(outs)
+    _scatter_gemm_kernel[(blocks, triton.cdiv(f, bn))](
+        x, b_mat, bias if bias is not None else x, table, table[b + 1:],
+        x.stride(0), x.stride(1), b_mat.stride(0), b_mat.stride(1), hid, f, b,
+        HAS_BIAS=bias is not None, IEEE=x.dtype == torch.float32,
+        PT=pt, PH=ph, PW=pw, LOG_B=_log_b(b), META=_META,
+        BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps)
+    return outs
+
+
+def _wgrad(videos, dense, patch_size, gather_left):
+    """float32 (F, HID) = patchify(videos)^T @ dense if gather_left else (HID, F) = dense^T @ patchify."""
+    pt, ph, pw = patch_size
+    v0 = videos[0]
+    hid = dense.shape[1]
+    f = v0.shape[0] * pt * ph * pw
+    p, q = (f, hid) if gather_left else (hid, f)
+    if dense.shape[0] == 0 or p == 0 or q == 0:
+        return torch.zeros(p, q, dtype=torch.float32, device=v0.device)
+    bt, bp, bq, warps = _SMALL if _interp(v0) else _WGRAD_GPU
+    table, blocks = _tables(videos, patch_size, bt, v0.device)
+    tiles = triton.cdiv(p, bp) * triton.cdiv(q, bq)
+    # split the token reduction so that a GPU has ~2 programs per SM; partials summed below
+    splits = 1 if _interp(v0) else max(1, min(blocks, 264 // tiles))
+    per_split = triton.cdiv(blocks, splits)
+    splits = triton.cdiv(blocks, per_split)
+    part = torch.empty(splits, p, q, dtype=torch.float32, device=v0.device)
+    b = len(videos)
+    _wgrad_kernel[(triton.cdiv(p, bp), triton.cdiv(q, bq), splits)](
+        part, dense, table, table[b + 1:],
+        dense.stride(0), dense.stride(1), part.stride(0), part.stride(1), part.stride(2),
+        hid, f, b, blocks, per_split,
+        GATHER_LEFT=gather_left, IEEE=v0.dtype == torch.float32,
+        PT=pt, PH=ph, PW=pw, LOG_B=_log_b(b), META=_META,
+        BLOCK_T=bt, BLOCK_P=bp, BLOCK_Q=bq, num_warps=warps)
+    return part[0] if splits == 1 else part.sum(0)
+
+
+def patch_embed(videos, weight, bias):
+    """(N, hidden) = patchify(videos) @ weight.flatten(1).T + bias: one fused GEMM launch."""
+    videos = list(videos)
+    w = weight.reshape(weight.shape[0], -1).contiguous()  # (hidden, F)
+    patch_size = tuple(int(s) for s in weight.shape[2:])
+    if videos[0].dtype == torch.float64:  # no float64 tl.dot: Triton gather + PyTorch GEMM
+        out = patchify(videos, patch_size) @ w.t()
+        return out + bias if bias is not None else out
+    return _gather_gemm(videos, w.t(), bias, patch_size)
+
+
+def patch_embed_backward(grad, videos, weight, with_bias):
+    """grad (N, hidden) -> (grad videos, grad weight, grad bias | None)."""
+    videos = list(videos)
+    patch_size = tuple(int(s) for s in weight.shape[2:])
+    grad = grad.to(videos[0].dtype)
+    w = weight.reshape(weight.shape[0], -1).contiguous()  # (hidden, F)
+    shapes = [int(s) for v in videos for s in v.shape[1:]]
+    if grad.dtype == torch.float64:
+        a = patchify(videos, patch_size)
+        return (unpatchify(grad @ w, shapes, patch_size, videos[0].shape[0]),
+                (grad.t() @ a).reshape(weight.shape), grad.sum(0) if with_bias else None)
+    grad_x = _scatter_gemm(grad, w, None, shapes, patch_size, videos[0].shape[0])
+    grad_w = _wgrad(videos, grad, patch_size, gather_left=False).reshape(weight.shape).to(weight.dtype)
+    grad_b = grad.float().sum(0).to(weight.dtype) if with_bias else None
+    return grad_x, grad_w, grad_b
+
+
+def linear_unpatchify(x, weight, bias, shapes, patch_size, channels):
+    """videos = unpatchify(x @ weight.T + bias), scattered from the GEMM epilogue, one launch."""
+    shapes, patch_size = [int(s) for s in shapes], tuple(int(p) for p in patch_size)
+    if x.dtype == torch.float64:  # no float64 tl.dot: PyTorch GEMM + Triton scatter
+        y = x @ weight.t()
+        return unpatchify(y + bias if bias is not None else y, shapes, patch_size, channels)
+    return _scatter_gemm(x, weight.t(), bias, shapes, patch_size, channels)
+
+
+def _bias_grad(grad_videos, patch_size):
+    """sum over all tokens of grad_y, feature order (c, pt, ph, pw), in float32 (PyTorch reductions)."""
+    pt, ph, pw = patch_size
+    total = 0
+    for g in grad_videos:
+        c, t, h, w = g.shape
+        g = g[:, :t // pt * pt, :h // ph * ph, :w // pw * pw].float()
+        total = total + g.reshape(c, t // pt, pt, h // ph, ph, w // pw, pw).sum((1, 3, 5))
+    return total.reshape(-1)
+
+
+def linear_unpatchify_backward(grad_videos, x, weight, patch_size, with_bias):
+    """grad videos -> (grad x, grad weight, grad bias | None); grad_y is gathered, never stored."""
+    patch_size = tuple(int(p) for p in patch_size)
+    grad_videos = [g.to(x.dtype) for g in grad_videos]
+    if x.dtype == torch.float64:
+        gy = patchify(grad_videos, patch_size)
+        return gy @ weight, gy.t() @ x, gy.sum(0) if with_bias else None
+    grad_x = _gather_gemm(grad_videos, weight, None, patch_size)
+    grad_w = _wgrad(grad_videos, x, patch_size, gather_left=True).to(weight.dtype)
+    grad_b = _bias_grad(grad_videos, patch_size).to(weight.dtype) if with_bias else None
+    return grad_x, grad_w, grad_b
+
+
 def aot_specs() -> list[dict]:
     """Launch configurations for benchmarks/static_report.py (sm_90a, no GPU needed)."""
     specs = []
@@ -177,4 +495,47 @@ def aot_specs() -> list[dict]:
                                "BLOCK_T": block_t, "BLOCK_F": block_f},
                 "num_warps": 4,
             })
+    # the fused GEMMs: bf16, hidden 3072, F = 64 (C=16, patch 1x2x2), GPU tile shapes
+    tab = {"cu_blocks_ptr": "*i64", "meta_ptr": "*i64"}
+    fixed = {"PT": 1, "PH": 2, "PW": 2, "LOG_B": 2, "META": _META}
+    consts = {k: "constexpr" for k in ("HAS_BIAS", "IEEE", "PT", "PH", "PW", "LOG_B", "META")}
+    bm, bn, bk, warps = _GEMM_GPU
+    specs.append({
+        "name": "patch_embed bf16 F=64 hidden=3072", "fn": _gather_gemm_kernel,
+        "signature": {"out_ptr": "*bf16", "b_ptr": "*bf16", "bias_ptr": "*bf16", **tab,
+                      "stride_om": "i64", "stride_on": "i64", "stride_bk": "i64", "stride_bn": "i64",
+                      "NOUT": "i32", "F": "i32", "B": "i32", **consts,
+                      "BLOCK_M": "constexpr", "BLOCK_N": "constexpr", "BLOCK_K": "constexpr"},
+        "constexprs": {"HAS_BIAS": True, "IEEE": False, **fixed,
+                       "BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk},
+        "num_warps": warps, "expect_mma": True,
+    })
+    bm, bn, bk, warps = _SCATTER_GPU
+    specs.append({
+        "name": "linear_unpatchify bf16 hidden=3072 F=64", "fn": _scatter_gemm_kernel,
+        "signature": {"x_ptr": "*bf16", "b_ptr": "*bf16", "bias_ptr": "*bf16", **tab,
+                      "stride_xm": "i64", "stride_xk": "i64", "stride_bk": "i64", "stride_bn": "i64",
+                      "HID": "i32", "F": "i32", "B": "i32", **consts,
+                      "BLOCK_M": "constexpr", "BLOCK_N": "constexpr", "BLOCK_K": "constexpr"},
+        "constexprs": {"HAS_BIAS": True, "IEEE": False, **fixed,
+                       "BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk},
+        "num_warps": warps, "expect_mma": True,
+    })
+    bt, bp, bq, warps = _WGRAD_GPU
+    for left in (False, True):
+        specs.append({
+            "name": f"{'linear_unpatchify' if left else 'patch_embed'} wgrad bf16 hidden=3072",
+            "fn": _wgrad_kernel,
+            "signature": {"out_ptr": "*fp32", "dense_ptr": "*bf16", **tab,
+                          "stride_dn": "i64", "stride_dh": "i64", "stride_os": "i64",
+                          "stride_op": "i64", "stride_oq": "i64",
+                          "HID": "i32", "F": "i32", "B": "i32", "BLOCKS": "i32", "BLOCKS_PER_SPLIT": "i32",
+                          "GATHER_LEFT": "constexpr", "IEEE": "constexpr",
+                          "PT": "constexpr", "PH": "constexpr", "PW": "constexpr",
+                          "LOG_B": "constexpr", "META": "constexpr",
+                          "BLOCK_T": "constexpr", "BLOCK_P": "constexpr", "BLOCK_Q": "constexpr"},
+            "constexprs": {"GATHER_LEFT": left, "IEEE": False, **fixed,
+                           "BLOCK_T": bt, "BLOCK_P": bp, "BLOCK_Q": bq},
+            "num_warps": warps, "expect_mma": True,
+        })
     return specs

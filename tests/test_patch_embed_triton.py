@@ -1,0 +1,228 @@
+"""Triton patch_embed / linear_unpatchify (fused GEMMs) against the reference backend.
+
+Forward and backward (through autograd of the public API). float32 is compared tightly;
+float16 by flash-attention's rule (conftest.assert_matmul_rule): the Triton error
+against a float32 reference must be at most 2x PyTorch's own float16 error. bfloat16
+only on a GPU (conftest.DOT_DTYPES). Runs under the Triton interpreter without a GPU,
+so the spatial sizes stay tiny.
+"""
+import pytest
+import torch
+
+import vdit_kernels as vk
+from conftest import DEVICE, DOT_DTYPES, assert_matmul_rule, assert_verbose_close, random_videos
+
+PACKS = {
+    "mixed": [(2, 4, 6), (1, 2, 2), (4, 2, 4)],
+    "one_frame": [(2, 2, 4), (1, 4, 2)],
+    "grid_1x1": [(2, 2, 2), (2, 4, 6)],
+    "sixteen": [(2, 2, 2) if i % 3 else (2, 2, 4) for i in range(16)],
+}
+
+
+def _pack(shapes, patch_size):
+    pt = patch_size[0]
+    shapes = [(max(pt, t - t % pt), h, w) for t, h, w in shapes]
+    return vk.VideoPack.from_shapes(shapes, patch_size, device=DEVICE)
+
+
+def _rand(*shape, dtype, seed, scale=1.0):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(*shape, generator=g) * scale).to(device=DEVICE, dtype=dtype)
+
+
+def _leaf(t):
+    return t.detach().clone().requires_grad_(True)
+
+
+def _compare(actual, same_dtype, fp32_ref, name):
+    if actual.dtype == torch.float32:
+        assert_verbose_close(actual, fp32_ref.to(actual.dtype), atol=1e-4, rtol=1e-4, name=name)
+    else:
+        assert actual.dtype == same_dtype.dtype
+        assert_matmul_rule(actual, same_dtype, fp32_ref, name=name)
+
+
+def _patchify_torch(videos, pack):
+    """patchify in plain PyTorch (any dtype), for the same-dtype PyTorch baseline."""
+    pt, ph, pw = pack.patch_size
+    rows = []
+    for v in videos:
+        c, t, h, w = v.shape
+        x = v.reshape(c, t // pt, pt, h // ph, ph, w // pw, pw).permute(1, 3, 5, 0, 2, 4, 6)
+        rows.append(x.reshape(-1, c * pt * ph * pw))
+    return torch.cat(rows)
+
+
+def _unpatchify_torch(y, pack, c):
+    pt, ph, pw = pack.patch_size
+    out, start = [], 0
+    for t, h, w in pack.shapes:
+        n = (t // pt) * (h // ph) * (w // pw)
+        x = y[start:start + n].reshape(t // pt, h // ph, w // pw, c, pt, ph, pw)
+        out.append(x.permute(3, 0, 4, 1, 5, 2, 6).reshape(c, t, h, w))
+        start += n
+    return out
+
+
+def _embed_grads(fn, videos, w, b, grad):
+    vids = [_leaf(v) for v in videos]
+    wl = _leaf(w)
+    bl = _leaf(b) if b is not None else None
+    out = fn(vids, wl, bl)
+    leaves = vids + [wl] + ([bl] if bl is not None else [])
+    return out.detach(), torch.autograd.grad(out, leaves, grad)
+
+
+def check_patch_embed(pack, channels, hidden, dtype, bias=True, noncontig=False, seed=0):
+    pt, ph, pw = pack.patch_size
+    videos = random_videos(pack, channels, dtype, seed=seed)
+    if noncontig:  # same values, non-contiguous storage: (T, C, H, W) buffers viewed as (C, T, H, W)
+        videos = [v.transpose(0, 1).contiguous().transpose(0, 1) for v in videos]
+        assert not videos[0].is_contiguous()
+    scale = (channels * pt * ph * pw) ** -0.5
+    w = _rand(hidden, channels, pt, ph, pw, dtype=dtype, seed=seed + 1, scale=scale)
+    b = _rand(hidden, dtype=dtype, seed=seed + 2) if bias else None
+    grad = _rand(pack.num_tokens, hidden, dtype=dtype, seed=seed + 3)
+
+    def api(backend):
+        return lambda v, w_, b_: vk.patch_embed(v, pack, w_, b_, backend=backend)
+
+    out, grads = _embed_grads(api("triton"), videos, w, b, grad)
+    f32 = lambda t: t.float() if t is not None else None  # noqa: E731
+    ref_out, ref_grads = _embed_grads(api("reference"), [v.float() for v in videos], f32(w), f32(b),
+                                      grad.float())
+
+    def torch_same(v, w_, b_):
+        y = _patchify_torch(v, pack) @ w_.flatten(1).t()
+        return y + b_ if b_ is not None else y
+
+    same_out, same_grads = _embed_grads(torch_same, videos, w, b, grad)
+    assert out.dtype == dtype and out.shape == (pack.num_tokens, hidden)
+    _compare(out, same_out, ref_out, "patch_embed")
+    names = [f"grad_video{i}" for i in range(len(videos))] + ["grad_weight", "grad_bias"]
+    assert len(grads) == len(ref_grads)
+    for name, g, s, r in zip(names, grads, same_grads, ref_grads):
+        assert g.dtype == dtype and g.shape == r.shape
+        _compare(g, s, r, name)
+
+
+def check_linear_unpatchify(pack, channels, hidden, dtype, bias=True, noncontig_x=False, seed=0):
+    pt, ph, pw = pack.patch_size
+    f = channels * pt * ph * pw
+    x = _rand(pack.num_tokens, hidden, dtype=dtype, seed=seed)
+    if noncontig_x:
+        x = _rand(hidden, pack.num_tokens, dtype=dtype, seed=seed).t()
+    w = _rand(f, hidden, dtype=dtype, seed=seed + 1, scale=hidden ** -0.5)
+    b = _rand(f, dtype=dtype, seed=seed + 2) if bias else None
+    grads_out = random_videos(pack, channels, dtype, seed=seed + 3)
+
+    def run(fn, x_, w_, b_, gs):
+        xl, wl = _leaf(x_), _leaf(w_)
+        bl = _leaf(b_) if b_ is not None else None
+        outs = fn(xl, wl, bl)
+        leaves = [xl, wl] + ([bl] if bl is not None else [])
+        return [o.detach() for o in outs], torch.autograd.grad(outs, leaves, gs)
+
+    def api(backend):
+        return lambda x_, w_, b_: vk.linear_unpatchify(x_, pack, w_, b_, channels, backend=backend)
+
+    def torch_same(x_, w_, b_):
+        y = x_ @ w_.t()
+        return _unpatchify_torch(y + b_ if b_ is not None else y, pack, channels)
+
+    f32 = lambda t: t.float() if t is not None else None  # noqa: E731
+    outs, grads = run(api("triton"), x, w, b, grads_out)
+    ref_outs, ref_grads = run(api("reference"), x.float(), w.float(), f32(b), [g.float() for g in grads_out])
+    same_outs, same_grads = run(torch_same, x, w, b, grads_out)
+    assert len(outs) == len(pack.shapes)
+    for i, (o, s, r) in enumerate(zip(outs, same_outs, ref_outs)):
+        assert o.dtype == dtype and o.is_contiguous() and o.shape == r.shape
+        _compare(o, s, r, f"video{i}")
+    for name, g, s, r in zip(["grad_x", "grad_weight", "grad_bias"], grads, same_grads, ref_grads):
+        assert g.dtype == dtype and g.shape == r.shape
+        _compare(g, s, r, name)
+
+
+@pytest.mark.parametrize("dtype", DOT_DTYPES)
+@pytest.mark.parametrize("patch_size", [(1, 2, 2), (2, 2, 2)])
+@pytest.mark.parametrize("bias", [True, False])
+def test_patch_embed_dtypes(dtype, patch_size, bias):
+    check_patch_embed(_pack(PACKS["mixed"], patch_size), 4, 40, dtype, bias=bias)
+
+
+@pytest.mark.parametrize("dtype", DOT_DTYPES)
+@pytest.mark.parametrize("patch_size", [(1, 2, 2), (2, 2, 2)])
+@pytest.mark.parametrize("bias", [True, False])
+def test_linear_unpatchify_dtypes(dtype, patch_size, bias):
+    check_linear_unpatchify(_pack(PACKS["mixed"], patch_size), 4, 40, dtype, bias=bias)
+
+
+@pytest.mark.parametrize("name,channels,hidden", [
+    ("one_frame", 16, 24), ("grid_1x1", 16, 72), ("sixteen", 4, 24), ("mixed", 48, 24),
+])
+def test_packs_channels_hidden(name, channels, hidden):
+    shapes = [(1, 2, 2), (2, 2, 4)] if channels == 48 else PACKS[name]  # tiny spatial for C=48
+    pack = _pack(shapes, (1, 2, 2))
+    check_patch_embed(pack, channels, hidden, torch.float32, seed=channels)
+    check_linear_unpatchify(pack, channels, hidden, torch.float32, seed=channels)
+
+
+def test_wide_features_patch_222_c48_fp16():
+    # F = 48 * 8 = 384: several K blocks in the forward GEMM, several F tiles elsewhere
+    pack = _pack([(2, 2, 2), (2, 2, 4)], (2, 2, 2))
+    check_patch_embed(pack, 48, 24, torch.float16)
+    check_linear_unpatchify(pack, 48, 24, torch.float16)
+
+
+def test_non_contiguous_inputs():
+    pack = _pack(PACKS["mixed"], (1, 2, 2))
+    check_patch_embed(pack, 4, 24, torch.float32, noncontig=True)
+    check_patch_embed(pack, 4, 24, torch.float16, noncontig=True, bias=False)
+    check_linear_unpatchify(pack, 4, 24, torch.float32, noncontig_x=True)
+
+
+def test_conv3d_equivalence_batch_input():
+    pack = vk.VideoPack.from_shapes([(2, 4, 6)] * 2, (1, 2, 2), device=DEVICE)
+    conv = torch.nn.Conv3d(4, 24, kernel_size=(1, 2, 2), stride=(1, 2, 2)).to(DEVICE)
+    lat = torch.randn(2, 4, 2, 4, 6, device=DEVICE)
+    out = vk.patch_embed(lat, pack, conv.weight.detach(), conv.bias.detach(), backend="triton")
+    with torch.no_grad():
+        expected = conv(lat).flatten(2).transpose(1, 2).reshape(-1, 24)
+    assert_verbose_close(out, expected, atol=1e-4, rtol=1e-4)
+
+
+def test_backend_reports_all_contract_functions():
+    from vdit_kernels.backend import why_not
+
+    for op in ("patchify", "unpatchify", "patch_embed", "linear_unpatchify"):
+        assert why_not("triton", "patch", DEVICE, op) is None
+
+
+def test_float64_gradcheck():
+    # float64 has no tl.dot path: Triton patchify/unpatchify around PyTorch float64 GEMMs
+    pack = _pack([(2, 4, 2), (1, 2, 2)], (1, 2, 2))
+    videos = [torch.randn(2, *s, dtype=torch.float64, device=DEVICE, requires_grad=True) for s in pack.shapes]
+    w = torch.randn(5, 2, 1, 2, 2, dtype=torch.float64, device=DEVICE, requires_grad=True)
+    b = torch.randn(5, dtype=torch.float64, device=DEVICE, requires_grad=True)
+    assert torch.autograd.gradcheck(
+        lambda w, b, *v: vk.patch_embed(list(v), pack, w, b, backend="triton"), (w, b, *videos))
+    x = torch.randn(pack.num_tokens, 6, dtype=torch.float64, device=DEVICE, requires_grad=True)
+    lw = torch.randn(8, 6, dtype=torch.float64, device=DEVICE, requires_grad=True)
+    lb = torch.randn(8, dtype=torch.float64, device=DEVICE, requires_grad=True)
+    assert torch.autograd.gradcheck(
+        lambda x, w, b: vk.linear_unpatchify(x, pack, w, b, 2, backend="triton"), (x, lw, lb))
+
+
+@pytest.mark.skipif(DEVICE.type == "cuda", reason="interpreter-only: exercises the GPU split path on CPU")
+def test_weight_grad_split_over_token_blocks(monkeypatch):
+    # the GPU code path splits the weight-gradient reduction over token blocks into fp32
+    # partials; force it (with small tiles) under the interpreter
+    import vdit_kernels.triton.patch as tp
+
+    for name in ("_GEMM_GPU", "_SCATTER_GPU", "_WGRAD_GPU"):
+        monkeypatch.setattr(tp, name, tp._SMALL)
+    monkeypatch.setattr(tp, "_interp", lambda t: False)
+    pack = _pack(PACKS["sixteen"], (1, 2, 2))
+    check_patch_embed(pack, 4, 24, torch.float32)
+    check_linear_unpatchify(pack, 4, 24, torch.float32)
