@@ -221,12 +221,15 @@ def _op_samples(pack):
     ]
 
 
-def test_opcheck_every_op(pack):
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_opcheck_every_op(pack, backend):
+    # the backend name is each op's last argument; triton runs under the interpreter on CPU
     for op, args in _op_samples(pack):
-        torch.library.opcheck(op, args)
+        torch.library.opcheck(op, (*args[:-1], backend))
 
 
-def test_compile_fullgraph_whole_stack(pack):
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_compile_fullgraph_whole_stack(pack, backend):
     torch._dynamo.reset()
     videos = [torch.randn(4, *s) for s in pack.shapes]
     w = torch.randn(24, 4, 1, 2, 2, requires_grad=True)
@@ -239,9 +242,19 @@ def test_compile_fullgraph_whole_stack(pack):
         o = vk.varlen_attention(q, k, v, pack.cu_seqlens, pack.cu_seqlens, pack.max_seqlen, pack.max_seqlen)
         return vk.linear_unpatchify(o.reshape(-1, 24), pack, out_w, None, 4)
 
-    eager = step(videos, w, out_w)
-    compiled = torch.compile(step, fullgraph=True)(videos, w, out_w)
+    with vk.use_backend(backend):
+        eager = step(videos, w, out_w)
+        compiled = torch.compile(step, fullgraph=True)(videos, w, out_w)
     for a, e in zip(compiled, eager):
         torch.testing.assert_close(a, e)
     sum(o.sum() for o in compiled).backward()
     assert w.grad is not None and out_w.grad is not None
+
+
+def test_compile_reports_an_unavailable_backend(pack):
+    # the choice is made at trace time; a backend that cannot run fails there, with its reason
+    torch._dynamo.reset()
+    q = torch.randn(pack.num_tokens, 2, 12)
+    step = torch.compile(lambda q: vk.apply_rope_3d(q, q, pack, (4, 4, 4), backend="cuda"), fullgraph=True)
+    with pytest.raises(Exception, match="cannot run rope_3d.*CUDA"):
+        step(q)

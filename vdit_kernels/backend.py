@@ -138,6 +138,13 @@ def resolve(family: str, device: torch.device, backend: Optional[str] = None,
             op: Optional[str] = None) -> str:
     """The concrete backend for one call of op `op` (of `family`) on `device`."""
     name = backend or _requested.get() or os.environ.get("VDIT_BACKEND") or "auto"
+    return _resolve_name(name, family, torch.device(device).type, op)
+
+
+# Under torch.compile the choice is made once, at trace time, and baked into the graph as
+# the op's backend argument: dynamo must not trace the module probing below.
+@torch.compiler.assume_constant_result
+def _resolve_name(name: str, family: str, device: str, op: Optional[str]) -> str:
     _check_name(name)
     if name != "auto":
         reason = why_not(name, family, device, op)

@@ -1,0 +1,177 @@
+"""Triton backend of the attention family against the reference (interpreter on CPU, or a GPU).
+
+Correctness rules:
+  float32: the Triton result vs the float64-free float32 reference, atol/rtol 1e-4
+           (IEEE dots on a GPU, no tf32).
+  float16 / bfloat16: flash-attention's rule, max error vs the float32 reference at most
+           2x the error of "PyTorch in the same dtype". That baseline is plain dense
+           attention written with PyTorch ops on the half-precision tensors, per segment:
+           S = (q k^T) * scale, P = softmax(S), O = P v, every op in float16/bfloat16
+           (softmax accumulates internally in float32 but returns the half dtype, as a user
+           writing attention in that dtype gets), and its grads by autograd through it.
+  lse:     within 1e-3 absolute of the reference (float32 everywhere).
+"""
+import pytest
+import torch
+
+from conftest import DEVICE, DOT_DTYPES, assert_matmul_rule, assert_verbose_close, gpu_only
+
+import vdit_kernels as vk
+from vdit_kernels import reference as ref
+
+
+def _cu(lengths):
+    cu = [0]
+    for n in lengths:
+        cu.append(cu[-1] + n)
+    return torch.tensor(cu, dtype=torch.int32, device=DEVICE)
+
+
+def _inputs(nq, nk, h, hk, d, dtype, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(nq, h, d, generator=g)
+    k = torch.randn(nk, hk, d, generator=g)
+    v = torch.randn(nk, hk, d, generator=g)
+    do = torch.randn(nq, h, d, generator=g)
+    return [t.to(device=DEVICE, dtype=dtype) for t in (q, k, v, do)]
+
+
+def _same_dtype_torch(q, k, v, cu_q, cu_k, scale, rope=None):
+    """Dense attention in q's dtype with plain PyTorch ops, per segment (the baseline)."""
+    if rope is not None:
+        q, k = ref.apply_rope_3d(q, k, None, rope.dims, rope.theta, rope.interleaved,
+                                 positions=rope.positions)
+    groups = q.shape[1] // k.shape[1]
+    outs = []
+    cq, ck = cu_q.tolist(), cu_k.tolist()
+    for i in range(len(cq) - 1):
+        qi = q[cq[i]:cq[i + 1]].transpose(0, 1)
+        ki = k[ck[i]:ck[i + 1]].transpose(0, 1).repeat_interleave(groups, 0)
+        vi = v[ck[i]:ck[i + 1]].transpose(0, 1).repeat_interleave(groups, 0)
+        if ki.shape[1] == 0:
+            outs.append(torch.zeros_like(qi).transpose(0, 1) * qi.sum())  # keeps the graph
+            continue
+        p = torch.softmax((qi @ ki.transpose(1, 2)) * scale, dim=-1)
+        outs.append((p @ vi).transpose(0, 1))
+    return torch.cat(outs, 0)
+
+
+def _run(fn, q, k, v, do):
+    q, k, v = (t.detach().clone().requires_grad_(True) for t in (q, k, v))
+    out = fn(q, k, v)
+    lse = None
+    if isinstance(out, tuple):
+        out, lse = out
+    dq, dk, dv = torch.autograd.grad(out, (q, k, v), do)
+    return out.detach(), lse, dq, dk, dv
+
+
+def _check(lens_q, lens_k, h, hk, d, dtype, max_q=None, max_k=None, rope_dims=None,
+           interleaved=True, grads=True, seed=0):
+    cu_q, cu_k = _cu(lens_q), _cu(lens_k)
+    max_q = max(lens_q) if max_q is None else max_q
+    max_k = max(lens_k) if max_k is None else max_k
+    q, k, v, do = _inputs(sum(lens_q), sum(lens_k), h, hk, d, dtype, seed)
+    scale = d ** -0.5
+    rope = None
+    if rope_dims is not None:
+        g = torch.Generator().manual_seed(seed + 7)
+        pos = torch.randint(0, 9, (sum(lens_q), 3), generator=g).float().to(DEVICE)
+        rope = vk.Rope3D(pos, tuple(rope_dims), 500.0, interleaved)
+
+    def api(backend, cast=None):
+        def fn(q, k, v):
+            if cast is not None:
+                q, k, v = q.to(cast), k.to(cast), v.to(cast)
+            return vk.varlen_attention(q, k, v, cu_q, cu_k, max_q, max_k, return_lse=True,
+                                       rope=rope, backend=backend)
+        return fn
+
+    tri = _run(api("triton"), q, k, v, do)
+    exp = _run(api("reference", torch.float32), q, k, v, do)  # float32 reference
+    names = ("out", "lse", "dq", "dk", "dv")
+    assert tri[0].dtype == dtype and tri[1].dtype == torch.float32
+    assert tri[1].shape == (h, sum(lens_q))
+    assert_verbose_close(tri[1], exp[1], atol=1e-3, rtol=0, name="lse")
+    if dtype == torch.float32:
+        for name, a, e in zip(names, tri, exp):
+            if name != "lse" and (grads or name == "out"):
+                assert_verbose_close(a, e, atol=1e-4, rtol=1e-4, name=name)
+    else:
+        base = _run(lambda q, k, v: _same_dtype_torch(q, k, v, cu_q, cu_k, scale, rope),
+                    q, k, v, do)
+        for name, a, b, e in zip(names, tri, base, exp):
+            if name != "lse" and (grads or name == "out"):
+                assert torch.isfinite(a).all(), name
+                assert_matmul_rule(a, b, e, name=name)
+    return tri
+
+
+# -- forward + backward against the reference --------------------------------------------
+
+@pytest.mark.parametrize("dtype", DOT_DTYPES, ids=str)
+def test_mixed_lengths_gqa(dtype):
+    # lengths 0, 1, 17, 97 in one pack; GQA 4 query heads on 2 kv heads; max_seqlen > any
+    _check([17, 0, 1, 97], [17, 0, 1, 97], 4, 2, 64, dtype, max_q=120, max_k=130)
+
+
+@pytest.mark.parametrize("dtype", DOT_DTYPES, ids=str)
+def test_cross_attention_empty_keys(dtype):
+    # segment 1 has no keys: out 0, lse -inf, zero grads; segment 3 has no queries
+    tri = _check([5, 9, 20, 0], [3, 0, 33, 4], 4, 1, 72, dtype)
+    out, lse, dq = tri[0], tri[1], tri[2]
+    assert torch.all(out[5:14] == 0) and torch.all(lse[:, 5:14] == float("-inf"))
+    assert torch.all(dq[5:14] == 0)
+
+
+@pytest.mark.parametrize("dtype", DOT_DTYPES, ids=str)
+def test_many_tiny_segments(dtype):
+    g = torch.Generator().manual_seed(3)
+    lens = torch.randint(0, 6, (32,), generator=g).tolist()
+    _check(lens, lens, 2, 2, 80, dtype, max_q=8, max_k=8)
+
+
+def test_single_segment_one_block():
+    _check([16], [16], 1, 1, 64, torch.float32)
+
+
+@pytest.mark.parametrize("dtype", DOT_DTYPES, ids=str)
+@pytest.mark.parametrize("interleaved", [True, False], ids=["interleaved", "half"])
+def test_fused_rope(interleaved, dtype):
+    _check([19, 0, 6], [19, 0, 6], 2, 1, 64, dtype, rope_dims=(16, 24, 24),
+           interleaved=interleaved)
+
+
+def test_fused_rope_head_dim_72():
+    _check([11, 7], [11, 7], 2, 2, 72, torch.float32, rope_dims=(24, 24, 24), interleaved=False)
+
+
+def test_noncontiguous_inputs():
+    lens = [9, 14]
+    cu = _cu(lens)
+    g = torch.Generator().manual_seed(5)
+    qkv = torch.randn(sum(lens), 3, 2, 64, generator=g).to(DEVICE)  # (N, 3, H, D) packed
+    q, k, v = qkv[:, 0], qkv[:, 1], qkv[:, 2]
+    assert not q.is_contiguous()
+    out = vk.varlen_attention(q, k, v, cu, cu, 14, 14, backend="triton")
+    exp = vk.varlen_attention(q, k, v, cu, cu, 14, 14, backend="reference")
+    assert_verbose_close(out, exp, atol=1e-4, rtol=1e-4, name="out")
+
+
+def test_deterministic_bitwise():
+    lens = [21, 3, 40]
+    cu = _cu(lens)
+    q, k, v, do = _inputs(sum(lens), sum(lens), 4, 1, 64, torch.float16, seed=2)
+    runs = []
+    for _ in range(2):
+        qq, kk, vv = (t.clone().requires_grad_(True) for t in (q, k, v))
+        out = vk.varlen_attention(qq, kk, vv, cu, cu, 40, 40, deterministic=True, backend="triton")
+        runs.append(torch.autograd.grad(out, (qq, kk, vv), do))
+    for a, b in zip(*runs):
+        assert torch.equal(a, b)
+
+
+@gpu_only
+@pytest.mark.parametrize("dtype", DOT_DTYPES, ids=str)
+def test_long_segment_gpu(dtype):
+    _check([1025, 300], [1025, 300], 4, 2, 128, dtype, max_q=1100, max_k=1100)
