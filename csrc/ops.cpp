@@ -36,6 +36,13 @@ std::string build_info() {
 TORCH_LIBRARY(vdit_C, m) {
   m.def("has_cuda() -> bool", &vdit::has_cuda);
   m.def("build_info() -> str", &vdit::build_info);
+  // memory-bound ops; CUDA kernels in csrc/patch.cu and csrc/rope.cu (CUDA builds only)
+  m.def("patchify(Tensor[] videos, int[] patch_size) -> Tensor");
+  m.def("unpatchify(Tensor tokens, int[] shapes, int[] patch_size, int channels) -> Tensor[]");
+  m.def("rope_3d(Tensor q, Tensor k, Tensor positions, int[] dims, float theta, bool interleaved, "
+        "bool inverse) -> (Tensor, Tensor)");
+  m.def("rope_3d_(Tensor(a!) q, Tensor(b!) k, Tensor positions, int[] dims, float theta, "
+        "bool interleaved, bool inverse) -> ()");
 }
 
 // Importing vdit_kernels._C runs the static registrations above; the module itself is empty.
