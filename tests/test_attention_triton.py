@@ -175,3 +175,115 @@ def test_deterministic_bitwise():
 @pytest.mark.parametrize("dtype", DOT_DTYPES, ids=str)
 def test_long_segment_gpu(dtype):
     _check([1025, 300], [1025, 300], 4, 2, 128, dtype, max_q=1100, max_k=1100)
+
+
+# -- launch configuration (pure Python: no GPU needed) -----------------------------------
+
+@pytest.mark.parametrize("d,rope", [(48, False), (64, False), (64, True), (72, False), (96, True),
+                                    (128, False), (128, True), (256, False)])
+def test_autotune_candidates_are_the_class_tiles_and_statically_checked(d, rope):
+    from vdit_kernels.triton import attention as A
+
+    cuda = torch.device("cuda")
+    fused = rope and A._fuses_rope(d)
+    call = dict(D=d, HAS_ROPE=fused)
+    fwd = A._prune("fwd")(A._configs("fwd"), {}, **call)
+    assert sorted((c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) for c in fwd) \
+        == sorted(A._fwd_tiles(d, torch.bfloat16, cuda, fused))
+    for tag, own, loop in (("dkdv", "BLOCK_N", "BLOCK_M"), ("dq", "BLOCK_M", "BLOCK_N")):
+        bwd = A._prune(tag)(A._configs(tag), {}, **call)
+        assert sorted((c.kwargs[own], c.kwargs[loop], c.num_warps, c.num_stages) for c in bwd) \
+            == sorted(A._bwd_tiles(d, torch.bfloat16, cuda))
+    # every tile a GPU may run is compiled (and checked for spills) by the static report
+    static = {(s["fn"].__name__, s["constexprs"]["BLOCK_M"], s["constexprs"]["BLOCK_N"], s["num_warps"],
+               s["num_stages"], s["constexprs"]["BLOCK_D"], s["constexprs"]["HAS_ROPE"])
+              for s in A.aot_specs() if "BLOCK_N" in s["constexprs"]}
+    bd = A._block_d(d)
+    for bm, bn, w, st in A._fwd_tiles(d, torch.bfloat16, cuda, fused):
+        assert ("_attn_fwd_kernel", bm, bn, w, st, bd, fused) in static
+    for own, loop, w, st in A._bwd_tiles(d, torch.bfloat16, cuda):
+        assert ("_attn_bwd_dkdv_kernel", loop, own, w, st, bd, False) in static
+        assert ("_attn_bwd_dq_kernel", own, loop, w, st, bd, False) in static
+
+
+def test_head_dim_limit():
+    cu = _cu([4])
+    q = torch.randn(4, 1, 264, device=DEVICE)
+    with pytest.raises(ValueError, match="head_dim <= 256"):
+        vk.varlen_attention(q, q, q, cu, cu, 4, 4, backend="triton")
+
+
+@gpu_only
+@pytest.mark.parametrize("d", [64, 80, 96, 128, 256])
+def test_head_dims_gpu(d):
+    _check([300, 5, 129], [300, 5, 129], 4, 2, d, torch.bfloat16)
+
+
+@pytest.mark.skipif(DEVICE.type != "cpu", reason="drives the autotuner with a fake timer under the interpreter")
+def test_autotuned_path_under_the_interpreter(monkeypatch):
+    # Runs the GPU launch path (autotuner, class pruning, grids from the tuned tiles) on
+    # CPU: the interpreter executes every candidate; a fake timer ranks the last one best.
+    from vdit_kernels.triton import attention as A
+
+    monkeypatch.setattr(A, "_half_on_gpu", lambda dtype, device: dtype == torch.float16)
+    ran = []
+    for tuned in (A._fwd_tuned, A._dkdv_tuned, A._dq_tuned):
+        def fake_bench(kernel_call, quantiles, ran=ran):
+            kernel_call()
+            ran.append(1)
+            return [1.0 / len(ran)] * 3
+        monkeypatch.setitem(tuned.__dict__, "do_bench", fake_bench)
+        monkeypatch.setattr(tuned, "cache", {})
+    _check([70, 3, 130], [70, 3, 130], 2, 1, 64, torch.float16, seed=4)
+    # d64: three forward candidates, two for each backward kernel (timed, then run again)
+    assert len(ran) == 3 + 2 + 2
+    picked = A._fwd_tuned.cache[next(iter(A._fwd_tuned.cache))]
+    assert (picked.kwargs["BLOCK_M"], picked.kwargs["BLOCK_N"]) == (64, 64)
+
+
+def _rows_reference(q, k, v, rows, scale):
+    """float32 attention of the query rows `rows` of one segment over all its keys
+    (GQA-expanded): a few rows of a very long segment, without the full score matrix."""
+    groups = q.shape[1] // k.shape[1]
+    qs = q[rows].float().transpose(0, 1)                                   # (H, r, D)
+    ks = k.float().repeat_interleave(groups, 1).transpose(0, 1)            # (H, N, D)
+    vs = v.float().repeat_interleave(groups, 1).transpose(0, 1)
+    s = (qs @ ks.transpose(1, 2)) * scale
+    return (torch.softmax(s, -1) @ vs).transpose(0, 1), torch.logsumexp(s, -1)
+
+
+@gpu_only
+def test_single_segment_of_100k_tokens_gpu():
+    n, h, hk, d = 100_003, 4, 2, 128
+    g = torch.Generator(device="cuda").manual_seed(0)
+    q, k, v = (torch.randn(n, heads, d, device="cuda", generator=g, dtype=torch.bfloat16)
+               for heads in (h, hk, hk))
+    cu = torch.tensor([0, n], dtype=torch.int32, device="cuda")
+    out, lse = vk.varlen_attention(q, k, v, cu, cu, n, n, return_lse=True, backend="triton")
+    rows = torch.cat([torch.arange(0, 64), torch.arange(n // 2, n // 2 + 64), torch.arange(n - 64, n)]).cuda()
+    exp_out, exp_lse = _rows_reference(q, k, v, rows, d ** -0.5)
+    assert_verbose_close(out[rows].float(), exp_out, atol=2e-2, rtol=0, name="out")
+    assert_verbose_close(lse[:, rows], exp_lse, atol=1e-3, rtol=0, name="lse")
+
+
+@gpu_only
+def test_pack_past_int32_element_offsets_gpu():
+    # 131 segments of 2048 tokens, 64 heads of 128: q has 2.2e9 > 2^31 elements, so token
+    # and head offsets must be computed in int64 (forward and backward)
+    seg, nseg, h, d = 2048, 131, 64, 128
+    n = seg * nseg
+    assert n * h * d > 2 ** 31
+    q, k, v = (torch.randn(n, h, d, device="cuda", dtype=torch.bfloat16) * 0.5 for _ in range(3))
+    q.requires_grad_(True)
+    cu = torch.arange(nseg + 1, dtype=torch.int32, device="cuda") * seg
+    out, lse = vk.varlen_attention(q, k, v, cu, cu, seg, seg, return_lse=True, backend="triton")
+    (dq,) = torch.autograd.grad(out, (q,), torch.ones_like(out))
+    last = slice(n - seg, n)  # the segment whose offsets overflow int32
+    qs, ks, vs = q[last].detach(), k[last], v[last]
+    exp_out, exp_lse = _rows_reference(qs, ks, vs, torch.arange(seg, device="cuda"), d ** -0.5)
+    assert_verbose_close(out[last].float(), exp_out, atol=2e-2, rtol=0, name="out")
+    assert_verbose_close(lse[:, last], exp_lse, atol=1e-3, rtol=0, name="lse")
+    qq = qs.float().requires_grad_(True)
+    o, _ = _rows_reference(qq, ks, vs, torch.arange(seg, device="cuda"), d ** -0.5)
+    (exp_dq,) = torch.autograd.grad(o, (qq,), torch.ones_like(o))
+    assert_verbose_close(dq[last].float(), exp_dq, atol=5e-2, rtol=5e-2, name="dq")

@@ -6,7 +6,8 @@
 # whose key segment is empty gets out = 0 and lse = -inf (all its gradients are 0).
 # Softmax runs in base 2 (log2(e) folded into the scale); scores, row statistics and all
 # accumulators are float32; matmul operands are in the input dtype (tensor cores).
-# With rope, q and k tiles are rotated as they are loaded: each tile is loaded at its
+# With rope (head dims 64 and 128; other head dims spilled registers and rotate q/k in a
+# separate pass instead), q and k tiles are rotated as they are loaded: each tile is loaded at its
 # natural offsets and at its partner offsets (the other member of the element's RoPE pair:
 # e ^ 1 interleaved, e +- d_a/2 rotate-half), which hit the same cache lines, and
 # x * cos + sign * partner * sin is formed with cos/sin computed in-kernel from the token
@@ -25,23 +26,29 @@
 #                        query blocks, accumulating dK, dV in registers (no atomics).
 #   _attn_bwd_dq_kernel  (cdiv(max_seqlen_q, BLOCK_M), H, B): one query block x head;
 #                        recomputes P over the key blocks and accumulates dQ (no atomics).
-# The backward therefore has no atomics at all and is deterministic whether or not
-# deterministic=True is asked for (both take the same path).
+# The backward therefore has no atomics at all: for a given tile choice it is bitwise
+# reproducible; deterministic=True also pins the tiles (no autotuning, below).
 # Tiles: (BLOCK_M queries, BLOCK_D) and (BLOCK_N keys, BLOCK_D); BLOCK_D = head dim rounded
-# up to a power of two (tl.arange needs one; 72, 80, 96 are masked). On sm_90 the forward
-# uses 128 x 64 (128 x 128 for D <= 64) at 8 warps: two warpgroups of wgmma m64 over the
-# query rows, with the float32 accumulator (128 x BLOCK_D) at <= 64 registers a thread;
-# 64 x 32 with fused rope and 64 x 64 for masked head dims (72, 80, 96), which spilled at
-# the larger tiles. The backward holds two float32 accumulators (dK, dV or dQ plus the
-# recomputed P, dP): 64 own rows (the wgmma M) x 64 loop rows for D <= 64, x 32 above.
+# up to a power of two (tl.arange needs one; 72, 80, 96 are masked). Head dims up to 256.
+# On a GPU the tiles are autotuned (triton.autotune, keyed on head dim, dtypes, fused rope
+# and GQA groups) over a short candidate list per head-dim class (see "launch
+# configuration" below): e.g. the D = 128 forward tries 128 x 64 at 8 warps (two
+# warpgroups of wgmma m64 over the query rows, the float32 accumulator at 64 registers a
+# thread) and 64 x 64; the backward holds two float32 accumulators, so 64 own rows (the
+# wgmma M) x 32 loop rows. Every candidate is in aot_specs() and spill-free in the sm_90a
+# static report (compiled without the runtime 16-divisibility specialization, so real
+# launches have slack). VDIT_AUTOTUNE=0 or deterministic=True (backward) use the first
+# candidate of the class, so results do not depend on timing noise.
 # float32 inputs use 16 x 16 tiles and IEEE dots (no tf32; FMA, not tensor cores).
-# Tile sizes were chosen so that the sm_90a static report shows no spills; it compiles
-# without the runtime 16-divisibility specialization, so real launches have slack.
 # Under the Triton interpreter (CPU tests) tiles are 16 x 16: cheap, and small segments
 # still span several blocks so the masking paths are exercised.
+# Not used (yet): TMA descriptors and warp specialization. Both need Triton APIs that
+# changed between 3.2 and 3.6 and can only be validated on a GPU; the plain pointer
+# kernels run on sm_80 and sm_90 with any Triton >= 3.0.
 from __future__ import annotations
 
 import math
+import os
 
 import torch
 import triton
@@ -358,36 +365,125 @@ def _attn_bwd_dq_kernel(
 
 
 # -- launch configuration ----------------------------------------------------------------
+#
+# Candidate tiles per head-dim class for float16/bfloat16 on a GPU, the first of each list
+# being the default. Every candidate is compiled by aot_specs() and spill-free on sm_90a
+# (benchmarks/static_report.py fails otherwise); the autotuner times the candidates of
+# the call's class once per (class, D, dtypes, GQA groups) and keeps the fastest.
+#   forward  (BLOCK_M queries, BLOCK_N keys, warps, stages)
+#   backward (OWN rows per program, LOOP rows per inner step, warps, stages); OWN is the
+#            key block of the dK/dV kernel and the query block of the dQ kernel.
+# Classes: "d64" BLOCK_D <= 64; "d128" D == 128; "masked" 64 < D < 128 (72, 80, 96: the
+# column masks cost registers); "d256" 128 < D <= 256; "rope" fused RoPE, D in (64, 128)
+# only (with masked or larger head dims the partner loads spilled at every tile tried:
+# those calls rotate q/k in a separate pass and run the plain kernels).
+_FWD_TILES = {
+    "d64": [(128, 128, 8, 3), (128, 64, 8, 3), (64, 64, 4, 3)],
+    "d128": [(128, 64, 8, 3), (128, 64, 8, 4), (64, 64, 8, 3)],
+    "masked": [(64, 64, 8, 2), (64, 64, 8, 3), (64, 32, 8, 2)],
+    "d256": [(64, 32, 8, 2), (64, 32, 8, 1)],
+    "rope": [(64, 32, 8, 2), (64, 32, 8, 3)],
+}
+_BWD_TILES = {
+    "d64": [(64, 64, 8, 2), (128, 64, 8, 2)],
+    "d128": [(64, 32, 8, 2), (64, 32, 8, 3)],
+    "masked": [(64, 32, 8, 2), (64, 32, 8, 3)],
+    # 64-row tiles spilled at D = 256 even with 16 warps: small mma.sync tiles instead
+    "d256": [(32, 16, 4, 1)],
+}
+# float32 (IEEE dots on FMA units, tests only) and the interpreter: one small tile
+_SMALL = (16, 16, 4, 1)
+MAX_HEAD_DIM = 256
+
 
 def _block_d(d: int) -> int:
     return max(16, triton.next_power_of_2(d))
 
 
-def _fwd_config(d: int, dtype: torch.dtype, device: torch.device, rope: bool) -> dict:
-    """BLOCK_M, BLOCK_N, num_warps, num_stages of the forward kernel."""
-    if device.type != "cuda":  # interpreter: small tiles keep CPU tests fast
-        return dict(BLOCK_M=16, BLOCK_N=16, num_warps=4, num_stages=1)
-    if dtype in (torch.float32, torch.float64):  # IEEE dots run on FMA units
-        return dict(BLOCK_M=16, BLOCK_N=16, num_warps=4, num_stages=1)
-    if rope:  # the partner loads and cos/sin of the k tile cost registers
-        return dict(BLOCK_M=64, BLOCK_N=32, num_warps=8, num_stages=2)
-    if _block_d(d) != d:  # masked head dims (72, 80, 96) cost registers for the masks
-        return dict(BLOCK_M=64, BLOCK_N=64, num_warps=8, num_stages=2)
-    block_n = 128 if _block_d(d) <= 64 else 64
-    return dict(BLOCK_M=128, BLOCK_N=block_n, num_warps=8, num_stages=3)
+def _fuses_rope(d: int) -> bool:
+    """Whether the kernels rotate q/k as they load them (else a separate rope pass)."""
+    return d in (64, 128)
 
 
-def _bwd_config(d: int, dtype: torch.dtype, device: torch.device, rope: bool) -> dict:
-    """Tiles of the dK/dV and dQ kernels: OWN rows per program (keys for dK/dV, queries
-    for dQ; the wgmma M dimension) and LOOP rows per inner iteration."""
-    if device.type != "cuda":
-        return dict(OWN=16, LOOP=16, num_warps=4, num_stages=1)
-    if dtype in (torch.float32, torch.float64):
-        return dict(OWN=16, LOOP=16, num_warps=4, num_stages=1)
-    if _block_d(d) <= 64 and not rope:
-        return dict(OWN=64, LOOP=64, num_warps=8, num_stages=2)
-    # 64 x 32 keeps the wgmma M at 64 while the float32 accumulators stay in registers
-    return dict(OWN=64, LOOP=32, num_warps=8, num_stages=2)
+def _tile_class(d: int, rope: bool) -> str:
+    if rope:
+        return "rope"
+    if _block_d(d) <= 64:
+        return "d64"
+    if d == 128:
+        return "d128"
+    return "masked" if d < 128 else "d256"
+
+
+def _half_on_gpu(dtype: torch.dtype, device: torch.device) -> bool:
+    return device.type == "cuda" and dtype in (torch.float16, torch.bfloat16)
+
+
+def _fwd_tiles(d: int, dtype: torch.dtype, device: torch.device, rope: bool) -> list[tuple]:
+    return _FWD_TILES[_tile_class(d, rope)] if _half_on_gpu(dtype, device) else [_SMALL]
+
+
+def _bwd_tiles(d: int, dtype: torch.dtype, device: torch.device) -> list[tuple]:
+    return _BWD_TILES[_tile_class(d, False)] if _half_on_gpu(dtype, device) else [_SMALL]
+
+
+def _autotune_enabled() -> bool:
+    return os.environ.get("VDIT_AUTOTUNE", "1") != "0"
+
+
+def _prune(tag: str):
+    """early_config_prune: keep the candidates of the call's class (all configs of every
+    class live in one autotuner; the class is a function of the constexprs)."""
+    def prune(configs, named_args, **kwargs):
+        call = {**named_args, **kwargs}  # where the constexprs arrive differs across versions
+        d, rope = call["D"], call["HAS_ROPE"]
+        if tag == "fwd":
+            wanted = set(_FWD_TILES[_tile_class(d, rope)])
+            key = lambda c: (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages)
+        else:
+            wanted = set(_BWD_TILES[_tile_class(d, False)])
+            own, loop = ("BLOCK_N", "BLOCK_M") if tag == "dkdv" else ("BLOCK_M", "BLOCK_N")
+            key = lambda c: (c.kwargs[own], c.kwargs[loop], c.num_warps, c.num_stages)
+        return [c for c in configs if key(c) in wanted]
+    return prune
+
+
+def _configs(tag: str) -> list:
+    tiles = _FWD_TILES if tag == "fwd" else _BWD_TILES
+    out, seen = [], set()
+    for cands in tiles.values():
+        for a, b, w, st in cands:
+            if (a, b, w, st) in seen:
+                continue
+            seen.add((a, b, w, st))
+            if tag == "dkdv":
+                meta = dict(BLOCK_M=b, BLOCK_N=a)  # own keys = BLOCK_N, loop queries = BLOCK_M
+            else:
+                meta = dict(BLOCK_M=a, BLOCK_N=b)
+            out.append(triton.Config(meta, num_warps=w, num_stages=st))
+    return out
+
+
+# Autotuned entry points (GPU, half dtypes). Keys: head dim and the fused-rope flag, the
+# GQA group count; triton adds the dtypes of the tensor arguments. Every kernel fully
+# overwrites its outputs, so timing runs need no reset.
+_fwd_tuned = triton.autotune(_configs("fwd"), key=["D", "HAS_ROPE", "GROUPS"],
+                             prune_configs_by={"early_config_prune": _prune("fwd")})(_attn_fwd_kernel)
+_dkdv_tuned = triton.autotune(_configs("dkdv"), key=["D", "GROUPS"],
+                              prune_configs_by={"early_config_prune": _prune("dkdv")})(_attn_bwd_dkdv_kernel)
+_dq_tuned = triton.autotune(_configs("dq"), key=["D", "GROUPS"],
+                            prune_configs_by={"early_config_prune": _prune("dq")})(_attn_bwd_dq_kernel)
+
+
+def _launch(raw, tuned, grid_of, args, tiles, meta_of, fixed: bool, **constexprs):
+    """Run `tuned` (autotuned over `tiles`) or, when fixed or there is one candidate, `raw`
+    with the first candidate. grid_of(meta) -> grid; meta_of(tile) -> tile constexprs."""
+    if fixed or len(tiles) == 1 or not _autotune_enabled():
+        a, b, w, st = tiles[0]
+        meta = meta_of((a, b))
+        raw[grid_of(meta)](*args, **constexprs, **meta, num_warps=w, num_stages=st)
+    else:
+        tuned[grid_of](*args, **constexprs)
 
 
 def _last_dim_contiguous(x: torch.Tensor) -> torch.Tensor:
@@ -404,12 +500,19 @@ def _rope_args(rope, ref: torch.Tensor):
     return True, bool(interleaved), dt, dh, dw, pos, math.log2(float(theta))
 
 
+def _check_head_dim(d: int) -> None:
+    if d > MAX_HEAD_DIM:
+        raise ValueError(f"the Triton attention supports head_dim <= {MAX_HEAD_DIM}, got {d} "
+                         "(backend='reference' has no limit)")
+
+
 # -- backend contract --------------------------------------------------------------------
 
 def varlen_attention_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
                          softmax_scale, rope):
     q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
     nq, h, d = q.shape
+    _check_head_dim(d)
     hk = k.shape[1]
     out = torch.empty((nq, h, d), dtype=q.dtype, device=q.device)
     lse = torch.empty((h, nq), dtype=torch.float32, device=q.device)
@@ -418,31 +521,32 @@ def varlen_attention_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_
         return out.zero_(), lse.fill_(float("-inf"))
     cu_q = cu_seqlens_q.to(torch.int32).contiguous()
     cu_k = cu_seqlens_k.to(torch.int32).contiguous()
+    if rope is not None and not _fuses_rope(d):
+        positions, dims, theta, interleaved = rope
+        q, k = rope_3d(q, k, positions, dims, theta, interleaved, False)
+        rope = None
     has_rope, inter, dt, dh, dw, pos, log2_theta = _rope_args(rope, q)
-    cfg = _fwd_config(d, q.dtype, q.device, rope is not None)
-    grid = (triton.cdiv(max_seqlen_q, cfg["BLOCK_M"]), h, nseg)
-    _attn_fwd_kernel[grid](
-        q, k, v, out, lse, cu_q, cu_k, pos,
-        q.stride(0), q.stride(1),
-        k.stride(0), k.stride(1),
-        v.stride(0), v.stride(1),
-        out.stride(0), out.stride(1),
-        lse.stride(0),
-        h // hk, float(softmax_scale) * LOG2E, log2_theta,
-        D=d, BLOCK_D=_block_d(d), BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
-        HAS_ROPE=has_rope, INTERLEAVED=inter, DT=dt, DH=dh, DW=dw,
-        IEEE=q.dtype in (torch.float32, torch.float64),
-        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
-    )
+    args = (q, k, v, out, lse, cu_q, cu_k, pos,
+            q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+            out.stride(0), out.stride(1), lse.stride(0),
+            h // hk, float(softmax_scale) * LOG2E, log2_theta)
+    _launch(_attn_fwd_kernel, _fwd_tuned,
+            lambda meta: (triton.cdiv(max_seqlen_q, meta["BLOCK_M"]), h, nseg), args,
+            _fwd_tiles(d, q.dtype, q.device, has_rope), lambda t: dict(BLOCK_M=t[0], BLOCK_N=t[1]),
+            fixed=False, D=d, BLOCK_D=_block_d(d), HAS_ROPE=has_rope, INTERLEAVED=inter,
+            DT=dt, DH=dh, DW=dw, IEEE=q.dtype in (torch.float32, torch.float64))
     return out, lse
 
 
 def varlen_attention_bwd(grad_out, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
                          max_seqlen_k, softmax_scale, rope, deterministic):
-    # deterministic is accepted and ignored: neither path uses atomics (see the header)
+    # Neither path uses atomics (see the header): deterministic=True only pins the tiles to
+    # the class default instead of the autotuned choice, so results are also bitwise
+    # reproducible across processes and machines of the same kind.
     q, k, v, out, grad_out = (_last_dim_contiguous(t) for t in (q, k, v, out, grad_out))
     lse = lse.contiguous()
     nq, h, d = q.shape
+    _check_head_dim(d)
     nk, hk = k.shape[0], k.shape[1]
     nseg = cu_seqlens_q.numel() - 1
     # with rope, dq/dk are computed w.r.t. the rotated q/k in float32, then rotated back
@@ -461,7 +565,7 @@ def varlen_attention_bwd(grad_out, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k
         positions, dims, theta, interleaved = rope
         q, k = rope_3d(q, k, positions, dims, theta, interleaved, False)
     has_rope, inter, dt, dh, dw, pos, log2_theta = _rope_args(None, q)
-    cfg = _bwd_config(d, q.dtype, q.device, False)
+    tiles = _bwd_tiles(d, q.dtype, q.device)
     bd = _block_d(d)
     ieee = q.dtype in (torch.float32, torch.float64)
     scale = float(softmax_scale)
@@ -476,34 +580,26 @@ def varlen_attention_bwd(grad_out, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k
         delta.stride(0),
         D=d, BLOCK_D=bd, BLOCK_M=pre_m, num_warps=4,
     )
-    common = dict(D=d, BLOCK_D=bd,
-                  HAS_ROPE=has_rope, INTERLEAVED=inter, DT=dt, DH=dh, DW=dw, IEEE=ieee,
-                  num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+    common = dict(D=d, BLOCK_D=bd, HAS_ROPE=has_rope, INTERLEAVED=inter, DT=dt, DH=dh, DW=dw,
+                  IEEE=ieee)
     # -- dK, dV: one key block x kv head, looping over its query heads --
-    _attn_bwd_dkdv_kernel[(triton.cdiv(max_seqlen_k, cfg["OWN"]), hk, nseg)](
-        q, k, v, grad_out, lse, delta, dk, dv, cu_q, cu_k, pos,
-        q.stride(0), q.stride(1),
-        k.stride(0), k.stride(1),
-        v.stride(0), v.stride(1),
-        grad_out.stride(0), grad_out.stride(1),
-        lse.stride(0),
-        dk.stride(0), dk.stride(1),
-        dv.stride(0), dv.stride(1),
-        h // hk, scale, scale * LOG2E, log2_theta,
-        BLOCK_M=cfg["LOOP"], BLOCK_N=cfg["OWN"], **common,
-    )
+    args = (q, k, v, grad_out, lse, delta, dk, dv, cu_q, cu_k, pos,
+            q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+            grad_out.stride(0), grad_out.stride(1), lse.stride(0),
+            dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1),
+            h // hk, scale, scale * LOG2E, log2_theta)
+    _launch(_attn_bwd_dkdv_kernel, _dkdv_tuned,
+            lambda meta: (triton.cdiv(max_seqlen_k, meta["BLOCK_N"]), hk, nseg), args, tiles,
+            lambda t: dict(BLOCK_N=t[0], BLOCK_M=t[1]), fixed=deterministic, **common)
     # -- dQ: one query block x head --
-    _attn_bwd_dq_kernel[(triton.cdiv(max_seqlen_q, cfg["OWN"]), h, nseg)](
-        q, k, v, grad_out, lse, delta, dq, cu_q, cu_k, pos,
-        q.stride(0), q.stride(1),
-        k.stride(0), k.stride(1),
-        v.stride(0), v.stride(1),
-        grad_out.stride(0), grad_out.stride(1),
-        lse.stride(0),
-        dq.stride(0), dq.stride(1),
-        h // hk, scale, scale * LOG2E, log2_theta,
-        BLOCK_M=cfg["OWN"], BLOCK_N=cfg["LOOP"], **common,
-    )
+    args = (q, k, v, grad_out, lse, delta, dq, cu_q, cu_k, pos,
+            q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+            grad_out.stride(0), grad_out.stride(1), lse.stride(0),
+            dq.stride(0), dq.stride(1),
+            h // hk, scale, scale * LOG2E, log2_theta)
+    _launch(_attn_bwd_dq_kernel, _dq_tuned,
+            lambda meta: (triton.cdiv(max_seqlen_q, meta["BLOCK_M"]), h, nseg), args, tiles,
+            lambda t: dict(BLOCK_M=t[0], BLOCK_N=t[1]), fixed=deterministic, **common)
     if rope is not None:
         rope_3d_(dq, dk, positions, dims, theta, interleaved, inverse=True)
     return dq.to(q.dtype), dk.to(k.dtype), dv
@@ -511,72 +607,68 @@ def varlen_attention_bwd(grad_out, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k
 
 # -- ahead-of-time compile specs (benchmarks/static_report.py) ---------------------------
 
-def _sig(dtype: str, tensors, int_args, float_args, constexprs) -> dict:
-    sig = {}
-    for name, kind in tensors:
-        sig[name] = {"x": f"*{dtype}", "f": "*fp32", "i": "*i32"}[kind]
-    sig.update({name: "i64" for name in int_args})
-    sig.update({name: "fp32" for name in float_args})
-    sig.update({name: "constexpr" for name in constexprs})
-    return sig
-
-
 def aot_specs() -> list[dict]:
-    """Launch configurations for benchmarks/static_report.py (sm_90a, no GPU needed)."""
-    tdt = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-    cuda = torch.device("cuda")
+    """Every candidate launch configuration, for benchmarks/static_report.py (sm_90a, no
+    GPU needed): each class at representative head dims, every tile of its list."""
+    fwd_sig = (["Q", "K", "V", "O"], ["LSE"], ["CU_Q", "CU_K"], ["POS"],
+               ["stride_qn", "stride_qh", "stride_kn", "stride_kh", "stride_vn", "stride_vh",
+                "stride_on", "stride_oh", "stride_lh", "GROUPS"], ["scale_log2", "log2_theta"])
+    dkdv_sig = (["Q", "K", "V", "DO"], ["LSE", "DELTA"], ["CU_Q", "CU_K"], ["POS"],
+                ["stride_qn", "stride_qh", "stride_kn", "stride_kh", "stride_vn", "stride_vh",
+                 "stride_don", "stride_doh", "stride_lh", "stride_dkn", "stride_dkh",
+                 "stride_dvn", "stride_dvh", "GROUPS"], ["scale", "scale_log2", "log2_theta"])
+    dq_sig = (["Q", "K", "V", "DO"], ["LSE", "DELTA"], ["CU_Q", "CU_K"], ["POS"],
+              ["stride_qn", "stride_qh", "stride_kn", "stride_kh", "stride_vn", "stride_vh",
+               "stride_don", "stride_doh", "stride_lh", "stride_dqn", "stride_dqh", "GROUPS"],
+              ["scale", "scale_log2", "log2_theta"])
+
+    def sig(dtype, layout, constexprs, out=()):
+        xs, fs, cs, ps, ints, floats = layout
+        s = {name: f"*{dtype}" for name in (*xs, *out)}
+        s.update({n: "*fp32" for n in fs})
+        s.update({n: "*i32" for n in cs})
+        s.update({n: "*fp32" for n in ps})
+        s.update({n: "i64" for n in ints})
+        s.update({n: "fp32" for n in floats})
+        s.update({n: "constexpr" for n in constexprs})
+        return s
+
     specs = []
-    for dtype, d, rope in (("bf16", 128, None), ("bf16", 64, None), ("bf16", 128, (32, 48, 48)),
-                           ("bf16", 72, None), ("fp16", 128, None), ("fp32", 128, None)):
-        mma = dtype == "bf16"
-        rope_c = dict(HAS_ROPE=rope is not None, INTERLEAVED=True,
-                      DT=rope[0] if rope else 0, DH=rope[1] if rope else 0, DW=rope[2] if rope else 0)
+    cases = [("bf16", 64, False), ("bf16", 48, False), ("bf16", 128, False), ("bf16", 72, False),
+             ("bf16", 96, False), ("bf16", 256, False), ("bf16", 128, True), ("bf16", 64, True),
+             ("fp16", 128, False), ("fp32", 128, False)]
+    for dtype, d, rope in cases:
+        tdt = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[dtype]
+        dims = (d - 4 * (d // 6), 2 * (d // 6), 2 * (d // 6)) if rope else (0, 0, 0)
+        base = dict(D=d, BLOCK_D=_block_d(d), HAS_ROPE=rope, INTERLEAVED=True,
+                    DT=dims[0], DH=dims[1], DW=dims[2], IEEE=dtype == "fp32")
+        mma = dtype != "fp32"
         tag = f"{dtype} d={d}{' rope' if rope else ''}"
-        # forward
-        cfg = _fwd_config(d, tdt[dtype], cuda, rope is not None)
-        ce = dict(D=d, BLOCK_D=_block_d(d), BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
-                  IEEE=dtype == "fp32", **rope_c)
-        sig = _sig(dtype, [("Q", "x"), ("K", "x"), ("V", "x"), ("O", "x"), ("LSE", "f"),
-                           ("CU_Q", "i"), ("CU_K", "i"), ("POS", "f")],
-                   ["stride_qn", "stride_qh", "stride_kn", "stride_kh", "stride_vn", "stride_vh",
-                    "stride_on", "stride_oh", "stride_lh", "GROUPS"],
-                   ["scale_log2", "log2_theta"], ce)
-        specs.append({"name": f"attn_fwd {tag}", "fn": _attn_fwd_kernel, "signature": sig,
-                      "constexprs": ce, "num_warps": cfg["num_warps"],
-                      "num_stages": cfg["num_stages"], "expect_mma": mma})
+        for bm, bn, w, st in _fwd_tiles(d, tdt, torch.device("cuda"), rope):
+            ce = dict(base, BLOCK_M=bm, BLOCK_N=bn)
+            specs.append({"name": f"attn_fwd {tag} {bm}x{bn} w{w}s{st}", "fn": _attn_fwd_kernel,
+                          "signature": sig(dtype, fwd_sig, ce),
+                          "constexprs": ce, "num_warps": w, "num_stages": st, "expect_mma": mma})
         if rope:  # the backward runs on pre-rotated q/k: the same kernels as without rope
             continue
-        # backward
-        cfg = _bwd_config(d, tdt[dtype], cuda, rope is not None)
-        ce = dict(D=d, BLOCK_D=_block_d(d), BLOCK_M=cfg["LOOP"], BLOCK_N=cfg["OWN"],
-                  IEEE=dtype == "fp32", **rope_c)
-        sig = _sig(dtype, [("Q", "x"), ("K", "x"), ("V", "x"), ("DO", "x"), ("LSE", "f"),
-                           ("DELTA", "f"), ("DK", "x"), ("DV", "x"), ("CU_Q", "i"), ("CU_K", "i"),
-                           ("POS", "f")],
-                   ["stride_qn", "stride_qh", "stride_kn", "stride_kh", "stride_vn", "stride_vh",
-                    "stride_don", "stride_doh", "stride_lh", "stride_dkn", "stride_dkh",
-                    "stride_dvn", "stride_dvh", "GROUPS"],
-                   ["scale", "scale_log2", "log2_theta"], ce)
-        if rope:
-            sig["DK"] = "*fp32"
-        specs.append({"name": f"attn_bwd_dkdv {tag}", "fn": _attn_bwd_dkdv_kernel, "signature": sig,
-                      "constexprs": ce, "num_warps": cfg["num_warps"],
-                      "num_stages": cfg["num_stages"], "expect_mma": mma})
-        sig = _sig(dtype, [("Q", "x"), ("K", "x"), ("V", "x"), ("DO", "x"), ("LSE", "f"),
-                           ("DELTA", "f"), ("DQ", "f" if rope else "x"), ("CU_Q", "i"),
-                           ("CU_K", "i"), ("POS", "f")],
-                   ["stride_qn", "stride_qh", "stride_kn", "stride_kh", "stride_vn", "stride_vh",
-                    "stride_don", "stride_doh", "stride_lh", "stride_dqn", "stride_dqh", "GROUPS"],
-                   ["scale", "scale_log2", "log2_theta"], ce)
-        ce = dict(ce, BLOCK_M=cfg["OWN"], BLOCK_N=cfg["LOOP"])
-        specs.append({"name": f"attn_bwd_dq {tag}", "fn": _attn_bwd_dq_kernel, "signature": sig,
-                      "constexprs": ce, "num_warps": cfg["num_warps"],
-                      "num_stages": cfg["num_stages"], "expect_mma": mma})
+        for own, loop, w, st in _bwd_tiles(d, tdt, torch.device("cuda")):
+            # wgmma needs 64-row tiles; the small D = 256 tiles run on mma.sync
+            tc = mma and own >= 64
+            ce = dict(base, BLOCK_M=loop, BLOCK_N=own)
+            specs.append({"name": f"attn_bwd_dkdv {tag} {own}x{loop} w{w}s{st}",
+                          "fn": _attn_bwd_dkdv_kernel,
+                          "signature": sig(dtype, dkdv_sig, ce, out=("DK", "DV")),
+                          "constexprs": ce, "num_warps": w, "num_stages": st, "expect_mma": tc})
+            ce = dict(base, BLOCK_M=own, BLOCK_N=loop)
+            specs.append({"name": f"attn_bwd_dq {tag} {own}x{loop} w{w}s{st}",
+                          "fn": _attn_bwd_dq_kernel,
+                          "signature": sig(dtype, dq_sig, ce, out=("DQ",)),
+                          "constexprs": ce, "num_warps": w, "num_stages": st, "expect_mma": tc})
     d = 128
     ce = dict(D=d, BLOCK_D=d, BLOCK_M=16)
-    sig = _sig("bf16", [("O", "x"), ("DO", "x"), ("DELTA", "f")],
-               ["N", "stride_on", "stride_oh", "stride_don", "stride_doh", "stride_dlh"], [], ce)
-    sig["N"] = "i32"
-    specs.append({"name": "attn_bwd_pre bf16 d=128", "fn": _attn_bwd_pre_kernel, "signature": sig,
+    pre = {"O": "*bf16", "DO": "*bf16", "DELTA": "*fp32", "N": "i32", "stride_on": "i64",
+           "stride_oh": "i64", "stride_don": "i64", "stride_doh": "i64", "stride_dlh": "i64"}
+    pre.update({n: "constexpr" for n in ce})
+    specs.append({"name": "attn_bwd_pre bf16 d=128", "fn": _attn_bwd_pre_kernel, "signature": pre,
                   "constexprs": ce, "num_warps": 4})
     return specs
