@@ -80,10 +80,62 @@ def all_specs() -> list[dict]:
     return specs
 
 
-def report() -> list[dict]:
+def _compile_index(i: int) -> dict:
+    return compile_spec(all_specs()[i])
+
+
+def report(jobs: int | None = None) -> list[dict]:
+    """Compile every spec; in `jobs` worker processes (default: one per CPU core), since
+    each compile is single-threaded and there are dozens of them."""
     if os.environ.get("TRITON_INTERPRET") == "1":
         raise SystemExit("unset TRITON_INTERPRET: the static report compiles real kernels")
-    return [compile_spec(spec) for spec in all_specs()]
+    n = len(all_specs())
+    jobs = max(1, min(jobs or os.cpu_count() or 1, n))
+    if jobs == 1:
+        return [_compile_index(i) for i in range(n)]
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    # spawn: forking a process that already imported torch and triton is not safe
+    with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+        return list(pool.map(_compile_index, range(n)))
+
+
+def cuda_rows() -> tuple[list[dict], str]:
+    """Resource use of the compiled CUDA kernels in vdit_kernels._C (sm_90a cubins), read
+    with cuobjdump: ([rows], "") or ([], why there are none)."""
+    import importlib.util
+    import shutil
+
+    spec = importlib.util.find_spec("vdit_kernels._C")
+    if spec is None or not spec.origin:
+        return [], "vdit_kernels._C is not built"
+    usage = subprocess.run([str(nvidia_tool("cuobjdump")), "-res-usage", spec.origin],
+                           capture_output=True, text=True).stdout
+    rows, arch = [], None
+    names = []
+    for line in usage.splitlines():
+        m = re.match(r"\s*arch = (\S+)", line)
+        if m:
+            arch = m.group(1)
+        m = re.match(r"\s*Function (\S+):", line)
+        if m:
+            names.append(m.group(1))
+        m = re.search(r"REG:(\d+) STACK:(\d+) SHARED:(\d+) LOCAL:(\d+)", line)
+        if m and arch == f"sm_{SM}a" and names:
+            reg, stack, shared, local = (int(x) for x in m.groups())
+            rows.append({"kernel": names[-1], "registers": reg, "spill_bytes": local,
+                         "stack_bytes": stack, "shared_bytes": shared})
+    if not rows:
+        return [], f"vdit_kernels._C has no sm_{SM}a kernels (a CPU-only build, or another arch list)"
+    if shutil.which("c++filt"):
+        plain = subprocess.run(["c++filt"], input="\n".join(r["kernel"] for r in rows),
+                               capture_output=True, text=True).stdout.splitlines()
+        for r, name in zip(rows, plain):
+            # "void vdit::(anonymous namespace)::patch_kernel<unsigned short, true>(...)"
+            name = name.replace("(anonymous namespace)::", "").replace("vdit::", "")
+            r["kernel"] = re.sub(r"^void |\(.*$", "", name)
+    return rows, ""
 
 
 def problems(rows: list[dict]) -> list[str]:
@@ -99,16 +151,26 @@ def problems(rows: list[dict]) -> list[str]:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--json", help="write the rows as JSON here")
+    parser.add_argument("--jobs", type=int, default=None, help="compile processes (default: CPU cores)")
     args = parser.parse_args(argv)
-    rows = report()
+    rows = report(args.jobs)
     print(f"Static report: Triton kernels compiled for sm_{SM}a (no GPU needed)")
     print(f"{'kernel':<44}{'warps':>6}{'regs':>6}{'spill B':>9}{'stack B':>9}{'smem B':>9}{'wgmma':>7}")
     for r in rows:
         print(f"{r['kernel']:<44}{r['num_warps']:>6}{r['registers']:>6}{r['spill_bytes']:>9}"
               f"{r['stack_bytes']:>9}{r['shared_bytes']:>9}{('yes' if r['wgmma'] else 'no'):>7}")
+    cuda, why = cuda_rows()
+    print(f"\nCUDA kernels of vdit_kernels._C, sm_{SM}a cubins (cuobjdump -res-usage)")
+    if why:
+        print(f"  none: {why}")
+    for r in cuda:
+        print(f"  {r['kernel']:<48}{r['registers']:>6} regs{r['spill_bytes']:>6} B local"
+              f"{r['stack_bytes']:>6} B stack{r['shared_bytes']:>7} B static smem")
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=2))
-    bad = problems(rows)
+        Path(args.json).with_name(Path(args.json).stem + "_cuda.json").write_text(json.dumps(cuda, indent=2))
+    bad = problems(rows) + [f"{r['kernel']} (CUDA): {r['spill_bytes']} B of local memory"
+                            for r in cuda if r["spill_bytes"]]
     for line in bad:
         print("PROBLEM:", line)
     return 1 if bad else 0
