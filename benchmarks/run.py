@@ -159,6 +159,29 @@ def add_speedups(rows: list[dict]) -> None:
             r["speedup"] = by_provider[base]["median_ms"] / r["median_ms"] if base else None
 
 
+def backend_choice(rows: list[dict]) -> str:
+    """Triton vs CUDA per op and workload, against vdit_kernels.backend.DEFAULT_ORDER (the
+    table "auto" follows on a GPU): the evidence for, or against, each default."""
+    from vdit_kernels.backend import DEFAULT_ORDER
+
+    lines = ["| op | workload | mode | triton ms | cuda ms | faster | default first |",
+             "| --- | --- | --- | --- | --- | --- | --- |"]
+    timed: dict = {}
+    for r in rows:
+        if "median_ms" in r and r["provider"] in ("vdit-triton", "vdit-cuda"):
+            timed.setdefault((r["op"], r["name"], r["mode"], r["workload"]), {})[r["provider"][5:]] = r["median_ms"]
+    for (op, name, mode, wl), ms in sorted(timed.items()):
+        if len(ms) < 2 or op not in DEFAULT_ORDER:
+            continue
+        faster = min(ms, key=ms.get)
+        first = DEFAULT_ORDER[op][0]
+        mark = "" if faster == first or abs(ms["triton"] / ms["cuda"] - 1) < 0.03 else " (differs)"
+        lines.append(f"| {name} | {wl} | {mode} | {ms['triton']:.3f} | {ms['cuda']:.3f} | {faster} | {first}{mark} |")
+    if len(lines) == 2:
+        return "No op was timed with both the triton and the cuda backend in this run."
+    return "\n".join(lines)
+
+
 def _fmt_ms(r):
     return f"{r['median_ms']:.3f} ({r['min_ms']:.3f}/{r['max_ms']:.3f})"
 
@@ -321,6 +344,10 @@ def main(argv=None) -> int:
         print(f"\n== {op} ==" + ("   (CPU smoke test, not a performance result)" if device == "cpu" else ""))
         print(t)
         md += [f"\n## {op}\n", t]
+    choice = backend_choice(rows)
+    print("\n== backend choice (triton vs cuda; DEFAULT_ORDER in vdit_kernels/backend.py) ==")
+    print(choice)
+    md += ["\n## Backend choice: triton vs cuda\n", choice]
     if skips:
         md.append("\n## Skipped\n")
         md += [f"- [{op}] {p}: {r}" for op, p, r in sorted(seen)]

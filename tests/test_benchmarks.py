@@ -108,3 +108,18 @@ def test_cases_build_their_own_workload():
                 out = case.build().fn()
                 out = out[0] if isinstance(out, tuple) else out
                 assert out.shape[0] == case.workload.num_tokens, (case.provider, case.name, case.workload.name)
+
+
+def test_backend_choice_table_flags_a_default_that_lost():
+    from benchmarks.run import backend_choice
+    from vdit_kernels.backend import DEFAULT_ORDER
+
+    first, other = DEFAULT_ORDER["rope"][0], [b for b in ("triton", "cuda") if b != DEFAULT_ORDER["rope"][0]][0]
+    rows = [dict(op="rope", name="rope_3d", mode="fwd", workload="w", provider=f"vdit-{first}", median_ms=2.0),
+            dict(op="rope", name="rope_3d", mode="fwd", workload="w", provider=f"vdit-{other}", median_ms=1.0),
+            dict(op="patch", name="patchify", mode="fwd", workload="w", provider="vdit-triton", median_ms=1.0)]
+    table = backend_choice(rows)
+    assert f"| {other} | {first} (differs) |" in table
+    assert "patchify" not in table  # timed with one backend only: no evidence either way
+    rows[1]["median_ms"] = 3.0
+    assert "(differs)" not in backend_choice(rows)

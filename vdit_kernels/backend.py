@@ -27,9 +27,13 @@ import torch
 BACKENDS = ("reference", "triton", "cuda")
 FAMILIES = ("patch", "rope", "attention")
 
-# The default per op family on a GPU, fastest first, from the benchmarks
-# (benchmarks/results/). Until a GPU run has measured CUDA against Triton for an op,
-# the order keeps the backend the op's issue targets first.
+# The default per op family on a GPU, fastest first. The evidence is the "Backend choice"
+# table of a GPU benchmark run (benchmarks/run.py writes it to
+# benchmarks/results/<gpu>/summary.md, marking rows where the faster backend is not first
+# here). Measured so far: nothing; no GPU run exists yet (benchmarks/results/ holds only
+# CPU smoke runs), so the order keeps first the backend each op's issue targets: Triton,
+# whose kernels run in CI under the interpreter, ahead of the CUDA kernels, which only a
+# GPU run can check numerically.
 DEFAULT_ORDER = {
     "patch": ("triton", "cuda"),
     "rope": ("triton", "cuda"),
