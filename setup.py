@@ -132,7 +132,8 @@ setup(
     python_requires=">=3.10",
     install_requires=["torch>=2.4", "numpy"],
     extras_require={"triton": ["triton>=3.0"], "test": ["pytest", "einops"],
-                    "bench": ["pytest-benchmark", "tqdm", "matplotlib"]},
+                    "bench": ["pytest-benchmark", "tqdm", "matplotlib"],
+                    "diffusers": ["diffusers>=0.35"]},
     ext_modules=ext_modules,
     cmdclass=cmdclass,
 )

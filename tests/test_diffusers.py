@@ -1,0 +1,212 @@
+"""diffusers' video transformers on vdit_kernels' processors equal their own processors.
+
+Tiny randomly initialised models (no weights downloaded), float32 on CPU: the Triton
+backend runs under the interpreter (float32 only: bfloat16 dot is wrong there). Each
+test runs the model with diffusers' processor, then with ours, on the same inputs.
+"""
+import subprocess
+import sys
+import warnings
+
+import pytest
+import torch
+
+pytest.importorskip("diffusers")
+
+from diffusers import CogVideoXTransformer3DModel, WanTransformer3DModel  # noqa: E402
+from diffusers.models.attention_processor import CogVideoXAttnProcessor2_0  # noqa: E402
+from diffusers.models.embeddings import get_3d_rotary_pos_embed  # noqa: E402
+from diffusers.models.transformers.transformer_wan import WanAttnProcessor  # noqa: E402
+
+import vdit_kernels.integrations.diffusers as vkd  # noqa: E402
+from vdit_kernels.integrations.diffusers import use_vdit_attention  # noqa: E402
+from vdit_kernels import Rope3D  # noqa: E402
+
+from conftest import assert_verbose_close  # noqa: E402
+
+# float32 end to end through a whole (tiny) model: a little above the elementwise 1e-5
+ATOL = RTOL = 1e-4
+BACKENDS = ["reference", "triton"]
+
+
+def tiny_wan(**extra):
+    # head_dim 12 -> Wan's rope split (4, 4, 4); 2 layers, 2 heads, 4 latent channels
+    torch.manual_seed(0)
+    cfg = dict(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12, in_channels=4,
+               out_channels=4, text_dim=16, freq_dim=32, ffn_dim=32, num_layers=2, rope_max_seq_len=32)
+    return WanTransformer3DModel(**{**cfg, **extra}).eval()
+
+
+def wan_inputs(text_len=7, image_tokens=0, image_dim=8):
+    g = torch.Generator().manual_seed(1)
+    latents = torch.randn(2, 4, 3, 6, 8, generator=g)  # grid (3, 3, 4): 36 tokens per video
+    kw = dict(timestep=torch.tensor([10.0, 700.0]),
+              encoder_hidden_states=torch.randn(2, text_len, 16, generator=g))
+    if image_tokens:
+        kw["encoder_hidden_states_image"] = torch.randn(2, image_tokens, image_dim, generator=g)
+    return latents, kw
+
+
+def run(model, latents, kw, grad=True):
+    """Output, and with grad the gradients of a weighted sum w.r.t. latents and one weight."""
+    x = latents.clone().requires_grad_(grad)
+    with torch.set_grad_enabled(grad):
+        out = model(x, **kw).sample
+        if not grad:
+            return out, None
+        weight = torch.randn(out.shape, generator=torch.Generator().manual_seed(2))
+        model.zero_grad()
+        (out * weight).sum().backward()
+    w = model.blocks[0].attn1.to_q.weight.grad.clone()
+    return out.detach(), (x.grad, w)
+
+
+def assert_same(ours, theirs, name):
+    (out, grads), (out_ref, grads_ref) = ours, theirs
+    assert_verbose_close(out, out_ref, ATOL, RTOL, name=f"{name} output")
+    if grads_ref is not None:
+        assert_verbose_close(grads[0], grads_ref[0], ATOL, RTOL, name=f"{name} grad latents")
+        assert_verbose_close(grads[1], grads_ref[1], ATOL, RTOL, name=f"{name} grad attn1.to_q")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_wan_matches_diffusers(backend):
+    model = tiny_wan()
+    latents, kw = wan_inputs()
+    expected = run(model, latents, kw)
+    assert use_vdit_attention(model, backend=backend) is model
+    assert all(isinstance(p, vkd.WanVarlenAttnProcessor) for p in model.attn_processors.values())
+    assert_same(run(model, latents, kw), expected, f"wan/{backend}")
+
+
+def test_wan_rope_is_fused(monkeypatch):
+    """Self-attention gets Rope3D(grid positions, Wan's split, 10000, interleaved); cross-attention none."""
+    calls = []
+    real = vkd.varlen_attention
+
+    def spy(q, k, v, *args, rope=None, **kwargs):
+        calls.append((q.shape, k.shape, rope))
+        return real(q, k, v, *args, rope=rope, **kwargs)
+
+    monkeypatch.setattr(vkd, "varlen_attention", spy)
+    model = use_vdit_attention(tiny_wan(), backend="reference")
+    latents, kw = wan_inputs()
+    with torch.no_grad():
+        model(latents, **kw)
+    assert len(calls) == 4  # 2 layers x (self, cross)
+    grid = torch.stack(torch.meshgrid(torch.arange(3.0), torch.arange(3.0), torch.arange(4.0),
+                                      indexing="ij"), -1).reshape(-1, 3)
+    for i, (q_shape, k_shape, rope) in enumerate(calls):
+        if i % 2 == 0:
+            assert isinstance(rope, Rope3D) and rope.dims == (4, 4, 4) and rope.interleaved
+            assert rope.theta == 10000.0
+            torch.testing.assert_close(rope.positions, grid.repeat(2, 1), rtol=0, atol=0)
+        else:
+            assert rope is None and k_shape[0] == 2 * 7  # text keys: 7 per sample
+
+
+def test_wan_processor_set_by_hand_rotates_in_pytorch():
+    """No hook on model.rope: plain (cos, sin) reach the processor; it rotates in PyTorch."""
+    model = tiny_wan()
+    latents, kw = wan_inputs()
+    expected = run(model, latents, kw)
+    model.set_attn_processor(vkd.WanVarlenAttnProcessor(backend="reference"))
+    assert_same(run(model, latents, kw), expected, "wan/unfused")
+
+
+def test_wan_rope_table_mismatch_warns_and_stays_exact():
+    """A rope table that is not Rope3D's formula is not fused: a warning, then the PyTorch rotation."""
+    model = tiny_wan()
+    model.rope.freqs_cos[:, :4] = 1.0  # no rotation on the time chunk
+    model.rope.freqs_sin[:, :4] = 0.0
+    latents, kw = wan_inputs()
+    expected = run(model, latents, kw, grad=False)
+    with pytest.warns(UserWarning, match="not fused"):
+        use_vdit_attention(model, backend="reference")
+    assert_same(run(model, latents, kw, grad=False), expected, "wan/mismatch")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_wan_image_to_video(backend):
+    """Wan 2.1 I2V layout: image tokens as extra keys in cross-attention (512 text tokens, hardcoded)."""
+    model = tiny_wan(image_dim=8, added_kv_proj_dim=24)
+    latents, kw = wan_inputs(text_len=512, image_tokens=5)
+    expected = run(model, latents, kw, grad=False)
+    use_vdit_attention(model, backend=backend)
+    assert_same(run(model, latents, kw, grad=False), expected, f"wan-i2v/{backend}")
+
+
+def test_wan_fused_projections():
+    model = tiny_wan()
+    latents, kw = wan_inputs()
+    model.fuse_qkv_projections()
+    expected = run(model, latents, kw, grad=False)
+    use_vdit_attention(model, backend="reference")
+    assert_same(run(model, latents, kw, grad=False), expected, "wan/fused-qkv")
+
+
+def test_attention_mask_raises():
+    model = use_vdit_attention(tiny_wan(), backend="reference")
+    attn = model.blocks[0].attn1
+    x = torch.randn(2, 5, 24)
+    with pytest.raises(ValueError, match="attention_mask"):
+        attn(x, None, torch.ones(2, 1, 5, 5, dtype=torch.bool))
+    attn.processor._attention_backend = "flash"  # as diffusers' set_attention_backend does
+    with pytest.raises(ValueError, match="attention backend"):
+        attn(x)
+
+
+def tiny_cogvideox():
+    torch.manual_seed(0)
+    # head_dim 16 -> CogVideoX's rope split (4, 6, 6)
+    return CogVideoXTransformer3DModel(
+        num_attention_heads=2, attention_head_dim=16, in_channels=4, out_channels=4, time_embed_dim=8,
+        text_embed_dim=16, num_layers=2, sample_width=8, sample_height=6, sample_frames=9, patch_size=2,
+        max_text_seq_length=7, use_rotary_positional_embeddings=True).eval()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_cogvideox_matches_diffusers(backend):
+    model = tiny_cogvideox()
+    g = torch.Generator().manual_seed(1)
+    latents = torch.randn(2, 3, 4, 6, 8, generator=g)  # (B, F, C, H, W): grid 3 x 3 x 4
+    # the pipeline's table for CogVideoX 1.0: crop region of a grid, fractional positions
+    rotary = get_3d_rotary_pos_embed(embed_dim=16, crops_coords=((0, 0), (3, 4)), grid_size=(3, 4),
+                                     temporal_size=3)
+    kw = dict(encoder_hidden_states=torch.randn(2, 7, 16, generator=g),
+              timestep=torch.tensor([10, 700]), image_rotary_emb=rotary)
+
+    def run_cog():
+        x = latents.clone().requires_grad_(True)
+        out = model(x, **kw).sample
+        (out * torch.randn(out.shape, generator=torch.Generator().manual_seed(2))).sum().backward()
+        return out.detach(), (x.grad, None)
+
+    assert isinstance(model.transformer_blocks[0].attn1.processor, CogVideoXAttnProcessor2_0)
+    expected = run_cog()
+    use_vdit_attention(model, backend=backend)
+    assert isinstance(model.transformer_blocks[0].attn1.processor, vkd.CogVideoXVarlenAttnProcessor)
+    out, (gx, _) = run_cog()
+    assert_verbose_close(out, expected[0], ATOL, RTOL, name=f"cogvideox/{backend} output")
+    assert_verbose_close(gx, expected[1][0], ATOL, RTOL, name=f"cogvideox/{backend} grad latents")
+
+
+def test_unsupported_model_raises():
+    with pytest.raises(TypeError, match="WanTransformer3DModel"):
+        use_vdit_attention(torch.nn.Linear(2, 2))
+
+
+def test_restoring_diffusers_processor():
+    """The rope hook left behind is harmless for diffusers' own processor."""
+    model = tiny_wan()
+    latents, kw = wan_inputs()
+    expected = run(model, latents, kw, grad=False)
+    use_vdit_attention(model, backend="reference")
+    model.set_attn_processor(WanAttnProcessor())
+    assert_same(run(model, latents, kw, grad=False), expected, "wan/restored")
+
+
+def test_import_does_not_need_diffusers():
+    code = ("import sys, vdit_kernels, vdit_kernels.integrations.diffusers; "
+            "assert 'diffusers' not in sys.modules, 'diffusers imported'")
+    subprocess.run([sys.executable, "-c", code], check=True)
