@@ -133,7 +133,7 @@ setup(
     install_requires=["torch>=2.4", "numpy"],
     extras_require={"triton": ["triton>=3.0"], "test": ["pytest", "einops"],
                     "bench": ["pytest-benchmark", "tqdm", "matplotlib"],
-                    "diffusers": ["diffusers>=0.35"]},
+                    "diffusers": ["diffusers>=0.42"]},
     ext_modules=ext_modules,
     cmdclass=cmdclass,
 )
