@@ -174,3 +174,35 @@ def test_compile_fullgraph_matches_eager():
         assert_verbose_close(a, e, 1e-5, 1e-5, name="compiled output")
     sum((o * c).sum() for o, c in zip(compiled, cot)).backward()
     assert all(p.grad is not None for p in model.parameters())
+
+
+@pytest.mark.skipif(DEVICE.type != "cuda", reason="needs a CUDA GPU (realistic config in bfloat16)")
+@pytest.mark.parametrize("backend,fused_rope", [
+    pytest.param("triton", True, id="triton"),
+    pytest.param({"patch": "cuda", "rope": "cuda", "attention": "triton"}, False, id="cuda-patch-rope"),
+])
+def test_realistic_config_bf16_gpu(backend, fused_rope):
+    """Wan-1.3B-wide blocks (hidden 1536, 12 heads of 128, 2 of them) over a mixed pack in
+    bfloat16: the backend's error against the float32 reference is at most 2x the
+    reference path's own bfloat16 error (plus a floor), outputs and latent gradients."""
+    cfg = DiTConfig.from_name("wan-1.3b-like", depth=2, text_dim=512, fused_rope=fused_rope)
+    reason = why_not(cfg, backend, DEVICE)
+    if reason is not None:
+        pytest.skip(reason)
+    shapes, text_lengths = [(5, 30, 52), (1, 60, 104), (3, 16, 16)], [77, 20, 0]
+    g = torch.Generator().manual_seed(0)
+    model = VideoDiT(cfg).init_weights(zero_init=False, generator=g).to(DEVICE)
+    pack = vk.VideoPack.from_shapes(shapes, cfg.patch_size, device=DEVICE, text_lengths=text_lengths)
+    latents = [torch.randn(cfg.in_channels, *s, generator=g).to(DEVICE) for s in shapes]
+    text = torch.randn(pack.num_text_tokens, cfg.text_dim, generator=g).to(DEVICE)
+    t = torch.tensor([10.0, 500.0, 999.0], device=DEVICE)
+    cot = [torch.randn_like(x) for x in latents]
+    o32, d32, _ = _run(model, pack, latents, t, text, cot)
+    bf = lambda xs: [x.bfloat16() for x in xs]
+    model = model.bfloat16()
+    args = (pack, bf(latents), t.bfloat16(), text.bfloat16(), bf(cot))
+    oref, dref, _ = _run(model, *args)
+    ob, db, _ = _run(model, *args, backend=backend)
+    for name, got, base, exp in (("outputs", ob, oref, o32), ("latent grads", db, dref, d32)):
+        err, base_err = _max_err(got, exp), _max_err(base, exp)
+        assert err <= 2 * base_err + 1e-3, f"{name}: {backend} error {err:.3e} > 2 x reference bf16's {base_err:.3e}"
