@@ -220,25 +220,30 @@ def test_head_dims_gpu(d):
 
 
 @pytest.mark.skipif(DEVICE.type != "cpu", reason="drives the autotuner with a fake timer under the interpreter")
-def test_autotuned_path_under_the_interpreter(monkeypatch):
-    # Runs the GPU launch path (autotuner, class pruning, grids from the tuned tiles) on
-    # CPU: the interpreter executes every candidate; a fake timer ranks the last one best.
+@pytest.mark.parametrize("d,rope_dims", [(64, None), (64, (16, 24, 24)), (96, None), (128, (44, 42, 42)),
+                                         (256, None)])
+def test_gpu_tiles_under_the_interpreter(monkeypatch, d, rope_dims):
+    # Runs the GPU launch path (autotuner, class pruning, the large GPU tiles, grids from
+    # the tuned tiles) on CPU: the interpreter executes every candidate of the class; a
+    # fake timer ranks the last one timed best. float16: the interpreter's bf16 dot is wrong.
     from vdit_kernels.triton import attention as A
 
     monkeypatch.setattr(A, "_half_on_gpu", lambda dtype, device: dtype == torch.float16)
-    ran = []
-    for tuned in (A._fwd_tuned, A._dkdv_tuned, A._dq_tuned):
-        def fake_bench(kernel_call, quantiles, ran=ran):
+    timed = {}
+    for tag, tuned in (("fwd", A._fwd_tuned), ("dkdv", A._dkdv_tuned), ("dq", A._dq_tuned)):
+        def fake_bench(kernel_call, quantiles, tag=tag):
             kernel_call()
-            ran.append(1)
-            return [1.0 / len(ran)] * 3
+            timed[tag] = timed.get(tag, 0) + 1
+            return [1.0 / timed[tag]] * 3
         monkeypatch.setitem(tuned.__dict__, "do_bench", fake_bench)
         monkeypatch.setattr(tuned, "cache", {})
-    _check([70, 3, 130], [70, 3, 130], 2, 1, 64, torch.float16, seed=4)
-    # d64: three forward candidates, two for each backward kernel (timed, then run again)
-    assert len(ran) == 3 + 2 + 2
-    picked = A._fwd_tuned.cache[next(iter(A._fwd_tuned.cache))]
-    assert (picked.kwargs["BLOCK_M"], picked.kwargs["BLOCK_N"]) == (64, 64)
+    lens = [70, 3, 130]
+    _check(lens, lens, 2, 1, d, torch.float16, seed=4, rope_dims=rope_dims)
+    fused = rope_dims is not None and A._fuses_rope(d)
+    n_fwd = len(A._fwd_tiles(d, torch.float16, torch.device("cuda"), fused))
+    n_bwd = len(A._bwd_tiles(d, torch.float16, torch.device("cuda")))
+    assert timed.get("fwd", 0) == (n_fwd if n_fwd > 1 else 0)
+    assert timed.get("dkdv", 0) == timed.get("dq", 0) == (n_bwd if n_bwd > 1 else 0)
 
 
 def _rows_reference(q, k, v, rows, scale):
