@@ -10,7 +10,12 @@ if [ ! -x .venv/bin/python ]; then
   "$PY" -m venv .venv
 fi
 echo "[env] installing requirements.txt"
-.venv/bin/python -m pip install -q --disable-pip-version-check -r requirements.txt
+# pip names every local mirror folder that lacks a package (one line per package and
+# folder); those lines say nothing about the install, so they are dropped
+if ! .venv/bin/python -m pip install -q --disable-pip-version-check -r requirements.txt 2>&1 \
+    | { grep -v "^WARNING: Location 'file://.*' is ignored" || true; }; then
+  echo "[env] pip install -r requirements.txt failed"; exit 1
+fi
 so=$(ls vdit_kernels/_C*.so 2>/dev/null | head -n1 || true)
 if [ -z "$so" ] || [ "${VDIT_REBUILD:-0}" = 1 ] || [ -n "$(find setup.py csrc -newer "$so" -type f | head -n1)" ]; then
   echo "[env] building vdit_kernels (compile step: vdit_kernels._C)"
