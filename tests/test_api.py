@@ -176,6 +176,15 @@ def test_gradcheck_attention(pack, cross):
     assert torch.autograd.gradcheck(fn, (q, k, v))
 
 
+def test_gradcheck_attention_through_lse(pack):
+    # lse is float32 in every dtype: a coarser step and tolerance than the float64 checks
+    q, k, v = _qkv(pack.num_tokens, requires_grad=True)
+    rope = vk.Rope3D.from_pack(pack, (4, 4, 4))
+    cu, m = pack.cu_seqlens, pack.max_seqlen
+    fn = lambda q, k, v: vk.varlen_attention(q, k, v, cu, cu, m, m, return_lse=True, rope=rope)[1]
+    assert torch.autograd.gradcheck(fn, (q, k, v), eps=1e-3, atol=2e-3, rtol=1e-2)
+
+
 def test_fused_rope_attention_equals_rope_then_attention(pack):
     q, k, v = _qkv(pack.num_tokens)
     rope = vk.Rope3D.from_pack(pack, (4, 4, 4), theta=500.0, interleaved=False)
@@ -206,6 +215,9 @@ def _op_samples(pack):
     cu, m = pack.cu_seqlens, pack.max_seqlen
     lw = torch.randn(8, 5, requires_grad=True)
     x = torch.randn(pack.num_tokens, 5, requires_grad=True)
+    out, lse = vk.varlen_attention(q.detach(), k.detach(), v.detach(), cu, cu, m, m, return_lse=True,
+                                   backend="reference")
+    do, glse = torch.randn_like(out), torch.randn_like(lse)
     return [
         (patch_ops.patchify_op, (videos, [1, 2, 2], "reference")),
         (patch_ops.unpatchify_op, (tokens, shapes, [1, 2, 2], 2, "reference")),
@@ -218,6 +230,11 @@ def _op_samples(pack):
         (attn_ops.varlen_attention_op, (q, k, v, cu, cu, m, m, 0.5, None, [], 10000.0, True, False, "reference")),
         (attn_ops.varlen_attention_op, (q, k, v, cu, cu, m, m, 0.5, pos, [4, 4, 4], 100.0, False, False,
                                         "reference")),
+        (attn_ops.varlen_attention_backward_op, (do, q.detach(), k.detach(), v.detach(), out, lse, glse, cu,
+                                                 cu, m, m, 0.5, pos, [4, 4, 4], 100.0, True, False,
+                                                 "reference")),
+        (attn_ops.varlen_attention_backward_op, (do, q.detach(), k.detach(), v.detach(), out, lse, None, cu,
+                                                 cu, m, m, 0.5, None, [], 10000.0, True, True, "reference")),
     ]
 
 

@@ -3,9 +3,12 @@
 Backend contract (every backend module for the "attention" family provides):
   varlen_attention_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
                        softmax_scale, rope) -> (out (Nq, H, D), lse (H, Nq) float32)
-  varlen_attention_bwd(grad_out, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k,
+  varlen_attention_bwd(grad_out, q, k, v, out, lse, grad_lse, cu_seqlens_q, cu_seqlens_k,
                        max_seqlen_q, max_seqlen_k, softmax_scale, rope, deterministic)
       -> (grad_q, grad_k, grad_v)
+grad_lse is None or (H, Nq) float32: the gradient flowing into lse (when partial results
+are merged, e.g. vdit_kernels.parallel.merge_attention). Since d lse_i / d S_ij = P_ij,
+it enters the backward as dS = P * (dP - (rowsum(dO * O) - grad_lse)).
 rope is None or a tuple (positions float32 (N, 3), dims, theta, interleaved): q and k
 are rotated as loaded; grads are w.r.t. the unrotated q and k.
 """
@@ -42,10 +45,10 @@ class _Reference:
         return _Reference._forward(q, k, v, cu_q, cu_k, max_q, max_k, scale, rope)
 
     @staticmethod
-    def varlen_attention_bwd(grad_out, q, k, v, out, lse, cu_q, cu_k, max_q, max_k, scale, rope,
-                             deterministic):
+    def varlen_attention_bwd(grad_out, q, k, v, out, lse, grad_lse, cu_q, cu_k, max_q, max_k, scale,
+                             rope, deterministic):
         # Explicit FlashAttention backward math per segment (autograd is off inside an op):
-        #   P = exp(S - lse), dV = P^T dO, dP = dO V^T, dS = P * (dP - rowsum(dO * O)),
+        #   P = exp(S - lse), dV = P^T dO, dP = dO V^T, dS = P * (dP - rowsum(dO * O) + dlse),
         #   dQ = scale dS K, dK = scale dS^T Q; RoPE'd q/k are rotated back at the end.
         cd = ref.compute_dtype(q.dtype)
         qf, kf, vf = q.to(cd), k.to(cd), v.to(cd)
@@ -67,6 +70,8 @@ class _Reference:
             p = torch.exp((qi @ ki.transpose(1, 2)) * scale - lse[:, sq, None].to(cd))
             dvi = p.transpose(1, 2) @ doi
             ds = p * (doi @ vi.transpose(1, 2) - (doi * oi).sum(-1, keepdim=True))
+            if grad_lse is not None:
+                ds = ds + p * grad_lse[:, sq, None].to(cd)
             dq[sq] = (scale * ds @ ki).transpose(0, 1)
             dki = scale * ds.transpose(1, 2) @ qi
             h, lk = dki.shape[0] // groups, dki.shape[1]
@@ -101,13 +106,15 @@ def _(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_s
 
 @torch.library.custom_op("vdit::varlen_attention_backward", mutates_args=())
 def varlen_attention_backward_op(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor,
-                                 lse: Tensor, cu_seqlens_q: Tensor, cu_seqlens_k: Tensor,
+                                 lse: Tensor, grad_lse: Optional[Tensor], cu_seqlens_q: Tensor,
+                                 cu_seqlens_k: Tensor,
                                  max_seqlen_q: int, max_seqlen_k: int, softmax_scale: float,
                                  rope_positions: Optional[Tensor], rope_dims: list[int],
                                  rope_theta: float, rope_interleaved: bool, deterministic: bool,
                                  backend: str) -> tuple[Tensor, Tensor, Tensor]:
     rope = _rope_tuple(rope_positions, rope_dims, rope_theta, rope_interleaved)
-    return _impl(backend).varlen_attention_bwd(grad_out, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k,
+    return _impl(backend).varlen_attention_bwd(grad_out, q, k, v, out, lse, grad_lse, cu_seqlens_q,
+                                               cu_seqlens_k,
                                                max_seqlen_q, max_seqlen_k, softmax_scale, rope,
                                                deterministic)
 
@@ -127,8 +134,9 @@ def _attention_setup(ctx, inputs, output):
 
 def _attention_backward(ctx, grad_out, grad_lse):
     q, k, v, out, lse, cu_q, cu_k, rope_positions = ctx.saved_tensors
-    # lse is an output for merging partial results, not a differentiable one
-    gq, gk, gv = varlen_attention_backward_op(grad_out.contiguous(), q, k, v, out, lse, cu_q, cu_k,
+    # grad_lse is non-zero when partial results are merged through their lse
+    grad_lse = None if grad_lse is None else grad_lse.to(torch.float32).contiguous()
+    gq, gk, gv = varlen_attention_backward_op(grad_out.contiguous(), q, k, v, out, lse, grad_lse, cu_q, cu_k,
                                               *ctx.args, rope_positions, *ctx.rest)
     return (gq, gk, gv) + (None,) * 11
 
@@ -159,7 +167,8 @@ def varlen_attention(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_s
     pass over memory. deterministic=True makes the backward free of atomics.
     Returns out (Nq, H, D) in q's dtype, and with return_lse=True also
     lse (H, Nq) float32, the natural-log logsumexp of each row's scaled scores.
-    Differentiable in q, k and v (not through lse).
+    Differentiable in q, k and v, through out and through lse (merging partial results by
+    their lse, as vdit_kernels.parallel.merge_attention does, has exact gradients).
     """
     for name, t in (("q", q), ("k", k), ("v", v)):
         check_float(name, t)

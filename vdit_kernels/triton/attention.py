@@ -538,8 +538,8 @@ def varlen_attention_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_
     return out, lse
 
 
-def varlen_attention_bwd(grad_out, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
-                         max_seqlen_k, softmax_scale, rope, deterministic):
+def varlen_attention_bwd(grad_out, q, k, v, out, lse, grad_lse, cu_seqlens_q, cu_seqlens_k,
+                         max_seqlen_q, max_seqlen_k, softmax_scale, rope, deterministic):
     # Neither path uses atomics (see the header): deterministic=True only pins the tiles to
     # the class default instead of the autotuned choice, so results are also bitwise
     # reproducible across processes and machines of the same kind.
@@ -580,6 +580,9 @@ def varlen_attention_bwd(grad_out, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k
         delta.stride(0),
         D=d, BLOCK_D=bd, BLOCK_M=pre_m, num_warps=4,
     )
+    if grad_lse is not None:
+        # d lse_i / d S_ij = P_ij: a gradient into lse shifts the row term of dS = P (dP - delta)
+        delta.sub_(grad_lse)
     common = dict(D=d, BLOCK_D=bd, HAS_ROPE=has_rope, INTERLEAVED=inter, DT=dt, DH=dh, DW=dw,
                   IEEE=ieee)
     # -- dK, dV: one key block x kv head, looping over its query heads --
