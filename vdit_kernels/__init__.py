@@ -8,6 +8,10 @@ vdit_kernels.backend - and calls a registered torch.library op):
   linear_unpatchify               DiT output projection + unpatchify
   apply_rope_3d, Rope3D           3D rotary position embedding
   varlen_attention                packed attention, LSE, fused RoPE
+  merge_attention                 merge partial attention results (out, lse) over key subsets
+  shard_pack, gather_pack         sequence-parallel token shards of a pack
+  ulysses_varlen_attention        self-attention over a pack sharded across ranks (Ulysses)
+  local_cross_attention           cross-attention from a query shard to replicated text keys
   use_backend, BackendUnavailable backend choice
 """
 from .backend import BackendUnavailable, available_backends, use_backend
@@ -15,6 +19,8 @@ from .ops.attention import varlen_attention
 from .ops.patch import linear_unpatchify, patch_embed, patchify, unpatchify
 from .ops.rope import Rope3D, apply_rope_3d
 from .pack import VideoPack
+from .parallel import (gather_pack, local_cross_attention, merge_attention, shard_pack,
+                       ulysses_varlen_attention)
 
 __version__ = "0.1.0"
 
@@ -22,4 +28,6 @@ __all__ = [
     "VideoPack", "patchify", "unpatchify", "patch_embed", "linear_unpatchify",
     "apply_rope_3d", "Rope3D", "varlen_attention", "use_backend", "available_backends",
     "BackendUnavailable", "__version__",
+    "merge_attention", "shard_pack", "gather_pack", "ulysses_varlen_attention",
+    "local_cross_attention",
 ]

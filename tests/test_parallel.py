@@ -1,0 +1,326 @@
+"""Sequence parallelism: merge_attention, and Ulysses attention on 2 gloo processes (CPU).
+
+merge_attention: keys of every segment are cut into 2-3 parts at random points (some
+parts empty for some segments, one segment without keys at all); the merged partial
+results must equal attention over all keys, values and gradients.
+
+Ulysses: one spawn of 2 CPU processes (gloo, a file store in tmp) runs every case and
+saves each rank's shard results; the tests gather them and compare with single-process
+varlen_attention(backend="reference") on the whole pack. The pack has N = 39 tokens (a
+padding row on rank 1) and the shard boundary (token 20) cuts video 1. Reference cases
+run in float64 (tolerance of the table), Triton cases (the interpreter on CPU, in the
+workers) in float32 against the float32 reference, 1e-4 as in test_attention_triton.
+"""
+import os
+from datetime import timedelta
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from conftest import TOLERANCES, assert_verbose_close
+
+import vdit_kernels as vk
+from vdit_kernels import reference as ref
+
+# -- merge_attention ---------------------------------------------------------------------
+
+LENS_Q = [7, 12, 1, 5]
+LENS_K = [9, 16, 3, 0]  # segment 3 has no keys: every part is empty there
+
+
+def _cu(lengths):
+    cu = [0]
+    for n in lengths:
+        cu.append(cu[-1] + n)
+    return torch.tensor(cu, dtype=torch.int32)
+
+
+def _split_keys(k, v, lens_k, parts, seed):
+    """Cut each key segment into `parts` pieces at random points; part 0 of segment 0 is
+    empty. Returns per part (k, v, cu_seqlens_k, max_seqlen_k)."""
+    g = torch.Generator().manual_seed(seed)
+    cuts = []
+    for i, n in enumerate(lens_k):
+        c = sorted(torch.randint(0, n + 1, (parts - 1,), generator=g).tolist())
+        if i == 0:
+            c[0] = 0
+        cuts.append([0] + c + [n])
+    starts = _cu(lens_k).tolist()
+    out = []
+    for j in range(parts):
+        rows = [torch.arange(starts[i] + cuts[i][j], starts[i] + cuts[i][j + 1])
+                for i in range(len(lens_k))]
+        lens = [len(r) for r in rows]
+        idx = torch.cat(rows)
+        out.append((k[idx], v[idx], _cu(lens), max(max(lens), 1)))
+    return out
+
+
+def _merge_inputs(dtype, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    h, hk, d = 4, 2, 16
+    q = torch.randn(sum(LENS_Q), h, d, generator=g, dtype=torch.float64).to(dtype)
+    k = torch.randn(sum(LENS_K), hk, d, generator=g, dtype=torch.float64).to(dtype)
+    v = torch.randn(sum(LENS_K), hk, d, generator=g, dtype=torch.float64).to(dtype)
+    do = torch.randn(sum(LENS_Q), h, d, generator=g, dtype=torch.float64).to(dtype)
+    dlse = torch.randn(h, sum(LENS_Q), generator=g, dtype=torch.float64)
+    return q, k, v, do, dlse
+
+
+@pytest.mark.parametrize("parts", [2, 3])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+def test_merge_attention_matches_full(dtype, parts):
+    q, k, v, _, _ = _merge_inputs(dtype, seed=parts)
+    cu_q = _cu(LENS_Q)
+    exp_out, exp_lse = vk.varlen_attention(q, k, v, cu_q, _cu(LENS_K), max(LENS_Q), max(LENS_K),
+                                           return_lse=True, backend="reference")
+    results = [vk.varlen_attention(q, kp, vp, cu_q, cu_k, max(LENS_Q), mk, return_lse=True,
+                                   backend="reference")
+               for kp, vp, cu_k, mk in _split_keys(k, v, LENS_K, parts, seed=parts)]
+    out, lse = vk.merge_attention([r[0] for r in results], [r[1] for r in results])
+    assert out.dtype == dtype and lse.dtype == exp_lse.dtype
+    assert_verbose_close(out, exp_out, name="out")
+    assert_verbose_close(lse, exp_lse, name="lse")
+    empty = slice(sum(LENS_Q[:3]), sum(LENS_Q))  # the segment without keys
+    assert torch.all(out[empty] == 0) and torch.all(lse[:, empty] == float("-inf"))
+
+
+def _loss(out, lse, do, dlse):
+    # lse enters the loss too (finite rows only), so the merge's lse path is checked
+    lse = torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse))
+    return (out * do).sum() + (lse * dlse.to(lse.dtype)).sum()
+
+
+@pytest.mark.parametrize("parts", [2, 3])
+def test_merge_attention_gradients(parts):
+    # float64; the partial results come from reference.varlen_attention, which is
+    q, k, v, do, dlse = _merge_inputs(torch.float64, seed=10 + parts)
+    cu_q = _cu(LENS_Q)
+    leaves = [t.clone().requires_grad_(True) for t in (q, k, v)]
+    out, lse = ref.varlen_attention(*leaves, cu_q, _cu(LENS_K), max(LENS_Q), max(LENS_K),
+                                    return_lse=True)
+    expected = torch.autograd.grad(_loss(out, lse, do, dlse), leaves)
+
+    leaves = [t.clone().requires_grad_(True) for t in (q, k, v)]
+    qq, kk, vv = leaves
+    results = [ref.varlen_attention(qq, kp, vp, cu_q, cu_k, max(LENS_Q), mk, return_lse=True)
+               for kp, vp, cu_k, mk in _split_keys(kk, vv, LENS_K, parts, seed=parts)]
+    out, lse = vk.merge_attention([r[0] for r in results], [r[1] for r in results])
+    grads = torch.autograd.grad(_loss(out, lse, do, dlse), leaves)
+    for name, a, e in zip(("dq", "dk", "dv"), grads, expected):
+        assert torch.isfinite(a).all(), name
+        assert_verbose_close(a, e, name=name)
+
+
+@pytest.mark.parametrize("backend,dtype", [("reference", torch.float64), ("triton", torch.float32)])
+def test_merge_attention_gradients_through_varlen_attention(backend, dtype):
+    # varlen_attention is differentiable through its lse: merged partials have exact grads
+    q, k, v, do, dlse = _merge_inputs(dtype)
+    cu_q = _cu(LENS_Q)
+    leaves = [t.clone().requires_grad_(True) for t in (q, k, v)]
+    out, lse = vk.varlen_attention(*leaves, cu_q, _cu(LENS_K), max(LENS_Q), max(LENS_K),
+                                   return_lse=True, backend="reference")
+    expected = torch.autograd.grad(_loss(out, lse, do, dlse), leaves)
+    leaves = [t.clone().requires_grad_(True) for t in (q, k, v)]
+    results = [vk.varlen_attention(leaves[0], kp, vp, cu_q, cu_k, max(LENS_Q), mk,
+                                   return_lse=True, backend=backend)
+               for kp, vp, cu_k, mk in _split_keys(leaves[1], leaves[2], LENS_K, 3, seed=0)]
+    out, lse = vk.merge_attention([r[0] for r in results], [r[1] for r in results])
+    grads = torch.autograd.grad(_loss(out, lse, do, dlse), leaves)
+    # lse is float32 in every dtype, and the backward recomputes P from it
+    tol = dict(atol=1e-6, rtol=1e-6) if dtype == torch.float64 else dict(atol=1e-4, rtol=1e-4)
+    for name, a, e in zip(("dq", "dk", "dv"), grads, expected):
+        assert_verbose_close(a, e, name=name, **tol)
+
+
+def test_merge_attention_empty_rows_and_dtypes():
+    # every part empty for every row: out 0, lse -inf, finite (zero) gradients
+    o = torch.randn(3, 2, 4, dtype=torch.bfloat16, requires_grad=True)
+    lse = torch.full((2, 3), float("-inf"), requires_grad=True)
+    out, merged = vk.merge_attention([o, o], [lse, lse])
+    assert out.dtype == torch.bfloat16 and merged.dtype == torch.float32
+    assert torch.all(out == 0) and torch.all(merged == float("-inf"))
+    out.float().sum().backward()
+    assert torch.all(o.grad == 0) and torch.all(lse.grad == 0)
+    with pytest.raises(ValueError, match=r"lses\[1\]"):
+        vk.merge_attention([o, o], [lse, lse.t()])
+
+
+# -- Ulysses on 2 processes --------------------------------------------------------------
+
+WORLD = 2
+SHAPES = [(3, 4, 6), (1, 6, 4), (5, 2, 6)]  # 18 + 6 + 15 = 39 tokens, patch (1, 2, 2)
+TEXT = [5, 0, 7]                            # video 1 has no text tokens
+D = 16
+# (name, backend, dtype, q heads, kv heads, rope)
+CASES = [
+    ("reference-mha", "reference", torch.float64, 4, 4, False),
+    ("reference-gqa-rope", "reference", torch.float64, 4, 2, True),
+    ("triton-gqa", "triton", torch.float32, 4, 2, False),
+    ("triton-mha-rope", "triton", torch.float32, 4, 4, True),
+]
+
+
+def _pack():
+    return vk.VideoPack.from_shapes(SHAPES, patch_size=(1, 2, 2), text_lengths=TEXT)
+
+
+def _case_inputs(index):
+    """Whole-pack tensors of one case, identical on every process."""
+    _, _, dtype, h, hk, use_rope = CASES[index]
+    pack = _pack()
+    g = torch.Generator().manual_seed(100 + index)
+    n, nt = pack.num_tokens, pack.num_text_tokens
+    sizes = dict(q=(n, h, D), k=(n, hk, D), v=(n, hk, D), do=(n, h, D),
+                 kt=(nt, hk, D), vt=(nt, hk, D), dlse_t=(n, h))  # dlse_t: d loss / d lse^T
+    x = {name: torch.randn(*s, generator=g, dtype=torch.float64).to(dtype)
+         for name, s in sizes.items()}
+    x["dlse_t"] = x["dlse_t"].float()
+    rope = vk.Rope3D.from_pack(pack, dims=(4, 6, 6), theta=500.0) if use_rope else None
+    return pack, x, rope
+
+
+def _worker(rank, store, out_dir):
+    # spawned processes: Triton kernels on CPU tensors need the interpreter, set before
+    # vdit_kernels imports triton (it does so lazily, on the first Triton call)
+    os.environ["TRITON_INTERPRET"] = "1"
+    torch.set_num_threads(1)
+    # an exception here reaches the parent with its traceback (mp.spawn, below)
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank,
+                            world_size=WORLD, timeout=timedelta(seconds=60))
+    results = {}
+    for index, (name, backend, *_) in enumerate(CASES):
+        pack, x, rope = _case_inputs(index)
+        local = {k: vk.shard_pack(t, WORLD, rank) for k, t in x.items() if k not in ("kt", "vt")}
+        q, k, v = (local[n].clone().requires_grad_(True) for n in ("q", "k", "v"))
+        out, lse = vk.ulysses_varlen_attention(q, k, v, pack.cu_seqlens, pack.max_seqlen,
+                                               rope=rope, return_lse=True, backend=backend)
+        # the loss reads lse too, so its gradient path through the all-to-all is checked
+        ((out * local["do"]).sum() + (lse * local["dlse_t"].t()).sum()).backward()
+        lse = lse.detach()
+        r = dict(out=out.detach(), lse=lse, dq=q.grad, dk=k.grad, dv=v.grad,
+                 gathered=vk.gather_pack(out, pack.num_tokens))
+        # cross-attention from the query shard to all (replicated) text tokens
+        q = local["q"].clone().requires_grad_(True)
+        kt, vt = (x[n].clone().requires_grad_(True) for n in ("kt", "vt"))
+        out, lse = vk.local_cross_attention(q, kt, vt, pack.cu_seqlens, pack.cu_seqlens_k,
+                                            pack.max_seqlen, pack.max_seqlen_k,
+                                            return_lse=True, backend=backend)
+        out.backward(local["do"])
+        r.update(x_out=out.detach(), x_lse=lse.detach(), x_dq=q.grad, x_dk=kt.grad,
+                 x_dv=vt.grad)
+        results[name] = r
+    errors = []
+    pack = _pack()
+    for h, hk in ((3, 3), (6, 3)):
+        q, k = torch.zeros(20, h, D), torch.zeros(20, hk, D)
+        try:
+            vk.ulysses_varlen_attention(q, k, k, pack.cu_seqlens, pack.max_seqlen)
+            errors.append(None)
+        except ValueError as exc:
+            errors.append(str(exc))
+    results["errors"] = errors
+    torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
+    dist.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def ulysses_runs(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("ulysses")
+    # join=True raises ProcessRaisedException with the worker's traceback and stops the
+    # other worker, so a failure cannot hang in a collective
+    mp.spawn(_worker, args=(str(tmp / "store"), str(tmp)), nprocs=WORLD, join=True)
+    return [torch.load(tmp / f"rank{r}.pt") for r in range(WORLD)]
+
+
+def _gather(runs, key, n, dim=0):
+    return torch.cat([run[key] for run in runs], dim=dim).narrow(dim, 0, n)
+
+
+def _tol(index):
+    return (1e-4, 1e-4) if CASES[index][1] == "triton" else TOLERANCES[CASES[index][2]]
+
+
+def _expected(index, cross=False):
+    """Single-process reference attention on the whole pack: out, lse, dq, dk, dv."""
+    backend = "reference"
+    pack, x, rope = _case_inputs(index)
+    q = x["q"].clone().requires_grad_(True)
+    k, v = (x["kt"], x["vt"]) if cross else (x["k"], x["v"])
+    k, v = k.clone().requires_grad_(True), v.clone().requires_grad_(True)
+    if cross:
+        out, lse = vk.varlen_attention(q, k, v, pack.cu_seqlens, pack.cu_seqlens_k,
+                                       pack.max_seqlen, pack.max_seqlen_k, return_lse=True,
+                                       backend=backend)
+    else:
+        out, lse = vk.varlen_attention(q, k, v, pack.cu_seqlens, pack.cu_seqlens,
+                                       pack.max_seqlen, pack.max_seqlen, rope=rope,
+                                       return_lse=True, backend=backend)
+    loss = (out * x["do"]).sum()
+    if not cross:  # the Ulysses workers' loss reads lse as well
+        loss = loss + (lse * x["dlse_t"].t()).sum()
+    dq, dk, dv = torch.autograd.grad(loss, (q, k, v))
+    return pack, out.detach(), lse.detach(), dq, dk, dv
+
+
+@pytest.mark.parametrize("index", range(len(CASES)), ids=[c[0] for c in CASES])
+def test_ulysses_matches_single_process(ulysses_runs, index):
+    name, _, dtype, *_ = CASES[index]
+    runs = [run[name] for run in ulysses_runs]
+    pack, out, lse, dq, dk, dv = _expected(index)
+    n = pack.num_tokens
+    h = out.shape[1]
+    assert runs[0]["out"].shape == (20, h, D) and runs[0]["lse"].shape == (h, 20)
+    assert runs[0]["out"].dtype == dtype
+    atol, rtol = _tol(index)
+    assert_verbose_close(_gather(runs, "out", n), out, atol, rtol, name="out")
+    assert_verbose_close(_gather(runs, "lse", n, dim=1), lse.to(runs[0]["lse"].dtype), atol, rtol,
+                         name="lse")
+    for key, e in (("dq", dq), ("dk", dk), ("dv", dv)):
+        assert_verbose_close(_gather(runs, key, n), e, atol, rtol, name=key)
+    for run in runs:  # gather_pack: the whole output on every rank
+        assert torch.equal(run["gathered"], _gather(runs, "out", n))
+    # the padding row (token 39, on rank 1) gets no gradient from the zero upstream gradient
+    assert torch.all(runs[1]["dq"][n - 20:] == 0)
+
+
+@pytest.mark.parametrize("index", range(len(CASES)), ids=[c[0] for c in CASES])
+def test_local_cross_attention(ulysses_runs, index):
+    name = CASES[index][0]
+    runs = [run[name] for run in ulysses_runs]
+    pack, out, lse, dq, dk, dv = _expected(index, cross=True)
+    n = pack.num_tokens
+    atol, rtol = _tol(index)
+    assert_verbose_close(_gather(runs, "x_out", n), out, atol, rtol, name="out")
+    assert_verbose_close(_gather(runs, "x_lse", n, dim=1), lse.to(runs[0]["x_lse"].dtype),
+                         atol, rtol, name="lse")
+    assert_verbose_close(_gather(runs, "x_dq", n), dq, atol, rtol, name="dq")
+    # replicated text keys: each rank holds its share of their gradients; the sum is exact
+    assert_verbose_close(runs[0]["x_dk"] + runs[1]["x_dk"], dk, atol, rtol, name="dk")
+    assert_verbose_close(runs[0]["x_dv"] + runs[1]["x_dv"], dv, atol, rtol, name="dv")
+    # the padding row and video 1 (no text) get out 0 and lse -inf
+    assert torch.all(runs[1]["x_out"][n - 20:] == 0)
+    assert torch.all(runs[1]["x_lse"][:, n - 20:] == float("-inf"))
+
+
+def test_ulysses_heads_not_divisible(ulysses_runs):
+    for run in ulysses_runs:
+        q_error, k_error = run["errors"]
+        assert q_error is not None and "q_local has 3 heads" in q_error
+        assert "world size 2" in q_error
+        assert k_error is not None and "k_local has 3 heads" in k_error
+
+
+def test_single_process_is_plain_attention():
+    # torch.distributed not initialized: P = 1, the same as varlen_attention
+    pack, x, rope = _case_inputs(1)
+    out = vk.ulysses_varlen_attention(x["q"], x["k"], x["v"], pack.cu_seqlens, pack.max_seqlen,
+                                      rope=rope, backend="reference")
+    exp = vk.varlen_attention(x["q"], x["k"], x["v"], pack.cu_seqlens, pack.cu_seqlens,
+                              pack.max_seqlen, pack.max_seqlen, rope=rope, backend="reference")
+    assert_verbose_close(out, exp, name="out")
+    assert torch.equal(vk.shard_pack(x["q"], 1, 0), x["q"])
+    assert vk.shard_pack(x["q"], 4, 3).shape[0] == 10  # ceil(39 / 4), the last row is padding
+    assert torch.all(vk.shard_pack(x["q"], 4, 3)[-1] == 0)

@@ -1,0 +1,264 @@
+"""Sequence parallelism for packs that outgrow one GPU (torch.distributed, any backend).
+
+Sharding scheme: P ranks of a process group each hold one contiguous slice of the pack's
+N tokens, all slices of the same size n = ceil(N / P). The pack is zero-padded at the end
+to P * n tokens, so only the last rank(s) hold padding, at most P - 1 rows. N = 37, P = 4:
+
+    tokens  0 ......... 10 ......... 20 ......... 30 ...... 37 (3 zero rows) 40
+            |  rank 0    |  rank 1    |  rank 2    |  rank 3                  |
+
+Shard boundaries ignore video boundaries: a video may span ranks.
+
+`shard_pack` cuts any per-token tensor (tokens, positions, segment ids, ...) this way,
+`gather_pack` puts the shards back together. Equal shards need no token count at call
+time (n is the local shape, N is never read from a device tensor) and make every
+all-to-all chunk the same size. Padding rows never touch real tokens: the attention
+functions below give them a segment of their own.
+
+Self-attention over the pack (Ulysses, DeepSpeed-Ulysses' scheme): an all-to-all turns
+"n tokens x H heads" on every rank into "all P*n tokens x H/P heads", each rank runs
+`varlen_attention` over the whole pack for its heads (fused RoPE included), and a second
+all-to-all turns the result back. Communication per rank and call: (P-1)/P of its q, k, v
+and output shards, (P-1)/P * n * D * (2H + 2Hk) elements, forward; the same again in the
+backward. That does not grow with P for a fixed n (unlike all-gathering k and v).
+
+Cross-attention to text: text keys are short, so they are replicated on every rank and
+each rank attends from its own query shard (`local_cross_attention`); no communication.
+
+Not implemented: ring attention (key/value blocks passed around a ring, for head counts
+below P or very long single videos; `merge_attention` is its building block), mixing
+Ulysses with ring (USP), and uneven shards.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Optional, Sequence
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from .checks import check
+from .ops.attention import varlen_attention
+from .ops.rope import Rope3D
+
+
+# -- merging partial attention results -------------------------------------------------
+
+def merge_attention(outs: Sequence[Tensor], lses: Sequence[Tensor]) -> tuple[Tensor, Tensor]:
+    """Merge attention results of the same queries over disjoint parts of their keys.
+
+    Part i gives out_i (Nq, H, D) and lse_i (H, Nq) (what `varlen_attention(...,
+    return_lse=True)` returns for that part's keys). With the keys split into parts, the
+    softmax over all keys is a weighted mix of the per-part softmaxes:
+
+        lse = log sum_i exp(lse_i)                      (H, Nq)
+        out = sum_i exp(lse_i - lse) * out_i            (Nq, H, D), weights broadcast over D
+
+    computed stably around m = max_i lse_i. A part without keys for a row (lse_i = -inf)
+    gets weight 0; a row with no keys in any part gets out = 0 and lse = -inf, no NaN, in
+    the values and in the gradients. Weights and sums are float32 (float64 for float64
+    inputs). Returns out in outs' dtype and lse in lses' dtype (float32 from every
+    backend). Differentiable in outs and lses (plain PyTorch ops).
+
+    `varlen_attention` is differentiable through its lse, so gradients through a merge of
+    its partial results are those of attention over all the keys.
+    """
+    check(len(outs) > 0 and len(outs) == len(lses),
+          f"need as many outs as lses, at least one (got {len(outs)} and {len(lses)})")
+    for i, (o, l) in enumerate(zip(outs, lses)):
+        check(o.dim() == 3 and o.shape == outs[0].shape,
+              f"outs[{i}] must be (Nq, H, D) like outs[0] {tuple(outs[0].shape)}, "
+              f"got {tuple(o.shape)}")
+        check(tuple(l.shape) == (o.shape[1], o.shape[0]),
+              f"lses[{i}] must be (H, Nq) = {(o.shape[1], o.shape[0])}, got {tuple(l.shape)}")
+    lse_dtype = torch.promote_types(lses[0].dtype, torch.float32)
+    acc_dtype = torch.promote_types(outs[0].dtype, lse_dtype)
+    stacked = torch.stack([l.to(lse_dtype) for l in lses])          # (P, H, Nq)
+    m = stacked.amax(0).detach()                                    # the result is independent of m
+    m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))      # all parts empty: any finite m
+    w = torch.exp(stacked - m)                                      # exp(-inf) = 0 for empty parts
+    total = w.sum(0)
+    has_keys = total > 0
+    total = torch.where(has_keys, total, torch.ones_like(total))    # 0/0 and log(0) never happen
+    lse = torch.where(has_keys, m + torch.log(total), torch.full_like(total, float("-inf")))
+    out = 0
+    for o, wi in zip(outs, (w / total).transpose(1, 2)):            # wi: (Nq, H)
+        out = out + wi.unsqueeze(-1).to(acc_dtype) * o.to(acc_dtype)
+    return out.to(outs[0].dtype), lse.to(lses[0].dtype)
+
+
+# -- sharding a pack ---------------------------------------------------------------------
+
+def shard_size(num_tokens: int, world_size: int) -> int:
+    """Tokens per rank: ceil(num_tokens / world_size); the pack is padded to world_size times it."""
+    check(world_size >= 1, f"world_size must be positive, got {world_size}")
+    return -(-int(num_tokens) // world_size)
+
+
+def shard_pack(x: Tensor, world_size: int, rank: int) -> Tensor:
+    """Rank `rank`'s slice of a packed (N, ...) tensor: rows [rank*n, (rank+1)*n), n = ceil(N/P).
+
+    Rows past N are zeros (only on the last ranks). Works for any per-token tensor:
+    activations, pack.positions, pack.segment_ids. Differentiable; a view when no
+    padding is needed.
+    """
+    check(0 <= rank < world_size, f"rank {rank} is not in [0, world_size={world_size})")
+    n = shard_size(x.shape[0], world_size)
+    piece = x[rank * n:(rank + 1) * n]
+    if piece.shape[0] < n:
+        piece = torch.cat([piece, piece.new_zeros((n - piece.shape[0],) + tuple(x.shape[1:]))])
+    return piece
+
+
+def _world(group) -> tuple[int, int]:
+    """(world_size, rank) of `group`; (1, 0) when torch.distributed is not initialized."""
+    if group is None and not (dist.is_available() and dist.is_initialized()):
+        return 1, 0
+    return dist.get_world_size(group), dist.get_rank(group)
+
+
+def gather_pack(x_local: Tensor, num_tokens: int, group=None) -> Tensor:
+    """The whole pack (num_tokens, ...) on every rank from the shards (padding dropped).
+
+    For outputs (e.g. before `unpatchify` at inference); not differentiable: in training,
+    compute the loss on the shards and let the gradients all-reduce as usual.
+    """
+    world_size, _ = _world(group)
+    if world_size == 1:
+        return x_local[:num_tokens].detach()
+    parts = [torch.empty_like(x_local) for _ in range(world_size)]
+    dist.all_gather(parts, x_local.detach().contiguous(), group=group)
+    return torch.cat(parts)[:num_tokens]
+
+
+# -- the differentiable all-to-all ---------------------------------------------------------
+
+def _seq_to_heads(x: Tensor, group, world_size: int) -> Tensor:
+    """(n, H, ...) token shard, all heads -> (P*n, H/P, ...) all tokens, this rank's heads."""
+    n, h = x.shape[:2]
+    rest = tuple(x.shape[2:])
+    # chunk j of dim 0 goes to rank j: it must hold head group j of our tokens
+    send = x.reshape((n, world_size, h // world_size) + rest).transpose(0, 1).contiguous()
+    recv = torch.empty_like(send)          # chunk j: rank j's tokens, our head group
+    dist.all_to_all_single(recv, send, group=group)
+    return recv.reshape((world_size * n, h // world_size) + rest)
+
+
+def _heads_to_seq(y: Tensor, group, world_size: int) -> Tensor:
+    """(P*n, H/P, ...) all tokens, this rank's heads -> (n, H, ...) token shard, all heads."""
+    n, hp = y.shape[0] // world_size, y.shape[1]
+    rest = tuple(y.shape[2:])
+    send = y.reshape((world_size, n, hp) + rest).contiguous()  # chunk j: rank j's tokens
+    recv = torch.empty_like(send)          # chunk j: our tokens, head group j
+    dist.all_to_all_single(recv, send, group=group)
+    return recv.transpose(0, 1).reshape((n, world_size * hp) + rest)
+
+
+class _AllToAll(torch.autograd.Function):
+    """Tokens <-> heads all-to-all; a permutation, so its backward is the reverse one."""
+
+    @staticmethod
+    def forward(ctx, x, group, world_size, to_heads):
+        ctx.args = (group, world_size, to_heads)
+        return (_seq_to_heads if to_heads else _heads_to_seq)(x, group, world_size)
+
+    @staticmethod
+    def backward(ctx, grad):
+        group, world_size, to_heads = ctx.args
+        back = _heads_to_seq if to_heads else _seq_to_heads
+        return back(grad.contiguous(), group, world_size), None, None, None
+
+
+# -- attention over a sharded pack ---------------------------------------------------------
+
+def ulysses_varlen_attention(q_local: Tensor, k_local: Tensor, v_local: Tensor,
+                             cu_seqlens: Tensor, max_seqlen: int, group=None,
+                             rope: Optional[Rope3D] = None, softmax_scale: Optional[float] = None,
+                             return_lse: bool = False, deterministic: bool = False, *,
+                             backend: Optional[str] = None):
+    """Self-attention over a pack sharded by tokens across `group` (Ulysses).
+
+    q_local (n, H, D), k_local / v_local (n, Hk, D): this rank's `shard_pack` slice of the
+    pack's q, k, v, with all heads; every rank holds n tokens. H and Hk must be divisible
+    by P = the group's size. cu_seqlens int32 (B+1,), max_seqlen: the WHOLE pack's
+    (e.g. pack.cu_seqlens, pack.max_seqlen), the same on every rank. rope: a Rope3D over
+    the whole pack's positions (Rope3D.from_pack(pack, ...)), N or P*n rows; it stays
+    fused into the attention kernels.
+
+        rank r: q_local (n, H, D) --all-to-all--> (P*n, H/P, D)   all tokens, heads of group r
+                varlen_attention over the whole pack for those heads
+                out (P*n, H/P, D) --all-to-all--> (n, H, D)      rank r's tokens, all heads
+
+    Equals varlen_attention on the gathered pack, restricted to this rank's tokens;
+    padding rows (past N) attend only among themselves. Returns out (n, H, D) and with
+    return_lse=True also lse (H, n) float32. Differentiable in q, k, v through out and lse
+    (the backward runs the reverse all-to-alls). With torch.distributed not initialized and group=None it is
+    plain varlen_attention (P = 1). Every rank must call it (a collective).
+    """
+    world_size, _ = _world(group)
+    for name, t in (("q_local", q_local), ("k_local", k_local), ("v_local", v_local)):
+        check(t.dim() == 3, f"{name} must be (tokens, heads, head_dim), got shape {tuple(t.shape)}")
+        check(t.shape[1] % world_size == 0,
+              f"{name} has {t.shape[1]} heads, not divisible by the sequence-parallel world size "
+              f"{world_size} (Ulysses gives each rank heads / world_size heads)")
+    check(q_local.shape[0] == k_local.shape[0] == v_local.shape[0],
+          "q_local, k_local and v_local must hold the same tokens (self-attention over the pack)")
+    check(isinstance(cu_seqlens, Tensor) and cu_seqlens.dim() == 1,
+          "cu_seqlens must be a 1-D int32 tensor (the whole pack's offsets)")
+    n_pad = world_size * q_local.shape[0]
+    if rope is not None:
+        check(isinstance(rope, Rope3D), f"rope must be a Rope3D, got {type(rope).__name__}")
+        rows = rope.positions.shape[0]
+        check(n_pad - world_size < rows <= n_pad,
+              f"rope.positions has {rows} rows; it must hold the whole pack's positions "
+              f"(N rows with {n_pad - world_size} < N <= {n_pad} for {world_size} shards of "
+              f"{q_local.shape[0]} tokens)")
+        if rows < n_pad:
+            pad = rope.positions.new_zeros(n_pad - rows, rope.positions.shape[1])
+            rope = dataclasses.replace(rope, positions=torch.cat([rope.positions, pad]))
+    # the padding rows [N, P*n) form one more segment (empty when N = P*n): no device read
+    cu = torch.cat([cu_seqlens, cu_seqlens.new_full((1,), n_pad)])
+    max_len = max(int(max_seqlen), world_size - 1)
+    if world_size == 1:
+        q, k, v = q_local, k_local, v_local
+    else:
+        q, k, v = (_AllToAll.apply(t, group, world_size, True) for t in (q_local, k_local, v_local))
+    out, lse = varlen_attention(q, k, v, cu, cu, max_len, max_len, softmax_scale=softmax_scale,
+                                return_lse=True, rope=rope, deterministic=deterministic,
+                                backend=backend)
+    if world_size > 1:
+        out = _AllToAll.apply(out, group, world_size, False)
+        if return_lse:  # (H/P, P*n) -> (n, H/P)-shaped all-to-all back -> (H, n), differentiable
+            lse = _AllToAll.apply(lse.t().contiguous(), group, world_size, False).t().contiguous()
+    return (out, lse) if return_lse else out
+
+
+def local_cross_attention(q_local: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor,
+                          cu_seqlens_k: Tensor, max_seqlen_q: int, max_seqlen_k: int, group=None,
+                          softmax_scale: Optional[float] = None, return_lse: bool = False,
+                          deterministic: bool = False, *, backend: Optional[str] = None):
+    """Per-video cross-attention from this rank's query shard to replicated text keys.
+
+    q_local (n, H, D): this rank's `shard_pack` slice of the queries; k, v (Nk, Hk, D):
+    ALL text tokens, the same on every rank; cu_seqlens_q / max_seqlen_q: the whole
+    pack's (pack.cu_seqlens, pack.max_seqlen); cu_seqlens_k / max_seqlen_k: the text's
+    (pack.cu_seqlens_k, pack.max_seqlen_k). Video i's tokens on this rank (possibly none,
+    possibly part of the video) attend to video i's text; padding rows get out = 0,
+    lse = -inf. No communication: the shard offsets are computed on the device.
+    The gradients of k and v are this rank's share: sum them over the group (they
+    usually come from a replicated projection whose weight gradients are all-reduced).
+    """
+    world_size, rank = _world(group)
+    check(q_local.dim() == 3,
+          f"q_local must be (tokens, heads, head_dim), got shape {tuple(q_local.shape)}")
+    n = q_local.shape[0]
+    start = rank * n
+    # segment i of the shard = video i's tokens clamped to [start, start + n); then padding
+    cu_q = torch.cat([(cu_seqlens_q - start).clamp(0, n), cu_seqlens_q.new_full((1,), n)])
+    cu_k = torch.cat([cu_seqlens_k, cu_seqlens_k[-1:]])
+    # real segments are at most min(max_seqlen_q, n) long, the padding at most min(n, P - 1)
+    max_q = max(min(int(max_seqlen_q), n), min(n, world_size - 1))
+    return varlen_attention(q_local, k, v, cu_q, cu_k, max_q, max_seqlen_k,
+                            softmax_scale=softmax_scale, return_lse=return_lse,
+                            deterministic=deterministic, backend=backend)
