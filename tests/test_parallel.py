@@ -160,7 +160,14 @@ CASES = [
     ("reference-gqa-rope", "reference", torch.float64, 4, 2, True),
     ("triton-gqa", "triton", torch.float32, 4, 2, False),
     ("triton-mha-rope", "triton", torch.float32, 4, 4, True),
+    # 3 heads: not divisible by the world size, all-gather only (Ulysses rejects it)
+    ("reference-3heads-rope", "reference", torch.float64, 3, 3, True),
 ]
+
+
+def _ulysses_ok(index):
+    _, _, _, h, hk, _ = CASES[index]
+    return h % WORLD == 0 and hk % WORLD == 0
 
 
 def _pack():
@@ -194,14 +201,19 @@ def _worker(rank, store, out_dir):
     for index, (name, backend, *_) in enumerate(CASES):
         pack, x, rope = _case_inputs(index)
         local = {k: vk.shard_pack(t, WORLD, rank) for k, t in x.items() if k not in ("kt", "vt")}
-        q, k, v = (local[n].clone().requires_grad_(True) for n in ("q", "k", "v"))
-        out, lse = vk.ulysses_varlen_attention(q, k, v, pack.cu_seqlens, pack.max_seqlen,
-                                               rope=rope, return_lse=True, backend=backend)
-        # the loss reads lse too, so its gradient path through the all-to-all is checked
-        ((out * local["do"]).sum() + (lse * local["dlse_t"].t()).sum()).backward()
-        lse = lse.detach()
-        r = dict(out=out.detach(), lse=lse, dq=q.grad, dk=k.grad, dv=v.grad,
-                 gathered=vk.gather_pack(out, pack.num_tokens))
+        r = {}
+        for prefix, attention in (("", vk.ulysses_varlen_attention),
+                                  ("ag_", vk.allgather_varlen_attention)):
+            if prefix == "" and not _ulysses_ok(index):
+                continue
+            q, k, v = (local[n].clone().requires_grad_(True) for n in ("q", "k", "v"))
+            out, lse = attention(q, k, v, pack.cu_seqlens, pack.max_seqlen, rope=rope,
+                                 return_lse=True, backend=backend)
+            # the loss reads lse too, so its gradient path through the collectives is checked
+            ((out * local["do"]).sum() + (lse * local["dlse_t"].t()).sum()).backward()
+            r.update({prefix + "out": out.detach(), prefix + "lse": lse.detach(),
+                      prefix + "dq": q.grad, prefix + "dk": k.grad, prefix + "dv": v.grad,
+                      prefix + "gathered": vk.gather_pack(out, pack.num_tokens)})
         # cross-attention from the query shard to all (replicated) text tokens
         q = local["q"].clone().requires_grad_(True)
         kt, vt = (x[n].clone().requires_grad_(True) for n in ("kt", "vt"))
@@ -265,10 +277,15 @@ def _expected(index, cross=False):
     return pack, out.detach(), lse.detach(), dq, dk, dv
 
 
+@pytest.mark.parametrize("scheme", ["ulysses", "allgather"])
 @pytest.mark.parametrize("index", range(len(CASES)), ids=[c[0] for c in CASES])
-def test_ulysses_matches_single_process(ulysses_runs, index):
+def test_sequence_parallel_matches_single_process(ulysses_runs, index, scheme):
     name, _, dtype, *_ = CASES[index]
-    runs = [run[name] for run in ulysses_runs]
+    if scheme == "ulysses" and not _ulysses_ok(index):
+        pytest.skip("Ulysses needs heads divisible by the world size (see the next test)")
+    prefix = "ag_" if scheme == "allgather" else ""
+    runs = [{key[len(prefix):]: val for key, val in run[name].items() if key.startswith(prefix)}
+            for run in ulysses_runs]
     pack, out, lse, dq, dk, dv = _expected(index)
     n = pack.num_tokens
     h = out.shape[1]

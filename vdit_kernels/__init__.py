@@ -11,6 +11,7 @@ vdit_kernels.backend - and calls a registered torch.library op):
   merge_attention                 merge partial attention results (out, lse) over key subsets
   shard_pack, gather_pack         sequence-parallel token shards of a pack
   ulysses_varlen_attention        self-attention over a pack sharded across ranks (Ulysses)
+  allgather_varlen_attention      the same with all-gathered keys/values (any head count)
   local_cross_attention           cross-attention from a query shard to replicated text keys
   use_backend, BackendUnavailable backend choice
 """
@@ -19,8 +20,8 @@ from .ops.attention import varlen_attention
 from .ops.patch import linear_unpatchify, patch_embed, patchify, unpatchify
 from .ops.rope import Rope3D, apply_rope_3d
 from .pack import VideoPack
-from .parallel import (gather_pack, local_cross_attention, merge_attention, shard_pack,
-                       ulysses_varlen_attention)
+from .parallel import (allgather_varlen_attention, gather_pack, local_cross_attention,
+                       merge_attention, shard_pack, ulysses_varlen_attention)
 
 __version__ = "0.1.0"
 
@@ -29,5 +30,5 @@ __all__ = [
     "apply_rope_3d", "Rope3D", "varlen_attention", "use_backend", "available_backends",
     "BackendUnavailable", "__version__",
     "merge_attention", "shard_pack", "gather_pack", "ulysses_varlen_attention",
-    "local_cross_attention",
+    "local_cross_attention", "allgather_varlen_attention",
 ]

@@ -22,6 +22,14 @@ all-to-all turns the result back. Communication per rank and call: (P-1)/P of it
 and output shards, (P-1)/P * n * D * (2H + 2Hk) elements, forward; the same again in the
 backward. That does not grow with P for a fixed n (unlike all-gathering k and v).
 
+Self-attention with all-gathered keys and values (`allgather_varlen_attention`, the
+context-parallel scheme of Llama 3's training): queries stay sharded, k and v shards are
+all-gathered (the backward reduce-scatters their gradients), and each rank attends from
+its query shard to the whole pack. Any head count works (no divisibility), RoPE rotates
+the local q/k shards before the gather (one extra pass, not fused). Communication per
+rank: (P-1)/P * N * Hk * D * 2 elements forward, the same for the gradients; it suits GQA
+(few kv heads) and head counts that P does not divide.
+
 Cross-attention to text: text keys are short, so they are replicated on every rank and
 each rank attends from its own query shard (`local_cross_attention`); no communication.
 
@@ -40,7 +48,7 @@ from torch import Tensor
 
 from .checks import check
 from .ops.attention import varlen_attention
-from .ops.rope import Rope3D
+from .ops.rope import Rope3D, apply_rope_3d
 
 
 # -- merging partial attention results -------------------------------------------------
@@ -170,6 +178,34 @@ class _AllToAll(torch.autograd.Function):
         return back(grad.contiguous(), group, world_size), None, None, None
 
 
+class _AllGather(torch.autograd.Function):
+    """(n, ...) shard -> (P*n, ...) on every rank; backward: sum the gradients of each rank's
+    copy and keep this rank's rows (reduce-scatter; all-reduce + slice where the process
+    group's backend, e.g. gloo, has no reduce-scatter)."""
+
+    @staticmethod
+    def forward(ctx, x, group, world_size):
+        ctx.args = (group, world_size)
+        x = x.contiguous()
+        out = x.new_empty((world_size * x.shape[0],) + tuple(x.shape[1:]))
+        dist.all_gather_into_tensor(out, x, group=group)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        group, world_size = ctx.args
+        grad = grad.contiguous()
+        n = grad.shape[0] // world_size
+        if dist.get_backend(group) == "nccl":
+            out = grad.new_empty((n,) + tuple(grad.shape[1:]))
+            dist.reduce_scatter_tensor(out, grad, group=group)
+            return out, None, None
+        grad = grad.clone()
+        dist.all_reduce(grad, group=group)
+        rank = dist.get_rank(group)
+        return grad[rank * n:(rank + 1) * n].contiguous(), None, None
+
+
 # -- attention over a sharded pack ---------------------------------------------------------
 
 def ulysses_varlen_attention(q_local: Tensor, k_local: Tensor, v_local: Tensor,
@@ -232,6 +268,62 @@ def ulysses_varlen_attention(q_local: Tensor, k_local: Tensor, v_local: Tensor,
         if return_lse:  # (H/P, P*n) -> (n, H/P)-shaped all-to-all back -> (H, n), differentiable
             lse = _AllToAll.apply(lse.t().contiguous(), group, world_size, False).t().contiguous()
     return (out, lse) if return_lse else out
+
+
+def allgather_varlen_attention(q_local: Tensor, k_local: Tensor, v_local: Tensor,
+                               cu_seqlens: Tensor, max_seqlen: int, group=None,
+                               rope: Optional[Rope3D] = None, softmax_scale: Optional[float] = None,
+                               return_lse: bool = False, deterministic: bool = False, *,
+                               backend: Optional[str] = None):
+    """Self-attention over a pack sharded by tokens, with all-gathered keys and values.
+
+    Arguments as ulysses_varlen_attention: q_local (n, H, D), k_local / v_local (n, Hk, D)
+    this rank's `shard_pack` slice with all heads; cu_seqlens, max_seqlen and rope (its
+    positions) of the WHOLE pack. Any H and Hk (no divisibility by the world size).
+
+        rank r: k_local, v_local (n, Hk, D) --all-gather--> (P*n, Hk, D), the whole pack
+                varlen_attention: video i's tokens on rank r (clamped offsets, computed on
+                the device) attend to all of video i's tokens
+                -> out (n, H, D) for rank r's tokens
+
+    With rope, q_local and k_local are rotated with this rank's positions before the
+    gather (apply_rope_3d, one pass over the shards). Equals varlen_attention on the
+    gathered pack, restricted to this rank's tokens; padding rows attend only among
+    themselves. Returns out (n, H, D) [and lse (H, n) float32]; differentiable in q, k, v
+    through out and lse (the k/v gradients are reduce-scattered back to their ranks).
+    Without torch.distributed initialized it is plain varlen_attention (P = 1).
+    """
+    world_size, rank = _world(group)
+    for name, t in (("q_local", q_local), ("k_local", k_local), ("v_local", v_local)):
+        check(t.dim() == 3, f"{name} must be (tokens, heads, head_dim), got shape {tuple(t.shape)}")
+    check(q_local.shape[0] == k_local.shape[0] == v_local.shape[0],
+          "q_local, k_local and v_local must hold the same tokens (self-attention over the pack)")
+    check(isinstance(cu_seqlens, Tensor) and cu_seqlens.dim() == 1,
+          "cu_seqlens must be a 1-D int32 tensor (the whole pack's offsets)")
+    n = q_local.shape[0]
+    n_pad = world_size * n
+    if rope is not None:
+        check(isinstance(rope, Rope3D), f"rope must be a Rope3D, got {type(rope).__name__}")
+        rows = rope.positions.shape[0]
+        check(n_pad - world_size < rows <= n_pad,
+              f"rope.positions has {rows} rows; it must hold the whole pack's positions "
+              f"(N rows with {n_pad - world_size} < N <= {n_pad} for {world_size} shards of {n} tokens)")
+        positions = shard_pack(rope.positions, world_size, rank) if world_size > 1 else rope.positions
+        q_local, k_local = apply_rope_3d(q_local, k_local, None, rope.dims, rope.theta, rope.interleaved,
+                                         positions=positions, backend=backend)
+    if world_size > 1:
+        k, v = (_AllGather.apply(t, group, world_size) for t in (k_local, v_local))
+    else:
+        k, v = k_local, v_local
+    start = rank * n
+    # query segment i = video i's tokens clamped to this shard, keys = all of video i; the
+    # padding rows [N, P*n) form one more segment on both sides (empty when N = P*n)
+    cu_q = torch.cat([(cu_seqlens - start).clamp(0, n), cu_seqlens.new_full((1,), n)])
+    cu_k = torch.cat([cu_seqlens, cu_seqlens.new_full((1,), n_pad)])
+    max_q = max(min(int(max_seqlen), n), min(n, world_size - 1))
+    max_k = max(int(max_seqlen), world_size - 1)
+    return varlen_attention(q_local, k, v, cu_q, cu_k, max_q, max_k, softmax_scale=softmax_scale,
+                            return_lse=return_lse, deterministic=deterministic, backend=backend)
 
 
 def local_cross_attention(q_local: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor,
