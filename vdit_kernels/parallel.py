@@ -33,8 +33,9 @@ rank: (P-1)/P * N * Hk * D * 2 elements forward, the same for the gradients; it 
 Cross-attention to text: text keys are short, so they are replicated on every rank and
 each rank attends from its own query shard (`local_cross_attention`); no communication.
 
-Not implemented: ring attention (key/value blocks passed around a ring, for head counts
-below P or very long single videos; `merge_attention` is its building block), mixing
+Not implemented: ring attention (key/value blocks passed around a ring, never held
+whole, for packs whose k and v do not fit on one GPU; `merge_attention` is its building
+block), mixing
 Ulysses with ring (USP), and uneven shards.
 """
 from __future__ import annotations
