@@ -203,7 +203,8 @@ def _worker(rank, store, out_dir):
         local = {k: vk.shard_pack(t, WORLD, rank) for k, t in x.items() if k not in ("kt", "vt")}
         r = {}
         for prefix, attention in (("", vk.ulysses_varlen_attention),
-                                  ("ag_", vk.allgather_varlen_attention)):
+                                  ("ag_", vk.allgather_varlen_attention),
+                                  ("ring_", vk.ring_varlen_attention)):
             if prefix == "" and not _ulysses_ok(index):
                 continue
             q, k, v = (local[n].clone().requires_grad_(True) for n in ("q", "k", "v"))
@@ -277,13 +278,13 @@ def _expected(index, cross=False):
     return pack, out.detach(), lse.detach(), dq, dk, dv
 
 
-@pytest.mark.parametrize("scheme", ["ulysses", "allgather"])
+@pytest.mark.parametrize("scheme", ["ulysses", "allgather", "ring"])
 @pytest.mark.parametrize("index", range(len(CASES)), ids=[c[0] for c in CASES])
 def test_sequence_parallel_matches_single_process(ulysses_runs, index, scheme):
     name, _, dtype, *_ = CASES[index]
     if scheme == "ulysses" and not _ulysses_ok(index):
         pytest.skip("Ulysses needs heads divisible by the world size (see the next test)")
-    prefix = "ag_" if scheme == "allgather" else ""
+    prefix = {"ulysses": "", "allgather": "ag_", "ring": "ring_"}[scheme]
     runs = [{key[len(prefix):]: val for key, val in run[name].items() if key.startswith(prefix)}
             for run in ulysses_runs]
     pack, out, lse, dq, dk, dv = _expected(index)
@@ -292,6 +293,8 @@ def test_sequence_parallel_matches_single_process(ulysses_runs, index, scheme):
     assert runs[0]["out"].shape == (20, h, D) and runs[0]["lse"].shape == (h, 20)
     assert runs[0]["out"].dtype == dtype
     atol, rtol = _tol(index)
+    if scheme == "ring":  # partial results merged through float32 lse: float32-level agreement
+        atol, rtol = max(atol, 1e-6), max(rtol, 1e-6)
     assert_verbose_close(_gather(runs, "out", n), out, atol, rtol, name="out")
     assert_verbose_close(_gather(runs, "lse", n, dim=1), lse.to(runs[0]["lse"].dtype), atol, rtol,
                          name="lse")
@@ -341,3 +344,46 @@ def test_single_process_is_plain_attention():
     assert torch.equal(vk.shard_pack(x["q"], 1, 0), x["q"])
     assert vk.shard_pack(x["q"], 4, 3).shape[0] == 10  # ceil(39 / 4), the last row is padding
     assert torch.all(vk.shard_pack(x["q"], 4, 3)[-1] == 0)
+
+
+# -- 3 processes: the ring's direction and the accumulators' way home ---------------------
+# (with 2 ranks "previous" and "next" are the same rank, so only 3 can tell them apart)
+
+def _worker3(rank, store, out_dir):
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=3,
+                            timeout=timedelta(seconds=60))
+    results = {}
+    for index in (0, 4):  # reference: 4 heads, and 3 heads with rope
+        pack, x, rope = _case_inputs(index)
+        local = {k: vk.shard_pack(t, 3, rank) for k, t in x.items() if k not in ("kt", "vt")}
+        for scheme, attention in (("ring", vk.ring_varlen_attention),
+                                  ("allgather", vk.allgather_varlen_attention)):
+            q, k, v = (local[n].clone().requires_grad_(True) for n in ("q", "k", "v"))
+            out, lse = attention(q, k, v, pack.cu_seqlens, pack.max_seqlen, rope=rope,
+                                 return_lse=True, backend="reference")
+            ((out * local["do"]).sum() + (lse * local["dlse_t"].t()).sum()).backward()
+            results[(index, scheme)] = dict(out=out.detach(), lse=lse.detach(), dq=q.grad,
+                                            dk=k.grad, dv=v.grad)
+    torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
+    dist.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def three_rank_runs(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("three_ranks")
+    mp.spawn(_worker3, args=(str(tmp / "store"), str(tmp)), nprocs=3, join=True)
+    return [torch.load(tmp / f"rank{r}.pt") for r in range(3)]
+
+
+@pytest.mark.parametrize("scheme", ["ring", "allgather"])
+@pytest.mark.parametrize("index", [0, 4], ids=[CASES[0][0], CASES[4][0]])
+def test_three_ranks(three_rank_runs, index, scheme):
+    runs = [run[(index, scheme)] for run in three_rank_runs]
+    pack, out, lse, dq, dk, dv = _expected(index)
+    n = pack.num_tokens  # 39 = 3 x 13: no padding
+    assert runs[0]["out"].shape[0] == 13
+    for key, e in (("out", out), ("dq", dq), ("dk", dk), ("dv", dv)):
+        assert_verbose_close(_gather(runs, key, n), e, 1e-6, 1e-6, name=key)
+    assert_verbose_close(_gather(runs, "lse", n, dim=1), lse.to(runs[0]["lse"].dtype), 1e-6, 1e-6,
+                         name="lse")

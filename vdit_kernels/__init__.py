@@ -12,6 +12,7 @@ vdit_kernels.backend - and calls a registered torch.library op):
   shard_pack, gather_pack         sequence-parallel token shards of a pack
   ulysses_varlen_attention        self-attention over a pack sharded across ranks (Ulysses)
   allgather_varlen_attention      the same with all-gathered keys/values (any head count)
+  ring_varlen_attention           the same with keys/values passed around a ring
   local_cross_attention           cross-attention from a query shard to replicated text keys
   use_backend, BackendUnavailable backend choice
 """
@@ -21,7 +22,7 @@ from .ops.patch import linear_unpatchify, patch_embed, patchify, unpatchify
 from .ops.rope import Rope3D, apply_rope_3d
 from .pack import VideoPack
 from .parallel import (allgather_varlen_attention, gather_pack, local_cross_attention,
-                       merge_attention, shard_pack, ulysses_varlen_attention)
+                       merge_attention, ring_varlen_attention, shard_pack, ulysses_varlen_attention)
 
 __version__ = "0.1.0"
 
@@ -30,5 +31,5 @@ __all__ = [
     "apply_rope_3d", "Rope3D", "varlen_attention", "use_backend", "available_backends",
     "BackendUnavailable", "__version__",
     "merge_attention", "shard_pack", "gather_pack", "ulysses_varlen_attention",
-    "local_cross_attention", "allgather_varlen_attention",
+    "local_cross_attention", "allgather_varlen_attention", "ring_varlen_attention",
 ]

@@ -33,10 +33,11 @@ rank: (P-1)/P * N * Hk * D * 2 elements forward, the same for the gradients; it 
 Cross-attention to text: text keys are short, so they are replicated on every rank and
 each rank attends from its own query shard (`local_cross_attention`); no communication.
 
-Not implemented: ring attention (key/value blocks passed around a ring, never held
-whole, for packs whose k and v do not fit on one GPU; `merge_attention` is its building
-block), mixing
-Ulysses with ring (USP), and uneven shards.
+Ring attention (`ring_varlen_attention`): k/v shards passed around the ring, partial
+results merged by their lse (`merge_attention`); no rank holds more than two k/v shards,
+for packs whose keys and values do not fit on one GPU.
+
+Not implemented: mixing Ulysses with ring (USP), and uneven shards.
 """
 from __future__ import annotations
 
@@ -47,7 +48,9 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from . import backend as _backend
 from .checks import check
+from .ops import attention as attn_ops
 from .ops.attention import varlen_attention
 from .ops.rope import Rope3D, apply_rope_3d
 
@@ -271,6 +274,36 @@ def ulysses_varlen_attention(q_local: Tensor, k_local: Tensor, v_local: Tensor,
     return (out, lse) if return_lse else out
 
 
+def _rotate_shards(q_local, k_local, v_local, cu_seqlens, rope, world_size, rank, backend):
+    """Checks shared by the schemes that attend from a query shard to other ranks' keys,
+    and RoPE applied to the local q/k shards (positions: this rank's slice of the pack's)."""
+    for name, t in (("q_local", q_local), ("k_local", k_local), ("v_local", v_local)):
+        check(t.dim() == 3, f"{name} must be (tokens, heads, head_dim), got shape {tuple(t.shape)}")
+    check(q_local.shape[0] == k_local.shape[0] == v_local.shape[0],
+          "q_local, k_local and v_local must hold the same tokens (self-attention over the pack)")
+    check(isinstance(cu_seqlens, Tensor) and cu_seqlens.dim() == 1,
+          "cu_seqlens must be a 1-D int32 tensor (the whole pack's offsets)")
+    n = q_local.shape[0]
+    n_pad = world_size * n
+    if rope is not None:
+        check(isinstance(rope, Rope3D), f"rope must be a Rope3D, got {type(rope).__name__}")
+        rows = rope.positions.shape[0]
+        check(n_pad - world_size < rows <= n_pad,
+              f"rope.positions has {rows} rows; it must hold the whole pack's positions "
+              f"(N rows with {n_pad - world_size} < N <= {n_pad} for {world_size} shards of {n} tokens)")
+        positions = shard_pack(rope.positions, world_size, rank) if world_size > 1 else rope.positions
+        q_local, k_local = apply_rope_3d(q_local, k_local, None, rope.dims, rope.theta, rope.interleaved,
+                                         positions=positions, backend=backend)
+    return q_local, k_local
+
+
+def _shard_offsets(cu_seqlens: Tensor, shard: int, n: int) -> Tensor:
+    """Segment offsets inside token shard `shard` (rows [shard*n, (shard+1)*n)): video i's
+    tokens clamped to the shard, then the padding rows [N, P*n) as one more segment (empty
+    unless the shard holds padding). Computed on the device: no host sync."""
+    return torch.cat([(cu_seqlens - shard * n).clamp(0, n), cu_seqlens.new_full((1,), n)])
+
+
 def allgather_varlen_attention(q_local: Tensor, k_local: Tensor, v_local: Tensor,
                                cu_seqlens: Tensor, max_seqlen: int, group=None,
                                rope: Optional[Rope3D] = None, softmax_scale: Optional[float] = None,
@@ -295,36 +328,132 @@ def allgather_varlen_attention(q_local: Tensor, k_local: Tensor, v_local: Tensor
     Without torch.distributed initialized it is plain varlen_attention (P = 1).
     """
     world_size, rank = _world(group)
-    for name, t in (("q_local", q_local), ("k_local", k_local), ("v_local", v_local)):
-        check(t.dim() == 3, f"{name} must be (tokens, heads, head_dim), got shape {tuple(t.shape)}")
-    check(q_local.shape[0] == k_local.shape[0] == v_local.shape[0],
-          "q_local, k_local and v_local must hold the same tokens (self-attention over the pack)")
-    check(isinstance(cu_seqlens, Tensor) and cu_seqlens.dim() == 1,
-          "cu_seqlens must be a 1-D int32 tensor (the whole pack's offsets)")
+    q_local, k_local = _rotate_shards(q_local, k_local, v_local, cu_seqlens, rope, world_size, rank,
+                                      backend)
     n = q_local.shape[0]
     n_pad = world_size * n
-    if rope is not None:
-        check(isinstance(rope, Rope3D), f"rope must be a Rope3D, got {type(rope).__name__}")
-        rows = rope.positions.shape[0]
-        check(n_pad - world_size < rows <= n_pad,
-              f"rope.positions has {rows} rows; it must hold the whole pack's positions "
-              f"(N rows with {n_pad - world_size} < N <= {n_pad} for {world_size} shards of {n} tokens)")
-        positions = shard_pack(rope.positions, world_size, rank) if world_size > 1 else rope.positions
-        q_local, k_local = apply_rope_3d(q_local, k_local, None, rope.dims, rope.theta, rope.interleaved,
-                                         positions=positions, backend=backend)
     if world_size > 1:
         k, v = (_AllGather.apply(t, group, world_size) for t in (k_local, v_local))
     else:
         k, v = k_local, v_local
-    start = rank * n
-    # query segment i = video i's tokens clamped to this shard, keys = all of video i; the
-    # padding rows [N, P*n) form one more segment on both sides (empty when N = P*n)
-    cu_q = torch.cat([(cu_seqlens - start).clamp(0, n), cu_seqlens.new_full((1,), n)])
+    # queries: video i's tokens on this shard; keys: all of video i (and padding with padding)
+    cu_q = _shard_offsets(cu_seqlens, rank, n)
     cu_k = torch.cat([cu_seqlens, cu_seqlens.new_full((1,), n_pad)])
     max_q = max(min(int(max_seqlen), n), min(n, world_size - 1))
     max_k = max(int(max_seqlen), world_size - 1)
     return varlen_attention(q_local, k, v, cu_q, cu_k, max_q, max_k, softmax_scale=softmax_scale,
                             return_lse=return_lse, deterministic=deterministic, backend=backend)
+
+
+def _ring_shift(tensors, group, world_size: int, rank: int, forward: bool = True):
+    """Send `tensors` to the next rank (forward) or the previous one, receive the matching
+    ones from the other side; returns (received tensors, requests to wait on)."""
+    dst = (rank + 1) % world_size if forward else (rank - 1) % world_size
+    src = (rank - 1) % world_size if forward else (rank + 1) % world_size
+    recv = [torch.empty_like(t) for t in tensors]
+    ops = [dist.P2POp(dist.isend, t.contiguous(), dist.get_global_rank(group, dst) if group else dst,
+                      group) for t in tensors]
+    ops += [dist.P2POp(dist.irecv, r, dist.get_global_rank(group, src) if group else src, group)
+            for r in recv]
+    return recv, dist.batch_isend_irecv(ops)
+
+
+class _RingAttention(torch.autograd.Function):
+    """Ring attention over token shards. Step s: this rank (r) attends from its queries to
+    the k/v shard of rank j = r - s (mod P), passed along the ring, and merges the partial
+    result by its lse. The backward runs the ring again with the final out and lse (so
+    each block's P = exp(S - lse) is final): dQ accumulates here, dK/dV accumulators travel
+    with their k/v shard and arrive home after a last shift. Memory: two k/v shards (the
+    current and the incoming one), never the whole pack's."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, cu_seqlens, max_seqlen, scale, deterministic, backend, group):
+        world_size, rank = _world(group)
+        n = q.shape[0]
+        cu_q = _shard_offsets(cu_seqlens, rank, n)
+        max_len = max(min(int(max_seqlen), n), min(n, world_size - 1))
+        out = lse = None
+        k_cur, v_cur = k, v
+        for step in range(world_size):
+            pending = None
+            if step + 1 < world_size:  # the next shard travels while this one is computed
+                (k_next, v_next), pending = _ring_shift([k_cur, v_cur], group, world_size, rank)
+            j = (rank - step) % world_size
+            o, l = attn_ops.varlen_attention_op(q, k_cur, v_cur, cu_q, _shard_offsets(cu_seqlens, j, n),
+                                                max_len, max_len, scale, None, [], 10000.0, True,
+                                                deterministic, backend)
+            out, lse = (o, l) if out is None else merge_attention([out, o], [lse, l])
+            if pending is not None:
+                for req in pending:
+                    req.wait()
+                k_cur, v_cur = k_next, v_next
+        ctx.save_for_backward(q, k, v, out, lse, cu_seqlens)
+        ctx.args = (max_len, scale, deterministic, backend, group)
+        return out, lse
+
+    @staticmethod
+    def backward(ctx, grad_out, grad_lse):
+        q, k, v, out, lse, cu_seqlens = ctx.saved_tensors
+        max_len, scale, deterministic, backend, group = ctx.args
+        world_size, rank = _world(group)
+        n = q.shape[0]
+        cu_q = _shard_offsets(cu_seqlens, rank, n)
+        grad_out = grad_out.contiguous()
+        grad_lse = None if grad_lse is None else grad_lse.to(torch.float32).contiguous()
+        dq = torch.zeros_like(q, dtype=torch.float32)
+        k_cur, v_cur = k, v
+        dk_acc = torch.zeros_like(k, dtype=torch.float32)
+        dv_acc = torch.zeros_like(v, dtype=torch.float32)
+        for step in range(world_size):
+            pending = None
+            if step + 1 < world_size:
+                (k_next, v_next), pending = _ring_shift([k_cur, v_cur], group, world_size, rank)
+            j = (rank - step) % world_size
+            gq, gk, gv = attn_ops.varlen_attention_backward_op(
+                grad_out, q, k_cur, v_cur, out, lse, grad_lse, cu_q, _shard_offsets(cu_seqlens, j, n),
+                max_len, max_len, scale, None, [], 10000.0, True, deterministic, backend)
+            dq += gq
+            dk_acc += gk
+            dv_acc += gv
+            # the accumulators follow their shard: after the last step one more shift home
+            (dk_acc, dv_acc), acc_pending = _ring_shift([dk_acc, dv_acc], group, world_size, rank) \
+                if world_size > 1 else ((dk_acc, dv_acc), [])
+            for req in (pending or []) + list(acc_pending):
+                req.wait()
+            if pending is not None:
+                k_cur, v_cur = k_next, v_next
+        return (dq.to(q.dtype), dk_acc.to(k.dtype), dv_acc.to(v.dtype)) + (None,) * 6
+
+
+def ring_varlen_attention(q_local: Tensor, k_local: Tensor, v_local: Tensor,
+                          cu_seqlens: Tensor, max_seqlen: int, group=None,
+                          rope: Optional[Rope3D] = None, softmax_scale: Optional[float] = None,
+                          return_lse: bool = False, deterministic: bool = False, *,
+                          backend: Optional[str] = None):
+    """Self-attention over a pack sharded by tokens, keys and values passed around a ring.
+
+    Arguments as allgather_varlen_attention (any head count). P steps: at step s, rank r
+    attends from its query shard to the k/v shard of rank r - s (offsets of both shards
+    clamped on the device), merging the partial results by their lse (merge_attention),
+    while the next k/v shard is sent/received (isend/irecv) behind the compute. No rank
+    ever holds more than two k/v shards, so packs whose keys and values do not fit on one
+    GPU work; each rank sends and receives (P-1) k/v shards per call, twice that plus the
+    dK/dV accumulators in the backward. RoPE rotates the local shards first (not fused).
+    Equals varlen_attention on the gathered pack, restricted to this rank's tokens.
+    Returns out (n, H, D) [and lse (H, n) float32]; differentiable in q, k, v through out
+    and lse. Without torch.distributed initialized it is plain varlen_attention (P = 1).
+    """
+    world_size, rank = _world(group)
+    q_local, k_local = _rotate_shards(q_local, k_local, v_local, cu_seqlens, rope, world_size, rank,
+                                      backend)
+    check(q_local.shape[2] == k_local.shape[2] and q_local.shape[1] % k_local.shape[1] == 0,
+          f"q_local {tuple(q_local.shape)} and k_local {tuple(k_local.shape)}: head dims must match "
+          "and kv heads divide q heads")
+    scale = float(softmax_scale) if softmax_scale is not None else q_local.shape[2] ** -0.5
+    name = _backend.resolve(attn_ops.FAMILY, q_local.device, backend, "varlen_attention_bwd")
+    out, lse = _RingAttention.apply(q_local, k_local, v_local, cu_seqlens.to(torch.int32),
+                                    int(max_seqlen), scale, bool(deterministic), name, group)
+    return (out, lse) if return_lse else out
 
 
 def local_cross_attention(q_local: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor,
