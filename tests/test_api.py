@@ -273,5 +273,5 @@ def test_compile_reports_an_unavailable_backend(pack):
     torch._dynamo.reset()
     q = torch.randn(pack.num_tokens, 2, 12)
     step = torch.compile(lambda q: vk.apply_rope_3d(q, q, pack, (4, 4, 4), backend="cuda"), fullgraph=True)
-    with pytest.raises(Exception, match="cannot run rope_3d.*CUDA"):
+    with pytest.raises(Exception, match="backend .cuda. cannot run rope_3d: "):
         step(q)

@@ -141,14 +141,15 @@ def why_not(backend: str, family: str, device: torch.device, op: Optional[str] =
 def resolve(family: str, device: torch.device, backend: Optional[str] = None,
             op: Optional[str] = None) -> str:
     """The concrete backend for one call of op `op` (of `family`) on `device`."""
-    name = backend or _requested.get() or os.environ.get("VDIT_BACKEND") or "auto"
-    return _resolve_name(name, family, torch.device(device).type, op)
+    return _resolve_name(backend, family, torch.device(device).type, op)
 
 
 # Under torch.compile the choice is made once, at trace time, and baked into the graph as
-# the op's backend argument: dynamo must not trace the module probing below.
+# the op's backend argument: dynamo must not trace the lookups below (the context
+# variable: torch <= 2.13 cannot trace ContextVar.get; the module probing: importlib).
 @torch.compiler.assume_constant_result
-def _resolve_name(name: str, family: str, device: str, op: Optional[str]) -> str:
+def _resolve_name(backend: Optional[str], family: str, device: str, op: Optional[str]) -> str:
+    name = backend or _requested.get() or os.environ.get("VDIT_BACKEND") or "auto"
     _check_name(name)
     if name != "auto":
         reason = why_not(name, family, device, op)

@@ -371,8 +371,11 @@ def _attn_bwd_dq_kernel(
 # (benchmarks/static_report.py fails otherwise); the autotuner times the candidates of
 # the call's class once per (class, D, dtypes, GQA groups) and keeps the fastest.
 #   forward  (BLOCK_M queries, BLOCK_N keys, warps, stages)
-#   backward (OWN rows per program, LOOP rows per inner step, warps, stages); OWN is the
-#            key block of the dK/dV kernel and the query block of the dQ kernel.
+#   backward (OWN rows per program, LOOP rows per inner step, warps, stages), one list per
+#            kernel: OWN is the key block of the dK/dV kernel and the query block of dQ.
+# The lists are spill-free with Triton 3.6 (the GPU machines') and 3.8 (CI) alike: the
+# dK/dV kernel, which holds k, v, dK and dV for its whole key block, needed smaller query
+# steps under 3.6 (64 x 32 at D = 128 spilled 256 B there, none under 3.8).
 # Classes: "d64" BLOCK_D <= 64; "d128" D == 128; "masked" 64 < D < 128 (72, 80, 96: the
 # column masks cost registers); "d256" 128 < D <= 256; "rope" fused RoPE, D in (64, 128)
 # only (with masked or larger head dims the partner loads spilled at every tile tried:
@@ -385,11 +388,19 @@ _FWD_TILES = {
     "rope": [(64, 32, 8, 2), (64, 32, 8, 3)],
 }
 _BWD_TILES = {
-    "d64": [(64, 64, 8, 2), (128, 64, 8, 2)],
-    "d128": [(64, 32, 8, 2), (64, 32, 8, 3)],
-    "masked": [(64, 32, 8, 2), (64, 32, 8, 3)],
-    # 64-row tiles spilled at D = 256 even with 16 warps: small mma.sync tiles instead
-    "d256": [(32, 16, 4, 1)],
+    "dkdv": {
+        "d64": [(64, 32, 8, 2), (128, 64, 8, 2), (64, 32, 8, 3)],
+        "d128": [(64, 16, 8, 1)],
+        "masked": [(64, 16, 8, 1), (64, 16, 8, 2)],
+        # 64-row tiles spilled at D = 256 even with 16 warps: small mma.sync tiles instead
+        "d256": [(16, 16, 4, 1), (16, 16, 4, 2)],
+    },
+    "dq": {
+        "d64": [(64, 64, 8, 2), (128, 64, 8, 2)],
+        "d128": [(64, 32, 8, 2), (64, 32, 8, 3)],
+        "masked": [(64, 32, 8, 2), (64, 32, 8, 3)],
+        "d256": [(32, 16, 4, 1)],
+    },
 }
 # float32 (IEEE dots on FMA units, tests only) and the interpreter: one small tile
 _SMALL = (16, 16, 4, 1)
@@ -423,8 +434,9 @@ def _fwd_tiles(d: int, dtype: torch.dtype, device: torch.device, rope: bool) -> 
     return _FWD_TILES[_tile_class(d, rope)] if _half_on_gpu(dtype, device) else [_SMALL]
 
 
-def _bwd_tiles(d: int, dtype: torch.dtype, device: torch.device) -> list[tuple]:
-    return _BWD_TILES[_tile_class(d, False)] if _half_on_gpu(dtype, device) else [_SMALL]
+def _bwd_tiles(d: int, dtype: torch.dtype, device: torch.device, kernel: str) -> list[tuple]:
+    """kernel: "dkdv" or "dq"."""
+    return _BWD_TILES[kernel][_tile_class(d, False)] if _half_on_gpu(dtype, device) else [_SMALL]
 
 
 def _autotune_enabled() -> bool:
@@ -441,7 +453,7 @@ def _prune(tag: str):
             wanted = set(_FWD_TILES[_tile_class(d, rope)])
             key = lambda c: (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages)
         else:
-            wanted = set(_BWD_TILES[_tile_class(d, False)])
+            wanted = set(_BWD_TILES[tag][_tile_class(d, False)])
             own, loop = ("BLOCK_N", "BLOCK_M") if tag == "dkdv" else ("BLOCK_M", "BLOCK_N")
             key = lambda c: (c.kwargs[own], c.kwargs[loop], c.num_warps, c.num_stages)
         return [c for c in configs if key(c) in wanted]
@@ -449,7 +461,7 @@ def _prune(tag: str):
 
 
 def _configs(tag: str) -> list:
-    tiles = _FWD_TILES if tag == "fwd" else _BWD_TILES
+    tiles = _FWD_TILES if tag == "fwd" else _BWD_TILES[tag]
     out, seen = [], set()
     for cands in tiles.values():
         for a, b, w, st in cands:
@@ -565,7 +577,6 @@ def varlen_attention_bwd(grad_out, q, k, v, out, lse, grad_lse, cu_seqlens_q, cu
         positions, dims, theta, interleaved = rope
         q, k = rope_3d(q, k, positions, dims, theta, interleaved, False)
     has_rope, inter, dt, dh, dw, pos, log2_theta = _rope_args(None, q)
-    tiles = _bwd_tiles(d, q.dtype, q.device)
     bd = _block_d(d)
     ieee = q.dtype in (torch.float32, torch.float64)
     scale = float(softmax_scale)
@@ -592,7 +603,8 @@ def varlen_attention_bwd(grad_out, q, k, v, out, lse, grad_lse, cu_seqlens_q, cu
             dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1),
             h // hk, scale, scale * LOG2E, log2_theta)
     _launch(_attn_bwd_dkdv_kernel, _dkdv_tuned,
-            lambda meta: (triton.cdiv(max_seqlen_k, meta["BLOCK_N"]), hk, nseg), args, tiles,
+            lambda meta: (triton.cdiv(max_seqlen_k, meta["BLOCK_N"]), hk, nseg), args,
+            _bwd_tiles(d, q.dtype, q.device, "dkdv"),
             lambda t: dict(BLOCK_N=t[0], BLOCK_M=t[1]), fixed=deterministic, **common)
     # -- dQ: one query block x head --
     args = (q, k, v, grad_out, lse, delta, dq, cu_q, cu_k, pos,
@@ -601,7 +613,8 @@ def varlen_attention_bwd(grad_out, q, k, v, out, lse, grad_lse, cu_seqlens_q, cu
             dq.stride(0), dq.stride(1),
             h // hk, scale, scale * LOG2E, log2_theta)
     _launch(_attn_bwd_dq_kernel, _dq_tuned,
-            lambda meta: (triton.cdiv(max_seqlen_q, meta["BLOCK_M"]), h, nseg), args, tiles,
+            lambda meta: (triton.cdiv(max_seqlen_q, meta["BLOCK_M"]), h, nseg), args,
+            _bwd_tiles(d, q.dtype, q.device, "dq"),
             lambda t: dict(BLOCK_M=t[0], BLOCK_N=t[1]), fixed=deterministic, **common)
     if rope is not None:
         rope_3d_(dq, dk, positions, dims, theta, interleaved, inverse=True)
@@ -654,19 +667,21 @@ def aot_specs() -> list[dict]:
                           "constexprs": ce, "num_warps": w, "num_stages": st, "expect_mma": mma})
         if rope:  # the backward runs on pre-rotated q/k: the same kernels as without rope
             continue
-        for own, loop, w, st in _bwd_tiles(d, tdt, torch.device("cuda")):
-            # wgmma needs 64-row tiles; the small D = 256 tiles run on mma.sync
-            tc = mma and own >= 64
+        for own, loop, w, st in _bwd_tiles(d, tdt, torch.device("cuda"), "dkdv"):
             ce = dict(base, BLOCK_M=loop, BLOCK_N=own)
+            # wgmma needs 64-row tiles; the small D = 256 tiles run on mma.sync
             specs.append({"name": f"attn_bwd_dkdv {tag} {own}x{loop} w{w}s{st}",
                           "fn": _attn_bwd_dkdv_kernel,
                           "signature": sig(dtype, dkdv_sig, ce, out=("DK", "DV")),
-                          "constexprs": ce, "num_warps": w, "num_stages": st, "expect_mma": tc})
+                          "constexprs": ce, "num_warps": w, "num_stages": st,
+                          "expect_mma": mma and own >= 64})
+        for own, loop, w, st in _bwd_tiles(d, tdt, torch.device("cuda"), "dq"):
             ce = dict(base, BLOCK_M=own, BLOCK_N=loop)
             specs.append({"name": f"attn_bwd_dq {tag} {own}x{loop} w{w}s{st}",
                           "fn": _attn_bwd_dq_kernel,
                           "signature": sig(dtype, dq_sig, ce, out=("DQ",)),
-                          "constexprs": ce, "num_warps": w, "num_stages": st, "expect_mma": tc})
+                          "constexprs": ce, "num_warps": w, "num_stages": st,
+                          "expect_mma": mma and own >= 64})
     d = 128
     ce = dict(D=d, BLOCK_D=d, BLOCK_M=16)
     pre = {"O": "*bf16", "DO": "*bf16", "DELTA": "*fp32", "N": "i32", "stride_on": "i64",
