@@ -31,6 +31,9 @@ DOT_DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if HAS_CUDA else
 ALL_DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
 gpu_only = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
+# scripts/compat.sh installs the package without its compile step (other torch version)
+needs_extension = pytest.mark.skipif(os.environ.get("VDIT_SKIP_BUILD") == "1",
+                                     reason="installed with VDIT_SKIP_BUILD=1: no vdit_kernels._C")
 
 
 def assert_verbose_close(actual, expected, atol=None, rtol=None, name="tensor"):

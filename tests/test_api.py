@@ -5,6 +5,7 @@ import pytest
 import torch
 
 import vdit_kernels as vk
+from conftest import needs_extension
 from vdit_kernels import backend as B
 from vdit_kernels import reference as ref
 from vdit_kernels.ops import attention as attn_ops, patch as patch_ops, rope as rope_ops
@@ -52,6 +53,7 @@ def test_named_backend_that_cannot_run_raises(monkeypatch):
             vk.apply_rope_3d(q, q, pack, (4, 4, 4))
 
 
+@needs_extension
 def test_extension_loaded_with_its_schemas():
     assert B.extension() is not None, "vdit_kernels._C did not load"
     info = torch.ops.vdit_C.build_info()

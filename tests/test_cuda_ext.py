@@ -9,7 +9,9 @@ import torch
 import vdit_kernels as vk
 from vdit_kernels import backend as B
 from vdit_kernels import reference as ref
-from conftest import ALL_DTYPES, TOLERANCES, assert_verbose_close, gpu_only
+from conftest import ALL_DTYPES, TOLERANCES, assert_verbose_close, gpu_only, needs_extension
+
+pytestmark = needs_extension
 
 SCHEMAS = {
     "has_cuda": "vdit_C::has_cuda() -> bool",

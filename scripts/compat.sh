@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# Compatibility job: the test suite (without the compile step) and the sm_90a static report
+# under the Triton the GPU machines run (3.6, with torch 2.13 CPU from the local mirror),
+# next to the CI environment's newer Triton. Kernel tiles, autotuning and the torch.compile
+# path have differed between the two (register spills, dynamo's ContextVar support), so
+# both are checked. Own venv (.venv-compat); runs on a copy of the tree without the built
+# extension (it belongs to the other torch). Extra arguments go to pytest.
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+ROOT=$PWD
+PY=${PYTHON:-python3}
+V=$ROOT/.venv-compat
+if [ ! -x "$V/bin/python" ]; then
+  echo "[compat] creating .venv-compat with $($PY --version)"
+  "$PY" -m venv "$V"
+fi
+quiet() { grep -v "^WARNING: Location 'file://.*' is ignored" || true; }
+echo "[compat] installing torch 2.13.0 (CPU), triton 3.6.0"
+# numpy < 2.3: the Triton 3.6 interpreter converts 1-element arrays with int(), which
+# newer numpy refuses (later Triton releases fixed it)
+if ! "$V/bin/python" -m pip install -q --disable-pip-version-check "torch==2.13.0" "triton==3.6.0" \
+    "numpy<2.3" pytest einops setuptools wheel 2>&1 | quiet; then
+  echo "[compat] pip install failed"; exit 1
+fi
+WORK=$(mktemp -d)
+trap 'rm -rf "$WORK"' EXIT
+tar --exclude='./.venv*' --exclude='./build' --exclude='./.git' --exclude='*.so' -cf - . | tar -xf - -C "$WORK"
+cd "$WORK"
+VDIT_SKIP_BUILD=1 "$V/bin/python" -m pip install -q --disable-pip-version-check --no-build-isolation \
+  --no-deps -e . 2>&1 | quiet
+"$V/bin/python" -c "import torch, triton, numpy; print('[compat] torch', torch.__version__, '| triton', triton.__version__, '| numpy', numpy.__version__)"
+# --disable-warnings: the 3.6 interpreter warns thousands of times about numpy conversions
+VDIT_SKIP_BUILD=1 "$V/bin/python" -m pytest tests -p no:cacheprovider --disable-warnings "$@"
