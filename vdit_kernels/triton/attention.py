@@ -126,6 +126,38 @@ def _tile_mask(rmask, dmask, EVEN_D: tl.constexpr):
     return m
 
 
+@triton.jit
+def _kv_tiles(K, V, tok_k, nmask, kv_head, stride_kn, stride_kh, stride_vn, stride_vh,
+              offs_d, dmask, POS, log2_theta,
+              D: tl.constexpr, BLOCK_D: tl.constexpr, HAS_ROPE: tl.constexpr,
+              INTERLEAVED: tl.constexpr, DT: tl.constexpr, DH: tl.constexpr, DW: tl.constexpr):
+    """k (RoPE-rotated if HAS_ROPE) and v tiles of key rows tok_k, with their load mask."""
+    kvmask = _tile_mask(nmask, dmask, D == BLOCK_D)
+    rows_k = tok_k.to(tl.int64)[:, None] * stride_kn + kv_head.to(tl.int64) * stride_kh
+    k = _load_tile(K, rows_k, offs_d, kvmask, POS, tok_k, nmask,
+                   log2_theta, HAS_ROPE, INTERLEAVED, DT, DH, DW)
+    rows_v = tok_k.to(tl.int64)[:, None] * stride_vn + kv_head.to(tl.int64) * stride_vh
+    v = tl.load(V + rows_v + offs_d[None, :], mask=kvmask, other=0.0)
+    return k, v, kvmask
+
+
+@triton.jit
+def _q_rows(Q, DO, LSE, DELTA, tok_q, mmask, qmask, head, stride_qn, stride_qh,
+            stride_don, stride_doh, stride_lh, offs_d, POS, log2_theta,
+            HAS_ROPE: tl.constexpr, INTERLEAVED: tl.constexpr,
+            DT: tl.constexpr, DH: tl.constexpr, DW: tl.constexpr):
+    """What the backward reads per query row: q (rotated), dO, lse (base 2) and delta."""
+    rows_q = tok_q.to(tl.int64)[:, None] * stride_qn + head.to(tl.int64) * stride_qh
+    q = _load_tile(Q, rows_q, offs_d, qmask, POS, tok_q, mmask,
+                   log2_theta, HAS_ROPE, INTERLEAVED, DT, DH, DW)
+    rows_do = tok_q.to(tl.int64)[:, None] * stride_don + head.to(tl.int64) * stride_doh
+    do = tl.load(DO + rows_do + offs_d[None, :], mask=qmask, other=0.0)
+    lrow = head.to(tl.int64) * stride_lh + tok_q.to(tl.int64)
+    lse = tl.load(LSE + lrow, mask=mmask, other=0.0) * 1.4426950408889634
+    delta = tl.load(DELTA + lrow, mask=mmask, other=0.0)
+    return q, do, lse, delta
+
+
 # -- forward -----------------------------------------------------------------------------
 
 @triton.jit
@@ -170,13 +202,8 @@ def _attn_fwd_kernel(
         # -- load k, v --
         cols = start_n + offs_n
         nmask = cols < seqlen_k
-        tok_k = k_start + cols
-        kvmask = _tile_mask(nmask, dmask, D == BLOCK_D)
-        rows_k = tok_k.to(tl.int64)[:, None] * stride_kn + kv_head.to(tl.int64) * stride_kh
-        k = _load_tile(K, rows_k, offs_d, kvmask, POS, tok_k, nmask,
-                       log2_theta, HAS_ROPE, INTERLEAVED, DT, DH, DW)
-        rows_v = tok_k.to(tl.int64)[:, None] * stride_vn + kv_head.to(tl.int64) * stride_vh
-        v = tl.load(V + rows_v + offs_d[None, :], mask=kvmask, other=0.0)
+        k, v, kvmask = _kv_tiles(K, V, k_start + cols, nmask, kv_head, stride_kn, stride_kh,
+                                 stride_vn, stride_vh, offs_d, dmask, POS, log2_theta, D, BLOCK_D, HAS_ROPE, INTERLEAVED, DT, DH, DW)
         # -- compute qk (base 2) --
         s = _mm(q, tl.trans(k), IEEE) * scale_log2
         s = tl.where(nmask[None, :], s, float("-inf"))
@@ -254,13 +281,9 @@ def _attn_bwd_dkdv_kernel(
     dmask = offs_d < D
     nmask = offs_n < seqlen_k
     tok_k = k_start + offs_n
-    kvmask = _tile_mask(nmask, dmask, D == BLOCK_D)
     # -- load the key block once (rotated) --
-    rows_k = tok_k.to(tl.int64)[:, None] * stride_kn + kv_head.to(tl.int64) * stride_kh
-    k = _load_tile(K, rows_k, offs_d, kvmask, POS, tok_k, nmask,
-                   log2_theta, HAS_ROPE, INTERLEAVED, DT, DH, DW)
-    rows_v = tok_k.to(tl.int64)[:, None] * stride_vn + kv_head.to(tl.int64) * stride_vh
-    v = tl.load(V + rows_v + offs_d[None, :], mask=kvmask, other=0.0)
+    k, v, kvmask = _kv_tiles(K, V, tok_k, nmask, kv_head, stride_kn, stride_kh, stride_vn, stride_vh,
+                             offs_d, dmask, POS, log2_theta, D, BLOCK_D, HAS_ROPE, INTERLEAVED, DT, DH, DW)
 
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
@@ -272,14 +295,9 @@ def _attn_bwd_dkdv_kernel(
             mmask = rows < seqlen_q
             tok_q = q_start + rows
             qmask = _tile_mask(mmask, dmask, D == BLOCK_D)
-            rows_q = tok_q.to(tl.int64)[:, None] * stride_qn + head.to(tl.int64) * stride_qh
-            q = _load_tile(Q, rows_q, offs_d, qmask, POS, tok_q, mmask,
-                           log2_theta, HAS_ROPE, INTERLEAVED, DT, DH, DW)
-            rows_do = tok_q.to(tl.int64)[:, None] * stride_don + head.to(tl.int64) * stride_doh
-            do = tl.load(DO + rows_do + offs_d[None, :], mask=qmask, other=0.0)
-            lrow = head.to(tl.int64) * stride_lh + tok_q.to(tl.int64)
-            lse = tl.load(LSE + lrow, mask=mmask, other=0.0) * 1.4426950408889634
-            delta = tl.load(DELTA + lrow, mask=mmask, other=0.0)
+            q, do, lse, delta = _q_rows(Q, DO, LSE, DELTA, tok_q, mmask, qmask, head,
+                                        stride_qn, stride_qh, stride_don, stride_doh, stride_lh,
+                                        offs_d, POS, log2_theta, HAS_ROPE, INTERLEAVED, DT, DH, DW)
             # -- recompute P^T (keys x queries) --
             st = _mm(k, tl.trans(q), IEEE) * scale_log2
             pt = tl.exp2(st - lse[None, :])
@@ -330,27 +348,17 @@ def _attn_bwd_dq_kernel(
     qmask = _tile_mask(mmask, dmask, D == BLOCK_D)
     tok_q = q_start + offs_m
     # -- load q (rotated), dO, lse, delta once --
-    rows_q = tok_q.to(tl.int64)[:, None] * stride_qn + head.to(tl.int64) * stride_qh
-    q = _load_tile(Q, rows_q, offs_d, qmask, POS, tok_q, mmask,
-                   log2_theta, HAS_ROPE, INTERLEAVED, DT, DH, DW)
-    rows_do = tok_q.to(tl.int64)[:, None] * stride_don + head.to(tl.int64) * stride_doh
-    do = tl.load(DO + rows_do + offs_d[None, :], mask=qmask, other=0.0)
-    lrow = head.to(tl.int64) * stride_lh + tok_q.to(tl.int64)
-    lse = tl.load(LSE + lrow, mask=mmask, other=0.0) * 1.4426950408889634
-    delta = tl.load(DELTA + lrow, mask=mmask, other=0.0)
+    q, do, lse, delta = _q_rows(Q, DO, LSE, DELTA, tok_q, mmask, qmask, head,
+                                stride_qn, stride_qh, stride_don, stride_doh, stride_lh,
+                                offs_d, POS, log2_theta, HAS_ROPE, INTERLEAVED, DT, DH, DW)
 
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     for start_n in range(0, seqlen_k, BLOCK_N):
         # -- load k (rotated), v --
         cols = start_n + offs_n
         nmask = cols < seqlen_k
-        tok_k = k_start + cols
-        kvmask = _tile_mask(nmask, dmask, D == BLOCK_D)
-        rows_k = tok_k.to(tl.int64)[:, None] * stride_kn + kv_head.to(tl.int64) * stride_kh
-        k = _load_tile(K, rows_k, offs_d, kvmask, POS, tok_k, nmask,
-                       log2_theta, HAS_ROPE, INTERLEAVED, DT, DH, DW)
-        rows_v = tok_k.to(tl.int64)[:, None] * stride_vn + kv_head.to(tl.int64) * stride_vh
-        v = tl.load(V + rows_v + offs_d[None, :], mask=kvmask, other=0.0)
+        k, v, kvmask = _kv_tiles(K, V, k_start + cols, nmask, kv_head, stride_kn, stride_kh,
+                                 stride_vn, stride_vh, offs_d, dmask, POS, log2_theta, D, BLOCK_D, HAS_ROPE, INTERLEAVED, DT, DH, DW)
         # -- recompute P; dS = P * (dO V^T - delta); dQ += dS K --
         s = _mm(q, tl.trans(k), IEEE) * scale_log2
         p = tl.exp2(s - lse[:, None])
