@@ -350,11 +350,11 @@ def _ring_shift(tensors, group, world_size: int, rank: int, forward: bool = True
     ones from the other side; returns (received tensors, requests to wait on)."""
     dst = (rank + 1) % world_size if forward else (rank - 1) % world_size
     src = (rank - 1) % world_size if forward else (rank + 1) % world_size
+    if group is not None:  # P2P ops name peers by their global rank
+        dst, src = dist.get_global_rank(group, dst), dist.get_global_rank(group, src)
     recv = [torch.empty_like(t) for t in tensors]
-    ops = [dist.P2POp(dist.isend, t.contiguous(), dist.get_global_rank(group, dst) if group else dst,
-                      group) for t in tensors]
-    ops += [dist.P2POp(dist.irecv, r, dist.get_global_rank(group, src) if group else src, group)
-            for r in recv]
+    ops = [dist.P2POp(dist.isend, t.contiguous(), dst, group) for t in tensors]
+    ops += [dist.P2POp(dist.irecv, r, src, group) for r in recv]
     return recv, dist.batch_isend_irecv(ops)
 
 
