@@ -365,6 +365,18 @@ def _worker3(rank, store, out_dir):
             ((out * local["do"]).sum() + (lse * local["dlse_t"].t()).sum()).backward()
             results[(index, scheme)] = dict(out=out.detach(), lse=lse.detach(), dq=q.grad,
                                             dk=k.grad, dv=v.grad)
+    # an explicit group of ranks 1 and 2: group ranks differ from global ranks
+    sub = dist.new_group([1, 2])
+    if rank in (1, 2):
+        pack, x, rope = _case_inputs(0)
+        local = {k: vk.shard_pack(t, 2, rank - 1) for k, t in x.items() if k not in ("kt", "vt")}
+        for scheme, attention in (("ring", vk.ring_varlen_attention),
+                                  ("allgather", vk.allgather_varlen_attention),
+                                  ("ulysses", vk.ulysses_varlen_attention)):
+            q, k, v = (local[n].clone().requires_grad_(True) for n in ("q", "k", "v"))
+            out = attention(q, k, v, pack.cu_seqlens, pack.max_seqlen, group=sub, backend="reference")
+            (out * local["do"]).sum().backward()
+            results[("subgroup", scheme)] = dict(out=out.detach(), dq=q.grad, dk=k.grad, dv=v.grad)
     torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
     dist.destroy_process_group()
 
@@ -387,3 +399,17 @@ def test_three_ranks(three_rank_runs, index, scheme):
         assert_verbose_close(_gather(runs, key, n), e, 1e-6, 1e-6, name=key)
     assert_verbose_close(_gather(runs, "lse", n, dim=1), lse.to(runs[0]["lse"].dtype), 1e-6, 1e-6,
                          name="lse")
+
+
+@pytest.mark.parametrize("scheme", ["ring", "allgather", "ulysses"])
+def test_explicit_subgroup(three_rank_runs, scheme):
+    # ranks 1 and 2 of 3 form the group: shards and peers follow the group's ranks
+    runs = [run[("subgroup", scheme)] for run in three_rank_runs[1:]]
+    pack, x, _ = _case_inputs(0)
+    q, k, v = (x[n].clone().requires_grad_(True) for n in ("q", "k", "v"))
+    out = vk.varlen_attention(q, k, v, pack.cu_seqlens, pack.cu_seqlens, pack.max_seqlen,
+                              pack.max_seqlen, backend="reference")
+    grads = torch.autograd.grad(out, (q, k, v), x["do"])
+    n = pack.num_tokens
+    for key, e in zip(("out", "dq", "dk", "dv"), (out.detach(), *grads)):
+        assert_verbose_close(_gather(runs, key, n), e, 1e-6, 1e-6, name=key)
