@@ -14,7 +14,11 @@
 # plots) plus logs/ (build.log, pytest.log, bench.log). If $OUT is set (the device
 # tool collects at most 8 files from it, 2 folder levels deep), it also receives:
 #   $OUT/summary.md, $OUT/results.json, $OUT/<step>.log tails, $OUT/gpu_check.tar.gz (everything).
-# PYTHON picks the interpreter (default: python). Exit status: non-zero if a step failed.
+# PYTHON picks the interpreter (default: python). TEST_TIMEOUT / BENCH_TIMEOUT (seconds,
+# default none) cap the test and bench steps, so a short GPU lease still brings back the
+# logs and the benchmark rows finished so far (rows.partial.jsonl). With pytest-xdist
+# installed the tests run on TEST_WORKERS processes (default 8) sharing the GPU.
+# Exit status: non-zero if a step failed.
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 PY=${PYTHON:-python}
@@ -40,13 +44,17 @@ run_build() {
 
 run_tests() {
     echo "== test: python -m pytest tests $* (log: $LOGS/pytest.log)"
-    env -u TRITON_INTERPRET $PY -m pytest tests -q -p no:logging -rs "$@" > "$LOGS/pytest.log" 2>&1 || status=1
+    local par=()
+    $PY -c "import xdist" 2>/dev/null && par=(-n "${TEST_WORKERS:-8}")
+    env -u TRITON_INTERPRET timeout "${TEST_TIMEOUT:-0}" $PY -m pytest tests -q -p no:logging -rs "${par[@]}" "$@" \
+        > "$LOGS/pytest.log" 2>&1 || { rc=$?; status=1; echo "pytest failed or timed out (exit $rc; 124 = TEST_TIMEOUT)"; }
     tail -25 "$LOGS/pytest.log"
 }
 
 run_bench() {
     echo "== bench: python -m benchmarks.run --out $RES $* (log: $LOGS/bench.log)"
-    env -u TRITON_INTERPRET $PY -m benchmarks.run --out "$RES" "$@" 2>&1 | tee "$LOGS/bench.log" | grep -v '^\[[0-9]*/[0-9]*\]'
+    env -u TRITON_INTERPRET PYTHONUNBUFFERED=1 timeout "${BENCH_TIMEOUT:-0}" $PY -m benchmarks.run --out "$RES" "$@" 2>&1 \
+        | tee "$LOGS/bench.log" | grep -v '^\[[0-9]*/[0-9]*\]'
     [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 }
 
@@ -61,7 +69,7 @@ esac
 if [ -n "${OUT:-}" ]; then
     mkdir -p "$OUT"
     tar -czf "$OUT/gpu_check.tar.gz" "$RES"
-    for f in summary.md results.json; do [ -f "$RES/$f" ] && cp "$RES/$f" "$OUT/"; done
+    for f in summary.md results.json rows.partial.jsonl; do [ -f "$RES/$f" ] && cp "$RES/$f" "$OUT/"; done
     for f in build pytest bench; do [ -f "$LOGS/$f.log" ] && tail -c 200000 "$LOGS/$f.log" > "$OUT/$f.log"; done
     echo "copied results to $OUT: $(ls "$OUT" | tr '\n' ' ')"
 fi

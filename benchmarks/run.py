@@ -325,8 +325,13 @@ def main(argv=None) -> int:
 
     progress = Progress(len(all_cases))
     rows = []
+    # one JSON line per finished case: a run cut short (a GPU lease ending) keeps its rows
+    partial = out / "rows.partial.jsonl"
+    partial.write_text(json.dumps({"environment": environment(device, lim)}, default=str) + "\n")
     for case in all_cases:
         rows.append(run_case(case, device, args.quick, lim))
+        with partial.open("a") as f:
+            f.write(json.dumps(rows[-1], default=str) + "\n")
         progress.step(f"{case.op}/{case.name} {case.mode} {case.provider} {case.workload.name}")
     progress.close()
     add_speedups(rows)
