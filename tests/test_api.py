@@ -5,15 +5,25 @@ import pytest
 import torch
 
 import vdit_kernels as vk
-from conftest import needs_extension
+from conftest import DEVICE, needs_extension
 from vdit_kernels import backend as B
 from vdit_kernels import reference as ref
 from vdit_kernels.ops import attention as attn_ops, patch as patch_ops, rope as rope_ops
 
 
+def _make_pack(device="cpu"):
+    return vk.VideoPack.from_shapes([(2, 4, 6), (1, 2, 2), (3, 2, 4)], (1, 2, 2), text_lengths=[3, 0, 5],
+                                    device=device)
+
+
 @pytest.fixture
 def pack():
-    return vk.VideoPack.from_shapes([(2, 4, 6), (1, 2, 2), (3, 2, 4)], (1, 2, 2), text_lengths=[3, 0, 5])
+    return _make_pack()
+
+
+def _device_for(backend):
+    """Triton runs CUDA tensors where a GPU exists (CPU tensors only under the interpreter)."""
+    return DEVICE if backend == "triton" else torch.device("cpu")
 
 
 def _qkv(n, heads=4, kv_heads=2, d=12, dtype=torch.float64, nk=None, requires_grad=False):
@@ -206,17 +216,19 @@ def test_inplace_rope_matches_out_of_place(pack):
 
 # -- registered ops: opcheck and torch.compile ------------------------------------------
 
-def _op_samples(pack):
-    videos = [torch.randn(2, *s, requires_grad=True) for s in pack.shapes]
-    w = torch.randn(5, 2, 1, 2, 2, requires_grad=True)
-    b = torch.randn(5, requires_grad=True)
-    tokens = torch.randn(pack.num_tokens, 8, requires_grad=True)
-    q, k, v = _qkv(pack.num_tokens, dtype=torch.float32, requires_grad=True)
-    pos = pack.positions.float()
+def _op_samples(pack, device="cpu"):
+    leaf = lambda *shape: torch.randn(*shape, device=device).requires_grad_(True)
+    videos = [leaf(2, *s) for s in pack.shapes]
+    w = leaf(5, 2, 1, 2, 2)
+    b = leaf(5)
+    tokens = leaf(pack.num_tokens, 8)
+    q, k, v = (t.to(device).detach().requires_grad_(True)
+               for t in _qkv(pack.num_tokens, dtype=torch.float32))
+    pos = pack.positions.float().to(device)
     shapes = [s for shape in pack.shapes for s in shape]
     cu, m = pack.cu_seqlens, pack.max_seqlen
-    lw = torch.randn(8, 5, requires_grad=True)
-    x = torch.randn(pack.num_tokens, 5, requires_grad=True)
+    lw = leaf(8, 5)
+    x = leaf(pack.num_tokens, 5)
     out, lse = vk.varlen_attention(q.detach(), k.detach(), v.detach(), cu, cu, m, m, return_lse=True,
                                    backend="reference")
     do, glse = torch.randn_like(out), torch.randn_like(lse)
@@ -241,18 +253,22 @@ def _op_samples(pack):
 
 
 @pytest.mark.parametrize("backend", ["reference", "triton"])
-def test_opcheck_every_op(pack, backend):
-    # the backend name is each op's last argument; triton runs under the interpreter on CPU
-    for op, args in _op_samples(pack):
+def test_opcheck_every_op(backend):
+    # the backend name is each op's last argument; without a GPU, triton runs under the
+    # interpreter on CPU tensors
+    device = _device_for(backend)
+    for op, args in _op_samples(_make_pack(device), device):
         torch.library.opcheck(op, (*args[:-1], backend))
 
 
 @pytest.mark.parametrize("backend", ["reference", "triton"])
-def test_compile_fullgraph_whole_stack(pack, backend):
+def test_compile_fullgraph_whole_stack(backend):
     torch._dynamo.reset()
-    videos = [torch.randn(4, *s) for s in pack.shapes]
-    w = torch.randn(24, 4, 1, 2, 2, requires_grad=True)
-    out_w = torch.randn(16, 24, requires_grad=True)
+    device = _device_for(backend)
+    pack = _make_pack(device)
+    videos = [torch.randn(4, *s, device=device) for s in pack.shapes]
+    w = torch.randn(24, 4, 1, 2, 2, device=device, requires_grad=True)
+    out_w = torch.randn(16, 24, device=device, requires_grad=True)
 
     def step(videos, w, out_w):
         x = vk.patch_embed(videos, pack, w)

@@ -19,7 +19,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from conftest import TOLERANCES, assert_verbose_close
+from conftest import DEVICE, TOLERANCES, assert_verbose_close
 
 import vdit_kernels as vk
 from vdit_kernels import reference as ref
@@ -30,11 +30,11 @@ LENS_Q = [7, 12, 1, 5]
 LENS_K = [9, 16, 3, 0]  # segment 3 has no keys: every part is empty there
 
 
-def _cu(lengths):
+def _cu(lengths, device="cpu"):
     cu = [0]
     for n in lengths:
         cu.append(cu[-1] + n)
-    return torch.tensor(cu, dtype=torch.int32)
+    return torch.tensor(cu, dtype=torch.int32, device=device)
 
 
 def _split_keys(k, v, lens_k, parts, seed):
@@ -53,8 +53,8 @@ def _split_keys(k, v, lens_k, parts, seed):
         rows = [torch.arange(starts[i] + cuts[i][j], starts[i] + cuts[i][j + 1])
                 for i in range(len(lens_k))]
         lens = [len(r) for r in rows]
-        idx = torch.cat(rows)
-        out.append((k[idx], v[idx], _cu(lens), max(max(lens), 1)))
+        idx = torch.cat(rows).to(k.device)
+        out.append((k[idx], v[idx], _cu(lens, k.device), max(max(lens), 1)))
     return out
 
 
@@ -117,10 +117,13 @@ def test_merge_attention_gradients(parts):
 @pytest.mark.parametrize("backend,dtype", [("reference", torch.float64), ("triton", torch.float32)])
 def test_merge_attention_gradients_through_varlen_attention(backend, dtype):
     # varlen_attention is differentiable through its lse: merged partials have exact grads
-    q, k, v, do, dlse = _merge_inputs(dtype)
-    cu_q = _cu(LENS_Q)
+    # Triton needs CUDA tensors where a GPU exists (the interpreter runs CPU tensors only
+    # without one)
+    device = DEVICE if backend == "triton" else torch.device("cpu")
+    q, k, v, do, dlse = (t.to(device) for t in _merge_inputs(dtype))
+    cu_q = _cu(LENS_Q, device)
     leaves = [t.clone().requires_grad_(True) for t in (q, k, v)]
-    out, lse = vk.varlen_attention(*leaves, cu_q, _cu(LENS_K), max(LENS_Q), max(LENS_K),
+    out, lse = vk.varlen_attention(*leaves, cu_q, _cu(LENS_K, device), max(LENS_Q), max(LENS_K),
                                    return_lse=True, backend="reference")
     expected = torch.autograd.grad(_loss(out, lse, do, dlse), leaves)
     leaves = [t.clone().requires_grad_(True) for t in (q, k, v)]
@@ -190,9 +193,9 @@ def _case_inputs(index):
 
 
 def _worker(rank, store, out_dir):
-    # spawned processes: Triton kernels on CPU tensors need the interpreter, set before
-    # vdit_kernels imports triton (it does so lazily, on the first Triton call)
-    os.environ["TRITON_INTERPRET"] = "1"
+    # the workers run CPU tensors on gloo (one GPU cannot host two NCCL ranks), so their
+    # Triton kernels run under the interpreter: _spawn sets TRITON_INTERPRET=1 in the
+    # environment the workers start with, before they import triton
     torch.set_num_threads(1)
     # an exception here reaches the parent with its traceback (mp.spawn, below)
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank,
@@ -239,12 +242,26 @@ def _worker(rank, store, out_dir):
     dist.destroy_process_group()
 
 
+def _spawn(worker, tmp, nprocs):
+    """mp.spawn with TRITON_INTERPRET=1 in the workers' environment (also on a GPU host,
+    where this process runs Triton compiled and must keep doing so)."""
+    before = os.environ.get("TRITON_INTERPRET")
+    os.environ["TRITON_INTERPRET"] = "1"
+    try:
+        mp.spawn(worker, args=(str(tmp / "store"), str(tmp)), nprocs=nprocs, join=True)
+    finally:
+        if before is None:
+            del os.environ["TRITON_INTERPRET"]
+        else:
+            os.environ["TRITON_INTERPRET"] = before
+
+
 @pytest.fixture(scope="module")
 def ulysses_runs(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("ulysses")
     # join=True raises ProcessRaisedException with the worker's traceback and stops the
     # other worker, so a failure cannot hang in a collective
-    mp.spawn(_worker, args=(str(tmp / "store"), str(tmp)), nprocs=WORLD, join=True)
+    _spawn(_worker, tmp, WORLD)
     return [torch.load(tmp / f"rank{r}.pt") for r in range(WORLD)]
 
 
@@ -384,7 +401,7 @@ def _worker3(rank, store, out_dir):
 @pytest.fixture(scope="module")
 def three_rank_runs(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("three_ranks")
-    mp.spawn(_worker3, args=(str(tmp / "store"), str(tmp)), nprocs=3, join=True)
+    _spawn(_worker3, tmp, 3)
     return [torch.load(tmp / f"rank{r}.pt") for r in range(3)]
 
 

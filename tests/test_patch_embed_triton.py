@@ -187,7 +187,9 @@ def test_conv3d_equivalence_batch_input():
     conv = torch.nn.Conv3d(4, 24, kernel_size=(1, 2, 2), stride=(1, 2, 2)).to(DEVICE)
     lat = torch.randn(2, 4, 2, 4, 6, device=DEVICE)
     out = vk.patch_embed(lat, pack, conv.weight.detach(), conv.bias.detach(), backend="triton")
-    with torch.no_grad():
+    # cuDNN would run the float32 convolution in tf32 (torch.backends.cudnn.allow_tf32
+    # defaults to True); the patch embedding computes exact float32 products
+    with torch.no_grad(), torch.backends.cudnn.flags(enabled=True, allow_tf32=False):
         expected = conv(lat).flatten(2).transpose(1, 2).reshape(-1, 24)
     assert_verbose_close(out, expected, atol=1e-4, rtol=1e-4)
 
