@@ -104,7 +104,10 @@ def extensions():
         if extra.is_dir():
             include_dirs.append(str(extra))
             break
+    # kernels (*.cu, nvcc) and their host sides (*_host.cpp: checks, planning, the
+    # registered CUDA ops; host compiler)
     sources += sorted(str(p.relative_to(ROOT)) for p in (ROOT / "csrc").glob("*.cu"))
+    sources += sorted(str(p.relative_to(ROOT)) for p in (ROOT / "csrc").glob("*_host.cpp"))
     say(f"building CUDA kernels with the toolkit at {cuda_home} (found via {how}), torch CUDA "
         f"{torch_cuda}, TORCH_CUDA_ARCH_LIST={os.environ['TORCH_CUDA_ARCH_LIST']}, "
         f"MAX_JOBS={os.environ['MAX_JOBS']}, sources: {', '.join(sources)}")

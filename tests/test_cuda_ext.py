@@ -1,7 +1,9 @@
-"""The compiled extension vdit_kernels._C: load, schemas, backend selection, and the CUDA
-kernels (csrc/patch.cu, csrc/rope.cu) against the reference.
+"""The compiled extension vdit_kernels._C: load, schemas, backend selection, argument
+checks, and the CUDA kernels (csrc/patch.cu, csrc/rope.cu) against the reference.
 
 Numerical tests need a GPU (conftest.gpu_only); without one they are skipped with a reason.
+The argument checks (csrc/*_host.cpp) run on CPU tensors too, so they are tested here on
+the GPU where there is one and on CPU otherwise.
 """
 import pytest
 import torch
@@ -9,7 +11,7 @@ import torch
 import vdit_kernels as vk
 from vdit_kernels import backend as B
 from vdit_kernels import reference as ref
-from conftest import ALL_DTYPES, TOLERANCES, assert_verbose_close, gpu_only, needs_extension
+from conftest import ALL_DTYPES, DEVICE, TOLERANCES, assert_verbose_close, gpu_only, needs_extension
 
 pytestmark = needs_extension
 
@@ -77,13 +79,15 @@ def test_cuda_backend_needs_cuda_tensors():
 @needs_cuda_build
 def test_cpu_tensors_fail_cleanly():
     videos = [torch.randn(2, 1, 2, 2)]
-    with pytest.raises((RuntimeError, NotImplementedError)):
+    with pytest.raises(RuntimeError, match="need CUDA tensors, got cpu"):
         torch.ops.vdit_C.patchify(videos, [1, 2, 2])
-    with pytest.raises((RuntimeError, NotImplementedError)):
+    with pytest.raises(RuntimeError, match="need CUDA tensors, got cpu"):
         torch.ops.vdit_C.unpatchify(torch.randn(1, 8), [1, 2, 2], [1, 2, 2], 2)
     q = torch.randn(2, 1, 12)
-    with pytest.raises((RuntimeError, NotImplementedError)):
+    with pytest.raises(RuntimeError, match="need CUDA tensors, got cpu"):
         torch.ops.vdit_C.rope_3d(q, q, torch.zeros(2, 3), [4, 4, 4], 10000.0, True, False)
+    with pytest.raises(RuntimeError, match="need CUDA tensors, got cpu"):
+        torch.ops.vdit_C.rope_3d_(q, q.clone(), torch.zeros(2, 3), [4, 4, 4], 10000.0, True, False)
 
 
 # -- patchify / unpatchify on a GPU ----------------------------------------------------
@@ -148,8 +152,9 @@ def test_patchify_non_contiguous_videos(dtype):
     videos = [
         # W not the fastest axis (stride_w != 1)
         base[0].transpose(2, 3).contiguous().transpose(2, 3),
-        # a channel slice of a wider tensor, and an offset data pointer (misaligned)
-        torch.cat([base[1], base[1]], 0)[1:5],
+        # a frame slice of a longer video: offset data pointer (misaligned), T stride
+        # larger than H * W
+        torch.cat([base[1], base[1]], 1)[:, 1:3],
     ]
     assert not videos[0].is_contiguous() and not videos[1].is_contiguous()
     tok = vk.patchify(videos, pack, backend="cuda")
@@ -174,9 +179,10 @@ def test_unpatchify_non_contiguous_tokens_and_grad():
         assert torch.equal(v.grad, 2 * v.detach())
 
 
-@gpu_only
+@needs_cuda_build
 def test_patch_bad_input_raises():
-    v = torch.randn(4, 2, 4, 6, device="cuda")
+    # errors raised by the host code (csrc/patch_host.cpp) reach Python as RuntimeError
+    v = torch.randn(4, 2, 4, 6, device=DEVICE)
     with pytest.raises(RuntimeError, match="patch_size"):
         torch.ops.vdit_C.patchify([v], [1, 2])
     with pytest.raises(RuntimeError, match="divisible"):
@@ -184,17 +190,19 @@ def test_patch_bad_input_raises():
     with pytest.raises(RuntimeError, match="dtype"):
         torch.ops.vdit_C.patchify([v, v.half()], [1, 2, 2])
     with pytest.raises(RuntimeError, match="rows"):
-        torch.ops.vdit_C.unpatchify(torch.randn(5, 16, device="cuda"), [2, 4, 6], [1, 2, 2], 4)
+        torch.ops.vdit_C.unpatchify(torch.randn(5, 16, device=DEVICE), [2, 4, 6], [1, 2, 2], 4)
+    with pytest.raises(RuntimeError, match="patch_size must be positive"):
+        torch.ops.vdit_C.patchify([v], [1, 0, 2])
 
 
 # -- RoPE on a GPU -----------------------------------------------------------------------
 
-def _rope_inputs(n, hq, hk, dims, dtype, seed=0):
+def _rope_inputs(n, hq, hk, dims, dtype, seed=0, device="cuda"):
     g = torch.Generator().manual_seed(seed)
     d = sum(dims)
-    q = torch.randn(n, hq, d, generator=g).to(device="cuda", dtype=dtype)
-    k = torch.randn(n, hk, d, generator=g).to(device="cuda", dtype=dtype)
-    pos = (torch.rand(n, 3, generator=g) * 64).to("cuda")
+    q = torch.randn(n, hq, d, generator=g).to(device=device, dtype=dtype)
+    k = torch.randn(n, hk, d, generator=g).to(device=device, dtype=dtype)
+    pos = (torch.rand(n, 3, generator=g) * 64).to(device)
     return q, k, pos
 
 
@@ -271,9 +279,9 @@ def test_rope_grad_matches_reference():
     assert_verbose_close(grads[0][1], grads[1][1])
 
 
-@gpu_only
+@needs_cuda_build
 def test_rope_bad_input_raises():
-    q, k, pos = _rope_inputs(4, 2, 2, (4, 4, 4), torch.float32)
+    q, k, pos = (t.to(DEVICE) for t in _rope_inputs(4, 2, 2, (4, 4, 4), torch.float32, device="cpu"))
     with pytest.raises(RuntimeError, match="dims"):
         torch.ops.vdit_C.rope_3d(q, k, pos, [4, 4, 2], 1e4, True, False)
     with pytest.raises(RuntimeError, match="dims"):

@@ -1,0 +1,37 @@
+// Launch interface of the patchify / unpatchify kernel (csrc/patch.cu), shared with its
+// host side (csrc/patch_host.cpp: argument checks, planning, the registered ops). The
+// kernel translation unit holds no ATen code and throws nothing: every error is raised by
+// the host .cpp, compiled by the host compiler like the rest of torch's C++.
+#pragma once
+
+#include <cuda_runtime_api.h>
+
+#include <cstdint>
+
+#include "common/index.cuh"
+
+namespace vdit {
+
+constexpr int kPatchThreads = 256;
+constexpr int64_t kStageBytes = 16 * 1024;  // target staging buffer per CTA
+constexpr int64_t kMaxStageBytes = 48 * 1024;  // default dynamic shared memory limit
+
+struct PatchParams {
+  void* tokens;
+  const PatchVideo* table;  // device table when num_videos > kInlineVideos, else nullptr
+  int32_t num_videos;
+  int32_t C, pt, ph, pw;
+  int32_t F;
+  int32_t tw;               // tokens per tile
+  int32_t srow;             // stage row stride in elements (tw*pw rounded up to a vector)
+  int32_t vec_video;        // 16-byte accesses on the video side
+  int32_t vec_tokens;       // 16-byte accesses on the token side
+  PatchVideo videos[kInlineVideos];
+};
+
+// Enqueues one launch of `tiles` CTAs with `smem` bytes of dynamic shared memory on
+// `stream`; esize is the element size (2 or 4). Returns the launch's error code.
+cudaError_t launch_patch_kernel(const PatchParams& p, int64_t tiles, size_t smem, bool to_tokens,
+                                int esize, cudaStream_t stream);
+
+}  // namespace vdit

@@ -1,0 +1,230 @@
+// Host side of the CUDA patchify / unpatchify (kernel: csrc/patch.cu): argument checks
+// with clear errors, the launch plan (tokens per tile, 16-byte paths, the per-video
+// records), output allocation and the registered ops. Compiled by the host compiler;
+// the .cu file throws nothing, so every error is raised from here.
+//
+// CPU tensors get the same argument checks, then an error saying the op needs CUDA
+// tensors (the CPU registration below), so the checks run in CPU-only CI too.
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cstring>
+#include <vector>
+
+#include "patch.h"
+
+namespace vdit {
+namespace {
+
+bool aligned16(const void* ptr) { return reinterpret_cast<uintptr_t>(ptr) % 16 == 0; }
+
+void check_dtype(const char* name, at::ScalarType t) {
+  TORCH_CHECK(t == at::kFloat || t == at::kHalf || t == at::kBFloat16,
+              "vdit_C: ", name, " must be float32, float16 or bfloat16, got ", t);
+}
+
+std::vector<int64_t> check_patch_size(c10::IntArrayRef patch_size) {
+  TORCH_CHECK(patch_size.size() == 3, "vdit_C: patch_size must be 3 ints (pt, ph, pw), got ",
+              patch_size.size());
+  for (auto s : patch_size) TORCH_CHECK(s > 0, "vdit_C: patch_size must be positive, got ", patch_size);
+  return patch_size.vec();
+}
+
+// Fills the records of a launch and runs it; the video tensors' data pointers and strides
+// are read here (tokens: contiguous (N, F)).
+void launch(bool to_tokens, std::vector<PatchVideo>& recs, const at::Tensor& tokens,
+            int64_t channels, const std::vector<int64_t>& ps, at::ScalarType dtype,
+            c10::Device device) {
+  const int64_t pt = ps[0], ph = ps[1], pw = ps[2];
+  const int64_t F = channels * pt * ph * pw;
+  const int64_t esize = dtype == at::kFloat ? 4 : 2;
+  const int64_t vec = 16 / esize;
+  TORCH_CHECK(F < (1 << 30), "vdit_C: C*pt*ph*pw = ", F, " is too large");
+
+  // tokens per tile: stage ~kStageBytes, a multiple of 8 tokens when the rows are wide
+  int64_t max_gw = 1;
+  for (const auto& r : recs) max_gw = std::max<int64_t>(max_gw, r.gw);
+  int64_t tw = std::max<int64_t>(1, kStageBytes / (F * esize));
+  if (tw >= 8) tw = tw / 8 * 8;
+  tw = std::min(tw, max_gw);
+  const int64_t srow = round_up(tw * pw, vec);
+  const int64_t stage_bytes = channels * pt * ph * srow * esize;
+  TORCH_CHECK(stage_bytes <= kMaxStageBytes, "vdit_C: a patch of C*pt*ph*pw = ", F,
+              " elements needs ", stage_bytes, " bytes of shared memory (limit ", kMaxStageBytes, ")");
+
+  bool vec_video = true;
+  int64_t tiles = 0;
+  for (auto& r : recs) {
+    r.tile_begin = tiles;
+    tiles += video_tiles(r.gt, r.gh, r.gw, static_cast<int32_t>(tw));
+    // a tile's row starts at w0*pw, w0 a multiple of tw (only 0 when one tile spans gw)
+    const bool starts_ok = (tw * pw) % vec == 0 || r.gw <= tw;
+    vec_video = vec_video && r.stride[3] == 1 && aligned16(r.data) && starts_ok &&
+                r.stride[0] % vec == 0 && r.stride[1] % vec == 0 && r.stride[2] % vec == 0;
+  }
+  if (tiles == 0) return;
+  TORCH_CHECK(tiles < (int64_t{1} << 31), "vdit_C: too many tiles (", tiles, ") for one launch");
+
+  PatchParams p;
+  std::memset(&p, 0, sizeof(p));
+  p.tokens = tokens.data_ptr();
+  p.num_videos = static_cast<int32_t>(recs.size());
+  p.C = static_cast<int32_t>(channels);
+  p.pt = static_cast<int32_t>(pt);
+  p.ph = static_cast<int32_t>(ph);
+  p.pw = static_cast<int32_t>(pw);
+  p.F = static_cast<int32_t>(F);
+  p.tw = static_cast<int32_t>(tw);
+  p.srow = static_cast<int32_t>(srow);
+  p.vec_video = vec_video;
+  p.vec_tokens = F % vec == 0 && aligned16(p.tokens);
+
+  c10::cuda::CUDAGuard guard(device);
+  auto stream = c10::cuda::getCurrentCUDAStream(device.index());
+  at::Tensor table;  // kept alive until the launch is enqueued; the copy is stream-ordered
+  if (recs.size() <= static_cast<size_t>(kInlineVideos)) {
+    std::copy(recs.begin(), recs.end(), p.videos);
+  } else {
+    const int64_t bytes = static_cast<int64_t>(recs.size() * sizeof(PatchVideo));
+    at::Tensor host = at::empty({bytes}, at::TensorOptions().dtype(at::kByte).pinned_memory(true));
+    std::memcpy(host.data_ptr(), recs.data(), bytes);
+    table = host.to(device, /*non_blocking=*/true);  // H2D on the current stream
+    p.table = reinterpret_cast<const PatchVideo*>(table.data_ptr());
+  }
+
+  C10_CUDA_CHECK(launch_patch_kernel(p, tiles, static_cast<size_t>(stage_bytes), to_tokens,
+                                     static_cast<int>(esize), stream.stream()));
+}
+
+PatchVideo record(void* data, c10::IntArrayRef strides, int64_t t, int64_t h, int64_t w,
+                  const std::vector<int64_t>& ps, int64_t token_begin) {
+  PatchVideo r;
+  std::memset(&r, 0, sizeof(r));
+  r.data = data;
+  for (int i = 0; i < 4; ++i) r.stride[i] = strides[i];
+  r.gt = static_cast<int32_t>(t / ps[0]);
+  r.gh = static_cast<int32_t>(h / ps[1]);
+  r.gw = static_cast<int32_t>(w / ps[2]);
+  r.token_begin = token_begin;
+  return r;
+}
+
+// Every check of patchify's arguments except where they live; returns patch_size.
+std::vector<int64_t> check_patchify_args(at::TensorList videos, c10::IntArrayRef patch_size) {
+  const auto ps = check_patch_size(patch_size);
+  TORCH_CHECK(!videos.empty(), "vdit_C::patchify: videos must hold at least one video");
+  const at::Tensor& v0 = videos[0];
+  TORCH_CHECK(v0.dim() == 4, "vdit_C::patchify: videos[0] must be (C, T, H, W), got ", v0.sizes());
+  check_dtype("videos", v0.scalar_type());
+  const int64_t channels = v0.size(0);
+  for (size_t i = 0; i < videos.size(); ++i) {
+    const at::Tensor& v = videos[i];
+    TORCH_CHECK(v.device() == v0.device(), "vdit_C::patchify: videos[", i, "] is on ", v.device(),
+                ", videos[0] on ", v0.device());
+    TORCH_CHECK(v.scalar_type() == v0.scalar_type(), "vdit_C::patchify: videos[", i, "] has dtype ",
+                v.scalar_type(), ", videos[0] has ", v0.scalar_type());
+    TORCH_CHECK(v.dim() == 4 && v.size(0) == channels, "vdit_C::patchify: videos[", i,
+                "] must be (C=", channels, ", T, H, W), got ", v.sizes());
+    for (int a = 0; a < 3; ++a) {
+      TORCH_CHECK(v.size(a + 1) % ps[a] == 0, "vdit_C::patchify: videos[", i, "] has shape ", v.sizes(),
+                  ", not divisible by patch_size ", patch_size);
+    }
+  }
+  return ps;
+}
+
+at::Tensor patchify_cuda(at::TensorList videos, c10::IntArrayRef patch_size) {
+  const auto ps = check_patchify_args(videos, patch_size);
+  const at::Tensor& v0 = videos[0];
+  TORCH_CHECK(v0.is_cuda(), "vdit_C::patchify: videos must be CUDA tensors, got ", v0.device());
+  const int64_t channels = v0.size(0);
+  std::vector<PatchVideo> recs;
+  recs.reserve(videos.size());
+  int64_t n = 0;
+  for (size_t i = 0; i < videos.size(); ++i) {
+    const at::Tensor& v = videos[i];
+    recs.push_back(record(v.data_ptr(), v.strides(), v.size(1), v.size(2), v.size(3), ps, n));
+    n += static_cast<int64_t>(recs.back().gt) * recs.back().gh * recs.back().gw;
+  }
+  const int64_t F = channels * ps[0] * ps[1] * ps[2];
+  at::Tensor tokens = at::empty({n, F}, v0.options());
+  if (n > 0 && F > 0) launch(true, recs, tokens, channels, ps, v0.scalar_type(), v0.device());
+  return tokens;
+}
+
+// Every check of unpatchify's arguments except where they live; returns patch_size.
+std::vector<int64_t> check_unpatchify_args(const at::Tensor& tokens_in, c10::IntArrayRef shapes,
+                                           c10::IntArrayRef patch_size, int64_t channels) {
+  const auto ps = check_patch_size(patch_size);
+  check_dtype("tokens", tokens_in.scalar_type());
+  TORCH_CHECK(channels > 0, "vdit_C::unpatchify: channels must be positive, got ", channels);
+  TORCH_CHECK(shapes.size() % 3 == 0, "vdit_C::unpatchify: shapes must be a flat list of (T, H, W) "
+              "triples, got ", shapes.size(), " ints");
+  const int64_t F = channels * ps[0] * ps[1] * ps[2];
+  TORCH_CHECK(tokens_in.dim() == 2 && tokens_in.size(1) == F, "vdit_C::unpatchify: tokens must be "
+              "(N, channels*pt*ph*pw = ", F, "), got ", tokens_in.sizes());
+  int64_t n = 0;
+  for (size_t i = 0; i < shapes.size(); i += 3) {
+    const int64_t t = shapes[i], h = shapes[i + 1], w = shapes[i + 2];
+    TORCH_CHECK(t >= 0 && h >= 0 && w >= 0 && t % ps[0] == 0 && h % ps[1] == 0 && w % ps[2] == 0,
+                "vdit_C::unpatchify: shape ", i / 3, " (", t, ", ", h, ", ", w,
+                ") is not divisible by patch_size ", patch_size);
+    n += (t / ps[0]) * (h / ps[1]) * (w / ps[2]);
+  }
+  TORCH_CHECK(n == tokens_in.size(0), "vdit_C::unpatchify: tokens has ", tokens_in.size(0),
+              " rows, the shapes make ", n, " tokens");
+  return ps;
+}
+
+std::vector<at::Tensor> unpatchify_cuda(const at::Tensor& tokens_in, c10::IntArrayRef shapes,
+                                        c10::IntArrayRef patch_size, int64_t channels) {
+  const auto ps = check_unpatchify_args(tokens_in, shapes, patch_size, channels);
+  TORCH_CHECK(tokens_in.is_cuda(), "vdit_C::unpatchify: tokens must be a CUDA tensor, got ",
+              tokens_in.device());
+  const int64_t F = channels * ps[0] * ps[1] * ps[2];
+  (void)F;
+  const at::Tensor tokens = tokens_in.contiguous();  // a strided token matrix is copied once
+  std::vector<at::Tensor> outs;
+  std::vector<PatchVideo> recs;
+  int64_t n = 0;
+  for (size_t i = 0; i < shapes.size(); i += 3) {
+    const int64_t t = shapes[i], h = shapes[i + 1], w = shapes[i + 2];
+    at::Tensor out = at::empty({channels, t, h, w}, tokens.options());
+    recs.push_back(record(out.data_ptr(), out.strides(), t, h, w, ps, n));
+    n += (t / ps[0]) * (h / ps[1]) * (w / ps[2]);
+    outs.push_back(std::move(out));
+  }
+  if (n > 0) launch(false, recs, tokens, channels, ps, tokens.scalar_type(), tokens.device());
+  return outs;
+}
+
+at::Tensor patchify_cpu(at::TensorList videos, c10::IntArrayRef patch_size) {
+  check_patchify_args(videos, patch_size);
+  TORCH_CHECK(false, "vdit_C::patchify: the CUDA kernels need CUDA tensors, got ", videos[0].device(),
+              " (backend='triton' under TRITON_INTERPRET=1, or 'reference', runs on CPU)");
+}
+
+std::vector<at::Tensor> unpatchify_cpu(const at::Tensor& tokens, c10::IntArrayRef shapes,
+                                       c10::IntArrayRef patch_size, int64_t channels) {
+  check_unpatchify_args(tokens, shapes, patch_size, channels);
+  TORCH_CHECK(false, "vdit_C::unpatchify: the CUDA kernels need CUDA tensors, got ", tokens.device(),
+              " (backend='triton' under TRITON_INTERPRET=1, or 'reference', runs on CPU)");
+}
+
+}  // namespace
+}  // namespace vdit
+
+TORCH_LIBRARY_IMPL(vdit_C, CUDA, m) {
+  m.impl("patchify", &vdit::patchify_cuda);
+  m.impl("unpatchify", &vdit::unpatchify_cuda);
+}
+
+TORCH_LIBRARY_IMPL(vdit_C, CPU, m) {
+  m.impl("patchify", &vdit::patchify_cpu);
+  m.impl("unpatchify", &vdit::unpatchify_cpu);
+}

@@ -1,0 +1,165 @@
+// Host side of the CUDA 3D RoPE (kernel: csrc/rope.cu): argument checks with clear
+// errors, the vector width (pairs per 16-byte access) and CTA size, output allocation and
+// the registered ops. Compiled by the host compiler; the .cu file throws nothing.
+//
+// CPU tensors get the same argument checks, then an error saying the op needs CUDA
+// tensors (the CPU registration below), so the checks run in CPU-only CI too.
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cstring>
+#include <tuple>
+
+#include "rope.h"
+
+namespace vdit {
+namespace {
+
+void check_rope_args(const char* op, const at::Tensor& q, const at::Tensor& k, const at::Tensor& positions,
+                     c10::IntArrayRef dims) {
+  TORCH_CHECK(k.device() == q.device(), op, ": k is on ", k.device(), ", q on ", q.device());
+  TORCH_CHECK(positions.device() == q.device(), op, ": positions is on ", positions.device(), ", q on ",
+              q.device());
+  const auto dt = q.scalar_type();
+  TORCH_CHECK(dt == at::kFloat || dt == at::kHalf || dt == at::kBFloat16, op,
+              ": q must be float32, float16 or bfloat16, got ", dt);
+  TORCH_CHECK(k.scalar_type() == dt, op, ": k has dtype ", k.scalar_type(), ", q has ", dt);
+  TORCH_CHECK(q.dim() == 3, op, ": q must be (N, heads, head_dim), got ", q.sizes());
+  TORCH_CHECK(k.dim() == 3, op, ": k must be (N, heads, head_dim), got ", k.sizes());
+  TORCH_CHECK(k.size(0) == q.size(0) && k.size(2) == q.size(2), op, ": q ", q.sizes(), " and k ", k.sizes(),
+              " must share N and head_dim");
+  TORCH_CHECK(dims.size() == 3, op, ": dims must be 3 ints (dt, dh, dw), got ", dims.size());
+  for (auto d : dims) TORCH_CHECK(d >= 0 && d % 2 == 0, op, ": dims must be even and >= 0, got ", dims);
+  TORCH_CHECK(dims[0] + dims[1] + dims[2] == q.size(2), op, ": dims ", dims, " must sum to head_dim ",
+              q.size(2));
+  TORCH_CHECK(positions.scalar_type() == at::kFloat, op, ": positions must be float32, got ",
+              positions.scalar_type());
+  TORCH_CHECK(positions.dim() == 2 && positions.size(0) == q.size(0) && positions.size(1) == 3, op,
+              ": positions must be (N=", q.size(0), ", 3), got ", positions.sizes());
+  TORCH_CHECK(q.size(1) < (1 << 30) && k.size(1) < (1 << 30), op, ": too many heads");
+}
+
+bool aligned_to(const void* ptr, int64_t bytes) { return reinterpret_cast<uintptr_t>(ptr) % bytes == 0; }
+
+void rope_launch(const at::Tensor& q, const at::Tensor& k, const at::Tensor& qo, const at::Tensor& ko,
+                 const at::Tensor& positions_in, c10::IntArrayRef dims, double theta, bool interleaved,
+                 bool inverse) {
+  const int64_t N = q.size(0), D = q.size(2);
+  if (N == 0 || D == 0 || q.size(1) + k.size(1) == 0) return;
+  c10::cuda::CUDAGuard guard(q.device());
+  const at::Tensor positions = positions_in.contiguous();
+
+  RopeParams p;
+  std::memset(&p, 0, sizeof(p));
+  const at::Tensor* ins[2] = {&q, &k};
+  const at::Tensor* outs[2] = {&qo, &ko};
+  for (int i = 0; i < 2; ++i) {
+    p.in[i] = ins[i]->data_ptr();
+    p.out[i] = outs[i]->data_ptr();
+    p.sn[i] = ins[i]->stride(0);
+    p.sh[i] = ins[i]->stride(1);
+    p.sd[i] = ins[i]->stride(2);
+    p.osn[i] = outs[i]->stride(0);
+    p.osh[i] = outs[i]->stride(1);
+    p.osd[i] = outs[i]->stride(2);
+    p.heads[i] = static_cast<int32_t>(ins[i]->size(1));
+  }
+  p.pos = positions.data_ptr<float>();
+  p.N = N;
+  p.half = static_cast<int32_t>(D / 2);
+  p.axes = make_rope_axes(dims[0], dims[1], dims[2]);
+  p.theta = theta;
+  p.interleaved = interleaved;
+  p.inverse = inverse;
+
+  // pairs per access: the largest VP in {4, 2, 1} with 2*VP*elem <= 16 B (interleaved)
+  // or VP*elem <= 16 B (rotate-half) that divides the groups' layout and alignment
+  const int64_t esize = q.element_size();
+  int vp = 1;
+  for (int cand : {4, 2}) {
+    const int64_t run = (interleaved ? 2 * cand : cand) * esize;  // bytes per access
+    if (run > 16) continue;
+    bool ok = p.half % cand == 0;
+    if (!interleaved) {
+      for (int a = 0; a < 3; ++a) ok = ok && p.axes.half[a] % cand == 0 && p.axes.chunk_begin[a] % cand == 0;
+    }
+    for (int i = 0; i < 2 && ok; ++i) {
+      if (p.heads[i] == 0) continue;
+      ok = p.sd[i] == 1 && p.osd[i] == 1 && aligned_to(p.in[i], run) && aligned_to(p.out[i], run) &&
+           (p.sn[i] * esize) % run == 0 && (p.sh[i] * esize) % run == 0 &&
+           (p.osn[i] * esize) % run == 0 && (p.osh[i] * esize) % run == 0;
+    }
+    if (ok) {
+      vp = cand;
+      break;
+    }
+  }
+
+  // tokens per CTA: about 2 work units per thread, at most 16 tokens
+  const int64_t units_per_token = (q.size(1) + k.size(1)) * (p.half / vp);
+  int64_t tok = std::max<int64_t>(1, (2 * kRopeThreads + units_per_token - 1) / units_per_token);
+  tok = std::min<int64_t>({tok, 16, N});
+  p.tok = static_cast<int32_t>(tok);
+  TORCH_CHECK(units_per_token * tok < (int64_t{1} << 31), "vdit_C rope: too many heads * head_dim");
+  const int64_t blocks = (N + tok - 1) / tok;
+  TORCH_CHECK(blocks < (int64_t{1} << 31), "vdit_C rope: N = ", N, " is too large");
+  const size_t smem = sizeof(float) * static_cast<size_t>(p.half) * (1 + 2 * tok);
+  TORCH_CHECK(smem <= 48 * 1024, "vdit_C rope: head_dim ", D, " is too large");
+  auto stream = c10::cuda::getCurrentCUDAStream(q.device().index());
+  const RopeDtype dtype = q.scalar_type() == at::kFloat ? RopeDtype::kFloat32
+                          : q.scalar_type() == at::kHalf ? RopeDtype::kFloat16
+                                                         : RopeDtype::kBFloat16;
+  C10_CUDA_CHECK(launch_rope_kernel(p, dtype, vp, blocks, smem, stream.stream()));
+}
+
+std::tuple<at::Tensor, at::Tensor> rope_3d_cuda(const at::Tensor& q, const at::Tensor& k,
+                                                const at::Tensor& positions, c10::IntArrayRef dims,
+                                                double theta, bool interleaved, bool inverse) {
+  check_rope_args("vdit_C::rope_3d", q, k, positions, dims);
+  TORCH_CHECK(q.is_cuda(), "vdit_C::rope_3d: q must be a CUDA tensor, got ", q.device());
+  at::Tensor qo = at::empty(q.sizes(), q.options());
+  at::Tensor ko = at::empty(k.sizes(), k.options());
+  rope_launch(q, k, qo, ko, positions, dims, theta, interleaved, inverse);
+  return {qo, ko};
+}
+
+void rope_3d_inplace_cuda(const at::Tensor& q, const at::Tensor& k, const at::Tensor& positions,
+                          c10::IntArrayRef dims, double theta, bool interleaved, bool inverse) {
+  check_rope_args("vdit_C::rope_3d_", q, k, positions, dims);
+  TORCH_CHECK(q.is_cuda(), "vdit_C::rope_3d_: q must be a CUDA tensor, got ", q.device());
+  // each element is read and written by the same thread, so in = out is safe
+  rope_launch(q, k, q, k, positions, dims, theta, interleaved, inverse);
+}
+
+std::tuple<at::Tensor, at::Tensor> rope_3d_cpu(const at::Tensor& q, const at::Tensor& k,
+                                               const at::Tensor& positions, c10::IntArrayRef dims,
+                                               double theta, bool interleaved, bool inverse) {
+  check_rope_args("vdit_C::rope_3d", q, k, positions, dims);
+  TORCH_CHECK(false, "vdit_C::rope_3d: the CUDA kernels need CUDA tensors, got ", q.device(),
+              " (backend='triton' under TRITON_INTERPRET=1, or 'reference', runs on CPU)");
+}
+
+void rope_3d_inplace_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& positions,
+                         c10::IntArrayRef dims, double theta, bool interleaved, bool inverse) {
+  check_rope_args("vdit_C::rope_3d_", q, k, positions, dims);
+  TORCH_CHECK(false, "vdit_C::rope_3d_: the CUDA kernels need CUDA tensors, got ", q.device(),
+              " (backend='triton' under TRITON_INTERPRET=1, or 'reference', runs on CPU)");
+}
+
+}  // namespace
+}  // namespace vdit
+
+TORCH_LIBRARY_IMPL(vdit_C, CUDA, m) {
+  m.impl("rope_3d", &vdit::rope_3d_cuda);
+  m.impl("rope_3d_", &vdit::rope_3d_inplace_cuda);
+}
+
+TORCH_LIBRARY_IMPL(vdit_C, CPU, m) {
+  m.impl("rope_3d", &vdit::rope_3d_cpu);
+  m.impl("rope_3d_", &vdit::rope_3d_inplace_cpu);
+}
