@@ -10,8 +10,8 @@
 #   bash benchmarks/gpu_check.sh all --quick     # all steps, args go to run.py
 # Steps can run in separate calls (each stays under a 10-minute command limit); the
 # build output stays in the working tree between them.
-# Results: benchmarks/results/<gpu-slug>/ (results.json, summary.md, static_report.json,
-# plots) plus logs/ (build.log, pytest.log, bench.log). If $OUT is set (the device
+# Results: benchmarks/results/<gpu-slug>/ or $RESULTS_DIR (results.json, summary.md,
+# static_report.json, plots) plus logs/ (build.log, pytest.log, bench.log). If $OUT is set (the device
 # tool collects at most 8 files from it, 2 folder levels deep), it also receives:
 #   $OUT/summary.md, $OUT/results.json, $OUT/<step>.log tails, $OUT/gpu_check.tar.gz (everything).
 # PYTHON picks the interpreter (default: python). TEST_TIMEOUT / BENCH_TIMEOUT (seconds,
@@ -25,7 +25,7 @@ PY=${PYTHON:-python}
 STEP=${1:-all}
 [ $# -gt 0 ] && shift
 SLUG=$($PY -c "import torch, re; n = torch.cuda.get_device_name() if torch.cuda.is_available() else 'cpu'; print(re.sub(r'[^a-z0-9]+', '-', n.lower()).strip('-'))")
-RES=benchmarks/results/$SLUG
+RES=${RESULTS_DIR:-benchmarks/results/$SLUG}
 LOGS=$RES/logs
 mkdir -p "$LOGS"
 status=0

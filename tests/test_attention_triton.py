@@ -92,7 +92,19 @@ def _check(lens_q, lens_k, h, hk, d, dtype, max_q=None, max_k=None, rope_dims=No
     names = ("out", "lse", "dq", "dk", "dv")
     assert tri[0].dtype == dtype and tri[1].dtype == torch.float32
     assert tri[1].shape == (h, sum(lens_q))
-    assert_verbose_close(tri[1], exp[1], atol=1e-3, rtol=0, name="lse")
+    lse_atol = 1e-3
+    if rope is not None and dtype != torch.float32:
+        # the rotated q and k enter the tensor cores in `dtype`: rounding them moves the
+        # scores by ~|q||k| * 2^-8 (bfloat16), more than 1e-3 at head dim 64. The bound is
+        # that rounding's own effect on lse (reference float32 attention of the rotated,
+        # rounded q and k) twice over, plus the 1e-3 of the unrotated case.
+        qr, kr = ref.apply_rope_3d(q.float(), k.float(), None, rope.dims, rope.theta, rope.interleaved,
+                                   positions=rope.positions)
+        _, lse_rounded = vk.varlen_attention(qr.to(dtype).float(), kr.to(dtype).float(), v.float(), cu_q,
+                                             cu_k, max_q, max_k, return_lse=True, backend="reference")
+        finite = torch.isfinite(exp[1])
+        lse_atol += 2 * (lse_rounded - exp[1])[finite].abs().max().item()
+    assert_verbose_close(tri[1], exp[1], atol=lse_atol, rtol=0, name="lse")
     if dtype == torch.float32:
         for name, a, e in zip(names, tri, exp):
             if name != "lse" and (grads or name == "out"):
@@ -179,32 +191,29 @@ def test_long_segment_gpu(dtype):
 
 # -- launch configuration (pure Python: no GPU needed) -----------------------------------
 
-@pytest.mark.parametrize("d,rope", [(48, False), (64, False), (64, True), (72, False), (96, True),
-                                    (128, False), (128, True), (256, False)])
-def test_autotune_candidates_are_the_class_tiles_and_statically_checked(d, rope):
+@pytest.mark.parametrize("d", [48, 64, 72, 96, 128, 256])
+def test_autotune_candidates_are_the_class_tiles_and_statically_checked(d):
     from vdit_kernels.triton import attention as A
 
     cuda = torch.device("cuda")
-    fused = rope and A._fuses_rope(d)
-    call = dict(D=d, HAS_ROPE=fused)
-    fwd = A._prune("fwd")(A._configs("fwd"), {}, **call)
+    fwd = A._prune("fwd")(A._configs("fwd"), {}, D=d)
     assert sorted((c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) for c in fwd) \
-        == sorted(A._fwd_tiles(d, torch.bfloat16, cuda, fused))
+        == sorted(A._fwd_tiles(d, torch.bfloat16, cuda))
     for tag, own, loop in (("dkdv", "BLOCK_N", "BLOCK_M"), ("dq", "BLOCK_M", "BLOCK_N")):
-        bwd = A._prune(tag)(A._configs(tag), {}, **call)
+        bwd = A._prune(tag)(A._configs(tag), {}, D=d)
         assert sorted((c.kwargs[own], c.kwargs[loop], c.num_warps, c.num_stages) for c in bwd) \
             == sorted(A._bwd_tiles(d, torch.bfloat16, cuda, tag))
     # every tile a GPU may run is compiled (and checked for spills) by the static report
     static = {(s["fn"].__name__, s["constexprs"]["BLOCK_M"], s["constexprs"]["BLOCK_N"], s["num_warps"],
-               s["num_stages"], s["constexprs"]["BLOCK_D"], s["constexprs"]["HAS_ROPE"])
+               s["num_stages"], s["constexprs"]["BLOCK_D"])
               for s in A.aot_specs() if "BLOCK_N" in s["constexprs"]}
     bd = A._block_d(d)
-    for bm, bn, w, st in A._fwd_tiles(d, torch.bfloat16, cuda, fused):
-        assert ("_attn_fwd_kernel", bm, bn, w, st, bd, fused) in static
+    for bm, bn, w, st in A._fwd_tiles(d, torch.bfloat16, cuda):
+        assert ("_attn_fwd_kernel", bm, bn, w, st, bd) in static
     for own, loop, w, st in A._bwd_tiles(d, torch.bfloat16, cuda, "dkdv"):
-        assert ("_attn_bwd_dkdv_kernel", loop, own, w, st, bd, False) in static
+        assert ("_attn_bwd_dkdv_kernel", loop, own, w, st, bd) in static
     for own, loop, w, st in A._bwd_tiles(d, torch.bfloat16, cuda, "dq"):
-        assert ("_attn_bwd_dq_kernel", own, loop, w, st, bd, False) in static
+        assert ("_attn_bwd_dq_kernel", own, loop, w, st, bd) in static
 
 
 def test_head_dim_limit():
@@ -240,8 +249,7 @@ def test_gpu_tiles_under_the_interpreter(monkeypatch, d, rope_dims):
         monkeypatch.setattr(tuned, "cache", {})
     lens = [70, 3, 130]
     _check(lens, lens, 2, 1, d, torch.float16, seed=4, rope_dims=rope_dims)
-    fused = rope_dims is not None and A._fuses_rope(d)
-    n_fwd = len(A._fwd_tiles(d, torch.float16, torch.device("cuda"), fused))
+    n_fwd = len(A._fwd_tiles(d, torch.float16, torch.device("cuda")))
     assert timed.get("fwd", 0) == (n_fwd if n_fwd > 1 else 0)
     for tag in ("dkdv", "dq"):
         n_bwd = len(A._bwd_tiles(d, torch.float16, torch.device("cuda"), tag))

@@ -6,16 +6,14 @@
 # whose key segment is empty gets out = 0 and lse = -inf (all its gradients are 0).
 # Softmax runs in base 2 (log2(e) folded into the scale); scores, row statistics and all
 # accumulators are float32; matmul operands are in the input dtype (tensor cores).
-# With rope (head dims 64 and 128; other head dims spilled registers and rotate q/k in a
-# separate pass instead), q and k tiles are rotated as they are loaded: each tile is loaded at its
-# natural offsets and at its partner offsets (the other member of the element's RoPE pair:
-# e ^ 1 interleaved, e +- d_a/2 rotate-half), which hit the same cache lines, and
-# x * cos + sign * partner * sin is formed with cos/sin computed in-kernel from the token
-# positions (frequency exp2(-2j/d_a * log2(theta))); the rotated tile is rounded to the
-# input dtype, as apply_rope_3d + attention would. The backward rotates q/k once with the
-# rope family's Triton kernel (recomputing cos/sin in its inner loops spilled registers on
-# sm_90; the kernels keep a HAS_ROPE path, unused by the launcher), computes float32 dq/dk
-# w.r.t. the rotated q/k and rotates them back in place (inverse rotation) before the cast.
+# With rope, q and k are rotated once by the rope family's fastest kernel (the CUDA
+# kernel where built, else Triton) before the attention kernels run, and the backward
+# rotates dq/dk back (inverse rotation, in float32) before the cast. Rotating inside the
+# kernels, as the tiles are loaded, was measured on an H100 (bf16, 24 x 128 heads, the
+# 41430-token mixed pack): 679 ms forward against 31.8 ms for the plain kernel, because
+# every query block re-rotates every key tile of its segment (cos/sin of
+# N^2 / BLOCK_M * D angles); the separate pass reads and writes q and k once (0.36 ms
+# with the CUDA kernel, about 1% of the forward).
 #
 # Kernels and grids (B segments, programs whose block starts past their segment exit):
 #   _attn_fwd_kernel     (cdiv(max_seqlen_q, BLOCK_M), H, B): one query block x head,
@@ -30,8 +28,8 @@
 # reproducible; deterministic=True also pins the tiles (no autotuning, below).
 # Tiles: (BLOCK_M queries, BLOCK_D) and (BLOCK_N keys, BLOCK_D); BLOCK_D = head dim rounded
 # up to a power of two (tl.arange needs one; 72, 80, 96 are masked). Head dims up to 256.
-# On a GPU the tiles are autotuned (triton.autotune, keyed on head dim, dtypes, fused rope
-# and GQA groups) over a short candidate list per head-dim class (see "launch
+# On a GPU the tiles are autotuned (triton.autotune, keyed on head dim, dtypes and GQA
+# groups) over a short candidate list per head-dim class (see "launch
 # configuration" below): e.g. the D = 128 forward tries 128 x 64 at 8 warps (two
 # warpgroups of wgmma m64 over the query rows, the float32 accumulator at 64 registers a
 # thread) and 64 x 64; the backward holds two float32 accumulators, so 64 own rows (the
@@ -47,7 +45,6 @@
 # kernels run on sm_80 and sm_90 with any Triton >= 3.0.
 from __future__ import annotations
 
-import math
 import os
 
 import torch
@@ -55,7 +52,6 @@ import triton
 import triton.language as tl
 
 from ..backend import triton_interpreter
-from .rope import rope_3d, rope_3d_
 
 LOG2E = 1.4426950408889634
 
@@ -72,50 +68,6 @@ def _mm(a, b, IEEE: tl.constexpr):
 
 
 @triton.jit
-def _load_tile(ptr, rows, offs_d, mask, pos_ptr, tok, tmask, log2_theta,
-               HAS_ROPE: tl.constexpr, INTERLEAVED: tl.constexpr,
-               DT: tl.constexpr, DH: tl.constexpr, DW: tl.constexpr):
-    """Load a (BLOCK, BLOCK_D) tile at row offsets `rows` (BLOCK, 1), RoPE-rotated if asked."""
-    x = tl.load(ptr + rows + offs_d[None, :], mask=mask, other=0.0)
-    if HAS_ROPE:
-        e = offs_d
-        if INTERLEAVED:
-            # pairs (2j, 2j+1) across the head dim; the axis chunk follows the pair index
-            pair = e // 2
-            ax1 = (pair >= DT // 2).to(tl.int32)
-            ax2 = (pair >= DT // 2 + DH // 2).to(tl.int32)
-            j = pair - ax1 * (DT // 2) - ax2 * (DH // 2)
-            d_a = tl.where(ax2 == 1, DW, tl.where(ax1 == 1, DH, DT))
-            partner = e ^ 1
-            sign = tl.where((e % 2) == 0, -1.0, 1.0)
-        else:
-            # rotate-half inside each axis chunk: (c0 + j, c0 + j + d_a/2) share angle j
-            ax1 = (e >= DT).to(tl.int32)
-            ax2 = (e >= DT + DH).to(tl.int32)
-            c0 = ax1 * DT + ax2 * DH
-            d_a = tl.where(ax2 == 1, DW, tl.where(ax1 == 1, DH, DT))
-            local = e - c0
-            half = d_a // 2
-            first = local < half
-            partner = tl.where(first, e + half, e - half)
-            sign = tl.where(first, -1.0, 1.0)
-            j = tl.where(first, local, local - half)
-        d_safe = tl.maximum(d_a, 2).to(tl.float32)  # padded columns past D
-        freq = tl.exp2(j.to(tl.float32) * (-2.0 / d_safe) * log2_theta)
-        t64 = tok.to(tl.int64) * 3
-        pos_t = tl.load(pos_ptr + t64 + 0, mask=tmask, other=0.0)
-        pos_h = tl.load(pos_ptr + t64 + 1, mask=tmask, other=0.0)
-        pos_w = tl.load(pos_ptr + t64 + 2, mask=tmask, other=0.0)
-        pos = tl.where(ax2[None, :] == 1, pos_w[:, None],
-                       tl.where(ax1[None, :] == 1, pos_h[:, None], pos_t[:, None]))
-        angle = pos * freq[None, :]
-        xp = tl.load(ptr + rows + partner[None, :], mask=mask, other=0.0)
-        y = x.to(tl.float32) * tl.cos(angle) + sign[None, :] * xp.to(tl.float32) * tl.sin(angle)
-        x = y.to(x.dtype)
-    return x
-
-
-@triton.jit
 def _tile_mask(rmask, dmask, EVEN_D: tl.constexpr):
     """(rows, BLOCK_D) load mask; without a column mask when D is a power of two, which
     keeps the mask constant along the row (vectorized loads)."""
@@ -128,14 +80,11 @@ def _tile_mask(rmask, dmask, EVEN_D: tl.constexpr):
 
 @triton.jit
 def _kv_tiles(K, V, tok_k, nmask, kv_head, stride_kn, stride_kh, stride_vn, stride_vh,
-              offs_d, dmask, POS, log2_theta,
-              D: tl.constexpr, BLOCK_D: tl.constexpr, HAS_ROPE: tl.constexpr,
-              INTERLEAVED: tl.constexpr, DT: tl.constexpr, DH: tl.constexpr, DW: tl.constexpr):
-    """k (RoPE-rotated if HAS_ROPE) and v tiles of key rows tok_k, with their load mask."""
+              offs_d, dmask, D: tl.constexpr, BLOCK_D: tl.constexpr):
+    """k and v tiles of key rows tok_k, with their load mask."""
     kvmask = _tile_mask(nmask, dmask, D == BLOCK_D)
     rows_k = tok_k.to(tl.int64)[:, None] * stride_kn + kv_head.to(tl.int64) * stride_kh
-    k = _load_tile(K, rows_k, offs_d, kvmask, POS, tok_k, nmask,
-                   log2_theta, HAS_ROPE, INTERLEAVED, DT, DH, DW)
+    k = tl.load(K + rows_k + offs_d[None, :], mask=kvmask, other=0.0)
     rows_v = tok_k.to(tl.int64)[:, None] * stride_vn + kv_head.to(tl.int64) * stride_vh
     v = tl.load(V + rows_v + offs_d[None, :], mask=kvmask, other=0.0)
     return k, v, kvmask
@@ -143,13 +92,10 @@ def _kv_tiles(K, V, tok_k, nmask, kv_head, stride_kn, stride_kh, stride_vn, stri
 
 @triton.jit
 def _q_rows(Q, DO, LSE, DELTA, tok_q, mmask, qmask, head, stride_qn, stride_qh,
-            stride_don, stride_doh, stride_lh, offs_d, POS, log2_theta,
-            HAS_ROPE: tl.constexpr, INTERLEAVED: tl.constexpr,
-            DT: tl.constexpr, DH: tl.constexpr, DW: tl.constexpr):
-    """What the backward reads per query row: q (rotated), dO, lse (base 2) and delta."""
+            stride_don, stride_doh, stride_lh, offs_d):
+    """What the backward reads per query row: q, dO, lse (base 2) and delta."""
     rows_q = tok_q.to(tl.int64)[:, None] * stride_qn + head.to(tl.int64) * stride_qh
-    q = _load_tile(Q, rows_q, offs_d, qmask, POS, tok_q, mmask,
-                   log2_theta, HAS_ROPE, INTERLEAVED, DT, DH, DW)
+    q = tl.load(Q + rows_q + offs_d[None, :], mask=qmask, other=0.0)
     rows_do = tok_q.to(tl.int64)[:, None] * stride_don + head.to(tl.int64) * stride_doh
     do = tl.load(DO + rows_do + offs_d[None, :], mask=qmask, other=0.0)
     lrow = head.to(tl.int64) * stride_lh + tok_q.to(tl.int64)
@@ -162,16 +108,15 @@ def _q_rows(Q, DO, LSE, DELTA, tok_q, mmask, qmask, head, stride_qn, stride_qh,
 
 @triton.jit
 def _attn_fwd_kernel(
-    Q, K, V, O, LSE, CU_Q, CU_K, POS,
+    Q, K, V, O, LSE, CU_Q, CU_K,
     stride_qn, stride_qh,
     stride_kn, stride_kh,
     stride_vn, stride_vh,
     stride_on, stride_oh,
     stride_lh,
-    GROUPS, scale_log2, log2_theta,
+    GROUPS, scale_log2,
     D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    HAS_ROPE: tl.constexpr, INTERLEAVED: tl.constexpr,
-    DT: tl.constexpr, DH: tl.constexpr, DW: tl.constexpr, IEEE: tl.constexpr,
+    IEEE: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     head = tl.program_id(1)
@@ -192,8 +137,7 @@ def _attn_fwd_kernel(
     tok_q = q_start + offs_m
     qmask = _tile_mask(mmask, dmask, D == BLOCK_D)
     rows_q = tok_q.to(tl.int64)[:, None] * stride_qn + head.to(tl.int64) * stride_qh
-    q = _load_tile(Q, rows_q, offs_d, qmask, POS, tok_q, mmask,
-                   log2_theta, HAS_ROPE, INTERLEAVED, DT, DH, DW)
+    q = tl.load(Q + rows_q + offs_d[None, :], mask=qmask, other=0.0)
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -203,7 +147,7 @@ def _attn_fwd_kernel(
         cols = start_n + offs_n
         nmask = cols < seqlen_k
         k, v, kvmask = _kv_tiles(K, V, k_start + cols, nmask, kv_head, stride_kn, stride_kh,
-                                 stride_vn, stride_vh, offs_d, dmask, POS, log2_theta, D, BLOCK_D, HAS_ROPE, INTERLEAVED, DT, DH, DW)
+                                 stride_vn, stride_vh, offs_d, dmask, D, BLOCK_D)
         # -- compute qk (base 2) --
         s = _mm(q, tl.trans(k), IEEE) * scale_log2
         s = tl.where(nmask[None, :], s, float("-inf"))
@@ -252,7 +196,7 @@ def _attn_bwd_pre_kernel(
 
 @triton.jit
 def _attn_bwd_dkdv_kernel(
-    Q, K, V, DO, LSE, DELTA, DK, DV, CU_Q, CU_K, POS,
+    Q, K, V, DO, LSE, DELTA, DK, DV, CU_Q, CU_K,
     stride_qn, stride_qh,
     stride_kn, stride_kh,
     stride_vn, stride_vh,
@@ -260,10 +204,9 @@ def _attn_bwd_dkdv_kernel(
     stride_lh,
     stride_dkn, stride_dkh,
     stride_dvn, stride_dvh,
-    GROUPS, scale, scale_log2, log2_theta,
+    GROUPS, scale, scale_log2,
     D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    HAS_ROPE: tl.constexpr, INTERLEAVED: tl.constexpr,
-    DT: tl.constexpr, DH: tl.constexpr, DW: tl.constexpr, IEEE: tl.constexpr,
+    IEEE: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -281,9 +224,9 @@ def _attn_bwd_dkdv_kernel(
     dmask = offs_d < D
     nmask = offs_n < seqlen_k
     tok_k = k_start + offs_n
-    # -- load the key block once (rotated) --
+    # -- load the key block once --
     k, v, kvmask = _kv_tiles(K, V, tok_k, nmask, kv_head, stride_kn, stride_kh, stride_vn, stride_vh,
-                             offs_d, dmask, POS, log2_theta, D, BLOCK_D, HAS_ROPE, INTERLEAVED, DT, DH, DW)
+                             offs_d, dmask, D, BLOCK_D)
 
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
@@ -297,7 +240,7 @@ def _attn_bwd_dkdv_kernel(
             qmask = _tile_mask(mmask, dmask, D == BLOCK_D)
             q, do, lse, delta = _q_rows(Q, DO, LSE, DELTA, tok_q, mmask, qmask, head,
                                         stride_qn, stride_qh, stride_don, stride_doh, stride_lh,
-                                        offs_d, POS, log2_theta, HAS_ROPE, INTERLEAVED, DT, DH, DW)
+                                        offs_d)
             # -- recompute P^T (keys x queries) --
             st = _mm(k, tl.trans(q), IEEE) * scale_log2
             pt = tl.exp2(st - lse[None, :])
@@ -317,17 +260,16 @@ def _attn_bwd_dkdv_kernel(
 
 @triton.jit
 def _attn_bwd_dq_kernel(
-    Q, K, V, DO, LSE, DELTA, DQ, CU_Q, CU_K, POS,
+    Q, K, V, DO, LSE, DELTA, DQ, CU_Q, CU_K,
     stride_qn, stride_qh,
     stride_kn, stride_kh,
     stride_vn, stride_vh,
     stride_don, stride_doh,
     stride_lh,
     stride_dqn, stride_dqh,
-    GROUPS, scale, scale_log2, log2_theta,
+    GROUPS, scale, scale_log2,
     D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    HAS_ROPE: tl.constexpr, INTERLEAVED: tl.constexpr,
-    DT: tl.constexpr, DH: tl.constexpr, DW: tl.constexpr, IEEE: tl.constexpr,
+    IEEE: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     head = tl.program_id(1)
@@ -347,18 +289,18 @@ def _attn_bwd_dq_kernel(
     mmask = offs_m < seqlen_q
     qmask = _tile_mask(mmask, dmask, D == BLOCK_D)
     tok_q = q_start + offs_m
-    # -- load q (rotated), dO, lse, delta once --
+    # -- load q, dO, lse, delta once --
     q, do, lse, delta = _q_rows(Q, DO, LSE, DELTA, tok_q, mmask, qmask, head,
                                 stride_qn, stride_qh, stride_don, stride_doh, stride_lh,
-                                offs_d, POS, log2_theta, HAS_ROPE, INTERLEAVED, DT, DH, DW)
+                                offs_d)
 
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     for start_n in range(0, seqlen_k, BLOCK_N):
-        # -- load k (rotated), v --
+        # -- load k, v --
         cols = start_n + offs_n
         nmask = cols < seqlen_k
         k, v, kvmask = _kv_tiles(K, V, k_start + cols, nmask, kv_head, stride_kn, stride_kh,
-                                 stride_vn, stride_vh, offs_d, dmask, POS, log2_theta, D, BLOCK_D, HAS_ROPE, INTERLEAVED, DT, DH, DW)
+                                 stride_vn, stride_vh, offs_d, dmask, D, BLOCK_D)
         # -- recompute P; dS = P * (dO V^T - delta); dQ += dS K --
         s = _mm(q, tl.trans(k), IEEE) * scale_log2
         p = tl.exp2(s - lse[:, None])
@@ -381,35 +323,40 @@ def _attn_bwd_dq_kernel(
 #   forward  (BLOCK_M queries, BLOCK_N keys, warps, stages)
 #   backward (OWN rows per program, LOOP rows per inner step, warps, stages), one list per
 #            kernel: OWN is the key block of the dK/dV kernel and the query block of dQ.
-# The lists are spill-free with Triton 3.6 (the GPU machines') and 3.8 (CI) alike: the
-# dK/dV kernel, which holds k, v, dK and dV for its whole key block, needed smaller query
-# steps under 3.6 (64 x 32 at D = 128 spilled 256 B there, none under 3.8).
+# The first tile of every list (the default, also used with VDIT_AUTOTUNE=0 and
+# deterministic=True) is spill-free with Triton 3.6 (the GPU machines') and 3.8 (CI)
+# alike. The dK/dV kernel holds k, v, dK and dV for its whole key block, so at D = 128
+# only 16-row query steps are spill-free under 3.6, and they ran the H100 backward at
+# 87 TFLOP/s (390 ms on the 41430-token mixed pack, 3.5x slower than FlashAttention-2):
+# the D = 128 backward lists therefore add larger steps that spill a little under 3.6
+# (80 to 400 B: 64 x 32 and 64 x 64 for dK/dV, 64 x 64 for dQ; sizes from the static
+# report) as autotuning candidates, kept by the autotuner only where they measure
+# faster. The static report allows them SPILL_BUDGET bytes and a default none.
 # Classes: "d64" BLOCK_D <= 64; "d128" D == 128; "masked" 64 < D < 128 (72, 80, 96: the
-# column masks cost registers); "d256" 128 < D <= 256; "rope" fused RoPE, D in (64, 128)
-# only (with masked or larger head dims the partner loads spilled at every tile tried:
-# those calls rotate q/k in a separate pass and run the plain kernels).
+# column masks cost registers); "d256" 128 < D <= 256.
 _FWD_TILES = {
     "d64": [(128, 128, 8, 3), (128, 64, 8, 3), (64, 64, 4, 3)],
     "d128": [(128, 64, 8, 3), (128, 64, 8, 4), (64, 64, 8, 3)],
     "masked": [(64, 64, 8, 2), (64, 64, 8, 3), (64, 32, 8, 2)],
     "d256": [(64, 32, 8, 2), (64, 32, 8, 1)],
-    "rope": [(64, 32, 8, 2), (64, 32, 8, 3)],
 }
 _BWD_TILES = {
     "dkdv": {
         "d64": [(64, 32, 8, 2), (128, 64, 8, 2), (64, 32, 8, 3)],
-        "d128": [(64, 16, 8, 1)],
-        "masked": [(64, 16, 8, 1), (64, 16, 8, 2)],
+        "d128": [(64, 16, 8, 1), (64, 32, 8, 1), (64, 64, 8, 1)],
+        "masked": [(64, 16, 8, 1), (64, 16, 8, 2), (64, 32, 8, 1)],
         # 64-row tiles spilled at D = 256 even with 16 warps: small mma.sync tiles instead
         "d256": [(16, 16, 4, 1), (16, 16, 4, 2)],
     },
     "dq": {
         "d64": [(64, 64, 8, 2), (128, 64, 8, 2)],
-        "d128": [(64, 32, 8, 2), (64, 32, 8, 3)],
+        "d128": [(64, 32, 8, 2), (64, 32, 8, 3), (64, 64, 8, 2)],
         "masked": [(64, 32, 8, 2), (64, 32, 8, 3)],
         "d256": [(32, 16, 4, 1)],
     },
 }
+# register spills (bytes, sm_90a static report) allowed to a non-default candidate
+SPILL_BUDGET = 512
 # float32 (IEEE dots on FMA units, tests only) and the interpreter: one small tile
 _SMALL = (16, 16, 4, 1)
 MAX_HEAD_DIM = 256
@@ -419,14 +366,7 @@ def _block_d(d: int) -> int:
     return max(16, triton.next_power_of_2(d))
 
 
-def _fuses_rope(d: int) -> bool:
-    """Whether the kernels rotate q/k as they load them (else a separate rope pass)."""
-    return d in (64, 128)
-
-
-def _tile_class(d: int, rope: bool) -> str:
-    if rope:
-        return "rope"
+def _tile_class(d: int) -> str:
     if _block_d(d) <= 64:
         return "d64"
     if d == 128:
@@ -438,13 +378,13 @@ def _half_on_gpu(dtype: torch.dtype, device: torch.device) -> bool:
     return device.type == "cuda" and dtype in (torch.float16, torch.bfloat16)
 
 
-def _fwd_tiles(d: int, dtype: torch.dtype, device: torch.device, rope: bool) -> list[tuple]:
-    return _FWD_TILES[_tile_class(d, rope)] if _half_on_gpu(dtype, device) else [_SMALL]
+def _fwd_tiles(d: int, dtype: torch.dtype, device: torch.device) -> list[tuple]:
+    return _FWD_TILES[_tile_class(d)] if _half_on_gpu(dtype, device) else [_SMALL]
 
 
 def _bwd_tiles(d: int, dtype: torch.dtype, device: torch.device, kernel: str) -> list[tuple]:
     """kernel: "dkdv" or "dq"."""
-    return _BWD_TILES[kernel][_tile_class(d, False)] if _half_on_gpu(dtype, device) else [_SMALL]
+    return _BWD_TILES[kernel][_tile_class(d)] if _half_on_gpu(dtype, device) else [_SMALL]
 
 
 def _autotune_enabled() -> bool:
@@ -456,12 +396,12 @@ def _prune(tag: str):
     class live in one autotuner; the class is a function of the constexprs)."""
     def prune(configs, named_args, **kwargs):
         call = {**named_args, **kwargs}  # where the constexprs arrive differs across versions
-        d, rope = call["D"], call["HAS_ROPE"]
+        d = call["D"]
         if tag == "fwd":
-            wanted = set(_FWD_TILES[_tile_class(d, rope)])
+            wanted = set(_FWD_TILES[_tile_class(d)])
             key = lambda c: (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages)
         else:
-            wanted = set(_BWD_TILES[tag][_tile_class(d, False)])
+            wanted = set(_BWD_TILES[tag][_tile_class(d)])
             own, loop = ("BLOCK_N", "BLOCK_M") if tag == "dkdv" else ("BLOCK_M", "BLOCK_N")
             key = lambda c: (c.kwargs[own], c.kwargs[loop], c.num_warps, c.num_stages)
         return [c for c in configs if key(c) in wanted]
@@ -484,10 +424,9 @@ def _configs(tag: str) -> list:
     return out
 
 
-# Autotuned entry points (GPU, half dtypes). Keys: head dim and the fused-rope flag, the
-# GQA group count; triton adds the dtypes of the tensor arguments. Every kernel fully
+# Autotuned entry points (GPU, half dtypes). Keys: head dim and the GQA group count; triton adds the dtypes of the tensor arguments. Every kernel fully
 # overwrites its outputs, so timing runs need no reset.
-_fwd_tuned = triton.autotune(_configs("fwd"), key=["D", "HAS_ROPE", "GROUPS"],
+_fwd_tuned = triton.autotune(_configs("fwd"), key=["D", "GROUPS"],
                              prune_configs_by={"early_config_prune": _prune("fwd")})(_attn_fwd_kernel)
 _dkdv_tuned = triton.autotune(_configs("dkdv"), key=["D", "GROUPS"],
                               prune_configs_by={"early_config_prune": _prune("dkdv")})(_attn_bwd_dkdv_kernel)
@@ -510,14 +449,21 @@ def _last_dim_contiguous(x: torch.Tensor) -> torch.Tensor:
     return x if x.shape[-1] <= 1 or x.stride(-1) == 1 else x.contiguous()
 
 
-def _rope_args(rope, ref: torch.Tensor):
-    """(HAS_ROPE, INTERLEAVED, DT, DH, DW, positions, log2_theta) for the kernels."""
-    if rope is None:
-        return False, False, 0, 0, 0, ref, 0.0
+def _rotate(q, k, rope, inverse: bool, inplace: bool = False):
+    """RoPE on q and k: on a GPU with the rope family's default backend (DEFAULT_ORDER in
+    vdit_kernels/backend.py: the CUDA kernel where built), under the interpreter with the
+    Triton kernel."""
+    from .. import backend as _backend
+    from . import rope as triton_rope
+
     positions, dims, theta, interleaved = rope
-    dt, dh, dw = (int(x) for x in dims)
-    pos = positions.to(device=ref.device, dtype=torch.float32).contiguous()
-    return True, bool(interleaved), dt, dh, dw, pos, math.log2(float(theta))
+    positions = positions.to(device=q.device, dtype=torch.float32)
+    impl = triton_rope
+    if q.device.type == "cuda":
+        op = "rope_3d_" if inplace else "rope_3d"
+        impl = _backend.implementation(_backend.resolve("rope", q.device, "auto", op), "rope")
+    fn = impl.rope_3d_ if inplace else impl.rope_3d
+    return fn(q, k, positions, [int(x) for x in dims], float(theta), bool(interleaved), inverse)
 
 
 def _check_head_dim(d: int) -> None:
@@ -541,20 +487,16 @@ def varlen_attention_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_
         return out.zero_(), lse.fill_(float("-inf"))
     cu_q = cu_seqlens_q.to(torch.int32).contiguous()
     cu_k = cu_seqlens_k.to(torch.int32).contiguous()
-    if rope is not None and not _fuses_rope(d):
-        positions, dims, theta, interleaved = rope
-        q, k = rope_3d(q, k, positions, dims, theta, interleaved, False)
-        rope = None
-    has_rope, inter, dt, dh, dw, pos, log2_theta = _rope_args(rope, q)
-    args = (q, k, v, out, lse, cu_q, cu_k, pos,
+    if rope is not None:
+        q, k = _rotate(q, k, rope, inverse=False)
+    args = (q, k, v, out, lse, cu_q, cu_k,
             q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
             out.stride(0), out.stride(1), lse.stride(0),
-            h // hk, float(softmax_scale) * LOG2E, log2_theta)
+            h // hk, float(softmax_scale) * LOG2E)
     _launch(_attn_fwd_kernel, _fwd_tuned,
             lambda meta: (triton.cdiv(max_seqlen_q, meta["BLOCK_M"]), h, nseg), args,
-            _fwd_tiles(d, q.dtype, q.device, has_rope), lambda t: dict(BLOCK_M=t[0], BLOCK_N=t[1]),
-            fixed=False, D=d, BLOCK_D=_block_d(d), HAS_ROPE=has_rope, INTERLEAVED=inter,
-            DT=dt, DH=dh, DW=dw, IEEE=q.dtype in (torch.float32, torch.float64))
+            _fwd_tiles(d, q.dtype, q.device), lambda t: dict(BLOCK_M=t[0], BLOCK_N=t[1]),
+            fixed=False, D=d, BLOCK_D=_block_d(d), IEEE=q.dtype in (torch.float32, torch.float64))
     return out, lse
 
 
@@ -579,12 +521,8 @@ def varlen_attention_bwd(grad_out, q, k, v, out, lse, grad_lse, cu_seqlens_q, cu
         return dq.to(q.dtype), dk.to(k.dtype), dv
     cu_q = cu_seqlens_q.to(torch.int32).contiguous()
     cu_k = cu_seqlens_k.to(torch.int32).contiguous()
-    if rope is not None:
-        # the backward reads every q/k tile many times: rotate them once with the rope
-        # family's kernel instead of recomputing cos/sin in the inner loops (which spilled)
-        positions, dims, theta, interleaved = rope
-        q, k = rope_3d(q, k, positions, dims, theta, interleaved, False)
-    has_rope, inter, dt, dh, dw, pos, log2_theta = _rope_args(None, q)
+    if rope is not None:  # the kernels run on the rotated q/k, as in the forward
+        q, k = _rotate(q, k, rope, inverse=False)
     bd = _block_d(d)
     ieee = q.dtype in (torch.float32, torch.float64)
     scale = float(softmax_scale)
@@ -602,30 +540,29 @@ def varlen_attention_bwd(grad_out, q, k, v, out, lse, grad_lse, cu_seqlens_q, cu
     if grad_lse is not None:
         # d lse_i / d S_ij = P_ij: a gradient into lse shifts the row term of dS = P (dP - delta)
         delta.sub_(grad_lse)
-    common = dict(D=d, BLOCK_D=bd, HAS_ROPE=has_rope, INTERLEAVED=inter, DT=dt, DH=dh, DW=dw,
-                  IEEE=ieee)
+    common = dict(D=d, BLOCK_D=bd, IEEE=ieee)
     # -- dK, dV: one key block x kv head, looping over its query heads --
-    args = (q, k, v, grad_out, lse, delta, dk, dv, cu_q, cu_k, pos,
+    args = (q, k, v, grad_out, lse, delta, dk, dv, cu_q, cu_k,
             q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
             grad_out.stride(0), grad_out.stride(1), lse.stride(0),
             dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1),
-            h // hk, scale, scale * LOG2E, log2_theta)
+            h // hk, scale, scale * LOG2E)
     _launch(_attn_bwd_dkdv_kernel, _dkdv_tuned,
             lambda meta: (triton.cdiv(max_seqlen_k, meta["BLOCK_N"]), hk, nseg), args,
             _bwd_tiles(d, q.dtype, q.device, "dkdv"),
             lambda t: dict(BLOCK_N=t[0], BLOCK_M=t[1]), fixed=deterministic, **common)
     # -- dQ: one query block x head --
-    args = (q, k, v, grad_out, lse, delta, dq, cu_q, cu_k, pos,
+    args = (q, k, v, grad_out, lse, delta, dq, cu_q, cu_k,
             q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
             grad_out.stride(0), grad_out.stride(1), lse.stride(0),
             dq.stride(0), dq.stride(1),
-            h // hk, scale, scale * LOG2E, log2_theta)
+            h // hk, scale, scale * LOG2E)
     _launch(_attn_bwd_dq_kernel, _dq_tuned,
             lambda meta: (triton.cdiv(max_seqlen_q, meta["BLOCK_M"]), h, nseg), args,
             _bwd_tiles(d, q.dtype, q.device, "dq"),
             lambda t: dict(BLOCK_M=t[0], BLOCK_N=t[1]), fixed=deterministic, **common)
     if rope is not None:
-        rope_3d_(dq, dk, positions, dims, theta, interleaved, inverse=True)
+        _rotate(dq, dk, rope, inverse=True, inplace=True)
     return dq.to(q.dtype), dk.to(k.dtype), dv
 
 
@@ -634,62 +571,56 @@ def varlen_attention_bwd(grad_out, q, k, v, out, lse, grad_lse, cu_seqlens_q, cu
 def aot_specs() -> list[dict]:
     """Every candidate launch configuration, for benchmarks/static_report.py (sm_90a, no
     GPU needed): each class at representative head dims, every tile of its list."""
-    fwd_sig = (["Q", "K", "V", "O"], ["LSE"], ["CU_Q", "CU_K"], ["POS"],
+    fwd_sig = (["Q", "K", "V", "O"], ["LSE"], ["CU_Q", "CU_K"],
                ["stride_qn", "stride_qh", "stride_kn", "stride_kh", "stride_vn", "stride_vh",
-                "stride_on", "stride_oh", "stride_lh", "GROUPS"], ["scale_log2", "log2_theta"])
-    dkdv_sig = (["Q", "K", "V", "DO"], ["LSE", "DELTA"], ["CU_Q", "CU_K"], ["POS"],
+                "stride_on", "stride_oh", "stride_lh", "GROUPS"], ["scale_log2"])
+    dkdv_sig = (["Q", "K", "V", "DO"], ["LSE", "DELTA"], ["CU_Q", "CU_K"],
                 ["stride_qn", "stride_qh", "stride_kn", "stride_kh", "stride_vn", "stride_vh",
                  "stride_don", "stride_doh", "stride_lh", "stride_dkn", "stride_dkh",
-                 "stride_dvn", "stride_dvh", "GROUPS"], ["scale", "scale_log2", "log2_theta"])
-    dq_sig = (["Q", "K", "V", "DO"], ["LSE", "DELTA"], ["CU_Q", "CU_K"], ["POS"],
+                 "stride_dvn", "stride_dvh", "GROUPS"], ["scale", "scale_log2"])
+    dq_sig = (["Q", "K", "V", "DO"], ["LSE", "DELTA"], ["CU_Q", "CU_K"],
               ["stride_qn", "stride_qh", "stride_kn", "stride_kh", "stride_vn", "stride_vh",
                "stride_don", "stride_doh", "stride_lh", "stride_dqn", "stride_dqh", "GROUPS"],
-              ["scale", "scale_log2", "log2_theta"])
+              ["scale", "scale_log2"])
 
     def sig(dtype, layout, constexprs, out=()):
-        xs, fs, cs, ps, ints, floats = layout
+        xs, fs, cs, ints, floats = layout
         s = {name: f"*{dtype}" for name in (*xs, *out)}
         s.update({n: "*fp32" for n in fs})
         s.update({n: "*i32" for n in cs})
-        s.update({n: "*fp32" for n in ps})
         s.update({n: "i64" for n in ints})
         s.update({n: "fp32" for n in floats})
         s.update({n: "constexpr" for n in constexprs})
         return s
 
     specs = []
-    cases = [("bf16", 64, False), ("bf16", 48, False), ("bf16", 128, False), ("bf16", 72, False),
-             ("bf16", 96, False), ("bf16", 256, False), ("bf16", 128, True), ("bf16", 64, True),
-             ("fp16", 128, False), ("fp32", 128, False)]
-    for dtype, d, rope in cases:
+    cases = [("bf16", 64), ("bf16", 48), ("bf16", 128), ("bf16", 72), ("bf16", 96), ("bf16", 256),
+             ("fp16", 128), ("fp32", 128)]
+    for dtype, d in cases:
         tdt = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[dtype]
-        dims = (d - 4 * (d // 6), 2 * (d // 6), 2 * (d // 6)) if rope else (0, 0, 0)
-        base = dict(D=d, BLOCK_D=_block_d(d), HAS_ROPE=rope, INTERLEAVED=True,
-                    DT=dims[0], DH=dims[1], DW=dims[2], IEEE=dtype == "fp32")
+        base = dict(D=d, BLOCK_D=_block_d(d), IEEE=dtype == "fp32")
         mma = dtype != "fp32"
-        tag = f"{dtype} d={d}{' rope' if rope else ''}"
-        for bm, bn, w, st in _fwd_tiles(d, tdt, torch.device("cuda"), rope):
+        tag = f"{dtype} d={d}"
+        for bm, bn, w, st in _fwd_tiles(d, tdt, torch.device("cuda")):
             ce = dict(base, BLOCK_M=bm, BLOCK_N=bn)
             specs.append({"name": f"attn_fwd {tag} {bm}x{bn} w{w}s{st}", "fn": _attn_fwd_kernel,
                           "signature": sig(dtype, fwd_sig, ce),
                           "constexprs": ce, "num_warps": w, "num_stages": st, "expect_mma": mma})
-        if rope:  # the backward runs on pre-rotated q/k: the same kernels as without rope
-            continue
-        for own, loop, w, st in _bwd_tiles(d, tdt, torch.device("cuda"), "dkdv"):
+        for i, (own, loop, w, st) in enumerate(_bwd_tiles(d, tdt, torch.device("cuda"), "dkdv")):
             ce = dict(base, BLOCK_M=loop, BLOCK_N=own)
             # wgmma needs 64-row tiles; the small D = 256 tiles run on mma.sync
             specs.append({"name": f"attn_bwd_dkdv {tag} {own}x{loop} w{w}s{st}",
                           "fn": _attn_bwd_dkdv_kernel,
                           "signature": sig(dtype, dkdv_sig, ce, out=("DK", "DV")),
                           "constexprs": ce, "num_warps": w, "num_stages": st,
-                          "expect_mma": mma and own >= 64})
-        for own, loop, w, st in _bwd_tiles(d, tdt, torch.device("cuda"), "dq"):
+                          "expect_mma": mma and own >= 64, "spill_budget": SPILL_BUDGET if i else 0})
+        for i, (own, loop, w, st) in enumerate(_bwd_tiles(d, tdt, torch.device("cuda"), "dq")):
             ce = dict(base, BLOCK_M=own, BLOCK_N=loop)
             specs.append({"name": f"attn_bwd_dq {tag} {own}x{loop} w{w}s{st}",
                           "fn": _attn_bwd_dq_kernel,
                           "signature": sig(dtype, dq_sig, ce, out=("DQ",)),
                           "constexprs": ce, "num_warps": w, "num_stages": st,
-                          "expect_mma": mma and own >= 64})
+                          "expect_mma": mma and own >= 64, "spill_budget": SPILL_BUDGET if i else 0})
     d = 128
     ce = dict(D=d, BLOCK_D=d, BLOCK_M=16)
     pre = {"O": "*bf16", "DO": "*bf16", "DELTA": "*fp32", "N": "i32", "stride_on": "i64",
