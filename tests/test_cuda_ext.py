@@ -5,6 +5,10 @@ Numerical tests need a GPU (conftest.gpu_only); without one they are skipped wit
 The argument checks (csrc/*_host.cpp) run on CPU tensors too, so they are tested here on
 the GPU where there is one and on CPU otherwise.
 """
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -179,9 +183,7 @@ def test_unpatchify_non_contiguous_tokens_and_grad():
         assert torch.equal(v.grad, 2 * v.detach())
 
 
-@needs_cuda_build
-def test_patch_bad_input_raises():
-    # errors raised by the host code (csrc/patch_host.cpp) reach Python as RuntimeError
+def _patch_bad_input_checks():
     v = torch.randn(4, 2, 4, 6, device=DEVICE)
     with pytest.raises(RuntimeError, match="patch_size"):
         torch.ops.vdit_C.patchify([v], [1, 2])
@@ -193,6 +195,19 @@ def test_patch_bad_input_raises():
         torch.ops.vdit_C.unpatchify(torch.randn(5, 16, device=DEVICE), [2, 4, 6], [1, 2, 2], 4)
     with pytest.raises(RuntimeError, match="patch_size must be positive"):
         torch.ops.vdit_C.patchify([v], [1, 0, 2])
+
+
+@needs_cuda_build
+@pytest.mark.parametrize("checks", ["_patch_bad_input_checks", "_rope_bad_input_checks"])
+def test_bad_input_raises_cleanly(checks):
+    # Errors raised by the host code (csrc/*_host.cpp) must reach Python as RuntimeError
+    # naming the argument. In a child process: on the H100 machine (torch 2.11) raising
+    # from vdit_C crashed the process (segfault) instead, also from the host .cpp; a crash
+    # here fails this test with its signal instead of ending the test session.
+    proc = subprocess.run([sys.executable, "-c", f"import test_cuda_ext as t; t.{checks}(); print('checks ok')"],
+                          cwd=Path(__file__).parent, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0 and "checks ok" in proc.stdout, \
+        f"exit {proc.returncode}: {(proc.stdout + proc.stderr)[-3000:]}"
 
 
 # -- RoPE on a GPU -----------------------------------------------------------------------
@@ -279,8 +294,7 @@ def test_rope_grad_matches_reference():
     assert_verbose_close(grads[0][1], grads[1][1])
 
 
-@needs_cuda_build
-def test_rope_bad_input_raises():
+def _rope_bad_input_checks():
     q, k, pos = (t.to(DEVICE) for t in _rope_inputs(4, 2, 2, (4, 4, 4), torch.float32, device="cpu"))
     with pytest.raises(RuntimeError, match="dims"):
         torch.ops.vdit_C.rope_3d(q, k, pos, [4, 4, 2], 1e4, True, False)
