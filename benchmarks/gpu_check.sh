@@ -46,7 +46,9 @@ run_tests() {
     echo "== test: python -m pytest tests $* (log: $LOGS/pytest.log)"
     local par=()
     $PY -c "import xdist" 2>/dev/null && par=(-n "${TEST_WORKERS:-8}")
-    env -u TRITON_INTERPRET timeout "${TEST_TIMEOUT:-0}" $PY -m pytest tests -q -p no:logging -rs "${par[@]}" "$@" \
+    # SIGINT at the time cap: pytest then still prints the failures and the summary so far
+    env -u TRITON_INTERPRET timeout -s INT -k 30 "${TEST_TIMEOUT:-0}" $PY -m pytest tests -q -p no:logging -rfEs \
+        "${par[@]}" "$@" \
         > "$LOGS/pytest.log" 2>&1 || { rc=$?; status=1; echo "pytest failed or timed out (exit $rc; 124 = TEST_TIMEOUT)"; }
     tail -25 "$LOGS/pytest.log"
 }

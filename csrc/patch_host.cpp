@@ -16,6 +16,7 @@
 #include <cstring>
 #include <vector>
 
+#include "common/host_errors.h"
 #include "patch.h"
 
 namespace vdit {
@@ -141,7 +142,7 @@ std::vector<int64_t> check_patchify_args(at::TensorList videos, c10::IntArrayRef
 at::Tensor patchify_cuda(at::TensorList videos, c10::IntArrayRef patch_size) {
   const auto ps = check_patchify_args(videos, patch_size);
   const at::Tensor& v0 = videos[0];
-  TORCH_CHECK(v0.is_cuda(), "vdit_C::patchify: videos must be CUDA tensors, got ", v0.device());
+  if (!v0.is_cuda()) needs_cuda_tensors("vdit_C::patchify", v0.device());
   const int64_t channels = v0.size(0);
   std::vector<PatchVideo> recs;
   recs.reserve(videos.size());
@@ -184,10 +185,7 @@ std::vector<int64_t> check_unpatchify_args(const at::Tensor& tokens_in, c10::Int
 std::vector<at::Tensor> unpatchify_cuda(const at::Tensor& tokens_in, c10::IntArrayRef shapes,
                                         c10::IntArrayRef patch_size, int64_t channels) {
   const auto ps = check_unpatchify_args(tokens_in, shapes, patch_size, channels);
-  TORCH_CHECK(tokens_in.is_cuda(), "vdit_C::unpatchify: tokens must be a CUDA tensor, got ",
-              tokens_in.device());
-  const int64_t F = channels * ps[0] * ps[1] * ps[2];
-  (void)F;
+  if (!tokens_in.is_cuda()) needs_cuda_tensors("vdit_C::unpatchify", tokens_in.device());
   const at::Tensor tokens = tokens_in.contiguous();  // a strided token matrix is copied once
   std::vector<at::Tensor> outs;
   std::vector<PatchVideo> recs;
@@ -205,15 +203,13 @@ std::vector<at::Tensor> unpatchify_cuda(const at::Tensor& tokens_in, c10::IntArr
 
 at::Tensor patchify_cpu(at::TensorList videos, c10::IntArrayRef patch_size) {
   check_patchify_args(videos, patch_size);
-  TORCH_CHECK(false, "vdit_C::patchify: the CUDA kernels need CUDA tensors, got ", videos[0].device(),
-              " (backend='triton' under TRITON_INTERPRET=1, or 'reference', runs on CPU)");
+  needs_cuda_tensors("vdit_C::patchify", videos[0].device());
 }
 
 std::vector<at::Tensor> unpatchify_cpu(const at::Tensor& tokens, c10::IntArrayRef shapes,
                                        c10::IntArrayRef patch_size, int64_t channels) {
   check_unpatchify_args(tokens, shapes, patch_size, channels);
-  TORCH_CHECK(false, "vdit_C::unpatchify: the CUDA kernels need CUDA tensors, got ", tokens.device(),
-              " (backend='triton' under TRITON_INTERPRET=1, or 'reference', runs on CPU)");
+  needs_cuda_tensors("vdit_C::unpatchify", tokens.device());
 }
 
 }  // namespace

@@ -15,6 +15,7 @@
 #include <cstring>
 #include <tuple>
 
+#include "common/host_errors.h"
 #include "rope.h"
 
 namespace vdit {
@@ -121,7 +122,7 @@ std::tuple<at::Tensor, at::Tensor> rope_3d_cuda(const at::Tensor& q, const at::T
                                                 const at::Tensor& positions, c10::IntArrayRef dims,
                                                 double theta, bool interleaved, bool inverse) {
   check_rope_args("vdit_C::rope_3d", q, k, positions, dims);
-  TORCH_CHECK(q.is_cuda(), "vdit_C::rope_3d: q must be a CUDA tensor, got ", q.device());
+  if (!q.is_cuda()) needs_cuda_tensors("vdit_C::rope_3d", q.device());
   at::Tensor qo = at::empty(q.sizes(), q.options());
   at::Tensor ko = at::empty(k.sizes(), k.options());
   rope_launch(q, k, qo, ko, positions, dims, theta, interleaved, inverse);
@@ -131,7 +132,7 @@ std::tuple<at::Tensor, at::Tensor> rope_3d_cuda(const at::Tensor& q, const at::T
 void rope_3d_inplace_cuda(const at::Tensor& q, const at::Tensor& k, const at::Tensor& positions,
                           c10::IntArrayRef dims, double theta, bool interleaved, bool inverse) {
   check_rope_args("vdit_C::rope_3d_", q, k, positions, dims);
-  TORCH_CHECK(q.is_cuda(), "vdit_C::rope_3d_: q must be a CUDA tensor, got ", q.device());
+  if (!q.is_cuda()) needs_cuda_tensors("vdit_C::rope_3d_", q.device());
   // each element is read and written by the same thread, so in = out is safe
   rope_launch(q, k, q, k, positions, dims, theta, interleaved, inverse);
 }
@@ -140,15 +141,13 @@ std::tuple<at::Tensor, at::Tensor> rope_3d_cpu(const at::Tensor& q, const at::Te
                                                const at::Tensor& positions, c10::IntArrayRef dims,
                                                double theta, bool interleaved, bool inverse) {
   check_rope_args("vdit_C::rope_3d", q, k, positions, dims);
-  TORCH_CHECK(false, "vdit_C::rope_3d: the CUDA kernels need CUDA tensors, got ", q.device(),
-              " (backend='triton' under TRITON_INTERPRET=1, or 'reference', runs on CPU)");
+  needs_cuda_tensors("vdit_C::rope_3d", q.device());
 }
 
 void rope_3d_inplace_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& positions,
                          c10::IntArrayRef dims, double theta, bool interleaved, bool inverse) {
   check_rope_args("vdit_C::rope_3d_", q, k, positions, dims);
-  TORCH_CHECK(false, "vdit_C::rope_3d_: the CUDA kernels need CUDA tensors, got ", q.device(),
-              " (backend='triton' under TRITON_INTERPRET=1, or 'reference', runs on CPU)");
+  needs_cuda_tensors("vdit_C::rope_3d_", q.device());
 }
 
 }  // namespace

@@ -295,7 +295,7 @@ def test_rope_grad_matches_reference():
 
 
 def _rope_bad_input_checks():
-    q, k, pos = (t.to(DEVICE) for t in _rope_inputs(4, 2, 2, (4, 4, 4), torch.float32, device="cpu"))
+    q, k, pos = _rope_inputs(4, 2, 2, (4, 4, 4), torch.float32, device=DEVICE)
     with pytest.raises(RuntimeError, match="dims"):
         torch.ops.vdit_C.rope_3d(q, k, pos, [4, 4, 2], 1e4, True, False)
     with pytest.raises(RuntimeError, match="dims"):

@@ -168,26 +168,6 @@ CASES = [
 ]
 
 
-# The workers run CPU tensors on gloo (one GPU cannot host two NCCL ranks), so their Triton
-# cases need the interpreter. On the H100 machine (Triton 3.6, a GPU present) those cases
-# failed inside the spawned workers (run 1: the interpreter rejected tl.zeros as "a
-# @triton.jit'd function called outside of a kernel"; not reproduced without a GPU), so
-# there the workers run the reference cases only; the Triton kernels themselves are
-# tested on the GPU by the single-process tests (merge_attention gradients through
-# varlen_attention included).
-WORKER_TRITON = not torch.cuda.is_available()
-
-
-def _in_workers(index) -> bool:
-    return CASES[index][1] != "triton" or WORKER_TRITON
-
-
-def _skip_unless_in_workers(index):
-    if not _in_workers(index):
-        pytest.skip("Triton cases of the multi-process tests run under the interpreter on hosts "
-                    "without a GPU only (see WORKER_TRITON)")
-
-
 def _ulysses_ok(index):
     _, _, _, h, hk, _ = CASES[index]
     return h % WORLD == 0 and hk % WORLD == 0
@@ -222,8 +202,6 @@ def _worker(rank, store, out_dir):
                             world_size=WORLD, timeout=timedelta(seconds=60))
     results = {}
     for index, (name, backend, *_) in enumerate(CASES):
-        if not _in_workers(index):
-            continue
         pack, x, rope = _case_inputs(index)
         local = {k: vk.shard_pack(t, WORLD, rank) for k, t in x.items() if k not in ("kt", "vt")}
         r = {}
@@ -265,8 +243,10 @@ def _worker(rank, store, out_dir):
 
 
 def _spawn(worker, tmp, nprocs):
-    """mp.spawn with TRITON_INTERPRET=1 in the workers' environment (also on a GPU host,
-    where this process runs Triton compiled and must keep doing so)."""
+    """mp.spawn with TRITON_INTERPRET=1 in the workers' environment from their start (also
+    on a GPU host, where this process runs Triton compiled and must keep doing so): set
+    inside a worker, after its imports, it came too late on the H100 machine (Triton's own
+    jit helpers, e.g. tl.zeros, were already compiled-mode functions)."""
     before = os.environ.get("TRITON_INTERPRET")
     os.environ["TRITON_INTERPRET"] = "1"
     try:
@@ -321,7 +301,6 @@ def _expected(index, cross=False):
 @pytest.mark.parametrize("index", range(len(CASES)), ids=[c[0] for c in CASES])
 def test_sequence_parallel_matches_single_process(ulysses_runs, index, scheme):
     name, _, dtype, *_ = CASES[index]
-    _skip_unless_in_workers(index)
     if scheme == "ulysses" and not _ulysses_ok(index):
         pytest.skip("Ulysses needs heads divisible by the world size (see the next test)")
     prefix = {"ulysses": "", "allgather": "ag_", "ring": "ring_"}[scheme]
@@ -349,7 +328,6 @@ def test_sequence_parallel_matches_single_process(ulysses_runs, index, scheme):
 @pytest.mark.parametrize("index", range(len(CASES)), ids=[c[0] for c in CASES])
 def test_local_cross_attention(ulysses_runs, index):
     name = CASES[index][0]
-    _skip_unless_in_workers(index)
     runs = [run[name] for run in ulysses_runs]
     pack, out, lse, dq, dk, dv = _expected(index, cross=True)
     n = pack.num_tokens

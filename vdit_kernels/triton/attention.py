@@ -51,7 +51,9 @@ import torch
 import triton
 import triton.language as tl
 
+from .. import backend as _backend
 from ..backend import triton_interpreter
+from . import rope as triton_rope
 
 LOG2E = 1.4426950408889634
 
@@ -453,9 +455,6 @@ def _rotate(q, k, rope, inverse: bool, inplace: bool = False):
     """RoPE on q and k: on a GPU with the rope family's default backend (DEFAULT_ORDER in
     vdit_kernels/backend.py: the CUDA kernel where built), under the interpreter with the
     Triton kernel."""
-    from .. import backend as _backend
-    from . import rope as triton_rope
-
     positions, dims, theta, interleaved = rope
     positions = positions.to(device=q.device, dtype=torch.float32)
     impl = triton_rope
