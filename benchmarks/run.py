@@ -1,6 +1,6 @@
 """The main command (scripts/bench.sh): the vdit_kernels ops and their peers, side by side.
 
-    python -m benchmarks.run [--quick] [--op patch|rope|attention|block ...] [--provider SUBSTR ...]
+    python -m benchmarks.run [--quick] [--op patch|rope|attention|block|dit ...] [--provider SUBSTR ...]
                              [--workload NAME ...] [--out DIR] [--no-static]
 
 For each op: one table of workload, provider, median ms (min/max), TFLOP/s or GB/s,
@@ -33,18 +33,20 @@ from pathlib import Path
 import torch
 import torch._dynamo
 
-from . import bench_attention, bench_block, bench_patch, bench_rope, limits, workloads
+from . import bench_attention, bench_block, bench_dit, bench_patch, bench_rope, limits, workloads
 from .common import OPTIONS
 from .timing import bench
 
 ROOT = Path(__file__).resolve().parent.parent
-SUITES = {"patch": bench_patch, "rope": bench_rope, "attention": bench_attention, "block": bench_block}
+SUITES = {"patch": bench_patch, "rope": bench_rope, "attention": bench_attention, "block": bench_block,
+          "dit": bench_dit}
 # speedup column: the first of these that ran for the same (op, name, mode, workload)
 BASELINES = {
     "patch": ("vdit-reference", "torch-permute", "nn.Conv3d"),
     "rope": ("vdit-reference", "reference-compile"),
     "attention": ("vdit-reference", "sdpa-padded", "torch-varlen"),
     "block": ("vdit-reference", "torch-varlen"),
+    "dit": ("torch-padded", "vdit-reference"),
 }
 BANNER = ("=" * 78 + "\n CPU SMOKE TEST: tiny sizes, reference providers only. "
           "NOT A PERFORMANCE RESULT.\n" + "=" * 78)
@@ -125,6 +127,7 @@ def run_case(case, device: str, quick: bool, lim: dict) -> dict:
         row.update(t)
         row.update(prepared.extra)
         sec = t["median_ms"] * 1e-3
+        row["tokens_per_s"] = wl.num_tokens / sec
         if case.flops:
             row["tflops"] = case.flops / sec / 1e12
             row["pct_of_limit"] = 100 * row["tflops"] / lim["compute_tflops"]
@@ -157,6 +160,22 @@ def add_speedups(rows: list[dict]) -> None:
         for r in by_provider.values():
             r["baseline"] = base
             r["speedup"] = by_provider[base]["median_ms"] / r["median_ms"] if base else None
+
+
+def add_attention_shares(rows: list[dict]) -> list[str]:
+    """Share of a DiT step (dit suite, vdit-<b>) spent in self-attention: the attention
+    suite's fwd+bwd time with fused RoPE (vdit-<b>+rope) on the same workload, where both
+    ran. Sets row["attention_share"]; returns one line per share."""
+    attn = {(r["workload"], r["provider"]): r["median_ms"] for r in rows
+            if r["op"] == "attention" and r["mode"] == "fwd+bwd" and "median_ms" in r}
+    lines = []
+    for r in rows:
+        key = (r["workload"], r["provider"] + "+rope")
+        if r["op"] == "dit" and "median_ms" in r and key in attn:
+            r["attention_share"] = attn[key] / r["median_ms"]
+            lines.append(f"- {r['workload']} {r['provider']}: self-attention {attn[key]:.3f} ms of a "
+                         f"{r['median_ms']:.3f} ms step = {100 * r['attention_share']:.0f}%")
+    return lines
 
 
 def backend_choice(rows: list[dict]) -> str:
@@ -335,6 +354,7 @@ def main(argv=None) -> int:
         progress.step(f"{case.op}/{case.name} {case.mode} {case.provider} {case.workload.name}")
     progress.close()
     add_speedups(rows)
+    shares = add_attention_shares(rows)
 
     md = []
     if device == "cpu":
@@ -346,6 +366,8 @@ def main(argv=None) -> int:
               f"{lim['matmul_dtype']} matmul {lim['compute_tflops']:.2f} TFLOP/s ({lim['label']}).\n")
     for op in ops:
         t = table(rows, op)
+        if op == "dit" and shares:
+            t += "\n\nShare of the step in self-attention (attention suite, same workload):\n" + "\n".join(shares)
         print(f"\n== {op} ==" + ("   (CPU smoke test, not a performance result)" if device == "cpu" else ""))
         print(t)
         md += [f"\n## {op}\n", t]

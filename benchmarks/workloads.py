@@ -9,6 +9,7 @@ spatial /8), cut into patches (pt, ph, pw) and projected to `hidden` = heads * h
 | wan2.1-720p   | 81 frames 720x1280                           | (21, 90, 160)                         | 16 | (1,2,2) | 5120   | 40 x 128    | 75600  |
 | hunyuan-720p  | 129 frames 720x1280                          | (33, 90, 160)                         | 16 | (1,2,2) | 3072   | 24 x 128    | 118800 |
 | mixed-pack    | 81f 480x832 + 49f 240x416 + 1 image 720x1280 | (21, 60, 104), (13, 30, 52), (1, 90, 160) | 16 | (1,2,2) | 3072 | 24 x 128 | 41430  |
+| mixed-60k     | 81f 480x832 + 49f 480x832 + 1 image 720x1280 | (21, 60, 104), (13, 60, 104), (1, 90, 160) | 16 | (1,2,2) | 3072 | 24 x 128 | 56640  |
 | sweep-<T>     | T latent frames at 480x832 (seq-length sweep) | (T, 60, 104)                         | 16 | (1,2,2) | 3072   | 24 x 128    | 1560*T |
 
 (Wan2.1-14B uses hidden 5120 / 40 heads at 720p; Wan2.1-1.3B, hidden 1536 / 12 heads, at 480p.)
@@ -62,6 +63,8 @@ WORKLOADS = {
         Workload("hunyuan-720p", "HunyuanVideo, 129 frames 720x1280", ((33, 90, 160),), 16, (1, 2, 2), 3072, 24, 128),
         Workload("mixed-pack", "81f 480x832 + 49f 240x416 + one 720x1280 image",
                  ((21, 60, 104), (13, 30, 52), (1, 90, 160)), 16, (1, 2, 2), 3072, 24, 128),
+        Workload("mixed-60k", "81f 480x832 + 49f 480x832 + one 720x1280 image (the DiT-block target)",
+                 ((21, 60, 104), (13, 60, 104), (1, 90, 160)), 16, (1, 2, 2), 3072, 24, 128),
         Workload("cpu-tiny", "CPU smoke test: three tiny videos",
                  ((5, 12, 16), (1, 8, 8), (2, 6, 10)), 4, (1, 2, 2), 96, 2, 48),
     ]
@@ -81,4 +84,4 @@ def select(device: str, quick: bool) -> list[Workload]:
         return [WORKLOADS["cpu-tiny"]]
     if quick:
         return [WORKLOADS["wan2.1-480p"], WORKLOADS["mixed-pack"]]
-    return [WORKLOADS[n] for n in ("wan2.1-480p", "wan2.1-720p", "hunyuan-720p", "mixed-pack")] + sweep()
+    return [WORKLOADS[n] for n in ("wan2.1-480p", "wan2.1-720p", "hunyuan-720p", "mixed-pack", "mixed-60k")] + sweep()

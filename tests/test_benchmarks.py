@@ -123,3 +123,32 @@ def test_backend_choice_table_flags_a_default_that_lost():
     assert "patchify" not in table  # timed with one backend only: no evidence either way
     rows[1]["median_ms"] = 3.0
     assert "(differs)" not in backend_choice(rows)
+
+
+def test_dit_suite_packed_and_padded_steps_run_and_count_flops(monkeypatch):
+    # the DiT suite's providers run one forward+backward step each (tiny, CPU), and the
+    # FLOP count is the hand sum of the real tokens' matmuls and attention
+    from benchmarks import bench_dit
+    from benchmarks.common import OPTIONS
+    from benchmarks.workloads import WORKLOADS
+
+    monkeypatch.setitem(OPTIONS, "cpu_peers", True)  # the padded peers run on CPU too
+    wl = WORKLOADS["cpu-tiny"]
+    cases, _ = bench_dit.cases("cpu", True, [wl], ["vdit-reference", "torch-padded"])
+    providers = {c.provider for c in cases}
+    assert {"vdit-reference", "torch-padded", "torch-padded-compile"} <= providers
+    for case in cases:
+        if case.provider == "torch-padded-compile":
+            continue  # compiling costs CI minutes; the eager padded path is the same function
+        prepared = case.build()
+        prepared.fn()
+        grads = [t.grad for t in prepared.grad_to_none]
+        assert all(g is not None and torch.isfinite(g).all() for g in grads), case.provider
+
+    cfg = bench_dit._config(wl, "cpu")
+    n, h, f, m, s = wl.num_tokens, cfg.hidden, cfg.patch_features, cfg.mlp_hidden, 8 * len(wl.shapes)
+    lens = wl.seqlens
+    matmul = 2 * (n * f * h + 4 * n * h * h + 2 * n * h * h + s * cfg.text_dim * h + 3 * s * h * h
+                  + 2 * n * h * m + n * h * f)
+    attn = 3.5 * 4 * cfg.heads * cfg.head_dim * (sum(x * x for x in lens) + sum(8 * x for x in lens))
+    assert cases[0].flops == pytest.approx(3 * matmul + attn)

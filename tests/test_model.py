@@ -206,3 +206,32 @@ def test_realistic_config_bf16_gpu(backend, fused_rope):
     for name, got, base, exp in (("outputs", ob, oref, o32), ("latent grads", db, dref, d32)):
         err, base_err = _max_err(got, exp), _max_err(base, exp)
         assert err <= 2 * base_err + 1e-3, f"{name}: {backend} error {err:.3e} > 2 x reference bf16's {base_err:.3e}"
+
+
+def test_padded_plain_pytorch_baseline_matches_the_packed_model():
+    # benchmarks/bench_dit.py times model.padded.padded_forward as "the same model without
+    # packing": it must compute the same outputs and gradients on the real tokens
+    from vdit_kernels.model.padded import padded_forward
+
+    model, cfg = _model(torch.float64)
+    pack, latents, t, text, cot = _inputs(cfg, torch.float64)
+    pack = vk.VideoPack.from_shapes(SHAPES, cfg.patch_size, device=DEVICE, text_lengths=[3, 5, 1])
+    text = torch.randn(pack.num_text_tokens, cfg.text_dim, dtype=torch.float64, device=DEVICE)
+    results = []
+    for forward in (lambda x: model(x, pack, t, text, backend="reference"),
+                    lambda x: padded_forward(model, x, pack, t, text)):
+        model.zero_grad(set_to_none=True)
+        leaves = [x.detach().clone().requires_grad_(True) for x in latents]
+        out = forward(leaves)
+        sum((o * c).sum() for o, c in zip(out, cot)).backward()
+        results.append(([o.detach() for o in out], [x.grad for x in leaves],
+                        {n: p.grad.clone() for n, p in model.named_parameters()}))
+    (out_p, gx_p, gw_p), (out_b, gx_b, gw_b) = results
+    for a, e in zip(out_b + gx_b, out_p + gx_p):
+        assert_verbose_close(a, e, atol=1e-10, rtol=1e-9)
+    assert gw_b.keys() == gw_p.keys()
+    for name in gw_p:
+        assert_verbose_close(gw_b[name], gw_p[name], atol=1e-10, rtol=1e-9, name=name)
+    with pytest.raises(ValueError, match="text token"):
+        padded_forward(model, latents, vk.VideoPack.from_shapes(SHAPES, cfg.patch_size, device=DEVICE,
+                                                                text_lengths=TEXT), t, text)

@@ -1,0 +1,106 @@
+"""The same video DiT in plain PyTorch over a padded batch: the baseline packing replaces.
+
+`padded_forward(model, latents, pack, timesteps, text)` computes what
+`model(latents, pack, timesteps, text)` computes, with the VideoDiT's own parameters,
+the way a model without packing has to:
+
+    latents (B x (C, T_i, H_i, W_i)) -> zero-padded batch (B, C, T_max, H_max, W_max)
+      -> nn.Conv3d patch embedding                          x (B, L, hidden), L = prod of
+                                                            the padded token grid
+      -> per block: adaLN modulation per video, broadcast over its L tokens;
+         self-attention with eager 3D RoPE (reference.apply_rope_3d) and
+         F.scaled_dot_product_attention with a key-padding mask;
+         cross-attention to the video's text, padded to the longest text (mask);
+         MLP
+      -> final LayerNorm + modulation + linear -> each video cut out of its padded grid
+
+Every padded token is computed and thrown away: with a 720p image next to 480p videos
+the padded grid holds several times the real tokens (benchmarks/bench_dit.py measures
+what that costs). The result equals the packed model on the real tokens, forward and
+backward (tests/test_model.py).
+Limitation: a video with no text tokens would make its cross-attention rows fully
+masked (SDPA returns NaN there), so every video needs at least one text token here.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+import vdit_kernels as vk
+from vdit_kernels import reference as ref
+
+from .dit import VideoDiT, modulate, timestep_embedding
+
+
+def _attention(q: Tensor, k: Tensor, v: Tensor, key_valid: Tensor) -> Tensor:
+    """q (B, Lq, H, D), k/v (B, Lk, H, D), key_valid (B, Lk) bool -> (B, Lq, H, D)."""
+    mask = key_valid[:, None, None, :]
+    out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                         attn_mask=mask)
+    return out.transpose(1, 2)
+
+
+def padded_forward(model: VideoDiT, latents: Sequence[Tensor], pack: vk.VideoPack, timesteps: Tensor,
+                   text: Tensor) -> list[Tensor]:
+    """Plain-PyTorch padded-batch forward of `model`; same arguments and result as
+    model.forward (B predictions (C, T_i, H_i, W_i))."""
+    cfg = model.config
+    if pack.text_lengths is None or min(pack.text_lengths) < 1:
+        raise ValueError("padded_forward needs >= 1 text token per video (a fully masked "
+                         "cross-attention row is NaN in SDPA)")
+    b, dev, dtype = pack.batch_size, latents[0].device, model.patch_embed.weight.dtype
+    pt, ph, pw = cfg.patch_size
+    gt, gh, gw = (max(g[a] for g in pack.grid_sizes) for a in range(3))
+    h, d = cfg.heads, cfg.head_dim
+
+    # -- pad and embed --
+    batch = latents[0].new_zeros(b, cfg.in_channels, gt * pt, gh * ph, gw * pw)
+    for i, x in enumerate(latents):
+        batch[i, :, :x.shape[1], :x.shape[2], :x.shape[3]] = x
+    x = model.patch_embed(batch).flatten(2).transpose(1, 2)                  # (B, L, hidden)
+    grid = torch.stack(torch.meshgrid(torch.arange(gt, device=dev), torch.arange(gh, device=dev),
+                                      torch.arange(gw, device=dev), indexing="ij"), -1).view(-1, 3)
+    sizes = torch.tensor(pack.grid_sizes, device=dev)
+    valid = (grid[None] < sizes[:, None]).all(-1)                            # (B, L)
+    positions = grid.float().expand(b, -1, -1).reshape(-1, 3)                # RoPE positions (t, h, w)
+
+    # -- conditioning; text padded to the longest --
+    c = model.time_embed(timestep_embedding(timesteps, cfg.time_freq_dim).to(dtype))   # (B, hidden)
+    context = model.text_embed(text.to(dtype))
+    lt = pack.max_seqlen_k
+    ctx = context.new_zeros(b, lt, cfg.hidden)
+    for i, part in enumerate(context.split(list(pack.text_lengths))):
+        ctx[i, :part.shape[0]] = part
+    text_valid = torch.arange(lt, device=dev)[None] < torch.tensor(pack.text_lengths, device=dev)[:, None]
+
+    norm = lambda t: F.layer_norm(t, t.shape[-1:], eps=cfg.eps)  # noqa: E731
+    n_tok = x.shape[1]
+    for block in model.blocks:
+        mod = block.adaLN(c).view(b, 6, 1, -1)
+        shift_a, scale_a, gate_a, shift_m, scale_m, gate_m = mod.unbind(1)
+        # self-attention: eager RoPE, SDPA with the key-padding mask
+        att = block.attn
+        y = modulate(norm(x), shift_a, scale_a)
+        q, k, v = att.qkv(y).view(b, n_tok, 3, h, d).unbind(2)
+        q, k = att.q_norm(q), att.k_norm(k)
+        q, k = ref.apply_rope_3d(q.reshape(-1, h, d), k.reshape(-1, h, d), None, cfg.rope_dims,
+                                 cfg.rope_theta, positions=positions)
+        o = _attention(q.view(b, n_tok, h, d), k.view(b, n_tok, h, d), v, valid)
+        x = x + gate_a * att.proj(o.reshape(b, n_tok, h * d))
+        # cross-attention to the padded text
+        xa = block.cross_attn
+        q = xa.q_norm(xa.q(block.cross_norm(x)).view(b, n_tok, h, d))
+        k, v = xa.kv(ctx).view(b, lt, 2, h, d).unbind(2)
+        o = _attention(q, xa.k_norm(k), v, text_valid)
+        x = x + xa.proj(o.reshape(b, n_tok, h * d))
+        # MLP
+        x = x + gate_m * block.mlp(modulate(norm(x), shift_m, scale_m))
+
+    shift, scale = model.final_adaLN(c).view(b, 2, 1, -1).unbind(1)
+    out = model.final_proj(modulate(norm(x), shift, scale))                 # (B, L, C*pt*ph*pw)
+    out = out.view(b, gt, gh, gw, cfg.in_channels, pt, ph, pw)
+    out = out.permute(0, 4, 1, 5, 2, 6, 3, 7).reshape(b, cfg.in_channels, gt * pt, gh * ph, gw * pw)
+    return [out[i, :, :s[0], :s[1], :s[2]] for i, s in enumerate(pack.shapes)]
