@@ -31,6 +31,7 @@ from torch import Tensor
 
 import vdit_kernels as vk
 from vdit_kernels import reference as ref
+from vdit_kernels.pack import to_device
 
 from .dit import VideoDiT, modulate, timestep_embedding
 
@@ -63,7 +64,7 @@ def padded_forward(model: VideoDiT, latents: Sequence[Tensor], pack: vk.VideoPac
     x = model.patch_embed(batch).flatten(2).transpose(1, 2)                  # (B, L, hidden)
     grid = torch.stack(torch.meshgrid(torch.arange(gt, device=dev), torch.arange(gh, device=dev),
                                       torch.arange(gw, device=dev), indexing="ij"), -1).view(-1, 3)
-    sizes = torch.tensor(pack.grid_sizes, device=dev)
+    sizes = to_device(torch.tensor(pack.grid_sizes), dev)
     valid = (grid[None] < sizes[:, None]).all(-1)                            # (B, L)
     positions = grid.float().expand(b, -1, -1).reshape(-1, 3)                # RoPE positions (t, h, w)
 
@@ -74,7 +75,7 @@ def padded_forward(model: VideoDiT, latents: Sequence[Tensor], pack: vk.VideoPac
     ctx = context.new_zeros(b, lt, cfg.hidden)
     for i, part in enumerate(context.split(list(pack.text_lengths))):
         ctx[i, :part.shape[0]] = part
-    text_valid = torch.arange(lt, device=dev)[None] < torch.tensor(pack.text_lengths, device=dev)[:, None]
+    text_valid = torch.arange(lt, device=dev)[None] < to_device(torch.tensor(pack.text_lengths), dev)[:, None]
 
     norm = lambda t: F.layer_norm(t, t.shape[-1:], eps=cfg.eps)  # noqa: E731
     n_tok = x.shape[1]

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import vdit_kernels as vk
-from conftest import DEVICE, needs_extension
+from conftest import DEVICE, gpu_only, needs_extension
 from vdit_kernels import backend as B
 from vdit_kernels import reference as ref
 from vdit_kernels.ops import attention as attn_ops, patch as patch_ops, rope as rope_ops
@@ -293,3 +293,35 @@ def test_compile_reports_an_unavailable_backend(pack):
     step = torch.compile(lambda q: vk.apply_rope_3d(q, q, pack, (4, 4, 4), backend="cuda"), fullgraph=True)
     with pytest.raises(Exception, match="backend .cuda. cannot run rope_3d: "):
         step(q)
+
+
+@gpu_only
+@pytest.mark.parametrize("backend", ["auto", "triton"])
+def test_ops_never_wait_for_the_gpu(backend):
+    # No op may synchronize the host with the GPU (a blocking host->device copy of a launch
+    # table did, on every call): under sync debug mode "error" a synchronizing call raises.
+    pack = vk.VideoPack.from_shapes([(3, 4, 6), (1, 2, 2), (2, 6, 4)], (1, 2, 2), device="cuda")
+    g = torch.Generator().manual_seed(0)
+    videos = [torch.randn(4, *s, generator=g).cuda().requires_grad_(True) for s in pack.shapes]
+    w = torch.randn(32, 4, 1, 2, 2, generator=g).cuda().requires_grad_(True)
+    out_w = torch.randn(16, 32, generator=g).cuda().requires_grad_(True)
+    rope = vk.Rope3D.from_pack(pack, (4, 6, 6))
+
+    def step():
+        x = vk.patch_embed(videos, pack, w, backend=backend)
+        q = k = v = x.view(-1, 2, 16)
+        qr, kr = vk.apply_rope_3d(q, k, pack, (4, 6, 6), backend=backend)
+        o = vk.varlen_attention(qr, kr, v, pack.cu_seqlens, pack.cu_seqlens, pack.max_seqlen,
+                                pack.max_seqlen, rope=rope, backend=backend)
+        outs = vk.linear_unpatchify(o.reshape(-1, 32), pack, out_w, None, 4, backend=backend)
+        tok = vk.patchify(outs, pack, backend=backend)
+        (tok.square().sum() + sum(u.sum() for u in vk.unpatchify(tok, pack, 4, backend=backend))).backward()
+
+    step()  # first calls compile and autotune (which synchronizes by design)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        step()
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    torch.cuda.synchronize()

@@ -32,11 +32,20 @@ def _as_triple(value, name: str) -> tuple[int, int, int]:
     return value
 
 
+def to_device(host: torch.Tensor, device) -> torch.Tensor:
+    """A small CPU tensor on `device` without a stream synchronization: a blocking
+    host->device copy (torch.tensor(..., device="cuda"), .to("cuda")) waits for all the
+    work queued on the stream, so the host could not run ahead of the GPU. A non-blocking
+    copy from pageable memory is staged by the driver before it returns, so `host` may
+    be freed at once."""
+    return host.to(device, non_blocking=True)
+
+
 def _cumsum_int32(lengths: Sequence[int], device) -> torch.Tensor:
     cu = [0]
     for n in lengths:
         cu.append(cu[-1] + n)
-    return torch.tensor(cu, dtype=torch.int32, device=device)
+    return to_device(torch.tensor(cu, dtype=torch.int32), device)
 
 
 @dataclass(eq=False)
@@ -166,7 +175,7 @@ class VideoPack:
                 )
                 parts.append(grid.reshape(-1, 3))
             pos = torch.cat(parts) if parts else torch.zeros(0, 3, dtype=torch.int64)
-            self._cache["positions"] = pos.to(device=self.device, dtype=torch.int32)
+            self._cache["positions"] = to_device(pos.to(torch.int32), self.device)
         return self._cache["positions"]
 
     @property
@@ -177,7 +186,7 @@ class VideoPack:
                 torch.arange(self.batch_size, dtype=torch.int32),
                 torch.tensor(self.seqlens, dtype=torch.int64),
             )
-            self._cache["segment_ids"] = ids.to(self.device)
+            self._cache["segment_ids"] = to_device(ids, self.device)
         return self._cache["segment_ids"]
 
     def to(self, device) -> "VideoPack":

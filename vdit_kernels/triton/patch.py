@@ -22,7 +22,7 @@
 # Packs of tiny videos pay a partial block per video (masked). All offsets are int64.
 #
 # The host side builds ONE int64 table from Python ints (shapes, strides, data_ptr())
-# with torch.tensor(..., device=...): a host->device copy, never a device->host sync.
+# and copies it with a non-blocking host->device copy (pack.to_device): no stream sync.
 #
 # Fused GEMMs (patch embedding, the DiT output layer, and their backwards) reuse the same
 # table and the same per-block video lookup (_find_video / _token_offsets /
@@ -59,6 +59,8 @@ from typing import Sequence
 import torch
 import triton
 import triton.language as tl
+
+from ..pack import to_device
 
 _META = 9  # int64 fields per video: ptr, strides c/t/h/w, first token, grid h/w/t
 
@@ -171,7 +173,7 @@ def _tables(videos: Sequence[torch.Tensor], patch_size: Sequence[int], block_t: 
         cu_blocks.append(cu_blocks[-1] + -(-gt * gh * gw // block_t))
         rows.extend([v.data_ptr(), *v.stride(), tok, gh, gw, gt])
         tok += gt * gh * gw
-    return torch.tensor(cu_blocks + rows, dtype=torch.int64, device=device), cu_blocks[-1]
+    return to_device(torch.tensor(cu_blocks + rows, dtype=torch.int64), device), cu_blocks[-1]
 
 
 def _launch(kernel, packed, videos, patch_size):
