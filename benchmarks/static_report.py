@@ -5,8 +5,20 @@ cuobjdump shipped with triton reads registers, shared memory and local-memory
 (spill) use from the cubin. Each Triton module of vdit_kernels lists the
 configurations it launches on a GPU in `aot_specs()`: a list of dicts with keys
 name, fn, signature, constexprs, num_warps, num_stages (optional) and
-expect_mma (True where the kernel should use tensor cores: wgmma on sm_90a) and
-spill_budget (bytes, default 0; only for extra autotuning candidates, never a default).
+expect_mma (True where the kernel should use tensor cores: wgmma on sm_90a),
+spill_budget (bytes, default 0; only for extra autotuning candidates, never a default) and
+min_access_bytes (memory-bound kernels: the widest global load and store must be at least
+this wide, e.g. 16 for 16-byte vectors).
+
+Arguments are compiled with the specialization a real launch gets for typical tensors:
+pointers 16-byte aligned and integer arguments named stride_* divisible by 16 (Triton
+marks both "tt.divisibility = 16" at launch), and the arguments a spec lists in
+"unit_args" (strides that are 1 for the tensors it launches on) as the constant 1, which a
+launch makes of any integer argument equal to 1. Without this the compiler could prove no
+alignment or contiguity and the PTX would show scalar accesses a GPU run never executes.
+Other integer arguments divisible by 16 in the configuration the spec stands for (a
+feature count of 64, hidden 3072) are listed in its "divisible_args"; strides that are
+not (a head stride of 72, the LSE's stride of a token count) in its "unaligned_args".
 
 python -m benchmarks.static_report [--json out.json] exits non-zero when a kernel
 spills or misses its expected tensor-core instructions.
@@ -34,12 +46,45 @@ def nvidia_tool(name: str) -> Path:
     return Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / name
 
 
+def with_unit_args(spec: dict) -> dict:
+    """The spec with its "unit_args" turned into constexpr 1, as a launch specializes them."""
+    unit = spec.get("unit_args", ())
+    if not unit:
+        return spec
+    sig = {n: ("constexpr" if n in unit else t) for n, t in spec["signature"].items()}
+    return {**spec, "signature": sig, "constexprs": {**spec.get("constexprs", {}), **{n: 1 for n in unit}}}
+
+
+def launch_attrs(spec: dict) -> dict:
+    """{(arg index,): [["tt.divisibility", 16]]} for the arguments a launch marks divisible."""
+    names = spec["fn"].arg_names
+    sig = spec["signature"]
+    divisible = [n for n, t in sig.items()
+                 if t.startswith("*") or (t in ("i32", "i64") and n.startswith("stride"))]
+    divisible += list(spec.get("divisible_args", ()))
+    unaligned = set(spec.get("unaligned_args", ()))
+    divisible = [n for n in divisible if sig.get(n) != "constexpr" and n not in unaligned]
+    return {(names.index(n),): [["tt.divisibility", 16]] for n in divisible}
+
+
+_ACCESS = re.compile(r"\b(ld|st)\.global(?:\.[a-z_:0-9]+)*?(?:\.v(\d))?\.(?:b|u|s|f)(\d+)\b")
+
+
+def widest_access(ptx: str) -> dict:
+    """Widest global load / store in bytes per thread and instruction (0: none)."""
+    widest = {"ld": 0, "st": 0}
+    for op, vec, bits in _ACCESS.findall(ptx):
+        widest[op] = max(widest[op], int(vec or 1) * int(bits) // 8)
+    return widest
+
+
 def compile_spec(spec: dict) -> dict:
     import triton
     from triton.backends.compiler import GPUTarget
 
+    spec = with_unit_args(spec)
     src = triton.compiler.ASTSource(fn=spec["fn"], signature=spec["signature"],
-                                    constexprs=spec.get("constexprs", {}))
+                                    constexprs=spec.get("constexprs", {}), attrs=launch_attrs(spec))
     options = {"num_warps": spec.get("num_warps", 4), "num_stages": spec.get("num_stages", 3)}
     kernel = triton.compile(src, target=GPUTarget("cuda", SM, 32), options=options)
     ptx = kernel.asm["ptx"]
@@ -68,6 +113,9 @@ def compile_spec(spec: dict) -> dict:
         "mma": "mma.sync" in ptx or "wgmma" in ptx,
         "expect_mma": bool(spec.get("expect_mma", False)),
         "spill_budget": int(spec.get("spill_budget", 0)),
+        "load_bytes": widest_access(ptx)["ld"],
+        "store_bytes": widest_access(ptx)["st"],
+        "min_access_bytes": int(spec.get("min_access_bytes", 0)),
     }
 
 
@@ -150,6 +198,10 @@ def problems(rows: list[dict]) -> list[str]:
                        + (f" (budget {r['spill_budget']} B)" if r.get("spill_budget") else ""))
         if r["expect_mma"] and not r["wgmma"]:
             out.append(f"{r['kernel']}: no wgmma instruction in the sm_90a PTX")
+        need = r.get("min_access_bytes", 0)
+        if need and min(r["load_bytes"], r["store_bytes"]) < need:
+            out.append(f"{r['kernel']}: widest global load/store {r['load_bytes']}/{r['store_bytes']} B, "
+                       f"expected {need} B vectors")
     return out
 
 
@@ -160,10 +212,13 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     rows = report(args.jobs)
     print(f"Static report: Triton kernels compiled for sm_{SM}a (no GPU needed)")
-    print(f"{'kernel':<44}{'warps':>6}{'regs':>6}{'spill B':>9}{'stack B':>9}{'smem B':>9}{'wgmma':>7}")
+    print("(ld/st B: the widest global load / store per thread and instruction, 16 = 128-bit vectors)")
+    print(f"{'kernel':<50}{'warps':>6}{'regs':>6}{'spill B':>9}{'stack B':>9}{'smem B':>9}{'wgmma':>7}"
+          f"{'ld/st B':>9}")
     for r in rows:
-        print(f"{r['kernel']:<44}{r['num_warps']:>6}{r['registers']:>6}{r['spill_bytes']:>9}"
-              f"{r['stack_bytes']:>9}{r['shared_bytes']:>9}{('yes' if r['wgmma'] else 'no'):>7}")
+        print(f"{r['kernel']:<50}{r['num_warps']:>6}{r['registers']:>6}{r['spill_bytes']:>9}"
+              f"{r['stack_bytes']:>9}{r['shared_bytes']:>9}{('yes' if r['wgmma'] else 'no'):>7}"
+              f"{r['load_bytes']:>5}/{r['store_bytes']:<3}")
     cuda, why = cuda_rows()
     print(f"\nCUDA kernels of vdit_kernels._C, sm_{SM}a cubins (cuobjdump -res-usage)")
     if why:

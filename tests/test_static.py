@@ -44,3 +44,34 @@ def test_spill_budgets_only_for_extra_candidates():
         if group not in seen:
             assert not spec.get("spill_budget"), f"{spec['name']} is a default tile and has a spill budget"
         seen.add(group)
+
+
+def test_widest_access_reads_ptx_vector_widths():
+    from benchmarks.static_report import widest_access
+
+    ptx = """
+        ld.global.b16 {%rs1}, [%rd1];
+        @%p1 ld.global.v4.b32 {%r1, %r2, %r3, %r4}, [%rd2 + 0];
+        ld.global.nc.L1::evict_last.v2.b32 {%r5, %r6}, [%rd3];
+        st.global.v2.b16 [%rd4], {%rs2, %rs3};
+        st.shared.v4.b32 [%r7], {%r1, %r2, %r3, %r4};
+    """
+    assert widest_access(ptx) == {"ld": 16, "st": 4}
+    assert widest_access("mov.u32 %r1, 0;") == {"ld": 0, "st": 0}
+
+
+def test_launch_specialization_of_static_specs():
+    # the report compiles what a launch compiles: 16-divisible pointers and strides, unit
+    # strides as the constant 1, the listed exceptions left alone
+    from benchmarks.static_report import launch_attrs, with_unit_args
+    from vdit_kernels.triton import patch
+
+    spec = next(s for s in patch.aot_specs() if s["name"].startswith("patchify bf16"))
+    spec = with_unit_args(spec)
+    assert spec["signature"]["stride_of"] == "constexpr" and spec["constexprs"]["stride_of"] == 1
+    names = spec["fn"].arg_names
+    marked = {names[k[0]] for k in launch_attrs(spec)}
+    assert {"out_ptr", "stride_on", "F"} <= marked
+    assert "stride_of" not in marked and "B" not in marked
+    spec["unaligned_args"] = ["stride_on"]
+    assert "stride_on" not in {names[k[0]] for k in launch_attrs(spec)}

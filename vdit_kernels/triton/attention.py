@@ -33,9 +33,8 @@
 # configuration" below): e.g. the D = 128 forward tries 128 x 64 at 8 warps (two
 # warpgroups of wgmma m64 over the query rows, the float32 accumulator at 64 registers a
 # thread) and 64 x 64; the backward holds two float32 accumulators, so 64 own rows (the
-# wgmma M) x 32 loop rows. Every candidate is in aot_specs() and spill-free in the sm_90a
-# static report (compiled without the runtime 16-divisibility specialization, so real
-# launches have slack). VDIT_AUTOTUNE=0 or deterministic=True (backward) use the first
+# wgmma M) x 64 loop rows at most. Every candidate is in aot_specs() and compiled by the
+# sm_90a static report. VDIT_AUTOTUNE=0 or deterministic=True (backward) use the first
 # candidate of the class, so results do not depend on timing noise.
 # float32 inputs use 16 x 16 tiles and IEEE dots (no tf32; FMA, not tensor cores).
 # Under the Triton interpreter (CPU tests) tiles are 16 x 16: cheap, and small segments
@@ -327,13 +326,12 @@ def _attn_bwd_dq_kernel(
 #            kernel: OWN is the key block of the dK/dV kernel and the query block of dQ.
 # The first tile of every list (the default, also used with VDIT_AUTOTUNE=0 and
 # deterministic=True) is spill-free with Triton 3.6 (the GPU machines') and 3.8 (CI)
-# alike. The dK/dV kernel holds k, v, dK and dV for its whole key block, so at D = 128
-# only 16-row query steps are spill-free under 3.6, and they ran the H100 backward at
-# 87 TFLOP/s (390 ms on the 41430-token mixed pack, 3.5x slower than FlashAttention-2):
-# the D = 128 backward lists therefore add larger steps that spill a little under 3.6
-# (80 to 400 B: 64 x 32 and 64 x 64 for dK/dV, 64 x 64 for dQ; sizes from the static
-# report) as autotuning candidates, kept by the autotuner only where they measure
-# faster. The static report allows them SPILL_BUDGET bytes and a default none.
+# alike, compiled as a launch compiles it (16-divisible pointers and strides). At D = 128
+# the defaults are the tiles the H100 autotuner picked (dK/dV 64 x 64, dQ 64 x 64: the
+# backward went from 390 to 211 ms on the 41430-token mixed pack against 16-row query
+# steps); they hold k, v, dK and dV for a 64-key block at 254 registers, spill-free only
+# with that specialization. Extra candidates may spill up to SPILL_BUDGET bytes (the
+# static report checks it); the autotuner keeps them only where they measure faster.
 # Classes: "d64" BLOCK_D <= 64; "d128" D == 128; "masked" 64 < D < 128 (72, 80, 96: the
 # column masks cost registers); "d256" 128 < D <= 256.
 _FWD_TILES = {
@@ -345,14 +343,14 @@ _FWD_TILES = {
 _BWD_TILES = {
     "dkdv": {
         "d64": [(64, 32, 8, 2), (128, 64, 8, 2), (64, 32, 8, 3)],
-        "d128": [(64, 16, 8, 1), (64, 32, 8, 1), (64, 64, 8, 1)],
+        "d128": [(64, 64, 8, 1), (64, 32, 8, 1), (64, 16, 8, 1)],
         "masked": [(64, 16, 8, 1), (64, 16, 8, 2), (64, 32, 8, 1)],
         # 64-row tiles spilled at D = 256 even with 16 warps: small mma.sync tiles instead
-        "d256": [(16, 16, 4, 1), (16, 16, 4, 2)],
+        "d256": [(16, 16, 4, 2), (16, 16, 4, 1)],
     },
     "dq": {
         "d64": [(64, 64, 8, 2), (128, 64, 8, 2)],
-        "d128": [(64, 32, 8, 2), (64, 32, 8, 3), (64, 64, 8, 2)],
+        "d128": [(64, 64, 8, 2), (64, 32, 8, 2), (64, 32, 8, 3)],
         "masked": [(64, 32, 8, 2), (64, 32, 8, 3)],
         "d256": [(32, 16, 4, 1)],
     },
@@ -600,11 +598,17 @@ def aot_specs() -> list[dict]:
         base = dict(D=d, BLOCK_D=_block_d(d), IEEE=dtype == "fp32")
         mma = dtype != "fp32"
         tag = f"{dtype} d={d}"
+        # what a launch can't mark divisible by 16: the LSE's token stride (Nq), and the
+        # head strides (= D) of head dims such as 72
+        unaligned = ["stride_lh"] + ([n for n in ("stride_qh", "stride_kh", "stride_vh", "stride_oh",
+                                                   "stride_doh", "stride_dkh", "stride_dvh", "stride_dqh")]
+                                     if d % 16 else [])
         for bm, bn, w, st in _fwd_tiles(d, tdt, torch.device("cuda")):
             ce = dict(base, BLOCK_M=bm, BLOCK_N=bn)
             specs.append({"name": f"attn_fwd {tag} {bm}x{bn} w{w}s{st}", "fn": _attn_fwd_kernel,
                           "signature": sig(dtype, fwd_sig, ce),
-                          "constexprs": ce, "num_warps": w, "num_stages": st, "expect_mma": mma})
+                          "constexprs": ce, "num_warps": w, "num_stages": st, "expect_mma": mma,
+                          "unaligned_args": unaligned})
         for i, (own, loop, w, st) in enumerate(_bwd_tiles(d, tdt, torch.device("cuda"), "dkdv")):
             ce = dict(base, BLOCK_M=loop, BLOCK_N=own)
             # wgmma needs 64-row tiles; the small D = 256 tiles run on mma.sync
@@ -612,19 +616,21 @@ def aot_specs() -> list[dict]:
                           "fn": _attn_bwd_dkdv_kernel,
                           "signature": sig(dtype, dkdv_sig, ce, out=("DK", "DV")),
                           "constexprs": ce, "num_warps": w, "num_stages": st,
-                          "expect_mma": mma and own >= 64, "spill_budget": SPILL_BUDGET if i else 0})
+                          "expect_mma": mma and own >= 64, "spill_budget": SPILL_BUDGET if i else 0,
+                          "unaligned_args": unaligned})
         for i, (own, loop, w, st) in enumerate(_bwd_tiles(d, tdt, torch.device("cuda"), "dq")):
             ce = dict(base, BLOCK_M=own, BLOCK_N=loop)
             specs.append({"name": f"attn_bwd_dq {tag} {own}x{loop} w{w}s{st}",
                           "fn": _attn_bwd_dq_kernel,
                           "signature": sig(dtype, dq_sig, ce, out=("DQ",)),
                           "constexprs": ce, "num_warps": w, "num_stages": st,
-                          "expect_mma": mma and own >= 64, "spill_budget": SPILL_BUDGET if i else 0})
+                          "expect_mma": mma and own >= 64, "spill_budget": SPILL_BUDGET if i else 0,
+                          "unaligned_args": unaligned})
     d = 128
     ce = dict(D=d, BLOCK_D=d, BLOCK_M=16)
     pre = {"O": "*bf16", "DO": "*bf16", "DELTA": "*fp32", "N": "i32", "stride_on": "i64",
            "stride_oh": "i64", "stride_don": "i64", "stride_doh": "i64", "stride_dlh": "i64"}
     pre.update({n: "constexpr" for n in ce})
     specs.append({"name": "attn_bwd_pre bf16 d=128", "fn": _attn_bwd_pre_kernel, "signature": pre,
-                  "constexprs": ce, "num_warps": 4})
+                  "constexprs": ce, "num_warps": 4, "unaligned_args": ["stride_dlh"]})
     return specs

@@ -495,9 +495,10 @@ def aot_specs() -> list[dict]:
                               "BLOCK_T": "constexpr", "BLOCK_F": "constexpr"},
                 "constexprs": {"PT": pt, "PH": ph, "PW": pw, "LOG_B": 2, "META": _META,
                                "BLOCK_T": block_t, "BLOCK_F": block_f},
-                "num_warps": 4,
+                "num_warps": 4, "unit_args": (strides[1],), "divisible_args": ("F",),
             })
-    # the fused GEMMs: bf16, hidden 3072, F = 64 (C=16, patch 1x2x2), GPU tile shapes
+    # the fused GEMMs: bf16, hidden 3072, F = 64 (C=16, patch 1x2x2), GPU tile shapes;
+    # unit_args: the strides that are 1 for the launchers' operands
     tab = {"cu_blocks_ptr": "*i64", "meta_ptr": "*i64"}
     fixed = {"PT": 1, "PH": 2, "PW": 2, "LOG_B": 2, "META": _META}
     consts = {k: "constexpr" for k in ("HAS_BIAS", "IEEE", "PT", "PH", "PW", "LOG_B", "META")}
@@ -511,6 +512,7 @@ def aot_specs() -> list[dict]:
         "constexprs": {"HAS_BIAS": True, "IEEE": False, **fixed,
                        "BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk},
         "num_warps": warps, "expect_mma": True,
+        "unit_args": ("stride_on", "stride_bk"), "divisible_args": ("NOUT", "F"),  # out (N, hidden); b = weight (hidden, F) transposed
     })
     bm, bn, bk, warps = _SCATTER_GPU
     specs.append({
@@ -522,6 +524,7 @@ def aot_specs() -> list[dict]:
         "constexprs": {"HAS_BIAS": True, "IEEE": False, **fixed,
                        "BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk},
         "num_warps": warps, "expect_mma": True,
+        "unit_args": ("stride_xk", "stride_bk"), "divisible_args": ("HID", "F"),  # x (N, hidden); b = weight (F, hidden) transposed
     })
     bt, bp, bq, warps = _WGRAD_GPU
     for left in (False, True):
@@ -539,5 +542,6 @@ def aot_specs() -> list[dict]:
             "constexprs": {"GATHER_LEFT": left, "IEEE": False, **fixed,
                            "BLOCK_T": bt, "BLOCK_P": bp, "BLOCK_Q": bq},
             "num_warps": warps, "expect_mma": True,
+            "unit_args": ("stride_dh", "stride_oq"), "divisible_args": ("HID", "F"),  # dense (N, hidden); fp32 partials
         })
     return specs

@@ -1,23 +1,33 @@
 # Fused 3D RoPE of q and k in one Triton launch.
 #
 # Computes, for every token n and head of q (N, Hq, D) and k (N, Hk, D), the rotation of
-# D/2 pairs: pair j of axis chunk a (size d_a, axes t, h, w in order) turns by
-# positions[n, a] * theta ** (-2j / d_a) (negated when INVERSE). Angles, cos and sin are
-# computed in float32 inside the kernel (frequency = exp2(-2j/d_a * log2(theta))); no
-# cos/sin table is read. Data is computed in float32 and stored in the input dtype.
+# D/2 pairs: pair j of axis chunk a (size d_a, axes t, h, w in order, chunk a starting at
+# element c0_a) turns by positions[n, a] * theta ** (-2j / d_a) (negated when INVERSE).
+# Angles, cos and sin are computed in float32 inside the kernel (frequency =
+# exp2(-2j/d_a * log2(theta))); no cos/sin table is read. Data is computed in float32 and
+# stored in the input dtype.
 #
 # Grid: (cdiv(N, BLOCK_N), G). Program (i, g) owns tokens [i*BLOCK_N, (i+1)*BLOCK_N) and
 # the combined heads g, g+G, g+2G, ... of [q heads, k heads]; cos/sin of its token block
 # are computed once and reused for every head it rotates (the op is memory bound, the
-# trig is the only real arithmetic). G splits the heads only as far as needed to give
-# the GPU enough programs when N is small.
-# Tile: (BLOCK_N tokens, PAIRS pair slots), PAIRS = D/2 rounded up to a power of two
-# (tl.arange needs one; D is 72, 96, ... in general). Pair slot p maps arithmetically to
-# its axis a, local index j and the element offsets of its two members (interleaved:
-# 2p, 2p+1; rotate-half: c0+j, c0+j+d_a/2); the members are loaded with masked gathers,
-# which hit the same cache lines, so each row is read from memory once.
-# BLOCK_N * PAIRS is 512 pair slots: 4 per thread at 4 warps, which keeps cos, sin, x0, x1
-# and the int64 gather offsets at ~64 registers on sm_90 (2048 slots hit 255 and spilled).
+# trig is the only real arithmetic). G splits the heads just enough for ~10 waves of
+# programs (fewer, longer programs leave a half-empty last wave).
+#
+# Every load and store is a run of contiguous elements the compiler can vectorize
+# (benchmarks/static_report.py prints the widest access and checks the expected one):
+#   interleaved:  a head row is one (BLOCK_N, 2*HP) tile, HP = D/2 rounded up to a power
+#                 of two (tl.arange needs one); reshaped to (BLOCK_N, HP, 2) and split in
+#                 registers into the pair members: 16-byte accesses for any split. Pair
+#                 slot p maps to its axis (and so its position and frequency) by where it
+#                 falls among dt/2, dh/2, dw/2.
+#   rotate-half:  pairs (c0 + j, c0 + j + d_a/2) of axis chunk a are two (BLOCK_N, HP_a)
+#                 tiles (HP_a = d_a/2 rounded up), as wide as their starts' alignment
+#                 allows (4 bytes for Wan's (44, 42, 42) in bf16).
+# Padding is masked. The first version gathered each pair's two members with strided
+# scalar loads: 29% of copy bandwidth on H100, bound by instruction issue, not memory.
+# Tile: BLOCK_N * D_P ~ 4096 elements (D_P = the padded head dim), 16 per thread at 8
+# warps, i.e. two 16-byte vectors of bf16 (~60 registers, spill-free on sm_90a; 4 warps
+# doubled the registers); cos and sin stay in registers across the head loop.
 from __future__ import annotations
 
 import math
@@ -28,16 +38,69 @@ import triton.language as tl
 
 
 @triton.jit
-def _rotate_head(x_ptr, o_ptr, row_x, row_o, head, stride_xh, stride_oh,
-                 off0, off1, mask, cos, sin):
-    hx = tl.cast(head, tl.int64) * stride_xh
-    ho = tl.cast(head, tl.int64) * stride_oh
-    x0 = tl.load(x_ptr + row_x + hx + off0, mask=mask, other=0.0).to(tl.float32)
-    x1 = tl.load(x_ptr + row_x + hx + off1, mask=mask, other=0.0).to(tl.float32)
-    y0 = x0 * cos - x1 * sin
-    y1 = x1 * cos + x0 * sin
-    tl.store(o_ptr + row_o + ho + off0, y0.to(o_ptr.dtype.element_ty), mask=mask)
-    tl.store(o_ptr + row_o + ho + off1, y1.to(o_ptr.dtype.element_ty), mask=mask)
+def _axis_cos_sin(pos_ptr, n64, nmask, log2_theta,
+                  AXIS: tl.constexpr, D_A: tl.constexpr, HP: tl.constexpr, INVERSE: tl.constexpr):
+    """cos, sin (BLOCK_N, HP) float32 of the angles of axis chunk AXIS (size D_A)."""
+    j = tl.arange(0, HP).to(tl.float32)
+    freq = tl.exp2(j * (-2.0 / D_A) * log2_theta)
+    pos = tl.load(pos_ptr + n64 * 3 + AXIS, mask=nmask, other=0.0)
+    angle = pos[:, None] * freq[None, :]
+    sin = tl.sin(angle)
+    if INVERSE:
+        sin = -sin
+    return tl.cos(angle), sin
+
+
+@triton.jit
+def _pair_cos_sin(pos_ptr, n64, nmask, log2_theta,
+                  DT: tl.constexpr, DH: tl.constexpr, DW: tl.constexpr, HP: tl.constexpr,
+                  INVERSE: tl.constexpr):
+    """cos, sin (BLOCK_N, HP) float32 for the HP pair slots of the whole head (HP >= D/2):
+    slot p belongs to axis t, h or w by where p falls among DT/2, DH/2, DW/2."""
+    p = tl.arange(0, HP)
+    ax1 = (p >= DT // 2).to(tl.int32)
+    ax2 = (p >= DT // 2 + DH // 2).to(tl.int32)
+    j = p - ax1 * (DT // 2) - ax2 * (DH // 2)
+    d_a = tl.where(ax2 == 1, DW, tl.where(ax1 == 1, DH, DT))
+    d_a = tl.maximum(d_a, 2)  # padding slots (and empty axes) would divide by 0
+    freq = tl.exp2(j.to(tl.float32) * (-2.0 / d_a.to(tl.float32)) * log2_theta)
+    pos_t = tl.load(pos_ptr + n64 * 3 + 0, mask=nmask, other=0.0)
+    pos_h = tl.load(pos_ptr + n64 * 3 + 1, mask=nmask, other=0.0)
+    pos_w = tl.load(pos_ptr + n64 * 3 + 2, mask=nmask, other=0.0)
+    pos = tl.where(ax2[None, :] == 1, pos_w[:, None],
+                   tl.where(ax1[None, :] == 1, pos_h[:, None], pos_t[:, None]))
+    angle = pos * freq[None, :]
+    sin = tl.sin(angle)
+    if INVERSE:
+        sin = -sin
+    return tl.cos(angle), sin
+
+
+@triton.jit
+def _rotate_interleaved(x_ptr, o_ptr, row_x, row_o, nmask, cos, sin,
+                        D: tl.constexpr, HP: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Rotate the whole head of BLOCK_N rows (row_x / row_o: (BLOCK_N, 1) element offsets):
+    one contiguous (BLOCK_N, 2*HP) tile, split in registers into the pairs' members."""
+    e = tl.arange(0, 2 * HP)[None, :]
+    mask = nmask[:, None] & (e < D)
+    x = tl.load(x_ptr + row_x + e, mask=mask, other=0.0).to(tl.float32)
+    x0, x1 = tl.split(tl.reshape(x, [BLOCK_N, HP, 2]))
+    y = tl.reshape(tl.join(x0 * cos - x1 * sin, x1 * cos + x0 * sin), [BLOCK_N, 2 * HP])
+    tl.store(o_ptr + row_o + e, y.to(o_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _rotate_half_chunk(x_ptr, o_ptr, row_x, row_o, nmask, cos, sin,
+                       C0: tl.constexpr, D_A: tl.constexpr, HP: tl.constexpr):
+    """Rotate-half pairs (C0 + j, C0 + j + D_A/2) of one axis chunk: two contiguous tiles."""
+    if D_A > 0:
+        j = tl.arange(0, HP)[None, :]
+        mask = nmask[:, None] & (j < D_A // 2)
+        x0 = tl.load(x_ptr + row_x + C0 + j, mask=mask, other=0.0).to(tl.float32)
+        x1 = tl.load(x_ptr + row_x + (C0 + D_A // 2) + j, mask=mask, other=0.0).to(tl.float32)
+        tl.store(o_ptr + row_o + C0 + j, (x0 * cos - x1 * sin).to(o_ptr.dtype.element_ty), mask=mask)
+        tl.store(o_ptr + row_o + (C0 + D_A // 2) + j, (x1 * cos + x0 * sin).to(o_ptr.dtype.element_ty),
+                 mask=mask)
 
 
 @triton.jit
@@ -47,71 +110,72 @@ def _rope_3d_kernel(
     stride_qn, stride_qh, stride_kn, stride_kh,
     stride_qon, stride_qoh, stride_kon, stride_koh,
     log2_theta,
-    DT: tl.constexpr, DH: tl.constexpr, DW: tl.constexpr, D: tl.constexpr,
-    PAIRS: tl.constexpr, BLOCK_N: tl.constexpr,
-    INTERLEAVED: tl.constexpr, INVERSE: tl.constexpr,
+    DT: tl.constexpr, DH: tl.constexpr, DW: tl.constexpr,
+    HP: tl.constexpr, HPT: tl.constexpr, HPH: tl.constexpr, HPW: tl.constexpr,
+    BLOCK_N: tl.constexpr, INTERLEAVED: tl.constexpr, INVERSE: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     pid_h = tl.program_id(1)
     num_g = tl.num_programs(1)
 
-    # pair slot -> axis, local index, chunk start, chunk size
-    p = tl.arange(0, PAIRS)
-    ax1 = (p >= DT // 2).to(tl.int32)
-    ax2 = (p >= DT // 2 + DH // 2).to(tl.int32)
-    j = p - ax1 * (DT // 2) - ax2 * (DH // 2)
-    d_a = tl.where(ax2 == 1, DW, tl.where(ax1 == 1, DH, DT))
-    c0 = ax1 * DT + ax2 * DH
-    d_safe = tl.maximum(d_a, 2)  # padded slots past the last chunk may see d_a = 0
-    if INTERLEAVED:
-        off0 = 2 * p
-        off1 = 2 * p + 1
-    else:
-        off0 = c0 + j
-        off1 = c0 + j + d_a // 2
-    freq = tl.exp2(j.to(tl.float32) * (-2.0 / d_safe.to(tl.float32)) * log2_theta)
-    pmask = p < D // 2
-
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     nmask = offs_n < N
     n64 = offs_n.to(tl.int64)
-    pos_t = tl.load(pos_ptr + n64 * 3 + 0, mask=nmask, other=0.0)
-    pos_h = tl.load(pos_ptr + n64 * 3 + 1, mask=nmask, other=0.0)
-    pos_w = tl.load(pos_ptr + n64 * 3 + 2, mask=nmask, other=0.0)
-    pos = tl.where(ax2[None, :] == 1, pos_w[:, None],
-                   tl.where(ax1[None, :] == 1, pos_h[:, None], pos_t[:, None]))
-    angle = pos * freq[None, :]
-    cos = tl.cos(angle)
-    sin = tl.sin(angle)
-    if INVERSE:
-        sin = -sin
-    mask = nmask[:, None] & pmask[None, :]
-    off0 = off0[None, :]
-    off1 = off1[None, :]
-
     row_q = n64[:, None] * stride_qn
     row_qo = n64[:, None] * stride_qon
     row_k = n64[:, None] * stride_kn
     row_ko = n64[:, None] * stride_kon
-    for hh in range(pid_h, HQ + HK, num_g):
-        if hh < HQ:
-            _rotate_head(q_ptr, qo_ptr, row_q, row_qo, hh, stride_qh, stride_qoh,
-                         off0, off1, mask, cos, sin)
-        else:
-            _rotate_head(k_ptr, ko_ptr, row_k, row_ko, hh - HQ, stride_kh, stride_koh,
-                         off0, off1, mask, cos, sin)
+    if INTERLEAVED:
+        cos, sin = _pair_cos_sin(pos_ptr, n64, nmask, log2_theta, DT, DH, DW, HP, INVERSE)
+        for hh in range(pid_h, HQ + HK, num_g):
+            if hh < HQ:
+                h64 = tl.cast(hh, tl.int64)
+                _rotate_interleaved(q_ptr, qo_ptr, row_q + h64 * stride_qh, row_qo + h64 * stride_qoh,
+                                    nmask, cos, sin, DT + DH + DW, HP, BLOCK_N)
+            else:
+                h64 = tl.cast(hh - HQ, tl.int64)
+                _rotate_interleaved(k_ptr, ko_ptr, row_k + h64 * stride_kh, row_ko + h64 * stride_koh,
+                                    nmask, cos, sin, DT + DH + DW, HP, BLOCK_N)
+    else:
+        # HP* >= 1 even for an empty axis (tl.arange needs a power of two); unused then
+        cos_t, sin_t = _axis_cos_sin(pos_ptr, n64, nmask, log2_theta, 0, max(DT, 2), HPT, INVERSE)
+        cos_h, sin_h = _axis_cos_sin(pos_ptr, n64, nmask, log2_theta, 1, max(DH, 2), HPH, INVERSE)
+        cos_w, sin_w = _axis_cos_sin(pos_ptr, n64, nmask, log2_theta, 2, max(DW, 2), HPW, INVERSE)
+        for hh in range(pid_h, HQ + HK, num_g):
+            if hh < HQ:
+                h64 = tl.cast(hh, tl.int64)
+                x_ptr, o_ptr = q_ptr, qo_ptr
+                row_x, row_o = row_q + h64 * stride_qh, row_qo + h64 * stride_qoh
+            else:
+                h64 = tl.cast(hh - HQ, tl.int64)
+                x_ptr, o_ptr = k_ptr, ko_ptr
+                row_x, row_o = row_k + h64 * stride_kh, row_ko + h64 * stride_koh
+            _rotate_half_chunk(x_ptr, o_ptr, row_x, row_o, nmask, cos_t, sin_t, 0, DT, HPT)
+            _rotate_half_chunk(x_ptr, o_ptr, row_x, row_o, nmask, cos_h, sin_h, DT, DH, HPH)
+            _rotate_half_chunk(x_ptr, o_ptr, row_x, row_o, nmask, cos_w, sin_w, DT + DH, DW, HPW)
 
 
-def _meta(n: int, d: int, heads: int, device: torch.device):
-    pairs = triton.next_power_of_2(max(d // 2, 1))
-    block_n = max(1, min(64, 512 // pairs, triton.next_power_of_2(max(n, 1))))
+_TILE_ELEMENTS = 4096  # 16 elements per thread at 8 warps: two 16-byte vectors of bf16
+_NUM_WARPS = 8
+
+
+def _meta(n: int, dims, heads: int, interleaved: bool, device: torch.device) -> tuple[dict, tuple]:
+    """Constexprs (HP, HPT, HPH, HPW, BLOCK_N, num_warps) and the grid for N tokens."""
+    hp_axes = [triton.next_power_of_2(max(d // 2, 1)) for d in dims]
+    hp = triton.next_power_of_2(max(sum(dims) // 2, 1))
+    d_padded = 2 * hp if interleaved else 2 * sum(hp_axes)
+    fit = 1 << max(0, (_TILE_ELEMENTS // d_padded).bit_length() - 1)  # a power of two
+    block_n = max(1, min(64, fit, triton.next_power_of_2(max(n, 1))))
     blocks = triton.cdiv(n, block_n)
     if device.type == "cuda":
-        target = 4 * torch.cuda.get_device_properties(device).multi_processor_count
+        # ~10 waves of resident programs (4 per SM at ~60 registers x 8 warps): a program
+        # loops over its heads, so few long programs would leave the last wave half empty
+        target = 32 * torch.cuda.get_device_properties(device).multi_processor_count
     else:  # interpreter: few programs are fastest; 2 still exercises the head split
         target = 2
     groups = max(1, min(heads, triton.cdiv(target, blocks)))
-    return pairs, block_n, blocks, groups
+    meta = {"HP": hp, "HPT": hp_axes[0], "HPH": hp_axes[1], "HPW": hp_axes[2], "BLOCK_N": block_n}
+    return meta, (blocks, groups)
 
 
 def _launch(q, k, qo, ko, positions, dims, theta, interleaved, inverse):
@@ -120,16 +184,16 @@ def _launch(q, k, qo, ko, positions, dims, theta, interleaved, inverse):
     if n == 0 or hq + hk == 0 or d == 0:
         return
     dt, dh, dw = (int(x) for x in dims)
-    pairs, block_n, blocks, groups = _meta(n, d, hq + hk, q.device)
-    _rope_3d_kernel[(blocks, groups)](
+    meta, grid = _meta(n, (dt, dh, dw), hq + hk, bool(interleaved), q.device)
+    _rope_3d_kernel[grid](
         q, k, qo, ko, positions,
         n, hq, hk,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1),
         qo.stride(0), qo.stride(1), ko.stride(0), ko.stride(1),
         math.log2(float(theta)),
-        DT=dt, DH=dh, DW=dw, D=d, PAIRS=pairs, BLOCK_N=block_n,
+        DT=dt, DH=dh, DW=dw, **meta,
         INTERLEAVED=bool(interleaved), INVERSE=bool(inverse),
-        num_warps=4,
+        num_warps=_NUM_WARPS,
     )
 
 
@@ -164,19 +228,21 @@ def rope_3d_(q, k, positions, dims, theta, interleaved, inverse):
 def aot_specs() -> list[dict]:
     """Launch configurations for benchmarks/static_report.py (sm_90a, no GPU needed)."""
     specs = []
-    for dtype, dims, interleaved in (("bf16", (16, 56, 56), True), ("bf16", (44, 42, 42), False),
-                                     ("fp16", (24, 24, 24), True), ("fp32", (32, 32, 32), False)):
-        d = sum(dims)
-        pairs = triton.next_power_of_2(d // 2)
+    # (dtype, dims, interleaved, widest access the layout allows: interleaved loads whole
+    # 16-byte-aligned rows; rotate-half chunks are as aligned as their starts c0, c0 + d_a/2)
+    for dtype, dims, interleaved, access in (("bf16", (44, 42, 42), True, 16), ("bf16", (16, 56, 56), True, 16),
+                                             ("bf16", (44, 42, 42), False, 0), ("fp16", (24, 24, 24), True, 16),
+                                             ("fp32", (32, 32, 32), False, 8)):
         sig = {name: f"*{dtype}" for name in ("q_ptr", "k_ptr", "qo_ptr", "ko_ptr")}
         sig.update({"pos_ptr": "*fp32", "N": "i32", "HQ": "i32", "HK": "i32"})
         sig.update({s: "i64" for s in ("stride_qn", "stride_qh", "stride_kn", "stride_kh",
                                        "stride_qon", "stride_qoh", "stride_kon", "stride_koh")})
         sig["log2_theta"] = "fp32"
-        constexprs = {"DT": dims[0], "DH": dims[1], "DW": dims[2], "D": d, "PAIRS": pairs,
-                      "BLOCK_N": max(1, min(64, 512 // pairs)), "INTERLEAVED": interleaved,
-                      "INVERSE": False}
+        meta, _ = _meta(1 << 20, dims, 48, interleaved, torch.device("cpu"))
+        constexprs = {"DT": dims[0], "DH": dims[1], "DW": dims[2], **meta,
+                      "INTERLEAVED": interleaved, "INVERSE": False}
         sig.update({name: "constexpr" for name in constexprs})
         specs.append({"name": f"rope_3d {dtype} dims={dims} {'interleaved' if interleaved else 'half'}",
-                      "fn": _rope_3d_kernel, "signature": sig, "constexprs": constexprs, "num_warps": 4})
+                      "fn": _rope_3d_kernel, "signature": sig, "constexprs": constexprs,
+                      "num_warps": _NUM_WARPS, "min_access_bytes": access})
     return specs
