@@ -147,6 +147,9 @@ def test_bad_attention(pack):
         vk.varlen_attention(q, k, v, cu, torch.tensor([0, n], dtype=torch.int32), m, m)
     with pytest.raises(ValueError, match=r"\(tokens, heads, head_dim\)"):
         vk.varlen_attention(q[:, 0], k, v, cu, cu, m, m)
+    for scale in (0.0, -0.1, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="softmax_scale must be a positive finite number"):
+            vk.varlen_attention(q, k, v, cu, cu, m, m, softmax_scale=scale)
     rope = vk.Rope3D.from_pack(pack, (4, 4, 6))
     with pytest.raises(ValueError, match="sum to 14"):
         vk.varlen_attention(q, k, v, cu, cu, m, m, rope=rope)

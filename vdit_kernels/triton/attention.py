@@ -32,8 +32,9 @@
 # groups) over a short candidate list per head-dim class (see "launch
 # configuration" below): e.g. the D = 128 forward tries 128 x 64 at 8 warps (two
 # warpgroups of wgmma m64 over the query rows, the float32 accumulator at 64 registers a
-# thread) and 64 x 64; the backward holds two float32 accumulators, so 64 own rows (the
-# wgmma M) x 64 loop rows at most. Every candidate is in aot_specs() and compiled by the
+# thread), 128 x 128 and 64 x 64; the backward holds two float32 accumulators for its
+# own rows: 64 x 64 (the default) or 128 keys x 32 queries for dK/dV, up to 128 x 64 for
+# dQ, with 1 to 3 pipeline stages. Every candidate is in aot_specs() and compiled by the
 # sm_90a static report. VDIT_AUTOTUNE=0 or deterministic=True (backward) use the first
 # candidate of the class, so results do not depend on timing noise.
 # float32 inputs use 16 x 16 tiles and IEEE dots (no tf32; FMA, not tensor cores).
@@ -82,27 +83,52 @@ def _tile_mask(rmask, dmask, EVEN_D: tl.constexpr):
 @triton.jit
 def _kv_tiles(K, V, tok_k, nmask, kv_head, stride_kn, stride_kh, stride_vn, stride_vh,
               offs_d, dmask, D: tl.constexpr, BLOCK_D: tl.constexpr):
-    """k and v tiles of key rows tok_k, with their load mask."""
+    """k and v tiles of key rows tok_k; rows outside nmask read as 0."""
     kvmask = _tile_mask(nmask, dmask, D == BLOCK_D)
     rows_k = tok_k.to(tl.int64)[:, None] * stride_kn + kv_head.to(tl.int64) * stride_kh
     k = tl.load(K + rows_k + offs_d[None, :], mask=kvmask, other=0.0)
     rows_v = tok_k.to(tl.int64)[:, None] * stride_vn + kv_head.to(tl.int64) * stride_vh
     v = tl.load(V + rows_v + offs_d[None, :], mask=kvmask, other=0.0)
-    return k, v, kvmask
+    return k, v
 
 
 @triton.jit
-def _q_rows(Q, DO, LSE, DELTA, tok_q, mmask, qmask, head, stride_qn, stride_qh,
-            stride_don, stride_doh, stride_lh, offs_d):
-    """What the backward reads per query row: q, dO, lse (base 2) and delta."""
+def _q_rows(Q, DO, LSE, DELTA, tok_q, mmask, dmask, head, stride_qn, stride_qh,
+            stride_don, stride_doh, stride_lh, offs_d, D: tl.constexpr, BLOCK_D: tl.constexpr):
+    """What the backward reads per query row: q, dO, lse (base 2) and delta; rows outside
+    mmask read as 0."""
+    qmask = _tile_mask(mmask, dmask, D == BLOCK_D)
     rows_q = tok_q.to(tl.int64)[:, None] * stride_qn + head.to(tl.int64) * stride_qh
     q = tl.load(Q + rows_q + offs_d[None, :], mask=qmask, other=0.0)
     rows_do = tok_q.to(tl.int64)[:, None] * stride_don + head.to(tl.int64) * stride_doh
     do = tl.load(DO + rows_do + offs_d[None, :], mask=qmask, other=0.0)
     lrow = head.to(tl.int64) * stride_lh + tok_q.to(tl.int64)
-    lse = tl.load(LSE + lrow, mask=mmask, other=0.0) * 1.4426950408889634
+    lse = tl.load(LSE + lrow, mask=mmask, other=0.0)
     delta = tl.load(DELTA + lrow, mask=mmask, other=0.0)
-    return q, do, lse, delta
+    return q, do, lse * 1.4426950408889634, delta
+
+
+@triton.jit
+def _fwd_step(acc, l_i, m_i, q, K, V, first_k, offs_n, keys_left, kv_head,
+              stride_kn, stride_kh, stride_vn, stride_vh, offs_d, dmask, scale_log2,
+              D: tl.constexpr, BLOCK_D: tl.constexpr, IEEE: tl.constexpr):
+    """One key block of the online softmax; m_i is kept in scaled base-2 units, so
+    p = exp2(qk * scale_log2 - m) is one FMA and an exp2 per score. Keys offs_n >=
+    keys_left are past the segment: masked on load, and their scores set to -inf only in
+    the block that has any (a uniform branch; the other blocks skip the select)."""
+    nmask = offs_n < keys_left
+    k, v = _kv_tiles(K, V, first_k + offs_n, nmask, kv_head, stride_kn, stride_kh,
+                     stride_vn, stride_vh, offs_d, dmask, D, BLOCK_D)
+    qk = _mm(q, tl.trans(k), IEEE)
+    if keys_left < offs_n.shape[0]:
+        qk = tl.where(nmask[None, :], qk, float("-inf"))
+    # every block holds >= 1 real key, so m_new is finite
+    m_new = tl.maximum(m_i, tl.max(qk, 1) * scale_log2)
+    alpha = tl.exp2(m_i - m_new)
+    p = tl.exp2(qk * scale_log2 - m_new[:, None])
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None] + _mm(p.to(v.dtype), v, IEEE)
+    return acc, l_i, m_new
 
 
 # -- forward -----------------------------------------------------------------------------
@@ -144,21 +170,9 @@ def _attn_fwd_kernel(
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     for start_n in range(0, seqlen_k, BLOCK_N):
-        # -- load k, v --
-        cols = start_n + offs_n
-        nmask = cols < seqlen_k
-        k, v, kvmask = _kv_tiles(K, V, k_start + cols, nmask, kv_head, stride_kn, stride_kh,
-                                 stride_vn, stride_vh, offs_d, dmask, D, BLOCK_D)
-        # -- compute qk (base 2) --
-        s = _mm(q, tl.trans(k), IEEE) * scale_log2
-        s = tl.where(nmask[None, :], s, float("-inf"))
-        # -- online softmax (every block holds >= 1 real key, so m_new is finite) --
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(s - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + _mm(p.to(v.dtype), v, IEEE)
-        m_i = m_new
+        acc, l_i, m_i = _fwd_step(acc, l_i, m_i, q, K, V, k_start + start_n, offs_n, seqlen_k - start_n,
+                                  kv_head, stride_kn, stride_kh, stride_vn, stride_vh, offs_d, dmask,
+                                  scale_log2, D, BLOCK_D, IEEE)
 
     # -- epilogue: normalize, lse (natural log), -inf / 0 for an empty key segment --
     empty = l_i == 0.0
@@ -196,6 +210,45 @@ def _attn_bwd_pre_kernel(
 
 
 @triton.jit
+def _dkdv_step(dk, dv, k, v, Q, DO, LSE, DELTA, first_q, offs_m, rows_left, head,
+               stride_qn, stride_qh, stride_don, stride_doh, stride_lh, offs_d, dmask, scale_log2,
+               D: tl.constexpr, BLOCK_D: tl.constexpr, IEEE: tl.constexpr):
+    """dV += P^T dO and dK += dS^T Q (unscaled) for one query block of one head.
+    P^T needs no mask: a masked query column has q = dO = 0 and lse = 0, so its
+    P^T = exp2(0) = 1 is finite and multiplies only zero rows of dO and q; key rows past
+    the segment (k = v = 0) only touch dK/dV rows that are never stored."""
+    mmask = offs_m < rows_left
+    q, do, lse, delta = _q_rows(Q, DO, LSE, DELTA, first_q + offs_m, mmask, dmask, head,
+                                stride_qn, stride_qh, stride_don, stride_doh, stride_lh, offs_d,
+                                D, BLOCK_D)
+    # -- recompute P^T (keys x queries), base 2 --
+    pt = tl.exp2(_mm(k, tl.trans(q), IEEE) * scale_log2 - lse[None, :])
+    # -- dV += P^T dO; dS^T = P^T * (V dO^T - delta); dK += dS^T Q --
+    dv += _mm(pt.to(do.dtype), do, IEEE)
+    dst = pt * (_mm(v, tl.trans(do), IEEE) - delta[None, :])
+    dk += _mm(dst.to(q.dtype), q, IEEE)
+    return dk, dv
+
+
+@triton.jit
+def _dq_step(dq, q, do, lse, delta, K, V, first_k, offs_n, keys_left, kv_head,
+             stride_kn, stride_kh, stride_vn, stride_vh, offs_d, dmask, scale_log2,
+             D: tl.constexpr, BLOCK_D: tl.constexpr, IEEE: tl.constexpr):
+    """dQ += dS K (unscaled) for one key block. In the block that runs past the segment,
+    P of the missing keys is zeroed (there k = 0 would give P = exp2(-lse), which
+    overflows for very negative lse); whole blocks skip the select (a uniform branch)."""
+    nmask = offs_n < keys_left
+    k, v = _kv_tiles(K, V, first_k + offs_n, nmask, kv_head, stride_kn, stride_kh,
+                     stride_vn, stride_vh, offs_d, dmask, D, BLOCK_D)
+    p = tl.exp2(_mm(q, tl.trans(k), IEEE) * scale_log2 - lse[:, None])
+    if keys_left < offs_n.shape[0]:
+        p = tl.where(nmask[None, :], p, 0.0)
+    ds = p * (_mm(do, tl.trans(v), IEEE) - delta[:, None])
+    dq += _mm(ds.to(k.dtype), k, IEEE)
+    return dq
+
+
+@triton.jit
 def _attn_bwd_dkdv_kernel(
     Q, K, V, DO, LSE, DELTA, DK, DV, CU_Q, CU_K,
     stride_qn, stride_qh,
@@ -226,33 +279,21 @@ def _attn_bwd_dkdv_kernel(
     nmask = offs_n < seqlen_k
     tok_k = k_start + offs_n
     # -- load the key block once --
-    k, v, kvmask = _kv_tiles(K, V, tok_k, nmask, kv_head, stride_kn, stride_kh, stride_vn, stride_vh,
-                             offs_d, dmask, D, BLOCK_D)
+    k, v = _kv_tiles(K, V, tok_k, nmask, kv_head, stride_kn, stride_kh, stride_vn, stride_vh,
+                     offs_d, dmask, D, BLOCK_D)
 
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     for g in range(0, GROUPS):
         head = kv_head * GROUPS + g
         for start_m in range(0, seqlen_q, BLOCK_M):
-            # -- load q, dO, lse, delta of a query block --
-            rows = start_m + offs_m
-            mmask = rows < seqlen_q
-            tok_q = q_start + rows
-            qmask = _tile_mask(mmask, dmask, D == BLOCK_D)
-            q, do, lse, delta = _q_rows(Q, DO, LSE, DELTA, tok_q, mmask, qmask, head,
-                                        stride_qn, stride_qh, stride_don, stride_doh, stride_lh,
-                                        offs_d)
-            # -- recompute P^T (keys x queries) --
-            st = _mm(k, tl.trans(q), IEEE) * scale_log2
-            pt = tl.exp2(st - lse[None, :])
-            pt = tl.where(mmask[None, :] & nmask[:, None], pt, 0.0)
-            # -- dV += P^T dO; dS^T = P^T * (V dO^T - delta); dK += dS^T Q --
-            dv += _mm(pt.to(do.dtype), do, IEEE)
-            dpt = _mm(v, tl.trans(do), IEEE)
-            dst = pt * (dpt - delta[None, :])
-            dk += _mm(dst.to(q.dtype), q, IEEE)
+            dk, dv = _dkdv_step(dk, dv, k, v, Q, DO, LSE, DELTA, q_start + start_m, offs_m,
+                                seqlen_q - start_m, head, stride_qn, stride_qh, stride_don,
+                                stride_doh, stride_lh, offs_d, dmask, scale_log2,
+                                D, BLOCK_D, IEEE)
     dk = dk * scale
 
+    kvmask = _tile_mask(nmask, dmask, D == BLOCK_D)
     rows_dk = tok_k.to(tl.int64)[:, None] * stride_dkn + kv_head.to(tl.int64) * stride_dkh
     tl.store(DK + rows_dk + offs_d[None, :], dk.to(DK.dtype.element_ty), mask=kvmask)
     rows_dv = tok_k.to(tl.int64)[:, None] * stride_dvn + kv_head.to(tl.int64) * stride_dvh
@@ -288,29 +329,20 @@ def _attn_bwd_dq_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     dmask = offs_d < D
     mmask = offs_m < seqlen_q
-    qmask = _tile_mask(mmask, dmask, D == BLOCK_D)
     tok_q = q_start + offs_m
     # -- load q, dO, lse, delta once --
-    q, do, lse, delta = _q_rows(Q, DO, LSE, DELTA, tok_q, mmask, qmask, head,
+    q, do, lse, delta = _q_rows(Q, DO, LSE, DELTA, tok_q, mmask, dmask, head,
                                 stride_qn, stride_qh, stride_don, stride_doh, stride_lh,
-                                offs_d)
+                                offs_d, D, BLOCK_D)
 
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     for start_n in range(0, seqlen_k, BLOCK_N):
-        # -- load k, v --
-        cols = start_n + offs_n
-        nmask = cols < seqlen_k
-        k, v, kvmask = _kv_tiles(K, V, k_start + cols, nmask, kv_head, stride_kn, stride_kh,
-                                 stride_vn, stride_vh, offs_d, dmask, D, BLOCK_D)
-        # -- recompute P; dS = P * (dO V^T - delta); dQ += dS K --
-        s = _mm(q, tl.trans(k), IEEE) * scale_log2
-        p = tl.exp2(s - lse[:, None])
-        p = tl.where(mmask[:, None] & nmask[None, :], p, 0.0)
-        dp = _mm(do, tl.trans(v), IEEE)
-        ds = p * (dp - delta[:, None])
-        dq += _mm(ds.to(k.dtype), k, IEEE)
+        dq = _dq_step(dq, q, do, lse, delta, K, V, k_start + start_n, offs_n, seqlen_k - start_n,
+                      kv_head, stride_kn, stride_kh, stride_vn, stride_vh, offs_d, dmask,
+                      scale_log2, D, BLOCK_D, IEEE)
     dq = dq * scale
 
+    qmask = _tile_mask(mmask, dmask, D == BLOCK_D)
     rows_dq = tok_q.to(tl.int64)[:, None] * stride_dqn + head.to(tl.int64) * stride_dqh
     tl.store(DQ + rows_dq + offs_d[None, :], dq.to(DQ.dtype.element_ty), mask=qmask)
 
@@ -336,21 +368,21 @@ def _attn_bwd_dq_kernel(
 # column masks cost registers); "d256" 128 < D <= 256.
 _FWD_TILES = {
     "d64": [(128, 128, 8, 3), (128, 64, 8, 3), (64, 64, 4, 3)],
-    "d128": [(128, 64, 8, 3), (128, 64, 8, 4), (64, 64, 8, 3)],
+    "d128": [(128, 64, 8, 3), (128, 64, 8, 4), (128, 128, 8, 2), (64, 64, 8, 3)],
     "masked": [(64, 64, 8, 2), (64, 64, 8, 3), (64, 32, 8, 2)],
     "d256": [(64, 32, 8, 2), (64, 32, 8, 1)],
 }
 _BWD_TILES = {
     "dkdv": {
         "d64": [(64, 32, 8, 2), (128, 64, 8, 2), (64, 32, 8, 3)],
-        "d128": [(64, 64, 8, 1), (64, 32, 8, 1), (64, 16, 8, 1)],
+        "d128": [(64, 64, 8, 1), (128, 32, 8, 1), (128, 32, 8, 2), (64, 32, 8, 2), (64, 32, 8, 3)],
         "masked": [(64, 16, 8, 1), (64, 16, 8, 2), (64, 32, 8, 1)],
         # 64-row tiles spilled at D = 256 even with 16 warps: small mma.sync tiles instead
         "d256": [(16, 16, 4, 2), (16, 16, 4, 1)],
     },
     "dq": {
         "d64": [(64, 64, 8, 2), (128, 64, 8, 2)],
-        "d128": [(64, 64, 8, 2), (64, 32, 8, 2), (64, 32, 8, 3)],
+        "d128": [(64, 64, 8, 2), (128, 64, 8, 2), (128, 32, 8, 2), (64, 64, 8, 3)],
         "masked": [(64, 32, 8, 2), (64, 32, 8, 3)],
         "d256": [(32, 16, 4, 1)],
     },
