@@ -7,6 +7,7 @@ Prepared (the callable to time); run.py and the pytest-benchmark wrappers both u
 from __future__ import annotations
 
 import importlib.util
+import os
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional, Sequence
 
@@ -112,6 +113,25 @@ def backward_fn(out_fn: Callable[[], torch.Tensor], inputs: Sequence[torch.Tenso
     def run():
         torch.autograd.grad(out, list(inputs), grad, retain_graph=True)
     return Prepared(run, grad_to_none=list(inputs))
+
+
+def with_env(prepared: Prepared, **env: str) -> Prepared:
+    """The same case with environment variables set around every call (options the ops
+    read per call, such as VDIT_ATTN_BWD), restored afterwards."""
+    fn = prepared.fn
+
+    def run():
+        old = {k: os.environ.get(k) for k in env}
+        os.environ.update(env)
+        try:
+            return fn()
+        finally:
+            for k, v in old.items():
+                if v is None:
+                    os.environ.pop(k, None)
+                else:
+                    os.environ[k] = v
+    return Prepared(run, grad_to_none=prepared.grad_to_none, extra=prepared.extra)
 
 
 def free_memory_bytes(device: str) -> float:

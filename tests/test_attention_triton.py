@@ -121,14 +121,21 @@ def _check(lens_q, lens_k, h, hk, d, dtype, max_q=None, max_k=None, rope_dims=No
 
 # -- forward + backward against the reference --------------------------------------------
 
+@pytest.fixture(params=["split", "atomic-dq"])
+def strategy(request, monkeypatch):
+    """Both backward strategies: split (no atomics) and atomic-dq (FlashAttention-2's)."""
+    monkeypatch.setenv("VDIT_ATTN_BWD", request.param)
+    return request.param
+
+
 @pytest.mark.parametrize("dtype", DOT_DTYPES, ids=str)
-def test_mixed_lengths_gqa(dtype):
+def test_mixed_lengths_gqa(dtype, strategy):
     # lengths 0, 1, 17, 97 in one pack; GQA 4 query heads on 2 kv heads; max_seqlen > any
     _check([17, 0, 1, 97], [17, 0, 1, 97], 4, 2, 64, dtype, max_q=120, max_k=130)
 
 
 @pytest.mark.parametrize("dtype", DOT_DTYPES, ids=str)
-def test_cross_attention_empty_keys(dtype):
+def test_cross_attention_empty_keys(dtype, strategy):
     # segment 1 has no keys: out 0, lse -inf, zero grads; segment 3 has no queries
     tri = _check([5, 9, 20, 0], [3, 0, 33, 4], 4, 1, 72, dtype)
     out, lse, dq = tri[0], tri[1], tri[2]
@@ -148,13 +155,13 @@ def test_single_segment_one_block():
 
 
 @pytest.mark.parametrize("dtype", DOT_DTYPES, ids=str)
-def test_whole_blocks_and_partial_tails(dtype):
+def test_whole_blocks_and_partial_tails(dtype, strategy):
     # lengths that are whole multiples of the interpreter's 16-row tiles (no partial block:
     # only the unmasked loop runs) beside ones with partial tails, for queries and keys
     _check([32, 48, 16, 33], [16, 47, 64, 32], 2, 2, 64, dtype)
 
 
-def test_very_negative_scores_keep_gradients_finite():
+def test_very_negative_scores_keep_gradients_finite(strategy):
     # every score about -300: lse ~ -300, so a padded key (k = 0, score 0) would get
     # P = exp(300) = inf in float32; the partial key block must not let it into dQ
     lens = [21, 5]
@@ -176,7 +183,7 @@ def test_very_negative_scores_keep_gradients_finite():
 
 @pytest.mark.parametrize("dtype", DOT_DTYPES, ids=str)
 @pytest.mark.parametrize("interleaved", [True, False], ids=["interleaved", "half"])
-def test_fused_rope(interleaved, dtype):
+def test_fused_rope(interleaved, dtype, strategy):
     _check([19, 0, 6], [19, 0, 6], 2, 1, 64, dtype, rope_dims=(16, 24, 24),
            interleaved=interleaved)
 
@@ -197,7 +204,21 @@ def test_noncontiguous_inputs():
     assert_verbose_close(out, exp, atol=1e-4, rtol=1e-4, name="out")
 
 
-def test_deterministic_bitwise():
+def test_backward_strategy_choice(monkeypatch):
+    from vdit_kernels.triton import attention as A
+
+    monkeypatch.delenv("VDIT_ATTN_BWD", raising=False)
+    assert A.bwd_strategy(False) == "split"
+    monkeypatch.setenv("VDIT_ATTN_BWD", "atomic-dq")
+    assert A.bwd_strategy(False) == "atomic-dq"
+    assert A.bwd_strategy(True) == "split"  # deterministic never uses atomics
+    monkeypatch.setenv("VDIT_ATTN_BWD", "atomics")
+    with pytest.raises(ValueError, match="VDIT_ATTN_BWD must be one of"):
+        A.bwd_strategy(False)
+
+
+def test_deterministic_bitwise(monkeypatch):
+    monkeypatch.setenv("VDIT_ATTN_BWD", "atomic-dq")  # deterministic=True overrides it
     lens = [21, 3, 40]
     cu = _cu(lens)
     q, k, v, do = _inputs(sum(lens), sum(lens), 4, 1, 64, torch.float16, seed=2)
@@ -259,15 +280,18 @@ def test_head_dims_gpu(d):
 @pytest.mark.skipif(DEVICE.type != "cpu", reason="drives the autotuner with a fake timer under the interpreter")
 @pytest.mark.parametrize("d,rope_dims", [(64, None), (64, (16, 24, 24)), (96, None), (128, (44, 42, 42)),
                                          (256, None)])
-def test_gpu_tiles_under_the_interpreter(monkeypatch, d, rope_dims):
+@pytest.mark.parametrize("strategy", ["split", "atomic-dq"])
+def test_gpu_tiles_under_the_interpreter(monkeypatch, d, rope_dims, strategy):
     # Runs the GPU launch path (autotuner, class pruning, the large GPU tiles, grids from
     # the tuned tiles) on CPU: the interpreter executes every candidate of the class; a
     # fake timer ranks the last one timed best. float16: the interpreter's bf16 dot is wrong.
     from vdit_kernels.triton import attention as A
 
     monkeypatch.setattr(A, "_half_on_gpu", lambda dtype, device: dtype == torch.float16)
+    monkeypatch.setenv("VDIT_ATTN_BWD", strategy)
     timed = {}
-    for tag, tuned in (("fwd", A._fwd_tuned), ("dkdv", A._dkdv_tuned), ("dq", A._dq_tuned)):
+    for tag, tuned in (("fwd", A._fwd_tuned), ("dkdv", A._dkdv_tuned), ("dq", A._dq_tuned),
+                       ("fused", A._fused_tuned)):
         def fake_bench(kernel_call, quantiles, tag=tag):
             kernel_call()
             timed[tag] = timed.get(tag, 0) + 1
@@ -278,9 +302,11 @@ def test_gpu_tiles_under_the_interpreter(monkeypatch, d, rope_dims):
     _check(lens, lens, 2, 1, d, torch.float16, seed=4, rope_dims=rope_dims)
     n_fwd = len(A._fwd_tiles(d, torch.float16, torch.device("cuda")))
     assert timed.get("fwd", 0) == (n_fwd if n_fwd > 1 else 0)
-    for tag in ("dkdv", "dq"):
+    for tag in (("dkdv", "dq") if strategy == "split" else ("fused",)):
         n_bwd = len(A._bwd_tiles(d, torch.float16, torch.device("cuda"), tag))
         assert timed.get(tag, 0) == (n_bwd if n_bwd > 1 else 0), tag
+    unused = {"fused"} if strategy == "split" else {"dkdv", "dq"}
+    assert not unused & set(timed), "the other strategy's kernels ran"
 
 
 def _rows_reference(q, k, v, rows, scale):

@@ -152,3 +152,18 @@ def test_dit_suite_packed_and_padded_steps_run_and_count_flops(monkeypatch):
                   + 2 * n * h * m + n * h * f)
     attn = 3.5 * 4 * cfg.heads * cfg.head_dim * (sum(x * x for x in lens) + sum(8 * x for x in lens))
     assert cases[0].flops == pytest.approx(3 * matmul + attn)
+
+
+def test_with_env_sets_options_per_call_and_restores(monkeypatch):
+    import os
+
+    from benchmarks.common import Prepared, with_env
+
+    monkeypatch.delenv("VDIT_ATTN_BWD", raising=False)
+    seen = []
+    case = with_env(Prepared(lambda: seen.append(os.environ.get("VDIT_ATTN_BWD"))), VDIT_ATTN_BWD="atomic-dq")
+    case.fn()
+    assert seen == ["atomic-dq"] and "VDIT_ATTN_BWD" not in os.environ
+    monkeypatch.setenv("VDIT_ATTN_BWD", "split")
+    case.fn()
+    assert seen[-1] == "atomic-dq" and os.environ["VDIT_ATTN_BWD"] == "split"

@@ -162,9 +162,12 @@ def varlen_attention(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_s
     with pack.cu_seqlens_k is per-video cross-attention to text tokens. Zero-length
     segments are allowed; a query row with an empty key segment gets out = 0 and
     lse = -inf. softmax_scale defaults to 1/sqrt(D).
-    rope: a Rope3D (self-attention only, Nq == Nk): q and k are rotated by 3D RoPE as
-    they are loaded, equal to apply_rope_3d followed by attention without a second
-    pass over memory. deterministic=True makes the backward free of atomics.
+    softmax_scale must be positive.
+    rope: a Rope3D (self-attention only, Nq == Nk): equal to apply_rope_3d followed by
+    attention; the backends rotate q and k once with the fastest RoPE kernel (one pass
+    over q and k, ~1% of the forward) and rotate dq and dk back in the backward.
+    deterministic=True: a backward free of atomics with fixed tiles, bitwise
+    reproducible (the Triton backend may otherwise add dQ atomically: VDIT_ATTN_BWD).
     Returns out (Nq, H, D) in q's dtype, and with return_lse=True also
     lse (H, Nq) float32, the natural-log logsumexp of each row's scaled scores.
     Differentiable in q, k and v, through out and through lse (merging partial results by

@@ -21,11 +21,17 @@
 #   _attn_bwd_pre_kernel (cdiv(Nq, BLOCK_M), H): delta = rowsum(dO * O), (H, Nq) float32.
 #   _attn_bwd_dkdv_kernel(cdiv(max_seqlen_k, BLOCK_N), Hk, B): one key block x kv head;
 #                        loops over the H // Hk query heads of the kv head and over the
-#                        query blocks, accumulating dK, dV in registers (no atomics).
+#                        query blocks, accumulating dK, dV in registers; with ATOMIC_DQ
+#                        it also adds each block's dQ = scale * dS K into a float32 buffer
+#                        with atomics (FlashAttention-2's backward).
 #   _attn_bwd_dq_kernel  (cdiv(max_seqlen_q, BLOCK_M), H, B): one query block x head;
 #                        recomputes P over the key blocks and accumulates dQ (no atomics).
-# The backward therefore has no atomics at all: for a given tile choice it is bitwise
-# reproducible; deterministic=True also pins the tiles (no autotuning, below).
+# Two backward strategies (bwd_strategy(), VDIT_ATTN_BWD): "split" = dK/dV kernel + dQ
+# kernel, no atomics, bitwise reproducible for a given tile choice, but P and dP are
+# recomputed twice (7 matrix products per block pair); "atomic-dq" = one kernel with
+# atomic dQ (5 products), whose float32 sums depend on the run order in the last bits.
+# "split" is the default until the GPU benchmark (provider vdit-triton+atomic-dq)
+# measures the other; deterministic=True always runs "split" with pinned tiles.
 # Tiles: (BLOCK_M queries, BLOCK_D) and (BLOCK_N keys, BLOCK_D); BLOCK_D = head dim rounded
 # up to a power of two (tl.arange needs one; 72, 80, 96 are masked). Head dims up to 256.
 # On a GPU the tiles are autotuned (triton.autotune, keyed on head dim, dtypes and GQA
@@ -210,23 +216,36 @@ def _attn_bwd_pre_kernel(
 
 
 @triton.jit
-def _dkdv_step(dk, dv, k, v, Q, DO, LSE, DELTA, first_q, offs_m, rows_left, head,
-               stride_qn, stride_qh, stride_don, stride_doh, stride_lh, offs_d, dmask, scale_log2,
-               D: tl.constexpr, BLOCK_D: tl.constexpr, IEEE: tl.constexpr):
-    """dV += P^T dO and dK += dS^T Q (unscaled) for one query block of one head.
-    P^T needs no mask: a masked query column has q = dO = 0 and lse = 0, so its
-    P^T = exp2(0) = 1 is finite and multiplies only zero rows of dO and q; key rows past
-    the segment (k = v = 0) only touch dK/dV rows that are never stored."""
+def _dkdv_step(dk, dv, k, v, nmask, key_tail, Q, DO, LSE, DELTA, DQ, first_q, offs_m, rows_left, head,
+               stride_qn, stride_qh, stride_don, stride_doh, stride_lh, stride_dqn, stride_dqh,
+               offs_d, dmask, scale, scale_log2,
+               D: tl.constexpr, BLOCK_D: tl.constexpr, ATOMIC_DQ: tl.constexpr, IEEE: tl.constexpr):
+    """dV += P^T dO and dK += dS^T Q (unscaled) for one query block of one head; with
+    ATOMIC_DQ also DQ += scale * dS K for that block, added atomically (float32).
+    P^T needs no query mask: a masked query column has q = dO = 0 and lse = 0, so its
+    P^T = exp2(0) = 1 is finite and multiplies only zero rows of dO and q. Key rows past
+    the segment (k = v = 0) only touch dK/dV rows that are never stored, but dQ sums over
+    keys: there (key_tail: this key block runs past the segment) their P^T = exp2(-lse),
+    which overflows for very negative lse, is zeroed."""
     mmask = offs_m < rows_left
-    q, do, lse, delta = _q_rows(Q, DO, LSE, DELTA, first_q + offs_m, mmask, dmask, head,
+    tok_q = first_q + offs_m
+    q, do, lse, delta = _q_rows(Q, DO, LSE, DELTA, tok_q, mmask, dmask, head,
                                 stride_qn, stride_qh, stride_don, stride_doh, stride_lh, offs_d,
                                 D, BLOCK_D)
     # -- recompute P^T (keys x queries), base 2 --
     pt = tl.exp2(_mm(k, tl.trans(q), IEEE) * scale_log2 - lse[None, :])
+    if ATOMIC_DQ:
+        if key_tail:
+            pt = tl.where(nmask[:, None], pt, 0.0)
     # -- dV += P^T dO; dS^T = P^T * (V dO^T - delta); dK += dS^T Q --
     dv += _mm(pt.to(do.dtype), do, IEEE)
-    dst = pt * (_mm(v, tl.trans(do), IEEE) - delta[None, :])
-    dk += _mm(dst.to(q.dtype), q, IEEE)
+    dst = (pt * (_mm(v, tl.trans(do), IEEE) - delta[None, :])).to(q.dtype)
+    dk += _mm(dst, q, IEEE)
+    if ATOMIC_DQ:
+        dq = _mm(tl.trans(dst), k, IEEE) * scale
+        rows_dq = tok_q.to(tl.int64)[:, None] * stride_dqn + head.to(tl.int64) * stride_dqh
+        tl.atomic_add(DQ + rows_dq + offs_d[None, :], dq, mask=_tile_mask(mmask, dmask, D == BLOCK_D),
+                      sem="relaxed")
     return dk, dv
 
 
@@ -250,7 +269,7 @@ def _dq_step(dq, q, do, lse, delta, K, V, first_k, offs_n, keys_left, kv_head,
 
 @triton.jit
 def _attn_bwd_dkdv_kernel(
-    Q, K, V, DO, LSE, DELTA, DK, DV, CU_Q, CU_K,
+    Q, K, V, DO, LSE, DELTA, DK, DV, DQ, CU_Q, CU_K,
     stride_qn, stride_qh,
     stride_kn, stride_kh,
     stride_vn, stride_vh,
@@ -258,9 +277,10 @@ def _attn_bwd_dkdv_kernel(
     stride_lh,
     stride_dkn, stride_dkh,
     stride_dvn, stride_dvh,
+    stride_dqn, stride_dqh,
     GROUPS, scale, scale_log2,
     D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    IEEE: tl.constexpr,
+    ATOMIC_DQ: tl.constexpr, IEEE: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -282,15 +302,17 @@ def _attn_bwd_dkdv_kernel(
     k, v = _kv_tiles(K, V, tok_k, nmask, kv_head, stride_kn, stride_kh, stride_vn, stride_vh,
                      offs_d, dmask, D, BLOCK_D)
 
+    key_tail = (pid_n + 1) * BLOCK_N > seqlen_k
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     for g in range(0, GROUPS):
         head = kv_head * GROUPS + g
         for start_m in range(0, seqlen_q, BLOCK_M):
-            dk, dv = _dkdv_step(dk, dv, k, v, Q, DO, LSE, DELTA, q_start + start_m, offs_m,
-                                seqlen_q - start_m, head, stride_qn, stride_qh, stride_don,
-                                stride_doh, stride_lh, offs_d, dmask, scale_log2,
-                                D, BLOCK_D, IEEE)
+            dk, dv = _dkdv_step(dk, dv, k, v, nmask, key_tail, Q, DO, LSE, DELTA, DQ,
+                                q_start + start_m, offs_m, seqlen_q - start_m, head,
+                                stride_qn, stride_qh, stride_don, stride_doh, stride_lh,
+                                stride_dqn, stride_dqh, offs_d, dmask, scale, scale_log2,
+                                D, BLOCK_D, ATOMIC_DQ, IEEE)
     dk = dk * scale
 
     kvmask = _tile_mask(nmask, dmask, D == BLOCK_D)
@@ -380,6 +402,14 @@ _BWD_TILES = {
         # 64-row tiles spilled at D = 256 even with 16 warps: small mma.sync tiles instead
         "d256": [(16, 16, 4, 2), (16, 16, 4, 1)],
     },
+    # dK/dV with dQ added atomically (the "atomic-dq" backward): the dK/dV kernel plus a
+    # third product and the float32 atomics, so smaller steps than "dkdv"
+    "fused": {
+        "d64": [(64, 32, 8, 2), (128, 32, 8, 2), (64, 64, 8, 2)],
+        "d128": [(64, 32, 8, 1), (64, 64, 8, 1), (128, 32, 8, 1), (64, 32, 8, 2), (64, 16, 8, 1)],
+        "masked": [(64, 16, 8, 1), (64, 32, 8, 1)],
+        "d256": [(16, 16, 4, 2)],
+    },
     "dq": {
         "d64": [(64, 64, 8, 2), (128, 64, 8, 2)],
         "d128": [(64, 64, 8, 2), (128, 64, 8, 2), (128, 32, 8, 2), (64, 64, 8, 3)],
@@ -415,7 +445,7 @@ def _fwd_tiles(d: int, dtype: torch.dtype, device: torch.device) -> list[tuple]:
 
 
 def _bwd_tiles(d: int, dtype: torch.dtype, device: torch.device, kernel: str) -> list[tuple]:
-    """kernel: "dkdv" or "dq"."""
+    """kernel: "dkdv", "dq" or "fused" (dK/dV with atomic dQ)."""
     return _BWD_TILES[kernel][_tile_class(d)] if _half_on_gpu(dtype, device) else [_SMALL]
 
 
@@ -434,7 +464,7 @@ def _prune(tag: str):
             key = lambda c: (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages)
         else:
             wanted = set(_BWD_TILES[tag][_tile_class(d)])
-            own, loop = ("BLOCK_N", "BLOCK_M") if tag == "dkdv" else ("BLOCK_M", "BLOCK_N")
+            own, loop = ("BLOCK_N", "BLOCK_M") if tag in ("dkdv", "fused") else ("BLOCK_M", "BLOCK_N")
             key = lambda c: (c.kwargs[own], c.kwargs[loop], c.num_warps, c.num_stages)
         return [c for c in configs if key(c) in wanted]
     return prune
@@ -448,7 +478,7 @@ def _configs(tag: str) -> list:
             if (a, b, w, st) in seen:
                 continue
             seen.add((a, b, w, st))
-            if tag == "dkdv":
+            if tag in ("dkdv", "fused"):
                 meta = dict(BLOCK_M=b, BLOCK_N=a)  # own keys = BLOCK_N, loop queries = BLOCK_M
             else:
                 meta = dict(BLOCK_M=a, BLOCK_N=b)
@@ -456,14 +486,33 @@ def _configs(tag: str) -> list:
     return out
 
 
-# Autotuned entry points (GPU, half dtypes). Keys: head dim and the GQA group count; triton adds the dtypes of the tensor arguments. Every kernel fully
-# overwrites its outputs, so timing runs need no reset.
+# Autotuned entry points (GPU, half dtypes). Keys: head dim and the GQA group count;
+# triton adds the dtypes of the tensor arguments. Every kernel fully overwrites its
+# outputs, so timing runs need no reset, except the atomic dQ accumulator (reset_to_zero).
 _fwd_tuned = triton.autotune(_configs("fwd"), key=["D", "GROUPS"],
                              prune_configs_by={"early_config_prune": _prune("fwd")})(_attn_fwd_kernel)
 _dkdv_tuned = triton.autotune(_configs("dkdv"), key=["D", "GROUPS"],
                               prune_configs_by={"early_config_prune": _prune("dkdv")})(_attn_bwd_dkdv_kernel)
 _dq_tuned = triton.autotune(_configs("dq"), key=["D", "GROUPS"],
                             prune_configs_by={"early_config_prune": _prune("dq")})(_attn_bwd_dq_kernel)
+_fused_tuned = triton.autotune(_configs("fused"), key=["D", "GROUPS"], reset_to_zero=["DQ"],
+                               prune_configs_by={"early_config_prune": _prune("fused")})(_attn_bwd_dkdv_kernel)
+
+# Backward strategies: "split" (dK/dV kernel + dQ kernel, no atomics, P recomputed twice:
+# 7 matrix products per block pair) and "atomic-dq" (FlashAttention-2's: one kernel, dQ
+# added atomically in float32: 5 products, run order dependent in the last bits).
+BWD_STRATEGIES = ("split", "atomic-dq")
+
+
+def bwd_strategy(deterministic: bool) -> str:
+    """The backward strategy of a call: "split" with deterministic=True, else
+    VDIT_ATTN_BWD (default "split", the one measured on H100 so far)."""
+    if deterministic:
+        return "split"
+    name = os.environ.get("VDIT_ATTN_BWD", "split")
+    if name not in BWD_STRATEGIES:
+        raise ValueError(f"VDIT_ATTN_BWD must be one of {BWD_STRATEGIES}, got {name!r}")
+    return name
 
 
 def _launch(raw, tuned, grid_of, args, tiles, meta_of, fixed: bool, **constexprs):
@@ -531,9 +580,9 @@ def varlen_attention_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_
 
 def varlen_attention_bwd(grad_out, q, k, v, out, lse, grad_lse, cu_seqlens_q, cu_seqlens_k,
                          max_seqlen_q, max_seqlen_k, softmax_scale, rope, deterministic):
-    # Neither path uses atomics (see the header): deterministic=True only pins the tiles to
-    # the class default instead of the autotuned choice, so results are also bitwise
-    # reproducible across processes and machines of the same kind.
+    # deterministic=True: the "split" strategy (no atomics) with the tiles pinned to the
+    # class default instead of the autotuned choice, so results are bitwise reproducible
+    # across processes and machines of the same kind. Otherwise bwd_strategy() decides.
     q, k, v, out, grad_out = (_last_dim_contiguous(t) for t in (q, k, v, out, grad_out))
     lse = lse.contiguous()
     nq, h, d = q.shape
@@ -570,26 +619,31 @@ def varlen_attention_bwd(grad_out, q, k, v, out, lse, grad_lse, cu_seqlens_q, cu
         # d lse_i / d S_ij = P_ij: a gradient into lse shifts the row term of dS = P (dP - delta)
         delta.sub_(grad_lse)
     common = dict(D=d, BLOCK_D=bd, IEEE=ieee)
-    # -- dK, dV: one key block x kv head, looping over its query heads --
-    args = (q, k, v, grad_out, lse, delta, dk, dv, cu_q, cu_k,
+    atomic = bwd_strategy(deterministic) == "atomic-dq"
+    if atomic and dq.dtype != torch.float32:
+        dq = torch.zeros((nq, h, d), dtype=torch.float32, device=q.device)  # the atomics' accumulator
+    # -- dK, dV (and, atomic-dq, dQ): one key block x kv head --
+    args = (q, k, v, grad_out, lse, delta, dk, dv, dq, cu_q, cu_k,
             q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
             grad_out.stride(0), grad_out.stride(1), lse.stride(0),
-            dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1),
+            dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1), dq.stride(0), dq.stride(1),
             h // hk, scale, scale * LOG2E)
-    _launch(_attn_bwd_dkdv_kernel, _dkdv_tuned,
+    tag = "fused" if atomic else "dkdv"
+    _launch(_attn_bwd_dkdv_kernel, _fused_tuned if atomic else _dkdv_tuned,
             lambda meta: (triton.cdiv(max_seqlen_k, meta["BLOCK_N"]), hk, nseg), args,
-            _bwd_tiles(d, q.dtype, q.device, "dkdv"),
-            lambda t: dict(BLOCK_N=t[0], BLOCK_M=t[1]), fixed=deterministic, **common)
+            _bwd_tiles(d, q.dtype, q.device, tag),
+            lambda t: dict(BLOCK_N=t[0], BLOCK_M=t[1]), fixed=deterministic, ATOMIC_DQ=atomic, **common)
     # -- dQ: one query block x head --
-    args = (q, k, v, grad_out, lse, delta, dq, cu_q, cu_k,
-            q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
-            grad_out.stride(0), grad_out.stride(1), lse.stride(0),
-            dq.stride(0), dq.stride(1),
-            h // hk, scale, scale * LOG2E)
-    _launch(_attn_bwd_dq_kernel, _dq_tuned,
-            lambda meta: (triton.cdiv(max_seqlen_q, meta["BLOCK_M"]), h, nseg), args,
-            _bwd_tiles(d, q.dtype, q.device, "dq"),
-            lambda t: dict(BLOCK_M=t[0], BLOCK_N=t[1]), fixed=deterministic, **common)
+    if not atomic:
+        args = (q, k, v, grad_out, lse, delta, dq, cu_q, cu_k,
+                q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+                grad_out.stride(0), grad_out.stride(1), lse.stride(0),
+                dq.stride(0), dq.stride(1),
+                h // hk, scale, scale * LOG2E)
+        _launch(_attn_bwd_dq_kernel, _dq_tuned,
+                lambda meta: (triton.cdiv(max_seqlen_q, meta["BLOCK_M"]), h, nseg), args,
+                _bwd_tiles(d, q.dtype, q.device, "dq"),
+                lambda t: dict(BLOCK_M=t[0], BLOCK_N=t[1]), fixed=deterministic, **common)
     if rope is not None:
         _rotate(dq, dk, rope, inverse=True, inplace=True)
     return dq.to(q.dtype), dk.to(k.dtype), dv
@@ -606,7 +660,7 @@ def aot_specs() -> list[dict]:
     dkdv_sig = (["Q", "K", "V", "DO"], ["LSE", "DELTA"], ["CU_Q", "CU_K"],
                 ["stride_qn", "stride_qh", "stride_kn", "stride_kh", "stride_vn", "stride_vh",
                  "stride_don", "stride_doh", "stride_lh", "stride_dkn", "stride_dkh",
-                 "stride_dvn", "stride_dvh", "GROUPS"], ["scale", "scale_log2"])
+                 "stride_dvn", "stride_dvh", "stride_dqn", "stride_dqh", "GROUPS"], ["scale", "scale_log2"])
     dq_sig = (["Q", "K", "V", "DO"], ["LSE", "DELTA"], ["CU_Q", "CU_K"],
               ["stride_qn", "stride_qh", "stride_kn", "stride_kh", "stride_vn", "stride_vh",
                "stride_don", "stride_doh", "stride_lh", "stride_dqn", "stride_dqh", "GROUPS"],
@@ -641,15 +695,17 @@ def aot_specs() -> list[dict]:
                           "signature": sig(dtype, fwd_sig, ce),
                           "constexprs": ce, "num_warps": w, "num_stages": st, "expect_mma": mma,
                           "unaligned_args": unaligned})
-        for i, (own, loop, w, st) in enumerate(_bwd_tiles(d, tdt, torch.device("cuda"), "dkdv")):
-            ce = dict(base, BLOCK_M=loop, BLOCK_N=own)
-            # wgmma needs 64-row tiles; the small D = 256 tiles run on mma.sync
-            specs.append({"name": f"attn_bwd_dkdv {tag} {own}x{loop} w{w}s{st}",
-                          "fn": _attn_bwd_dkdv_kernel,
-                          "signature": sig(dtype, dkdv_sig, ce, out=("DK", "DV")),
-                          "constexprs": ce, "num_warps": w, "num_stages": st,
-                          "expect_mma": mma and own >= 64, "spill_budget": SPILL_BUDGET if i else 0,
-                          "unaligned_args": unaligned})
+        for kernel, atomic in (("dkdv", False), ("fused", True)):
+            for i, (own, loop, w, st) in enumerate(_bwd_tiles(d, tdt, torch.device("cuda"), kernel)):
+                ce = dict(base, BLOCK_M=loop, BLOCK_N=own, ATOMIC_DQ=atomic)
+                signature = sig(dtype, dkdv_sig, ce, out=("DK", "DV"))
+                signature["DQ"] = "*fp32" if atomic else f"*{dtype}"
+                # wgmma needs 64-row tiles; the small D = 256 tiles run on mma.sync
+                specs.append({"name": f"attn_bwd_{kernel} {tag} {own}x{loop} w{w}s{st}",
+                              "fn": _attn_bwd_dkdv_kernel, "signature": signature,
+                              "constexprs": ce, "num_warps": w, "num_stages": st,
+                              "expect_mma": mma and own >= 64, "spill_budget": SPILL_BUDGET if i else 0,
+                              "unaligned_args": unaligned})
         for i, (own, loop, w, st) in enumerate(_bwd_tiles(d, tdt, torch.device("cuda"), "dq")):
             ce = dict(base, BLOCK_M=own, BLOCK_N=loop)
             specs.append({"name": f"attn_bwd_dq {tag} {own}x{loop} w{w}s{st}",
