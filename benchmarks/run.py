@@ -206,7 +206,7 @@ def _fmt_ms(r):
 
 
 def table(rows: list[dict], op: str) -> str:
-    head = f"| workload | op | mode | provider | median ms (min/max) | TFLOP/s or GB/s | % of limit | speedup |"
+    head = "| workload | op | mode | provider | median ms (min/max) | TFLOP/s or GB/s | % of limit | speedup |"
     lines = [head, "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in rows:
         if r["op"] != op:

@@ -1,5 +1,4 @@
 """Public API: backend choice, bad input, registered ops (opcheck, torch.compile), gradients."""
-import os
 
 import pytest
 import torch
@@ -7,7 +6,6 @@ import torch
 import vdit_kernels as vk
 from conftest import DEVICE, gpu_only, needs_extension
 from vdit_kernels import backend as B
-from vdit_kernels import reference as ref
 from vdit_kernels.ops import attention as attn_ops, patch as patch_ops, rope as rope_ops
 
 

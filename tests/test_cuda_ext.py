@@ -15,7 +15,7 @@ import torch
 import vdit_kernels as vk
 from vdit_kernels import backend as B
 from vdit_kernels import reference as ref
-from conftest import ALL_DTYPES, DEVICE, TOLERANCES, assert_verbose_close, gpu_only, needs_extension
+from conftest import ALL_DTYPES, DEVICE, assert_verbose_close, gpu_only, needs_extension
 
 pytestmark = needs_extension
 

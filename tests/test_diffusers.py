@@ -6,7 +6,6 @@ test runs the model with diffusers' processor, then with ours, on the same input
 """
 import subprocess
 import sys
-import warnings
 
 import pytest
 import torch

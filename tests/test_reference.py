@@ -6,7 +6,7 @@ import torch
 
 import vdit_kernels as vk
 from vdit_kernels import reference as ref
-from conftest import TOLERANCES, assert_verbose_close, random_videos
+from conftest import assert_verbose_close, random_videos
 
 SHAPES = [[(4, 6, 8), (1, 4, 2), (3, 2, 2)], [(1, 2, 2)], [(2, 4, 4)] * 3]
 

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from conftest import ALL_DTYPES, DEVICE, TOLERANCES, assert_verbose_close
+from conftest import ALL_DTYPES, DEVICE, assert_verbose_close
 
 import vdit_kernels as vk
 

@@ -7,8 +7,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
-
 import vdit_kernels.triton as triton_pkg
 
 ROOT = Path(__file__).resolve().parents[1]

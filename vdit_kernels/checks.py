@@ -17,6 +17,9 @@ FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
 def check(cond: bool, message: str) -> None:
+    """Raise ValueError(message) unless cond. On per-call paths, build the message only
+    on failure (`if not cond: raise ValueError(f"...")`): formatting an f-string for a
+    check that passes costs microseconds, and these ops are called per layer."""
     if not cond:
         raise ValueError(message)
 
@@ -24,16 +27,18 @@ def check(cond: bool, message: str) -> None:
 def check_float(name: str, t: torch.Tensor) -> None:
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name} must be a tensor, got {type(t).__name__}")
-    check(t.dtype in FLOAT_DTYPES, f"{name} must be float16, bfloat16, float32 or float64, got {t.dtype}")
+    if t.dtype not in FLOAT_DTYPES:
+        raise ValueError(f"{name} must be float16, bfloat16, float32 or float64, got {t.dtype}")
 
 
 def check_same(names: Sequence[str], tensors: Sequence[torch.Tensor]) -> None:
     """Same dtype and device for all tensors."""
+    dtype, device = tensors[0].dtype, tensors[0].device
     for n, t in zip(names[1:], tensors[1:]):
-        check(t.dtype == tensors[0].dtype,
-              f"{n} has dtype {t.dtype} but {names[0]} has dtype {tensors[0].dtype}")
-        check(t.device == tensors[0].device,
-              f"{n} is on {t.device} but {names[0]} is on {tensors[0].device}")
+        if t.dtype != dtype:
+            raise ValueError(f"{n} has dtype {t.dtype} but {names[0]} has dtype {dtype}")
+        if t.device != device:
+            raise ValueError(f"{n} is on {t.device} but {names[0]} is on {device}")
 
 
 def values_checked(t: torch.Tensor) -> bool:
@@ -44,18 +49,26 @@ def values_checked(t: torch.Tensor) -> bool:
 
 def check_videos(videos: list[torch.Tensor], pack) -> int:
     """Videos match the pack; returns the channel count."""
-    check(len(videos) == pack.batch_size,
-          f"got {len(videos)} videos for a pack of {pack.batch_size}")
+    if len(videos) != pack.batch_size:
+        raise ValueError(f"got {len(videos)} videos for a pack of {pack.batch_size}")
     check(len(videos) > 0, "the pack holds no video")
-    channels = None
-    for i, v in enumerate(videos):
-        check_float(f"video {i}", v)
-        check(v.dim() == 4, f"video {i} must be (C, T, H, W), got shape {tuple(v.shape)}")
-        check(tuple(v.shape[1:]) == tuple(pack.shapes[i]),
-              f"video {i} has (T, H, W) = {tuple(v.shape[1:])} but the pack says {pack.shapes[i]}")
-        channels = v.shape[0] if channels is None else channels
-        check(v.shape[0] == channels, f"video {i} has {v.shape[0]} channels, video 0 has {channels}")
-    check_same([f"video {i}" for i in range(len(videos))], videos)
+    first = videos[0]
+    check_float("video 0", first)
+    channels, dtype, device = (first.shape[0] if first.dim() else None), first.dtype, first.device
+    for i, (v, shape) in enumerate(zip(videos, pack.shapes)):
+        if i:
+            check_float(f"video {i}", v)
+        if v.dim() != 4:
+            raise ValueError(f"video {i} must be (C, T, H, W), got shape {tuple(v.shape)}")
+        if tuple(v.shape[1:]) != tuple(shape):
+            raise ValueError(f"video {i} has (T, H, W) = {tuple(v.shape[1:])} "
+                             f"but the pack says {shape}")
+        if v.shape[0] != channels:
+            raise ValueError(f"video {i} has {v.shape[0]} channels, video 0 has {channels}")
+        if v.dtype != dtype:
+            raise ValueError(f"video {i} has dtype {v.dtype} but video 0 has dtype {dtype}")
+        if v.device != device:
+            raise ValueError(f"video {i} is on {v.device} but video 0 is on {device}")
     return channels
 
 
@@ -63,34 +76,45 @@ def check_cu_seqlens(name: str, cu: torch.Tensor, num_tokens: int, max_seqlen: i
                      device: torch.device) -> None:
     if not isinstance(cu, torch.Tensor):
         raise TypeError(f"{name} must be an int32 tensor, got {type(cu).__name__}")
-    check(cu.dtype == torch.int32, f"{name} must be int32, got {cu.dtype}")
-    check(cu.dim() == 1 and cu.numel() >= 1, f"{name} must be 1-D (B+1,), got shape {tuple(cu.shape)}")
-    check(cu.device == device, f"{name} is on {cu.device} but the tokens are on {device}")
-    check(isinstance(max_seqlen, int) and not isinstance(max_seqlen, bool) and max_seqlen >= 0,
-          f"max_seqlen for {name} must be a non-negative Python int, got {max_seqlen!r}")
+    if cu.dtype != torch.int32:
+        raise ValueError(f"{name} must be int32, got {cu.dtype}")
+    if not (cu.dim() == 1 and cu.numel() >= 1):
+        raise ValueError(f"{name} must be 1-D (B+1,), got shape {tuple(cu.shape)}")
+    if cu.device != device:
+        raise ValueError(f"{name} is on {cu.device} but the tokens are on {device}")
+    if not (isinstance(max_seqlen, int) and not isinstance(max_seqlen, bool) and max_seqlen >= 0):
+        raise ValueError(f"max_seqlen for {name} must be a non-negative Python int, "
+                         f"got {max_seqlen!r}")
     if values_checked(cu):
         vals = cu.tolist()
-        check(vals[0] == 0, f"{name} must start at 0, got {vals[0]}")
+        if vals[0] != 0:
+            raise ValueError(f"{name} must start at 0, got {vals[0]}")
         lengths = [b - a for a, b in zip(vals[:-1], vals[1:])]
-        check(all(n >= 0 for n in lengths), f"{name} must be non-decreasing, got {vals}")
-        check(vals[-1] == num_tokens, f"{name} ends at {vals[-1]} but there are {num_tokens} tokens")
-        check(max(lengths, default=0) <= max_seqlen,
-              f"max_seqlen {max_seqlen} is smaller than the longest segment of {name} "
-              f"({max(lengths, default=0)})")
+        if not all(n >= 0 for n in lengths):
+            raise ValueError(f"{name} must be non-decreasing, got {vals}")
+        if vals[-1] != num_tokens:
+            raise ValueError(f"{name} ends at {vals[-1]} but there are {num_tokens} tokens")
+        if max(lengths, default=0) > max_seqlen:
+            raise ValueError(f"max_seqlen {max_seqlen} is smaller than the longest segment of {name} "
+                             f"({max(lengths, default=0)})")
 
 
 def check_rope_dims(dims: Sequence[int], head_dim: int) -> tuple[int, int, int]:
     dims = tuple(int(d) for d in dims)
-    check(len(dims) == 3, f"rope dims must be (dt, dh, dw), got {dims}")
-    check(all(d >= 0 and d % 2 == 0 for d in dims), f"rope dims must be even and non-negative, got {dims}")
-    check(sum(dims) == head_dim, f"rope dims {dims} sum to {sum(dims)}, not head_dim {head_dim}")
+    if len(dims) != 3:
+        raise ValueError(f"rope dims must be (dt, dh, dw), got {dims}")
+    if not all(d >= 0 and d % 2 == 0 for d in dims):
+        raise ValueError(f"rope dims must be even and non-negative, got {dims}")
+    if sum(dims) != head_dim:
+        raise ValueError(f"rope dims {dims} sum to {sum(dims)}, not head_dim {head_dim}")
     return dims
 
 
 def check_positions(positions: torch.Tensor, num_tokens: int, device: torch.device) -> None:
     check(isinstance(positions, torch.Tensor), "positions must be a tensor (N, 3)")
-    check(positions.dim() == 2 and positions.shape[1] == 3,
-          f"positions must be (N, 3), got shape {tuple(positions.shape)}")
-    check(positions.shape[0] == num_tokens,
-          f"positions has {positions.shape[0]} rows but there are {num_tokens} tokens")
-    check(positions.device == device, f"positions is on {positions.device} but the tokens are on {device}")
+    if not (positions.dim() == 2 and positions.shape[1] == 3):
+        raise ValueError(f"positions must be (N, 3), got shape {tuple(positions.shape)}")
+    if positions.shape[0] != num_tokens:
+        raise ValueError(f"positions has {positions.shape[0]} rows but there are {num_tokens} tokens")
+    if positions.device != device:
+        raise ValueError(f"positions is on {positions.device} but the tokens are on {device}")

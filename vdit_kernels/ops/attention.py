@@ -175,23 +175,28 @@ def varlen_attention(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_s
     """
     for name, t in (("q", q), ("k", k), ("v", v)):
         check_float(name, t)
-        check(t.dim() == 3, f"{name} must be (tokens, heads, head_dim), got shape {tuple(t.shape)}")
+        if t.dim() != 3:
+            raise ValueError(f"{name} must be (tokens, heads, head_dim), got shape {tuple(t.shape)}")
     check_same(["q", "k", "v"], [q, k, v])
-    check(k.shape == v.shape, f"k {tuple(k.shape)} and v {tuple(v.shape)} must have the same shape")
-    check(q.shape[2] == k.shape[2], f"q head_dim {q.shape[2]} differs from k head_dim {k.shape[2]}")
-    check(k.shape[1] >= 1 and q.shape[1] % k.shape[1] == 0,
-          f"k/v heads ({k.shape[1]}) must divide q heads ({q.shape[1]})")
-    check(isinstance(cu_seqlens_q, torch.Tensor) and isinstance(cu_seqlens_k, torch.Tensor)
-          and cu_seqlens_q.shape == cu_seqlens_k.shape,
-          f"cu_seqlens_q and cu_seqlens_k must be tensors with the same number of segments")
+    if k.shape != v.shape:
+        raise ValueError(f"k {tuple(k.shape)} and v {tuple(v.shape)} must have the same shape")
+    if q.shape[2] != k.shape[2]:
+        raise ValueError(f"q head_dim {q.shape[2]} differs from k head_dim {k.shape[2]}")
+    if not (k.shape[1] >= 1 and q.shape[1] % k.shape[1] == 0):
+        raise ValueError(f"k/v heads ({k.shape[1]}) must divide q heads ({q.shape[1]})")
+    if not (isinstance(cu_seqlens_q, torch.Tensor) and isinstance(cu_seqlens_k, torch.Tensor)
+            and cu_seqlens_q.shape == cu_seqlens_k.shape):
+        raise ValueError("cu_seqlens_q and cu_seqlens_k must be tensors with the same number of segments")
     check_cu_seqlens("cu_seqlens_q", cu_seqlens_q, q.shape[0], max_seqlen_q, q.device)
     check_cu_seqlens("cu_seqlens_k", cu_seqlens_k, k.shape[0], max_seqlen_k, q.device)
     scale = float(softmax_scale) if softmax_scale is not None else 1.0 / math.sqrt(q.shape[2])
     # the kernels track the running max of the scaled scores as scale * max(q k^T)
-    check(math.isfinite(scale) and scale > 0, f"softmax_scale must be a positive finite number, got {scale}")
+    if not (math.isfinite(scale) and scale > 0):
+        raise ValueError(f"softmax_scale must be a positive finite number, got {scale}")
     rope_args = (None, [], 10000.0, True)
     if rope is not None:
-        check(isinstance(rope, Rope3D), f"rope must be a Rope3D, got {type(rope).__name__}")
+        if not isinstance(rope, Rope3D):
+            raise ValueError(f"rope must be a Rope3D, got {type(rope).__name__}")
         check(q.shape[0] == k.shape[0], "rope= is for self-attention: q and k need the same tokens")
         dims = check_rope_dims(rope.dims, q.shape[2])
         check_positions(rope.positions, q.shape[0], q.device)

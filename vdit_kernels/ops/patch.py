@@ -23,7 +23,7 @@ from torch import Tensor
 
 from .. import backend as _backend
 from .. import reference as ref
-from ..checks import check, check_float, check_same, check_videos
+from ..checks import check_float, check_same, check_videos
 
 FAMILY = "patch"
 
@@ -270,11 +270,13 @@ def unpatchify(tokens: Tensor, pack, channels: int, *, backend: Optional[str] = 
     """The inverse of patchify: (N, C*pt*ph*pw) tokens -> list of (C, T_i, H_i, W_i) videos."""
     check_float("tokens", tokens)
     pt, ph, pw = pack.patch_size
-    check(tokens.dim() == 2, f"tokens must be (N, C*pt*ph*pw), got shape {tuple(tokens.shape)}")
-    check(tokens.shape[0] == pack.num_tokens,
-          f"tokens has {tokens.shape[0]} rows, the pack has {pack.num_tokens} tokens")
-    check(tokens.shape[1] == channels * pt * ph * pw,
-          f"tokens has {tokens.shape[1]} features, expected channels*pt*ph*pw = {channels * pt * ph * pw}")
+    if tokens.dim() != 2:
+        raise ValueError(f"tokens must be (N, C*pt*ph*pw), got shape {tuple(tokens.shape)}")
+    if tokens.shape[0] != pack.num_tokens:
+        raise ValueError(f"tokens has {tokens.shape[0]} rows, the pack has {pack.num_tokens} tokens")
+    if tokens.shape[1] != channels * pt * ph * pw:
+        raise ValueError(f"tokens has {tokens.shape[1]} features, "
+                         f"expected channels*pt*ph*pw = {channels * pt * ph * pw}")
     name = _backend.resolve(FAMILY, tokens.device, backend, "unpatchify")
     return unpatchify_op(tokens, _flat(pack.shapes), list(pack.patch_size), channels, name)
 
@@ -291,13 +293,17 @@ def patch_embed(latents, pack, weight: Tensor, bias: Optional[Tensor] = None, *,
     """
     videos, channels, name = _videos_for(latents, pack, backend, "patch_embed")
     check_float("weight", weight)
-    check(weight.dim() == 5, f"weight must be (hidden, C, pt, ph, pw), got shape {tuple(weight.shape)}")
-    check(tuple(weight.shape[2:]) == tuple(pack.patch_size),
-          f"weight's kernel {tuple(weight.shape[2:])} is not the pack's patch size {pack.patch_size}")
-    check(weight.shape[1] == channels, f"weight expects {weight.shape[1]} channels, videos have {channels}")
+    if weight.dim() != 5:
+        raise ValueError(f"weight must be (hidden, C, pt, ph, pw), got shape {tuple(weight.shape)}")
+    if tuple(weight.shape[2:]) != tuple(pack.patch_size):
+        raise ValueError(f"weight's kernel {tuple(weight.shape[2:])} is not the pack's "
+                         f"patch size {pack.patch_size}")
+    if weight.shape[1] != channels:
+        raise ValueError(f"weight expects {weight.shape[1]} channels, videos have {channels}")
     tensors, names = [videos[0], weight], ["latents", "weight"]
     if bias is not None:
-        check(bias.shape == (weight.shape[0],), f"bias must be ({weight.shape[0]},), got {tuple(bias.shape)}")
+        if bias.shape != (weight.shape[0],):
+            raise ValueError(f"bias must be ({weight.shape[0]},), got {tuple(bias.shape)}")
         tensors.append(bias)
         names.append("bias")
     check_same(names, tensors)
@@ -316,13 +322,15 @@ def linear_unpatchify(x: Tensor, pack, weight: Tensor, bias: Optional[Tensor], c
     check_float("x", x)
     pt, ph, pw = pack.patch_size
     features = channels * pt * ph * pw
-    check(x.dim() == 2 and x.shape[0] == pack.num_tokens,
-          f"x must be (N={pack.num_tokens}, hidden), got shape {tuple(x.shape)}")
-    check(weight.dim() == 2 and weight.shape == (features, x.shape[1]),
-          f"weight must be (C*pt*ph*pw={features}, hidden={x.shape[1]}), got shape {tuple(weight.shape)}")
+    if not (x.dim() == 2 and x.shape[0] == pack.num_tokens):
+        raise ValueError(f"x must be (N={pack.num_tokens}, hidden), got shape {tuple(x.shape)}")
+    if not (weight.dim() == 2 and weight.shape == (features, x.shape[1])):
+        raise ValueError(f"weight must be (C*pt*ph*pw={features}, hidden={x.shape[1]}), "
+                         f"got shape {tuple(weight.shape)}")
     tensors, names = [x, weight], ["x", "weight"]
     if bias is not None:
-        check(bias.shape == (features,), f"bias must be ({features},), got {tuple(bias.shape)}")
+        if bias.shape != (features,):
+            raise ValueError(f"bias must be ({features},), got {tuple(bias.shape)}")
         tensors.append(bias)
         names.append("bias")
     check_same(names, tensors)

@@ -128,10 +128,11 @@ def apply_rope_3d(q: Tensor, k: Tensor, pack=None, dims: Sequence[int] = None,
     """
     check_float("q", q)
     check_float("k", k)
-    check(q.dim() == 3 and k.dim() == 3,
-          f"q and k must be (N, heads, head_dim), got {tuple(q.shape)} and {tuple(k.shape)}")
-    check(q.shape[0] == k.shape[0] and q.shape[2] == k.shape[2],
-          f"q {tuple(q.shape)} and k {tuple(k.shape)} must share N and head_dim")
+    if not (q.dim() == 3 and k.dim() == 3):
+        raise ValueError(f"q and k must be (N, heads, head_dim), "
+                         f"got {tuple(q.shape)} and {tuple(k.shape)}")
+    if not (q.shape[0] == k.shape[0] and q.shape[2] == k.shape[2]):
+        raise ValueError(f"q {tuple(q.shape)} and k {tuple(k.shape)} must share N and head_dim")
     check_same(["q", "k"], [q, k])
     check(dims is not None, "apply_rope_3d needs dims=(dt, dh, dw)")
     dims = list(check_rope_dims(dims, q.shape[2]))

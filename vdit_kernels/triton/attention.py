@@ -58,7 +58,6 @@ import triton
 import triton.language as tl
 
 from .. import backend as _backend
-from ..backend import triton_interpreter
 from . import rope as triton_rope
 
 LOG2E = 1.4426950408889634
