@@ -247,21 +247,23 @@ def test_autotune_candidates_are_the_class_tiles_and_statically_checked(d):
     fwd = A._prune("fwd")(A._configs("fwd"), {}, D=d)
     assert sorted((c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) for c in fwd) \
         == sorted(A._fwd_tiles(d, torch.bfloat16, cuda))
-    for tag, own, loop in (("dkdv", "BLOCK_N", "BLOCK_M"), ("dq", "BLOCK_M", "BLOCK_N")):
+    for tag, own, loop in (("dkdv", "BLOCK_N", "BLOCK_M"), ("dq", "BLOCK_M", "BLOCK_N"),
+                           ("fused", "BLOCK_N", "BLOCK_M")):
         bwd = A._prune(tag)(A._configs(tag), {}, D=d)
         assert sorted((c.kwargs[own], c.kwargs[loop], c.num_warps, c.num_stages) for c in bwd) \
             == sorted(A._bwd_tiles(d, torch.bfloat16, cuda, tag))
     # every tile a GPU may run is compiled (and checked for spills) by the static report
     static = {(s["fn"].__name__, s["constexprs"]["BLOCK_M"], s["constexprs"]["BLOCK_N"], s["num_warps"],
-               s["num_stages"], s["constexprs"]["BLOCK_D"])
+               s["num_stages"], s["constexprs"]["BLOCK_D"], s["constexprs"].get("ATOMIC_DQ"))
               for s in A.aot_specs() if "BLOCK_N" in s["constexprs"]}
     bd = A._block_d(d)
     for bm, bn, w, st in A._fwd_tiles(d, torch.bfloat16, cuda):
-        assert ("_attn_fwd_kernel", bm, bn, w, st, bd) in static
-    for own, loop, w, st in A._bwd_tiles(d, torch.bfloat16, cuda, "dkdv"):
-        assert ("_attn_bwd_dkdv_kernel", loop, own, w, st, bd) in static
+        assert ("_attn_fwd_kernel", bm, bn, w, st, bd, None) in static
+    for tag, atomic in (("dkdv", False), ("fused", True)):
+        for own, loop, w, st in A._bwd_tiles(d, torch.bfloat16, cuda, tag):
+            assert ("_attn_bwd_dkdv_kernel", loop, own, w, st, bd, atomic) in static
     for own, loop, w, st in A._bwd_tiles(d, torch.bfloat16, cuda, "dq"):
-        assert ("_attn_bwd_dq_kernel", own, loop, w, st, bd) in static
+        assert ("_attn_bwd_dq_kernel", own, loop, w, st, bd, None) in static
 
 
 def test_head_dim_limit():

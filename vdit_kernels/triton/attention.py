@@ -46,6 +46,10 @@
 # float32 inputs use 16 x 16 tiles and IEEE dots (no tf32; FMA, not tensor cores).
 # Under the Triton interpreter (CPU tests) tiles are 16 x 16: cheap, and small segments
 # still span several blocks so the masking paths are exercised.
+# Tried and dropped: computing the next key block's q k^T before the current block's
+# softmax (FlashAttention-3's intra-warpgroup overlap) compiles under Triton 3.6 to
+# "wgmma.wait_group 0" after every product, i.e. no overlap, at +30 registers; that
+# overlap needs warp specialization.
 # Not used (yet): TMA descriptors and warp specialization. Both need Triton APIs that
 # changed between 3.2 and 3.6 and can only be validated on a GPU; the plain pointer
 # kernels run on sm_80 and sm_90 with any Triton >= 3.0.
@@ -75,6 +79,16 @@ def _mm(a, b, IEEE: tl.constexpr):
 
 
 @triton.jit
+def _mma(a, b, acc, IEEE: tl.constexpr):
+    """acc + a @ b with acc as the MMA's own accumulator (no separate add, no temporary)."""
+    if IEEE:
+        c = tl.dot(a, b, acc, input_precision="ieee")
+    else:
+        c = tl.dot(a, b, acc)
+    return c
+
+
+@triton.jit
 def _tile_mask(rmask, dmask, EVEN_D: tl.constexpr):
     """(rows, BLOCK_D) load mask; without a column mask when D is a power of two, which
     keeps the mask constant along the row (vectorized loads)."""
@@ -86,14 +100,19 @@ def _tile_mask(rmask, dmask, EVEN_D: tl.constexpr):
 
 
 @triton.jit
+def _rows(X, tok, rmask, head, stride_n, stride_h, offs_d, dmask, D: tl.constexpr, BLOCK_D: tl.constexpr):
+    """A (rows, BLOCK_D) tile of X (tokens, heads, D) at rows tok of `head`; rows outside
+    rmask (and padding columns) read as 0."""
+    rows = tok.to(tl.int64)[:, None] * stride_n + head.to(tl.int64) * stride_h
+    return tl.load(X + rows + offs_d[None, :], mask=_tile_mask(rmask, dmask, D == BLOCK_D), other=0.0)
+
+
+@triton.jit
 def _kv_tiles(K, V, tok_k, nmask, kv_head, stride_kn, stride_kh, stride_vn, stride_vh,
               offs_d, dmask, D: tl.constexpr, BLOCK_D: tl.constexpr):
     """k and v tiles of key rows tok_k; rows outside nmask read as 0."""
-    kvmask = _tile_mask(nmask, dmask, D == BLOCK_D)
-    rows_k = tok_k.to(tl.int64)[:, None] * stride_kn + kv_head.to(tl.int64) * stride_kh
-    k = tl.load(K + rows_k + offs_d[None, :], mask=kvmask, other=0.0)
-    rows_v = tok_k.to(tl.int64)[:, None] * stride_vn + kv_head.to(tl.int64) * stride_vh
-    v = tl.load(V + rows_v + offs_d[None, :], mask=kvmask, other=0.0)
+    k = _rows(K, tok_k, nmask, kv_head, stride_kn, stride_kh, offs_d, dmask, D, BLOCK_D)
+    v = _rows(V, tok_k, nmask, kv_head, stride_vn, stride_vh, offs_d, dmask, D, BLOCK_D)
     return k, v
 
 
@@ -102,11 +121,8 @@ def _q_rows(Q, DO, LSE, DELTA, tok_q, mmask, dmask, head, stride_qn, stride_qh,
             stride_don, stride_doh, stride_lh, offs_d, D: tl.constexpr, BLOCK_D: tl.constexpr):
     """What the backward reads per query row: q, dO, lse (base 2) and delta; rows outside
     mmask read as 0."""
-    qmask = _tile_mask(mmask, dmask, D == BLOCK_D)
-    rows_q = tok_q.to(tl.int64)[:, None] * stride_qn + head.to(tl.int64) * stride_qh
-    q = tl.load(Q + rows_q + offs_d[None, :], mask=qmask, other=0.0)
-    rows_do = tok_q.to(tl.int64)[:, None] * stride_don + head.to(tl.int64) * stride_doh
-    do = tl.load(DO + rows_do + offs_d[None, :], mask=qmask, other=0.0)
+    q = _rows(Q, tok_q, mmask, head, stride_qn, stride_qh, offs_d, dmask, D, BLOCK_D)
+    do = _rows(DO, tok_q, mmask, head, stride_don, stride_doh, offs_d, dmask, D, BLOCK_D)
     lrow = head.to(tl.int64) * stride_lh + tok_q.to(tl.int64)
     lse = tl.load(LSE + lrow, mask=mmask, other=0.0)
     delta = tl.load(DELTA + lrow, mask=mmask, other=0.0)
@@ -132,7 +148,7 @@ def _fwd_step(acc, l_i, m_i, q, K, V, first_k, offs_n, keys_left, kv_head,
     alpha = tl.exp2(m_i - m_new)
     p = tl.exp2(qk * scale_log2 - m_new[:, None])
     l_i = l_i * alpha + tl.sum(p, 1)
-    acc = acc * alpha[:, None] + _mm(p.to(v.dtype), v, IEEE)
+    acc = _mma(p.to(v.dtype), v, acc * alpha[:, None], IEEE)
     return acc, l_i, m_new
 
 
@@ -237,9 +253,9 @@ def _dkdv_step(dk, dv, k, v, nmask, key_tail, Q, DO, LSE, DELTA, DQ, first_q, of
         if key_tail:
             pt = tl.where(nmask[:, None], pt, 0.0)
     # -- dV += P^T dO; dS^T = P^T * (V dO^T - delta); dK += dS^T Q --
-    dv += _mm(pt.to(do.dtype), do, IEEE)
+    dv = _mma(pt.to(do.dtype), do, dv, IEEE)
     dst = (pt * (_mm(v, tl.trans(do), IEEE) - delta[None, :])).to(q.dtype)
-    dk += _mm(dst, q, IEEE)
+    dk = _mma(dst, q, dk, IEEE)
     if ATOMIC_DQ:
         dq = _mm(tl.trans(dst), k, IEEE) * scale
         rows_dq = tok_q.to(tl.int64)[:, None] * stride_dqn + head.to(tl.int64) * stride_dqh
@@ -262,7 +278,7 @@ def _dq_step(dq, q, do, lse, delta, K, V, first_k, offs_n, keys_left, kv_head,
     if keys_left < offs_n.shape[0]:
         p = tl.where(nmask[None, :], p, 0.0)
     ds = p * (_mm(do, tl.trans(v), IEEE) - delta[:, None])
-    dq += _mm(ds.to(k.dtype), k, IEEE)
+    dq = _mma(ds.to(k.dtype), k, dq, IEEE)
     return dq
 
 
@@ -473,16 +489,19 @@ def _configs(tag: str) -> list:
     tiles = _FWD_TILES if tag == "fwd" else _BWD_TILES[tag]
     out, seen = [], set()
     for cands in tiles.values():
-        for a, b, w, st in cands:
-            if (a, b, w, st) in seen:
+        for tile in cands:
+            if tile in seen:
                 continue
-            seen.add((a, b, w, st))
-            if tag in ("dkdv", "fused"):
-                meta = dict(BLOCK_M=b, BLOCK_N=a)  # own keys = BLOCK_N, loop queries = BLOCK_M
-            else:
-                meta = dict(BLOCK_M=a, BLOCK_N=b)
-            out.append(triton.Config(meta, num_warps=w, num_stages=st))
+            seen.add(tile)
+            out.append(triton.Config(_tile_meta(tag, tile), num_warps=tile[2], num_stages=tile[3]))
     return out
+
+
+def _tile_meta(tag: str, tile: tuple) -> dict:
+    """The constexprs of a candidate tile of kernel `tag`."""
+    if tag in ("dkdv", "fused"):
+        return dict(BLOCK_M=tile[1], BLOCK_N=tile[0])  # own keys = BLOCK_N, loop queries = BLOCK_M
+    return dict(BLOCK_M=tile[0], BLOCK_N=tile[1])
 
 
 # Autotuned entry points (GPU, half dtypes). Keys: head dim and the GQA group count;
@@ -514,13 +533,12 @@ def bwd_strategy(deterministic: bool) -> str:
     return name
 
 
-def _launch(raw, tuned, grid_of, args, tiles, meta_of, fixed: bool, **constexprs):
+def _launch(raw, tuned, tag, grid_of, args, tiles, fixed: bool, **constexprs):
     """Run `tuned` (autotuned over `tiles`) or, when fixed or there is one candidate, `raw`
-    with the first candidate. grid_of(meta) -> grid; meta_of(tile) -> tile constexprs."""
+    with the first candidate. grid_of(meta) -> grid."""
     if fixed or len(tiles) == 1 or not _autotune_enabled():
-        a, b, w, st = tiles[0]
-        meta = meta_of((a, b))
-        raw[grid_of(meta)](*args, **constexprs, **meta, num_warps=w, num_stages=st)
+        meta = _tile_meta(tag, tiles[0])
+        raw[grid_of(meta)](*args, **constexprs, **meta, num_warps=tiles[0][2], num_stages=tiles[0][3])
     else:
         tuned[grid_of](*args, **constexprs)
 
@@ -570,10 +588,9 @@ def varlen_attention_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_
             q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
             out.stride(0), out.stride(1), lse.stride(0),
             h // hk, float(softmax_scale) * LOG2E)
-    _launch(_attn_fwd_kernel, _fwd_tuned,
+    _launch(_attn_fwd_kernel, _fwd_tuned, "fwd",
             lambda meta: (triton.cdiv(max_seqlen_q, meta["BLOCK_M"]), h, nseg), args,
-            _fwd_tiles(d, q.dtype, q.device), lambda t: dict(BLOCK_M=t[0], BLOCK_N=t[1]),
-            fixed=False, D=d, BLOCK_D=_block_d(d), IEEE=q.dtype in (torch.float32, torch.float64))
+            _fwd_tiles(d, q.dtype, q.device), fixed=False, D=d, BLOCK_D=_block_d(d), IEEE=q.dtype in (torch.float32, torch.float64))
     return out, lse
 
 
@@ -628,10 +645,9 @@ def varlen_attention_bwd(grad_out, q, k, v, out, lse, grad_lse, cu_seqlens_q, cu
             dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1), dq.stride(0), dq.stride(1),
             h // hk, scale, scale * LOG2E)
     tag = "fused" if atomic else "dkdv"
-    _launch(_attn_bwd_dkdv_kernel, _fused_tuned if atomic else _dkdv_tuned,
+    _launch(_attn_bwd_dkdv_kernel, _fused_tuned if atomic else _dkdv_tuned, tag,
             lambda meta: (triton.cdiv(max_seqlen_k, meta["BLOCK_N"]), hk, nseg), args,
-            _bwd_tiles(d, q.dtype, q.device, tag),
-            lambda t: dict(BLOCK_N=t[0], BLOCK_M=t[1]), fixed=deterministic, ATOMIC_DQ=atomic, **common)
+            _bwd_tiles(d, q.dtype, q.device, tag), fixed=deterministic, ATOMIC_DQ=atomic, **common)
     # -- dQ: one query block x head --
     if not atomic:
         args = (q, k, v, grad_out, lse, delta, dq, cu_q, cu_k,
@@ -639,10 +655,9 @@ def varlen_attention_bwd(grad_out, q, k, v, out, lse, grad_lse, cu_seqlens_q, cu
                 grad_out.stride(0), grad_out.stride(1), lse.stride(0),
                 dq.stride(0), dq.stride(1),
                 h // hk, scale, scale * LOG2E)
-        _launch(_attn_bwd_dq_kernel, _dq_tuned,
+        _launch(_attn_bwd_dq_kernel, _dq_tuned, "dq",
                 lambda meta: (triton.cdiv(max_seqlen_q, meta["BLOCK_M"]), h, nseg), args,
-                _bwd_tiles(d, q.dtype, q.device, "dq"),
-                lambda t: dict(BLOCK_M=t[0], BLOCK_N=t[1]), fixed=deterministic, **common)
+                _bwd_tiles(d, q.dtype, q.device, "dq"), fixed=deterministic, **common)
     if rope is not None:
         _rotate(dq, dk, rope, inverse=True, inplace=True)
     return dq.to(q.dtype), dk.to(k.dtype), dv
