@@ -27,6 +27,9 @@ def render(data: dict, ops=None, modes=None) -> str:
             continue
         thr = f"{r['tflops']:.1f} TFLOP/s" if "tflops" in r else (f"{r['gbs']:.0f} GB/s" if "gbs" in r else "-")
         pct = f"{r['pct_of_limit']:.0f}%" if "pct_of_limit" in r else "-"
+        if r.get("kernel_ms"):  # the kernels' own device time, host overhead excluded
+            thr += f" (kernels {r['kernel_gbs']:.0f} GB/s)"
+            pct += f" (kernels {r['kernel_pct_of_limit']:.0f}%)"
         sp = f"{r['speedup']:.2f}x vs {r['baseline']}" if r.get("speedup") else "-"
         name = r["name"] if r["op"] != r["name"] else r["op"]
         lines.append(f"| {name} | {r['mode']} | {r['workload']} ({r['tokens']} tok) | {r['provider']} | "

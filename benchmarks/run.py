@@ -5,7 +5,9 @@
 
 For each op: one table of workload, provider, median ms (min/max), TFLOP/s or GB/s,
 % of the hardware limit measured in this run (benchmarks/limits.py: large D2D copy,
-large bf16 matmul), and speedup over the reference provider (the vdit reference path;
+large bf16 matmul), for memory-bound ops on a GPU also the kernels' own device time and
+bandwidth (profiler, host overhead excluded: benchmarks/timing.py kernel_ms), and speedup
+over the reference provider (the vdit reference path;
 where it cannot run, the first baseline of BASELINES that ran). Peers that cannot run
 are listed with the reason. Results go to --out (default on a GPU:
 benchmarks/results/<gpu-name>/; on CPU a temporary directory): results.json (rows,
@@ -35,7 +37,7 @@ import torch._dynamo
 
 from . import bench_attention, bench_block, bench_dit, bench_patch, bench_rope, limits, workloads
 from .common import OPTIONS
-from .timing import bench
+from .timing import bench, kernel_ms
 
 ROOT = Path(__file__).resolve().parent.parent
 SUITES = {"patch": bench_patch, "rope": bench_rope, "attention": bench_attention, "block": bench_block,
@@ -137,6 +139,11 @@ def run_case(case, device: str, quick: bool, lim: dict) -> dict:
             row["pct_of_limit"] = 100 * row["gbs"] / lim["bandwidth_gbs"]
             row["limit"] = "bandwidth"
         del prepared
+        if case.bytes and not case.flops and case.mode == "fwd":
+            row.update(kernel_ms(case.build, case.bytes, device, quick=quick))
+            if row.get("kernel_ms"):
+                row["kernel_gbs"] = case.bytes / (row["kernel_ms"] * 1e-3) / 1e9
+                row["kernel_pct_of_limit"] = 100 * row["kernel_gbs"] / lim["bandwidth_gbs"]
     except Exception as exc:  # noqa: BLE001  (one failing provider must not end the run)
         row["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"
         if device == "cuda":
@@ -217,6 +224,9 @@ def table(rows: list[dict], op: str) -> str:
             continue
         thr = f"{r['tflops']:.2f} TFLOP/s" if "tflops" in r else (f"{r['gbs']:.1f} GB/s" if "gbs" in r else "-")
         pct = f"{r['pct_of_limit']:.1f}%" if "pct_of_limit" in r else "-"
+        if r.get("kernel_ms"):  # memory-bound ops: also the kernels' own time, host overhead excluded
+            thr += f"; kernels {r['kernel_ms']:.3f} ms = {r['kernel_gbs']:.0f} GB/s"
+            pct += f"; kernels {r['kernel_pct_of_limit']:.1f}%"
         sp = f"{r['speedup']:.2f}x vs {r['baseline']}" if r.get("speedup") else "-"
         lines.append(f"| {wl} | {r['name']} | {r['mode']} | {r['provider']} | {_fmt_ms(r)} | {thr} | {pct} | {sp} |")
     if len(lines) == 2:

@@ -167,3 +167,15 @@ def test_with_env_sets_options_per_call_and_restores(monkeypatch):
     monkeypatch.setenv("VDIT_ATTN_BWD", "split")
     case.fn()
     assert seen[-1] == "atomic-dq" and os.environ["VDIT_ATTN_BWD"] == "split"
+
+
+def test_device_time_sums_the_gpu_activities_only():
+    from types import SimpleNamespace
+
+    from benchmarks.timing import device_us, kernel_ms
+
+    events = [SimpleNamespace(device_type="DeviceType.CUDA", self_device_time_total=120.0),
+              SimpleNamespace(device_type="DeviceType.CUDA", self_device_time_total=30.5),
+              SimpleNamespace(device_type="DeviceType.CPU", self_device_time_total=999.0)]
+    assert device_us(SimpleNamespace(key_averages=lambda: events)) == 150.5
+    assert kernel_ms(lambda: None, 1e6, "cpu") == {"kernel_note": "GPU only"}
