@@ -104,3 +104,46 @@ def test_several_token_blocks_per_video(channels, patch_size):
     # videos longer than one token block (BLOCK_T = 16, 8, 256 here), next to short ones
     pack = _pack([(2, 8, 8), (1, 6, 4), (4, 10, 14), (2, 2, 2)], patch_size)
     _check(random_videos(pack, channels, torch.float32, seed=3), pack, channels)
+
+
+@pytest.mark.parametrize("patch_size", [(1, 2, 2), (2, 1, 4), (1, 2, 1)])
+def test_lines_split_into_several_programs(monkeypatch, patch_size):
+    # the line kernels: a token row longer than one line program (and a partial last one),
+    # forced with a tiny tile; videos with 1, 3 and 5 tokens per row
+    from vdit_kernels.triton import patch as P
+
+    monkeypatch.setattr(P, "_LINE_TILE", 2 * 4 * patch_size[0] * patch_size[1] * patch_size[2])
+    pt, ph, pw = patch_size
+    pack = _pack([(2 * pt, 2 * ph, 3 * pw), (pt, ph, pw), (2 * pt, 3 * ph, 5 * pw)], patch_size)
+    videos = random_videos(pack, 4, torch.float32, seed=5)
+    assert P._line_tiles(videos, patch_size, 4 * pt * ph * pw)[0] == 2  # BLOCK_W
+    _check(videos, pack, 4)
+
+
+def test_patch_width_not_a_power_of_two_uses_the_gather_kernels():
+    from vdit_kernels.triton import patch as P
+
+    pack = _pack([(2, 3, 6), (1, 6, 3)], (1, 3, 3))
+    videos = random_videos(pack, 4, torch.float32, seed=6)
+    assert P._line_tiles(videos, (1, 3, 3), 36) is None
+    _check(videos, pack, 4)
+
+
+def test_line_alignment_claims_only_what_holds():
+    # the line kernels tell the compiler every row of a tile starts ALIGN-byte aligned
+    # (16-byte vector accesses on a GPU); the interpreter ignores the hint, so the host
+    # computation that backs it is checked here: a wrong claim would be a misaligned access
+    from vdit_kernels.triton.patch import _line_align
+
+    def video(c, t, h, w, dtype=torch.bfloat16, offset=0):
+        storage = torch.zeros(c * t * h * w + offset, dtype=dtype)
+        return storage[offset:].view(c, t, h, w)
+
+    assert _line_align([video(4, 2, 6, 104)], 128) == 16       # rows of 208 B
+    assert _line_align([video(4, 2, 6, 52)], 128) == 8         # rows of 104 B
+    assert _line_align([video(4, 2, 6, 104), video(4, 1, 2, 52)], 128) == 8
+    assert _line_align([video(4, 2, 6, 104)], 2) == 4          # lines of 2 elements
+    assert _line_align([video(4, 2, 6, 104, offset=1)], 128) == 0   # base 2 B off
+    assert _line_align([video(4, 2, 6, 104)[..., ::2]], 64) == 0    # w stride 2: generic path
+    assert _line_align([video(4, 2, 6, 26, dtype=torch.float32)], 64) == 8
+    assert _line_align([video(4, 2, 6, 3, dtype=torch.float32)], 4) == 0  # 12 B rows: 4 B = 1 element

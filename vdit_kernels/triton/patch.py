@@ -21,6 +21,17 @@
 # (255 registers + stack); this shape compiles to ~100 registers with no stack.
 # Packs of tiny videos pay a partial block per video (masked). All offsets are int64.
 #
+# Line kernels (_patchify_lines_kernel / _unpatchify_lines_kernel: the path taken when pw
+# is a power of two and the token rows are contiguous): the gather above reads each
+# token's features across channels, a poorly coalesced access on the video side (a warp
+# touches 16 channel planes). A line program instead owns BLOCK_W consecutive tokens of
+# one token row (gt, gh): it reads the (C*pt*ph, BLOCK_W*pw) block of video rows they
+# cover, whole rows along w (16-byte vectors where the host proves the alignment:
+# _line_align), transposes it in the chip (reshape (rows, BLOCK_W, pw) -> permute ->
+# (BLOCK_W, rows*pw)) and writes BLOCK_W whole tokens, contiguous in the output; unpatchify
+# the reverse. Grid (sum over videos of gt * gh * cdiv(gw, BLOCK_W),); ~4096 elements a
+# program (8 warps, ~30 registers); a partial last line masks along w.
+#
 # The host side builds ONE int64 table from Python ints (shapes, strides, data_ptr())
 # and copies it with a non-blocking host->device copy (pack.to_device): no stream sync.
 #
@@ -158,22 +169,148 @@ def _unpatchify_kernel(tokens_ptr, cu_blocks_ptr, meta_ptr,
     tl.store(dst + off, x, mask=mask)
 
 
+@triton.jit
+def _line_offsets(cu_blocks_ptr, meta_ptr, pid, B, PT: tl.constexpr, PH: tl.constexpr, PW: tl.constexpr,
+                  LOG_B: tl.constexpr, META: tl.constexpr, BLOCK_W: tl.constexpr, RP: tl.constexpr,
+                  ALIGN: tl.constexpr):
+    """Line-program pid -> (video base address as int64, first packed token, valid tokens of
+    the line from it, element offsets (RP, BLOCK_W*PW) of its patch rows in the video).
+    A line is BLOCK_W consecutive tokens of one token row (gt, gh). ALIGN > 0: every
+    video has unit w stride (checked on the host), so a row is BLOCK_W*PW contiguous
+    elements."""
+    row, line = _find_video(cu_blocks_ptr, meta_ptr, pid, B, LOG_B, META)
+    s_c = tl.load(row + 1)
+    s_t = tl.load(row + 2)
+    s_h = tl.load(row + 3)
+    tok_start = tl.load(row + 5)
+    g_h = tl.load(row + 6)
+    g_w = tl.load(row + 7)
+    w_blocks = (g_w + BLOCK_W - 1) // BLOCK_W
+    gth = line // w_blocks  # token row gt * g_h + gh
+    w0 = (line % w_blocks) * BLOCK_W
+    gt = gth // g_h
+    gh = gth % g_h
+    # patch row r = (c, it, ih); x = position along w inside the line (w0 * PW + x)
+    r = tl.arange(0, RP).to(tl.int64)
+    ih = r % PH
+    it = (r // PH) % PT
+    c = r // (PH * PT)
+    x = tl.arange(0, BLOCK_W * PW).to(tl.int64)
+    off_r = c * s_c + (gt * PT + it) * s_t + (gh * PH + ih) * s_h
+    if ALIGN > 0:
+        off = off_r[:, None] + (w0 * PW + x)[None, :]
+    else:
+        off = off_r[:, None] + (w0 * PW + x)[None, :] * tl.load(row + 4)
+    n_valid = tl.minimum(g_w - w0, BLOCK_W)
+    return tl.load(row), tok_start + gth * g_w + w0, n_valid, off
+
+
+@triton.jit
+def _video_ptrs(base, off, dtype, BLOCK_W: tl.constexpr, PW: tl.constexpr, ALIGN: tl.constexpr):
+    """Pointers of a line's video tile. ALIGN > 0 (bytes): the host checked that every row
+    of the tile starts ALIGN-aligned and runs BLOCK_W*PW contiguous elements; the pointers
+    come from a table, so the compiler cannot see it without these hints (scalar accesses)."""
+    ptrs = base.to(tl.pointer_type(dtype)) + off
+    if ALIGN > 0:
+        ptrs = tl.max_contiguous(tl.multiple_of(ptrs, [ALIGN, ALIGN]), [1, BLOCK_W * PW])
+    return ptrs
+
+
+@triton.jit
+def _patchify_lines_kernel(out_ptr, cu_blocks_ptr, meta_ptr, stride_on, F, R, B,
+                           PT: tl.constexpr, PH: tl.constexpr, PW: tl.constexpr,
+                           LOG_B: tl.constexpr, META: tl.constexpr, BLOCK_W: tl.constexpr, RP: tl.constexpr,
+                           ALIGN: tl.constexpr):
+    base, tok0, n_valid, off = _line_offsets(cu_blocks_ptr, meta_ptr, tl.program_id(0), B, PT, PH, PW,
+                                             LOG_B, META, BLOCK_W, RP, ALIGN)
+    src = _video_ptrs(base, off, out_ptr.dtype.element_ty, BLOCK_W, PW, ALIGN)
+    rmask = tl.arange(0, RP) < R
+    # read whole video rows (coalesced along w), transpose in the chip, write whole tokens;
+    # a whole line masks rows only, which keeps the mask constant along w (vector loads)
+    if n_valid == BLOCK_W:
+        x = tl.load(src, mask=rmask[:, None])                                  # (RP, BLOCK_W*PW)
+    else:
+        xmask = tl.arange(0, BLOCK_W * PW) < n_valid * PW
+        x = tl.load(src, mask=rmask[:, None] & xmask[None, :])
+    x = tl.reshape(tl.permute(tl.reshape(x, [RP, BLOCK_W, PW]), (1, 0, 2)), [BLOCK_W, RP * PW])
+    j = tl.arange(0, BLOCK_W)
+    f = tl.arange(0, RP * PW)
+    rows = (tok0 + j).to(tl.int64)[:, None] * stride_on
+    tl.store(out_ptr + rows + f[None, :], x, mask=(j < n_valid)[:, None] & (f < F)[None, :])
+
+
+@triton.jit
+def _unpatchify_lines_kernel(tokens_ptr, cu_blocks_ptr, meta_ptr, stride_tn, F, R, B,
+                             PT: tl.constexpr, PH: tl.constexpr, PW: tl.constexpr,
+                             LOG_B: tl.constexpr, META: tl.constexpr, BLOCK_W: tl.constexpr,
+                             RP: tl.constexpr, ALIGN: tl.constexpr):
+    base, tok0, n_valid, off = _line_offsets(cu_blocks_ptr, meta_ptr, tl.program_id(0), B, PT, PH, PW,
+                                             LOG_B, META, BLOCK_W, RP, ALIGN)
+    dst = _video_ptrs(base, off, tokens_ptr.dtype.element_ty, BLOCK_W, PW, ALIGN)
+    j = tl.arange(0, BLOCK_W)
+    f = tl.arange(0, RP * PW)
+    rows = (tok0 + j).to(tl.int64)[:, None] * stride_tn
+    y = tl.load(tokens_ptr + rows + f[None, :], mask=(j < n_valid)[:, None] & (f < F)[None, :])
+    y = tl.reshape(tl.permute(tl.reshape(y, [BLOCK_W, RP, PW]), (1, 0, 2)), [RP, BLOCK_W * PW])
+    rmask = tl.arange(0, RP) < R
+    if n_valid == BLOCK_W:
+        tl.store(dst, y, mask=rmask[:, None])
+    else:
+        xmask = tl.arange(0, BLOCK_W * PW) < n_valid * PW
+        tl.store(dst, y, mask=rmask[:, None] & xmask[None, :])
+
+
 def _tiles(features: int) -> tuple[int, int]:
     block_f = min(triton.next_power_of_2(features), 128)
     return max(8, 1024 // block_f), block_f
 
 
-def _tables(videos: Sequence[torch.Tensor], patch_size: Sequence[int], block_t: int, device):
-    """One int64 device tensor: per-video token-block offsets (B+1), then B rows of _META fields."""
+def _tables(videos: Sequence[torch.Tensor], patch_size: Sequence[int], block_t: int, device,
+            lines: bool = False):
+    """One int64 device tensor: per-video program offsets (B+1), then B rows of _META
+    fields. A program is a block of block_t tokens, or with lines=True a line of block_t
+    tokens inside one token row (so a video has gt * gh * cdiv(gw, block_t) of them)."""
     pt, ph, pw = patch_size
     cu_blocks, rows, tok = [0], [], 0
     for v in videos:
         _, t, h, w = v.shape
         gt, gh, gw = t // pt, h // ph, w // pw
-        cu_blocks.append(cu_blocks[-1] + -(-gt * gh * gw // block_t))
+        programs = gt * gh * -(-gw // block_t) if lines else -(-gt * gh * gw // block_t)
+        cu_blocks.append(cu_blocks[-1] + programs)
         rows.extend([v.data_ptr(), *v.stride(), tok, gh, gw, gt])
         tok += gt * gh * gw
     return to_device(torch.tensor(cu_blocks + rows, dtype=torch.int64), device), cu_blocks[-1]
+
+
+_LINE_TILE = 4096  # elements of a line program's tile: 16 per thread at 8 warps
+
+
+def _line_tiles(videos, patch_size, features: int):
+    """(BLOCK_W, RP) of the line kernels, or None where they do not apply: pw must be a
+    power of two (the tile is reshaped to (rows, BLOCK_W, pw)) and a patch row not huge."""
+    pt, ph, pw = patch_size
+    rows = features // pw
+    if pw & (pw - 1) or rows > 2048:
+        return None
+    rp = triton.next_power_of_2(rows)
+    widest = max(v.shape[3] // pw for v in videos)
+    return max(1, min(_LINE_TILE // (rp * pw), triton.next_power_of_2(max(widest, 1)))), rp
+
+
+def _line_align(videos, line_elements: int) -> int:
+    """ALIGN of the line kernels, in bytes (at most 16): what every row of a line tile
+    starts aligned to, given unit w strides (else 0: the generic strided path). A row
+    starts at data_ptr + (c*s_c + t*s_t + h*s_h + w0*pw) elements, w0*pw a multiple of
+    line_elements."""
+    elt = videos[0].element_size()
+    align = 16
+    for v in videos:
+        if v.stride(3) != 1 and v.shape[3] > 1:
+            return 0
+        for value in (v.data_ptr(), *(s * elt for s in v.stride()[:3]), line_elements * elt):
+            while align > 1 and value % align:
+                align //= 2
+    return align if align > elt else 0  # one element per access: no hint needed
 
 
 def _launch(kernel, packed, videos, patch_size):
@@ -181,11 +318,21 @@ def _launch(kernel, packed, videos, patch_size):
     b, f = len(videos), packed.shape[1]
     if packed.shape[0] == 0 or f == 0:
         return
+    log_b = max(0, math.ceil(math.log2(b)))
+    line = _line_tiles(videos, (pt, ph, pw), f) if packed.stride(1) == 1 else None
+    if line is not None:
+        block_w, rp = line
+        table, programs = _tables(videos, (pt, ph, pw), block_w, packed.device, lines=True)
+        lines_kernel = _patchify_lines_kernel if kernel is _patchify_kernel else _unpatchify_lines_kernel
+        lines_kernel[(programs,)](packed, table, table[b + 1:], packed.stride(0), f, f // pw, b,
+                                  PT=pt, PH=ph, PW=pw, LOG_B=log_b, META=_META, BLOCK_W=block_w, RP=rp,
+                                  ALIGN=_line_align(videos, block_w * pw), num_warps=8)
+        return
     block_t, block_f = _tiles(f)
     table, blocks = _tables(videos, (pt, ph, pw), block_t, packed.device)
     grid = (blocks, triton.cdiv(f, block_f))
     kernel[grid](packed, table, table[b + 1:], packed.stride(0), packed.stride(1), f, b,
-                 PT=pt, PH=ph, PW=pw, LOG_B=max(0, math.ceil(math.log2(b))), META=_META,
+                 PT=pt, PH=ph, PW=pw, LOG_B=log_b, META=_META,
                  BLOCK_T=block_t, BLOCK_F=block_f, num_warps=4)
 
 
@@ -496,6 +643,23 @@ def aot_specs() -> list[dict]:
                 "constexprs": {"PT": pt, "PH": ph, "PW": pw, "LOG_B": 2, "META": _META,
                                "BLOCK_T": block_t, "BLOCK_F": block_f},
                 "num_warps": 4, "unit_args": (strides[1],), "divisible_args": ("F",),
+            })
+    # the line kernels (the launch path for power-of-two pw): bf16, realistic widths
+    for name, fn, first, stride in (("patchify lines", _patchify_lines_kernel, "out_ptr", "stride_on"),
+                                    ("unpatchify lines", _unpatchify_lines_kernel, "tokens_ptr", "stride_tn")):
+        for dtype, (pt, ph, pw), c in (("bf16", (1, 2, 2), 16), ("bf16", (2, 2, 2), 48), ("fp32", (1, 2, 2), 4)):
+            rows = c * pt * ph
+            rp = triton.next_power_of_2(rows)
+            block_w = max(1, min(_LINE_TILE // (rp * pw), 64))
+            specs.append({
+                "name": f"{name} {dtype} patch={pt}x{ph}x{pw} C={c}", "fn": fn,
+                "signature": {first: f"*{dtype}", "cu_blocks_ptr": "*i64", "meta_ptr": "*i64",
+                              stride: "i64", "F": "i32", "R": "i32", "B": "i32",
+                              **{k: "constexpr" for k in ("PT", "PH", "PW", "LOG_B", "META", "BLOCK_W", "RP", "ALIGN")}},
+                "constexprs": {"PT": pt, "PH": ph, "PW": pw, "LOG_B": 2, "META": _META,
+                               "BLOCK_W": block_w, "RP": rp, "ALIGN": 16},
+                "num_warps": 8, "divisible_args": ("F",) if c * pt * ph * pw % 16 == 0 else (),
+                "min_access_bytes": 16,
             })
     # the fused GEMMs: bf16, hidden 3072, F = 64 (C=16, patch 1x2x2), GPU tile shapes;
     # unit_args: the strides that are 1 for the launchers' operands
