@@ -100,29 +100,43 @@ def _tile_mask(rmask, dmask, EVEN_D: tl.constexpr):
 
 
 @triton.jit
-def _rows(X, tok, rmask, head, stride_n, stride_h, offs_d, dmask, D: tl.constexpr, BLOCK_D: tl.constexpr):
+def _row_off(tok, head, stride_n, stride_h, ROW_ALIGN: tl.constexpr):
+    """Element offsets (rows, 1) of rows tok of `head`. ROW_ALIGN: the host checked that
+    every token and head stride is a multiple of it. A launch marks only strides divisible
+    by 16, so without the hint a head dim of 72 (rows 144 B apart, 16-byte aligned) would
+    get 4-byte accesses."""
+    rows = tok.to(tl.int64) * stride_n + head.to(tl.int64) * stride_h
+    if ROW_ALIGN > 1:  # on the 1-D offsets: a hint on the (rows, 1) view also pins its unit axis
+        rows = tl.multiple_of(rows, ROW_ALIGN)
+    return rows[:, None]
+
+
+@triton.jit
+def _rows(X, tok, rmask, head, stride_n, stride_h, offs_d, dmask, D: tl.constexpr, BLOCK_D: tl.constexpr,
+          ROW_ALIGN: tl.constexpr):
     """A (rows, BLOCK_D) tile of X (tokens, heads, D) at rows tok of `head`; rows outside
     rmask (and padding columns) read as 0."""
-    rows = tok.to(tl.int64)[:, None] * stride_n + head.to(tl.int64) * stride_h
+    rows = _row_off(tok, head, stride_n, stride_h, ROW_ALIGN)
     return tl.load(X + rows + offs_d[None, :], mask=_tile_mask(rmask, dmask, D == BLOCK_D), other=0.0)
 
 
 @triton.jit
 def _kv_tiles(K, V, tok_k, nmask, kv_head, stride_kn, stride_kh, stride_vn, stride_vh,
-              offs_d, dmask, D: tl.constexpr, BLOCK_D: tl.constexpr):
+              offs_d, dmask, D: tl.constexpr, BLOCK_D: tl.constexpr, ROW_ALIGN: tl.constexpr):
     """k and v tiles of key rows tok_k; rows outside nmask read as 0."""
-    k = _rows(K, tok_k, nmask, kv_head, stride_kn, stride_kh, offs_d, dmask, D, BLOCK_D)
-    v = _rows(V, tok_k, nmask, kv_head, stride_vn, stride_vh, offs_d, dmask, D, BLOCK_D)
+    k = _rows(K, tok_k, nmask, kv_head, stride_kn, stride_kh, offs_d, dmask, D, BLOCK_D, ROW_ALIGN)
+    v = _rows(V, tok_k, nmask, kv_head, stride_vn, stride_vh, offs_d, dmask, D, BLOCK_D, ROW_ALIGN)
     return k, v
 
 
 @triton.jit
 def _q_rows(Q, DO, LSE, DELTA, tok_q, mmask, dmask, head, stride_qn, stride_qh,
-            stride_don, stride_doh, stride_lh, offs_d, D: tl.constexpr, BLOCK_D: tl.constexpr):
+            stride_don, stride_doh, stride_lh, offs_d,
+            D: tl.constexpr, BLOCK_D: tl.constexpr, ROW_ALIGN: tl.constexpr):
     """What the backward reads per query row: q, dO, lse (base 2) and delta; rows outside
     mmask read as 0."""
-    q = _rows(Q, tok_q, mmask, head, stride_qn, stride_qh, offs_d, dmask, D, BLOCK_D)
-    do = _rows(DO, tok_q, mmask, head, stride_don, stride_doh, offs_d, dmask, D, BLOCK_D)
+    q = _rows(Q, tok_q, mmask, head, stride_qn, stride_qh, offs_d, dmask, D, BLOCK_D, ROW_ALIGN)
+    do = _rows(DO, tok_q, mmask, head, stride_don, stride_doh, offs_d, dmask, D, BLOCK_D, ROW_ALIGN)
     lrow = head.to(tl.int64) * stride_lh + tok_q.to(tl.int64)
     lse = tl.load(LSE + lrow, mask=mmask, other=0.0)
     delta = tl.load(DELTA + lrow, mask=mmask, other=0.0)
@@ -132,14 +146,14 @@ def _q_rows(Q, DO, LSE, DELTA, tok_q, mmask, dmask, head, stride_qn, stride_qh,
 @triton.jit
 def _fwd_step(acc, l_i, m_i, q, K, V, first_k, offs_n, keys_left, kv_head,
               stride_kn, stride_kh, stride_vn, stride_vh, offs_d, dmask, scale_log2,
-              D: tl.constexpr, BLOCK_D: tl.constexpr, IEEE: tl.constexpr):
+              D: tl.constexpr, BLOCK_D: tl.constexpr, ROW_ALIGN: tl.constexpr, IEEE: tl.constexpr):
     """One key block of the online softmax; m_i is kept in scaled base-2 units, so
     p = exp2(qk * scale_log2 - m) is one FMA and an exp2 per score. Keys offs_n >=
     keys_left are past the segment: masked on load, and their scores set to -inf only in
     the block that has any (a uniform branch; the other blocks skip the select)."""
     nmask = offs_n < keys_left
     k, v = _kv_tiles(K, V, first_k + offs_n, nmask, kv_head, stride_kn, stride_kh,
-                     stride_vn, stride_vh, offs_d, dmask, D, BLOCK_D)
+                     stride_vn, stride_vh, offs_d, dmask, D, BLOCK_D, ROW_ALIGN)
     qk = _mm(q, tl.trans(k), IEEE)
     if keys_left < offs_n.shape[0]:
         qk = tl.where(nmask[None, :], qk, float("-inf"))
@@ -163,7 +177,8 @@ def _attn_fwd_kernel(
     stride_on, stride_oh,
     stride_lh,
     GROUPS, scale_log2,
-    D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    D: tl.constexpr, BLOCK_D: tl.constexpr, ROW_ALIGN: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     IEEE: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
@@ -184,7 +199,7 @@ def _attn_fwd_kernel(
     mmask = offs_m < seqlen_q
     tok_q = q_start + offs_m
     qmask = _tile_mask(mmask, dmask, D == BLOCK_D)
-    rows_q = tok_q.to(tl.int64)[:, None] * stride_qn + head.to(tl.int64) * stride_qh
+    rows_q = _row_off(tok_q, head, stride_qn, stride_qh, ROW_ALIGN)
     q = tl.load(Q + rows_q + offs_d[None, :], mask=qmask, other=0.0)
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
@@ -193,14 +208,14 @@ def _attn_fwd_kernel(
     for start_n in range(0, seqlen_k, BLOCK_N):
         acc, l_i, m_i = _fwd_step(acc, l_i, m_i, q, K, V, k_start + start_n, offs_n, seqlen_k - start_n,
                                   kv_head, stride_kn, stride_kh, stride_vn, stride_vh, offs_d, dmask,
-                                  scale_log2, D, BLOCK_D, IEEE)
+                                  scale_log2, D, BLOCK_D, ROW_ALIGN, IEEE)
 
     # -- epilogue: normalize, lse (natural log), -inf / 0 for an empty key segment --
     empty = l_i == 0.0
     l_safe = tl.where(empty, 1.0, l_i)
     out = acc / l_safe[:, None]
     lse = tl.where(empty, float("-inf"), (m_i + tl.log2(l_safe)) / 1.4426950408889634)
-    rows_o = tok_q.to(tl.int64)[:, None] * stride_on + head.to(tl.int64) * stride_oh
+    rows_o = _row_off(tok_q, head, stride_on, stride_oh, ROW_ALIGN)
     tl.store(O + rows_o + offs_d[None, :], out.to(O.dtype.element_ty), mask=qmask)
     tl.store(LSE + head.to(tl.int64) * stride_lh + tok_q.to(tl.int64), lse, mask=mmask)
 
@@ -234,7 +249,8 @@ def _attn_bwd_pre_kernel(
 def _dkdv_step(dk, dv, k, v, nmask, key_tail, Q, DO, LSE, DELTA, DQ, first_q, offs_m, rows_left, head,
                stride_qn, stride_qh, stride_don, stride_doh, stride_lh, stride_dqn, stride_dqh,
                offs_d, dmask, scale, scale_log2,
-               D: tl.constexpr, BLOCK_D: tl.constexpr, ATOMIC_DQ: tl.constexpr, IEEE: tl.constexpr):
+               D: tl.constexpr, BLOCK_D: tl.constexpr, ROW_ALIGN: tl.constexpr,
+               ATOMIC_DQ: tl.constexpr, IEEE: tl.constexpr):
     """dV += P^T dO and dK += dS^T Q (unscaled) for one query block of one head; with
     ATOMIC_DQ also DQ += scale * dS K for that block, added atomically (float32).
     P^T needs no query mask: a masked query column has q = dO = 0 and lse = 0, so its
@@ -246,7 +262,7 @@ def _dkdv_step(dk, dv, k, v, nmask, key_tail, Q, DO, LSE, DELTA, DQ, first_q, of
     tok_q = first_q + offs_m
     q, do, lse, delta = _q_rows(Q, DO, LSE, DELTA, tok_q, mmask, dmask, head,
                                 stride_qn, stride_qh, stride_don, stride_doh, stride_lh, offs_d,
-                                D, BLOCK_D)
+                                D, BLOCK_D, ROW_ALIGN)
     # -- recompute P^T (keys x queries), base 2 --
     pt = tl.exp2(_mm(k, tl.trans(q), IEEE) * scale_log2 - lse[None, :])
     if ATOMIC_DQ:
@@ -258,7 +274,7 @@ def _dkdv_step(dk, dv, k, v, nmask, key_tail, Q, DO, LSE, DELTA, DQ, first_q, of
     dk = _mma(dst, q, dk, IEEE)
     if ATOMIC_DQ:
         dq = _mm(tl.trans(dst), k, IEEE) * scale
-        rows_dq = tok_q.to(tl.int64)[:, None] * stride_dqn + head.to(tl.int64) * stride_dqh
+        rows_dq = _row_off(tok_q, head, stride_dqn, stride_dqh, ROW_ALIGN)
         tl.atomic_add(DQ + rows_dq + offs_d[None, :], dq, mask=_tile_mask(mmask, dmask, D == BLOCK_D),
                       sem="relaxed")
     return dk, dv
@@ -267,13 +283,13 @@ def _dkdv_step(dk, dv, k, v, nmask, key_tail, Q, DO, LSE, DELTA, DQ, first_q, of
 @triton.jit
 def _dq_step(dq, q, do, lse, delta, K, V, first_k, offs_n, keys_left, kv_head,
              stride_kn, stride_kh, stride_vn, stride_vh, offs_d, dmask, scale_log2,
-             D: tl.constexpr, BLOCK_D: tl.constexpr, IEEE: tl.constexpr):
+             D: tl.constexpr, BLOCK_D: tl.constexpr, ROW_ALIGN: tl.constexpr, IEEE: tl.constexpr):
     """dQ += dS K (unscaled) for one key block. In the block that runs past the segment,
     P of the missing keys is zeroed (there k = 0 would give P = exp2(-lse), which
     overflows for very negative lse); whole blocks skip the select (a uniform branch)."""
     nmask = offs_n < keys_left
     k, v = _kv_tiles(K, V, first_k + offs_n, nmask, kv_head, stride_kn, stride_kh,
-                     stride_vn, stride_vh, offs_d, dmask, D, BLOCK_D)
+                     stride_vn, stride_vh, offs_d, dmask, D, BLOCK_D, ROW_ALIGN)
     p = tl.exp2(_mm(q, tl.trans(k), IEEE) * scale_log2 - lse[:, None])
     if keys_left < offs_n.shape[0]:
         p = tl.where(nmask[None, :], p, 0.0)
@@ -294,7 +310,8 @@ def _attn_bwd_dkdv_kernel(
     stride_dvn, stride_dvh,
     stride_dqn, stride_dqh,
     GROUPS, scale, scale_log2,
-    D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    D: tl.constexpr, BLOCK_D: tl.constexpr, ROW_ALIGN: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     ATOMIC_DQ: tl.constexpr, IEEE: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
@@ -315,7 +332,7 @@ def _attn_bwd_dkdv_kernel(
     tok_k = k_start + offs_n
     # -- load the key block once --
     k, v = _kv_tiles(K, V, tok_k, nmask, kv_head, stride_kn, stride_kh, stride_vn, stride_vh,
-                     offs_d, dmask, D, BLOCK_D)
+                     offs_d, dmask, D, BLOCK_D, ROW_ALIGN)
 
     key_tail = (pid_n + 1) * BLOCK_N > seqlen_k
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
@@ -327,13 +344,13 @@ def _attn_bwd_dkdv_kernel(
                                 q_start + start_m, offs_m, seqlen_q - start_m, head,
                                 stride_qn, stride_qh, stride_don, stride_doh, stride_lh,
                                 stride_dqn, stride_dqh, offs_d, dmask, scale, scale_log2,
-                                D, BLOCK_D, ATOMIC_DQ, IEEE)
+                                D, BLOCK_D, ROW_ALIGN, ATOMIC_DQ, IEEE)
     dk = dk * scale
 
     kvmask = _tile_mask(nmask, dmask, D == BLOCK_D)
-    rows_dk = tok_k.to(tl.int64)[:, None] * stride_dkn + kv_head.to(tl.int64) * stride_dkh
+    rows_dk = _row_off(tok_k, kv_head, stride_dkn, stride_dkh, ROW_ALIGN)
     tl.store(DK + rows_dk + offs_d[None, :], dk.to(DK.dtype.element_ty), mask=kvmask)
-    rows_dv = tok_k.to(tl.int64)[:, None] * stride_dvn + kv_head.to(tl.int64) * stride_dvh
+    rows_dv = _row_off(tok_k, kv_head, stride_dvn, stride_dvh, ROW_ALIGN)
     tl.store(DV + rows_dv + offs_d[None, :], dv.to(DV.dtype.element_ty), mask=kvmask)
 
 
@@ -347,7 +364,8 @@ def _attn_bwd_dq_kernel(
     stride_lh,
     stride_dqn, stride_dqh,
     GROUPS, scale, scale_log2,
-    D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    D: tl.constexpr, BLOCK_D: tl.constexpr, ROW_ALIGN: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     IEEE: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
@@ -370,17 +388,17 @@ def _attn_bwd_dq_kernel(
     # -- load q, dO, lse, delta once --
     q, do, lse, delta = _q_rows(Q, DO, LSE, DELTA, tok_q, mmask, dmask, head,
                                 stride_qn, stride_qh, stride_don, stride_doh, stride_lh,
-                                offs_d, D, BLOCK_D)
+                                offs_d, D, BLOCK_D, ROW_ALIGN)
 
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     for start_n in range(0, seqlen_k, BLOCK_N):
         dq = _dq_step(dq, q, do, lse, delta, K, V, k_start + start_n, offs_n, seqlen_k - start_n,
                       kv_head, stride_kn, stride_kh, stride_vn, stride_vh, offs_d, dmask,
-                      scale_log2, D, BLOCK_D, IEEE)
+                      scale_log2, D, BLOCK_D, ROW_ALIGN, IEEE)
     dq = dq * scale
 
     qmask = _tile_mask(mmask, dmask, D == BLOCK_D)
-    rows_dq = tok_q.to(tl.int64)[:, None] * stride_dqn + head.to(tl.int64) * stride_dqh
+    rows_dq = _row_off(tok_q, head, stride_dqn, stride_dqh, ROW_ALIGN)
     tl.store(DQ + rows_dq + offs_d[None, :], dq.to(DQ.dtype.element_ty), mask=qmask)
 
 
@@ -401,19 +419,21 @@ def _attn_bwd_dq_kernel(
 # steps); they hold k, v, dK and dV for a 64-key block at 254 registers, spill-free only
 # with that specialization. Extra candidates may spill up to SPILL_BUDGET bytes (the
 # static report checks it); the autotuner keeps them only where they measure faster.
-# Classes: "d64" BLOCK_D <= 64; "d128" D == 128; "masked" 64 < D < 128 (72, 80, 96: the
-# column masks cost registers); "d256" 128 < D <= 256.
+# Classes: "d64" BLOCK_D <= 64; "d128" D == 128; "masked" 64 < D < 128 (72, 80, 96: a
+# 128-column tile with masked columns; with 4-byte accesses, as a head dim of 72 got
+# before the ROW_ALIGN hint, these hit 255 registers, so the first tiles are small);
+# "d256" 128 < D <= 256.
 _FWD_TILES = {
     "d64": [(128, 128, 8, 3), (128, 64, 8, 3), (64, 64, 4, 3)],
     "d128": [(128, 64, 8, 3), (128, 64, 8, 4), (128, 128, 8, 2), (64, 64, 8, 3)],
-    "masked": [(64, 64, 8, 2), (64, 64, 8, 3), (64, 32, 8, 2)],
+    "masked": [(64, 64, 8, 2), (64, 64, 8, 3), (64, 32, 8, 2), (128, 64, 8, 3)],
     "d256": [(64, 32, 8, 2), (64, 32, 8, 1)],
 }
 _BWD_TILES = {
     "dkdv": {
         "d64": [(64, 32, 8, 2), (128, 64, 8, 2), (64, 32, 8, 3)],
         "d128": [(64, 64, 8, 1), (128, 32, 8, 1), (128, 32, 8, 2), (64, 32, 8, 2), (64, 32, 8, 3)],
-        "masked": [(64, 16, 8, 1), (64, 16, 8, 2), (64, 32, 8, 1)],
+        "masked": [(64, 16, 8, 1), (64, 16, 8, 2), (64, 32, 8, 1), (64, 64, 8, 1)],
         # 64-row tiles spilled at D = 256 even with 16 warps: small mma.sync tiles instead
         "d256": [(16, 16, 4, 2), (16, 16, 4, 1)],
     },
@@ -428,7 +448,7 @@ _BWD_TILES = {
     "dq": {
         "d64": [(64, 64, 8, 2), (128, 64, 8, 2)],
         "d128": [(64, 64, 8, 2), (128, 64, 8, 2), (128, 32, 8, 2), (64, 64, 8, 3)],
-        "masked": [(64, 32, 8, 2), (64, 32, 8, 3)],
+        "masked": [(64, 32, 8, 2), (64, 32, 8, 3), (64, 64, 8, 2)],
         "d256": [(32, 16, 4, 1)],
     },
 }
@@ -543,6 +563,17 @@ def _launch(raw, tuned, tag, grid_of, args, tiles, fixed: bool, **constexprs):
         tuned[grid_of](*args, **constexprs)
 
 
+def _row_align(*tensors: torch.Tensor) -> int:
+    """ROW_ALIGN of the kernels: the largest power of two up to 8 dividing every token and
+    head stride (elements) of the (tokens, heads, D) tensors a launch touches."""
+    align = 8
+    for t in tensors:
+        for stride in t.stride()[:2]:
+            while align > 1 and stride % align:
+                align //= 2
+    return align
+
+
 def _last_dim_contiguous(x: torch.Tensor) -> torch.Tensor:
     return x if x.shape[-1] <= 1 or x.stride(-1) == 1 else x.contiguous()
 
@@ -590,7 +621,8 @@ def varlen_attention_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_
             h // hk, float(softmax_scale) * LOG2E)
     _launch(_attn_fwd_kernel, _fwd_tuned, "fwd",
             lambda meta: (triton.cdiv(max_seqlen_q, meta["BLOCK_M"]), h, nseg), args,
-            _fwd_tiles(d, q.dtype, q.device), fixed=False, D=d, BLOCK_D=_block_d(d), IEEE=q.dtype in (torch.float32, torch.float64))
+            _fwd_tiles(d, q.dtype, q.device), fixed=False, D=d, BLOCK_D=_block_d(d),
+            ROW_ALIGN=_row_align(q, k, v, out), IEEE=q.dtype in (torch.float32, torch.float64))
     return out, lse
 
 
@@ -634,10 +666,10 @@ def varlen_attention_bwd(grad_out, q, k, v, out, lse, grad_lse, cu_seqlens_q, cu
     if grad_lse is not None:
         # d lse_i / d S_ij = P_ij: a gradient into lse shifts the row term of dS = P (dP - delta)
         delta.sub_(grad_lse)
-    common = dict(D=d, BLOCK_D=bd, IEEE=ieee)
     atomic = bwd_strategy(deterministic) == "atomic-dq"
     if atomic and dq.dtype != torch.float32:
         dq = torch.zeros((nq, h, d), dtype=torch.float32, device=q.device)  # the atomics' accumulator
+    common = dict(D=d, BLOCK_D=bd, IEEE=ieee, ROW_ALIGN=_row_align(q, k, v, grad_out, dq, dk, dv))
     # -- dK, dV (and, atomic-dq, dQ): one key block x kv head --
     args = (q, k, v, grad_out, lse, delta, dk, dv, dq, cu_q, cu_k,
             q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
@@ -695,7 +727,8 @@ def aot_specs() -> list[dict]:
              ("fp16", 128), ("fp32", 128)]
     for dtype, d in cases:
         tdt = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[dtype]
-        base = dict(D=d, BLOCK_D=_block_d(d), IEEE=dtype == "fp32")
+        # ROW_ALIGN 8: every listed head dim is a multiple of 8, so are a pack's strides
+        base = dict(D=d, BLOCK_D=_block_d(d), ROW_ALIGN=8, IEEE=dtype == "fp32")
         mma = dtype != "fp32"
         tag = f"{dtype} d={d}"
         # what a launch can't mark divisible by 16: the LSE's token stride (Nq), and the
