@@ -14,6 +14,7 @@
 # static_report.json, plots) plus logs/ (build.log, pytest.log, bench.log). If $OUT is set (the device
 # tool collects at most 8 files from it, 2 folder levels deep), it also receives:
 #   $OUT/summary.md, $OUT/results.json, $OUT/<step>.log tails, $OUT/gpu_check.tar.gz (everything).
+# The build step also runs benchmarks/error_probe.py (logs/error_probe.log).
 # PYTHON picks the interpreter (default: python). TEST_TIMEOUT / BENCH_TIMEOUT (seconds,
 # default none) cap the test and bench steps, so a short GPU lease still brings back the
 # logs and the benchmark rows finished so far (rows.partial.jsonl). With pytest-xdist
@@ -40,6 +41,10 @@ run_build() {
         echo "BUILD FAILED"; tail -40 "$LOGS/build.log"; status=1; return 1
     fi
     $PY -c "import vdit_kernels.backend as b; import torch; print('built in', $SECONDS - $t0, 's; _C:', b.extension() is not None, 'cuda kernels:', b.extension_has_cuda()); print('backends:', {f: b.available_backends(f, 'cuda') for f in b.FAMILIES})" 2>&1 | tee -a "$LOGS/build.log"
+    # how bad arguments reach Python here (a segfault on the torch 2.11 machine): toolchains,
+    # child-process probes, a gdb backtrace if gdb exists; a few seconds
+    timeout 150 $PY -m benchmarks.error_probe > "$LOGS/error_probe.log" 2>&1
+    grep -A2 "^\[" "$LOGS/error_probe.log" | head -20
 }
 
 run_tests() {

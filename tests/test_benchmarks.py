@@ -179,3 +179,16 @@ def test_device_time_sums_the_gpu_activities_only():
               SimpleNamespace(device_type="DeviceType.CPU", self_device_time_total=999.0)]
     assert device_us(SimpleNamespace(key_averages=lambda: events)) == 150.5
     assert kernel_ms(lambda: None, 1e6, "cpu") == {"kernel_note": "GPU only"}
+
+
+def test_error_probe_reports_each_case():
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.error_probe"], cwd=Path(__file__).parents[1],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    out = proc.stdout
+    assert "[torch error path]  exit 1" in out and "RuntimeError" in out
+    assert "[vdit_C, CPU tensor]" in out and "CXX11 ABI" in out
