@@ -149,9 +149,31 @@ def timestep_embedding(t: Tensor, dim: int, max_period: float = 10000.0) -> Tens
     return F.pad(emb, (0, dim % 2))
 
 
+class _PerToken(torch.autograd.Function):
+    """Gather per-video rows to tokens; the backward sums each video's token gradients
+    with a (B, N) one-hot GEMM. The default backward of index_select is an index_add:
+    on a GPU, float atomics of all N tokens of a video onto the same few thousand
+    addresses (contended, and accumulated in the gradient's dtype, bfloat16 included);
+    the GEMM accumulates in float32 and uses no atomics."""
+
+    @staticmethod
+    def forward(ctx, mod: Tensor, segment_ids: Tensor) -> Tensor:
+        ctx.save_for_backward(segment_ids)
+        ctx.videos = mod.shape[0]
+        return mod.index_select(0, segment_ids)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        (segment_ids,) = ctx.saved_tensors
+        onehot = F.one_hot(segment_ids, ctx.videos).to(grad.dtype)              # (N, B)
+        summed = onehot.t() @ grad.reshape(grad.shape[0], -1)                  # (B, K)
+        return summed.reshape(ctx.videos, *grad.shape[1:]), None
+
+
 def per_token(mod: Tensor, segment_ids: Tensor) -> Tensor:
-    """(B, ...) per-video values -> (N, ...) per-token values (gather, no host sync)."""
-    return mod.index_select(0, segment_ids)
+    """(B, ...) per-video values -> (N, ...) per-token values (gather, no host sync);
+    segment_ids int64 (N,)."""
+    return _PerToken.apply(mod, segment_ids)
 
 
 def modulate(x: Tensor, shift: Tensor, scale: Tensor) -> Tensor:
