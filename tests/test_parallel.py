@@ -246,16 +246,21 @@ def _spawn(worker, tmp, nprocs):
     """mp.spawn with TRITON_INTERPRET=1 in the workers' environment from their start (also
     on a GPU host, where this process runs Triton compiled and must keep doing so): set
     inside a worker, after its imports, it came too late on the H100 machine (Triton's own
-    jit helpers, e.g. tl.zeros, were already compiled-mode functions)."""
-    before = os.environ.get("TRITON_INTERPRET")
-    os.environ["TRITON_INTERPRET"] = "1"
+    jit helpers, e.g. tl.zeros, were already compiled-mode functions). Gloo connects the
+    ranks over loopback (GLOO_SOCKET_IFNAME=lo unless set): by default it binds the
+    address the host name resolves to, which a sandboxed machine may not route (a
+    suspect for the fixture errors of the second H100 run)."""
+    env = {"TRITON_INTERPRET": "1", "GLOO_SOCKET_IFNAME": os.environ.get("GLOO_SOCKET_IFNAME", "lo")}
+    before = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
     try:
         mp.spawn(worker, args=(str(tmp / "store"), str(tmp)), nprocs=nprocs, join=True)
     finally:
-        if before is None:
-            del os.environ["TRITON_INTERPRET"]
-        else:
-            os.environ["TRITON_INTERPRET"] = before
+        for k, v in before.items():
+            if v is None:
+                del os.environ[k]
+            else:
+                os.environ[k] = v
 
 
 @pytest.fixture(scope="module")
