@@ -65,6 +65,10 @@ WORKLOADS = {
                  ((21, 60, 104), (13, 30, 52), (1, 90, 160)), 16, (1, 2, 2), 3072, 24, 128),
         Workload("mixed-60k", "81f 480x832 + 49f 480x832 + one 720x1280 image (the DiT-block target)",
                  ((21, 60, 104), (13, 60, 104), (1, 90, 160)), 16, (1, 2, 2), 3072, 24, 128),
+        # head dim 72 (Open-Sora-like: hidden 1152 = 16 x 72): the "masked" tile class and
+        # the ROW_ALIGN hint; opt-in (--workload), not in the default list
+        Workload("mixed-d72", "81f 480x832 + 49f 240x416 + one 720x1280 image, 16 heads of 72",
+                 ((21, 60, 104), (13, 30, 52), (1, 90, 160)), 16, (1, 2, 2), 1152, 16, 72),
         Workload("cpu-tiny", "CPU smoke test: three tiny videos",
                  ((5, 12, 16), (1, 8, 8), (2, 6, 10)), 4, (1, 2, 2), 96, 2, 48),
     ]
