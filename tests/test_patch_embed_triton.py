@@ -228,3 +228,37 @@ def test_weight_grad_split_over_token_blocks(monkeypatch):
     pack = _pack(PACKS["sixteen"], (1, 2, 2))
     check_patch_embed(pack, 4, 24, torch.float32)
     check_linear_unpatchify(pack, 4, 24, torch.float32)
+
+
+def test_embed_kernel_splits_columns_over_programs(monkeypatch):
+    # the on-chip-A kernel (F <= 128): one token block whose 5 column blocks of 8 are split
+    # over 2 programs (3 + 2 blocks, the last one partial: hidden 37)
+    import vdit_kernels.triton.patch as tp
+
+    monkeypatch.setattr(tp, "_EMBED_SMALL", (16, 8, 4, 1))
+    pack = vk.VideoPack.from_shapes([(1, 4, 6)], (1, 2, 2), device=DEVICE)  # 6 tokens
+    check_patch_embed(pack, 4, 37, torch.float32)
+
+
+def test_embed_kernel_not_used_for_wide_patches(monkeypatch):
+    # F = 48 * 8 = 384 > 128 features: the K-looping gather GEMM runs instead
+    import vdit_kernels.triton.patch as tp
+
+    calls = []
+    monkeypatch.setattr(tp, "_embed_kernel", _Recorder(tp._embed_kernel, calls))
+    pack = _pack(PACKS["mixed"], (2, 2, 2))
+    check_patch_embed(pack, 48, 24, torch.float32)
+    assert not calls
+    check_patch_embed(_pack(PACKS["mixed"], (1, 2, 2)), 4, 24, torch.float32)
+    assert calls
+
+
+class _Recorder:
+    """Wraps a Triton kernel to record its launches (kernel[grid](...))."""
+
+    def __init__(self, kernel, calls):
+        self.kernel, self.calls = kernel, calls
+
+    def __getitem__(self, grid):
+        self.calls.append(grid)
+        return self.kernel[grid]

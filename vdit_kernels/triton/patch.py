@@ -43,6 +43,11 @@
 #     (BLOCK_M x BLOCK_K) is loaded straight from the video (the patchify address
 #     math), Bmat is dense. patch_embed: Bmat = W.flatten(1).T (NOUT = hidden);
 #     linear_unpatchify's grad_x: A = patchify(grad videos), Bmat = W (F, hidden).
+#   _embed_kernel: the same product when F <= 128 (C=16, patch 1x2x2: F = 64, the usual
+#     case): K is one tile, so A is gathered once per token block and kept on chip while
+#     the program walks a run of output column blocks (grid (token blocks, column runs),
+#     ~4 programs per SM), instead of re-gathering A for every (token, column) tile. The
+#     product is bound by writing the (N, hidden) output.
 #   _scatter_gemm_kernel: videos <- unpatchify(X[N, HID] @ Bmat[HID, F] (+ bias)): dense
 #     loop over HID, the epilogue stores each token's F outputs into its (fresh,
 #     contiguous) video (the unpatchify address math). linear_unpatchify: X = x,
@@ -395,6 +400,40 @@ def _gather_gemm_kernel(out_ptr, b_ptr, bias_ptr, cu_blocks_ptr, meta_ptr,
 
 
 @triton.jit
+def _embed_kernel(out_ptr, b_ptr, bias_ptr, cu_blocks_ptr, meta_ptr,
+                  stride_om, stride_on, stride_bk, stride_bn,
+                  NOUT, F, B, N_PER_PROGRAM,
+                  HAS_BIAS: tl.constexpr, IEEE: tl.constexpr,
+                  PT: tl.constexpr, PH: tl.constexpr, PW: tl.constexpr,
+                  LOG_B: tl.constexpr, META: tl.constexpr,
+                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, FP: tl.constexpr):
+    """The same product for a small F (<= FP, one K tile): A is gathered once per token
+    block and stays on chip while the program walks its N_PER_PROGRAM output columns in
+    BLOCK_N steps (b tiles prefetched by the pipeline). The output write (N x NOUT) is
+    the bulk of the traffic; the gather is done once, not once per output column block."""
+    row, local_block = _find_video(cu_blocks_ptr, meta_ptr, tl.program_id(0), B, LOG_B, META)
+    tok, valid, tok_off = _token_offsets(row, local_block, PT, PH, PW, BLOCK_M)
+    src = tl.load(row).to(tl.pointer_type(out_ptr.dtype.element_ty))
+    offs_k = tl.arange(0, FP).to(tl.int64)
+    k_ok = offs_k < F
+    a = tl.load(src + tok_off[:, None] + _feature_offsets(row, offs_k, PT, PH, PW)[None, :],
+                mask=valid[:, None] & k_ok[None, :], other=0.0)
+    rows = tok[:, None] * stride_om
+    n_start = tl.program_id(1) * N_PER_PROGRAM
+    n_end = tl.minimum(n_start + N_PER_PROGRAM, NOUT)
+    for n0 in range(n_start, n_end, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N).to(tl.int64)
+        n_ok = offs_n < n_end
+        b = tl.load(b_ptr + offs_k[:, None] * stride_bk + offs_n[None, :] * stride_bn,
+                    mask=k_ok[:, None] & n_ok[None, :], other=0.0)
+        acc = _dot(a, b, tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), IEEE)
+        if HAS_BIAS:
+            acc += tl.load(bias_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+        tl.store(out_ptr + rows + offs_n[None, :] * stride_on, acc.to(out_ptr.dtype.element_ty),
+                 mask=valid[:, None] & n_ok[None, :])
+
+
+@triton.jit
 def _scatter_gemm_kernel(x_ptr, b_ptr, bias_ptr, cu_blocks_ptr, meta_ptr,
                          stride_xm, stride_xk, stride_bk, stride_bn,
                          HID, F, B,
@@ -476,6 +515,10 @@ _GEMM_GPU = (128, 128, 32, 8)
 _SCATTER_GPU = (64, 64, 64, 8)
 _WGRAD_GPU = (32, 128, 64, 8)
 _SMALL = (16, 32, 32, 4)
+# _embed_kernel (F <= _EMBED_MAX_F: A kept on chip): (BLOCK_M, BLOCK_N, warps, stages)
+_EMBED_MAX_F = 128
+_EMBED_GPU = (128, 128, 8, 3)
+_EMBED_SMALL = (16, 32, 4, 1)
 
 
 def _interp(t: torch.Tensor) -> bool:
@@ -497,9 +540,26 @@ def _gather_gemm(videos, b_mat, bias, patch_size):
         return out
     if f == 0:
         return out.copy_(bias.expand(n, nout) if bias is not None else torch.zeros_like(out))
+    b = len(videos)
+    if f <= _EMBED_MAX_F:
+        interp = _interp(v0)
+        bm, bn, warps, stages = _EMBED_SMALL if interp else _EMBED_GPU
+        table, blocks = _tables(videos, patch_size, bm, v0.device)
+        col_blocks = triton.cdiv(nout, bn)
+        # enough programs to fill the GPU (~4 per SM), each walking a run of column blocks
+        sms = torch.cuda.get_device_properties(v0.device).multi_processor_count if v0.is_cuda else 1
+        target = 2 if interp else 4 * sms
+        splits = max(1, min(col_blocks, triton.cdiv(target, blocks)))
+        per_program = triton.cdiv(col_blocks, splits) * bn
+        _embed_kernel[(blocks, triton.cdiv(nout, per_program))](
+            out, b_mat, bias if bias is not None else out, table, table[b + 1:],
+            out.stride(0), out.stride(1), b_mat.stride(0), b_mat.stride(1), nout, f, b, per_program,
+            HAS_BIAS=bias is not None, IEEE=v0.dtype == torch.float32,
+            PT=pt, PH=ph, PW=pw, LOG_B=_log_b(b), META=_META,
+            BLOCK_M=bm, BLOCK_N=bn, FP=max(16, triton.next_power_of_2(f)), num_warps=warps, num_stages=stages)
+        return out
     bm, bn, bk, warps = _SMALL if _interp(v0) else _GEMM_GPU
     table, blocks = _tables(videos, patch_size, bm, v0.device)
-    b = len(videos)
     _gather_gemm_kernel[(blocks, triton.cdiv(nout, bn))](
         out, b_mat, bias if bias is not None else out, table, table[b + 1:],
         out.stride(0), out.stride(1), b_mat.stride(0), b_mat.stride(1), nout, f, b,
@@ -677,6 +737,17 @@ def aot_specs() -> list[dict]:
                        "BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk},
         "num_warps": warps, "expect_mma": True,
         "unit_args": ("stride_on", "stride_bk"), "divisible_args": ("NOUT", "F"),  # out (N, hidden); b = weight (hidden, F) transposed
+    })
+    bm, bn, warps, stages = _EMBED_GPU
+    specs.append({
+        "name": "patch_embed (A on chip) bf16 F=64 hidden=3072", "fn": _embed_kernel,
+        "signature": {"out_ptr": "*bf16", "b_ptr": "*bf16", "bias_ptr": "*bf16", **tab,
+                      "stride_om": "i64", "stride_on": "i64", "stride_bk": "i64", "stride_bn": "i64",
+                      "NOUT": "i32", "F": "i32", "B": "i32", "N_PER_PROGRAM": "i32", **consts,
+                      "BLOCK_M": "constexpr", "BLOCK_N": "constexpr", "FP": "constexpr"},
+        "constexprs": {"HAS_BIAS": True, "IEEE": False, **fixed, "BLOCK_M": bm, "BLOCK_N": bn, "FP": 64},
+        "num_warps": warps, "num_stages": stages, "expect_mma": True,
+        "unit_args": ("stride_on", "stride_bk"), "divisible_args": ("NOUT", "F", "N_PER_PROGRAM"),
     })
     bm, bn, bk, warps = _SCATTER_GPU
     specs.append({
