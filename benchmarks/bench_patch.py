@@ -1,4 +1,6 @@
-"""Patch suite: patchify, unpatchify (memory bound, GB/s) and patch_embed (a GEMM, TFLOP/s).
+"""Patch suite: patchify, unpatchify (memory bound, GB/s) and patch_embed (a GEMM, TFLOP/s),
+patch_embed forward and forward+backward (gradients of videos, weight and bias; 3x the
+forward FLOPs).
 
 Providers: vdit backends (reference, triton, cuda) where they implement the op;
 peers: per-video reshape+permute (eager and torch.compile'd) for (un)patchify;
@@ -13,7 +15,8 @@ import torch.nn.functional as F
 import vdit_kernels as vk
 
 from . import flops
-from .common import VDIT_BACKENDS, Case, Prepared, Skip, dtype_for, peer_reason, vdit_reason, wanted
+from .common import (VDIT_BACKENDS, Case, Prepared, Skip, backward_fn, dtype_for, peer_reason, vdit_reason,
+                     wanted)
 
 OP = "patch"
 
@@ -58,6 +61,15 @@ class _Inputs:
         self.bias = torch.zeros(wl.hidden, device=device, dtype=dtype)
 
 
+def _embed_case(wl, device, embed, mode) -> Prepared:
+    """patch_embed as `mode` (fwd, fwd+bwd) for one provider; inputs need grad for fwd+bwd."""
+    x = _Inputs(wl, device)
+    grad = mode != "fwd"
+    videos = [v.requires_grad_(grad) for v in x.videos]
+    weight, bias = x.weight.requires_grad_(grad), x.bias.requires_grad_(grad)
+    return backward_fn(lambda: embed(videos, weight, bias, x.pack), [*videos, weight, bias], mode)
+
+
 def cases(device: str, quick: bool, workloads, providers=None):
     out, skips = [], []
     elt = torch.empty(0, dtype=dtype_for(device)).element_size()
@@ -71,6 +83,14 @@ def cases(device: str, quick: bool, workloads, providers=None):
             if wanted(provider, providers):
                 out.append(Case(OP, name, "fwd", wl, provider, make, **cost[name], **kw))
 
+        def add_embed(provider, embed):
+            """patch_embed fwd and fwd+bwd; embed(videos, weight5d, bias) -> (N, hidden)."""
+            add("patch_embed", provider, lambda: _embed_case(wl, device, embed, "fwd"))
+            if wanted(provider, providers):
+                out.append(Case(OP, "patch_embed", "fwd+bwd", wl, provider,
+                                lambda: _embed_case(wl, device, embed, "fwd+bwd"),
+                                flops=3 * cost["patch_embed"]["flops"]))
+
         for b in VDIT_BACKENDS:
             for name in ("patchify", "unpatchify", "patch_embed"):
                 reason = vdit_reason(b, "patch", device, name)
@@ -78,13 +98,15 @@ def cases(device: str, quick: bool, workloads, providers=None):
                     skips.append(Skip(OP, f"vdit-{b} {name}", reason))
                     continue
 
+                if name == "patch_embed":
+                    add_embed(f"vdit-{b}", lambda v, w, bias, pack, b=b: vk.patch_embed(v, pack, w, bias, backend=b))
+                    continue
+
                 def make(b=b, name=name):
                     x = _Inputs(wl, device)
                     if name == "patchify":
                         return Prepared(lambda: vk.patchify(x.videos, x.pack, backend=b))
-                    if name == "unpatchify":
-                        return Prepared(lambda: vk.unpatchify(x.tokens, x.pack, wl.channels, backend=b))
-                    return Prepared(lambda: vk.patch_embed(x.videos, x.pack, x.weight, x.bias, backend=b))
+                    return Prepared(lambda: vk.unpatchify(x.tokens, x.pack, wl.channels, backend=b))
                 add(name, f"vdit-{b}", make)
 
         for compiled in (False, True):
@@ -108,19 +130,13 @@ def cases(device: str, quick: bool, workloads, providers=None):
                 x, f = _Inputs(wl, device), wrap(_unpatchify_torch)
                 return Prepared(lambda: f(x.tokens, wl.shapes, wl.patch, wl.channels))
 
-            def make_l(wrap=wrap):
-                x, f = _Inputs(wl, device), wrap(_permute_linear)
-                w2 = x.weight.reshape(wl.hidden, -1).contiguous()
-                return Prepared(lambda: f(x.videos, w2, x.bias, wl.patch))
-
             add("patchify", f"torch-permute{suffix}", make_p)
             add("unpatchify", f"torch-permute{suffix}", make_u)
-            add("patch_embed", f"permute-linear{suffix}", make_l)
+            linear = wrap(_permute_linear)
+            add_embed(f"permute-linear{suffix}",
+                      lambda v, w, bias, pack, linear=linear: linear(v, w.reshape(w.shape[0], -1), bias, wl.patch))
             if not compiled:
-                def make_c():
-                    x = _Inputs(wl, device)
-                    return Prepared(lambda: _conv3d(x.videos, x.weight, x.bias, wl.patch))
-                add("patch_embed", "nn.Conv3d", make_c)
+                add_embed("nn.Conv3d", lambda v, w, bias, pack: _conv3d(v, w, bias, wl.patch))
     for wl in workloads:
         _one(wl)
     return out, skips
