@@ -3,9 +3,11 @@
 Providers:
   vdit-<backend>         vk.varlen_attention (reference, triton, cuda where implemented)
   vdit-<backend>+rope    the same with the fused 3D RoPE (rope=Rope3D); FLOPs count attention only
-  vdit-triton+atomic-dq  bwd / fwd+bwd with the "atomic-dq" backward strategy (VDIT_ATTN_BWD:
-                         FlashAttention-2's one kernel with dQ added atomically) instead of
-                         the default "split" one
+  vdit-triton+split, vdit-triton+atomic-dq
+                         bwd / fwd+bwd with the backward strategy forced (VDIT_ATTN_BWD): the
+                         atomic-free two kernels, or FlashAttention-2's one kernel with dQ
+                         added atomically; vdit-triton itself uses the default ("auto": the
+                         faster of the two, timed on the first call)
   torch-varlen           torch.nn.attention.varlen.varlen_attn (CUDA)
   sdpa-padded            F.scaled_dot_product_attention on the pack padded to (B, H, max_seqlen, D)
                          with a key-padding mask; FLOPs counted unpadded, so padding shows as lost efficiency
@@ -86,14 +88,14 @@ def cases(device: str, quick: bool, workloads, providers=None):
                                            (x.q, x.k, x.v), mode)
                     add(f"vdit-{b}" + ("+rope" if with_rope else ""), make,
                         note="fused 3D RoPE" if with_rope else "")
-                if b == "triton" and grad:
-                    def make_atomic(mode=mode, grad=grad):
+                for strategy in (("split", "atomic-dq") if b == "triton" and grad else ()):
+                    def make_forced(mode=mode, grad=grad, strategy=strategy):
                         x = _Inputs(wl, device, grad)
                         prepared = backward_fn(lambda: vk.varlen_attention(x.q, x.k, x.v, x.cu, x.cu, x.max,
                                                                            x.max, backend="triton"),
                                                (x.q, x.k, x.v), mode)
-                        return with_env(prepared, VDIT_ATTN_BWD="atomic-dq")
-                    add("vdit-triton+atomic-dq", make_atomic, note="backward strategy atomic-dq")
+                        return with_env(prepared, VDIT_ATTN_BWD=strategy)
+                    add(f"vdit-triton+{strategy}", make_forced, note=f"backward strategy {strategy}")
 
             reason = peer_reason(device, "torch.nn.attention.varlen")
             if reason:

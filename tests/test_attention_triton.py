@@ -207,14 +207,37 @@ def test_noncontiguous_inputs():
 def test_backward_strategy_choice(monkeypatch):
     from vdit_kernels.triton import attention as A
 
+    monkeypatch.setattr(A, "_STRATEGY_CHOICE", {})
     monkeypatch.delenv("VDIT_ATTN_BWD", raising=False)
-    assert A.bwd_strategy(False) == "split"
+    assert A.bwd_strategy(False) == "split"  # auto with nothing to measure (CPU, float32)
+    timed = []
+
+    def measure():
+        timed.append(1)
+        return "atomic-dq"
+    assert A.bwd_strategy(False, key="k", measure=measure) == "atomic-dq"
+    assert A.bwd_strategy(False, key="k", measure=measure) == "atomic-dq" and len(timed) == 1  # cached
+    assert A.bwd_strategy(True, key="k", measure=measure) == "split"  # deterministic: no atomics
+    monkeypatch.setenv("VDIT_ATTN_BWD", "split")
+    assert A.bwd_strategy(False, key="k", measure=measure) == "split"
     monkeypatch.setenv("VDIT_ATTN_BWD", "atomic-dq")
     assert A.bwd_strategy(False) == "atomic-dq"
-    assert A.bwd_strategy(True) == "split"  # deterministic never uses atomics
     monkeypatch.setenv("VDIT_ATTN_BWD", "atomics")
     with pytest.raises(ValueError, match="VDIT_ATTN_BWD must be one of"):
         A.bwd_strategy(False)
+
+
+@gpu_only
+def test_auto_strategy_is_measured_once_gpu(monkeypatch):
+    from vdit_kernels.triton import attention as A
+
+    monkeypatch.setattr(A, "_STRATEGY_CHOICE", {})
+    monkeypatch.delenv("VDIT_ATTN_BWD", raising=False)
+    _check([300, 77], [300, 77], 4, 2, 128, torch.bfloat16)
+    (choice,) = A._STRATEGY_CHOICE.values()
+    assert choice in A.BWD_STRATEGIES
+    _check([64, 5], [64, 5], 4, 2, 128, torch.bfloat16)  # same key: no new measurement
+    assert len(A._STRATEGY_CHOICE) == 1
 
 
 def test_deterministic_bitwise(monkeypatch):

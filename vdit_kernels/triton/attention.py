@@ -29,9 +29,10 @@
 # Two backward strategies (bwd_strategy(), VDIT_ATTN_BWD): "split" = dK/dV kernel + dQ
 # kernel, no atomics, bitwise reproducible for a given tile choice, but P and dP are
 # recomputed twice (7 matrix products per block pair); "atomic-dq" = one kernel with
-# atomic dQ (5 products), whose float32 sums depend on the run order in the last bits.
-# "split" is the default until the GPU benchmark (provider vdit-triton+atomic-dq)
-# measures the other; deterministic=True always runs "split" with pinned tiles.
+# atomic dQ (5 products, but float32 atomics into dQ: their sums depend on the run order
+# in the last bits). By default ("auto") the first backward per (head dim, dtype, GQA
+# groups, GPU) times both, each with its own autotuned tiles, and keeps the faster;
+# deterministic=True always runs "split" with pinned tiles.
 # Tiles: (BLOCK_M queries, BLOCK_D) and (BLOCK_N keys, BLOCK_D); BLOCK_D = head dim rounded
 # up to a power of two (tl.arange needs one; 72, 80, 96 are masked). Head dims up to 256.
 # On a GPU the tiles are autotuned (triton.autotune, keyed on head dim, dtypes and GQA
@@ -55,6 +56,7 @@
 # kernels run on sm_80 and sm_90 with any Triton >= 3.0.
 from __future__ import annotations
 
+import logging
 import os
 
 import torch
@@ -65,6 +67,7 @@ from .. import backend as _backend
 from . import rope as triton_rope
 
 LOG2E = 1.4426950408889634
+_LOG = logging.getLogger("vdit_kernels")
 
 
 # -- helpers -----------------------------------------------------------------------------
@@ -540,17 +543,39 @@ _fused_tuned = triton.autotune(_configs("fused"), key=["D", "GROUPS"], reset_to_
 # 7 matrix products per block pair) and "atomic-dq" (FlashAttention-2's: one kernel, dQ
 # added atomically in float32: 5 products, run order dependent in the last bits).
 BWD_STRATEGIES = ("split", "atomic-dq")
+# the measured choice of "auto", per (head dim, dtype, GQA groups, device)
+_STRATEGY_CHOICE: dict = {}
 
 
-def bwd_strategy(deterministic: bool) -> str:
-    """The backward strategy of a call: "split" with deterministic=True, else
-    VDIT_ATTN_BWD (default "split", the one measured on H100 so far)."""
+def bwd_strategy(deterministic: bool, key=None, measure=None) -> str:
+    """The backward strategy of a call. deterministic=True: "split". Else VDIT_ATTN_BWD:
+    "split", "atomic-dq", or "auto" (the default): the faster of the two, timed once per
+    key by measure() -> name (a GPU run with both; see varlen_attention_bwd), and "split"
+    where nothing can be measured (measure None: CPU / interpreter, float32, autotuning
+    off, CUDA graph capture)."""
     if deterministic:
         return "split"
-    name = os.environ.get("VDIT_ATTN_BWD", "split")
-    if name not in BWD_STRATEGIES:
-        raise ValueError(f"VDIT_ATTN_BWD must be one of {BWD_STRATEGIES}, got {name!r}")
-    return name
+    name = os.environ.get("VDIT_ATTN_BWD", "auto")
+    if name not in BWD_STRATEGIES + ("auto",):
+        raise ValueError(f"VDIT_ATTN_BWD must be one of {BWD_STRATEGIES + ('auto',)}, got {name!r}")
+    if name != "auto":
+        return name
+    if measure is None:
+        return "split"
+    if key not in _STRATEGY_CHOICE:
+        _STRATEGY_CHOICE[key] = measure()
+    return _STRATEGY_CHOICE[key]
+
+
+def _fastest(runs: dict) -> str:
+    """Name of the fastest of {name: callable} on the GPU (triton's do_bench, L2 flushed)."""
+    import triton.testing
+
+    times = {name: triton.testing.do_bench(fn, warmup=5, rep=20) for name, fn in runs.items()}
+    best = min(times, key=times.get)
+    _LOG.info("attention backward strategy: %s (%s)", best,
+              ", ".join(f"{n} {t:.3f} ms" for n, t in times.items()))
+    return best
 
 
 def _launch(raw, tuned, tag, grid_of, args, tiles, fixed: bool, **constexprs):
@@ -640,11 +665,8 @@ def varlen_attention_bwd(grad_out, q, k, v, out, lse, grad_lse, cu_seqlens_q, cu
     # with rope, dq/dk are computed w.r.t. the rotated q/k in float32, then rotated back
     gdt_q = torch.float32 if rope is not None else q.dtype
     gdt_k = torch.float32 if rope is not None else k.dtype
-    dq = torch.zeros((nq, h, d), dtype=gdt_q, device=q.device)
-    dk = torch.zeros((nk, hk, d), dtype=gdt_k, device=k.device)
-    dv = torch.zeros((nk, hk, d), dtype=v.dtype, device=v.device)
     if nq == 0 or nk == 0 or h == 0 or nseg <= 0 or max_seqlen_q <= 0 or max_seqlen_k <= 0:
-        return dq.to(q.dtype), dk.to(k.dtype), dv
+        return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
     cu_q = cu_seqlens_q.to(torch.int32).contiguous()
     cu_k = cu_seqlens_k.to(torch.int32).contiguous()
     if rope is not None:  # the kernels run on the rotated q/k, as in the forward
@@ -666,30 +688,46 @@ def varlen_attention_bwd(grad_out, q, k, v, out, lse, grad_lse, cu_seqlens_q, cu
     if grad_lse is not None:
         # d lse_i / d S_ij = P_ij: a gradient into lse shifts the row term of dS = P (dP - delta)
         delta.sub_(grad_lse)
-    atomic = bwd_strategy(deterministic) == "atomic-dq"
-    if atomic and dq.dtype != torch.float32:
-        dq = torch.zeros((nq, h, d), dtype=torch.float32, device=q.device)  # the atomics' accumulator
-    common = dict(D=d, BLOCK_D=bd, IEEE=ieee, ROW_ALIGN=_row_align(q, k, v, grad_out, dq, dk, dv))
-    # -- dK, dV (and, atomic-dq, dQ): one key block x kv head --
-    args = (q, k, v, grad_out, lse, delta, dk, dv, dq, cu_q, cu_k,
-            q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
-            grad_out.stride(0), grad_out.stride(1), lse.stride(0),
-            dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1), dq.stride(0), dq.stride(1),
-            h // hk, scale, scale * LOG2E)
-    tag = "fused" if atomic else "dkdv"
-    _launch(_attn_bwd_dkdv_kernel, _fused_tuned if atomic else _dkdv_tuned, tag,
-            lambda meta: (triton.cdiv(max_seqlen_k, meta["BLOCK_N"]), hk, nseg), args,
-            _bwd_tiles(d, q.dtype, q.device, tag), fixed=deterministic, ATOMIC_DQ=atomic, **common)
-    # -- dQ: one query block x head --
-    if not atomic:
-        args = (q, k, v, grad_out, lse, delta, dq, cu_q, cu_k,
+    # the gradient buffers are fresh (tokens, heads, D) tensors: strides heads * D and D
+    row_align = _row_align(q, k, v, grad_out, torch.empty((0, h, d), device="meta"),
+                           torch.empty((0, hk, d), device="meta"))
+
+    def run(strategy: str):
+        """dq, dk, dv (fresh buffers) with one strategy's kernels."""
+        atomic = strategy == "atomic-dq"
+        # the atomics accumulate dq in float32
+        gq = torch.zeros((nq, h, d), dtype=torch.float32 if atomic else gdt_q, device=q.device)
+        gk = torch.zeros((nk, hk, d), dtype=gdt_k, device=k.device)
+        gv = torch.zeros((nk, hk, d), dtype=v.dtype, device=v.device)
+        common = dict(D=d, BLOCK_D=bd, IEEE=ieee, ROW_ALIGN=row_align)
+        # -- dK, dV (and, atomic-dq, dQ): one key block x kv head --
+        args = (q, k, v, grad_out, lse, delta, gk, gv, gq, cu_q, cu_k,
                 q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
                 grad_out.stride(0), grad_out.stride(1), lse.stride(0),
-                dq.stride(0), dq.stride(1),
+                gk.stride(0), gk.stride(1), gv.stride(0), gv.stride(1), gq.stride(0), gq.stride(1),
                 h // hk, scale, scale * LOG2E)
-        _launch(_attn_bwd_dq_kernel, _dq_tuned, "dq",
-                lambda meta: (triton.cdiv(max_seqlen_q, meta["BLOCK_M"]), h, nseg), args,
-                _bwd_tiles(d, q.dtype, q.device, "dq"), fixed=deterministic, **common)
+        tag = "fused" if atomic else "dkdv"
+        _launch(_attn_bwd_dkdv_kernel, _fused_tuned if atomic else _dkdv_tuned, tag,
+                lambda meta: (triton.cdiv(max_seqlen_k, meta["BLOCK_N"]), hk, nseg), args,
+                _bwd_tiles(d, q.dtype, q.device, tag), fixed=deterministic, ATOMIC_DQ=atomic, **common)
+        # -- dQ: one query block x head --
+        if not atomic:
+            args = (q, k, v, grad_out, lse, delta, gq, cu_q, cu_k,
+                    q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+                    grad_out.stride(0), grad_out.stride(1), lse.stride(0),
+                    gq.stride(0), gq.stride(1),
+                    h // hk, scale, scale * LOG2E)
+            _launch(_attn_bwd_dq_kernel, _dq_tuned, "dq",
+                    lambda meta: (triton.cdiv(max_seqlen_q, meta["BLOCK_M"]), h, nseg), args,
+                    _bwd_tiles(d, q.dtype, q.device, "dq"), fixed=deterministic, **common)
+        return gq, gk, gv
+
+    measurable = (q.is_cuda and _half_on_gpu(q.dtype, q.device) and _autotune_enabled()
+                  and not torch.cuda.is_current_stream_capturing())
+    strategy = bwd_strategy(deterministic, key=(d, q.dtype, h // hk, q.device),
+                            measure=(lambda: _fastest({s: (lambda s=s: run(s)) for s in BWD_STRATEGIES}))
+                            if measurable else None)
+    dq, dk, dv = run(strategy)
     if rope is not None:
         _rotate(dq, dk, rope, inverse=True, inplace=True)
     return dq.to(q.dtype), dk.to(k.dtype), dv
