@@ -33,8 +33,14 @@ def _run(cmd: list[str], timeout: int = 30) -> str:
     return f"exit {proc.returncode}\n    " + "\n    ".join(tail)
 
 
-def main() -> int:
+def main(argv=None) -> int:
+    import argparse
+
     import torch
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--no-gdb", action="store_true", help="skip the gdb backtrace (slow)")
+    args = parser.parse_args(argv)
 
     print("torch", torch.__version__, "CXX11 ABI:", torch.compiled_with_cxx11_abi())
     config = torch.__config__.show()
@@ -52,13 +58,13 @@ def main() -> int:
         print("_C not importable:", exc)
     for name, code in CASES.items():
         print(f"\n[{name}] ", _run([sys.executable, "-X", "faulthandler", "-c", code]))
-    gdb = shutil.which("gdb")
+    gdb = None if args.no_gdb else shutil.which("gdb")
     if gdb:
         print("\n[gdb backtrace of the CPU-tensor case]")
         print(_run([gdb, "-batch", "-ex", "run", "-ex", "bt 25", "--args", sys.executable, "-c",
                     CASES["vdit_C, CPU tensor"]], timeout=90))
     else:
-        print("\n(no gdb for a native backtrace)")
+        print("\n(no gdb backtrace: " + ("--no-gdb)" if args.no_gdb else "gdb not installed)"))
     return 0
 
 

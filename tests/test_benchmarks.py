@@ -186,7 +186,7 @@ def test_error_probe_reports_each_case():
     import sys
     from pathlib import Path
 
-    proc = subprocess.run([sys.executable, "-m", "benchmarks.error_probe"], cwd=Path(__file__).parents[1],
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.error_probe", "--no-gdb"], cwd=Path(__file__).parents[1],
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
     out = proc.stdout
