@@ -218,6 +218,8 @@ def test_backward_strategy_choice(monkeypatch):
     assert A.bwd_strategy(False, key="k", measure=measure) == "atomic-dq"
     assert A.bwd_strategy(False, key="k", measure=measure) == "atomic-dq" and len(timed) == 1  # cached
     assert A.bwd_strategy(True, key="k", measure=measure) == "split"  # deterministic: no atomics
+    assert A.bwd_strategy(False, key="k") == "atomic-dq"  # measured before: kept where it can't be timed
+    assert A.bwd_strategy(False, key="other") == "split"
     monkeypatch.setenv("VDIT_ATTN_BWD", "split")
     assert A.bwd_strategy(False, key="k", measure=measure) == "split"
     monkeypatch.setenv("VDIT_ATTN_BWD", "atomic-dq")

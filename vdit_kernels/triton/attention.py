@@ -551,8 +551,8 @@ def bwd_strategy(deterministic: bool, key=None, measure=None) -> str:
     """The backward strategy of a call. deterministic=True: "split". Else VDIT_ATTN_BWD:
     "split", "atomic-dq", or "auto" (the default): the faster of the two, timed once per
     key by measure() -> name (a GPU run with both; see varlen_attention_bwd), and "split"
-    where nothing can be measured (measure None: CPU / interpreter, float32, autotuning
-    off, CUDA graph capture)."""
+    where nothing was or can be measured (measure None: CPU / interpreter, float32,
+    autotuning off, CUDA graph capture)."""
     if deterministic:
         return "split"
     name = os.environ.get("VDIT_ATTN_BWD", "auto")
@@ -560,10 +560,11 @@ def bwd_strategy(deterministic: bool, key=None, measure=None) -> str:
         raise ValueError(f"VDIT_ATTN_BWD must be one of {BWD_STRATEGIES + ('auto',)}, got {name!r}")
     if name != "auto":
         return name
+    if key in _STRATEGY_CHOICE:  # measured before (e.g. before a CUDA graph capture)
+        return _STRATEGY_CHOICE[key]
     if measure is None:
         return "split"
-    if key not in _STRATEGY_CHOICE:
-        _STRATEGY_CHOICE[key] = measure()
+    _STRATEGY_CHOICE[key] = measure()
     return _STRATEGY_CHOICE[key]
 
 
