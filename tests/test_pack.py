@@ -1,6 +1,8 @@
 import pytest
 import torch
 
+import vdit_kernels as vk
+from conftest import DEVICE
 from vdit_kernels import VideoPack
 
 
@@ -58,3 +60,32 @@ def test_split_and_to():
     with pytest.raises(ValueError, match="rows"):
         pack.split(torch.arange(4))
     assert pack.to("cpu").cu_seqlens.tolist() == [0, 1, 3]
+
+
+def test_device_tables_are_cached_by_content(monkeypatch):
+    # launch tables: the same values reuse one tensor (no copy, and a CUDA graph replay
+    # reads the buffer it captured); the cache is an LRU of TABLE_CACHE_SIZE entries
+    from vdit_kernels import pack as P
+
+    monkeypatch.setattr(P, "_TABLES", type(P._TABLES)())
+    monkeypatch.setattr(P, "TABLE_CACHE_SIZE", 2)
+    a = P.device_table([1, 2, 3], "cpu")
+    assert P.device_table((1, 2, 3), "cpu") is a and a.tolist() == [1, 2, 3] and a.dtype == torch.int64
+    b = P.device_table([1, 2, 4], "cpu")
+    assert b is not a and b.tolist() == [1, 2, 4]
+    assert P.device_table([1, 2, 3], "cpu", dtype=torch.int32) is not a
+    assert len(P._TABLES) == 2 and P.device_table([1, 2, 4], "cpu") is b  # [1, 2, 3] int64 evicted
+    assert P.device_table([1, 2, 3], "cpu") is not a
+
+
+def test_patch_ops_reuse_their_launch_table(monkeypatch):
+    from vdit_kernels import pack as P
+
+    monkeypatch.setattr(P, "_TABLES", type(P._TABLES)())
+    pack = vk.VideoPack.from_shapes([(2, 4, 6), (1, 2, 2)], (1, 2, 2), device=DEVICE)
+    videos = [torch.randn(4, *s, device=DEVICE) for s in pack.shapes]
+    first = vk.patchify(videos, pack, backend="triton")
+    tables = len(P._TABLES)
+    assert tables >= 1
+    assert torch.equal(vk.patchify(videos, pack, backend="triton"), first)
+    assert len(P._TABLES) == tables  # same videos: the table was found, not rebuilt

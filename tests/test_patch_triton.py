@@ -147,3 +147,23 @@ def test_line_alignment_claims_only_what_holds():
     assert _line_align([video(4, 2, 6, 104)[..., ::2]], 64) == 0    # w stride 2: generic path
     assert _line_align([video(4, 2, 6, 26, dtype=torch.float32)], 64) == 8
     assert _line_align([video(4, 2, 6, 3, dtype=torch.float32)], 4) == 0  # 12 B rows: 4 B = 1 element
+
+
+@pytest.mark.skipif(DEVICE.type != "cuda", reason="needs a CUDA GPU (CUDA graph capture)")
+def test_cuda_graph_capture_and_replay():
+    # the launch table comes from pack.device_table: cached by content, and a new one is
+    # copied from pinned memory, so both a warm and a cold table can be captured
+    pack = vk.VideoPack.from_shapes([(2, 4, 6), (1, 2, 2)], (1, 2, 2), device=DEVICE)
+    videos = random_videos(pack, 4, torch.float32, seed=7)
+    vk.patchify(videos, pack, backend="triton")  # compile outside the capture
+    fresh = [v.clone() for v in videos]          # new pointers: a table first seen in capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        warm = vk.patchify(videos, pack, backend="triton")
+        cold = vk.patchify(fresh, pack, backend="triton")
+    for v, f in zip(videos, fresh):
+        v.normal_()
+        f.copy_(v * 2)
+    graph.replay()
+    expected = vk.patchify(videos, pack, backend="reference")
+    assert torch.equal(warm, expected) and torch.equal(cold, expected * 2)

@@ -15,6 +15,7 @@ video i's queries attend to text tokens cu_seqlens_k[i] : cu_seqlens_k[i+1].
 """
 from __future__ import annotations
 
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Optional, Sequence
 
@@ -39,6 +40,41 @@ def to_device(host: torch.Tensor, device) -> torch.Tensor:
     copy from pageable memory is staged by the driver before it returns, so `host` may
     be freed at once."""
     return host.to(device, non_blocking=True)
+
+
+# device_table: small launch tables by content (LRU), and the ones made during a CUDA
+# graph capture kept for good (a captured graph reads its table at every replay)
+_TABLES: "OrderedDict[tuple, tuple[torch.Tensor, torch.Tensor]]" = OrderedDict()
+_CAPTURED_TABLES: dict = {}
+TABLE_CACHE_SIZE = 256
+
+
+def device_table(values: Sequence[int], device, dtype=torch.int64) -> torch.Tensor:
+    """A small integer table (launch metadata: pointers, strides, offsets) on `device`,
+    cached by its content. The same values again (the same videos, as in a loop over
+    static buffers or a CUDA graph replay) reuse one device tensor and copy nothing; new
+    values are copied from pinned memory with a non-blocking copy, which a CUDA graph can
+    capture (a copy from pageable memory cannot be captured), and the cache keeps both
+    copies alive. Never write to the returned tensor."""
+    device = torch.device(device)
+    key = (device, dtype, tuple(int(v) for v in values))
+    hit = _TABLES.get(key) or _CAPTURED_TABLES.get(key)
+    if hit is not None:
+        if key in _TABLES:
+            _TABLES.move_to_end(key)
+        return hit[1]
+    host = torch.tensor(key[2], dtype=dtype)
+    capturing = device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+    if device.type == "cuda":
+        host = host.pin_memory()
+    entry = (host, host.to(device, non_blocking=True))
+    if capturing:
+        _CAPTURED_TABLES[key] = entry
+    else:
+        _TABLES[key] = entry
+        if len(_TABLES) > TABLE_CACHE_SIZE:
+            _TABLES.popitem(last=False)
+    return entry[1]
 
 
 def _cumsum_int32(lengths: Sequence[int], device) -> torch.Tensor:

@@ -32,8 +32,9 @@
 # the reverse. Grid (sum over videos of gt * gh * cdiv(gw, BLOCK_W),); ~4096 elements a
 # program (8 warps, ~30 registers); a partial last line masks along w.
 #
-# The host side builds ONE int64 table from Python ints (shapes, strides, data_ptr())
-# and copies it with a non-blocking host->device copy (pack.to_device): no stream sync.
+# The host side builds ONE int64 table from Python ints (shapes, strides, data_ptr());
+# pack.device_table caches it by content (the same videos again copy nothing) and copies a
+# new one from pinned memory without a stream sync, capturable in a CUDA graph.
 #
 # Fused GEMMs (patch embedding, the DiT output layer, and their backwards) reuse the same
 # table and the same per-block video lookup (_find_video / _token_offsets /
@@ -76,7 +77,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..pack import to_device
+from ..pack import device_table
 
 _META = 9  # int64 fields per video: ptr, strides c/t/h/w, first token, grid h/w/t
 
@@ -284,7 +285,7 @@ def _tables(videos: Sequence[torch.Tensor], patch_size: Sequence[int], block_t: 
         cu_blocks.append(cu_blocks[-1] + programs)
         rows.extend([v.data_ptr(), *v.stride(), tok, gh, gw, gt])
         tok += gt * gh * gw
-    return to_device(torch.tensor(cu_blocks + rows, dtype=torch.int64), device), cu_blocks[-1]
+    return device_table(cu_blocks + rows, device), cu_blocks[-1]
 
 
 _LINE_TILE = 4096  # elements of a line program's tile: 16 per thread at 8 warps
