@@ -160,7 +160,7 @@ _NUM_WARPS = 8
 
 
 def _meta(n: int, dims, heads: int, interleaved: bool, device: torch.device) -> tuple[dict, tuple]:
-    """Constexprs (HP, HPT, HPH, HPW, BLOCK_N, num_warps) and the grid for N tokens."""
+    """Constexprs (HP, HPT, HPH, HPW, BLOCK_N) and the grid (blocks, head groups) for N tokens."""
     hp_axes = [triton.next_power_of_2(max(d // 2, 1)) for d in dims]
     hp = triton.next_power_of_2(max(sum(dims) // 2, 1))
     d_padded = 2 * hp if interleaved else 2 * sum(hp_axes)
