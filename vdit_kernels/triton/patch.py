@@ -215,10 +215,12 @@ def _line_offsets(cu_blocks_ptr, meta_ptr, pid, B, PT: tl.constexpr, PH: tl.cons
 def _video_ptrs(base, off, dtype, BLOCK_W: tl.constexpr, PW: tl.constexpr, ALIGN: tl.constexpr):
     """Pointers of a line's video tile. ALIGN > 0 (bytes): the host checked that every row
     of the tile starts ALIGN-aligned and runs BLOCK_W*PW contiguous elements; the pointers
-    come from a table, so the compiler cannot see it without these hints (scalar accesses)."""
+    come from a table, so the compiler cannot see it without these hints (scalar accesses).
+    The hints say exactly that: along w, runs of BLOCK_W*PW whose first address is a
+    multiple of ALIGN; nothing along the rows."""
     ptrs = base.to(tl.pointer_type(dtype)) + off
     if ALIGN > 0:
-        ptrs = tl.max_contiguous(tl.multiple_of(ptrs, [ALIGN, ALIGN]), [1, BLOCK_W * PW])
+        ptrs = tl.max_contiguous(tl.multiple_of(ptrs, [1, ALIGN]), [1, BLOCK_W * PW])
     return ptrs
 
 
