@@ -20,9 +20,13 @@
 #                 registers into the pair members: 16-byte accesses for any split. Pair
 #                 slot p maps to its axis (and so its position and frequency) by where it
 #                 falls among dt/2, dh/2, dw/2.
-#   rotate-half:  pairs (c0 + j, c0 + j + d_a/2) of axis chunk a are two (BLOCK_N, HP_a)
-#                 tiles (HP_a = d_a/2 rounded up), as wide as their starts' alignment
-#                 allows (4 bytes for Wan's (44, 42, 42) in bf16).
+#   rotate-half:  where every half chunk starts 16-byte aligned, pairs (c0 + j,
+#                 c0 + j + d_a/2) of axis chunk a are two (BLOCK_N, HP_a) tiles (HP_a =
+#                 d_a/2 rounded up); otherwise (e.g. (44, 42, 42) in bf16: halves at 22,
+#                 65, 107 elements, 4-byte accesses at best) whole rows are loaded like
+#                 the interleaved case and each element's partner e +- d_a/2 is fetched
+#                 from registers with tl.gather (warp shuffles; cos and the signed sin
+#                 per element).
 # Padding is masked. The first version gathered each pair's two members with strided
 # scalar loads: 29% of copy bandwidth on H100, bound by instruction issue, not memory.
 # Tile: BLOCK_N * D_P ~ 4096 elements (D_P = the padded head dim), 16 per thread at 8
@@ -104,6 +108,47 @@ def _rotate_half_chunk(x_ptr, o_ptr, row_x, row_o, nmask, cos, sin,
 
 
 @triton.jit
+def _half_cos_sin(pos_ptr, n64, nmask, log2_theta,
+                  DT: tl.constexpr, DH: tl.constexpr, DW: tl.constexpr, DP: tl.constexpr,
+                  INVERSE: tl.constexpr):
+    """Rotate-half over whole rows: per element e (of DP, padded) its cos, its sin with
+    the pair member's sign folded in (-sin for the first half of an axis chunk, +sin for
+    the second), and the index of its partner e +- d_a/2 (e itself past D)."""
+    e = tl.arange(0, DP)
+    ax1 = (e >= DT).to(tl.int32)
+    ax2 = (e >= DT + DH).to(tl.int32)
+    d_a = tl.maximum(tl.where(ax2 == 1, DW, tl.where(ax1 == 1, DH, DT)), 2)
+    half = d_a // 2
+    i = e - ax1 * DT - ax2 * DH
+    first = i < half
+    j = tl.where(first, i, i - half)
+    partner = tl.where(e < DT + DH + DW, tl.where(first, e + half, e - half), e)
+    freq = tl.exp2(j.to(tl.float32) * (-2.0 / d_a.to(tl.float32)) * log2_theta)
+    pos_t = tl.load(pos_ptr + n64 * 3 + 0, mask=nmask, other=0.0)
+    pos_h = tl.load(pos_ptr + n64 * 3 + 1, mask=nmask, other=0.0)
+    pos_w = tl.load(pos_ptr + n64 * 3 + 2, mask=nmask, other=0.0)
+    pos = tl.where(ax2[None, :] == 1, pos_w[:, None],
+                   tl.where(ax1[None, :] == 1, pos_h[:, None], pos_t[:, None]))
+    angle = pos * freq[None, :]
+    sign = tl.where(first, -1.0, 1.0)
+    if INVERSE:
+        sign = -sign
+    return tl.cos(angle), tl.sin(angle) * sign[None, :], partner
+
+
+@triton.jit
+def _rotate_half_row(x_ptr, o_ptr, row_x, row_o, nmask, cos, sin_signed, partner,
+                     D: tl.constexpr, DP: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Rotate-half of whole head rows: one (BLOCK_N, DP) tile loaded with 16-byte vectors,
+    each element's partner fetched from registers (tl.gather: warp shuffles)."""
+    e = tl.arange(0, DP)[None, :]
+    mask = nmask[:, None] & (e < D)
+    x = tl.load(x_ptr + row_x + e, mask=mask, other=0.0).to(tl.float32)
+    p = tl.gather(x, tl.broadcast_to(partner[None, :], (BLOCK_N, DP)), axis=1)
+    tl.store(o_ptr + row_o + e, (x * cos + p * sin_signed).to(o_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
 def _rope_3d_kernel(
     q_ptr, k_ptr, qo_ptr, ko_ptr, pos_ptr,
     N, HQ, HK,
@@ -112,7 +157,7 @@ def _rope_3d_kernel(
     log2_theta,
     DT: tl.constexpr, DH: tl.constexpr, DW: tl.constexpr,
     HP: tl.constexpr, HPT: tl.constexpr, HPH: tl.constexpr, HPW: tl.constexpr,
-    BLOCK_N: tl.constexpr, INTERLEAVED: tl.constexpr, INVERSE: tl.constexpr,
+    BLOCK_N: tl.constexpr, INTERLEAVED: tl.constexpr, WHOLE_ROWS: tl.constexpr, INVERSE: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     pid_h = tl.program_id(1)
@@ -136,6 +181,17 @@ def _rope_3d_kernel(
                 h64 = tl.cast(hh - HQ, tl.int64)
                 _rotate_interleaved(k_ptr, ko_ptr, row_k + h64 * stride_kh, row_ko + h64 * stride_koh,
                                     nmask, cos, sin, DT + DH + DW, HP, BLOCK_N)
+    elif WHOLE_ROWS:
+        cos, sin, partner = _half_cos_sin(pos_ptr, n64, nmask, log2_theta, DT, DH, DW, 2 * HP, INVERSE)
+        for hh in range(pid_h, HQ + HK, num_g):
+            if hh < HQ:
+                h64 = tl.cast(hh, tl.int64)
+                _rotate_half_row(q_ptr, qo_ptr, row_q + h64 * stride_qh, row_qo + h64 * stride_qoh,
+                                 nmask, cos, sin, partner, DT + DH + DW, 2 * HP, BLOCK_N)
+            else:
+                h64 = tl.cast(hh - HQ, tl.int64)
+                _rotate_half_row(k_ptr, ko_ptr, row_k + h64 * stride_kh, row_ko + h64 * stride_koh,
+                                 nmask, cos, sin, partner, DT + DH + DW, 2 * HP, BLOCK_N)
     else:
         # HP* >= 1 even for an empty axis (tl.arange needs a power of two); unused then
         cos_t, sin_t = _axis_cos_sin(pos_ptr, n64, nmask, log2_theta, 0, max(DT, 2), HPT, INVERSE)
@@ -159,12 +215,30 @@ _TILE_ELEMENTS = 4096  # 16 elements per thread at 8 warps: two 16-byte vectors 
 _NUM_WARPS = 8
 
 
-def _meta(n: int, dims, heads: int, interleaved: bool, device: torch.device) -> tuple[dict, tuple]:
-    """Constexprs (HP, HPT, HPH, HPW, BLOCK_N) and the grid (blocks, head groups) for N tokens."""
+def _whole_rows(dims, interleaved: bool, element_size: int) -> bool:
+    """Rotate-half over whole rows (16-byte loads, partners by warp shuffles) unless every
+    half chunk starts 16-byte aligned, where the per-chunk tiles vectorize by themselves."""
+    if interleaved:
+        return False
+    starts, c0 = [], 0
+    for d in dims:
+        starts += [c0, c0 + d // 2]
+        c0 += d
+    return any(s * element_size % 16 for s in starts)
+
+
+def _meta(n: int, dims, heads: int, interleaved: bool, device: torch.device,
+          element_size: int = 2) -> tuple[dict, tuple]:
+    """Constexprs (HP, HPT, HPH, HPW, BLOCK_N, WHOLE_ROWS) and the grid (blocks, head
+    groups) for N tokens."""
     hp_axes = [triton.next_power_of_2(max(d // 2, 1)) for d in dims]
     hp = triton.next_power_of_2(max(sum(dims) // 2, 1))
-    d_padded = 2 * hp if interleaved else 2 * sum(hp_axes)
-    fit = 1 << max(0, (_TILE_ELEMENTS // d_padded).bit_length() - 1)  # a power of two
+    whole_rows = _whole_rows(dims, interleaved, element_size)
+    d_padded = 2 * hp if interleaved or whole_rows else 2 * sum(hp_axes)
+    # whole-row rotate-half holds cos and signed sin per element (not per pair): half the
+    # tile keeps it at ~60 registers (32 tokens: 112)
+    tile = _TILE_ELEMENTS // 2 if whole_rows else _TILE_ELEMENTS
+    fit = 1 << max(0, (tile // d_padded).bit_length() - 1)  # a power of two
     block_n = max(1, min(64, fit, triton.next_power_of_2(max(n, 1))))
     blocks = triton.cdiv(n, block_n)
     if device.type == "cuda":
@@ -174,7 +248,8 @@ def _meta(n: int, dims, heads: int, interleaved: bool, device: torch.device) -> 
     else:  # interpreter: few programs are fastest; 2 still exercises the head split
         target = 2
     groups = max(1, min(heads, triton.cdiv(target, blocks)))
-    meta = {"HP": hp, "HPT": hp_axes[0], "HPH": hp_axes[1], "HPW": hp_axes[2], "BLOCK_N": block_n}
+    meta = {"HP": hp, "HPT": hp_axes[0], "HPH": hp_axes[1], "HPW": hp_axes[2], "BLOCK_N": block_n,
+            "WHOLE_ROWS": whole_rows}
     return meta, (blocks, groups)
 
 
@@ -184,7 +259,7 @@ def _launch(q, k, qo, ko, positions, dims, theta, interleaved, inverse):
     if n == 0 or hq + hk == 0 or d == 0:
         return
     dt, dh, dw = (int(x) for x in dims)
-    meta, grid = _meta(n, (dt, dh, dw), hq + hk, bool(interleaved), q.device)
+    meta, grid = _meta(n, (dt, dh, dw), hq + hk, bool(interleaved), q.device, q.element_size())
     _rope_3d_kernel[grid](
         q, k, qo, ko, positions,
         n, hq, hk,
@@ -231,14 +306,14 @@ def aot_specs() -> list[dict]:
     # (dtype, dims, interleaved, widest access the layout allows: interleaved loads whole
     # 16-byte-aligned rows; rotate-half chunks are as aligned as their starts c0, c0 + d_a/2)
     for dtype, dims, interleaved, access in (("bf16", (44, 42, 42), True, 16), ("bf16", (16, 56, 56), True, 16),
-                                             ("bf16", (44, 42, 42), False, 0), ("fp16", (24, 24, 24), True, 16),
+                                             ("bf16", (44, 42, 42), False, 16), ("fp16", (24, 24, 24), True, 16),
                                              ("fp32", (32, 32, 32), False, 8)):
         sig = {name: f"*{dtype}" for name in ("q_ptr", "k_ptr", "qo_ptr", "ko_ptr")}
         sig.update({"pos_ptr": "*fp32", "N": "i32", "HQ": "i32", "HK": "i32"})
         sig.update({s: "i64" for s in ("stride_qn", "stride_qh", "stride_kn", "stride_kh",
                                        "stride_qon", "stride_qoh", "stride_kon", "stride_koh")})
         sig["log2_theta"] = "fp32"
-        meta, _ = _meta(1 << 20, dims, 48, interleaved, torch.device("cpu"))
+        meta, _ = _meta(1 << 20, dims, 48, interleaved, torch.device("cpu"), 4 if dtype == "fp32" else 2)
         constexprs = {"DT": dims[0], "DH": dims[1], "DW": dims[2], **meta,
                       "INTERLEAVED": interleaved, "INVERSE": False}
         sig.update({name: "constexpr" for name in constexprs})
