@@ -149,15 +149,11 @@ def test_zero_size_axes_and_many_heads():
             assert_verbose_close(ko, ke, name=f"k {dims}")
 
 
-@pytest.mark.parametrize("whole_rows", [True, False], ids=["whole-rows", "half-chunks"])
 @pytest.mark.parametrize("dims", [(16, 56, 56), (44, 42, 42), (0, 12, 20), (10, 0, 6)],
                          ids=lambda d: "x".join(map(str, d)))
-def test_rotate_half_both_layouts(monkeypatch, whole_rows, dims):
-    # rotate-half runs over whole rows (partners by tl.gather) or per half chunk, chosen
-    # by the chunks' alignment; both must match the reference, in both directions
-    from vdit_kernels.triton import rope as R
-
-    monkeypatch.setattr(R, "_whole_rows", lambda dims, interleaved, element_size: whole_rows)
+def test_rotate_half_partners_across_chunks(dims):
+    # rotate-half fetches each element's partner e +- d_a/2 inside its axis chunk from
+    # registers; odd half sizes and empty axes, forward and backward
     pack = _pack()
     q, k = _qk(pack.num_tokens, sum(dims), torch.float32, heads=3, kv_heads=2)
     (qo, ko), (qe, ke) = _both(q, k, pack, dims, theta=500.0, interleaved=False)
@@ -170,12 +166,3 @@ def test_rotate_half_both_layouts(monkeypatch, whole_rows, dims):
                                                backend="reference"), (q, k), (qo, ko))
     for a, e in zip(grads, exp):
         assert_verbose_close(a, e, name="grad")
-
-
-def test_whole_rows_choice():
-    from vdit_kernels.triton.rope import _whole_rows
-
-    assert not _whole_rows((44, 42, 42), True, 2)          # interleaved never needs it
-    assert _whole_rows((44, 42, 42), False, 2)             # halves start at 22, 65, ... elements
-    assert _whole_rows((16, 56, 56), False, 2)             # 44 elements = 88 bytes
-    assert not _whole_rows((32, 32, 32), False, 4)         # every half 64-byte aligned

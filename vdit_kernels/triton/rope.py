@@ -20,18 +20,17 @@
 #                 registers into the pair members: 16-byte accesses for any split. Pair
 #                 slot p maps to its axis (and so its position and frequency) by where it
 #                 falls among dt/2, dh/2, dw/2.
-#   rotate-half:  where every half chunk starts 16-byte aligned, pairs (c0 + j,
-#                 c0 + j + d_a/2) of axis chunk a are two (BLOCK_N, HP_a) tiles (HP_a =
-#                 d_a/2 rounded up); otherwise (e.g. (44, 42, 42) in bf16: halves at 22,
-#                 65, 107 elements, 4-byte accesses at best) whole rows are loaded like
-#                 the interleaved case and each element's partner e +- d_a/2 is fetched
-#                 from registers with tl.gather (warp shuffles; cos and the signed sin
-#                 per element).
+#   rotate-half:  the same whole-row tile; each element's partner e +- d_a/2 (pairs
+#                 (c0 + j, c0 + j + d_a/2) of axis chunk a) is fetched from registers with
+#                 tl.gather (warp shuffles), with cos and the member-signed sin per
+#                 element. Tiles per half chunk were as narrow as the chunks' alignment
+#                 (4-byte accesses for (44, 42, 42) in bf16: halves at 22, 65, 107).
 # Padding is masked. The first version gathered each pair's two members with strided
 # scalar loads: 29% of copy bandwidth on H100, bound by instruction issue, not memory.
 # Tile: BLOCK_N * D_P ~ 4096 elements (D_P = the padded head dim), 16 per thread at 8
-# warps, i.e. two 16-byte vectors of bf16 (~60 registers, spill-free on sm_90a; 4 warps
-# doubled the registers); cos and sin stay in registers across the head loop.
+# warps, i.e. two 16-byte vectors of bf16; rotate-half, whose cos/sin are per element,
+# 2048 (one vector a thread). ~60 registers either way, spill-free on sm_90a (4 warps
+# doubled them); cos and sin stay in registers across the head loop.
 from __future__ import annotations
 
 import math
@@ -39,20 +38,6 @@ import math
 import torch
 import triton
 import triton.language as tl
-
-
-@triton.jit
-def _axis_cos_sin(pos_ptr, n64, nmask, log2_theta,
-                  AXIS: tl.constexpr, D_A: tl.constexpr, HP: tl.constexpr, INVERSE: tl.constexpr):
-    """cos, sin (BLOCK_N, HP) float32 of the angles of axis chunk AXIS (size D_A)."""
-    j = tl.arange(0, HP).to(tl.float32)
-    freq = tl.exp2(j * (-2.0 / D_A) * log2_theta)
-    pos = tl.load(pos_ptr + n64 * 3 + AXIS, mask=nmask, other=0.0)
-    angle = pos[:, None] * freq[None, :]
-    sin = tl.sin(angle)
-    if INVERSE:
-        sin = -sin
-    return tl.cos(angle), sin
 
 
 @triton.jit
@@ -91,20 +76,6 @@ def _rotate_interleaved(x_ptr, o_ptr, row_x, row_o, nmask, cos, sin,
     x0, x1 = tl.split(tl.reshape(x, [BLOCK_N, HP, 2]))
     y = tl.reshape(tl.join(x0 * cos - x1 * sin, x1 * cos + x0 * sin), [BLOCK_N, 2 * HP])
     tl.store(o_ptr + row_o + e, y.to(o_ptr.dtype.element_ty), mask=mask)
-
-
-@triton.jit
-def _rotate_half_chunk(x_ptr, o_ptr, row_x, row_o, nmask, cos, sin,
-                       C0: tl.constexpr, D_A: tl.constexpr, HP: tl.constexpr):
-    """Rotate-half pairs (C0 + j, C0 + j + D_A/2) of one axis chunk: two contiguous tiles."""
-    if D_A > 0:
-        j = tl.arange(0, HP)[None, :]
-        mask = nmask[:, None] & (j < D_A // 2)
-        x0 = tl.load(x_ptr + row_x + C0 + j, mask=mask, other=0.0).to(tl.float32)
-        x1 = tl.load(x_ptr + row_x + (C0 + D_A // 2) + j, mask=mask, other=0.0).to(tl.float32)
-        tl.store(o_ptr + row_o + C0 + j, (x0 * cos - x1 * sin).to(o_ptr.dtype.element_ty), mask=mask)
-        tl.store(o_ptr + row_o + (C0 + D_A // 2) + j, (x1 * cos + x0 * sin).to(o_ptr.dtype.element_ty),
-                 mask=mask)
 
 
 @triton.jit
@@ -156,8 +127,7 @@ def _rope_3d_kernel(
     stride_qon, stride_qoh, stride_kon, stride_koh,
     log2_theta,
     DT: tl.constexpr, DH: tl.constexpr, DW: tl.constexpr,
-    HP: tl.constexpr, HPT: tl.constexpr, HPH: tl.constexpr, HPW: tl.constexpr,
-    BLOCK_N: tl.constexpr, INTERLEAVED: tl.constexpr, WHOLE_ROWS: tl.constexpr, INVERSE: tl.constexpr,
+    HP: tl.constexpr, BLOCK_N: tl.constexpr, INTERLEAVED: tl.constexpr, INVERSE: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     pid_h = tl.program_id(1)
@@ -181,7 +151,7 @@ def _rope_3d_kernel(
                 h64 = tl.cast(hh - HQ, tl.int64)
                 _rotate_interleaved(k_ptr, ko_ptr, row_k + h64 * stride_kh, row_ko + h64 * stride_koh,
                                     nmask, cos, sin, DT + DH + DW, HP, BLOCK_N)
-    elif WHOLE_ROWS:
+    else:
         cos, sin, partner = _half_cos_sin(pos_ptr, n64, nmask, log2_theta, DT, DH, DW, 2 * HP, INVERSE)
         for hh in range(pid_h, HQ + HK, num_g):
             if hh < HQ:
@@ -192,52 +162,19 @@ def _rope_3d_kernel(
                 h64 = tl.cast(hh - HQ, tl.int64)
                 _rotate_half_row(k_ptr, ko_ptr, row_k + h64 * stride_kh, row_ko + h64 * stride_koh,
                                  nmask, cos, sin, partner, DT + DH + DW, 2 * HP, BLOCK_N)
-    else:
-        # HP* >= 1 even for an empty axis (tl.arange needs a power of two); unused then
-        cos_t, sin_t = _axis_cos_sin(pos_ptr, n64, nmask, log2_theta, 0, max(DT, 2), HPT, INVERSE)
-        cos_h, sin_h = _axis_cos_sin(pos_ptr, n64, nmask, log2_theta, 1, max(DH, 2), HPH, INVERSE)
-        cos_w, sin_w = _axis_cos_sin(pos_ptr, n64, nmask, log2_theta, 2, max(DW, 2), HPW, INVERSE)
-        for hh in range(pid_h, HQ + HK, num_g):
-            if hh < HQ:
-                h64 = tl.cast(hh, tl.int64)
-                x_ptr, o_ptr = q_ptr, qo_ptr
-                row_x, row_o = row_q + h64 * stride_qh, row_qo + h64 * stride_qoh
-            else:
-                h64 = tl.cast(hh - HQ, tl.int64)
-                x_ptr, o_ptr = k_ptr, ko_ptr
-                row_x, row_o = row_k + h64 * stride_kh, row_ko + h64 * stride_koh
-            _rotate_half_chunk(x_ptr, o_ptr, row_x, row_o, nmask, cos_t, sin_t, 0, DT, HPT)
-            _rotate_half_chunk(x_ptr, o_ptr, row_x, row_o, nmask, cos_h, sin_h, DT, DH, HPH)
-            _rotate_half_chunk(x_ptr, o_ptr, row_x, row_o, nmask, cos_w, sin_w, DT + DH, DW, HPW)
 
 
 _TILE_ELEMENTS = 4096  # 16 elements per thread at 8 warps: two 16-byte vectors of bf16
 _NUM_WARPS = 8
 
 
-def _whole_rows(dims, interleaved: bool, element_size: int) -> bool:
-    """Rotate-half over whole rows (16-byte loads, partners by warp shuffles) unless every
-    half chunk starts 16-byte aligned, where the per-chunk tiles vectorize by themselves."""
-    if interleaved:
-        return False
-    starts, c0 = [], 0
-    for d in dims:
-        starts += [c0, c0 + d // 2]
-        c0 += d
-    return any(s * element_size % 16 for s in starts)
-
-
-def _meta(n: int, dims, heads: int, interleaved: bool, device: torch.device,
-          element_size: int = 2) -> tuple[dict, tuple]:
-    """Constexprs (HP, HPT, HPH, HPW, BLOCK_N, WHOLE_ROWS) and the grid (blocks, head
-    groups) for N tokens."""
-    hp_axes = [triton.next_power_of_2(max(d // 2, 1)) for d in dims]
+def _meta(n: int, dims, heads: int, interleaved: bool, device: torch.device) -> tuple[dict, tuple]:
+    """Constexprs (HP, BLOCK_N) and the grid (blocks, head groups) for N tokens."""
     hp = triton.next_power_of_2(max(sum(dims) // 2, 1))
-    whole_rows = _whole_rows(dims, interleaved, element_size)
-    d_padded = 2 * hp if interleaved or whole_rows else 2 * sum(hp_axes)
-    # whole-row rotate-half holds cos and signed sin per element (not per pair): half the
-    # tile keeps it at ~60 registers (32 tokens: 112)
-    tile = _TILE_ELEMENTS // 2 if whole_rows else _TILE_ELEMENTS
+    d_padded = 2 * hp
+    # rotate-half holds cos and the signed sin per element (not per pair): half the tile
+    # keeps it at ~60 registers (32 tokens: 112)
+    tile = _TILE_ELEMENTS if interleaved else _TILE_ELEMENTS // 2
     fit = 1 << max(0, (tile // d_padded).bit_length() - 1)  # a power of two
     block_n = max(1, min(64, fit, triton.next_power_of_2(max(n, 1))))
     blocks = triton.cdiv(n, block_n)
@@ -248,8 +185,7 @@ def _meta(n: int, dims, heads: int, interleaved: bool, device: torch.device,
     else:  # interpreter: few programs are fastest; 2 still exercises the head split
         target = 2
     groups = max(1, min(heads, triton.cdiv(target, blocks)))
-    meta = {"HP": hp, "HPT": hp_axes[0], "HPH": hp_axes[1], "HPW": hp_axes[2], "BLOCK_N": block_n,
-            "WHOLE_ROWS": whole_rows}
+    meta = {"HP": hp, "BLOCK_N": block_n}
     return meta, (blocks, groups)
 
 
@@ -259,7 +195,7 @@ def _launch(q, k, qo, ko, positions, dims, theta, interleaved, inverse):
     if n == 0 or hq + hk == 0 or d == 0:
         return
     dt, dh, dw = (int(x) for x in dims)
-    meta, grid = _meta(n, (dt, dh, dw), hq + hk, bool(interleaved), q.device, q.element_size())
+    meta, grid = _meta(n, (dt, dh, dw), hq + hk, bool(interleaved), q.device)
     _rope_3d_kernel[grid](
         q, k, qo, ko, positions,
         n, hq, hk,
@@ -303,21 +239,20 @@ def rope_3d_(q, k, positions, dims, theta, interleaved, inverse):
 def aot_specs() -> list[dict]:
     """Launch configurations for benchmarks/static_report.py (sm_90a, no GPU needed)."""
     specs = []
-    # (dtype, dims, interleaved, widest access the layout allows: interleaved loads whole
-    # 16-byte-aligned rows; rotate-half chunks are as aligned as their starts c0, c0 + d_a/2)
-    for dtype, dims, interleaved, access in (("bf16", (44, 42, 42), True, 16), ("bf16", (16, 56, 56), True, 16),
-                                             ("bf16", (44, 42, 42), False, 16), ("fp16", (24, 24, 24), True, 16),
-                                             ("fp32", (32, 32, 32), False, 8)):
+    # (dtype, dims, interleaved); every layout loads and stores whole rows: 16-byte accesses
+    for dtype, dims, interleaved in (("bf16", (44, 42, 42), True), ("bf16", (16, 56, 56), True),
+                                     ("bf16", (44, 42, 42), False), ("fp16", (24, 24, 24), True),
+                                     ("fp32", (32, 32, 32), False)):
         sig = {name: f"*{dtype}" for name in ("q_ptr", "k_ptr", "qo_ptr", "ko_ptr")}
         sig.update({"pos_ptr": "*fp32", "N": "i32", "HQ": "i32", "HK": "i32"})
         sig.update({s: "i64" for s in ("stride_qn", "stride_qh", "stride_kn", "stride_kh",
                                        "stride_qon", "stride_qoh", "stride_kon", "stride_koh")})
         sig["log2_theta"] = "fp32"
-        meta, _ = _meta(1 << 20, dims, 48, interleaved, torch.device("cpu"), 4 if dtype == "fp32" else 2)
+        meta, _ = _meta(1 << 20, dims, 48, interleaved, torch.device("cpu"))
         constexprs = {"DT": dims[0], "DH": dims[1], "DW": dims[2], **meta,
                       "INTERLEAVED": interleaved, "INVERSE": False}
         sig.update({name: "constexpr" for name in constexprs})
         specs.append({"name": f"rope_3d {dtype} dims={dims} {'interleaved' if interleaved else 'half'}",
                       "fn": _rope_3d_kernel, "signature": sig, "constexprs": constexprs,
-                      "num_warps": _NUM_WARPS, "min_access_bytes": access})
+                      "num_warps": _NUM_WARPS, "min_access_bytes": 16})
     return specs
