@@ -8,6 +8,9 @@ Providers:
                          atomic-free two kernels, or FlashAttention-2's one kernel with dQ
                          added atomically; vdit-triton itself uses the default ("auto": the
                          faster of the two, timed on the first call)
+  vdit-triton+pointers, vdit-triton+tma
+                         fwd / fwd+bwd with the forward's K/V reads forced (VDIT_ATTN_FWD):
+                         masked pointer loads, or TMA tensor descriptors (sm_90)
   torch-varlen           torch.nn.attention.varlen.varlen_attn (CUDA)
   sdpa-padded            F.scaled_dot_product_attention on the pack padded to (B, H, max_seqlen, D)
                          with a key-padding mask; FLOPs counted unpadded, so padding shows as lost efficiency
@@ -88,6 +91,14 @@ def cases(device: str, quick: bool, workloads, providers=None):
                                            (x.q, x.k, x.v), mode)
                     add(f"vdit-{b}" + ("+rope" if with_rope else ""), make,
                         note="fused 3D RoPE" if with_rope else "")
+                for variant in (("pointers", "tma") if b == "triton" and mode != "bwd" else ()):
+                    def make_fwd(mode=mode, grad=grad, variant=variant):
+                        x = _Inputs(wl, device, grad)
+                        prepared = backward_fn(lambda: vk.varlen_attention(x.q, x.k, x.v, x.cu, x.cu, x.max,
+                                                                           x.max, backend="triton"),
+                                               (x.q, x.k, x.v), mode)
+                        return with_env(prepared, VDIT_ATTN_FWD=variant)
+                    add(f"vdit-triton+{variant}", make_fwd, note=f"forward reads K/V by {variant}")
                 for strategy in (("split", "atomic-dq") if b == "triton" and grad else ()):
                     def make_forced(mode=mode, grad=grad, strategy=strategy):
                         x = _Inputs(wl, device, grad)

@@ -5,7 +5,8 @@ cuobjdump shipped with triton reads registers, shared memory and local-memory
 (spill) use from the cubin. Each Triton module of vdit_kernels lists the
 configurations it launches on a GPU in `aot_specs()`: a list of dicts with keys
 name, fn, signature, constexprs, num_warps, num_stages (optional) and
-expect_mma (True where the kernel should use tensor cores: wgmma on sm_90a),
+expect_mma (True where the kernel should use tensor cores: wgmma on sm_90a), expect_tma
+(True where it should read through TMA descriptors: cp.async.bulk.tensor),
 spill_budget (bytes, default 0; only for extra autotuning candidates, never a default) and
 min_access_bytes (memory-bound kernels: the widest global load and store must be at least
 this wide, e.g. 16 for 16-byte vectors).
@@ -110,6 +111,8 @@ def compile_spec(spec: dict) -> dict:
         "shared_bytes": int(kernel.metadata.shared),
         "num_warps": options["num_warps"],
         "wgmma": "wgmma" in ptx,
+        "tma": "cp.async.bulk.tensor" in ptx,
+        "expect_tma": bool(spec.get("expect_tma", False)),
         "mma": "mma.sync" in ptx or "wgmma" in ptx,
         "expect_mma": bool(spec.get("expect_mma", False)),
         "spill_budget": int(spec.get("spill_budget", 0)),
@@ -198,6 +201,8 @@ def problems(rows: list[dict]) -> list[str]:
                        + (f" (budget {r['spill_budget']} B)" if r.get("spill_budget") else ""))
         if r["expect_mma"] and not r["wgmma"]:
             out.append(f"{r['kernel']}: no wgmma instruction in the sm_90a PTX")
+        if r.get("expect_tma") and not r.get("tma"):
+            out.append(f"{r['kernel']}: no TMA copy (cp.async.bulk.tensor) in the sm_90a PTX")
         need = r.get("min_access_bytes", 0)
         if need and min(r["load_bytes"], r["store_bytes"]) < need:
             out.append(f"{r['kernel']}: widest global load/store {r['load_bytes']}/{r['store_bytes']} B, "

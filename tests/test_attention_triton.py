@@ -204,6 +204,54 @@ def test_noncontiguous_inputs():
     assert_verbose_close(out, exp, atol=1e-4, rtol=1e-4, name="out")
 
 
+@pytest.mark.skipif(DEVICE.type != "cpu", reason="forces the TMA forward under the interpreter")
+@pytest.mark.parametrize("dtype", DOT_DTYPES, ids=str)
+@pytest.mark.parametrize("d", [64, 128])
+def test_forward_through_tensor_descriptors(monkeypatch, dtype, d):
+    # K/V read by TMA descriptors: whole blocks, the rows past a segment being the next
+    # segment's keys (their scores -inf) or zeros past the end; GQA, empty key segments,
+    # cross-attention lengths
+    from vdit_kernels.triton import attention as A
+
+    monkeypatch.setenv("VDIT_ATTN_FWD", "tma")
+    launched = []
+    monkeypatch.setattr(A, "_kv_descriptors", lambda k, v, b, f=A._kv_descriptors: launched.append(b) or f(k, v, b))
+    _check([17, 0, 1, 40], [17, 0, 1, 40], 4, 2, d, dtype, grads=False)
+    _check([5, 9, 20], [3, 0, 33], 2, 1, d, dtype, grads=False)
+    assert launched
+
+
+@pytest.mark.skipif(DEVICE.type != "cpu", reason="drives the autotuner with a fake timer under the interpreter")
+def test_tma_forward_autotuner_sets_descriptor_blocks(monkeypatch):
+    from vdit_kernels.triton import attention as A
+
+    monkeypatch.setattr(A, "_half_on_gpu", lambda dtype, device: dtype == torch.float16)
+    monkeypatch.setenv("VDIT_ATTN_FWD", "tma")
+    monkeypatch.setenv("VDIT_ATTN_BWD", "split")
+    timed = {}
+    for tag, tuned in (("tma", A._fwd_tma_tuned), ("dkdv", A._dkdv_tuned), ("dq", A._dq_tuned)):
+        def fake_bench(kernel_call, quantiles, tag=tag):
+            kernel_call()
+            timed[tag] = timed.get(tag, 0) + 1
+            return [1.0 / timed[tag]] * 3
+        monkeypatch.setitem(tuned.__dict__, "do_bench", fake_bench)
+        monkeypatch.setattr(tuned, "cache", {})
+    _check([70, 3, 130], [70, 3, 130], 2, 1, 128, torch.float16)
+    assert timed["tma"] == len(A._fwd_tiles(128, torch.float16, torch.device("cuda")))
+
+
+def test_tma_layout_conditions():
+    from vdit_kernels.triton.attention import _tma_possible, fwd_variant
+
+    q = torch.empty(10, 4, 128)
+    assert _tma_possible(q, torch.empty(10, 2, 128), torch.empty(10, 2, 128))
+    assert not _tma_possible(q[..., :96], torch.empty(10, 2, 96), torch.empty(10, 2, 96))   # head dim 96
+    kv = torch.empty(10, 2, 256)[..., :128]                                               # head stride 256
+    assert not _tma_possible(q, kv, kv)
+    assert fwd_variant(False) == "pointers"
+    assert fwd_variant(True) == "pointers"  # auto with nothing measured
+
+
 def test_backward_strategy_choice(monkeypatch):
     from vdit_kernels.triton import attention as A
 

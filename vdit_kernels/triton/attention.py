@@ -51,9 +51,13 @@
 # softmax (FlashAttention-3's intra-warpgroup overlap) compiles under Triton 3.6 to
 # "wgmma.wait_group 0" after every product, i.e. no overlap, at +30 registers; that
 # overlap needs warp specialization.
-# Not used (yet): TMA descriptors and warp specialization. Both need Triton APIs that
-# changed between 3.2 and 3.6 and can only be validated on a GPU; the plain pointer
-# kernels run on sm_80 and sm_90 with any Triton >= 3.0.
+# TMA: on sm_90+ (and under the interpreter) the forward can read K and V through host
+# tensor descriptors over their (Nk, Hk*D) view (head dims 64 and 128, heads adjacent,
+# 16-byte aligned): the copy engine fetches whole (BLOCK_N, D) blocks and the kernel
+# computes no addresses (182 instead of 205 registers at 128 x 64, D = 128). Which
+# variant runs is fwd_variant() (VDIT_ATTN_FWD): by default the first forward per (head
+# dim, dtype, GQA groups, GPU) times both and keeps the faster. Warp specialization is
+# not used: Triton 3.6 ignores tl.range(warp_specialize=True) on sm_90.
 from __future__ import annotations
 
 import logging
@@ -62,6 +66,11 @@ import os
 import torch
 import triton
 import triton.language as tl
+
+try:  # host-side TMA descriptors (Triton >= 3.4)
+    from triton.tools.tensor_descriptor import TensorDescriptor
+except ImportError:  # pragma: no cover
+    TensorDescriptor = None
 
 from .. import backend as _backend
 from . import rope as triton_rope
@@ -149,14 +158,23 @@ def _q_rows(Q, DO, LSE, DELTA, tok_q, mmask, dmask, head, stride_qn, stride_qh,
 @triton.jit
 def _fwd_step(acc, l_i, m_i, q, K, V, first_k, offs_n, keys_left, kv_head,
               stride_kn, stride_kh, stride_vn, stride_vh, offs_d, dmask, scale_log2,
-              D: tl.constexpr, BLOCK_D: tl.constexpr, ROW_ALIGN: tl.constexpr, IEEE: tl.constexpr):
+              D: tl.constexpr, BLOCK_D: tl.constexpr, ROW_ALIGN: tl.constexpr, TMA: tl.constexpr,
+              IEEE: tl.constexpr):
     """One key block of the online softmax; m_i is kept in scaled base-2 units, so
     p = exp2(qk * scale_log2 - m) is one FMA and an exp2 per score. Keys offs_n >=
-    keys_left are past the segment: masked on load, and their scores set to -inf only in
-    the block that has any (a uniform branch; the other blocks skip the select)."""
+    keys_left are past the segment: their scores are set to -inf only in the block that
+    has any (a uniform branch; the other blocks skip the select). Pointers: those rows are
+    masked on load. TMA (K, V are (Nk, Hk*D) tensor descriptors): the copy engine reads
+    whole blocks, the rows past the segment being the next segment's keys (or zeros past
+    the end); their -inf scores give p = 0, so they add nothing."""
     nmask = offs_n < keys_left
-    k, v = _kv_tiles(K, V, first_k + offs_n, nmask, kv_head, stride_kn, stride_kh,
-                     stride_vn, stride_vh, offs_d, dmask, D, BLOCK_D, ROW_ALIGN)
+    if TMA:  # descriptor coordinates are 32-bit (N and Hk*D fit: host-checked)
+        col = (kv_head * D).to(tl.int32)
+        k = K.load([first_k.to(tl.int32), col])
+        v = V.load([first_k.to(tl.int32), col])
+    else:
+        k, v = _kv_tiles(K, V, first_k + offs_n, nmask, kv_head, stride_kn, stride_kh,
+                         stride_vn, stride_vh, offs_d, dmask, D, BLOCK_D, ROW_ALIGN)
     qk = _mm(q, tl.trans(k), IEEE)
     if keys_left < offs_n.shape[0]:
         qk = tl.where(nmask[None, :], qk, float("-inf"))
@@ -182,7 +200,7 @@ def _attn_fwd_kernel(
     GROUPS, scale_log2,
     D: tl.constexpr, BLOCK_D: tl.constexpr, ROW_ALIGN: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    IEEE: tl.constexpr,
+    TMA: tl.constexpr, IEEE: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     head = tl.program_id(1)
@@ -211,7 +229,7 @@ def _attn_fwd_kernel(
     for start_n in range(0, seqlen_k, BLOCK_N):
         acc, l_i, m_i = _fwd_step(acc, l_i, m_i, q, K, V, k_start + start_n, offs_n, seqlen_k - start_n,
                                   kv_head, stride_kn, stride_kh, stride_vn, stride_vh, offs_d, dmask,
-                                  scale_log2, D, BLOCK_D, ROW_ALIGN, IEEE)
+                                  scale_log2, D, BLOCK_D, ROW_ALIGN, TMA, IEEE)
 
     # -- epilogue: normalize, lse (natural log), -inf / 0 for an empty key segment --
     empty = l_i == 0.0
@@ -508,7 +526,7 @@ def _prune(tag: str):
     return prune
 
 
-def _configs(tag: str) -> list:
+def _configs(tag: str, pre_hook=None) -> list:
     tiles = _FWD_TILES if tag == "fwd" else _BWD_TILES[tag]
     out, seen = [], set()
     for cands in tiles.values():
@@ -516,8 +534,15 @@ def _configs(tag: str) -> list:
             if tile in seen:
                 continue
             seen.add(tile)
-            out.append(triton.Config(_tile_meta(tag, tile), num_warps=tile[2], num_stages=tile[3]))
+            out.append(triton.Config(_tile_meta(tag, tile), num_warps=tile[2], num_stages=tile[3],
+                                     pre_hook=pre_hook))
     return out
+
+
+def _set_kv_blocks(nargs) -> None:
+    """Autotuner pre_hook of the TMA forward: the K/V descriptors' block is the tile's."""
+    for name in ("K", "V"):
+        nargs[name].block_shape = [nargs["BLOCK_N"], nargs["D"]]
 
 
 def _tile_meta(tag: str, tile: tuple) -> dict:
@@ -532,6 +557,8 @@ def _tile_meta(tag: str, tile: tuple) -> dict:
 # outputs, so timing runs need no reset, except the atomic dQ accumulator (reset_to_zero).
 _fwd_tuned = triton.autotune(_configs("fwd"), key=["D", "GROUPS"],
                              prune_configs_by={"early_config_prune": _prune("fwd")})(_attn_fwd_kernel)
+_fwd_tma_tuned = triton.autotune(_configs("fwd", pre_hook=_set_kv_blocks), key=["D", "GROUPS"],
+                                 prune_configs_by={"early_config_prune": _prune("fwd")})(_attn_fwd_kernel)
 _dkdv_tuned = triton.autotune(_configs("dkdv"), key=["D", "GROUPS"],
                               prune_configs_by={"early_config_prune": _prune("dkdv")})(_attn_bwd_dkdv_kernel)
 _dq_tuned = triton.autotune(_configs("dq"), key=["D", "GROUPS"],
@@ -566,6 +593,50 @@ def bwd_strategy(deterministic: bool, key=None, measure=None) -> str:
         return "split"
     _STRATEGY_CHOICE[key] = measure()
     return _STRATEGY_CHOICE[key]
+
+
+FWD_VARIANTS = ("pointers", "tma")
+_FWD_CHOICE: dict = {}
+
+
+def fwd_variant(tma_possible: bool, key=None, measure=None) -> str:
+    """How the forward reads K and V: "pointers" (masked loads) or "tma" (tensor
+    descriptors: the Hopper copy engine). VDIT_ATTN_FWD: "pointers", "tma" (where the
+    layout allows it, else pointers: a speed option, not a different result) or "auto"
+    (the default: the faster of the two, timed once per key by measure(); "pointers"
+    where nothing was or can be measured)."""
+    name = os.environ.get("VDIT_ATTN_FWD", "auto")
+    if name not in FWD_VARIANTS + ("auto",):
+        raise ValueError(f"VDIT_ATTN_FWD must be one of {FWD_VARIANTS + ('auto',)}, got {name!r}")
+    if not tma_possible:
+        return "pointers"
+    if name != "auto":
+        return name
+    if key in _FWD_CHOICE:
+        return _FWD_CHOICE[key]
+    if measure is None:
+        return "pointers"
+    _FWD_CHOICE[key] = measure()
+    return _FWD_CHOICE[key]
+
+
+def _tma_possible(q, k, v) -> bool:
+    """K and V readable by (Nk, Hk*D) tensor descriptors: a power-of-two head dim of 64 or
+    128 (one box row per head), heads adjacent (head stride D), 16-byte aligned base and
+    token strides; on a GPU, compute capability 9+ (the interpreter runs them on CPU)."""
+    d = q.shape[2]
+    if TensorDescriptor is None or d not in (64, 128) or q.dtype == torch.float64:
+        return False
+    if q.is_cuda and torch.cuda.get_device_capability(q.device)[0] < 9:
+        return False
+    return all(t.stride(1) == d and t.data_ptr() % 16 == 0 and t.stride(0) * t.element_size() % 16 == 0
+               and 0 < t.shape[0] < 2 ** 31 for t in (k, v))
+
+
+def _kv_descriptors(k, v, block_n: int):
+    d = k.shape[2]
+    return tuple(TensorDescriptor(t, [t.shape[0], t.shape[1] * d], [t.stride(0), 1], [block_n, d])
+                 for t in (k, v))
 
 
 def _fastest(runs: dict) -> str:
@@ -641,14 +712,26 @@ def varlen_attention_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_
     cu_k = cu_seqlens_k.to(torch.int32).contiguous()
     if rope is not None:
         q, k = _rotate(q, k, rope, inverse=False)
-    args = (q, k, v, out, lse, cu_q, cu_k,
-            q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
-            out.stride(0), out.stride(1), lse.stride(0),
-            h // hk, float(softmax_scale) * LOG2E)
-    _launch(_attn_fwd_kernel, _fwd_tuned, "fwd",
-            lambda meta: (triton.cdiv(max_seqlen_q, meta["BLOCK_M"]), h, nseg), args,
-            _fwd_tiles(d, q.dtype, q.device), fixed=False, D=d, BLOCK_D=_block_d(d),
-            ROW_ALIGN=_row_align(q, k, v, out), IEEE=q.dtype in (torch.float32, torch.float64))
+    tiles = _fwd_tiles(d, q.dtype, q.device)
+    common = dict(D=d, BLOCK_D=_block_d(d), ROW_ALIGN=_row_align(q, k, v, out),
+                  IEEE=q.dtype in (torch.float32, torch.float64))
+
+    def run(variant: str):
+        tma = variant == "tma"
+        kk, vv = _kv_descriptors(k, v, tiles[0][1]) if tma else (k, v)
+        args = (q, kk, vv, out, lse, cu_q, cu_k,
+                q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+                out.stride(0), out.stride(1), lse.stride(0),
+                h // hk, float(softmax_scale) * LOG2E)
+        _launch(_attn_fwd_kernel, _fwd_tma_tuned if tma else _fwd_tuned, "fwd",
+                lambda meta: (triton.cdiv(max_seqlen_q, meta["BLOCK_M"]), h, nseg), args,
+                tiles, fixed=False, TMA=tma, **common)
+
+    measurable = (q.is_cuda and _half_on_gpu(q.dtype, q.device) and _autotune_enabled()
+                  and not torch.cuda.is_current_stream_capturing())
+    run(fwd_variant(_tma_possible(q, k, v), key=(d, q.dtype, h // hk, q.device),
+                    measure=(lambda: _fastest({n: (lambda n=n: run(n)) for n in FWD_VARIANTS}))
+                    if measurable else None))
     return out, lse
 
 
@@ -775,12 +858,17 @@ def aot_specs() -> list[dict]:
         unaligned = ["stride_lh"] + ([n for n in ("stride_qh", "stride_kh", "stride_vh", "stride_oh",
                                                    "stride_doh", "stride_dkh", "stride_dvh", "stride_dqh")]
                                      if d % 16 else [])
-        for bm, bn, w, st in _fwd_tiles(d, tdt, torch.device("cuda")):
-            ce = dict(base, BLOCK_M=bm, BLOCK_N=bn)
-            specs.append({"name": f"attn_fwd {tag} {bm}x{bn} w{w}s{st}", "fn": _attn_fwd_kernel,
-                          "signature": sig(dtype, fwd_sig, ce),
-                          "constexprs": ce, "num_warps": w, "num_stages": st, "expect_mma": mma,
-                          "unaligned_args": unaligned})
+        # the TMA variant where its layout condition can hold (head dims 64, 128)
+        for tma in ((False, True) if d in (64, 128) and dtype != "fp32" else (False,)):
+            for bm, bn, w, st in _fwd_tiles(d, tdt, torch.device("cuda")):
+                ce = dict(base, BLOCK_M=bm, BLOCK_N=bn, TMA=tma)
+                signature = sig(dtype, fwd_sig, ce)
+                if tma:
+                    signature.update({n: f"tensordesc<{dtype}[{bn},{d}]>" for n in ("K", "V")})
+                specs.append({"name": f"attn_fwd{'_tma' if tma else ''} {tag} {bm}x{bn} w{w}s{st}",
+                              "fn": _attn_fwd_kernel, "signature": signature,
+                              "constexprs": ce, "num_warps": w, "num_stages": st, "expect_mma": mma,
+                              "expect_tma": tma, "unaligned_args": unaligned})
         for kernel, atomic in (("dkdv", False), ("fused", True)):
             for i, (own, loop, w, st) in enumerate(_bwd_tiles(d, tdt, torch.device("cuda"), kernel)):
                 ce = dict(base, BLOCK_M=loop, BLOCK_N=own, ATOMIC_DQ=atomic)
