@@ -444,3 +444,18 @@ def test_row_alignment_hint_claims_only_what_holds():
     assert _row_align(torch.empty(10, 24, 72), torch.empty(10, 3, 20)) == 4
     assert _row_align(torch.empty(10, 5, 16)[:, :, :9]) == 8            # strides 80, 16
     assert _row_align(torch.empty(10, 2, 3, 9)[:, :, 0]) == 1           # token stride 54, head 27
+
+
+def test_measured_choice_skips_a_failing_variant(monkeypatch):
+    import triton.testing
+
+    from vdit_kernels.triton import attention as A
+
+    monkeypatch.setattr(triton.testing, "do_bench", lambda fn, warmup, rep: fn())
+
+    def broken():
+        raise RuntimeError("no TMA here")
+    assert A._fastest({"tma": broken, "pointers": lambda: 2.0}) == "pointers"
+    assert A._fastest({"a": lambda: 3.0, "b": lambda: 1.0}) == "b"
+    with pytest.raises(RuntimeError, match="no TMA here"):
+        A._fastest({"tma": broken})
