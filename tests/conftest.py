@@ -14,6 +14,13 @@ import torch
 HAS_CUDA = torch.cuda.is_available()
 if not HAS_CUDA:
     os.environ.setdefault("TRITON_INTERPRET", "1")
+else:
+    # tests check the numerics of the default tiles; each variant (backward strategy, TMA
+    # forward) is forced by its own tests, every candidate tile runs in
+    # test_gpu_tiles_under_the_interpreter, and autotuning plus the measured variant
+    # choice run in the benchmarks and in the tests that turn them on. Otherwise every
+    # new (head dim, dtype, GQA) key of the suite would compile and time ~25 configs.
+    os.environ.setdefault("VDIT_AUTOTUNE", "0")
 
 DEVICE = torch.device("cuda" if HAS_CUDA else "cpu")
 
