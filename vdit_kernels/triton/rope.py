@@ -41,82 +41,70 @@ import triton.language as tl
 
 
 @triton.jit
-def _pair_cos_sin(pos_ptr, n64, nmask, log2_theta,
-                  DT: tl.constexpr, DH: tl.constexpr, DW: tl.constexpr, HP: tl.constexpr,
-                  INVERSE: tl.constexpr):
-    """cos, sin (BLOCK_N, HP) float32 for the HP pair slots of the whole head (HP >= D/2):
-    slot p belongs to axis t, h or w by where p falls among DT/2, DH/2, DW/2."""
-    p = tl.arange(0, HP)
-    ax1 = (p >= DT // 2).to(tl.int32)
-    ax2 = (p >= DT // 2 + DH // 2).to(tl.int32)
-    j = p - ax1 * (DT // 2) - ax2 * (DH // 2)
-    d_a = tl.where(ax2 == 1, DW, tl.where(ax1 == 1, DH, DT))
-    d_a = tl.maximum(d_a, 2)  # padding slots (and empty axes) would divide by 0
+def _angles(pos_ptr, n64, nmask, log2_theta, ax1, ax2, j, d_a):
+    """(BLOCK_N, K) angles pos[n, axis] * theta^(-2j / d_a) of K slots (pair slots or
+    elements), each given its axis (ax1: past t, ax2: past h), in-chunk pair index j and
+    chunk size d_a (>= 2)."""
     freq = tl.exp2(j.to(tl.float32) * (-2.0 / d_a.to(tl.float32)) * log2_theta)
     pos_t = tl.load(pos_ptr + n64 * 3 + 0, mask=nmask, other=0.0)
     pos_h = tl.load(pos_ptr + n64 * 3 + 1, mask=nmask, other=0.0)
     pos_w = tl.load(pos_ptr + n64 * 3 + 2, mask=nmask, other=0.0)
     pos = tl.where(ax2[None, :] == 1, pos_w[:, None],
                    tl.where(ax1[None, :] == 1, pos_h[:, None], pos_t[:, None]))
-    angle = pos * freq[None, :]
-    sin = tl.sin(angle)
-    if INVERSE:
-        sin = -sin
-    return tl.cos(angle), sin
+    return pos * freq[None, :]
 
 
 @triton.jit
-def _rotate_interleaved(x_ptr, o_ptr, row_x, row_o, nmask, cos, sin,
-                        D: tl.constexpr, HP: tl.constexpr, BLOCK_N: tl.constexpr):
-    """Rotate the whole head of BLOCK_N rows (row_x / row_o: (BLOCK_N, 1) element offsets):
-    one contiguous (BLOCK_N, 2*HP) tile, split in registers into the pairs' members."""
-    e = tl.arange(0, 2 * HP)[None, :]
-    mask = nmask[:, None] & (e < D)
-    x = tl.load(x_ptr + row_x + e, mask=mask, other=0.0).to(tl.float32)
-    x0, x1 = tl.split(tl.reshape(x, [BLOCK_N, HP, 2]))
-    y = tl.reshape(tl.join(x0 * cos - x1 * sin, x1 * cos + x0 * sin), [BLOCK_N, 2 * HP])
-    tl.store(o_ptr + row_o + e, y.to(o_ptr.dtype.element_ty), mask=mask)
-
-
-@triton.jit
-def _half_cos_sin(pos_ptr, n64, nmask, log2_theta,
-                  DT: tl.constexpr, DH: tl.constexpr, DW: tl.constexpr, DP: tl.constexpr,
-                  INVERSE: tl.constexpr):
-    """Rotate-half over whole rows: per element e (of DP, padded) its cos, its sin with
-    the pair member's sign folded in (-sin for the first half of an axis chunk, +sin for
-    the second), and the index of its partner e +- d_a/2 (e itself past D)."""
-    e = tl.arange(0, DP)
-    ax1 = (e >= DT).to(tl.int32)
-    ax2 = (e >= DT + DH).to(tl.int32)
+def _tables(pos_ptr, n64, nmask, log2_theta,
+            DT: tl.constexpr, DH: tl.constexpr, DW: tl.constexpr, HP: tl.constexpr,
+            INTERLEAVED: tl.constexpr, INVERSE: tl.constexpr):
+    """What every head of a token block shares, kept in registers across the head loop.
+    Interleaved: cos, sin (BLOCK_N, HP) of the HP pair slots (HP >= D/2); slot p belongs
+    to axis t, h or w by where it falls among DT/2, DH/2, DW/2. Rotate-half: per element
+    e of the 2*HP padded row its cos, its sin with the pair member's sign folded in (-sin
+    for the first half of an axis chunk, +sin for the second), and the index of its
+    partner e +- d_a/2 (e itself past D). INVERSE negates the sines."""
+    if INTERLEAVED:
+        k = tl.arange(0, HP)
+        ax1 = (k >= DT // 2).to(tl.int32)
+        ax2 = (k >= DT // 2 + DH // 2).to(tl.int32)
+        j = k - ax1 * (DT // 2) - ax2 * (DH // 2)
+        sign = tl.full([HP], 1.0, tl.float32)
+        partner = k  # unused: the pairs are split in registers
+    else:
+        k = tl.arange(0, 2 * HP)
+        ax1 = (k >= DT).to(tl.int32)
+        ax2 = (k >= DT + DH).to(tl.int32)
+        half = tl.maximum(tl.where(ax2 == 1, DW, tl.where(ax1 == 1, DH, DT)), 2) // 2
+        i = k - ax1 * DT - ax2 * DH
+        first = i < half
+        j = tl.where(first, i, i - half)
+        sign = tl.where(first, -1.0, 1.0)
+        partner = tl.where(k < DT + DH + DW, tl.where(first, k + half, k - half), k)
+    # padding slots (and empty axes) get d_a = 2: no division by 0
     d_a = tl.maximum(tl.where(ax2 == 1, DW, tl.where(ax1 == 1, DH, DT)), 2)
-    half = d_a // 2
-    i = e - ax1 * DT - ax2 * DH
-    first = i < half
-    j = tl.where(first, i, i - half)
-    partner = tl.where(e < DT + DH + DW, tl.where(first, e + half, e - half), e)
-    freq = tl.exp2(j.to(tl.float32) * (-2.0 / d_a.to(tl.float32)) * log2_theta)
-    pos_t = tl.load(pos_ptr + n64 * 3 + 0, mask=nmask, other=0.0)
-    pos_h = tl.load(pos_ptr + n64 * 3 + 1, mask=nmask, other=0.0)
-    pos_w = tl.load(pos_ptr + n64 * 3 + 2, mask=nmask, other=0.0)
-    pos = tl.where(ax2[None, :] == 1, pos_w[:, None],
-                   tl.where(ax1[None, :] == 1, pos_h[:, None], pos_t[:, None]))
-    angle = pos * freq[None, :]
-    sign = tl.where(first, -1.0, 1.0)
+    angle = _angles(pos_ptr, n64, nmask, log2_theta, ax1, ax2, j, d_a)
     if INVERSE:
         sign = -sign
     return tl.cos(angle), tl.sin(angle) * sign[None, :], partner
 
 
 @triton.jit
-def _rotate_half_row(x_ptr, o_ptr, row_x, row_o, nmask, cos, sin_signed, partner,
-                     D: tl.constexpr, DP: tl.constexpr, BLOCK_N: tl.constexpr):
-    """Rotate-half of whole head rows: one (BLOCK_N, DP) tile loaded with 16-byte vectors,
-    each element's partner fetched from registers (tl.gather: warp shuffles)."""
-    e = tl.arange(0, DP)[None, :]
+def _rotate_rows(x_ptr, o_ptr, row_x, row_o, nmask, cos, sin, partner,
+                 D: tl.constexpr, HP: tl.constexpr, BLOCK_N: tl.constexpr, INTERLEAVED: tl.constexpr):
+    """Rotate the whole head of BLOCK_N rows (row_x / row_o: (BLOCK_N, 1) element offsets):
+    one contiguous (BLOCK_N, 2*HP) tile loaded with 16-byte vectors. Interleaved: split in
+    registers into the pairs' members. Rotate-half: each element's partner fetched from
+    registers (tl.gather: warp shuffles)."""
+    e = tl.arange(0, 2 * HP)[None, :]
     mask = nmask[:, None] & (e < D)
     x = tl.load(x_ptr + row_x + e, mask=mask, other=0.0).to(tl.float32)
-    p = tl.gather(x, tl.broadcast_to(partner[None, :], (BLOCK_N, DP)), axis=1)
-    tl.store(o_ptr + row_o + e, (x * cos + p * sin_signed).to(o_ptr.dtype.element_ty), mask=mask)
+    if INTERLEAVED:
+        x0, x1 = tl.split(tl.reshape(x, [BLOCK_N, HP, 2]))
+        y = tl.reshape(tl.join(x0 * cos - x1 * sin, x1 * cos + x0 * sin), [BLOCK_N, 2 * HP])
+    else:
+        y = x * cos + tl.gather(x, tl.broadcast_to(partner[None, :], (BLOCK_N, 2 * HP)), axis=1) * sin
+    tl.store(o_ptr + row_o + e, y.to(o_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -136,32 +124,18 @@ def _rope_3d_kernel(
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     nmask = offs_n < N
     n64 = offs_n.to(tl.int64)
-    row_q = n64[:, None] * stride_qn
-    row_qo = n64[:, None] * stride_qon
-    row_k = n64[:, None] * stride_kn
-    row_ko = n64[:, None] * stride_kon
-    if INTERLEAVED:
-        cos, sin = _pair_cos_sin(pos_ptr, n64, nmask, log2_theta, DT, DH, DW, HP, INVERSE)
-        for hh in range(pid_h, HQ + HK, num_g):
-            if hh < HQ:
-                h64 = tl.cast(hh, tl.int64)
-                _rotate_interleaved(q_ptr, qo_ptr, row_q + h64 * stride_qh, row_qo + h64 * stride_qoh,
-                                    nmask, cos, sin, DT + DH + DW, HP, BLOCK_N)
-            else:
-                h64 = tl.cast(hh - HQ, tl.int64)
-                _rotate_interleaved(k_ptr, ko_ptr, row_k + h64 * stride_kh, row_ko + h64 * stride_koh,
-                                    nmask, cos, sin, DT + DH + DW, HP, BLOCK_N)
-    else:
-        cos, sin, partner = _half_cos_sin(pos_ptr, n64, nmask, log2_theta, DT, DH, DW, 2 * HP, INVERSE)
-        for hh in range(pid_h, HQ + HK, num_g):
-            if hh < HQ:
-                h64 = tl.cast(hh, tl.int64)
-                _rotate_half_row(q_ptr, qo_ptr, row_q + h64 * stride_qh, row_qo + h64 * stride_qoh,
-                                 nmask, cos, sin, partner, DT + DH + DW, 2 * HP, BLOCK_N)
-            else:
-                h64 = tl.cast(hh - HQ, tl.int64)
-                _rotate_half_row(k_ptr, ko_ptr, row_k + h64 * stride_kh, row_ko + h64 * stride_koh,
-                                 nmask, cos, sin, partner, DT + DH + DW, 2 * HP, BLOCK_N)
+    cos, sin, partner = _tables(pos_ptr, n64, nmask, log2_theta, DT, DH, DW, HP, INTERLEAVED, INVERSE)
+    for hh in range(pid_h, HQ + HK, num_g):
+        if hh < HQ:
+            h64 = tl.cast(hh, tl.int64)
+            _rotate_rows(q_ptr, qo_ptr, n64[:, None] * stride_qn + h64 * stride_qh,
+                         n64[:, None] * stride_qon + h64 * stride_qoh, nmask, cos, sin, partner,
+                         DT + DH + DW, HP, BLOCK_N, INTERLEAVED)
+        else:
+            h64 = tl.cast(hh - HQ, tl.int64)
+            _rotate_rows(k_ptr, ko_ptr, n64[:, None] * stride_kn + h64 * stride_kh,
+                         n64[:, None] * stride_kon + h64 * stride_koh, nmask, cos, sin, partner,
+                         DT + DH + DW, HP, BLOCK_N, INTERLEAVED)
 
 
 _TILE_ELEMENTS = 4096  # 16 elements per thread at 8 warps: two 16-byte vectors of bf16
