@@ -91,22 +91,20 @@ def cases(device: str, quick: bool, workloads, providers=None):
                                            (x.q, x.k, x.v), mode)
                     add(f"vdit-{b}" + ("+rope" if with_rope else ""), make,
                         note="fused 3D RoPE" if with_rope else "")
-                for variant in (("pointers", "tma") if b == "triton" and mode != "bwd" else ()):
-                    def make_fwd(mode=mode, grad=grad, variant=variant):
+                # forced variants of the Triton backend (the default picks by measuring)
+                forced = []
+                if b == "triton" and mode != "bwd":
+                    forced += [("VDIT_ATTN_FWD", v, f"forward reads K/V by {v}") for v in ("pointers", "tma")]
+                if b == "triton" and grad:
+                    forced += [("VDIT_ATTN_BWD", s, f"backward strategy {s}") for s in ("split", "atomic-dq")]
+                for env, value, note in forced:
+                    def make_forced(mode=mode, grad=grad, env=env, value=value):
                         x = _Inputs(wl, device, grad)
                         prepared = backward_fn(lambda: vk.varlen_attention(x.q, x.k, x.v, x.cu, x.cu, x.max,
                                                                            x.max, backend="triton"),
                                                (x.q, x.k, x.v), mode)
-                        return with_env(prepared, VDIT_ATTN_FWD=variant)
-                    add(f"vdit-triton+{variant}", make_fwd, note=f"forward reads K/V by {variant}")
-                for strategy in (("split", "atomic-dq") if b == "triton" and grad else ()):
-                    def make_forced(mode=mode, grad=grad, strategy=strategy):
-                        x = _Inputs(wl, device, grad)
-                        prepared = backward_fn(lambda: vk.varlen_attention(x.q, x.k, x.v, x.cu, x.cu, x.max,
-                                                                           x.max, backend="triton"),
-                                               (x.q, x.k, x.v), mode)
-                        return with_env(prepared, VDIT_ATTN_BWD=strategy)
-                    add(f"vdit-triton+{strategy}", make_forced, note=f"backward strategy {strategy}")
+                        return with_env(prepared, **{env: value})
+                    add(f"vdit-triton+{value}", make_forced, note=note)
 
             reason = peer_reason(device, "torch.nn.attention.varlen")
             if reason:
