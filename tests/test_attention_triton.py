@@ -227,14 +227,7 @@ def test_tma_forward_autotuner_sets_descriptor_blocks(monkeypatch):
     monkeypatch.setattr(A, "_half_on_gpu", lambda dtype, device: dtype == torch.float16)
     monkeypatch.setenv("VDIT_ATTN_FWD", "tma")
     monkeypatch.setenv("VDIT_ATTN_BWD", "split")
-    timed = {}
-    for tag, tuned in (("tma", A._fwd_tma_tuned), ("dkdv", A._dkdv_tuned), ("dq", A._dq_tuned)):
-        def fake_bench(kernel_call, quantiles, tag=tag):
-            kernel_call()
-            timed[tag] = timed.get(tag, 0) + 1
-            return [1.0 / timed[tag]] * 3
-        monkeypatch.setitem(tuned.__dict__, "do_bench", fake_bench)
-        monkeypatch.setattr(tuned, "cache", {})
+    timed = _fake_autotune_timers(monkeypatch, tma=A._fwd_tma_tuned, dkdv=A._dkdv_tuned, dq=A._dq_tuned)
     _check([70, 3, 130], [70, 3, 130], 2, 1, 128, torch.float16)
     assert timed["tma"] == len(A._fwd_tiles(128, torch.float16, torch.device("cuda")))
 
@@ -368,15 +361,8 @@ def test_gpu_tiles_under_the_interpreter(monkeypatch, d, rope_dims, strategy):
 
     monkeypatch.setattr(A, "_half_on_gpu", lambda dtype, device: dtype == torch.float16)
     monkeypatch.setenv("VDIT_ATTN_BWD", strategy)
-    timed = {}
-    for tag, tuned in (("fwd", A._fwd_tuned), ("dkdv", A._dkdv_tuned), ("dq", A._dq_tuned),
-                       ("fused", A._fused_tuned)):
-        def fake_bench(kernel_call, quantiles, tag=tag):
-            kernel_call()
-            timed[tag] = timed.get(tag, 0) + 1
-            return [1.0 / timed[tag]] * 3
-        monkeypatch.setitem(tuned.__dict__, "do_bench", fake_bench)
-        monkeypatch.setattr(tuned, "cache", {})
+    timed = _fake_autotune_timers(monkeypatch, fwd=A._fwd_tuned, dkdv=A._dkdv_tuned, dq=A._dq_tuned,
+                                  fused=A._fused_tuned)
     lens = [70, 3, 130]
     _check(lens, lens, 2, 1, d, torch.float16, seed=4, rope_dims=rope_dims)
     n_fwd = len(A._fwd_tiles(d, torch.float16, torch.device("cuda")))
@@ -386,6 +372,20 @@ def test_gpu_tiles_under_the_interpreter(monkeypatch, d, rope_dims, strategy):
         assert timed.get(tag, 0) == (n_bwd if n_bwd > 1 else 0), tag
     unused = {"fused"} if strategy == "split" else {"dkdv", "dq"}
     assert not unused & set(timed), "the other strategy's kernels ran"
+
+
+def _fake_autotune_timers(monkeypatch, **tuners) -> dict:
+    """Give each autotuner (by tag) a fake timer that runs the candidate and ranks the last
+    one timed best, with an empty cache; returns {tag: candidates timed}."""
+    timed = {}
+    for tag, tuned in tuners.items():
+        def fake_bench(kernel_call, quantiles, tag=tag):
+            kernel_call()
+            timed[tag] = timed.get(tag, 0) + 1
+            return [1.0 / timed[tag]] * 3
+        monkeypatch.setitem(tuned.__dict__, "do_bench", fake_bench)
+        monkeypatch.setattr(tuned, "cache", {})
+    return timed
 
 
 def _rows_reference(q, k, v, rows, scale):
