@@ -73,6 +73,7 @@ except ImportError:  # pragma: no cover
     TensorDescriptor = None
 
 from .. import backend as _backend
+from . import pow2_dividing
 from . import rope as triton_rope
 
 LOG2E = 1.4426950408889634
@@ -569,55 +570,54 @@ _fused_tuned = triton.autotune(_configs("fused"), key=["D", "GROUPS"], reset_to_
 # Backward strategies: "split" (dK/dV kernel + dQ kernel, no atomics, P recomputed twice:
 # 7 matrix products per block pair) and "atomic-dq" (FlashAttention-2's: one kernel, dQ
 # added atomically in float32: 5 products, run order dependent in the last bits).
+def _measured_choice(env: str, options: tuple, cache: dict, key, measure, possible: bool = True) -> str:
+    """The variant a call runs: the environment variable `env` names one of `options`
+    (a speed option: where it is not `possible` the first option runs, with the same
+    result) or "auto" (the default): the variant measure() found fastest, timed once per
+    key and cached; the first option where nothing was or can be measured (measure None:
+    CPU / interpreter, float32, autotuning off, inside a CUDA graph capture)."""
+    name = os.environ.get(env, "auto")
+    if name not in options + ("auto",):
+        raise ValueError(f"{env} must be one of {options + ('auto',)}, got {name!r}")
+    if not possible:
+        return options[0]
+    if name != "auto":
+        return name
+    if key not in cache:  # (a choice measured before stays, e.g. during a graph capture)
+        if measure is None:
+            return options[0]
+        cache[key] = measure()
+    return cache[key]
+
+
+# backward strategies ("split": no atomics, the fallback) and forward K/V reads
+# ("pointers": the fallback); the measured choices of "auto", per (head dim, dtype, GQA
+# groups, device)
 BWD_STRATEGIES = ("split", "atomic-dq")
-# the measured choice of "auto", per (head dim, dtype, GQA groups, device)
+FWD_VARIANTS = ("pointers", "tma")
 _STRATEGY_CHOICE: dict = {}
+_FWD_CHOICE: dict = {}
 
 
 def bwd_strategy(deterministic: bool, key=None, measure=None) -> str:
-    """The backward strategy of a call. deterministic=True: "split". Else VDIT_ATTN_BWD:
-    "split", "atomic-dq", or "auto" (the default): the faster of the two, timed once per
-    key by measure() -> name (a GPU run with both; see varlen_attention_bwd), and "split"
-    where nothing was or can be measured (measure None: CPU / interpreter, float32,
-    autotuning off, CUDA graph capture)."""
+    """The backward strategy of a call: "split" with deterministic=True, else VDIT_ATTN_BWD
+    ("split", "atomic-dq" or "auto"; see _measured_choice)."""
     if deterministic:
         return "split"
-    name = os.environ.get("VDIT_ATTN_BWD", "auto")
-    if name not in BWD_STRATEGIES + ("auto",):
-        raise ValueError(f"VDIT_ATTN_BWD must be one of {BWD_STRATEGIES + ('auto',)}, got {name!r}")
-    if name != "auto":
-        return name
-    if key in _STRATEGY_CHOICE:  # measured before (e.g. before a CUDA graph capture)
-        return _STRATEGY_CHOICE[key]
-    if measure is None:
-        return "split"
-    _STRATEGY_CHOICE[key] = measure()
-    return _STRATEGY_CHOICE[key]
-
-
-FWD_VARIANTS = ("pointers", "tma")
-_FWD_CHOICE: dict = {}
+    return _measured_choice("VDIT_ATTN_BWD", BWD_STRATEGIES, _STRATEGY_CHOICE, key, measure)
 
 
 def fwd_variant(tma_possible: bool, key=None, measure=None) -> str:
     """How the forward reads K and V: "pointers" (masked loads) or "tma" (tensor
-    descriptors: the Hopper copy engine). VDIT_ATTN_FWD: "pointers", "tma" (where the
-    layout allows it, else pointers: a speed option, not a different result) or "auto"
-    (the default: the faster of the two, timed once per key by measure(); "pointers"
-    where nothing was or can be measured)."""
-    name = os.environ.get("VDIT_ATTN_FWD", "auto")
-    if name not in FWD_VARIANTS + ("auto",):
-        raise ValueError(f"VDIT_ATTN_FWD must be one of {FWD_VARIANTS + ('auto',)}, got {name!r}")
-    if not tma_possible:
-        return "pointers"
-    if name != "auto":
-        return name
-    if key in _FWD_CHOICE:
-        return _FWD_CHOICE[key]
-    if measure is None:
-        return "pointers"
-    _FWD_CHOICE[key] = measure()
-    return _FWD_CHOICE[key]
+    descriptors: the Hopper copy engine), by VDIT_ATTN_FWD ("pointers", "tma" or "auto";
+    see _measured_choice); "pointers" wherever the layout rules TMA out."""
+    return _measured_choice("VDIT_ATTN_FWD", FWD_VARIANTS, _FWD_CHOICE, key, measure, tma_possible)
+
+
+def _can_measure(q) -> bool:
+    """Whether a call may time its variants (autotuned half-precision GPU runs)."""
+    return (q.is_cuda and _half_on_gpu(q.dtype, q.device) and _autotune_enabled()
+            and not torch.cuda.is_current_stream_capturing())
 
 
 def _tma_possible(q, k, v) -> bool:
@@ -669,15 +669,11 @@ def _launch(raw, tuned, tag, grid_of, args, tiles, fixed: bool, **constexprs):
         tuned[grid_of](*args, **constexprs)
 
 
-def _row_align(*tensors: torch.Tensor) -> int:
+def _row_align(*tensors: torch.Tensor, strides: tuple = ()) -> int:
     """ROW_ALIGN of the kernels: the largest power of two up to 8 dividing every token and
-    head stride (elements) of the (tokens, heads, D) tensors a launch touches."""
-    align = 8
-    for t in tensors:
-        for stride in t.stride()[:2]:
-            while align > 1 and stride % align:
-                align //= 2
-    return align
+    head stride (elements) of the (tokens, heads, D) tensors a launch touches, and `strides`
+    (those of buffers not yet allocated)."""
+    return pow2_dividing([s for t in tensors for s in t.stride()[:2]] + list(strides), 8)
 
 
 def _last_dim_contiguous(x: torch.Tensor) -> torch.Tensor:
@@ -736,11 +732,9 @@ def varlen_attention_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_
                 lambda meta: (triton.cdiv(max_seqlen_q, meta["BLOCK_M"]), h, nseg), args,
                 tiles, fixed=False, TMA=tma, **common)
 
-    measurable = (q.is_cuda and _half_on_gpu(q.dtype, q.device) and _autotune_enabled()
-                  and not torch.cuda.is_current_stream_capturing())
     run(fwd_variant(_tma_possible(q, k, v), key=(d, q.dtype, h // hk, q.device),
                     measure=(lambda: _fastest({n: (lambda n=n: run(n)) for n in FWD_VARIANTS}))
-                    if measurable else None))
+                    if _can_measure(q) else None))
     return out, lse
 
 
@@ -782,8 +776,7 @@ def varlen_attention_bwd(grad_out, q, k, v, out, lse, grad_lse, cu_seqlens_q, cu
         # d lse_i / d S_ij = P_ij: a gradient into lse shifts the row term of dS = P (dP - delta)
         delta.sub_(grad_lse)
     # the gradient buffers are fresh (tokens, heads, D) tensors: strides heads * D and D
-    row_align = _row_align(q, k, v, grad_out, torch.empty((0, h, d), device="meta"),
-                           torch.empty((0, hk, d), device="meta"))
+    row_align = _row_align(q, k, v, grad_out, strides=(h * d, hk * d, d))
 
     def run(strategy: str):
         """dq, dk, dv (fresh buffers) with one strategy's kernels."""
@@ -815,11 +808,9 @@ def varlen_attention_bwd(grad_out, q, k, v, out, lse, grad_lse, cu_seqlens_q, cu
                     _bwd_tiles(d, q.dtype, q.device, "dq"), fixed=deterministic, **common)
         return gq, gk, gv
 
-    measurable = (q.is_cuda and _half_on_gpu(q.dtype, q.device) and _autotune_enabled()
-                  and not torch.cuda.is_current_stream_capturing())
     strategy = bwd_strategy(deterministic, key=(d, q.dtype, h // hk, q.device),
                             measure=(lambda: _fastest({s: (lambda s=s: run(s)) for s in BWD_STRATEGIES}))
-                            if measurable else None)
+                            if _can_measure(q) else None)
     dq, dk, dv = run(strategy)
     if rope is not None:
         _rotate(dq, dk, rope, inverse=True, inplace=True)

@@ -78,6 +78,7 @@ import triton
 import triton.language as tl
 
 from ..pack import device_table
+from . import pow2_dividing
 
 _META = 9  # int64 fields per video: ptr, strides c/t/h/w, first token, grid h/w/t
 
@@ -311,13 +312,10 @@ def _line_align(videos, line_elements: int) -> int:
     starts at data_ptr + (c*s_c + t*s_t + h*s_h + w0*pw) elements, w0*pw a multiple of
     line_elements."""
     elt = videos[0].element_size()
-    align = 16
-    for v in videos:
-        if v.stride(3) != 1 and v.shape[3] > 1:
-            return 0
-        for value in (v.data_ptr(), *(s * elt for s in v.stride()[:3]), line_elements * elt):
-            while align > 1 and value % align:
-                align //= 2
+    if any(v.stride(3) != 1 and v.shape[3] > 1 for v in videos):
+        return 0
+    align = pow2_dividing([line_elements * elt] + [x for v in videos
+                                                   for x in (v.data_ptr(), *(s * elt for s in v.stride()[:3]))], 16)
     return align if align > elt else 0  # one element per access: no hint needed
 
 
