@@ -12,9 +12,11 @@ import torch
 
 pytest.importorskip("diffusers")
 
-from diffusers import CogVideoXTransformer3DModel, WanTransformer3DModel  # noqa: E402
+from diffusers import (CogVideoXTransformer3DModel, HunyuanVideoTransformer3DModel,  # noqa: E402
+                       WanTransformer3DModel)
 from diffusers.models.attention_processor import CogVideoXAttnProcessor2_0  # noqa: E402
 from diffusers.models.embeddings import get_3d_rotary_pos_embed  # noqa: E402
+from diffusers.models.transformers.transformer_hunyuan_video import HunyuanVideoAttnProcessor2_0  # noqa: E402
 from diffusers.models.transformers.transformer_wan import WanAttnProcessor  # noqa: E402
 
 import vdit_kernels.integrations.diffusers as vkd  # noqa: E402
@@ -155,6 +157,126 @@ def test_attention_mask_raises():
         attn(x)
 
 
+def tiny_hunyuan():
+    torch.manual_seed(0)
+    # head_dim 16 -> rope split (4, 6, 6); 2 dual-stream and 2 single-stream blocks
+    return HunyuanVideoTransformer3DModel(
+        in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=16, num_layers=2,
+        num_single_layers=2, num_refiner_layers=1, patch_size=2, patch_size_t=1, text_embed_dim=16,
+        pooled_projection_dim=8, rope_axes_dim=(4, 6, 6)).eval()
+
+
+def hunyuan_inputs(valid_text=(7, 4)):
+    """Two samples, grid (3, 3, 4) = 36 video tokens; 9 prompt slots, the first valid_text[b] real."""
+    g = torch.Generator().manual_seed(1)
+    latents = torch.randn(2, 4, 3, 6, 8, generator=g)
+    mask = torch.stack([torch.arange(9) < n for n in valid_text]).long()
+    kw = dict(timestep=torch.tensor([10, 700]), encoder_hidden_states=torch.randn(2, 9, 16, generator=g),
+              encoder_attention_mask=mask, pooled_projections=torch.randn(2, 8, generator=g),
+              guidance=torch.tensor([3000.0, 3000.0]))
+    return latents, kw
+
+
+def run_hunyuan(model, latents, kw):
+    x = latents.clone().requires_grad_(True)
+    out = model(x, **kw).sample
+    model.zero_grad()
+    (out * torch.randn(out.shape, generator=torch.Generator().manual_seed(2))).sum().backward()
+    grads = (x.grad, model.transformer_blocks[0].attn.to_q.weight.grad.clone(),
+             model.single_transformer_blocks[1].attn.to_k.weight.grad.clone())
+    return out.detach(), grads
+
+
+def assert_hunyuan_same(ours, theirs, name):
+    assert_verbose_close(ours[0], theirs[0], ATOL, RTOL, name=f"{name} output")
+    for what, a, b in zip(("latents", "dual to_q", "single to_k"), ours[1], theirs[1]):
+        assert_verbose_close(a, b, ATOL, RTOL, name=f"{name} grad {what}")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_hunyuan_matches_diffusers(backend):
+    """Padded prompts (7 and 4 of 9 tokens real): the key-padding mask as segment offsets."""
+    model = tiny_hunyuan()
+    latents, kw = hunyuan_inputs()
+    expected = run_hunyuan(model, latents, kw)
+    use_vdit_attention(model, backend=backend)
+    procs = model.attn_processors
+    assert isinstance(procs["transformer_blocks.0.attn.processor"], vkd.HunyuanVideoVarlenAttnProcessor)
+    assert isinstance(procs["single_transformer_blocks.1.attn.processor"],
+                      vkd.HunyuanVideoVarlenAttnProcessor)
+    # the prompt refiner (text only, query-and-key mask) keeps diffusers' processor
+    assert not isinstance(procs["context_embedder.token_refiner.refiner_blocks.0.attn.processor"],
+                          vkd.HunyuanVideoVarlenAttnProcessor)
+    assert_hunyuan_same(run_hunyuan(model, latents, kw), expected, f"hunyuan/{backend}")
+
+
+def test_hunyuan_rope_fused_and_mask_as_segments(monkeypatch):
+    """Each layer: one call, 2B segments (sample b's 45 queries vs its 36 + n_b keys, then its
+    padding keys with no queries), Rope3D over [grid; text at 0] with HunyuanVideo's theta 256."""
+    calls = []
+    real = vkd.varlen_attention
+
+    def spy(q, k, v, cu_q, cu_k, *args, rope=None, **kwargs):
+        calls.append((cu_q.tolist(), cu_k.tolist(), rope))
+        return real(q, k, v, cu_q, cu_k, *args, rope=rope, **kwargs)
+
+    monkeypatch.setattr(vkd, "varlen_attention", spy)
+    model = use_vdit_attention(tiny_hunyuan(), backend="reference")
+    latents, kw = hunyuan_inputs()
+    with torch.no_grad():
+        model(latents, **kw)
+    assert len(calls) == 4  # 2 dual + 2 single blocks; the refiner is not ours
+    grid = torch.stack(torch.meshgrid(torch.arange(3.0), torch.arange(3.0), torch.arange(4.0),
+                                      indexing="ij"), -1).reshape(-1, 3)
+    positions = torch.cat([grid, torch.zeros(9, 3)]).repeat(2, 1)
+    for cu_q, cu_k, rope in calls:
+        assert cu_q == [0, 45, 45, 90, 90]
+        assert cu_k == [0, 36 + 7, 45, 45 + 36 + 4, 90]
+        assert isinstance(rope, Rope3D) and rope.dims == (4, 6, 6) and rope.theta == 256.0
+        assert rope.interleaved
+        torch.testing.assert_close(rope.positions, positions, rtol=0, atol=0)
+
+
+def test_hunyuan_unhooked_rotates_in_pytorch():
+    """Processors set by hand (no rope hook): diffusers' rotation of the video tokens, same output."""
+    model = tiny_hunyuan()
+    latents, kw = hunyuan_inputs(valid_text=(9, 1))
+    expected = run_hunyuan(model, latents, kw)
+    processor = vkd.HunyuanVideoVarlenAttnProcessor(backend="reference")
+    for block in list(model.transformer_blocks) + list(model.single_transformer_blocks):
+        block.attn.set_processor(processor)
+    assert_hunyuan_same(run_hunyuan(model, latents, kw), expected, "hunyuan/unfused")
+
+
+def test_hunyuan_mask_must_be_a_key_prefix():
+    model = use_vdit_attention(tiny_hunyuan(), backend="reference")
+    attn = model.single_transformer_blocks[0].attn
+    x, text = torch.randn(2, 5, 32), torch.randn(2, 3, 32)
+    gaps = torch.ones(2, 1, 1, 8, dtype=torch.bool)
+    gaps[0, ..., 2] = False
+    with pytest.raises(ValueError, match="prefix"):
+        attn(x, text, gaps)
+    with pytest.raises(ValueError, match="key-padding mask"):
+        attn(x, text, torch.ones(2, 1, 8, 8, dtype=torch.bool))
+    prefix = torch.ones(2, 1, 1, 8, dtype=torch.bool)
+    prefix[1, ..., 6:] = False
+    attn(x, text, prefix)  # a prefix is accepted; its key lengths are cached for the next layer
+    assert attn.processor._mask_cache[2].tolist() == [8, 6]
+    prefix[1, ..., 3] = False  # edited in place: the cache sees the new version and re-checks
+    with pytest.raises(ValueError, match="prefix"):
+        attn(x, text, prefix)
+
+
+def test_hunyuan_rope_formula_check():
+    model = tiny_hunyuan()
+    assert vkd.hunyuan_rope_mismatch(model.rope) is None
+    model.rope.theta = 10000.0  # the module computes with 10000; the check compares with it
+    assert vkd.hunyuan_rope_mismatch(model.rope) is None
+    grid = torch.zeros(24, 3)
+    cos, sin = model.rope(torch.empty(1, 1, 2, 6, 8))
+    assert "differs" in vkd.rope_table_mismatch(cos, sin, grid, (4, 6, 6), 10000.0)
+
+
 def tiny_cogvideox():
     torch.manual_seed(0)
     # head_dim 16 -> CogVideoX's rope split (4, 6, 6)
@@ -191,7 +313,7 @@ def test_cogvideox_matches_diffusers(backend):
 
 
 def test_unsupported_model_raises():
-    with pytest.raises(TypeError, match="WanTransformer3DModel"):
+    with pytest.raises(TypeError, match="HunyuanVideoTransformer3DModel"):
         use_vdit_attention(torch.nn.Linear(2, 2))
 
 

@@ -1,4 +1,4 @@
-"""Run diffusers' video transformers on vdit_kernels' attention, with Wan's 3D RoPE fused.
+"""Run diffusers' video transformers on vdit_kernels' attention (Wan's and HunyuanVideo's 3D RoPE fused).
 
     import torch, diffusers
     from vdit_kernels.integrations.diffusers import use_vdit_attention
@@ -28,7 +28,7 @@ Wan (WanTransformer3DModel, WanVACETransformer3DModel: layers of class WanAttent
   vk.Rope3D(positions=grid indices, dims=(t, h, w), theta=10000, interleaved=True).
   use_vdit_attention checks the model's rope table against that formula, then hooks
   model.rope so that the (cos, sin) it returns carry the token positions
-  (WanRotaryEmb); self-attention then passes rope=Rope3D(...) to varlen_attention,
+  (GridRotaryEmb); self-attention then passes rope=Rope3D(...) to varlen_attention,
   which rotates q and k as it loads them (no separate RoPE pass). A processor set by
   hand (model.set_attn_processor(WanVarlenAttnProcessor())) receives plain (cos, sin)
   instead: it rotates q and k in PyTorch with Wan's own formula and calls
@@ -46,14 +46,25 @@ CogVideoX (CogVideoXTransformer3DModel)
   interleaved with dims (D/4, 3D/8, 3D/8)), text tokens at position (0, 0, 0), the
   identity rotation.
 
+HunyuanVideo (HunyuanVideoTransformer3DModel, T2V and token-replace I2V)
+  Joint attention over [video; text] tokens (dual-stream blocks project the two streams
+  separately, single-stream blocks together), with a key-padding mask [B, 1, 1, N]: the
+  valid keys of sample b are its first n_b tokens (all video tokens, then the prompt's
+  real tokens). That is varlen metadata, no mask needed: 2B segments, sample b's N
+  queries against keys [bN, bN + n_b), then an empty query segment over its padding
+  keys, so q, k and v stay where they are and cu_seqlens_k comes from mask.sum(1) on the
+  device. Padded query rows attend to the valid keys, as with diffusers' masked SDPA.
+  The mask is checked once per mask tensor to be such a prefix (anything else raises).
+  HunyuanVideoRotaryPosEmbed (theta 256, dims (16, 56, 56), interleaved pairs, integer
+  patch-grid positions) is a Rope3D; text tokens get position (0, 0, 0), the identity
+  rotation, so the joint sequence is rotated inside varlen_attention. The hook on
+  model.rope is installed after checking the module's (cos, sin) against Rope3D's
+  formula. The token refiner (2 layers over the <= 256 prompt tokens, a query-and-key
+  mask) keeps diffusers' own processor: it is a negligible share of the step.
+
 Not supported
-  HunyuanVideo: every layer gets a key-padding mask for the padded prompt tokens
-  ([B, 1, 1, N]; the token refiner another one). Supporting it needs the mask turned
-  into varlen metadata - keys packed to each sample's valid [video; text] tokens with
-  cu_seqlens_k from mask.sum(1), queries left whole - and a processor for the token
-  refiner. Its RoPE (theta 256, dims (16, 56, 56), interleaved, integer grid positions)
-  is a Rope3D, with text tokens at position (0, 0, 0).
-  Attention masks: Wan and CogVideoX never pass one; a mask raises ValueError rather
+  Attention masks: Wan and CogVideoX never pass one; a mask there (or a HunyuanVideo mask
+  that is not a key prefix) raises ValueError rather
   than being ignored. Context parallelism (processor._parallel_config) raises
   NotImplementedError. diffusers' set_attention_backend(...) conflicts with these
   processors and raises; the vdit_kernels backend is chosen with backend= (or
@@ -63,6 +74,7 @@ Not supported
 from __future__ import annotations
 
 import warnings
+import weakref
 from typing import Optional
 
 import torch
@@ -85,7 +97,7 @@ class _VarlenProcessor:
         self.backend = backend
         self.deterministic = deterministic
 
-    def _check(self, attention_mask) -> None:
+    def _check(self, attention_mask=None) -> None:
         name = type(self).__name__
         if attention_mask is not None:
             shape = tuple(attention_mask.shape) if isinstance(attention_mask, Tensor) else attention_mask
@@ -104,12 +116,22 @@ class _VarlenProcessor:
                 "use_vdit_attention(model, backend=...) instead (or reset the processor's "
                 "_attention_backend to None).")
 
-    def _attend(self, q: Tensor, k: Tensor, v: Tensor, rope: Optional[Rope3D] = None) -> Tensor:
-        """q (B, Lq, H, D), k/v (B, Lk, Hk, D) -> (B, Lq, H*D): sample b's queries see its keys."""
+    def _attend(self, q: Tensor, k: Tensor, v: Tensor, rope: Optional[Rope3D] = None,
+                key_lengths: Optional[Tensor] = None) -> Tensor:
+        """q (B, Lq, H, D), k/v (B, Lk, Hk, D) -> (B, Lq, H*D): sample b's queries see its keys,
+        or only its first key_lengths[b] keys (int32 (B,) on the device; needs Lq == Lk)."""
         b, lq, h, d = q.shape
         lk, hk = k.shape[1], k.shape[2]
-        cu_q = torch.arange(b + 1, dtype=torch.int32, device=q.device) * lq
-        cu_k = cu_q if lk == lq else torch.arange(b + 1, dtype=torch.int32, device=q.device) * lk
+        starts_q = torch.arange(b + 1, dtype=torch.int32, device=q.device) * lq
+        if key_lengths is not None:
+            # segment 2b: sample b's queries, keys [b*L, b*L + n_b); segment 2b+1: no
+            # queries, the padding keys. Nothing moves; cu_seqlens_k stays on the device.
+            cu_q = starts_q.repeat_interleave(2)[1:]
+            cu_k = torch.cat([starts_q[:1], torch.stack([starts_q[:-1] + key_lengths,
+                                                          starts_q[1:]], dim=1).flatten()])
+        else:
+            cu_q = starts_q
+            cu_k = cu_q if lk == lq else torch.arange(b + 1, dtype=torch.int32, device=q.device) * lk
         out = varlen_attention(q.reshape(b * lq, h, d).contiguous(),
                                k.reshape(b * lk, hk, d).contiguous(),
                                v.reshape(b * lk, hk, d).contiguous(),
@@ -120,11 +142,13 @@ class _VarlenProcessor:
 
 # -- Wan ----------------------------------------------------------------------------------
 
-class WanRotaryEmb(tuple):
-    """(freqs_cos, freqs_sin) as WanRotaryPosEmbed returns them, plus what fuses the rotation.
+class GridRotaryEmb(tuple):
+    """(freqs_cos, freqs_sin) as a diffusers rope module returns them, plus what fuses the
+    rotation into varlen_attention.
 
-    Behaves as the plain tuple wherever diffusers uses it; WanVarlenAttnProcessor reads
-    `positions` ((L, 3) float32 patch-grid indices (t, h, w) of one video), `dims` and `theta`.
+    Behaves as the plain tuple wherever diffusers uses it; the processors read
+    `positions` ((L, 3) float32 patch-grid indices (t, h, w) of one video), `dims` and `theta`
+    (pairs interleaved: the convention of both Wan and HunyuanVideo).
     """
 
     def __new__(cls, freqs, positions=None, dims=None, theta=WAN_ROPE_THETA):
@@ -132,9 +156,12 @@ class WanRotaryEmb(tuple):
         obj.positions, obj.dims, obj.theta = positions, dims, theta
         return obj
 
-    def rope3d(self, batch: int, device) -> Rope3D:
-        """The Rope3D of a pack of `batch` copies of the video grid."""
+    def rope3d(self, batch: int, device, text_tokens: int = 0) -> Rope3D:
+        """The Rope3D of a pack of `batch` copies of [video grid; text_tokens at (0, 0, 0)]
+        (angle 0: the text tokens are not rotated)."""
         pos = self.positions.to(device)
+        if text_tokens:
+            pos = torch.cat([pos, pos.new_zeros(text_tokens, 3)])
         return Rope3D(pos.repeat(batch, 1) if batch > 1 else pos, tuple(self.dims), float(self.theta),
                       True)
 
@@ -145,25 +172,17 @@ def _grid_positions(grid, device) -> Tensor:
     return torch.stack(torch.meshgrid(*axes, indexing="ij"), dim=-1).reshape(-1, 3)
 
 
-def _wan_rope_hook(module, args, kwargs, output):
-    x = args[0] if args else kwargs["hidden_states"]
-    pt, ph, pw = module.patch_size
-    grid = (x.shape[2] // pt, x.shape[3] // ph, x.shape[4] // pw)
-    dims = (module.t_dim, module.h_dim, module.w_dim)
-    return WanRotaryEmb(tuple(output), _grid_positions(grid, output[0].device), dims, WAN_ROPE_THETA)
-
-
-def wan_rope_mismatch(rope, theta: float = WAN_ROPE_THETA) -> Optional[str]:
-    """None if a WanRotaryPosEmbed's table is Rope3D's formula (interleaved), else why not."""
-    dims = (rope.t_dim, rope.h_dim, rope.w_dim)
-    cos, sin = rope.freqs_cos, rope.freqs_sin  # (max_seq_len, D), pairs repeated
+def rope_table_mismatch(cos: Tensor, sin: Tensor, positions: Tensor, dims, theta: float) -> Optional[str]:
+    """None if (cos, sin) (L, D), each angle repeated for its pair, are Rope3D's interleaved
+    formula at positions (L, 3): chunk a of size d_a, frequency theta ** (-2j / d_a), j < d_a / 2,
+    times the position along axis a. Otherwise why not."""
     if cos.is_meta:
         return "its table is on the meta device (not materialised yet)"
-    pos = torch.arange(cos.shape[0], dtype=torch.float64, device=cos.device)
+    pos = positions.to(device=cos.device, dtype=torch.float64)
     angles = []
-    for d in dims:
+    for axis, d in enumerate(dims):
         j = torch.arange(d // 2, dtype=torch.float64, device=cos.device)
-        angles.append(pos[:, None] * theta ** (-2.0 * j / d))
+        angles.append(pos[:, axis, None] * theta ** (-2.0 * j / d))
     angles = torch.cat(angles, dim=1).repeat_interleave(2, dim=1)
     if angles.shape != cos.shape:
         return f"its table has shape {tuple(cos.shape)}, expected {tuple(angles.shape)}"
@@ -171,8 +190,24 @@ def wan_rope_mismatch(rope, theta: float = WAN_ROPE_THETA) -> Optional[str]:
     err = max((cos.double() - angles.cos()).abs().max().item(),
               (sin.double() - angles.sin()).abs().max().item())
     if err > atol:
-        return (f"its table differs from dims={dims}, theta={theta}, interleaved pairs by {err:.2e}")
+        return f"its table differs from dims={tuple(dims)}, theta={theta}, interleaved pairs by {err:.2e}"
     return None
+
+
+def _wan_rope_hook(module, args, kwargs, output):
+    x = args[0] if args else kwargs["hidden_states"]
+    pt, ph, pw = module.patch_size
+    grid = (x.shape[2] // pt, x.shape[3] // ph, x.shape[4] // pw)
+    dims = (module.t_dim, module.h_dim, module.w_dim)
+    return GridRotaryEmb(tuple(output), _grid_positions(grid, output[0].device), dims, WAN_ROPE_THETA)
+
+
+def wan_rope_mismatch(rope, theta: float = WAN_ROPE_THETA) -> Optional[str]:
+    """None if a WanRotaryPosEmbed's table is Rope3D's formula (interleaved), else why not.
+    Row p of its (max_seq_len, D) table is every chunk at position p."""
+    cos = rope.freqs_cos
+    pos = torch.arange(cos.shape[0], dtype=torch.float64, device=cos.device)[:, None].expand(-1, 3)
+    return rope_table_mismatch(cos, rope.freqs_sin, pos, (rope.t_dim, rope.h_dim, rope.w_dim), theta)
 
 
 def _wan_qkv(attn, hidden_states: Tensor, encoder_hidden_states: Optional[Tensor]):
@@ -227,7 +262,7 @@ class WanVarlenAttnProcessor(_VarlenProcessor):
 
         rope = None
         if rotary_emb is not None:
-            fusable = (isinstance(rotary_emb, WanRotaryEmb) and rotary_emb.positions is not None
+            fusable = (isinstance(rotary_emb, GridRotaryEmb) and rotary_emb.positions is not None
                        and encoder_hidden_states is None and context_img is None
                        and rotary_emb.positions.shape[0] == query.shape[1])
             if fusable:  # self-attention: varlen_attention rotates q and k as it loads them
@@ -284,20 +319,146 @@ class CogVideoXVarlenAttnProcessor(_VarlenProcessor):
         return hidden_states, encoder_hidden_states
 
 
+# -- HunyuanVideo -------------------------------------------------------------------------
+
+def _hunyuan_rope_hook(module, args, kwargs, output):
+    x = args[0] if args else kwargs["hidden_states"]
+    grid = (x.shape[2] // module.patch_size_t, x.shape[3] // module.patch_size,
+            x.shape[4] // module.patch_size)
+    return GridRotaryEmb(tuple(output), _grid_positions(grid, output[0].device),
+                         tuple(module.rope_dim), float(module.theta))
+
+
+def hunyuan_rope_mismatch(rope, device=None) -> Optional[str]:
+    """None if a HunyuanVideoRotaryPosEmbed computes Rope3D's formula (interleaved, its
+    rope_dim and theta, grid positions), checked on a small (2, 3, 4) patch grid."""
+    p, pt = rope.patch_size, rope.patch_size_t
+    probe = torch.empty(1, 1, 2 * pt, 3 * p, 4 * p, device=device)
+    cos, sin = rope(probe)
+    return rope_table_mismatch(cos, sin, _grid_positions((2, 3, 4), cos.device), tuple(rope.rope_dim),
+                               float(rope.theta))
+
+
+class HunyuanVideoVarlenAttnProcessor(_VarlenProcessor):
+    """diffusers' HunyuanVideoAttnProcessor2_0 on vdit_kernels.varlen_attention.
+
+    Joint attention over [video; text]; the key-padding mask becomes segment offsets and
+    the RoPE is fused when model.rope is hooked (module docstring).
+    """
+
+    def __init__(self, backend: Optional[str] = None, deterministic: bool = False):
+        super().__init__(backend, deterministic)
+        self._mask_cache = None  # (weakref to the mask, its version, key lengths)
+
+    def _key_lengths(self, mask: Optional[Tensor], batch: int, tokens: int) -> Optional[Tensor]:
+        """(B,) int32 numbers of valid keys from a [B, 1, 1, N] boolean prefix mask."""
+        if mask is None:
+            return None
+        cached = self._mask_cache
+        if cached is not None and cached[0]() is mask and cached[1] == mask._version:
+            return cached[2]
+        if not (isinstance(mask, Tensor) and mask.dtype == torch.bool
+                and tuple(mask.shape) == (batch, 1, 1, tokens)):
+            shape = tuple(mask.shape) if isinstance(mask, Tensor) else mask
+            raise ValueError(f"{type(self).__name__} takes a boolean key-padding mask of shape "
+                             f"{(batch, 1, 1, tokens)} (as HunyuanVideoTransformer3DModel builds it), "
+                             f"got {shape} {getattr(mask, 'dtype', '')}")
+        flat = mask.view(batch, tokens)
+        lengths = flat.sum(dim=1, dtype=torch.int32)
+        prefix = torch.arange(tokens, device=mask.device) < lengths[:, None]
+        if not torch.equal(flat, prefix):  # one device sync per mask tensor, not per layer
+            raise ValueError(f"{type(self).__name__}: the attention mask must keep a prefix of each "
+                             "sample's tokens (video, then the prompt's real tokens); this one has "
+                             "gaps, which segment offsets cannot express")
+        self._mask_cache = (weakref.ref(mask), mask._version, lengths)
+        return lengths
+
+    def __call__(self, attn, hidden_states: Tensor, encoder_hidden_states: Optional[Tensor] = None,
+                 attention_mask: Optional[Tensor] = None, image_rotary_emb=None):
+        self._check()
+        text_len = 0 if encoder_hidden_states is None else encoder_hidden_states.shape[1]
+        single_stream = attn.add_q_proj is None and encoder_hidden_states is not None
+        if single_stream:
+            hidden_states = torch.cat([hidden_states, encoder_hidden_states], dim=1)
+        query = attn.to_q(hidden_states).unflatten(2, (attn.heads, -1))
+        key = attn.to_k(hidden_states).unflatten(2, (attn.heads, -1))
+        value = attn.to_v(hidden_states).unflatten(2, (attn.heads, -1))
+        if attn.norm_q is not None:
+            query = attn.norm_q(query)
+        if attn.norm_k is not None:
+            key = attn.norm_k(key)
+        # the RoPE covers the video tokens only: [video; text] in a single-stream layer
+        video_len = query.shape[1] - (text_len if single_stream else 0)
+
+        rope = None
+        if image_rotary_emb is not None:
+            if (isinstance(image_rotary_emb, GridRotaryEmb) and image_rotary_emb.positions is not None
+                    and image_rotary_emb.positions.shape[0] == video_len):
+                rope = image_rotary_emb.rope3d(query.shape[0], query.device, text_len)
+            else:
+                from diffusers.models.embeddings import apply_rotary_emb
+
+                def rotate(x):
+                    video = apply_rotary_emb(x[:, :video_len], image_rotary_emb, sequence_dim=1)
+                    return torch.cat([video, x[:, video_len:]], dim=1)
+
+                query, key = rotate(query), rotate(key)
+
+        if attn.add_q_proj is not None and encoder_hidden_states is not None:
+            encoder_query = attn.add_q_proj(encoder_hidden_states).unflatten(2, (attn.heads, -1))
+            encoder_key = attn.add_k_proj(encoder_hidden_states).unflatten(2, (attn.heads, -1))
+            encoder_value = attn.add_v_proj(encoder_hidden_states).unflatten(2, (attn.heads, -1))
+            if attn.norm_added_q is not None:
+                encoder_query = attn.norm_added_q(encoder_query)
+            if attn.norm_added_k is not None:
+                encoder_key = attn.norm_added_k(encoder_key)
+            query = torch.cat([query, encoder_query], dim=1)
+            key = torch.cat([key, encoder_key], dim=1)
+            value = torch.cat([value, encoder_value], dim=1)
+
+        key_lengths = self._key_lengths(attention_mask, query.shape[0], query.shape[1])
+        out = self._attend(query, key, value, rope, key_lengths)
+        if encoder_hidden_states is None:  # as diffusers: no output projection without text
+            return out, None
+        out, encoder_out = out[:, :-text_len], out[:, -text_len:]
+        if getattr(attn, "to_out", None) is not None:
+            out = attn.to_out[1](attn.to_out[0](out))
+        if getattr(attn, "to_add_out", None) is not None:
+            encoder_out = attn.to_add_out(encoder_out)
+        return out, encoder_out
+
+
 # -- installing ---------------------------------------------------------------------------
+
+def _hook_rope(model, rope, hook, mismatch: Optional[str]) -> None:
+    """Replace the fusing hook on `rope` (a repeated call must not stack hooks); install it
+    only when the module computes Rope3D's formula, else warn (RoPE stays in PyTorch)."""
+    old = getattr(rope, _HOOK_ATTR, None)
+    if old is not None:
+        old.remove()
+        setattr(rope, _HOOK_ATTR, None)
+    if mismatch is None:
+        setattr(rope, _HOOK_ATTR, rope.register_forward_hook(hook, with_kwargs=True))
+    else:
+        warnings.warn(f"the RoPE of {type(model).__name__} is not fused into varlen_attention "
+                      f"(applied in PyTorch instead): {mismatch}", stacklevel=3)
+
 
 def use_vdit_attention(model: torch.nn.Module, backend: Optional[str] = None,
                        deterministic: bool = False) -> torch.nn.Module:
     """Set vdit_kernels processors on every attention layer of a diffusers video transformer.
 
     Wan models (WanTransformer3DModel, WanVACETransformer3DModel): WanVarlenAttnProcessor
-    on every WanAttention, and a hook on model.rope that makes the self-attention RoPE
-    fused into varlen_attention (after checking the rope table is Rope3D's formula; if
-    not, a warning, and the RoPE runs in PyTorch). CogVideoXTransformer3DModel:
-    CogVideoXVarlenAttnProcessor on every block's attention. Other models raise TypeError.
+    on every WanAttention. HunyuanVideoTransformer3DModel: HunyuanVideoVarlenAttnProcessor
+    on every dual- and single-stream block (the text token refiner keeps diffusers' own).
+    For both, a hook on model.rope fuses the self-attention RoPE into varlen_attention
+    (after checking the module computes Rope3D's formula; if not, a warning, and the RoPE
+    runs in PyTorch). CogVideoXTransformer3DModel: CogVideoXVarlenAttnProcessor on every
+    block's attention. Other models raise TypeError.
     Returns the model (modified in place). Calling it again replaces the processors.
     """
     from diffusers.models.attention_processor import Attention
+    from diffusers.models.transformers import transformer_hunyuan_video as hunyuan
     from diffusers.models.transformers import transformer_wan
     from diffusers.models.transformers.cogvideox_transformer_3d import CogVideoXTransformer3DModel
 
@@ -308,16 +469,16 @@ def use_vdit_attention(model: torch.nn.Module, backend: Optional[str] = None,
             layer.set_processor(processor)
         rope = getattr(model, "rope", None)
         if isinstance(rope, transformer_wan.WanRotaryPosEmbed):
-            old = getattr(rope, _HOOK_ATTR, None)
-            if old is not None:
-                old.remove()
-                setattr(rope, _HOOK_ATTR, None)
-            reason = wan_rope_mismatch(rope)
-            if reason is None:
-                setattr(rope, _HOOK_ATTR, rope.register_forward_hook(_wan_rope_hook, with_kwargs=True))
-            else:
-                warnings.warn(f"the RoPE of {type(model).__name__} is not fused into varlen_attention "
-                              f"(applied in PyTorch instead): {reason}", stacklevel=2)
+            _hook_rope(model, rope, _wan_rope_hook, wan_rope_mismatch(rope))
+        return model
+    if isinstance(model, hunyuan.HunyuanVideoTransformer3DModel):
+        processor = HunyuanVideoVarlenAttnProcessor(backend, deterministic)
+        for m in model.modules():
+            if isinstance(m, Attention) and isinstance(m.processor, (hunyuan.HunyuanVideoAttnProcessor2_0,
+                                                                     HunyuanVideoVarlenAttnProcessor)):
+                m.set_processor(processor)
+        device = next(model.parameters()).device
+        _hook_rope(model, model.rope, _hunyuan_rope_hook, hunyuan_rope_mismatch(model.rope, device))
         return model
     if isinstance(model, CogVideoXTransformer3DModel):
         processor = CogVideoXVarlenAttnProcessor(backend, deterministic)
@@ -326,10 +487,11 @@ def use_vdit_attention(model: torch.nn.Module, backend: Optional[str] = None,
                 m.set_processor(processor)
         return model
     raise TypeError(
-        f"use_vdit_attention supports diffusers' WanTransformer3DModel, WanVACETransformer3DModel "
-        f"(WanAttention layers) and CogVideoXTransformer3DModel, got {type(model).__name__}; "
+        f"use_vdit_attention supports diffusers' WanTransformer3DModel, WanVACETransformer3DModel, "
+        f"HunyuanVideoTransformer3DModel and CogVideoXTransformer3DModel, got {type(model).__name__}; "
         "see the module docstring of vdit_kernels.integrations.diffusers for what others need")
 
 
-__all__ = ["use_vdit_attention", "WanVarlenAttnProcessor", "CogVideoXVarlenAttnProcessor",
-           "WanRotaryEmb", "wan_rope_mismatch"]
+__all__ = ["use_vdit_attention", "WanVarlenAttnProcessor", "HunyuanVideoVarlenAttnProcessor",
+           "CogVideoXVarlenAttnProcessor", "GridRotaryEmb", "rope_table_mismatch", "wan_rope_mismatch",
+           "hunyuan_rope_mismatch"]
