@@ -15,6 +15,9 @@
 # tool collects at most 8 files from it, 2 folder levels deep), it also receives:
 #   $OUT/summary.md, $OUT/results.json, $OUT/<step>.log tails, $OUT/gpu_check.tar.gz (everything).
 # The build step also runs benchmarks/error_probe.py (logs/error_probe.log).
+# Optional peers: wheels in .whl/ (scripts/fetch_gpu_wheels.sh: liger-kernel, diffusers)
+# are installed into $PEER_SITE (default /tmp/vdit_peers) once per machine and put on
+# PYTHONPATH for every step; without .whl/ those benchmark rows and tests are skipped.
 # PYTHON picks the interpreter (default: python). TEST_TIMEOUT / BENCH_TIMEOUT (seconds,
 # default none) cap the test and bench steps, so a short GPU lease still brings back the
 # logs and the benchmark rows finished so far (rows.partial.jsonl). With pytest-xdist
@@ -31,6 +34,16 @@ LOGS=$RES/logs
 mkdir -p "$LOGS"
 status=0
 
+if compgen -G ".whl/*.whl" > /dev/null; then
+    PEER_SITE=${PEER_SITE:-/tmp/vdit_peers}
+    if [ ! -f "$PEER_SITE/.installed" ]; then
+        $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+            --target "$PEER_SITE" .whl/*.whl && touch "$PEER_SITE/.installed" \
+            || echo "gpu_check: installing the peer wheels in .whl failed; going on without them"
+    fi
+    export PYTHONPATH="$PEER_SITE${PYTHONPATH:+:$PYTHONPATH}"
+    echo "gpu_check: peers from .whl on PYTHONPATH: $(ls .whl | tr '\n' ' ')"
+fi
 echo "gpu_check: step=$STEP gpu=$SLUG $($PY -c 'import torch, triton; print("torch", torch.__version__, "triton", triton.__version__, "cuda", torch.version.cuda)')"
 nvidia-smi --query-gpu=name,driver_version,clocks.max.sm,memory.total --format=csv > "$LOGS/nvidia-smi.txt" 2>&1 || true
 
