@@ -467,16 +467,19 @@ def _scatter_gemm_kernel(x_ptr, b_ptr, bias_ptr, cu_blocks_ptr, meta_ptr,
 
 
 @triton.jit
-def _wgrad_kernel(out_ptr, dense_ptr, cu_blocks_ptr, meta_ptr,
-                  stride_dn, stride_dh, stride_os, stride_op, stride_oq,
+def _wgrad_kernel(out_ptr, bias_out_ptr, dense_ptr, cu_blocks_ptr, meta_ptr,
+                  stride_dn, stride_dh, stride_os, stride_op, stride_oq, stride_bs,
                   HID, F, B, BLOCKS, BLOCKS_PER_SPLIT,
-                  GATHER_LEFT: tl.constexpr, IEEE: tl.constexpr,
+                  GATHER_LEFT: tl.constexpr, HAS_BIAS: tl.constexpr, IEEE: tl.constexpr,
                   PT: tl.constexpr, PH: tl.constexpr, PW: tl.constexpr,
                   LOG_B: tl.constexpr, META: tl.constexpr,
                   BLOCK_T: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_Q: tl.constexpr):
     """Split s of a weight gradient, a reduction over the pack's tokens (fp32 partials):
     GATHER_LEFT: out[s, F, HID] = patchify(videos)^T @ dense  (output layer: grad_y^T @ x)
-    else:        out[s, HID, F] = dense^T @ patchify(videos)  (patch embed: grad^T @ A)."""
+    else:        out[s, HID, F] = dense^T @ patchify(videos)  (patch embed: grad^T @ A).
+    HAS_BIAS: also bias_out[s, P] = the left operand's row sums (the bias gradient: a sum
+    of the output gradient over tokens, grad_y^T or grad^T either way), from the tiles the
+    product loads anyway; the programs of the first Q column block store it."""
     offs_p = tl.program_id(0).to(tl.int64) * BLOCK_P + tl.arange(0, BLOCK_P).to(tl.int64)
     offs_q = tl.program_id(1).to(tl.int64) * BLOCK_Q + tl.arange(0, BLOCK_Q).to(tl.int64)
     split = tl.program_id(2)
@@ -487,6 +490,8 @@ def _wgrad_kernel(out_ptr, dense_ptr, cu_blocks_ptr, meta_ptr,
         p_ok = offs_p < HID
         q_ok = offs_q < F
     acc = tl.zeros((BLOCK_P, BLOCK_Q), dtype=tl.float32)
+    bias_acc = tl.zeros((BLOCK_P,), dtype=tl.float32)
+    bias_here = HAS_BIAS and tl.program_id(1) == 0
     first = split * BLOCKS_PER_SPLIT
     last = tl.minimum(first + BLOCKS_PER_SPLIT, BLOCKS)
     for blk in range(first, last):
@@ -506,8 +511,12 @@ def _wgrad_kernel(out_ptr, dense_ptr, cu_blocks_ptr, meta_ptr,
             rt = tl.load(src + tok_off[:, None] + feat_off[None, :],
                          mask=valid[:, None] & q_ok[None, :], other=0.0)
         acc = _dot(lt, rt, acc, IEEE)
+        if bias_here:
+            bias_acc += tl.sum(lt.to(tl.float32), axis=1)
     tl.store(out_ptr + split * stride_os + offs_p[:, None] * stride_op + offs_q[None, :] * stride_oq,
              acc, mask=p_ok[:, None] & q_ok[None, :])
+    if bias_here:
+        tl.store(bias_out_ptr + split * stride_bs + offs_p, bias_acc, mask=p_ok)
 
 
 # (BLOCK_M, BLOCK_N, BLOCK_K, num_warps) for the two token GEMMs and (BLOCK_T, BLOCK_P,
@@ -596,32 +605,40 @@ def _scatter_gemm(x, b_mat, bias, shapes, patch_size, channels):
     return outs
 
 
-def _wgrad(videos, dense, patch_size, gather_left):
-    """float32 (F, HID) = patchify(videos)^T @ dense if gather_left else (HID, F) = dense^T @ patchify."""
+def _wgrad(videos, dense, patch_size, gather_left, with_bias):
+    """float32 (F, HID) = patchify(videos)^T @ dense if gather_left else (HID, F) = dense^T @ patchify,
+    and with_bias the float32 row sums of the left factor over tokens ((F,) or (HID,)), else None:
+    one pass over both operands."""
     pt, ph, pw = patch_size
     v0 = videos[0]
     hid = dense.shape[1]
     f = v0.shape[0] * pt * ph * pw
     p, q = (f, hid) if gather_left else (hid, f)
     if dense.shape[0] == 0 or p == 0 or q == 0:
-        return torch.zeros(p, q, dtype=torch.float32, device=v0.device)
+        zeros = torch.zeros(p, q, dtype=torch.float32, device=v0.device)
+        return zeros, (zeros.sum(1) if with_bias else None)
     bt, bp, bq, warps = _SMALL if _interp(v0) else _WGRAD_GPU
     table, blocks = _tables(videos, patch_size, bt, v0.device)
     tiles = triton.cdiv(p, bp) * triton.cdiv(q, bq)
     # split the token reduction so that a GPU has ~2 programs per SM; partials summed below
-    splits = 1 if _interp(v0) else max(1, min(blocks, 264 // tiles))
+    # (the interpreter takes two splits, so that the CPU tests cover the partial sums)
+    splits = min(blocks, 2) if _interp(v0) else max(1, min(blocks, 264 // tiles))
     per_split = triton.cdiv(blocks, splits)
     splits = triton.cdiv(blocks, per_split)
     part = torch.empty(splits, p, q, dtype=torch.float32, device=v0.device)
+    bias_part = torch.empty(splits, p, dtype=torch.float32, device=v0.device) if with_bias else part
     b = len(videos)
     _wgrad_kernel[(triton.cdiv(p, bp), triton.cdiv(q, bq), splits)](
-        part, dense, table, table[b + 1:],
+        part, bias_part, dense, table, table[b + 1:],
         dense.stride(0), dense.stride(1), part.stride(0), part.stride(1), part.stride(2),
-        hid, f, b, blocks, per_split,
-        GATHER_LEFT=gather_left, IEEE=v0.dtype == torch.float32,
+        bias_part.stride(0), hid, f, b, blocks, per_split,
+        GATHER_LEFT=gather_left, HAS_BIAS=with_bias, IEEE=v0.dtype == torch.float32,
         PT=pt, PH=ph, PW=pw, LOG_B=_log_b(b), META=_META,
         BLOCK_T=bt, BLOCK_P=bp, BLOCK_Q=bq, num_warps=warps)
-    return part[0] if splits == 1 else part.sum(0)
+    total = part[0] if splits == 1 else part.sum(0)
+    if not with_bias:
+        return total, None
+    return total, bias_part[0] if splits == 1 else bias_part.sum(0)
 
 
 def patch_embed(videos, weight, bias):
@@ -647,9 +664,9 @@ def patch_embed_backward(grad, videos, weight, with_bias):
         return (unpatchify(grad @ w, shapes, patch_size, videos[0].shape[0]),
                 (grad.t() @ a).reshape(weight.shape), grad.sum(0) if with_bias else None)
     grad_x = _scatter_gemm(grad, w, None, shapes, patch_size, videos[0].shape[0])
-    grad_w = _wgrad(videos, grad, patch_size, gather_left=False).reshape(weight.shape).to(weight.dtype)
-    grad_b = grad.float().sum(0).to(weight.dtype) if with_bias else None
-    return grad_x, grad_w, grad_b
+    grad_w, grad_b = _wgrad(videos, grad, patch_size, gather_left=False, with_bias=with_bias)
+    return (grad_x, grad_w.reshape(weight.shape).to(weight.dtype),
+            grad_b.to(weight.dtype) if with_bias else None)
 
 
 def linear_unpatchify(x, weight, bias, shapes, patch_size, channels):
@@ -661,17 +678,6 @@ def linear_unpatchify(x, weight, bias, shapes, patch_size, channels):
     return _scatter_gemm(x, weight.t(), bias, shapes, patch_size, channels)
 
 
-def _bias_grad(grad_videos, patch_size):
-    """sum over all tokens of grad_y, feature order (c, pt, ph, pw), in float32 (PyTorch reductions)."""
-    pt, ph, pw = patch_size
-    total = 0
-    for g in grad_videos:
-        c, t, h, w = g.shape
-        g = g[:, :t // pt * pt, :h // ph * ph, :w // pw * pw].float()
-        total = total + g.reshape(c, t // pt, pt, h // ph, ph, w // pw, pw).sum((1, 3, 5))
-    return total.reshape(-1)
-
-
 def linear_unpatchify_backward(grad_videos, x, weight, patch_size, with_bias):
     """grad videos -> (grad x, grad weight, grad bias | None); grad_y is gathered, never stored."""
     patch_size = tuple(int(p) for p in patch_size)
@@ -680,9 +686,8 @@ def linear_unpatchify_backward(grad_videos, x, weight, patch_size, with_bias):
         gy = patchify(grad_videos, patch_size)
         return gy @ weight, gy.t() @ x, gy.sum(0) if with_bias else None
     grad_x = _gather_gemm(grad_videos, weight, None, patch_size)
-    grad_w = _wgrad(grad_videos, x, patch_size, gather_left=True).to(weight.dtype)
-    grad_b = _bias_grad(grad_videos, patch_size).to(weight.dtype) if with_bias else None
-    return grad_x, grad_w, grad_b
+    grad_w, grad_b = _wgrad(grad_videos, x, patch_size, gather_left=True, with_bias=with_bias)
+    return grad_x, grad_w.to(weight.dtype), grad_b.to(weight.dtype) if with_bias else None
 
 
 def aot_specs() -> list[dict]:
@@ -767,15 +772,15 @@ def aot_specs() -> list[dict]:
         specs.append({
             "name": f"{'linear_unpatchify' if left else 'patch_embed'} wgrad bf16 hidden=3072",
             "fn": _wgrad_kernel,
-            "signature": {"out_ptr": "*fp32", "dense_ptr": "*bf16", **tab,
+            "signature": {"out_ptr": "*fp32", "bias_out_ptr": "*fp32", "dense_ptr": "*bf16", **tab,
                           "stride_dn": "i64", "stride_dh": "i64", "stride_os": "i64",
-                          "stride_op": "i64", "stride_oq": "i64",
+                          "stride_op": "i64", "stride_oq": "i64", "stride_bs": "i64",
                           "HID": "i32", "F": "i32", "B": "i32", "BLOCKS": "i32", "BLOCKS_PER_SPLIT": "i32",
-                          "GATHER_LEFT": "constexpr", "IEEE": "constexpr",
+                          "GATHER_LEFT": "constexpr", "HAS_BIAS": "constexpr", "IEEE": "constexpr",
                           "PT": "constexpr", "PH": "constexpr", "PW": "constexpr",
                           "LOG_B": "constexpr", "META": "constexpr",
                           "BLOCK_T": "constexpr", "BLOCK_P": "constexpr", "BLOCK_Q": "constexpr"},
-            "constexprs": {"GATHER_LEFT": left, "IEEE": False, **fixed,
+            "constexprs": {"GATHER_LEFT": left, "HAS_BIAS": True, "IEEE": False, **fixed,
                            "BLOCK_T": bt, "BLOCK_P": bp, "BLOCK_Q": bq},
             "num_warps": warps, "expect_mma": True,
             "unit_args": ("stride_dh", "stride_oq"), "divisible_args": ("HID", "F"),  # dense (N, hidden); fp32 partials
