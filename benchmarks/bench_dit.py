@@ -9,6 +9,7 @@ Providers:
   vdit-<backend>          the packed model on that backend for every op family
                           (vdit_kernels.model; fused patch embedding, varlen attention,
                           RoPE fused into attention)
+  vdit-<backend>-compile  the same under torch.compile (the ops stay custom ops)
   torch-padded            the same model and weights in plain PyTorch over a padded batch
                           (vdit_kernels.model.padded: nn.Conv3d patch embedding, eager RoPE,
                           F.scaled_dot_product_attention with key-padding masks)
@@ -66,6 +67,9 @@ class _Inputs:
         self.model = VideoDiT(cfg).init_weights(zero_init=False, generator=g).to(device, dtype)
         self.pack = vk.VideoPack.from_shapes(wl.shapes, wl.patch, device=device,
                                              text_lengths=[n_text] * len(wl.shapes))
+        # the pack's per-token tensors built once, before timing, as a data loader would
+        # (otherwise a compiled model recompiles once when the pack's cache fills)
+        self.pack.positions, self.pack.segment_ids
         self.latents = [torch.randn(wl.channels, *s, generator=g).to(device, dtype).requires_grad_(True)
                         for s in wl.shapes]
         self.text = torch.randn(self.pack.num_text_tokens, cfg.text_dim, generator=g).to(device, dtype)
@@ -99,10 +103,21 @@ def cases(device: str, quick: bool, workloads, providers=None):
                 skips.append(Skip(OP, f"vdit-{b}", reason))
                 continue
 
-            def make(b=b):
-                x = _Inputs(wl, device)
-                return x.step(lambda lat, pack, t, text: x.model(lat, pack, t, text, backend=b))
-            add(f"vdit-{b}", make, "packed, depth 1")
+            for compiled in (False, True):
+                # compiled: the vdit ops stay opaque custom ops; torch.compile fuses what lies
+                # between them (norms, adaLN modulation, gates, GELU), as it does for the
+                # padded model it is compared with
+                reason = peer_reason(device, needs_cuda=False, cpu_ok=True) if compiled else None
+                if reason:
+                    skips.append(Skip(OP, f"vdit-{b}-compile", reason))
+                    continue
+
+                def make(b=b, compiled=compiled):
+                    x = _Inputs(wl, device)
+                    fwd = lambda lat, pack, t, text: x.model(lat, pack, t, text, backend=b)  # noqa: E731
+                    return x.step(torch.compile(fwd) if compiled else fwd)
+                add(f"vdit-{b}" + ("-compile" if compiled else ""), make,
+                    "packed, depth 1" + (", torch.compile" if compiled else ""))
 
         reason = peer_reason(device, needs_cuda=False, cpu_ok=True)
         if reason:

@@ -177,7 +177,7 @@ def add_attention_shares(rows: list[dict]) -> list[str]:
             if r["op"] == "attention" and r["mode"] == "fwd+bwd" and "median_ms" in r}
     lines = []
     for r in rows:
-        key = (r["workload"], r["provider"] + "+rope")
+        key = (r["workload"], r["provider"].removesuffix("-compile") + "+rope")
         if r["op"] == "dit" and "median_ms" in r and key in attn:
             r["attention_share"] = attn[key] / r["median_ms"]
             lines.append(f"- {r['workload']} {r['provider']}: self-attention {attn[key]:.3f} ms of a "

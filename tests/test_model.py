@@ -163,13 +163,13 @@ def test_compile_fullgraph_matches_eager():
     torch._dynamo.reset()
     model, cfg = _model()
     pack, latents, t, text, cot = _inputs(cfg)
-    pack.positions, pack.segment_ids  # built eagerly (cached), outside the graph
 
-    def step(latents, t, text):
+    def step(latents, pack, t, text):
         return model(latents, pack, t, text, backend="reference")
 
-    eager = step(latents, t, text)
-    compiled = torch.compile(step, fullgraph=True)(latents, t, text)
+    # compiled first: the fresh pack's per-token tensors are built inside the graph
+    compiled = torch.compile(step, fullgraph=True)(latents, pack, t, text)
+    eager = step(latents, pack, t, text)
     for a, e in zip(compiled, eager):
         assert_verbose_close(a, e, 1e-5, 1e-5, name="compiled output")
     sum((o * c).sum() for o, c in zip(compiled, cot)).backward()

@@ -218,9 +218,12 @@ class VideoPack:
     def segment_ids(self) -> torch.Tensor:
         """int32 (N,): index of the video each token belongs to."""
         if "segment_ids" not in self._cache:
+            # output_size: a shape known without reading the repeats, so torch.compile
+            # traces this (first call of a compiled model) without a graph break
             ids = torch.repeat_interleave(
                 torch.arange(self.batch_size, dtype=torch.int32),
                 torch.tensor(self.seqlens, dtype=torch.int64),
+                output_size=self.num_tokens,
             )
             self._cache["segment_ids"] = to_device(ids, self.device)
         return self._cache["segment_ids"]
