@@ -41,7 +41,7 @@
 # warpgroups of wgmma m64 over the query rows, the float32 accumulator at 64 registers a
 # thread), 128 x 128 and 64 x 64; the backward holds two float32 accumulators for its
 # own rows: 64 x 64 (the default) or 128 keys x 32 queries for dK/dV, up to 128 x 64 for
-# dQ, with 1 to 3 pipeline stages. Every candidate is in aot_specs() and compiled by the
+# dQ, with 1 to 4 pipeline stages. Every candidate is in aot_specs() and compiled by the
 # sm_90a static report. VDIT_AUTOTUNE=0 or deterministic=True (backward) use the first
 # candidate of the class, so results do not depend on timing noise.
 # float32 inputs use 16 x 16 tiles and IEEE dots (no tf32; FMA, not tensor cores).
@@ -454,7 +454,10 @@ _FWD_TILES = {
 _BWD_TILES = {
     "dkdv": {
         "d64": [(64, 32, 8, 2), (128, 64, 8, 2), (64, 32, 8, 3)],
-        "d128": [(64, 64, 8, 1), (128, 32, 8, 1), (128, 32, 8, 2), (64, 32, 8, 2), (64, 32, 8, 3)],
+        # pipelined steps (stages >= 2) hide the loads of q, dO, lse and delta behind the
+        # four products; at 64 x 64 they fit only with a few spilled bytes (32 at 2 stages)
+        "d128": [(64, 64, 8, 1), (128, 32, 8, 1), (128, 32, 8, 2), (64, 32, 8, 2), (64, 32, 8, 3),
+                 (64, 64, 8, 2), (64, 32, 8, 4)],
         "masked": [(64, 16, 8, 1), (64, 16, 8, 2), (64, 32, 8, 1), (64, 64, 8, 1)],
         # 64-row tiles spilled at D = 256 even with 16 warps: small mma.sync tiles instead
         "d256": [(16, 16, 4, 2), (16, 16, 4, 1)],
@@ -463,7 +466,8 @@ _BWD_TILES = {
     # third product and the float32 atomics, so smaller steps than "dkdv"
     "fused": {
         "d64": [(64, 32, 8, 2), (128, 32, 8, 2), (64, 64, 8, 2)],
-        "d128": [(64, 32, 8, 1), (64, 64, 8, 1), (128, 32, 8, 1), (64, 32, 8, 2), (64, 16, 8, 1)],
+        "d128": [(64, 32, 8, 1), (64, 64, 8, 1), (128, 32, 8, 1), (64, 32, 8, 2), (64, 16, 8, 1),
+                 (64, 32, 8, 3), (64, 16, 8, 4)],
         "masked": [(64, 16, 8, 1), (64, 32, 8, 1)],
         "d256": [(16, 16, 4, 2)],
     },
