@@ -157,13 +157,13 @@ def test_attention_mask_raises():
         attn(x)
 
 
-def tiny_hunyuan():
+def tiny_hunyuan(**extra):
     torch.manual_seed(0)
     # head_dim 16 -> rope split (4, 6, 6); 2 dual-stream and 2 single-stream blocks
     return HunyuanVideoTransformer3DModel(
         in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=16, num_layers=2,
         num_single_layers=2, num_refiner_layers=1, patch_size=2, patch_size_t=1, text_embed_dim=16,
-        pooled_projection_dim=8, rope_axes_dim=(4, 6, 6)).eval()
+        pooled_projection_dim=8, rope_axes_dim=(4, 6, 6), **extra).eval()
 
 
 def hunyuan_inputs(valid_text=(7, 4)):
@@ -193,10 +193,11 @@ def assert_hunyuan_same(ours, theirs, name):
         assert_verbose_close(a, b, ATOL, RTOL, name=f"{name} grad {what}")
 
 
+@pytest.mark.parametrize("condition", [None, "token_replace"])  # text-to-video, image-to-video blocks
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_hunyuan_matches_diffusers(backend):
+def test_hunyuan_matches_diffusers(backend, condition):
     """Padded prompts (7 and 4 of 9 tokens real): the key-padding mask as segment offsets."""
-    model = tiny_hunyuan()
+    model = tiny_hunyuan(image_condition_type=condition)
     latents, kw = hunyuan_inputs()
     expected = run_hunyuan(model, latents, kw)
     use_vdit_attention(model, backend=backend)
