@@ -8,6 +8,10 @@
 #   bash benchmarks/gpu_check.sh test [-k rope]  # python -m pytest tests (args go to pytest)
 #   bash benchmarks/gpu_check.sh bench [--quick] # python -m benchmarks.run (args go to run.py)
 #   bash benchmarks/gpu_check.sh all --quick     # all steps, args go to run.py
+#   bash benchmarks/gpu_check.sh lease           # one short device lease (about 9 minutes):
+#       build; the tests (GPU-only ones included, capped at TEST_TIMEOUT, default 170 s);
+#       attention, RoPE and patch ops on the mixed pack (BENCH_TIMEOUT, default 200 s);
+#       the DiT block on mixed-60k into <results>-dit (DIT_TIMEOUT, default 120 s)
 # Steps can run in separate calls (each stays under a 10-minute command limit); the
 # build output stays in the working tree between them.
 # Results: benchmarks/results/<gpu-slug>/ or $RESULTS_DIR (results.json, summary.md,
@@ -71,10 +75,12 @@ run_tests() {
     tail -25 "$LOGS/pytest.log"
 }
 
-run_bench() {
-    echo "== bench: python -m benchmarks.run --out $RES $* (log: $LOGS/bench.log)"
-    env -u TRITON_INTERPRET PYTHONUNBUFFERED=1 timeout "${BENCH_TIMEOUT:-0}" $PY -m benchmarks.run --out "$RES" "$@" 2>&1 \
-        | tee "$LOGS/bench.log" | grep -v '^\[[0-9]*/[0-9]*\]'
+run_bench() {  # BENCH_OUT: the results folder (default $RES)
+    local out=${BENCH_OUT:-$RES}
+    mkdir -p "$out/logs"
+    echo "== bench: python -m benchmarks.run --out $out $* (log: $out/logs/bench.log)"
+    env -u TRITON_INTERPRET PYTHONUNBUFFERED=1 timeout "${BENCH_TIMEOUT:-0}" $PY -m benchmarks.run --out "$out" "$@" 2>&1 \
+        | tee "$out/logs/bench.log" | grep -v '^\[[0-9]*/[0-9]*\]'
     [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 }
 
@@ -83,12 +89,23 @@ case "$STEP" in
     test) run_tests "$@" ;;
     bench) run_bench "$@" ;;
     all) run_build && { run_tests; run_bench "$@"; } ;;
-    *) echo "unknown step $STEP (all|build|test|bench)"; exit 2 ;;
+    lease)
+        per_test=()
+        $PY -c "import pytest_timeout" 2>/dev/null && per_test=(--timeout 150)
+        run_build && {
+            TEST_TIMEOUT=${TEST_TIMEOUT:-170} run_tests "${per_test[@]}" \
+                --ignore=tests/test_static.py --ignore=tests/test_benchmarks.py
+            BENCH_TIMEOUT=${BENCH_TIMEOUT:-200} run_bench --workload mixed-pack --op attention \
+                --op rope --op patch --no-static
+            BENCH_OUT="$RES-dit" BENCH_TIMEOUT=${DIT_TIMEOUT:-120} run_bench --workload mixed-60k \
+                --op dit --no-static
+        } ;;
+    *) echo "unknown step $STEP (all|build|test|bench|lease)"; exit 2 ;;
 esac
 
 if [ -n "${OUT:-}" ]; then
     mkdir -p "$OUT"
-    tar -czf "$OUT/gpu_check.tar.gz" "$RES"
+    tar -czf "$OUT/gpu_check.tar.gz" "$RES" $([ -d "$RES-dit" ] && echo "$RES-dit")
     for f in summary.md results.json rows.partial.jsonl; do [ -f "$RES/$f" ] && cp "$RES/$f" "$OUT/"; done
     for f in build pytest bench; do [ -f "$LOGS/$f.log" ] && tail -c 200000 "$LOGS/$f.log" > "$OUT/$f.log"; done
     echo "copied results to $OUT: $(ls "$OUT" | tr '\n' ' ')"
