@@ -317,23 +317,26 @@ def test_autotune_candidates_are_the_class_tiles_and_statically_checked(d):
     fwd = A._prune("fwd")(A._configs("fwd"), {}, D=d)
     assert sorted((c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) for c in fwd) \
         == sorted(A._fwd_tiles(d, torch.bfloat16, cuda))
-    for tag, own, loop in (("dkdv", "BLOCK_N", "BLOCK_M"), ("dq", "BLOCK_M", "BLOCK_N"),
-                           ("fused", "BLOCK_N", "BLOCK_M")):
+    for tag in ("dkdv", "dq", "fused"):  # a tile: its constexprs (KEYS_MAJOR too) and launch options
         bwd = A._prune(tag)(A._configs(tag), {}, D=d)
-        assert sorted((c.kwargs[own], c.kwargs[loop], c.num_warps, c.num_stages) for c in bwd) \
-            == sorted(A._bwd_tiles(d, torch.bfloat16, cuda, tag))
+        assert sorted((sorted(c.kwargs.items()), c.num_warps, c.num_stages) for c in bwd) \
+            == sorted((sorted(A._tile_meta(tag, t).items()), t[2], t[3])
+                      for t in A._bwd_tiles(d, torch.bfloat16, cuda, tag))
     # every tile a GPU may run is compiled (and checked for spills) by the static report
     static = {(s["fn"].__name__, s["constexprs"]["BLOCK_M"], s["constexprs"]["BLOCK_N"], s["num_warps"],
-               s["num_stages"], s["constexprs"]["BLOCK_D"], s["constexprs"].get("ATOMIC_DQ"))
+               s["num_stages"], s["constexprs"]["BLOCK_D"], s["constexprs"].get("ATOMIC_DQ"),
+               s["constexprs"].get("KEYS_MAJOR"))
               for s in A.aot_specs() if "BLOCK_N" in s["constexprs"]}
     bd = A._block_d(d)
     for bm, bn, w, st in A._fwd_tiles(d, torch.bfloat16, cuda):
-        assert ("_attn_fwd_kernel", bm, bn, w, st, bd, None) in static
+        assert ("_attn_fwd_kernel", bm, bn, w, st, bd, None, None) in static
     for tag, atomic in (("dkdv", False), ("fused", True)):
-        for own, loop, w, st in A._bwd_tiles(d, torch.bfloat16, cuda, tag):
-            assert ("_attn_bwd_dkdv_kernel", loop, own, w, st, bd, atomic) in static
+        for tile in A._bwd_tiles(d, torch.bfloat16, cuda, tag):
+            own, loop, w, st = tile[:4]
+            keys_major = A._tile_meta(tag, tile)["KEYS_MAJOR"]
+            assert ("_attn_bwd_dkdv_kernel", loop, own, w, st, bd, atomic, keys_major) in static
     for own, loop, w, st in A._bwd_tiles(d, torch.bfloat16, cuda, "dq"):
-        assert ("_attn_bwd_dq_kernel", own, loop, w, st, bd, None) in static
+        assert ("_attn_bwd_dq_kernel", own, loop, w, st, bd, None, None) in static
 
 
 def test_head_dim_limit():
@@ -372,6 +375,22 @@ def test_gpu_tiles_under_the_interpreter(monkeypatch, d, rope_dims, strategy):
         assert timed.get(tag, 0) == (n_bwd if n_bwd > 1 else 0), tag
     unused = {"fused"} if strategy == "split" else {"dkdv", "dq"}
     assert not unused & set(timed), "the other strategy's kernels ran"
+
+
+@pytest.mark.skipif(DEVICE.type != "cpu", reason="forces GPU tiles under the interpreter")
+@pytest.mark.parametrize("keys_major", [False, True], ids=["queries-major", "keys-major"])
+@pytest.mark.parametrize("strategy", ["split", "atomic-dq"])
+def test_dkdv_orientations_with_gpu_tiles(monkeypatch, keys_major, strategy):
+    # both orientations of the dK/dV products at a GPU tile (64 keys x 32 queries, wgmma
+    # shapes), GQA, segments shorter than, equal to and longer than a block
+    from vdit_kernels.triton import attention as A
+
+    monkeypatch.setattr(A, "_half_on_gpu", lambda dtype, device: dtype == torch.float16)
+    monkeypatch.setenv("VDIT_AUTOTUNE", "0")  # the first (only) tile, no timing
+    monkeypatch.setenv("VDIT_ATTN_BWD", strategy)
+    tag = "dkdv" if strategy == "split" else "fused"
+    monkeypatch.setitem(A._BWD_TILES[tag], "d64", [(64, 32, 8, 2, keys_major)])
+    _check([64, 5, 97], [64, 5, 97], 4, 2, 64, torch.float16, seed=3)
 
 
 def _fake_autotune_timers(monkeypatch, **tuners) -> dict:

@@ -40,10 +40,12 @@
 # configuration" below): e.g. the D = 128 forward tries 128 x 64 at 8 warps (two
 # warpgroups of wgmma m64 over the query rows, the float32 accumulator at 64 registers a
 # thread), 128 x 128 and 64 x 64; the backward holds two float32 accumulators for its
-# own rows: 64 x 64 (the default) or 128 keys x 32 queries for dK/dV, up to 128 x 64 for
-# dQ, with 1 to 4 pipeline stages. Every candidate is in aot_specs() and compiled by the
-# sm_90a static report. VDIT_AUTOTUNE=0 or deterministic=True (backward) use the first
-# candidate of the class, so results do not depend on timing noise.
+# own rows: 64 x 64 (the default) or 128 keys x 32 queries for dK/dV, in either
+# orientation of its products (queries-major, the default, or keys-major: _dkdv_step),
+# up to 128 x 64 for dQ, with 1 to 4 pipeline stages. Every candidate is in aot_specs()
+# and compiled by the sm_90a static report. VDIT_AUTOTUNE=0 or deterministic=True
+# (backward) use the first candidate of the class, so results do not depend on timing
+# noise.
 # float32 inputs use 16 x 16 tiles and IEEE dots (no tf32; FMA, not tensor cores).
 # Under the Triton interpreter (CPU tests) tiles are 16 x 16: cheap, and small segments
 # still span several blocks so the masking paths are exercised.
@@ -302,32 +304,45 @@ def _dkdv_step(dk, dv, k, v, nmask, key_tail, Q, DO, LSE, DELTA, DQ, first_q, of
                stride_qn, stride_qh, stride_don, stride_doh, stride_lh, stride_dqn, stride_dqh,
                offs_d, dmask, scale, scale_log2,
                D: tl.constexpr, BLOCK_D: tl.constexpr, ROW_ALIGN: tl.constexpr,
-               ATOMIC_DQ: tl.constexpr, IEEE: tl.constexpr):
+               ATOMIC_DQ: tl.constexpr, KEYS_MAJOR: tl.constexpr, IEEE: tl.constexpr):
     """dV += P^T dO and dK += dS^T Q (unscaled) for one query block of one head; with
     ATOMIC_DQ also DQ += scale * dS K for that block, added atomically (float32).
-    Every block masks its query rows on load (splitting off the partial block as the
-    forward does made the 64 x 64 tile spill: 96 B at 1 stage, 632 B at 2).
-    P^T needs no query mask: a masked query column has q = dO = 0 and lse = 0, so its
-    P^T = exp2(0) = 1 is finite and multiplies only zero rows of dO and q. Key rows past
-    the segment (k = v = 0) only touch dK/dV rows that are never stored, but dQ sums over
-    keys: there (key_tail: this key block runs past the segment) their P^T = exp2(-lse),
-    which overflows for very negative lse, is zeroed."""
+    Two orientations of the same products (a tile choice, see the launch configuration):
+      queries-major (default): P = exp2(q k^T - lse) is (queries, keys), so lse and delta
+        vary along the MMA rows (a thread loads 2 of each, not 16); dV^T += dO^T P and
+        dK^T += Q^T dS accumulate (D, keys) with P and dS staged in shared memory as the
+        B operands. D = 128, 64 x 64: 202 registers instead of 254, spill-free at 2 stages.
+      KEYS_MAJOR: P^T = exp2(k q^T - lse) is (keys, queries); P^T and dS^T are the A
+        operands straight from registers; dK, dV accumulate (keys, D).
+    No query mask is needed: a masked query has q = dO = 0 and lse = 0, so its P = exp2(0)
+    = 1 is finite and multiplies only zero rows of dO and q. Key rows past the segment
+    (k = v = 0) only touch dK/dV columns that are never stored, but dQ sums over keys:
+    there (key_tail: this key block runs past the segment) their P = exp2(-lse), which
+    overflows for very negative lse, is zeroed."""
     mmask = offs_m < rows_left
     tok_q = first_q + offs_m
     q, do, lse, delta = _q_rows(Q, DO, LSE, DELTA, tok_q, mmask, dmask, head,
                                 stride_qn, stride_qh, stride_don, stride_doh, stride_lh, offs_d,
                                 D, BLOCK_D, ROW_ALIGN)
-    # -- recompute P^T (keys x queries), base 2 --
-    pt = tl.exp2(_mm(k, tl.trans(q), IEEE) * scale_log2 - lse[None, :])
+    if KEYS_MAJOR:
+        pt = tl.exp2(_mm(k, tl.trans(q), IEEE) * scale_log2 - lse[None, :])
+        if ATOMIC_DQ:
+            if key_tail:
+                pt = tl.where(nmask[:, None], pt, 0.0)
+        dv = _mma(pt.to(do.dtype), do, dv, IEEE)
+        dst = (pt * (_mm(v, tl.trans(do), IEEE) - delta[None, :])).to(q.dtype)
+        dk = _mma(dst, q, dk, IEEE)
+        ds = tl.trans(dst)
+    else:
+        p = tl.exp2(_mm(q, tl.trans(k), IEEE) * scale_log2 - lse[:, None])
+        if ATOMIC_DQ:
+            if key_tail:
+                p = tl.where(nmask[None, :], p, 0.0)
+        dv = _mma(tl.trans(do), p.to(do.dtype), dv, IEEE)
+        ds = (p * (_mm(do, tl.trans(v), IEEE) - delta[:, None])).to(q.dtype)
+        dk = _mma(tl.trans(q), ds, dk, IEEE)
     if ATOMIC_DQ:
-        if key_tail:
-            pt = tl.where(nmask[:, None], pt, 0.0)
-    # -- dV += P^T dO; dS^T = P^T * (V dO^T - delta); dK += dS^T Q --
-    dv = _mma(pt.to(do.dtype), do, dv, IEEE)
-    dst = (pt * (_mm(v, tl.trans(do), IEEE) - delta[None, :])).to(q.dtype)
-    dk = _mma(dst, q, dk, IEEE)
-    if ATOMIC_DQ:
-        dq = _mm(tl.trans(dst), k, IEEE) * scale
+        dq = _mm(ds, k, IEEE) * scale
         rows_dq = _row_off(tok_q, head, stride_dqn, stride_dqh, ROW_ALIGN)
         tl.atomic_add(DQ + rows_dq + offs_d[None, :], dq, mask=_tile_mask(mmask, dmask, D == BLOCK_D),
                       sem="relaxed")
@@ -368,7 +383,7 @@ def _attn_bwd_dkdv_kernel(
     GROUPS, scale, scale_log2,
     D: tl.constexpr, BLOCK_D: tl.constexpr, ROW_ALIGN: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    ATOMIC_DQ: tl.constexpr, IEEE: tl.constexpr,
+    ATOMIC_DQ: tl.constexpr, KEYS_MAJOR: tl.constexpr, IEEE: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -391,8 +406,12 @@ def _attn_bwd_dkdv_kernel(
                      offs_d, dmask, D, BLOCK_D, ROW_ALIGN)
 
     key_tail = (pid_n + 1) * BLOCK_N > seqlen_k
-    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
-    dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    if KEYS_MAJOR:  # (keys, D) accumulators, else (D, keys): see _dkdv_step
+        dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+        dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    else:
+        dk = tl.zeros([BLOCK_D, BLOCK_N], dtype=tl.float32)
+        dv = tl.zeros([BLOCK_D, BLOCK_N], dtype=tl.float32)
     for g in range(0, GROUPS):
         head = kv_head * GROUPS + g
         for start_m in range(0, seqlen_q, BLOCK_M):
@@ -400,7 +419,10 @@ def _attn_bwd_dkdv_kernel(
                                 q_start + start_m, offs_m, seqlen_q - start_m, head,
                                 stride_qn, stride_qh, stride_don, stride_doh, stride_lh,
                                 stride_dqn, stride_dqh, offs_d, dmask, scale, scale_log2,
-                                D, BLOCK_D, ROW_ALIGN, ATOMIC_DQ, IEEE)
+                                D, BLOCK_D, ROW_ALIGN, ATOMIC_DQ, KEYS_MAJOR, IEEE)
+    if not KEYS_MAJOR:
+        dk = tl.trans(dk)
+        dv = tl.trans(dv)
     dk = dk * scale
 
     kvmask = _tile_mask(nmask, dmask, D == BLOCK_D)
@@ -465,16 +487,21 @@ def _attn_bwd_dq_kernel(
 # (benchmarks/static_report.py fails otherwise); the autotuner times the candidates of
 # the call's class once per (class, D, dtypes, GQA groups) and keeps the fastest.
 #   forward  (BLOCK_M queries, BLOCK_N keys, warps, stages)
-#   backward (OWN rows per program, LOOP rows per inner step, warps, stages), one list per
-#            kernel: OWN is the key block of the dK/dV kernel and the query block of dQ.
+#   backward (OWN rows per program, LOOP rows per inner step, warps, stages[, KEYS_MAJOR]),
+#            one list per kernel: OWN is the key block of the dK/dV kernel and the query
+#            block of dQ; KEYS_MAJOR (dK/dV kernels, default False) picks the orientation
+#            of their products (_dkdv_step).
 # The first tile of every list (the default, also used with VDIT_AUTOTUNE=0 and
 # deterministic=True) is spill-free with Triton 3.6 (the GPU machines') and 3.8 (CI)
-# alike, compiled as a launch compiles it (16-divisible pointers and strides). At D = 128
-# the defaults are the tiles the H100 autotuner picked (dK/dV 64 x 64, dQ 64 x 64: the
-# backward went from 390 to 211 ms on the 41430-token mixed pack against 16-row query
-# steps); they hold k, v, dK and dV for a 64-key block at 254 registers, spill-free only
-# with that specialization. Extra candidates may spill up to SPILL_BUDGET bytes (the
-# static report checks it); the autotuner keeps them only where they measure faster.
+# alike, compiled as a launch compiles it (16-divisible pointers and strides). The H100
+# autotuner picked dK/dV 64 x 64 (keys-major, 1 stage, 254 registers) and dQ 64 x 64 in
+# session 3 (backward 390 -> 211 ms on the 41430-token mixed pack against 16-row query
+# steps). The queries-major orientation came after that run (unmeasured): at 64 x 64 it
+# holds 202 registers at 1 stage and 237 (Triton 3.6) / 254 (3.8) at 2, spill-free, so
+# the default dK/dV step is now pipelined (its loads of q, dO, lse and delta overlap the
+# products of the step before); the session-3 tiles stay in the lists as keys-major
+# candidates. Extra candidates may spill up to SPILL_BUDGET bytes (the static report
+# checks it); the autotuner keeps them only where they measure faster.
 # Classes: "d64" BLOCK_D <= 64; "d128" D == 128; "masked" 64 < D < 128 (72, 80, 96: a
 # 128-column tile with masked columns; with 4-byte accesses, as a head dim of 72 got
 # before the ROW_ALIGN hint, these hit 255 registers, so the first tiles are small);
@@ -487,22 +514,21 @@ _FWD_TILES = {
 }
 _BWD_TILES = {
     "dkdv": {
-        "d64": [(64, 32, 8, 2), (128, 64, 8, 2), (64, 32, 8, 3)],
-        # pipelined steps (stages >= 2) hide the loads of q, dO, lse and delta behind the
-        # four products; at 64 x 64 they fit only with a few spilled bytes (32 at 2 stages)
-        "d128": [(64, 64, 8, 1), (128, 32, 8, 1), (128, 32, 8, 2), (64, 32, 8, 2), (64, 32, 8, 3),
-                 (64, 64, 8, 2), (64, 32, 8, 4)],
-        "masked": [(64, 16, 8, 1), (64, 16, 8, 2), (64, 32, 8, 1), (64, 64, 8, 1)],
+        "d64": [(64, 32, 8, 2), (128, 64, 8, 2), (64, 32, 8, 3), (64, 32, 8, 2, True)],
+        "d128": [(64, 64, 8, 2), (64, 64, 8, 1), (64, 32, 8, 2), (64, 32, 8, 3), (128, 32, 8, 1),
+                 (64, 64, 8, 1, True), (64, 32, 8, 2, True), (128, 32, 8, 2, True)],
+        "masked": [(64, 16, 8, 1), (64, 16, 8, 2), (64, 32, 8, 1), (64, 32, 8, 2), (64, 64, 8, 1),
+                   (64, 16, 8, 1, True)],
         # 64-row tiles spilled at D = 256 even with 16 warps: small mma.sync tiles instead
         "d256": [(16, 16, 4, 2), (16, 16, 4, 1)],
     },
     # dK/dV with dQ added atomically (the "atomic-dq" backward): the dK/dV kernel plus a
     # third product and the float32 atomics, so smaller steps than "dkdv"
     "fused": {
-        "d64": [(64, 32, 8, 2), (128, 32, 8, 2), (64, 64, 8, 2)],
-        "d128": [(64, 32, 8, 1), (64, 64, 8, 1), (128, 32, 8, 1), (64, 32, 8, 2), (64, 16, 8, 1),
-                 (64, 32, 8, 3), (64, 16, 8, 4)],
-        "masked": [(64, 16, 8, 1), (64, 32, 8, 1)],
+        "d64": [(64, 32, 8, 2), (128, 32, 8, 2), (64, 64, 8, 2), (64, 32, 8, 2, True)],
+        "d128": [(64, 32, 8, 2), (64, 64, 8, 1), (64, 32, 8, 1), (64, 16, 8, 4), (64, 32, 8, 3),
+                 (64, 32, 8, 1, True), (64, 64, 8, 1, True)],
+        "masked": [(64, 16, 8, 1), (64, 32, 8, 1), (64, 16, 8, 1, True)],
         "d256": [(16, 16, 4, 2)],
     },
     "dq": {
@@ -514,8 +540,10 @@ _BWD_TILES = {
 }
 # register spills (bytes, sm_90a static report) allowed to a non-default candidate
 SPILL_BUDGET = 512
-# float32 (IEEE dots on FMA units, tests only) and the interpreter: one small tile
+# float32 (IEEE dots on FMA units, tests only) and the interpreter: one small tile (the
+# float32 atomic-dq kernel spills 36-48 B with 4 warps, nothing with 8)
 _SMALL = (16, 16, 4, 1)
+_SMALL_FUSED = (16, 16, 8, 1)
 MAX_HEAD_DIM = 256
 
 
@@ -541,7 +569,9 @@ def _fwd_tiles(d: int, dtype: torch.dtype, device: torch.device) -> list[tuple]:
 
 def _bwd_tiles(d: int, dtype: torch.dtype, device: torch.device, kernel: str) -> list[tuple]:
     """kernel: "dkdv", "dq" or "fused" (dK/dV with atomic dQ)."""
-    return _BWD_TILES[kernel][_tile_class(d)] if _half_on_gpu(dtype, device) else [_SMALL]
+    if _half_on_gpu(dtype, device):
+        return _BWD_TILES[kernel][_tile_class(d)]
+    return [_SMALL_FUSED if kernel == "fused" else _SMALL]
 
 
 def _autotune_enabled() -> bool:
@@ -557,10 +587,10 @@ def _prune(tag: str):
         if tag == "fwd":
             wanted = set(_FWD_TILES[_tile_class(d)])
             key = lambda c: (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages)
-        else:
-            wanted = set(_BWD_TILES[tag][_tile_class(d)])
-            own, loop = ("BLOCK_N", "BLOCK_M") if tag in ("dkdv", "fused") else ("BLOCK_M", "BLOCK_N")
-            key = lambda c: (c.kwargs[own], c.kwargs[loop], c.num_warps, c.num_stages)
+        else:  # a tile is its constexprs and launch options
+            wanted = {(tuple(sorted(_tile_meta(tag, t).items())), t[2], t[3])
+                      for t in _BWD_TILES[tag][_tile_class(d)]}
+            key = lambda c: (tuple(sorted(c.kwargs.items())), c.num_warps, c.num_stages)
         return [c for c in configs if key(c) in wanted]
     return prune
 
@@ -586,8 +616,8 @@ def _set_kv_blocks(nargs) -> None:
 
 def _tile_meta(tag: str, tile: tuple) -> dict:
     """The constexprs of a candidate tile of kernel `tag`."""
-    if tag in ("dkdv", "fused"):
-        return dict(BLOCK_M=tile[1], BLOCK_N=tile[0])  # own keys = BLOCK_N, loop queries = BLOCK_M
+    if tag in ("dkdv", "fused"):  # own keys = BLOCK_N, loop queries = BLOCK_M
+        return dict(BLOCK_M=tile[1], BLOCK_N=tile[0], KEYS_MAJOR=len(tile) > 4 and bool(tile[4]))
     return dict(BLOCK_M=tile[0], BLOCK_N=tile[1])
 
 
@@ -908,12 +938,14 @@ def aot_specs() -> list[dict]:
                               "constexprs": ce, "num_warps": w, "num_stages": st, "expect_mma": mma,
                               "expect_tma": tma, "unaligned_args": unaligned})
         for kernel, atomic in (("dkdv", False), ("fused", True)):
-            for i, (own, loop, w, st) in enumerate(_bwd_tiles(d, tdt, torch.device("cuda"), kernel)):
-                ce = dict(base, BLOCK_M=loop, BLOCK_N=own, ATOMIC_DQ=atomic)
+            for i, tile in enumerate(_bwd_tiles(d, tdt, torch.device("cuda"), kernel)):
+                own, loop, w, st = tile[:4]
+                ce = dict(base, **_tile_meta(kernel, tile), ATOMIC_DQ=atomic)
                 signature = sig(dtype, dkdv_sig, ce, out=("DK", "DV"))
                 signature["DQ"] = "*fp32" if atomic else f"*{dtype}"
                 # wgmma needs 64-row tiles; the small D = 256 tiles run on mma.sync
-                specs.append({"name": f"attn_bwd_{kernel} {tag} {own}x{loop} w{w}s{st}",
+                major = "-keys" if ce["KEYS_MAJOR"] else ""
+                specs.append({"name": f"attn_bwd_{kernel} {tag} {own}x{loop}{major} w{w}s{st}",
                               "fn": _attn_bwd_dkdv_kernel, "signature": signature,
                               "constexprs": ce, "num_warps": w, "num_stages": st,
                               "expect_mma": mma and own >= 64, "spill_budget": SPILL_BUDGET if i else 0,
