@@ -172,13 +172,21 @@ def test_very_negative_scores_keep_gradients_finite(strategy):
     k = (k + 0.1 * torch.randn(n, h, d, generator=torch.Generator().manual_seed(1)).to(DEVICE)).requires_grad_(True)
     v = torch.randn(n, h, d, device=DEVICE).requires_grad_(True)
     grads = {}
-    for backend in ("triton", "reference"):
-        out, lse = vk.varlen_attention(q, k, v, cu, cu, 21, 21, return_lse=True, backend=backend)
+    for backend, dtype in (("triton", torch.float32), ("reference", torch.float32),
+                           ("reference", torch.float64)):
+        args = [t.detach().to(dtype).requires_grad_(True) for t in (q, k, v)]
+        out, lse = vk.varlen_attention(*args, cu, cu, 21, 21, return_lse=True, backend=backend)
         assert lse.max().item() < -250
-        grads[backend] = torch.autograd.grad((out.float() * out.float()).sum(), (q, k, v))
-    for name, a, e in zip(("dq", "dk", "dv"), grads["triton"], grads["reference"]):
+        grads[backend, dtype] = torch.autograd.grad((out.double() * out.double()).sum(), args)
+    # scores of -300 leave float32 about 3e-3 of dK (the reference's own error against
+    # float64): the rule is no worse than twice the float32 reference, not closeness to it
+    for i, name in enumerate(("dq", "dk", "dv")):
+        a = grads["triton", torch.float32][i]
         assert torch.isfinite(a).all(), name
-        assert_verbose_close(a, e, atol=1e-3, rtol=1e-3, name=name)
+        exact = grads["reference", torch.float64][i]
+        err = (a.double() - exact).abs().max().item()
+        base = (grads["reference", torch.float32][i].double() - exact).abs().max().item()
+        assert err <= 2 * base + 1e-6, f"{name}: error {err:.3e} > 2 x the float32 reference's {base:.3e}"
 
 
 @pytest.mark.parametrize("dtype", DOT_DTYPES, ids=str)
