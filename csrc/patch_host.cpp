@@ -8,6 +8,7 @@
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGraphsC10Utils.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
@@ -91,6 +92,12 @@ void launch(bool to_tokens, std::vector<PatchVideo>& recs, const at::Tensor& tok
   if (recs.size() <= static_cast<size_t>(kInlineVideos)) {
     std::copy(recs.begin(), recs.end(), p.videos);
   } else {
+    // a graph would replay the copy from a pinned buffer that is freed and reused after
+    // this call: refuse rather than replay stale records
+    TORCH_CHECK(c10::cuda::currentStreamCaptureStatusMayInitCtx() == c10::cuda::CaptureStatus::None,
+                "vdit_C: a pack of ", recs.size(), " videos (more than ", kInlineVideos,
+                ") copies its launch table from host memory, which a CUDA graph cannot replay; "
+                "capture packs of at most ", kInlineVideos, " videos, or use backend=\"triton\"");
     const int64_t bytes = static_cast<int64_t>(recs.size() * sizeof(PatchVideo));
     at::Tensor host = at::empty({bytes}, at::TensorOptions().dtype(at::kByte).pinned_memory(true));
     std::memcpy(host.data_ptr(), recs.data(), bytes);

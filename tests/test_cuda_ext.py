@@ -210,6 +210,45 @@ def test_bad_input_raises_cleanly(checks):
         f"exit {proc.returncode}: {(proc.stdout + proc.stderr)[-3000:]}"
 
 
+def _graph_capture_checks():
+    # > 64 videos: the launch table is copied from a pinned host buffer that the graph
+    # could not replay, so capturing raises; <= 64: records travel in the launch
+    # parameters, so a captured patchify replays exactly on new video contents
+    many = _pack(PACKS["many"], (1, 2, 2))
+    videos = _videos(many, 4, torch.float16)
+    vk.patchify(videos, many, backend="cuda")  # allocations outside the capture
+    try:
+        with torch.cuda.graph(torch.cuda.CUDAGraph()):
+            vk.patchify(videos, many, backend="cuda")
+    except RuntimeError as exc:
+        assert "CUDA graph" in str(exc), exc
+    else:
+        raise AssertionError("a 70-video pack was captured")
+    small = _pack(PACKS["mixed"], (1, 2, 2))
+    videos = _videos(small, 4, torch.float16)
+    vk.patchify(videos, small, backend="cuda")
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        tokens = vk.patchify(videos, small, backend="cuda")
+    for v in videos:
+        v.normal_()
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(tokens, vk.patchify(videos, small, backend="reference"))
+
+
+@gpu_only
+@needs_cuda_build
+def test_cuda_graph_capture():
+    # in a child process, as the error tests above (an error raised from vdit_C crashed the
+    # torch 2.11 GPU machine's process)
+    proc = subprocess.run([sys.executable, "-c", "import test_cuda_ext as t; t._graph_capture_checks(); "
+                           "print('checks ok')"],
+                          cwd=Path(__file__).parent, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0 and "checks ok" in proc.stdout, \
+        f"exit {proc.returncode}: {(proc.stdout + proc.stderr)[-3000:]}"
+
+
 # -- RoPE on a GPU -----------------------------------------------------------------------
 
 def _rope_inputs(n, hq, hk, dims, dtype, seed=0, device="cuda"):
