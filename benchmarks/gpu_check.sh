@@ -11,7 +11,8 @@
 #   bash benchmarks/gpu_check.sh lease           # one short device lease (about 9 minutes):
 #       build; the tests (GPU-only ones included, capped at TEST_TIMEOUT, default 170 s);
 #       attention, RoPE and patch ops on the mixed pack (BENCH_TIMEOUT, default 200 s);
-#       the DiT block on mixed-60k into <results>-dit (DIT_TIMEOUT, default 120 s)
+#       the DiT block on mixed-60k, Triton and padded PyTorch (eager and compiled), into
+#       <results>-dit (DIT_TIMEOUT, default 120 s)
 # Steps can run in separate calls (each stays under a 10-minute command limit); the
 # build output stays in the working tree between them.
 # Results: benchmarks/results/<gpu-slug>/ or $RESULTS_DIR (results.json, summary.md,
@@ -97,8 +98,9 @@ case "$STEP" in
                 --ignore=tests/test_static.py --ignore=tests/test_benchmarks.py
             BENCH_TIMEOUT=${BENCH_TIMEOUT:-200} run_bench --workload mixed-pack --op attention \
                 --op rope --op patch --no-static
+            # the reference model would materialize 40k x 40k scores per head: not run
             BENCH_OUT="$RES-dit" BENCH_TIMEOUT=${DIT_TIMEOUT:-120} run_bench --workload mixed-60k \
-                --op dit --no-static
+                --op dit --provider vdit-triton --provider torch-padded --no-static
         } ;;
     *) echo "unknown step $STEP (all|build|test|bench|lease)"; exit 2 ;;
 esac
