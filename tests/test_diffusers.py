@@ -261,8 +261,9 @@ def test_hunyuan_mask_must_be_a_key_prefix():
         attn(x, text, torch.ones(2, 1, 8, 8, dtype=torch.bool))
     prefix = torch.ones(2, 1, 1, 8, dtype=torch.bool)
     prefix[1, ..., 6:] = False
-    attn(x, text, prefix)  # a prefix is accepted; its key lengths are cached for the next layer
-    assert attn.processor._mask_cache[2].tolist() == [8, 6]
+    attn(x, text, prefix)  # a prefix is accepted; its segments are cached for the next layer
+    cu_q, cu_k = attn.processor._mask_cache[2]
+    assert cu_q.tolist() == [0, 8, 8, 16, 16] and cu_k.tolist() == [0, 8, 8, 14, 16]
     prefix[1, ..., 3] = False  # edited in place: the cache sees the new version and re-checks
     with pytest.raises(ValueError, match="prefix"):
         attn(x, text, prefix)

@@ -117,20 +117,16 @@ class _VarlenProcessor:
                 "_attention_backend to None).")
 
     def _attend(self, q: Tensor, k: Tensor, v: Tensor, rope: Optional[Rope3D] = None,
-                key_lengths: Optional[Tensor] = None) -> Tensor:
-        """q (B, Lq, H, D), k/v (B, Lk, Hk, D) -> (B, Lq, H*D): sample b's queries see its keys,
-        or only its first key_lengths[b] keys (int32 (B,) on the device; needs Lq == Lk)."""
+                segments: Optional[tuple] = None) -> Tensor:
+        """q (B, Lq, H, D), k/v (B, Lk, Hk, D) -> (B, Lq, H*D): sample b's queries see its keys.
+        segments: (cu_seqlens_q, cu_seqlens_k) over the flattened batch instead (segments
+        no longer than Lq and Lk), e.g. HunyuanVideo's keys without their padding."""
         b, lq, h, d = q.shape
         lk, hk = k.shape[1], k.shape[2]
-        starts_q = torch.arange(b + 1, dtype=torch.int32, device=q.device) * lq
-        if key_lengths is not None:
-            # segment 2b: sample b's queries, keys [b*L, b*L + n_b); segment 2b+1: no
-            # queries, the padding keys. Nothing moves; cu_seqlens_k stays on the device.
-            cu_q = starts_q.repeat_interleave(2)[1:]
-            cu_k = torch.cat([starts_q[:1], torch.stack([starts_q[:-1] + key_lengths,
-                                                          starts_q[1:]], dim=1).flatten()])
+        if segments is not None:
+            cu_q, cu_k = segments
         else:
-            cu_q = starts_q
+            cu_q = torch.arange(b + 1, dtype=torch.int32, device=q.device) * lq
             cu_k = cu_q if lk == lq else torch.arange(b + 1, dtype=torch.int32, device=q.device) * lk
         out = varlen_attention(q.reshape(b * lq, h, d).contiguous(),
                                k.reshape(b * lk, hk, d).contiguous(),
@@ -339,6 +335,17 @@ def hunyuan_rope_mismatch(rope, device=None) -> Optional[str]:
                                float(rope.theta))
 
 
+def _hunyuan_heads(attn, x: Tensor, to_q, to_k, to_v, norm_q, norm_k):
+    """q, k, v (B, L, heads, D) of one stream (the layer's own or its added projections),
+    with their optional per-head norms, as HunyuanVideoAttnProcessor2_0 computes them."""
+    q, k, v = (proj(x).unflatten(2, (attn.heads, -1)) for proj in (to_q, to_k, to_v))
+    if norm_q is not None:
+        q = norm_q(q)
+    if norm_k is not None:
+        k = norm_k(k)
+    return q, k, v
+
+
 class HunyuanVideoVarlenAttnProcessor(_VarlenProcessor):
     """diffusers' HunyuanVideoAttnProcessor2_0 on vdit_kernels.varlen_attention.
 
@@ -348,10 +355,13 @@ class HunyuanVideoVarlenAttnProcessor(_VarlenProcessor):
 
     def __init__(self, backend: Optional[str] = None, deterministic: bool = False):
         super().__init__(backend, deterministic)
-        self._mask_cache = None  # (weakref to the mask, its version, key lengths)
+        self._mask_cache = None  # (weakref to the mask, its version, its segments)
 
-    def _key_lengths(self, mask: Optional[Tensor], batch: int, tokens: int) -> Optional[Tensor]:
-        """(B,) int32 numbers of valid keys from a [B, 1, 1, N] boolean prefix mask."""
+    def _segments(self, mask: Optional[Tensor], batch: int, tokens: int) -> Optional[tuple]:
+        """(cu_seqlens_q, cu_seqlens_k) of a [B, 1, 1, N] boolean key-prefix mask, built and
+        checked once per mask tensor (the layers of a forward share it): segment 2b holds
+        sample b's N queries and its n_b valid keys [bN, bN + n_b), segment 2b+1 no queries
+        and the padding keys. Nothing moves; the offsets stay on the device."""
         if mask is None:
             return None
         cached = self._mask_cache
@@ -370,8 +380,11 @@ class HunyuanVideoVarlenAttnProcessor(_VarlenProcessor):
             raise ValueError(f"{type(self).__name__}: the attention mask must keep a prefix of each "
                              "sample's tokens (video, then the prompt's real tokens); this one has "
                              "gaps, which segment offsets cannot express")
-        self._mask_cache = (weakref.ref(mask), mask._version, lengths)
-        return lengths
+        starts = torch.arange(batch + 1, dtype=torch.int32, device=mask.device) * tokens
+        cu_q = starts.repeat_interleave(2)[1:]
+        cu_k = torch.cat([starts[:1], torch.stack([starts[:-1] + lengths, starts[1:]], dim=1).flatten()])
+        self._mask_cache = (weakref.ref(mask), mask._version, (cu_q, cu_k))
+        return cu_q, cu_k
 
     def __call__(self, attn, hidden_states: Tensor, encoder_hidden_states: Optional[Tensor] = None,
                  attention_mask: Optional[Tensor] = None, image_rotary_emb=None):
@@ -380,13 +393,8 @@ class HunyuanVideoVarlenAttnProcessor(_VarlenProcessor):
         single_stream = attn.add_q_proj is None and encoder_hidden_states is not None
         if single_stream:
             hidden_states = torch.cat([hidden_states, encoder_hidden_states], dim=1)
-        query = attn.to_q(hidden_states).unflatten(2, (attn.heads, -1))
-        key = attn.to_k(hidden_states).unflatten(2, (attn.heads, -1))
-        value = attn.to_v(hidden_states).unflatten(2, (attn.heads, -1))
-        if attn.norm_q is not None:
-            query = attn.norm_q(query)
-        if attn.norm_k is not None:
-            key = attn.norm_k(key)
+        query, key, value = _hunyuan_heads(attn, hidden_states, attn.to_q, attn.to_k, attn.to_v,
+                                           attn.norm_q, attn.norm_k)
         # the RoPE covers the video tokens only: [video; text] in a single-stream layer
         video_len = query.shape[1] - (text_len if single_stream else 0)
 
@@ -405,19 +413,15 @@ class HunyuanVideoVarlenAttnProcessor(_VarlenProcessor):
                 query, key = rotate(query), rotate(key)
 
         if attn.add_q_proj is not None and encoder_hidden_states is not None:
-            encoder_query = attn.add_q_proj(encoder_hidden_states).unflatten(2, (attn.heads, -1))
-            encoder_key = attn.add_k_proj(encoder_hidden_states).unflatten(2, (attn.heads, -1))
-            encoder_value = attn.add_v_proj(encoder_hidden_states).unflatten(2, (attn.heads, -1))
-            if attn.norm_added_q is not None:
-                encoder_query = attn.norm_added_q(encoder_query)
-            if attn.norm_added_k is not None:
-                encoder_key = attn.norm_added_k(encoder_key)
+            encoder_query, encoder_key, encoder_value = _hunyuan_heads(
+                attn, encoder_hidden_states, attn.add_q_proj, attn.add_k_proj, attn.add_v_proj,
+                attn.norm_added_q, attn.norm_added_k)
             query = torch.cat([query, encoder_query], dim=1)
             key = torch.cat([key, encoder_key], dim=1)
             value = torch.cat([value, encoder_value], dim=1)
 
-        key_lengths = self._key_lengths(attention_mask, query.shape[0], query.shape[1])
-        out = self._attend(query, key, value, rope, key_lengths)
+        out = self._attend(query, key, value, rope,
+                           self._segments(attention_mask, query.shape[0], query.shape[1]))
         if encoder_hidden_states is None:  # as diffusers: no output projection without text
             return out, None
         out, encoder_out = out[:, :-text_len], out[:, -text_len:]
