@@ -56,7 +56,7 @@
 # TMA: on sm_90+ (and under the interpreter) the forward can read K and V through host
 # tensor descriptors over their (Nk, Hk*D) view (head dims 64 and 128, heads adjacent,
 # 16-byte aligned): the copy engine fetches whole (BLOCK_N, D) blocks and the kernel
-# computes no addresses (182 instead of 205 registers at 128 x 64, D = 128). Which
+# computes no addresses (160 instead of 190 registers at 128 x 64, D = 128). Which
 # variant runs is fwd_variant() (VDIT_ATTN_FWD): by default the first forward per (head
 # dim, dtype, GQA groups, GPU) times both and keeps the faster. Warp specialization is
 # not used: Triton 3.6 ignores tl.range(warp_specialize=True) on sm_90.
@@ -585,22 +585,21 @@ def _prune(tag: str):
     class live in one autotuner; the class is a function of the constexprs)."""
     def prune(configs, named_args, **kwargs):
         call = {**named_args, **kwargs}  # where the constexprs arrive differs across versions
-        d = call["D"]
-        if tag == "fwd":
-            wanted = set(_FWD_TILES[_tile_class(d)])
-            key = lambda c: (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages)
-        else:  # a tile is its constexprs and launch options
-            wanted = {(tuple(sorted(_tile_meta(tag, t).items())), t[2], t[3])
-                      for t in _BWD_TILES[tag][_tile_class(d)]}
-            key = lambda c: (tuple(sorted(c.kwargs.items())), c.num_warps, c.num_stages)
-        return [c for c in configs if key(c) in wanted]
+        # a tile is its constexprs and launch options
+        wanted = {(tuple(sorted(_tile_meta(tag, t).items())), t[2], t[3])
+                  for t in _tile_lists(tag)[_tile_class(call["D"])]}
+        return [c for c in configs if (tuple(sorted(c.kwargs.items())), c.num_warps, c.num_stages) in wanted]
     return prune
 
 
+def _tile_lists(tag: str) -> dict:
+    """{head-dim class: candidate tiles} of kernel `tag` ("fwd", "dkdv", "fused", "dq")."""
+    return _FWD_TILES if tag == "fwd" else _BWD_TILES[tag]
+
+
 def _configs(tag: str, pre_hook=None) -> list:
-    tiles = _FWD_TILES if tag == "fwd" else _BWD_TILES[tag]
     out, seen = [], set()
-    for cands in tiles.values():
+    for cands in _tile_lists(tag).values():
         for tile in cands:
             if tile in seen:
                 continue
@@ -637,9 +636,7 @@ _dq_tuned = triton.autotune(_configs("dq"), key=["D", "GROUPS"],
 _fused_tuned = triton.autotune(_configs("fused"), key=["D", "GROUPS"], reset_to_zero=["DQ"],
                                prune_configs_by={"early_config_prune": _prune("fused")})(_attn_bwd_dkdv_kernel)
 
-# Backward strategies: "split" (dK/dV kernel + dQ kernel, no atomics, P recomputed twice:
-# 7 matrix products per block pair) and "atomic-dq" (FlashAttention-2's: one kernel, dQ
-# added atomically in float32: 5 products, run order dependent in the last bits).
+
 def _measured_choice(env: str, options: tuple, cache: dict, key, measure, possible: bool = True) -> str:
     """The variant a call runs: the environment variable `env` names one of `options`
     (a speed option: where it is not `possible` the first option runs, with the same
@@ -851,10 +848,12 @@ def varlen_attention_bwd(grad_out, q, k, v, out, lse, grad_lse, cu_seqlens_q, cu
     def run(strategy: str):
         """dq, dk, dv (fresh buffers) with one strategy's kernels."""
         atomic = strategy == "atomic-dq"
-        # the atomics accumulate dq in float32
-        gq = torch.zeros((nq, h, d), dtype=torch.float32 if atomic else gdt_q, device=q.device)
-        gk = torch.zeros((nk, hk, d), dtype=gdt_k, device=k.device)
-        gv = torch.zeros((nk, hk, d), dtype=v.dtype, device=v.device)
+        # the kernels store every row of their segments; only the atomics add into dq
+        # (in float32), which therefore starts at zero
+        gq = (torch.zeros((nq, h, d), dtype=torch.float32, device=q.device) if atomic
+              else torch.empty((nq, h, d), dtype=gdt_q, device=q.device))
+        gk = torch.empty((nk, hk, d), dtype=gdt_k, device=k.device)
+        gv = torch.empty((nk, hk, d), dtype=v.dtype, device=v.device)
         common = dict(D=d, BLOCK_D=bd, IEEE=ieee, ROW_ALIGN=row_align)
         # -- dK, dV (and, atomic-dq, dQ): one key block x kv head --
         args = (q, k, v, grad_out, lse, delta, gk, gv, gq, cu_q, cu_k,

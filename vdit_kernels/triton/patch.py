@@ -99,16 +99,19 @@ def _find_video(cu_blocks_ptr, meta_ptr, pid_t, B, LOG_B: tl.constexpr, META: tl
 
 
 @triton.jit
+def _video_fields(row):
+    """A video's table row after its data pointer (_tables: _META int64 fields): strides
+    c, t, h, w, its first packed token, its token grid h, w, t. (Fields a caller leaves
+    unused are never loaded: the compiler drops the loads.)"""
+    return (tl.load(row + 1), tl.load(row + 2), tl.load(row + 3), tl.load(row + 4),
+            tl.load(row + 5), tl.load(row + 6), tl.load(row + 7), tl.load(row + 8))
+
+
+@triton.jit
 def _token_offsets(row, local_block, PT: tl.constexpr, PH: tl.constexpr, PW: tl.constexpr,
                    BLOCK_T: tl.constexpr):
     """Packed token indices, valid mask and element offset of each token's first element."""
-    s_t = tl.load(row + 2)
-    s_h = tl.load(row + 3)
-    s_w = tl.load(row + 4)
-    tok_start = tl.load(row + 5)
-    g_h = tl.load(row + 6)
-    g_w = tl.load(row + 7)
-    g_t = tl.load(row + 8)
+    _, s_t, s_h, s_w, tok_start, g_h, g_w, g_t = _video_fields(row)
     local = local_block.to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T).to(tl.int64)
     valid = local < g_t * g_h * g_w
     gw = local % g_w
@@ -120,10 +123,7 @@ def _token_offsets(row, local_block, PT: tl.constexpr, PH: tl.constexpr, PW: tl.
 @triton.jit
 def _feature_offsets(row, offs_f, PT: tl.constexpr, PH: tl.constexpr, PW: tl.constexpr):
     """Element offset of feature f = ((c * PT + it) * PH + ih) * PW + iw inside a patch."""
-    s_c = tl.load(row + 1)
-    s_t = tl.load(row + 2)
-    s_h = tl.load(row + 3)
-    s_w = tl.load(row + 4)
+    s_c, s_t, s_h, s_w, _, _, _, _ = _video_fields(row)
     iw = offs_f % PW
     ih = (offs_f // PW) % PH
     it = (offs_f // (PW * PH)) % PT
@@ -186,12 +186,7 @@ def _line_offsets(cu_blocks_ptr, meta_ptr, pid, B, PT: tl.constexpr, PH: tl.cons
     video has unit w stride (checked on the host), so a row is BLOCK_W*PW contiguous
     elements."""
     row, line = _find_video(cu_blocks_ptr, meta_ptr, pid, B, LOG_B, META)
-    s_c = tl.load(row + 1)
-    s_t = tl.load(row + 2)
-    s_h = tl.load(row + 3)
-    tok_start = tl.load(row + 5)
-    g_h = tl.load(row + 6)
-    g_w = tl.load(row + 7)
+    s_c, s_t, s_h, s_w, tok_start, g_h, g_w, _ = _video_fields(row)
     w_blocks = (g_w + BLOCK_W - 1) // BLOCK_W
     gth = line // w_blocks  # token row gt * g_h + gh
     w0 = (line % w_blocks) * BLOCK_W
@@ -207,7 +202,7 @@ def _line_offsets(cu_blocks_ptr, meta_ptr, pid, B, PT: tl.constexpr, PH: tl.cons
     if ALIGN > 0:
         off = off_r[:, None] + (w0 * PW + x)[None, :]
     else:
-        off = off_r[:, None] + (w0 * PW + x)[None, :] * tl.load(row + 4)
+        off = off_r[:, None] + (w0 * PW + x)[None, :] * s_w
     n_valid = tl.minimum(g_w - w0, BLOCK_W)
     return tl.load(row), tok_start + gth * g_w + w0, n_valid, off
 
@@ -324,7 +319,7 @@ def _launch(kernel, packed, videos, patch_size):
     b, f = len(videos), packed.shape[1]
     if packed.shape[0] == 0 or f == 0:
         return
-    log_b = max(0, math.ceil(math.log2(b)))
+    log_b = _log_b(b)
     line = _line_tiles(videos, (pt, ph, pw), f) if packed.stride(1) == 1 else None
     if line is not None:
         block_w, rp = line
@@ -635,10 +630,9 @@ def _wgrad(videos, dense, patch_size, gather_left, with_bias):
         GATHER_LEFT=gather_left, HAS_BIAS=with_bias, IEEE=v0.dtype == torch.float32,
         PT=pt, PH=ph, PW=pw, LOG_B=_log_b(b), META=_META,
         BLOCK_T=bt, BLOCK_P=bp, BLOCK_Q=bq, num_warps=warps)
-    total = part[0] if splits == 1 else part.sum(0)
-    if not with_bias:
-        return total, None
-    return total, bias_part[0] if splits == 1 else bias_part.sum(0)
+    def total(partials):
+        return partials[0] if splits == 1 else partials.sum(0)
+    return total(part), (total(bias_part) if with_bias else None)
 
 
 def patch_embed(videos, weight, bias):
