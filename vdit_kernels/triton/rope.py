@@ -55,6 +55,13 @@ def _angles(pos_ptr, n64, nmask, log2_theta, ax1, ax2, j, d_a):
 
 
 @triton.jit
+def _chunk_size(ax1, ax2, DT: tl.constexpr, DH: tl.constexpr, DW: tl.constexpr):
+    """Size d_a of each slot's axis chunk (ax1: past t, ax2: past h); padding slots and
+    empty axes get 2, so no frequency divides by 0."""
+    return tl.maximum(tl.where(ax2 == 1, DW, tl.where(ax1 == 1, DH, DT)), 2)
+
+
+@triton.jit
 def _tables(pos_ptr, n64, nmask, log2_theta,
             DT: tl.constexpr, DH: tl.constexpr, DW: tl.constexpr, HP: tl.constexpr,
             INTERLEAVED: tl.constexpr, INVERSE: tl.constexpr):
@@ -68,6 +75,7 @@ def _tables(pos_ptr, n64, nmask, log2_theta,
         k = tl.arange(0, HP)
         ax1 = (k >= DT // 2).to(tl.int32)
         ax2 = (k >= DT // 2 + DH // 2).to(tl.int32)
+        d_a = _chunk_size(ax1, ax2, DT, DH, DW)
         j = k - ax1 * (DT // 2) - ax2 * (DH // 2)
         sign = tl.full([HP], 1.0, tl.float32)
         partner = k  # unused: the pairs are split in registers
@@ -75,14 +83,13 @@ def _tables(pos_ptr, n64, nmask, log2_theta,
         k = tl.arange(0, 2 * HP)
         ax1 = (k >= DT).to(tl.int32)
         ax2 = (k >= DT + DH).to(tl.int32)
-        half = tl.maximum(tl.where(ax2 == 1, DW, tl.where(ax1 == 1, DH, DT)), 2) // 2
+        d_a = _chunk_size(ax1, ax2, DT, DH, DW)
+        half = d_a // 2
         i = k - ax1 * DT - ax2 * DH
         first = i < half
         j = tl.where(first, i, i - half)
         sign = tl.where(first, -1.0, 1.0)
         partner = tl.where(k < DT + DH + DW, tl.where(first, k + half, k - half), k)
-    # padding slots (and empty axes) get d_a = 2: no division by 0
-    d_a = tl.maximum(tl.where(ax2 == 1, DW, tl.where(ax1 == 1, DH, DT)), 2)
     angle = _angles(pos_ptr, n64, nmask, log2_theta, ax1, ax2, j, d_a)
     if INVERSE:
         sign = -sign
