@@ -10,6 +10,7 @@ import importlib.util
 import os
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional, Sequence
+from unittest import mock
 
 import torch
 
@@ -121,16 +122,8 @@ def with_env(prepared: Prepared, **env: str) -> Prepared:
     fn = prepared.fn
 
     def run():
-        old = {k: os.environ.get(k) for k in env}
-        os.environ.update(env)
-        try:
+        with mock.patch.dict(os.environ, env):
             return fn()
-        finally:
-            for k, v in old.items():
-                if v is None:
-                    os.environ.pop(k, None)
-                else:
-                    os.environ[k] = v
     return Prepared(run, grad_to_none=prepared.grad_to_none, extra=prepared.extra)
 
 

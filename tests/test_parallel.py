@@ -13,6 +13,7 @@ workers) in float32 against the float32 reference, 1e-4 as in test_attention_tri
 """
 import os
 from datetime import timedelta
+from unittest import mock
 
 import pytest
 import torch
@@ -251,16 +252,8 @@ def _spawn(worker, tmp, nprocs):
     address the host name resolves to, which a sandboxed machine may not route (a
     suspect for the fixture errors of the second H100 run)."""
     env = {"TRITON_INTERPRET": "1", "GLOO_SOCKET_IFNAME": os.environ.get("GLOO_SOCKET_IFNAME", "lo")}
-    before = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    try:
+    with mock.patch.dict(os.environ, env):
         mp.spawn(worker, args=(str(tmp / "store"), str(tmp)), nprocs=nprocs, join=True)
-    finally:
-        for k, v in before.items():
-            if v is None:
-                del os.environ[k]
-            else:
-                os.environ[k] = v
 
 
 @pytest.fixture(scope="module")
