@@ -3,11 +3,13 @@
 Providers:
   vdit-<backend>         vk.varlen_attention (reference, triton, cuda where implemented)
   vdit-<backend>+rope    the same with the fused 3D RoPE (rope=Rope3D); FLOPs count attention only
-  vdit-triton+split, vdit-triton+atomic-dq
+  vdit-triton+split, vdit-triton+atomic-dq, vdit-triton+torch-fa2
                          bwd / fwd+bwd with the backward strategy forced (VDIT_ATTN_BWD): the
-                         atomic-free two kernels, or FlashAttention-2's one kernel with dQ
-                         added atomically; vdit-triton itself uses the default ("auto": the
-                         faster of the two, timed on the first call)
+                         atomic-free two Triton kernels, FlashAttention-2's scheme (one Triton
+                         kernel, dQ added atomically), or PyTorch's own FlashAttention-2
+                         backward kernel on the Triton forward's out and lse (not ours: the
+                         row says what the Triton forward costs with it); vdit-triton itself
+                         uses the default ("auto": the fastest, timed on the first call)
   vdit-triton+pointers, vdit-triton+tma
                          fwd / fwd+bwd with the forward's K/V reads forced (VDIT_ATTN_FWD):
                          masked pointer loads, or TMA tensor descriptors (sm_90)
@@ -96,8 +98,17 @@ def cases(device: str, quick: bool, workloads, providers=None):
                 if b == "triton" and mode != "bwd":
                     forced += [("VDIT_ATTN_FWD", v, f"forward reads K/V by {v}") for v in ("pointers", "tma")]
                 if b == "triton" and grad:
-                    forced += [("VDIT_ATTN_BWD", s, f"backward strategy {s}") for s in ("split", "atomic-dq")]
+                    from vdit_kernels.triton.attention import BWD_STRATEGIES
+
+                    forced += [("VDIT_ATTN_BWD", s, f"backward strategy {s}") for s in BWD_STRATEGIES]
                 for env, value, note in forced:
+                    if value == "torch-fa2" and not (device.startswith("cuda")
+                                                     and torch.backends.cuda.is_flash_attention_available()):
+                        # forced where it cannot run, the split kernels would run under its name
+                        skips.append(Skip(OP, f"vdit-triton+{value} {mode}",
+                                          "PyTorch's FlashAttention-2 backward needs CUDA and a torch built with it"))
+                        continue
+
                     def make_forced(mode=mode, grad=grad, env=env, value=value):
                         x = _Inputs(wl, device, grad)
                         prepared = backward_fn(lambda: vk.varlen_attention(x.q, x.k, x.v, x.cu, x.cu, x.max,

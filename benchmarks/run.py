@@ -212,6 +212,15 @@ def _fmt_ms(r):
     return f"{r['median_ms']:.3f} ({r['min_ms']:.3f}/{r['max_ms']:.3f})"
 
 
+def measured_variants() -> list[str]:
+    """The attention variants the Triton backend picked by timing them in this run."""
+    try:
+        from vdit_kernels.triton.attention import measured_choices
+    except ImportError:  # no Triton
+        return []
+    return measured_choices()
+
+
 def table(rows: list[dict], op: str) -> str:
     head = "| workload | op | mode | provider | median ms (min/max) | TFLOP/s or GB/s | % of limit | speedup |"
     lines = [head, "| --- | --- | --- | --- | --- | --- | --- | --- |"]
@@ -385,6 +394,10 @@ def main(argv=None) -> int:
     print("\n== backend choice (triton vs cuda; DEFAULT_ORDER in vdit_kernels/backend.py) ==")
     print(choice)
     md += ["\n## Backend choice: triton vs cuda\n", choice]
+    variants = measured_variants()
+    if variants:
+        print("\n== attention variants picked by measurement (the vdit-triton rows) ==\n" + "\n".join(variants))
+        md += ["\n## Attention variants picked by measurement (the vdit-triton rows)\n"] + [f"- {v}" for v in variants]
     if skips:
         md.append("\n## Skipped\n")
         md += [f"- [{op}] {p}: {r}" for op, p, r in sorted(seen)]
@@ -399,7 +412,7 @@ def main(argv=None) -> int:
     (out / "summary.md").write_text("\n".join(md) + "\n")
     (out / "results.json").write_text(json.dumps(
         {"environment": env, "rows": rows, "skipped": [dict(op=o, provider=p, reason=r) for o, p, r in sorted(seen)],
-         "plots": made, "static_report": static, "quick": args.quick, "argv": sys.argv[1:] if argv is None else argv},
+         "plots": made, "static_report": static, "attention_variants": variants, "quick": args.quick, "argv": sys.argv[1:] if argv is None else argv},
         indent=1, default=str))
     print(f"\n{len(rows)} cases, {len(errors)} errors, {time.perf_counter() - started:.1f} s; results in {out}")
     for r in errors:

@@ -121,9 +121,13 @@ def _check(lens_q, lens_k, h, hk, d, dtype, max_q=None, max_k=None, rope_dims=No
 
 # -- forward + backward against the reference --------------------------------------------
 
-@pytest.fixture(params=["split", "atomic-dq"])
+@pytest.fixture(params=["split", "atomic-dq", "torch-fa2"])
 def strategy(request, monkeypatch):
-    """Both backward strategies: split (no atomics) and atomic-dq (FlashAttention-2's)."""
+    """Every backward strategy: split (no atomics), atomic-dq (FlashAttention-2's scheme in
+    Triton) and, on a GPU, torch-fa2 (PyTorch's own FlashAttention-2 backward on the Triton
+    forward's out and lse; where it cannot run, e.g. float32, split runs instead)."""
+    if request.param == "torch-fa2" and DEVICE.type != "cuda":
+        pytest.skip("torch-fa2 is PyTorch's CUDA FlashAttention-2 backward")
     monkeypatch.setenv("VDIT_ATTN_BWD", request.param)
     return request.param
 
@@ -275,6 +279,51 @@ def test_backward_strategy_choice(monkeypatch):
     monkeypatch.setenv("VDIT_ATTN_BWD", "atomics")
     with pytest.raises(ValueError, match="VDIT_ATTN_BWD must be one of"):
         A.bwd_strategy(False)
+    # torch-fa2 only where the call can run it: forced elsewhere, split runs instead
+    monkeypatch.setenv("VDIT_ATTN_BWD", "torch-fa2")
+    assert A.bwd_strategy(False) == "split"
+    assert A.bwd_strategy(False, available=A.BWD_STRATEGIES) == "torch-fa2"
+    assert A.bwd_strategy(True, available=A.BWD_STRATEGIES) == "split"
+    monkeypatch.setenv("VDIT_ATTN_BWD", "auto")
+    assert A.bwd_strategy(False, key="k3", measure=lambda: "torch-fa2", available=A.BWD_STRATEGIES) == "torch-fa2"
+    assert A.bwd_strategy(False, key="one", measure=measure, available=("split",)) == "split"
+    assert len(timed) == 1  # a single available strategy is not timed
+    monkeypatch.setattr(A, "_STRATEGY_CHOICE", {(128, torch.bfloat16, 2, "cuda:0", A.BWD_STRATEGIES): "torch-fa2"})
+    monkeypatch.setattr(A, "_FWD_CHOICE", {})
+    assert A.measured_choices() == ["backward D=128 bfloat16 GQA groups=2 cuda:0: torch-fa2 "
+                                    "(of split, atomic-dq, torch-fa2)"]
+
+
+@gpu_only
+def test_torch_fa2_gives_way_to_split_with_a_gradient_into_lse(monkeypatch):
+    # FlashAttention-2's backward has no lse-gradient term: with one (merged partial
+    # results) the forced torch-fa2 must run the Triton split kernels instead
+    cu = _cu([40, 7])
+    q, k, v, do = _inputs(47, 47, 4, 2, 64, torch.bfloat16)
+    dlse = torch.randn(4, 47, device=DEVICE)
+    grads = {}
+    for forced in ("split", "torch-fa2"):
+        monkeypatch.setenv("VDIT_ATTN_BWD", forced)
+        leaves = [t.clone().requires_grad_(True) for t in (q, k, v)]
+        out, lse = vk.varlen_attention(*leaves, cu, cu, 40, 40, return_lse=True, backend="triton")
+        loss = (out.float() * do.float()).sum() + (lse * dlse).sum()
+        grads[forced] = torch.autograd.grad(loss, leaves)
+    for name, a, b in zip(("dq", "dk", "dv"), grads["torch-fa2"], grads["split"]):
+        assert torch.equal(a, b), name
+
+
+def test_torch_fa2_conditions():
+    from vdit_kernels.triton import attention as A
+
+    q = torch.empty(4, 2, 64, dtype=torch.float16)
+    assert not A._torch_fa2_possible(q, None)  # not on a GPU
+    if DEVICE.type == "cuda":
+        qc = q.cuda()
+        expected = torch.backends.cuda.is_flash_attention_available()
+        assert A._torch_fa2_possible(qc, None) == expected
+        assert not A._torch_fa2_possible(qc, torch.zeros(2, 4, device="cuda"))  # gradient into lse
+        assert not A._torch_fa2_possible(qc.float(), None)
+        assert not A._torch_fa2_possible(torch.empty(4, 2, 68, dtype=torch.float16, device="cuda"), None)
 
 
 @gpu_only
@@ -356,7 +405,7 @@ def test_head_dim_limit():
 
 @gpu_only
 @pytest.mark.parametrize("d", [64, 80, 96, 128, 256])
-def test_head_dims_gpu(d):
+def test_head_dims_gpu(d, strategy):
     _check([300, 5, 129], [300, 5, 129], 4, 2, d, torch.bfloat16)
 
 

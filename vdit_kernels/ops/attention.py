@@ -167,7 +167,8 @@ def varlen_attention(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_s
     attention; the backends rotate q and k once with the fastest RoPE kernel (one pass
     over q and k, ~1% of the forward) and rotate dq and dk back in the backward.
     deterministic=True: a backward free of atomics with fixed tiles, bitwise
-    reproducible (the Triton backend may otherwise add dQ atomically: VDIT_ATTN_BWD).
+    reproducible (the Triton backend may otherwise add dQ atomically or run PyTorch's
+    FlashAttention-2 backward, whichever it measured fastest: VDIT_ATTN_BWD).
     Returns out (Nq, H, D) in q's dtype, and with return_lse=True also
     lse (H, Nq) float32, the natural-log logsumexp of each row's scaled scores.
     Differentiable in q, k and v, through out and through lse (merging partial results by

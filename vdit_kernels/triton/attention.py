@@ -26,13 +26,18 @@
 #                        with atomics (FlashAttention-2's backward).
 #   _attn_bwd_dq_kernel  (cdiv(max_seqlen_q, BLOCK_M), H, B): one query block x head;
 #                        recomputes P over the key blocks and accumulates dQ (no atomics).
-# Two backward strategies (bwd_strategy(), VDIT_ATTN_BWD): "split" = dK/dV kernel + dQ
+# Backward strategies (bwd_strategy(), VDIT_ATTN_BWD): "split" = dK/dV kernel + dQ
 # kernel, no atomics, bitwise reproducible for a given tile choice, but P and dP are
 # recomputed twice (7 matrix products per block pair); "atomic-dq" = one kernel with
 # atomic dQ (5 products, but float32 atomics into dQ: their sums depend on the run order
-# in the last bits). By default ("auto") the first backward per (head dim, dtype, GQA
-# groups, GPU) times both, each with its own autotuned tiles, and keeps the faster;
-# deterministic=True always runs "split" with pinned tiles.
+# in the last bits); "torch-fa2" = not ours: PyTorch's own FlashAttention-2 backward
+# (the one torch.nn.attention.varlen uses), which takes this forward's out and lse as they
+# are (half precision, head dims multiple of 8, no gradient into lse). It is a candidate
+# so that the Triton forward never costs a user PyTorch's backward speed; the benchmarks
+# time each strategy on its own row. By default ("auto") the first backward per (head
+# dim, dtype, GQA groups, GPU) times the available strategies, the Triton ones with their
+# own autotuned tiles, and keeps the fastest; deterministic=True always runs "split" with
+# pinned tiles.
 # Tiles: (BLOCK_M queries, BLOCK_D) and (BLOCK_N keys, BLOCK_D); BLOCK_D = head dim rounded
 # up to a power of two (tl.arange needs one; 72, 80, 96 are masked). Head dims up to 256.
 # On a GPU the tiles are autotuned (triton.autotune, keyed on head dim, dtypes and GQA
@@ -637,19 +642,22 @@ _fused_tuned = triton.autotune(_configs("fused"), key=["D", "GROUPS"], reset_to_
                                prune_configs_by={"early_config_prune": _prune("fused")})(_attn_bwd_dkdv_kernel)
 
 
-def _measured_choice(env: str, options: tuple, cache: dict, key, measure, possible: bool = True) -> str:
+def _measured_choice(env: str, options: tuple, cache: dict, key, measure, available: tuple = None) -> str:
     """The variant a call runs: the environment variable `env` names one of `options`
-    (a speed option: where it is not `possible` the first option runs, with the same
-    result) or "auto" (the default): the variant measure() found fastest, timed once per
-    key and cached; the first option where nothing was or can be measured (measure None:
-    CPU / interpreter, float32, autotuning off, inside a CUDA graph capture)."""
+    (speed options, all with the same result: one this call cannot run, i.e. not in
+    `available` (default: all), gives way to options[0]) or "auto" (the default): the
+    variant measure() found fastest among the available ones, timed once per key and
+    cached (the key must tell calls with different `available` apart); options[0] where
+    nothing was or can be measured (measure None: CPU / interpreter, float32, autotuning
+    off, inside a CUDA graph capture)."""
     name = os.environ.get(env, "auto")
     if name not in options + ("auto",):
         raise ValueError(f"{env} must be one of {options + ('auto',)}, got {name!r}")
-    if not possible:
-        return options[0]
+    available = options if available is None else available
     if name != "auto":
-        return name
+        return name if name in available else options[0]
+    if len(available) == 1:
+        return available[0]
     if key not in cache:  # (a choice measured before stays, e.g. during a graph capture)
         if measure is None:
             return options[0]
@@ -659,26 +667,40 @@ def _measured_choice(env: str, options: tuple, cache: dict, key, measure, possib
 
 # backward strategies ("split": no atomics, the fallback) and forward K/V reads
 # ("pointers": the fallback); the measured choices of "auto", per (head dim, dtype, GQA
-# groups, device)
-BWD_STRATEGIES = ("split", "atomic-dq")
+# groups, device, available options)
+BWD_STRATEGIES = ("split", "atomic-dq", "torch-fa2")
 FWD_VARIANTS = ("pointers", "tma")
 _STRATEGY_CHOICE: dict = {}
 _FWD_CHOICE: dict = {}
 
 
-def bwd_strategy(deterministic: bool, key=None, measure=None) -> str:
+def bwd_strategy(deterministic: bool, key=None, measure=None, available: tuple = BWD_STRATEGIES[:2]) -> str:
     """The backward strategy of a call: "split" with deterministic=True, else VDIT_ATTN_BWD
-    ("split", "atomic-dq" or "auto"; see _measured_choice)."""
+    ("split", "atomic-dq", "torch-fa2" or "auto"; see _measured_choice) among `available`
+    (torch-fa2 only where _torch_fa2_possible)."""
     if deterministic:
         return "split"
-    return _measured_choice("VDIT_ATTN_BWD", BWD_STRATEGIES, _STRATEGY_CHOICE, key, measure)
+    return _measured_choice("VDIT_ATTN_BWD", BWD_STRATEGIES, _STRATEGY_CHOICE, key, measure, available)
 
 
 def fwd_variant(tma_possible: bool, key=None, measure=None) -> str:
     """How the forward reads K and V: "pointers" (masked loads) or "tma" (tensor
     descriptors: the Hopper copy engine), by VDIT_ATTN_FWD ("pointers", "tma" or "auto";
     see _measured_choice); "pointers" wherever the layout rules TMA out."""
-    return _measured_choice("VDIT_ATTN_FWD", FWD_VARIANTS, _FWD_CHOICE, key, measure, tma_possible)
+    return _measured_choice("VDIT_ATTN_FWD", FWD_VARIANTS, _FWD_CHOICE, key, measure,
+                            FWD_VARIANTS if tma_possible else FWD_VARIANTS[:1])
+
+
+def measured_choices() -> list[str]:
+    """The variants "auto" picked by measuring in this process, one line each (for the
+    benchmarks' summary: which backward strategy and forward K/V read ran)."""
+    lines = []
+    for what, cache in (("backward", _STRATEGY_CHOICE), ("forward", _FWD_CHOICE)):
+        for key, choice in cache.items():
+            d, dtype, groups, device = key[:4]
+            lines.append(f"{what} D={d} {str(dtype).replace('torch.', '')} GQA groups={groups} {device}: {choice}"
+                         + (f" (of {', '.join(key[4])})" if len(key) > 4 else ""))
+    return lines
 
 
 def _can_measure(q) -> bool:
@@ -698,6 +720,27 @@ def _tma_possible(q, k, v) -> bool:
         return False
     return all(t.stride(1) == d and t.data_ptr() % 16 == 0 and t.stride(0) * t.element_size() % 16 == 0
                and 0 < t.shape[0] < 2 ** 31 for t in (k, v))
+
+
+def _torch_fa2_possible(q, grad_lse) -> bool:
+    """PyTorch's own FlashAttention-2 backward (aten._flash_attention_backward, the kernel
+    behind torch.nn.attention.varlen) can compute this call's gradients from the Triton
+    forward's out and lse (the same (H, Nq) float32 natural-log lse it writes itself):
+    float16 / bfloat16 on an sm_80+ GPU of a torch built with it, head dim a multiple of
+    8 up to 256, and no gradient into lse (its backward has no term for one)."""
+    return (grad_lse is None and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16)
+            and q.shape[2] % 8 == 0 and q.shape[2] <= 256
+            and torch.cuda.get_device_capability(q.device) >= (8, 0)
+            and torch.backends.cuda.is_flash_attention_available())
+
+
+def _torch_fa2_backward(grad_out, q, k, v, out, lse, cu_q, cu_k, max_q, max_k, scale):
+    """dq, dk, dv in the input dtype by PyTorch's FlashAttention-2 backward, called as
+    torch.nn.attention.varlen's backward calls it (dropout 0: the rng state is unused)."""
+    rng_state = torch.zeros(2, dtype=torch.uint64, device=q.device)
+    unused = torch.empty(0, device=q.device)
+    return torch.ops.aten._flash_attention_backward(
+        grad_out, q, k, v, out, lse, cu_q, cu_k, max_q, max_k, 0.0, False, rng_state, unused, scale=scale)
 
 
 def _kv_descriptors(k, v, block_n: int):
@@ -829,24 +872,35 @@ def varlen_attention_bwd(grad_out, q, k, v, out, lse, grad_lse, cu_seqlens_q, cu
     ieee = q.dtype in (torch.float32, torch.float64)
     scale = float(softmax_scale)
 
-    # -- delta = rowsum(dO * O) --
-    delta = torch.empty((h, nq), dtype=torch.float32, device=q.device)
-    pre_m = 16
-    _attn_bwd_pre_kernel[(triton.cdiv(nq, pre_m), h)](
-        out, grad_out, delta, nq,
-        out.stride(0), out.stride(1),
-        grad_out.stride(0), grad_out.stride(1),
-        delta.stride(0),
-        D=d, BLOCK_D=bd, BLOCK_M=pre_m, num_warps=4,
-    )
-    if grad_lse is not None:
-        # d lse_i / d S_ij = P_ij: a gradient into lse shifts the row term of dS = P (dP - delta)
-        delta.sub_(grad_lse)
+    def delta_of_rows():
+        """delta = rowsum(dO * O) - grad_lse, (H, Nq) float32 (the Triton strategies')."""
+        delta = torch.empty((h, nq), dtype=torch.float32, device=q.device)
+        pre_m = 16
+        _attn_bwd_pre_kernel[(triton.cdiv(nq, pre_m), h)](
+            out, grad_out, delta, nq,
+            out.stride(0), out.stride(1),
+            grad_out.stride(0), grad_out.stride(1),
+            delta.stride(0),
+            D=d, BLOCK_D=bd, BLOCK_M=pre_m, num_warps=4,
+        )
+        if grad_lse is not None:
+            # d lse_i / d S_ij = P_ij: a gradient into lse shifts the row term of dS = P (dP - delta)
+            delta.sub_(grad_lse)
+        return delta
+
     # the gradient buffers are fresh (tokens, heads, D) tensors: strides heads * D and D
     row_align = _row_align(q, k, v, grad_out, strides=(h * d, hk * d, d))
 
+    delta = None
+
     def run(strategy: str):
         """dq, dk, dv (fresh buffers) with one strategy's kernels."""
+        nonlocal delta
+        if strategy == "torch-fa2":
+            return _torch_fa2_backward(grad_out, q, k, v, out, lse, cu_q, cu_k, max_seqlen_q, max_seqlen_k,
+                                       scale)
+        if delta is None:
+            delta = delta_of_rows()
         atomic = strategy == "atomic-dq"
         # the kernels store every row of their segments; only the atomics add into dq
         # (in float32), which therefore starts at zero
@@ -877,9 +931,10 @@ def varlen_attention_bwd(grad_out, q, k, v, out, lse, grad_lse, cu_seqlens_q, cu
                     _bwd_tiles(d, q.dtype, q.device, "dq"), fixed=deterministic, **common)
         return gq, gk, gv
 
-    strategy = bwd_strategy(deterministic, key=(d, q.dtype, h // hk, q.device),
-                            measure=(lambda: _fastest({s: (lambda s=s: run(s)) for s in BWD_STRATEGIES}))
-                            if _can_measure(q) else None)
+    available = BWD_STRATEGIES if _torch_fa2_possible(q, grad_lse) else BWD_STRATEGIES[:2]
+    strategy = bwd_strategy(deterministic, key=(d, q.dtype, h // hk, q.device, available),
+                            measure=(lambda: _fastest({s: (lambda s=s: run(s)) for s in available}))
+                            if _can_measure(q) else None, available=available)
     dq, dk, dv = run(strategy)
     if rope is not None:
         _rotate(dq, dk, rope, inverse=True, inplace=True)
