@@ -29,7 +29,8 @@ def render(data: dict, ops=None, modes=None) -> str:
         pct = f"{r['pct_of_limit']:.0f}%" if "pct_of_limit" in r else "-"
         if r.get("kernel_ms"):  # the kernels' own device time, host overhead excluded
             thr += f" (kernels {r['kernel_gbs']:.0f} GB/s)"
-            pct += f" (kernels {r['kernel_pct_of_limit']:.0f}%)"
+            pct += (f" (kernels {r['kernel_pct_of_limit']:.0f}%" +
+                    (f", {r['kernel_pct_of_copy']:.0f}% of a same-size copy)" if r.get("kernel_pct_of_copy") else ")"))
         sp = f"{r['speedup']:.2f}x vs {r['baseline']}" if r.get("speedup") else "-"
         name = r["name"] if r["op"] != r["name"] else r["op"]
         lines.append(f"| {name} | {r['mode']} | {r['workload']} ({r['tokens']} tok) | {r['provider']} | "

@@ -6,7 +6,8 @@
 For each op: one table of workload, provider, median ms (min/max), TFLOP/s or GB/s,
 % of the hardware limit measured in this run (benchmarks/limits.py: large D2D copy,
 large bf16 matmul), for memory-bound ops on a GPU also the kernels' own device time and
-bandwidth (profiler, host overhead excluded: benchmarks/timing.py kernel_ms), and speedup
+bandwidth (profiler, host overhead excluded: benchmarks/timing.py kernel_ms) as a % of
+the large copy and of a copy of the same bytes (copy_kernel_ms), and speedup
 over the reference provider (the vdit reference path;
 where it cannot run, the first baseline of BASELINES that ran). Peers that cannot run
 are listed with the reason. Results go to --out (default on a GPU:
@@ -37,7 +38,7 @@ import torch._dynamo
 
 from . import bench_attention, bench_block, bench_dit, bench_patch, bench_rope, limits, workloads
 from .common import OPTIONS
-from .timing import bench, kernel_ms
+from .timing import bench, copy_kernel_ms, kernel_ms
 
 ROOT = Path(__file__).resolve().parent.parent
 SUITES = {"patch": bench_patch, "rope": bench_rope, "attention": bench_attention, "block": bench_block,
@@ -144,6 +145,10 @@ def run_case(case, device: str, quick: bool, lim: dict) -> dict:
             if row.get("kernel_ms"):
                 row["kernel_gbs"] = case.bytes / (row["kernel_ms"] * 1e-3) / 1e9
                 row["kernel_pct_of_limit"] = 100 * row["kernel_gbs"] / lim["bandwidth_gbs"]
+                copy_ms = copy_kernel_ms(case.bytes, device, quick=quick)
+                if copy_ms:  # the same bytes copied: what the GPU does with a kernel this size
+                    row["copy_kernel_ms"] = copy_ms
+                    row["kernel_pct_of_copy"] = 100 * copy_ms / row["kernel_ms"]
     except Exception as exc:  # noqa: BLE001  (one failing provider must not end the run)
         row["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"
         if device == "cuda":
@@ -236,6 +241,8 @@ def table(rows: list[dict], op: str) -> str:
         if r.get("kernel_ms"):  # memory-bound ops: also the kernels' own time, host overhead excluded
             thr += f"; kernels {r['kernel_ms']:.3f} ms = {r['kernel_gbs']:.0f} GB/s"
             pct += f"; kernels {r['kernel_pct_of_limit']:.1f}%"
+            if r.get("kernel_pct_of_copy"):
+                pct += f", {r['kernel_pct_of_copy']:.0f}% of a same-size copy"
         sp = f"{r['speedup']:.2f}x vs {r['baseline']}" if r.get("speedup") else "-"
         lines.append(f"| {wl} | {r['name']} | {r['mode']} | {r['provider']} | {_fmt_ms(r)} | {thr} | {pct} | {sp} |")
     if len(lines) == 2:

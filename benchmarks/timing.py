@@ -13,6 +13,10 @@ timed one call at a time: that is the user-visible cost (median_ms), this is the
 kernels' own efficiency (the % of copy bandwidth the issues ask about). The calls cycle
 over enough independently built inputs to exceed twice the L2 cache, so data comes from
 DRAM as with the flush of do_bench.
+copy_kernel_ms: the same measurement of a device-to-device copy moving as many bytes (half
+read, half written). A 10 MB op cannot reach the bandwidth of a 1 GiB copy (ramp-up and
+tail of a few-microsecond kernel), and neither can a copy of its size: the ratio of the
+two kernel times says how far the op is from what the GPU does with those bytes.
 """
 from __future__ import annotations
 
@@ -117,6 +121,25 @@ def kernel_ms(build: Callable, bytes_moved: float, device: str, quick: bool = Fa
     if total <= 0:
         return {"kernel_note": "the profiler recorded no GPU activity (CUPTI unavailable?)"}
     return {"kernel_ms": total / calls / 1e3, "kernel_copies": copies}
+
+
+_COPY_MS: dict = {}
+
+
+def copy_kernel_ms(bytes_moved: float, device: str, quick: bool = False) -> Optional[float]:
+    """Device ms of a D2D copy of bytes_moved / 2 bytes (read + write = bytes_moved), by
+    kernel_ms; cached per size; None where kernel_ms cannot measure."""
+    n = max(16, int(bytes_moved) // 2 // 16 * 16)
+    if (n, device) not in _COPY_MS:
+        class _Copy:
+            def __init__(self):
+                self.src = torch.empty(n, dtype=torch.uint8, device=device)
+                self.dst = torch.empty_like(self.src)
+
+            def fn(self):
+                self.dst.copy_(self.src)
+        _COPY_MS[n, device] = kernel_ms(_Copy, 2 * n, device, quick=quick).get("kernel_ms")
+    return _COPY_MS[n, device]
 
 
 def once_ms(fn: Callable, device: str) -> float:

@@ -172,13 +172,24 @@ def test_with_env_sets_options_per_call_and_restores(monkeypatch):
 def test_device_time_sums_the_gpu_activities_only():
     from types import SimpleNamespace
 
-    from benchmarks.timing import device_us, kernel_ms
+    from benchmarks.timing import copy_kernel_ms, device_us, kernel_ms
 
     events = [SimpleNamespace(device_type="DeviceType.CUDA", self_device_time_total=120.0),
               SimpleNamespace(device_type="DeviceType.CUDA", self_device_time_total=30.5),
               SimpleNamespace(device_type="DeviceType.CPU", self_device_time_total=999.0)]
     assert device_us(SimpleNamespace(key_averages=lambda: events)) == 150.5
     assert kernel_ms(lambda: None, 1e6, "cpu") == {"kernel_note": "GPU only"}
+    assert copy_kernel_ms(1e6, "cpu") is None
+
+
+def test_memory_bound_rows_show_the_kernels_against_both_copies():
+    from benchmarks.run import table
+
+    row = dict(op="patch", name="patchify", mode="fwd", workload="w", tokens=10, provider="vdit-cuda",
+               median_ms=0.02, min_ms=0.02, max_ms=0.03, gbs=500.0, pct_of_limit=16.7, kernel_ms=0.008,
+               kernel_gbs=1250.0, kernel_pct_of_limit=41.7, copy_kernel_ms=0.006, kernel_pct_of_copy=75.0)
+    line = table([row], "patch").splitlines()[-1]
+    assert "kernels 0.008 ms = 1250 GB/s" in line and "kernels 41.7%, 75% of a same-size copy" in line
 
 
 def test_error_probe_reports_each_case():
