@@ -312,6 +312,19 @@ def test_torch_fa2_gives_way_to_split_with_a_gradient_into_lse(monkeypatch):
         assert torch.equal(a, b), name
 
 
+def test_torch_fa2_call_matches_the_aten_schema():
+    # the arguments reach aten._flash_attention_backward's meta kernel: schema, keyword
+    # names and GQA shapes are checked without a GPU (the numbers only on one)
+    from vdit_kernels.triton.attention import _torch_fa2_backward
+
+    q = torch.empty(100, 4, 64, dtype=torch.bfloat16, device="meta")
+    kv = torch.empty(100, 2, 64, dtype=torch.bfloat16, device="meta")
+    cu = torch.empty(3, dtype=torch.int32, device="meta")
+    lse = torch.empty(4, 100, device="meta")
+    dq, dk, dv = _torch_fa2_backward(q, q, kv, kv, q, lse, cu, cu, 60, 60, 0.125)
+    assert dq.shape == q.shape and dk.shape == dv.shape == kv.shape and dq.dtype == torch.bfloat16
+
+
 def test_torch_fa2_conditions():
     from vdit_kernels.triton import attention as A
 
