@@ -4,8 +4,8 @@ No GPU is needed: triton.compile builds PTX and a cubin for the target, and the
 cuobjdump shipped with triton reads registers, shared memory and local-memory
 (spill) use from the cubin. Each Triton module of vdit_kernels lists the
 configurations it launches on a GPU in `aot_specs()`: a list of dicts with keys
-name, fn, signature, constexprs, num_warps, num_stages (optional) and
-expect_mma (True where the kernel should use tensor cores: wgmma on sm_90a), expect_tma
+name, fn, signature, constexprs, num_warps, num_stages, maxnreg (optional: a register cap
+per thread, as the launch sets it) and expect_mma (True where the kernel should use tensor cores: wgmma on sm_90a), expect_tma
 (True where it should read through TMA descriptors: cp.async.bulk.tensor),
 spill_budget (bytes, default 0; only for extra autotuning candidates, never a default) and
 min_access_bytes (memory-bound kernels: the widest global load and store must be at least
@@ -87,6 +87,8 @@ def compile_spec(spec: dict) -> dict:
     src = triton.compiler.ASTSource(fn=spec["fn"], signature=spec["signature"],
                                     constexprs=spec.get("constexprs", {}), attrs=launch_attrs(spec))
     options = {"num_warps": spec.get("num_warps", 4), "num_stages": spec.get("num_stages", 3)}
+    if spec.get("maxnreg"):  # a register cap, as the launch passes it
+        options["maxnreg"] = spec["maxnreg"]
     kernel = triton.compile(src, target=GPUTarget("cuda", SM, 32), options=options)
     ptx = kernel.asm["ptx"]
     with tempfile.TemporaryDirectory() as tmp:
@@ -110,6 +112,7 @@ def compile_spec(spec: dict) -> dict:
         "static_shared_bytes": int(fields.get("SHARED", 0)),
         "shared_bytes": int(kernel.metadata.shared),
         "num_warps": options["num_warps"],
+        "maxnreg": options.get("maxnreg"),
         "wgmma": "wgmma" in ptx,
         "tma": "cp.async.bulk.tensor" in ptx,
         "expect_tma": bool(spec.get("expect_tma", False)),
@@ -203,6 +206,13 @@ def problems(rows: list[dict]) -> list[str]:
             out.append(f"{r['kernel']}: no wgmma instruction in the sm_90a PTX")
         if r.get("expect_tma") and not r.get("tma"):
             out.append(f"{r['kernel']}: no TMA copy (cp.async.bulk.tensor) in the sm_90a PTX")
+        if r.get("maxnreg"):
+            # a register cap is for two programs per SM (sm_90: 64K registers, 228 KB of
+            # shared memory, 1 KB of it reserved per program)
+            if 2 * r["num_warps"] * 32 * r["registers"] > 65536 or 2 * (r["shared_bytes"] + 1024) > 228 * 1024:
+                out.append(f"{r['kernel']}: capped at {r['maxnreg']} registers, but {r['registers']} "
+                           f"registers and {r['shared_bytes']} B of shared memory leave no room for a "
+                           "second program on an SM")
         need = r.get("min_access_bytes", 0)
         if need and min(r["load_bytes"], r["store_bytes"]) < need:
             out.append(f"{r['kernel']}: widest global load/store {r['load_bytes']}/{r['store_bytes']} B, "

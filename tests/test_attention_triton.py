@@ -241,7 +241,7 @@ def test_tma_forward_autotuner_sets_descriptor_blocks(monkeypatch):
     monkeypatch.setenv("VDIT_ATTN_BWD", "split")
     timed = _fake_autotune_timers(monkeypatch, tma=A._fwd_tma_tuned, dkdv=A._dkdv_tuned, dq=A._dq_tuned)
     _check([70, 3, 130], [70, 3, 130], 2, 1, 128, torch.float16)
-    assert timed["tma"] == len(A._fwd_tiles(128, torch.float16, torch.device("cuda")))
+    assert timed["tma"] == len(A._fwd_tiles(128, torch.float16, torch.device("cuda"), tma=True))
 
 
 def test_tma_layout_conditions():
@@ -384,29 +384,27 @@ def test_autotune_candidates_are_the_class_tiles_and_statically_checked(d):
     from vdit_kernels.triton import attention as A
 
     cuda = torch.device("cuda")
-    fwd = A._prune("fwd")(A._configs("fwd"), {}, D=d)
-    assert sorted((c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) for c in fwd) \
-        == sorted(A._fwd_tiles(d, torch.bfloat16, cuda))
-    for tag in ("dkdv", "dq", "fused"):  # a tile: its constexprs (KEYS_MAJOR too) and launch options
-        bwd = A._prune(tag)(A._configs(tag), {}, D=d)
-        assert sorted((sorted(c.kwargs.items()), c.num_warps, c.num_stages) for c in bwd) \
-            == sorted((sorted(A._tile_meta(tag, t).items()), t[2], t[3])
-                      for t in A._bwd_tiles(d, torch.bfloat16, cuda, tag))
+    # a tile: its constexprs (KEYS_MAJOR too) and launch options (the register cap too)
+    for tag in ("fwd", "fwd_tma", "dkdv", "dq", "fused"):
+        configs = A._prune(tag)(A._configs(tag), {}, D=d)
+        tiles = (A._fwd_tiles(d, torch.bfloat16, cuda, tag == "fwd_tma") if tag.startswith("fwd")
+                 else A._bwd_tiles(d, torch.bfloat16, cuda, tag))
+        assert sorted((sorted(c.kwargs.items()), c.num_warps, c.num_stages, c.maxnreg or 0) for c in configs) \
+            == sorted((sorted(A._tile_meta(tag, t).items()), t.warps, t.stages, t.maxnreg or 0) for t in tiles)
     # every tile a GPU may run is compiled (and checked for spills) by the static report
     static = {(s["fn"].__name__, s["constexprs"]["BLOCK_M"], s["constexprs"]["BLOCK_N"], s["num_warps"],
-               s["num_stages"], s["constexprs"]["BLOCK_D"], s["constexprs"].get("ATOMIC_DQ"),
-               s["constexprs"].get("KEYS_MAJOR"))
+               s["num_stages"], s.get("maxnreg"), s["constexprs"]["BLOCK_D"], s["constexprs"].get("TMA"),
+               s["constexprs"].get("ATOMIC_DQ"), s["constexprs"].get("KEYS_MAJOR"))
               for s in A.aot_specs() if "BLOCK_N" in s["constexprs"]}
     bd = A._block_d(d)
-    for bm, bn, w, st in A._fwd_tiles(d, torch.bfloat16, cuda):
-        assert ("_attn_fwd_kernel", bm, bn, w, st, bd, None, None) in static
+    for tma in ((False, True) if d in (64, 128) else (False,)):
+        for bm, bn, w, st, _, cap in A._fwd_tiles(d, torch.bfloat16, cuda, tma):
+            assert ("_attn_fwd_kernel", bm, bn, w, st, cap, bd, tma, None, None) in static
     for tag, atomic in (("dkdv", False), ("fused", True)):
-        for tile in A._bwd_tiles(d, torch.bfloat16, cuda, tag):
-            own, loop, w, st = tile[:4]
-            keys_major = A._tile_meta(tag, tile)["KEYS_MAJOR"]
-            assert ("_attn_bwd_dkdv_kernel", loop, own, w, st, bd, atomic, keys_major) in static
-    for own, loop, w, st in A._bwd_tiles(d, torch.bfloat16, cuda, "dq"):
-        assert ("_attn_bwd_dq_kernel", own, loop, w, st, bd, None, None) in static
+        for own, loop, w, st, keys_major, cap in A._bwd_tiles(d, torch.bfloat16, cuda, tag):
+            assert ("_attn_bwd_dkdv_kernel", loop, own, w, st, cap, bd, None, atomic, keys_major) in static
+    for own, loop, w, st, _, cap in A._bwd_tiles(d, torch.bfloat16, cuda, "dq"):
+        assert ("_attn_bwd_dq_kernel", own, loop, w, st, cap, bd, None, None, None) in static
 
 
 def test_head_dim_limit():

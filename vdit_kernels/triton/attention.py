@@ -44,7 +44,8 @@
 # groups) over a short candidate list per head-dim class (see "launch
 # configuration" below): e.g. the D = 128 forward tries 128 x 64 at 8 warps (two
 # warpgroups of wgmma m64 over the query rows, the float32 accumulator at 64 registers a
-# thread), 128 x 128 and 64 x 64; the backward holds two float32 accumulators for its
+# thread), 128 x 128 and 64 x 64, and with TMA 128 x 64 capped at 128 registers so that
+# two programs share an SM (Tile.maxnreg, see _FWD_TILES); the backward holds two float32 accumulators for its
 # own rows: 64 x 64 (the default) or 128 keys x 32 queries for dK/dV, in either
 # orientation of its products (queries-major, the default, or keys-major: _dkdv_step),
 # up to 128 x 64 for dQ, with 1 to 4 pipeline stages. Every candidate is in aot_specs()
@@ -69,6 +70,7 @@ from __future__ import annotations
 
 import logging
 import os
+from typing import NamedTuple, Optional
 
 import torch
 import triton
@@ -511,31 +513,53 @@ def _attn_bwd_dq_kernel(
 # 128-column tile with masked columns; with 4-byte accesses, as a head dim of 72 got
 # before the ROW_ALIGN hint, these hit 255 registers, so the first tiles are small);
 # "d256" 128 < D <= 256.
+class Tile(NamedTuple):
+    """A candidate launch: `own` rows a program keeps (queries in the forward and dQ,
+    keys in dK/dV), `loop` rows per step of its loop, warps, pipeline stages; keys_major:
+    the orientation of the dK/dV products (_dkdv_step); maxnreg: a register cap per
+    thread (None: the compiler's count). The lists below hold plain (own, loop, warps,
+    stages) tuples where the defaults apply; _tile_lists() returns Tiles."""
+    own: int
+    loop: int
+    warps: int
+    stages: int
+    keys_major: bool = False
+    maxnreg: Optional[int] = None
+
+
+# Two programs of 8 warps share an SM only at <= 128 registers a thread (64K registers)
+# and <= ~113 KB of shared memory each: then one program's softmax runs while the
+# other's products occupy the tensor cores (what FlashAttention-3 schedules explicitly
+# between warpgroups). The capped tiles below are spill-free (D = 64, 126-128 registers,
+# 80 KB) or spill 24-32 B outside the key loop (D = 128 with TMA, 96 KB; the pointer
+# loads' addresses need more registers: 192 B spilled inside the loop, not a candidate).
 _FWD_TILES = {
-    "d64": [(128, 128, 8, 3), (128, 64, 8, 3), (64, 64, 4, 3)],
+    "d64": [(128, 128, 8, 3), (128, 64, 8, 3), (64, 64, 4, 3), Tile(128, 128, 8, 2, maxnreg=128)],
     # (64, 64, 4, 2): one warpgroup, 186 registers (150 with TMA) and 80 KB of shared
     # memory, so two programs share an SM and one's softmax overlaps the other's products
     "d128": [(128, 64, 8, 3), (128, 64, 8, 4), (128, 128, 8, 2), (64, 64, 8, 3), (64, 64, 4, 2)],
     "masked": [(64, 64, 8, 2), (64, 64, 8, 3), (64, 32, 8, 2), (128, 64, 8, 3)],
     "d256": [(64, 32, 8, 2), (64, 32, 8, 1)],
 }
+# candidates of the TMA forward only, after those above
+_FWD_TMA_EXTRA = {"d128": [Tile(128, 64, 8, 2, maxnreg=128)]}
 _BWD_TILES = {
     "dkdv": {
-        "d64": [(64, 32, 8, 2), (128, 64, 8, 2), (64, 32, 8, 3), (64, 32, 8, 2, True)],
+        "d64": [(64, 32, 8, 2), (128, 64, 8, 2), (64, 32, 8, 3), Tile(64, 32, 8, 2, keys_major=True)],
         "d128": [(64, 64, 8, 2), (64, 64, 8, 1), (64, 32, 8, 2), (64, 32, 8, 3), (128, 32, 8, 1),
-                 (64, 64, 8, 1, True), (64, 32, 8, 2, True), (128, 32, 8, 2, True)],
+                 Tile(64, 64, 8, 1, keys_major=True), Tile(64, 32, 8, 2, keys_major=True), Tile(128, 32, 8, 2, keys_major=True)],
         "masked": [(64, 16, 8, 1), (64, 16, 8, 2), (64, 32, 8, 1), (64, 32, 8, 2), (64, 64, 8, 1),
-                   (64, 16, 8, 1, True)],
+                   Tile(64, 16, 8, 1, keys_major=True)],
         # 64-row tiles spilled at D = 256 even with 16 warps: small mma.sync tiles instead
         "d256": [(16, 16, 4, 2), (16, 16, 4, 1)],
     },
     # dK/dV with dQ added atomically (the "atomic-dq" backward): the dK/dV kernel plus a
     # third product and the float32 atomics, so smaller steps than "dkdv"
     "fused": {
-        "d64": [(64, 32, 8, 2), (128, 32, 8, 2), (64, 64, 8, 2), (64, 32, 8, 2, True)],
+        "d64": [(64, 32, 8, 2), (128, 32, 8, 2), (64, 64, 8, 2), Tile(64, 32, 8, 2, keys_major=True)],
         "d128": [(64, 32, 8, 2), (64, 64, 8, 1), (64, 32, 8, 1), (64, 16, 8, 4), (64, 32, 8, 3),
-                 (64, 32, 8, 1, True), (64, 64, 8, 1, True)],
-        "masked": [(64, 16, 8, 1), (64, 32, 8, 1), (64, 16, 8, 1, True)],
+                 Tile(64, 32, 8, 1, keys_major=True), Tile(64, 64, 8, 1, keys_major=True)],
+        "masked": [(64, 16, 8, 1), (64, 32, 8, 1), Tile(64, 16, 8, 1, keys_major=True)],
         "d256": [(16, 16, 4, 2)],
     },
     "dq": {
@@ -549,8 +573,8 @@ _BWD_TILES = {
 SPILL_BUDGET = 512
 # float32 (IEEE dots on FMA units, tests only) and the interpreter: one small tile (the
 # float32 atomic-dq kernel spills 36-48 B with 4 warps, nothing with 8)
-_SMALL = (16, 16, 4, 1)
-_SMALL_FUSED = (16, 16, 8, 1)
+_SMALL = Tile(16, 16, 4, 1)
+_SMALL_FUSED = Tile(16, 16, 8, 1)
 MAX_HEAD_DIM = 256
 
 
@@ -570,14 +594,17 @@ def _half_on_gpu(dtype: torch.dtype, device: torch.device) -> bool:
     return device.type == "cuda" and dtype in (torch.float16, torch.bfloat16)
 
 
-def _fwd_tiles(d: int, dtype: torch.dtype, device: torch.device) -> list[tuple]:
-    return _FWD_TILES[_tile_class(d)] if _half_on_gpu(dtype, device) else [_SMALL]
+def _fwd_tiles(d: int, dtype: torch.dtype, device: torch.device, tma: bool = False) -> list[Tile]:
+    """The forward's candidates (tma: those of the TMA variant)."""
+    if _half_on_gpu(dtype, device):
+        return _tile_lists("fwd_tma" if tma else "fwd")[_tile_class(d)]
+    return [_SMALL]
 
 
-def _bwd_tiles(d: int, dtype: torch.dtype, device: torch.device, kernel: str) -> list[tuple]:
+def _bwd_tiles(d: int, dtype: torch.dtype, device: torch.device, kernel: str) -> list[Tile]:
     """kernel: "dkdv", "dq" or "fused" (dK/dV with atomic dQ)."""
     if _half_on_gpu(dtype, device):
-        return _BWD_TILES[kernel][_tile_class(d)]
+        return _tile_lists(kernel)[_tile_class(d)]
     return [_SMALL_FUSED if kernel == "fused" else _SMALL]
 
 
@@ -591,15 +618,21 @@ def _prune(tag: str):
     def prune(configs, named_args, **kwargs):
         call = {**named_args, **kwargs}  # where the constexprs arrive differs across versions
         # a tile is its constexprs and launch options
-        wanted = {(tuple(sorted(_tile_meta(tag, t).items())), t[2], t[3])
+        wanted = {(tuple(sorted(_tile_meta(tag, t).items())), t.warps, t.stages, t.maxnreg)
                   for t in _tile_lists(tag)[_tile_class(call["D"])]}
-        return [c for c in configs if (tuple(sorted(c.kwargs.items())), c.num_warps, c.num_stages) in wanted]
+        return [c for c in configs
+                if (tuple(sorted(c.kwargs.items())), c.num_warps, c.num_stages, c.maxnreg) in wanted]
     return prune
 
 
 def _tile_lists(tag: str) -> dict:
-    """{head-dim class: candidate tiles} of kernel `tag` ("fwd", "dkdv", "fused", "dq")."""
-    return _FWD_TILES if tag == "fwd" else _BWD_TILES[tag]
+    """{head-dim class: candidate Tiles} of kernel `tag` ("fwd", "fwd_tma", "dkdv",
+    "fused", "dq")."""
+    if tag == "fwd_tma":
+        lists = {c: tiles + _FWD_TMA_EXTRA.get(c, []) for c, tiles in _FWD_TILES.items()}
+    else:
+        lists = _FWD_TILES if tag == "fwd" else _BWD_TILES[tag]
+    return {c: [Tile(*t) for t in tiles] for c, tiles in lists.items()}
 
 
 def _configs(tag: str, pre_hook=None) -> list:
@@ -609,8 +642,8 @@ def _configs(tag: str, pre_hook=None) -> list:
             if tile in seen:
                 continue
             seen.add(tile)
-            out.append(triton.Config(_tile_meta(tag, tile), num_warps=tile[2], num_stages=tile[3],
-                                     pre_hook=pre_hook))
+            out.append(triton.Config(_tile_meta(tag, tile), num_warps=tile.warps, num_stages=tile.stages,
+                                     maxnreg=tile.maxnreg, pre_hook=pre_hook))
     return out
 
 
@@ -620,11 +653,11 @@ def _set_kv_blocks(nargs) -> None:
         nargs[name].block_shape = [nargs["BLOCK_N"], nargs["D"]]
 
 
-def _tile_meta(tag: str, tile: tuple) -> dict:
+def _tile_meta(tag: str, tile: Tile) -> dict:
     """The constexprs of a candidate tile of kernel `tag`."""
     if tag in ("dkdv", "fused"):  # own keys = BLOCK_N, loop queries = BLOCK_M
-        return dict(BLOCK_M=tile[1], BLOCK_N=tile[0], KEYS_MAJOR=len(tile) > 4 and bool(tile[4]))
-    return dict(BLOCK_M=tile[0], BLOCK_N=tile[1])
+        return dict(BLOCK_M=tile.loop, BLOCK_N=tile.own, KEYS_MAJOR=tile.keys_major)
+    return dict(BLOCK_M=tile.own, BLOCK_N=tile.loop)
 
 
 # Autotuned entry points (GPU, half dtypes). Keys: head dim and the GQA group count;
@@ -632,8 +665,8 @@ def _tile_meta(tag: str, tile: tuple) -> dict:
 # outputs, so timing runs need no reset, except the atomic dQ accumulator (reset_to_zero).
 _fwd_tuned = triton.autotune(_configs("fwd"), key=["D", "GROUPS"],
                              prune_configs_by={"early_config_prune": _prune("fwd")})(_attn_fwd_kernel)
-_fwd_tma_tuned = triton.autotune(_configs("fwd", pre_hook=_set_kv_blocks), key=["D", "GROUPS"],
-                                 prune_configs_by={"early_config_prune": _prune("fwd")})(_attn_fwd_kernel)
+_fwd_tma_tuned = triton.autotune(_configs("fwd_tma", pre_hook=_set_kv_blocks), key=["D", "GROUPS"],
+                                 prune_configs_by={"early_config_prune": _prune("fwd_tma")})(_attn_fwd_kernel)
 _dkdv_tuned = triton.autotune(_configs("dkdv"), key=["D", "GROUPS"],
                               prune_configs_by={"early_config_prune": _prune("dkdv")})(_attn_bwd_dkdv_kernel)
 _dq_tuned = triton.autotune(_configs("dq"), key=["D", "GROUPS"],
@@ -773,8 +806,10 @@ def _launch(raw, tuned, tag, grid_of, args, tiles, fixed: bool, **constexprs):
     """Run `tuned` (autotuned over `tiles`) or, when fixed or there is one candidate, `raw`
     with the first candidate. grid_of(meta) -> grid."""
     if fixed or len(tiles) == 1 or not _autotune_enabled():
-        meta = _tile_meta(tag, tiles[0])
-        raw[grid_of(meta)](*args, **constexprs, **meta, num_warps=tiles[0][2], num_stages=tiles[0][3])
+        tile = tiles[0]
+        meta = _tile_meta(tag, tile)
+        options = {} if tile.maxnreg is None else {"maxnreg": tile.maxnreg}
+        raw[grid_of(meta)](*args, **constexprs, **meta, num_warps=tile.warps, num_stages=tile.stages, **options)
     else:
         tuned[grid_of](*args, **constexprs)
 
@@ -827,13 +862,13 @@ def varlen_attention_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_
     cu_k = cu_seqlens_k.to(torch.int32).contiguous()
     if rope is not None:
         q, k = _rotate(q, k, rope, inverse=False)
-    tiles = _fwd_tiles(d, q.dtype, q.device)
     common = dict(D=d, BLOCK_D=_block_d(d), ROW_ALIGN=_row_align(q, k, v, out),
                   IEEE=q.dtype in (torch.float32, torch.float64))
 
     def run(variant: str):
         tma = variant == "tma"
-        kk, vv = _kv_descriptors(k, v, tiles[0][1]) if tma else (k, v)
+        tiles = _fwd_tiles(d, q.dtype, q.device, tma)
+        kk, vv = _kv_descriptors(k, v, tiles[0].loop) if tma else (k, v)
         args = (q, kk, vv, out, lse, cu_q, cu_k,
                 q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
                 out.stride(0), out.stride(1), lse.stride(0),
@@ -944,6 +979,10 @@ def varlen_attention_bwd(grad_out, q, k, v, out, lse, grad_lse, cu_seqlens_q, cu
 
 # -- ahead-of-time compile specs (benchmarks/static_report.py) ---------------------------
 
+def _cap(tile: Tile) -> str:
+    return "" if tile.maxnreg is None else f" r{tile.maxnreg}"
+
+
 def aot_specs() -> list[dict]:
     """Every candidate launch configuration, for benchmarks/static_report.py (sm_90a, no
     GPU needed): each class at representative head dims, every tile of its list."""
@@ -985,15 +1024,17 @@ def aot_specs() -> list[dict]:
                                      if d % 16 else [])
         # the TMA variant where its layout condition can hold (head dims 64, 128)
         for tma in ((False, True) if d in (64, 128) and dtype != "fp32" else (False,)):
-            for bm, bn, w, st in _fwd_tiles(d, tdt, torch.device("cuda")):
+            for i, tile in enumerate(_fwd_tiles(d, tdt, torch.device("cuda"), tma)):
+                bm, bn, w, st = tile[:4]
                 ce = dict(base, BLOCK_M=bm, BLOCK_N=bn, TMA=tma)
                 signature = sig(dtype, fwd_sig, ce)
                 if tma:
                     signature.update({n: f"tensordesc<{dtype}[{bn},{d}]>" for n in ("K", "V")})
-                specs.append({"name": f"attn_fwd{'_tma' if tma else ''} {tag} {bm}x{bn} w{w}s{st}",
+                specs.append({"name": f"attn_fwd{'_tma' if tma else ''} {tag} {bm}x{bn} w{w}s{st}{_cap(tile)}",
                               "fn": _attn_fwd_kernel, "signature": signature,
-                              "constexprs": ce, "num_warps": w, "num_stages": st, "expect_mma": mma,
-                              "expect_tma": tma, "unaligned_args": unaligned})
+                              "constexprs": ce, "num_warps": w, "num_stages": st, "maxnreg": tile.maxnreg,
+                              "expect_mma": mma, "expect_tma": tma, "unaligned_args": unaligned,
+                              "spill_budget": SPILL_BUDGET if i else 0})
         for kernel, atomic in (("dkdv", False), ("fused", True)):
             for i, tile in enumerate(_bwd_tiles(d, tdt, torch.device("cuda"), kernel)):
                 own, loop, w, st = tile[:4]
@@ -1002,17 +1043,18 @@ def aot_specs() -> list[dict]:
                 signature["DQ"] = "*fp32" if atomic else f"*{dtype}"
                 # wgmma needs 64-row tiles; the small D = 256 tiles run on mma.sync
                 major = "-keys" if ce["KEYS_MAJOR"] else ""
-                specs.append({"name": f"attn_bwd_{kernel} {tag} {own}x{loop}{major} w{w}s{st}",
+                specs.append({"name": f"attn_bwd_{kernel} {tag} {own}x{loop}{major} w{w}s{st}{_cap(tile)}",
                               "fn": _attn_bwd_dkdv_kernel, "signature": signature,
-                              "constexprs": ce, "num_warps": w, "num_stages": st,
+                              "constexprs": ce, "num_warps": w, "num_stages": st, "maxnreg": tile.maxnreg,
                               "expect_mma": mma and own >= 64, "spill_budget": SPILL_BUDGET if i else 0,
                               "unaligned_args": unaligned})
-        for i, (own, loop, w, st) in enumerate(_bwd_tiles(d, tdt, torch.device("cuda"), "dq")):
+        for i, tile in enumerate(_bwd_tiles(d, tdt, torch.device("cuda"), "dq")):
+            own, loop, w, st = tile[:4]
             ce = dict(base, BLOCK_M=own, BLOCK_N=loop)
-            specs.append({"name": f"attn_bwd_dq {tag} {own}x{loop} w{w}s{st}",
+            specs.append({"name": f"attn_bwd_dq {tag} {own}x{loop} w{w}s{st}{_cap(tile)}",
                           "fn": _attn_bwd_dq_kernel,
                           "signature": sig(dtype, dq_sig, ce, out=("DQ",)),
-                          "constexprs": ce, "num_warps": w, "num_stages": st,
+                          "constexprs": ce, "num_warps": w, "num_stages": st, "maxnreg": tile.maxnreg,
                           "expect_mma": mma and own >= 64, "spill_budget": SPILL_BUDGET if i else 0,
                           "unaligned_args": unaligned})
     d = 128
