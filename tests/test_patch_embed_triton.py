@@ -240,6 +240,31 @@ def test_embed_kernel_splits_columns_over_programs(monkeypatch):
     check_patch_embed(pack, 4, 37, torch.float32)
 
 
+@pytest.mark.skipif(DEVICE.type == "cuda", reason="drives the autotuner with a fake timer under the interpreter")
+def test_embed_kernel_autotuned_candidates(monkeypatch):
+    # the GPU path of the on-chip-A kernel under the interpreter: every candidate of
+    # _EMBED_GPU (128 token rows; 128- and 64-column steps) runs on the same grid and gives
+    # the right product (hidden 200: a partial column step for both)
+    import vdit_kernels.triton.patch as tp
+
+    for name in ("_GEMM_GPU", "_SCATTER_GPU", "_WGRAD_GPU"):  # the backward: small tiles
+        monkeypatch.setattr(tp, name, tp._SMALL)
+    monkeypatch.setattr(tp, "_interp", lambda t: False)
+    monkeypatch.setenv("VDIT_AUTOTUNE", "1")
+    timed = []
+
+    def fake_bench(kernel_call, quantiles):
+        kernel_call()
+        timed.append(1)
+        return [1.0 / len(timed)] * 3  # the last candidate timed wins
+    monkeypatch.setitem(tp._embed_tuned.__dict__, "do_bench", fake_bench)
+    monkeypatch.setattr(tp._embed_tuned, "cache", {})
+    pack = vk.VideoPack.from_shapes([(2, 6, 8), (1, 4, 4)], (1, 2, 2), device=DEVICE)  # 28 tokens
+    check_patch_embed(pack, 16, 200, torch.float16)
+    assert len(timed) == len(tp._EMBED_GPU)
+    assert tp._embed_tuned.cache and list(tp._embed_tuned.cache.values())[0].kwargs["BLOCK_N"] == tp._EMBED_GPU[-1][0]
+
+
 def test_embed_kernel_not_used_for_wide_patches(monkeypatch):
     # F = 48 * 8 = 384 > 128 features: the K-looping gather GEMM runs instead
     import vdit_kernels.triton.patch as tp

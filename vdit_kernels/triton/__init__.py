@@ -1,6 +1,12 @@
 """Triton kernels, one module per op family (vdit_kernels.backend imports them on first use)."""
 
+import os
 from typing import Iterable
+
+
+def autotune_enabled() -> bool:
+    """VDIT_AUTOTUNE=0 pins every autotuned kernel to its first (default) candidate."""
+    return os.environ.get("VDIT_AUTOTUNE", "1") != "0"
 
 
 def pow2_dividing(values: Iterable[int], cap: int) -> int:

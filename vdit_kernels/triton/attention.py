@@ -82,7 +82,7 @@ except ImportError:  # pragma: no cover
     TensorDescriptor = None
 
 from .. import backend as _backend
-from . import pow2_dividing
+from . import autotune_enabled, pow2_dividing
 from . import rope as triton_rope
 
 LOG2E = 1.4426950408889634
@@ -608,10 +608,6 @@ def _bwd_tiles(d: int, dtype: torch.dtype, device: torch.device, kernel: str) ->
     return [_SMALL_FUSED if kernel == "fused" else _SMALL]
 
 
-def _autotune_enabled() -> bool:
-    return os.environ.get("VDIT_AUTOTUNE", "1") != "0"
-
-
 def _prune(tag: str):
     """early_config_prune: keep the candidates of the call's class (all configs of every
     class live in one autotuner; the class is a function of the constexprs)."""
@@ -738,7 +734,7 @@ def measured_choices() -> list[str]:
 
 def _can_measure(q) -> bool:
     """Whether a call may time its variants (autotuned half-precision GPU runs)."""
-    return (q.is_cuda and _half_on_gpu(q.dtype, q.device) and _autotune_enabled()
+    return (q.is_cuda and _half_on_gpu(q.dtype, q.device) and autotune_enabled()
             and not torch.cuda.is_current_stream_capturing())
 
 
@@ -805,7 +801,7 @@ def _fastest(runs: dict) -> str:
 def _launch(raw, tuned, tag, grid_of, args, tiles, fixed: bool, **constexprs):
     """Run `tuned` (autotuned over `tiles`) or, when fixed or there is one candidate, `raw`
     with the first candidate. grid_of(meta) -> grid."""
-    if fixed or len(tiles) == 1 or not _autotune_enabled():
+    if fixed or len(tiles) == 1 or not autotune_enabled():
         tile = tiles[0]
         meta = _tile_meta(tag, tile)
         options = {} if tile.maxnreg is None else {"maxnreg": tile.maxnreg}

@@ -66,7 +66,7 @@
 # spills on sm_90a (benchmarks/static_report.py; 128x128x64 spilled); the interpreter
 # (CPU tensors) uses 16/32 blocks. Limitation: the weight-gradient grid is small for
 # small hidden sizes and the gathered K loop recomputes the feature decomposition per
-# step (F = 64 is 2 steps); no autotuning yet. float64 (gradcheck) has no tl.dot here:
+# step (F = 64 is 2 steps); only _embed_kernel is autotuned (_EMBED_GPU). float64 (gradcheck) has no tl.dot here:
 # it runs the Triton patchify/unpatchify copies around PyTorch float64 GEMMs.
 from __future__ import annotations
 
@@ -78,7 +78,7 @@ import triton
 import triton.language as tl
 
 from ..pack import device_table
-from . import pow2_dividing
+from . import autotune_enabled, pow2_dividing
 
 _META = 9  # int64 fields per video: ptr, strides c/t/h/w, first token, grid h/w/t
 
@@ -520,10 +520,22 @@ _GEMM_GPU = (128, 128, 32, 8)
 _SCATTER_GPU = (64, 64, 64, 8)
 _WGRAD_GPU = (32, 128, 64, 8)
 _SMALL = (16, 32, 32, 4)
-# _embed_kernel (F <= _EMBED_MAX_F: A kept on chip): (BLOCK_M, BLOCK_N, warps, stages)
+# _embed_kernel (F <= _EMBED_MAX_F: A kept on chip): BLOCK_M = 128 token rows and the
+# (BLOCK_N, warps, stages) candidates autotuned on a GPU (VDIT_AUTOTUNE=0: the first):
+# two warpgroups with 128-column steps (136 registers under Triton 3.6, 96 KB: one program
+# per SM), or one warpgroup with 64-column steps (126-128 registers, 48 KB: four programs,
+# 16 warps per SM, twice the stores in flight). The interpreter: (BLOCK_M, BLOCK_N,
+# warps, stages) = _EMBED_SMALL.
 _EMBED_MAX_F = 128
-_EMBED_GPU = (128, 128, 8, 3)
+_EMBED_BLOCK_M = 128
+_EMBED_GPU = [(128, 8, 3), (64, 4, 3)]
 _EMBED_SMALL = (16, 32, 4, 1)
+
+
+# autotuned per (hidden, F) and dtype; the kernel overwrites its output, so the timing
+# runs need no reset
+_embed_tuned = triton.autotune([triton.Config({"BLOCK_N": bn}, num_warps=w, num_stages=st) for bn, w, st in _EMBED_GPU],
+                               key=["NOUT", "F"])(_embed_kernel)
 
 
 def _interp(t: torch.Tensor) -> bool:
@@ -548,20 +560,25 @@ def _gather_gemm(videos, b_mat, bias, patch_size):
     b = len(videos)
     if f <= _EMBED_MAX_F:
         interp = _interp(v0)
-        bm, bn, warps, stages = _EMBED_SMALL if interp else _EMBED_GPU
+        bm, bn, warps, stages = _EMBED_SMALL if interp else (_EMBED_BLOCK_M, *_EMBED_GPU[0])
         table, blocks = _tables(videos, patch_size, bm, v0.device)
-        col_blocks = triton.cdiv(nout, bn)
-        # enough programs to fill the GPU (~4 per SM), each walking a run of column blocks
+        # enough programs to fill the GPU (~4 per SM), each walking a run of column blocks;
+        # runs are whole multiples of every candidate's BLOCK_N, so the grid is the same
+        step = bn if interp else max(c[0] for c in _EMBED_GPU)
+        col_steps = triton.cdiv(nout, step)
         sms = torch.cuda.get_device_properties(v0.device).multi_processor_count if v0.is_cuda else 1
         target = 2 if interp else 4 * sms
-        splits = max(1, min(col_blocks, triton.cdiv(target, blocks)))
-        per_program = triton.cdiv(col_blocks, splits) * bn
-        _embed_kernel[(blocks, triton.cdiv(nout, per_program))](
-            out, b_mat, bias if bias is not None else out, table, table[b + 1:],
-            out.stride(0), out.stride(1), b_mat.stride(0), b_mat.stride(1), nout, f, b, per_program,
-            HAS_BIAS=bias is not None, IEEE=v0.dtype == torch.float32,
-            PT=pt, PH=ph, PW=pw, LOG_B=_log_b(b), META=_META,
-            BLOCK_M=bm, BLOCK_N=bn, FP=max(16, triton.next_power_of_2(f)), num_warps=warps, num_stages=stages)
+        splits = max(1, min(col_steps, triton.cdiv(target, blocks)))
+        per_program = triton.cdiv(col_steps, splits) * step
+        args = (out, b_mat, bias if bias is not None else out, table, table[b + 1:],
+                out.stride(0), out.stride(1), b_mat.stride(0), b_mat.stride(1), nout, f, b, per_program)
+        consts = dict(HAS_BIAS=bias is not None, IEEE=v0.dtype == torch.float32, PT=pt, PH=ph, PW=pw,
+                      LOG_B=_log_b(b), META=_META, BLOCK_M=bm, FP=max(16, triton.next_power_of_2(f)))
+        grid = (blocks, triton.cdiv(nout, per_program))
+        if interp or not autotune_enabled() or v0.dtype == torch.float32:
+            _embed_kernel[grid](*args, **consts, BLOCK_N=bn, num_warps=warps, num_stages=stages)
+        else:
+            _embed_tuned[grid](*args, **consts)
         return out
     bm, bn, bk, warps = _SMALL if _interp(v0) else _GEMM_GPU
     table, blocks = _tables(videos, patch_size, bm, v0.device)
@@ -738,17 +755,19 @@ def aot_specs() -> list[dict]:
         "num_warps": warps, "expect_mma": True,
         "unit_args": ("stride_on", "stride_bk"), "divisible_args": ("NOUT", "F"),  # out (N, hidden); b = weight (hidden, F) transposed
     })
-    bm, bn, warps, stages = _EMBED_GPU
-    specs.append({
-        "name": "patch_embed (A on chip) bf16 F=64 hidden=3072", "fn": _embed_kernel,
-        "signature": {"out_ptr": "*bf16", "b_ptr": "*bf16", "bias_ptr": "*bf16", **tab,
-                      "stride_om": "i64", "stride_on": "i64", "stride_bk": "i64", "stride_bn": "i64",
-                      "NOUT": "i32", "F": "i32", "B": "i32", "N_PER_PROGRAM": "i32", **consts,
-                      "BLOCK_M": "constexpr", "BLOCK_N": "constexpr", "FP": "constexpr"},
-        "constexprs": {"HAS_BIAS": True, "IEEE": False, **fixed, "BLOCK_M": bm, "BLOCK_N": bn, "FP": 64},
-        "num_warps": warps, "num_stages": stages, "expect_mma": True,
-        "unit_args": ("stride_on", "stride_bk"), "divisible_args": ("NOUT", "F", "N_PER_PROGRAM"),
-    })
+    for bn, warps, stages in _EMBED_GPU:
+        specs.append({
+            "name": f"patch_embed (A on chip) bf16 F=64 hidden=3072 {_EMBED_BLOCK_M}x{bn} w{warps}",
+            "fn": _embed_kernel,
+            "signature": {"out_ptr": "*bf16", "b_ptr": "*bf16", "bias_ptr": "*bf16", **tab,
+                          "stride_om": "i64", "stride_on": "i64", "stride_bk": "i64", "stride_bn": "i64",
+                          "NOUT": "i32", "F": "i32", "B": "i32", "N_PER_PROGRAM": "i32", **consts,
+                          "BLOCK_M": "constexpr", "BLOCK_N": "constexpr", "FP": "constexpr"},
+            "constexprs": {"HAS_BIAS": True, "IEEE": False, **fixed, "BLOCK_M": _EMBED_BLOCK_M, "BLOCK_N": bn,
+                           "FP": 64},
+            "num_warps": warps, "num_stages": stages, "expect_mma": True,
+            "unit_args": ("stride_on", "stride_bk"), "divisible_args": ("NOUT", "F", "N_PER_PROGRAM"),
+        })
     bm, bn, bk, warps = _SCATTER_GPU
     specs.append({
         "name": "linear_unpatchify bf16 hidden=3072 F=64", "fn": _scatter_gemm_kernel,
