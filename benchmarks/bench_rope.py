@@ -1,13 +1,16 @@
 """RoPE suite: 3D rotary embedding of q and k (memory bound: GB/s against the copy limit).
 
 Providers: vdit backends (out of place; forward), the reference under torch.compile,
-and, if importable, flash_attn.layers.rotary.apply_rotary_emb and liger_kernel's rope,
-both given the 3D angles as a 1D cos/sin table (interleaved 3D RoPE is 1D RoPE with
+and, if importable, flash-attn's Triton rotary kernel (flash_attn.ops.triton.rotary.apply_rotary,
+or the same module fetched alone as flash_attn_rotary by scripts/fetch_gpu_wheels.sh: flash-attn's
+wheels need a CUDA build, this module does not) and liger_kernel's rope, both given the 3D angles as a 1D cos/sin table (interleaved 3D RoPE is 1D RoPE with
 concatenated per-axis angles; liger rotates halves of the whole head dim instead, same
 bytes moved). The peers read a precomputed (N, D/2) cos/sin table; vdit computes angles
 in-kernel from the (N, 3) positions.
 """
 from __future__ import annotations
+
+import importlib
 
 import torch
 
@@ -15,9 +18,11 @@ import vdit_kernels as vk
 from vdit_kernels import reference as ref
 
 from . import flops
-from .common import VDIT_BACKENDS, Case, Prepared, Skip, dtype_for, peer_reason, vdit_reason, wanted
+from .common import VDIT_BACKENDS, Case, Prepared, Skip, dtype_for, has_module, peer_reason, vdit_reason, wanted
 
 OP = "rope"
+# where flash-attn's apply_rotary is found: the package, else the standalone module
+FLASH_ROTARY_MODULES = ("flash_attn.ops.triton.rotary", "flash_attn_rotary")
 
 
 class _Inputs:
@@ -63,19 +68,19 @@ def cases(device: str, quick: bool, workloads, providers=None):
                 return Prepared(lambda: f(x.q, x.k, None, wl.rope_dims, positions=x.positions))
             add("reference-compile", make_c)
 
-        reason = peer_reason(device, "flash_attn")
+        fa_module = next((m for m in FLASH_ROTARY_MODULES if has_module(m)), FLASH_ROTARY_MODULES[0])
+        reason = peer_reason(device, fa_module)
         if reason:
             skips.append(Skip(OP, "flash-attn-rotary", reason))
         else:
-            def make_fa():
-                from flash_attn.layers.rotary import apply_rotary_emb
-
+            def make_fa(fa_module=fa_module):
+                apply_rotary = importlib.import_module(fa_module).apply_rotary
                 x = _Inputs(wl, device)
                 cos, sin = x.angles.cos().to(x.q.dtype), x.angles.sin().to(x.q.dtype)
 
                 def run():
-                    return (apply_rotary_emb(x.q[None], cos, sin, interleaved=True),
-                            apply_rotary_emb(x.k[None], cos, sin, interleaved=True))
+                    return (apply_rotary(x.q[None], cos, sin, interleaved=True),
+                            apply_rotary(x.k[None], cos, sin, interleaved=True))
                 return Prepared(run)
             add("flash-attn-rotary", make_fa, "1D table of the 3D angles")
 

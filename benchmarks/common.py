@@ -56,7 +56,7 @@ class Skip:
 def has_module(name: str) -> bool:
     try:
         return importlib.util.find_spec(name) is not None
-    except (ModuleNotFoundError, ValueError):
+    except (ImportError, ValueError):  # also a parent package that fails to import
         return False
 
 

@@ -23,7 +23,8 @@
 # tool collects at most 8 files from it, 2 folder levels deep), it also receives:
 #   $OUT/summary.md, $OUT/results.json, $OUT/<step>.log tails, $OUT/gpu_check.tar.gz (everything).
 # The build step also runs benchmarks/error_probe.py (logs/error_probe.log).
-# Optional peers: wheels in .whl/ (scripts/fetch_gpu_wheels.sh: liger-kernel, diffusers)
+# Optional peers: wheels in .whl/ (scripts/fetch_gpu_wheels.sh: liger-kernel, diffusers; and
+# flash-attn's Triton rotary module as flash_attn_rotary.py)
 # are installed into $PEER_SITE (default /tmp/vdit_peers) once per machine and put on
 # PYTHONPATH for every step; without .whl/ those benchmark rows and tests are skipped.
 # PYTHON picks the interpreter (default: python). TEST_TIMEOUT / BENCH_TIMEOUT (seconds,
@@ -49,6 +50,7 @@ if compgen -G ".whl/*.whl" > /dev/null; then
             --target "$PEER_SITE" .whl/*.whl && touch "$PEER_SITE/.installed" \
             || echo "gpu_check: installing the peer wheels in .whl failed; going on without them"
     fi
+    cp .whl/*.py "$PEER_SITE/" 2>/dev/null || true  # single-module peers (flash_attn_rotary.py)
     export PYTHONPATH="$PEER_SITE${PYTHONPATH:+:$PYTHONPATH}"
     echo "gpu_check: peers from .whl on PYTHONPATH: $(ls .whl | tr '\n' ' ')"
 fi
