@@ -218,12 +218,12 @@ def _fmt_ms(r):
 
 
 def measured_variants() -> list[str]:
-    """The attention variants the Triton backend picked by timing them in this run."""
+    """The variants and tiles the Triton backend picked by timing them in this run."""
     try:
-        from vdit_kernels.triton.attention import measured_choices
+        from vdit_kernels.triton import attention, patch
     except ImportError:  # no Triton
         return []
-    return measured_choices()
+    return attention.measured_choices() + patch.measured_choices()
 
 
 def table(rows: list[dict], op: str) -> str:
@@ -403,8 +403,8 @@ def main(argv=None) -> int:
     md += ["\n## Backend choice: triton vs cuda\n", choice]
     variants = measured_variants()
     if variants:
-        print("\n== attention variants picked by measurement (the vdit-triton rows) ==\n" + "\n".join(variants))
-        md += ["\n## Attention variants picked by measurement (the vdit-triton rows)\n"] + [f"- {v}" for v in variants]
+        print("\n== Triton variants and tiles picked by measurement (the vdit-triton rows) ==\n" + "\n".join(variants))
+        md += ["\n## Triton variants and tiles picked by measurement (the vdit-triton rows)\n"] + [f"- {v}" for v in variants]
     if skips:
         md.append("\n## Skipped\n")
         md += [f"- [{op}] {p}: {r}" for op, p, r in sorted(seen)]

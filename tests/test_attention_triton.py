@@ -290,8 +290,25 @@ def test_backward_strategy_choice(monkeypatch):
     assert len(timed) == 1  # a single available strategy is not timed
     monkeypatch.setattr(A, "_STRATEGY_CHOICE", {(128, torch.bfloat16, 2, "cuda:0", A.BWD_STRATEGIES): "torch-fa2"})
     monkeypatch.setattr(A, "_FWD_CHOICE", {})
-    assert A.measured_choices() == ["backward D=128 bfloat16 GQA groups=2 cuda:0: torch-fa2 "
-                                    "(of split, atomic-dq, torch-fa2)"]
+    assert A.measured_choices()[0] == ("backward D=128 bfloat16 GQA groups=2 cuda:0: torch-fa2 "
+                                       "(of split, atomic-dq, torch-fa2)")
+
+
+def test_autotuned_choices_name_the_picked_tiles():
+    from types import SimpleNamespace
+
+    import triton
+
+    from vdit_kernels.triton import autotuned_choices
+
+    capped = triton.Config({"BLOCK_M": 128, "BLOCK_N": 64}, num_warps=8, num_stages=2, maxnreg=128)
+    plain = triton.Config({"BLOCK_M": 128, "BLOCK_N": 128}, num_warps=8, num_stages=2)
+    tuner = SimpleNamespace(cache={(128, 1, "torch.bfloat16"): capped}, configs_timings={capped: [1.5, 1.4, 1.6],
+                                                                                         plain: 2.0})
+    lines = autotuned_choices({"fwd_tma": tuner, "unused": SimpleNamespace(cache={})})
+    assert lines == ["fwd_tma (128, 1, 'torch.bfloat16'): BLOCK_M=128 BLOCK_N=64 w8 s2 maxnreg=128",
+                     "fwd_tma candidates (last key timed): BLOCK_M=128 BLOCK_N=64 w8 s2 maxnreg=128: 1.500, "
+                     "BLOCK_M=128 BLOCK_N=128 w8 s2: 2.000"]
 
 
 @gpu_only

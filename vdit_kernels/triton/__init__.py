@@ -17,3 +17,26 @@ def pow2_dividing(values: Iterable[int], cap: int) -> int:
         while align > 1 and value % align:
             align //= 2
     return align
+
+
+def describe_config(config) -> str:
+    """A triton.Config in one line: its constexprs, warps, stages and register cap."""
+    text = " ".join(f"{k}={v}" for k, v in sorted(config.kwargs.items()))
+    text += f" w{config.num_warps} s{config.num_stages}"
+    return text + (f" maxnreg={config.maxnreg}" if getattr(config, "maxnreg", None) else "")
+
+
+def autotuned_choices(tuners: dict) -> list[str]:
+    """What each autotuner of {name: triton.autotune(...)} picked in this process, one line
+    per key (its arguments' values and dtypes), with the candidates' times (ms) of the
+    last key it timed where Triton keeps them."""
+    lines = []
+    for name, tuner in tuners.items():
+        for key, config in getattr(tuner, "cache", {}).items():
+            lines.append(f"{name} {key}: {describe_config(config)}")
+        timings = getattr(tuner, "configs_timings", None)
+        if timings:
+            times = ", ".join(f"{describe_config(c)}: {t[0] if isinstance(t, (list, tuple)) else t:.3f}"
+                              for c, t in timings.items())
+            lines.append(f"{name} candidates (last key timed): {times}")
+    return lines

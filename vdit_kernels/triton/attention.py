@@ -82,7 +82,7 @@ except ImportError:  # pragma: no cover
     TensorDescriptor = None
 
 from .. import backend as _backend
-from . import autotune_enabled, pow2_dividing
+from . import autotune_enabled, autotuned_choices, pow2_dividing
 from . import rope as triton_rope
 
 LOG2E = 1.4426950408889634
@@ -721,15 +721,17 @@ def fwd_variant(tma_possible: bool, key=None, measure=None) -> str:
 
 
 def measured_choices() -> list[str]:
-    """The variants "auto" picked by measuring in this process, one line each (for the
-    benchmarks' summary: which backward strategy and forward K/V read ran)."""
+    """The variants "auto" picked by measuring in this process, one line each, and the
+    tiles the autotuners picked (for the benchmarks' summary: which backward strategy,
+    forward K/V read and tiles ran)."""
     lines = []
     for what, cache in (("backward", _STRATEGY_CHOICE), ("forward", _FWD_CHOICE)):
         for key, choice in cache.items():
             d, dtype, groups, device = key[:4]
             lines.append(f"{what} D={d} {str(dtype).replace('torch.', '')} GQA groups={groups} {device}: {choice}"
                          + (f" (of {', '.join(key[4])})" if len(key) > 4 else ""))
-    return lines
+    return lines + autotuned_choices({"fwd": _fwd_tuned, "fwd_tma": _fwd_tma_tuned, "dkdv": _dkdv_tuned,
+                                      "dq": _dq_tuned, "fused": _fused_tuned})
 
 
 def _can_measure(q) -> bool:

@@ -78,7 +78,7 @@ import triton
 import triton.language as tl
 
 from ..pack import device_table
-from . import autotune_enabled, pow2_dividing
+from . import autotune_enabled, autotuned_choices, pow2_dividing
 
 _META = 9  # int64 fields per video: ptr, strides c/t/h/w, first token, grid h/w/t
 
@@ -536,6 +536,11 @@ _EMBED_SMALL = (16, 32, 4, 1)
 # runs need no reset
 _embed_tuned = triton.autotune([triton.Config({"BLOCK_N": bn}, num_warps=w, num_stages=st) for bn, w, st in _EMBED_GPU],
                                key=["NOUT", "F"])(_embed_kernel)
+
+
+def measured_choices() -> list[str]:
+    """The tiles the patch autotuners picked in this process (benchmarks' summary)."""
+    return autotuned_choices({"patch_embed": _embed_tuned})
 
 
 def _interp(t: torch.Tensor) -> bool:
