@@ -203,3 +203,29 @@ def test_error_probe_reports_each_case():
     out = proc.stdout
     assert "[torch error path]  exit 1" in out and "RuntimeError" in out
     assert "[vdit_C, CPU tensor]" in out and "CXX11 ABI" in out
+
+
+def test_flash_attn_rotary_peer_computes_our_interleaved_rope():
+    # the RoPE suite gives flash-attn's 1D rotary the concatenated per-axis angles: the same
+    # rotation as interleaved 3D RoPE (its kernel needs CUDA; the module may come alone,
+    # as scripts/fetch_gpu_wheels.sh fetches it)
+    import importlib
+
+    from benchmarks.bench_rope import FLASH_ROTARY_MODULES
+    from benchmarks.common import has_module
+
+    import vdit_kernels as vk
+    from vdit_kernels import reference as ref
+
+    module = next((m for m in FLASH_ROTARY_MODULES if has_module(m)), None)
+    if module is None or not torch.cuda.is_available():
+        pytest.skip("needs CUDA and flash-attn's Triton rotary module")
+    apply_rotary = importlib.import_module(module).apply_rotary
+    pack = vk.VideoPack.from_shapes([(3, 8, 10), (1, 6, 4)], (1, 2, 2), device="cuda")
+    dims = (16, 24, 24)
+    q = torch.randn(pack.num_tokens, 4, 64, device="cuda")
+    positions = pack.positions.float()
+    angles = ref.rope_angles(positions, dims, 10000.0)
+    expected, _ = ref.apply_rope_3d(q, q, None, dims, positions=positions)
+    got = apply_rotary(q[None], angles.cos(), angles.sin(), interleaved=True)[0]
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
