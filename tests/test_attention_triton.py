@@ -239,7 +239,9 @@ def test_tma_forward_autotuner_sets_descriptor_blocks(monkeypatch):
     monkeypatch.setattr(A, "_half_on_gpu", lambda dtype, device: dtype == torch.float16)
     monkeypatch.setenv("VDIT_ATTN_FWD", "tma")
     monkeypatch.setenv("VDIT_ATTN_BWD", "split")
-    timed = _fake_autotune_timers(monkeypatch, tma=A._fwd_tma_tuned, dkdv=A._dkdv_tuned, dq=A._dq_tuned)
+    size = A._size_class(130, 130)
+    timed = _fake_autotune_timers(monkeypatch, tma=A._tuner("fwd_tma", size), dkdv=A._tuner("dkdv", size),
+                                  dq=A._tuner("dq", size))
     _check([70, 3, 130], [70, 3, 130], 2, 1, 128, torch.float16)
     assert timed["tma"] == len(A._fwd_tiles(128, torch.float16, torch.device("cuda"), tma=True))
 
@@ -288,10 +290,22 @@ def test_backward_strategy_choice(monkeypatch):
     assert A.bwd_strategy(False, key="k3", measure=lambda: "torch-fa2", available=A.BWD_STRATEGIES) == "torch-fa2"
     assert A.bwd_strategy(False, key="one", measure=measure, available=("split",)) == "split"
     assert len(timed) == 1  # a single available strategy is not timed
-    monkeypatch.setattr(A, "_STRATEGY_CHOICE", {(128, torch.bfloat16, 2, "cuda:0", A.BWD_STRATEGIES): "torch-fa2"})
+    monkeypatch.setattr(A, "_STRATEGY_CHOICE", {(128, torch.bfloat16, 2, "cuda:0", (2, 0), A.BWD_STRATEGIES):
+                                                 "torch-fa2"})
     monkeypatch.setattr(A, "_FWD_CHOICE", {})
-    assert A.measured_choices()[0] == ("backward D=128 bfloat16 GQA groups=2 cuda:0: torch-fa2 "
+    assert A.measured_choices()[0] == ("backward D=128 bfloat16 GQA groups=2 cuda:0 size class (2, 0): torch-fa2 "
                                        "(of split, atomic-dq, torch-fa2)")
+
+
+def test_size_classes_get_their_own_autotuners():
+    # a text-length cross-attention and a long self-attention pick tiles apart
+    from vdit_kernels.triton import attention as A
+
+    assert A._size_class(32760, 32760) == (2, 2) and A._size_class(32760, 77) == (2, 0)
+    assert A._size_class(256, 257) == (0, 1) and A._size_class(4096, 4097) == (1, 2)
+    long, text = A._tuner("dkdv", (2, 2)), A._tuner("dkdv", (2, 0))
+    assert long is not text and long is A._tuner("dkdv", (2, 2)) and long.cache is not text.cache
+    assert long.fn is text.fn  # one kernel: the compiled variants are shared
 
 
 def test_autotuned_choices_name_the_picked_tiles():
@@ -370,7 +384,7 @@ def test_auto_strategy_is_measured_once_gpu(monkeypatch):
     assert choice in A.BWD_STRATEGIES
     (variant,) = A._FWD_CHOICE.values()
     assert variant in A.FWD_VARIANTS
-    _check([64, 5], [64, 5], 4, 2, 128, torch.bfloat16)  # same key: no new measurement
+    _check([270, 5], [270, 5], 4, 2, 128, torch.bfloat16)  # same key (size class too): no new measurement
     assert len(A._STRATEGY_CHOICE) == 1 and len(A._FWD_CHOICE) == 1
 
 
@@ -449,9 +463,9 @@ def test_gpu_tiles_under_the_interpreter(monkeypatch, d, rope_dims, strategy):
 
     monkeypatch.setattr(A, "_half_on_gpu", lambda dtype, device: dtype == torch.float16)
     monkeypatch.setenv("VDIT_ATTN_BWD", strategy)
-    timed = _fake_autotune_timers(monkeypatch, fwd=A._fwd_tuned, dkdv=A._dkdv_tuned, dq=A._dq_tuned,
-                                  fused=A._fused_tuned)
     lens = [70, 3, 130]
+    timed = _fake_autotune_timers(monkeypatch, **{tag: A._tuner(tag, A._size_class(130, 130))
+                                                  for tag in ("fwd", "dkdv", "dq", "fused")})
     _check(lens, lens, 2, 1, d, torch.float16, seed=4, rope_dims=rope_dims)
     n_fwd = len(A._fwd_tiles(d, torch.float16, torch.device("cuda")))
     assert timed.get("fwd", 0) == (n_fwd if n_fwd > 1 else 0)

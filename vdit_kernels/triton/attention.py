@@ -35,18 +35,19 @@
 # are (half precision, head dims multiple of 8, no gradient into lse). It is a candidate
 # so that the Triton forward never costs a user PyTorch's backward speed; the benchmarks
 # time each strategy on its own row. By default ("auto") the first backward per (head
-# dim, dtype, GQA groups, GPU) times the available strategies, the Triton ones with their
+# dim, dtype, GQA groups, GPU, size class) times the available strategies, the Triton ones with their
 # own autotuned tiles, and keeps the fastest; deterministic=True always runs "split" with
 # pinned tiles.
 # Tiles: (BLOCK_M queries, BLOCK_D) and (BLOCK_N keys, BLOCK_D); BLOCK_D = head dim rounded
 # up to a power of two (tl.arange needs one; 72, 80, 96 are masked). Head dims up to 256.
-# On a GPU the tiles are autotuned (triton.autotune, keyed on head dim, dtypes and GQA
-# groups) over a short candidate list per head-dim class (see "launch
+# On a GPU the tiles are autotuned (triton.autotune, keyed on head dim, dtypes, GQA
+# groups and the size class of the segment lengths: _size_class, e.g. text-length keys vs
+# a video's) over a short candidate list per head-dim class (see "launch
 # configuration" below): e.g. the D = 128 forward tries 128 x 64 at 8 warps (two
 # warpgroups of wgmma m64 over the query rows, the float32 accumulator at 64 registers a
 # thread), 128 x 128 and 64 x 64, and with TMA 128 x 64 capped at 128 registers so that
-# two programs share an SM (Tile.maxnreg, see _FWD_TILES); the backward holds two float32 accumulators for its
-# own rows: 64 x 64 (the default) or 128 keys x 32 queries for dK/dV, in either
+# two programs share an SM (Tile.maxnreg, see _FWD_TILES); the backward holds two
+# float32 accumulators for its own rows: 64 x 64 (the default) or 128 keys x 32 queries for dK/dV, in either
 # orientation of its products (queries-major, the default, or keys-major: _dkdv_step),
 # up to 128 x 64 for dQ, with 1 to 4 pipeline stages. Every candidate is in aot_specs()
 # and compiled by the sm_90a static report. VDIT_AUTOTUNE=0 or deterministic=True
@@ -64,7 +65,7 @@
 # 16-byte aligned): the copy engine fetches whole (BLOCK_N, D) blocks and the kernel
 # computes no addresses (160 instead of 190 registers at 128 x 64, D = 128). Which
 # variant runs is fwd_variant() (VDIT_ATTN_FWD): by default the first forward per (head
-# dim, dtype, GQA groups, GPU) times both and keeps the faster. Warp specialization is
+# dim, dtype, GQA groups, GPU, size class) times both and keeps the faster. Warp specialization is
 # not used: Triton 3.6 ignores tl.range(warp_specialize=True) on sm_90.
 from __future__ import annotations
 
@@ -656,19 +657,34 @@ def _tile_meta(tag: str, tile: Tile) -> dict:
     return dict(BLOCK_M=tile.own, BLOCK_N=tile.loop)
 
 
-# Autotuned entry points (GPU, half dtypes). Keys: head dim and the GQA group count;
-# triton adds the dtypes of the tensor arguments. Every kernel fully overwrites its
+# Autotuned entry points (GPU, half dtypes), one autotuner per kernel and size class of
+# the call (_size_class): a short cross-attention to text and a long self-attention over
+# a pack have different best tiles, and with one shared autotuner whichever ran first
+# would pick for both (in a DiT's backward that is the cross-attention). Keys within a
+# class: head dim and the GQA group count; triton adds the dtypes of the tensor
+# arguments. The classes share the compiled kernels. Every kernel fully overwrites its
 # outputs, so timing runs need no reset, except the atomic dQ accumulator (reset_to_zero).
-_fwd_tuned = triton.autotune(_configs("fwd"), key=["D", "GROUPS"],
-                             prune_configs_by={"early_config_prune": _prune("fwd")})(_attn_fwd_kernel)
-_fwd_tma_tuned = triton.autotune(_configs("fwd_tma", pre_hook=_set_kv_blocks), key=["D", "GROUPS"],
-                                 prune_configs_by={"early_config_prune": _prune("fwd_tma")})(_attn_fwd_kernel)
-_dkdv_tuned = triton.autotune(_configs("dkdv"), key=["D", "GROUPS"],
-                              prune_configs_by={"early_config_prune": _prune("dkdv")})(_attn_bwd_dkdv_kernel)
-_dq_tuned = triton.autotune(_configs("dq"), key=["D", "GROUPS"],
-                            prune_configs_by={"early_config_prune": _prune("dq")})(_attn_bwd_dq_kernel)
-_fused_tuned = triton.autotune(_configs("fused"), key=["D", "GROUPS"], reset_to_zero=["DQ"],
-                               prune_configs_by={"early_config_prune": _prune("fused")})(_attn_bwd_dkdv_kernel)
+_TUNERS: dict = {}
+_TUNED_KERNELS = {"fwd": _attn_fwd_kernel, "fwd_tma": _attn_fwd_kernel, "dkdv": _attn_bwd_dkdv_kernel,
+                  "fused": _attn_bwd_dkdv_kernel, "dq": _attn_bwd_dq_kernel}
+# segment lengths up to these (max_seqlen) share a class: text-length, medium, long
+_SIZE_BOUNDS = (256, 4096)
+
+
+def _size_class(max_seqlen_q: int, max_seqlen_k: int) -> tuple:
+    """(query class, key class), each 0, 1 or 2 by _SIZE_BOUNDS."""
+    return tuple(sum(n > b for b in _SIZE_BOUNDS) for n in (max_seqlen_q, max_seqlen_k))
+
+
+def _tuner(tag: str, size: tuple):
+    """The autotuner of kernel `tag` ("fwd", "fwd_tma", "dkdv", "fused", "dq") for one size
+    class, made on first use."""
+    if (tag, size) not in _TUNERS:
+        _TUNERS[tag, size] = triton.autotune(
+            _configs(tag, pre_hook=_set_kv_blocks if tag == "fwd_tma" else None), key=["D", "GROUPS"],
+            reset_to_zero=["DQ"] if tag == "fused" else None,
+            prune_configs_by={"early_config_prune": _prune(tag)})(_TUNED_KERNELS[tag])
+    return _TUNERS[tag, size]
 
 
 def _measured_choice(env: str, options: tuple, cache: dict, key, measure, available: tuple = None) -> str:
@@ -696,7 +712,7 @@ def _measured_choice(env: str, options: tuple, cache: dict, key, measure, availa
 
 # backward strategies ("split": no atomics, the fallback) and forward K/V reads
 # ("pointers": the fallback); the measured choices of "auto", per (head dim, dtype, GQA
-# groups, device, available options)
+# groups, device, size class, available options)
 BWD_STRATEGIES = ("split", "atomic-dq", "torch-fa2")
 FWD_VARIANTS = ("pointers", "tma")
 _STRATEGY_CHOICE: dict = {}
@@ -727,11 +743,10 @@ def measured_choices() -> list[str]:
     lines = []
     for what, cache in (("backward", _STRATEGY_CHOICE), ("forward", _FWD_CHOICE)):
         for key, choice in cache.items():
-            d, dtype, groups, device = key[:4]
-            lines.append(f"{what} D={d} {str(dtype).replace('torch.', '')} GQA groups={groups} {device}: {choice}"
-                         + (f" (of {', '.join(key[4])})" if len(key) > 4 else ""))
-    return lines + autotuned_choices({"fwd": _fwd_tuned, "fwd_tma": _fwd_tma_tuned, "dkdv": _dkdv_tuned,
-                                      "dq": _dq_tuned, "fused": _fused_tuned})
+            d, dtype, groups, device, size = key[:5]
+            lines.append(f"{what} D={d} {str(dtype).replace('torch.', '')} GQA groups={groups} {device} "
+                         f"size class {size}: {choice}" + (f" (of {', '.join(key[5])})" if len(key) > 5 else ""))
+    return lines + autotuned_choices({f"{tag} size class {size}": tuner for (tag, size), tuner in _TUNERS.items()})
 
 
 def _can_measure(q) -> bool:
@@ -862,6 +877,7 @@ def varlen_attention_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_
         q, k = _rotate(q, k, rope, inverse=False)
     common = dict(D=d, BLOCK_D=_block_d(d), ROW_ALIGN=_row_align(q, k, v, out),
                   IEEE=q.dtype in (torch.float32, torch.float64))
+    size = _size_class(max_seqlen_q, max_seqlen_k)
 
     def run(variant: str):
         tma = variant == "tma"
@@ -871,11 +887,11 @@ def varlen_attention_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_
                 q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
                 out.stride(0), out.stride(1), lse.stride(0),
                 h // hk, float(softmax_scale) * LOG2E)
-        _launch(_attn_fwd_kernel, _fwd_tma_tuned if tma else _fwd_tuned, "fwd",
+        _launch(_attn_fwd_kernel, _tuner("fwd_tma" if tma else "fwd", size), "fwd",
                 lambda meta: (triton.cdiv(max_seqlen_q, meta["BLOCK_M"]), h, nseg), args,
                 tiles, fixed=False, TMA=tma, **common)
 
-    run(fwd_variant(_tma_possible(q, k, v), key=(d, q.dtype, h // hk, q.device),
+    run(fwd_variant(_tma_possible(q, k, v), key=(d, q.dtype, h // hk, q.device, size),
                     measure=(lambda: _fastest({n: (lambda n=n: run(n)) for n in FWD_VARIANTS}))
                     if _can_measure(q) else None))
     return out, lse
@@ -905,6 +921,7 @@ def varlen_attention_bwd(grad_out, q, k, v, out, lse, grad_lse, cu_seqlens_q, cu
     bd = _block_d(d)
     ieee = q.dtype in (torch.float32, torch.float64)
     scale = float(softmax_scale)
+    size = _size_class(max_seqlen_q, max_seqlen_k)
 
     def delta_of_rows():
         """delta = rowsum(dO * O) - grad_lse, (H, Nq) float32 (the Triton strategies')."""
@@ -950,7 +967,7 @@ def varlen_attention_bwd(grad_out, q, k, v, out, lse, grad_lse, cu_seqlens_q, cu
                 gk.stride(0), gk.stride(1), gv.stride(0), gv.stride(1), gq.stride(0), gq.stride(1),
                 h // hk, scale, scale * LOG2E)
         tag = "fused" if atomic else "dkdv"
-        _launch(_attn_bwd_dkdv_kernel, _fused_tuned if atomic else _dkdv_tuned, tag,
+        _launch(_attn_bwd_dkdv_kernel, _tuner(tag, size), tag,
                 lambda meta: (triton.cdiv(max_seqlen_k, meta["BLOCK_N"]), hk, nseg), args,
                 _bwd_tiles(d, q.dtype, q.device, tag), fixed=deterministic, ATOMIC_DQ=atomic, **common)
         # -- dQ: one query block x head --
@@ -960,13 +977,13 @@ def varlen_attention_bwd(grad_out, q, k, v, out, lse, grad_lse, cu_seqlens_q, cu
                     grad_out.stride(0), grad_out.stride(1), lse.stride(0),
                     gq.stride(0), gq.stride(1),
                     h // hk, scale, scale * LOG2E)
-            _launch(_attn_bwd_dq_kernel, _dq_tuned, "dq",
+            _launch(_attn_bwd_dq_kernel, _tuner("dq", size), "dq",
                     lambda meta: (triton.cdiv(max_seqlen_q, meta["BLOCK_M"]), h, nseg), args,
                     _bwd_tiles(d, q.dtype, q.device, "dq"), fixed=deterministic, **common)
         return gq, gk, gv
 
     available = BWD_STRATEGIES if _torch_fa2_possible(q, grad_lse) else BWD_STRATEGIES[:2]
-    strategy = bwd_strategy(deterministic, key=(d, q.dtype, h // hk, q.device, available),
+    strategy = bwd_strategy(deterministic, key=(d, q.dtype, h // hk, q.device, size, available),
                             measure=(lambda: _fastest({s: (lambda s=s: run(s)) for s in available}))
                             if _can_measure(q) else None, available=available)
     dq, dk, dv = run(strategy)
