@@ -1,12 +1,13 @@
 """RoPE suite: 3D rotary embedding of q and k (memory bound: GB/s against the copy limit).
 
 Providers: vdit backends (out of place; forward), the reference under torch.compile,
-and, if importable, flash-attn's Triton rotary kernel (flash_attn.ops.triton.rotary.apply_rotary,
-or the same module fetched alone as flash_attn_rotary by scripts/fetch_gpu_wheels.sh: flash-attn's
-wheels need a CUDA build, this module does not) and liger_kernel's rope, both given the 3D angles as a 1D cos/sin table (interleaved 3D RoPE is 1D RoPE with
-concatenated per-axis angles; liger rotates halves of the whole head dim instead, same
-bytes moved). The peers read a precomputed (N, D/2) cos/sin table; vdit computes angles
-in-kernel from the (N, 3) positions.
+and, if importable, flash-attn's Triton rotary kernel (apply_rotary from
+flash_attn.ops.triton.rotary, or the same module fetched alone as flash_attn_rotary by
+scripts/fetch_gpu_wheels.sh: flash-attn's wheels need a CUDA build, this module does
+not) and liger_kernel's rope, both given the 3D angles as a 1D cos/sin table
+(interleaved 3D RoPE is 1D RoPE with concatenated per-axis angles; liger rotates halves
+of the whole head dim instead, same bytes moved). The peers read a precomputed (N, D/2)
+cos/sin table; vdit computes angles in-kernel from the (N, 3) positions.
 """
 from __future__ import annotations
 

@@ -403,8 +403,9 @@ def main(argv=None) -> int:
     md += ["\n## Backend choice: triton vs cuda\n", choice]
     variants = measured_variants()
     if variants:
-        print("\n== Triton variants and tiles picked by measurement (the vdit-triton rows) ==\n" + "\n".join(variants))
-        md += ["\n## Triton variants and tiles picked by measurement (the vdit-triton rows)\n"] + [f"- {v}" for v in variants]
+        title = "Triton variants and tiles picked by measurement (the vdit-triton rows)"
+        print(f"\n== {title} ==\n" + "\n".join(variants))
+        md += [f"\n## {title}\n"] + [f"- {v}" for v in variants]
     if skips:
         md.append("\n## Skipped\n")
         md += [f"- [{op}] {p}: {r}" for op, p, r in sorted(seen)]
@@ -419,7 +420,8 @@ def main(argv=None) -> int:
     (out / "summary.md").write_text("\n".join(md) + "\n")
     (out / "results.json").write_text(json.dumps(
         {"environment": env, "rows": rows, "skipped": [dict(op=o, provider=p, reason=r) for o, p, r in sorted(seen)],
-         "plots": made, "static_report": static, "attention_variants": variants, "quick": args.quick, "argv": sys.argv[1:] if argv is None else argv},
+         "plots": made, "static_report": static, "triton_variants": variants, "quick": args.quick,
+         "argv": sys.argv[1:] if argv is None else argv},
         indent=1, default=str))
     print(f"\n{len(rows)} cases, {len(errors)} errors, {time.perf_counter() - started:.1f} s; results in {out}")
     for r in errors:

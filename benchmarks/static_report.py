@@ -5,8 +5,9 @@ cuobjdump shipped with triton reads registers, shared memory and local-memory
 (spill) use from the cubin. Each Triton module of vdit_kernels lists the
 configurations it launches on a GPU in `aot_specs()`: a list of dicts with keys
 name, fn, signature, constexprs, num_warps, num_stages, maxnreg (optional: a register cap
-per thread, as the launch sets it) and expect_mma (True where the kernel should use tensor cores: wgmma on sm_90a), expect_tma
-(True where it should read through TMA descriptors: cp.async.bulk.tensor),
+per thread, as the launch sets it) and expect_mma (True where the kernel should use
+tensor cores: wgmma on sm_90a), expect_tma (True where it should read through TMA
+descriptors: cp.async.bulk.tensor),
 spill_budget (bytes, default 0; only for extra autotuning candidates, never a default) and
 min_access_bytes (memory-bound kernels: the widest global load and store must be at least
 this wide, e.g. 16 for 16-byte vectors).

@@ -548,7 +548,8 @@ _BWD_TILES = {
     "dkdv": {
         "d64": [(64, 32, 8, 2), (128, 64, 8, 2), (64, 32, 8, 3), Tile(64, 32, 8, 2, keys_major=True)],
         "d128": [(64, 64, 8, 2), (64, 64, 8, 1), (64, 32, 8, 2), (64, 32, 8, 3), (128, 32, 8, 1),
-                 Tile(64, 64, 8, 1, keys_major=True), Tile(64, 32, 8, 2, keys_major=True), Tile(128, 32, 8, 2, keys_major=True)],
+                 Tile(64, 64, 8, 1, keys_major=True), Tile(64, 32, 8, 2, keys_major=True),
+                 Tile(128, 32, 8, 2, keys_major=True)],
         "masked": [(64, 16, 8, 1), (64, 16, 8, 2), (64, 32, 8, 1), (64, 32, 8, 2), (64, 64, 8, 1),
                    Tile(64, 16, 8, 1, keys_major=True)],
         # 64-row tiles spilled at D = 256 even with 16 warps: small mma.sync tiles instead

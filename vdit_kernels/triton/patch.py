@@ -66,8 +66,9 @@
 # spills on sm_90a (benchmarks/static_report.py; 128x128x64 spilled); the interpreter
 # (CPU tensors) uses 16/32 blocks. Limitation: the weight-gradient grid is small for
 # small hidden sizes and the gathered K loop recomputes the feature decomposition per
-# step (F = 64 is 2 steps); only _embed_kernel is autotuned (_EMBED_GPU). float64 (gradcheck) has no tl.dot here:
-# it runs the Triton patchify/unpatchify copies around PyTorch float64 GEMMs.
+# step (F = 64 is 2 steps); only _embed_kernel is autotuned (_EMBED_GPU). float64
+# (gradcheck) has no tl.dot here: it runs the Triton patchify/unpatchify copies around
+# PyTorch float64 GEMMs.
 from __future__ import annotations
 
 import math
@@ -534,8 +535,8 @@ _EMBED_SMALL = (16, 32, 4, 1)
 
 # autotuned per (hidden, F) and dtype; the kernel overwrites its output, so the timing
 # runs need no reset
-_embed_tuned = triton.autotune([triton.Config({"BLOCK_N": bn}, num_warps=w, num_stages=st) for bn, w, st in _EMBED_GPU],
-                               key=["NOUT", "F"])(_embed_kernel)
+_embed_tuned = triton.autotune([triton.Config({"BLOCK_N": bn}, num_warps=w, num_stages=st)
+                                for bn, w, st in _EMBED_GPU], key=["NOUT", "F"])(_embed_kernel)
 
 
 def measured_choices() -> list[str]:
