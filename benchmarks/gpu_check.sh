@@ -85,8 +85,11 @@ run_bench() {  # BENCH_OUT: the results folder (default $RES)
     local out=${BENCH_OUT:-$RES}
     mkdir -p "$out/logs"
     echo "== bench: python -m benchmarks.run --out $out $* (log: $out/logs/bench.log)"
-    env -u TRITON_INTERPRET PYTHONUNBUFFERED=1 timeout "${BENCH_TIMEOUT:-0}" $PY -m benchmarks.run --out "$out" "$@" 2>&1 \
-        | tee "$out/logs/bench.log" | grep -v '^\[[0-9]*/[0-9]*\]'
+    # the log also records each autotuning (candidates, time taken, the pick): first-call
+    # autotuning is what a time cap cuts first
+    env -u TRITON_INTERPRET PYTHONUNBUFFERED=1 TRITON_PRINT_AUTOTUNING=1 timeout "${BENCH_TIMEOUT:-0}" \
+        $PY -m benchmarks.run --out "$out" "$@" 2>&1 \
+        | tee "$out/logs/bench.log" | grep -v '^\[[0-9]*/[0-9]*\]\|^Autotuning kernel'
     [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 }
 
