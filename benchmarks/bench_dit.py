@@ -10,6 +10,8 @@ Providers:
                           (vdit_kernels.model; fused patch embedding, varlen attention,
                           RoPE fused into attention)
   vdit-<backend>-compile  the same under torch.compile (the ops stay custom ops)
+  vdit-triton+triton-bwd  vdit-triton with the attention backward chosen among our Triton
+                          kernels only (VDIT_ATTN_BWD=triton; "auto" may pick torch-fa2)
   torch-padded            the same model and weights in plain PyTorch over a padded batch
                           (vdit_kernels.model.padded: nn.Conv3d patch embedding, eager RoPE,
                           F.scaled_dot_product_attention with key-padding masks)
@@ -26,7 +28,7 @@ import torch
 import vdit_kernels as vk
 
 from . import flops
-from .common import VDIT_BACKENDS, Case, Prepared, Skip, dtype_for, peer_reason, wanted
+from .common import VDIT_BACKENDS, Case, Prepared, Skip, dtype_for, peer_reason, wanted, with_env
 
 OP = "dit"
 TEXT_TOKENS = {"cuda": 512, "cpu": 8}   # umT5 context length of Wan; tiny on CPU
@@ -118,6 +120,14 @@ def cases(device: str, quick: bool, workloads, providers=None):
                     return x.step(torch.compile(fwd) if compiled else fwd)
                 add(f"vdit-{b}" + ("-compile" if compiled else ""), make,
                     "packed, depth 1" + (", torch.compile" if compiled else ""))
+            if b == "triton" and device == "cuda":
+                # the attention backward by our kernels only: "auto" may pick PyTorch's
+                # FlashAttention-2 backward (torch-fa2), this row shows the block without it
+                def make_own(b=b):
+                    x = _Inputs(wl, device)
+                    return with_env(x.step(lambda lat, pack, t, text: x.model(lat, pack, t, text, backend=b)),
+                                    VDIT_ATTN_BWD="triton")
+                add("vdit-triton+triton-bwd", make_own, "packed, depth 1, attention backward by Triton kernels only")
 
         reason = peer_reason(device, needs_cuda=False, cpu_ok=True)
         if reason:

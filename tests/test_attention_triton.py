@@ -290,6 +290,10 @@ def test_backward_strategy_choice(monkeypatch):
     assert A.bwd_strategy(False, key="k3", measure=lambda: "torch-fa2", available=A.BWD_STRATEGIES) == "torch-fa2"
     assert A.bwd_strategy(False, key="one", measure=measure, available=("split",)) == "split"
     assert len(timed) == 1  # a single available strategy is not timed
+    # "triton": measured among the Triton kernels only
+    monkeypatch.setenv("VDIT_ATTN_BWD", "triton")
+    assert A.bwd_available(torch.empty(2, 1, 64), None) == ("split", "atomic-dq")
+    assert A.bwd_strategy(False, key="k4", measure=measure, available=("split", "atomic-dq")) == "atomic-dq"
     monkeypatch.setattr(A, "_STRATEGY_CHOICE", {(128, torch.bfloat16, 2, "cuda:0", (2, 0), A.BWD_STRATEGIES):
                                                  "torch-fa2"})
     monkeypatch.setattr(A, "_FWD_CHOICE", {})
@@ -368,6 +372,7 @@ def test_torch_fa2_conditions():
         assert not A._torch_fa2_possible(qc, torch.zeros(2, 4, device="cuda"))  # gradient into lse
         assert not A._torch_fa2_possible(qc.float(), None)
         assert not A._torch_fa2_possible(torch.empty(4, 2, 68, dtype=torch.float16, device="cuda"), None)
+        assert A.bwd_available(qc, None) == (A.BWD_STRATEGIES if expected else A.BWD_STRATEGIES[:2])
 
 
 @gpu_only

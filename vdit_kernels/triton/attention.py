@@ -688,19 +688,20 @@ def _tuner(tag: str, size: tuple):
     return _TUNERS[tag, size]
 
 
-def _measured_choice(env: str, options: tuple, cache: dict, key, measure, available: tuple = None) -> str:
+def _measured_choice(env: str, options: tuple, cache: dict, key, measure, available: tuple = None,
+                     autos: tuple = ("auto",)) -> str:
     """The variant a call runs: the environment variable `env` names one of `options`
     (speed options, all with the same result: one this call cannot run, i.e. not in
-    `available` (default: all), gives way to options[0]) or "auto" (the default): the
-    variant measure() found fastest among the available ones, timed once per key and
-    cached (the key must tell calls with different `available` apart); options[0] where
-    nothing was or can be measured (measure None: CPU / interpreter, float32, autotuning
-    off, inside a CUDA graph capture)."""
+    `available` (default: all), gives way to options[0]) or one of `autos` ("auto", the
+    default): the variant measure() found fastest among the available ones, timed once
+    per key and cached (the key must tell calls with different `available` apart);
+    options[0] where nothing was or can be measured (measure None: CPU / interpreter,
+    float32, autotuning off, inside a CUDA graph capture)."""
     name = os.environ.get(env, "auto")
-    if name not in options + ("auto",):
-        raise ValueError(f"{env} must be one of {options + ('auto',)}, got {name!r}")
+    if name not in options + autos:
+        raise ValueError(f"{env} must be one of {options + autos}, got {name!r}")
     available = options if available is None else available
-    if name != "auto":
+    if name not in autos:
         return name if name in available else options[0]
     if len(available) == 1:
         return available[0]
@@ -720,13 +721,22 @@ _STRATEGY_CHOICE: dict = {}
 _FWD_CHOICE: dict = {}
 
 
+def bwd_available(q, grad_lse) -> tuple:
+    """The strategies a backward may run: the Triton ones, and torch-fa2 where it can run
+    (_torch_fa2_possible) unless VDIT_ATTN_BWD=triton ("auto" among the Triton kernels)."""
+    if os.environ.get("VDIT_ATTN_BWD") == "triton" or not _torch_fa2_possible(q, grad_lse):
+        return BWD_STRATEGIES[:2]
+    return BWD_STRATEGIES
+
+
 def bwd_strategy(deterministic: bool, key=None, measure=None, available: tuple = BWD_STRATEGIES[:2]) -> str:
     """The backward strategy of a call: "split" with deterministic=True, else VDIT_ATTN_BWD
-    ("split", "atomic-dq", "torch-fa2" or "auto"; see _measured_choice) among `available`
-    (torch-fa2 only where _torch_fa2_possible)."""
+    ("split", "atomic-dq", "torch-fa2", or "auto" / "triton": measured; see
+    _measured_choice) among `available` (bwd_available)."""
     if deterministic:
         return "split"
-    return _measured_choice("VDIT_ATTN_BWD", BWD_STRATEGIES, _STRATEGY_CHOICE, key, measure, available)
+    return _measured_choice("VDIT_ATTN_BWD", BWD_STRATEGIES, _STRATEGY_CHOICE, key, measure, available,
+                            autos=("auto", "triton"))
 
 
 def fwd_variant(tma_possible: bool, key=None, measure=None) -> str:
@@ -983,7 +993,7 @@ def varlen_attention_bwd(grad_out, q, k, v, out, lse, grad_lse, cu_seqlens_q, cu
                     _bwd_tiles(d, q.dtype, q.device, "dq"), fixed=deterministic, **common)
         return gq, gk, gv
 
-    available = BWD_STRATEGIES if _torch_fa2_possible(q, grad_lse) else BWD_STRATEGIES[:2]
+    available = bwd_available(q, grad_lse)
     strategy = bwd_strategy(deterministic, key=(d, q.dtype, h // hk, q.device, size, available),
                             measure=(lambda: _fastest({s: (lambda s=s: run(s)) for s in available}))
                             if _can_measure(q) else None, available=available)
