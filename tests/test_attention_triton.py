@@ -291,6 +291,8 @@ def test_backward_strategy_choice(monkeypatch):
     assert A.bwd_strategy(False, key="one", measure=measure, available=("split",)) == "split"
     assert len(timed) == 1  # a single available strategy is not timed
     # "triton": measured among the Triton kernels only
+    monkeypatch.setattr(A, "_torch_fa2_possible", lambda q, grad_lse: True)
+    assert A.bwd_available(torch.empty(2, 1, 64), None) == A.BWD_STRATEGIES
     monkeypatch.setenv("VDIT_ATTN_BWD", "triton")
     assert A.bwd_available(torch.empty(2, 1, 64), None) == ("split", "atomic-dq")
     assert A.bwd_strategy(False, key="k4", measure=measure, available=("split", "atomic-dq")) == "atomic-dq"
