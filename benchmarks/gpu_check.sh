@@ -9,13 +9,15 @@
 #   bash benchmarks/gpu_check.sh bench [--quick] # python -m benchmarks.run (args go to run.py)
 #   bash benchmarks/gpu_check.sh all --quick     # all steps, args go to run.py
 #   bash benchmarks/gpu_check.sh lease           # one short device lease (about 9 minutes):
-#       build; the tests (GPU-only ones included, capped at TEST_TIMEOUT, default 150 s);
+#       build; the tests (GPU-only ones included, capped at TEST_TIMEOUT, default 140 s);
 #       attention on the mixed pack, the vdit-triton rows and the peers the issue judges
-#       it by, torch-varlen and flex-attention (ATTN_TIMEOUT, default 150 s); patch ops
-#       and RoPE on the mixed pack into <results>-mem (MEM_TIMEOUT, default 90 s); the DiT
+#       it by, torch-varlen and flex-attention (ATTN_TIMEOUT, default 140 s); patch ops
+#       and RoPE on the mixed pack into <results>-mem (MEM_TIMEOUT, default 80 s); the DiT
 #       block on mixed-60k, Triton and padded PyTorch (eager and compiled), into
-#       <results>-dit (DIT_TIMEOUT, default 120 s). Each step has its own cap, so a slow
-#       one (first-call autotuning) cannot take the others' rows.
+#       <results>-dit (DIT_TIMEOUT, default 110 s). Each step has its own cap, so a slow
+#       one (first-call autotuning) cannot take the others' rows, cut to what LEASE_BUDGET
+#       (default 550 s from the start) leaves; $OUT is refreshed after every step, so a
+#       lease that ends mid-way still brings back what finished.
 # Steps can run in separate calls (each stays under a 10-minute command limit); the
 # build output stays in the working tree between them.
 # Results: benchmarks/results/<gpu-slug>/ or $RESULTS_DIR (results.json, summary.md,
@@ -93,6 +95,20 @@ run_bench() {  # BENCH_OUT: the results folder (default $RES)
     [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 }
 
+save_out() {  # copy what exists so far to $OUT (after every lease step: a kill keeps it)
+    [ -n "${OUT:-}" ] || return 0
+    mkdir -p "$OUT"
+    tar -czf "$OUT/gpu_check.tar.gz" "$RES" $(for d in "$RES-mem" "$RES-dit"; do [ -d "$d" ] && echo "$d"; done)
+    for f in summary.md results.json rows.partial.jsonl; do [ -f "$RES/$f" ] && cp "$RES/$f" "$OUT/"; done
+    for f in build pytest bench; do [ -f "$LOGS/$f.log" ] && tail -c 200000 "$LOGS/$f.log" > "$OUT/$f.log"; done
+    return 0
+}
+
+cap() {  # a step's time cap: its own ($1 s), cut to what LEASE_BUDGET leaves (30 s reserve)
+    local left=$(( ${LEASE_BUDGET:-550} - SECONDS - 30 ))
+    (( left < $1 )) && echo $(( left > 0 ? left : 1 )) || echo "$1"
+}
+
 case "$STEP" in
     build) run_build ;;
     test) run_tests "$@" ;;
@@ -102,28 +118,27 @@ case "$STEP" in
         per_test=()
         $PY -c "import pytest_timeout" 2>/dev/null && per_test=(--timeout 150)
         run_build && {
+            save_out
             # not the static report and the benchmarks' CPU runs (CI has them); the
             # benchmark peers' GPU checks stay
-            TEST_TIMEOUT=${TEST_TIMEOUT:-150} run_tests "${per_test[@]}" --ignore=tests/test_static.py \
+            TEST_TIMEOUT=$(cap "${TEST_TIMEOUT:-140}") run_tests "${per_test[@]}" --ignore=tests/test_static.py \
                 --deselect tests/test_benchmarks.py::test_main_command_quick \
                 --deselect tests/test_benchmarks.py::test_dit_suite_packed_and_padded_steps_run_and_count_flops
-            BENCH_TIMEOUT=${ATTN_TIMEOUT:-150} run_bench --workload mixed-pack --op attention \
+            save_out
+            BENCH_TIMEOUT=$(cap "${ATTN_TIMEOUT:-140}") run_bench --workload mixed-pack --op attention \
                 --provider vdit-triton --provider torch-varlen --provider flex --no-static
-            BENCH_OUT="$RES-mem" BENCH_TIMEOUT=${MEM_TIMEOUT:-90} run_bench --workload mixed-pack \
+            save_out
+            BENCH_OUT="$RES-mem" BENCH_TIMEOUT=$(cap "${MEM_TIMEOUT:-80}") run_bench --workload mixed-pack \
                 --op patch --op rope --no-static
+            save_out
             # the reference model would materialize 40k x 40k scores per head: not run
-            BENCH_OUT="$RES-dit" BENCH_TIMEOUT=${DIT_TIMEOUT:-120} run_bench --workload mixed-60k \
+            BENCH_OUT="$RES-dit" BENCH_TIMEOUT=$(cap "${DIT_TIMEOUT:-110}") run_bench --workload mixed-60k \
                 --op dit --provider vdit-triton --provider torch-padded --no-static
         } ;;
     *) echo "unknown step $STEP (all|build|test|bench|lease)"; exit 2 ;;
 esac
 
-if [ -n "${OUT:-}" ]; then
-    mkdir -p "$OUT"
-    tar -czf "$OUT/gpu_check.tar.gz" "$RES" $(for d in "$RES-mem" "$RES-dit"; do [ -d "$d" ] && echo "$d"; done)
-    for f in summary.md results.json rows.partial.jsonl; do [ -f "$RES/$f" ] && cp "$RES/$f" "$OUT/"; done
-    for f in build pytest bench; do [ -f "$LOGS/$f.log" ] && tail -c 200000 "$LOGS/$f.log" > "$OUT/$f.log"; done
-    echo "copied results to $OUT: $(ls "$OUT" | tr '\n' ' ')"
-fi
+save_out
+[ -n "${OUT:-}" ] && echo "copied results to $OUT: $(ls "$OUT" | tr '\n' ' ')"
 echo "gpu_check: step=$STEP status=$status results in $RES"
 exit $status
