@@ -104,6 +104,7 @@ def test_wan_rope_is_fused(monkeypatch):
             torch.testing.assert_close(rope.positions, grid.repeat(2, 1), rtol=0, atol=0)
         else:
             assert rope is None and k_shape[0] == 2 * 7  # text keys: 7 per sample
+    assert calls[0][2] is calls[2][2]  # one Rope3D per forward, shared by the layers
 
 
 def test_wan_processor_set_by_hand_rotates_in_pytorch():
@@ -227,6 +228,7 @@ def test_hunyuan_rope_fused_and_mask_as_segments(monkeypatch):
     with torch.no_grad():
         model(latents, **kw)
     assert len(calls) == 4  # 2 dual + 2 single blocks; the refiner is not ours
+    assert all(rope is calls[0][2] for _, _, rope in calls)  # built once per forward, not per layer
     grid = torch.stack(torch.meshgrid(torch.arange(3.0), torch.arange(3.0), torch.arange(4.0),
                                       indexing="ij"), -1).reshape(-1, 3)
     positions = torch.cat([grid, torch.zeros(9, 3)]).repeat(2, 1)

@@ -64,8 +64,7 @@ HunyuanVideo (HunyuanVideoTransformer3DModel, T2V and token-replace I2V)
 
 Not supported
   Attention masks: Wan and CogVideoX never pass one; a mask there (or a HunyuanVideo mask
-  that is not a key prefix) raises ValueError rather
-  than being ignored. Context parallelism (processor._parallel_config) raises
+  that is not a key prefix) raises ValueError rather than being ignored. Context parallelism (processor._parallel_config) raises
   NotImplementedError. diffusers' set_attention_backend(...) conflicts with these
   processors and raises; the vdit_kernels backend is chosen with backend= (or
   vk.use_backend, VDIT_BACKEND). To go back, set the model's original processors
@@ -150,16 +149,21 @@ class GridRotaryEmb(tuple):
     def __new__(cls, freqs, positions=None, dims=None, theta=WAN_ROPE_THETA):
         obj = super().__new__(cls, freqs)
         obj.positions, obj.dims, obj.theta = positions, dims, theta
+        obj._rope3d = {}
         return obj
 
     def rope3d(self, batch: int, device, text_tokens: int = 0) -> Rope3D:
         """The Rope3D of a pack of `batch` copies of [video grid; text_tokens at (0, 0, 0)]
-        (angle 0: the text tokens are not rotated)."""
-        pos = self.positions.to(device)
-        if text_tokens:
-            pos = torch.cat([pos, pos.new_zeros(text_tokens, 3)])
-        return Rope3D(pos.repeat(batch, 1) if batch > 1 else pos, tuple(self.dims), float(self.theta),
-                      True)
+        (angle 0: the text tokens are not rotated). Built once: every attention layer of
+        the forward that made this object asks for the same one."""
+        key = (batch, str(device), text_tokens)
+        if key not in self._rope3d:
+            pos = self.positions.to(device)
+            if text_tokens:
+                pos = torch.cat([pos, pos.new_zeros(text_tokens, 3)])
+            self._rope3d[key] = Rope3D(pos.repeat(batch, 1) if batch > 1 else pos, tuple(self.dims),
+                                       float(self.theta), True)
+        return self._rope3d[key]
 
 
 def _grid_positions(grid, device) -> Tensor:
