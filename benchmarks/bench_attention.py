@@ -98,16 +98,18 @@ def cases(device: str, quick: bool, workloads, providers=None):
                 if b == "triton" and mode != "bwd":
                     forced += [("VDIT_ATTN_FWD", v, f"forward reads K/V by {v}") for v in ("pointers", "tma")]
                 if b == "triton" and grad:
-                    from vdit_kernels.triton.attention import BWD_STRATEGIES
+                    from vdit_kernels.triton.attention import BWD_STRATEGIES, _torch_fa2_possible
 
-                    forced += [("VDIT_ATTN_BWD", s, f"backward strategy {s}") for s in BWD_STRATEGIES]
+                    # the op's own condition for these inputs (torch-fa2 forced where it cannot
+                    # run would time the split kernels under its name)
+                    probe = torch.empty(1, wl.heads, wl.head_dim, dtype=dtype_for(device), device=device)
+                    for s in BWD_STRATEGIES:
+                        if s != "torch-fa2" or _torch_fa2_possible(probe, None):
+                            forced.append(("VDIT_ATTN_BWD", s, f"backward strategy {s}"))
+                        else:
+                            skips.append(Skip(OP, f"vdit-triton+{s} {mode}", "cannot run here (PyTorch's "
+                                              "FlashAttention-2 backward: CUDA, half precision, head dim % 8)"))
                 for env, value, note in forced:
-                    if value == "torch-fa2" and not (device.startswith("cuda")
-                                                     and torch.backends.cuda.is_flash_attention_available()):
-                        # forced where it cannot run, the split kernels would run under its name
-                        skips.append(Skip(OP, f"vdit-triton+{value} {mode}",
-                                          "PyTorch's FlashAttention-2 backward needs CUDA and a torch built with it"))
-                        continue
 
                     def make_forced(mode=mode, grad=grad, env=env, value=value):
                         x = _Inputs(wl, device, grad)

@@ -105,29 +105,28 @@ def cases(device: str, quick: bool, workloads, providers=None):
                 skips.append(Skip(OP, f"vdit-{b}", reason))
                 continue
 
-            for compiled in (False, True):
-                # compiled: the vdit ops stay opaque custom ops; torch.compile fuses what lies
-                # between them (norms, adaLN modulation, gates, GELU), as it does for the
-                # padded model it is compared with
+            # (suffix, torch.compile, environment, note): compiled, the vdit ops stay opaque custom
+            # ops and torch.compile fuses what lies between them (norms, adaLN modulation,
+            # gates, GELU), as it does for the padded model it is compared with; with
+            # VDIT_ATTN_BWD=triton the attention backward is chosen among our kernels only
+            # ("auto" may pick PyTorch's FlashAttention-2 backward)
+            variants = [("", False, {}, "packed, depth 1"),
+                        ("-compile", True, {}, "packed, depth 1, torch.compile")]
+            if b == "triton" and device == "cuda":
+                variants.append(("+triton-bwd", False, {"VDIT_ATTN_BWD": "triton"},
+                                 "packed, depth 1, attention backward by Triton kernels only"))
+            for suffix, compiled, env, note in variants:
                 reason = peer_reason(device, needs_cuda=False, cpu_ok=True) if compiled else None
                 if reason:
-                    skips.append(Skip(OP, f"vdit-{b}-compile", reason))
+                    skips.append(Skip(OP, f"vdit-{b}{suffix}", reason))
                     continue
 
-                def make(b=b, compiled=compiled):
+                def make(b=b, compiled=compiled, env=env):
                     x = _Inputs(wl, device)
                     fwd = lambda lat, pack, t, text: x.model(lat, pack, t, text, backend=b)  # noqa: E731
-                    return x.step(torch.compile(fwd) if compiled else fwd)
-                add(f"vdit-{b}" + ("-compile" if compiled else ""), make,
-                    "packed, depth 1" + (", torch.compile" if compiled else ""))
-            if b == "triton" and device == "cuda":
-                # the attention backward by our kernels only: "auto" may pick PyTorch's
-                # FlashAttention-2 backward (torch-fa2), this row shows the block without it
-                def make_own(b=b):
-                    x = _Inputs(wl, device)
-                    return with_env(x.step(lambda lat, pack, t, text: x.model(lat, pack, t, text, backend=b)),
-                                    VDIT_ATTN_BWD="triton")
-                add("vdit-triton+triton-bwd", make_own, "packed, depth 1, attention backward by Triton kernels only")
+                    prepared = x.step(torch.compile(fwd) if compiled else fwd)
+                    return with_env(prepared, **env) if env else prepared
+                add(f"vdit-{b}{suffix}", make, note)
 
         reason = peer_reason(device, needs_cuda=False, cpu_ok=True)
         if reason:
