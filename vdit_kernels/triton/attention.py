@@ -35,9 +35,9 @@
 # are (half precision, head dims multiple of 8, no gradient into lse). It is a candidate
 # so that the Triton forward never costs a user PyTorch's backward speed; the benchmarks
 # time each strategy on its own row. By default ("auto") the first backward per (head
-# dim, dtype, GQA groups, GPU, size class) times the available strategies, the Triton ones with their
-# own autotuned tiles, and keeps the fastest; deterministic=True always runs "split" with
-# pinned tiles.
+# dim, dtype, GQA groups, GPU, size class) times the available strategies, the Triton
+# ones with their own autotuned tiles, and keeps the fastest (VDIT_ATTN_BWD=triton: among
+# the Triton ones only); deterministic=True always runs "split" with pinned tiles.
 # Tiles: (BLOCK_M queries, BLOCK_D) and (BLOCK_N keys, BLOCK_D); BLOCK_D = head dim rounded
 # up to a power of two (tl.arange needs one; 72, 80, 96 are masked). Head dims up to 256.
 # On a GPU the tiles are autotuned (triton.autotune, keyed on head dim, dtypes, GQA
@@ -47,8 +47,9 @@
 # warpgroups of wgmma m64 over the query rows, the float32 accumulator at 64 registers a
 # thread), 128 x 128 and 64 x 64, and with TMA 128 x 64 capped at 128 registers so that
 # two programs share an SM (Tile.maxnreg, see _FWD_TILES); the backward holds two
-# float32 accumulators for its own rows: 64 x 64 (the default) or 128 keys x 32 queries for dK/dV, in either
-# orientation of its products (queries-major, the default, or keys-major: _dkdv_step),
+# float32 accumulators for its own rows: 64 x 64 (the default) or 128 keys x 32 queries
+# for dK/dV, in either orientation of its products (queries-major, the default, or
+# keys-major: _dkdv_step),
 # up to 128 x 64 for dQ, with 1 to 4 pipeline stages. Every candidate is in aot_specs()
 # and compiled by the sm_90a static report. VDIT_AUTOTUNE=0 or deterministic=True
 # (backward) use the first candidate of the class, so results do not depend on timing
@@ -65,8 +66,8 @@
 # 16-byte aligned): the copy engine fetches whole (BLOCK_N, D) blocks and the kernel
 # computes no addresses (160 instead of 190 registers at 128 x 64, D = 128). Which
 # variant runs is fwd_variant() (VDIT_ATTN_FWD): by default the first forward per (head
-# dim, dtype, GQA groups, GPU, size class) times both and keeps the faster. Warp specialization is
-# not used: Triton 3.6 ignores tl.range(warp_specialize=True) on sm_90.
+# dim, dtype, GQA groups, GPU, size class) times both and keeps the faster. Warp
+# specialization is not used: Triton 3.6 ignores tl.range(warp_specialize=True) on sm_90.
 from __future__ import annotations
 
 import logging
@@ -494,11 +495,12 @@ def _attn_bwd_dq_kernel(
 # being the default. Every candidate is compiled by aot_specs() and spill-free on sm_90a
 # (benchmarks/static_report.py fails otherwise); the autotuner times the candidates of
 # the call's class once per (class, D, dtypes, GQA groups) and keeps the fastest.
-#   forward  (BLOCK_M queries, BLOCK_N keys, warps, stages)
-#   backward (OWN rows per program, LOOP rows per inner step, warps, stages[, KEYS_MAJOR]),
-#            one list per kernel: OWN is the key block of the dK/dV kernel and the query
-#            block of dQ; KEYS_MAJOR (dK/dV kernels, default False) picks the orientation
-#            of their products (_dkdv_step).
+# A candidate is a Tile (own, loop, warps, stages[, keys_major, maxnreg]):
+#   forward  own = BLOCK_M queries, loop = BLOCK_N keys
+#   backward one list per kernel: own is the key block of the dK/dV kernel and the query
+#            block of dQ; keys_major (dK/dV kernels) picks the orientation of their
+#            products (_dkdv_step).
+#   maxnreg  a register cap (forward only so far: two programs per SM, see below).
 # The first tile of every list (the default, also used with VDIT_AUTOTUNE=0 and
 # deterministic=True) is spill-free with Triton 3.6 (the GPU machines') and 3.8 (CI)
 # alike, compiled as a launch compiles it (16-divisible pointers and strides). The H100
@@ -755,9 +757,11 @@ def measured_choices() -> list[str]:
     for what, cache in (("backward", _STRATEGY_CHOICE), ("forward", _FWD_CHOICE)):
         for key, choice in cache.items():
             d, dtype, groups, device, size = key[:5]
+            among = f" (of {', '.join(key[5])})" if len(key) > 5 else ""
             lines.append(f"{what} D={d} {str(dtype).replace('torch.', '')} GQA groups={groups} {device} "
-                         f"size class {size}: {choice}" + (f" (of {', '.join(key[5])})" if len(key) > 5 else ""))
-    return lines + autotuned_choices({f"{tag} size class {size}": tuner for (tag, size), tuner in _TUNERS.items()})
+                         f"size class {size}: {choice}{among}")
+    tuners = {f"{tag} size class {size}": tuner for (tag, size), tuner in _TUNERS.items()}
+    return lines + autotuned_choices(tuners)
 
 
 def _can_measure(q) -> bool:
@@ -833,7 +837,8 @@ def _launch(raw, tuned, tag, grid_of, args, tiles, fixed: bool, **constexprs):
         tile = tiles[0]
         meta = _tile_meta(tag, tile)
         options = {} if tile.maxnreg is None else {"maxnreg": tile.maxnreg}
-        raw[grid_of(meta)](*args, **constexprs, **meta, num_warps=tile.warps, num_stages=tile.stages, **options)
+        raw[grid_of(meta)](*args, **constexprs, **meta, num_warps=tile.warps, num_stages=tile.stages,
+                           **options)
     else:
         tuned[grid_of](*args, **constexprs)
 

@@ -132,17 +132,18 @@ def _rope_3d_kernel(
     nmask = offs_n < N
     n64 = offs_n.to(tl.int64)
     cos, sin, partner = _tables(pos_ptr, n64, nmask, log2_theta, DT, DH, DW, HP, INTERLEAVED, INVERSE)
+    # token row offsets, once for all heads
+    row_q, row_qo = n64[:, None] * stride_qn, n64[:, None] * stride_qon
+    row_k, row_ko = n64[:, None] * stride_kn, n64[:, None] * stride_kon
     for hh in range(pid_h, HQ + HK, num_g):
         if hh < HQ:
             h64 = tl.cast(hh, tl.int64)
-            _rotate_rows(q_ptr, qo_ptr, n64[:, None] * stride_qn + h64 * stride_qh,
-                         n64[:, None] * stride_qon + h64 * stride_qoh, nmask, cos, sin, partner,
-                         DT + DH + DW, HP, BLOCK_N, INTERLEAVED)
+            _rotate_rows(q_ptr, qo_ptr, row_q + h64 * stride_qh, row_qo + h64 * stride_qoh, nmask,
+                         cos, sin, partner, DT + DH + DW, HP, BLOCK_N, INTERLEAVED)
         else:
             h64 = tl.cast(hh - HQ, tl.int64)
-            _rotate_rows(k_ptr, ko_ptr, n64[:, None] * stride_kn + h64 * stride_kh,
-                         n64[:, None] * stride_kon + h64 * stride_koh, nmask, cos, sin, partner,
-                         DT + DH + DW, HP, BLOCK_N, INTERLEAVED)
+            _rotate_rows(k_ptr, ko_ptr, row_k + h64 * stride_kh, row_ko + h64 * stride_koh, nmask,
+                         cos, sin, partner, DT + DH + DW, HP, BLOCK_N, INTERLEAVED)
 
 
 _TILE_ELEMENTS = 4096  # 16 elements per thread at 8 warps: two 16-byte vectors of bf16
