@@ -495,7 +495,7 @@ def test_dkdv_orientations_with_gpu_tiles(monkeypatch, keys_major, strategy):
     monkeypatch.setenv("VDIT_AUTOTUNE", "0")  # the first (only) tile, no timing
     monkeypatch.setenv("VDIT_ATTN_BWD", strategy)
     tag = "dkdv" if strategy == "split" else "fused"
-    monkeypatch.setitem(A._BWD_TILES[tag], "d64", [(64, 32, 8, 2, keys_major)])
+    monkeypatch.setitem(A._TILE_LISTS[tag], "d64", [A.Tile(64, 32, 8, 2, keys_major=keys_major)])
     _check([64, 5, 97], [64, 5, 97], 4, 2, 64, torch.float16, seed=3)
 
 

@@ -521,7 +521,7 @@ class Tile(NamedTuple):
     keys in dK/dV), `loop` rows per step of its loop, warps, pipeline stages; keys_major:
     the orientation of the dK/dV products (_dkdv_step); maxnreg: a register cap per
     thread (None: the compiler's count). The lists below hold plain (own, loop, warps,
-    stages) tuples where the defaults apply; _tile_lists() returns Tiles."""
+    stages) tuples where the defaults apply; _TILE_LISTS holds them as Tiles."""
     own: int
     loop: int
     warps: int
@@ -582,6 +582,16 @@ _SMALL_FUSED = Tile(16, 16, 8, 1)
 MAX_HEAD_DIM = 256
 
 
+def _as_tiles(lists: dict) -> dict:
+    return {c: [Tile(*t) for t in tiles] for c, tiles in lists.items()}
+
+
+# {kernel tag: {head-dim class: candidate Tiles}}, built once (looked up on every launch)
+_TILE_LISTS = {"fwd": _as_tiles(_FWD_TILES),
+               "fwd_tma": _as_tiles({c: tiles + _FWD_TMA_EXTRA.get(c, []) for c, tiles in _FWD_TILES.items()}),
+               **{tag: _as_tiles(lists) for tag, lists in _BWD_TILES.items()}}
+
+
 def _block_d(d: int) -> int:
     return max(16, triton.next_power_of_2(d))
 
@@ -628,11 +638,7 @@ def _prune(tag: str):
 def _tile_lists(tag: str) -> dict:
     """{head-dim class: candidate Tiles} of kernel `tag` ("fwd", "fwd_tma", "dkdv",
     "fused", "dq")."""
-    if tag == "fwd_tma":
-        lists = {c: tiles + _FWD_TMA_EXTRA.get(c, []) for c, tiles in _FWD_TILES.items()}
-    else:
-        lists = _FWD_TILES if tag == "fwd" else _BWD_TILES[tag]
-    return {c: [Tile(*t) for t in tiles] for c, tiles in lists.items()}
+    return _TILE_LISTS[tag]
 
 
 def _configs(tag: str, pre_hook=None) -> list:
