@@ -225,11 +225,33 @@ def test_forward_through_tensor_descriptors(monkeypatch, dtype, d):
     from vdit_kernels.triton import attention as A
 
     monkeypatch.setenv("VDIT_ATTN_FWD", "tma")
+    monkeypatch.setenv("VDIT_ATTN_BWD_READ", "pointers")
     launched = []
-    monkeypatch.setattr(A, "_kv_descriptors", lambda k, v, b, f=A._kv_descriptors: launched.append(b) or f(k, v, b))
+    monkeypatch.setattr(A, "_row_descriptors", lambda a, b, n, f=A._row_descriptors: launched.append(n) or f(a, b, n))
     _check([17, 0, 1, 40], [17, 0, 1, 40], 4, 2, d, dtype, grads=False)
     _check([5, 9, 20], [3, 0, 33], 2, 1, d, dtype, grads=False)
     assert launched or torch.cuda.get_device_capability()[0] < 9  # no TMA before Hopper: pointers
+
+
+@pytest.mark.parametrize("dtype", DOT_DTYPES, ids=str)
+@pytest.mark.parametrize("d", [64, 128])
+@pytest.mark.parametrize("kernels", ["split", "atomic-dq"])
+def test_backward_through_tensor_descriptors(monkeypatch, dtype, d, kernels):
+    # dK/dV read q and dO, dQ reads k and v by TMA descriptors: whole blocks, the query rows
+    # past a segment (the next segment's, or zeros past the end) get lse = +inf, hence P =
+    # dS = 0; the key rows past one get P = 0 in dQ. Lengths 0, 1 and ones that end inside
+    # a block, GQA, cross-attention with an empty key segment
+    from vdit_kernels.triton import attention as A
+
+    monkeypatch.setenv("VDIT_ATTN_FWD", "pointers")
+    monkeypatch.setenv("VDIT_ATTN_BWD", kernels)
+    monkeypatch.setenv("VDIT_ATTN_BWD_READ", "tma")
+    launched = []
+    monkeypatch.setattr(A, "_row_descriptors", lambda a, b, n, f=A._row_descriptors: launched.append(n) or f(a, b, n))
+    _check([17, 0, 1, 40], [17, 0, 1, 40], 4, 2, d, dtype)
+    _check([5, 9, 20], [3, 0, 33], 2, 1, d, dtype)
+    # dK/dV's q and dO, and (split) dQ's k and v: two descriptor pairs per split backward
+    assert len(launched) == 2 * (2 if kernels == "split" else 1) or torch.cuda.get_device_capability()[0] < 9
 
 
 @pytest.mark.skipif(DEVICE.type != "cpu", reason="drives the autotuner with a fake timer under the interpreter")
@@ -239,23 +261,37 @@ def test_tma_forward_autotuner_sets_descriptor_blocks(monkeypatch):
     monkeypatch.setattr(A, "_half_on_gpu", lambda dtype, device: dtype == torch.float16)
     monkeypatch.setenv("VDIT_ATTN_FWD", "tma")
     monkeypatch.setenv("VDIT_ATTN_BWD", "split")
+    monkeypatch.setenv("VDIT_ATTN_BWD_READ", "tma")
     size = A._size_class(130, 130)
-    timed = _fake_autotune_timers(monkeypatch, tma=A._tuner("fwd_tma", size), dkdv=A._tuner("dkdv", size),
-                                  dq=A._tuner("dq", size))
+    timed = _fake_autotune_timers(monkeypatch, tma=A._tuner("fwd_tma", size), dkdv=A._tuner("dkdv_tma", size),
+                                  dq=A._tuner("dq_tma", size))
     _check([70, 3, 130], [70, 3, 130], 2, 1, 128, torch.float16)
     assert timed["tma"] == len(A._fwd_tiles(128, torch.float16, torch.device("cuda"), tma=True))
+    assert timed["dkdv"] == len(A._bwd_tiles(128, torch.float16, torch.device("cuda"), "dkdv", tma=True))
+    assert timed["dq"] == len(A._bwd_tiles(128, torch.float16, torch.device("cuda"), "dq", tma=True))
 
 
-def test_tma_layout_conditions():
-    from vdit_kernels.triton.attention import _tma_possible, fwd_variant
+def test_tma_layout_conditions(monkeypatch):
+    from vdit_kernels.triton import attention as A
+
+    monkeypatch.setattr(A, "_BWD_READ_CHOICE", {})
+    monkeypatch.delenv("VDIT_ATTN_BWD_READ", raising=False)
+    monkeypatch.delenv("VDIT_ATTN_FWD", raising=False)
 
     q = torch.empty(10, 4, 128)
-    assert _tma_possible(q, torch.empty(10, 2, 128), torch.empty(10, 2, 128))
-    assert not _tma_possible(q[..., :96], torch.empty(10, 2, 96), torch.empty(10, 2, 96))   # head dim 96
-    kv = torch.empty(10, 2, 256)[..., :128]                                               # head stride 256
-    assert not _tma_possible(q, kv, kv)
-    assert fwd_variant(False) == "pointers"
-    assert fwd_variant(True) == "pointers"  # auto with nothing measured
+    assert A._tma_possible(torch.empty(10, 2, 128), torch.empty(10, 2, 128))
+    assert A._tma_possible(q, torch.empty(10, 2, 128), q)
+    assert not A._tma_possible(torch.empty(10, 2, 96), torch.empty(10, 2, 96))   # head dim 96
+    kv = torch.empty(10, 2, 256)[..., :128]                                       # head stride 256
+    assert not A._tma_possible(kv, kv)
+    shifted = torch.empty(10 * 4 * 128 + 1)[1:].view(10, 4, 128)                # base 4 bytes off 16
+    assert not A._tma_possible(q, shifted)
+    assert not A._tma_possible(q.double())
+    assert A.fwd_variant(False) == "pointers"
+    assert A.fwd_variant(True) == "pointers"  # auto with nothing measured
+    assert A.bwd_read(False, True) == "pointers"
+    assert A.bwd_read(False, True, key="k", measure=lambda: "tma") == "tma"
+    assert A.bwd_read(True, True, key="k", measure=lambda: "tma") == "pointers"  # deterministic
 
 
 def test_backward_strategy_choice(monkeypatch):
@@ -299,6 +335,8 @@ def test_backward_strategy_choice(monkeypatch):
     monkeypatch.setattr(A, "_STRATEGY_CHOICE", {(128, torch.bfloat16, 2, "cuda:0", (2, 0), A.BWD_STRATEGIES):
                                                  "torch-fa2"})
     monkeypatch.setattr(A, "_FWD_CHOICE", {})
+    monkeypatch.setattr(A, "_BWD_READ_CHOICE", {(128, torch.bfloat16, 2, "cuda:0", (2, 0), "split"): "tma"})
+    assert A.measured_choices()[1] == "backward read split D=128 bfloat16 GQA groups=2 cuda:0 size class (2, 0): tma"
     assert A.measured_choices()[0] == ("backward D=128 bfloat16 GQA groups=2 cuda:0 size class (2, 0): torch-fa2 "
                                        "(of split, atomic-dq, torch-fa2)")
 
@@ -383,16 +421,22 @@ def test_auto_strategy_is_measured_once_gpu(monkeypatch):
 
     monkeypatch.setattr(A, "_STRATEGY_CHOICE", {})
     monkeypatch.setattr(A, "_FWD_CHOICE", {})
-    monkeypatch.delenv("VDIT_ATTN_BWD", raising=False)
-    monkeypatch.delenv("VDIT_ATTN_FWD", raising=False)
+    monkeypatch.setattr(A, "_BWD_READ_CHOICE", {})
+    for env in ("VDIT_ATTN_BWD", "VDIT_ATTN_FWD", "VDIT_ATTN_BWD_READ"):
+        monkeypatch.delenv(env, raising=False)
     monkeypatch.setenv("VDIT_AUTOTUNE", "1")  # the suite turns autotuning off (conftest)
     _check([300, 77], [300, 77], 4, 2, 128, torch.bfloat16)
     (choice,) = A._STRATEGY_CHOICE.values()
     assert choice in A.BWD_STRATEGIES
     (variant,) = A._FWD_CHOICE.values()
-    assert variant in A.FWD_VARIANTS
+    assert variant in A.READS
+    # the reads of each Triton strategy, measured inside the strategy's own timing run
+    reads = dict(A._BWD_READ_CHOICE)
+    hopper = torch.cuda.get_device_capability()[0] >= 9
+    assert {key[5] for key in reads} == ({"split", "atomic-dq"} if hopper else set())
+    assert set(reads.values()) <= set(A.READS)
     _check([270, 5], [270, 5], 4, 2, 128, torch.bfloat16)  # same key (size class too): no new measurement
-    assert len(A._STRATEGY_CHOICE) == 1 and len(A._FWD_CHOICE) == 1
+    assert len(A._STRATEGY_CHOICE) == 1 and len(A._FWD_CHOICE) == 1 and A._BWD_READ_CHOICE == reads
 
 
 def test_deterministic_bitwise(monkeypatch):
@@ -423,10 +467,11 @@ def test_autotune_candidates_are_the_class_tiles_and_statically_checked(d):
 
     cuda = torch.device("cuda")
     # a tile: its constexprs (KEYS_MAJOR too) and launch options (the register cap too)
-    for tag in ("fwd", "fwd_tma", "dkdv", "dq", "fused"):
+    for tag in ("fwd", "fwd_tma", "dkdv", "dq", "fused", "dkdv_tma", "dq_tma", "fused_tma"):
         configs = A._prune(tag)(A._configs(tag), {}, D=d)
-        tiles = (A._fwd_tiles(d, torch.bfloat16, cuda, tag == "fwd_tma") if tag.startswith("fwd")
-                 else A._bwd_tiles(d, torch.bfloat16, cuda, tag))
+        kernel, tma = tag.removesuffix("_tma"), tag.endswith("_tma")
+        tiles = (A._fwd_tiles(d, torch.bfloat16, cuda, tma) if tag.startswith("fwd")
+                 else A._bwd_tiles(d, torch.bfloat16, cuda, kernel, tma))
         assert sorted((sorted(c.kwargs.items()), c.num_warps, c.num_stages, c.maxnreg or 0) for c in configs) \
             == sorted((sorted(A._tile_meta(tag, t).items()), t.warps, t.stages, t.maxnreg or 0) for t in tiles)
     # every tile a GPU may run is compiled (and checked for spills) by the static report
@@ -438,11 +483,11 @@ def test_autotune_candidates_are_the_class_tiles_and_statically_checked(d):
     for tma in ((False, True) if d in (64, 128) else (False,)):
         for bm, bn, w, st, _, cap in A._fwd_tiles(d, torch.bfloat16, cuda, tma):
             assert ("_attn_fwd_kernel", bm, bn, w, st, cap, bd, tma, None, None) in static
-    for tag, atomic in (("dkdv", False), ("fused", True)):
-        for own, loop, w, st, keys_major, cap in A._bwd_tiles(d, torch.bfloat16, cuda, tag):
-            assert ("_attn_bwd_dkdv_kernel", loop, own, w, st, cap, bd, None, atomic, keys_major) in static
-    for own, loop, w, st, _, cap in A._bwd_tiles(d, torch.bfloat16, cuda, "dq"):
-        assert ("_attn_bwd_dq_kernel", own, loop, w, st, cap, bd, None, None, None) in static
+        for tag, atomic in (("dkdv", False), ("fused", True)):
+            for own, loop, w, st, keys_major, cap in A._bwd_tiles(d, torch.bfloat16, cuda, tag, tma):
+                assert ("_attn_bwd_dkdv_kernel", loop, own, w, st, cap, bd, tma, atomic, keys_major) in static
+        for own, loop, w, st, _, cap in A._bwd_tiles(d, torch.bfloat16, cuda, "dq", tma):
+            assert ("_attn_bwd_dq_kernel", own, loop, w, st, cap, bd, tma, None, None) in static
 
 
 def test_head_dim_limit():
@@ -581,10 +626,17 @@ def test_measured_choice_skips_a_failing_variant(monkeypatch):
     from vdit_kernels.triton import attention as A
 
     monkeypatch.setattr(triton.testing, "do_bench", lambda fn, warmup, rep: fn())
+    monkeypatch.setattr(A, "_VARIANT_TIMES", [])
 
     def broken():
         raise RuntimeError("no TMA here")
     assert A._fastest({"tma": broken, "pointers": lambda: 2.0}) == "pointers"
     assert A._fastest({"a": lambda: 3.0, "b": lambda: 1.0}) == "b"
+    # the timings reach the benchmarks' summary
+    assert A._VARIANT_TIMES == ["pointers 2.000 ms: pointers", "a 3.000 ms, b 1.000 ms: b"]
+    monkeypatch.setattr(A, "_STRATEGY_CHOICE", {})
+    monkeypatch.setattr(A, "_FWD_CHOICE", {})
+    monkeypatch.setattr(A, "_BWD_READ_CHOICE", {})
+    assert "variants timed: a 3.000 ms, b 1.000 ms: b" in A.measured_choices()
     with pytest.raises(RuntimeError, match="no TMA here"):
         A._fastest({"tma": broken})

@@ -66,8 +66,12 @@
 # 16-byte aligned): the copy engine fetches whole (BLOCK_N, D) blocks and the kernel
 # computes no addresses (160 instead of 190 registers at 128 x 64, D = 128). Which
 # variant runs is fwd_variant() (VDIT_ATTN_FWD): by default the first forward per (head
-# dim, dtype, GQA groups, GPU, size class) times both and keeps the faster. Warp
-# specialization is not used: Triton 3.6 ignores tl.range(warp_specialize=True) on sm_90.
+# dim, dtype, GQA groups, GPU, size class) times both and keeps the faster. The Triton
+# backward kernels can read what they stream the same way (dK/dV: q and dO as
+# (Nq, H*D); dQ: k and v), measured per strategy (bwd_read(), VDIT_ATTN_BWD_READ); with
+# descriptors the dK/dV kernel holds FlashAttention-2's 128-key block pipelined, which
+# with pointer loads spills inside its loop. Warp specialization is not used: Triton 3.6
+# ignores tl.range(warp_specialize=True) on sm_90.
 from __future__ import annotations
 
 import logging
@@ -174,10 +178,17 @@ def _q_rows(Q, DO, LSE, DELTA, tok_q, mmask, dmask, head, stride_qn, stride_qh,
     mmask read as 0."""
     q = _rows(Q, tok_q, mmask, head, stride_qn, stride_qh, offs_d, dmask, D, BLOCK_D, ROW_ALIGN)
     do = _rows(DO, tok_q, mmask, head, stride_don, stride_doh, offs_d, dmask, D, BLOCK_D, ROW_ALIGN)
+    lse, delta = _lse_delta(LSE, DELTA, tok_q, mmask, head, stride_lh, 0.0)
+    return q, do, lse, delta
+
+
+@triton.jit
+def _lse_delta(LSE, DELTA, tok_q, mmask, head, stride_lh, masked_lse: tl.constexpr):
+    """lse (base 2) and delta of query rows tok_q; rows outside mmask read masked_lse and 0."""
     lrow = head.to(tl.int64) * stride_lh + tok_q.to(tl.int64)
-    lse = tl.load(LSE + lrow, mask=mmask, other=0.0)
+    lse = tl.load(LSE + lrow, mask=mmask, other=masked_lse)
     delta = tl.load(DELTA + lrow, mask=mmask, other=0.0)
-    return q, do, lse * 1.4426950408889634, delta
+    return lse * 1.4426950408889634, delta
 
 
 @triton.jit
@@ -313,7 +324,7 @@ def _dkdv_step(dk, dv, k, v, nmask, key_tail, Q, DO, LSE, DELTA, DQ, first_q, of
                stride_qn, stride_qh, stride_don, stride_doh, stride_lh, stride_dqn, stride_dqh,
                offs_d, dmask, scale, scale_log2,
                D: tl.constexpr, BLOCK_D: tl.constexpr, ROW_ALIGN: tl.constexpr,
-               ATOMIC_DQ: tl.constexpr, KEYS_MAJOR: tl.constexpr, IEEE: tl.constexpr):
+               ATOMIC_DQ: tl.constexpr, KEYS_MAJOR: tl.constexpr, TMA: tl.constexpr, IEEE: tl.constexpr):
     """dV += P^T dO and dK += dS^T Q (unscaled) for one query block of one head; with
     ATOMIC_DQ also DQ += scale * dS K for that block, added atomically (float32).
     Two orientations of the same products (a tile choice, see the launch configuration):
@@ -330,9 +341,20 @@ def _dkdv_step(dk, dv, k, v, nmask, key_tail, Q, DO, LSE, DELTA, DQ, first_q, of
     overflows for very negative lse, is zeroed."""
     mmask = offs_m < rows_left
     tok_q = first_q + offs_m
-    q, do, lse, delta = _q_rows(Q, DO, LSE, DELTA, tok_q, mmask, dmask, head,
-                                stride_qn, stride_qh, stride_don, stride_doh, stride_lh, offs_d,
-                                D, BLOCK_D, ROW_ALIGN)
+    if TMA:
+        # whole (BLOCK_M, D) blocks, the rows past the segment being the next segment's
+        # queries (or zeros past the end): their lse of +inf makes P = 0, and with it dS
+        # (dO and delta are finite), so they add nothing (descriptor coordinates are 32-bit:
+        # Nq and H*D fit, host-checked)
+        row = first_q.to(tl.int32)
+        col = (head * D).to(tl.int32)
+        q = Q.load([row, col])
+        do = DO.load([row, col])
+        lse, delta = _lse_delta(LSE, DELTA, tok_q, mmask, head, stride_lh, float("inf"))
+    else:
+        q, do, lse, delta = _q_rows(Q, DO, LSE, DELTA, tok_q, mmask, dmask, head,
+                                    stride_qn, stride_qh, stride_don, stride_doh, stride_lh, offs_d,
+                                    D, BLOCK_D, ROW_ALIGN)
     if KEYS_MAJOR:
         pt = tl.exp2(_mm(k, tl.trans(q), IEEE) * scale_log2 - lse[None, :])
         if ATOMIC_DQ:
@@ -361,15 +383,21 @@ def _dkdv_step(dk, dv, k, v, nmask, key_tail, Q, DO, LSE, DELTA, DQ, first_q, of
 @triton.jit
 def _dq_step(dq, q, do, lse, delta, K, V, first_k, offs_n, keys_left, kv_head,
              stride_kn, stride_kh, stride_vn, stride_vh, offs_d, dmask, scale_log2,
-             D: tl.constexpr, BLOCK_D: tl.constexpr, ROW_ALIGN: tl.constexpr, IEEE: tl.constexpr):
+             D: tl.constexpr, BLOCK_D: tl.constexpr, ROW_ALIGN: tl.constexpr, TMA: tl.constexpr,
+             IEEE: tl.constexpr):
     """dQ += dS K (unscaled) for one key block. In the block that runs past the segment,
     P of the missing keys is zeroed (there k = 0 would give P = exp2(-lse), which
     overflows for very negative lse); whole blocks skip the select (a uniform branch).
     (Splitting off the partial block as the forward does raised the 64 x 64 tile from 126
     to 143 registers: one resident program per SM instead of two.)"""
     nmask = offs_n < keys_left
-    k, v = _kv_tiles(K, V, first_k + offs_n, nmask, kv_head, stride_kn, stride_kh,
-                     stride_vn, stride_vh, offs_d, dmask, D, BLOCK_D, ROW_ALIGN)
+    if TMA:  # whole blocks as in the forward; the rows past the segment get P = 0 below
+        col = (kv_head * D).to(tl.int32)
+        k = K.load([first_k.to(tl.int32), col])
+        v = V.load([first_k.to(tl.int32), col])
+    else:
+        k, v = _kv_tiles(K, V, first_k + offs_n, nmask, kv_head, stride_kn, stride_kh,
+                         stride_vn, stride_vh, offs_d, dmask, D, BLOCK_D, ROW_ALIGN)
     p = tl.exp2(_mm(q, tl.trans(k), IEEE) * scale_log2 - lse[:, None])
     if keys_left < offs_n.shape[0]:
         p = tl.where(nmask[None, :], p, 0.0)
@@ -392,7 +420,7 @@ def _attn_bwd_dkdv_kernel(
     GROUPS, scale, scale_log2,
     D: tl.constexpr, BLOCK_D: tl.constexpr, ROW_ALIGN: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    ATOMIC_DQ: tl.constexpr, KEYS_MAJOR: tl.constexpr, IEEE: tl.constexpr,
+    ATOMIC_DQ: tl.constexpr, KEYS_MAJOR: tl.constexpr, TMA: tl.constexpr, IEEE: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -428,7 +456,7 @@ def _attn_bwd_dkdv_kernel(
                                 q_start + start_m, offs_m, seqlen_q - start_m, head,
                                 stride_qn, stride_qh, stride_don, stride_doh, stride_lh,
                                 stride_dqn, stride_dqh, offs_d, dmask, scale, scale_log2,
-                                D, BLOCK_D, ROW_ALIGN, ATOMIC_DQ, KEYS_MAJOR, IEEE)
+                                D, BLOCK_D, ROW_ALIGN, ATOMIC_DQ, KEYS_MAJOR, TMA, IEEE)
     if not KEYS_MAJOR:
         dk = tl.trans(dk)
         dv = tl.trans(dv)
@@ -453,7 +481,7 @@ def _attn_bwd_dq_kernel(
     GROUPS, scale, scale_log2,
     D: tl.constexpr, BLOCK_D: tl.constexpr, ROW_ALIGN: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    IEEE: tl.constexpr,
+    TMA: tl.constexpr, IEEE: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     head = tl.program_id(1)
@@ -481,7 +509,7 @@ def _attn_bwd_dq_kernel(
     for start_n in range(0, seqlen_k, BLOCK_N):
         dq = _dq_step(dq, q, do, lse, delta, K, V, k_start + start_n, offs_n, seqlen_k - start_n,
                       kv_head, stride_kn, stride_kh, stride_vn, stride_vh, offs_d, dmask,
-                      scale_log2, D, BLOCK_D, ROW_ALIGN, IEEE)
+                      scale_log2, D, BLOCK_D, ROW_ALIGN, TMA, IEEE)
     dq = dq * scale
 
     qmask = _tile_mask(mmask, dmask, D == BLOCK_D)
@@ -573,6 +601,17 @@ _BWD_TILES = {
         "d256": [(32, 16, 4, 1)],
     },
 }
+# candidates of the TMA backward only, after those above: 128-key dK/dV blocks (the tile
+# of FlashAttention-2's D = 128 backward: 128 keys x 64 queries per step), which with
+# pointer loads spill inside the query loop (2 stages: 632 B) and with TMA spill only
+# in the head loop around it (148 B, Triton 3.6), or not at all; dQ 128 x 128 (255
+# registers, spill-free)
+_BWD_TMA_EXTRA = {
+    "dkdv": {"d128": [Tile(128, 64, 8, 2, keys_major=True), Tile(128, 64, 8, 1, keys_major=True),
+                      Tile(128, 32, 8, 3, keys_major=True)]},
+    "fused": {"d128": [Tile(128, 32, 8, 2, keys_major=True)]},
+    "dq": {"d128": [Tile(128, 128, 8, 2)]},
+}
 # register spills (bytes, sm_90a static report) allowed to a non-default candidate
 SPILL_BUDGET = 512
 # float32 (IEEE dots on FMA units, tests only) and the interpreter: one small tile (the
@@ -589,7 +628,10 @@ def _as_tiles(lists: dict) -> dict:
 # {kernel tag: {head-dim class: candidate Tiles}}, built once (looked up on every launch)
 _TILE_LISTS = {"fwd": _as_tiles(_FWD_TILES),
                "fwd_tma": _as_tiles({c: tiles + _FWD_TMA_EXTRA.get(c, []) for c, tiles in _FWD_TILES.items()}),
-               **{tag: _as_tiles(lists) for tag, lists in _BWD_TILES.items()}}
+               **{tag: _as_tiles(lists) for tag, lists in _BWD_TILES.items()},
+               **{tag + "_tma": _as_tiles({c: tiles + _BWD_TMA_EXTRA.get(tag, {}).get(c, [])
+                                           for c, tiles in lists.items()})
+                  for tag, lists in _BWD_TILES.items()}}
 
 
 def _block_d(d: int) -> int:
@@ -615,10 +657,11 @@ def _fwd_tiles(d: int, dtype: torch.dtype, device: torch.device, tma: bool = Fal
     return [_SMALL]
 
 
-def _bwd_tiles(d: int, dtype: torch.dtype, device: torch.device, kernel: str) -> list[Tile]:
-    """kernel: "dkdv", "dq" or "fused" (dK/dV with atomic dQ)."""
+def _bwd_tiles(d: int, dtype: torch.dtype, device: torch.device, kernel: str, tma: bool = False) -> list[Tile]:
+    """kernel: "dkdv", "dq" or "fused" (dK/dV with atomic dQ); tma: those of the variant
+    that streams its operands through tensor descriptors."""
     if _half_on_gpu(dtype, device):
-        return _tile_lists(kernel)[_tile_class(d)]
+        return _tile_lists(kernel + "_tma" if tma else kernel)[_tile_class(d)]
     return [_SMALL_FUSED if kernel == "fused" else _SMALL]
 
 
@@ -653,15 +696,24 @@ def _configs(tag: str, pre_hook=None) -> list:
     return out
 
 
-def _set_kv_blocks(nargs) -> None:
-    """Autotuner pre_hook of the TMA forward: the K/V descriptors' block is the tile's."""
-    for name in ("K", "V"):
-        nargs[name].block_shape = [nargs["BLOCK_N"], nargs["D"]]
+# the TMA variants' descriptor arguments and the constexpr of their box rows
+_DESCRIPTOR_ARGS = {"fwd_tma": (("K", "V"), "BLOCK_N"), "dq_tma": (("K", "V"), "BLOCK_N"),
+                    "dkdv_tma": (("Q", "DO"), "BLOCK_M"), "fused_tma": (("Q", "DO"), "BLOCK_M")}
+
+
+def _descriptor_blocks(tag: str):
+    """Autotuner pre_hook of a TMA variant: its descriptors' boxes are the tile's."""
+    names, rows = _DESCRIPTOR_ARGS[tag]
+
+    def set_blocks(nargs) -> None:
+        for name in names:
+            nargs[name].block_shape = [nargs[rows], nargs["D"]]
+    return set_blocks
 
 
 def _tile_meta(tag: str, tile: Tile) -> dict:
     """The constexprs of a candidate tile of kernel `tag`."""
-    if tag in ("dkdv", "fused"):  # own keys = BLOCK_N, loop queries = BLOCK_M
+    if tag.startswith(("dkdv", "fused")):  # own keys = BLOCK_N, loop queries = BLOCK_M
         return dict(BLOCK_M=tile.loop, BLOCK_N=tile.own, KEYS_MAJOR=tile.keys_major)
     return dict(BLOCK_M=tile.own, BLOCK_N=tile.loop)
 
@@ -674,8 +726,9 @@ def _tile_meta(tag: str, tile: Tile) -> dict:
 # arguments. The classes share the compiled kernels. Every kernel fully overwrites its
 # outputs, so timing runs need no reset, except the atomic dQ accumulator (reset_to_zero).
 _TUNERS: dict = {}
-_TUNED_KERNELS = {"fwd": _attn_fwd_kernel, "fwd_tma": _attn_fwd_kernel, "dkdv": _attn_bwd_dkdv_kernel,
-                  "fused": _attn_bwd_dkdv_kernel, "dq": _attn_bwd_dq_kernel}
+_TUNED_KERNELS = {"fwd": _attn_fwd_kernel, "dkdv": _attn_bwd_dkdv_kernel, "fused": _attn_bwd_dkdv_kernel,
+                  "dq": _attn_bwd_dq_kernel}
+_TUNED_KERNELS.update({tag + "_tma": kernel for tag, kernel in _TUNED_KERNELS.items()})
 # segment lengths up to these (max_seqlen) share a class: text-length, medium, long
 _SIZE_BOUNDS = (256, 4096)
 
@@ -686,12 +739,12 @@ def _size_class(max_seqlen_q: int, max_seqlen_k: int) -> tuple:
 
 
 def _tuner(tag: str, size: tuple):
-    """The autotuner of kernel `tag` ("fwd", "fwd_tma", "dkdv", "fused", "dq") for one size
-    class, made on first use."""
+    """The autotuner of kernel `tag` ("fwd", "dkdv", "fused", "dq", each also with "_tma")
+    for one size class, made on first use."""
     if (tag, size) not in _TUNERS:
         _TUNERS[tag, size] = triton.autotune(
-            _configs(tag, pre_hook=_set_kv_blocks if tag == "fwd_tma" else None), key=["D", "GROUPS"],
-            reset_to_zero=["DQ"] if tag == "fused" else None,
+            _configs(tag, pre_hook=_descriptor_blocks(tag) if tag.endswith("_tma") else None),
+            key=["D", "GROUPS"], reset_to_zero=["DQ"] if tag.startswith("fused") else None,
             prune_configs_by={"early_config_prune": _prune(tag)})(_TUNED_KERNELS[tag])
     return _TUNERS[tag, size]
 
@@ -720,13 +773,17 @@ def _measured_choice(env: str, options: tuple, cache: dict, key, measure, availa
     return cache[key]
 
 
-# backward strategies ("split": no atomics, the fallback) and forward K/V reads
-# ("pointers": the fallback); the measured choices of "auto", per (head dim, dtype, GQA
-# groups, device, size class, available options)
+# backward strategies ("split": no atomics, the fallback) and how the kernels read the
+# operands they stream ("pointers": the fallback); the measured choices of "auto", per
+# (head dim, dtype, GQA groups, device, size class, available options), the backward's
+# reads also per strategy
 BWD_STRATEGIES = ("split", "atomic-dq", "torch-fa2")
-FWD_VARIANTS = ("pointers", "tma")
+READS = ("pointers", "tma")
 _STRATEGY_CHOICE: dict = {}
 _FWD_CHOICE: dict = {}
+_BWD_READ_CHOICE: dict = {}
+# every measurement of variants in this process, in order: "name t ms, ...: fastest"
+_VARIANT_TIMES: list = []
 
 
 def bwd_available(q, grad_lse) -> tuple:
@@ -751,8 +808,19 @@ def fwd_variant(tma_possible: bool, key=None, measure=None) -> str:
     """How the forward reads K and V: "pointers" (masked loads) or "tma" (tensor
     descriptors: the Hopper copy engine), by VDIT_ATTN_FWD ("pointers", "tma" or "auto";
     see _measured_choice); "pointers" wherever the layout rules TMA out."""
-    return _measured_choice("VDIT_ATTN_FWD", FWD_VARIANTS, _FWD_CHOICE, key, measure,
-                            FWD_VARIANTS if tma_possible else FWD_VARIANTS[:1])
+    return _measured_choice("VDIT_ATTN_FWD", READS, _FWD_CHOICE, key, measure,
+                            READS if tma_possible else READS[:1])
+
+
+def bwd_read(deterministic: bool, tma_possible: bool, key=None, measure=None) -> str:
+    """How a Triton backward strategy's kernels read what they stream (dK/dV: q and dO,
+    dQ: k and v): "pointers" or "tma", by VDIT_ATTN_BWD_READ as fwd_variant() by
+    VDIT_ATTN_FWD; the key names the strategy. "pointers" with deterministic=True (the
+    two compile to different instruction orders, so their last bits may differ)."""
+    if deterministic:
+        return READS[0]
+    return _measured_choice("VDIT_ATTN_BWD_READ", READS, _BWD_READ_CHOICE, key, measure,
+                            READS if tma_possible else READS[:1])
 
 
 def measured_choices() -> list[str]:
@@ -760,12 +828,15 @@ def measured_choices() -> list[str]:
     tiles the autotuners picked (for the benchmarks' summary: which backward strategy,
     forward K/V read and tiles ran)."""
     lines = []
-    for what, cache in (("backward", _STRATEGY_CHOICE), ("forward", _FWD_CHOICE)):
+    for what, cache in (("backward", _STRATEGY_CHOICE), ("forward read", _FWD_CHOICE),
+                        ("backward read", _BWD_READ_CHOICE)):
         for key, choice in cache.items():
             d, dtype, groups, device, size = key[:5]
-            among = f" (of {', '.join(key[5])})" if len(key) > 5 else ""
-            lines.append(f"{what} D={d} {str(dtype).replace('torch.', '')} GQA groups={groups} {device} "
-                         f"size class {size}: {choice}{among}")
+            among = f" (of {', '.join(key[5])})" if what == "backward" else ""
+            strategy = f" {key[5]}" if what == "backward read" else ""
+            lines.append(f"{what}{strategy} D={d} {str(dtype).replace('torch.', '')} GQA groups={groups} "
+                         f"{device} size class {size}: {choice}{among}")
+    lines += [f"variants timed: {t}" for t in _VARIANT_TIMES]
     tuners = {f"{tag} size class {size}": tuner for (tag, size), tuner in _TUNERS.items()}
     return lines + autotuned_choices(tuners)
 
@@ -776,17 +847,19 @@ def _can_measure(q) -> bool:
             and not torch.cuda.is_current_stream_capturing())
 
 
-def _tma_possible(q, k, v) -> bool:
-    """K and V readable by (Nk, Hk*D) tensor descriptors: a power-of-two head dim of 64 or
-    128 (one box row per head), heads adjacent (head stride D), 16-byte aligned base and
-    token strides; on a GPU, compute capability 9+ (the interpreter runs them on CPU)."""
-    d = q.shape[2]
-    if TensorDescriptor is None or d not in (64, 128) or q.dtype == torch.float64:
+def _tma_possible(*tensors) -> bool:
+    """Every (tokens, heads, D) tensor readable by a (tokens, heads*D) tensor descriptor: a
+    head dim of 64 or 128 (one box row per head), heads adjacent (head stride D), 16-byte
+    aligned base and token strides; on a GPU, compute capability 9+ (the interpreter runs
+    them on CPU)."""
+    first = tensors[0]
+    d = first.shape[2]
+    if TensorDescriptor is None or d not in (64, 128) or first.dtype == torch.float64:
         return False
-    if q.is_cuda and torch.cuda.get_device_capability(q.device)[0] < 9:
+    if first.is_cuda and torch.cuda.get_device_capability(first.device)[0] < 9:
         return False
-    return all(t.stride(1) == d and t.data_ptr() % 16 == 0 and t.stride(0) * t.element_size() % 16 == 0
-               and 0 < t.shape[0] < 2 ** 31 for t in (k, v))
+    return all(t.shape[2] == d and t.stride(1) == d and t.data_ptr() % 16 == 0
+               and t.stride(0) * t.element_size() % 16 == 0 and 0 < t.shape[0] < 2 ** 31 for t in tensors)
 
 
 def _torch_fa2_possible(q, grad_lse) -> bool:
@@ -810,10 +883,12 @@ def _torch_fa2_backward(grad_out, q, k, v, out, lse, cu_q, cu_k, max_q, max_k, s
         grad_out, q, k, v, out, lse, cu_q, cu_k, max_q, max_k, 0.0, False, rng_state, unused, scale=scale)
 
 
-def _kv_descriptors(k, v, block_n: int):
-    d = k.shape[2]
-    return tuple(TensorDescriptor(t, [t.shape[0], t.shape[1] * d], [t.stride(0), 1], [block_n, d])
-                 for t in (k, v))
+def _row_descriptors(a, b, block_rows: int):
+    """Tensor descriptors of two (tokens, heads, D) tensors as (tokens, heads*D), whose
+    loads fetch (block_rows, D) boxes (one head of block_rows tokens)."""
+    d = a.shape[2]
+    return tuple(TensorDescriptor(t, [t.shape[0], t.shape[1] * d], [t.stride(0), 1], [block_rows, d])
+                 for t in (a, b))
 
 
 def _fastest(runs: dict) -> str:
@@ -832,7 +907,9 @@ def _fastest(runs: dict) -> str:
     if not times:
         raise error
     best = min(times, key=times.get)
-    _LOG.info("attention variant chosen: %s (%s)", best, ", ".join(f"{n} {t:.3f} ms" for n, t in times.items()))
+    timed = ", ".join(f"{n} {t:.3f} ms" for n, t in times.items())
+    _VARIANT_TIMES.append(f"{timed}: {best}")
+    _LOG.info("attention variant chosen: %s (%s)", best, timed)
     return best
 
 
@@ -904,7 +981,7 @@ def varlen_attention_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_
     def run(variant: str):
         tma = variant == "tma"
         tiles = _fwd_tiles(d, q.dtype, q.device, tma)
-        kk, vv = _kv_descriptors(k, v, tiles[0].loop) if tma else (k, v)
+        kk, vv = _row_descriptors(k, v, tiles[0].loop) if tma else (k, v)
         args = (q, kk, vv, out, lse, cu_q, cu_k,
                 q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
                 out.stride(0), out.stride(1), lse.stride(0),
@@ -913,8 +990,8 @@ def varlen_attention_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_
                 lambda meta: (triton.cdiv(max_seqlen_q, meta["BLOCK_M"]), h, nseg), args,
                 tiles, fixed=False, TMA=tma, **common)
 
-    run(fwd_variant(_tma_possible(q, k, v), key=(d, q.dtype, h // hk, q.device, size),
-                    measure=(lambda: _fastest({n: (lambda n=n: run(n)) for n in FWD_VARIANTS}))
+    run(fwd_variant(_tma_possible(k, v), key=(d, q.dtype, h // hk, q.device, size),
+                    measure=(lambda: _fastest({n: (lambda n=n: run(n)) for n in READS}))
                     if _can_measure(q) else None))
     return out, lse
 
@@ -966,42 +1043,57 @@ def varlen_attention_bwd(grad_out, q, k, v, out, lse, grad_lse, cu_seqlens_q, cu
 
     delta = None
 
+    tma_possible = _tma_possible(q, k, v, grad_out)
+
     def run(strategy: str):
         """dq, dk, dv (fresh buffers) with one strategy's kernels."""
-        nonlocal delta
         if strategy == "torch-fa2":
             return _torch_fa2_backward(grad_out, q, k, v, out, lse, cu_q, cu_k, max_seqlen_q, max_seqlen_k,
                                        scale)
+        read = bwd_read(deterministic, tma_possible, key=(d, q.dtype, h // hk, q.device, size, strategy),
+                        measure=(lambda: _fastest({r: (lambda r=r: run_triton(strategy, r)) for r in READS}))
+                        if _can_measure(q) else None)
+        return run_triton(strategy, read)
+
+    def run_triton(strategy: str, read: str):
+        nonlocal delta
         if delta is None:
             delta = delta_of_rows()
         atomic = strategy == "atomic-dq"
+        tma = read == "tma"
         # the kernels store every row of their segments; only the atomics add into dq
         # (in float32), which therefore starts at zero
         gq = (torch.zeros((nq, h, d), dtype=torch.float32, device=q.device) if atomic
               else torch.empty((nq, h, d), dtype=q.dtype, device=q.device))
         gk = torch.empty((nk, hk, d), dtype=k.dtype, device=k.device)
         gv = torch.empty((nk, hk, d), dtype=v.dtype, device=v.device)
-        common = dict(D=d, BLOCK_D=bd, IEEE=ieee, ROW_ALIGN=row_align)
+        common = dict(D=d, BLOCK_D=bd, IEEE=ieee, ROW_ALIGN=row_align, TMA=tma)
         # -- dK, dV (and, atomic-dq, dQ): one key block x kv head --
-        args = (q, k, v, grad_out, lse, delta, gk, gv, gq, cu_q, cu_k,
+        kernel = "fused" if atomic else "dkdv"
+        tag = kernel + "_tma" if tma else kernel
+        tiles = _bwd_tiles(d, q.dtype, q.device, kernel, tma)
+        qq, dout = _row_descriptors(q, grad_out, tiles[0].loop) if tma else (q, grad_out)
+        args = (qq, k, v, dout, lse, delta, gk, gv, gq, cu_q, cu_k,
                 q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
                 grad_out.stride(0), grad_out.stride(1), lse.stride(0),
                 gk.stride(0), gk.stride(1), gv.stride(0), gv.stride(1), gq.stride(0), gq.stride(1),
                 h // hk, scale, scale * LOG2E)
-        tag = "fused" if atomic else "dkdv"
         _launch(_attn_bwd_dkdv_kernel, _tuner(tag, size), tag,
                 lambda meta: (triton.cdiv(max_seqlen_k, meta["BLOCK_N"]), hk, nseg), args,
-                _bwd_tiles(d, q.dtype, q.device, tag), fixed=deterministic, ATOMIC_DQ=atomic, **common)
+                tiles, fixed=deterministic, ATOMIC_DQ=atomic, **common)
         # -- dQ: one query block x head --
         if not atomic:
-            args = (q, k, v, grad_out, lse, delta, gq, cu_q, cu_k,
+            tag = "dq_tma" if tma else "dq"
+            tiles = _bwd_tiles(d, q.dtype, q.device, "dq", tma)
+            kk, vv = _row_descriptors(k, v, tiles[0].loop) if tma else (k, v)
+            args = (q, kk, vv, grad_out, lse, delta, gq, cu_q, cu_k,
                     q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
                     grad_out.stride(0), grad_out.stride(1), lse.stride(0),
                     gq.stride(0), gq.stride(1),
                     h // hk, scale, scale * LOG2E)
-            _launch(_attn_bwd_dq_kernel, _tuner("dq", size), "dq",
+            _launch(_attn_bwd_dq_kernel, _tuner(tag, size), tag,
                     lambda meta: (triton.cdiv(max_seqlen_q, meta["BLOCK_M"]), h, nseg), args,
-                    _bwd_tiles(d, q.dtype, q.device, "dq"), fixed=deterministic, **common)
+                    tiles, fixed=deterministic, **common)
         return gq, gk, gv
 
     available = bwd_available(q, grad_lse)
@@ -1072,28 +1164,34 @@ def aot_specs() -> list[dict]:
                               "constexprs": ce, "num_warps": w, "num_stages": st, "maxnreg": tile.maxnreg,
                               "expect_mma": mma, "expect_tma": tma, "unaligned_args": unaligned,
                               "spill_budget": SPILL_BUDGET if i else 0})
-        for kernel, atomic in (("dkdv", False), ("fused", True)):
-            for i, tile in enumerate(_bwd_tiles(d, tdt, torch.device("cuda"), kernel)):
+        for tma in ((False, True) if d in (64, 128) and dtype != "fp32" else (False,)):
+            suffix = "_tma" if tma else ""
+            for kernel, atomic in (("dkdv", False), ("fused", True)):
+                for i, tile in enumerate(_bwd_tiles(d, tdt, torch.device("cuda"), kernel, tma)):
+                    own, loop, w, st = tile[:4]
+                    ce = dict(base, **_tile_meta(kernel, tile), ATOMIC_DQ=atomic, TMA=tma)
+                    signature = sig(dtype, dkdv_sig, ce, out=("DK", "DV"))
+                    signature["DQ"] = "*fp32" if atomic else f"*{dtype}"
+                    if tma:  # q and dO read by descriptors
+                        signature.update({n: f"tensordesc<{dtype}[{loop},{d}]>" for n in ("Q", "DO")})
+                    # wgmma needs 64-row tiles; the small D = 256 tiles run on mma.sync
+                    major = "-keys" if ce["KEYS_MAJOR"] else ""
+                    specs.append({"name": f"attn_bwd_{kernel}{suffix} {tag} {own}x{loop}{major} w{w}s{st}{_cap(tile)}",
+                                  "fn": _attn_bwd_dkdv_kernel, "signature": signature,
+                                  "constexprs": ce, "num_warps": w, "num_stages": st, "maxnreg": tile.maxnreg,
+                                  "expect_mma": mma and own >= 64, "expect_tma": tma,
+                                  "spill_budget": SPILL_BUDGET if i else 0, "unaligned_args": unaligned})
+            for i, tile in enumerate(_bwd_tiles(d, tdt, torch.device("cuda"), "dq", tma)):
                 own, loop, w, st = tile[:4]
-                ce = dict(base, **_tile_meta(kernel, tile), ATOMIC_DQ=atomic)
-                signature = sig(dtype, dkdv_sig, ce, out=("DK", "DV"))
-                signature["DQ"] = "*fp32" if atomic else f"*{dtype}"
-                # wgmma needs 64-row tiles; the small D = 256 tiles run on mma.sync
-                major = "-keys" if ce["KEYS_MAJOR"] else ""
-                specs.append({"name": f"attn_bwd_{kernel} {tag} {own}x{loop}{major} w{w}s{st}{_cap(tile)}",
-                              "fn": _attn_bwd_dkdv_kernel, "signature": signature,
+                ce = dict(base, BLOCK_M=own, BLOCK_N=loop, TMA=tma)
+                signature = sig(dtype, dq_sig, ce, out=("DQ",))
+                if tma:  # k and v read by descriptors
+                    signature.update({n: f"tensordesc<{dtype}[{loop},{d}]>" for n in ("K", "V")})
+                specs.append({"name": f"attn_bwd_dq{suffix} {tag} {own}x{loop} w{w}s{st}{_cap(tile)}",
+                              "fn": _attn_bwd_dq_kernel, "signature": signature,
                               "constexprs": ce, "num_warps": w, "num_stages": st, "maxnreg": tile.maxnreg,
-                              "expect_mma": mma and own >= 64, "spill_budget": SPILL_BUDGET if i else 0,
-                              "unaligned_args": unaligned})
-        for i, tile in enumerate(_bwd_tiles(d, tdt, torch.device("cuda"), "dq")):
-            own, loop, w, st = tile[:4]
-            ce = dict(base, BLOCK_M=own, BLOCK_N=loop)
-            specs.append({"name": f"attn_bwd_dq {tag} {own}x{loop} w{w}s{st}{_cap(tile)}",
-                          "fn": _attn_bwd_dq_kernel,
-                          "signature": sig(dtype, dq_sig, ce, out=("DQ",)),
-                          "constexprs": ce, "num_warps": w, "num_stages": st, "maxnreg": tile.maxnreg,
-                          "expect_mma": mma and own >= 64, "spill_budget": SPILL_BUDGET if i else 0,
-                          "unaligned_args": unaligned})
+                              "expect_mma": mma and own >= 64, "expect_tma": tma,
+                              "spill_budget": SPILL_BUDGET if i else 0, "unaligned_args": unaligned})
     d = 128
     ce = dict(D=d, BLOCK_D=d, BLOCK_M=16)
     pre = {"O": "*bf16", "DO": "*bf16", "DELTA": "*fp32", "N": "i32", "stride_on": "i64",
