@@ -144,4 +144,7 @@ def cases(device: str, quick: bool, workloads, providers=None):
 
     for wl in workloads:
         _one(wl)
+    # eager ours and padded first, then both compiled, then the variants (a stable sort):
+    # a time cap, as in a short GPU lease, cuts the variants first and never a baseline alone
+    out.sort(key=lambda case: ("+" in case.provider, "compile" in case.provider))
     return out, skips
