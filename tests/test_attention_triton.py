@@ -528,6 +528,28 @@ def test_gpu_tiles_under_the_interpreter(monkeypatch, d, rope_dims, strategy):
     assert not unused & set(timed), "the other strategy's kernels ran"
 
 
+@pytest.mark.skipif(DEVICE.type != "cpu", reason="drives the autotuner with a fake timer under the interpreter")
+@pytest.mark.parametrize("d,rope_dims", [(64, None), (128, (44, 42, 42))])
+@pytest.mark.parametrize("strategy", ["split", "atomic-dq"])
+def test_gpu_tiles_through_descriptors_under_the_interpreter(monkeypatch, d, rope_dims, strategy):
+    # the same with every kernel reading through TMA descriptors: each candidate of the TMA
+    # lists (the 128-key dK/dV blocks among them) runs, the last one timed is checked
+    from vdit_kernels.triton import attention as A
+
+    monkeypatch.setattr(A, "_half_on_gpu", lambda dtype, device: dtype == torch.float16)
+    monkeypatch.setenv("VDIT_ATTN_BWD", strategy)
+    monkeypatch.setenv("VDIT_ATTN_FWD", "tma")
+    monkeypatch.setenv("VDIT_ATTN_BWD_READ", "tma")
+    lens = [70, 3, 130]
+    tags = ("fwd_tma", "dkdv_tma", "dq_tma") if strategy == "split" else ("fwd_tma", "fused_tma")
+    timed = _fake_autotune_timers(monkeypatch, **{tag: A._tuner(tag, A._size_class(130, 130)) for tag in tags})
+    _check(lens, lens, 2, 1, d, torch.float16, seed=4, rope_dims=rope_dims)
+    cuda = torch.device("cuda")
+    assert timed["fwd_tma"] == len(A._fwd_tiles(d, torch.float16, cuda, tma=True))
+    for tag in tags[1:]:
+        assert timed[tag] == len(A._bwd_tiles(d, torch.float16, cuda, tag.removesuffix("_tma"), tma=True)), tag
+
+
 @pytest.mark.skipif(DEVICE.type != "cpu", reason="forces GPU tiles under the interpreter")
 @pytest.mark.parametrize("keys_major", [False, True], ids=["queries-major", "keys-major"])
 @pytest.mark.parametrize("strategy", ["split", "atomic-dq"])
