@@ -254,6 +254,26 @@ def test_backward_through_tensor_descriptors(monkeypatch, dtype, d, kernels):
     assert len(launched) == 2 * (2 if kernels == "split" else 1) or torch.cuda.get_device_capability()[0] < 9
 
 
+@pytest.mark.parametrize("read", ["pointers", "tma"])
+def test_backward_of_a_broadcast_output_gradient(monkeypatch, read):
+    # (out * w).sum() with w (H, D): dO is w expanded over the tokens (token stride 0,
+    # last dim contiguous): overlapping rows, which the descriptor path does not take (a
+    # TMA descriptor's strides must be 16-byte multiples, and 0 is one); the gradients
+    # stay right
+    monkeypatch.setenv("VDIT_ATTN_BWD_READ", read)
+    lens = [17, 30]
+    cu = _cu(lens)
+    q, k, v, _ = _inputs(47, 47, 2, 2, 64, torch.float32, seed=9)
+    w = torch.randn(2, 64, device=DEVICE)
+    grads = {}
+    for backend in ("triton", "reference"):
+        leaves = [t.clone().requires_grad_(True) for t in (q, k, v)]
+        out = vk.varlen_attention(*leaves, cu, cu, 30, 30, backend=backend)
+        grads[backend] = torch.autograd.grad((out * w).sum(), leaves)
+    for name, a, e in zip(("dq", "dk", "dv"), grads["triton"], grads["reference"]):
+        assert_verbose_close(a, e, atol=1e-4, rtol=1e-4, name=name)
+
+
 @pytest.mark.skipif(DEVICE.type != "cpu", reason="drives the autotuner with a fake timer under the interpreter")
 def test_tma_forward_autotuner_sets_descriptor_blocks(monkeypatch):
     from vdit_kernels.triton import attention as A
@@ -286,6 +306,7 @@ def test_tma_layout_conditions(monkeypatch):
     assert not A._tma_possible(kv, kv)
     shifted = torch.empty(10 * 4 * 128 + 1)[1:].view(10, 4, 128)                # base 4 bytes off 16
     assert not A._tma_possible(q, shifted)
+    assert not A._tma_possible(q, torch.empty(1, 4, 128).expand(10, 4, 128))     # an expanded gradient
     assert not A._tma_possible(q.double())
     assert A.fwd_variant(False) == "pointers"
     assert A.fwd_variant(True) == "pointers"  # auto with nothing measured

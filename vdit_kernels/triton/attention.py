@@ -858,7 +858,8 @@ def _can_measure(q) -> bool:
 
 def _tma_possible(*tensors) -> bool:
     """Every (tokens, heads, D) tensor readable by a (tokens, heads*D) tensor descriptor: a
-    head dim of 64 or 128 (one box row per head), heads adjacent (head stride D), 16-byte
+    head dim of 64 or 128 (one box row per head), heads adjacent (head stride D), rows
+    apart (a token stride of at least heads*D: not an expanded gradient's 0), 16-byte
     aligned base and token strides; on a GPU, compute capability 9+ (the interpreter runs
     them on CPU)."""
     first = tensors[0]
@@ -867,8 +868,9 @@ def _tma_possible(*tensors) -> bool:
         return False
     if first.is_cuda and torch.cuda.get_device_capability(first.device)[0] < 9:
         return False
-    return all(t.shape[2] == d and t.stride(1) == d and t.data_ptr() % 16 == 0
-               and t.stride(0) * t.element_size() % 16 == 0 and 0 < t.shape[0] < 2 ** 31 for t in tensors)
+    return all(t.shape[2] == d and t.stride(1) == d and t.stride(0) >= t.shape[1] * d
+               and t.data_ptr() % 16 == 0 and t.stride(0) * t.element_size() % 16 == 0
+               and 0 < t.shape[0] < 2 ** 31 for t in tensors)
 
 
 def _torch_fa2_possible(q, grad_lse) -> bool:
