@@ -18,7 +18,8 @@
 # Kernels and grids (B segments, programs whose block starts past their segment exit):
 #   _attn_fwd_kernel     (cdiv(max_seqlen_q, BLOCK_M), H, B): one query block x head,
 #                        online softmax over the key blocks of its segment.
-#   _attn_bwd_pre_kernel (cdiv(Nq, BLOCK_M), H): delta = rowsum(dO * O), (H, Nq) float32.
+#   _attn_bwd_pre_kernel (cdiv(Nq, BLOCK_M), H): the row statistics (lse * log2(e), delta =
+#                        rowsum(dO * O), 0, 0), (H, Nq, 4) float32.
 #   _attn_bwd_dkdv_kernel(cdiv(max_seqlen_k, BLOCK_N), Hk, B): one key block x kv head;
 #                        loops over the H // Hk query heads of the kv head and over the
 #                        query blocks, accumulating dK, dV in registers; with ATOMIC_DQ
@@ -171,24 +172,31 @@ def _kv_tiles(K, V, tok_k, nmask, kv_head, stride_kn, stride_kh, stride_vn, stri
 
 
 @triton.jit
-def _q_rows(Q, DO, LSE, DELTA, tok_q, mmask, dmask, head, stride_qn, stride_qh,
-            stride_don, stride_doh, stride_lh, offs_d,
+def _q_rows(Q, DO, STATS, tok_q, mmask, dmask, head, stride_qn, stride_qh,
+            stride_don, stride_doh, N_Q, offs_d,
             D: tl.constexpr, BLOCK_D: tl.constexpr, ROW_ALIGN: tl.constexpr):
     """What the backward reads per query row: q, dO, lse (base 2) and delta; rows outside
     mmask read as 0."""
     q = _rows(Q, tok_q, mmask, head, stride_qn, stride_qh, offs_d, dmask, D, BLOCK_D, ROW_ALIGN)
     do = _rows(DO, tok_q, mmask, head, stride_don, stride_doh, offs_d, dmask, D, BLOCK_D, ROW_ALIGN)
-    lse, delta = _lse_delta(LSE, DELTA, tok_q, mmask, head, stride_lh, 0.0)
+    rows = head.to(tl.int64) * N_Q + tok_q.to(tl.int64)
+    stats = tl.load(STATS + rows[:, None] * 4 + tl.arange(0, 4)[None, :], mask=mmask[:, None], other=0.0)
+    lse, delta = _split_stats(stats)
     return q, do, lse, delta
 
 
 @triton.jit
-def _lse_delta(LSE, DELTA, tok_q, mmask, head, stride_lh, masked_lse: tl.constexpr):
-    """lse (base 2) and delta of query rows tok_q; rows outside mmask read masked_lse and 0."""
-    lrow = head.to(tl.int64) * stride_lh + tok_q.to(tl.int64)
-    lse = tl.load(LSE + lrow, mask=mmask, other=masked_lse)
-    delta = tl.load(DELTA + lrow, mask=mmask, other=0.0)
-    return lse * 1.4426950408889634, delta
+def _split_stats(stats):
+    """lse (base 2) and delta, the columns 0 and 1 of (rows, 4) statistics (lse2, delta,
+    0, 0) as _attn_bwd_pre_kernel packs them. One 16-byte row per query: the keys-major
+    dK/dV step needs lse and delta along its columns, and loading them as two (rows,)
+    vectors took 32 masked scalar loads a thread with their 64-bit addresses, about half
+    the instructions of its loop (D = 128, 128 keys x 64 queries: 726 -> 412 a step with
+    pointer loads, 716 -> 358 with TMA; spills 1344 -> 432 B)."""
+    lse_x, delta_x = tl.split(tl.reshape(stats, (stats.shape[0], 2, 2)))  # (x0, x2), (x1, x3)
+    lse, _ = tl.split(lse_x)
+    delta, _ = tl.split(delta_x)
+    return lse, delta
 
 
 @triton.jit
@@ -298,13 +306,16 @@ def _attn_fwd_kernel(
 
 @triton.jit
 def _attn_bwd_pre_kernel(
-    O, DO, DELTA,
+    O, DO, LSE, STATS,
     N,
     stride_on, stride_oh,
     stride_don, stride_doh,
-    stride_dlh,
+    stride_lh,
     D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
 ):
+    """The backward kernels' row statistics, STATS (H, N, 4) float32: per head and query
+    row (lse * log2(e), delta = rowsum(dO * O), 0, 0), 16-byte rows (one vector load, or
+    a TMA box of (rows, 4))."""
     pid_m = tl.program_id(0)
     head = tl.program_id(1)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -316,12 +327,18 @@ def _attn_bwd_pre_kernel(
                 mask=mask, other=0.0).to(tl.float32)
     do = tl.load(DO + tok[:, None] * stride_don + head.to(tl.int64) * stride_doh + offs_d[None, :],
                  mask=mask, other=0.0).to(tl.float32)
-    tl.store(DELTA + head.to(tl.int64) * stride_dlh + tok, tl.sum(o * do, 1), mask=mmask)
+    delta = tl.sum(o * do, 1)
+    lse2 = tl.load(LSE + head.to(tl.int64) * stride_lh + tok, mask=mmask, other=0.0) * 1.4426950408889634
+    zero = tl.zeros_like(delta)
+    # (rows, 2, 2) [m, i, j] = column 2i + j: (lse2, 0) at j = 0, (delta, 0) at j = 1
+    stats = tl.reshape(tl.join(tl.join(lse2, zero), tl.join(delta, zero)), (BLOCK_M, 4))
+    rows = head.to(tl.int64) * N + tok
+    tl.store(STATS + rows[:, None] * 4 + tl.arange(0, 4)[None, :], stats, mask=mmask[:, None])
 
 
 @triton.jit
-def _dkdv_step(dk, dv, k, v, nmask, key_tail, Q, DO, LSE, DELTA, DQ, first_q, offs_m, rows_left, head,
-               stride_qn, stride_qh, stride_don, stride_doh, stride_lh, stride_dqn, stride_dqh,
+def _dkdv_step(dk, dv, k, v, nmask, key_tail, Q, DO, STATS, DQ, first_q, offs_m, rows_left, head,
+               stride_qn, stride_qh, stride_don, stride_doh, N_Q, stride_dqn, stride_dqh,
                offs_d, dmask, scale, scale_log2,
                D: tl.constexpr, BLOCK_D: tl.constexpr, ROW_ALIGN: tl.constexpr,
                ATOMIC_DQ: tl.constexpr, KEYS_MAJOR: tl.constexpr, TMA: tl.constexpr, IEEE: tl.constexpr):
@@ -334,29 +351,33 @@ def _dkdv_step(dk, dv, k, v, nmask, key_tail, Q, DO, LSE, DELTA, DQ, first_q, of
         B operands. D = 128, 64 x 64: 202 registers instead of 254, spill-free at 2 stages.
       KEYS_MAJOR: P^T = exp2(k q^T - lse) is (keys, queries); P^T and dS^T are the A
         operands straight from registers; dK, dV accumulate (keys, D).
-    No query mask is needed: a masked query has q = dO = 0 and lse = 0, so its P = exp2(0)
-    = 1 is finite and multiplies only zero rows of dO and q. Key rows past the segment
+    With pointer loads no query mask is needed: a masked query has q = dO = 0 and lse = 0,
+    so its P = exp2(0) = 1 is finite and multiplies only zero rows of dO and q (TMA reads
+    other rows there: P is zeroed). Key rows past the segment
     (k = v = 0) only touch dK/dV columns that are never stored, but dQ sums over keys:
     there (key_tail: this key block runs past the segment) their P = exp2(-lse), which
     overflows for very negative lse, is zeroed."""
     mmask = offs_m < rows_left
     tok_q = first_q + offs_m
     if TMA:
-        # whole (BLOCK_M, D) blocks, the rows past the segment being the next segment's
-        # queries (or zeros past the end): their lse of +inf makes P = 0, and with it dS
-        # (dO and delta are finite), so they add nothing (descriptor coordinates are 32-bit:
-        # Nq and H*D fit, host-checked)
+        # whole blocks: q, dO as (BLOCK_M, D) boxes, the statistics as a (BLOCK_M, 4) box
+        # of their (H*Nq, 4) view; the rows past the segment, the next segment's (or
+        # zeros past the end), get P = 0 below. Descriptor coordinates are 32-bit: H*Nq
+        # and H*D fit (host-checked).
         row = first_q.to(tl.int32)
         col = (head * D).to(tl.int32)
         q = Q.load([row, col])
         do = DO.load([row, col])
-        lse, delta = _lse_delta(LSE, DELTA, tok_q, mmask, head, stride_lh, float("inf"))
+        lse, delta = _split_stats(STATS.load([(head * N_Q).to(tl.int32) + row, 0]))
     else:
-        q, do, lse, delta = _q_rows(Q, DO, LSE, DELTA, tok_q, mmask, dmask, head,
-                                    stride_qn, stride_qh, stride_don, stride_doh, stride_lh, offs_d,
+        q, do, lse, delta = _q_rows(Q, DO, STATS, tok_q, mmask, dmask, head,
+                                    stride_qn, stride_qh, stride_don, stride_doh, N_Q, offs_d,
                                     D, BLOCK_D, ROW_ALIGN)
     if KEYS_MAJOR:
         pt = tl.exp2(_mm(k, tl.trans(q), IEEE) * scale_log2 - lse[None, :])
+        if TMA:
+            if rows_left < offs_m.shape[0]:  # a uniform branch: only the tail block selects
+                pt = tl.where(mmask[None, :], pt, 0.0)
         if ATOMIC_DQ:
             if key_tail:
                 pt = tl.where(nmask[:, None], pt, 0.0)
@@ -366,6 +387,9 @@ def _dkdv_step(dk, dv, k, v, nmask, key_tail, Q, DO, LSE, DELTA, DQ, first_q, of
         ds = tl.trans(dst)
     else:
         p = tl.exp2(_mm(q, tl.trans(k), IEEE) * scale_log2 - lse[:, None])
+        if TMA:
+            if rows_left < offs_m.shape[0]:
+                p = tl.where(mmask[:, None], p, 0.0)
         if ATOMIC_DQ:
             if key_tail:
                 p = tl.where(nmask[None, :], p, 0.0)
@@ -408,12 +432,12 @@ def _dq_step(dq, q, do, lse, delta, K, V, first_k, offs_n, keys_left, kv_head,
 
 @triton.jit
 def _attn_bwd_dkdv_kernel(
-    Q, K, V, DO, LSE, DELTA, DK, DV, DQ, CU_Q, CU_K,
+    Q, K, V, DO, STATS, DK, DV, DQ, CU_Q, CU_K,
     stride_qn, stride_qh,
     stride_kn, stride_kh,
     stride_vn, stride_vh,
     stride_don, stride_doh,
-    stride_lh,
+    N_Q,
     stride_dkn, stride_dkh,
     stride_dvn, stride_dvh,
     stride_dqn, stride_dqh,
@@ -452,9 +476,9 @@ def _attn_bwd_dkdv_kernel(
     for g in range(0, GROUPS):
         head = kv_head * GROUPS + g
         for start_m in range(0, seqlen_q, BLOCK_M):
-            dk, dv = _dkdv_step(dk, dv, k, v, nmask, key_tail, Q, DO, LSE, DELTA, DQ,
+            dk, dv = _dkdv_step(dk, dv, k, v, nmask, key_tail, Q, DO, STATS, DQ,
                                 q_start + start_m, offs_m, seqlen_q - start_m, head,
-                                stride_qn, stride_qh, stride_don, stride_doh, stride_lh,
+                                stride_qn, stride_qh, stride_don, stride_doh, N_Q,
                                 stride_dqn, stride_dqh, offs_d, dmask, scale, scale_log2,
                                 D, BLOCK_D, ROW_ALIGN, ATOMIC_DQ, KEYS_MAJOR, TMA, IEEE)
     if not KEYS_MAJOR:
@@ -471,12 +495,12 @@ def _attn_bwd_dkdv_kernel(
 
 @triton.jit
 def _attn_bwd_dq_kernel(
-    Q, K, V, DO, LSE, DELTA, DQ, CU_Q, CU_K,
+    Q, K, V, DO, STATS, DQ, CU_Q, CU_K,
     stride_qn, stride_qh,
     stride_kn, stride_kh,
     stride_vn, stride_vh,
     stride_don, stride_doh,
-    stride_lh,
+    N_Q,
     stride_dqn, stride_dqh,
     GROUPS, scale, scale_log2,
     D: tl.constexpr, BLOCK_D: tl.constexpr, ROW_ALIGN: tl.constexpr,
@@ -501,8 +525,8 @@ def _attn_bwd_dq_kernel(
     mmask = offs_m < seqlen_q
     tok_q = q_start + offs_m
     # -- load q, dO, lse, delta once --
-    q, do, lse, delta = _q_rows(Q, DO, LSE, DELTA, tok_q, mmask, dmask, head,
-                                stride_qn, stride_qh, stride_don, stride_doh, stride_lh,
+    q, do, lse, delta = _q_rows(Q, DO, STATS, tok_q, mmask, dmask, head,
+                                stride_qn, stride_qh, stride_don, stride_doh, N_Q,
                                 offs_d, D, BLOCK_D, ROW_ALIGN)
 
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
@@ -592,11 +616,14 @@ _BWD_TILES = {
         "d256": [(16, 16, 4, 2), (16, 16, 4, 1)],
     },
     # dK/dV with dQ added atomically (the "atomic-dq" backward): the dK/dV kernel plus a
-    # third product and the float32 atomics, so smaller steps than "dkdv"
+    # third product and the float32 atomics, so mostly smaller steps than "dkdv", and
+    # FlashAttention-2's own D = 128 tile, 128 keys x 64 queries (1 stage: 256 B spilled,
+    # 136 B with TMA; at 2 stages 392 / 552 B)
     "fused": {
         "d64": [(64, 32, 8, 2), (128, 32, 8, 2), (64, 64, 8, 2), Tile(64, 32, 8, 2, keys_major=True)],
         "d128": [(64, 32, 8, 2), (64, 64, 8, 1), (64, 32, 8, 1), (64, 16, 8, 4), (64, 32, 8, 3),
-                 Tile(64, 32, 8, 1, keys_major=True), Tile(64, 64, 8, 1, keys_major=True)],
+                 Tile(64, 32, 8, 1, keys_major=True), Tile(64, 64, 8, 1, keys_major=True),
+                 Tile(128, 64, 8, 1, keys_major=True)],
         "masked": [(64, 16, 8, 1), (64, 32, 8, 1), Tile(64, 16, 8, 1, keys_major=True)],
         "d256": [(16, 16, 4, 2)],
     },
@@ -607,22 +634,22 @@ _BWD_TILES = {
         "d256": [(32, 16, 4, 1)],
     },
 }
-# candidates of the TMA backward only, after those above: 128-key dK/dV blocks (the tile
-# of FlashAttention-2's D = 128 backward: 128 keys x 64 queries per step), which with
-# pointer loads spill inside the query loop (2 stages: 632 B) and with TMA spill only
-# in the head loop around it (148 B, Triton 3.6), or not at all; dQ 128 x 128 (255
-# registers, spill-free)
+# candidates of the TMA backward only, after those above: more 128-key dK/dV blocks
+# (FlashAttention-2's D = 128 backward tile is 128 keys x 64 queries), where the
+# descriptors' register savings show most (Triton 3.6: 24-52 B spilled in the head loop,
+# none in the query loop; 24-432 B with pointers); dQ 128 x 128 (255 registers,
+# spill-free)
 _BWD_TMA_EXTRA = {
     "dkdv": {"d128": [Tile(128, 64, 8, 2, keys_major=True), Tile(128, 64, 8, 1, keys_major=True),
                       Tile(128, 32, 8, 3, keys_major=True)]},
     "fused": {"d128": [Tile(128, 32, 8, 2, keys_major=True)]},
     "dq": {"d128": [Tile(128, 128, 8, 2)]},
 }
-# register spills (bytes, sm_90a static report) allowed to a non-default candidate: up to
-# the 1344 B of the keys-major 128 x 64 dK/dV step at 3 stages (Triton 3.6, D = 128;
-# 376 B under 3.8), flex_attention's tile (above), whose spills are all in the per-head
-# prologue of the pipelined query loop, none inside it (SASS: no LDL/STL in the loop)
-SPILL_BUDGET = 1536
+# register spills (bytes, sm_90a static report) allowed to a non-default candidate (the
+# most now: flex_attention's keys-major 128 x 64 dK/dV step at 3 stages, D = 128, 432 B
+# under Triton 3.6, all in the per-head prologue of its pipelined query loop; 1344 B
+# before the row statistics were packed, see _split_stats)
+SPILL_BUDGET = 512
 # float32 (IEEE dots on FMA units, tests only) and the interpreter: one small tile (the
 # float32 atomic-dq kernel spills 36-48 B with 4 warps, nothing with 8)
 _SMALL = Tile(16, 16, 4, 1)
@@ -705,18 +732,22 @@ def _configs(tag: str, pre_hook=None) -> list:
     return out
 
 
-# the TMA variants' descriptor arguments and the constexpr of their box rows
-_DESCRIPTOR_ARGS = {"fwd_tma": (("K", "V"), "BLOCK_N"), "dq_tma": (("K", "V"), "BLOCK_N"),
-                    "dkdv_tma": (("Q", "DO"), "BLOCK_M"), "fused_tma": (("Q", "DO"), "BLOCK_M")}
+# the TMA variants' descriptor arguments of (rows, D) boxes, the constexpr of their rows,
+# and those of (rows, 4) boxes (the backward's row statistics)
+_DESCRIPTOR_ARGS = {"fwd_tma": (("K", "V"), "BLOCK_N", ()), "dq_tma": (("K", "V"), "BLOCK_N", ()),
+                    "dkdv_tma": (("Q", "DO"), "BLOCK_M", ("STATS",)),
+                    "fused_tma": (("Q", "DO"), "BLOCK_M", ("STATS",))}
 
 
 def _descriptor_blocks(tag: str):
     """Autotuner pre_hook of a TMA variant: its descriptors' boxes are the tile's."""
-    names, rows = _DESCRIPTOR_ARGS[tag]
+    names, rows, stat_names = _DESCRIPTOR_ARGS[tag]
 
     def set_blocks(nargs) -> None:
         for name in names:
             nargs[name].block_shape = [nargs[rows], nargs["D"]]
+        for name in stat_names:
+            nargs[name].block_shape = [nargs[rows], 4]
     return set_blocks
 
 
@@ -902,6 +933,13 @@ def _row_descriptors(a, b, block_rows: int):
                  for t in (a, b))
 
 
+def _stats_descriptor(stats, block_rows: int):
+    """A tensor descriptor of the backward's row statistics (H, Nq, 4) as (H*Nq, 4), whose
+    loads fetch block_rows rows of 16 bytes."""
+    flat = stats.view(-1, 4)
+    return TensorDescriptor(flat, list(flat.shape), [4, 1], [block_rows, 4])
+
+
 def _fastest(runs: dict) -> str:
     """Name of the fastest of {name: callable} on the GPU (triton's do_bench, L2 flushed).
     A variant that raises (a compiler or driver without its feature) is skipped with a
@@ -1033,28 +1071,30 @@ def varlen_attention_bwd(grad_out, q, k, v, out, lse, grad_lse, cu_seqlens_q, cu
     scale = float(softmax_scale)
     size = _size_class(max_seqlen_q, max_seqlen_k)
 
-    def delta_of_rows():
-        """delta = rowsum(dO * O) - grad_lse, (H, Nq) float32 (the Triton strategies')."""
-        delta = torch.empty((h, nq), dtype=torch.float32, device=q.device)
+    def row_stats():
+        """The Triton strategies' row statistics, (H, Nq, 4) float32: (lse * log2(e),
+        delta = rowsum(dO * O) - grad_lse, 0, 0) per head and query row."""
+        stats = torch.empty((h, nq, 4), dtype=torch.float32, device=q.device)
         pre_m = 16
         _attn_bwd_pre_kernel[(triton.cdiv(nq, pre_m), h)](
-            out, grad_out, delta, nq,
+            out, grad_out, lse, stats, nq,
             out.stride(0), out.stride(1),
             grad_out.stride(0), grad_out.stride(1),
-            delta.stride(0),
+            lse.stride(0),
             D=d, BLOCK_D=bd, BLOCK_M=pre_m, num_warps=4,
         )
         if grad_lse is not None:
             # d lse_i / d S_ij = P_ij: a gradient into lse shifts the row term of dS = P (dP - delta)
-            delta.sub_(grad_lse)
-        return delta
+            stats[..., 1].sub_(grad_lse)
+        return stats
 
     # the gradient buffers are fresh (tokens, heads, D) tensors: strides heads * D and D
     row_align = _row_align(q, k, v, grad_out, strides=(h * d, hk * d, d))
 
-    delta = None
+    stats = None
 
-    tma_possible = _tma_possible(q, k, v, grad_out)
+    # (the packed statistics' row coordinate head * Nq + q is 32-bit too)
+    tma_possible = _tma_possible(q, k, v, grad_out) and h * nq < 2 ** 31
 
     def run(strategy: str):
         """dq, dk, dv (fresh buffers) with one strategy's kernels."""
@@ -1067,9 +1107,9 @@ def varlen_attention_bwd(grad_out, q, k, v, out, lse, grad_lse, cu_seqlens_q, cu
         return run_triton(strategy, read)
 
     def run_triton(strategy: str, read: str):
-        nonlocal delta
-        if delta is None:
-            delta = delta_of_rows()
+        nonlocal stats
+        if stats is None:
+            stats = row_stats()
         atomic = strategy == "atomic-dq"
         tma = read == "tma"
         # the kernels store every row of their segments; only the atomics add into dq
@@ -1084,9 +1124,10 @@ def varlen_attention_bwd(grad_out, q, k, v, out, lse, grad_lse, cu_seqlens_q, cu
         tag = kernel + "_tma" if tma else kernel
         tiles = _bwd_tiles(d, q.dtype, q.device, kernel, tma)
         qq, dout = _row_descriptors(q, grad_out, tiles[0].loop) if tma else (q, grad_out)
-        args = (qq, k, v, dout, lse, delta, gk, gv, gq, cu_q, cu_k,
+        rows = _stats_descriptor(stats, tiles[0].loop) if tma else stats
+        args = (qq, k, v, dout, rows, gk, gv, gq, cu_q, cu_k,
                 q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
-                grad_out.stride(0), grad_out.stride(1), lse.stride(0),
+                grad_out.stride(0), grad_out.stride(1), nq,
                 gk.stride(0), gk.stride(1), gv.stride(0), gv.stride(1), gq.stride(0), gq.stride(1),
                 h // hk, scale, scale * LOG2E)
         _launch(_attn_bwd_dkdv_kernel, _tuner(tag, size), tag,
@@ -1097,9 +1138,9 @@ def varlen_attention_bwd(grad_out, q, k, v, out, lse, grad_lse, cu_seqlens_q, cu
             tag = "dq_tma" if tma else "dq"
             tiles = _bwd_tiles(d, q.dtype, q.device, "dq", tma)
             kk, vv = _row_descriptors(k, v, tiles[0].loop) if tma else (k, v)
-            args = (q, kk, vv, grad_out, lse, delta, gq, cu_q, cu_k,
+            args = (q, kk, vv, grad_out, stats, gq, cu_q, cu_k,
                     q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
-                    grad_out.stride(0), grad_out.stride(1), lse.stride(0),
+                    grad_out.stride(0), grad_out.stride(1), nq,
                     gq.stride(0), gq.stride(1),
                     h // hk, scale, scale * LOG2E)
             _launch(_attn_bwd_dq_kernel, _tuner(tag, size), tag,
@@ -1129,13 +1170,13 @@ def aot_specs() -> list[dict]:
     fwd_sig = (["Q", "K", "V", "O"], ["LSE"], ["CU_Q", "CU_K"],
                ["stride_qn", "stride_qh", "stride_kn", "stride_kh", "stride_vn", "stride_vh",
                 "stride_on", "stride_oh", "stride_lh", "GROUPS"], ["scale_log2"])
-    dkdv_sig = (["Q", "K", "V", "DO"], ["LSE", "DELTA"], ["CU_Q", "CU_K"],
+    dkdv_sig = (["Q", "K", "V", "DO"], ["STATS"], ["CU_Q", "CU_K"],
                 ["stride_qn", "stride_qh", "stride_kn", "stride_kh", "stride_vn", "stride_vh",
-                 "stride_don", "stride_doh", "stride_lh", "stride_dkn", "stride_dkh",
+                 "stride_don", "stride_doh", "N_Q", "stride_dkn", "stride_dkh",
                  "stride_dvn", "stride_dvh", "stride_dqn", "stride_dqh", "GROUPS"], ["scale", "scale_log2"])
-    dq_sig = (["Q", "K", "V", "DO"], ["LSE", "DELTA"], ["CU_Q", "CU_K"],
+    dq_sig = (["Q", "K", "V", "DO"], ["STATS"], ["CU_Q", "CU_K"],
               ["stride_qn", "stride_qh", "stride_kn", "stride_kh", "stride_vn", "stride_vh",
-               "stride_don", "stride_doh", "stride_lh", "stride_dqn", "stride_dqh", "GROUPS"],
+               "stride_don", "stride_doh", "N_Q", "stride_dqn", "stride_dqh", "GROUPS"],
               ["scale", "scale_log2"])
 
     def sig(dtype, layout, constexprs, out=()):
@@ -1183,8 +1224,9 @@ def aot_specs() -> list[dict]:
                     ce = dict(base, **_tile_meta(kernel, tile), ATOMIC_DQ=atomic, TMA=tma)
                     signature = sig(dtype, dkdv_sig, ce, out=("DK", "DV"))
                     signature["DQ"] = "*fp32" if atomic else f"*{dtype}"
-                    if tma:  # q and dO read by descriptors
+                    if tma:  # q, dO and the row statistics read by descriptors
                         signature.update({n: f"tensordesc<{dtype}[{loop},{d}]>" for n in ("Q", "DO")})
+                        signature["STATS"] = f"tensordesc<fp32[{loop},4]>"
                     # wgmma needs 64-row tiles; the small D = 256 tiles run on mma.sync
                     major = "-keys" if ce["KEYS_MAJOR"] else ""
                     specs.append({"name": f"attn_bwd_{kernel}{suffix} {tag} {own}x{loop}{major} w{w}s{st}{_cap(tile)}",
@@ -1205,9 +1247,10 @@ def aot_specs() -> list[dict]:
                               "spill_budget": SPILL_BUDGET if i else 0, "unaligned_args": unaligned})
     d = 128
     ce = dict(D=d, BLOCK_D=d, BLOCK_M=16)
-    pre = {"O": "*bf16", "DO": "*bf16", "DELTA": "*fp32", "N": "i32", "stride_on": "i64",
-           "stride_oh": "i64", "stride_don": "i64", "stride_doh": "i64", "stride_dlh": "i64"}
+    pre = {"O": "*bf16", "DO": "*bf16", "LSE": "*fp32", "STATS": "*fp32", "N": "i32",
+           "stride_on": "i64", "stride_oh": "i64", "stride_don": "i64", "stride_doh": "i64",
+           "stride_lh": "i64"}
     pre.update({n: "constexpr" for n in ce})
     specs.append({"name": "attn_bwd_pre bf16 d=128", "fn": _attn_bwd_pre_kernel, "signature": pre,
-                  "constexprs": ce, "num_warps": 4, "unaligned_args": ["stride_dlh"]})
+                  "constexprs": ce, "num_warps": 4, "unaligned_args": ["stride_lh"]})
     return specs
