@@ -22,6 +22,9 @@ Other integer arguments divisible by 16 in the configuration the spec stands for
 feature count of 64, hidden 3072) are listed in its "divisible_args"; strides that are
 not (a head stride of 72, the LSE's stride of a token count) in its "unaligned_args".
 
+Each row also gives the kernel's main loop in its SASS (main_loop(): instructions, HGMMA
+and HMMA per step), which registers and spills do not show.
+
 python -m benchmarks.static_report [--json out.json] exits non-zero when a kernel
 spills or misses its expected tensor-core instructions.
 """
@@ -80,6 +83,40 @@ def widest_access(ptx: str) -> dict:
     return widest
 
 
+_SASS_LINE = re.compile(r"^\s+/\*([0-9a-f]{4,})\*/\s+(@!?U?P[T0-9]+\s+)?([A-Z][A-Z0-9_.]*)(.*)$")
+
+
+def main_loop(sass: str) -> dict:
+    """The kernel's main loop in its SASS: of the loops (a branch back to a lower address
+    closes one, unless the range holds the kernel's unpredicated EXIT: then it is the
+    return from an out-of-line block, such as a barrier's retry), the one with the most
+    tensor-core instructions (HGMMA: wgmma, or HMMA: mma.sync, which a tile too small for
+    warpgroup MMA falls back to), the shortest on a tie (the inner of nested loops).
+    Returns its instruction count, conditional blocks inside it included (a tail block's
+    select, say), and its HGMMA and HMMA counts; zeros without a loop. The loop's size is
+    what registers and spills do not show: the instructions issued per step besides the
+    products (the keys-major dK/dV step's lse/delta loads were half of it once)."""
+    ops = []
+    for line in sass.splitlines():
+        m = _SASS_LINE.match(line)
+        if m:
+            ops.append((int(m.group(1), 16), bool(m.group(2)), m.group(3), m.group(4)))
+    exits = [a for a, predicated, op, _ in ops if op == "EXIT" and not predicated]
+    best = (0, 0, 0, 0)  # (tensor-core instructions, -instructions, hgmma, hmma)
+    for addr, _, op, rest in ops:
+        target = re.match(r"\s*0x([0-9a-f]+)", rest) if op.startswith("BRA") else None
+        if target is None or int(target.group(1), 16) >= addr:
+            continue
+        start = int(target.group(1), 16)
+        if any(start <= a <= addr for a in exits):
+            continue
+        body = [o for a, _, o, _ in ops if start <= a <= addr]
+        hgmma = sum(o.startswith("HGMMA") for o in body)
+        hmma = sum(o.startswith("HMMA") for o in body)
+        best = max(best, (hgmma + hmma, -len(body), hgmma, hmma))
+    return {"loop_instructions": -best[1], "loop_hgmma": best[2], "loop_hmma": best[3]}
+
+
 def compile_spec(spec: dict) -> dict:
     import triton
     from triton.backends.compiler import GPUTarget
@@ -98,6 +135,8 @@ def compile_spec(spec: dict) -> dict:
         ptx_file.write_text(ptx)
         usage = subprocess.run([str(nvidia_tool("cuobjdump")), "-res-usage", str(cubin)],
                                capture_output=True, text=True, check=True).stdout
+        sass = subprocess.run([str(nvidia_tool("cuobjdump")), "-sass", str(cubin)],
+                              capture_output=True, text=True, check=True).stdout
         # ptxas -v counts spills exactly; STACK alone also holds e.g. the scratch array of
         # precise sinf/cosf argument reduction, which is not a spill
         ptxas = subprocess.run([str(nvidia_tool("ptxas")), f"-arch=sm_{SM}a", "-v", str(ptx_file),
@@ -123,6 +162,7 @@ def compile_spec(spec: dict) -> dict:
         "load_bytes": widest_access(ptx)["ld"],
         "store_bytes": widest_access(ptx)["st"],
         "min_access_bytes": int(spec.get("min_access_bytes", 0)),
+        **main_loop(sass),
     }
 
 
@@ -228,13 +268,16 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     rows = report(args.jobs)
     print(f"Static report: Triton kernels compiled for sm_{SM}a (no GPU needed)")
-    print("(ld/st B: the widest global load / store per thread and instruction, 16 = 128-bit vectors)")
+    print("(ld/st B: the widest global load / store per thread and instruction, 16 = 128-bit vectors;")
+    print(" loop: SASS instructions / HGMMA / HMMA of the main loop, per warp and step: main_loop())")
     print(f"{'kernel':<50}{'warps':>6}{'regs':>6}{'spill B':>9}{'stack B':>9}{'smem B':>9}{'wgmma':>7}"
-          f"{'ld/st B':>9}")
+          f"{'ld/st B':>9}{'loop':>13}")
     for r in rows:
+        loop = (f"{r['loop_instructions']}/{r['loop_hgmma']}/{r['loop_hmma']}" if r["loop_instructions"]
+                else "-")
         print(f"{r['kernel']:<50}{r['num_warps']:>6}{r['registers']:>6}{r['spill_bytes']:>9}"
               f"{r['stack_bytes']:>9}{r['shared_bytes']:>9}{('yes' if r['wgmma'] else 'no'):>7}"
-              f"{r['load_bytes']:>5}/{r['store_bytes']:<3}")
+              f"{r['load_bytes']:>5}/{r['store_bytes']:<3}{loop:>13}")
     cuda, why = cuda_rows()
     print(f"\nCUDA kernels of vdit_kernels._C, sm_{SM}a cubins (cuobjdump -res-usage)")
     if why:

@@ -84,3 +84,38 @@ def test_register_capped_kernels_must_leave_room_for_a_second_program():
     assert problems([row]) == []
     assert "no room for a second program" in problems([dict(row, shared_bytes=120 * 1024)])[0]
     assert "no room for a second program" in problems([dict(row, num_warps=16)])[0]
+
+
+def test_main_loop_reads_sass_loops():
+    # two nested loops (the inner one holds the products), an out-of-line retry stub with
+    # its unconditional jump back, and a predicated tail block inside the inner loop
+    from benchmarks.static_report import main_loop
+
+    sass = """
+        /*0000*/                   MOV R1, c[0x0][0x28] ;
+        /*0010*/                   IMAD R2, R3, R4, RZ ;
+        /*0020*/                   HGMMA.64x64x16.F32.BF16 R24, gdesc[UR4], RZ ;
+        /*0030*/                   MUFU.EX2 R5, R5 ;
+        /*0040*/               @P1 BRA 0x60 ;
+        /*0050*/                   FSEL R6, R6, RZ, P2 ;
+        /*0060*/                   HGMMA.64x64x16.F32.BF16 R24, gdesc[UR8], R24 ;
+        /*0070*/              @!P0 BRA 0x20 ;
+        /*0080*/               @P3 BRA 0x10 ;
+        /*0090*/                   EXIT ;
+        /*00a0*/                   SYNCS.PHASECHK.TRANS64.TRYWAIT P4, [UR5], R7 ;
+        /*00b0*/              @!P4 BRA 0xa0 ;
+        /*00c0*/                   BRA 0x0 ;
+    """
+    assert main_loop(sass) == {"loop_instructions": 6, "loop_hgmma": 2, "loop_hmma": 0}
+    # a while loop (the test at the top, an unconditional jump back) on mma.sync
+    sass = """
+        /*0000*/                   MOV R1, c[0x0][0x28] ;
+        /*0010*/               @P0 BRA 0x50 ;
+        /*0020*/                   HMMA.16816.F32.BF16 R4, R8, R12, R4 ;
+        /*0030*/                   HMMA.16816.F32.BF16 R4, R8, R14, R4 ;
+        /*0040*/                   BRA 0x10 ;
+        /*0050*/                   EXIT ;
+    """
+    assert main_loop(sass) == {"loop_instructions": 4, "loop_hgmma": 0, "loop_hmma": 2}
+    assert main_loop("        /*0000*/                   EXIT ;") == {"loop_instructions": 0, "loop_hgmma": 0,
+                                                                     "loop_hmma": 0}

@@ -605,8 +605,10 @@ _FWD_TILES = {
 _FWD_TMA_EXTRA = {"d128": [Tile(128, 64, 8, 2, maxnreg=128)]}
 _BWD_TILES = {
     "dkdv": {
-        "d64": [(64, 32, 8, 2), (128, 64, 8, 2), (64, 32, 8, 3), Tile(64, 32, 8, 2, keys_major=True),
-                Tile(128, 64, 8, 3, keys_major=True)],
+        # the default: flex_attention's sm_90 tile, spill-free here and all on wgmma (the
+        # queries-major 64 x 32 steps run q k^T and dO v^T on mma.sync: 32-row products)
+        "d64": [Tile(128, 64, 8, 3, keys_major=True), (64, 32, 8, 2), (128, 64, 8, 2), (64, 32, 8, 3),
+                Tile(64, 32, 8, 2, keys_major=True)],
         "d128": [(64, 64, 8, 2), (64, 64, 8, 1), (64, 32, 8, 2), (64, 32, 8, 3), (128, 32, 8, 1),
                  Tile(64, 64, 8, 1, keys_major=True), Tile(64, 32, 8, 2, keys_major=True),
                  Tile(128, 32, 8, 2, keys_major=True), Tile(128, 64, 8, 3, keys_major=True)],
