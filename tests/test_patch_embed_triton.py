@@ -222,8 +222,9 @@ def test_weight_grad_split_over_token_blocks(monkeypatch):
     # partials; force it (with small tiles) under the interpreter
     import vdit_kernels.triton.patch as tp
 
-    for name in ("_GEMM_GPU", "_SCATTER_GPU", "_WGRAD_GPU"):
+    for name in ("_GEMM_GPU", "_SCATTER_GPU"):
         monkeypatch.setattr(tp, name, tp._SMALL)
+    monkeypatch.setattr(tp, "_WGRAD_GPU", (*tp._SMALL, 2))  # and 2 pipeline stages
     monkeypatch.setattr(tp, "_interp", lambda t: False)
     pack = _pack(PACKS["sixteen"], (1, 2, 2))
     check_patch_embed(pack, 4, 24, torch.float32)
@@ -247,8 +248,9 @@ def test_embed_kernel_autotuned_candidates(monkeypatch):
     # the right product (hidden 200: a partial column step for both)
     import vdit_kernels.triton.patch as tp
 
-    for name in ("_GEMM_GPU", "_SCATTER_GPU", "_WGRAD_GPU"):  # the backward: small tiles
+    for name in ("_GEMM_GPU", "_SCATTER_GPU"):  # the backward: small tiles
         monkeypatch.setattr(tp, name, tp._SMALL)
+    monkeypatch.setattr(tp, "_WGRAD_GPU", (*tp._SMALL, 1))
     monkeypatch.setattr(tp, "_interp", lambda t: False)
     monkeypatch.setenv("VDIT_AUTOTUNE", "1")
     timed = []

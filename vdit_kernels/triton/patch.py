@@ -53,12 +53,15 @@
 #     loop over HID, the epilogue stores each token's F outputs into its (fresh,
 #     contiguous) video (the unpatchify address math). linear_unpatchify: X = x,
 #     Bmat = W.T; patch_embed's grad videos: X = grad, Bmat = W.flatten(1).
-#   _wgrad_kernel: a weight gradient, a reduction over all tokens of the pack:
-#     grad^T @ A (patch_embed, (hidden, F)) or A^T @ x (linear_unpatchify, (F, hidden),
-#     A = patchify(grad videos)); each program owns a BLOCK_P x BLOCK_Q output tile and
-#     loops over a range of token blocks (binary search per block), gathering its A tile
-#     transposed or not; grid axis 2 splits the token blocks (~2 programs per SM on a GPU)
-#     into fp32 partials that PyTorch sums. Bias gradients are PyTorch float32 sums.
+#   _wgrad_kernel: a weight gradient, a reduction over all tokens of the pack, always
+#     as dense^T @ A, (hidden, F): patch_embed's grad^T @ patchify(videos), and
+#     linear_unpatchify's x^T @ patchify(grad videos), the transpose of its (F, hidden)
+#     gradient (gathering A transposed instead, as the left factor, took 4x the
+#     instructions a step: per-element addresses along the tokens); each program owns a
+#     BLOCK_P x BLOCK_Q output tile and loops over a range of token blocks (binary search
+#     per block); grid axis 2 splits the token blocks (~2 programs per SM on a GPU) into
+#     fp32 partials that PyTorch sums, with the bias gradient's (row sums of dense^T, or
+#     column sums of A) from the tiles the product loads anyway.
 # Grid (token blocks, cdiv(NOUT or F, BLOCK_N)) for the two token GEMMs. tl.dot with float32
 # accumulation (input_precision="ieee" for float32 inputs: no tf32 rounding), output in
 # the input dtype; hidden / F not multiples of the blocks are masked. GPU tiles
@@ -466,60 +469,57 @@ def _scatter_gemm_kernel(x_ptr, b_ptr, bias_ptr, cu_blocks_ptr, meta_ptr,
 def _wgrad_kernel(out_ptr, bias_out_ptr, dense_ptr, cu_blocks_ptr, meta_ptr,
                   stride_dn, stride_dh, stride_os, stride_op, stride_oq, stride_bs,
                   HID, F, B, BLOCKS, BLOCKS_PER_SPLIT,
-                  GATHER_LEFT: tl.constexpr, HAS_BIAS: tl.constexpr, IEEE: tl.constexpr,
+                  BIAS: tl.constexpr, IEEE: tl.constexpr,
                   PT: tl.constexpr, PH: tl.constexpr, PW: tl.constexpr,
                   LOG_B: tl.constexpr, META: tl.constexpr,
                   BLOCK_T: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_Q: tl.constexpr):
     """Split s of a weight gradient, a reduction over the pack's tokens (fp32 partials):
-    GATHER_LEFT: out[s, F, HID] = patchify(videos)^T @ dense  (output layer: grad_y^T @ x)
-    else:        out[s, HID, F] = dense^T @ patchify(videos)  (patch embed: grad^T @ A).
-    HAS_BIAS: also bias_out[s, P] = the left operand's row sums (the bias gradient: a sum
-    of the output gradient over tokens, grad_y^T or grad^T either way), from the tiles the
-    product loads anyway; the programs of the first Q column block store it."""
+    out[s, HID, F] = dense^T @ patchify(videos). BIAS: 0 none; 1 bias_out[s, HID] = the
+    row sums of dense^T (patch_embed's bias gradient), stored by the programs of the
+    first F column block; 2 bias_out[s, F] = the column sums of patchify(videos)
+    (linear_unpatchify's), stored by those of the first HID row block."""
     offs_p = tl.program_id(0).to(tl.int64) * BLOCK_P + tl.arange(0, BLOCK_P).to(tl.int64)
     offs_q = tl.program_id(1).to(tl.int64) * BLOCK_Q + tl.arange(0, BLOCK_Q).to(tl.int64)
     split = tl.program_id(2)
-    if GATHER_LEFT:
-        p_ok = offs_p < F
-        q_ok = offs_q < HID
-    else:
-        p_ok = offs_p < HID
-        q_ok = offs_q < F
+    p_ok = offs_p < HID
+    q_ok = offs_q < F
     acc = tl.zeros((BLOCK_P, BLOCK_Q), dtype=tl.float32)
-    bias_acc = tl.zeros((BLOCK_P,), dtype=tl.float32)
-    bias_here = HAS_BIAS and tl.program_id(1) == 0
+    rows_here = BIAS == 1 and tl.program_id(1) == 0
+    cols_here = BIAS == 2 and tl.program_id(0) == 0
+    bias_rows = tl.zeros((BLOCK_P,), dtype=tl.float32)
+    bias_cols = tl.zeros((BLOCK_Q,), dtype=tl.float32)
     first = split * BLOCKS_PER_SPLIT
     last = tl.minimum(first + BLOCKS_PER_SPLIT, BLOCKS)
     for blk in range(first, last):
         row, local_block = _find_video(cu_blocks_ptr, meta_ptr, blk, B, LOG_B, META)
         tok, valid, tok_off = _token_offsets(row, local_block, PT, PH, PW, BLOCK_T)
         src = tl.load(row).to(tl.pointer_type(dense_ptr.dtype.element_ty))
-        if GATHER_LEFT:
-            feat_off = _feature_offsets(row, offs_p, PT, PH, PW)
-            lt = tl.load(src + feat_off[:, None] + tok_off[None, :],
-                         mask=p_ok[:, None] & valid[None, :], other=0.0)
-            rt = tl.load(dense_ptr + tok[:, None] * stride_dn + offs_q[None, :] * stride_dh,
-                         mask=valid[:, None] & q_ok[None, :], other=0.0)
-        else:
-            feat_off = _feature_offsets(row, offs_q, PT, PH, PW)
-            lt = tl.load(dense_ptr + offs_p[:, None] * stride_dh + tok[None, :] * stride_dn,
-                         mask=p_ok[:, None] & valid[None, :], other=0.0)
-            rt = tl.load(src + tok_off[:, None] + feat_off[None, :],
-                         mask=valid[:, None] & q_ok[None, :], other=0.0)
+        feat_off = _feature_offsets(row, offs_q, PT, PH, PW)
+        lt = tl.load(dense_ptr + offs_p[:, None] * stride_dh + tok[None, :] * stride_dn,
+                     mask=p_ok[:, None] & valid[None, :], other=0.0)
+        rt = tl.load(src + tok_off[:, None] + feat_off[None, :],
+                     mask=valid[:, None] & q_ok[None, :], other=0.0)
         acc = _dot(lt, rt, acc, IEEE)
-        if bias_here:
-            bias_acc += tl.sum(lt.to(tl.float32), axis=1)
+        if rows_here:
+            bias_rows += tl.sum(lt.to(tl.float32), axis=1)
+        if cols_here:
+            bias_cols += tl.sum(rt.to(tl.float32), axis=0)
     tl.store(out_ptr + split * stride_os + offs_p[:, None] * stride_op + offs_q[None, :] * stride_oq,
              acc, mask=p_ok[:, None] & q_ok[None, :])
-    if bias_here:
-        tl.store(bias_out_ptr + split * stride_bs + offs_p, bias_acc, mask=p_ok)
+    if rows_here:
+        tl.store(bias_out_ptr + split * stride_bs + offs_p, bias_rows, mask=p_ok)
+    if cols_here:
+        tl.store(bias_out_ptr + split * stride_bs + offs_q, bias_cols, mask=q_ok)
 
 
 # (BLOCK_M, BLOCK_N, BLOCK_K, num_warps) for the two token GEMMs and (BLOCK_T, BLOCK_P,
-# BLOCK_Q, num_warps) for the weight gradient: on a GPU; the interpreter gets small blocks
+# BLOCK_Q, num_warps, num_stages) for the weight gradient: on a GPU; the interpreter gets
+# small blocks
 _GEMM_GPU = (128, 128, 32, 8)
 _SCATTER_GPU = (64, 64, 64, 8)
-_WGRAD_GPU = (32, 128, 64, 8)
+# weight gradient: 128-token steps (8 HGMMA in 849 instructions a step, Triton 3.6;
+# 32-token steps took 517 for 2, 1287 under Triton 3.8: the static report's loop column)
+_WGRAD_GPU = (128, 128, 64, 8, 2)
 _SMALL = (16, 32, 32, 4)
 # _embed_kernel (F <= _EMBED_MAX_F: A kept on chip): BLOCK_M = 128 token rows and the
 # (BLOCK_N, warps, stages) candidates autotuned on a GPU (VDIT_AUTOTUNE=0: the first):
@@ -623,19 +623,20 @@ def _scatter_gemm(x, b_mat, bias, shapes, patch_size, channels):
     return outs
 
 
-def _wgrad(videos, dense, patch_size, gather_left, with_bias):
-    """float32 (F, HID) = patchify(videos)^T @ dense if gather_left else (HID, F) = dense^T @ patchify,
-    and with_bias the float32 row sums of the left factor over tokens ((F,) or (HID,)), else None:
-    one pass over both operands."""
+def _wgrad(videos, dense, patch_size, bias):
+    """float32 (HID, F) = dense^T @ patchify(videos), and the float32 sums over tokens of
+    bias = "dense" ((HID,): patch_embed's bias gradient) or "gathered" ((F,):
+    linear_unpatchify's), or None: one pass over both operands."""
     pt, ph, pw = patch_size
     v0 = videos[0]
     hid = dense.shape[1]
     f = v0.shape[0] * pt * ph * pw
-    p, q = (f, hid) if gather_left else (hid, f)
+    p, q = hid, f
+    with_bias = bias is not None
     if dense.shape[0] == 0 or p == 0 or q == 0:
         zeros = torch.zeros(p, q, dtype=torch.float32, device=v0.device)
-        return zeros, (zeros.sum(1) if with_bias else None)
-    bt, bp, bq, warps = _SMALL if _interp(v0) else _WGRAD_GPU
+        return zeros, (zeros.sum(1 if bias == "dense" else 0) if with_bias else None)
+    bt, bp, bq, warps, stages = (*_SMALL, 1) if _interp(v0) else _WGRAD_GPU
     table, blocks = _tables(videos, patch_size, bt, v0.device)
     tiles = triton.cdiv(p, bp) * triton.cdiv(q, bq)
     # split the token reduction so that a GPU has ~2 programs per SM; partials summed below
@@ -644,15 +645,16 @@ def _wgrad(videos, dense, patch_size, gather_left, with_bias):
     per_split = triton.cdiv(blocks, splits)
     splits = triton.cdiv(blocks, per_split)
     part = torch.empty(splits, p, q, dtype=torch.float32, device=v0.device)
-    bias_part = torch.empty(splits, p, dtype=torch.float32, device=v0.device) if with_bias else part
+    bias_part = (torch.empty(splits, p if bias == "dense" else q, dtype=torch.float32, device=v0.device)
+                 if with_bias else part)
     b = len(videos)
     _wgrad_kernel[(triton.cdiv(p, bp), triton.cdiv(q, bq), splits)](
         part, bias_part, dense, table, table[b + 1:],
         dense.stride(0), dense.stride(1), part.stride(0), part.stride(1), part.stride(2),
         bias_part.stride(0), hid, f, b, blocks, per_split,
-        GATHER_LEFT=gather_left, HAS_BIAS=with_bias, IEEE=v0.dtype == torch.float32,
+        BIAS={None: 0, "dense": 1, "gathered": 2}[bias], IEEE=v0.dtype == torch.float32,
         PT=pt, PH=ph, PW=pw, LOG_B=_log_b(b), META=_META,
-        BLOCK_T=bt, BLOCK_P=bp, BLOCK_Q=bq, num_warps=warps)
+        BLOCK_T=bt, BLOCK_P=bp, BLOCK_Q=bq, num_warps=warps, num_stages=stages)
     def total(partials):
         return partials[0] if splits == 1 else partials.sum(0)
     return total(part), (total(bias_part) if with_bias else None)
@@ -681,7 +683,7 @@ def patch_embed_backward(grad, videos, weight, with_bias):
         return (unpatchify(grad @ w, shapes, patch_size, videos[0].shape[0]),
                 (grad.t() @ a).reshape(weight.shape), grad.sum(0) if with_bias else None)
     grad_x = _scatter_gemm(grad, w, None, shapes, patch_size, videos[0].shape[0])
-    grad_w, grad_b = _wgrad(videos, grad, patch_size, gather_left=False, with_bias=with_bias)
+    grad_w, grad_b = _wgrad(videos, grad, patch_size, bias="dense" if with_bias else None)
     return (grad_x, grad_w.reshape(weight.shape).to(weight.dtype),
             grad_b.to(weight.dtype) if with_bias else None)
 
@@ -703,8 +705,8 @@ def linear_unpatchify_backward(grad_videos, x, weight, patch_size, with_bias):
         gy = patchify(grad_videos, patch_size)
         return gy @ weight, gy.t() @ x, gy.sum(0) if with_bias else None
     grad_x = _gather_gemm(grad_videos, weight, None, patch_size)
-    grad_w, grad_b = _wgrad(grad_videos, x, patch_size, gather_left=True, with_bias=with_bias)
-    return grad_x, grad_w.to(weight.dtype), grad_b.to(weight.dtype) if with_bias else None
+    grad_wt, grad_b = _wgrad(grad_videos, x, patch_size, bias="gathered" if with_bias else None)
+    return grad_x, grad_wt.t().to(weight.dtype).contiguous(), grad_b.to(weight.dtype) if with_bias else None
 
 
 def aot_specs() -> list[dict]:
@@ -786,22 +788,22 @@ def aot_specs() -> list[dict]:
         "num_warps": warps, "expect_mma": True,
         "unit_args": ("stride_xk", "stride_bk"), "divisible_args": ("HID", "F"),  # x (N, hidden); b = weight (F, hidden) transposed
     })
-    bt, bp, bq, warps = _WGRAD_GPU
-    for left in (False, True):
+    bt, bp, bq, warps, stages = _WGRAD_GPU
+    for bias, user in ((1, "patch_embed"), (2, "linear_unpatchify")):
         specs.append({
-            "name": f"{'linear_unpatchify' if left else 'patch_embed'} wgrad bf16 hidden=3072",
+            "name": f"{user} wgrad bf16 hidden=3072",
             "fn": _wgrad_kernel,
             "signature": {"out_ptr": "*fp32", "bias_out_ptr": "*fp32", "dense_ptr": "*bf16", **tab,
                           "stride_dn": "i64", "stride_dh": "i64", "stride_os": "i64",
                           "stride_op": "i64", "stride_oq": "i64", "stride_bs": "i64",
                           "HID": "i32", "F": "i32", "B": "i32", "BLOCKS": "i32", "BLOCKS_PER_SPLIT": "i32",
-                          "GATHER_LEFT": "constexpr", "HAS_BIAS": "constexpr", "IEEE": "constexpr",
+                          "BIAS": "constexpr", "IEEE": "constexpr",
                           "PT": "constexpr", "PH": "constexpr", "PW": "constexpr",
                           "LOG_B": "constexpr", "META": "constexpr",
                           "BLOCK_T": "constexpr", "BLOCK_P": "constexpr", "BLOCK_Q": "constexpr"},
-            "constexprs": {"GATHER_LEFT": left, "HAS_BIAS": True, "IEEE": False, **fixed,
+            "constexprs": {"BIAS": bias, "IEEE": False, **fixed,
                            "BLOCK_T": bt, "BLOCK_P": bp, "BLOCK_Q": bq},
-            "num_warps": warps, "expect_mma": True,
+            "num_warps": warps, "num_stages": stages, "expect_mma": True,
             "unit_args": ("stride_dh", "stride_oq"), "divisible_args": ("HID", "F"),  # dense (N, hidden); fp32 partials
         })
     return specs
