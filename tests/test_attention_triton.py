@@ -549,6 +549,23 @@ def test_gpu_tiles_under_the_interpreter(monkeypatch, d, rope_dims, strategy):
     assert not unused & set(timed), "the other strategy's kernels ran"
 
 
+@pytest.mark.skipif(DEVICE.type != "cpu", reason="forces GPU tiles under the interpreter")
+@pytest.mark.parametrize("d", [64, 128])
+@pytest.mark.parametrize("read", ["pointers", "tma"])
+def test_default_gpu_tiles_under_the_interpreter(monkeypatch, d, read):
+    # the first tile of every list (what VDIT_AUTOTUNE=0 and deterministic=True run on a
+    # GPU: flex_attention's keys-major 128 x 64 dK/dV step at D = 64, dQ 128 x 64), each
+    # checked, not only the one an autotuner keeps
+    from vdit_kernels.triton import attention as A
+
+    monkeypatch.setattr(A, "_half_on_gpu", lambda dtype, device: dtype == torch.float16)
+    monkeypatch.setenv("VDIT_AUTOTUNE", "0")
+    monkeypatch.setenv("VDIT_ATTN_BWD", "split")
+    monkeypatch.setenv("VDIT_ATTN_FWD", read)
+    monkeypatch.setenv("VDIT_ATTN_BWD_READ", read)
+    _check([70, 3, 130], [70, 3, 130], 2, 1, d, torch.float16, seed=5)
+
+
 @pytest.mark.skipif(DEVICE.type != "cpu", reason="drives the autotuner with a fake timer under the interpreter")
 @pytest.mark.parametrize("d,rope_dims", [(64, None), (128, (44, 42, 42))])
 @pytest.mark.parametrize("strategy", ["split", "atomic-dq"])
