@@ -48,13 +48,13 @@
 # warpgroups of wgmma m64 over the query rows, the float32 accumulator at 64 registers a
 # thread), 128 x 128 and 64 x 64, and with TMA 128 x 64 capped at 128 registers so that
 # two programs share an SM (Tile.maxnreg, see _FWD_TILES); the backward holds two
-# float32 accumulators for its own rows: 64 x 64 (the default) or 128 keys x 32 queries
-# for dK/dV, in either orientation of its products (queries-major, the default, or
-# keys-major: _dkdv_step),
-# up to 128 x 64 for dQ, with 1 to 4 pipeline stages. Every candidate is in aot_specs()
-# and compiled by the sm_90a static report. VDIT_AUTOTUNE=0 or deterministic=True
-# (backward) use the first candidate of the class, so results do not depend on timing
-# noise.
+# float32 accumulators for its own rows: dK/dV 64 x 64 (the D = 128 default) up to 128
+# keys x 64 queries (flex_attention's tile, the D = 64 default), in either orientation of
+# its products (queries-major or keys-major: _dkdv_step), dQ 128 x 64 (the default) to
+# 128 x 128, with 1 to 3 pipeline stages. Every candidate is in aot_specs() and compiled
+# by the sm_90a static report, which also counts each main loop's instructions.
+# VDIT_AUTOTUNE=0 or deterministic=True (backward) use the first candidate of the class,
+# so results do not depend on timing noise.
 # float32 inputs use 16 x 16 tiles and IEEE dots (no tf32; FMA, not tensor cores).
 # Under the Triton interpreter (CPU tests) tiles are 16 x 16: cheap, and small segments
 # still span several blocks so the masking paths are exercised.
