@@ -483,7 +483,11 @@ def _wgrad_kernel(out_ptr, bias_out_ptr, dense_ptr, cu_blocks_ptr, meta_ptr,
     out[s, HID, F] = dense^T @ patchify(videos). BIAS: 0 none; 1 bias_out[s, HID] = the
     row sums of dense^T (patch_embed's bias gradient), stored by the programs of the
     first F column block; 2 bias_out[s, F] = the column sums of patchify(videos)
-    (linear_unpatchify's), stored by those of the first HID row block."""
+    (linear_unpatchify's), stored by those of the first HID row block. The sums are
+    products with a tile of ones on the tensor cores, whose equal columns (rows) are
+    averaged at the end: summed on the FMA pipe they were ~130 FADDs and shuffles a step,
+    a fifth of this issue-bound loop (the static report's: 790 -> 611 instructions, Triton
+    3.6)."""
     offs_p = tl.program_id(0).to(tl.int64) * BLOCK_P + tl.arange(0, BLOCK_P).to(tl.int64)
     offs_q = tl.program_id(1).to(tl.int64) * BLOCK_Q + tl.arange(0, BLOCK_Q).to(tl.int64)
     split = tl.program_id(2)
@@ -492,8 +496,8 @@ def _wgrad_kernel(out_ptr, bias_out_ptr, dense_ptr, cu_blocks_ptr, meta_ptr,
     acc = tl.zeros((BLOCK_P, BLOCK_Q), dtype=tl.float32)
     rows_here = BIAS == 1 and tl.program_id(1) == 0
     cols_here = BIAS == 2 and tl.program_id(0) == 0
-    bias_rows = tl.zeros((BLOCK_P,), dtype=tl.float32)
-    bias_cols = tl.zeros((BLOCK_Q,), dtype=tl.float32)
+    bias_mm = tl.zeros((BLOCK_P, 16), dtype=tl.float32)
+    bias_mm_cols = tl.zeros((64, BLOCK_Q), dtype=tl.float32)
     first = split * BLOCKS_PER_SPLIT
     last = tl.minimum(first + BLOCKS_PER_SPLIT, BLOCKS)
     for blk in range(first, last):
@@ -507,14 +511,16 @@ def _wgrad_kernel(out_ptr, bias_out_ptr, dense_ptr, cu_blocks_ptr, meta_ptr,
                      mask=valid[:, None] & q_ok[None, :], other=0.0)
         acc = _dot(lt, rt, acc, IEEE)
         if rows_here:
-            bias_rows += tl.sum(lt.to(tl.float32), axis=1)
+            bias_mm = _dot(lt, tl.full((BLOCK_T, 16), 1.0, lt.dtype), bias_mm, IEEE)
         if cols_here:
-            bias_cols += tl.sum(rt.to(tl.float32), axis=0)
+            bias_mm_cols = _dot(tl.full((64, BLOCK_T), 1.0, rt.dtype), rt, bias_mm_cols, IEEE)
     tl.store(out_ptr + split * stride_os + offs_p[:, None] * stride_op + offs_q[None, :] * stride_oq,
              acc, mask=p_ok[:, None] & q_ok[None, :])
     if rows_here:
+        bias_rows = tl.sum(bias_mm, axis=1) * (1.0 / 16)
         tl.store(bias_out_ptr + split * stride_bs + offs_p, bias_rows, mask=p_ok)
     if cols_here:
+        bias_cols = tl.sum(bias_mm_cols, axis=0) * (1.0 / 64)
         tl.store(bias_out_ptr + split * stride_bs + offs_q, bias_cols, mask=q_ok)
 
 
@@ -523,8 +529,9 @@ def _wgrad_kernel(out_ptr, bias_out_ptr, dense_ptr, cu_blocks_ptr, meta_ptr,
 # small blocks
 _GEMM_GPU = (128, 128, 32, 8)
 _SCATTER_GPU = (64, 64, 64, 8)
-# weight gradient: 128-token steps (8 HGMMA in 790 instructions a step, Triton 3.6, 1140
-# under 3.8; 32-token steps took 517 and 1287 for 2: the static report's loop column)
+# weight gradient: 128-token steps (16 HGMMA, 8 of them the bias sums, in 611 instructions a
+# step under Triton 3.6, 955 under 3.8; 32-token steps took 517 and 1287 for 2 HGMMA: the
+# static report's loop column)
 _WGRAD_GPU = (128, 128, 64, 8, 2)
 _SMALL = (16, 32, 32, 4)
 # _embed_kernel (F <= _EMBED_MAX_F: A kept on chip): BLOCK_M = 128 token rows and the
