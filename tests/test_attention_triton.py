@@ -286,9 +286,9 @@ def test_tma_forward_autotuner_sets_descriptor_blocks(monkeypatch):
     timed = _fake_autotune_timers(monkeypatch, tma=A._tuner("fwd_tma", size), dkdv=A._tuner("dkdv_tma", size),
                                   dq=A._tuner("dq_tma", size))
     _check([70, 3, 130], [70, 3, 130], 2, 1, 128, torch.float16)
-    assert timed["tma"] == len(A._fwd_tiles(128, torch.float16, torch.device("cuda"), tma=True))
-    assert timed["dkdv"] == len(A._bwd_tiles(128, torch.float16, torch.device("cuda"), "dkdv", tma=True))
-    assert timed["dq"] == len(A._bwd_tiles(128, torch.float16, torch.device("cuda"), "dq", tma=True))
+    assert timed["tma"] == len(A._candidates("fwd", 128, torch.float16, torch.device("cuda"), tma=True))
+    assert timed["dkdv"] == len(A._candidates("dkdv", 128, torch.float16, torch.device("cuda"), tma=True))
+    assert timed["dq"] == len(A._candidates("dq", 128, torch.float16, torch.device("cuda"), tma=True))
 
 
 def test_tma_layout_conditions(monkeypatch):
@@ -491,8 +491,7 @@ def test_autotune_candidates_are_the_class_tiles_and_statically_checked(d):
     for tag in ("fwd", "fwd_tma", "dkdv", "dq", "fused", "dkdv_tma", "dq_tma", "fused_tma"):
         configs = A._prune(tag)(A._configs(tag), {}, D=d)
         kernel, tma = tag.removesuffix("_tma"), tag.endswith("_tma")
-        tiles = (A._fwd_tiles(d, torch.bfloat16, cuda, tma) if tag.startswith("fwd")
-                 else A._bwd_tiles(d, torch.bfloat16, cuda, kernel, tma))
+        tiles = A._candidates(kernel, d, torch.bfloat16, cuda, tma)
         assert sorted((sorted(c.kwargs.items()), c.num_warps, c.num_stages, c.maxnreg or 0) for c in configs) \
             == sorted((sorted(A._tile_meta(tag, t).items()), t.warps, t.stages, t.maxnreg or 0) for t in tiles)
     # every tile a GPU may run is compiled (and checked for spills) by the static report
@@ -502,12 +501,12 @@ def test_autotune_candidates_are_the_class_tiles_and_statically_checked(d):
               for s in A.aot_specs() if "BLOCK_N" in s["constexprs"]}
     bd = A._block_d(d)
     for tma in ((False, True) if d in (64, 128) else (False,)):
-        for bm, bn, w, st, _, cap in A._fwd_tiles(d, torch.bfloat16, cuda, tma):
+        for bm, bn, w, st, _, cap in A._candidates("fwd", d, torch.bfloat16, cuda, tma):
             assert ("_attn_fwd_kernel", bm, bn, w, st, cap, bd, tma, None, None) in static
         for tag, atomic in (("dkdv", False), ("fused", True)):
-            for own, loop, w, st, keys_major, cap in A._bwd_tiles(d, torch.bfloat16, cuda, tag, tma):
+            for own, loop, w, st, keys_major, cap in A._candidates(tag, d, torch.bfloat16, cuda, tma):
                 assert ("_attn_bwd_dkdv_kernel", loop, own, w, st, cap, bd, tma, atomic, keys_major) in static
-        for own, loop, w, st, _, cap in A._bwd_tiles(d, torch.bfloat16, cuda, "dq", tma):
+        for own, loop, w, st, _, cap in A._candidates("dq", d, torch.bfloat16, cuda, tma):
             assert ("_attn_bwd_dq_kernel", own, loop, w, st, cap, bd, tma, None, None) in static
 
 
@@ -540,10 +539,10 @@ def test_gpu_tiles_under_the_interpreter(monkeypatch, d, rope_dims, strategy):
     timed = _fake_autotune_timers(monkeypatch, **{tag: A._tuner(tag, A._size_class(130, 130))
                                                   for tag in ("fwd", "dkdv", "dq", "fused")})
     _check(lens, lens, 2, 1, d, torch.float16, seed=4, rope_dims=rope_dims)
-    n_fwd = len(A._fwd_tiles(d, torch.float16, torch.device("cuda")))
+    n_fwd = len(A._candidates("fwd", d, torch.float16, torch.device("cuda")))
     assert timed.get("fwd", 0) == (n_fwd if n_fwd > 1 else 0)
     for tag in (("dkdv", "dq") if strategy == "split" else ("fused",)):
-        n_bwd = len(A._bwd_tiles(d, torch.float16, torch.device("cuda"), tag))
+        n_bwd = len(A._candidates(tag, d, torch.float16, torch.device("cuda")))
         assert timed.get(tag, 0) == (n_bwd if n_bwd > 1 else 0), tag
     unused = {"fused"} if strategy == "split" else {"dkdv", "dq"}
     assert not unused & set(timed), "the other strategy's kernels ran"
@@ -583,9 +582,9 @@ def test_gpu_tiles_through_descriptors_under_the_interpreter(monkeypatch, d, rop
     timed = _fake_autotune_timers(monkeypatch, **{tag: A._tuner(tag, A._size_class(130, 130)) for tag in tags})
     _check(lens, lens, 2, 1, d, torch.float16, seed=4, rope_dims=rope_dims)
     cuda = torch.device("cuda")
-    assert timed["fwd_tma"] == len(A._fwd_tiles(d, torch.float16, cuda, tma=True))
+    assert timed["fwd_tma"] == len(A._candidates("fwd", d, torch.float16, cuda, tma=True))
     for tag in tags[1:]:
-        assert timed[tag] == len(A._bwd_tiles(d, torch.float16, cuda, tag.removesuffix("_tma"), tma=True)), tag
+        assert timed[tag] == len(A._candidates(tag.removesuffix("_tma"), d, torch.float16, cuda, tma=True)), tag
 
 
 @pytest.mark.skipif(DEVICE.type != "cpu", reason="forces GPU tiles under the interpreter")

@@ -601,8 +601,6 @@ _FWD_TILES = {
     "masked": [(64, 64, 8, 2), (64, 64, 8, 3), (64, 32, 8, 2), (128, 64, 8, 3)],
     "d256": [(64, 32, 8, 2), (64, 32, 8, 1)],
 }
-# candidates of the TMA forward only, after those above
-_FWD_TMA_EXTRA = {"d128": [Tile(128, 64, 8, 2, maxnreg=128)]}
 _BWD_TILES = {
     "dkdv": {
         # the default: flex_attention's sm_90 tile, spill-free here and all on wgmma (the
@@ -641,12 +639,14 @@ _BWD_TILES = {
         "d256": [(32, 16, 4, 1)],
     },
 }
-# candidates of the TMA backward only, after those above: more 128-key dK/dV blocks
+# candidates of the TMA variants only, after those above: in the forward a capped tile
+# (see above); in the backward more 128-key dK/dV blocks
 # (FlashAttention-2's D = 128 backward tile is 128 keys x 64 queries), where the
 # descriptors' register savings show most (Triton 3.6: 24-52 B spilled in the head loop,
 # none in the query loop; 24-432 B with pointers); dQ 128 x 128 (255 registers,
 # spill-free)
-_BWD_TMA_EXTRA = {
+_TMA_EXTRA = {
+    "fwd": {"d128": [Tile(128, 64, 8, 2, maxnreg=128)]},
     "dkdv": {"d128": [Tile(128, 64, 8, 2, keys_major=True), Tile(128, 64, 8, 1, keys_major=True),
                       Tile(128, 32, 8, 3, keys_major=True)]},
     "fused": {"d128": [Tile(128, 32, 8, 2, keys_major=True)]},
@@ -668,13 +668,19 @@ def _as_tiles(lists: dict) -> dict:
     return {c: [Tile(*t) for t in tiles] for c, tiles in lists.items()}
 
 
-# {kernel tag: {head-dim class: candidate Tiles}}, built once (looked up on every launch)
-_TILE_LISTS = {"fwd": _as_tiles(_FWD_TILES),
-               "fwd_tma": _as_tiles({c: tiles + _FWD_TMA_EXTRA.get(c, []) for c, tiles in _FWD_TILES.items()}),
-               **{tag: _as_tiles(lists) for tag, lists in _BWD_TILES.items()},
-               **{tag + "_tma": _as_tiles({c: tiles + _BWD_TMA_EXTRA.get(tag, {}).get(c, [])
-                                           for c, tiles in lists.items()})
-                  for tag, lists in _BWD_TILES.items()}}
+def _with_tma_variants(lists_by_kernel: dict) -> dict:
+    """{tag: {class: Tiles}} for every kernel and its "_tma" variant (its list plus
+    _TMA_EXTRA's)."""
+    out = {}
+    for tag, lists in lists_by_kernel.items():
+        out[tag] = _as_tiles(lists)
+        out[tag + "_tma"] = _as_tiles({c: tiles + _TMA_EXTRA.get(tag, {}).get(c, []) for c, tiles in lists.items()})
+    return out
+
+
+# {kernel tag: {head-dim class: candidate Tiles}}, built once (looked up on every launch):
+# "fwd", "dkdv", "fused", "dq", each also with "_tma"
+_TILE_LISTS = _with_tma_variants({"fwd": _FWD_TILES, **_BWD_TILES})
 
 
 def _block_d(d: int) -> int:
@@ -693,16 +699,9 @@ def _half_on_gpu(dtype: torch.dtype, device: torch.device) -> bool:
     return device.type == "cuda" and dtype in (torch.float16, torch.bfloat16)
 
 
-def _fwd_tiles(d: int, dtype: torch.dtype, device: torch.device, tma: bool = False) -> list[Tile]:
-    """The forward's candidates (tma: those of the TMA variant)."""
-    if _half_on_gpu(dtype, device):
-        return _tile_lists("fwd_tma" if tma else "fwd")[_tile_class(d)]
-    return [_SMALL]
-
-
-def _bwd_tiles(d: int, dtype: torch.dtype, device: torch.device, kernel: str, tma: bool = False) -> list[Tile]:
-    """kernel: "dkdv", "dq" or "fused" (dK/dV with atomic dQ); tma: those of the variant
-    that streams its operands through tensor descriptors."""
+def _candidates(kernel: str, d: int, dtype: torch.dtype, device: torch.device, tma: bool = False) -> list[Tile]:
+    """The candidate tiles of a launch of `kernel` ("fwd", "dkdv", "dq" or "fused": dK/dV
+    with atomic dQ); tma: those of the variant that reads through tensor descriptors."""
     if _half_on_gpu(dtype, device):
         return _tile_lists(kernel + "_tma" if tma else kernel)[_tile_class(d)]
     return [_SMALL_FUSED if kernel == "fused" else _SMALL]
@@ -722,8 +721,8 @@ def _prune(tag: str):
 
 
 def _tile_lists(tag: str) -> dict:
-    """{head-dim class: candidate Tiles} of kernel `tag` ("fwd", "fwd_tma", "dkdv",
-    "fused", "dq")."""
+    """{head-dim class: candidate Tiles} of kernel `tag` ("fwd", "dkdv", "fused", "dq",
+    each also with "_tma")."""
     return _TILE_LISTS[tag]
 
 
@@ -1036,7 +1035,7 @@ def varlen_attention_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_
 
     def run(variant: str):
         tma = variant == "tma"
-        tiles = _fwd_tiles(d, q.dtype, q.device, tma)
+        tiles = _candidates("fwd", d, q.dtype, q.device, tma)
         kk, vv = _row_descriptors(k, v, tiles[0].loop) if tma else (k, v)
         args = (q, kk, vv, out, lse, cu_q, cu_k,
                 q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
@@ -1129,7 +1128,7 @@ def varlen_attention_bwd(grad_out, q, k, v, out, lse, grad_lse, cu_seqlens_q, cu
         # -- dK, dV (and, atomic-dq, dQ): one key block x kv head --
         kernel = "fused" if atomic else "dkdv"
         tag = kernel + "_tma" if tma else kernel
-        tiles = _bwd_tiles(d, q.dtype, q.device, kernel, tma)
+        tiles = _candidates(kernel, d, q.dtype, q.device, tma)
         qq, dout = _row_descriptors(q, grad_out, tiles[0].loop) if tma else (q, grad_out)
         rows = _stats_descriptor(stats, tiles[0].loop) if tma else stats
         args = (qq, k, v, dout, rows, gk, gv, gq, cu_q, cu_k,
@@ -1143,7 +1142,7 @@ def varlen_attention_bwd(grad_out, q, k, v, out, lse, grad_lse, cu_seqlens_q, cu
         # -- dQ: one query block x head --
         if not atomic:
             tag = "dq_tma" if tma else "dq"
-            tiles = _bwd_tiles(d, q.dtype, q.device, "dq", tma)
+            tiles = _candidates("dq", d, q.dtype, q.device, tma)
             kk, vv = _row_descriptors(k, v, tiles[0].loop) if tma else (k, v)
             args = (q, kk, vv, grad_out, stats, gq, cu_q, cu_k,
                     q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
@@ -1212,7 +1211,7 @@ def aot_specs() -> list[dict]:
                                      if d % 16 else [])
         # the TMA variant where its layout condition can hold (head dims 64, 128)
         for tma in ((False, True) if d in (64, 128) and dtype != "fp32" else (False,)):
-            for i, tile in enumerate(_fwd_tiles(d, tdt, torch.device("cuda"), tma)):
+            for i, tile in enumerate(_candidates("fwd", d, tdt, torch.device("cuda"), tma)):
                 bm, bn, w, st = tile[:4]
                 ce = dict(base, BLOCK_M=bm, BLOCK_N=bn, TMA=tma)
                 signature = sig(dtype, fwd_sig, ce)
@@ -1226,7 +1225,7 @@ def aot_specs() -> list[dict]:
         for tma in ((False, True) if d in (64, 128) and dtype != "fp32" else (False,)):
             suffix = "_tma" if tma else ""
             for kernel, atomic in (("dkdv", False), ("fused", True)):
-                for i, tile in enumerate(_bwd_tiles(d, tdt, torch.device("cuda"), kernel, tma)):
+                for i, tile in enumerate(_candidates(kernel, d, tdt, torch.device("cuda"), tma)):
                     own, loop, w, st = tile[:4]
                     ce = dict(base, **_tile_meta(kernel, tile), ATOMIC_DQ=atomic, TMA=tma)
                     signature = sig(dtype, dkdv_sig, ce, out=("DK", "DV"))
@@ -1241,7 +1240,7 @@ def aot_specs() -> list[dict]:
                                   "constexprs": ce, "num_warps": w, "num_stages": st, "maxnreg": tile.maxnreg,
                                   "expect_mma": mma and own >= 64, "expect_tma": tma,
                                   "spill_budget": SPILL_BUDGET if i else 0, "unaligned_args": unaligned})
-            for i, tile in enumerate(_bwd_tiles(d, tdt, torch.device("cuda"), "dq", tma)):
+            for i, tile in enumerate(_candidates("dq", d, tdt, torch.device("cuda"), tma)):
                 own, loop, w, st = tile[:4]
                 ce = dict(base, BLOCK_M=own, BLOCK_N=loop, TMA=tma)
                 signature = sig(dtype, dq_sig, ce, out=("DQ",))
