@@ -64,8 +64,9 @@ HunyuanVideo (HunyuanVideoTransformer3DModel, T2V and token-replace I2V)
 
 Not supported
   Attention masks: Wan and CogVideoX never pass one; a mask there (or a HunyuanVideo mask
-  that is not a key prefix) raises ValueError rather than being ignored. Context parallelism (processor._parallel_config) raises
-  NotImplementedError. diffusers' set_attention_backend(...) conflicts with these
+  that is not a key prefix) raises ValueError rather than being ignored. Context
+  parallelism (processor._parallel_config) raises NotImplementedError.
+  diffusers' set_attention_backend(...) conflicts with these
   processors and raises; the vdit_kernels backend is chosen with backend= (or
   vk.use_backend, VDIT_BACKEND). To go back, set the model's original processors
   (model.set_attn_processor(WanAttnProcessor())); the rope hook left in place is harmless.
