@@ -12,6 +12,7 @@ run in float64 (tolerance of the table), Triton cases (the interpreter on CPU, i
 workers) in float32 against the float32 reference, 1e-4 as in test_attention_triton.
 """
 import os
+import warnings
 from datetime import timedelta
 from unittest import mock
 
@@ -193,14 +194,9 @@ def _case_inputs(index):
     return pack, x, rope
 
 
-def _worker(rank, store, out_dir):
-    # the workers run CPU tensors on gloo (one GPU cannot host two NCCL ranks), so their
-    # Triton kernels run under the interpreter: _spawn sets TRITON_INTERPRET=1 in the
-    # environment the workers start with, before they import triton
-    torch.set_num_threads(1)
-    # an exception here reaches the parent with its traceback (mp.spawn, below)
-    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank,
-                            world_size=WORLD, timeout=timedelta(seconds=60))
+def _run_cases(rank):
+    """Every case on this rank: each scheme's shard results and gradients, and the
+    cross-attention's."""
     results = {}
     for index, (name, backend, *_) in enumerate(CASES):
         pack, x, rope = _case_inputs(index)
@@ -229,6 +225,24 @@ def _worker(rank, store, out_dir):
         r.update(x_out=out.detach(), x_lse=lse.detach(), x_dq=q.grad, x_dk=kt.grad,
                  x_dv=vt.grad)
         results[name] = r
+    return results
+
+
+def _worker(rank, store, out_dir):
+    # the workers run CPU tensors on gloo (one GPU cannot host two NCCL ranks), so their
+    # Triton kernels run under the interpreter: _spawn sets TRITON_INTERPRET=1 in the
+    # environment the workers start with, before they import triton
+    torch.set_num_threads(1)
+    # an exception here reaches the parent with its traceback (mp.spawn, below)
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank,
+                            world_size=WORLD, timeout=timedelta(seconds=60))
+    # deprecation warnings of torch.distributed (a user would see them on every call)
+    with warnings.catch_warnings(record=True) as records:
+        warnings.simplefilter("always")
+        results = _run_cases(rank)
+    results["warnings"] = sorted({str(w.message) for w in records
+                                  if issubclass(w.category, (FutureWarning, DeprecationWarning))
+                                  and "torch.distributed" in str(w.message)})
     errors = []
     pack = _pack()
     for h, hk in ((3, 3), (6, 3)):
@@ -321,6 +335,14 @@ def test_sequence_parallel_matches_single_process(ulysses_runs, index, scheme):
         assert torch.equal(run["gathered"], _gather(runs, "out", n))
     # the padding row (token 39, on rank 1) gets no gradient from the zero upstream gradient
     assert torch.all(runs[1]["dq"][n - 20:] == 0)
+
+
+def test_collectives_raise_no_deprecation_warning(ulysses_runs):
+    # torch 2.14 deprecates all_gather_into_tensor and reduce_scatter_tensor (a FutureWarning
+    # on every call); the schemes use all_gather_single / reduce_scatter_single where torch
+    # has them
+    for run in ulysses_runs:
+        assert run["warnings"] == []
 
 
 @pytest.mark.parametrize("index", range(len(CASES)), ids=[c[0] for c in CASES])

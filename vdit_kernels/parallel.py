@@ -182,6 +182,13 @@ class _AllToAll(torch.autograd.Function):
         return back(grad.contiguous(), group, world_size), None, None, None
 
 
+# all_gather_single / reduce_scatter_single are the current names (torch 2.13 has them;
+# 2.14 deprecates all_gather_into_tensor / reduce_scatter_tensor with a FutureWarning on
+# every call); torch 2.11, the GPU machines', has only the old ones
+_all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+_reduce_scatter_single = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+
+
 class _AllGather(torch.autograd.Function):
     """(n, ...) shard -> (P*n, ...) on every rank; backward: sum the gradients of each rank's
     copy and keep this rank's rows (reduce-scatter; all-reduce + slice where the process
@@ -192,7 +199,7 @@ class _AllGather(torch.autograd.Function):
         ctx.args = (group, world_size)
         x = x.contiguous()
         out = x.new_empty((world_size * x.shape[0],) + tuple(x.shape[1:]))
-        dist.all_gather_into_tensor(out, x, group=group)
+        _all_gather_single(out, x, group=group)
         return out
 
     @staticmethod
@@ -202,7 +209,7 @@ class _AllGather(torch.autograd.Function):
         n = grad.shape[0] // world_size
         if dist.get_backend(group) == "nccl":
             out = grad.new_empty((n,) + tuple(grad.shape[1:]))
-            dist.reduce_scatter_tensor(out, grad, group=group)
+            _reduce_scatter_single(out, grad, group=group)
             return out, None, None
         grad = grad.clone()
         dist.all_reduce(grad, group=group)
