@@ -567,7 +567,12 @@ def _attn_bwd_dq_kernel(
 # products like "split", 2.3x our throughput per product) with dK/dV 128 keys x 64
 # queries keys-major and dQ 128 x 64, both at 3 stages and 8 warps (its sm_90 default
 # for head dims 64-128): both are candidates here, and that dQ tile (spill-free) is the
-# default. Extra candidates may spill up to SPILL_BUDGET bytes (the static report
+# default. Beyond its tiles flex has no leaner loop: its backward template (torch
+# 2.11's flex_backwards.py.jinja written out for no score_mod and lengths that are not
+# block multiples, the mixed pack's case) compiled for sm_90a under Triton 3.6 at those
+# tiles issues 898 instructions per dK/dV step (255 registers, 128 B spilled) and 537 per
+# dQ step, against 412 and 384 for the same tiles here (24 and 20 wgmma each on both).
+# Extra candidates may spill up to SPILL_BUDGET bytes (the static report
 # checks it); the autotuner keeps them only where they measure faster.
 # Classes: "d64" BLOCK_D <= 64; "d128" D == 128; "masked" 64 < D < 128 (72, 80, 96: a
 # 128-column tile with masked columns; with 4-byte accesses, as a head dim of 72 got
