@@ -77,7 +77,8 @@ def cases(device: str, quick: bool, workloads, providers=None):
         n, k = wl.num_tokens, wl.features
         cost = {"patchify": dict(bytes=flops.patchify_bytes(n, k, elt)),
                 "unpatchify": dict(bytes=flops.patchify_bytes(n, k, elt)),
-                "patch_embed": dict(flops=flops.patch_embed_flops(n, k, wl.hidden))}
+                "patch_embed": dict(flops=flops.patch_embed_flops(n, k, wl.hidden),
+                                    bytes=flops.patch_embed_bytes(n, k, wl.hidden, elt))}
 
         def add(name, provider, make, **kw):
             if wanted(provider, providers):
@@ -89,7 +90,8 @@ def cases(device: str, quick: bool, workloads, providers=None):
             if wanted(provider, providers):
                 out.append(Case(OP, "patch_embed", "fwd+bwd", wl, provider,
                                 lambda: _embed_case(wl, device, embed, "fwd+bwd"),
-                                flops=3 * cost["patch_embed"]["flops"]))
+                                flops=3 * cost["patch_embed"]["flops"],
+                                bytes=flops.patch_embed_bytes(n, k, wl.hidden, elt, "fwd+bwd")))
 
         for b in VDIT_BACKENDS:
             for name in ("patchify", "unpatchify", "patch_embed"):

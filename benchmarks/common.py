@@ -38,7 +38,8 @@ class Case:
     provider: str
     build: Callable[[], Prepared]
     flops: Optional[float] = None   # compute-bound ops: TFLOP/s against the matmul limit
-    bytes: Optional[float] = None   # memory-bound ops: GB/s against the copy limit
+    bytes: Optional[float] = None   # memory-bound ops: GB/s against the copy limit; with
+                                    # flops too: TFLOP/s against the roofline (the larger time)
     note: str = ""
 
     @property

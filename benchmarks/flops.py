@@ -4,7 +4,11 @@ Attention (block-diagonal over a pack, no causal mask), per head of size D:
     forward  FLOPs = 4 * sum_i(Lq_i * Lk_i) * H * D     (QK^T and PV, 2 FLOPs per MAC)
     backward FLOPs = 2.5 * forward                       (dV, dP, dS->dQ, dK: 5 matmuls vs 2)
     fwd+bwd  FLOPs = 3.5 * forward
-patch_embed (a GEMM): 2 * N * K * hidden, K = C * pt * ph * pw.
+patch_embed (a GEMM): 2 * N * K * hidden, K = C * pt * ph * pw; with K = 64 (16 channels,
+    patch 1x2x2) it does 64 FLOPs per byte of its (N, hidden) output, so on an H100 the
+    bytes bound it (64 x ~3 TB/s = ~190 TFLOP/s, far below the matmul peak): its limit is
+    the roofline, the larger of FLOPs / matmul peak and bytes / copy bandwidth, with the
+    fewest bytes any implementation must move (patch_embed_bytes).
 Memory-bound ops count the bytes read plus the bytes written:
     patchify / unpatchify: 2 * N * K * element size
     3D RoPE of q and k:    2 * N * (Hq + Hk) * D * element size (+ positions, int32 (N, 3))
@@ -31,6 +35,22 @@ def attention_flops(seqlens_q: Sequence[int], seqlens_k: Sequence[int], heads: i
 def patch_embed_flops(num_tokens: int, features: int, hidden: int) -> float:
     """2 * N * K * hidden (bias adds are ignored)."""
     return 2.0 * num_tokens * features * hidden
+
+
+def patch_embed_bytes(num_tokens: int, features: int, hidden: int, element_size: int,
+                      mode: str = "fwd") -> float:
+    """The fewest bytes patch_embed can move. fwd: read the latents (N x K) and the weight
+    (hidden x K), write (N, hidden) (the bias is negligible). fwd+bwd with every input
+    requiring grad adds: read the output gradient (N, hidden) once (one pass can feed both
+    grad-latents and grad-weight), the latents and the weight again, write grad-latents
+    and grad-weight. The (N, hidden) terms dominate: N x hidden x 2 elements for fwd+bwd."""
+    fwd = (num_tokens * features + hidden * features + num_tokens * hidden) * element_size
+    if mode == "fwd":
+        return float(fwd)
+    if mode != "fwd+bwd":
+        raise ValueError(f"mode must be fwd or fwd+bwd, got {mode!r}")
+    bwd = (num_tokens * hidden + 2 * (num_tokens * features + hidden * features)) * element_size
+    return float(fwd + bwd)
 
 
 def patchify_bytes(num_tokens: int, features: int, element_size: int) -> float:

@@ -27,6 +27,8 @@ def render(data: dict, ops=None, modes=None) -> str:
             continue
         thr = f"{r['tflops']:.1f} TFLOP/s" if "tflops" in r else (f"{r['gbs']:.0f} GB/s" if "gbs" in r else "-")
         pct = f"{r['pct_of_limit']:.0f}%" if "pct_of_limit" in r else "-"
+        if str(r.get("limit", "")).startswith("roofline"):  # bytes bound this GEMM, not FLOPs
+            pct += f" ({r['limit']})"
         if r.get("kernel_ms"):  # the kernels' own device time, host overhead excluded
             thr += f" (kernels {r['kernel_gbs']:.0f} GB/s)"
             pct += (f" (kernels {r['kernel_pct_of_limit']:.0f}%" +

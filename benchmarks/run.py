@@ -131,7 +131,13 @@ def run_case(case, device: str, quick: bool, lim: dict) -> dict:
         row.update(prepared.extra)
         sec = t["median_ms"] * 1e-3
         row["tokens_per_s"] = wl.num_tokens / sec
-        if case.flops:
+        if case.flops and case.bytes:  # a GEMM the bytes may bound: the roofline is its limit
+            row["tflops"] = case.flops / sec / 1e12
+            compute_s = case.flops / (lim["compute_tflops"] * 1e12)
+            memory_s = case.bytes / (lim["bandwidth_gbs"] * 1e9)
+            row["pct_of_limit"] = 100 * max(compute_s, memory_s) / sec
+            row["limit"] = "roofline: " + ("memory" if memory_s > compute_s else "compute")
+        elif case.flops:
             row["tflops"] = case.flops / sec / 1e12
             row["pct_of_limit"] = 100 * row["tflops"] / lim["compute_tflops"]
             row["limit"] = "compute"
@@ -238,6 +244,8 @@ def table(rows: list[dict], op: str) -> str:
             continue
         thr = f"{r['tflops']:.2f} TFLOP/s" if "tflops" in r else (f"{r['gbs']:.1f} GB/s" if "gbs" in r else "-")
         pct = f"{r['pct_of_limit']:.1f}%" if "pct_of_limit" in r else "-"
+        if str(r.get("limit", "")).startswith("roofline"):
+            pct += f" ({r['limit']})"
         if r.get("kernel_ms"):  # memory-bound ops: also the kernels' own time, host overhead excluded
             thr += f"; kernels {r['kernel_ms']:.3f} ms = {r['kernel_gbs']:.0f} GB/s"
             pct += f"; kernels {r['kernel_pct_of_limit']:.1f}%"

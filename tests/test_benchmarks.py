@@ -28,6 +28,13 @@ def test_attention_flops_hand_computed():
 
 def test_other_formulas():
     assert flops.patch_embed_flops(10, 64, 3072) == 2 * 10 * 64 * 3072
+    # read latents (10 x 64) and weight (3072 x 64), write the output (10 x 3072), bf16
+    assert flops.patch_embed_bytes(10, 64, 3072, 2) == (640 + 3072 * 64 + 10 * 3072) * 2
+    # fwd+bwd: also the output gradient once, latents and weight again, their gradients
+    assert flops.patch_embed_bytes(10, 64, 3072, 2, "fwd+bwd") == \
+        (640 + 3072 * 64 + 10 * 3072) * 2 + (10 * 3072 + 2 * (640 + 3072 * 64)) * 2
+    with pytest.raises(ValueError):
+        flops.patch_embed_bytes(10, 64, 3072, 2, "bwd")
     assert flops.patchify_bytes(10, 64, 2) == 2 * 10 * 64 * 2
     assert flops.rope_bytes(10, 4, 2, 8, 2, position_bytes=0) == 2 * 10 * 6 * 8 * 2
 
@@ -190,6 +197,30 @@ def test_memory_bound_rows_show_the_kernels_against_both_copies():
                kernel_gbs=1250.0, kernel_pct_of_limit=41.7, copy_kernel_ms=0.006, kernel_pct_of_copy=75.0)
     line = table([row], "patch").splitlines()[-1]
     assert "kernels 0.008 ms = 1250 GB/s" in line and "kernels 41.7%, 75% of a same-size copy" in line
+
+
+def test_gemm_bound_by_bytes_is_judged_against_the_roofline(monkeypatch):
+    # patch_embed (K = 64) at the mixed pack's size: 16.3 GFLOP and 260 MB; with 693 TFLOP/s
+    # and 3000 GB/s the bytes take 86.8 us, the FLOPs 23.5 us: the limit is the memory roofline
+    import benchmarks.run as run
+    from benchmarks.common import Case, Prepared
+    from benchmarks.workloads import WORKLOADS
+
+    monkeypatch.setattr(run, "bench", lambda fn, device, quick, grad_to_none=None:
+                        dict(median_ms=0.1, min_ms=0.1, max_ms=0.1))
+    lim = {"compute_tflops": 693.0, "bandwidth_gbs": 3000.0}
+    f, b = flops.patch_embed_flops(41430, 64, 3072), flops.patch_embed_bytes(41430, 64, 3072, 2)
+    case = Case("patch", "patch_embed", "fwd", WORKLOADS["cpu-tiny"], "p", lambda: Prepared(lambda: None),
+                flops=f, bytes=b)
+    row = run.run_case(case, "cpu", True, lim)
+    assert row["limit"] == "roofline: memory"
+    assert row["tflops"] == pytest.approx(f / 1e-4 / 1e12)
+    assert row["pct_of_limit"] == pytest.approx(100 * (b / 3000e9) / 1e-4)
+    assert "(roofline: memory)" in run.table([row], "patch").splitlines()[-1]
+    # FLOPs alone: the matmul limit, as before
+    row = run.run_case(Case("patch", "patch_embed", "fwd", WORKLOADS["cpu-tiny"], "p",
+                            lambda: Prepared(lambda: None), flops=f), "cpu", True, lim)
+    assert row["limit"] == "compute" and row["pct_of_limit"] == pytest.approx(100 * row["tflops"] / 693.0)
 
 
 def test_error_probe_reports_each_case():
