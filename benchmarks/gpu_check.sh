@@ -9,7 +9,8 @@
 #   bash benchmarks/gpu_check.sh bench [--quick] # python -m benchmarks.run (args go to run.py)
 #   bash benchmarks/gpu_check.sh all --quick     # all steps, args go to run.py
 #   bash benchmarks/gpu_check.sh lease           # one short device lease (about 9 minutes):
-#       build; the tests (GPU-only ones included, capped at TEST_TIMEOUT, default 120 s);
+#       build; the tests (capped at TEST_TIMEOUT, default 120 s; on a GPU the GPU-only tests
+#       and the bfloat16 cases, what CPU CI cannot run, come first: conftest.gpu_tests_first);
 #       attention on the mixed pack, the vdit-triton rows and the peers the issue judges
 #       it by, torch-varlen and flex-attention (ATTN_TIMEOUT, default 185 s: the first
 #       backward autotunes about 40 tiles, the first forward 11); patch ops and RoPE on

@@ -37,7 +37,28 @@ TOLERANCES = {
 DOT_DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if HAS_CUDA else [])
 ALL_DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
-gpu_only = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
+
+
+def gpu_only(test):
+    """Runs where CUDA is available, skipped elsewhere with a reason; marked "gpu"."""
+    return pytest.mark.gpu(pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")(test))
+
+
+def gpu_tests_first(items) -> None:
+    """Reorders collected tests in place (stable): the GPU-only ones and the bfloat16 cases
+    (the interpreter cannot run bfloat16 dots) first, the rest after. A GPU is lent for
+    minutes and the GPU script caps the tests: what CI cannot check runs before what it did."""
+    def covered_on_cpu(item) -> bool:
+        params = getattr(item, "callspec", None)
+        bf16 = params is not None and any(v is torch.bfloat16 for v in params.params.values())
+        return not (item.get_closest_marker("gpu") is not None or bf16)
+    items.sort(key=covered_on_cpu)
+
+
+def pytest_collection_modifyitems(config, items):
+    if HAS_CUDA:
+        gpu_tests_first(items)
+
 # scripts/compat.sh installs the package without its compile step (other torch version)
 needs_extension = pytest.mark.skipif(os.environ.get("VDIT_SKIP_BUILD") == "1",
                                      reason="installed with VDIT_SKIP_BUILD=1: no vdit_kernels._C")

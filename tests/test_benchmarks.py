@@ -260,3 +260,26 @@ def test_flash_attn_rotary_peer_computes_our_interleaved_rope():
     expected, _ = ref.apply_rope_3d(q, q, None, dims, positions=positions)
     got = apply_rotary(q[None], angles.cos(), angles.sin(), interleaved=True)[0]
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_gpu_tests_run_first_on_a_gpu():
+    # benchmarks/gpu_check.sh caps the tests of a short GPU lease: on a GPU, conftest puts
+    # the GPU-only tests and the bfloat16 cases (what the CPU CI cannot run) first
+    from types import SimpleNamespace
+
+    from conftest import gpu_only, gpu_tests_first
+
+    def item(name, gpu=False, dtype=None):
+        it = SimpleNamespace(name=name, get_closest_marker=lambda m: object() if gpu and m == "gpu" else None)
+        if dtype is not None:
+            it.callspec = SimpleNamespace(params={"dtype": dtype, "d": 64})
+        return it
+    items = [item("a"), item("b", dtype=torch.float16), item("c", gpu=True), item("d", dtype=torch.bfloat16),
+             item("e"), item("f", gpu=True, dtype=torch.float32)]
+    gpu_tests_first(items)
+    assert [it.name for it in items] == ["c", "d", "f", "a", "b", "e"]
+
+    @gpu_only
+    def marked():
+        pass
+    assert {m.name for m in marked.pytestmark} == {"gpu", "skipif"}
