@@ -38,7 +38,6 @@ DOT_DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if HAS_CUDA else
 ALL_DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
 
-
 def gpu_only(test):
     """Runs where CUDA is available, skipped elsewhere with a reason; marked "gpu"."""
     return pytest.mark.gpu(pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")(test))
@@ -58,6 +57,7 @@ def gpu_tests_first(items) -> None:
 def pytest_collection_modifyitems(config, items):
     if HAS_CUDA:
         gpu_tests_first(items)
+
 
 # scripts/compat.sh installs the package without its compile step (other torch version)
 needs_extension = pytest.mark.skipif(os.environ.get("VDIT_SKIP_BUILD") == "1",
