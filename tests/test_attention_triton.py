@@ -238,9 +238,9 @@ def test_forward_through_tensor_descriptors(monkeypatch, dtype, d):
 @pytest.mark.parametrize("kernels", ["split", "atomic-dq"])
 def test_backward_through_tensor_descriptors(monkeypatch, dtype, d, kernels):
     # dK/dV read q and dO, dQ reads k and v by TMA descriptors: whole blocks, the query rows
-    # past a segment (the next segment's, or zeros past the end) get lse = +inf, hence P =
-    # dS = 0; the key rows past one get P = 0 in dQ. Lengths 0, 1 and ones that end inside
-    # a block, GQA, cross-attention with an empty key segment
+    # past a segment (the next segment's, or zeros past the end) get P = 0 from the tail
+    # block's select in dK/dV, the key rows past one P = 0 in dQ. Lengths 0, 1 and ones that
+    # end inside a block, GQA, cross-attention with an empty key segment
     from vdit_kernels.triton import attention as A
 
     monkeypatch.setenv("VDIT_ATTN_FWD", "pointers")

@@ -708,7 +708,7 @@ def _candidates(kernel: str, d: int, dtype: torch.dtype, device: torch.device, t
     """The candidate tiles of a launch of `kernel` ("fwd", "dkdv", "dq" or "fused": dK/dV
     with atomic dQ); tma: those of the variant that reads through tensor descriptors."""
     if _half_on_gpu(dtype, device):
-        return _tile_lists(kernel + "_tma" if tma else kernel)[_tile_class(d)]
+        return _TILE_LISTS[kernel + "_tma" if tma else kernel][_tile_class(d)]
     return [_SMALL_FUSED if kernel == "fused" else _SMALL]
 
 
@@ -719,21 +719,15 @@ def _prune(tag: str):
         call = {**named_args, **kwargs}  # where the constexprs arrive differs across versions
         # a tile is its constexprs and launch options
         wanted = {(tuple(sorted(_tile_meta(tag, t).items())), t.warps, t.stages, t.maxnreg)
-                  for t in _tile_lists(tag)[_tile_class(call["D"])]}
+                  for t in _TILE_LISTS[tag][_tile_class(call["D"])]}
         return [c for c in configs
                 if (tuple(sorted(c.kwargs.items())), c.num_warps, c.num_stages, c.maxnreg) in wanted]
     return prune
 
 
-def _tile_lists(tag: str) -> dict:
-    """{head-dim class: candidate Tiles} of kernel `tag` ("fwd", "dkdv", "fused", "dq",
-    each also with "_tma")."""
-    return _TILE_LISTS[tag]
-
-
 def _configs(tag: str, pre_hook=None) -> list:
     out, seen = [], set()
-    for cands in _tile_lists(tag).values():
+    for cands in _TILE_LISTS[tag].values():
         for tile in cands:
             if tile in seen:
                 continue
