@@ -51,6 +51,18 @@ def nvidia_tool(name: str) -> Path:
     return Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / name
 
 
+def ptxas_path(sm: int) -> Path:
+    """The ptxas Triton itself assembles sm_<sm> code with. Triton 3.9 runs its CUDA 13
+    ptxas (the binary named ptxas-blackwell) from sm_90 on and writes PTX that the CUDA 12
+    ptxas beside it rejects (".version 9.4"); earlier releases run the CUDA 12 one below
+    sm_100. The spill counts must come from the assembler that built the cubin."""
+    try:
+        from triton.backends.nvidia.compiler import get_ptxas
+    except ImportError:  # pragma: no cover - older Triton
+        return nvidia_tool("ptxas")
+    return Path(get_ptxas(sm).path)
+
+
 def with_unit_args(spec: dict) -> dict:
     """The spec with its "unit_args" turned into constexpr 1, as a launch specializes them."""
     unit = spec.get("unit_args", ())
@@ -121,10 +133,13 @@ def compile_spec(spec: dict) -> dict:
     import triton
     from triton.backends.compiler import GPUTarget
 
+    from vdit_kernels.triton import COMPILE_OPTIONS
+
     spec = with_unit_args(spec)
     src = triton.compiler.ASTSource(fn=spec["fn"], signature=spec["signature"],
                                     constexprs=spec.get("constexprs", {}), attrs=launch_attrs(spec))
-    options = {"num_warps": spec.get("num_warps", 4), "num_stages": spec.get("num_stages", 3)}
+    options = {"num_warps": spec.get("num_warps", 4), "num_stages": spec.get("num_stages", 3),
+               **COMPILE_OPTIONS}
     if spec.get("maxnreg"):  # a register cap, as the launch passes it
         options["maxnreg"] = spec["maxnreg"]
     kernel = triton.compile(src, target=GPUTarget("cuda", SM, 32), options=options)
@@ -139,7 +154,7 @@ def compile_spec(spec: dict) -> dict:
                               capture_output=True, text=True, check=True).stdout
         # ptxas -v counts spills exactly; STACK alone also holds e.g. the scratch array of
         # precise sinf/cosf argument reduction, which is not a spill
-        ptxas = subprocess.run([str(nvidia_tool("ptxas")), f"-arch=sm_{SM}a", "-v", str(ptx_file),
+        ptxas = subprocess.run([str(ptxas_path(SM)), f"-arch=sm_{SM}a", "-v", str(ptx_file),
                                 "-o", str(Path(tmp) / "check.cubin")],
                                capture_output=True, text=True, check=True).stderr
     fields = dict(re.findall(r"(REG|STACK|SHARED|LOCAL):(\d+)", usage))

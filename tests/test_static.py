@@ -18,6 +18,35 @@ def test_every_triton_module_lists_its_kernels():
         assert "def aot_specs(" in source, f"vdit_kernels/triton/{mod.name}.py has no aot_specs()"
 
 
+def _launches(source: str):
+    """(line, keyword names, ** names) of every `kernel[grid](...)` call in the source."""
+    import ast
+
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Call) and isinstance(node.func, ast.Subscript):
+            names = {k.arg for k in node.keywords if k.arg}
+            starred = {k.value.id for k in node.keywords if k.arg is None and isinstance(k.value, ast.Name)}
+            yield node.lineno, names, starred
+
+
+def test_every_kernel_launch_passes_the_compile_options():
+    # Triton 3.10 turns FMA contraction off by default (3.9 warns); every launch asks for
+    # it (vdit_kernels.triton.COMPILE_OPTIONS), so the kernels compile the same everywhere
+    launches = 0
+    for mod in pkgutil.iter_modules(triton_pkg.__path__):
+        path = Path(triton_pkg.__path__[0]) / f"{mod.name}.py"
+        for line, _, starred in _launches(path.read_text()):
+            launches += 1
+            assert "COMPILE_OPTIONS" in starred, f"{path.name}:{line} launches a kernel without **COMPILE_OPTIONS"
+    assert launches >= 10
+    assert triton_pkg.COMPILE_OPTIONS == {"enable_fp_fusion": True}
+
+
+def test_launch_finder_sees_a_launch_without_the_options():
+    found = list(_launches("k[(1,)](x, BLOCK=4, num_warps=4)\nk[g](x, **COMPILE_OPTIONS)\ny = a[0]"))
+    assert [(line, starred) for line, _, starred in found] == [(1, set()), (2, {"COMPILE_OPTIONS"})]
+
+
 def test_static_report_sm90a_no_spills(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     out = tmp_path / "static.json"

@@ -3,6 +3,13 @@
 import os
 from typing import Iterable
 
+# Compile options every kernel launch passes (and the static report compiles with).
+# enable_fp_fusion: a * b + c contracted into one FMA (the softmax's exp2 argument
+# s * scale - m, the rotations of RoPE). Triton has always defaulted to it, but 3.9 warns
+# in every process that the default turns to off in 3.10, which would add instructions to
+# every inner loop; asking for it keeps the kernels the same on every release.
+COMPILE_OPTIONS = {"enable_fp_fusion": True}
+
 
 def autotune_enabled() -> bool:
     """VDIT_AUTOTUNE=0 pins every autotuned kernel to its first (default) candidate."""

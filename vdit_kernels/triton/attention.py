@@ -89,7 +89,7 @@ except ImportError:  # pragma: no cover
     TensorDescriptor = None
 
 from .. import backend as _backend
-from . import autotune_enabled, autotuned_choices, pow2_dividing
+from . import COMPILE_OPTIONS, autotune_enabled, autotuned_choices, pow2_dividing
 from . import rope as triton_rope
 
 LOG2E = 1.4426950408889634
@@ -975,9 +975,9 @@ def _launch(raw, tuned, tag, grid_of, args, tiles, fixed: bool, **constexprs):
         meta = _tile_meta(tag, tile)
         options = {} if tile.maxnreg is None else {"maxnreg": tile.maxnreg}
         raw[grid_of(meta)](*args, **constexprs, **meta, num_warps=tile.warps, num_stages=tile.stages,
-                           **options)
+                           **options, **COMPILE_OPTIONS)
     else:
-        tuned[grid_of](*args, **constexprs)
+        tuned[grid_of](*args, **constexprs, **COMPILE_OPTIONS)
 
 
 def _row_align(*tensors: torch.Tensor, strides: tuple = ()) -> int:
@@ -1086,7 +1086,7 @@ def varlen_attention_bwd(grad_out, q, k, v, out, lse, grad_lse, cu_seqlens_q, cu
             out.stride(0), out.stride(1),
             grad_out.stride(0), grad_out.stride(1),
             lse.stride(0),
-            D=d, BLOCK_D=bd, BLOCK_M=pre_m, num_warps=4,
+            D=d, BLOCK_D=bd, BLOCK_M=pre_m, num_warps=4, **COMPILE_OPTIONS,
         )
         if grad_lse is not None:
             # d lse_i / d S_ij = P_ij: a gradient into lse shifts the row term of dS = P (dP - delta)

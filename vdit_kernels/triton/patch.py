@@ -82,7 +82,7 @@ import triton
 import triton.language as tl
 
 from ..pack import device_table
-from . import autotune_enabled, autotuned_choices, pow2_dividing
+from . import COMPILE_OPTIONS, autotune_enabled, autotuned_choices, pow2_dividing
 
 _META = 9  # int64 fields per video: ptr, strides c/t/h/w, first token, grid h/w/t
 
@@ -337,14 +337,15 @@ def _launch(kernel, packed, videos, patch_size):
         lines_kernel = _patchify_lines_kernel if kernel is _patchify_kernel else _unpatchify_lines_kernel
         lines_kernel[(programs,)](packed, table, table[b + 1:], packed.stride(0), f, f // pw, b,
                                   PT=pt, PH=ph, PW=pw, LOG_B=log_b, META=_META, BLOCK_W=block_w, RP=rp,
-                                  ALIGN=_line_align(videos, block_w * pw), num_warps=8)
+                                  ALIGN=_line_align(videos, block_w * pw), num_warps=8,
+                                  **COMPILE_OPTIONS)
         return
     block_t, block_f = _tiles(f)
     table, blocks = _tables(videos, (pt, ph, pw), block_t, packed.device)
     grid = (blocks, triton.cdiv(f, block_f))
     kernel[grid](packed, table, table[b + 1:], packed.stride(0), packed.stride(1), f, b,
                  PT=pt, PH=ph, PW=pw, LOG_B=log_b, META=_META,
-                 BLOCK_T=block_t, BLOCK_F=block_f, num_warps=4)
+                 BLOCK_T=block_t, BLOCK_F=block_f, num_warps=4, **COMPILE_OPTIONS)
 
 
 def patchify(videos, patch_size):
@@ -595,9 +596,10 @@ def _gather_gemm(videos, b_mat, bias, patch_size):
                       LOG_B=_log_b(b), META=_META, BLOCK_M=bm, FP=max(16, triton.next_power_of_2(f)))
         grid = (blocks, triton.cdiv(nout, per_program))
         if interp or not autotune_enabled() or v0.dtype == torch.float32:
-            _embed_kernel[grid](*args, **consts, BLOCK_N=bn, num_warps=warps, num_stages=stages)
+            _embed_kernel[grid](*args, **consts, BLOCK_N=bn, num_warps=warps, num_stages=stages,
+                                **COMPILE_OPTIONS)
         else:
-            _embed_tuned[grid](*args, **consts)
+            _embed_tuned[grid](*args, **consts, **COMPILE_OPTIONS)
         return out
     bm, bn, bk, warps = _SMALL if _interp(v0) else _GEMM_GPU
     table, blocks = _tables(videos, patch_size, bm, v0.device)
@@ -606,7 +608,7 @@ def _gather_gemm(videos, b_mat, bias, patch_size):
         out.stride(0), out.stride(1), b_mat.stride(0), b_mat.stride(1), nout, f, b,
         HAS_BIAS=bias is not None, IEEE=v0.dtype == torch.float32,
         PT=pt, PH=ph, PW=pw, LOG_B=_log_b(b), META=_META,
-        BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps)
+        BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, **COMPILE_OPTIONS)
     return out
 
 
@@ -632,7 +634,7 @@ def _scatter_gemm(x, b_mat, bias, shapes, patch_size, channels):
         x.stride(0), x.stride(1), b_mat.stride(0), b_mat.stride(1), hid, f, b,
         HAS_BIAS=bias is not None, IEEE=x.dtype == torch.float32,
         PT=pt, PH=ph, PW=pw, LOG_B=_log_b(b), META=_META,
-        BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps)
+        BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, **COMPILE_OPTIONS)
     return outs
 
 
@@ -667,7 +669,7 @@ def _wgrad(videos, dense, patch_size, bias):
         bias_part.stride(0), hid, f, b, blocks, per_split,
         BIAS={None: 0, "dense": 1, "gathered": 2}[bias], IEEE=v0.dtype == torch.float32,
         PT=pt, PH=ph, PW=pw, LOG_B=_log_b(b), META=_META,
-        BLOCK_T=bt, BLOCK_P=bp, BLOCK_Q=bq, num_warps=warps, num_stages=stages)
+        BLOCK_T=bt, BLOCK_P=bp, BLOCK_Q=bq, num_warps=warps, num_stages=stages, **COMPILE_OPTIONS)
     def total(partials):
         return partials[0] if splits == 1 else partials.sum(0)
     return total(part), (total(bias_part) if with_bias else None)

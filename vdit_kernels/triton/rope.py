@@ -39,6 +39,8 @@ import torch
 import triton
 import triton.language as tl
 
+from . import COMPILE_OPTIONS
+
 
 @triton.jit
 def _angles(pos_ptr, n64, nmask, log2_theta, ax1, ax2, j, d_a):
@@ -186,7 +188,7 @@ def _launch(q, k, qo, ko, positions, dims, theta, interleaved, inverse):
         math.log2(float(theta)),
         DT=dt, DH=dh, DW=dw, **meta,
         INTERLEAVED=bool(interleaved), INVERSE=bool(inverse),
-        num_warps=_NUM_WARPS,
+        num_warps=_NUM_WARPS, **COMPILE_OPTIONS,
     )
 
 
