@@ -29,8 +29,9 @@
 # scalar loads: 29% of copy bandwidth on H100, bound by instruction issue, not memory.
 # Tile: BLOCK_N * D_P ~ 4096 elements (D_P = the padded head dim), 16 per thread at 8
 # warps, i.e. two 16-byte vectors of bf16; rotate-half, whose cos/sin are per element,
-# 2048 (one vector a thread). ~60 registers either way, spill-free on sm_90a (4 warps
-# doubled them); cos and sin stay in registers across the head loop.
+# 2048 (one vector a thread). ~60 registers either way, capped at 64 (_MAX_REGISTERS: four
+# programs per SM), spill-free on sm_90a (4 warps doubled them); cos and sin stay in
+# registers across the head loop.
 from __future__ import annotations
 
 import math
@@ -150,6 +151,12 @@ def _rope_3d_kernel(
 
 _TILE_ELEMENTS = 4096  # 16 elements per thread at 8 warps: two 16-byte vectors of bf16
 _NUM_WARPS = 8
+# Four programs (32 warps) per SM need at most 65536 / (4 * 256) = 64 registers a thread.
+# The tiles fit in 56-64 under every Triton tried, but left to itself ptxas varies: CUDA
+# 12.9's (Triton 3.8) takes 80 for rotate-half (three programs per SM), CUDA 13.4's
+# (Triton 3.9) stops at 64 and spills 16-24 B for interleaved; with the cap all compile
+# to 59-64 registers, spill-free (benchmarks/static_report.py).
+_MAX_REGISTERS = 64
 
 
 def _meta(n: int, dims, heads: int, interleaved: bool, device: torch.device) -> tuple[dict, tuple]:
@@ -188,7 +195,7 @@ def _launch(q, k, qo, ko, positions, dims, theta, interleaved, inverse):
         math.log2(float(theta)),
         DT=dt, DH=dh, DW=dw, **meta,
         INTERLEAVED=bool(interleaved), INVERSE=bool(inverse),
-        num_warps=_NUM_WARPS, **COMPILE_OPTIONS,
+        num_warps=_NUM_WARPS, maxnreg=_MAX_REGISTERS, **COMPILE_OPTIONS,
     )
 
 
@@ -238,5 +245,5 @@ def aot_specs() -> list[dict]:
         sig.update({name: "constexpr" for name in constexprs})
         specs.append({"name": f"rope_3d {dtype} dims={dims} {'interleaved' if interleaved else 'half'}",
                       "fn": _rope_3d_kernel, "signature": sig, "constexprs": constexprs,
-                      "num_warps": _NUM_WARPS, "min_access_bytes": 16})
+                      "num_warps": _NUM_WARPS, "maxnreg": _MAX_REGISTERS, "min_access_bytes": 16})
     return specs
