@@ -57,6 +57,16 @@ def real_cuda_home():
     return None, "no nvcc on PATH, no CUDA_HOME, nothing in /usr/local/cuda"
 
 
+def toolkit_version(cuda_home: Path):
+    """(major, minor) of the toolkit, from CUDA_VERSION in its cuda.h (e.g. 13000), or None."""
+    try:
+        text = (cuda_home / "include" / "cuda.h").read_text(errors="ignore")
+    except OSError:
+        return None
+    m = re.search(r"#define\s+CUDA_VERSION\s+(\d+)", text)
+    return (int(m.group(1)) // 1000, int(m.group(1)) % 1000 // 10) if m else None
+
+
 def extensions():
     if os.environ.get("VDIT_SKIP_BUILD", "0") == "1":
         say("VDIT_SKIP_BUILD=1: not building vdit_kernels._C")
@@ -96,19 +106,27 @@ def extensions():
         return [ext], {"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)}
 
     os.environ.setdefault("TORCH_CUDA_ARCH_LIST", DEFAULT_ARCH_LIST)
-    include_dirs = [str(ROOT / "csrc")]
+    # the toolkit's own headers first: nvcc must compile against the runtime headers of its
+    # own release (torch >= 2.15's wheels carry a whole newer CUDA include folder)
+    include_dirs = [str(ROOT / "csrc"), str(cuda_home / "include")]
     # torch's ATen/cuda headers include cusparse.h / cublas_v2.h; a bare toolkit may lack
-    # them while torch's nvidia wheels ship them
-    for site in sys.path:
-        extra = Path(site) / "nvidia" / "cu13" / "include"
-        if extra.is_dir():
-            include_dirs.append(str(extra))
-            break
+    # them while torch's nvidia wheels ship them: that folder comes after the toolkit's
+    if not all((cuda_home / "include" / h).exists() for h in ("cusparse.h", "cublas_v2.h")):
+        for site in sys.path:
+            extra = Path(site) / "nvidia" / "cu13" / "include"
+            if extra.is_dir():
+                include_dirs.append(str(extra))
+                break
+    toolkit = toolkit_version(cuda_home)
+    if toolkit and torch_cuda and toolkit != tuple(int(x) for x in torch_cuda.split(".")[:2]):
+        say(f"note: the toolkit is CUDA {'.'.join(map(str, toolkit))}, torch was built with CUDA "
+            f"{torch_cuda} (torch's build accepts another minor version, not another major one)")
     # kernels (*.cu, nvcc) and their host sides (*_host.cpp: checks, planning, the
     # registered CUDA ops; host compiler)
     sources += sorted(str(p.relative_to(ROOT)) for p in (ROOT / "csrc").glob("*.cu"))
     sources += sorted(str(p.relative_to(ROOT)) for p in (ROOT / "csrc").glob("*_host.cpp"))
-    say(f"building CUDA kernels with the toolkit at {cuda_home} (found via {how}), torch CUDA "
+    say(f"building CUDA kernels with the CUDA {'.'.join(map(str, toolkit or ())) or '(version unknown)'} "
+        f"toolkit at {cuda_home} (found via {how}), torch CUDA "
         f"{torch_cuda}, TORCH_CUDA_ARCH_LIST={os.environ['TORCH_CUDA_ARCH_LIST']}, "
         f"MAX_JOBS={os.environ['MAX_JOBS']}, sources: {', '.join(sources)}")
     ext = cpp_extension.CUDAExtension(

@@ -5,20 +5,29 @@
 # path have differed between the two (register spills, dynamo's ContextVar support), so
 # both are checked. Own venv (.venv-compat); runs on a copy of the tree without the built
 # extension (it belongs to the other torch). Extra arguments go to pytest.
+# COMPAT_TORCH / COMPAT_TRITON pick other releases (own venv each), e.g. the newest:
+#   COMPAT_TORCH=2.15.0 COMPAT_TRITON=3.9.0 PIP_CONSTRAINT=/dev/null bash scripts/compat.sh
+# (PIP_CONSTRAINT: where a pip constraints file caps torch at the local mirror's release;
+# torch releases without a local CPU wheel come from PyPI as the CUDA build, ~4 GB).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 ROOT=$PWD
 PY=${PYTHON:-python3}
+TORCH_VERSION=${COMPAT_TORCH:-2.13.0}
+TRITON_VERSION=${COMPAT_TRITON:-3.6.0}
 V=$ROOT/.venv-compat
+if [ "$TORCH_VERSION/$TRITON_VERSION" != 2.13.0/3.6.0 ]; then
+  V=$ROOT/.venv-compat-torch$TORCH_VERSION-triton$TRITON_VERSION
+fi
 if [ ! -x "$V/bin/python" ]; then
-  echo "[compat] creating .venv-compat with $($PY --version)"
+  echo "[compat] creating $(basename "$V") with $($PY --version)"
   "$PY" -m venv "$V"
 fi
 quiet() { grep -v "^WARNING: Location 'file://.*' is ignored" || true; }
-echo "[compat] installing torch 2.13.0 (CPU), triton 3.6.0"
+echo "[compat] installing torch $TORCH_VERSION, triton $TRITON_VERSION in $(basename "$V")"
 # numpy < 2.3: the Triton 3.6 interpreter converts 1-element arrays with int(), which
 # newer numpy refuses (later Triton releases fixed it)
-if ! "$V/bin/python" -m pip install -q --disable-pip-version-check "torch==2.13.0" "triton==3.6.0" \
+if ! "$V/bin/python" -m pip install -q --disable-pip-version-check "torch==$TORCH_VERSION" "triton==$TRITON_VERSION" \
     "numpy<2.3" pytest einops setuptools wheel 2>&1 | quiet; then
   echo "[compat] pip install failed"; exit 1
 fi
