@@ -53,8 +53,9 @@
 # its products (queries-major or keys-major: _dkdv_step), dQ 128 x 64 (the default) to
 # 128 x 128, with 1 to 3 pipeline stages. Every candidate is in aot_specs() and compiled
 # by the sm_90a static report, which also counts each main loop's instructions.
-# VDIT_AUTOTUNE=0 or deterministic=True (backward) use the first candidate of the class,
-# so results do not depend on timing noise.
+# VDIT_AUTOTUNE=0 or deterministic=True (backward) use the first candidate of the class
+# (the first that fits, on GPUs with less shared memory than an H100: _launch), so
+# results do not depend on timing noise.
 # float32 inputs use 16 x 16 tiles and IEEE dots (no tf32; FMA, not tensor cores).
 # Under the Triton interpreter (CPU tests) tiles are 16 x 16: cheap, and small segments
 # still span several blocks so the masking paths are exercised.
@@ -82,6 +83,7 @@ from typing import NamedTuple, Optional
 import torch
 import triton
 import triton.language as tl
+from triton.runtime.errors import OutOfResources
 
 try:  # host-side TMA descriptors (Triton >= 3.4)
     from triton.tools.tensor_descriptor import TensorDescriptor
@@ -967,17 +969,40 @@ def _fastest(runs: dict) -> str:
     return best
 
 
+# (tag, tile, device) of fixed launches the GPU lacked the resources for (see _launch)
+_TOO_LARGE: set = set()
+
+
 def _launch(raw, tuned, tag, grid_of, args, tiles, fixed: bool, **constexprs):
     """Run `tuned` (autotuned over `tiles`) or, when fixed or there is one candidate, `raw`
-    with the first candidate. grid_of(meta) -> grid."""
-    if fixed or len(tiles) == 1 or not autotune_enabled():
-        tile = tiles[0]
+    with the first candidate the GPU has the resources for. grid_of(meta) -> grid.
+
+    The candidates are sized for an H100 (227 KB of shared memory a program); the D = 128
+    dQ default, 128 x 64 over 3 stages, takes 136 KB, which an sm_86 / sm_89 GPU (99 KB:
+    RTX 3090 / 4090, A10, L4, L40S) cannot hold. Triton's autotuner skips such tiles; a
+    fixed launch (deterministic=True, VDIT_AUTOTUNE=0) takes the next candidate in the
+    list instead, the same one on every GPU of a kind."""
+    if not (fixed or len(tiles) == 1 or not autotune_enabled()):
+        tuned[grid_of](*args, **constexprs, **COMPILE_OPTIONS)
+        return
+    device = next((a.device for a in args if isinstance(a, torch.Tensor)), None)
+    fitting = [t for t in tiles if (tag, t, device) not in _TOO_LARGE] or tiles[-1:]
+    for i, tile in enumerate(fitting):
         meta = _tile_meta(tag, tile)
         options = {} if tile.maxnreg is None else {"maxnreg": tile.maxnreg}
-        raw[grid_of(meta)](*args, **constexprs, **meta, num_warps=tile.warps, num_stages=tile.stages,
-                           **options, **COMPILE_OPTIONS)
-    else:
-        tuned[grid_of](*args, **constexprs, **COMPILE_OPTIONS)
+        for a in args:  # TMA descriptors stream boxes of the tile's loop rows
+            if TensorDescriptor is not None and isinstance(a, TensorDescriptor):
+                a.block_shape = [tile.loop, a.block_shape[1]]
+        try:
+            raw[grid_of(meta)](*args, **constexprs, **meta, num_warps=tile.warps, num_stages=tile.stages,
+                               **options, **COMPILE_OPTIONS)
+            return
+        except OutOfResources as exc:
+            if i == len(fitting) - 1:
+                raise
+            _TOO_LARGE.add((tag, tile, device))
+            _LOG.warning("attention %s tile %s does not fit this GPU (%s); using the next candidate",
+                         tag, tile, exc)
 
 
 def _row_align(*tensors: torch.Tensor, strides: tuple = ()) -> int:
