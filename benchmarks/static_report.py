@@ -25,6 +25,10 @@ not (a head stride of 72, the LSE's stride of a token count) in its "unaligned_a
 Each row also gives the kernel's main loop in its SASS (main_loop(): instructions, HGMMA
 and HMMA per step), which registers and spills do not show.
 
+GPUs with less shared memory: every launch with a pointer variant is also built for sm_86
+(99 KB a program, as on sm_89), candidates in list order until one fits, i.e. the tile a
+fixed launch (deterministic=True, VDIT_AUTOTUNE=0) falls to there; none fitting is a problem.
+
 python -m benchmarks.static_report [--json out.json] exits non-zero when a kernel
 spills or misses its expected tensor-core instructions.
 """
@@ -129,7 +133,8 @@ def main_loop(sass: str) -> dict:
     return {"loop_instructions": -best[1], "loop_hgmma": best[2], "loop_hmma": best[3]}
 
 
-def compile_spec(spec: dict) -> dict:
+def _compile(spec: dict, sm: int):
+    """The compiled kernel of a spec for sm_<sm> (sm_90: sm_90a), as its launch builds it."""
     import triton
     from triton.backends.compiler import GPUTarget
 
@@ -142,7 +147,11 @@ def compile_spec(spec: dict) -> dict:
                **COMPILE_OPTIONS}
     if spec.get("maxnreg"):  # a register cap, as the launch passes it
         options["maxnreg"] = spec["maxnreg"]
-    kernel = triton.compile(src, target=GPUTarget("cuda", SM, 32), options=options)
+    return triton.compile(src, target=GPUTarget("cuda", sm, 32), options=options), options
+
+
+def compile_spec(spec: dict) -> dict:
+    kernel, options = _compile(spec, SM)
     ptx = kernel.asm["ptx"]
     with tempfile.TemporaryDirectory() as tmp:
         cubin, ptx_file = Path(tmp) / "k.cubin", Path(tmp) / "k.ptx"
@@ -181,6 +190,40 @@ def compile_spec(spec: dict) -> dict:
     }
 
 
+# GPUs of compute capability 8.6 / 8.9 (RTX 3090 / 4090, A10, L4, L40S) give a program
+# 99 KB of shared memory, against 163 KB on an A100 and 227 KB on an H100; they run the
+# pointer (not TMA) variants
+SMALL_SM, SMALL_SHARED = 86, 101376
+
+
+def _group(name: str) -> str:
+    """The launch a spec is a candidate of: "<kernel> <dtype> d=<D>" for attention tiles."""
+    return " ".join(name.split(" ")[:3]) if name.startswith("attn_") else name
+
+
+def _small_gpu_group(names: list[str]) -> dict:
+    """The first candidate (list order) of one launch whose sm_86 build fits SMALL_SHARED:
+    the tile a fixed launch falls to on such a GPU (vdit_kernels/triton/attention._launch)."""
+    by_name = {s["name"]: s for s in all_specs()}
+    tried = []
+    for name in names:
+        tried.append((name, int(_compile(by_name[name], SMALL_SM)[0].metadata.shared)))
+        if tried[-1][1] <= SMALL_SHARED:
+            break
+    fits = tried[-1][1] <= SMALL_SHARED
+    return {"launch": _group(names[0]), "runs": tried[-1][0] if fits else None,
+            "shared_bytes": tried[-1][1] if fits else None, "too_large": tried[:-1] if fits else tried}
+
+
+def small_gpu_rows(jobs: int | None = None) -> list[dict]:
+    """_small_gpu_group of every launch with a pointer variant, in worker processes."""
+    groups: dict = {}
+    for spec in all_specs():
+        if not spec.get("expect_tma"):
+            groups.setdefault(_group(spec["name"]), []).append(spec["name"])
+    return _map(_small_gpu_group, list(groups.values()), jobs)
+
+
 def all_specs() -> list[dict]:
     import vdit_kernels.triton as pkg
 
@@ -201,16 +244,19 @@ def report(jobs: int | None = None) -> list[dict]:
     each compile is single-threaded and there are dozens of them."""
     if os.environ.get("TRITON_INTERPRET") == "1":
         raise SystemExit("unset TRITON_INTERPRET: the static report compiles real kernels")
-    n = len(all_specs())
-    jobs = max(1, min(jobs or os.cpu_count() or 1, n))
+    return _map(_compile_index, list(range(len(all_specs()))), jobs)
+
+
+def _map(fn, items: list, jobs: int | None) -> list:
+    jobs = max(1, min(jobs or os.cpu_count() or 1, len(items)))
     if jobs == 1:
-        return [_compile_index(i) for i in range(n)]
+        return [fn(x) for x in items]
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
 
     # spawn: forking a process that already imported torch and triton is not safe
     with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
-        return list(pool.map(_compile_index, range(n)))
+        return list(pool.map(fn, items))
 
 
 def cuda_rows() -> tuple[list[dict], str]:
@@ -293,6 +339,14 @@ def main(argv=None) -> int:
         print(f"{r['kernel']:<50}{r['num_warps']:>6}{r['registers']:>6}{r['spill_bytes']:>9}"
               f"{r['stack_bytes']:>9}{r['shared_bytes']:>9}{('yes' if r['wgmma'] else 'no'):>7}"
               f"{r['load_bytes']:>5}/{r['store_bytes']:<3}{loop:>13}")
+    small = small_gpu_rows(args.jobs)
+    print(f"\nOn sm_{SMALL_SM} / sm_89 GPUs ({SMALL_SHARED // 1024} KB of shared memory a program), "
+          "launches whose first candidate does not fit:")
+    for r in small:
+        if r["too_large"]:
+            skipped = ", ".join(f"{n[len(r['launch']) + 1:]} ({b} B)" for n, b in r["too_large"])
+            runs = f"{r['runs'][len(r['launch']) + 1:]} ({r['shared_bytes']} B)" if r["runs"] else "NOTHING FITS"
+            print(f"  {r['launch']:<32} {skipped} -> {runs}")
     cuda, why = cuda_rows()
     print(f"\nCUDA kernels of vdit_kernels._C, sm_{SM}a cubins (cuobjdump -res-usage)")
     if why:
@@ -303,8 +357,11 @@ def main(argv=None) -> int:
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=2))
         Path(args.json).with_name(Path(args.json).stem + "_cuda.json").write_text(json.dumps(cuda, indent=2))
+        Path(args.json).with_name(Path(args.json).stem + f"_sm{SMALL_SM}.json").write_text(json.dumps(small, indent=2))
     bad = problems(rows) + [f"{r['kernel']} (CUDA): {r['spill_bytes']} B of local memory"
                             for r in cuda if r["spill_bytes"]]
+    bad += [f"{r['launch']}: no candidate fits the {SMALL_SHARED} B of shared memory of an sm_{SMALL_SM} GPU"
+            for r in small if r["runs"] is None]
     for line in bad:
         print("PROBLEM:", line)
     return 1 if bad else 0
