@@ -151,8 +151,11 @@ setup(
     packages=find_packages(include=["vdit_kernels", "vdit_kernels.*"]) + ["vdit_kernels.model"],
     package_dir={"vdit_kernels.model": "model"},
     python_requires=">=3.10",
-    install_requires=["torch>=2.4", "numpy"],
-    extras_require={"triton": ["triton>=3.0"], "test": ["pytest", "einops"],
+    # the oldest releases the test suite has passed under (scripts/compat.sh with
+    # COMPAT_TORCH / COMPAT_TRITON): torch 2.9.1 + Triton 3.5.1 (all but one static check:
+    # 16 B spilled in the D = 256 dQ tile), up to torch 2.15 + Triton 3.9
+    install_requires=["torch>=2.9", "numpy"],
+    extras_require={"triton": ["triton>=3.5"], "test": ["pytest", "einops"],
                     "bench": ["pytest-benchmark", "tqdm", "matplotlib"],
                     "diffusers": ["diffusers>=0.42"]},
     ext_modules=ext_modules,

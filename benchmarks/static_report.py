@@ -64,7 +64,10 @@ def ptxas_path(sm: int) -> Path:
         from triton.backends.nvidia.compiler import get_ptxas
     except ImportError:  # pragma: no cover - older Triton
         return nvidia_tool("ptxas")
-    return Path(get_ptxas(sm).path)
+    try:
+        return Path(get_ptxas(sm).path)
+    except TypeError:  # Triton 3.5: get_ptxas() takes no target (one ptxas for every arch)
+        return Path(get_ptxas().path)
 
 
 def with_unit_args(spec: dict) -> dict:
