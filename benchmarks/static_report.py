@@ -25,9 +25,10 @@ not (a head stride of 72, the LSE's stride of a token count) in its "unaligned_a
 Each row also gives the kernel's main loop in its SASS (main_loop(): instructions, HGMMA
 and HMMA per step), which registers and spills do not show.
 
-GPUs with less shared memory: every launch with a pointer variant is also built for sm_86
-(99 KB a program, as on sm_89), candidates in list order until one fits, i.e. the tile a
-fixed launch (deterministic=True, VDIT_AUTOTUNE=0) falls to there; none fitting is a problem.
+GPUs with less shared memory: every launch is also built for a 99 KB GPU (pointer variants
+for sm_86, as sm_89; TMA variants for sm_120), candidates in list order until one fits, i.e.
+the tile a fixed launch (deterministic=True, VDIT_AUTOTUNE=0) falls to there; none fitting is
+a problem.
 
 python -m benchmarks.static_report [--json out.json] exits non-zero when a kernel
 spills or misses its expected tensor-core instructions.
@@ -193,10 +194,10 @@ def compile_spec(spec: dict) -> dict:
     }
 
 
-# GPUs of compute capability 8.6 / 8.9 (RTX 3090 / 4090, A10, L4, L40S) give a program
-# 99 KB of shared memory, against 163 KB on an A100 and 227 KB on an H100; they run the
-# pointer (not TMA) variants
-SMALL_SM, SMALL_SHARED = 86, 101376
+# GPUs of compute capability 8.6 / 8.9 (RTX 3090 / 4090, A10, L4, L40S) and 12.0 (RTX 5090,
+# RTX PRO 6000) give a program 99 KB of shared memory, against 163 KB on an A100 and 227 KB
+# on an H100 or B200; the first run the pointer variants, the second also the TMA ones
+SMALL_SM, SMALL_TMA_SM, SMALL_SHARED = 86, 120, 101376
 
 
 def _group(name: str) -> str:
@@ -205,25 +206,26 @@ def _group(name: str) -> str:
 
 
 def _small_gpu_group(names: list[str]) -> dict:
-    """The first candidate (list order) of one launch whose sm_86 build fits SMALL_SHARED:
-    the tile a fixed launch falls to on such a GPU (vdit_kernels/triton/attention._launch)."""
+    """The first candidate (list order) of one launch whose build for a 99 KB GPU (sm_86;
+    TMA variants: sm_120) fits SMALL_SHARED: the tile a fixed launch falls to there
+    (vdit_kernels/triton/attention._launch)."""
     by_name = {s["name"]: s for s in all_specs()}
+    sm = SMALL_TMA_SM if by_name[names[0]].get("expect_tma") else SMALL_SM
     tried = []
     for name in names:
-        tried.append((name, int(_compile(by_name[name], SMALL_SM)[0].metadata.shared)))
+        tried.append((name, int(_compile(by_name[name], sm)[0].metadata.shared)))
         if tried[-1][1] <= SMALL_SHARED:
             break
     fits = tried[-1][1] <= SMALL_SHARED
-    return {"launch": _group(names[0]), "runs": tried[-1][0] if fits else None,
+    return {"launch": _group(names[0]), "sm": sm, "runs": tried[-1][0] if fits else None,
             "shared_bytes": tried[-1][1] if fits else None, "too_large": tried[:-1] if fits else tried}
 
 
 def small_gpu_rows(jobs: int | None = None) -> list[dict]:
-    """_small_gpu_group of every launch with a pointer variant, in worker processes."""
+    """_small_gpu_group of every launch, in worker processes."""
     groups: dict = {}
     for spec in all_specs():
-        if not spec.get("expect_tma"):
-            groups.setdefault(_group(spec["name"]), []).append(spec["name"])
+        groups.setdefault(_group(spec["name"]), []).append(spec["name"])
     return _map(_small_gpu_group, list(groups.values()), jobs)
 
 
@@ -343,13 +345,13 @@ def main(argv=None) -> int:
               f"{r['stack_bytes']:>9}{r['shared_bytes']:>9}{('yes' if r['wgmma'] else 'no'):>7}"
               f"{r['load_bytes']:>5}/{r['store_bytes']:<3}{loop:>13}")
     small = small_gpu_rows(args.jobs)
-    print(f"\nOn sm_{SMALL_SM} / sm_89 GPUs ({SMALL_SHARED // 1024} KB of shared memory a program), "
-          "launches whose first candidate does not fit:")
+    print(f"\nOn GPUs with {SMALL_SHARED // 1024} KB of shared memory a program (sm_{SMALL_SM} / sm_89; "
+          f"TMA variants: sm_{SMALL_TMA_SM}), launches whose first candidate does not fit:")
     for r in small:
         if r["too_large"]:
             skipped = ", ".join(f"{n[len(r['launch']) + 1:]} ({b} B)" for n, b in r["too_large"])
             runs = f"{r['runs'][len(r['launch']) + 1:]} ({r['shared_bytes']} B)" if r["runs"] else "NOTHING FITS"
-            print(f"  {r['launch']:<32} {skipped} -> {runs}")
+            print(f"  {r['launch']:<32} sm_{r['sm']}: {skipped} -> {runs}")
     cuda, why = cuda_rows()
     print(f"\nCUDA kernels of vdit_kernels._C, sm_{SM}a cubins (cuobjdump -res-usage)")
     if why:
@@ -363,7 +365,7 @@ def main(argv=None) -> int:
         Path(args.json).with_name(Path(args.json).stem + f"_sm{SMALL_SM}.json").write_text(json.dumps(small, indent=2))
     bad = problems(rows) + [f"{r['kernel']} (CUDA): {r['spill_bytes']} B of local memory"
                             for r in cuda if r["spill_bytes"]]
-    bad += [f"{r['launch']}: no candidate fits the {SMALL_SHARED} B of shared memory of an sm_{SMALL_SM} GPU"
+    bad += [f"{r['launch']}: no candidate fits the {SMALL_SHARED} B of shared memory of an sm_{r['sm']} GPU"
             for r in small if r["runs"] is None]
     for line in bad:
         print("PROBLEM:", line)

@@ -48,6 +48,8 @@ def test_launch_finder_sees_a_launch_without_the_options():
 
 
 def test_static_report_sm90a_no_spills(tmp_path):
+    from benchmarks.static_report import _group, all_specs
+
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     out = tmp_path / "static.json"
     proc = subprocess.run([sys.executable, "-m", "benchmarks.static_report", "--json", str(out)],
@@ -60,8 +62,11 @@ def test_static_report_sm90a_no_spills(tmp_path):
     assert all(r["spill_bytes"] <= r["spill_budget"] for r in rows)
     # on a 99 KB GPU every launch has a tile that fits, and the D = 128 dQ default does not
     small = {r["launch"]: r for r in json.loads((tmp_path / "static_sm86.json").read_text())}
-    assert small and all(r["runs"] and r["shared_bytes"] <= 101376 for r in small.values())
-    assert small["attn_bwd_dq bf16 d=128"]["too_large"], "the 136 KB dQ default fits 99 KB now: update _launch's docstring"
+    assert len(small) == len({_group(s["name"]) for s in all_specs()})
+    assert all(r["runs"] and r["shared_bytes"] <= 101376 for r in small.values())
+    for launch, sm in (("attn_bwd_dq bf16 d=128", 86), ("attn_bwd_dq_tma bf16 d=128", 120)):
+        assert small[launch]["sm"] == sm
+        assert small[launch]["too_large"], "the 136 KB dQ default fits 99 KB now: update _launch's docstring"
 
 
 def test_spill_budgets_only_for_extra_candidates():

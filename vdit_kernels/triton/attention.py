@@ -979,8 +979,8 @@ def _launch(raw, tuned, tag, grid_of, args, tiles, fixed: bool, **constexprs):
     with the first candidate the GPU has the resources for. grid_of(meta) -> grid.
 
     The candidates are sized for an H100 (227 KB of shared memory a program); the D = 128
-    dQ default, 128 x 64 over 3 stages, takes 136 KB, which an sm_86 / sm_89 GPU (99 KB:
-    RTX 3090 / 4090, A10, L4, L40S) cannot hold. Triton's autotuner skips such tiles; a
+    dQ default, 128 x 64 over 3 stages, takes 136 KB, which a GPU with 99 KB (sm_86 /
+    sm_89 / sm_120: RTX 3090 / 4090 / 5090, A10, L4, L40S) cannot hold. Triton's autotuner skips such tiles; a
     fixed launch (deterministic=True, VDIT_AUTOTUNE=0) takes the next candidate in the
     list instead, the same one on every GPU of a kind."""
     if not (fixed or len(tiles) == 1 or not autotune_enabled()):
