@@ -31,7 +31,8 @@ the tile a fixed launch (deterministic=True, VDIT_AUTOTUNE=0) falls to there; no
 a problem.
 
 python -m benchmarks.static_report [--json out.json] exits non-zero when a kernel
-spills or misses its expected tensor-core instructions.
+spills or misses its expected tensor-core instructions, or a launch has no tile for 99 KB
+(out.json holds the rows, out_cuda.json those of _C, out_small_gpus.json the 99 KB builds).
 """
 from __future__ import annotations
 
@@ -362,7 +363,7 @@ def main(argv=None) -> int:
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=2))
         Path(args.json).with_name(Path(args.json).stem + "_cuda.json").write_text(json.dumps(cuda, indent=2))
-        Path(args.json).with_name(Path(args.json).stem + f"_sm{SMALL_SM}.json").write_text(json.dumps(small, indent=2))
+        Path(args.json).with_name(Path(args.json).stem + "_small_gpus.json").write_text(json.dumps(small, indent=2))
     bad = problems(rows) + [f"{r['kernel']} (CUDA): {r['spill_bytes']} B of local memory"
                             for r in cuda if r["spill_bytes"]]
     bad += [f"{r['launch']}: no candidate fits the {SMALL_SHARED} B of shared memory of an sm_{r['sm']} GPU"

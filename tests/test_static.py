@@ -61,7 +61,7 @@ def test_static_report_sm90a_no_spills(tmp_path):
     assert all(r["registers"] > 0 for r in rows)
     assert all(r["spill_bytes"] <= r["spill_budget"] for r in rows)
     # on a 99 KB GPU every launch has a tile that fits, and the D = 128 dQ default does not
-    small = {r["launch"]: r for r in json.loads((tmp_path / "static_sm86.json").read_text())}
+    small = {r["launch"]: r for r in json.loads((tmp_path / "static_small_gpus.json").read_text())}
     assert len(small) == len({_group(s["name"]) for s in all_specs()})
     assert all(r["runs"] and r["shared_bytes"] <= 101376 for r in small.values())
     for launch, sm in (("attn_bwd_dq bf16 d=128", 86), ("attn_bwd_dq_tma bf16 d=128", 120)):
