@@ -201,7 +201,7 @@ def compile_spec(spec: dict) -> dict:
 SMALL_SM, SMALL_TMA_SM, SMALL_SHARED = 86, 120, 101376
 
 
-def _group(name: str) -> str:
+def launch_of(name: str) -> str:
     """The launch a spec is a candidate of: "<kernel> <dtype> d=<D>" for attention tiles."""
     return " ".join(name.split(" ")[:3]) if name.startswith("attn_") else name
 
@@ -218,7 +218,7 @@ def _small_gpu_group(names: list[str]) -> dict:
         if tried[-1][1] <= SMALL_SHARED:
             break
     fits = tried[-1][1] <= SMALL_SHARED
-    return {"launch": _group(names[0]), "sm": sm, "runs": tried[-1][0] if fits else None,
+    return {"launch": launch_of(names[0]), "sm": sm, "runs": tried[-1][0] if fits else None,
             "shared_bytes": tried[-1][1] if fits else None, "too_large": tried[:-1] if fits else tried}
 
 
@@ -226,7 +226,7 @@ def small_gpu_rows(jobs: int | None = None) -> list[dict]:
     """_small_gpu_group of every launch, in worker processes."""
     groups: dict = {}
     for spec in all_specs():
-        groups.setdefault(_group(spec["name"]), []).append(spec["name"])
+        groups.setdefault(launch_of(spec["name"]), []).append(spec["name"])
     return _map(_small_gpu_group, list(groups.values()), jobs)
 
 

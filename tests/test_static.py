@@ -19,14 +19,12 @@ def test_every_triton_module_lists_its_kernels():
 
 
 def _launches(source: str):
-    """(line, keyword names, ** names) of every `kernel[grid](...)` call in the source."""
+    """(line, names passed with **) of every `kernel[grid](...)` call in the source."""
     import ast
 
     for node in ast.walk(ast.parse(source)):
         if isinstance(node, ast.Call) and isinstance(node.func, ast.Subscript):
-            names = {k.arg for k in node.keywords if k.arg}
-            starred = {k.value.id for k in node.keywords if k.arg is None and isinstance(k.value, ast.Name)}
-            yield node.lineno, names, starred
+            yield node.lineno, {k.value.id for k in node.keywords if k.arg is None and isinstance(k.value, ast.Name)}
 
 
 def test_every_kernel_launch_passes_the_compile_options():
@@ -35,7 +33,7 @@ def test_every_kernel_launch_passes_the_compile_options():
     launches = 0
     for mod in pkgutil.iter_modules(triton_pkg.__path__):
         path = Path(triton_pkg.__path__[0]) / f"{mod.name}.py"
-        for line, _, starred in _launches(path.read_text()):
+        for line, starred in _launches(path.read_text()):
             launches += 1
             assert "COMPILE_OPTIONS" in starred, f"{path.name}:{line} launches a kernel without **COMPILE_OPTIONS"
     assert launches >= 10
@@ -44,11 +42,11 @@ def test_every_kernel_launch_passes_the_compile_options():
 
 def test_launch_finder_sees_a_launch_without_the_options():
     found = list(_launches("k[(1,)](x, BLOCK=4, num_warps=4)\nk[g](x, **COMPILE_OPTIONS)\ny = a[0]"))
-    assert [(line, starred) for line, _, starred in found] == [(1, set()), (2, {"COMPILE_OPTIONS"})]
+    assert found == [(1, set()), (2, {"COMPILE_OPTIONS"})]
 
 
 def test_static_report_sm90a_no_spills(tmp_path):
-    from benchmarks.static_report import _group, all_specs
+    from benchmarks.static_report import all_specs, launch_of
 
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     out = tmp_path / "static.json"
@@ -62,7 +60,7 @@ def test_static_report_sm90a_no_spills(tmp_path):
     assert all(r["spill_bytes"] <= r["spill_budget"] for r in rows)
     # on a 99 KB GPU every launch has a tile that fits, and the D = 128 dQ default does not
     small = {r["launch"]: r for r in json.loads((tmp_path / "static_small_gpus.json").read_text())}
-    assert len(small) == len({_group(s["name"]) for s in all_specs()})
+    assert len(small) == len({launch_of(s["name"]) for s in all_specs()})
     assert all(r["runs"] and r["shared_bytes"] <= 101376 for r in small.values())
     for launch, sm in (("attn_bwd_dq bf16 d=128", 86), ("attn_bwd_dq_tma bf16 d=128", 120)):
         assert small[launch]["sm"] == sm
@@ -72,11 +70,11 @@ def test_static_report_sm90a_no_spills(tmp_path):
 def test_spill_budgets_only_for_extra_candidates():
     # every kernel's default tile (the first candidate of its class: "<kernel> <dtype> d=<D>"
     # followed by the tile) and every kernel without autotuning must compile spill-free
-    from benchmarks.static_report import _group, all_specs
+    from benchmarks.static_report import all_specs, launch_of
 
     seen = set()
     for spec in all_specs():
-        group = _group(spec["name"])
+        group = launch_of(spec["name"])
         if group not in seen:
             assert not spec.get("spill_budget"), f"{spec['name']} is a default tile and has a spill budget"
         seen.add(group)

@@ -974,26 +974,33 @@ def _fastest(runs: dict) -> str:
 _TOO_LARGE: set = set()
 
 
+def _device_of(args) -> Optional[torch.device]:
+    return next((a.device for a in args if isinstance(a, torch.Tensor)), None)
+
+
 def _launch(raw, tuned, tag, grid_of, args, tiles, fixed: bool, **constexprs):
     """Run `tuned` (autotuned over `tiles`) or, when fixed or there is one candidate, `raw`
     with the first candidate the GPU has the resources for. grid_of(meta) -> grid.
 
     The candidates are sized for an H100 (227 KB of shared memory a program); the D = 128
     dQ default, 128 x 64 over 3 stages, takes 136 KB, which a GPU with 99 KB (sm_86 /
-    sm_89 / sm_120: RTX 3090 / 4090 / 5090, A10, L4, L40S) cannot hold. Triton's autotuner skips such tiles; a
-    fixed launch (deterministic=True, VDIT_AUTOTUNE=0) takes the next candidate in the
-    list instead, the same one on every GPU of a kind."""
+    sm_89 / sm_120: RTX 3090 / 4090 / 5090, A10, L4, L40S) cannot hold. Triton's
+    autotuner skips such tiles; a fixed launch (deterministic=True, VDIT_AUTOTUNE=0)
+    takes the next candidate in the list instead, the same one on every GPU of a kind."""
     if not (fixed or len(tiles) == 1 or not autotune_enabled()):
         tuned[grid_of](*args, **constexprs, **COMPILE_OPTIONS)
         return
-    device = next((a.device for a in args if isinstance(a, torch.Tensor)), None)
-    fitting = [t for t in tiles if (tag, t, device) not in _TOO_LARGE] or tiles[-1:]
+    fitting = tiles
+    if _TOO_LARGE:  # (empty unless a GPU refused a tile: no scan on an H100)
+        device = _device_of(args)
+        fitting = [t for t in tiles if (tag, t, device) not in _TOO_LARGE] or tiles[-1:]
     for i, tile in enumerate(fitting):
         meta = _tile_meta(tag, tile)
         options = {} if tile.maxnreg is None else {"maxnreg": tile.maxnreg}
-        for a in args:  # TMA descriptors stream boxes of the tile's loop rows
-            if TensorDescriptor is not None and isinstance(a, TensorDescriptor):
-                a.block_shape = [tile.loop, a.block_shape[1]]
+        if tile is not tiles[0]:  # the caller's TMA descriptors have the first tile's boxes
+            for a in args:
+                if TensorDescriptor is not None and isinstance(a, TensorDescriptor):
+                    a.block_shape = [tile.loop, a.block_shape[1]]
         try:
             raw[grid_of(meta)](*args, **constexprs, **meta, num_warps=tile.warps, num_stages=tile.stages,
                                **options, **COMPILE_OPTIONS)
@@ -1001,7 +1008,7 @@ def _launch(raw, tuned, tag, grid_of, args, tiles, fixed: bool, **constexprs):
         except OutOfResources as exc:
             if i == len(fitting) - 1:
                 raise
-            _TOO_LARGE.add((tag, tile, device))
+            _TOO_LARGE.add((tag, tile, _device_of(args)))
             _LOG.warning("attention %s tile %s does not fit this GPU (%s); using the next candidate",
                          tag, tile, exc)
 
