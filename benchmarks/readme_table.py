@@ -15,6 +15,23 @@ from pathlib import Path
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
+def result_cells(r: dict, detailed: bool = False) -> tuple[str, str, str]:
+    """(throughput, % of limit, speedup) cells of one result row, for this README table
+    (compact) and for run.py's report (`detailed`: more digits, the kernels' own ms)."""
+    tf, gb, pc = (".2f", ".1f", ".1f") if detailed else (".1f", ".0f", ".0f")
+    thr = f"{r['tflops']:{tf}} TFLOP/s" if "tflops" in r else (f"{r['gbs']:{gb}} GB/s" if "gbs" in r else "-")
+    pct = f"{r['pct_of_limit']:{pc}}%" if "pct_of_limit" in r else "-"
+    if str(r.get("limit", "")).startswith("roofline"):  # bytes bound this GEMM, not FLOPs
+        pct += f" ({r['limit']})"
+    if r.get("kernel_ms"):  # memory-bound ops: the kernels' own device time, host overhead excluded
+        ms = f"{r['kernel_ms']:.3f} ms = " if detailed else ""
+        thr += f" (kernels {ms}{r['kernel_gbs']:.0f} GB/s)"
+        pct += f" (kernels {r['kernel_pct_of_limit']:{pc}}%"
+        pct += f", {r['kernel_pct_of_copy']:.0f}% of a same-size copy)" if r.get("kernel_pct_of_copy") else ")"
+    sp = f"{r['speedup']:.2f}x vs {r['baseline']}" if r.get("speedup") else "-"
+    return thr, pct, sp
+
+
 def render(data: dict, ops=None, modes=None) -> str:
     env, lim = data["environment"], data["environment"]["limits"]
     lines = [f"**{env['gpu']}** (torch {env['torch']}, triton {env['triton']}, commit "
@@ -25,15 +42,7 @@ def render(data: dict, ops=None, modes=None) -> str:
     for r in data["rows"]:
         if "median_ms" not in r or (ops and r["op"] not in ops) or (modes and r["mode"] not in modes):
             continue
-        thr = f"{r['tflops']:.1f} TFLOP/s" if "tflops" in r else (f"{r['gbs']:.0f} GB/s" if "gbs" in r else "-")
-        pct = f"{r['pct_of_limit']:.0f}%" if "pct_of_limit" in r else "-"
-        if str(r.get("limit", "")).startswith("roofline"):  # bytes bound this GEMM, not FLOPs
-            pct += f" ({r['limit']})"
-        if r.get("kernel_ms"):  # the kernels' own device time, host overhead excluded
-            thr += f" (kernels {r['kernel_gbs']:.0f} GB/s)"
-            pct += (f" (kernels {r['kernel_pct_of_limit']:.0f}%" +
-                    (f", {r['kernel_pct_of_copy']:.0f}% of a same-size copy)" if r.get("kernel_pct_of_copy") else ")"))
-        sp = f"{r['speedup']:.2f}x vs {r['baseline']}" if r.get("speedup") else "-"
+        thr, pct, sp = result_cells(r)
         name = r["name"] if r["op"] != r["name"] else r["op"]
         lines.append(f"| {name} | {r['mode']} | {r['workload']} ({r['tokens']} tok) | {r['provider']} | "
                      f"{r['median_ms']:.3f} | {thr} | {pct} | {sp} |")

@@ -38,6 +38,7 @@ import torch._dynamo
 
 from . import bench_attention, bench_block, bench_dit, bench_patch, bench_rope, limits, workloads
 from .common import OPTIONS
+from .readme_table import result_cells
 from .timing import bench, copy_kernel_ms, kernel_ms
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -242,16 +243,7 @@ def table(rows: list[dict], op: str) -> str:
         if "error" in r:
             lines.append(f"| {wl} | {r['name']} | {r['mode']} | {r['provider']} | error: {r['error']} | | | |")
             continue
-        thr = f"{r['tflops']:.2f} TFLOP/s" if "tflops" in r else (f"{r['gbs']:.1f} GB/s" if "gbs" in r else "-")
-        pct = f"{r['pct_of_limit']:.1f}%" if "pct_of_limit" in r else "-"
-        if str(r.get("limit", "")).startswith("roofline"):
-            pct += f" ({r['limit']})"
-        if r.get("kernel_ms"):  # memory-bound ops: also the kernels' own time, host overhead excluded
-            thr += f"; kernels {r['kernel_ms']:.3f} ms = {r['kernel_gbs']:.0f} GB/s"
-            pct += f"; kernels {r['kernel_pct_of_limit']:.1f}%"
-            if r.get("kernel_pct_of_copy"):
-                pct += f", {r['kernel_pct_of_copy']:.0f}% of a same-size copy"
-        sp = f"{r['speedup']:.2f}x vs {r['baseline']}" if r.get("speedup") else "-"
+        thr, pct, sp = result_cells(r, detailed=True)
         lines.append(f"| {wl} | {r['name']} | {r['mode']} | {r['provider']} | {_fmt_ms(r)} | {thr} | {pct} | {sp} |")
     if len(lines) == 2:
         lines.append("| (no case ran for this op here: see the skipped lines) | | | | | | | |")
