@@ -222,14 +222,6 @@ def _small_gpu_group(names: list[str]) -> dict:
             "shared_bytes": tried[-1][1] if fits else None, "too_large": tried[:-1] if fits else tried}
 
 
-def small_gpu_rows(jobs: int | None = None) -> list[dict]:
-    """_small_gpu_group of every launch, in worker processes."""
-    groups: dict = {}
-    for spec in all_specs():
-        groups.setdefault(launch_of(spec["name"]), []).append(spec["name"])
-    return _map(_small_gpu_group, list(groups.values()), jobs)
-
-
 def all_specs() -> list[dict]:
     import vdit_kernels.triton as pkg
 
@@ -241,16 +233,23 @@ def all_specs() -> list[dict]:
     return specs
 
 
-def _compile_index(i: int) -> dict:
-    return compile_spec(all_specs()[i])
+def _task(task: tuple) -> dict:
+    kind, arg = task
+    return compile_spec(all_specs()[arg]) if kind == "spec" else _small_gpu_group(arg)
 
 
-def report(jobs: int | None = None) -> list[dict]:
-    """Compile every spec; in `jobs` worker processes (default: one per CPU core), since
-    each compile is single-threaded and there are dozens of them."""
+def report(jobs: int | None = None) -> tuple[list[dict], list[dict]]:
+    """(a row per spec compiled for sm_90a, a _small_gpu_group per launch), all built in
+    one pool of `jobs` worker processes (default: one per CPU core), since each compile is
+    single-threaded and there are hundreds of them."""
     if os.environ.get("TRITON_INTERPRET") == "1":
         raise SystemExit("unset TRITON_INTERPRET: the static report compiles real kernels")
-    return _map(_compile_index, list(range(len(all_specs()))), jobs)
+    specs = all_specs()
+    groups: dict = {}
+    for spec in specs:
+        groups.setdefault(launch_of(spec["name"]), []).append(spec["name"])
+    done = _map(_task, [("spec", i) for i in range(len(specs))] + [("small", g) for g in groups.values()], jobs)
+    return done[:len(specs)], done[len(specs):]
 
 
 def _map(fn, items: list, jobs: int | None) -> list:
@@ -333,7 +332,7 @@ def main(argv=None) -> int:
     parser.add_argument("--json", help="write the rows as JSON here")
     parser.add_argument("--jobs", type=int, default=None, help="compile processes (default: CPU cores)")
     args = parser.parse_args(argv)
-    rows = report(args.jobs)
+    rows, small = report(args.jobs)
     print(f"Static report: Triton kernels compiled for sm_{SM}a (no GPU needed)")
     print("(ld/st B: the widest global load / store per thread and instruction, 16 = 128-bit vectors;")
     print(" loop: SASS instructions / HGMMA / HMMA of the main loop, per warp and step: main_loop())")
@@ -345,7 +344,6 @@ def main(argv=None) -> int:
         print(f"{r['kernel']:<50}{r['num_warps']:>6}{r['registers']:>6}{r['spill_bytes']:>9}"
               f"{r['stack_bytes']:>9}{r['shared_bytes']:>9}{('yes' if r['wgmma'] else 'no'):>7}"
               f"{r['load_bytes']:>5}/{r['store_bytes']:<3}{loop:>13}")
-    small = small_gpu_rows(args.jobs)
     print(f"\nOn GPUs with {SMALL_SHARED // 1024} KB of shared memory a program (sm_{SMALL_SM} / sm_89; "
           f"TMA variants: sm_{SMALL_TMA_SM}), launches whose first candidate does not fit:")
     for r in small:
@@ -361,6 +359,7 @@ def main(argv=None) -> int:
         print(f"  {r['kernel']:<48}{r['registers']:>6} regs{r['spill_bytes']:>6} B local"
               f"{r['stack_bytes']:>6} B stack{r['shared_bytes']:>7} B static smem")
     if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(rows, indent=2))
         Path(args.json).with_name(Path(args.json).stem + "_cuda.json").write_text(json.dumps(cuda, indent=2))
         Path(args.json).with_name(Path(args.json).stem + "_small_gpus.json").write_text(json.dumps(small, indent=2))
