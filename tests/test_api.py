@@ -6,6 +6,7 @@ import torch
 import vdit_kernels as vk
 from conftest import DEVICE, gpu_only, needs_extension
 from vdit_kernels import backend as B
+from vdit_kernels import reference as ref
 from vdit_kernels.ops import attention as attn_ops, patch as patch_ops, rope as rope_ops
 
 
@@ -46,6 +47,24 @@ def test_resolve_order(monkeypatch):
     with pytest.raises(ValueError, match="unknown backend"):
         with vk.use_backend("fast"):
             pass
+
+
+def test_backends_run_only_the_dtypes_they_compute_in(monkeypatch):
+    # float64 attention or RoPE kernels would compute in float32 (or worse): a named backend
+    # says so, auto takes the reference path; the Triton patch ops compute float64 exactly
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.delenv("VDIT_BACKEND", raising=False)
+    f64, cuda = torch.float64, torch.device("cuda")
+    for family, op in (("attention", "varlen_attention_fwd"), ("rope", "rope_3d")):
+        with pytest.raises(vk.BackendUnavailable, match="not float64.*reference"):
+            B.resolve(family, torch.device("cpu"), "triton", op, f64)
+        assert B.resolve(family, cuda, None, op, f64) == "reference"  # (no device is touched)
+        assert B.resolve(family, torch.device("cpu"), "triton", op, torch.float16) == "triton"
+    assert B.resolve("patch", torch.device("cpu"), "triton", "patch_embed", f64) == "triton"
+    q = torch.randn(4, 1, 8, dtype=f64)
+    cu = torch.tensor([0, 4], dtype=torch.int32)
+    with pytest.raises(vk.BackendUnavailable, match="float64"):
+        vk.varlen_attention(q, q, q, cu, cu, 4, 4, backend="triton")
 
 
 def test_named_backend_that_cannot_run_raises(monkeypatch):
@@ -98,6 +117,25 @@ def test_bad_videos(pack):
         vk.unpatchify(torch.randn(pack.num_tokens, 11), pack, 3)
     with pytest.raises(ValueError, match="rows"):
         vk.unpatchify(torch.randn(5, 12), pack, 3)
+    for channels in (3.0, True, 0):
+        with pytest.raises(ValueError, match="channels must be a positive int"):
+            vk.unpatchify(torch.randn(pack.num_tokens, 12), pack, channels)
+    with pytest.raises(TypeError, match="bias must be a tensor"):
+        vk.patch_embed(videos, pack, w, [0.0] * 8)
+    with pytest.raises(TypeError, match="weight must be a tensor"):
+        vk.linear_unpatchify(torch.randn(pack.num_tokens, 8), pack, None, None, 3)
+
+
+def test_pack_sizes_must_be_ints():
+    for kwargs, name in ((dict(shapes=[(1, 4.5, 4)]), "video 0: shape"), (dict(shapes=["144"]), "video 0: shape"),
+                         (dict(shapes=[(1, 4, 4)], patch_size=(1, 2.7, 2)), "patch_size"),
+                         (dict(shapes=[(1, 4, 4)], patch_size=2.0), "patch_size"),
+                         (dict(shapes=[(1, 4, 4)], text_lengths=[2.9]), "text_lengths")):
+        with pytest.raises(ValueError, match=name):  # never truncated to a different video
+            vk.VideoPack.from_shapes(**kwargs)
+    import numpy as np
+    pack = vk.VideoPack.from_shapes([(np.int64(2), torch.tensor(4), 4)], np.int32(2), text_lengths=[np.int64(3)])
+    assert pack.shapes == ((2, 4, 4),) and pack.patch_size == (2, 2, 2) and pack.cu_seqlens_k.tolist() == [0, 3]
 
 
 def test_bad_rope(pack):
@@ -116,6 +154,50 @@ def test_bad_rope(pack):
         vk.apply_rope_3d(q[:, 0], q[:, 0], pack, (4, 4, 4))
     with pytest.raises(ValueError, match="records no gradient"):
         vk.apply_rope_3d(q.clone().requires_grad_(), q.clone(), pack, (4, 4, 4), inplace=True)
+    for theta in (0.0, -5.0, float("inf"), float("nan")):
+        with pytest.raises(ValueError, match="theta"):
+            vk.apply_rope_3d(q, q, pack, (4, 4, 4), theta=theta)
+        with pytest.raises(ValueError, match="theta"):
+            vk.Rope3D.from_pack(pack, (4, 4, 4), theta=theta)
+    pos = pack.positions.float().requires_grad_()
+    with pytest.raises(ValueError, match="positions.detach"):  # no gradient would reach it
+        vk.apply_rope_3d(q, q, None, (4, 4, 4), positions=pos)
+    with pytest.raises(ValueError, match="integer or floating"):
+        vk.apply_rope_3d(q, q, None, (4, 4, 4), positions=pack.positions.bool())
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_inplace_rope_refuses_overlapping_q_and_k(pack, backend):
+    # each shared element would be rotated twice by the kernels (once by the reference)
+    x = torch.randn(pack.num_tokens, 3, 12, device=_device_for(backend))
+    for q, k in ((x, x), (x[:, 0:2], x[:, 1:3]), (x[:, :1].expand(-1, 2, -1), x[:, 2:])):
+        with pytest.raises(ValueError, match="inplace RoPE"):
+            vk.apply_rope_3d(q, k, pack, (4, 4, 4), inplace=True, backend=backend)
+    # disjoint views of one buffer (q and k of a fused qkv projection) are fine
+    qkv = torch.randn(pack.num_tokens, 3, 2, 12, device=x.device)
+    expect = vk.apply_rope_3d(qkv[:, 0], qkv[:, 1], pack, (4, 4, 4), backend="reference")
+    vk.apply_rope_3d(qkv[:, 0], qkv[:, 1], pack, (4, 4, 4), inplace=True, backend=backend)
+    assert torch.allclose(qkv[:, 0], expect[0], atol=1e-6) and torch.allclose(qkv[:, 1], expect[1], atol=1e-6)
+
+
+def test_shared_element_finder_matches_brute_force():
+    from vdit_kernels.checks import _may_share_elements
+
+    def brute(a, b):
+        def offsets(t):
+            grid = torch.meshgrid(*[torch.arange(n) for n in t.shape], indexing="ij")
+            return set((t.storage_offset() + sum(i * s for i, s in zip(grid, t.stride()))).flatten().tolist())
+        return bool(offsets(a) & offsets(b))
+
+    g = torch.Generator().manual_seed(0)
+    buf = torch.randn(400)
+    rand = lambda lo, hi: int(torch.randint(lo, hi + 1, (1,), generator=g))
+    for _ in range(500):  # same strides (the exact case): never a miss, never a false alarm
+        shape, stride = (rand(1, 4), rand(1, 3), rand(1, 4)), (rand(0, 12), rand(0, 8), 1)
+        a = buf.as_strided(shape, stride, rand(60, 100))
+        b = buf.as_strided((rand(1, 4),) + shape[1:], stride, rand(60, 100))
+        assert _may_share_elements(a, b) == brute(a, b), (shape, stride, a.storage_offset(), b.storage_offset())
+    assert not _may_share_elements(buf[:10].view(2, 1, 5), torch.randn(2, 1, 5))
 
 
 def test_bad_attention(pack):
@@ -151,6 +233,10 @@ def test_bad_attention(pack):
     rope = vk.Rope3D.from_pack(pack, (4, 4, 6))
     with pytest.raises(ValueError, match="sum to 14"):
         vk.varlen_attention(q, k, v, cu, cu, m, m, rope=rope)
+    with pytest.raises(ValueError, match="theta"):
+        vk.varlen_attention(q, k, v, cu, cu, m, m, rope=vk.Rope3D(pack.positions.float(), (4, 4, 4), -1.0))
+    with pytest.raises(ValueError, match="head_dim must be positive"):
+        vk.varlen_attention(q[..., :0], k[..., :0], v[..., :0], cu, cu, m, m)
 
 
 # -- gradients (float64 gradcheck through the registered ops) ---------------------------
@@ -190,12 +276,33 @@ def test_gradcheck_attention(pack, cross):
 
 
 def test_gradcheck_attention_through_lse(pack):
-    # lse is float32 in every dtype: a coarser step and tolerance than the float64 checks
+    # float64 inputs give a float64 lse (the registered fake agrees), so the default tolerances hold
     q, k, v = _qkv(pack.num_tokens, requires_grad=True)
     rope = vk.Rope3D.from_pack(pack, (4, 4, 4))
     cu, m = pack.cu_seqlens, pack.max_seqlen
     fn = lambda q, k, v: vk.varlen_attention(q, k, v, cu, cu, m, m, return_lse=True, rope=rope)[1]
-    assert torch.autograd.gradcheck(fn, (q, k, v), eps=1e-3, atol=2e-3, rtol=1e-2)
+    assert fn(q, k, v).dtype == torch.float64
+    assert torch.autograd.gradcheck(fn, (q, k, v))
+
+
+def test_an_unused_lse_reaches_the_backward_as_none(pack, monkeypatch):
+    # not as zeros: the Triton backend's choice of PyTorch's FlashAttention-2 backward
+    # (which takes no lse gradient) depends on it
+    from vdit_kernels.ops import attention as ops
+
+    seen = []
+    backward = ops._Reference.varlen_attention_bwd
+    monkeypatch.setattr(ops._Reference, "varlen_attention_bwd",
+                        staticmethod(lambda *a: seen.append(a[6]) or backward(*a)))
+    q, k, v = _qkv(pack.num_tokens, requires_grad=True)
+    cu, m = pack.cu_seqlens, pack.max_seqlen
+    vk.varlen_attention(q, k, v, cu, cu, m, m).square().sum().backward()
+    assert seen[-1] is None
+    q.grad = None
+    vk.varlen_attention(q, k, v, cu, cu, m, m, return_lse=True)[1].sum().backward()  # lse alone
+    assert seen[-1] is not None
+    expect = torch.autograd.grad(ref.varlen_attention(q, k, v, cu, cu, m, m, return_lse=True)[1].sum(), q)[0]
+    assert torch.allclose(q.grad, expect, atol=1e-12)
 
 
 def test_fused_rope_attention_equals_rope_then_attention(pack):
@@ -260,6 +367,15 @@ def test_opcheck_every_op(backend):
     device = _device_for(backend)
     for op, args in _op_samples(_make_pack(device), device):
         torch.library.opcheck(op, (*args[:-1], backend))
+
+
+def test_opcheck_float64_attention():
+    # float64 (gradcheck) runs on the reference path, whose lse is float64: the fake agrees
+    pack = _make_pack()
+    q, k, v = _qkv(pack.num_tokens, requires_grad=True)
+    cu, m = pack.cu_seqlens, pack.max_seqlen
+    torch.library.opcheck(attn_ops.varlen_attention_op,
+                          (q, k, v, cu, cu, m, m, 0.5, None, [], 10000.0, True, False, "reference"))
 
 
 @pytest.mark.parametrize("backend", ["reference", "triton"])

@@ -8,7 +8,9 @@ vdit_kernels._C, wrapped in vdit_kernels/cuda/<family>.py). Op families: "patch"
 Choice, first match wins: the op's `backend=` argument, then `use_backend(...)`,
 then the VDIT_BACKEND environment variable, then "auto". "auto" takes the first
 backend of DEFAULT_ORDER[family] that can run on the tensors at hand and falls
-back to "reference" (the only place a fallback happens). A backend asked for by
+back to "reference" (the only place a fallback happens). "Can run" covers the device and
+the dtype: each implementation module lists the dtypes it computes in (DTYPES; float64 is
+for gradcheck and runs on the reference path unless a module lists it). A backend asked for by
 name that cannot run raises BackendUnavailable saying why; it never falls back.
 """
 from __future__ import annotations
@@ -111,8 +113,21 @@ def _lacks(backend: str, family: str, op: Optional[str]) -> Optional[str]:
     return None
 
 
-def why_not(backend: str, family: str, device: torch.device, op: Optional[str] = None) -> Optional[str]:
-    """None if `backend` can run op `op` of family `family` on `device`, else the reason."""
+def _lacks_dtype(backend: str, family: str, dtype: Optional[torch.dtype]) -> Optional[str]:
+    """A backend computes in the dtypes its module lists (DTYPES): say so for another one,
+    rather than compute it in a narrower one or fail inside a kernel."""
+    dtypes = implementation(backend, family).DTYPES
+    if dtype is not None and dtype not in dtypes:
+        names = ", ".join(str(d).replace("torch.", "") for d in dtypes)
+        return (f"its {family} kernels take {names}, not {str(dtype).replace('torch.', '')} "
+                "(backend='reference' computes every floating dtype)")
+    return None
+
+
+def why_not(backend: str, family: str, device: torch.device, op: Optional[str] = None,
+            dtype: Optional[torch.dtype] = None) -> Optional[str]:
+    """None if `backend` can run op `op` of family `family` on `device` (and on tensors of
+    `dtype`, when given), else the reason."""
     device = torch.device(device)
     if backend == "reference":
         return None
@@ -125,7 +140,7 @@ def why_not(backend: str, family: str, device: torch.device, op: Optional[str] =
             return f"Triton kernels do not run on {device.type} tensors"
         if not _has_module(f"vdit_kernels.triton.{family}"):
             return f"there is no Triton implementation of the {family} ops yet"
-        return _lacks(backend, family, op)
+        return _lacks(backend, family, op) or _lacks_dtype(backend, family, dtype)
     if backend == "cuda":
         if not _has_module(f"vdit_kernels.cuda.{family}"):
             return f"there is no CUDA implementation of the {family} ops"
@@ -135,31 +150,33 @@ def why_not(backend: str, family: str, device: torch.device, op: Optional[str] =
             return "vdit_kernels._C was built without CUDA (CPU-only torch or no nvcc at build time)"
         if device.type != "cuda":
             return f"the CUDA kernels need CUDA tensors, got {device.type} tensors"
-        return _lacks(backend, family, op)
+        return _lacks(backend, family, op) or _lacks_dtype(backend, family, dtype)
     raise ValueError(f"unknown backend {backend!r}")
 
 
 def resolve(family: str, device: torch.device, backend: Optional[str] = None,
-            op: Optional[str] = None) -> str:
-    """The concrete backend for one call of op `op` (of `family`) on `device`."""
-    return _resolve_name(backend, family, torch.device(device).type, op)
+            op: Optional[str] = None, dtype: Optional[torch.dtype] = None) -> str:
+    """The concrete backend for one call of op `op` (of `family`) on `device`, with
+    tensors of `dtype` (when given)."""
+    return _resolve_name(backend, family, torch.device(device).type, op, dtype)
 
 
 # Under torch.compile the choice is made once, at trace time, and baked into the graph as
 # the op's backend argument: dynamo must not trace the lookups below (the context
 # variable: torch <= 2.13 cannot trace ContextVar.get; the module probing: importlib).
 @torch.compiler.assume_constant_result
-def _resolve_name(backend: Optional[str], family: str, device: str, op: Optional[str]) -> str:
+def _resolve_name(backend: Optional[str], family: str, device: str, op: Optional[str],
+                  dtype: Optional[torch.dtype]) -> str:
     name = backend or _requested.get() or os.environ.get("VDIT_BACKEND") or "auto"
     _check_name(name)
     if name != "auto":
-        reason = why_not(name, family, device, op)
+        reason = why_not(name, family, device, op, dtype)
         if reason is not None:
             raise BackendUnavailable(f"backend {name!r} cannot run {op or 'the ' + family + ' ops'}: {reason}")
         return name
     if torch.device(device).type == "cuda":
         for candidate in DEFAULT_ORDER[family]:
-            if why_not(candidate, family, device, op) is None:
+            if why_not(candidate, family, device, op, dtype) is None:
                 return candidate
     return "reference"
 

@@ -8,12 +8,17 @@ Packs built by VideoPack are valid by construction.
 """
 from __future__ import annotations
 
+import math
+import numbers
 import os
 from typing import Sequence
 
 import torch
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+# what the GPU kernels compute in (each backend module's DTYPES); float64 (for gradcheck)
+# runs on the reference path, or where a module lists it and computes it in float64
+KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
 def check(cond: bool, message: str) -> None:
@@ -99,6 +104,47 @@ def check_cu_seqlens(name: str, cu: torch.Tensor, num_tokens: int, max_seqlen: i
                              f"({max(lengths, default=0)})")
 
 
+def _may_share_elements(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether two (N, H, D) views may address a common element. Exact for views with the
+    same strides and a unit last stride (q and k sliced from one qkv buffer): some index
+    difference (e0, e1, e2), |e_i| < size_i, must bridge their offset difference. Otherwise
+    whether their address ranges intersect (conservative)."""
+    if a.numel() == 0 or b.numel() == 0 or a.untyped_storage().data_ptr() != b.untyped_storage().data_ptr():
+        return False
+
+    def span(t):
+        return t.storage_offset(), t.storage_offset() + sum((n - 1) * s for n, s in zip(t.shape, t.stride()))
+
+    (alo, ahi), (blo, bhi) = span(a), span(b)
+    if ahi < blo or bhi < alo:
+        return False
+    if a.stride() != b.stride() or a.shape[1:] != b.shape[1:] or a.dim() != 3 or a.stride(2) != 1:
+        return True
+    # equal addresses: e0 * s0 + e1 * s1 + e2 = delta, e = (index in a) - (index in b)
+    (s0, s1, _), (h, d) = a.stride(), a.shape[1:]
+    delta = b.storage_offset() - a.storage_offset()
+    e0_lo, e0_hi = -(b.shape[0] - 1), a.shape[0] - 1
+    for e1 in range(-(h - 1), h):
+        lo, hi = delta - e1 * s1 - (d - 1), delta - e1 * s1 + (d - 1)  # e0 * s0 in [lo, hi]
+        if s0 == 0:  # (torch strides are never negative)
+            if lo <= 0 <= hi:
+                return True
+        elif max(-(-lo // s0), e0_lo) <= min(hi // s0, e0_hi):
+            return True
+    return False
+
+
+def check_inplace_rope(q: torch.Tensor, k: torch.Tensor) -> None:
+    """In-place RoPE reads and writes q and k: an element reachable twice would be rotated twice."""
+    for name, t in (("q", q), ("k", k)):
+        if torch._debug_has_internal_overlap(t) == 1:
+            raise ValueError(f"inplace RoPE: {name} addresses some elements more than once (an "
+                             "expanded or stride-0 view); use inplace=False")
+    if _may_share_elements(q, k):
+        raise ValueError("inplace RoPE: q and k share memory, so shared elements would be rotated "
+                         "twice; pass disjoint views (e.g. qkv[:, 0] and qkv[:, 1]) or use inplace=False")
+
+
 def check_rope_dims(dims: Sequence[int], head_dim: int) -> tuple[int, int, int]:
     dims = tuple(int(d) for d in dims)
     if len(dims) != 3:
@@ -110,8 +156,21 @@ def check_rope_dims(dims: Sequence[int], head_dim: int) -> tuple[int, int, int]:
     return dims
 
 
+def check_theta(theta) -> None:
+    if not (isinstance(theta, numbers.Real) and not isinstance(theta, bool) and math.isfinite(theta)
+            and theta > 0):
+        raise ValueError(f"rope theta (the frequency base) must be a positive finite number, got {theta!r}")
+
+
 def check_positions(positions: torch.Tensor, num_tokens: int, device: torch.device) -> None:
     check(isinstance(positions, torch.Tensor), "positions must be a tensor (N, 3)")
+    if positions.dtype == torch.bool or positions.is_complex():
+        raise ValueError(f"positions must be an integer or floating tensor, got {positions.dtype}")
+    if positions.requires_grad and torch.is_grad_enabled():
+        # the ops take positions as constants (no kernel computes d/dpositions); a silent
+        # None gradient would look like a zero one
+        raise ValueError("positions requires grad, but RoPE is differentiable in q and k only: "
+                         "pass positions.detach()")
     if not (positions.dim() == 2 and positions.shape[1] == 3):
         raise ValueError(f"positions must be (N, 3), got shape {tuple(positions.shape)}")
     if positions.shape[0] != num_tokens:

@@ -15,6 +15,7 @@ video i's queries attend to text tokens cu_seqlens_k[i] : cu_seqlens_k[i+1].
 """
 from __future__ import annotations
 
+import operator
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Optional, Sequence
@@ -24,10 +25,23 @@ import torch
 _AXES = ("T", "H", "W")
 
 
+def _ints(values, name: str) -> tuple[int, ...]:
+    """Integers as given (operator.index: Python, NumPy or 0-d integer tensors), never
+    truncated floats or digits of a string."""
+    if isinstance(values, (str, bytes)):
+        raise ValueError(f"{name} must be a sequence of ints, got {values!r}")
+    try:
+        return tuple(operator.index(v) for v in values)
+    except TypeError:
+        raise ValueError(f"{name} must be a sequence of ints, got {values!r}") from None
+
+
 def _as_triple(value, name: str) -> tuple[int, int, int]:
-    if isinstance(value, int):
-        value = (value, value, value)
-    value = tuple(int(v) for v in value)
+    if hasattr(value, "__index__"):  # one int for all three axes
+        value = (value,) * 3
+    if not hasattr(value, "__iter__"):
+        raise ValueError(f"{name} must be an int or three ints (t, h, w), got {value!r}")
+    value = _ints(value, name)
     if len(value) != 3 or any(v <= 0 for v in value):
         raise ValueError(f"{name} must be three positive ints (t, h, w), got {value}")
     return value
@@ -130,7 +144,7 @@ class VideoPack:
         """
         patch_size = _as_triple(patch_size, "patch_size")
         device = torch.device(device) if device is not None else torch.device("cpu")
-        shapes = [tuple(int(s) for s in shape) for shape in shapes]
+        shapes = [_ints(shape, f"video {i}: shape") for i, shape in enumerate(shapes)]
         grids = []
         for i, shape in enumerate(shapes):
             if len(shape) != 3:
@@ -148,7 +162,7 @@ class VideoPack:
         seqlens = tuple(t * h * w for t, h, w in grids)
         cu_k = None
         if text_lengths is not None:
-            text_lengths = tuple(int(n) for n in text_lengths)
+            text_lengths = _ints(text_lengths, "text_lengths")
             if len(text_lengths) != len(shapes):
                 raise ValueError(
                     f"text_lengths has {len(text_lengths)} entries for {len(shapes)} videos"

@@ -406,11 +406,12 @@ class _RingAttention(torch.autograd.Function):
         n = q.shape[0]
         cu_q = _shard_offsets(cu_seqlens, rank, n)
         grad_out = grad_out.contiguous()
-        grad_lse = None if grad_lse is None else grad_lse.to(torch.float32).contiguous()
-        dq = torch.zeros_like(q, dtype=torch.float32)
+        grad_lse = None if grad_lse is None else grad_lse.to(lse.dtype).contiguous()
+        acc = torch.promote_types(q.dtype, torch.float32)  # float64 stays float64 (gradcheck)
+        dq = torch.zeros_like(q, dtype=acc)
         k_cur, v_cur = k, v
-        dk_acc = torch.zeros_like(k, dtype=torch.float32)
-        dv_acc = torch.zeros_like(v, dtype=torch.float32)
+        dk_acc = torch.zeros_like(k, dtype=acc)
+        dv_acc = torch.zeros_like(v, dtype=acc)
         for step in range(world_size):
             pending = None
             if step + 1 < world_size:
@@ -457,7 +458,7 @@ def ring_varlen_attention(q_local: Tensor, k_local: Tensor, v_local: Tensor,
           f"q_local {tuple(q_local.shape)} and k_local {tuple(k_local.shape)}: head dims must match "
           "and kv heads divide q heads")
     scale = float(softmax_scale) if softmax_scale is not None else q_local.shape[2] ** -0.5
-    name = _backend.resolve(attn_ops.FAMILY, q_local.device, backend, "varlen_attention_bwd")
+    name = _backend.resolve(attn_ops.FAMILY, q_local.device, backend, "varlen_attention_bwd", q_local.dtype)
     out, lse = _RingAttention.apply(q_local, k_local, v_local, cu_seqlens.to(torch.int32),
                                     int(max_seqlen), scale, bool(deterministic), name, group)
     return (out, lse) if return_lse else out

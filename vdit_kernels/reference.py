@@ -30,6 +30,11 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def lse_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype of the attention's lse for inputs of `dtype`: the compute dtype."""
+    return compute_dtype(dtype)
+
+
 def as_video_list(latents: Videos) -> list[torch.Tensor]:
     """A (B, C, T, H, W) batch or a sequence of (C, T, H, W) videos -> list of videos."""
     if isinstance(latents, torch.Tensor):
@@ -184,7 +189,7 @@ def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     A query row whose key segment is empty gets out = 0 and lse = -inf (log of an
     empty sum), which merges correctly with other partial results. max_seqlen_* are
     upper bounds and only checked by the public API. Returns out (Nq, H, D) in q's
-    dtype, and lse (H, Nq) float32 when return_lse.
+    dtype, and lse (H, Nq) in lse_dtype(q.dtype) (float32; float64 for float64) when return_lse.
     """
     nq, h, d = q.shape
     hk = k.shape[1]
@@ -209,4 +214,4 @@ def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     if not return_lse:
         return out
     lse = torch.cat(lses, dim=-1) if lses else q.new_zeros(h, 0, dtype=cd)
-    return out, lse.to(torch.float32 if cd == torch.float32 else cd)
+    return out, lse.to(lse_dtype(q.dtype))

@@ -9,7 +9,10 @@ from __future__ import annotations
 
 import torch
 
+from ..checks import KERNEL_DTYPES
 from . import _backend  # noqa: F401  (loads vdit_kernels._C)
+
+DTYPES = KERNEL_DTYPES
 
 
 def patchify(videos, patch_size):

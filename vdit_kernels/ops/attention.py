@@ -3,10 +3,11 @@
 Backend contract (every backend module for the "attention" family provides):
   varlen_attention_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
                        softmax_scale, rope) -> (out (Nq, H, D), lse (H, Nq) float32)
+      (float64 lse for float64 inputs, on the reference path)
   varlen_attention_bwd(grad_out, q, k, v, out, lse, grad_lse, cu_seqlens_q, cu_seqlens_k,
                        max_seqlen_q, max_seqlen_k, softmax_scale, rope, deterministic)
       -> (grad_q, grad_k, grad_v)
-grad_lse is None or (H, Nq) float32: the gradient flowing into lse (when partial results
+grad_lse is None or (H, Nq) in lse's dtype: the gradient flowing into lse (when partial results
 are merged, e.g. vdit_kernels.parallel.merge_attention). Since d lse_i / d S_ij = P_ij,
 it enters the backward as dS = P * (dP - (rowsum(dO * O) - grad_lse)).
 rope is None or a tuple (positions float32 (N, 3), dims, theta, interleaved): q and k
@@ -22,7 +23,8 @@ from torch import Tensor
 
 from .. import backend as _backend
 from .. import reference as ref
-from ..checks import check, check_cu_seqlens, check_float, check_rope_dims, check_same, check_positions
+from ..checks import (check, check_cu_seqlens, check_float, check_positions, check_rope_dims, check_same,
+                      check_theta)
 from .rope import Rope3D
 
 FAMILY = "attention"
@@ -101,7 +103,7 @@ def varlen_attention_op(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, c
 @varlen_attention_op.register_fake
 def _(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale,
       rope_positions, rope_dims, rope_theta, rope_interleaved, deterministic, backend):
-    return torch.empty_like(q), q.new_empty(q.shape[1], q.shape[0], dtype=torch.float32)
+    return torch.empty_like(q), q.new_empty(q.shape[1], q.shape[0], dtype=ref.lse_dtype(q.dtype))
 
 
 @torch.library.custom_op("vdit::varlen_attention_backward", mutates_args=())
@@ -128,14 +130,20 @@ def _attention_setup(ctx, inputs, output):
     q, k, v, cu_q, cu_k, max_q, max_k, scale, rope_positions, *rest = inputs
     out, lse = output
     ctx.save_for_backward(q, k, v, out, lse, cu_q, cu_k, rope_positions)
+    # an output no loss reached comes to the backward as None, not as zeros: an unused
+    # lse (return_lse=False) then lets the backward skip the grad_lse term, and run
+    # PyTorch's FlashAttention-2 backward, which has no such input
+    ctx.set_materialize_grads(False)
     ctx.args = (max_q, max_k, scale)
     ctx.rest = tuple(rest)  # rope_dims, rope_theta, rope_interleaved, deterministic, backend
 
 
 def _attention_backward(ctx, grad_out, grad_lse):
     q, k, v, out, lse, cu_q, cu_k, rope_positions = ctx.saved_tensors
+    if grad_out is None:  # a loss on lse alone
+        grad_out = torch.zeros_like(out)
     # grad_lse is non-zero when partial results are merged through their lse
-    grad_lse = None if grad_lse is None else grad_lse.to(torch.float32).contiguous()
+    grad_lse = None if grad_lse is None else grad_lse.to(lse.dtype).contiguous()
     gq, gk, gv = varlen_attention_backward_op(grad_out.contiguous(), q, k, v, out, lse, grad_lse, cu_q, cu_k,
                                               *ctx.args, rope_positions, *ctx.rest)
     return (gq, gk, gv) + (None,) * 11
@@ -170,7 +178,8 @@ def varlen_attention(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_s
     reproducible (the Triton backend may otherwise add dQ atomically or run PyTorch's
     FlashAttention-2 backward, whichever it measured fastest: VDIT_ATTN_BWD).
     Returns out (Nq, H, D) in q's dtype, and with return_lse=True also
-    lse (H, Nq) float32, the natural-log logsumexp of each row's scaled scores.
+    lse (H, Nq) float32 (float64 for float64 inputs), the natural-log logsumexp of each
+    row's scaled scores.
     Differentiable in q, k and v, through out and through lse (merging partial results by
     their lse, as vdit_kernels.parallel.merge_attention does, has exact gradients).
     """
@@ -183,6 +192,8 @@ def varlen_attention(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_s
         raise ValueError(f"k {tuple(k.shape)} and v {tuple(v.shape)} must have the same shape")
     if q.shape[2] != k.shape[2]:
         raise ValueError(f"q head_dim {q.shape[2]} differs from k head_dim {k.shape[2]}")
+    if q.shape[2] == 0:
+        raise ValueError("head_dim must be positive, got 0")
     if not (k.shape[1] >= 1 and q.shape[1] % k.shape[1] == 0):
         raise ValueError(f"k/v heads ({k.shape[1]}) must divide q heads ({q.shape[1]})")
     if not (isinstance(cu_seqlens_q, torch.Tensor) and isinstance(cu_seqlens_k, torch.Tensor)
@@ -200,10 +211,11 @@ def varlen_attention(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_s
             raise ValueError(f"rope must be a Rope3D, got {type(rope).__name__}")
         check(q.shape[0] == k.shape[0], "rope= is for self-attention: q and k need the same tokens")
         dims = check_rope_dims(rope.dims, q.shape[2])
+        check_theta(rope.theta)
         check_positions(rope.positions, q.shape[0], q.device)
         positions = rope.positions.to(torch.float32).contiguous()
         rope_args = (positions, list(dims), float(rope.theta), bool(rope.interleaved))
-    name = _backend.resolve(FAMILY, q.device, backend, "varlen_attention_fwd")
+    name = _backend.resolve(FAMILY, q.device, backend, "varlen_attention_fwd", q.dtype)
     out, lse = varlen_attention_op(q, k, v, cu_seqlens_q, cu_seqlens_k, int(max_seqlen_q),
                                    int(max_seqlen_k), scale, *rope_args, bool(deterministic), name)
     return (out, lse) if return_lse else out

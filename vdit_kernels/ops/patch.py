@@ -248,7 +248,7 @@ linear_unpatchify_op.register_autograd(_linear_unpatchify_backward, setup_contex
 def _videos_for(latents, pack, backend, op):
     videos = ref.as_video_list(latents)
     channels = check_videos(videos, pack)
-    name = _backend.resolve(FAMILY, videos[0].device, backend, op)
+    name = _backend.resolve(FAMILY, videos[0].device, backend, op, videos[0].dtype)
     return videos, channels, name
 
 
@@ -266,9 +266,16 @@ def patchify(latents, pack, *, backend: Optional[str] = None) -> Tensor:
     return patchify_op(videos, list(pack.patch_size), name)
 
 
+def _channels(channels) -> int:
+    if isinstance(channels, bool) or not hasattr(channels, "__index__") or channels.__index__() <= 0:
+        raise ValueError(f"channels must be a positive int, got {channels!r}")
+    return channels.__index__()
+
+
 def unpatchify(tokens: Tensor, pack, channels: int, *, backend: Optional[str] = None) -> list[Tensor]:
     """The inverse of patchify: (N, C*pt*ph*pw) tokens -> list of (C, T_i, H_i, W_i) videos."""
     check_float("tokens", tokens)
+    channels = _channels(channels)
     pt, ph, pw = pack.patch_size
     if tokens.dim() != 2:
         raise ValueError(f"tokens must be (N, C*pt*ph*pw), got shape {tuple(tokens.shape)}")
@@ -277,7 +284,7 @@ def unpatchify(tokens: Tensor, pack, channels: int, *, backend: Optional[str] = 
     if tokens.shape[1] != channels * pt * ph * pw:
         raise ValueError(f"tokens has {tokens.shape[1]} features, "
                          f"expected channels*pt*ph*pw = {channels * pt * ph * pw}")
-    name = _backend.resolve(FAMILY, tokens.device, backend, "unpatchify")
+    name = _backend.resolve(FAMILY, tokens.device, backend, "unpatchify", tokens.dtype)
     return unpatchify_op(tokens, _flat(pack.shapes), list(pack.patch_size), channels, name)
 
 
@@ -302,6 +309,7 @@ def patch_embed(latents, pack, weight: Tensor, bias: Optional[Tensor] = None, *,
         raise ValueError(f"weight expects {weight.shape[1]} channels, videos have {channels}")
     tensors, names = [videos[0], weight], ["latents", "weight"]
     if bias is not None:
+        check_float("bias", bias)
         if bias.shape != (weight.shape[0],):
             raise ValueError(f"bias must be ({weight.shape[0]},), got {tuple(bias.shape)}")
         tensors.append(bias)
@@ -320,6 +328,8 @@ def linear_unpatchify(x: Tensor, pack, weight: Tensor, bias: Optional[Tensor], c
     epilogue. Differentiable in x, weight and bias.
     """
     check_float("x", x)
+    check_float("weight", weight)
+    channels = _channels(channels)
     pt, ph, pw = pack.patch_size
     features = channels * pt * ph * pw
     if not (x.dim() == 2 and x.shape[0] == pack.num_tokens):
@@ -329,10 +339,11 @@ def linear_unpatchify(x: Tensor, pack, weight: Tensor, bias: Optional[Tensor], c
                          f"got shape {tuple(weight.shape)}")
     tensors, names = [x, weight], ["x", "weight"]
     if bias is not None:
+        check_float("bias", bias)
         if bias.shape != (features,):
             raise ValueError(f"bias must be ({features},), got {tuple(bias.shape)}")
         tensors.append(bias)
         names.append("bias")
     check_same(names, tensors)
-    name = _backend.resolve(FAMILY, x.device, backend, "linear_unpatchify")
+    name = _backend.resolve(FAMILY, x.device, backend, "linear_unpatchify", x.dtype)
     return linear_unpatchify_op(x, weight, bias, _flat(pack.shapes), list(pack.patch_size), channels, name)

@@ -17,7 +17,8 @@ from torch import Tensor
 
 from .. import backend as _backend
 from .. import reference as ref
-from ..checks import check, check_float, check_positions, check_rope_dims, check_same
+from ..checks import (check, check_float, check_inplace_rope, check_positions, check_rope_dims, check_same,
+                      check_theta)
 
 FAMILY = "rope"
 
@@ -95,6 +96,7 @@ class Rope3D:
     def from_pack(cls, pack, dims: Sequence[int], theta: float = 10000.0,
                   interleaved: bool = True, positions: Optional[Tensor] = None) -> "Rope3D":
         pos = pack.positions if positions is None else positions
+        check_theta(theta)
         return cls(pos.to(torch.float32).contiguous(), tuple(int(d) for d in dims), float(theta),
                    bool(interleaved))
 
@@ -136,11 +138,13 @@ def apply_rope_3d(q: Tensor, k: Tensor, pack=None, dims: Sequence[int] = None,
     check_same(["q", "k"], [q, k])
     check(dims is not None, "apply_rope_3d needs dims=(dt, dh, dw)")
     dims = list(check_rope_dims(dims, q.shape[2]))
+    check_theta(theta)
     pos = float_positions(pack, positions, q.shape[0], q.device)
-    name = _backend.resolve(FAMILY, q.device, backend, "rope_3d_" if inplace else "rope_3d")
+    name = _backend.resolve(FAMILY, q.device, backend, "rope_3d_" if inplace else "rope_3d", q.dtype)
     if inplace:
         check(not (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad)),
               "inplace RoPE records no gradient; use inplace=False when q or k requires grad")
+        check_inplace_rope(q, k)
         rope_3d_inplace_op(q, k, pos, dims, float(theta), bool(interleaved), False, name)
         return q, k
     return rope_3d_op(q, k, pos, dims, float(theta), bool(interleaved), False, name)

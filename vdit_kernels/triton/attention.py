@@ -92,7 +92,11 @@ except ImportError:  # pragma: no cover
     TensorDescriptor = None
 
 from .. import backend as _backend
+from ..checks import KERNEL_DTYPES
 from . import COMPILE_OPTIONS, autotune_enabled, autotuned_choices, pow2_dividing
+
+# the accumulators are float32: a float64 product would be float32-accurate at best
+DTYPES = KERNEL_DTYPES
 from . import rope as triton_rope
 
 LOG2E = 1.4426950408889634
@@ -1033,7 +1037,7 @@ def _rotate(q, k, rope, inverse: bool, inplace: bool = False):
     impl = triton_rope
     if q.device.type == "cuda":
         op = "rope_3d_" if inplace else "rope_3d"
-        impl = _backend.implementation(_backend.resolve("rope", q.device, "auto", op), "rope")
+        impl = _backend.implementation(_backend.resolve("rope", q.device, "auto", op, q.dtype), "rope")
     fn = impl.rope_3d_ if inplace else impl.rope_3d
     return fn(q, k, positions, [int(x) for x in dims], float(theta), bool(interleaved), inverse)
 

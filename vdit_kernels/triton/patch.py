@@ -84,6 +84,9 @@ import triton.language as tl
 from ..pack import device_table
 from . import COMPILE_OPTIONS, autotune_enabled, autotuned_choices, pow2_dividing
 
+# float64 too, exactly: the copies are dtype-blind and its GEMMs run in PyTorch (above)
+DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
 _META = 9  # int64 fields per video: ptr, strides c/t/h/w, first token, grid h/w/t
 
 
@@ -678,7 +681,7 @@ def _wgrad(videos, dense, patch_size, bias):
 def patch_embed(videos, weight, bias):
     """(N, hidden) = patchify(videos) @ weight.flatten(1).T + bias: one fused GEMM launch."""
     videos = list(videos)
-    w = weight.reshape(weight.shape[0], -1).contiguous()  # (hidden, F)
+    w = weight.flatten(1).contiguous()  # (hidden, F)
     patch_size = tuple(int(s) for s in weight.shape[2:])
     if videos[0].dtype == torch.float64:  # no float64 tl.dot: Triton gather + PyTorch GEMM
         out = patchify(videos, patch_size) @ w.t()
@@ -691,7 +694,7 @@ def patch_embed_backward(grad, videos, weight, with_bias):
     videos = list(videos)
     patch_size = tuple(int(s) for s in weight.shape[2:])
     grad = grad.to(videos[0].dtype)
-    w = weight.reshape(weight.shape[0], -1).contiguous()  # (hidden, F)
+    w = weight.flatten(1).contiguous()  # (hidden, F)
     shapes = [int(s) for v in videos for s in v.shape[1:]]
     if grad.dtype == torch.float64:
         a = patchify(videos, patch_size)

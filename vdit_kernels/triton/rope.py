@@ -40,7 +40,10 @@ import torch
 import triton
 import triton.language as tl
 
+from ..checks import KERNEL_DTYPES
 from . import COMPILE_OPTIONS
+
+DTYPES = KERNEL_DTYPES  # cos/sin are float32: a float64 rotation would be float32-accurate
 
 
 @triton.jit
