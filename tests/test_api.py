@@ -305,6 +305,29 @@ def test_an_unused_lse_reaches_the_backward_as_none(pack, monkeypatch):
     assert torch.allclose(q.grad, expect, atol=1e-12)
 
 
+def test_under_autocast_the_ops_cast_their_inputs_like_torch(pack):
+    # varlen_attention as scaled_dot_product_attention, patch_embed as nn.Conv3d,
+    # linear_unpatchify as nn.Linear: inputs cast to the autocast dtype (float64 untouched);
+    # the reference path inside then still computes in float32
+    q, k, v = _qkv(pack.num_tokens, dtype=torch.float32)
+    cu, m = pack.cu_seqlens, pack.max_seqlen
+    videos = [torch.randn(2, *s) for s in pack.shapes]
+    w, b = torch.randn(5, 2, 1, 2, 2, requires_grad=True), torch.randn(5)
+    x, lw = torch.randn(pack.num_tokens, 5), torch.randn(8, 5)
+    bf = lambda *ts: [t.bfloat16() for t in ts]
+    expect = (vk.varlen_attention(*bf(q, k, v), cu, cu, m, m), vk.patch_embed(bf(*videos), pack, *bf(w, b)),
+              vk.linear_unpatchify(*bf(x), pack, *bf(lw), None, 2))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = (vk.varlen_attention(q, k.bfloat16(), v, cu, cu, m, m),  # mixed: a ValueError without autocast
+               vk.patch_embed(videos, pack, w, b), vk.linear_unpatchify(x, pack, lw, None, 2))
+        q64, k64, v64 = _qkv(pack.num_tokens)
+        assert vk.varlen_attention(q64, k64, v64, cu, cu, m, m).dtype == torch.float64
+    assert torch.equal(got[0], expect[0]) and torch.equal(got[1], expect[1])
+    assert all(torch.equal(a, e) for a, e in zip(got[2], expect[2]))
+    got[1].float().sum().backward()  # the float32 weight gets a float32 gradient through the cast
+    assert w.grad.dtype == torch.float32
+
+
 def test_fused_rope_attention_equals_rope_then_attention(pack):
     q, k, v = _qkv(pack.num_tokens)
     rope = vk.Rope3D.from_pack(pack, (4, 4, 4), theta=500.0, interleaved=False)

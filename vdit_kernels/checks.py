@@ -36,6 +36,17 @@ def check_float(name: str, t: torch.Tensor) -> None:
         raise ValueError(f"{name} must be float16, bfloat16, float32 or float64, got {t.dtype}")
 
 
+def autocast_inputs(*tensors):
+    """The tensors as a matmul-like op sees them under torch.autocast: float16/32 and
+    bfloat16 cast to the autocast dtype of their device (float64 and None untouched), as
+    torch casts the inputs of scaled_dot_product_attention, linear and conv3d."""
+    device = next(t.device.type for t in tensors if t is not None)
+    if not torch.is_autocast_enabled(device):
+        return tensors
+    low = torch.get_autocast_dtype(device)
+    return tuple(t if t is None or t.dtype == torch.float64 else t.to(low) for t in tensors)
+
+
 def check_same(names: Sequence[str], tensors: Sequence[torch.Tensor]) -> None:
     """Same dtype and device for all tensors."""
     dtype, device = tensors[0].dtype, tensors[0].device

@@ -17,6 +17,7 @@ Layouts (see vdit_kernels.pack for the pack itself):
 """
 from __future__ import annotations
 
+import functools
 import math
 from typing import Optional, Sequence, Union
 
@@ -28,6 +29,37 @@ Videos = Union[torch.Tensor, Sequence[torch.Tensor]]
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     """float64 stays float64 (gradcheck); every other dtype computes in float32."""
     return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _first_tensor(args) -> Optional[torch.Tensor]:
+    for a in args:
+        if isinstance(a, torch.Tensor):
+            return a
+        if isinstance(a, (list, tuple)) and a and isinstance(a[0], torch.Tensor):
+            return a[0]
+    return None
+
+
+def without_autocast(cls):
+    """Class decorator: every static method runs with autocast off on its tensors' device.
+    The registered ops run inside a caller's autocast region (torch.library ops have no
+    autocast rule), where the products below would drop to its dtype; the oracle computes
+    in compute_dtype whatever the caller's autocast state (the public functions cast the
+    inputs as PyTorch's own ops do: vdit_kernels.checks.autocast_inputs)."""
+    def off(fn):
+        @functools.wraps(fn)
+        def run(*args):
+            t = _first_tensor(args)
+            if t is None or not torch.is_autocast_enabled(t.device.type):
+                return fn(*args)
+            with torch.autocast(t.device.type, enabled=False):
+                return fn(*args)
+        return run
+
+    for name, member in list(vars(cls).items()):
+        if isinstance(member, staticmethod):
+            setattr(cls, name, staticmethod(off(member.__func__)))
+    return cls
 
 
 def lse_dtype(dtype: torch.dtype) -> torch.dtype:

@@ -23,8 +23,8 @@ from torch import Tensor
 
 from .. import backend as _backend
 from .. import reference as ref
-from ..checks import (check, check_cu_seqlens, check_float, check_positions, check_rope_dims, check_same,
-                      check_theta)
+from ..checks import (autocast_inputs, check, check_cu_seqlens, check_float, check_positions, check_rope_dims,
+                      check_same, check_theta)
 from .rope import Rope3D
 
 FAMILY = "attention"
@@ -34,6 +34,7 @@ def _rope_tuple(positions, dims, theta, interleaved):
     return None if positions is None else (positions, list(dims), theta, interleaved)
 
 
+@ref.without_autocast
 class _Reference:
     @staticmethod
     def _forward(q, k, v, cu_q, cu_k, max_q, max_k, scale, rope):
@@ -171,6 +172,8 @@ def varlen_attention(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_s
     segments are allowed; a query row with an empty key segment gets out = 0 and
     lse = -inf. softmax_scale defaults to 1/sqrt(D).
     softmax_scale must be positive.
+    Under torch.autocast, q, k and v are first cast to the autocast dtype (float64 excepted),
+    as scaled_dot_product_attention does.
     rope: a Rope3D (self-attention only, Nq == Nk): equal to apply_rope_3d followed by
     attention; the backends rotate q and k once with the fastest RoPE kernel (one pass
     over q and k, ~1% of the forward) and rotate dq and dk back in the backward.
@@ -187,6 +190,9 @@ def varlen_attention(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_s
         check_float(name, t)
         if t.dim() != 3:
             raise ValueError(f"{name} must be (tokens, heads, head_dim), got shape {tuple(t.shape)}")
+    # as scaled_dot_product_attention under autocast (a float32 q from a norm beside a
+    # bfloat16 v is common there)
+    q, k, v = autocast_inputs(q, k, v)
     check_same(["q", "k", "v"], [q, k, v])
     if k.shape != v.shape:
         raise ValueError(f"k {tuple(k.shape)} and v {tuple(v.shape)} must have the same shape")

@@ -23,7 +23,7 @@ from torch import Tensor
 
 from .. import backend as _backend
 from .. import reference as ref
-from ..checks import check_float, check_same, check_videos
+from ..checks import autocast_inputs, check_float, check_same, check_videos
 
 FAMILY = "patch"
 
@@ -60,6 +60,7 @@ def _owned(out: Tensor, inputs: Sequence[Tensor]) -> Tensor:
     return out
 
 
+@ref.without_autocast
 class _Reference:
     """The reference backend in the contract's form (calls reference.py)."""
 
@@ -296,7 +297,9 @@ def patch_embed(latents, pack, weight: Tensor, bias: Optional[Tensor] = None, *,
     existing Conv3d(C, hidden, kernel_size=stride=patch_size)'s parameters pass
     unchanged; the result equals that conv per video, flattened to tokens.
     Fused backends gather the patches inside the GEMM (the patchified matrix never
-    exists in memory). Output in the latents' dtype; differentiable in all three.
+    exists in memory). Output in the latents' dtype; differentiable in all three. Under
+    torch.autocast, latents, weight and bias are first cast to the autocast dtype (float64
+    excepted), as nn.Conv3d's are.
     """
     videos, channels, name = _videos_for(latents, pack, backend, "patch_embed")
     check_float("weight", weight)
@@ -307,11 +310,13 @@ def patch_embed(latents, pack, weight: Tensor, bias: Optional[Tensor] = None, *,
                          f"patch size {pack.patch_size}")
     if weight.shape[1] != channels:
         raise ValueError(f"weight expects {weight.shape[1]} channels, videos have {channels}")
-    tensors, names = [videos[0], weight], ["latents", "weight"]
     if bias is not None:
         check_float("bias", bias)
         if bias.shape != (weight.shape[0],):
             raise ValueError(f"bias must be ({weight.shape[0]},), got {tuple(bias.shape)}")
+    *videos, weight, bias = autocast_inputs(*videos, weight, bias)  # as nn.Conv3d under autocast
+    tensors, names = [videos[0], weight], ["latents", "weight"]
+    if bias is not None:
         tensors.append(bias)
         names.append("bias")
     check_same(names, tensors)
@@ -325,7 +330,8 @@ def linear_unpatchify(x: Tensor, pack, weight: Tensor, bias: Optional[Tensor], c
     x (N, hidden); weight (C*pt*ph*pw, hidden) and bias (C*pt*ph*pw,) in nn.Linear
     layout, output features ordered (c, pt, ph, pw). Returns a list of
     (C, T_i, H_i, W_i) videos in x's dtype. Fused backends scatter from the GEMM
-    epilogue. Differentiable in x, weight and bias.
+    epilogue. Differentiable in x, weight and bias. Under torch.autocast, x, weight and
+    bias are first cast to the autocast dtype (float64 excepted), as nn.Linear's are.
     """
     check_float("x", x)
     check_float("weight", weight)
@@ -337,11 +343,13 @@ def linear_unpatchify(x: Tensor, pack, weight: Tensor, bias: Optional[Tensor], c
     if not (weight.dim() == 2 and weight.shape == (features, x.shape[1])):
         raise ValueError(f"weight must be (C*pt*ph*pw={features}, hidden={x.shape[1]}), "
                          f"got shape {tuple(weight.shape)}")
-    tensors, names = [x, weight], ["x", "weight"]
     if bias is not None:
         check_float("bias", bias)
         if bias.shape != (features,):
             raise ValueError(f"bias must be ({features},), got {tuple(bias.shape)}")
+    x, weight, bias = autocast_inputs(x, weight, bias)  # as nn.Linear under autocast
+    tensors, names = [x, weight], ["x", "weight"]
+    if bias is not None:
         tensors.append(bias)
         names.append("bias")
     check_same(names, tensors)

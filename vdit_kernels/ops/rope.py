@@ -23,6 +23,7 @@ from ..checks import (check, check_float, check_inplace_rope, check_positions, c
 FAMILY = "rope"
 
 
+@ref.without_autocast
 class _Reference:
     @staticmethod
     def rope_3d(q, k, positions, dims, theta, interleaved, inverse):
