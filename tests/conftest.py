@@ -72,8 +72,10 @@ def assert_verbose_close(actual, expected, atol=None, rtol=None, name="tensor"):
     a, e = actual.detach().double().cpu(), expected.detach().double().cpu()
     finite_mismatch = torch.isfinite(a) != torch.isfinite(e)
     nan_mismatch = torch.isnan(a) != torch.isnan(e)
+    sign_mismatch = torch.isinf(a) & torch.isinf(e) & (a != e)  # +inf where -inf is expected
     both = torch.isfinite(a) & torch.isfinite(e)
-    bad = (~torch.isclose(a, e, atol=atol, rtol=rtol, equal_nan=True) & both) | finite_mismatch | nan_mismatch
+    bad = ((~torch.isclose(a, e, atol=atol, rtol=rtol, equal_nan=True) & both) | finite_mismatch | nan_mismatch
+           | sign_mismatch)
     if bad.any():
         idx = bad.nonzero()[:5].tolist()
         worst = (a - e).abs().masked_fill(~both, 0).max().item()
@@ -81,7 +83,8 @@ def assert_verbose_close(actual, expected, atol=None, rtol=None, name="tensor"):
         raise AssertionError(
             f"{name}: {int(bad.sum())}/{bad.numel()} elements differ (atol={atol}, rtol={rtol}); "
             f"max abs diff {worst:.3e}; NaN mismatches {int(nan_mismatch.sum())}, "
-            f"finite/inf mismatches {int(finite_mismatch.sum())}; first (index, actual, expected): {pairs}")
+            f"finite/inf mismatches {int(finite_mismatch.sum())}, inf sign mismatches "
+            f"{int(sign_mismatch.sum())}; first (index, actual, expected): {pairs}")
 
 
 def assert_matmul_rule(actual, torch_same_dtype, reference_fp32, name="tensor", floor=1e-6):

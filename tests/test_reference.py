@@ -151,3 +151,12 @@ def test_reference_keeps_input_dtype_and_computes_in_float32(dtype):
     assert out.dtype == dtype
     expect = ref.varlen_attention(q.to(dtype).float(), k.to(dtype).float(), v.to(dtype).float(), cu, cu, 12, 12)
     assert torch.equal(out, expect.to(dtype))  # float32 math, one rounding at the end
+
+
+def test_the_comparison_helper_tells_infinities_apart():
+    # an empty key segment's lse is -inf: +inf there must fail the comparison
+    inf = float("inf")
+    assert_verbose_close(torch.tensor([-inf, 1.0]), torch.tensor([-inf, 1.0]))
+    for actual in ([inf, 1.0], [0.0, 1.0], [float("nan"), 1.0]):
+        with pytest.raises(AssertionError):
+            assert_verbose_close(torch.tensor(actual), torch.tensor([-inf, 1.0]))
