@@ -54,7 +54,7 @@ class DiTConfig:
     text_dim: int = 4096
     rope_dims: Optional[tuple[int, int, int]] = None  # (t, h, w); None -> wan_rope_dims(head_dim)
     rope_theta: float = 10000.0
-    qk_norm: bool = True       # per-head RMSNorm on q and k (Wan / Hunyuan style)
+    qk_norm: bool = True       # per-head RMSNorm on q and k (HunyuanVideo's; Wan's spans all heads)
     fused_rope: bool = True    # RoPE inside varlen_attention; False: apply_rope_3d, then attention
     time_freq_dim: int = 256   # sinusoidal timestep embedding width
     eps: float = 1e-6
@@ -283,7 +283,8 @@ class VideoDiT(nn.Module):
         """DiT init: xavier Linear/patch weights, zero biases, N(0, 0.02) timestep MLP.
 
         zero_init=True (adaLN-Zero, for training): the modulation and output layers start
-        at zero, so every block is the identity and the model outputs zeros.
+        at zero, so the gated self-attention and MLP branches add nothing and the model
+        outputs zeros (the cross-attention branch, ungated as in Wan, still adds its part).
         zero_init=False gives those layers small random weights instead (tests, demos:
         outputs and gradients are then non-trivial everywhere).
         """

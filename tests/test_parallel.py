@@ -381,6 +381,10 @@ def test_single_process_is_plain_attention():
     assert torch.equal(vk.shard_pack(x["q"], 1, 0), x["q"])
     assert vk.shard_pack(x["q"], 4, 3).shape[0] == 10  # ceil(39 / 4), the last row is padding
     assert torch.all(vk.shard_pack(x["q"], 4, 3)[-1] == 0)
+    masks = [vk.shard_mask(39, 4, r) for r in range(4)]
+    assert [m.tolist() for m in masks[2:]] == [[True] * 10, [True] * 9 + [False]]
+    assert torch.equal(torch.cat(masks)[:39], torch.ones(39, dtype=torch.bool))
+    assert not vk.shard_mask(5, 4, 3).any()  # ceil(5 / 4) = 2 rows a rank: rank 3 holds only padding
 
 
 # -- 3 processes: the ring's direction and the accumulators' way home ---------------------

@@ -10,6 +10,7 @@ vdit_kernels.backend - and calls a registered torch.library op):
   varlen_attention                packed attention, LSE, fused RoPE
   merge_attention                 merge partial attention results (out, lse) over key subsets
   shard_pack, gather_pack         sequence-parallel token shards of a pack
+  shard_mask                      which rows of a shard are real tokens (not padding)
   ulysses_varlen_attention        self-attention over a pack sharded across ranks (Ulysses)
   allgather_varlen_attention      the same with all-gathered keys/values (any head count)
   ring_varlen_attention           the same with keys/values passed around a ring
@@ -22,7 +23,8 @@ from .ops.patch import linear_unpatchify, patch_embed, patchify, unpatchify
 from .ops.rope import Rope3D, apply_rope_3d
 from .pack import VideoPack
 from .parallel import (allgather_varlen_attention, gather_pack, local_cross_attention,
-                       merge_attention, ring_varlen_attention, shard_pack, ulysses_varlen_attention)
+                       merge_attention, ring_varlen_attention, shard_mask, shard_pack,
+                       ulysses_varlen_attention)
 
 __version__ = "0.1.0"
 
@@ -30,6 +32,6 @@ __all__ = [
     "VideoPack", "patchify", "unpatchify", "patch_embed", "linear_unpatchify",
     "apply_rope_3d", "Rope3D", "varlen_attention", "use_backend", "available_backends",
     "BackendUnavailable", "__version__",
-    "merge_attention", "shard_pack", "gather_pack", "ulysses_varlen_attention",
+    "merge_attention", "shard_pack", "shard_mask", "gather_pack", "ulysses_varlen_attention",
     "local_cross_attention", "allgather_varlen_attention", "ring_varlen_attention",
 ]

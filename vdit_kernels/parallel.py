@@ -123,6 +123,18 @@ def shard_pack(x: Tensor, world_size: int, rank: int) -> Tensor:
     return piece
 
 
+def shard_mask(num_tokens: int, world_size: int, rank: int, device=None) -> Tensor:
+    """(n,) bool: which rows of rank `rank`'s shard are real tokens (False: padding).
+
+    The padding rows of shard_pack are not zero after a layer with a bias, and their
+    segment id 0 would give them video 0's modulation: in training, weight the loss with
+    this mask so that they contribute no gradient to video 0's conditioning or the weights.
+    """
+    check(0 <= rank < world_size, f"rank {rank} is not in [0, world_size={world_size})")
+    n = shard_size(num_tokens, world_size)
+    return torch.arange(rank * n, (rank + 1) * n, device=device) < int(num_tokens)
+
+
 def _world(group) -> tuple[int, int]:
     """(world_size, rank) of `group`; (1, 0) when torch.distributed is not initialized."""
     if group is None and not (dist.is_available() and dist.is_initialized()):
@@ -134,7 +146,8 @@ def gather_pack(x_local: Tensor, num_tokens: int, group=None) -> Tensor:
     """The whole pack (num_tokens, ...) on every rank from the shards (padding dropped).
 
     For outputs (e.g. before `unpatchify` at inference); not differentiable: in training,
-    compute the loss on the shards and let the gradients all-reduce as usual.
+    compute the loss on the shards (without their padding rows: shard_mask) and let the
+    gradients all-reduce as usual.
     """
     world_size, _ = _world(group)
     if world_size == 1:
