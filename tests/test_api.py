@@ -328,13 +328,23 @@ def test_under_autocast_the_ops_cast_their_inputs_like_torch(pack):
     assert w.grad.dtype == torch.float32
 
 
-def test_fused_rope_attention_equals_rope_then_attention(pack):
-    q, k, v = _qkv(pack.num_tokens)
-    rope = vk.Rope3D.from_pack(pack, (4, 4, 4), theta=500.0, interleaved=False)
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+@pytest.mark.parametrize("interleaved", [True, False])
+def test_fused_rope_attention_equals_rope_then_attention(backend, interleaved):
+    # outputs and gradients; float64 on the reference path, float32 (its only IEEE dtype
+    # besides) on Triton
+    dtype, atol = (torch.float64, 1e-12) if backend == "reference" else (torch.float32, 1e-5)
+    pack = _make_pack(_device_for(backend))
+    q, k, v = (t.to(pack.cu_seqlens.device) for t in _qkv(pack.num_tokens, dtype=dtype, requires_grad=True))
+    rope = vk.Rope3D.from_pack(pack, (4, 4, 4), theta=500.0, interleaved=interleaved)
     cu, m = pack.cu_seqlens, pack.max_seqlen
-    fused = vk.varlen_attention(q, k, v, cu, cu, m, m, rope=rope)
-    qr, kr = vk.apply_rope_3d(q, k, pack, (4, 4, 4), 500.0, False)
-    assert torch.allclose(fused, vk.varlen_attention(qr, kr, v, cu, cu, m, m), atol=1e-12)
+    fused = vk.varlen_attention(q, k, v, cu, cu, m, m, rope=rope, backend=backend)
+    qr, kr = vk.apply_rope_3d(q, k, pack, (4, 4, 4), 500.0, interleaved, backend=backend)
+    apart = vk.varlen_attention(qr, kr, v, cu, cu, m, m, backend=backend)
+    assert torch.allclose(fused, apart, atol=atol)
+    do = torch.randn_like(fused)
+    for a, b in zip(torch.autograd.grad(fused, (q, k, v), do), torch.autograd.grad(apart, (q, k, v), do)):
+        assert torch.allclose(a, b, atol=atol)
 
 
 def test_inplace_rope_matches_out_of_place(pack):

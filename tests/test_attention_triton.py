@@ -157,7 +157,7 @@ def test_cross_attention_empty_keys(dtype, strategy):
 
 
 @pytest.mark.parametrize("dtype", DOT_DTYPES, ids=str)
-def test_many_tiny_segments(dtype):
+def test_many_tiny_segments(dtype, strategy):
     g = torch.Generator().manual_seed(3)
     lens = torch.randint(0, 6, (32,), generator=g).tolist()
     _check(lens, lens, 2, 2, 80, dtype, max_q=8, max_k=8)
@@ -220,16 +220,20 @@ def test_fused_rope_head_dim_72():
     _check([11, 7], [11, 7], 2, 2, 72, torch.float32, rope_dims=(24, 24, 24), interleaved=False)
 
 
-def test_noncontiguous_inputs():
+def test_noncontiguous_inputs(strategy):
     lens = [9, 14]
     cu = _cu(lens)
     g = torch.Generator().manual_seed(5)
-    qkv = torch.randn(sum(lens), 3, 2, 64, generator=g).to(DEVICE)  # (N, 3, H, D) packed
-    q, k, v = qkv[:, 0], qkv[:, 1], qkv[:, 2]
-    assert not q.is_contiguous()
-    out = vk.varlen_attention(q, k, v, cu, cu, 14, 14, backend="triton")
-    exp = vk.varlen_attention(q, k, v, cu, cu, 14, 14, backend="reference")
-    assert_verbose_close(out, exp, atol=1e-4, rtol=1e-4, name="out")
+    qkv = torch.randn(sum(lens), 3, 2, 64, generator=g).to(DEVICE).requires_grad_(True)  # (N, 3, H, D)
+    do = torch.randn(sum(lens), 2, 64, generator=g).to(DEVICE).transpose(0, 1).contiguous().transpose(0, 1)
+    results = {}
+    for backend in ("triton", "reference"):
+        q, k, v = qkv[:, 0], qkv[:, 1], qkv[:, 2]
+        assert not q.is_contiguous() and not do.is_contiguous()
+        out = vk.varlen_attention(q, k, v, cu, cu, 14, 14, backend=backend)
+        results[backend] = (out,) + torch.autograd.grad(out, qkv, do)
+    for name, a, e in zip(("out", "d qkv"), results["triton"], results["reference"]):
+        assert_verbose_close(a, e, atol=1e-4, rtol=1e-4, name=name)
 
 
 @pytest.mark.parametrize("dtype", DOT_DTYPES, ids=str)

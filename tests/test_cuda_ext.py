@@ -274,7 +274,9 @@ def _check_rope(q, k, pos, dims, interleaved, inverse=False, theta=10000.0):
 @gpu_only
 @pytest.mark.parametrize("dtype", ALL_DTYPES)
 @pytest.mark.parametrize("interleaved", [True, False])
-@pytest.mark.parametrize("dims", [(4, 4, 4), (44, 42, 42), (16, 24, 24), (6, 4, 2), (0, 8, 8), (2, 2, 2)])
+# head dims 12, 128 (two splits), 64, 72, 96, and odd splits
+@pytest.mark.parametrize("dims", [(4, 4, 4), (44, 42, 42), (16, 56, 56), (16, 24, 24), (24, 24, 24), (32, 32, 32),
+                                  (6, 4, 2), (0, 8, 8), (2, 2, 2)])
 def test_rope_matches_reference(dtype, interleaved, dims):
     q, k, pos = _rope_inputs(37, 3, 2, dims, dtype)
     _check_rope(q, k, pos, dims, interleaved)
@@ -320,13 +322,14 @@ def test_rope_public_api(inplace):
 
 
 @gpu_only
-def test_rope_grad_matches_reference():
+@pytest.mark.parametrize("interleaved", [True, False])
+def test_rope_grad_matches_reference(interleaved):
     pack = vk.VideoPack.from_shapes([(2, 4, 6)], (1, 2, 2), device="cuda")
     q, k, _ = _rope_inputs(pack.num_tokens, 2, 2, (4, 6, 6), torch.float32)
     grads = []
     for backend in ("cuda", "reference"):
         qq, kk = q.clone().requires_grad_(), k.clone().requires_grad_()
-        oq, ok = vk.apply_rope_3d(qq, kk, pack, (4, 6, 6), interleaved=False, backend=backend)
+        oq, ok = vk.apply_rope_3d(qq, kk, pack, (4, 6, 6), interleaved=interleaved, backend=backend)
         (oq.square().sum() + ok.sum()).backward()
         grads.append((qq.grad, kk.grad))
     assert_verbose_close(grads[0][0], grads[1][0])

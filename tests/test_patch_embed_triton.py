@@ -17,6 +17,7 @@ PACKS = {
     "one_frame": [(2, 2, 4), (1, 4, 2)],
     "grid_1x1": [(2, 2, 2), (2, 4, 6)],
     "sixteen": [(2, 2, 2) if i % 3 else (2, 2, 4) for i in range(16)],
+    "one_video": [(3, 4, 6)],
 }
 
 
@@ -159,7 +160,7 @@ def test_linear_unpatchify_dtypes(dtype, patch_size, bias):
 
 
 @pytest.mark.parametrize("name,channels,hidden", [
-    ("one_frame", 16, 24), ("grid_1x1", 16, 72), ("sixteen", 4, 24), ("mixed", 48, 24),
+    ("one_frame", 16, 24), ("grid_1x1", 16, 72), ("sixteen", 4, 24), ("mixed", 48, 24), ("one_video", 16, 40),
 ])
 def test_packs_channels_hidden(name, channels, hidden):
     shapes = [(1, 2, 2), (2, 2, 4)] if channels == 48 else PACKS[name]  # tiny spatial for C=48

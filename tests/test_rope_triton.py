@@ -6,7 +6,7 @@ from conftest import ALL_DTYPES, DEVICE, assert_verbose_close
 
 import vdit_kernels as vk
 
-SHAPES = [(2, 4, 6), (1, 2, 2), (3, 2, 2)]  # 12 + 1 + 3 = 16 tokens
+SHAPES = [(2, 4, 6), (1, 2, 2), (3, 2, 4)]  # 12 + 1 + 6 = 19 tokens: a partial last token block
 DIMS = [(4, 4, 4), (16, 56, 56), (44, 42, 42), (8, 28, 28), (24, 24, 24), (32, 32, 32)]
 
 
