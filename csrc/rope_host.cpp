@@ -4,6 +4,7 @@
 //
 // CPU tensors get the same argument checks, then an error saying the op needs CUDA
 // tensors (the CPU registration below), so the checks run in CPU-only CI too.
+#include <ATen/MemoryOverlap.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <c10/cuda/CUDAException.h>
@@ -118,6 +119,16 @@ void rope_launch(const at::Tensor& q, const at::Tensor& k, const at::Tensor& qo,
   C10_CUDA_CHECK(launch_rope_kernel(p, dtype, vp, blocks, smem, stream.stream()));
 }
 
+// In place, an element reachable twice (a stride-0 view, or q and k sharing memory) would be
+// rotated twice by different threads. The Python layer checks q and k exactly
+// (vdit_kernels.checks.check_inplace_rope); ATen's test here catches what it can tell apart
+// (identical or overlapping dense ranges; interleaved views of one buffer pass).
+void check_no_overlap(const at::Tensor& q, const at::Tensor& k) {
+  at::assert_no_internal_overlap(q);
+  at::assert_no_internal_overlap(k);
+  at::assert_no_overlap(q, k);
+}
+
 std::tuple<at::Tensor, at::Tensor> rope_3d_cuda(const at::Tensor& q, const at::Tensor& k,
                                                 const at::Tensor& positions, c10::IntArrayRef dims,
                                                 double theta, bool interleaved, bool inverse) {
@@ -132,6 +143,7 @@ std::tuple<at::Tensor, at::Tensor> rope_3d_cuda(const at::Tensor& q, const at::T
 void rope_3d_inplace_cuda(const at::Tensor& q, const at::Tensor& k, const at::Tensor& positions,
                           c10::IntArrayRef dims, double theta, bool interleaved, bool inverse) {
   check_rope_args("vdit_C::rope_3d_", q, k, positions, dims);
+  check_no_overlap(q, k);
   if (!q.is_cuda()) needs_cuda_tensors("vdit_C::rope_3d_", q.device());
   // each element is read and written by the same thread, so in = out is safe
   rope_launch(q, k, q, k, positions, dims, theta, interleaved, inverse);
@@ -147,6 +159,7 @@ std::tuple<at::Tensor, at::Tensor> rope_3d_cpu(const at::Tensor& q, const at::Te
 void rope_3d_inplace_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& positions,
                          c10::IntArrayRef dims, double theta, bool interleaved, bool inverse) {
   check_rope_args("vdit_C::rope_3d_", q, k, positions, dims);
+  check_no_overlap(q, k);
   needs_cuda_tensors("vdit_C::rope_3d_", q.device());
 }
 

@@ -380,6 +380,9 @@ def _op_samples(pack, device="cpu"):
         (patch_ops.patch_embed_op, (videos, w, None, "reference")),
         (patch_ops.linear_unpatchify_op, (x, lw, None, shapes, [1, 2, 2], 2, "reference")),
         (rope_ops.rope_3d_op, (q, k, pos, [4, 4, 4], 10000.0, True, False, "reference")),
+        # head-major q: every backend returns contiguous rotations, as the fake says
+        (rope_ops.rope_3d_op, (q.detach().transpose(0, 1).contiguous().transpose(0, 1).requires_grad_(True),
+                               k, pos, [4, 4, 4], 10000.0, False, False, "reference")),
         (rope_ops.rope_3d_inplace_op, (q.detach().clone(), k.detach().clone(), pos, [4, 4, 4], 10000.0,
                                        False, False, "reference")),
         (attn_ops.varlen_attention_op, (q, k, v, cu, cu, m, m, 0.5, None, [], 10000.0, True, False, "reference")),

@@ -350,3 +350,7 @@ def _rope_bad_input_checks():
         torch.ops.vdit_C.rope_3d(q, k.half(), pos, [4, 4, 4], 1e4, True, False)
     with pytest.raises(RuntimeError, match="k"):
         torch.ops.vdit_C.rope_3d(q, k[:, :, :8], pos, [4, 4, 4], 1e4, True, False)
+    # in place: elements reachable twice would be rotated twice (q is k, a stride-0 view)
+    for qq, kk in ((q, q), (q[:, :1].expand(-1, 2, -1), k)):
+        with pytest.raises(RuntimeError, match="single memory location|more than one element"):
+            torch.ops.vdit_C.rope_3d_(qq, kk, pos, [4, 4, 4], 1e4, True, False)

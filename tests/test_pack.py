@@ -89,3 +89,18 @@ def test_patch_ops_reuse_their_launch_table(monkeypatch):
     assert tables >= 1
     assert torch.equal(vk.patchify(videos, pack, backend="triton"), first)
     assert len(P._TABLES) == tables  # same videos: the table was found, not rebuilt
+
+
+@pytest.mark.skipif(DEVICE.type != "cuda", reason="needs a CUDA GPU (streams)")
+def test_device_tables_are_per_stream_and_device_index():
+    # a kernel on another stream must not read a table whose copy is queued on the first
+    from vdit_kernels import pack as P
+
+    a = P.device_table([5, 6, 7], "cuda")
+    assert P.device_table([5, 6, 7], torch.device("cuda", torch.cuda.current_device())) is a
+    side = torch.cuda.Stream()
+    with torch.cuda.stream(side):
+        b = P.device_table([5, 6, 7], "cuda")
+        assert b is not a and P.device_table([5, 6, 7], "cuda") is b
+    torch.cuda.synchronize()
+    assert b.tolist() == [5, 6, 7]

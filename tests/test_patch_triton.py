@@ -151,8 +151,10 @@ def test_line_alignment_claims_only_what_holds():
 
 @pytest.mark.skipif(DEVICE.type != "cuda", reason="needs a CUDA GPU (CUDA graph capture)")
 def test_cuda_graph_capture_and_replay():
-    # the launch table comes from pack.device_table: cached by content, and a new one is
-    # copied from pinned memory, so both a warm and a cold table can be captured
+    # the launch table comes from pack.device_table: during a capture a fresh copy from
+    # pinned memory (capturable), kept for good, whether or not the table was cached
+    from vdit_kernels import pack as P
+
     pack = vk.VideoPack.from_shapes([(2, 4, 6), (1, 2, 2)], (1, 2, 2), device=DEVICE)
     videos = random_videos(pack, 4, torch.float32, seed=7)
     vk.patchify(videos, pack, backend="triton")  # compile outside the capture
@@ -161,6 +163,11 @@ def test_cuda_graph_capture_and_replay():
     with torch.cuda.graph(graph):
         warm = vk.patchify(videos, pack, backend="triton")
         cold = vk.patchify(fresh, pack, backend="triton")
+    # before any replay, an eager call with the table first seen in capture must not read
+    # the captured copy (filled only by a replay)
+    assert torch.equal(vk.patchify(fresh, pack, backend="triton"), vk.patchify(fresh, pack, backend="reference"))
+    for i in range(P.TABLE_CACHE_SIZE + 1):  # evict every eager table: the graph keeps its own
+        P.device_table([i], DEVICE)
     for v, f in zip(videos, fresh):
         v.normal_()
         f.copy_(v * 2)

@@ -56,38 +56,46 @@ def to_device(host: torch.Tensor, device) -> torch.Tensor:
     return host.to(device, non_blocking=True)
 
 
-# device_table: small launch tables by content (LRU), and the ones made during a CUDA
-# graph capture kept for good (a captured graph reads its table at every replay)
+# device_table: small launch tables by content and stream (LRU); the ones made during a
+# CUDA graph capture are kept for good (a captured graph reads its table at every replay)
 _TABLES: "OrderedDict[tuple, tuple[torch.Tensor, torch.Tensor]]" = OrderedDict()
-_CAPTURED_TABLES: dict = {}
+_CAPTURED_TABLES: list = []
 TABLE_CACHE_SIZE = 256
 
 
 def device_table(values: Sequence[int], device, dtype=torch.int64) -> torch.Tensor:
     """A small integer table (launch metadata: pointers, strides, offsets) on `device`,
-    cached by its content. The same values again (the same videos, as in a loop over
-    static buffers or a CUDA graph replay) reuse one device tensor and copy nothing; new
-    values are copied from pinned memory with a non-blocking copy, which a CUDA graph can
-    capture (a copy from pageable memory cannot be captured), and the cache keeps both
-    copies alive. Never write to the returned tensor."""
+    cached by its content. The same values again on the same stream (the same videos, as
+    in a loop over static buffers) reuse one device tensor and copy nothing; new values are
+    copied from pinned memory with a non-blocking copy, and the cache keeps both copies
+    alive. Keyed by stream too: a kernel on another stream could otherwise read a table
+    whose copy is still queued, or use it after the LRU freed it (memory is reused in
+    the order of its own stream only). During a CUDA graph capture every call copies
+    afresh (a capturable copy: pinned memory) and the table is never freed: a cached
+    table could be evicted while the graph still reads it, and a table copied inside one
+    capture holds its values only once that graph has replayed. Never write to it."""
     device = torch.device(device)
-    key = (device, dtype, tuple(int(v) for v in values))
-    hit = _TABLES.get(key) or _CAPTURED_TABLES.get(key)
+    stream = None
+    if device.type == "cuda":
+        if device.index is None:
+            device = torch.device("cuda", torch.cuda.current_device())
+        if torch.cuda.is_current_stream_capturing():
+            host = torch.tensor([int(v) for v in values], dtype=dtype).pin_memory()
+            _CAPTURED_TABLES.append((host, host.to(device, non_blocking=True)))
+            return _CAPTURED_TABLES[-1][1]
+        stream = torch.cuda.current_stream(device).cuda_stream
+    key = (device, stream, dtype, tuple(int(v) for v in values))
+    hit = _TABLES.get(key)
     if hit is not None:
-        if key in _TABLES:
-            _TABLES.move_to_end(key)
+        _TABLES.move_to_end(key)
         return hit[1]
-    host = torch.tensor(key[2], dtype=dtype)
-    capturing = device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+    host = torch.tensor(key[3], dtype=dtype)
     if device.type == "cuda":
         host = host.pin_memory()
     entry = (host, host.to(device, non_blocking=True))
-    if capturing:
-        _CAPTURED_TABLES[key] = entry
-    else:
-        _TABLES[key] = entry
-        if len(_TABLES) > TABLE_CACHE_SIZE:
-            _TABLES.popitem(last=False)
+    _TABLES[key] = entry
+    if len(_TABLES) > TABLE_CACHE_SIZE:
+        _TABLES.popitem(last=False)
     return entry[1]
 
 

@@ -27,8 +27,9 @@ FAMILY = "rope"
 class _Reference:
     @staticmethod
     def rope_3d(q, k, positions, dims, theta, interleaved, inverse):
-        return ref.apply_rope_3d(q, k, None, dims, theta, interleaved, positions=positions,
-                                 inverse=inverse)
+        q_rot, k_rot = ref.apply_rope_3d(q, k, None, dims, theta, interleaved, positions=positions,
+                                         inverse=inverse)
+        return q_rot.contiguous(), k_rot.contiguous()  # as the kernels' (and the fake's)
 
     @staticmethod
     def rope_3d_(q, k, positions, dims, theta, interleaved, inverse):
@@ -49,7 +50,9 @@ def rope_3d_op(q: Tensor, k: Tensor, positions: Tensor, dims: list[int], theta: 
 
 @rope_3d_op.register_fake
 def _(q, k, positions, dims, theta, interleaved, inverse, backend):
-    return torch.empty_like(q), torch.empty_like(k)
+    # contiguous whatever q's and k's strides (empty_like would keep a permuted layout,
+    # which torch.compile would then assume of every backend's result)
+    return q.new_empty(q.shape), k.new_empty(k.shape)
 
 
 def _rope_setup(ctx, inputs, output):
