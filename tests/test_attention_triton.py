@@ -370,7 +370,7 @@ def test_backward_strategy_choice(monkeypatch):
     assert A.bwd_strategy(False, key="one", measure=measure, available=("split",)) == "split"
     assert len(timed) == 1  # a single available strategy is not timed
     # "triton": measured among the Triton kernels only
-    monkeypatch.setattr(A, "_torch_fa2_possible", lambda q, grad_lse: True)
+    monkeypatch.setattr(A, "_torch_fa2_possible", lambda q, grad_lse, *others: True)
     assert A.bwd_available(torch.empty(2, 1, 64), None) == A.BWD_STRATEGIES
     monkeypatch.setenv("VDIT_ATTN_BWD", "triton")
     assert A.bwd_available(torch.empty(2, 1, 64), None) == ("split", "atomic-dq")
@@ -455,6 +455,10 @@ def test_torch_fa2_conditions():
         assert not A._torch_fa2_possible(qc, torch.zeros(2, 4, device="cuda"))  # gradient into lse
         assert not A._torch_fa2_possible(qc.float(), None)
         assert not A._torch_fa2_possible(torch.empty(4, 2, 68, dtype=torch.float16, device="cuda"), None)
+        # its 16-byte loads: a view 8 bytes into its rows is not offered to it
+        wide = torch.empty(4, 2, 72, dtype=torch.float16, device="cuda")
+        assert A._torch_fa2_possible(qc, None, wide[..., :64]) == expected
+        assert not A._torch_fa2_possible(qc, None, wide[..., 4:68])
         assert A.bwd_available(qc, None) == (A.BWD_STRATEGIES if expected else A.BWD_STRATEGIES[:2])
 
 
@@ -762,6 +766,42 @@ def test_pack_past_int32_element_offsets_gpu():
     assert_verbose_close(lse[:, last], exp[1], atol=1e-3, rtol=0, name="lse")
     for name, a, b, e in zip(("out", "dq", "dk", "dv"), (out,) + grads, base[:1] + base[2:], exp[:1] + exp[2:]):
         assert_matmul_rule(a[last], b, e, name=name, floor=0)
+
+
+def test_atomic_dq_rotates_back_in_one_dtype(monkeypatch):
+    # atomic-dq accumulates dq in float32: it is cast before the inverse rotation, whose
+    # CUDA kernel takes q and k of one dtype (the interpreter's Triton kernel took both)
+    from vdit_kernels.triton import attention as A
+
+    monkeypatch.setenv("VDIT_ATTN_BWD", "atomic-dq")
+    seen = []
+    real = A._rotate
+    monkeypatch.setattr(A, "_rotate", lambda q, k, rope, inverse, inplace=False:
+                        seen.append((inverse, q.dtype, k.dtype)) or real(q, k, rope, inverse, inplace))
+    _check([21, 9], [21, 9], 2, 1, 64, torch.float16, rope_dims=(16, 24, 24))
+    assert (True, torch.float16, torch.float16) in seen and all(qd == kd for _, qd, kd in seen)
+
+
+def test_packs_past_the_grid_limit_are_refused():
+    from vdit_kernels.triton import attention as A
+
+    q = torch.randn(1, 1, 16, device=DEVICE)
+    cu = torch.tensor([0] + [1] * (A.MAX_SEGMENTS + 1), dtype=torch.int32, device=DEVICE)
+    with pytest.raises(ValueError, match="up to 65535 segments"):
+        vk.varlen_attention(q, q, q, cu, cu, 1, 1, backend="triton")
+
+
+@pytest.mark.skipif(DEVICE.type != "cuda" or torch.cuda.device_count() < 2, reason="needs two CUDA GPUs")
+def test_tensors_on_a_device_that_is_not_current():
+    # Triton launches on the current device: the backend makes the tensors' device current
+    with torch.cuda.device(0):
+        lens = [40, 7]
+        q, k, v, do = (t.to("cuda:1") for t in _inputs(47, 47, 2, 1, 64, torch.float16))
+        cu = _cu(lens).to("cuda:1")
+        out = vk.varlen_attention(q, k, v, cu, cu, 40, 40, backend="triton")
+        exp = vk.varlen_attention(q.float(), k.float(), v.float(), cu, cu, 40, 40, backend="reference")
+        assert out.device == q.device
+        assert_verbose_close(out.float(), exp, atol=2e-2, rtol=0, name="out")
 
 
 def test_row_alignment_hint_claims_only_what_holds():

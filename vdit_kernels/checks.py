@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 import numbers
 import os
-from typing import Sequence
+from typing import Optional, Sequence
 
 import torch
 
@@ -34,6 +34,16 @@ def check_float(name: str, t: torch.Tensor) -> None:
         raise TypeError(f"{name} must be a tensor, got {type(t).__name__}")
     if t.dtype not in FLOAT_DTYPES:
         raise ValueError(f"{name} must be float16, bfloat16, float32 or float64, got {t.dtype}")
+
+
+def first_tensor(args) -> Optional[torch.Tensor]:
+    """The first tensor among `args`, or the first of the first list of tensors (videos)."""
+    for a in args:
+        if isinstance(a, torch.Tensor):
+            return a
+        if isinstance(a, (list, tuple)) and a and isinstance(a[0], torch.Tensor):
+            return a[0]
+    return None
 
 
 def autocast_inputs(*tensors):

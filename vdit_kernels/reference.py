@@ -23,21 +23,14 @@ from typing import Optional, Sequence, Union
 
 import torch
 
+from .checks import first_tensor
+
 Videos = Union[torch.Tensor, Sequence[torch.Tensor]]
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     """float64 stays float64 (gradcheck); every other dtype computes in float32."""
     return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-def _first_tensor(args) -> Optional[torch.Tensor]:
-    for a in args:
-        if isinstance(a, torch.Tensor):
-            return a
-        if isinstance(a, (list, tuple)) and a and isinstance(a[0], torch.Tensor):
-            return a[0]
-    return None
 
 
 def without_autocast(cls):
@@ -49,7 +42,7 @@ def without_autocast(cls):
     def off(fn):
         @functools.wraps(fn)
         def run(*args):
-            t = _first_tensor(args)
+            t = first_tensor(args)
             if t is None or not torch.is_autocast_enabled(t.device.type):
                 return fn(*args)
             with torch.autocast(t.device.type, enabled=False):

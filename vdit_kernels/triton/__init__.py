@@ -1,7 +1,12 @@
 """Triton kernels, one module per op family (vdit_kernels.backend imports them on first use)."""
 
+import functools
 import os
 from typing import Iterable
+
+import torch
+
+from ..checks import first_tensor
 
 # Compile options every kernel launch passes (and the static report compiles with).
 # enable_fp_fusion: a * b + c contracted into one FMA (the softmax's exp2 argument
@@ -12,8 +17,25 @@ COMPILE_OPTIONS = {"enable_fp_fusion": True}
 
 
 def autotune_enabled() -> bool:
-    """VDIT_AUTOTUNE=0 pins every autotuned kernel to its first (default) candidate."""
-    return os.environ.get("VDIT_AUTOTUNE", "1") != "0"
+    """VDIT_AUTOTUNE=0 pins every autotuned kernel to its first (default) candidate; so
+    does a CUDA graph capture (an autotuner meeting a new key would time candidates, and
+    synchronize, inside the capture)."""
+    return os.environ.get("VDIT_AUTOTUNE", "1") != "0" and not (
+        torch.cuda.is_available() and torch.cuda.is_current_stream_capturing())
+
+
+def on_tensors_device(fn):
+    """Run a backend function with its first tensor's CUDA device current: Triton launches
+    its kernels (and its autotuner its timing runs) on the current device, not on the
+    tensors' (a pack on cuda:1 while cuda:0 is current would fault or compute elsewhere)."""
+    @functools.wraps(fn)
+    def run(*args, **kwargs):
+        t = first_tensor(args)
+        if t is None or not t.is_cuda or t.device.index == torch.cuda.current_device():
+            return fn(*args, **kwargs)
+        with torch.cuda.device(t.device):
+            return fn(*args, **kwargs)
+    return run
 
 
 def pow2_dividing(values: Iterable[int], cap: int) -> int:

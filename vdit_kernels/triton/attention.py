@@ -8,7 +8,7 @@
 # accumulators are float32; matmul operands are in the input dtype (tensor cores).
 # With rope, q and k are rotated once by the rope family's fastest kernel (the CUDA
 # kernel where built, else Triton) before the attention kernels run, and the backward
-# rotates dq/dk back (inverse rotation, in float32) before the cast. Rotating inside the
+# rotates dq/dk back (the inverse rotation, cos/sin in float32, on dq/dk in the input dtype). Rotating inside the
 # kernels, as the tiles are loaded, was measured on an H100 (bf16, 24 x 128 heads, the
 # 41430-token mixed pack): 679 ms forward against 31.8 ms for the plain kernel, because
 # every query block re-rotates every key tile of its segment (cos/sin of
@@ -93,7 +93,7 @@ except ImportError:  # pragma: no cover
 
 from .. import backend as _backend
 from ..checks import KERNEL_DTYPES
-from . import COMPILE_OPTIONS, autotune_enabled, autotuned_choices, pow2_dividing
+from . import COMPILE_OPTIONS, autotune_enabled, autotuned_choices, on_tensors_device, pow2_dividing
 
 # the accumulators are float32: a float64 product would be float32-accurate at best
 DTYPES = KERNEL_DTYPES
@@ -838,10 +838,11 @@ _BWD_READ_CHOICE: dict = {}
 _VARIANT_TIMES: list = []
 
 
-def bwd_available(q, grad_lse) -> tuple:
+def bwd_available(q, grad_lse, *others) -> tuple:
     """The strategies a backward may run: the Triton ones, and torch-fa2 where it can run
-    (_torch_fa2_possible) unless VDIT_ATTN_BWD=triton ("auto" among the Triton kernels)."""
-    if os.environ.get("VDIT_ATTN_BWD") == "triton" or not _torch_fa2_possible(q, grad_lse):
+    (_torch_fa2_possible, on q and the `others` it reads) unless VDIT_ATTN_BWD=triton
+    ("auto" among the Triton kernels)."""
+    if os.environ.get("VDIT_ATTN_BWD") == "triton" or not _torch_fa2_possible(q, grad_lse, *others):
         return BWD_STRATEGIES[:2]
     return BWD_STRATEGIES
 
@@ -916,14 +917,20 @@ def _tma_possible(*tensors) -> bool:
                and 0 < t.shape[0] < 2 ** 31 for t in tensors)
 
 
-def _torch_fa2_possible(q, grad_lse) -> bool:
+def _torch_fa2_possible(q, grad_lse, *others) -> bool:
     """PyTorch's own FlashAttention-2 backward (aten._flash_attention_backward, the kernel
-    behind torch.nn.attention.varlen) can compute this call's gradients from the Triton
+    behind torch.nn.attention.varlen; FlashAttention-3's where a user activated torch's
+    FA3 for that op, same contract) can compute this call's gradients from the Triton
     forward's out and lse (the same (H, Nq) float32 natural-log lse it writes itself):
     float16 / bfloat16 on an sm_80+ GPU of a torch built with it, head dim a multiple of
-    8 up to 256, and no gradient into lse (its backward has no term for one)."""
+    8 up to 256, no gradient into lse (its backward has no term for one), and q and the
+    `others` (k, v, out, grad_out) 16-byte aligned, base and rows: its loads are 16-byte
+    cp.async, which a misaligned view would fault on (a sticky CUDA error), where the
+    Triton kernels narrow their loads (ROW_ALIGN)."""
     return (grad_lse is None and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16)
             and q.shape[2] % 8 == 0 and q.shape[2] <= 256
+            and all(t.data_ptr() % 16 == 0 and t.stride(0) % 8 == 0 and t.stride(1) % 8 == 0
+                    for t in (q, *others))
             and torch.cuda.get_device_capability(q.device) >= (8, 0)
             and torch.backends.cuda.is_flash_attention_available())
 
@@ -1048,8 +1055,18 @@ def _check_head_dim(d: int) -> None:
                          "(backend='reference' has no limit)")
 
 
+MAX_SEGMENTS = 65535  # the grids' z dimension is the segment (CUDA's limit on gridDim.z)
+
+
+def _check_segments(nseg: int) -> None:
+    if nseg > MAX_SEGMENTS:
+        raise ValueError(f"the Triton attention takes packs of up to {MAX_SEGMENTS} segments (one CUDA grid "
+                         f"layer each), got {nseg}: split the pack (backend='reference' has no limit)")
+
+
 # -- backend contract --------------------------------------------------------------------
 
+@on_tensors_device
 def varlen_attention_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
                          softmax_scale, rope):
     q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
@@ -1059,6 +1076,7 @@ def varlen_attention_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_
     out = torch.empty((nq, h, d), dtype=q.dtype, device=q.device)
     lse = torch.empty((h, nq), dtype=torch.float32, device=q.device)
     nseg = cu_seqlens_q.numel() - 1
+    _check_segments(nseg)
     if nq == 0 or h == 0 or nseg <= 0 or max_seqlen_q <= 0:
         return out.zero_(), lse.fill_(float("-inf"))
     cu_q = cu_seqlens_q.to(torch.int32).contiguous()
@@ -1077,7 +1095,7 @@ def varlen_attention_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_
                 q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
                 out.stride(0), out.stride(1), lse.stride(0),
                 h // hk, float(softmax_scale) * LOG2E)
-        _launch(_attn_fwd_kernel, _tuner("fwd_tma" if tma else "fwd", size), "fwd",
+        _launch(_attn_fwd_kernel, _tuner("fwd_tma" if tma else "fwd", size), "fwd_tma" if tma else "fwd",
                 lambda meta: (triton.cdiv(max_seqlen_q, meta["BLOCK_M"]), h, nseg), args,
                 tiles, fixed=False, TMA=tma, **common)
 
@@ -1087,6 +1105,7 @@ def varlen_attention_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_
     return out, lse
 
 
+@on_tensors_device
 def varlen_attention_bwd(grad_out, q, k, v, out, lse, grad_lse, cu_seqlens_q, cu_seqlens_k,
                          max_seqlen_q, max_seqlen_k, softmax_scale, rope, deterministic):
     # deterministic=True: the "split" strategy (no atomics) with the tiles pinned to the
@@ -1098,6 +1117,7 @@ def varlen_attention_bwd(grad_out, q, k, v, out, lse, grad_lse, cu_seqlens_q, cu
     _check_head_dim(d)
     nk, hk = k.shape[0], k.shape[1]
     nseg = cu_seqlens_q.numel() - 1
+    _check_segments(nseg)
     if nq == 0 or nk == 0 or h == 0 or nseg <= 0 or max_seqlen_q <= 0 or max_seqlen_k <= 0:
         return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
     cu_q = cu_seqlens_q.to(torch.int32).contiguous()
@@ -1190,14 +1210,15 @@ def varlen_attention_bwd(grad_out, q, k, v, out, lse, grad_lse, cu_seqlens_q, cu
                     tiles, fixed=deterministic, **common)
         return gq, gk, gv
 
-    available = bwd_available(q, grad_lse)
+    available = bwd_available(q, grad_lse, k, v, out, grad_out)
     strategy = bwd_strategy(deterministic, key=(d, q.dtype, h // hk, q.device, size, available),
                             measure=(lambda: _fastest({s: (lambda s=s: run(s)) for s in available}))
                             if _can_measure(q) else None, available=available)
     dq, dk, dv = run(strategy)
+    dq = dq.to(q.dtype)  # atomic-dq accumulates in float32; the rope kernels take one dtype
     if rope is not None:
         _rotate(dq, dk, rope, inverse=True, inplace=True)
-    return dq.to(q.dtype), dk.to(k.dtype), dv
+    return dq, dk, dv
 
 
 # -- ahead-of-time compile specs (benchmarks/static_report.py) ---------------------------

@@ -82,7 +82,7 @@ import triton
 import triton.language as tl
 
 from ..pack import device_table
-from . import COMPILE_OPTIONS, autotune_enabled, autotuned_choices, pow2_dividing
+from . import COMPILE_OPTIONS, autotune_enabled, autotuned_choices, on_tensors_device, pow2_dividing
 
 # float64 too, exactly: the copies are dtype-blind and its GEMMs run in PyTorch (above)
 DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -351,6 +351,7 @@ def _launch(kernel, packed, videos, patch_size):
                  BLOCK_T=block_t, BLOCK_F=block_f, num_warps=4, **COMPILE_OPTIONS)
 
 
+@on_tensors_device
 def patchify(videos, patch_size):
     """List of (C, T, H, W) videos (any strides) -> new (N, C*pt*ph*pw) tokens, one launch."""
     videos = list(videos)
@@ -362,6 +363,7 @@ def patchify(videos, patch_size):
     return out
 
 
+@on_tensors_device
 def unpatchify(tokens, shapes, patch_size, channels):
     """(N, C*pt*ph*pw) tokens -> list of new contiguous (C, T, H, W) videos, one launch."""
     outs = [torch.empty(channels, *shapes[i:i + 3], dtype=tokens.dtype, device=tokens.device)
@@ -678,6 +680,7 @@ def _wgrad(videos, dense, patch_size, bias):
     return total(part), (total(bias_part) if with_bias else None)
 
 
+@on_tensors_device
 def patch_embed(videos, weight, bias):
     """(N, hidden) = patchify(videos) @ weight.flatten(1).T + bias: one fused GEMM launch."""
     videos = list(videos)
@@ -689,6 +692,7 @@ def patch_embed(videos, weight, bias):
     return _gather_gemm(videos, w.t(), bias, patch_size)
 
 
+@on_tensors_device
 def patch_embed_backward(grad, videos, weight, with_bias):
     """grad (N, hidden) -> (grad videos, grad weight, grad bias | None)."""
     videos = list(videos)
@@ -706,6 +710,7 @@ def patch_embed_backward(grad, videos, weight, with_bias):
             grad_b.to(weight.dtype) if with_bias else None)
 
 
+@on_tensors_device
 def linear_unpatchify(x, weight, bias, shapes, patch_size, channels):
     """videos = unpatchify(x @ weight.T + bias), scattered from the GEMM epilogue, one launch."""
     shapes, patch_size = [int(s) for s in shapes], tuple(int(p) for p in patch_size)
@@ -715,6 +720,7 @@ def linear_unpatchify(x, weight, bias, shapes, patch_size, channels):
     return _scatter_gemm(x, weight.t(), bias, shapes, patch_size, channels)
 
 
+@on_tensors_device
 def linear_unpatchify_backward(grad_videos, x, weight, patch_size, with_bias):
     """grad videos -> (grad x, grad weight, grad bias | None); grad_y is gathered, never stored."""
     patch_size = tuple(int(p) for p in patch_size)

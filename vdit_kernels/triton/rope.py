@@ -41,7 +41,7 @@ import triton
 import triton.language as tl
 
 from ..checks import KERNEL_DTYPES
-from . import COMPILE_OPTIONS
+from . import COMPILE_OPTIONS, on_tensors_device
 
 DTYPES = KERNEL_DTYPES  # cos/sin are float32: a float64 rotation would be float32-accurate
 
@@ -210,6 +210,7 @@ def _positions(positions: torch.Tensor) -> torch.Tensor:
     return positions.to(torch.float32).contiguous()
 
 
+@on_tensors_device
 def rope_3d(q, k, positions, dims, theta, interleaved, inverse):
     """Rotated copies (q_rot, k_rot) of q (N, Hq, D) and k (N, Hk, D), contiguous."""
     if not _last_dim_contiguous(q):
@@ -222,6 +223,7 @@ def rope_3d(q, k, positions, dims, theta, interleaved, inverse):
     return qo, ko
 
 
+@on_tensors_device
 def rope_3d_(q, k, positions, dims, theta, interleaved, inverse):
     """Rotate q and k in place (their last dim must be contiguous)."""
     if not (_last_dim_contiguous(q) and _last_dim_contiguous(k)):
