@@ -1,9 +1,10 @@
 """Timing: median / min / max milliseconds of a callable.
 
-GPU: triton.testing.do_bench (warm-up, then repetitions timed with CUDA events). It
-clears the L2 cache before every repetition (it zeroes a 256 MB buffer between runs:
-`di.clear_cache(cache)` inside do_bench), so memory-bound ops are timed from DRAM, not
-from a warm L2. Without triton, CUDA events with an explicit L2 flush do the same.
+GPU: warm-up, then repetitions timed with CUDA events, the L2 cache cleared before each
+(a 256 MB buffer zeroed between runs, as triton.testing.do_bench does), so memory-bound
+ops are timed from DRAM, not from a warm L2. Unlike do_bench (at least one sample), every
+row has at least MIN_REPS samples (3 for calls over a second): a 300 ms backward or a
+multi-second DiT step timed once would report a single hiccup as its median.
 CPU: time.perf_counter over a few repetitions (a smoke test, not a performance result).
 
 kernel_ms (GPU, memory-bound cases): the device time of the calls alone, from the
@@ -27,50 +28,61 @@ from typing import Callable, Optional, Sequence
 import torch
 
 
+# samples of a timed row: at least this many whatever the call's length (a multi-second
+# DiT step timed once would make one hiccup the reported number)
+MIN_REPS, MIN_REPS_SLOW, SLOW_MS = 5, 3, 1000.0
+
+
+def _l2_flush_buffer() -> torch.Tensor:
+    return torch.empty(256 * 1024 * 1024 // 4, dtype=torch.int32, device="cuda")
+
+
 def _cuda_events(fn: Callable, warmup_ms: float, rep_ms: float, grad_to_none) -> list[float]:
-    flush = torch.empty(256 * 1024 * 1024 // 4, dtype=torch.int32, device="cuda")
-    fn()
+    """Device milliseconds of `fn`, one sample per call, L2 flushed before each: about
+    rep_ms of samples after warmup_ms of warm-up, and never fewer than MIN_REPS (MIN_REPS_SLOW
+    for calls over SLOW_MS, whose warm-up is the first call alone)."""
+    flush = _l2_flush_buffer()
+    fn()  # compilation, autotuning, allocator
     torch.cuda.synchronize()
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(5):
-        fn()
-    end.record()
-    torch.cuda.synchronize()
-    estimate = max(start.elapsed_time(end) / 5, 1e-3)
-    n_warm, n_rep = max(1, int(warmup_ms / estimate)), max(3, int(rep_ms / estimate))
+    calls = 1
+    while True:  # the estimate: one call, or enough calls to span a millisecond
+        start.record()
+        for _ in range(calls):
+            fn()
+        end.record()
+        torch.cuda.synchronize()
+        estimate = start.elapsed_time(end) / calls
+        if estimate * calls >= 1.0 or calls >= 1000:
+            break
+        calls *= 10
+    estimate = max(estimate, 1e-3)
+    n_warm = int(warmup_ms / estimate)
+    n_rep = max(MIN_REPS_SLOW if estimate > SLOW_MS else MIN_REPS, int(rep_ms / estimate))
     for _ in range(n_warm):
         fn()
-    times = []
-    for _ in range(n_rep):
+    starts = [torch.cuda.Event(enable_timing=True) for _ in range(n_rep)]
+    ends = [torch.cuda.Event(enable_timing=True) for _ in range(n_rep)]
+    for s, e in zip(starts, ends):
         if grad_to_none:
             for t in grad_to_none:
                 t.grad = None
         flush.zero_()
-        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         s.record()
         fn()
         e.record()
-        torch.cuda.synchronize()
-        times.append(s.elapsed_time(e))
-    return times
+    torch.cuda.synchronize()
+    return [s.elapsed_time(e) for s, e in zip(starts, ends)]
 
 
 def bench(fn: Callable, device: str, *, quick: bool = False,
           grad_to_none: Optional[Sequence[torch.Tensor]] = None) -> dict:
-    """{'median_ms', 'min_ms', 'max_ms', 'reps'} of fn() on `device`."""
+    """{'median_ms', 'min_ms', 'max_ms', 'reps', 'timer'} of fn() on `device`."""
     if device == "cuda":
         warmup, rep = (10, 40) if quick else (25, 100)
-        try:
-            import triton.testing
-
-            med, lo, hi = triton.testing.do_bench(fn, warmup=warmup, rep=rep, grad_to_none=grad_to_none,
-                                                  quantiles=[0.5, 0.0, 1.0])
-            return {"median_ms": med, "min_ms": lo, "max_ms": hi, "reps": None, "timer": "triton.do_bench"}
-        except ImportError:
-            times = _cuda_events(fn, warmup, rep, grad_to_none)
-            return {"median_ms": statistics.median(times), "min_ms": min(times), "max_ms": max(times),
-                    "reps": len(times), "timer": "cuda-events"}
+        times = _cuda_events(fn, warmup, rep, grad_to_none)
+        return {"median_ms": statistics.median(times), "min_ms": min(times), "max_ms": max(times),
+                "reps": len(times), "timer": "cuda-events"}
     fn()  # warm-up
     reps = 2 if quick else 5
     times = []

@@ -283,3 +283,29 @@ def test_gpu_tests_run_first_on_a_gpu():
     def marked():
         pass
     assert {m.name for m in marked.pytestmark} == {"gpu", "skipif"}
+
+
+@pytest.mark.parametrize("call_ms,samples", [(2000.0, 3), (300.0, 5), (50.0, 5), (0.015625, 6400)])
+def test_every_row_has_several_samples(monkeypatch, call_ms, samples):
+    # a fake clock: each call of fn advances it by call_ms; events read it when recorded
+    import benchmarks.timing as T
+
+    clock = [0.0]
+
+    class Event:
+        def __init__(self, enable_timing=True):
+            self.t = None
+
+        def record(self):
+            self.t = clock[0]
+
+        def elapsed_time(self, other):
+            return other.t - self.t
+
+    monkeypatch.setattr(torch.cuda, "Event", Event)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda: None)
+    monkeypatch.setattr(T, "_l2_flush_buffer", lambda: torch.empty(1))
+    fn = lambda: clock.__setitem__(0, clock[0] + call_ms)  # noqa: E731
+    row = T.bench(fn, "cuda")
+    assert row["reps"] == samples and row["timer"] == "cuda-events"
+    assert row["median_ms"] == pytest.approx(call_ms)
