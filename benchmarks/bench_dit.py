@@ -13,9 +13,16 @@ Providers:
   vdit-triton+triton-bwd  vdit-triton with the attention backward chosen among our Triton
                           kernels only (VDIT_ATTN_BWD=triton; "auto" may pick torch-fa2)
   torch-padded            the same model and weights in plain PyTorch over a padded batch
-                          (vdit_kernels.model.padded: nn.Conv3d patch embedding, eager RoPE,
+                          (vdit_kernels.model.padded, pad="grid": the videos zero-padded to
+                          one (B, C, T, H, W) tensor, nn.Conv3d patch embedding, eager RoPE,
                           F.scaled_dot_product_attention with key-padding masks)
-  torch-padded-compile    torch-padded under torch.compile
+  torch-padded-tokens     the same with only the token rows padded (pad="tokens": nn.Conv3d per
+                          video, each video's tokens padded to the longest; on the mixed 60k
+                          pack 1.7x the real tokens where the padded grid holds 4.0x): the
+                          stronger plain-PyTorch baseline
+  torch-padded(-tokens)-compile  those under torch.compile
+  vdit-<backend>+rope (attention suite rows, op attention): the step's self-attention alone,
+                          fwd+bwd with fused RoPE on the same pack, for its share of the step
 FLOPs: the real (unpadded) tokens' matmuls and attention (flops.py), forward + backward,
 so the padded providers' wasted work shows as lower TFLOP/s. run.py adds, per vdit row,
 the share of the step spent in self-attention where the attention suite timed the same
@@ -132,19 +139,39 @@ def cases(device: str, quick: bool, workloads, providers=None):
         if reason:
             skips.append(Skip(OP, "torch-padded", reason))
             return
-        for compiled in (False, True):
-            def make_padded(compiled=compiled):
-                from vdit_kernels.model.padded import padded_forward
+        for pad in ("grid", "tokens"):
+            for compiled in (False, True):
+                def make_padded(compiled=compiled, pad=pad):
+                    from vdit_kernels.model.padded import padded_forward
 
-                x = _Inputs(wl, device)
-                fwd = lambda lat, pack, t, text: padded_forward(x.model, lat, pack, t, text)  # noqa: E731
-                return x.step(torch.compile(fwd) if compiled else fwd)
-            add("torch-padded" + ("-compile" if compiled else ""), make_padded,
-                "padded batch, nn.Conv3d, eager RoPE, SDPA" + (", torch.compile" if compiled else ""))
+                    x = _Inputs(wl, device)
+                    fwd = lambda lat, pack, t, text: padded_forward(x.model, lat, pack, t, text, pad=pad)  # noqa: E731
+                    return x.step(torch.compile(fwd) if compiled else fwd)
+                what = "padded batch" if pad == "grid" else "token rows padded per video"
+                add("torch-padded" + ("-tokens" if pad == "tokens" else "") + ("-compile" if compiled else ""),
+                    make_padded, f"{what}, nn.Conv3d, eager RoPE, SDPA" + (", torch.compile" if compiled else ""))
 
     for wl in workloads:
         _one(wl)
-    # eager ours and padded first, then both compiled, then the variants (a stable sort):
-    # a time cap, as in a short GPU lease, cuts the variants first and never a baseline alone
-    out.sort(key=lambda case: ("+" in case.provider, "compile" in case.provider))
+    if device == "cuda":  # the self-attention of the step alone (run.py: its share of the step)
+        from . import bench_attention
+
+        share = [f"vdit-{b}+rope" for b in VDIT_BACKENDS if wanted(f"vdit-{b}", providers)]
+        attention, _ = bench_attention.cases(device, quick, workloads, share)
+        out += [c for c in attention if c.mode == "fwd+bwd" and c.provider in share]
+    out.sort(key=_order)
     return out, skips
+
+
+def _order(case) -> int:
+    """Eager ours and the eager baselines first, then our step's attention alone, the compiled
+    baselines, ours compiled, the variants: a time cap, as in a short GPU lease, cuts the
+    variants first and never a baseline alone (a stable sort)."""
+    p = case.provider
+    if case.op == "attention":
+        return 1
+    if "+" in p:
+        return 4
+    if "compile" in p:
+        return 3 if p.startswith("vdit-") else 2
+    return 0

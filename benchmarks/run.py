@@ -27,6 +27,7 @@ import json
 import os
 import platform
 import re
+import signal
 import subprocess
 import sys
 import tempfile
@@ -169,6 +170,16 @@ def run_case(case, device: str, quick: bool, lim: dict) -> dict:
     return row
 
 
+class Stopped(BaseException):
+    """SIGTERM (`timeout` at a step's time cap): stop timing and write what ran. A
+    BaseException, so run_case's per-case `except Exception` does not record it as a
+    failing case and go on."""
+
+
+def _stop(signum, frame):
+    raise Stopped(f"signal {signum}")
+
+
 def add_speedups(rows: list[dict]) -> None:
     groups: dict = {}
     for r in rows:
@@ -179,6 +190,79 @@ def add_speedups(rows: list[dict]) -> None:
         for r in by_provider.values():
             r["baseline"] = base
             r["speedup"] = by_provider[base]["median_ms"] / r["median_ms"] if base else None
+
+
+# The issues' performance targets, judged on the rows of a run: (what, op, name, mode, ours:
+# the providers whose fastest row counts, the peer, ours / peer speed at least: None = a
+# reported ratio without a target). The Triton backward is judged by our own kernels
+# (+split, +atomic-dq): "auto" may pick PyTorch's FlashAttention-2 backward, the peer's own.
+TARGETS = [
+    ("patchify >= 3x the reference", "patch", "patchify", "fwd", ("vdit-cuda", "vdit-triton"), "vdit-reference", 3.0),
+    ("unpatchify >= 3x the reference", "patch", "unpatchify", "fwd", ("vdit-cuda", "vdit-triton"),
+     "vdit-reference", 3.0),
+    ("RoPE >= 3x the reference", "rope", "rope_3d", "fwd", ("vdit-cuda", "vdit-triton"), "vdit-reference", 3.0),
+    ("RoPE >= the compiled reference", "rope", "rope_3d", "fwd", ("vdit-cuda", "vdit-triton"),
+     "reference-compile", 1.0),
+    ("RoPE >= flash-attn's Triton rotary", "rope", "rope_3d", "fwd", ("vdit-cuda", "vdit-triton"),
+     "flash-attn-rotary", 1.0),
+    ("RoPE >= Liger's rope", "rope", "rope_3d", "fwd", ("vdit-cuda", "vdit-triton"), "liger-rope", 1.0),
+] + [(f"patch_embed {mode} >= 1.2x {peer}", "patch", "patch_embed", mode, ("vdit-triton",), peer, 1.2)
+     for mode in ("fwd", "fwd+bwd") for peer in ("permute-linear", "permute-linear-compile")] + [
+    ("patch_embed vs nn.Conv3d", "patch", "patch_embed", "fwd", ("vdit-triton",), "nn.Conv3d", None),
+    ("attention fwd >= 1.3x varlen_attn", "attention", "varlen_attention", "fwd", ("vdit-triton",),
+     "torch-varlen", 1.3),
+    ("attention fwd >= flex_attention", "attention", "varlen_attention", "fwd", ("vdit-triton",),
+     "flex-attention", 1.0),
+    ("attention bwd (our kernels) >= 1.2x varlen_attn", "attention", "varlen_attention", "bwd",
+     ("vdit-triton+split", "vdit-triton+atomic-dq"), "torch-varlen", 1.2),
+    ("attention bwd as run by default vs varlen_attn", "attention", "varlen_attention", "bwd", ("vdit-triton",),
+     "torch-varlen", None),
+    ("attention + fused RoPE <= 1.03x attention, fwd", "attention", "varlen_attention", "fwd",
+     ("vdit-triton+rope",), "vdit-triton", 1 / 1.03),
+    ("attention + fused RoPE <= 1.03x attention, fwd+bwd", "attention", "varlen_attention", "fwd+bwd",
+     ("vdit-triton+rope",), "vdit-triton", 1 / 1.03),
+    ("DiT block >= 1.5x padded PyTorch", "dit", "dit_block", "fwd+bwd", ("vdit-triton",), "torch-padded", 1.5),
+    ("DiT block >= 1.2x compiled padded PyTorch", "dit", "dit_block", "fwd+bwd", ("vdit-triton",),
+     "torch-padded-compile", 1.2),
+    ("DiT block vs token-padded PyTorch", "dit", "dit_block", "fwd+bwd", ("vdit-triton",), "torch-padded-tokens",
+     None),
+    ("DiT block vs compiled token-padded PyTorch", "dit", "dit_block", "fwd+bwd", ("vdit-triton",),
+     "torch-padded-tokens-compile", None),
+]
+# memory-bound ops: their kernels' own bandwidth, % of the copy bandwidth measured in the run
+BANDWIDTH_TARGETS = [(name, op, ("vdit-cuda", "vdit-triton"), 80.0)
+                     for op, name in (("patch", "patchify"), ("patch", "unpatchify"), ("rope", "rope_3d"))]
+
+
+def target_table(rows: list[dict]) -> str:
+    """The TARGETS and BANDWIDTH_TARGETS this run's rows can judge, per workload."""
+    timed: dict = {}
+    for r in rows:
+        if "median_ms" in r:
+            timed.setdefault((r["op"], r["name"], r["mode"], r["workload"]), {})[r["provider"]] = r
+    lines = ["| target | workload | ours | peer | ours / peer speed | met |", "| --- | --- | --- | --- | ---: | --- |"]
+    for what, op, name, mode, ours, peer, least in TARGETS:
+        for (o, n, m, wl), by_provider in sorted(timed.items()):
+            mine = [by_provider[p] for p in ours if p in by_provider]
+            if (o, n, m) != (op, name, mode) or not mine or peer not in by_provider:
+                continue
+            best = min(mine, key=lambda r: r["median_ms"])
+            ratio = by_provider[peer]["median_ms"] / best["median_ms"]
+            met = "-" if least is None else ("yes" if ratio >= least else "NO")
+            lines.append(f"| {what} | {wl} | {best['provider']} {best['median_ms']:.3f} ms | {peer} "
+                         f"{by_provider[peer]['median_ms']:.3f} ms | {ratio:.2f}x | {met} |")
+    for name, op, ours, pct in BANDWIDTH_TARGETS:
+        for (o, n, m, wl), by_provider in sorted(timed.items()):
+            mine = [by_provider[p] for p in ours if p in by_provider and by_provider[p].get("kernel_pct_of_limit")]
+            if (o, n, m) != (op, name, "fwd") or not mine:
+                continue
+            best = max(mine, key=lambda r: r["kernel_pct_of_limit"])
+            lines.append(f"| {name} kernels >= {pct:.0f}% of the copy bandwidth | {wl} | {best['provider']} "
+                         f"{best['kernel_gbs']:.0f} GB/s | copy {best['kernel_gbs'] * 100 / best['kernel_pct_of_limit']:.0f}"
+                         f" GB/s | {best['kernel_pct_of_limit']:.0f}% | {'yes' if best['kernel_pct_of_limit'] >= pct else 'NO'} |")
+    if len(lines) == 2:
+        return "No target of the issues can be judged from the rows of this run."
+    return "\n".join(lines)
 
 
 def add_attention_shares(rows: list[dict]) -> list[str]:
@@ -373,11 +457,19 @@ def main(argv=None) -> int:
     # one JSON line per finished case: a run cut short (a GPU lease ending) keeps its rows
     partial = out / "rows.partial.jsonl"
     partial.write_text(json.dumps({"environment": environment(device, lim)}, default=str) + "\n")
-    for case in all_cases:
-        rows.append(run_case(case, device, args.quick, lim))
-        with partial.open("a") as f:
-            f.write(json.dumps(rows[-1], default=str) + "\n")
-        progress.step(f"{case.op}/{case.name} {case.mode} {case.provider} {case.workload.name}")
+    stopped = None
+    previous = signal.signal(signal.SIGTERM, _stop)
+    try:
+        for case in all_cases:
+            rows.append(run_case(case, device, args.quick, lim))
+            with partial.open("a") as f:
+                f.write(json.dumps(rows[-1], default=str) + "\n")
+            progress.step(f"{case.op}/{case.name} {case.mode} {case.provider} {case.workload.name}")
+    except Stopped as why:
+        stopped = f"stopped by {why} after {len(rows)} of {len(all_cases)} cases"
+        print(f"\n{stopped}: writing the results of those")
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     progress.close()
     add_speedups(rows)
     shares = add_attention_shares(rows)
@@ -385,6 +477,8 @@ def main(argv=None) -> int:
     md = []
     if device == "cpu":
         md.append(f"**{limits.CPU_LABEL.upper()}**\n")
+    if stopped:
+        md.append(f"**Cut short: {stopped}.**\n")
     env = environment(device, lim)
     md.append(f"Device: {env['gpu']}, torch {env['torch']}, triton {env['triton']}, commit "
               f"{(env['git_commit'] or '?')[:12]}{' (dirty)' if env['git_dirty'] else ''}, {env['date']}.  \n"
@@ -397,6 +491,9 @@ def main(argv=None) -> int:
         print(f"\n== {op} ==" + ("   (CPU smoke test, not a performance result)" if device == "cpu" else ""))
         print(t)
         md += [f"\n## {op}\n", t]
+    targets = target_table(rows)
+    print("\n== the issues' targets (ours / peer speed, this run) ==\n" + targets)
+    md += ["\n## The issues' targets\n", targets]
     choice = backend_choice(rows)
     print("\n== backend choice (triton vs cuda; DEFAULT_ORDER in vdit_kernels/backend.py) ==")
     print(choice)
@@ -413,7 +510,7 @@ def main(argv=None) -> int:
 
     made = plots(rows, out)
     static = None
-    if not args.no_static:
+    if not (args.no_static or stopped):
         static = static_report(out)
         print(static)
         md.append(f"\n{static}\n")
@@ -421,6 +518,7 @@ def main(argv=None) -> int:
     (out / "results.json").write_text(json.dumps(
         {"environment": env, "rows": rows, "skipped": [dict(op=o, provider=p, reason=r) for o, p, r in sorted(seen)],
          "plots": made, "static_report": static, "triton_variants": variants, "quick": args.quick,
+         "stopped": stopped,
          "argv": sys.argv[1:] if argv is None else argv},
         indent=1, default=str))
     print(f"\n{len(rows)} cases, {len(errors)} errors, {time.perf_counter() - started:.1f} s; results in {out}")
@@ -429,6 +527,8 @@ def main(argv=None) -> int:
     if device == "cpu":
         print("(CPU smoke test: not a performance result)")
     # a peer failing is reported; a vdit provider failing fails the run
+    if stopped:
+        return 124  # as `timeout` reports a command it stopped
     return 1 if any(r["provider"].startswith("vdit-") for r in errors) else 0
 
 

@@ -1,12 +1,16 @@
 """The same video DiT in plain PyTorch over a padded batch: the baseline packing replaces.
 
-`padded_forward(model, latents, pack, timesteps, text)` computes what
+`padded_forward(model, latents, pack, timesteps, text, pad=...)` computes what
 `model(latents, pack, timesteps, text)` computes, with the VideoDiT's own parameters,
 the way a model without packing has to:
 
+    pad="grid" (the videos padded to one batch tensor):
     latents (B x (C, T_i, H_i, W_i)) -> zero-padded batch (B, C, T_max, H_max, W_max)
       -> nn.Conv3d patch embedding                          x (B, L, hidden), L = prod of
                                                             the padded token grid
+    pad="tokens" (the cheaper way: no padded pixels, only padded token rows):
+    each video -> nn.Conv3d patch embedding -> its L_i tokens, padded to x (B, L, hidden),
+                                                            L = max_i L_i
       -> per block: adaLN modulation per video, broadcast over its L tokens;
          self-attention with eager 3D RoPE (reference.apply_rope_3d) and
          F.scaled_dot_product_attention with a key-padding mask;
@@ -15,7 +19,8 @@ the way a model without packing has to:
       -> final LayerNorm + modulation + linear -> each video cut out of its padded grid
 
 Every padded token is computed and thrown away: with a 720p image next to 480p videos
-the padded grid holds several times the real tokens (benchmarks/bench_dit.py measures
+the padded grid holds several times the real tokens (the benchmark's mixed 60k-token
+pack: 4.0x with pad="grid", 1.7x with pad="tokens"; benchmarks/bench_dit.py measures
 what that costs). The result equals the packed model on the real tokens, forward and
 backward (tests/test_model.py).
 Limitation: a video with no text tokens would make its cross-attention rows fully
@@ -45,9 +50,11 @@ def _attention(q: Tensor, k: Tensor, v: Tensor, key_valid: Tensor) -> Tensor:
 
 
 def padded_forward(model: VideoDiT, latents: Sequence[Tensor], pack: vk.VideoPack, timesteps: Tensor,
-                   text: Tensor) -> list[Tensor]:
+                   text: Tensor, pad: str = "grid") -> list[Tensor]:
     """Plain-PyTorch padded-batch forward of `model`; same arguments and result as
-    model.forward (B predictions (C, T_i, H_i, W_i))."""
+    model.forward (B predictions (C, T_i, H_i, W_i)). pad: "grid" or "tokens" (above)."""
+    if pad not in ("grid", "tokens"):
+        raise ValueError(f"pad must be 'grid' or 'tokens', got {pad!r}")
     cfg = model.config
     if pack.text_lengths is None or min(pack.text_lengths) < 1:
         raise ValueError("padded_forward needs >= 1 text token per video (a fully masked "
@@ -58,15 +65,22 @@ def padded_forward(model: VideoDiT, latents: Sequence[Tensor], pack: vk.VideoPac
     h, d = cfg.heads, cfg.head_dim
 
     # -- pad and embed --
-    batch = latents[0].new_zeros(b, cfg.in_channels, gt * pt, gh * ph, gw * pw)
-    for i, x in enumerate(latents):
-        batch[i, :, :x.shape[1], :x.shape[2], :x.shape[3]] = x
-    x = model.patch_embed(batch).flatten(2).transpose(1, 2)                  # (B, L, hidden)
-    grid = torch.stack(torch.meshgrid(torch.arange(gt, device=dev), torch.arange(gh, device=dev),
-                                      torch.arange(gw, device=dev), indexing="ij"), -1).view(-1, 3)
-    sizes = to_device(torch.tensor(pack.grid_sizes), dev)
-    valid = (grid[None] < sizes[:, None]).all(-1)                            # (B, L)
-    positions = grid.float().expand(b, -1, -1).reshape(-1, 3)                # RoPE positions (t, h, w)
+    if pad == "grid":
+        batch = latents[0].new_zeros(b, cfg.in_channels, gt * pt, gh * ph, gw * pw)
+        for i, x in enumerate(latents):
+            batch[i, :, :x.shape[1], :x.shape[2], :x.shape[3]] = x
+        x = model.patch_embed(batch).flatten(2).transpose(1, 2)              # (B, L, hidden)
+        grid = torch.stack(torch.meshgrid(torch.arange(gt, device=dev), torch.arange(gh, device=dev),
+                                          torch.arange(gw, device=dev), indexing="ij"), -1).view(-1, 3)
+        sizes = to_device(torch.tensor(pack.grid_sizes), dev)
+        valid = (grid[None] < sizes[:, None]).all(-1)                        # (B, L)
+        positions = grid.float().expand(b, -1, -1).reshape(-1, 3)            # RoPE positions (t, h, w)
+    else:
+        tokens = [model.patch_embed(v[None]).flatten(2).transpose(1, 2)[0] for v in latents]
+        x = torch.nn.utils.rnn.pad_sequence(tokens, batch_first=True)        # (B, L, hidden)
+        valid = torch.arange(x.shape[1], device=dev)[None] < to_device(torch.tensor(pack.seqlens), dev)[:, None]
+        positions = torch.nn.utils.rnn.pad_sequence(list(pack.split(pack.positions.float())),
+                                                    batch_first=True).reshape(-1, 3)
 
     # -- conditioning; text padded to the longest --
     c = model.time_embed(timestep_embedding(timesteps, cfg.time_freq_dim).to(dtype))   # (B, hidden)
@@ -102,6 +116,10 @@ def padded_forward(model: VideoDiT, latents: Sequence[Tensor], pack: vk.VideoPac
 
     shift, scale = model.final_adaLN(c).view(b, 2, 1, -1).unbind(1)
     out = model.final_proj(modulate(norm(x), shift, scale))                 # (B, L, C*pt*ph*pw)
+    if pad == "tokens":
+        return [out[i, :n].view(*g, cfg.in_channels, pt, ph, pw).permute(3, 0, 4, 1, 5, 2, 6)
+                .reshape(cfg.in_channels, *s) for i, (n, g, s) in enumerate(zip(pack.seqlens, pack.grid_sizes,
+                                                                                 pack.shapes))]
     out = out.view(b, gt, gh, gw, cfg.in_channels, pt, ph, pw)
     out = out.permute(0, 4, 1, 5, 2, 6, 3, 7).reshape(b, cfg.in_channels, gt * pt, gh * ph, gw * pw)
     return [out[i, :, :s[0], :s[1], :s[2]] for i, s in enumerate(pack.shapes)]

@@ -309,3 +309,47 @@ def test_every_row_has_several_samples(monkeypatch, call_ms, samples):
     row = T.bench(fn, "cuda")
     assert row["reps"] == samples and row["timer"] == "cuda-events"
     assert row["median_ms"] == pytest.approx(call_ms)
+
+
+def test_target_table_judges_the_issues_targets():
+    import benchmarks.run as run
+
+    row = lambda op, name, mode, provider, ms, **kw: dict(op=op, name=name, mode=mode, workload="w",  # noqa: E731
+                                                          provider=provider, median_ms=ms, **kw)
+    rows = [row("attention", "varlen_attention", "bwd", "vdit-triton+split", 100.0),
+            row("attention", "varlen_attention", "bwd", "vdit-triton+atomic-dq", 90.0),
+            row("attention", "varlen_attention", "bwd", "vdit-triton", 80.0),  # auto may be PyTorch's kernel
+            row("attention", "varlen_attention", "bwd", "torch-varlen", 100.0),
+            row("patch", "patchify", "fwd", "vdit-cuda", 0.05, kernel_gbs=2500.0, kernel_pct_of_limit=83.3),
+            row("patch", "patchify", "fwd", "vdit-reference", 0.2)]
+    lines = run.target_table(rows).splitlines()
+    judged = {line.split(" | ")[0].lstrip("| "): line for line in lines[2:]}
+    assert "| 1.11x | NO |" in judged["attention bwd (our kernels) >= 1.2x varlen_attn"]  # +atomic-dq, not auto
+    assert "| 1.25x | - |" in judged["attention bwd as run by default vs varlen_attn"]
+    assert "| 4.00x | yes |" in judged["patchify >= 3x the reference"]
+    assert "| 83% | yes |" in judged["patchify kernels >= 80% of the copy bandwidth"]
+    assert run.target_table([]).startswith("No target")
+
+
+def test_sigterm_writes_the_results_so_far(monkeypatch, tmp_path):
+    # `timeout` at a GPU lease step's cap sends SIGTERM: the rows that ran still reach
+    # results.json (which the README table reads), marked as cut short
+    import os
+    import signal
+
+    import benchmarks.run as run
+
+    real, calls = run.run_case, []
+
+    def run_case(case, *args):
+        calls.append(case.provider)
+        if len(calls) == 2:
+            os.kill(os.getpid(), signal.SIGTERM)  # arrives during the second case
+        return real(case, *args)
+
+    monkeypatch.setattr(run, "run_case", run_case)
+    assert run.main(["--quick", "--op", "patch", "--out", str(tmp_path), "--no-static"]) == 124
+    result = json.loads((tmp_path / "results.json").read_text())
+    assert len(calls) == 2 and len(result["rows"]) == 1 and "stopped by signal" in result["stopped"]
+    assert "Cut short" in (tmp_path / "summary.md").read_text()
+    assert signal.getsignal(signal.SIGTERM) is not run._stop

@@ -216,7 +216,8 @@ def test_realistic_config_bf16_gpu(backend, fused_rope):
         assert err <= 2 * base_err + 1e-3, f"{name}: {backend} error {err:.3e} > 2 x reference bf16's {base_err:.3e}"
 
 
-def test_padded_plain_pytorch_baseline_matches_the_packed_model():
+@pytest.mark.parametrize("pad", ["grid", "tokens"])
+def test_padded_plain_pytorch_baseline_matches_the_packed_model(pad):
     # benchmarks/bench_dit.py times model.padded.padded_forward as "the same model without
     # packing": it must compute the same outputs and gradients on the real tokens
     from vdit_kernels.model.padded import padded_forward
@@ -227,7 +228,7 @@ def test_padded_plain_pytorch_baseline_matches_the_packed_model():
     text = torch.randn(pack.num_text_tokens, cfg.text_dim, dtype=torch.float64, device=DEVICE)
     results = []
     for forward in (lambda x: model(x, pack, t, text, backend="reference"),
-                    lambda x: padded_forward(model, x, pack, t, text)):
+                    lambda x: padded_forward(model, x, pack, t, text, pad=pad)):
         model.zero_grad(set_to_none=True)
         leaves = [x.detach().clone().requires_grad_(True) for x in latents]
         out = forward(leaves)
