@@ -29,6 +29,11 @@ struct PatchParams {
   PatchVideo videos[kInlineVideos];
 };
 
+// The parameters (records of up to kInlineVideos videos inline) travel in the launch: over
+// the classic 4 KB of kernel parameters, which CUDA 12.1+ raises to 32 KB on sm_70+.
+static_assert(CUDART_VERSION >= 12010 || sizeof(PatchParams) <= 4096,
+              "PatchParams needs CUDA 12.1+ (kernel parameters over 4 KB); lower kInlineVideos");
+
 // Enqueues one launch of `tiles` CTAs with `smem` bytes of dynamic shared memory on
 // `stream`; esize is the element size (2 or 4). Returns the launch's error code.
 cudaError_t launch_patch_kernel(const PatchParams& p, int64_t tiles, size_t smem, bool to_tokens,

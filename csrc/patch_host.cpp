@@ -33,7 +33,9 @@ void check_dtype(const char* name, at::ScalarType t) {
 std::vector<int64_t> check_patch_size(c10::IntArrayRef patch_size) {
   TORCH_CHECK(patch_size.size() == 3, "vdit_C: patch_size must be 3 ints (pt, ph, pw), got ",
               patch_size.size());
-  for (auto s : patch_size) TORCH_CHECK(s > 0, "vdit_C: patch_size must be positive, got ", patch_size);
+  // bounded, so that C*pt*ph*pw (C < 2^31 checked with it) cannot overflow int64
+  for (auto s : patch_size)
+    TORCH_CHECK(s > 0 && s < (1 << 20), "vdit_C: patch_size must be in [1, 2^20), got ", patch_size);
   return patch_size.vec();
 }
 
@@ -43,6 +45,7 @@ void launch(bool to_tokens, std::vector<PatchVideo>& recs, const at::Tensor& tok
             int64_t channels, const std::vector<int64_t>& ps, at::ScalarType dtype,
             c10::Device device) {
   const int64_t pt = ps[0], ph = ps[1], pw = ps[2];
+  TORCH_CHECK(channels > 0 && channels < (int64_t{1} << 31), "vdit_C: channels = ", channels, " is out of range");
   const int64_t F = channels * pt * ph * pw;
   const int64_t esize = dtype == at::kFloat ? 4 : 2;
   const int64_t vec = 16 / esize;
@@ -111,6 +114,9 @@ void launch(bool to_tokens, std::vector<PatchVideo>& recs, const at::Tensor& tok
 
 PatchVideo record(void* data, c10::IntArrayRef strides, int64_t t, int64_t h, int64_t w,
                   const std::vector<int64_t>& ps, int64_t token_begin) {
+  // the kernel's token grids are int32 (one video of 2^31 tokens per axis would not fit memory anyway)
+  TORCH_CHECK(t / ps[0] < (int64_t{1} << 31) && h / ps[1] < (int64_t{1} << 31) && w / ps[2] < (int64_t{1} << 31),
+              "vdit_C: a video's token grid (", t / ps[0], ", ", h / ps[1], ", ", w / ps[2], ") exceeds int32");
   PatchVideo r;
   std::memset(&r, 0, sizeof(r));
   r.data = data;
@@ -170,7 +176,8 @@ std::vector<int64_t> check_unpatchify_args(const at::Tensor& tokens_in, c10::Int
                                            c10::IntArrayRef patch_size, int64_t channels) {
   const auto ps = check_patch_size(patch_size);
   check_dtype("tokens", tokens_in.scalar_type());
-  TORCH_CHECK(channels > 0, "vdit_C::unpatchify: channels must be positive, got ", channels);
+  TORCH_CHECK(channels > 0 && channels < (int64_t{1} << 31), "vdit_C::unpatchify: channels must be in [1, 2^31), got ",
+              channels);
   TORCH_CHECK(shapes.size() % 3 == 0, "vdit_C::unpatchify: shapes must be a flat list of (T, H, W) "
               "triples, got ", shapes.size(), " ints");
   const int64_t F = channels * ps[0] * ps[1] * ps[2];

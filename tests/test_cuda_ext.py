@@ -193,8 +193,12 @@ def _patch_bad_input_checks():
         torch.ops.vdit_C.patchify([v, v.half()], [1, 2, 2])
     with pytest.raises(RuntimeError, match="rows"):
         torch.ops.vdit_C.unpatchify(torch.randn(5, 16, device=DEVICE), [2, 4, 6], [1, 2, 2], 4)
-    with pytest.raises(RuntimeError, match="patch_size must be positive"):
+    with pytest.raises(RuntimeError, match="patch_size must be in"):
         torch.ops.vdit_C.patchify([v], [1, 0, 2])
+    with pytest.raises(RuntimeError, match="patch_size must be in"):  # C*pt*ph*pw would overflow int64
+        torch.ops.vdit_C.patchify([v], [1, 2 ** 40, 2])
+    with pytest.raises(RuntimeError, match="channels must be in"):
+        torch.ops.vdit_C.unpatchify(torch.randn(5, 16, device=DEVICE), [2, 4, 6], [1, 2, 2], 2 ** 62)
 
 
 @needs_cuda_build
