@@ -7,6 +7,7 @@ Backend contract (every backend module for the "attention" family provides):
   varlen_attention_bwd(grad_out, q, k, v, out, lse, grad_lse, cu_seqlens_q, cu_seqlens_k,
                        max_seqlen_q, max_seqlen_k, softmax_scale, rope, deterministic)
       -> (grad_q, grad_k, grad_v)
+  DTYPES: the dtypes it computes in (vdit_kernels.backend resolves by device and dtype)
 grad_lse is None or (H, Nq) in lse's dtype: the gradient flowing into lse (when partial results
 are merged, e.g. vdit_kernels.parallel.merge_attention). Since d lse_i / d S_ij = P_ij,
 it enters the backward as dS = P * (dP - (rowsum(dO * O) - grad_lse)).

@@ -13,6 +13,7 @@ videos are lists of (C, T, H, W) tensors, shapes a flat [T0, H0, W0, T1, ...] li
   linear_unpatchify(x, weight, bias, shapes, patch_size, channels) -> list of videos
   linear_unpatchify_backward(grad_videos, x, weight, patch_size, with_bias)
       -> (grad_x, grad_weight, grad_bias|None)
+  DTYPES: the dtypes it computes in (vdit_kernels.backend resolves by device and dtype)
 """
 from __future__ import annotations
 

@@ -3,6 +3,7 @@
 Backend contract (every backend module for the "rope" family provides):
   rope_3d(q, k, positions, dims, theta, interleaved, inverse) -> (q_rot, k_rot)
   rope_3d_(q, k, positions, dims, theta, interleaved, inverse) -> None  (in place)
+  DTYPES: the dtypes it computes in (vdit_kernels.backend resolves by device and dtype)
 q, k (N, heads, head_dim) (heads may differ between q and k), positions float32
 (N, 3) contiguous, dims (dt, dh, dw) even with dt+dh+dw = head_dim. inverse=True
 rotates by the negative angle: the backward of the forward rotation.
