@@ -16,8 +16,8 @@
 #       backward autotunes about 40 tiles, the first forward 11); patch ops and RoPE on
 #       the mixed pack into <results>-mem (MEM_TIMEOUT, default 75 s); the DiT block on
 #       mixed-60k, Triton and padded PyTorch (grid- and token-padded, eager and compiled)
-#       and the step's self-attention alone, into <results>-dit (DIT_TIMEOUT, default: what
-#       is left). No error probe (PROBE=1 runs it). The suites list the comparison rows before the variants, so a cap cuts
+#       and the step's self-attention alone, into <results>-dit (DIT_TIMEOUT, default 240 s,
+#       cut to what is left). No error probe (PROBE=1 runs it). The suites list the comparison rows before the variants, so a cap cuts
 #       variants first. Each step has its own cap, so a slow
 #       one (first-call autotuning) cannot take the others' rows, cut to what LEASE_BUDGET
 #       (default 550 s from the start) leaves; $OUT is refreshed after every step, so a
@@ -27,8 +27,9 @@
 # Results: benchmarks/results/<gpu-slug>/ or $RESULTS_DIR (results.json, summary.md,
 # static_report.json, plots) plus logs/ (build.log, pytest.log, bench.log). If $OUT is set (the device
 # tool collects at most 8 files from it, 2 folder levels deep), it also receives:
-#   $OUT/summary.md, $OUT/results.json, $OUT/<step>.log tails, $OUT/gpu_check.tar.gz (everything).
-# The build step also runs benchmarks/error_probe.py (logs/error_probe.log).
+#   $OUT/summary.md, $OUT/results.json, $OUT/rows.partial.jsonl, $OUT/<step>.log tails,
+#   $OUT/gpu_check.tar.gz (everything).
+# The build step also runs benchmarks/error_probe.py (logs/error_probe.log) unless PROBE=0.
 # Optional peers: wheels in .whl/ (scripts/fetch_gpu_wheels.sh: liger-kernel, diffusers; and
 # flash-attn's Triton rotary module as flash_attn_rotary.py)
 # are installed into $PEER_SITE (default /tmp/vdit_peers) once per machine and put on

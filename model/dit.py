@@ -317,7 +317,8 @@ class VideoDiT(nn.Module):
                 backend: Backend = None) -> list[Tensor]:
         """latents: B videos (C, T_i, H_i, W_i) matching `pack`; timesteps (B,) float;
         text (pack.num_text_tokens, text_dim), video i's text at rows
-        pack.cu_seqlens_k[i]:pack.cu_seqlens_k[i+1]. Returns B predictions (C, T_i, H_i, W_i)."""
+        pack.cu_seqlens_k[i]:pack.cu_seqlens_k[i+1]. Returns B predictions (C, T_i, H_i, W_i)
+        in the parameters' dtype (the autocast dtype inside an autocast region)."""
         cfg, backends = self.config, family_backends(backend)
         if pack.cu_seqlens_k is None:
             raise ValueError("pack has no text lengths: build it with VideoPack.from_shapes(..., text_lengths=...)")

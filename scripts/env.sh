@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Create or refresh the project environment in .venv and install vdit_kernels with its
-# compile step. Sourced by scripts/test.sh and scripts/bench.sh; safe to run again.
+# compile step. Run by scripts/test.sh and scripts/bench.sh (bash scripts/env.sh); safe to run again.
 # PYTHON picks the interpreter (default python3). VDIT_REBUILD=1 forces a rebuild of _C.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."

@@ -164,6 +164,9 @@ def test_bad_rope(pack):
         vk.apply_rope_3d(q, q, None, (4, 4, 4), positions=pos)
     with pytest.raises(ValueError, match="integer or floating"):
         vk.apply_rope_3d(q, q, None, (4, 4, 4), positions=pack.positions.bool())
+    for dims in ((3, 3, 3), (4.5, 4, 4), (4, 4)):  # at once, not first at the attention call
+        with pytest.raises(ValueError, match="rope dims"):
+            vk.Rope3D.from_pack(pack, dims)
 
 
 @pytest.mark.parametrize("backend", ["reference", "triton"])

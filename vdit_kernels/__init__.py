@@ -16,6 +16,7 @@ vdit_kernels.backend - and calls a registered torch.library op):
   ring_varlen_attention           the same with keys/values passed around a ring
   local_cross_attention           cross-attention from a query shard to replicated text keys
   use_backend, BackendUnavailable backend choice
+  available_backends              the backends that can run an op family here
 """
 from .backend import BackendUnavailable, available_backends, use_backend
 from .ops.attention import varlen_attention

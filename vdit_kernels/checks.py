@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import operator
 import os
 from typing import Optional, Sequence
 
@@ -166,13 +167,18 @@ def check_inplace_rope(q: torch.Tensor, k: torch.Tensor) -> None:
                          "twice; pass disjoint views (e.g. qkv[:, 0] and qkv[:, 1]) or use inplace=False")
 
 
-def check_rope_dims(dims: Sequence[int], head_dim: int) -> tuple[int, int, int]:
-    dims = tuple(int(d) for d in dims)
+def check_rope_dims(dims: Sequence[int], head_dim: Optional[int] = None) -> tuple[int, int, int]:
+    """(dt, dh, dw): three even non-negative ints (never truncated floats), summing to
+    head_dim when it is given."""
+    try:
+        dims = tuple(operator.index(d) for d in dims)
+    except TypeError:
+        raise ValueError(f"rope dims must be three ints (dt, dh, dw), got {dims!r}") from None
     if len(dims) != 3:
         raise ValueError(f"rope dims must be (dt, dh, dw), got {dims}")
     if not all(d >= 0 and d % 2 == 0 for d in dims):
         raise ValueError(f"rope dims must be even and non-negative, got {dims}")
-    if sum(dims) != head_dim:
+    if head_dim is not None and sum(dims) != head_dim:
         raise ValueError(f"rope dims {dims} sum to {sum(dims)}, not head_dim {head_dim}")
     return dims
 

@@ -146,9 +146,11 @@ class VideoPack:
     ) -> "VideoPack":
         """Pack videos of latent sizes `shapes` [(T, H, W), ...].
 
-        Each axis must be divisible by the matching patch size; `text_lengths`
-        (one non-negative int per video) describes per-video text tokens for
-        cross-attention. Raises ValueError naming the video and axis at fault.
+        Each axis must be divisible by the matching patch size (pt, ph, pw), or one
+        int for all three; `text_lengths` (one non-negative int per video) describes
+        per-video text tokens for cross-attention. The pack's tensors live on `device`
+        (default CPU: build it on the tokens' device). Raises ValueError naming the
+        video and axis at fault.
         """
         patch_size = _as_triple(patch_size, "patch_size")
         device = torch.device(device) if device is not None else torch.device("cpu")

@@ -29,7 +29,8 @@ Wan (WanTransformer3DModel, WanVACETransformer3DModel: layers of class WanAttent
   use_vdit_attention checks the model's rope table against that formula, then hooks
   model.rope so that the (cos, sin) it returns carry the token positions
   (GridRotaryEmb); self-attention then passes rope=Rope3D(...) to varlen_attention,
-  which rotates q and k as it loads them (no separate RoPE pass). A processor set by
+  which rotates q and k once with the RoPE kernel before its attention kernels (no RoPE
+  in PyTorch, no cos/sin table read). A processor set by
   hand (model.set_attn_processor(WanVarlenAttnProcessor())) receives plain (cos, sin)
   instead: it rotates q and k in PyTorch with Wan's own formula and calls
   varlen_attention with rope=None - same result, one more pass over q and k.
@@ -57,7 +58,7 @@ HunyuanVideo (HunyuanVideoTransformer3DModel, T2V and token-replace I2V)
   The mask is checked once per mask tensor to be such a prefix (anything else raises).
   HunyuanVideoRotaryPosEmbed (theta 256, dims (16, 56, 56), interleaved pairs, integer
   patch-grid positions) is a Rope3D; text tokens get position (0, 0, 0), the identity
-  rotation, so the joint sequence is rotated inside varlen_attention. The hook on
+  rotation, so the joint sequence is rotated by varlen_attention's RoPE pass. The hook on
   model.rope is installed after checking the module's (cos, sin) against Rope3D's
   formula. The token refiner (2 layers over the <= 256 prompt tokens, a query-and-key
   mask) keeps diffusers' own processor: it is a negligible share of the step.
@@ -266,7 +267,7 @@ class WanVarlenAttnProcessor(_VarlenProcessor):
             fusable = (isinstance(rotary_emb, GridRotaryEmb) and rotary_emb.positions is not None
                        and encoder_hidden_states is None and context_img is None
                        and rotary_emb.positions.shape[0] == query.shape[1])
-            if fusable:  # self-attention: varlen_attention rotates q and k as it loads them
+            if fusable:  # self-attention: varlen_attention rotates q and k (its RoPE kernel)
                 rope = rotary_emb.rope3d(query.shape[0], query.device)
             else:
                 query, key = _wan_rotate(query, *rotary_emb), _wan_rotate(key, *rotary_emb)

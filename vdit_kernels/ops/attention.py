@@ -12,7 +12,8 @@ grad_lse is None or (H, Nq) in lse's dtype: the gradient flowing into lse (when 
 are merged, e.g. vdit_kernels.parallel.merge_attention). Since d lse_i / d S_ij = P_ij,
 it enters the backward as dS = P * (dP - (rowsum(dO * O) - grad_lse)).
 rope is None or a tuple (positions float32 (N, 3), dims, theta, interleaved): q and k
-are rotated as loaded; grads are w.r.t. the unrotated q and k.
+are rotated first (the Triton backend: one pass of the RoPE kernel before the attention
+kernels); grads are w.r.t. the unrotated q and k.
 """
 from __future__ import annotations
 

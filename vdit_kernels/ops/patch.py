@@ -275,7 +275,8 @@ def _channels(channels) -> int:
 
 
 def unpatchify(tokens: Tensor, pack, channels: int, *, backend: Optional[str] = None) -> list[Tensor]:
-    """The inverse of patchify: (N, C*pt*ph*pw) tokens -> list of (C, T_i, H_i, W_i) videos."""
+    """The inverse of patchify: (N, C*pt*ph*pw) tokens -> list of B contiguous
+    (C, T_i, H_i, W_i) videos in the tokens' dtype. Differentiable; the backward is patchify."""
     check_float("tokens", tokens)
     channels = _channels(channels)
     pt, ph, pw = pack.patch_size

@@ -100,9 +100,13 @@ class Rope3D:
     @classmethod
     def from_pack(cls, pack, dims: Sequence[int], theta: float = 10000.0,
                   interleaved: bool = True, positions: Optional[Tensor] = None) -> "Rope3D":
+        """The RoPE of `pack` (its integer (t, h, w) token positions, or `positions` (N, 3),
+        stored as float32 (N, 3)), for varlen_attention(..., rope=...); dims (dt, dh, dw)
+        even, summing to the head dim (checked against it at the attention call)."""
         pos = pack.positions if positions is None else positions
         check_theta(theta)
-        return cls(pos.to(torch.float32).contiguous(), tuple(int(d) for d in dims), float(theta),
+        dims = check_rope_dims(dims)  # the sum: at the attention call, which knows the head dim
+        return cls(pos.to(torch.float32).contiguous(), dims, float(theta),
                    bool(interleaved))
 
 
@@ -130,7 +134,8 @@ def apply_rope_3d(q: Tensor, k: Tensor, pack=None, dims: Sequence[int] = None,
     coordinates for resolution extrapolation). Angles are computed in float32 from the
     positions inside the kernels; no (N, D) cos/sin table is read.
     inplace=True rotates q and k in place and returns them (inference only: it does
-    not record a gradient). Otherwise returns new (q_rot, k_rot), differentiable; the
+    not record a gradient). Otherwise returns new contiguous (q_rot, k_rot) in the input
+    dtype, differentiable; the
     backward rotates the gradients back.
     """
     check_float("q", q)
