@@ -202,8 +202,11 @@ SMALL_SM, SMALL_TMA_SM, SMALL_SHARED = 86, 120, 101376
 
 
 def launch_of(name: str) -> str:
-    """The launch a spec is a candidate of: "<kernel> <dtype> d=<D>" for attention tiles."""
-    return " ".join(name.split(" ")[:3]) if name.startswith("attn_") else name
+    """The launch a spec is a candidate of: "<kernel> <dtype> d=<D>" for attention tiles,
+    the part before ": " for specs named "<launch>: <config>", else the spec itself."""
+    if name.startswith("attn_"):
+        return " ".join(name.split(" ")[:3])
+    return name.split(": ")[0]
 
 
 def _small_gpu_group(names: list[str]) -> dict:
@@ -348,8 +351,9 @@ def main(argv=None) -> int:
           f"TMA variants: sm_{SMALL_TMA_SM}), launches whose first candidate does not fit:")
     for r in small:
         if r["too_large"]:
-            skipped = ", ".join(f"{n[len(r['launch']) + 1:]} ({b} B)" for n, b in r["too_large"])
-            runs = f"{r['runs'][len(r['launch']) + 1:]} ({r['shared_bytes']} B)" if r["runs"] else "NOTHING FITS"
+            tile = lambda name: name[len(r["launch"]):].lstrip(": ")  # noqa: E731
+            skipped = ", ".join(f"{tile(n)} ({b} B)" for n, b in r["too_large"])
+            runs = f"{tile(r['runs'])} ({r['shared_bytes']} B)" if r["runs"] else "NOTHING FITS"
             print(f"  {r['launch']:<32} sm_{r['sm']}: {skipped} -> {runs}")
     cuda, why = cuda_rows()
     print(f"\nCUDA kernels of vdit_kernels._C, sm_{SM}a cubins (cuobjdump -res-usage)")

@@ -223,9 +223,10 @@ def test_weight_grad_split_over_token_blocks(monkeypatch):
     # partials; force it (with small tiles) under the interpreter
     import vdit_kernels.triton.patch as tp
 
-    for name in ("_GEMM_GPU", "_SCATTER_GPU"):
+    for name in ("_GEMM_GPU", "_GEMM_GPU_FP32", "_SCATTER_GPU"):
         monkeypatch.setattr(tp, name, tp._SMALL)
-    monkeypatch.setattr(tp, "_WGRAD_GPU", (*tp._SMALL, 2))  # and 2 pipeline stages
+    for name in ("_WGRAD_GPU", "_WGRAD_GPU_FP32"):
+        monkeypatch.setattr(tp, name, (*tp._SMALL, 2))  # and 2 pipeline stages
     monkeypatch.setattr(tp, "_interp", lambda t: False)
     pack = _pack(PACKS["sixteen"], (1, 2, 2))
     check_patch_embed(pack, 4, 24, torch.float32)
@@ -249,7 +250,7 @@ def test_embed_kernel_autotuned_candidates(monkeypatch):
     # the right product (hidden 200: a partial column step for both)
     import vdit_kernels.triton.patch as tp
 
-    for name in ("_GEMM_GPU", "_SCATTER_GPU"):  # the backward: small tiles
+    for name in ("_GEMM_GPU", "_GEMM_GPU_FP32", "_SCATTER_GPU"):  # the backward: small tiles
         monkeypatch.setattr(tp, name, tp._SMALL)
     monkeypatch.setattr(tp, "_WGRAD_GPU", (*tp._SMALL, 1))
     monkeypatch.setattr(tp, "_interp", lambda t: False)
@@ -264,8 +265,9 @@ def test_embed_kernel_autotuned_candidates(monkeypatch):
     monkeypatch.setattr(tp._embed_tuned, "cache", {})
     pack = vk.VideoPack.from_shapes([(2, 6, 8), (1, 4, 4)], (1, 2, 2), device=DEVICE)  # 28 tokens
     check_patch_embed(pack, 16, 200, torch.float16)
-    assert len(timed) == len(tp._EMBED_GPU)
-    assert tp._embed_tuned.cache and list(tp._embed_tuned.cache.values())[0].kwargs["BLOCK_N"] == tp._EMBED_GPU[-1][0]
+    assert len(timed) == len(tp._embed_candidates(64))  # F = 64: the FP = 64 list, pruned from all
+    assert tp._embed_tuned.cache and list(tp._embed_tuned.cache.values())[0].kwargs["BLOCK_N"] == \
+        tp._embed_candidates(64)[-1][0]
 
 
 def test_embed_kernel_not_used_for_wide_patches(monkeypatch):
@@ -290,3 +292,73 @@ class _Recorder:
     def __getitem__(self, grid):
         self.calls.append(grid)
         return self.kernel[grid]
+
+
+class _OutOfSharedMemory:
+    """Wraps _embed_kernel: launches with BLOCK_N == `refused` raise OutOfResources, as on a
+    GPU with less shared memory than the config needs; the others run the kernel."""
+
+    def __init__(self, kernel, refused, launched):
+        self.kernel, self.refused, self.launched = kernel, refused, launched
+
+    def __getitem__(self, grid):
+        def run(*args, **kwargs):
+            self.launched.append((kwargs["BLOCK_N"], kwargs["num_warps"], kwargs["num_stages"]))
+            if kwargs["BLOCK_N"] == self.refused:
+                from triton.runtime.errors import OutOfResources
+                raise OutOfResources(131072, 101376, "shared memory")
+            return self.kernel[grid](*args, **kwargs)
+        return run
+
+
+@pytest.mark.skipif(DEVICE.type == "cuda", reason="forces the GPU configs under the interpreter")
+def test_fixed_embed_config_gives_way_to_one_that_fits(monkeypatch, caplog):
+    # VDIT_AUTOTUNE=0 (or a CUDA graph capture) on a 99 KB GPU: the first config, 131072 B
+    # at FP = 128 in bf16, cannot launch; the next one runs, and later calls go to it directly
+    import logging
+
+    import vdit_kernels.triton.patch as tp
+
+    for name in ("_GEMM_GPU", "_GEMM_GPU_FP32", "_SCATTER_GPU"):  # the backward: small tiles
+        monkeypatch.setattr(tp, name, tp._SMALL)
+    monkeypatch.setattr(tp, "_WGRAD_GPU", (*tp._SMALL, 1))
+    monkeypatch.setattr(tp, "_interp", lambda t: False)
+    monkeypatch.setattr(tp, "_EMBED_TOO_LARGE", set())
+    monkeypatch.setenv("VDIT_AUTOTUNE", "0")
+    launched = []
+    configs = tp._embed_fixed_list(64)
+    monkeypatch.setattr(tp, "_embed_kernel", _OutOfSharedMemory(tp._embed_kernel, configs[0][0], launched))
+    pack = vk.VideoPack.from_shapes([(2, 6, 8), (1, 4, 4)], (1, 2, 2), device=DEVICE)
+    with caplog.at_level(logging.WARNING, logger="vdit_kernels"):
+        check_patch_embed(pack, 16, 200, torch.float16)
+    assert launched[:2] == configs[:2] and "does not fit this GPU" in caplog.text
+    launched.clear()
+    check_patch_embed(pack, 16, 200, torch.float16)
+    assert launched and all(c == configs[1] for c in launched)
+
+
+@pytest.mark.skipif(DEVICE.type == "cuda", reason="forces the GPU path under the interpreter")
+def test_float32_patch_embed_takes_the_gemm(monkeypatch):
+    # IEEE float32 products on the on-chip-A tiles spill 19-52 KB of registers: float32 takes
+    # the K-looping gather GEMM at every F on a GPU
+    import vdit_kernels.triton.patch as tp
+
+    for name in ("_GEMM_GPU", "_GEMM_GPU_FP32", "_SCATTER_GPU"):
+        monkeypatch.setattr(tp, name, tp._SMALL)
+    monkeypatch.setattr(tp, "_WGRAD_GPU_FP32", (*tp._SMALL, 1))
+    monkeypatch.setattr(tp, "_interp", lambda t: False)
+    calls = []
+    monkeypatch.setattr(tp, "_embed_kernel", _Recorder(tp._embed_kernel, calls))
+    check_patch_embed(vk.VideoPack.from_shapes([(2, 6, 8)], (1, 2, 2), device=DEVICE), 16, 40, torch.float32)
+    assert not calls
+
+
+def test_embed_autotuner_prunes_to_the_candidates_of_the_call():
+    # one autotuner holds every FP's candidates; a call keeps its own (FP = 128: no
+    # one-warpgroup 64-column step, which spills there under Triton 3.8)
+    import vdit_kernels.triton.patch as tp
+
+    configs = tp._embed_tuned.configs
+    kept = lambda **kw: [(c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) for c in tp._embed_prune(configs, {}, **kw)]  # noqa: E731
+    assert kept(FP=64) == tp._embed_candidates(64) and kept(FP=32) == tp._embed_candidates(64)
+    assert kept(FP=128) == tp._embed_candidates(128) != tp._embed_candidates(64)

@@ -69,19 +69,23 @@
 # spills on sm_90a (benchmarks/static_report.py; 128x128x64 spilled); the interpreter
 # (CPU tensors) uses 16/32 blocks. Limitation: the weight-gradient grid is small for
 # small hidden sizes and the gathered K loop recomputes the feature decomposition per
-# step (F = 64 is 2 steps); only _embed_kernel is autotuned (_EMBED_GPU). float64
+# step (F = 64 is 2 steps); only _embed_kernel is autotuned (_EMBED_GPU, by FP). float64
 # (gradcheck) has no tl.dot here: it runs the Triton patchify/unpatchify copies around
 # PyTorch float64 GEMMs.
 from __future__ import annotations
 
+import logging
 import math
 from typing import Sequence
 
 import torch
 import triton
 import triton.language as tl
+from triton.runtime.errors import OutOfResources
 
 from ..pack import device_table
+
+_LOG = logging.getLogger("vdit_kernels")
 from . import COMPILE_OPTIONS, autotune_enabled, autotuned_choices, on_tensors_device, pow2_dividing
 
 # float64 too, exactly: the copies are dtype-blind and its GEMMs run in PyTorch (above)
@@ -539,23 +543,54 @@ _SCATTER_GPU = (64, 64, 64, 8)
 # step under Triton 3.6, 955 under 3.8; 32-token steps took 517 and 1287 for 2 HGMMA: the
 # static report's loop column)
 _WGRAD_GPU = (128, 128, 64, 8, 2)
+# float32 gather GEMM (patch_embed at every F): _GEMM_GPU spills 48 B under Triton 3.8
+_GEMM_GPU_FP32 = (64, 128, 32, 8)
+# float32 (IEEE products, no tensor cores): the largest tile that compiles spill-free for
+# every bias variant under Triton 3.6 and 3.8 (_WGRAD_GPU spills 7-30 KB there)
+_WGRAD_GPU_FP32 = (32, 64, 64, 8, 2)
 _SMALL = (16, 32, 32, 4)
 # _embed_kernel (F <= _EMBED_MAX_F: A kept on chip): BLOCK_M = 128 token rows and the
-# (BLOCK_N, warps, stages) candidates autotuned on a GPU (VDIT_AUTOTUNE=0: the first):
-# two warpgroups with 128-column steps (136 registers under Triton 3.6, 96 KB: one program
-# per SM), or one warpgroup with 64-column steps (126-128 registers, 48 KB: four programs,
-# 16 warps per SM, twice the stores in flight). The interpreter: (BLOCK_M, BLOCK_N,
-# warps, stages) = _EMBED_SMALL.
+# (BLOCK_N, warps, stages) candidates autotuned on a GPU (VDIT_AUTOTUNE=0: the first), by
+# the padded feature count FP: two warpgroups with 128-column steps (136 registers under
+# Triton 3.6, 96 KB at FP = 64: one program per SM), or 64-column steps, with one
+# warpgroup at FP <= 64 (126-128 registers, 48 KB: four programs, 16 warps per SM, twice
+# the stores in flight) and two at FP = 128 (one spills 4.8 KB there under Triton 3.8).
+# The interpreter: (BLOCK_M, BLOCK_N, warps, stages) = _EMBED_SMALL.
 _EMBED_MAX_F = 128
 _EMBED_BLOCK_M = 128
-_EMBED_GPU = [(128, 8, 3), (64, 4, 3)]
+_EMBED_GPU = {64: [(128, 8, 3), (64, 4, 3)], 128: [(128, 8, 3), (64, 8, 3)]}
 _EMBED_SMALL = (16, 32, 4, 1)
+# A fixed launch (VDIT_AUTOTUNE=0, a CUDA graph capture) takes the first config of
+# _embed_fixed_list the GPU has the shared memory for (bf16 at FP = 128: 131072 B in the
+# first, over the 101376 B of sm_86 / sm_89 / sm_120; 98304 B in the next); the autotuner
+# skips such configs itself. Every one is spill-free under Triton 3.6 and 3.8 (static
+# report). float32 takes the K-looping gather GEMM instead: IEEE float32 products on
+# these tiles spill 19-52 KB of registers (and need up to 208 KB of shared memory).
+_EMBED_FALLBACK = [(128, 8, 2), (64, 8, 2), (32, 8, 2)]
+_EMBED_TOO_LARGE: set = set()  # (config, FP, dtype, device) a GPU refused
+
+
+def _embed_candidates(fp: int) -> list:
+    return _EMBED_GPU[64 if fp <= 64 else 128]
+
+
+def _embed_fixed_list(fp: int) -> list:
+    cands = _embed_candidates(fp)
+    return cands + [c for c in _EMBED_FALLBACK if c not in cands]
+
+
+def _embed_prune(configs, named_args, **kwargs):
+    """early_config_prune: the candidates of the call's FP (one autotuner holds them all)."""
+    wanted = _embed_candidates({**named_args, **kwargs}["FP"])
+    return [c for c in configs if (c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) in wanted]
 
 
 # autotuned per (hidden, F) and dtype; the kernel overwrites its output, so the timing
 # runs need no reset
-_embed_tuned = triton.autotune([triton.Config({"BLOCK_N": bn}, num_warps=w, num_stages=st)
-                                for bn, w, st in _EMBED_GPU], key=["NOUT", "F"])(_embed_kernel)
+_embed_tuned = triton.autotune(
+    [triton.Config({"BLOCK_N": bn}, num_warps=w, num_stages=st)
+     for bn, w, st in dict.fromkeys(c for cands in _EMBED_GPU.values() for c in cands)],
+    key=["NOUT", "F"], prune_configs_by={"early_config_prune": _embed_prune})(_embed_kernel)
 
 
 def measured_choices() -> list[str]:
@@ -583,13 +618,14 @@ def _gather_gemm(videos, b_mat, bias, patch_size):
     if f == 0:
         return out.copy_(bias.expand(n, nout) if bias is not None else torch.zeros_like(out))
     b = len(videos)
-    if f <= _EMBED_MAX_F:
+    if f <= _EMBED_MAX_F and (v0.dtype != torch.float32 or _interp(v0)):
         interp = _interp(v0)
-        bm, bn, warps, stages = _EMBED_SMALL if interp else (_EMBED_BLOCK_M, *_EMBED_GPU[0])
+        fp = max(16, triton.next_power_of_2(f))
+        bm, bn, warps, stages = _EMBED_SMALL if interp else (_EMBED_BLOCK_M, *_embed_candidates(fp)[0])
         table, blocks = _tables(videos, patch_size, bm, v0.device)
         # enough programs to fill the GPU (~4 per SM), each walking a run of column blocks;
         # runs are whole multiples of every candidate's BLOCK_N, so the grid is the same
-        step = bn if interp else max(c[0] for c in _EMBED_GPU)
+        step = bn if interp else max(c[0] for c in _embed_fixed_list(fp))
         col_steps = triton.cdiv(nout, step)
         sms = torch.cuda.get_device_properties(v0.device).multi_processor_count if v0.is_cuda else 1
         target = 2 if interp else 4 * sms
@@ -598,15 +634,18 @@ def _gather_gemm(videos, b_mat, bias, patch_size):
         args = (out, b_mat, bias if bias is not None else out, table, table[b + 1:],
                 out.stride(0), out.stride(1), b_mat.stride(0), b_mat.stride(1), nout, f, b, per_program)
         consts = dict(HAS_BIAS=bias is not None, IEEE=v0.dtype == torch.float32, PT=pt, PH=ph, PW=pw,
-                      LOG_B=_log_b(b), META=_META, BLOCK_M=bm, FP=max(16, triton.next_power_of_2(f)))
+                      LOG_B=_log_b(b), META=_META, BLOCK_M=bm, FP=fp)
         grid = (blocks, triton.cdiv(nout, per_program))
-        if interp or not autotune_enabled() or v0.dtype == torch.float32:
+        if interp:
             _embed_kernel[grid](*args, **consts, BLOCK_N=bn, num_warps=warps, num_stages=stages,
                                 **COMPILE_OPTIONS)
+        elif not autotune_enabled():
+            _embed_fixed(grid, args, consts, (consts["FP"], v0.dtype, v0.device))
         else:
             _embed_tuned[grid](*args, **consts, **COMPILE_OPTIONS)
         return out
-    bm, bn, bk, warps = _SMALL if _interp(v0) else _GEMM_GPU
+    bm, bn, bk, warps = (_SMALL if _interp(v0) else
+                         _GEMM_GPU_FP32 if v0.dtype == torch.float32 else _GEMM_GPU)
     table, blocks = _tables(videos, patch_size, bm, v0.device)
     _gather_gemm_kernel[(blocks, triton.cdiv(nout, bn))](
         out, b_mat, bias if bias is not None else out, table, table[b + 1:],
@@ -615,6 +654,23 @@ def _gather_gemm(videos, b_mat, bias, patch_size):
         PT=pt, PH=ph, PW=pw, LOG_B=_log_b(b), META=_META,
         BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, **COMPILE_OPTIONS)
     return out
+
+
+def _embed_fixed(grid, args, consts, key):
+    """_embed_kernel with the first config of _embed_fixed_list this GPU has the resources
+    for (remembered per FP, dtype and device; the BLOCK_N all divide the grid's column runs)."""
+    configs = _embed_fixed_list(key[0])
+    fitting = [c for c in configs if (c, *key) not in _EMBED_TOO_LARGE] or configs[-1:]
+    for i, (bn, warps, stages) in enumerate(fitting):
+        try:
+            _embed_kernel[grid](*args, **consts, BLOCK_N=bn, num_warps=warps, num_stages=stages, **COMPILE_OPTIONS)
+            return
+        except OutOfResources as exc:
+            if i == len(fitting) - 1:
+                raise
+            _EMBED_TOO_LARGE.add(((bn, warps, stages), *key))
+            _LOG.warning("patch_embed config %s does not fit this GPU (%s); using the next one",
+                         (bn, warps, stages), exc)
 
 
 def _scatter_gemm(x, b_mat, bias, shapes, patch_size, channels):
@@ -656,7 +712,8 @@ def _wgrad(videos, dense, patch_size, bias):
     if dense.shape[0] == 0 or p == 0 or q == 0:
         zeros = torch.zeros(p, q, dtype=torch.float32, device=v0.device)
         return zeros, (zeros.sum(1 if bias == "dense" else 0) if with_bias else None)
-    bt, bp, bq, warps, stages = (*_SMALL, 1) if _interp(v0) else _WGRAD_GPU
+    bt, bp, bq, warps, stages = ((*_SMALL, 1) if _interp(v0) else
+                                 _WGRAD_GPU_FP32 if v0.dtype == torch.float32 else _WGRAD_GPU)
     table, blocks = _tables(videos, patch_size, bt, v0.device)
     tiles = triton.cdiv(p, bp) * triton.cdiv(q, bq)
     # split the token reduction so that a GPU has ~2 programs per SM; partials summed below
@@ -775,59 +832,65 @@ def aot_specs() -> list[dict]:
     tab = {"cu_blocks_ptr": "*i64", "meta_ptr": "*i64"}
     fixed = {"PT": 1, "PH": 2, "PW": 2, "LOG_B": 2, "META": _META}
     consts = {k: "constexpr" for k in ("HAS_BIAS", "IEEE", "PT", "PH", "PW", "LOG_B", "META")}
-    bm, bn, bk, warps = _GEMM_GPU
-    specs.append({
-        "name": "patch_embed bf16 F=64 hidden=3072", "fn": _gather_gemm_kernel,
-        "signature": {"out_ptr": "*bf16", "b_ptr": "*bf16", "bias_ptr": "*bf16", **tab,
-                      "stride_om": "i64", "stride_on": "i64", "stride_bk": "i64", "stride_bn": "i64",
-                      "NOUT": "i32", "F": "i32", "B": "i32", **consts,
-                      "BLOCK_M": "constexpr", "BLOCK_N": "constexpr", "BLOCK_K": "constexpr"},
-        "constexprs": {"HAS_BIAS": True, "IEEE": False, **fixed,
-                       "BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk},
-        "num_warps": warps, "expect_mma": True,
-        "unit_args": ("stride_on", "stride_bk"), "divisible_args": ("NOUT", "F"),  # out (N, hidden); b = weight (hidden, F) transposed
-    })
-    for bn, warps, stages in _EMBED_GPU:
+    for dtype, (bm, bn, bk, warps) in (("bf16", _GEMM_GPU), ("fp32", _GEMM_GPU_FP32)):
+        # float32: every F (IEEE products, no wgmma expected)
         specs.append({
-            "name": f"patch_embed (A on chip) bf16 F=64 hidden=3072 {_EMBED_BLOCK_M}x{bn} w{warps}",
-            "fn": _embed_kernel,
-            "signature": {"out_ptr": "*bf16", "b_ptr": "*bf16", "bias_ptr": "*bf16", **tab,
+            "name": f"patch_embed {dtype} F=64 hidden=3072", "fn": _gather_gemm_kernel,
+            "signature": {"out_ptr": f"*{dtype}", "b_ptr": f"*{dtype}", "bias_ptr": f"*{dtype}", **tab,
                           "stride_om": "i64", "stride_on": "i64", "stride_bk": "i64", "stride_bn": "i64",
-                          "NOUT": "i32", "F": "i32", "B": "i32", "N_PER_PROGRAM": "i32", **consts,
-                          "BLOCK_M": "constexpr", "BLOCK_N": "constexpr", "FP": "constexpr"},
-            "constexprs": {"HAS_BIAS": True, "IEEE": False, **fixed, "BLOCK_M": _EMBED_BLOCK_M, "BLOCK_N": bn,
-                           "FP": 64},
-            "num_warps": warps, "num_stages": stages, "expect_mma": True,
-            "unit_args": ("stride_on", "stride_bk"), "divisible_args": ("NOUT", "F", "N_PER_PROGRAM"),
+                          "NOUT": "i32", "F": "i32", "B": "i32", **consts,
+                          "BLOCK_M": "constexpr", "BLOCK_N": "constexpr", "BLOCK_K": "constexpr"},
+            "constexprs": {"HAS_BIAS": True, "IEEE": dtype == "fp32", **fixed,
+                           "BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk},
+            "num_warps": warps, "expect_mma": dtype != "fp32",
+            "unit_args": ("stride_on", "stride_bk"), "divisible_args": ("NOUT", "F"),  # out (N, hidden); b = weight (hidden, F) transposed
         })
+    # one launch per FP: "<launch>: <config>", its candidates in _embed_fixed_list order
+    # (the autotuned ones first); the static report builds them for a 99 KB GPU too, where
+    # a fixed launch falls back
+    for dtype, fp in (("bf16", 64), ("bf16", 128)):
+        for bn, warps, stages in _embed_fixed_list(fp):
+            specs.append({
+                "name": f"patch_embed (A on chip) {dtype} FP={fp} hidden=3072: {_EMBED_BLOCK_M}x{bn} w{warps} s{stages}",
+                "fn": _embed_kernel,
+                "signature": {"out_ptr": f"*{dtype}", "b_ptr": f"*{dtype}", "bias_ptr": f"*{dtype}", **tab,
+                              "stride_om": "i64", "stride_on": "i64", "stride_bk": "i64", "stride_bn": "i64",
+                              "NOUT": "i32", "F": "i32", "B": "i32", "N_PER_PROGRAM": "i32", **consts,
+                              "BLOCK_M": "constexpr", "BLOCK_N": "constexpr", "FP": "constexpr"},
+                "constexprs": {"HAS_BIAS": True, "IEEE": dtype == "fp32", **fixed, "BLOCK_M": _EMBED_BLOCK_M,
+                               "BLOCK_N": bn, "FP": fp},
+                "num_warps": warps, "num_stages": stages, "expect_mma": dtype != "fp32",
+                "unit_args": ("stride_on", "stride_bk"), "divisible_args": ("NOUT", "F", "N_PER_PROGRAM"),
+            })
     bm, bn, bk, warps = _SCATTER_GPU
-    specs.append({
-        "name": "linear_unpatchify bf16 hidden=3072 F=64", "fn": _scatter_gemm_kernel,
-        "signature": {"x_ptr": "*bf16", "b_ptr": "*bf16", "bias_ptr": "*bf16", **tab,
-                      "stride_xm": "i64", "stride_xk": "i64", "stride_bk": "i64", "stride_bn": "i64",
-                      "HID": "i32", "F": "i32", "B": "i32", **consts,
-                      "BLOCK_M": "constexpr", "BLOCK_N": "constexpr", "BLOCK_K": "constexpr"},
-        "constexprs": {"HAS_BIAS": True, "IEEE": False, **fixed,
-                       "BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk},
-        "num_warps": warps, "expect_mma": True,
-        "unit_args": ("stride_xk", "stride_bk"), "divisible_args": ("HID", "F"),  # x (N, hidden); b = weight (F, hidden) transposed
-    })
-    bt, bp, bq, warps, stages = _WGRAD_GPU
-    for bias, user in ((1, "patch_embed"), (2, "linear_unpatchify")):
+    for dtype in ("bf16", "fp32"):
         specs.append({
-            "name": f"{user} wgrad bf16 hidden=3072",
-            "fn": _wgrad_kernel,
-            "signature": {"out_ptr": "*fp32", "bias_out_ptr": "*fp32", "dense_ptr": "*bf16", **tab,
-                          "stride_dn": "i64", "stride_dh": "i64", "stride_os": "i64",
-                          "stride_op": "i64", "stride_oq": "i64", "stride_bs": "i64",
-                          "HID": "i32", "F": "i32", "B": "i32", "BLOCKS": "i32", "BLOCKS_PER_SPLIT": "i32",
-                          "BIAS": "constexpr", "IEEE": "constexpr",
-                          "PT": "constexpr", "PH": "constexpr", "PW": "constexpr",
-                          "LOG_B": "constexpr", "META": "constexpr",
-                          "BLOCK_T": "constexpr", "BLOCK_P": "constexpr", "BLOCK_Q": "constexpr"},
-            "constexprs": {"BIAS": bias, "IEEE": False, **fixed,
-                           "BLOCK_T": bt, "BLOCK_P": bp, "BLOCK_Q": bq},
-            "num_warps": warps, "num_stages": stages, "expect_mma": True,
-            "unit_args": ("stride_dh", "stride_oq"), "divisible_args": ("HID", "F"),  # dense (N, hidden); fp32 partials
+            "name": f"linear_unpatchify {dtype} hidden=3072 F=64", "fn": _scatter_gemm_kernel,
+            "signature": {"x_ptr": f"*{dtype}", "b_ptr": f"*{dtype}", "bias_ptr": f"*{dtype}", **tab,
+                          "stride_xm": "i64", "stride_xk": "i64", "stride_bk": "i64", "stride_bn": "i64",
+                          "HID": "i32", "F": "i32", "B": "i32", **consts,
+                          "BLOCK_M": "constexpr", "BLOCK_N": "constexpr", "BLOCK_K": "constexpr"},
+            "constexprs": {"HAS_BIAS": True, "IEEE": dtype == "fp32", **fixed,
+                           "BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk},
+            "num_warps": warps, "expect_mma": dtype != "fp32",
+            "unit_args": ("stride_xk", "stride_bk"), "divisible_args": ("HID", "F"),  # x (N, hidden); b = weight (F, hidden) transposed
         })
+    for dtype, (bt, bp, bq, warps, stages) in (("bf16", _WGRAD_GPU), ("fp32", _WGRAD_GPU_FP32)):
+        for bias, user in ((1, "patch_embed"), (2, "linear_unpatchify")):
+            specs.append({
+                "name": f"{user} wgrad {dtype} hidden=3072",
+                "fn": _wgrad_kernel,
+                "signature": {"out_ptr": "*fp32", "bias_out_ptr": "*fp32", "dense_ptr": f"*{dtype}", **tab,
+                              "stride_dn": "i64", "stride_dh": "i64", "stride_os": "i64",
+                              "stride_op": "i64", "stride_oq": "i64", "stride_bs": "i64",
+                              "HID": "i32", "F": "i32", "B": "i32", "BLOCKS": "i32", "BLOCKS_PER_SPLIT": "i32",
+                              "BIAS": "constexpr", "IEEE": "constexpr",
+                              "PT": "constexpr", "PH": "constexpr", "PW": "constexpr",
+                              "LOG_B": "constexpr", "META": "constexpr",
+                              "BLOCK_T": "constexpr", "BLOCK_P": "constexpr", "BLOCK_Q": "constexpr"},
+                "constexprs": {"BIAS": bias, "IEEE": dtype == "fp32", **fixed,
+                               "BLOCK_T": bt, "BLOCK_P": bp, "BLOCK_Q": bq},
+                "num_warps": warps, "num_stages": stages, "expect_mma": dtype != "fp32",
+                "unit_args": ("stride_dh", "stride_oq"), "divisible_args": ("HID", "F"),  # dense (N, hidden); fp32 partials
+            })
     return specs
