@@ -166,3 +166,39 @@ def test_rotate_half_partners_across_chunks(dims):
                                                backend="reference"), (q, k), (qo, ko))
     for a, e in zip(grads, exp):
         assert_verbose_close(a, e, name="grad")
+
+
+class _AlignRecorder:
+    """Wraps the RoPE kernel: records each launch's ALIGN, then runs it."""
+
+    def __init__(self, kernel, seen):
+        self.kernel, self.seen = kernel, seen
+
+    def __getitem__(self, grid):
+        def run(*args, **kwargs):
+            self.seen.append(kwargs["ALIGN"])
+            return self.kernel[grid](*args, **kwargs)
+        return run
+
+
+def test_alignment_hint_claims_only_what_holds(monkeypatch):
+    # ALIGN tells the compiler every token and head stride is a multiple of it (16-byte
+    # vectors at head dim 72, whose strides a launch does not mark); the interpreter ignores
+    # hints, so the host's value is checked here, and the results stay exact
+    import vdit_kernels.triton.rope as R
+
+    seen = []
+    monkeypatch.setattr(R, "_rope_3d_kernel", _AlignRecorder(R._rope_3d_kernel, seen))
+    pack = _pack()
+    n = pack.num_tokens
+    cases = [(torch.randn(n, 3, 72, device=DEVICE, dtype=torch.float16), (24, 24, 24), 8),    # strides 216, 72
+             (torch.randn(n, 3, 72, device=DEVICE), (24, 24, 24), 4),                         # float32: 16 B = 4
+             (torch.randn(n, 3, 36, device=DEVICE, dtype=torch.float16), (12, 12, 12), 4),    # head stride 36
+             (torch.randn(n, 3, 2, 36, device=DEVICE, dtype=torch.float16)[:, :, 0], (12, 12, 12), 4),  # out: 36
+             (torch.randn(n, 5, 9, device=DEVICE, dtype=torch.float16)[:, :, :8], (4, 2, 2), 1)]  # strides 45, 9
+    for x, dims, align in cases:
+        seen.clear()
+        (qo, ko), (qe, ke) = _both(x, x[:, :1], pack, dims)
+        assert seen == [align], (x.stride(), seen)
+        assert_verbose_close(qo, qe, name="q")
+        assert_verbose_close(ko, ke, name="k")

@@ -22,7 +22,8 @@
 #                 falls among dt/2, dh/2, dw/2.
 #   rotate-half:  the same whole-row tile; each element's partner e +- d_a/2 (pairs
 #                 (c0 + j, c0 + j + d_a/2) of axis chunk a) is fetched from registers with
-#                 tl.gather (warp shuffles), with cos and the member-signed sin per
+#                 tl.gather (warp shuffles in float32; in half precision Triton stages it
+#                 through shared memory), with cos and the member-signed sin per
 #                 element. Tiles per half chunk were as narrow as the chunks' alignment
 #                 (4-byte accesses for (44, 42, 42) in bf16: halves at 22, 65, 107).
 # Padding is masked. The first version gathered each pair's two members with strided
@@ -41,7 +42,7 @@ import triton
 import triton.language as tl
 
 from ..checks import KERNEL_DTYPES
-from . import COMPILE_OPTIONS, on_tensors_device
+from . import COMPILE_OPTIONS, on_tensors_device, pow2_dividing
 
 DTYPES = KERNEL_DTYPES  # cos/sin are float32: a float64 rotation would be float32-accurate
 
@@ -103,12 +104,23 @@ def _tables(pos_ptr, n64, nmask, log2_theta,
 
 
 @triton.jit
-def _rotate_rows(x_ptr, o_ptr, row_x, row_o, nmask, cos, sin, partner,
-                 D: tl.constexpr, HP: tl.constexpr, BLOCK_N: tl.constexpr, INTERLEAVED: tl.constexpr):
-    """Rotate the whole head of BLOCK_N rows (row_x / row_o: (BLOCK_N, 1) element offsets):
-    one contiguous (BLOCK_N, 2*HP) tile loaded with 16-byte vectors. Interleaved: split in
-    registers into the pairs' members. Rotate-half: each element's partner fetched from
-    registers (tl.gather: warp shuffles)."""
+def _rotate_rows(x_ptr, o_ptr, n64, h64, stride_xn, stride_xh, stride_on, stride_oh, nmask, cos, sin,
+                 partner, D: tl.constexpr, HP: tl.constexpr, BLOCK_N: tl.constexpr, INTERLEAVED: tl.constexpr,
+                 ALIGN: tl.constexpr):
+    """Rotate head h64 of the BLOCK_N tokens n64: one contiguous (BLOCK_N, 2*HP) tile
+    loaded with 16-byte vectors. Interleaved: split in registers into the pairs' members.
+    Rotate-half: each element's partner fetched by tl.gather (warp shuffles, or shared
+    memory). ALIGN: the host checked that every token and head stride is a multiple of it;
+    a launch marks only strides divisible by 16, so without the hint a head dim of 72 (rows
+    144 B apart) would get 2- or 4-byte accesses. (The hint is set on offsets computed
+    here: on a helper's argument it would be dropped.)"""
+    row_x = n64 * stride_xn + h64 * stride_xh
+    row_o = n64 * stride_on + h64 * stride_oh
+    if ALIGN > 1:
+        row_x = tl.multiple_of(row_x, ALIGN)
+        row_o = tl.multiple_of(row_o, ALIGN)
+    row_x = row_x[:, None]
+    row_o = row_o[:, None]
     e = tl.arange(0, 2 * HP)[None, :]
     mask = nmask[:, None] & (e < D)
     x = tl.load(x_ptr + row_x + e, mask=mask, other=0.0).to(tl.float32)
@@ -129,6 +141,7 @@ def _rope_3d_kernel(
     log2_theta,
     DT: tl.constexpr, DH: tl.constexpr, DW: tl.constexpr,
     HP: tl.constexpr, BLOCK_N: tl.constexpr, INTERLEAVED: tl.constexpr, INVERSE: tl.constexpr,
+    ALIGN: tl.constexpr = 1,
 ):
     pid_n = tl.program_id(0)
     pid_h = tl.program_id(1)
@@ -138,18 +151,13 @@ def _rope_3d_kernel(
     nmask = offs_n < N
     n64 = offs_n.to(tl.int64)
     cos, sin, partner = _tables(pos_ptr, n64, nmask, log2_theta, DT, DH, DW, HP, INTERLEAVED, INVERSE)
-    # token row offsets, once for all heads
-    row_q, row_qo = n64[:, None] * stride_qn, n64[:, None] * stride_qon
-    row_k, row_ko = n64[:, None] * stride_kn, n64[:, None] * stride_kon
     for hh in range(pid_h, HQ + HK, num_g):
         if hh < HQ:
-            h64 = tl.cast(hh, tl.int64)
-            _rotate_rows(q_ptr, qo_ptr, row_q + h64 * stride_qh, row_qo + h64 * stride_qoh, nmask,
-                         cos, sin, partner, DT + DH + DW, HP, BLOCK_N, INTERLEAVED)
+            _rotate_rows(q_ptr, qo_ptr, n64, tl.cast(hh, tl.int64), stride_qn, stride_qh, stride_qon, stride_qoh,
+                         nmask, cos, sin, partner, DT + DH + DW, HP, BLOCK_N, INTERLEAVED, ALIGN)
         else:
-            h64 = tl.cast(hh - HQ, tl.int64)
-            _rotate_rows(k_ptr, ko_ptr, row_k + h64 * stride_kh, row_ko + h64 * stride_koh, nmask,
-                         cos, sin, partner, DT + DH + DW, HP, BLOCK_N, INTERLEAVED)
+            _rotate_rows(k_ptr, ko_ptr, n64, tl.cast(hh - HQ, tl.int64), stride_kn, stride_kh, stride_kon,
+                         stride_koh, nmask, cos, sin, partner, DT + DH + DW, HP, BLOCK_N, INTERLEAVED, ALIGN)
 
 
 _TILE_ELEMENTS = 4096  # 16 elements per thread at 8 warps: two 16-byte vectors of bf16
@@ -190,6 +198,8 @@ def _launch(q, k, qo, ko, positions, dims, theta, interleaved, inverse):
         return
     dt, dh, dw = (int(x) for x in dims)
     meta, grid = _meta(n, (dt, dh, dw), hq + hk, bool(interleaved), q.device)
+    # every row offset a multiple of ALIGN elements (at most a 16-byte vector's)
+    align = pow2_dividing([s for t in (q, k, qo, ko) for s in t.stride()[:2]], 16 // q.element_size())
     _rope_3d_kernel[grid](
         q, k, qo, ko, positions,
         n, hq, hk,
@@ -197,7 +207,7 @@ def _launch(q, k, qo, ko, positions, dims, theta, interleaved, inverse):
         qo.stride(0), qo.stride(1), ko.stride(0), ko.stride(1),
         math.log2(float(theta)),
         DT=dt, DH=dh, DW=dw, **meta,
-        INTERLEAVED=bool(interleaved), INVERSE=bool(inverse),
+        INTERLEAVED=bool(interleaved), INVERSE=bool(inverse), ALIGN=align,
         num_warps=_NUM_WARPS, maxnreg=_MAX_REGISTERS, **COMPILE_OPTIONS,
     )
 
@@ -235,10 +245,12 @@ def rope_3d_(q, k, positions, dims, theta, interleaved, inverse):
 def aot_specs() -> list[dict]:
     """Launch configurations for benchmarks/static_report.py (sm_90a, no GPU needed)."""
     specs = []
-    # (dtype, dims, interleaved); every layout loads and stores whole rows: 16-byte accesses
-    for dtype, dims, interleaved in (("bf16", (44, 42, 42), True), ("bf16", (16, 56, 56), True),
-                                     ("bf16", (44, 42, 42), False), ("fp16", (24, 24, 24), True),
-                                     ("fp32", (32, 32, 32), False)):
+    # (dtype, dims, interleaved, ALIGN); every layout loads and stores whole rows: 16-byte
+    # accesses. Head dim 72 (24 heads): strides of 72 and 1728 elements, which a launch does
+    # not mark divisible by 16, so only the ALIGN hint (8 elements) gives 16-byte vectors
+    for dtype, dims, interleaved, align in (("bf16", (44, 42, 42), True, 8), ("bf16", (16, 56, 56), True, 8),
+                                            ("bf16", (44, 42, 42), False, 8), ("fp16", (24, 24, 24), True, 8),
+                                            ("bf16", (24, 24, 24), False, 8), ("fp32", (32, 32, 32), False, 4)):
         sig = {name: f"*{dtype}" for name in ("q_ptr", "k_ptr", "qo_ptr", "ko_ptr")}
         sig.update({"pos_ptr": "*fp32", "N": "i32", "HQ": "i32", "HK": "i32"})
         sig.update({s: "i64" for s in ("stride_qn", "stride_qh", "stride_kn", "stride_kh",
@@ -246,9 +258,12 @@ def aot_specs() -> list[dict]:
         sig["log2_theta"] = "fp32"
         meta, _ = _meta(1 << 20, dims, 48, interleaved, torch.device("cpu"))
         constexprs = {"DT": dims[0], "DH": dims[1], "DW": dims[2], **meta,
-                      "INTERLEAVED": interleaved, "INVERSE": False}
+                      "INTERLEAVED": interleaved, "INVERSE": False, "ALIGN": align}
         sig.update({name: "constexpr" for name in constexprs})
+        d = sum(dims)
         specs.append({"name": f"rope_3d {dtype} dims={dims} {'interleaved' if interleaved else 'half'}",
                       "fn": _rope_3d_kernel, "signature": sig, "constexprs": constexprs,
-                      "num_warps": _NUM_WARPS, "maxnreg": _MAX_REGISTERS, "min_access_bytes": 16})
+                      "num_warps": _NUM_WARPS, "maxnreg": _MAX_REGISTERS, "min_access_bytes": 16,
+                      "unaligned_args": () if d % 16 == 0 else tuple(
+                          s for s in sig if s.startswith("stride"))})
     return specs
