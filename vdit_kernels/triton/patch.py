@@ -832,49 +832,39 @@ def aot_specs() -> list[dict]:
     tab = {"cu_blocks_ptr": "*i64", "meta_ptr": "*i64"}
     fixed = {"PT": 1, "PH": 2, "PW": 2, "LOG_B": 2, "META": _META}
     consts = {k: "constexpr" for k in ("HAS_BIAS", "IEEE", "PT", "PH", "PW", "LOG_B", "META")}
+    def gemm(name, fn, dtype, first, strides, sizes, blocks, warps, stages=None, **checks):
+        """A fused GEMM's spec: operands in `dtype` (float32: IEEE products, no wgmma)."""
+        sig = {first: f"*{dtype}", "b_ptr": f"*{dtype}", "bias_ptr": f"*{dtype}", **tab,
+               **{k: "i64" for k in strides}, **{k: "i32" for k in sizes}, **consts,
+               **{k: "constexpr" for k in blocks}}
+        return {"name": name, "fn": fn, "signature": sig,
+                "constexprs": {"HAS_BIAS": True, "IEEE": dtype == "fp32", **fixed, **blocks},
+                "num_warps": warps, **({"num_stages": stages} if stages else {}),
+                "expect_mma": dtype != "fp32", **checks}
+
+    # out (N, hidden); b = weight (hidden, F) transposed. float32: every F
     for dtype, (bm, bn, bk, warps) in (("bf16", _GEMM_GPU), ("fp32", _GEMM_GPU_FP32)):
-        # float32: every F (IEEE products, no wgmma expected)
-        specs.append({
-            "name": f"patch_embed {dtype} F=64 hidden=3072", "fn": _gather_gemm_kernel,
-            "signature": {"out_ptr": f"*{dtype}", "b_ptr": f"*{dtype}", "bias_ptr": f"*{dtype}", **tab,
-                          "stride_om": "i64", "stride_on": "i64", "stride_bk": "i64", "stride_bn": "i64",
-                          "NOUT": "i32", "F": "i32", "B": "i32", **consts,
-                          "BLOCK_M": "constexpr", "BLOCK_N": "constexpr", "BLOCK_K": "constexpr"},
-            "constexprs": {"HAS_BIAS": True, "IEEE": dtype == "fp32", **fixed,
-                           "BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk},
-            "num_warps": warps, "expect_mma": dtype != "fp32",
-            "unit_args": ("stride_on", "stride_bk"), "divisible_args": ("NOUT", "F"),  # out (N, hidden); b = weight (hidden, F) transposed
-        })
+        specs.append(gemm(f"patch_embed {dtype} F=64 hidden=3072", _gather_gemm_kernel, dtype, "out_ptr",
+                          ("stride_om", "stride_on", "stride_bk", "stride_bn"), ("NOUT", "F", "B"),
+                          {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, warps,
+                          unit_args=("stride_on", "stride_bk"), divisible_args=("NOUT", "F")))
     # one launch per FP: "<launch>: <config>", its candidates in _embed_fixed_list order
     # (the autotuned ones first); the static report builds them for a 99 KB GPU too, where
     # a fixed launch falls back
-    for dtype, fp in (("bf16", 64), ("bf16", 128)):
+    for fp in (64, 128):
         for bn, warps, stages in _embed_fixed_list(fp):
-            specs.append({
-                "name": f"patch_embed (A on chip) {dtype} FP={fp} hidden=3072: {_EMBED_BLOCK_M}x{bn} w{warps} s{stages}",
-                "fn": _embed_kernel,
-                "signature": {"out_ptr": f"*{dtype}", "b_ptr": f"*{dtype}", "bias_ptr": f"*{dtype}", **tab,
-                              "stride_om": "i64", "stride_on": "i64", "stride_bk": "i64", "stride_bn": "i64",
-                              "NOUT": "i32", "F": "i32", "B": "i32", "N_PER_PROGRAM": "i32", **consts,
-                              "BLOCK_M": "constexpr", "BLOCK_N": "constexpr", "FP": "constexpr"},
-                "constexprs": {"HAS_BIAS": True, "IEEE": dtype == "fp32", **fixed, "BLOCK_M": _EMBED_BLOCK_M,
-                               "BLOCK_N": bn, "FP": fp},
-                "num_warps": warps, "num_stages": stages, "expect_mma": dtype != "fp32",
-                "unit_args": ("stride_on", "stride_bk"), "divisible_args": ("NOUT", "F", "N_PER_PROGRAM"),
-            })
+            specs.append(gemm(f"patch_embed (A on chip) bf16 FP={fp} hidden=3072: {_EMBED_BLOCK_M}x{bn} w{warps} "
+                              f"s{stages}", _embed_kernel, "bf16", "out_ptr",
+                              ("stride_om", "stride_on", "stride_bk", "stride_bn"), ("NOUT", "F", "B", "N_PER_PROGRAM"),
+                              {"BLOCK_M": _EMBED_BLOCK_M, "BLOCK_N": bn, "FP": fp}, warps, stages,
+                              unit_args=("stride_on", "stride_bk"), divisible_args=("NOUT", "F", "N_PER_PROGRAM")))
+    # x (N, hidden); b = weight (F, hidden) transposed
     bm, bn, bk, warps = _SCATTER_GPU
     for dtype in ("bf16", "fp32"):
-        specs.append({
-            "name": f"linear_unpatchify {dtype} hidden=3072 F=64", "fn": _scatter_gemm_kernel,
-            "signature": {"x_ptr": f"*{dtype}", "b_ptr": f"*{dtype}", "bias_ptr": f"*{dtype}", **tab,
-                          "stride_xm": "i64", "stride_xk": "i64", "stride_bk": "i64", "stride_bn": "i64",
-                          "HID": "i32", "F": "i32", "B": "i32", **consts,
-                          "BLOCK_M": "constexpr", "BLOCK_N": "constexpr", "BLOCK_K": "constexpr"},
-            "constexprs": {"HAS_BIAS": True, "IEEE": dtype == "fp32", **fixed,
-                           "BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk},
-            "num_warps": warps, "expect_mma": dtype != "fp32",
-            "unit_args": ("stride_xk", "stride_bk"), "divisible_args": ("HID", "F"),  # x (N, hidden); b = weight (F, hidden) transposed
-        })
+        specs.append(gemm(f"linear_unpatchify {dtype} hidden=3072 F=64", _scatter_gemm_kernel, dtype, "x_ptr",
+                          ("stride_xm", "stride_xk", "stride_bk", "stride_bn"), ("HID", "F", "B"),
+                          {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, warps,
+                          unit_args=("stride_xk", "stride_bk"), divisible_args=("HID", "F")))
     for dtype, (bt, bp, bq, warps, stages) in (("bf16", _WGRAD_GPU), ("fp32", _WGRAD_GPU_FP32)):
         for bias, user in ((1, "patch_embed"), (2, "linear_unpatchify")):
             specs.append({
