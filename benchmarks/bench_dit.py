@@ -56,13 +56,15 @@ def dit_flops(wl, cfg, text_tokens: int) -> float:
     matmul = 2.0 * (n * f * h            # patch embedding
                     + n * h * 4 * h      # qkv + self-attention output projection
                     + n * h * 2 * h      # cross-attention q + output projection
-                    + s * cfg.text_dim * h + s * h * h + s * h * 2 * h  # text MLP, cross k/v
+                    + s * h * h + s * h * 2 * h  # text MLP's second layer, cross k/v
                     + n * h * m * 2      # MLP
                     + n * h * f)         # final projection
+    # the text MLP's first layer: forward and weight gradient only (the text needs none)
+    text_in = 2.0 * s * cfg.text_dim * h
     lens = wl.seqlens
     attn = (flops.attention_flops(lens, lens, cfg.heads, cfg.head_dim, "fwd+bwd")
             + flops.attention_flops(lens, [text_tokens] * len(lens), cfg.heads, cfg.head_dim, "fwd+bwd"))
-    return 3.0 * matmul + attn
+    return 3.0 * matmul + 2.0 * text_in + attn
 
 
 class _Inputs:
