@@ -212,7 +212,7 @@ def launch_of(name: str) -> str:
 def _small_gpu_group(names: list[str]) -> dict:
     """The first candidate (list order) of one launch whose build for a 99 KB GPU (sm_86;
     TMA variants: sm_120) fits SMALL_SHARED: the tile a fixed launch falls to there
-    (vdit_kernels/triton/attention._launch)."""
+    (vdit_kernels.triton.launch_first_that_fits)."""
     by_name = {s["name"]: s for s in all_specs()}
     sm = SMALL_TMA_SM if by_name[names[0]].get("expect_tma") else SMALL_SM
     tried = []

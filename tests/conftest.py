@@ -98,3 +98,21 @@ def assert_matmul_rule(actual, torch_same_dtype, reference_fp32, name="tensor", 
 def random_videos(pack, channels, dtype=torch.float32, device=DEVICE, seed=0):
     g = torch.Generator().manual_seed(seed)
     return [torch.randn(channels, *s, generator=g).to(device=device, dtype=dtype) for s in pack.shapes]
+
+
+class OutOfSharedMemory:
+    """Wraps a Triton kernel: records record(kwargs) of every launch, and launches for which
+    refuses(kwargs) raise OutOfResources, as on a GPU with less shared memory than the
+    config needs; the others run the kernel."""
+
+    def __init__(self, kernel, refuses, record, launched: list):
+        self.kernel, self.refuses, self.record, self.launched = kernel, refuses, record, launched
+
+    def __getitem__(self, grid):
+        def run(*args, **kwargs):
+            self.launched.append(self.record(kwargs))
+            if self.refuses(kwargs):
+                from triton.runtime.errors import OutOfResources
+                raise OutOfResources(139264, 101376, "shared memory")
+            return self.kernel[grid](*args, **kwargs)
+        return run

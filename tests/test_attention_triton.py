@@ -17,7 +17,7 @@ import pytest
 import torch
 import triton
 
-from conftest import DEVICE, DOT_DTYPES, assert_matmul_rule, assert_verbose_close, gpu_only
+from conftest import DEVICE, DOT_DTYPES, OutOfSharedMemory, assert_matmul_rule, assert_verbose_close, gpu_only
 
 import vdit_kernels as vk
 from vdit_kernels import reference as ref
@@ -611,6 +611,23 @@ def test_default_gpu_tiles_under_the_interpreter(monkeypatch, d, read):
     _check([70, 3, 130], [70, 3, 130], 2, 1, d, torch.float16, seed=5)
 
 
+@pytest.mark.skipif(DEVICE.type != "cpu", reason="forces GPU tiles under the interpreter")
+@pytest.mark.parametrize("d", [64, 128])
+@pytest.mark.parametrize("read", ["pointers", TMA])
+def test_default_gpu_tiles_under_the_interpreter(monkeypatch, d, read):
+    # the first tile of every list (what VDIT_AUTOTUNE=0 and deterministic=True run on a
+    # GPU: flex_attention's keys-major 128 x 64 dK/dV step at D = 64, dQ 128 x 64), each
+    # checked, not only the one an autotuner keeps
+    from vdit_kernels.triton import attention as A
+
+    monkeypatch.setattr(A, "_half_on_gpu", lambda dtype, device: dtype == torch.float16)
+    monkeypatch.setenv("VDIT_AUTOTUNE", "0")
+    monkeypatch.setenv("VDIT_ATTN_BWD", "split")
+    monkeypatch.setenv("VDIT_ATTN_FWD", read)
+    monkeypatch.setenv("VDIT_ATTN_BWD_READ", read)
+    _check([70, 3, 130], [70, 3, 130], 2, 1, d, torch.float16, seed=5)
+
+
 class _OutOfSharedMemory:
     """Wraps a Triton kernel: launches whose tile has `own` rows raise OutOfResources, as on
     a GPU with less shared memory than the tile needs; the others run the kernel."""
@@ -635,10 +652,11 @@ def test_fixed_tiles_give_way_to_the_next_candidate_that_fits(monkeypatch, caplo
     # memory (sm_86 / sm_89 / sm_120): the D = 128 dQ default (128 x 64, 3 stages: 136 KB
     # there) cannot launch; the next candidate runs, gives the right result (the
     # 2x-PyTorch rule, _check), and later calls go to it directly
+    import vdit_kernels.triton as triton_pkg
     from vdit_kernels.triton import attention as A
 
     monkeypatch.setattr(A, "_half_on_gpu", lambda dtype, device: dtype == torch.float16)
-    monkeypatch.setattr(A, "_TOO_LARGE", set())
+    monkeypatch.setattr(triton_pkg, "TOO_LARGE", set())
     monkeypatch.setenv("VDIT_AUTOTUNE", "0")
     monkeypatch.setenv("VDIT_ATTN_BWD", "split")
     monkeypatch.setenv("VDIT_ATTN_FWD", read)
@@ -646,8 +664,8 @@ def test_fixed_tiles_give_way_to_the_next_candidate_that_fits(monkeypatch, caplo
     tiles = A._candidates("dq", 128, torch.float16, torch.device("cuda"), tma=read == "tma")
     assert tiles[1].own != tiles[0].own
     launched = []
-    monkeypatch.setattr(A, "_attn_bwd_dq_kernel", _OutOfSharedMemory(A._attn_bwd_dq_kernel, "BLOCK_M",
-                                                                     tiles[0].own, launched))
+    monkeypatch.setattr(A, "_attn_bwd_dq_kernel", OutOfSharedMemory(
+        A._attn_bwd_dq_kernel, lambda kw: kw["BLOCK_M"] == tiles[0].own, lambda kw: kw["BLOCK_M"], launched))
     lens = [70, 3, 130]
     with caplog.at_level(logging.WARNING, logger="vdit_kernels"):
         first = _check(lens, lens, 2, 1, 128, torch.float16, seed=3)

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import vdit_kernels as vk
-from conftest import DEVICE, DOT_DTYPES, assert_matmul_rule, assert_verbose_close, random_videos
+from conftest import DEVICE, DOT_DTYPES, OutOfSharedMemory, assert_matmul_rule, assert_verbose_close, random_videos
 
 PACKS = {
     "mixed": [(2, 4, 6), (1, 2, 2), (4, 2, 4)],
@@ -294,40 +294,26 @@ class _Recorder:
         return self.kernel[grid]
 
 
-class _OutOfSharedMemory:
-    """Wraps _embed_kernel: launches with BLOCK_N == `refused` raise OutOfResources, as on a
-    GPU with less shared memory than the config needs; the others run the kernel."""
-
-    def __init__(self, kernel, refused, launched):
-        self.kernel, self.refused, self.launched = kernel, refused, launched
-
-    def __getitem__(self, grid):
-        def run(*args, **kwargs):
-            self.launched.append((kwargs["BLOCK_N"], kwargs["num_warps"], kwargs["num_stages"]))
-            if kwargs["BLOCK_N"] == self.refused:
-                from triton.runtime.errors import OutOfResources
-                raise OutOfResources(131072, 101376, "shared memory")
-            return self.kernel[grid](*args, **kwargs)
-        return run
-
-
 @pytest.mark.skipif(DEVICE.type == "cuda", reason="forces the GPU configs under the interpreter")
 def test_fixed_embed_config_gives_way_to_one_that_fits(monkeypatch, caplog):
     # VDIT_AUTOTUNE=0 (or a CUDA graph capture) on a 99 KB GPU: the first config, 131072 B
     # at FP = 128 in bf16, cannot launch; the next one runs, and later calls go to it directly
     import logging
 
+    import vdit_kernels.triton as triton_pkg
     import vdit_kernels.triton.patch as tp
 
     for name in ("_GEMM_GPU", "_GEMM_GPU_FP32", "_SCATTER_GPU"):  # the backward: small tiles
         monkeypatch.setattr(tp, name, tp._SMALL)
     monkeypatch.setattr(tp, "_WGRAD_GPU", (*tp._SMALL, 1))
     monkeypatch.setattr(tp, "_interp", lambda t: False)
-    monkeypatch.setattr(tp, "_EMBED_TOO_LARGE", set())
+    monkeypatch.setattr(triton_pkg, "TOO_LARGE", set())
     monkeypatch.setenv("VDIT_AUTOTUNE", "0")
     launched = []
     configs = tp._embed_fixed_list(64)
-    monkeypatch.setattr(tp, "_embed_kernel", _OutOfSharedMemory(tp._embed_kernel, configs[0][0], launched))
+    monkeypatch.setattr(tp, "_embed_kernel", OutOfSharedMemory(
+        tp._embed_kernel, lambda kw: kw["BLOCK_N"] == configs[0][0],
+        lambda kw: (kw["BLOCK_N"], kw["num_warps"], kw["num_stages"]), launched))
     pack = vk.VideoPack.from_shapes([(2, 6, 8), (1, 4, 4)], (1, 2, 2), device=DEVICE)
     with caplog.at_level(logging.WARNING, logger="vdit_kernels"):
         check_patch_embed(pack, 16, 200, torch.float16)

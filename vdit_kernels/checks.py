@@ -37,6 +37,17 @@ def check_float(name: str, t: torch.Tensor) -> None:
         raise ValueError(f"{name} must be float16, bfloat16, float32 or float64, got {t.dtype}")
 
 
+def as_ints(values, name: str) -> tuple[int, ...]:
+    """Integers as given (operator.index: Python, NumPy or 0-d integer tensors), never
+    truncated floats or digits of a string."""
+    if isinstance(values, (str, bytes)):
+        raise ValueError(f"{name} must be a sequence of ints, got {values!r}")
+    try:
+        return tuple(operator.index(v) for v in values)
+    except TypeError:
+        raise ValueError(f"{name} must be a sequence of ints, got {values!r}") from None
+
+
 def first_tensor(args) -> Optional[torch.Tensor]:
     """The first tensor among `args`, or the first of the first list of tensors (videos)."""
     for a in args:
@@ -170,10 +181,7 @@ def check_inplace_rope(q: torch.Tensor, k: torch.Tensor) -> None:
 def check_rope_dims(dims: Sequence[int], head_dim: Optional[int] = None) -> tuple[int, int, int]:
     """(dt, dh, dw): three even non-negative ints (never truncated floats), summing to
     head_dim when it is given."""
-    try:
-        dims = tuple(operator.index(d) for d in dims)
-    except TypeError:
-        raise ValueError(f"rope dims must be three ints (dt, dh, dw), got {dims!r}") from None
+    dims = as_ints(dims, "rope dims")
     if len(dims) != 3:
         raise ValueError(f"rope dims must be (dt, dh, dw), got {dims}")
     if not all(d >= 0 and d % 2 == 0 for d in dims):

@@ -15,25 +15,15 @@ video i's queries attend to text tokens cu_seqlens_k[i] : cu_seqlens_k[i+1].
 """
 from __future__ import annotations
 
-import operator
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Optional, Sequence
 
 import torch
 
+from .checks import as_ints
+
 _AXES = ("T", "H", "W")
-
-
-def _ints(values, name: str) -> tuple[int, ...]:
-    """Integers as given (operator.index: Python, NumPy or 0-d integer tensors), never
-    truncated floats or digits of a string."""
-    if isinstance(values, (str, bytes)):
-        raise ValueError(f"{name} must be a sequence of ints, got {values!r}")
-    try:
-        return tuple(operator.index(v) for v in values)
-    except TypeError:
-        raise ValueError(f"{name} must be a sequence of ints, got {values!r}") from None
 
 
 def _as_triple(value, name: str) -> tuple[int, int, int]:
@@ -41,7 +31,7 @@ def _as_triple(value, name: str) -> tuple[int, int, int]:
         value = (value,) * 3
     if not hasattr(value, "__iter__"):
         raise ValueError(f"{name} must be an int or three ints (t, h, w), got {value!r}")
-    value = _ints(value, name)
+    value = as_ints(value, name)
     if len(value) != 3 or any(v <= 0 for v in value):
         raise ValueError(f"{name} must be three positive ints (t, h, w), got {value}")
     return value
@@ -154,7 +144,7 @@ class VideoPack:
         """
         patch_size = _as_triple(patch_size, "patch_size")
         device = torch.device(device) if device is not None else torch.device("cpu")
-        shapes = [_ints(shape, f"video {i}: shape") for i, shape in enumerate(shapes)]
+        shapes = [as_ints(shape, f"video {i}: shape") for i, shape in enumerate(shapes)]
         grids = []
         for i, shape in enumerate(shapes):
             if len(shape) != 3:
@@ -172,7 +162,7 @@ class VideoPack:
         seqlens = tuple(t * h * w for t, h, w in grids)
         cu_k = None
         if text_lengths is not None:
-            text_lengths = _ints(text_lengths, "text_lengths")
+            text_lengths = as_ints(text_lengths, "text_lengths")
             if len(text_lengths) != len(shapes):
                 raise ValueError(
                     f"text_lengths has {len(text_lengths)} entries for {len(shapes)} videos"

@@ -1,12 +1,16 @@
 """Triton kernels, one module per op family (vdit_kernels.backend imports them on first use)."""
 
 import functools
+import logging
 import os
-from typing import Iterable
+from typing import Callable, Iterable, Sequence
 
 import torch
+from triton.runtime.errors import OutOfResources
 
 from ..checks import first_tensor
+
+_LOG = logging.getLogger("vdit_kernels")
 
 # Compile options every kernel launch passes (and the static report compiles with).
 # enable_fp_fusion: a * b + c contracted into one FMA (the softmax's exp2 argument
@@ -22,6 +26,35 @@ def autotune_enabled() -> bool:
     synchronize, inside the capture)."""
     return os.environ.get("VDIT_AUTOTUNE", "1") != "0" and not (
         torch.cuda.is_available() and torch.cuda.is_current_stream_capturing())
+
+
+# (what, config, key) of fixed launches a GPU lacked the resources for (launch_first_that_fits)
+TOO_LARGE: set = set()
+
+
+def launch_first_that_fits(what: str, configs: Sequence, key: Callable, run: Callable) -> None:
+    """run(config) with the first of `configs` the GPU has the resources for.
+
+    The candidates are sized for an H100 (227 KB of shared memory a program); some do not
+    fit a GPU with 99 KB (sm_86 / sm_89 / sm_120: RTX 3090 / 4090 / 5090, A10, L4, L40S).
+    Triton's autotuner skips such configs itself; a fixed launch (VDIT_AUTOTUNE=0,
+    deterministic=True, a CUDA graph capture) takes the next config in the list instead,
+    the same one on every GPU of a kind, remembered per (what, config, key()) and logged
+    once. key() (e.g. the device) is evaluated only once some GPU refused a config: no
+    work on an H100."""
+    fitting = configs
+    if TOO_LARGE:
+        k = key()
+        fitting = [c for c in configs if (what, c, k) not in TOO_LARGE] or list(configs)[-1:]
+    for i, config in enumerate(fitting):
+        try:
+            run(config)
+            return
+        except OutOfResources as exc:
+            if i == len(fitting) - 1:
+                raise
+            TOO_LARGE.add((what, config, key()))
+            _LOG.warning("%s config %s does not fit this GPU (%s); using the next candidate", what, config, exc)
 
 
 def on_tensors_device(fn):

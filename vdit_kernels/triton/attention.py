@@ -84,7 +84,6 @@ from typing import NamedTuple, Optional
 import torch
 import triton
 import triton.language as tl
-from triton.runtime.errors import OutOfResources
 
 try:  # host-side TMA descriptors (Triton >= 3.4)
     from triton.tools.tensor_descriptor import TensorDescriptor
@@ -93,11 +92,12 @@ except ImportError:  # pragma: no cover
 
 from .. import backend as _backend
 from ..checks import KERNEL_DTYPES
-from . import COMPILE_OPTIONS, autotune_enabled, autotuned_choices, on_tensors_device, pow2_dividing
+from . import (COMPILE_OPTIONS, autotune_enabled, autotuned_choices, launch_first_that_fits, on_tensors_device,
+               pow2_dividing)
+from . import rope as triton_rope
 
 # the accumulators are float32: a float64 product would be float32-accurate at best
 DTYPES = KERNEL_DTYPES
-from . import rope as triton_rope
 
 LOG2E = 1.4426950408889634
 _LOG = logging.getLogger("vdit_kernels")
@@ -896,8 +896,7 @@ def measured_choices() -> list[str]:
 
 def _can_measure(q) -> bool:
     """Whether a call may time its variants (autotuned half-precision GPU runs)."""
-    return (q.is_cuda and _half_on_gpu(q.dtype, q.device) and autotune_enabled()
-            and not torch.cuda.is_current_stream_capturing())
+    return q.is_cuda and _half_on_gpu(q.dtype, q.device) and autotune_enabled()  # (not while capturing)
 
 
 def _tma_possible(*tensors) -> bool:
@@ -981,47 +980,29 @@ def _fastest(runs: dict) -> str:
     return best
 
 
-# (tag, tile, device) of fixed launches the GPU lacked the resources for (see _launch)
-_TOO_LARGE: set = set()
-
-
 def _device_of(args) -> Optional[torch.device]:
     return next((a.device for a in args if isinstance(a, torch.Tensor)), None)
 
 
 def _launch(raw, tuned, tag, grid_of, args, tiles, fixed: bool, **constexprs):
     """Run `tuned` (autotuned over `tiles`) or, when fixed or there is one candidate, `raw`
-    with the first candidate the GPU has the resources for. grid_of(meta) -> grid.
-
-    The candidates are sized for an H100 (227 KB of shared memory a program); the D = 128
-    dQ default, 128 x 64 over 3 stages, takes 136 KB, which a GPU with 99 KB (sm_86 /
-    sm_89 / sm_120: RTX 3090 / 4090 / 5090, A10, L4, L40S) cannot hold. Triton's
-    autotuner skips such tiles; a fixed launch (deterministic=True, VDIT_AUTOTUNE=0)
-    takes the next candidate in the list instead, the same one on every GPU of a kind."""
+    with the first candidate the GPU has the resources for (launch_first_that_fits: the
+    D = 128 dQ default, 128 x 64 over 3 stages, takes 136 KB, over a 99 KB GPU's).
+    grid_of(meta) -> grid."""
     if not (fixed or len(tiles) == 1 or not autotune_enabled()):
         tuned[grid_of](*args, **constexprs, **COMPILE_OPTIONS)
         return
-    fitting = tiles
-    if _TOO_LARGE:  # (empty unless a GPU refused a tile: no scan on an H100)
-        device = _device_of(args)
-        fitting = [t for t in tiles if (tag, t, device) not in _TOO_LARGE] or tiles[-1:]
-    for i, tile in enumerate(fitting):
+
+    def run(tile):
         meta = _tile_meta(tag, tile)
         options = {} if tile.maxnreg is None else {"maxnreg": tile.maxnreg}
         if tile is not tiles[0]:  # the caller's TMA descriptors have the first tile's boxes
             for a in args:
                 if TensorDescriptor is not None and isinstance(a, TensorDescriptor):
                     a.block_shape = [tile.loop, a.block_shape[1]]
-        try:
-            raw[grid_of(meta)](*args, **constexprs, **meta, num_warps=tile.warps, num_stages=tile.stages,
-                               **options, **COMPILE_OPTIONS)
-            return
-        except OutOfResources as exc:
-            if i == len(fitting) - 1:
-                raise
-            _TOO_LARGE.add((tag, tile, _device_of(args)))
-            _LOG.warning("attention %s tile %s does not fit this GPU (%s); using the next candidate",
-                         tag, tile, exc)
+        raw[grid_of(meta)](*args, **constexprs, **meta, num_warps=tile.warps, num_stages=tile.stages,
+                           **options, **COMPILE_OPTIONS)
+    launch_first_that_fits(f"attention {tag}", tiles, lambda: _device_of(args), run)
 
 
 def _row_align(*tensors: torch.Tensor, strides: tuple = ()) -> int:

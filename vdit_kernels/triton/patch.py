@@ -74,19 +74,16 @@
 # PyTorch float64 GEMMs.
 from __future__ import annotations
 
-import logging
 import math
 from typing import Sequence
 
 import torch
 import triton
 import triton.language as tl
-from triton.runtime.errors import OutOfResources
 
 from ..pack import device_table
-
-_LOG = logging.getLogger("vdit_kernels")
-from . import COMPILE_OPTIONS, autotune_enabled, autotuned_choices, on_tensors_device, pow2_dividing
+from . import (COMPILE_OPTIONS, autotune_enabled, autotuned_choices, launch_first_that_fits, on_tensors_device,
+               pow2_dividing)
 
 # float64 too, exactly: the copies are dtype-blind and its GEMMs run in PyTorch (above)
 DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -567,7 +564,6 @@ _EMBED_SMALL = (16, 32, 4, 1)
 # report). float32 takes the K-looping gather GEMM instead: IEEE float32 products on
 # these tiles spill 19-52 KB of registers (and need up to 208 KB of shared memory).
 _EMBED_FALLBACK = [(128, 8, 2), (64, 8, 2), (32, 8, 2)]
-_EMBED_TOO_LARGE: set = set()  # (config, FP, dtype, device) a GPU refused
 
 
 def _embed_candidates(fp: int) -> list:
@@ -639,8 +635,10 @@ def _gather_gemm(videos, b_mat, bias, patch_size):
         if interp:
             _embed_kernel[grid](*args, **consts, BLOCK_N=bn, num_warps=warps, num_stages=stages,
                                 **COMPILE_OPTIONS)
-        elif not autotune_enabled():
-            _embed_fixed(grid, args, consts, (consts["FP"], v0.dtype, v0.device))
+        elif not autotune_enabled():  # the first config the GPU has the shared memory for
+            launch_first_that_fits("patch_embed", _embed_fixed_list(fp), lambda: (fp, v0.dtype, v0.device),
+                                   lambda c: _embed_kernel[grid](*args, **consts, BLOCK_N=c[0], num_warps=c[1],
+                                                                 num_stages=c[2], **COMPILE_OPTIONS))
         else:
             _embed_tuned[grid](*args, **consts, **COMPILE_OPTIONS)
         return out
@@ -654,23 +652,6 @@ def _gather_gemm(videos, b_mat, bias, patch_size):
         PT=pt, PH=ph, PW=pw, LOG_B=_log_b(b), META=_META,
         BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, **COMPILE_OPTIONS)
     return out
-
-
-def _embed_fixed(grid, args, consts, key):
-    """_embed_kernel with the first config of _embed_fixed_list this GPU has the resources
-    for (remembered per FP, dtype and device; the BLOCK_N all divide the grid's column runs)."""
-    configs = _embed_fixed_list(key[0])
-    fitting = [c for c in configs if (c, *key) not in _EMBED_TOO_LARGE] or configs[-1:]
-    for i, (bn, warps, stages) in enumerate(fitting):
-        try:
-            _embed_kernel[grid](*args, **consts, BLOCK_N=bn, num_warps=warps, num_stages=stages, **COMPILE_OPTIONS)
-            return
-        except OutOfResources as exc:
-            if i == len(fitting) - 1:
-                raise
-            _EMBED_TOO_LARGE.add(((bn, warps, stages), *key))
-            _LOG.warning("patch_embed config %s does not fit this GPU (%s); using the next one",
-                         (bn, warps, stages), exc)
 
 
 def _scatter_gemm(x, b_mat, bias, shapes, patch_size, channels):
