@@ -612,40 +612,6 @@ def test_default_gpu_tiles_under_the_interpreter(monkeypatch, d, read):
 
 
 @pytest.mark.skipif(DEVICE.type != "cpu", reason="forces GPU tiles under the interpreter")
-@pytest.mark.parametrize("d", [64, 128])
-@pytest.mark.parametrize("read", ["pointers", TMA])
-def test_default_gpu_tiles_under_the_interpreter(monkeypatch, d, read):
-    # the first tile of every list (what VDIT_AUTOTUNE=0 and deterministic=True run on a
-    # GPU: flex_attention's keys-major 128 x 64 dK/dV step at D = 64, dQ 128 x 64), each
-    # checked, not only the one an autotuner keeps
-    from vdit_kernels.triton import attention as A
-
-    monkeypatch.setattr(A, "_half_on_gpu", lambda dtype, device: dtype == torch.float16)
-    monkeypatch.setenv("VDIT_AUTOTUNE", "0")
-    monkeypatch.setenv("VDIT_ATTN_BWD", "split")
-    monkeypatch.setenv("VDIT_ATTN_FWD", read)
-    monkeypatch.setenv("VDIT_ATTN_BWD_READ", read)
-    _check([70, 3, 130], [70, 3, 130], 2, 1, d, torch.float16, seed=5)
-
-
-class _OutOfSharedMemory:
-    """Wraps a Triton kernel: launches whose tile has `own` rows raise OutOfResources, as on
-    a GPU with less shared memory than the tile needs; the others run the kernel."""
-
-    def __init__(self, kernel, own_rows_key: str, own: int, launched: list):
-        self.kernel, self.key, self.own, self.launched = kernel, own_rows_key, own, launched
-
-    def __getitem__(self, grid):
-        def run(*args, **kwargs):
-            self.launched.append(kwargs[self.key])
-            if kwargs[self.key] == self.own:
-                from triton.runtime.errors import OutOfResources
-                raise OutOfResources(139264, 101376, "shared memory")
-            return self.kernel[grid](*args, **kwargs)
-        return run
-
-
-@pytest.mark.skipif(DEVICE.type != "cpu", reason="forces GPU tiles under the interpreter")
 @pytest.mark.parametrize("read", ["pointers", TMA])
 def test_fixed_tiles_give_way_to_the_next_candidate_that_fits(monkeypatch, caplog, read):
     # fixed launches (VDIT_AUTOTUNE=0, as deterministic=True) on a GPU with 99 KB of shared
