@@ -172,7 +172,8 @@ def test_bad_rope(pack):
 @pytest.mark.parametrize("backend", ["reference", "triton"])
 def test_inplace_rope_refuses_overlapping_q_and_k(pack, backend):
     # each shared element would be rotated twice by the kernels (once by the reference)
-    x = torch.randn(pack.num_tokens, 3, 12, device=_device_for(backend))
+    pack = pack.to(_device_for(backend))
+    x = torch.randn(pack.num_tokens, 3, 12, device=pack.device)
     for q, k in ((x, x), (x[:, 0:2], x[:, 1:3]), (x[:, :1].expand(-1, 2, -1), x[:, 2:])):
         with pytest.raises(ValueError, match="inplace RoPE"):
             vk.apply_rope_3d(q, k, pack, (4, 4, 4), inplace=True, backend=backend)

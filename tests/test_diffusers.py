@@ -1,7 +1,8 @@
 """diffusers' video transformers on vdit_kernels' processors equal their own processors.
 
-Tiny randomly initialised models (no weights downloaded), float32 on CPU: the Triton
-backend runs under the interpreter (float32 only: bfloat16 dot is wrong there). Each
+Tiny randomly initialised models (no weights downloaded), float32: on CPU, where the Triton
+backend runs under the interpreter (float32 only: bfloat16 dot is wrong there), and the
+Triton cases on the GPU where there is one. Each
 test runs the model with diffusers' processor, then with ours, on the same inputs.
 """
 import subprocess
@@ -23,11 +24,24 @@ import vdit_kernels.integrations.diffusers as vkd  # noqa: E402
 from vdit_kernels.integrations.diffusers import use_vdit_attention  # noqa: E402
 from vdit_kernels import Rope3D  # noqa: E402
 
-from conftest import assert_verbose_close  # noqa: E402
+from conftest import DEVICE, assert_verbose_close  # noqa: E402
 
 # float32 end to end through a whole (tiny) model: a little above the elementwise 1e-5
 ATOL = RTOL = 1e-4
 BACKENDS = ["reference", "triton"]
+
+
+def on_device_for(backend, model, latents, kw):
+    """model, latents and kw moved where `backend` runs: Triton takes CUDA tensors where a GPU
+    exists (CPU tensors only under the interpreter, which a GPU run leaves off)."""
+    device = DEVICE if backend == "triton" else torch.device("cpu")
+    move = lambda x: x.to(device) if torch.is_tensor(x) else tuple(map(move, x)) if isinstance(x, tuple) else x
+    return model.to(device), latents.to(device), {k: move(v) for k, v in kw.items()}
+
+
+def weighted(out):
+    """A fixed random weighting of the output (drawn on CPU: the same numbers on any device)."""
+    return out * torch.randn(out.shape, generator=torch.Generator().manual_seed(2)).to(out.device)
 
 
 def tiny_wan(**extra):
@@ -55,9 +69,8 @@ def run(model, latents, kw, grad=True):
         out = model(x, **kw).sample
         if not grad:
             return out, None
-        weight = torch.randn(out.shape, generator=torch.Generator().manual_seed(2))
         model.zero_grad()
-        (out * weight).sum().backward()
+        weighted(out).sum().backward()
     w = model.blocks[0].attn1.to_q.weight.grad.clone()
     return out.detach(), (x.grad, w)
 
@@ -72,8 +85,7 @@ def assert_same(ours, theirs, name):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_wan_matches_diffusers(backend):
-    model = tiny_wan()
-    latents, kw = wan_inputs()
+    model, latents, kw = on_device_for(backend, tiny_wan(), *wan_inputs())
     expected = run(model, latents, kw)
     assert use_vdit_attention(model, backend=backend) is model
     assert all(isinstance(p, vkd.WanVarlenAttnProcessor) for p in model.attn_processors.values())
@@ -131,8 +143,8 @@ def test_wan_rope_table_mismatch_warns_and_stays_exact():
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_wan_image_to_video(backend):
     """Wan 2.1 I2V layout: image tokens as extra keys in cross-attention (512 text tokens, hardcoded)."""
-    model = tiny_wan(image_dim=8, added_kv_proj_dim=24)
-    latents, kw = wan_inputs(text_len=512, image_tokens=5)
+    model, latents, kw = on_device_for(backend, tiny_wan(image_dim=8, added_kv_proj_dim=24),
+                                       *wan_inputs(text_len=512, image_tokens=5))
     expected = run(model, latents, kw, grad=False)
     use_vdit_attention(model, backend=backend)
     assert_same(run(model, latents, kw, grad=False), expected, f"wan-i2v/{backend}")
@@ -182,7 +194,7 @@ def run_hunyuan(model, latents, kw):
     x = latents.clone().requires_grad_(True)
     out = model(x, **kw).sample
     model.zero_grad()
-    (out * torch.randn(out.shape, generator=torch.Generator().manual_seed(2))).sum().backward()
+    weighted(out).sum().backward()
     grads = (x.grad, model.transformer_blocks[0].attn.to_q.weight.grad.clone(),
              model.single_transformer_blocks[1].attn.to_k.weight.grad.clone())
     return out.detach(), grads
@@ -198,8 +210,8 @@ def assert_hunyuan_same(ours, theirs, name):
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_hunyuan_matches_diffusers(backend, condition):
     """Padded prompts (7 and 4 of 9 tokens real): the key-padding mask as segment offsets."""
-    model = tiny_hunyuan(image_condition_type=condition)
-    latents, kw = hunyuan_inputs()
+    model, latents, kw = on_device_for(backend, tiny_hunyuan(image_condition_type=condition),
+                                       *hunyuan_inputs())
     expected = run_hunyuan(model, latents, kw)
     use_vdit_attention(model, backend=backend)
     procs = model.attn_processors
@@ -317,11 +329,12 @@ def test_cogvideox_matches_diffusers(backend):
                                      temporal_size=3)
     kw = dict(encoder_hidden_states=torch.randn(2, 7, 16, generator=g),
               timestep=torch.tensor([10, 700]), image_rotary_emb=rotary)
+    model, latents, kw = on_device_for(backend, model, latents, kw)
 
     def run_cog():
         x = latents.clone().requires_grad_(True)
         out = model(x, **kw).sample
-        (out * torch.randn(out.shape, generator=torch.Generator().manual_seed(2))).sum().backward()
+        weighted(out).sum().backward()
         return out.detach(), (x.grad, None)
 
     assert isinstance(model.transformer_blocks[0].attn1.processor, CogVideoXAttnProcessor2_0)
