@@ -9,16 +9,18 @@
 #   bash benchmarks/gpu_check.sh bench [--quick] # python -m benchmarks.run (args go to run.py)
 #   bash benchmarks/gpu_check.sh all --quick     # all steps, args go to run.py
 #   bash benchmarks/gpu_check.sh lease           # one short device lease (about 9 minutes):
-#       build; the tests (capped at TEST_TIMEOUT, default 120 s; on a GPU the GPU-only tests
-#       and the bfloat16 cases, what CPU CI cannot run, come first: conftest.gpu_tests_first);
+#       build and the error probe without gdb (PROBE=0 skips it); the tests (capped at
+#       TEST_TIMEOUT, default 150 s; on a GPU the GPU-only tests and the bfloat16 cases,
+#       what CPU CI cannot run, come first: conftest.gpu_tests_first);
 #       attention on the mixed pack, the vdit-triton rows and the peers the issue judges
 #       it by, torch-varlen and flex-attention (ATTN_TIMEOUT, default 185 s: the first
 #       backward autotunes about 40 tiles, the first forward 11); patch ops and RoPE on
 #       the mixed pack into <results>-mem (MEM_TIMEOUT, default 75 s); the DiT block on
 #       mixed-60k, Triton and padded PyTorch (grid- and token-padded, eager and compiled)
 #       and the step's self-attention alone, into <results>-dit (DIT_TIMEOUT, default 240 s,
-#       cut to what is left). No error probe (PROBE=1 runs it). The suites list the comparison rows before the variants, so a cap cuts
-#       variants first. Each step has its own cap, so a slow
+#       cut to what is left, skipped under DIT_MIN = 200 s: its first autotuning alone
+#       takes about 100 s at 57k tokens). The suites list the comparison rows before the
+#       variants, so a cap cuts variants first. Each step has its own cap, so a slow
 #       one (first-call autotuning) cannot take the others' rows, cut to what LEASE_BUDGET
 #       (default 550 s from the start) leaves; $OUT is refreshed after every step, so a
 #       lease that ends mid-way still brings back what finished.
@@ -79,7 +81,7 @@ run_build() {
     # child-process probes, a gdb backtrace if gdb exists; PROBE=0 skips it (the lease does:
     # tests/test_cuda_ext.py's bad-input test runs the same raising in a child process)
     if [ "${PROBE:-1}" = 1 ]; then
-        timeout 150 $PY -m benchmarks.error_probe > "$LOGS/error_probe.log" 2>&1
+        timeout 150 $PY -m benchmarks.error_probe ${PROBE_ARGS:-} > "$LOGS/error_probe.log" 2>&1
         grep -A2 "^\[" "$LOGS/error_probe.log" | head -20
     fi
 }
@@ -87,7 +89,9 @@ run_build() {
 run_tests() {
     echo "== test: python -m pytest tests $* (log: $LOGS/pytest.log)"
     local par=()
-    $PY -c "import xdist" 2>/dev/null && par=(-n "${TEST_WORKERS:-8}")
+    # -v with xdist: one line per finished test, so a run stopped at the time cap (whose
+    # summary xdist loses to the interrupt) still shows what passed and what did not
+    $PY -c "import xdist" 2>/dev/null && par=(-n "${TEST_WORKERS:-8}" -v)
     # SIGINT at the time cap: pytest then still prints the failures and the summary so far
     env -u TRITON_INTERPRET timeout -s INT -k 30 "${TEST_TIMEOUT:-0}" $PY -m pytest tests -q -p no:logging -rfEs \
         "${par[@]}" "$@" \
@@ -130,11 +134,11 @@ case "$STEP" in
     lease)
         per_test=()
         $PY -c "import pytest_timeout" 2>/dev/null && per_test=(--timeout 150)
-        PROBE=${PROBE:-0} run_build && {
+        PROBE=${PROBE:-1} PROBE_ARGS=--no-gdb run_build && {
             save_out
             # not the static report and the benchmarks' CPU runs (CI has them); the
             # benchmark peers' GPU checks stay
-            TEST_TIMEOUT=$(cap "${TEST_TIMEOUT:-120}") run_tests "${per_test[@]}" --ignore=tests/test_static.py \
+            TEST_TIMEOUT=$(cap "${TEST_TIMEOUT:-150}") run_tests "${per_test[@]}" --ignore=tests/test_static.py \
                 --deselect tests/test_benchmarks.py::test_main_command_quick \
                 --deselect tests/test_benchmarks.py::test_dit_suite_packed_and_padded_steps_run_and_count_flops
             save_out
@@ -147,8 +151,14 @@ case "$STEP" in
             # the reference model would materialize 40k x 40k scores per head: not run
             # the last step takes what the lease has left (cap), padded baselines before the
             # compiled ones and ours compiled (bench_dit._order)
-            BENCH_OUT="$RES-dit" BENCH_TIMEOUT=$(cap "${DIT_TIMEOUT:-240}") run_bench --workload mixed-60k \
-                --op dit --provider vdit-triton --provider torch-padded --no-static
+            # under DIT_MIN seconds left (default 200) it would stop inside the first
+            # autotuning and bring back nothing: skipped, with a message
+            if (( $(cap "${DIT_TIMEOUT:-240}") >= ${DIT_MIN:-200} )); then
+                BENCH_OUT="$RES-dit" BENCH_TIMEOUT=$(cap "${DIT_TIMEOUT:-240}") run_bench --workload mixed-60k \
+                    --op dit --provider vdit-triton --provider torch-padded --no-static
+            else
+                echo "== DiT step skipped: $(cap 9999) s left of LEASE_BUDGET, under DIT_MIN=${DIT_MIN:-200}"
+            fi
         } ;;
     *) echo "unknown step $STEP (all|build|test|bench|lease)"; exit 2 ;;
 esac
