@@ -148,7 +148,11 @@ def run_case(case, device: str, quick: bool, lim: dict) -> dict:
             row["pct_of_limit"] = 100 * row["gbs"] / lim["bandwidth_gbs"]
             row["limit"] = "bandwidth"
         del prepared
-        if case.bytes and not case.flops and case.mode == "fwd":
+        if case.bytes and case.flops and row["limit"] == "roofline: memory":
+            # a GEMM the bytes bound (patch embedding): which of its kernels take the time
+            measured = kernel_ms(case.build, case.bytes, device, quick=quick)
+            row.update({k: v for k, v in measured.items() if k in ("kernel_breakdown", "kernel_note")})
+        elif case.bytes and not case.flops and case.mode == "fwd":
             row.update(kernel_ms(case.build, case.bytes, device, quick=quick))
             if row.get("kernel_ms"):
                 row["kernel_gbs"] = case.bytes / (row["kernel_ms"] * 1e-3) / 1e9
@@ -168,6 +172,13 @@ def run_case(case, device: str, quick: bool, lim: dict) -> dict:
     if device == "cuda":
         torch.cuda.empty_cache()
     return row
+
+
+def kernel_breakdown(rows: list[dict]) -> list[str]:
+    """One line per row the profiler broke down: where a memory-bound op's device time goes."""
+    return [f"{r['name']} {r['mode']} {r['provider']} ({r['workload']}): "
+            + ", ".join(f"{name} {us:.1f} us" for name, us in r["kernel_breakdown"])
+            for r in rows if r.get("kernel_breakdown")]
 
 
 class Stopped(BaseException):
@@ -498,6 +509,11 @@ def main(argv=None) -> int:
     print("\n== backend choice (triton vs cuda; DEFAULT_ORDER in vdit_kernels/backend.py) ==")
     print(choice)
     md += ["\n## Backend choice: triton vs cuda\n", choice]
+    breakdown = kernel_breakdown(rows)
+    if breakdown:
+        title = "Device time per call by kernel (profiler; the 6 longest)"
+        print(f"\n== {title} ==\n" + "\n".join(breakdown))
+        md += [f"\n## {title}\n"] + [f"- {b}" for b in breakdown]
     variants = measured_variants()
     if variants:
         title = "Triton variants and tiles picked by measurement (the vdit-triton rows)"

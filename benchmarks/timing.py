@@ -97,18 +97,25 @@ def bench(fn: Callable, device: str, *, quick: bool = False,
             "reps": reps, "timer": "perf_counter"}
 
 
-def device_us(prof) -> float:
-    """Total self device time (us) of the GPU activities a torch.profiler run recorded."""
-    total = 0.0
+def device_activities(prof) -> dict[str, float]:
+    """Self device time (us) per GPU activity name (kernel, copy) a torch.profiler run recorded."""
+    times: dict[str, float] = {}
     for e in prof.key_averages():
         if str(getattr(e, "device_type", "")).endswith("CUDA"):
-            total += getattr(e, "self_device_time_total", None) or getattr(e, "self_cuda_time_total", 0.0)
-    return total
+            us = getattr(e, "self_device_time_total", None) or getattr(e, "self_cuda_time_total", 0.0)
+            times[e.key] = times.get(e.key, 0.0) + us
+    return times
+
+
+def device_us(prof) -> float:
+    """Total self device time (us) of the GPU activities a torch.profiler run recorded."""
+    return sum(device_activities(prof).values())
 
 
 def kernel_ms(build: Callable, bytes_moved: float, device: str, quick: bool = False) -> dict:
-    """{'kernel_ms': device ms per call, 'kernel_copies': inputs cycled} or
-    {'kernel_note': why not}. build() -> an object with .fn (a fresh set of inputs)."""
+    """{'kernel_ms': device ms per call, 'kernel_copies': inputs cycled, 'kernel_breakdown':
+    [(activity name, device us per call)], the 6 longest} or {'kernel_note': why not}.
+    build() -> an object with .fn (a fresh set of inputs)."""
     if device != "cuda":
         return {"kernel_note": "GPU only"}
     try:
@@ -127,12 +134,15 @@ def kernel_ms(build: Callable, bytes_moved: float, device: str, quick: bool = Fa
             for i in range(calls):
                 prepared[i % copies].fn()
             torch.cuda.synchronize()
-        total = device_us(prof)
+        activities = device_activities(prof)
+        total = sum(activities.values())
     except Exception as exc:  # noqa: BLE001  (a profiler that cannot run is a note, not a failure)
         return {"kernel_note": f"profiler failed: {type(exc).__name__}: {exc}"[:200]}
     if total <= 0:
         return {"kernel_note": "the profiler recorded no GPU activity (CUPTI unavailable?)"}
-    return {"kernel_ms": total / calls / 1e3, "kernel_copies": copies}
+    longest = sorted(activities.items(), key=lambda kv: -kv[1])[:6]
+    return {"kernel_ms": total / calls / 1e3, "kernel_copies": copies,
+            "kernel_breakdown": [(name[:80], round(us / calls, 2)) for name, us in longest]}
 
 
 _COPY_MS: dict = {}

@@ -179,12 +179,20 @@ def test_with_env_sets_options_per_call_and_restores(monkeypatch):
 def test_device_time_sums_the_gpu_activities_only():
     from types import SimpleNamespace
 
-    from benchmarks.timing import copy_kernel_ms, device_us, kernel_ms
+    from benchmarks.run import kernel_breakdown
+    from benchmarks.timing import copy_kernel_ms, device_activities, device_us, kernel_ms
 
-    events = [SimpleNamespace(device_type="DeviceType.CUDA", self_device_time_total=120.0),
-              SimpleNamespace(device_type="DeviceType.CUDA", self_device_time_total=30.5),
-              SimpleNamespace(device_type="DeviceType.CPU", self_device_time_total=999.0)]
-    assert device_us(SimpleNamespace(key_averages=lambda: events)) == 150.5
+    events = [SimpleNamespace(key="_wgrad_kernel", device_type="DeviceType.CUDA", self_device_time_total=120.0),
+              SimpleNamespace(key="_scatter_gemm_kernel", device_type="DeviceType.CUDA", self_device_time_total=30.5),
+              SimpleNamespace(key="_wgrad_kernel", device_type="DeviceType.CUDA", self_device_time_total=1.5),
+              SimpleNamespace(key="aten::mm", device_type="DeviceType.CPU", self_device_time_total=999.0)]
+    prof = SimpleNamespace(key_averages=lambda: events)
+    assert device_us(prof) == 152.0
+    assert device_activities(prof) == {"_wgrad_kernel": 121.5, "_scatter_gemm_kernel": 30.5}
+    row = dict(name="patch_embed", mode="fwd+bwd", provider="vdit-triton", workload="w",
+               kernel_breakdown=[("_wgrad_kernel", 121.5), ("_scatter_gemm_kernel", 30.5)])
+    assert kernel_breakdown([row, dict(row, kernel_breakdown=None)]) == [
+        "patch_embed fwd+bwd vdit-triton (w): _wgrad_kernel 121.5 us, _scatter_gemm_kernel 30.5 us"]
     assert kernel_ms(lambda: None, 1e6, "cpu") == {"kernel_note": "GPU only"}
     assert copy_kernel_ms(1e6, "cpu") is None
 
