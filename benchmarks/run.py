@@ -40,7 +40,7 @@ import torch._dynamo
 from . import bench_attention, bench_block, bench_dit, bench_patch, bench_rope, limits, workloads
 from .common import OPTIONS
 from .readme_table import result_cells
-from .timing import bench, copy_kernel_ms, kernel_ms
+from .timing import bench, copy_kernel_ms, host_ms, kernel_ms
 
 ROOT = Path(__file__).resolve().parent.parent
 SUITES = {"patch": bench_patch, "rope": bench_rope, "attention": bench_attention, "block": bench_block,
@@ -154,6 +154,8 @@ def run_case(case, device: str, quick: bool, lim: dict) -> dict:
             row.update({k: v for k, v in measured.items() if k in ("kernel_breakdown", "kernel_note")})
         elif case.bytes and not case.flops and case.mode == "fwd":
             row.update(kernel_ms(case.build, case.bytes, device, quick=quick))
+            if case.provider.startswith("vdit-"):
+                row.update(host_ms(case.build, device))
             if row.get("kernel_ms"):
                 row["kernel_gbs"] = case.bytes / (row["kernel_ms"] * 1e-3) / 1e9
                 row["kernel_pct_of_limit"] = 100 * row["kernel_gbs"] / lim["bandwidth_gbs"]
@@ -179,6 +181,14 @@ def kernel_breakdown(rows: list[dict]) -> list[str]:
     return [f"{r['name']} {r['mode']} {r['provider']} ({r['workload']}): "
             + ", ".join(f"{name} {us:.1f} us" for name, us in r["kernel_breakdown"])
             for r in rows if r.get("kernel_breakdown")]
+
+
+def host_breakdown(rows: list[dict]) -> list[str]:
+    """One line per row whose host time was measured: the layers a small op's call pays for."""
+    return [f"{r['name']} {r['mode']} {r['provider']} ({r['workload']}): host {r['host_ms'] * 1e3:.1f} us "
+            f"a call (device {r.get('kernel_ms', 0) * 1e3:.1f} us); "
+            + ", ".join(f"{name} {us:.1f} us" for name, us in r.get("host_profile", []))
+            for r in rows if r.get("host_ms")]
 
 
 class Stopped(BaseException):
@@ -509,9 +519,10 @@ def main(argv=None) -> int:
     print("\n== backend choice (triton vs cuda; DEFAULT_ORDER in vdit_kernels/backend.py) ==")
     print(choice)
     md += ["\n## Backend choice: triton vs cuda\n", choice]
-    breakdown = kernel_breakdown(rows)
+    breakdown = kernel_breakdown(rows) + host_breakdown(rows)
     if breakdown:
-        title = "Device time per call by kernel (profiler; the 6 longest)"
+        title = ("Device time per call by kernel (profiler; the 6 longest), and our calls' host "
+                 "time to issue one call by Python function (cProfile; the 8 largest)")
         print(f"\n== {title} ==\n" + "\n".join(breakdown))
         md += [f"\n## {title}\n"] + [f"- {b}" for b in breakdown]
     variants = measured_variants()

@@ -14,6 +14,9 @@ timed one call at a time: that is the user-visible cost (median_ms), this is the
 kernels' own efficiency (the % of copy bandwidth the issues ask about). The calls cycle
 over enough independently built inputs to exceed twice the L2 cache, so data comes from
 DRAM as with the flush of do_bench.
+host_ms (GPU, memory-bound cases): the host's time to issue one call, calls queued back to
+back without waiting for the GPU, and the Python functions that time goes to (cProfile):
+where median_ms exceeds kernel_ms by far, this says which layer to make cheaper.
 copy_kernel_ms: the same measurement of a device-to-device copy moving as many bytes (half
 read, half written). A 10 MB op cannot reach the bandwidth of a 1 GiB copy (ramp-up and
 tail of a few-microsecond kernel), and neither can a copy of its size: the ratio of the
@@ -23,6 +26,7 @@ from __future__ import annotations
 
 import statistics
 import time
+from pathlib import Path
 from typing import Callable, Optional, Sequence
 
 import torch
@@ -143,6 +147,35 @@ def kernel_ms(build: Callable, bytes_moved: float, device: str, quick: bool = Fa
     longest = sorted(activities.items(), key=lambda kv: -kv[1])[:6]
     return {"kernel_ms": total / calls / 1e3, "kernel_copies": copies,
             "kernel_breakdown": [(name[:80], round(us / calls, 2)) for name, us in longest]}
+
+
+def host_ms(build: Callable, device: str, calls: int = 200) -> dict:
+    """{'host_ms': host ms to issue one call, 'host_profile': [(function, us per call)],
+    the 8 largest by own time} or {} off the GPU. build() -> an object with .fn."""
+    if device != "cuda":
+        return {}
+    import cProfile
+    import pstats
+
+    prepared = build()
+    for _ in range(5):
+        prepared.fn()
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(calls):  # a few-microsecond kernel each: the queue never fills
+        prepared.fn()
+    issued = (time.perf_counter() - start) * 1e3 / calls
+    torch.cuda.synchronize()
+    profiler = cProfile.Profile()
+    profiler.enable()
+    for _ in range(calls):
+        prepared.fn()
+    profiler.disable()
+    torch.cuda.synchronize()
+    stats = pstats.Stats(profiler).stats  # {(file, line, name): (cc, nc, tottime, cumtime, callers)}
+    own = sorted(((f"{Path(file).name}:{line}({name})", tt) for (file, line, name), (_, _, tt, _, _)
+                  in stats.items()), key=lambda kv: -kv[1])[:8]
+    return {"host_ms": issued, "host_profile": [(name, round(t * 1e6 / calls, 2)) for name, t in own]}
 
 
 _COPY_MS: dict = {}

@@ -193,8 +193,32 @@ def test_device_time_sums_the_gpu_activities_only():
                kernel_breakdown=[("_wgrad_kernel", 121.5), ("_scatter_gemm_kernel", 30.5)])
     assert kernel_breakdown([row, dict(row, kernel_breakdown=None)]) == [
         "patch_embed fwd+bwd vdit-triton (w): _wgrad_kernel 121.5 us, _scatter_gemm_kernel 30.5 us"]
+    from benchmarks.run import host_breakdown
+    from benchmarks.timing import host_ms
+
+    assert host_ms(lambda: None, "cpu") == {}
+    row = dict(row, host_ms=0.0421, kernel_ms=0.005, host_profile=[("patch.py:331(_launch)", 6.25)])
+    assert host_breakdown([row, dict(row, host_ms=None)]) == [
+        "patch_embed fwd+bwd vdit-triton (w): host 42.1 us a call (device 5.0 us); patch.py:331(_launch) 6.2 us"]
     assert kernel_ms(lambda: None, 1e6, "cpu") == {"kernel_note": "GPU only"}
     assert copy_kernel_ms(1e6, "cpu") is None
+
+
+def test_host_time_names_the_functions_a_call_spends_it_in(monkeypatch):
+    # the GPU path's logic on CPU: synchronize made a no-op, a call whose time is one function's
+    from types import SimpleNamespace
+
+    from benchmarks.timing import host_ms
+
+    def spends_time():
+        return sum(i * i for i in range(2000))
+
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda: None)
+    out = host_ms(lambda: SimpleNamespace(fn=spends_time), "cuda", calls=20)
+    assert out["host_ms"] > 0 and len(out["host_profile"]) <= 8
+    names = [name for name, _ in out["host_profile"]]
+    assert any("genexpr" in n for n in names), names
+    assert all(us >= 0 for _, us in out["host_profile"])
 
 
 def test_memory_bound_rows_show_the_kernels_against_both_copies():
