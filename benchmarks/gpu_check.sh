@@ -69,7 +69,8 @@ nvidia-smi --query-gpu=name,driver_version,clocks.max.sm,memory.total --format=c
 run_build() {
     echo "== build: pip install --no-build-isolation --no-deps -e . (log: $LOGS/build.log)"
     local t0=$SECONDS
-    if ! $PY -m pip install --no-build-isolation --no-deps -e . > "$LOGS/build.log" 2>&1; then
+    # -v: the compiler command lines stay in the log (the segfault diagnosis compares them)
+    if ! $PY -m pip install -v --no-build-isolation --no-deps -e . > "$LOGS/build.log" 2>&1; then
         echo "BUILD FAILED"; tail -40 "$LOGS/build.log"; status=1
         # the Triton and reference paths need no CUDA kernels: go on without them
         echo "== build again without the CUDA kernels (VDIT_SKIP_CUDA_BUILD=1)"
@@ -82,7 +83,7 @@ run_build() {
     # tests/test_cuda_ext.py's bad-input test runs the same raising in a child process)
     if [ "${PROBE:-1}" = 1 ]; then
         timeout 150 $PY -m benchmarks.error_probe ${PROBE_ARGS:-} > "$LOGS/error_probe.log" 2>&1
-        grep -A2 "^\[" "$LOGS/error_probe.log" | head -20
+        grep -A8 "^\[" "$LOGS/error_probe.log" | head -80
     fi
 }
 

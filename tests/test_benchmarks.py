@@ -268,6 +268,21 @@ def test_error_probe_reports_each_case():
     assert "[vdit_C, CPU tensor]" in out and "CXX11 ABI" in out
 
 
+def test_error_probe_prints_the_native_stack_of_a_crash(tmp_path):
+    import subprocess
+    import sys
+
+    from benchmarks.error_probe import _backtrace_preload
+
+    lib = _backtrace_preload(str(tmp_path))
+    if lib is None:
+        pytest.skip("no C compiler to build the LD_PRELOAD library")
+    proc = subprocess.run([sys.executable, "-c", "import ctypes; ctypes.string_at(0)"], capture_output=True,
+                          text=True, timeout=60, env={**os.environ, "LD_PRELOAD": lib})
+    assert proc.returncode == -11 and "[native] SIGSEGV, stack:" in proc.stderr, proc.stderr[-2000:]
+    assert "_ctypes" in proc.stderr and "libgcc_s" in proc.stderr  # frames, then the mapped libraries
+
+
 def test_flash_attn_rotary_peer_computes_our_interleaved_rope():
     # the RoPE suite gives flash-attn's 1D rotary the concatenated per-axis angles: the same
     # rotation as interleaved 3D RoPE (its kernel needs CUDA; the module may come alone,
