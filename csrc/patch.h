@@ -1,33 +1,17 @@
 // Launch interface of the patchify / unpatchify kernel (csrc/patch.cu), shared with its
 // host side (csrc/patch_host.cpp: argument checks, planning, the registered ops). The
 // kernel translation unit holds no ATen code and throws nothing: every error is raised by
-// the host .cpp, compiled by the host compiler like the rest of torch's C++.
+// the host .cpp, compiled by the host compiler like the rest of torch's C++. The kernel's
+// work and the launch plan are in csrc/patch_tile.cuh (plain C++, host-compilable).
 #pragma once
 
 #include <cuda_runtime_api.h>
 
 #include <cstdint>
 
-#include "common/index.cuh"
+#include "patch_tile.cuh"
 
 namespace vdit {
-
-constexpr int kPatchThreads = 256;
-constexpr int64_t kStageBytes = 16 * 1024;  // target staging buffer per CTA
-constexpr int64_t kMaxStageBytes = 48 * 1024;  // default dynamic shared memory limit
-
-struct PatchParams {
-  void* tokens;
-  const PatchVideo* table;  // device table when num_videos > kInlineVideos, else nullptr
-  int32_t num_videos;
-  int32_t C, pt, ph, pw;
-  int32_t F;
-  int32_t tw;               // tokens per tile
-  int32_t srow;             // stage row stride in elements (tw*pw rounded up to a vector)
-  int32_t vec_video;        // 16-byte accesses on the video side
-  int32_t vec_tokens;       // 16-byte accesses on the token side
-  PatchVideo videos[kInlineVideos];
-};
 
 // The parameters (records of up to kInlineVideos videos inline) travel in the launch: over
 // the classic 4 KB of kernel parameters, which CUDA 12.1+ raises to 32 KB on sm_70+.

@@ -1,6 +1,7 @@
 // Host side of the CUDA patchify / unpatchify (kernel: csrc/patch.cu): argument checks
-// with clear errors, the launch plan (tokens per tile, 16-byte paths, the per-video
-// records), output allocation and the registered ops. Compiled by the host compiler;
+// with clear errors, the per-video records and their launch (the plan itself, tokens
+// per tile and access widths, is plan_patch in csrc/patch_tile.cuh), output allocation
+// and the registered ops. Compiled by the host compiler;
 // the .cu file throws nothing, so every error is raised from here.
 //
 // CPU tensors get the same argument checks, then an error saying the op needs CUDA
@@ -23,8 +24,6 @@
 namespace vdit {
 namespace {
 
-bool aligned16(const void* ptr) { return reinterpret_cast<uintptr_t>(ptr) % 16 == 0; }
-
 void check_dtype(const char* name, at::ScalarType t) {
   TORCH_CHECK(t == at::kFloat || t == at::kHalf || t == at::kBFloat16,
               "vdit_C: ", name, " must be float32, float16 or bfloat16, got ", t);
@@ -39,8 +38,9 @@ std::vector<int64_t> check_patch_size(c10::IntArrayRef patch_size) {
   return patch_size.vec();
 }
 
-// Fills the records of a launch and runs it; the video tensors' data pointers and strides
-// are read here (tokens: contiguous (N, F)).
+// Plans a launch (csrc/patch_tile.cuh: plan_patch fills the records' first tiles and
+// access widths) and runs it; the video tensors' data pointers and strides are read here
+// (tokens: contiguous (N, F)).
 void launch(bool to_tokens, std::vector<PatchVideo>& recs, const at::Tensor& tokens,
             int64_t channels, const std::vector<int64_t>& ps, at::ScalarType dtype,
             c10::Device device) {
@@ -48,46 +48,17 @@ void launch(bool to_tokens, std::vector<PatchVideo>& recs, const at::Tensor& tok
   TORCH_CHECK(channels > 0 && channels < (int64_t{1} << 31), "vdit_C: channels = ", channels, " is out of range");
   const int64_t F = channels * pt * ph * pw;
   const int64_t esize = dtype == at::kFloat ? 4 : 2;
-  const int64_t vec = 16 / esize;
   TORCH_CHECK(F < (1 << 30), "vdit_C: C*pt*ph*pw = ", F, " is too large");
-
-  // tokens per tile: stage ~kStageBytes, a multiple of 8 tokens when the rows are wide
-  int64_t max_gw = 1;
-  for (const auto& r : recs) max_gw = std::max<int64_t>(max_gw, r.gw);
-  int64_t tw = std::max<int64_t>(1, kStageBytes / (F * esize));
-  if (tw >= 8) tw = tw / 8 * 8;
-  tw = std::min(tw, max_gw);
-  const int64_t srow = round_up(tw * pw, vec);
-  const int64_t stage_bytes = channels * pt * ph * srow * esize;
-  TORCH_CHECK(stage_bytes <= kMaxStageBytes, "vdit_C: a patch of C*pt*ph*pw = ", F,
-              " elements needs ", stage_bytes, " bytes of shared memory (limit ", kMaxStageBytes, ")");
-
-  bool vec_video = true;
-  int64_t tiles = 0;
-  for (auto& r : recs) {
-    r.tile_begin = tiles;
-    tiles += video_tiles(r.gt, r.gh, r.gw, static_cast<int32_t>(tw));
-    // a tile's row starts at w0*pw, w0 a multiple of tw (only 0 when one tile spans gw)
-    const bool starts_ok = (tw * pw) % vec == 0 || r.gw <= tw;
-    vec_video = vec_video && r.stride[3] == 1 && aligned16(r.data) && starts_ok &&
-                r.stride[0] % vec == 0 && r.stride[1] % vec == 0 && r.stride[2] % vec == 0;
-  }
-  if (tiles == 0) return;
-  TORCH_CHECK(tiles < (int64_t{1} << 31), "vdit_C: too many tiles (", tiles, ") for one launch");
 
   PatchParams p;
   std::memset(&p, 0, sizeof(p));
   p.tokens = tokens.data_ptr();
-  p.num_videos = static_cast<int32_t>(recs.size());
-  p.C = static_cast<int32_t>(channels);
-  p.pt = static_cast<int32_t>(pt);
-  p.ph = static_cast<int32_t>(ph);
-  p.pw = static_cast<int32_t>(pw);
-  p.F = static_cast<int32_t>(F);
-  p.tw = static_cast<int32_t>(tw);
-  p.srow = static_cast<int32_t>(srow);
-  p.vec_video = vec_video;
-  p.vec_tokens = F % vec == 0 && aligned16(p.tokens);
+  const PatchPlan plan = plan_patch(recs.data(), static_cast<int>(recs.size()), channels, ps.data(), esize,
+                                    p.tokens, p);
+  TORCH_CHECK(plan.plain_stage_bytes <= kMaxStageBytes, "vdit_C: a patch of C*pt*ph*pw = ", F,
+              " elements needs ", plan.plain_stage_bytes, " bytes of shared memory (limit ", kMaxStageBytes, ")");
+  if (plan.tiles == 0) return;
+  TORCH_CHECK(plan.tiles < (int64_t{1} << 31), "vdit_C: too many tiles (", plan.tiles, ") for one launch");
 
   c10::cuda::CUDAGuard guard(device);
   auto stream = c10::cuda::getCurrentCUDAStream(device.index());
@@ -108,7 +79,7 @@ void launch(bool to_tokens, std::vector<PatchVideo>& recs, const at::Tensor& tok
     p.table = reinterpret_cast<const PatchVideo*>(table.data_ptr());
   }
 
-  C10_CUDA_CHECK(launch_patch_kernel(p, tiles, static_cast<size_t>(stage_bytes), to_tokens,
+  C10_CUDA_CHECK(launch_patch_kernel(p, plan.tiles, static_cast<size_t>(plan.stage_bytes), to_tokens,
                                      static_cast<int>(esize), stream.stream()));
 }
 

@@ -16,6 +16,12 @@
 #else
 #define VDIT_HD inline
 #endif
+// #pragma unroll in code that host compilers see too (only the device pass has it)
+#if defined(__CUDA_ARCH__)
+#define VDIT_UNROLL _Pragma("unroll")
+#else
+#define VDIT_UNROLL
+#endif
 
 namespace vdit {
 
@@ -32,13 +38,34 @@ struct PatchVideo {
   void* data;            // the video's data pointer
   int64_t stride[4];     // element strides of (C, T, H, W)
   int32_t gt, gh, gw;    // token grid
-  int32_t pad_;
+  int32_t vbytes;        // bytes per access on this video's side (16, 8, 4 or the element size)
   int64_t tile_begin;    // first tile of this video in the launch
   int64_t token_begin;   // first token row of this video in the pack
 };
 
 VDIT_HD int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 VDIT_HD int64_t round_up(int64_t a, int64_t b) { return ceil_div(a, b) * b; }
+
+// a / b of non-negative int32 values, as unsigned 32-bit division (signed or 64-bit
+// division costs more instructions)
+VDIT_HD int32_t div32(int32_t a, int32_t b) {
+  return static_cast<int32_t>(static_cast<uint32_t>(a) / static_cast<uint32_t>(b));
+}
+
+// Division by a divisor d known before a loop, as one multiply: a / d = (a * m) >> 32
+// with m = ceil(2^32 / d), exact for 0 <= a when a * d <= 2^32. (m = (2^32 + e) / d with
+// 0 <= e < d, so a * m / 2^32 = a / d + a * e / (d * 2^32), where a * e < a * d <= 2^32
+// adds less than 1 / d: not enough to reach the next integer.) The patch kernel divides
+// values below 2^16 by divisors of at most 2^16 (its tiles have at most kMaxStageBytes).
+struct Divisor {
+  uint64_t m;  // ceil(2^32 / d): (2^32 - 1) / d + 1 for every d >= 1
+};
+VDIT_HD Divisor make_divisor(int32_t d) {
+  return Divisor{static_cast<uint64_t>(0xFFFFFFFFu / static_cast<uint32_t>(d)) + 1};
+}
+VDIT_HD int32_t operator/(int32_t a, const Divisor& d) {
+  return static_cast<int32_t>((static_cast<uint64_t>(static_cast<uint32_t>(a)) * d.m) >> 32);
+}
 
 // Tiles of one video: every token row (gt, gh) is cut into ceil(gw / tw) tiles.
 VDIT_HD int64_t video_tiles(int32_t gt, int32_t gh, int32_t gw, int32_t tw) {
@@ -57,46 +84,63 @@ VDIT_HD int find_video(const PatchVideo* videos, int num_videos, int64_t tile) {
 }
 
 struct TileIndex {
-  int64_t gt, gh;    // token row of the tile
-  int64_t w0;        // first grid column (token) of the tile
-  int32_t ntok;      // tokens in the tile (<= tw; the last tile of a row may be short)
+  int32_t gt, gh;       // token row of the tile
+  int32_t w0;           // first grid column (token) of the tile
+  int32_t ntok;         // tokens in the tile (<= tw; the last tile of a row may be short)
   int64_t first_token;  // packed row of the tile's first token
 };
 
-// local tile l of video v -> its token row, columns and first packed token
-VDIT_HD TileIndex tile_index(const PatchVideo& v, int64_t l, int32_t tw) {
-  const int64_t chunks = ceil_div(v.gw, tw);
-  const int64_t row = l / chunks;  // gt * gh + gh_index
+// local tile l of video v -> its token row, columns and first packed token. 32-bit
+// division: the host checks that a launch has fewer than 2^31 tiles, and a video's token
+// grid axes are int32.
+VDIT_HD TileIndex tile_index(const PatchVideo& v, int32_t l, int32_t tw) {
+  const int32_t chunks = div32(v.gw - 1, tw) + 1;   // tiles per token row (gw >= 1: v owns a tile)
+  const int32_t row = div32(l, chunks);             // gt * gh + gh_index
   TileIndex t;
-  t.gt = row / v.gh;
+  t.gt = div32(row, v.gh);
   t.gh = row - t.gt * v.gh;
   t.w0 = (l - row * chunks) * tw;
-  const int64_t left = v.gw - t.w0;
-  t.ntok = static_cast<int32_t>(left < tw ? left : tw);
-  t.first_token = v.token_begin + row * v.gw + t.w0;
+  const int32_t left = v.gw - t.w0;
+  t.ntok = left < tw ? left : tw;
+  t.first_token = v.token_begin + static_cast<int64_t>(row) * v.gw + t.w0;
   return t;
 }
 
-// A video-side row of a tile: r = (c * pt + it) * ph + ih, covering video elements
-// (c, gt*pt + it, gh*ph + ih, w0*pw + x), x < ntok*pw. Returns the element offset of x = 0.
-VDIT_HD int64_t tile_row_offset(const PatchVideo& v, const TileIndex& t, int32_t r,
-                                int32_t pt, int32_t ph, int32_t pw) {
-  const int32_t ih = r % ph;
-  const int32_t cit = r / ph;
-  const int32_t it = cit % pt;
-  const int32_t c = cit / pt;
-  return c * v.stride[0] + (t.gt * pt + it) * v.stride[1] + (t.gh * ph + ih) * v.stride[2] +
-         t.w0 * pw * v.stride[3];
+// Element offset of the tile's origin, video element (c = 0, gt*pt, gh*ph, w0*pw).
+VDIT_HD int64_t tile_origin(const PatchVideo& v, const TileIndex& t, int32_t pt, int32_t ph, int32_t pw) {
+  return static_cast<int64_t>(t.gt) * pt * v.stride[1] + static_cast<int64_t>(t.gh) * ph * v.stride[2] +
+         static_cast<int64_t>(t.w0) * pw * v.stride[3];
 }
 
-// Element o of a tile's token span (token j = o / F, feature f = o % F, features
-// (c, pt, ph, pw) with pw fastest) -> its slot in the tile's staging buffer, laid out
-// [r][x] with row stride srow: r = f / pw, x = j * pw + f % pw.
-VDIT_HD int32_t span_to_stage(int32_t o, int32_t F, int32_t pw, int32_t srow) {
-  const int32_t j = o / F;
-  const int32_t f = o - j * F;
-  const int32_t r = f / pw;
-  return r * srow + j * pw + (f - r * pw);
+// A video-side row of a tile: r = (c * pt + it) * ph + ih, covering video elements
+// (c, gt*pt + it, gh*ph + ih, w0*pw + x), x < ntok*pw. Returns the element offset of x = 0
+// from the tile's origin.
+// (r < 2^16, ph and pt <= 2^16: exact Divisor division.)
+VDIT_HD int64_t tile_row_offset(const int64_t* stride, int32_t r, int32_t pt, const Divisor& div_pt, int32_t ph,
+                                const Divisor& div_ph) {
+  const int32_t cit = r / div_ph;
+  const int32_t ih = r - cit * ph;
+  const int32_t c = cit / div_pt;
+  const int32_t it = cit - c * pt;
+  return c * stride[0] + it * stride[1] + ih * stride[2];
+}
+
+// The staging buffer of a tile: row r (the tile row above) holds bytes xb of the tile
+// row, xb = j * pbytes + b for byte b of token j's pw elements (pbytes = pw * element
+// size), rows srow bytes apart (a multiple of 16). Inside a row the 16-byte slots are
+// permuted, slot xb / 16 stored at slot (xb / 16) ^ swz(r), swz(r) = ((r * pbytes) / 16)
+// & swz_mask, where swz_mask + 1 (a power of two <= 8) divides the row's slot count:
+// the permutation stays inside the row and moves whole aligned 16-byte slots, so every
+// access of at most 16 bytes that is aligned to its size stays contiguous and aligned.
+// Why: a token's 16-byte chunk of features gathers 16 / pbytes rows at the same xb, and
+// the threads of a warp read consecutive chunks of the same few tokens at once; with rows
+// a multiple of 128 bytes apart and no permutation, all of them hit the same banks (8-way
+// conflicts at pw = 2 in bfloat16). swz(r) is the index of the 16-byte chunk of a token
+// in which row r starts, so 8 consecutive chunks of a token read 8 distinct slots (of
+// the 8 that 128 bytes hold): no conflict at pw = 2 in bfloat16.
+VDIT_HD int32_t stage_offset(int32_t r, int32_t xb, int32_t srow, int32_t pbytes, int32_t swz_mask) {
+  const int32_t swz = ((r * pbytes) >> 4) & swz_mask;
+  return r * srow + ((((xb >> 4) ^ swz) << 4) | (xb & 15));
 }
 
 // ---- 3D RoPE ----------------------------------------------------------------------
