@@ -25,10 +25,11 @@ if [ ! -x "$V/bin/python" ]; then
 fi
 quiet() { grep -v "^WARNING: Location 'file://.*' is ignored" || true; }
 echo "[compat] installing torch $TORCH_VERSION, triton $TRITON_VERSION in $(basename "$V")"
-# numpy < 2.3: the Triton 3.6 interpreter converts 1-element arrays with int(), which
-# newer numpy refuses (later Triton releases fixed it)
+# numpy >= 2.4, as the GPU machines have: it refuses int() of a 1-element array, which the
+# Triton 3.6 interpreter applies to range() bounds (our kernels pass them through
+# vdit_kernels.triton.loop_bound; later Triton releases squeeze first)
 if ! "$V/bin/python" -m pip install -q --disable-pip-version-check "torch==$TORCH_VERSION" "triton==$TRITON_VERSION" \
-    "numpy<2.3" pytest einops setuptools wheel 2>&1 | quiet; then
+    "numpy>=2.4" pytest einops setuptools wheel 2>&1 | quiet; then
   echo "[compat] pip install failed"; exit 1
 fi
 WORK=$(mktemp -d)

@@ -45,6 +45,41 @@ def test_launch_finder_sees_a_launch_without_the_options():
     assert found == [(1, set()), (2, {"COMPILE_OPTIONS"})]
 
 
+def _raw_loop_bounds(source: str):
+    """(line, bound) of every range() / tl.range() argument in a @triton.jit function that
+    is neither a literal, a constexpr parameter nor a loop_bound(...) call."""
+    import ast
+
+    for fn in ast.walk(ast.parse(source)):
+        if not (isinstance(fn, ast.FunctionDef) and any("jit" in ast.unparse(d) for d in fn.decorator_list)):
+            continue
+        constexprs = {a.arg for a in fn.args.args if a.annotation is not None and "constexpr" in ast.unparse(a.annotation)}
+        for node in ast.walk(fn):
+            if isinstance(node, ast.For) and isinstance(node.iter, ast.Call) \
+                    and ast.unparse(node.iter.func) in ("range", "tl.range"):
+                for arg in node.iter.args:
+                    if not (isinstance(arg, ast.Constant) or (isinstance(arg, ast.Name) and arg.id in constexprs)
+                            or (isinstance(arg, ast.Call) and ast.unparse(arg.func) == "loop_bound")):
+                        yield node.lineno, ast.unparse(arg)
+
+
+def test_runtime_loop_bounds_go_through_loop_bound():
+    # Triton 3.6's interpreter cannot take a runtime scalar as a range() bound under numpy
+    # >= 2.4 (vdit_kernels.triton.loop_bound); CI meets that only in the compat job
+    found = []
+    for mod in pkgutil.iter_modules(triton_pkg.__path__):
+        path = Path(triton_pkg.__path__[0]) / f"{mod.name}.py"
+        found += [f"{path.name}:{line} {bound}" for line, bound in _raw_loop_bounds(path.read_text())]
+    assert not found, f"range() bounds not passed through loop_bound(): {found}"
+
+
+def test_loop_bound_finder_sees_a_raw_bound():
+    src = ("@triton.jit\ndef k(N, B: tl.constexpr):\n    for i in range(0, N, B):\n        pass\n"
+           "    for i in range(loop_bound(N), 8):\n        pass\n"
+           "def host(n):\n    for i in range(n):\n        pass\n")
+    assert list(_raw_loop_bounds(src)) == [(3, "N")]
+
+
 def test_static_report_sm90a_no_spills(tmp_path):
     from benchmarks.static_report import all_specs, launch_of
 

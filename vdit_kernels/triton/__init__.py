@@ -6,6 +6,8 @@ import os
 from typing import Callable, Iterable, Sequence
 
 import torch
+import triton
+import triton.language as tl
 from triton.runtime.errors import OutOfResources
 
 from ..checks import first_tensor
@@ -18,6 +20,21 @@ _LOG = logging.getLogger("vdit_kernels")
 # in every process that the default turns to off in 3.10, which would add instructions to
 # every inner loop; asking for it keeps the kernels the same on every release.
 COMPILE_OPTIONS = {"enable_fp_fusion": True}
+
+
+# Kernels pass every runtime value that bounds a loop (range's start, stop or step)
+# through loop_bound(). Triton 3.6's interpreter holds kernel scalars as 1-element numpy
+# arrays and range() takes them through int(array), which numpy >= 2.4 refuses ("only
+# 0-dimensional arrays can be converted"; later Triton squeezes first): under the
+# interpreter loop_bound reads the value as a Python int. Compiled, it is the identity,
+# inlined: the same PTX and SASS (tests/test_static.py checks that every bound uses it).
+if triton.knobs.runtime.interpret:  # decided at import, as triton.jit decides
+    def loop_bound(x):
+        return x.handle.data.item() if isinstance(x, tl.tensor) else x
+else:
+    @triton.jit
+    def loop_bound(x):
+        return x
 
 
 def autotune_enabled() -> bool:

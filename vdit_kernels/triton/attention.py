@@ -92,8 +92,8 @@ except ImportError:  # pragma: no cover
 
 from .. import backend as _backend
 from ..checks import KERNEL_DTYPES
-from . import (COMPILE_OPTIONS, autotune_enabled, autotuned_choices, launch_first_that_fits, on_tensors_device,
-               pow2_dividing)
+from . import (COMPILE_OPTIONS, autotune_enabled, autotuned_choices, launch_first_that_fits, loop_bound,
+               on_tensors_device, pow2_dividing)
 from . import rope as triton_rope
 
 # the accumulators are float32: a float64 product would be float32-accurate at best
@@ -285,7 +285,7 @@ def _attn_fwd_kernel(
     # D > 128: with two copies of the step inlined there, the compiler spills KBs.
     if (not IEEE) and BLOCK_D <= 128:
         full_k = seqlen_k - seqlen_k % BLOCK_N
-        for start_n in range(0, full_k, BLOCK_N):
+        for start_n in range(0, loop_bound(full_k), BLOCK_N):
             acc, l_i, m_i = _fwd_step(acc, l_i, m_i, q, K, V, k_start + start_n, offs_n, seqlen_k - start_n,
                                       kv_head, stride_kn, stride_kh, stride_vn, stride_vh, offs_d, dmask,
                                       scale_log2, D, BLOCK_D, ROW_ALIGN, TMA, IEEE, False)
@@ -294,7 +294,7 @@ def _attn_fwd_kernel(
                                       kv_head, stride_kn, stride_kh, stride_vn, stride_vh, offs_d, dmask,
                                       scale_log2, D, BLOCK_D, ROW_ALIGN, TMA, IEEE, True)
     else:
-        for start_n in range(0, seqlen_k, BLOCK_N):
+        for start_n in range(0, loop_bound(seqlen_k), BLOCK_N):
             acc, l_i, m_i = _fwd_step(acc, l_i, m_i, q, K, V, k_start + start_n, offs_n, seqlen_k - start_n,
                                       kv_head, stride_kn, stride_kh, stride_vn, stride_vh, offs_d, dmask,
                                       scale_log2, D, BLOCK_D, ROW_ALIGN, TMA, IEEE, True)
@@ -480,9 +480,9 @@ def _attn_bwd_dkdv_kernel(
     else:
         dk = tl.zeros([BLOCK_D, BLOCK_N], dtype=tl.float32)
         dv = tl.zeros([BLOCK_D, BLOCK_N], dtype=tl.float32)
-    for g in range(0, GROUPS):
+    for g in range(0, loop_bound(GROUPS)):
         head = kv_head * GROUPS + g
-        for start_m in range(0, seqlen_q, BLOCK_M):
+        for start_m in range(0, loop_bound(seqlen_q), BLOCK_M):
             dk, dv = _dkdv_step(dk, dv, k, v, nmask, key_tail, Q, DO, STATS, DQ,
                                 q_start + start_m, offs_m, seqlen_q - start_m, head,
                                 stride_qn, stride_qh, stride_don, stride_doh, N_Q,
@@ -537,7 +537,7 @@ def _attn_bwd_dq_kernel(
                                 offs_d, D, BLOCK_D, ROW_ALIGN)
 
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    for start_n in range(0, seqlen_k, BLOCK_N):
+    for start_n in range(0, loop_bound(seqlen_k), BLOCK_N):
         dq = _dq_step(dq, q, do, lse, delta, K, V, k_start + start_n, offs_n, seqlen_k - start_n,
                       kv_head, stride_kn, stride_kh, stride_vn, stride_vh, offs_d, dmask,
                       scale_log2, D, BLOCK_D, ROW_ALIGN, TMA, IEEE)

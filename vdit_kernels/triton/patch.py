@@ -82,8 +82,8 @@ import triton
 import triton.language as tl
 
 from ..pack import device_table
-from . import (COMPILE_OPTIONS, autotune_enabled, autotuned_choices, launch_first_that_fits, on_tensors_device,
-               pow2_dividing)
+from . import (COMPILE_OPTIONS, autotune_enabled, autotuned_choices, launch_first_that_fits, loop_bound,
+               on_tensors_device, pow2_dividing)
 
 # float64 too, exactly: the copies are dtype-blind and its GEMMs run in PyTorch (above)
 DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -397,7 +397,7 @@ def _gather_gemm_kernel(out_ptr, b_ptr, bias_ptr, cu_blocks_ptr, meta_ptr,
     offs_n = tl.program_id(1).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N).to(tl.int64)
     n_ok = offs_n < NOUT
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(0, F, BLOCK_K):
+    for k0 in range(0, loop_bound(F), BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K).to(tl.int64)
         k_ok = offs_k < F
         feat_off = _feature_offsets(row, offs_k, PT, PH, PW)
@@ -434,7 +434,7 @@ def _embed_kernel(out_ptr, b_ptr, bias_ptr, cu_blocks_ptr, meta_ptr,
     rows = tok[:, None] * stride_om
     n_start = tl.program_id(1) * N_PER_PROGRAM
     n_end = tl.minimum(n_start + N_PER_PROGRAM, NOUT)
-    for n0 in range(n_start, n_end, BLOCK_N):
+    for n0 in range(loop_bound(n_start), loop_bound(n_end), BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N).to(tl.int64)
         n_ok = offs_n < n_end
         b = tl.load(b_ptr + offs_k[:, None] * stride_bk + offs_n[None, :] * stride_bn,
@@ -464,7 +464,7 @@ def _scatter_gemm_kernel(x_ptr, b_ptr, bias_ptr, cu_blocks_ptr, meta_ptr,
     offs_k = tl.arange(0, BLOCK_K)
     a_ptrs = x_ptr + tok[:, None] * stride_xm + offs_k[None, :] * stride_xk
     b_ptrs = b_ptr + offs_k[:, None] * stride_bk + offs_f[None, :] * stride_bn
-    for k0 in range(0, HID, BLOCK_K):  # dense operands: pointers advance, the standard GEMM loop
+    for k0 in range(0, loop_bound(HID), BLOCK_K):  # dense operands: pointers advance, the standard GEMM loop
         k_ok = offs_k < HID - k0
         a = tl.load(a_ptrs, mask=valid[:, None] & k_ok[None, :], other=0.0)
         b = tl.load(b_ptrs, mask=k_ok[:, None] & f_ok[None, :], other=0.0)
@@ -507,7 +507,7 @@ def _wgrad_kernel(out_ptr, bias_out_ptr, dense_ptr, cu_blocks_ptr, meta_ptr,
     bias_mm_cols = tl.zeros((64, BLOCK_Q), dtype=tl.float32)
     first = split * BLOCKS_PER_SPLIT
     last = tl.minimum(first + BLOCKS_PER_SPLIT, BLOCKS)
-    for blk in range(first, last):
+    for blk in range(loop_bound(first), loop_bound(last)):
         row, local_block = _find_video(cu_blocks_ptr, meta_ptr, blk, B, LOG_B, META)
         tok, valid, tok_off = _token_offsets(row, local_block, PT, PH, PW, BLOCK_T)
         src = tl.load(row).to(tl.pointer_type(dense_ptr.dtype.element_ty))

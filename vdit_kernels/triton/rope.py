@@ -42,7 +42,7 @@ import triton
 import triton.language as tl
 
 from ..checks import KERNEL_DTYPES
-from . import COMPILE_OPTIONS, on_tensors_device, pow2_dividing
+from . import COMPILE_OPTIONS, loop_bound, on_tensors_device, pow2_dividing
 
 DTYPES = KERNEL_DTYPES  # cos/sin are float32: a float64 rotation would be float32-accurate
 
@@ -151,7 +151,7 @@ def _rope_3d_kernel(
     nmask = offs_n < N
     n64 = offs_n.to(tl.int64)
     cos, sin, partner = _tables(pos_ptr, n64, nmask, log2_theta, DT, DH, DW, HP, INTERLEAVED, INVERSE)
-    for hh in range(pid_h, HQ + HK, num_g):
+    for hh in range(loop_bound(pid_h), loop_bound(HQ + HK), loop_bound(num_g)):
         if hh < HQ:
             _rotate_rows(q_ptr, qo_ptr, n64, tl.cast(hh, tl.int64), stride_qn, stride_qh, stride_qon, stride_qoh,
                          nmask, cos, sin, partner, DT + DH + DW, HP, BLOCK_N, INTERLEAVED, ALIGN)
