@@ -5,7 +5,8 @@ forward FLOPs).
 Providers: vdit backends (reference, triton, cuda) where they implement the op;
 peers: per-video reshape+permute (eager and torch.compile'd) for (un)patchify;
 nn.Conv3d (F.conv3d per video + flatten), reshape+permute+nn.Linear eager and
-torch.compile'd for patch_embed.
+torch.compile'd for patch_embed; and on a GPU vdit-triton+fused / vdit-triton+gemm, the
+Triton patch embedding with its variant forced (VDIT_PATCH_EMBED_FWD / _BWD).
 """
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ import vdit_kernels as vk
 
 from . import flops
 from .common import (VDIT_BACKENDS, Case, Prepared, Skip, backward_fn, dtype_for, peer_reason, vdit_reason,
-                     wanted)
+                     wanted, with_env)
 
 OP = "patch"
 
@@ -84,12 +85,15 @@ def cases(device: str, quick: bool, workloads, providers=None):
             if wanted(provider, providers):
                 out.append(Case(OP, name, "fwd", wl, provider, make, **cost[name], **kw))
 
-        def add_embed(provider, embed):
-            """patch_embed fwd and fwd+bwd; embed(videos, weight5d, bias) -> (N, hidden)."""
-            add("patch_embed", provider, lambda: _embed_case(wl, device, embed, "fwd"))
+        def add_embed(provider, embed, env=None):
+            """patch_embed fwd and fwd+bwd; embed(videos, weight5d, bias) -> (N, hidden); env:
+            variables set around every call."""
+            def build(mode):
+                prepared = _embed_case(wl, device, embed, mode)
+                return with_env(prepared, **env) if env else prepared
+            add("patch_embed", provider, lambda: build("fwd"))
             if wanted(provider, providers):
-                out.append(Case(OP, "patch_embed", "fwd+bwd", wl, provider,
-                                lambda: _embed_case(wl, device, embed, "fwd+bwd"),
+                out.append(Case(OP, "patch_embed", "fwd+bwd", wl, provider, lambda: build("fwd+bwd"),
                                 flops=3 * cost["patch_embed"]["flops"],
                                 bytes=flops.patch_embed_bytes(n, k, wl.hidden, elt, "fwd+bwd")))
 
@@ -139,6 +143,18 @@ def cases(device: str, quick: bool, workloads, providers=None):
                       lambda v, w, bias, pack, linear=linear: linear(v, w.reshape(w.shape[0], -1), bias, wl.patch))
             if not compiled:
                 add_embed("nn.Conv3d", lambda v, w, bias, pack: _conv3d(v, w, bias, wl.patch))
+
+        # the Triton patch embedding with its variant forced (by default it times both on its
+        # first call): the fused kernels, or our gather / scatter around PyTorch's GEMMs
+        reason = vdit_reason("triton", "patch", device, "patch_embed") or (
+            None if device == "cuda" else "GPU only (without a GPU the fused kernels run)")
+        for variant in ("fused", "gemm"):
+            if reason:
+                skips.append(Skip(OP, f"vdit-triton+{variant}", reason))
+                continue
+            add_embed(f"vdit-triton+{variant}",
+                      lambda v, w, bias, pack: vk.patch_embed(v, pack, w, bias, backend="triton"),
+                      env={"VDIT_PATCH_EMBED_FWD": variant, "VDIT_PATCH_EMBED_BWD": variant})
     for wl in workloads:
         _one(wl)
     return out, skips

@@ -332,10 +332,11 @@ def _fmt_ms(r):
 def measured_variants() -> list[str]:
     """The variants and tiles the Triton backend picked by timing them in this run."""
     try:
-        from vdit_kernels.triton import attention, patch
+        from vdit_kernels.triton import VARIANT_TIMES, attention, patch
     except ImportError:  # no Triton
         return []
-    return attention.measured_choices() + patch.measured_choices()
+    return (attention.measured_choices() + patch.measured_choices()
+            + [f"variants timed: {t}" for t in VARIANT_TIMES])
 
 
 def table(rows: list[dict], op: str) -> str:

@@ -805,20 +805,19 @@ def test_row_alignment_hint_claims_only_what_holds():
 def test_measured_choice_skips_a_failing_variant(monkeypatch):
     import triton.testing
 
-    from vdit_kernels.triton import attention as A
+    import vdit_kernels.triton as T
+    from benchmarks.run import measured_variants
 
     monkeypatch.setattr(triton.testing, "do_bench", lambda fn, warmup, rep: fn())
-    monkeypatch.setattr(A, "_VARIANT_TIMES", [])
+    monkeypatch.setattr(T, "VARIANT_TIMES", [])
 
     def broken():
         raise RuntimeError("no TMA here")
-    assert A._fastest({"tma": broken, "pointers": lambda: 2.0}) == "pointers"
-    assert A._fastest({"a": lambda: 3.0, "b": lambda: 1.0}) == "b"
+    assert T.fastest("attention forward read", {"tma": broken, "pointers": lambda: 2.0}) == "pointers"
+    assert T.fastest("patch_embed backward", {"a": lambda: 3.0, "b": lambda: 1.0}) == "b"
     # the timings reach the benchmarks' summary
-    assert A._VARIANT_TIMES == ["pointers 2.000 ms: pointers", "a 3.000 ms, b 1.000 ms: b"]
-    monkeypatch.setattr(A, "_STRATEGY_CHOICE", {})
-    monkeypatch.setattr(A, "_FWD_CHOICE", {})
-    monkeypatch.setattr(A, "_BWD_READ_CHOICE", {})
-    assert "variants timed: a 3.000 ms, b 1.000 ms: b" in A.measured_choices()
+    assert T.VARIANT_TIMES == ["attention forward read: pointers 2.000 ms: pointers",
+                               "patch_embed backward: a 3.000 ms, b 1.000 ms: b"]
+    assert "variants timed: patch_embed backward: a 3.000 ms, b 1.000 ms: b" in measured_variants()
     with pytest.raises(RuntimeError, match="no TMA here"):
-        A._fastest({"tma": broken})
+        T.fastest("attention forward read", {"tma": broken})

@@ -145,11 +145,63 @@ def check_linear_unpatchify(pack, channels, hidden, dtype, bias=True, noncontig_
         _compare(g, s, r, name)
 
 
+@pytest.mark.parametrize("variant", ["fused", "gemm"])
 @pytest.mark.parametrize("dtype", DOT_DTYPES)
 @pytest.mark.parametrize("patch_size", [(1, 2, 2), (2, 2, 2)])
 @pytest.mark.parametrize("bias", [True, False])
-def test_patch_embed_dtypes(dtype, patch_size, bias):
+def test_patch_embed_dtypes(monkeypatch, variant, dtype, patch_size, bias):
+    # both variants, forward and backward (vdit_kernels.triton.patch.EMBED_VARIANTS)
+    monkeypatch.setenv("VDIT_PATCH_EMBED_FWD", variant)
+    monkeypatch.setenv("VDIT_PATCH_EMBED_BWD", variant)
     check_patch_embed(_pack(PACKS["mixed"], patch_size), 4, 40, dtype, bias=bias)
+
+
+@pytest.mark.parametrize("variant", ["fused", "gemm"])
+def test_patch_embed_variant_runs_what_it_names(monkeypatch, variant):
+    import vdit_kernels.triton.patch as tp
+
+    calls = []
+    for name in ("_gather_gemm", "_scatter_gemm", "_wgrad", "_embed_backward_gemm"):
+        real = getattr(tp, name)
+        monkeypatch.setattr(tp, name, lambda *a, real=real, name=name, **k: calls.append(name) or real(*a, **k))
+    monkeypatch.setenv("VDIT_PATCH_EMBED_FWD", variant)
+    monkeypatch.setenv("VDIT_PATCH_EMBED_BWD", variant)
+    check_patch_embed(_pack(PACKS["mixed"], (1, 2, 2)), 4, 40, torch.float32)
+    expected = {"fused": ["_gather_gemm", "_scatter_gemm", "_wgrad"], "gemm": ["_embed_backward_gemm"]}[variant]
+    assert calls == expected
+
+
+def test_patch_embed_auto_times_the_variants_once_per_key(monkeypatch):
+    # "auto" where it may measure (a GPU, half precision): the first call of a key times
+    # both variants and keeps the faster; calls of other hidden sizes or token classes time
+    # again. Here the timing is a stand-in that names "gemm" (the real one needs a GPU)
+    import vdit_kernels.triton.patch as tp
+
+    timed = []
+
+    def fake_fastest(what, runs):
+        assert set(runs) == {"fused", "gemm"}
+        timed.append(what)
+        return "gemm"
+    monkeypatch.setattr(tp, "fastest", fake_fastest)
+    monkeypatch.setattr(tp, "_can_measure", lambda t: True)
+    monkeypatch.setattr(tp, "_EMBED_FWD_CHOICE", {})
+    monkeypatch.setattr(tp, "_EMBED_BWD_CHOICE", {})
+    gemm_calls = []
+    real = tp._embed_backward_gemm
+    monkeypatch.setattr(tp, "_embed_backward_gemm", lambda *a, **k: gemm_calls.append(1) or real(*a, **k))
+    for env in ("VDIT_PATCH_EMBED_FWD", "VDIT_PATCH_EMBED_BWD"):
+        monkeypatch.delenv(env, raising=False)
+    pack = _pack(PACKS["mixed"], (1, 2, 2))
+    check_patch_embed(pack, 4, 40, torch.float32)
+    check_patch_embed(pack, 4, 40, torch.float32, seed=1)
+    assert timed == ["patch_embed forward", "patch_embed backward"] and len(gemm_calls) == 2
+    check_patch_embed(pack, 4, 24, torch.float32)  # another hidden size: timed again
+    assert len(timed) == 4
+    assert any("patch_embed backward hidden=40 F=16" in line and ": gemm" in line for line in tp.measured_choices())
+    monkeypatch.setenv("VDIT_PATCH_EMBED_BWD", "turbo")
+    with pytest.raises(ValueError, match="VDIT_PATCH_EMBED_BWD must be one of"):
+        check_patch_embed(pack, 4, 40, torch.float32)
 
 
 @pytest.mark.parametrize("dtype", DOT_DTYPES)

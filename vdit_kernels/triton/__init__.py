@@ -3,7 +3,7 @@
 import functools
 import logging
 import os
-from typing import Callable, Iterable, Sequence
+from typing import Callable, Iterable, Optional, Sequence
 
 import torch
 import triton
@@ -119,3 +119,61 @@ def autotuned_choices(tuners: dict) -> list[str]:
                               for c, t in timings.items())
             lines.append(f"{name} candidates (last key timed): {times}")
     return lines
+
+
+# -- measured choices between implementations of one op that compute the same result ---
+# Several ops have more than one way to run on a GPU whose speed depends on the GPU, the
+# Triton release and the shapes (attention: backward strategies, TMA or pointer reads;
+# patch embedding: the fused kernels or our gather / scatter around PyTorch's GEMMs). An
+# environment variable names one, or "auto" (the default) times the ones a call can run
+# on its first call per key and keeps the fastest for the process; where nothing can be
+# timed (CPU and the interpreter, float32, autotuning off, a CUDA graph capture) the first
+# option runs.
+
+# every timing of variants in this process, in order: "what: name t ms, ...: fastest"
+VARIANT_TIMES: list = []
+
+
+def measured_choice(env: str, options: tuple, cache: dict, key, measure: Optional[Callable[[], str]],
+                    available: Optional[tuple] = None, autos: tuple = ("auto",)) -> str:
+    """The variant a call runs: the environment variable `env` names one of `options`
+    (all with the same result; one this call cannot run, i.e. not in `available`
+    (default: all), gives way to options[0]) or one of `autos` ("auto", the default): the
+    variant measure() found fastest among the available ones, timed once per key and
+    cached (the key must tell calls with different `available` apart); options[0] where
+    nothing was or can be measured (measure None)."""
+    name = os.environ.get(env, "auto")
+    if name not in options + autos:
+        raise ValueError(f"{env} must be one of {options + autos}, got {name!r}")
+    available = options if available is None else available
+    if name not in autos:
+        return name if name in available else options[0]
+    if len(available) == 1:
+        return available[0]
+    if key not in cache:  # (a choice measured before stays, e.g. during a graph capture)
+        if measure is None:
+            return options[0]
+        cache[key] = measure()
+    return cache[key]
+
+
+def fastest(what: str, runs: dict) -> str:
+    """Name of the fastest of {name: callable} on the GPU (triton's do_bench, L2 flushed).
+    A variant that raises (a compiler or driver without its feature) is skipped with a
+    warning; if every one raises, the last error propagates."""
+    import triton.testing
+
+    times, error = {}, None
+    for name, fn in runs.items():
+        try:
+            times[name] = triton.testing.do_bench(fn, warmup=5, rep=20)
+        except Exception as exc:  # noqa: BLE001
+            error = exc
+            _LOG.warning("%s variant %s failed, not used: %s: %s", what, name, type(exc).__name__, exc)
+    if not times:
+        raise error
+    best = min(times, key=times.get)
+    timed = ", ".join(f"{n} {t:.3f} ms" for n, t in times.items())
+    VARIANT_TIMES.append(f"{what}: {timed}: {best}")
+    _LOG.info("%s variant chosen: %s (%s)", what, best, timed)
+    return best

@@ -92,8 +92,8 @@ except ImportError:  # pragma: no cover
 
 from .. import backend as _backend
 from ..checks import KERNEL_DTYPES
-from . import (COMPILE_OPTIONS, autotune_enabled, autotuned_choices, launch_first_that_fits, loop_bound,
-               on_tensors_device, pow2_dividing)
+from . import (COMPILE_OPTIONS, autotune_enabled, autotuned_choices, fastest, launch_first_that_fits, loop_bound,
+               measured_choice, on_tensors_device, pow2_dividing)
 from . import rope as triton_rope
 
 # the accumulators are float32: a float64 product would be float32-accurate at best
@@ -801,30 +801,6 @@ def _tuner(tag: str, size: tuple):
     return _TUNERS[tag, size]
 
 
-def _measured_choice(env: str, options: tuple, cache: dict, key, measure, available: tuple = None,
-                     autos: tuple = ("auto",)) -> str:
-    """The variant a call runs: the environment variable `env` names one of `options`
-    (speed options, all with the same result: one this call cannot run, i.e. not in
-    `available` (default: all), gives way to options[0]) or one of `autos` ("auto", the
-    default): the variant measure() found fastest among the available ones, timed once
-    per key and cached (the key must tell calls with different `available` apart);
-    options[0] where nothing was or can be measured (measure None: CPU / interpreter,
-    float32, autotuning off, inside a CUDA graph capture)."""
-    name = os.environ.get(env, "auto")
-    if name not in options + autos:
-        raise ValueError(f"{env} must be one of {options + autos}, got {name!r}")
-    available = options if available is None else available
-    if name not in autos:
-        return name if name in available else options[0]
-    if len(available) == 1:
-        return available[0]
-    if key not in cache:  # (a choice measured before stays, e.g. during a graph capture)
-        if measure is None:
-            return options[0]
-        cache[key] = measure()
-    return cache[key]
-
-
 # backward strategies ("split": no atomics, the fallback) and how the kernels read the
 # operands they stream ("pointers": the fallback); the measured choices of "auto", per
 # (head dim, dtype, GQA groups, device, size class, available options), the backward's
@@ -834,8 +810,6 @@ READS = ("pointers", "tma")
 _STRATEGY_CHOICE: dict = {}
 _FWD_CHOICE: dict = {}
 _BWD_READ_CHOICE: dict = {}
-# every measurement of variants in this process, in order: "name t ms, ...: fastest"
-_VARIANT_TIMES: list = []
 
 
 def bwd_available(q, grad_lse, *others) -> tuple:
@@ -850,18 +824,18 @@ def bwd_available(q, grad_lse, *others) -> tuple:
 def bwd_strategy(deterministic: bool, key=None, measure=None, available: tuple = BWD_STRATEGIES[:2]) -> str:
     """The backward strategy of a call: "split" with deterministic=True, else VDIT_ATTN_BWD
     ("split", "atomic-dq", "torch-fa2", or "auto" / "triton": measured; see
-    _measured_choice) among `available` (bwd_available)."""
+    measured_choice) among `available` (bwd_available)."""
     if deterministic:
         return "split"
-    return _measured_choice("VDIT_ATTN_BWD", BWD_STRATEGIES, _STRATEGY_CHOICE, key, measure, available,
+    return measured_choice("VDIT_ATTN_BWD", BWD_STRATEGIES, _STRATEGY_CHOICE, key, measure, available,
                             autos=("auto", "triton"))
 
 
 def fwd_variant(tma_possible: bool, key=None, measure=None) -> str:
     """How the forward reads K and V: "pointers" (masked loads) or "tma" (tensor
     descriptors: the Hopper copy engine), by VDIT_ATTN_FWD ("pointers", "tma" or "auto";
-    see _measured_choice); "pointers" wherever the layout rules TMA out."""
-    return _measured_choice("VDIT_ATTN_FWD", READS, _FWD_CHOICE, key, measure,
+    see vdit_kernels.triton.measured_choice); "pointers" wherever the layout rules TMA out."""
+    return measured_choice("VDIT_ATTN_FWD", READS, _FWD_CHOICE, key, measure,
                             READS if tma_possible else READS[:1])
 
 
@@ -872,7 +846,7 @@ def bwd_read(deterministic: bool, tma_possible: bool, key=None, measure=None) ->
     two compile to different instruction orders, so their last bits may differ)."""
     if deterministic:
         return READS[0]
-    return _measured_choice("VDIT_ATTN_BWD_READ", READS, _BWD_READ_CHOICE, key, measure,
+    return measured_choice("VDIT_ATTN_BWD_READ", READS, _BWD_READ_CHOICE, key, measure,
                             READS if tma_possible else READS[:1])
 
 
@@ -889,7 +863,6 @@ def measured_choices() -> list[str]:
             strategy = f" {key[5]}" if what == "backward read" else ""
             lines.append(f"{what}{strategy} D={d} {str(dtype).replace('torch.', '')} GQA groups={groups} "
                          f"{device} size class {size}: {choice}{among}")
-    lines += [f"variants timed: {t}" for t in _VARIANT_TIMES]
     tuners = {f"{tag} size class {size}": tuner for (tag, size), tuner in _TUNERS.items()}
     return lines + autotuned_choices(tuners)
 
@@ -956,28 +929,6 @@ def _stats_descriptor(stats, block_rows: int):
     loads fetch block_rows rows of 16 bytes."""
     flat = stats.view(-1, 4)
     return TensorDescriptor(flat, list(flat.shape), [4, 1], [block_rows, 4])
-
-
-def _fastest(runs: dict) -> str:
-    """Name of the fastest of {name: callable} on the GPU (triton's do_bench, L2 flushed).
-    A variant that raises (a compiler or driver without its feature) is skipped with a
-    warning; if every one raises, the last error propagates."""
-    import triton.testing
-
-    times, error = {}, None
-    for name, fn in runs.items():
-        try:
-            times[name] = triton.testing.do_bench(fn, warmup=5, rep=20)
-        except Exception as exc:  # noqa: BLE001
-            error = exc
-            _LOG.warning("attention variant %s failed, not used: %s: %s", name, type(exc).__name__, exc)
-    if not times:
-        raise error
-    best = min(times, key=times.get)
-    timed = ", ".join(f"{n} {t:.3f} ms" for n, t in times.items())
-    _VARIANT_TIMES.append(f"{timed}: {best}")
-    _LOG.info("attention variant chosen: %s (%s)", best, timed)
-    return best
 
 
 def _device_of(args) -> Optional[torch.device]:
@@ -1081,7 +1032,7 @@ def varlen_attention_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_
                 tiles, fixed=False, TMA=tma, **common)
 
     run(fwd_variant(_tma_possible(k, v), key=(d, q.dtype, h // hk, q.device, size),
-                    measure=(lambda: _fastest({n: (lambda n=n: run(n)) for n in READS}))
+                    measure=(lambda: fastest("attention forward read", {n: (lambda n=n: run(n)) for n in READS}))
                     if _can_measure(q) else None))
     return out, lse
 
@@ -1145,7 +1096,8 @@ def varlen_attention_bwd(grad_out, q, k, v, out, lse, grad_lse, cu_seqlens_q, cu
             return _torch_fa2_backward(grad_out, q, k, v, out, lse, cu_q, cu_k, max_seqlen_q, max_seqlen_k,
                                        scale)
         read = bwd_read(deterministic, tma_possible, key=(d, q.dtype, h // hk, q.device, size, strategy),
-                        measure=(lambda: _fastest({r: (lambda r=r: run_triton(strategy, r)) for r in READS}))
+                        measure=(lambda: fastest(f"attention backward read ({strategy})",
+                                                 {r: (lambda r=r: run_triton(strategy, r)) for r in READS}))
                         if _can_measure(q) else None)
         return run_triton(strategy, read)
 
@@ -1193,7 +1145,7 @@ def varlen_attention_bwd(grad_out, q, k, v, out, lse, grad_lse, cu_seqlens_q, cu
 
     available = bwd_available(q, grad_lse, k, v, out, grad_out)
     strategy = bwd_strategy(deterministic, key=(d, q.dtype, h // hk, q.device, size, available),
-                            measure=(lambda: _fastest({s: (lambda s=s: run(s)) for s in available}))
+                            measure=(lambda: fastest("attention backward", {s: (lambda s=s: run(s)) for s in available}))
                             if _can_measure(q) else None, available=available)
     dq, dk, dv = run(strategy)
     dq = dq.to(q.dtype)  # atomic-dq accumulates in float32; the rope kernels take one dtype

@@ -82,8 +82,8 @@ import triton
 import triton.language as tl
 
 from ..pack import device_table
-from . import (COMPILE_OPTIONS, autotune_enabled, autotuned_choices, launch_first_that_fits, loop_bound,
-               on_tensors_device, pow2_dividing)
+from . import (COMPILE_OPTIONS, autotune_enabled, autotuned_choices, fastest, launch_first_that_fits, loop_bound,
+               measured_choice, on_tensors_device, pow2_dividing)
 
 # float64 too, exactly: the copies are dtype-blind and its GEMMs run in PyTorch (above)
 DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -589,9 +589,47 @@ _embed_tuned = triton.autotune(
     key=["NOUT", "F"], prune_configs_by={"early_config_prune": _embed_prune})(_embed_kernel)
 
 
+# Patch embedding runs one of two variants, forward and backward each, with the same
+# products (float32 accumulation, one rounding to the output dtype): "fused", the Triton
+# GEMM that gathers A from the videos (forward) and the scatter GEMM plus the
+# weight-gradient reduction (backward); or "gemm", our gather (patchify) and scatter
+# (unpatchify) around PyTorch's GEMMs, in the backward two passes over grad (dX, and dW
+# with the bias gradient as one more column of the same product). On an H100 (Triton 3.6,
+# 41K tokens, hidden 3072, 2026-11-27) the fused backward took ~1.5 ms where PyTorch's
+# permute + Linear took 0.54 ms in all: which wins depends on the GPU, the Triton release
+# and the shapes, so "auto" (the default) times both on the first call per (hidden, F,
+# dtype, GPU, bias, token class); VDIT_PATCH_EMBED_FWD / VDIT_PATCH_EMBED_BWD = fused |
+# gemm force one. Without measurement (CPU, float32, autotuning off, a graph capture):
+# fused.
+EMBED_VARIANTS = ("fused", "gemm")
+_EMBED_FWD_CHOICE: dict = {}
+_EMBED_BWD_CHOICE: dict = {}
+
+
+def _embed_key(w: torch.Tensor, videos, patch_size, with_bias: bool) -> tuple:
+    """The measured choice's key: (hidden, F, dtype, device, bias, token class: up to 4K,
+    up to 64K, more tokens)."""
+    pt, ph, pw = patch_size
+    n = sum((v.shape[1] // pt) * (v.shape[2] // ph) * (v.shape[3] // pw) for v in videos)
+    return (*w.shape, videos[0].dtype, videos[0].device, with_bias, sum(n > b for b in (4096, 65536)))
+
+
+def _can_measure(t: torch.Tensor) -> bool:
+    return t.is_cuda and t.dtype in (torch.float16, torch.bfloat16) and autotune_enabled()
+
+
+def _embed_variant(env: str, cache: dict, key: tuple, runs: dict, what: str, like: torch.Tensor) -> str:
+    return measured_choice(env, EMBED_VARIANTS, cache, key,
+                           (lambda: fastest(what, runs)) if _can_measure(like) else None)
+
+
 def measured_choices() -> list[str]:
-    """The tiles the patch autotuners picked in this process (benchmarks' summary)."""
-    return autotuned_choices({"patch_embed": _embed_tuned})
+    """The variants and tiles the patch ops picked by measuring in this process."""
+    lines = [f"patch_embed {what} hidden={k[0]} F={k[1]} {str(k[2]).replace('torch.', '')} {k[3]} "
+             f"bias={k[4]} token class {k[5]}: {choice} (of {', '.join(EMBED_VARIANTS)})"
+             for what, cache in (("forward", _EMBED_FWD_CHOICE), ("backward", _EMBED_BWD_CHOICE))
+             for k, choice in cache.items()]
+    return lines + autotuned_choices({"patch_embed": _embed_tuned})
 
 
 def _interp(t: torch.Tensor) -> bool:
@@ -727,7 +765,33 @@ def patch_embed(videos, weight, bias):
     if videos[0].dtype == torch.float64:  # no float64 tl.dot: Triton gather + PyTorch GEMM
         out = patchify(videos, patch_size) @ w.t()
         return out + bias if bias is not None else out
-    return _gather_gemm(videos, w.t(), bias, patch_size)
+
+    def gemm():
+        a = patchify(videos, patch_size)
+        return torch.addmm(bias, a, w.t()) if bias is not None else a @ w.t()
+    runs = {"fused": lambda: _gather_gemm(videos, w.t(), bias, patch_size), "gemm": gemm}
+    key = _embed_key(w, videos, patch_size, bias is not None)
+    run = runs[_embed_variant("VDIT_PATCH_EMBED_FWD", _EMBED_FWD_CHOICE, key, runs, "patch_embed forward",
+                              videos[0])]
+    return run()
+
+
+def _embed_backward_gemm(grad, videos, w, patch_size, with_bias, shapes):
+    """patch_embed's gradients by PyTorch's GEMMs between our gather and scatter: A is
+    gathered into columns [0, F) of an (N, F + 8) buffer whose column F holds ones (and the
+    rest zeros: 16-byte rows), so grad^T @ buffer gives dW and, as its column F, the bias
+    gradient in one pass over grad; dX = unpatchify(grad @ W)."""
+    n, f = grad.shape[0], w.shape[1]
+    a = torch.empty(n, f + 8 if with_bias else f, dtype=grad.dtype, device=grad.device)
+    if with_bias:
+        a[:, f:].zero_()
+        a[:, f].fill_(1)
+    _launch(_patchify_kernel, a[:, :f], videos, patch_size)
+    gw = grad.t() @ a  # (hidden, F [+ 8])
+    gx = unpatchify(grad @ w, shapes, patch_size, videos[0].shape[0])
+    if not with_bias:
+        return gx, gw, None
+    return gx, gw[:, :f].contiguous(), gw[:, f].contiguous()  # (outputs of an op never alias)
 
 
 @on_tensors_device
@@ -742,8 +806,15 @@ def patch_embed_backward(grad, videos, weight, with_bias):
         a = patchify(videos, patch_size)
         return (unpatchify(grad @ w, shapes, patch_size, videos[0].shape[0]),
                 (grad.t() @ a).reshape(weight.shape), grad.sum(0) if with_bias else None)
-    grad_x = _scatter_gemm(grad, w, None, shapes, patch_size, videos[0].shape[0])
-    grad_w, grad_b = _wgrad(videos, grad, patch_size, bias="dense" if with_bias else None)
+
+    def fused():
+        grad_x = _scatter_gemm(grad, w, None, shapes, patch_size, videos[0].shape[0])
+        return (grad_x, *_wgrad(videos, grad, patch_size, bias="dense" if with_bias else None))
+    runs = {"fused": fused, "gemm": lambda: _embed_backward_gemm(grad, videos, w, patch_size, with_bias, shapes)}
+    key = _embed_key(w, videos, patch_size, with_bias)
+    run = runs[_embed_variant("VDIT_PATCH_EMBED_BWD", _EMBED_BWD_CHOICE, key, runs, "patch_embed backward",
+                              videos[0])]
+    grad_x, grad_w, grad_b = run()
     return (grad_x, grad_w.reshape(weight.shape).to(weight.dtype),
             grad_b.to(weight.dtype) if with_bias else None)
 
