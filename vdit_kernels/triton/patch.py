@@ -75,12 +75,14 @@
 from __future__ import annotations
 
 import math
+import sys
 from typing import Sequence
 
 import torch
 import triton
 import triton.language as tl
 
+from .. import backend as _backend
 from ..pack import device_table
 from . import (COMPILE_OPTIONS, autotune_enabled, autotuned_choices, fastest, launch_first_that_fits, loop_bound,
                measured_choice, on_tensors_device, pow2_dividing)
@@ -767,7 +769,7 @@ def patch_embed(videos, weight, bias):
         return out + bias if bias is not None else out
 
     def gemm():
-        a = patchify(videos, patch_size)
+        a = _copies(videos[0]).patchify(videos, patch_size)
         return torch.addmm(bias, a, w.t()) if bias is not None else a @ w.t()
     runs = {"fused": lambda: _gather_gemm(videos, w.t(), bias, patch_size), "gemm": gemm}
     key = _embed_key(w, videos, patch_size, bias is not None)
@@ -776,19 +778,41 @@ def patch_embed(videos, weight, bias):
     return run()
 
 
+def _copies(like: torch.Tensor):
+    """The gather / scatter of the gemm variant: the patch family's default backend
+    (DEFAULT_ORDER: the CUDA kernels where built, whose calls cost the H100 0.027 ms of
+    host time against 0.1-0.24 ms for this module's Triton launches), this module under
+    the interpreter."""
+    if like.device.type != "cuda":
+        return sys.modules[__name__]
+    return _backend.implementation(_backend.resolve("patch", like.device, "auto", "patchify", like.dtype), "patch")
+
+
+_BIAS_COLUMNS: dict = {}
+
+
+def _bias_columns(like: torch.Tensor) -> torch.Tensor:
+    """(1, 8) [1, 0, ..., 0] in like's dtype and device: appended to A (expanded over its
+    rows), column F of grad^T @ [A | 1 | 0 ...] is the bias gradient, 16-byte rows."""
+    key = (like.dtype, like.device)
+    if key not in _BIAS_COLUMNS:
+        cols = torch.zeros(1, 8, dtype=like.dtype, device=like.device)
+        cols[0, 0] = 1
+        _BIAS_COLUMNS[key] = cols
+    return _BIAS_COLUMNS[key]
+
+
 def _embed_backward_gemm(grad, videos, w, patch_size, with_bias, shapes):
-    """patch_embed's gradients by PyTorch's GEMMs between our gather and scatter: A is
-    gathered into columns [0, F) of an (N, F + 8) buffer whose column F holds ones (and the
-    rest zeros: 16-byte rows), so grad^T @ buffer gives dW and, as its column F, the bias
-    gradient in one pass over grad; dX = unpatchify(grad @ W)."""
+    """patch_embed's gradients by PyTorch's GEMMs between our gather and scatter:
+    grad^T @ [A | 1 | 0 ...] gives dW and, as its column F, the bias gradient in one pass
+    over grad; dX = unpatchify(grad @ W)."""
     n, f = grad.shape[0], w.shape[1]
-    a = torch.empty(n, f + 8 if with_bias else f, dtype=grad.dtype, device=grad.device)
+    copies = _copies(grad)
+    a = copies.patchify(videos, patch_size)
     if with_bias:
-        a[:, f:].zero_()
-        a[:, f].fill_(1)
-    _launch(_patchify_kernel, a[:, :f], videos, patch_size)
+        a = torch.cat((a, _bias_columns(a).expand(n, 8)), dim=1)
     gw = grad.t() @ a  # (hidden, F [+ 8])
-    gx = unpatchify(grad @ w, shapes, patch_size, videos[0].shape[0])
+    gx = copies.unpatchify(grad @ w, shapes, patch_size, videos[0].shape[0])
     if not with_bias:
         return gx, gw, None
     return gx, gw[:, :f].contiguous(), gw[:, f].contiguous()  # (outputs of an op never alias)
