@@ -27,6 +27,7 @@
 #pragma once
 
 #include <cstdint>
+#include <type_traits>
 
 #include "common/index.cuh"
 
@@ -242,12 +243,19 @@ VDIT_HD void video_side_v(const PatchParams& p, const PatchCta& c, unsigned char
   }
 }
 
+// Calls f(std::integral_constant<int, W>{}) for W = the widest of 16, 8, 4 bytes that
+// `bytes` allows, else the element size: a runtime width turned into a template argument.
+template <typename E, typename F>
+VDIT_HD void with_width(int32_t bytes, F&& f) {
+  if (bytes >= 16) f(std::integral_constant<int, 16>{});
+  else if (bytes >= 8) f(std::integral_constant<int, 8>{});
+  else if (bytes >= 4) f(std::integral_constant<int, 4>{});
+  else f(std::integral_constant<int, static_cast<int>(sizeof(E))>{});
+}
+
 template <typename E, bool kToStage>
 VDIT_HD void video_side(const PatchParams& p, const PatchCta& c, unsigned char* stage, int tid) {
-  if (c.vbytes >= 16) video_side_v<E, 16, kToStage>(p, c, stage, tid);
-  else if (c.vbytes >= 8) video_side_v<E, 8, kToStage>(p, c, stage, tid);
-  else if (c.vbytes >= 4) video_side_v<E, 4, kToStage>(p, c, stage, tid);
-  else video_side_v<E, sizeof(E), kToStage>(p, c, stage, tid);
+  with_width<E>(c.vbytes, [&](auto v) { video_side_v<E, decltype(v)::value, kToStage>(p, c, stage, tid); });
 }
 
 // Token side: the tile's span (ntok tokens of F elements, contiguous) between the token
@@ -320,10 +328,7 @@ VDIT_HD void token_side_t(const PatchParams& p, const PatchCta& c, unsigned char
 
 template <typename E, bool kToStage>
 VDIT_HD void token_side(const PatchParams& p, const PatchCta& c, unsigned char* stage, int tid) {
-  if (p.tbytes >= 16) token_side_t<E, 16, kToStage>(p, c, stage, tid);
-  else if (p.tbytes >= 8) token_side_t<E, 8, kToStage>(p, c, stage, tid);
-  else if (p.tbytes >= 4) token_side_t<E, 4, kToStage>(p, c, stage, tid);
-  else token_side_t<E, sizeof(E), kToStage>(p, c, stage, tid);
+  with_width<E>(p.tbytes, [&](auto t) { token_side_t<E, decltype(t)::value, kToStage>(p, c, stage, tid); });
 }
 
 // Thread tid's part of a tile before the CTA's barrier (phase 0) or after it (phase 1).
