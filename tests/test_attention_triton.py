@@ -775,6 +775,7 @@ def test_packs_past_the_grid_limit_are_refused():
         vk.varlen_attention(q, q, q, cu, cu, 1, 1, backend="triton")
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(DEVICE.type != "cuda" or torch.cuda.device_count() < 2, reason="needs two CUDA GPUs")
 def test_tensors_on_a_device_that_is_not_current():
     # Triton launches on the current device: the backend makes the tensors' device current

@@ -332,6 +332,21 @@ def test_gpu_tests_run_first_on_a_gpu():
     assert {m.name for m in marked.pytestmark} == {"gpu", "skipif"}
 
 
+def test_every_gpu_only_test_is_marked_gpu():
+    # a test skipped without a GPU but not marked "gpu" would run after what CPU CI covers,
+    # and a lease's time cap would cut it (the realistic bf16 model test was such a one)
+    import re
+
+    unmarked = []
+    for path in sorted((ROOT / "tests").glob("test_*.py")):
+        lines = path.read_text().splitlines()
+        for i, line in enumerate(lines):
+            if re.search(r"skipif\(.*(DEVICE\.type != .cuda.|not HAS_CUDA)", line):
+                if "pytest.mark.gpu" not in line and "pytest.mark.gpu" not in lines[i - 1]:
+                    unmarked.append(f"{path.name}:{i + 1}")
+    assert not unmarked, f"GPU-only tests without the gpu marker (use conftest.gpu_only): {unmarked}"
+
+
 @pytest.mark.parametrize("call_ms,samples", [(2000.0, 3), (300.0, 5), (50.0, 5), (0.015625, 6400)])
 def test_every_row_has_several_samples(monkeypatch, call_ms, samples):
     # a fake clock: each call of fn advances it by call_ms; events read it when recorded

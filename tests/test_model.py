@@ -184,6 +184,7 @@ def test_compile_fullgraph_matches_eager():
     assert all(p.grad is not None for p in model.parameters())
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(DEVICE.type != "cuda", reason="needs a CUDA GPU (realistic config in bfloat16)")
 @pytest.mark.parametrize("backend,fused_rope", [
     pytest.param("triton", True, id="triton"),

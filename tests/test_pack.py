@@ -91,6 +91,7 @@ def test_patch_ops_reuse_their_launch_table(monkeypatch):
     assert len(P._TABLES) == tables  # same videos: the table was found, not rebuilt
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(DEVICE.type != "cuda", reason="needs a CUDA GPU (streams)")
 def test_device_tables_are_per_stream_and_device_index():
     # a kernel on another stream must not read a table whose copy is queued on the first

@@ -149,6 +149,7 @@ def test_line_alignment_claims_only_what_holds():
     assert _line_align([video(4, 2, 6, 3, dtype=torch.float32)], 4) == 0  # 12 B rows: 4 B = 1 element
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(DEVICE.type != "cuda", reason="needs a CUDA GPU (CUDA graph capture)")
 def test_cuda_graph_capture_and_replay():
     # the launch table comes from pack.device_table: during a capture a fresh copy from
