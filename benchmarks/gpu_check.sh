@@ -15,7 +15,8 @@
 #       attention on the mixed pack, the vdit-triton rows and the peers the issue judges
 #       it by, torch-varlen and flex-attention (ATTN_TIMEOUT, default 185 s: the first
 #       backward autotunes about 40 tiles, the first forward 11); patch ops and RoPE on
-#       the mixed pack into <results>-mem (MEM_TIMEOUT, default 75 s); the DiT block on
+#       the mixed pack into <results>-mem (MEM_TIMEOUT, default 100 s: 62 s before the patch
+#       variants, kernel breakdowns and host profiles were added); the DiT block on
 #       mixed-60k, Triton and padded PyTorch (grid- and token-padded, eager and compiled)
 #       and the step's self-attention alone, into <results>-dit (DIT_TIMEOUT, default 240 s,
 #       cut to what is left, skipped under DIT_MIN = 200 s: its first autotuning alone
@@ -146,7 +147,7 @@ case "$STEP" in
             BENCH_TIMEOUT=$(cap "${ATTN_TIMEOUT:-185}") run_bench --workload mixed-pack --op attention \
                 --provider vdit-triton --provider torch-varlen --provider flex --no-static
             save_out
-            BENCH_OUT="$RES-mem" BENCH_TIMEOUT=$(cap "${MEM_TIMEOUT:-75}") run_bench --workload mixed-pack \
+            BENCH_OUT="$RES-mem" BENCH_TIMEOUT=$(cap "${MEM_TIMEOUT:-100}") run_bench --workload mixed-pack \
                 --op patch --op rope --no-static
             save_out
             # the reference model would materialize 40k x 40k scores per head: not run
