@@ -795,11 +795,14 @@ def _bias_columns(like: torch.Tensor) -> torch.Tensor:
     """(1, 8) [1, 0, ..., 0] in like's dtype and device: appended to A (expanded over its
     rows), column F of grad^T @ [A | 1 | 0 ...] is the bias gradient, 16-byte rows."""
     key = (like.dtype, like.device)
-    if key not in _BIAS_COLUMNS:
-        cols = torch.zeros(1, 8, dtype=like.dtype, device=like.device)
-        cols[0, 0] = 1
+    if key in _BIAS_COLUMNS:
+        return _BIAS_COLUMNS[key]
+    cols = torch.zeros(1, 8, dtype=like.dtype, device=like.device)
+    cols[0, 0] = 1
+    # one made inside a CUDA graph capture holds its values only once the graph replays
+    if not (like.is_cuda and torch.cuda.is_current_stream_capturing()):
         _BIAS_COLUMNS[key] = cols
-    return _BIAS_COLUMNS[key]
+    return cols
 
 
 def _embed_backward_gemm(grad, videos, w, patch_size, with_bias, shapes):
