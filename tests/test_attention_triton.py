@@ -822,3 +822,6 @@ def test_measured_choice_skips_a_failing_variant(monkeypatch):
     assert "variants timed: patch_embed backward: a 3.000 ms, b 1.000 ms: b" in measured_variants()
     with pytest.raises(RuntimeError, match="no TMA here"):
         T.fastest("attention forward read", {"tma": broken})
+    # nothing is timed on CPU tensors or in float32 (the first option runs)
+    assert T.timing("attention backward", {"a": broken}, torch.empty(1, dtype=torch.float16)) is None
+    assert not T.can_measure(torch.empty(1))

@@ -157,6 +157,18 @@ def measured_choice(env: str, options: tuple, cache: dict, key, measure: Optiona
     return cache[key]
 
 
+def can_measure(t: torch.Tensor) -> bool:
+    """Whether a call may time its variants: half precision on a GPU (float32 runs the
+    first option), autotuning on and no CUDA graph capture (autotune_enabled)."""
+    return t.is_cuda and t.dtype in (torch.float16, torch.bfloat16) and autotune_enabled()
+
+
+def timing(what: str, runs: dict, like: torch.Tensor) -> Optional[Callable[[], str]]:
+    """measured_choice's `measure` for a call on tensors like `like`: fastest(what, runs)
+    where the call may time its variants (can_measure), else None."""
+    return (lambda: fastest(what, runs)) if can_measure(like) else None
+
+
 def fastest(what: str, runs: dict) -> str:
     """Name of the fastest of {name: callable} on the GPU (triton's do_bench, L2 flushed).
     A variant that raises (a compiler or driver without its feature) is skipped with a

@@ -92,8 +92,8 @@ except ImportError:  # pragma: no cover
 
 from .. import backend as _backend
 from ..checks import KERNEL_DTYPES
-from . import (COMPILE_OPTIONS, autotune_enabled, autotuned_choices, fastest, launch_first_that_fits, loop_bound,
-               measured_choice, on_tensors_device, pow2_dividing)
+from . import (COMPILE_OPTIONS, autotune_enabled, autotuned_choices, launch_first_that_fits, loop_bound,
+               measured_choice, on_tensors_device, pow2_dividing, timing)
 from . import rope as triton_rope
 
 # the accumulators are float32: a float64 product would be float32-accurate at best
@@ -867,11 +867,6 @@ def measured_choices() -> list[str]:
     return lines + autotuned_choices(tuners)
 
 
-def _can_measure(q) -> bool:
-    """Whether a call may time its variants (autotuned half-precision GPU runs)."""
-    return q.is_cuda and _half_on_gpu(q.dtype, q.device) and autotune_enabled()  # (not while capturing)
-
-
 def _tma_possible(*tensors) -> bool:
     """Every (tokens, heads, D) tensor readable by a (tokens, heads*D) tensor descriptor: a
     head dim of 64 or 128 (one box row per head), heads adjacent (head stride D), rows
@@ -1032,8 +1027,7 @@ def varlen_attention_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_
                 tiles, fixed=False, TMA=tma, **common)
 
     run(fwd_variant(_tma_possible(k, v), key=(d, q.dtype, h // hk, q.device, size),
-                    measure=(lambda: fastest("attention forward read", {n: (lambda n=n: run(n)) for n in READS}))
-                    if _can_measure(q) else None))
+                    measure=timing("attention forward read", {n: (lambda n=n: run(n)) for n in READS}, q)))
     return out, lse
 
 
@@ -1096,9 +1090,8 @@ def varlen_attention_bwd(grad_out, q, k, v, out, lse, grad_lse, cu_seqlens_q, cu
             return _torch_fa2_backward(grad_out, q, k, v, out, lse, cu_q, cu_k, max_seqlen_q, max_seqlen_k,
                                        scale)
         read = bwd_read(deterministic, tma_possible, key=(d, q.dtype, h // hk, q.device, size, strategy),
-                        measure=(lambda: fastest(f"attention backward read ({strategy})",
-                                                 {r: (lambda r=r: run_triton(strategy, r)) for r in READS}))
-                        if _can_measure(q) else None)
+                        measure=timing(f"attention backward read ({strategy})",
+                                       {r: (lambda r=r: run_triton(strategy, r)) for r in READS}, q))
         return run_triton(strategy, read)
 
     def run_triton(strategy: str, read: str):
@@ -1145,8 +1138,8 @@ def varlen_attention_bwd(grad_out, q, k, v, out, lse, grad_lse, cu_seqlens_q, cu
 
     available = bwd_available(q, grad_lse, k, v, out, grad_out)
     strategy = bwd_strategy(deterministic, key=(d, q.dtype, h // hk, q.device, size, available),
-                            measure=(lambda: fastest("attention backward", {s: (lambda s=s: run(s)) for s in available}))
-                            if _can_measure(q) else None, available=available)
+                            measure=timing("attention backward", {s: (lambda s=s: run(s)) for s in available}, q),
+                            available=available)
     dq, dk, dv = run(strategy)
     dq = dq.to(q.dtype)  # atomic-dq accumulates in float32; the rope kernels take one dtype
     if rope is not None:

@@ -84,8 +84,8 @@ import triton.language as tl
 
 from .. import backend as _backend
 from ..pack import device_table
-from . import (COMPILE_OPTIONS, autotune_enabled, autotuned_choices, fastest, launch_first_that_fits, loop_bound,
-               measured_choice, on_tensors_device, pow2_dividing)
+from . import (COMPILE_OPTIONS, autotune_enabled, autotuned_choices, launch_first_that_fits, loop_bound,
+               measured_choice, on_tensors_device, pow2_dividing, timing)
 
 # float64 too, exactly: the copies are dtype-blind and its GEMMs run in PyTorch (above)
 DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -616,15 +616,6 @@ def _embed_key(w: torch.Tensor, videos, patch_size, with_bias: bool) -> tuple:
     return (*w.shape, videos[0].dtype, videos[0].device, with_bias, sum(n > b for b in (4096, 65536)))
 
 
-def _can_measure(t: torch.Tensor) -> bool:
-    return t.is_cuda and t.dtype in (torch.float16, torch.bfloat16) and autotune_enabled()
-
-
-def _embed_variant(env: str, cache: dict, key: tuple, runs: dict, what: str, like: torch.Tensor) -> str:
-    return measured_choice(env, EMBED_VARIANTS, cache, key,
-                           (lambda: fastest(what, runs)) if _can_measure(like) else None)
-
-
 def measured_choices() -> list[str]:
     """The variants and tiles the patch ops picked by measuring in this process."""
     lines = [f"patch_embed {what} hidden={k[0]} F={k[1]} {str(k[2]).replace('torch.', '')} {k[3]} "
@@ -773,8 +764,8 @@ def patch_embed(videos, weight, bias):
         return torch.addmm(bias, a, w.t()) if bias is not None else a @ w.t()
     runs = {"fused": lambda: _gather_gemm(videos, w.t(), bias, patch_size), "gemm": gemm}
     key = _embed_key(w, videos, patch_size, bias is not None)
-    run = runs[_embed_variant("VDIT_PATCH_EMBED_FWD", _EMBED_FWD_CHOICE, key, runs, "patch_embed forward",
-                              videos[0])]
+    run = runs[measured_choice("VDIT_PATCH_EMBED_FWD", EMBED_VARIANTS, _EMBED_FWD_CHOICE, key,
+                               timing("patch_embed forward", runs, videos[0]))]
     return run()
 
 
@@ -839,8 +830,8 @@ def patch_embed_backward(grad, videos, weight, with_bias):
         return (grad_x, *_wgrad(videos, grad, patch_size, bias="dense" if with_bias else None))
     runs = {"fused": fused, "gemm": lambda: _embed_backward_gemm(grad, videos, w, patch_size, with_bias, shapes)}
     key = _embed_key(w, videos, patch_size, with_bias)
-    run = runs[_embed_variant("VDIT_PATCH_EMBED_BWD", _EMBED_BWD_CHOICE, key, runs, "patch_embed backward",
-                              videos[0])]
+    run = runs[measured_choice("VDIT_PATCH_EMBED_BWD", EMBED_VARIANTS, _EMBED_BWD_CHOICE, key,
+                               timing("patch_embed backward", runs, videos[0]))]
     grad_x, grad_w, grad_b = run()
     return (grad_x, grad_w.reshape(weight.shape).to(weight.dtype),
             grad_b.to(weight.dtype) if with_bias else None)
