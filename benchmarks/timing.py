@@ -111,11 +111,6 @@ def device_activities(prof) -> dict[str, float]:
     return times
 
 
-def device_us(prof) -> float:
-    """Total self device time (us) of the GPU activities a torch.profiler run recorded."""
-    return sum(device_activities(prof).values())
-
-
 def kernel_ms(build: Callable, bytes_moved: float, device: str, quick: bool = False) -> dict:
     """{'kernel_ms': device ms per call, 'kernel_copies': inputs cycled, 'kernel_breakdown':
     [(activity name, device us per call)], the 6 longest} or {'kernel_note': why not}.
