@@ -24,6 +24,12 @@ else:
 
 DEVICE = torch.device("cuda" if HAS_CUDA else "cpu")
 
+
+def device_for(backend: str) -> torch.device:
+    """Where a test runs `backend`: Triton takes CUDA tensors where a GPU exists (CPU
+    tensors only under the interpreter, which a GPU run leaves off); the others CPU."""
+    return DEVICE if backend == "triton" else torch.device("cpu")
+
 # (atol, rtol) for elementwise ops (RoPE, data movement is exact) per dtype
 TOLERANCES = {
     torch.float64: (1e-10, 1e-10),

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import vdit_kernels as vk
-from conftest import DEVICE, gpu_only, needs_extension
+from conftest import device_for, gpu_only, needs_extension
 from vdit_kernels import backend as B
 from vdit_kernels import reference as ref
 from vdit_kernels.ops import attention as attn_ops, patch as patch_ops, rope as rope_ops
@@ -18,11 +18,6 @@ def _make_pack(device="cpu"):
 @pytest.fixture
 def pack():
     return _make_pack()
-
-
-def _device_for(backend):
-    """Triton runs CUDA tensors where a GPU exists (CPU tensors only under the interpreter)."""
-    return DEVICE if backend == "triton" else torch.device("cpu")
 
 
 def _qkv(n, heads=4, kv_heads=2, d=12, dtype=torch.float64, nk=None, requires_grad=False):
@@ -172,7 +167,7 @@ def test_bad_rope(pack):
 @pytest.mark.parametrize("backend", ["reference", "triton"])
 def test_inplace_rope_refuses_overlapping_q_and_k(pack, backend):
     # each shared element would be rotated twice by the kernels (once by the reference)
-    pack = pack.to(_device_for(backend))
+    pack = pack.to(device_for(backend))
     x = torch.randn(pack.num_tokens, 3, 12, device=pack.device)
     for q, k in ((x, x), (x[:, 0:2], x[:, 1:3]), (x[:, :1].expand(-1, 2, -1), x[:, 2:])):
         with pytest.raises(ValueError, match="inplace RoPE"):
@@ -338,7 +333,7 @@ def test_fused_rope_attention_equals_rope_then_attention(backend, interleaved):
     # outputs and gradients; float64 on the reference path, float32 (its only IEEE dtype
     # besides) on Triton
     dtype, atol = (torch.float64, 1e-12) if backend == "reference" else (torch.float32, 1e-5)
-    pack = _make_pack(_device_for(backend))
+    pack = _make_pack(device_for(backend))
     q, k, v = (t.to(pack.cu_seqlens.device) for t in _qkv(pack.num_tokens, dtype=dtype, requires_grad=True))
     rope = vk.Rope3D.from_pack(pack, (4, 4, 4), theta=500.0, interleaved=interleaved)
     cu, m = pack.cu_seqlens, pack.max_seqlen
@@ -404,7 +399,7 @@ def _op_samples(pack, device="cpu"):
 def test_opcheck_every_op(backend):
     # the backend name is each op's last argument; without a GPU, triton runs under the
     # interpreter on CPU tensors
-    device = _device_for(backend)
+    device = device_for(backend)
     for op, args in _op_samples(_make_pack(device), device):
         torch.library.opcheck(op, (*args[:-1], backend))
 
@@ -421,7 +416,7 @@ def test_opcheck_float64_attention():
 @pytest.mark.parametrize("backend", ["reference", "triton"])
 def test_compile_fullgraph_whole_stack(backend):
     torch._dynamo.reset()
-    device = _device_for(backend)
+    device = device_for(backend)
     pack = _make_pack(device)
     videos = [torch.randn(4, *s, device=device) for s in pack.shapes]
     w = torch.randn(24, 4, 1, 2, 2, device=device, requires_grad=True)

@@ -17,14 +17,13 @@ from diffusers import (CogVideoXTransformer3DModel, HunyuanVideoTransformer3DMod
                        WanTransformer3DModel)
 from diffusers.models.attention_processor import CogVideoXAttnProcessor2_0  # noqa: E402
 from diffusers.models.embeddings import get_3d_rotary_pos_embed  # noqa: E402
-from diffusers.models.transformers.transformer_hunyuan_video import HunyuanVideoAttnProcessor2_0  # noqa: E402
 from diffusers.models.transformers.transformer_wan import WanAttnProcessor  # noqa: E402
 
 import vdit_kernels.integrations.diffusers as vkd  # noqa: E402
 from vdit_kernels.integrations.diffusers import use_vdit_attention  # noqa: E402
 from vdit_kernels import Rope3D  # noqa: E402
 
-from conftest import DEVICE, assert_verbose_close  # noqa: E402
+from conftest import assert_verbose_close, device_for  # noqa: E402
 
 # float32 end to end through a whole (tiny) model: a little above the elementwise 1e-5
 ATOL = RTOL = 1e-4
@@ -32,9 +31,8 @@ BACKENDS = ["reference", "triton"]
 
 
 def on_device_for(backend, model, latents, kw):
-    """model, latents and kw moved where `backend` runs: Triton takes CUDA tensors where a GPU
-    exists (CPU tensors only under the interpreter, which a GPU run leaves off)."""
-    device = DEVICE if backend == "triton" else torch.device("cpu")
+    """model, latents and kw moved where `backend` runs (conftest.device_for)."""
+    device = device_for(backend)
     move = lambda x: x.to(device) if torch.is_tensor(x) else tuple(map(move, x)) if isinstance(x, tuple) else x
     return model.to(device), latents.to(device), {k: move(v) for k, v in kw.items()}
 

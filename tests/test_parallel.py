@@ -21,7 +21,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from conftest import DEVICE, TOLERANCES, assert_verbose_close
+from conftest import TOLERANCES, assert_verbose_close, device_for
 
 import vdit_kernels as vk
 from vdit_kernels import reference as ref
@@ -119,9 +119,7 @@ def test_merge_attention_gradients(parts):
 @pytest.mark.parametrize("backend,dtype", [("reference", torch.float64), ("triton", torch.float32)])
 def test_merge_attention_gradients_through_varlen_attention(backend, dtype):
     # varlen_attention is differentiable through its lse: merged partials have exact grads
-    # Triton needs CUDA tensors where a GPU exists (the interpreter runs CPU tensors only
-    # without one)
-    device = DEVICE if backend == "triton" else torch.device("cpu")
+    device = device_for(backend)
     q, k, v, do, dlse = (t.to(device) for t in _merge_inputs(dtype))
     cu_q = _cu(LENS_Q, device)
     leaves = [t.clone().requires_grad_(True) for t in (q, k, v)]
