@@ -779,23 +779,6 @@ def _copies(like: torch.Tensor):
     return _backend.implementation(_backend.resolve("patch", like.device, "auto", "patchify", like.dtype), "patch")
 
 
-_BIAS_COLUMNS: dict = {}
-
-
-def _bias_columns(like: torch.Tensor) -> torch.Tensor:
-    """(1, 8) [1, 0, ..., 0] in like's dtype and device: appended to A (expanded over its
-    rows), column F of grad^T @ [A | 1 | 0 ...] is the bias gradient, 16-byte rows."""
-    key = (like.dtype, like.device)
-    if key in _BIAS_COLUMNS:
-        return _BIAS_COLUMNS[key]
-    cols = torch.zeros(1, 8, dtype=like.dtype, device=like.device)
-    cols[0, 0] = 1
-    # one made inside a CUDA graph capture holds its values only once the graph replays
-    if not (like.is_cuda and torch.cuda.is_current_stream_capturing()):
-        _BIAS_COLUMNS[key] = cols
-    return cols
-
-
 def _embed_backward_gemm(grad, videos, w, patch_size, with_bias, shapes):
     """patch_embed's gradients by PyTorch's GEMMs between our gather and scatter:
     grad^T @ [A | 1 | 0 ...] gives dW and, as its column F, the bias gradient in one pass
@@ -803,8 +786,9 @@ def _embed_backward_gemm(grad, videos, w, patch_size, with_bias, shapes):
     n, f = grad.shape[0], w.shape[1]
     copies = _copies(grad)
     a = copies.patchify(videos, patch_size)
-    if with_bias:
-        a = torch.cat((a, _bias_columns(a).expand(n, 8)), dim=1)
+    if with_bias:  # [A | 1 | 0 ...]: 8 more columns keep the rows 16 bytes apart
+        ones_then_zeros = device_table((1, 0, 0, 0, 0, 0, 0, 0), a.device, a.dtype)
+        a = torch.cat((a, ones_then_zeros.expand(n, 8)), dim=1)
     gw = grad.t() @ a  # (hidden, F [+ 8])
     gx = copies.unpatchify(grad @ w, shapes, patch_size, videos[0].shape[0])
     if not with_bias:
