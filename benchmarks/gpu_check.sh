@@ -12,11 +12,11 @@
 #       build and the error probe without gdb (PROBE=0 skips it); the tests (capped at
 #       TEST_TIMEOUT, default 150 s; on a GPU the GPU-only tests and the bfloat16 cases,
 #       what CPU CI cannot run, come first: conftest.gpu_tests_first);
-#       attention on the mixed pack, the vdit-triton rows and the peers the issue judges
-#       it by, torch-varlen and flex-attention (ATTN_TIMEOUT, default 185 s: the first
-#       backward autotunes about 40 tiles, the first forward 11); patch ops and RoPE on
-#       the mixed pack into <results>-mem (MEM_TIMEOUT, default 100 s: 62 s before the patch
-#       variants, kernel breakdowns and host profiles were added); the DiT block on
+#       patch ops and RoPE on the mixed pack into <results>-mem (MEM_TIMEOUT, default
+#       100 s: 62 s before the patch variants, kernel breakdowns and host profiles were
+#       added); attention on the mixed pack, the vdit-triton rows and the peers the issue
+#       judges it by, torch-varlen and flex-attention (ATTN_TIMEOUT, default 185 s: the
+#       first backward autotunes about 40 tiles, the first forward 11); the DiT block on
 #       mixed-60k, Triton and padded PyTorch (grid- and token-padded, eager and compiled)
 #       and the step's self-attention alone, into <results>-dit (DIT_TIMEOUT, default 240 s,
 #       cut to what is left, skipped under DIT_MIN = 200 s: its first autotuning alone
@@ -144,11 +144,13 @@ case "$STEP" in
                 --deselect tests/test_benchmarks.py::test_main_command_quick \
                 --deselect tests/test_benchmarks.py::test_dit_suite_packed_and_padded_steps_run_and_count_flops
             save_out
-            BENCH_TIMEOUT=$(cap "${ATTN_TIMEOUT:-185}") run_bench --workload mixed-pack --op attention \
-                --provider vdit-triton --provider torch-varlen --provider flex --no-static
-            save_out
+            # the patch/RoPE suite before attention: its rows are cheap and hold the most
+            # unmeasured work (2026-11-27)
             BENCH_OUT="$RES-mem" BENCH_TIMEOUT=$(cap "${MEM_TIMEOUT:-100}") run_bench --workload mixed-pack \
                 --op patch --op rope --no-static
+            save_out
+            BENCH_TIMEOUT=$(cap "${ATTN_TIMEOUT:-185}") run_bench --workload mixed-pack --op attention \
+                --provider vdit-triton --provider torch-varlen --provider flex --no-static
             save_out
             # the reference model would materialize 40k x 40k scores per head: not run
             # the last step takes what the lease has left (cap), padded baselines before the
