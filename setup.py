@@ -12,6 +12,7 @@ importable at build time; the extension is tied to that torch).
 import os
 import re
 import shutil
+import subprocess
 import sys
 from pathlib import Path
 
@@ -67,6 +68,45 @@ def toolkit_version(cuda_home: Path):
     return (int(m.group(1)) // 1000, int(m.group(1)) % 1000 // 10) if m else None
 
 
+def shared_libstdcxx(compiler: str):
+    """The shared libstdc++ that `compiler` links C++ code against, or None when it has only
+    the static libstdc++.a (it prints the bare name for a file it does not find)."""
+    try:
+        out = subprocess.run([compiler, "-print-file-name=libstdc++.so"], capture_output=True,
+                             text=True, timeout=30).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out if os.path.isabs(out) and os.path.exists(out) else None
+
+
+def choose_cxx(candidates=("c++", "g++", "/usr/bin/c++", "/usr/bin/g++")):
+    """Keep $CXX (torch's default: c++) unless it links libstdc++ statically; then switch
+    $CXX to the first candidate that links the shared one, and say so.
+
+    Why: a static copy of libstdc++ inside _C runs beside the shared one torch loads, two
+    C++ runtimes in one process; the first error message a vdit_C op formats (iostreams,
+    locales) then crashes the process with SIGSEGV instead of raising. Seen on the H100
+    machine of 2026-11-27, whose CXX=/opt/gcc/bin/g++ ships libstdc++.a only; with
+    /usr/bin/g++ the same sources raise cleanly. Returns the compiler chosen."""
+    current = os.environ.get("CXX", "c++")
+    if not sys.platform.startswith("linux") or shutil.which(current) is None:
+        return current
+    if shared_libstdcxx(current):
+        return current
+    for alt in candidates:
+        path = shutil.which(alt)
+        if path and Path(path).resolve() != Path(shutil.which(current)).resolve() and shared_libstdcxx(path):
+            say(f"the C++ compiler {current} (CXX) has no shared libstdc++, so _C would carry a static "
+                f"copy beside torch's shared one (errors raised by the CUDA ops crash such a build); "
+                f"linking with {path} instead (set CXX to choose another)")
+            os.environ["CXX"] = path
+            return path
+    say(f"WARNING: the C++ compiler {current} links libstdc++ statically and no other compiler "
+        f"({', '.join(candidates)}) links the shared one: bad arguments to the CUDA ops may crash "
+        "instead of raising. Set CXX to a compiler with a shared libstdc++.")
+    return current
+
+
 def extensions():
     if os.environ.get("VDIT_SKIP_BUILD", "0") == "1":
         say("VDIT_SKIP_BUILD=1: not building vdit_kernels._C")
@@ -99,6 +139,7 @@ def extensions():
             mem_gb = 8
         os.environ["MAX_JOBS"] = str(max(1, min(os.cpu_count() or 1, int(mem_gb // 3))))
 
+    choose_cxx()
     cxx_flags = ["-O3", "-DNDEBUG"]  # the C++ standard is torch's own default
     sources = ["csrc/ops.cpp"]
     if not with_cuda:
@@ -142,22 +183,23 @@ def extensions():
     return [ext], {"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)}
 
 
-ext_modules, cmdclass = extensions()
+if __name__ == "__main__":  # setuptools runs this file as __main__; tests import its helpers
+    ext_modules, cmdclass = extensions()
 
-setup(
-    name="vdit_kernels",
-    version="0.1.0",
-    description="Fused patchify, 3D RoPE and variable-length attention kernels for video diffusion transformers",
-    packages=find_packages(include=["vdit_kernels", "vdit_kernels.*"]) + ["vdit_kernels.model"],
-    package_dir={"vdit_kernels.model": "model"},
-    python_requires=">=3.10",
-    # the oldest releases the test suite has passed under (scripts/compat.sh with
-    # COMPAT_TORCH / COMPAT_TRITON): torch 2.9.1 + Triton 3.5.1 (all but one static check:
-    # 16 B spilled in the D = 256 dQ tile), up to torch 2.15 + Triton 3.9
-    install_requires=["torch>=2.9", "numpy"],
-    extras_require={"triton": ["triton>=3.5"], "test": ["pytest", "einops"],
-                    "bench": ["pytest-benchmark", "tqdm", "matplotlib"],
-                    "diffusers": ["diffusers>=0.42"]},
-    ext_modules=ext_modules,
-    cmdclass=cmdclass,
-)
+    setup(
+        name="vdit_kernels",
+        version="0.1.0",
+        description="Fused patchify, 3D RoPE and variable-length attention kernels for video diffusion transformers",
+        packages=find_packages(include=["vdit_kernels", "vdit_kernels.*"]) + ["vdit_kernels.model"],
+        package_dir={"vdit_kernels.model": "model"},
+        python_requires=">=3.10",
+        # the oldest releases the test suite has passed under (scripts/compat.sh with
+        # COMPAT_TORCH / COMPAT_TRITON): torch 2.9.1 + Triton 3.5.1 (all but one static check:
+        # 16 B spilled in the D = 256 dQ tile), up to torch 2.15 + Triton 3.9
+        install_requires=["torch>=2.9", "numpy"],
+        extras_require={"triton": ["triton>=3.5"], "test": ["pytest", "einops"],
+                        "bench": ["pytest-benchmark", "tqdm", "matplotlib"],
+                        "diffusers": ["diffusers>=0.42"]},
+        ext_modules=ext_modules,
+        cmdclass=cmdclass,
+    )

@@ -24,6 +24,12 @@ else:
 
 DEVICE = torch.device("cuda" if HAS_CUDA else "cpu")
 
+# pytest-xdist workers (the GPU script runs 8) would each start one CPU thread per core:
+# on the 16-core GPU machine the float64 reference gradchecks, 2 s alone, then ran past
+# the 150 s per-test cap (2026-11-27). Each worker gets its share of the cores.
+if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"])))
+
 
 def device_for(backend: str) -> torch.device:
     """Where a test runs `backend`: Triton takes CUDA tensors where a GPU exists (CPU
