@@ -27,6 +27,7 @@ from .. import backend as _backend
 from .. import reference as ref
 from ..checks import (autocast_inputs, check, check_cu_seqlens, check_float, check_positions, check_rope_dims,
                       check_same, check_theta)
+from .direct import call, register
 from .rope import Rope3D
 
 FAMILY = "attention"
@@ -92,8 +93,7 @@ def _impl(backend: str):
     return _Reference if backend == "reference" else _backend.implementation(backend, FAMILY)
 
 
-@torch.library.custom_op("vdit::varlen_attention", mutates_args=())
-def varlen_attention_op(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_seqlens_k: Tensor,
+def _varlen_attention(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_seqlens_k: Tensor,
                         max_seqlen_q: int, max_seqlen_k: int, softmax_scale: float,
                         rope_positions: Optional[Tensor], rope_dims: list[int], rope_theta: float,
                         rope_interleaved: bool, deterministic: bool,
@@ -103,14 +103,17 @@ def varlen_attention_op(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, c
                                                max_seqlen_k, softmax_scale, rope)
 
 
+
+varlen_attention_op = torch.library.custom_op("vdit::varlen_attention", _varlen_attention, mutates_args=())
+
+
 @varlen_attention_op.register_fake
 def _(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale,
       rope_positions, rope_dims, rope_theta, rope_interleaved, deterministic, backend):
     return torch.empty_like(q), q.new_empty(q.shape[1], q.shape[0], dtype=ref.lse_dtype(q.dtype))
 
 
-@torch.library.custom_op("vdit::varlen_attention_backward", mutates_args=())
-def varlen_attention_backward_op(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor,
+def _varlen_attention_backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor,
                                  lse: Tensor, grad_lse: Optional[Tensor], cu_seqlens_q: Tensor,
                                  cu_seqlens_k: Tensor,
                                  max_seqlen_q: int, max_seqlen_k: int, softmax_scale: float,
@@ -122,6 +125,12 @@ def varlen_attention_backward_op(grad_out: Tensor, q: Tensor, k: Tensor, v: Tens
                                                cu_seqlens_k,
                                                max_seqlen_q, max_seqlen_k, softmax_scale, rope,
                                                deterministic)
+
+
+
+varlen_attention_backward_op = torch.library.custom_op("vdit::varlen_attention_backward",
+                                                       _varlen_attention_backward, mutates_args=())
+register(varlen_attention_backward_op, _varlen_attention_backward)
 
 
 @varlen_attention_backward_op.register_fake
@@ -147,12 +156,12 @@ def _attention_backward(ctx, grad_out, grad_lse):
         grad_out = torch.zeros_like(out)
     # grad_lse is non-zero when partial results are merged through their lse
     grad_lse = None if grad_lse is None else grad_lse.to(lse.dtype).contiguous()
-    gq, gk, gv = varlen_attention_backward_op(grad_out.contiguous(), q, k, v, out, lse, grad_lse, cu_q, cu_k,
-                                              *ctx.args, rope_positions, *ctx.rest)
+    gq, gk, gv = call(varlen_attention_backward_op, grad_out.contiguous(), q, k, v, out, lse, grad_lse, cu_q,
+                      cu_k, *ctx.args, rope_positions, *ctx.rest)
     return (gq, gk, gv) + (None,) * 11
 
 
-varlen_attention_op.register_autograd(_attention_backward, setup_context=_attention_setup)
+register(varlen_attention_op, _varlen_attention, _attention_setup, _attention_backward)
 
 
 def varlen_attention(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_seqlens_k: Tensor,
@@ -224,6 +233,6 @@ def varlen_attention(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_s
         positions = rope.positions.to(torch.float32).contiguous()
         rope_args = (positions, list(dims), float(rope.theta), bool(rope.interleaved))
     name = _backend.resolve(FAMILY, q.device, backend, "varlen_attention_fwd", q.dtype)
-    out, lse = varlen_attention_op(q, k, v, cu_seqlens_q, cu_seqlens_k, int(max_seqlen_q),
-                                   int(max_seqlen_k), scale, *rope_args, bool(deterministic), name)
+    out, lse = call(varlen_attention_op, q, k, v, cu_seqlens_q, cu_seqlens_k, int(max_seqlen_q),
+                    int(max_seqlen_k), scale, *rope_args, bool(deterministic), name)
     return (out, lse) if return_lse else out

@@ -25,6 +25,7 @@ from torch import Tensor
 from .. import backend as _backend
 from .. import reference as ref
 from ..checks import autocast_inputs, check_float, check_same, check_videos
+from .direct import call, register
 
 FAMILY = "patch"
 
@@ -114,9 +115,11 @@ def _impl(backend: str):
 
 # -- registered ops ---------------------------------------------------------------
 
-@torch.library.custom_op("vdit::patchify", mutates_args=())
-def patchify_op(videos: list[Tensor], patch_size: list[int], backend: str) -> Tensor:
+def _patchify(videos: list[Tensor], patch_size: list[int], backend: str) -> Tensor:
     return _impl(backend).patchify(videos, patch_size)
+
+
+patchify_op = torch.library.custom_op("vdit::patchify", _patchify, mutates_args=())
 
 
 @patchify_op.register_fake
@@ -127,10 +130,12 @@ def _(videos, patch_size, backend):
     return videos[0].new_empty(_num_tokens(shapes, patch_size), c * pt * ph * pw)
 
 
-@torch.library.custom_op("vdit::unpatchify", mutates_args=())
-def unpatchify_op(tokens: Tensor, shapes: list[int], patch_size: list[int], channels: int,
-                  backend: str) -> list[Tensor]:
+def _unpatchify(tokens: Tensor, shapes: list[int], patch_size: list[int], channels: int,
+                backend: str) -> list[Tensor]:
     return _impl(backend).unpatchify(tokens, shapes, patch_size, channels)
+
+
+unpatchify_op = torch.library.custom_op("vdit::unpatchify", _unpatchify, mutates_args=())
 
 
 @unpatchify_op.register_fake
@@ -145,7 +150,7 @@ def _patchify_setup(ctx, inputs, output):
 
 
 def _patchify_backward(ctx, grad):
-    grads = unpatchify_op(grad.contiguous(), ctx.shapes, ctx.patch_size, ctx.channels, ctx.backend)
+    grads = call(unpatchify_op, grad.contiguous(), ctx.shapes, ctx.patch_size, ctx.channels, ctx.backend)
     return grads, None, None
 
 
@@ -155,16 +160,18 @@ def _unpatchify_setup(ctx, inputs, output):
 
 
 def _unpatchify_backward(ctx, grads):
-    return patchify_op([g.contiguous() for g in grads], ctx.patch_size, ctx.backend), None, None, None, None
+    return call(patchify_op, [g.contiguous() for g in grads], ctx.patch_size, ctx.backend), None, None, None, None
 
 
-patchify_op.register_autograd(_patchify_backward, setup_context=_patchify_setup)
-unpatchify_op.register_autograd(_unpatchify_backward, setup_context=_unpatchify_setup)
+register(patchify_op, _patchify, _patchify_setup, _patchify_backward)
+register(unpatchify_op, _unpatchify, _unpatchify_setup, _unpatchify_backward)
 
 
-@torch.library.custom_op("vdit::patch_embed", mutates_args=())
-def patch_embed_op(videos: list[Tensor], weight: Tensor, bias: Optional[Tensor], backend: str) -> Tensor:
+def _patch_embed(videos: list[Tensor], weight: Tensor, bias: Optional[Tensor], backend: str) -> Tensor:
     return _impl(backend).patch_embed(videos, weight, bias)
+
+
+patch_embed_op = torch.library.custom_op("vdit::patch_embed", _patch_embed, mutates_args=())
 
 
 @patch_embed_op.register_fake
@@ -173,12 +180,16 @@ def _(videos, weight, bias, backend):
     return videos[0].new_empty(n, weight.shape[0])
 
 
-@torch.library.custom_op("vdit::patch_embed_backward", mutates_args=())
-def patch_embed_backward_op(grad: Tensor, videos: list[Tensor], weight: Tensor, with_bias: bool,
-                            backend: str) -> tuple[list[Tensor], Tensor, Tensor]:
+def _patch_embed_backward_impl(grad: Tensor, videos: list[Tensor], weight: Tensor, with_bias: bool,
+                               backend: str) -> tuple[list[Tensor], Tensor, Tensor]:
     grad_x, grad_w, grad_b = _impl(backend).patch_embed_backward(grad, videos, weight, with_bias)
     # an op cannot return None: an empty tensor stands for "no bias"
     return grad_x, grad_w, grad_b if grad_b is not None else weight.new_empty(0)
+
+
+patch_embed_backward_op = torch.library.custom_op("vdit::patch_embed_backward", _patch_embed_backward_impl,
+                                                  mutates_args=())
+register(patch_embed_backward_op, _patch_embed_backward_impl)
 
 
 @patch_embed_backward_op.register_fake
@@ -195,18 +206,20 @@ def _patch_embed_setup(ctx, inputs, output):
 
 def _patch_embed_backward(ctx, grad):
     weight, *videos = ctx.saved_tensors
-    grad_x, grad_w, grad_b = patch_embed_backward_op(grad.contiguous(), videos, weight,
-                                                     ctx.with_bias, ctx.backend)
+    grad_x, grad_w, grad_b = call(patch_embed_backward_op, grad.contiguous(), videos, weight,
+                                  ctx.with_bias, ctx.backend)
     return grad_x, grad_w, grad_b if ctx.with_bias else None, None
 
 
-patch_embed_op.register_autograd(_patch_embed_backward, setup_context=_patch_embed_setup)
+register(patch_embed_op, _patch_embed, _patch_embed_setup, _patch_embed_backward)
 
 
-@torch.library.custom_op("vdit::linear_unpatchify", mutates_args=())
-def linear_unpatchify_op(x: Tensor, weight: Tensor, bias: Optional[Tensor], shapes: list[int],
-                         patch_size: list[int], channels: int, backend: str) -> list[Tensor]:
+def _linear_unpatchify(x: Tensor, weight: Tensor, bias: Optional[Tensor], shapes: list[int],
+                       patch_size: list[int], channels: int, backend: str) -> list[Tensor]:
     return _impl(backend).linear_unpatchify(x, weight, bias, shapes, patch_size, channels)
+
+
+linear_unpatchify_op = torch.library.custom_op("vdit::linear_unpatchify", _linear_unpatchify, mutates_args=())
 
 
 @linear_unpatchify_op.register_fake
@@ -214,13 +227,17 @@ def _(x, weight, bias, shapes, patch_size, channels, backend):
     return [x.new_empty(channels, *s) for s in _triples(shapes)]
 
 
-@torch.library.custom_op("vdit::linear_unpatchify_backward", mutates_args=())
-def linear_unpatchify_backward_op(grad_videos: list[Tensor], x: Tensor, weight: Tensor,
-                                  patch_size: list[int], with_bias: bool,
-                                  backend: str) -> tuple[Tensor, Tensor, Tensor]:
+def _linear_unpatchify_backward_impl(grad_videos: list[Tensor], x: Tensor, weight: Tensor,
+                                     patch_size: list[int], with_bias: bool,
+                                     backend: str) -> tuple[Tensor, Tensor, Tensor]:
     grad_x, grad_w, grad_b = _impl(backend).linear_unpatchify_backward(
         grad_videos, x, weight, patch_size, with_bias)
     return grad_x, grad_w, grad_b if grad_b is not None else weight.new_empty(0)
+
+
+linear_unpatchify_backward_op = torch.library.custom_op(
+    "vdit::linear_unpatchify_backward", _linear_unpatchify_backward_impl, mutates_args=())
+register(linear_unpatchify_backward_op, _linear_unpatchify_backward_impl)
 
 
 @linear_unpatchify_backward_op.register_fake
@@ -237,12 +254,13 @@ def _linear_unpatchify_setup(ctx, inputs, output):
 
 def _linear_unpatchify_backward(ctx, grads):
     x, weight = ctx.saved_tensors
-    grad_x, grad_w, grad_b = linear_unpatchify_backward_op(
-        [g.contiguous() for g in grads], x, weight, ctx.patch_size, ctx.with_bias, ctx.backend)
+    grad_x, grad_w, grad_b = call(linear_unpatchify_backward_op,
+                                  [g.contiguous() for g in grads], x, weight, ctx.patch_size, ctx.with_bias,
+                                  ctx.backend)
     return grad_x, grad_w, grad_b if ctx.with_bias else None, None, None, None, None
 
 
-linear_unpatchify_op.register_autograd(_linear_unpatchify_backward, setup_context=_linear_unpatchify_setup)
+register(linear_unpatchify_op, _linear_unpatchify, _linear_unpatchify_setup, _linear_unpatchify_backward)
 
 
 # -- public functions ---------------------------------------------------------------
@@ -265,7 +283,7 @@ def patchify(latents, pack, *, backend: Optional[str] = None) -> Tensor:
     backward is unpatchify.
     """
     videos, _, name = _videos_for(latents, pack, backend, "patchify")
-    return patchify_op(videos, list(pack.patch_size), name)
+    return call(patchify_op, videos, list(pack.patch_size), name)
 
 
 def _channels(channels) -> int:
@@ -288,7 +306,7 @@ def unpatchify(tokens: Tensor, pack, channels: int, *, backend: Optional[str] = 
         raise ValueError(f"tokens has {tokens.shape[1]} features, "
                          f"expected channels*pt*ph*pw = {channels * pt * ph * pw}")
     name = _backend.resolve(FAMILY, tokens.device, backend, "unpatchify", tokens.dtype)
-    return unpatchify_op(tokens, _flat(pack.shapes), list(pack.patch_size), channels, name)
+    return call(unpatchify_op, tokens, _flat(pack.shapes), list(pack.patch_size), channels, name)
 
 
 def patch_embed(latents, pack, weight: Tensor, bias: Optional[Tensor] = None, *,
@@ -322,7 +340,7 @@ def patch_embed(latents, pack, weight: Tensor, bias: Optional[Tensor] = None, *,
         tensors.append(bias)
         names.append("bias")
     check_same(names, tensors)
-    return patch_embed_op(videos, weight, bias, name)
+    return call(patch_embed_op, videos, weight, bias, name)
 
 
 def linear_unpatchify(x: Tensor, pack, weight: Tensor, bias: Optional[Tensor], channels: int, *,
@@ -356,4 +374,5 @@ def linear_unpatchify(x: Tensor, pack, weight: Tensor, bias: Optional[Tensor], c
         names.append("bias")
     check_same(names, tensors)
     name = _backend.resolve(FAMILY, x.device, backend, "linear_unpatchify", x.dtype)
-    return linear_unpatchify_op(x, weight, bias, _flat(pack.shapes), list(pack.patch_size), channels, name)
+    return call(linear_unpatchify_op, x, weight, bias, _flat(pack.shapes), list(pack.patch_size), channels,
+                name)

@@ -20,6 +20,7 @@ from .. import backend as _backend
 from .. import reference as ref
 from ..checks import (check, check_float, check_inplace_rope, check_positions, check_rope_dims, check_same,
                       check_theta)
+from .direct import call, register
 
 FAMILY = "rope"
 
@@ -43,10 +44,12 @@ def _impl(backend: str):
     return _Reference if backend == "reference" else _backend.implementation(backend, FAMILY)
 
 
-@torch.library.custom_op("vdit::rope_3d", mutates_args=())
-def rope_3d_op(q: Tensor, k: Tensor, positions: Tensor, dims: list[int], theta: float,
-               interleaved: bool, inverse: bool, backend: str) -> tuple[Tensor, Tensor]:
+def _rope_3d(q: Tensor, k: Tensor, positions: Tensor, dims: list[int], theta: float,
+             interleaved: bool, inverse: bool, backend: str) -> tuple[Tensor, Tensor]:
     return _impl(backend).rope_3d(q, k, positions, dims, theta, interleaved, inverse)
+
+
+rope_3d_op = torch.library.custom_op("vdit::rope_3d", _rope_3d, mutates_args=())
 
 
 @rope_3d_op.register_fake
@@ -65,13 +68,16 @@ def _rope_setup(ctx, inputs, output):
 def _rope_backward(ctx, grad_q, grad_k):
     (positions,) = ctx.saved_tensors
     # a rotation's backward is the inverse rotation of the incoming gradient
-    gq, gk = rope_3d_op(grad_q.contiguous(), grad_k.contiguous(), positions, *ctx.args)
+    gq, gk = call(rope_3d_op, grad_q.contiguous(), grad_k.contiguous(), positions, *ctx.args)
     return gq, gk, None, None, None, None, None, None
 
 
-rope_3d_op.register_autograd(_rope_backward, setup_context=_rope_setup)
+register(rope_3d_op, _rope_3d, _rope_setup, _rope_backward)
 
 
+# always through the dispatcher (not registered for call()'s direct route): the op's
+# mutates_args bump q's and k's version counters, which a Triton kernel writing through
+# pointers does not, and autograd relies on them to refuse tensors changed after saving
 @torch.library.custom_op("vdit::rope_3d_", mutates_args=("q", "k"))
 def rope_3d_inplace_op(q: Tensor, k: Tensor, positions: Tensor, dims: list[int], theta: float,
                        interleaved: bool, inverse: bool, backend: str) -> None:
@@ -157,4 +163,4 @@ def apply_rope_3d(q: Tensor, k: Tensor, pack=None, dims: Sequence[int] = None,
         check_inplace_rope(q, k)
         rope_3d_inplace_op(q, k, pos, dims, float(theta), bool(interleaved), False, name)
         return q, k
-    return rope_3d_op(q, k, pos, dims, float(theta), bool(interleaved), False, name)
+    return call(rope_3d_op, q, k, pos, dims, float(theta), bool(interleaved), False, name)

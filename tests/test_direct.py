@@ -1,0 +1,116 @@
+"""The eager shortcut (vdit_kernels.ops.direct): the same results and gradients as the
+registered ops, taken only where nothing could tell the difference."""
+import pytest
+import torch
+from torch._subclasses.fake_tensor import FakeTensorMode
+
+import vdit_kernels as vk
+from vdit_kernels.ops import direct
+
+from conftest import device_for
+
+SHAPES = [(2, 4, 6), (1, 2, 2), (3, 2, 4)]
+
+
+def _calls(backend):
+    """name -> (fn() -> outputs, leaves): each differentiable public function on a small
+    pack, float32, inputs freshly made (same seed) at each call."""
+    dev = device_for(backend)
+    torch.manual_seed(0)
+    pack = vk.VideoPack.from_shapes(SHAPES, (1, 2, 2), device=dev)
+    n = pack.num_tokens
+    videos = [torch.randn(3, *s, device=dev, requires_grad=True) for s in SHAPES]
+    tokens = torch.randn(n, 12, device=dev, requires_grad=True)
+    weight = torch.nn.Parameter(torch.randn(8, 3, 1, 2, 2, device=dev))
+    bias = torch.randn(8, device=dev, requires_grad=True)
+    x = torch.randn(n, 8, device=dev, requires_grad=True)
+    out_w, out_b = torch.randn(12, 8, device=dev, requires_grad=True), torch.randn(12, device=dev, requires_grad=True)
+    q, k, v = (torch.randn(n, 2, 16, device=dev, requires_grad=True) for _ in range(3))
+    rope = vk.Rope3D.from_pack(pack, (4, 6, 6))
+    return {
+        "patchify": (lambda: vk.patchify(videos, pack, backend=backend), videos),
+        "unpatchify": (lambda: vk.unpatchify(tokens, pack, 3, backend=backend), [tokens]),
+        "patch_embed": (lambda: vk.patch_embed(videos, pack, weight, bias, backend=backend), [*videos, weight, bias]),
+        "linear_unpatchify": (lambda: vk.linear_unpatchify(x, pack, out_w, out_b, 3, backend=backend),
+                              [x, out_w, out_b]),
+        "rope": (lambda: vk.apply_rope_3d(q, k, pack, (4, 6, 6), backend=backend), [q, k]),
+        "attention": (lambda: vk.varlen_attention(q, k, v, pack.cu_seqlens, pack.cu_seqlens, pack.max_seqlen,
+                                                  pack.max_seqlen, rope=rope, return_lse=True, backend=backend),
+                      [q, k, v]),
+    }
+
+
+def _run(fn, leaves):
+    """(outputs, gradients of the leaves) for a loss touching every output."""
+    out = fn()
+    outs = [out] if isinstance(out, torch.Tensor) else list(out)
+    torch.manual_seed(1)
+    loss = sum((o * torch.randn_like(o)).sum() for o in outs)
+    grads = torch.autograd.grad(loss, leaves)
+    return [o.detach() for o in outs], grads, out
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+@pytest.mark.parametrize("name", ["patchify", "unpatchify", "patch_embed", "linear_unpatchify", "rope", "attention"])
+def test_direct_route_matches_the_registered_op(backend, name, monkeypatch):
+    if backend not in vk.available_backends({"rope": "rope", "attention": "attention"}.get(name, "patch"),
+                                            device_for(backend).type):
+        pytest.skip(f"{backend} unavailable here")
+    fn, leaves = _calls(backend)[name]
+    outs_direct, grads_direct, out = _run(fn, leaves)
+    first = out if isinstance(out, torch.Tensor) else out[0]
+    assert type(first.grad_fn).__name__ == "_DirectBackward"  # the shortcut ran
+    monkeypatch.setattr(direct, "ENABLED", False)
+    fn, leaves = _calls(backend)[name]
+    outs_op, grads_op, out = _run(fn, leaves)
+    first = out if isinstance(out, torch.Tensor) else out[0]
+    assert type(first.grad_fn).__name__ != "_DirectBackward"  # the registered op's autograd
+    # the same functions run either way: bit for bit
+    for a, b in zip(outs_direct + list(grads_direct), outs_op + list(grads_op)):
+        assert torch.equal(a, b)
+
+
+def test_no_grad_calls_skip_autograd_and_match():
+    fn, _ = _calls("reference")["patch_embed"]
+    with torch.no_grad():
+        out = fn()
+    assert out.grad_fn is None and not out.requires_grad
+    assert torch.equal(out, fn().detach())
+
+
+def test_fake_tensors_go_through_the_op():
+    # a dispatch mode is active: the shortcut would run real code on fake tensors
+    pack = vk.VideoPack.from_shapes(SHAPES, (1, 2, 2))
+    with FakeTensorMode():
+        videos = [torch.empty(3, *s) for s in SHAPES]
+        assert not direct.direct_ok(videos)
+        out = vk.patchify(videos, pack, backend="reference")
+    assert out.shape == (pack.num_tokens, 12)
+
+
+def test_direct_ok_refuses_subclasses_and_transforms():
+    t = torch.randn(3)
+    assert direct.direct_ok([t, torch.nn.Parameter(torch.randn(2))])
+
+    class Sub(torch.Tensor):
+        pass
+    assert not direct.direct_ok([t, t.as_subclass(Sub)])
+    seen = []
+    torch.func.vmap(lambda r: seen.append(direct.direct_ok([r])) or r)(torch.randn(2, 3))
+    assert seen == [False]
+
+
+def test_inplace_rope_still_bumps_the_version_counter():
+    # x is saved by the matmul for w's gradient; rotating it in place must make that
+    # backward fail loudly (the registered op's mutates_args), not use the rotated x
+    pack = vk.VideoPack.from_shapes(SHAPES, (1, 2, 2))
+    n = pack.num_tokens
+    w = torch.randn(16, 16, requires_grad=True)
+    q = torch.randn(n, 2, 16)
+    k = torch.randn(n, 2, 16)
+    loss = (q @ w).sum()
+    version = q._version
+    vk.apply_rope_3d(q, k, pack, (4, 6, 6), inplace=True, backend="reference")
+    assert q._version > version
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        loss.backward()

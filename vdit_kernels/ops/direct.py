@@ -1,0 +1,122 @@
+"""Eager calls without the dispatcher: a registered op's implementation and autograd
+formula, run directly where nothing could tell the difference.
+
+Every op is a torch.library custom op: that is what torch.compile, torch.export,
+opcheck, fake tensors and the other dispatch modes see. In plain eager code the custom
+op's Python layers (dispatch, the disable-dynamo wrapper, the autograd wrapper's pytree
+handling of inputs and outputs) cost more host time than a small op's kernels take on
+the GPU: patch_embed forward+backward on a tiny CPU pack took 216 us through the op and
+108 us direct (permute + nn.Linear: 79 us; torch 2.14, 2026-11-27), and the H100
+machine's host ran the same layers about 4x slower, where a 10 MB patchify's kernel
+takes 7 us. So each public function ends in `call(op, *args)`:
+
+  * under torch.compile (dynamo), a dispatch or torch-function mode (FakeTensorMode,
+    functionalization, ...), a functorch transform, or with tensor subclasses: op(*args);
+  * otherwise, when no input needs a gradient: the implementation the op runs, called
+    directly;
+  * otherwise: the same implementation, setup_context and backward the op registered
+    (register() below keeps them), through one torch.autograd.Function.
+
+Both routes run the same functions, so they agree bit for bit; VDIT_DIRECT=0 (read at
+import) sends every call through the ops, as tests do to compare the two.
+"""
+from __future__ import annotations
+
+import os
+from typing import Callable, Optional
+
+import torch
+from torch.utils import _python_dispatch
+
+ENABLED = os.environ.get("VDIT_DIRECT", "1") != "0"
+_FORMULAS: dict = {}  # op -> (impl, setup_context, backward)
+_PLAIN = (torch.Tensor, torch.nn.Parameter)
+
+
+def register(op, impl: Callable, setup: Optional[Callable] = None, backward: Optional[Callable] = None):
+    """Give `op` (a torch.library custom op whose body is impl(*args)) its autograd
+    formula, if any, and keep impl and the formula for call()'s direct route."""
+    if backward is not None:
+        op.register_autograd(backward, setup_context=setup)
+    _FORMULAS[op] = (impl, setup, backward)
+
+
+def _count(arg) -> Optional[int]:
+    """None for a tensor argument, the length of a list of tensors, else 0."""
+    if isinstance(arg, torch.Tensor):
+        return None
+    return len(arg) if isinstance(arg, (list, tuple)) and arg and isinstance(arg[0], torch.Tensor) else 0
+
+
+def _tensors(args) -> list:
+    """The tensors among an op's arguments, lists of tensors flattened, in argument order."""
+    out = []
+    for a in args:
+        if isinstance(a, torch.Tensor):
+            out.append(a)
+        elif _count(a):
+            out.extend(a)
+    return out
+
+
+def direct_ok(tensors) -> bool:
+    """Whether a call may skip the dispatcher: eager mode, no mode or transform that
+    intercepts ops, plain tensors (nn.Parameter included)."""
+    return (ENABLED
+            and _python_dispatch._get_current_dispatch_mode() is None
+            and torch._C._len_torch_function_stack() == 0
+            and not torch._C._are_functorch_transforms_active()
+            and all(type(t) in _PLAIN for t in tensors))
+
+
+def call(op, *args):
+    """op(*args), or the same computation without the dispatcher (see the module text)."""
+    if torch.compiler.is_compiling():  # first: dynamo folds it and traces nothing below
+        return op(*args)
+    tensors = _tensors(args)
+    if op not in _FORMULAS or not direct_ok(tensors):
+        return op(*args)
+    impl, setup, backward = _FORMULAS[op]
+    if not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors)):
+        return impl(*args)
+    if backward is None:  # no formula: the op's own error on backward
+        return op(*args)
+    kind: list = []  # filled by forward: how the op's output was shaped
+    flat = _Direct.apply((impl, setup, backward, kind), args, *tensors)
+    return flat[0] if kind[0] is torch.Tensor else kind[0](flat)
+
+
+class _Direct(torch.autograd.Function):
+    """impl(*args) with the op's setup_context and backward, for tensors = _tensors(args)."""
+
+    @staticmethod
+    def forward(ctx, formula, args, *tensors):
+        impl, setup, _, kind = formula
+        out = impl(*args)
+        setup(ctx, args, out)
+        # how many of `tensors` each argument holds (the tensors themselves stay out of
+        # ctx: what the backward needs, setup saved)
+        ctx.formula, ctx.layout = formula, [_count(a) for a in args]
+        if isinstance(out, torch.Tensor):
+            kind.append(torch.Tensor)
+            return (out,)
+        kind.append(type(out))  # list (unpatchify) or tuple (RoPE, attention)
+        return tuple(out)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        _, _, backward, kind = ctx.formula
+        # the op's backward takes its output's gradient shaped as the output
+        if kind[0] is torch.Tensor:
+            per_input = backward(ctx, grads[0])
+        elif kind[0] is list:
+            per_input = backward(ctx, list(grads))
+        else:
+            per_input = backward(ctx, *grads)
+        flat = []  # one gradient per tensor of _tensors(args), in that order
+        for count, g in zip(ctx.layout, per_input):
+            if count is None:
+                flat.append(g)
+            elif count:
+                flat.extend(g if g is not None else [None] * count)
+        return (None, None, *flat)
