@@ -10,7 +10,6 @@ import importlib.util
 import os
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional, Sequence
-from unittest import mock
 
 import torch
 
@@ -122,9 +121,20 @@ def with_env(prepared: Prepared, **env: str) -> Prepared:
     read per call, such as VDIT_ATTN_BWD), restored afterwards."""
     fn = prepared.fn
 
+    # only these keys are set and put back: mock.patch.dict(os.environ) restores the whole
+    # environment (an unsetenv and a putenv per variable), 81 us a call on this CPU machine
+    # with 39 variables, which the timed rows of a 0.1 ms op would carry
     def run():
-        with mock.patch.dict(os.environ, env):
+        saved = {k: os.environ.get(k) for k in env}
+        os.environ.update(env)
+        try:
             return fn()
+        finally:
+            for k, v in saved.items():
+                if v is None:
+                    os.environ.pop(k, None)
+                else:
+                    os.environ[k] = v
     return Prepared(run, grad_to_none=prepared.grad_to_none, extra=prepared.extra)
 
 

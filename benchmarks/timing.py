@@ -14,9 +14,10 @@ timed one call at a time: that is the user-visible cost (median_ms), this is the
 kernels' own efficiency (the % of copy bandwidth the issues ask about). The calls cycle
 over enough independently built inputs to exceed twice the L2 cache, so data comes from
 DRAM as with the flush of do_bench.
-host_ms (GPU, memory-bound cases): the host's time to issue one call, calls queued back to
-back without waiting for the GPU, and the Python functions that time goes to (cProfile):
-where median_ms exceeds kernel_ms by far, this says which layer to make cheaper.
+host_ms (GPU, memory-bound cases and patch embedding): the host's time to issue one call,
+calls queued back to back without waiting for the GPU, and the Python functions that time
+goes to (cProfile; a CUDA backward runs on autograd's own thread, which it does not see):
+where median_ms exceeds the device time by far, this says which layer to make cheaper.
 copy_kernel_ms: the same measurement of a device-to-device copy moving as many bytes (half
 read, half written). A 10 MB op cannot reach the bandwidth of a 1 GiB copy (ramp-up and
 tail of a few-microsecond kernel), and neither can a copy of its size: the ratio of the
