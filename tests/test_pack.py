@@ -26,6 +26,9 @@ def test_mixed_shapes_metadata():
     assert pos[47].tolist() == [3, 2, 3]
     assert pos[48:50].tolist() == [[0, 0, 0], [0, 1, 0]]
     assert pos[50:].tolist() == [[0, 0, 0], [1, 0, 0], [2, 0, 0]]
+    fpos = pack.float_positions  # what the RoPE ops read: converted once
+    assert fpos.dtype == torch.float32 and fpos.is_contiguous() and torch.equal(fpos, pos.float())
+    assert fpos is pack.float_positions
 
 
 def test_positions_match_meshgrid_per_video():

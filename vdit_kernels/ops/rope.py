@@ -109,7 +109,7 @@ class Rope3D:
         """The RoPE of `pack` (its integer (t, h, w) token positions, or `positions` (N, 3),
         stored as float32 (N, 3)), for varlen_attention(..., rope=...); dims (dt, dh, dw)
         even, summing to the head dim (checked against it at the attention call)."""
-        pos = pack.positions if positions is None else positions
+        pos = pack.float_positions if positions is None else positions
         check_theta(theta)
         dims = check_rope_dims(dims)  # the sum: at the attention call, which knows the head dim
         return cls(pos.to(torch.float32).contiguous(), dims, float(theta),
@@ -120,7 +120,7 @@ def float_positions(pack, positions: Optional[Tensor], num_tokens: int, device) 
     """Positions as the ops take them: float32 (N, 3) contiguous, checked against the tokens."""
     if positions is None:
         check(pack is not None, "apply_rope_3d needs a pack or explicit positions")
-        positions = pack.positions
+        positions = pack.float_positions  # converted once per pack, not per call
     check_positions(positions, num_tokens, device)
     return positions.to(torch.float32).contiguous()
 
