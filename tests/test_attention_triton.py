@@ -804,12 +804,10 @@ def test_row_alignment_hint_claims_only_what_holds():
 
 
 def test_measured_choice_skips_a_failing_variant(monkeypatch):
-    import triton.testing
-
     import vdit_kernels.triton as T
     from benchmarks.run import measured_variants
 
-    monkeypatch.setattr(triton.testing, "do_bench", lambda fn, warmup, rep: fn())
+    monkeypatch.setattr(T, "_sample_ms", lambda fn: fn())
     monkeypatch.setattr(T, "VARIANT_TIMES", [])
 
     def broken():
@@ -825,3 +823,23 @@ def test_measured_choice_skips_a_failing_variant(monkeypatch):
     # nothing is timed on CPU tensors or in float32 (the first option runs)
     assert T.timing("attention backward", {"a": broken}, torch.empty(1, dtype=torch.float16)) is None
     assert not T.can_measure(torch.empty(1))
+
+
+def test_fastest_takes_the_median_of_interleaved_rounds(monkeypatch):
+    import vdit_kernels.triton as T
+
+    order = []
+
+    def variant(name, times):  # each call returns its next "device time"; the first is the warm-up
+        it = iter(times)
+        return lambda: order.append(name) or next(it)
+    monkeypatch.setattr(T, "_sample_ms", lambda fn: fn())
+    monkeypatch.setattr(T, "VARIANT_TIMES", [])
+    # one slow first sample of "a" (60 ms: the round sets 3 rounds, the minimum) must not
+    # decide: medians 2 vs 3
+    assert T.fastest("x", {"a": variant("a", [0, 60, 1, 2]), "b": variant("b", [0, 3, 3, 3])}) == "a"
+    assert order == ["a", "b"] + ["a", "b"] * 3  # warm-ups, then turns
+    # short calls: as many rounds as fit 100 ms, at most 10
+    calls = []
+    T.fastest("y", {"c": lambda: calls.append(1) or 1.0})
+    assert len(calls) == 1 + T.MAX_ROUNDS

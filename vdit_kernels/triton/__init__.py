@@ -169,23 +169,59 @@ def timing(what: str, runs: dict, like: torch.Tensor) -> Optional[Callable[[], s
     return (lambda: fastest(what, runs)) if can_measure(like) else None
 
 
-def fastest(what: str, runs: dict) -> str:
-    """Name of the fastest of {name: callable} on the GPU (triton's do_bench, L2 flushed).
-    A variant that raises (a compiler or driver without its feature) is skipped with a
-    warning; if every one raises, the last error propagates."""
-    import triton.testing
+def _sample_ms(fn: Callable) -> float:
+    """Device milliseconds of one call of fn, timed with CUDA events, the L2 cache
+    cleared first (a 256 MB buffer zeroed, as triton.testing.do_bench does)."""
+    global _FLUSH
+    if _FLUSH is None:
+        _FLUSH = torch.empty(256 * 1024 * 1024 // 4, dtype=torch.int32, device="cuda")
+    _FLUSH.zero_()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    fn()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end)
 
-    times, error = {}, None
+
+_FLUSH: Optional[torch.Tensor] = None
+# fastest()'s rounds: at least MIN_ROUNDS, more while a round takes under ROUNDS_MS / rounds
+MIN_ROUNDS, MAX_ROUNDS, ROUNDS_MS = 3, 10, 100.0
+
+
+def fastest(what: str, runs: dict) -> str:
+    """Name of the fastest of {name: callable} on the GPU. Each runs once first (its
+    compilation and autotuning; a variant that raises there, a compiler or driver without
+    its feature, is skipped with a warning, and if every one raises the last error
+    propagates), then the variants take turns, one call each per round (_sample_ms), for
+    3 to 10 rounds (as many as fit 100 ms), and the medians decide. Taking turns: the
+    clock changes that follow an autotuning burst (power, temperature) reach every
+    variant alike; do_bench per variant, one after the other, timed a 90 ms backward
+    once right after its own autotuning, and the 2026-11-27 H100 runs picked by samples
+    like that."""
+    ready, error = {}, None
     for name, fn in runs.items():
         try:
-            times[name] = triton.testing.do_bench(fn, warmup=5, rep=20)
+            fn()
+            ready[name] = fn
         except Exception as exc:  # noqa: BLE001
             error = exc
             _LOG.warning("%s variant %s failed, not used: %s: %s", what, name, type(exc).__name__, exc)
-    if not times:
+    if not ready:
         raise error
+    samples: dict = {name: [] for name in ready}
+    rounds = MIN_ROUNDS
+    r = 0
+    while r < rounds:
+        for name, fn in ready.items():
+            samples[name].append(_sample_ms(fn))
+        if r == 0:  # the first round's length sets the count
+            round_ms = sum(s[0] for s in samples.values())
+            rounds = max(MIN_ROUNDS, min(MAX_ROUNDS, int(ROUNDS_MS / max(round_ms, 1e-3))))
+        r += 1
+    times = {name: sorted(s)[len(s) // 2] for name, s in samples.items()}
     best = min(times, key=times.get)
     timed = ", ".join(f"{n} {t:.3f} ms" for n, t in times.items())
     VARIANT_TIMES.append(f"{what}: {timed}: {best}")
-    _LOG.info("%s variant chosen: %s (%s)", what, best, timed)
+    _LOG.info("%s variant chosen: %s (%s, median of %d interleaved rounds)", what, best, timed, rounds)
     return best
