@@ -13,6 +13,10 @@ Providers:
   vdit-triton+pointers, vdit-triton+tma
                          fwd / fwd+bwd with the forward's K/V reads forced (VDIT_ATTN_FWD):
                          masked pointer loads, or TMA tensor descriptors (sm_90)
+  vdit-triton+split+pointers, vdit-triton+split+tma
+                         bwd: the split backward with its reads forced (VDIT_ATTN_BWD_READ);
+                         these and vdit-triton's bwd row also record the device time per
+                         kernel (profiler)
   torch-varlen           torch.nn.attention.varlen.varlen_attn (CUDA)
   sdpa-padded            F.scaled_dot_product_attention on the pack padded to (B, H, max_seqlen, D)
                          with a key-padding mask; FLOPs counted unpadded, so padding shows as lost efficiency
@@ -60,6 +64,9 @@ def _padded(x, seqlens, max_len):
     return out.transpose(1, 2).detach()
 
 
+BREAKDOWN = ("vdit-triton", "vdit-triton+split+pointers", "vdit-triton+split+tma")
+
+
 def cases(device: str, quick: bool, workloads, providers=None):
     out, skips = [], []
     modes = MODES
@@ -71,7 +78,9 @@ def cases(device: str, quick: bool, workloads, providers=None):
 
             def add(provider, make, name="varlen_attention", note="", fl=fl, mode=mode):
                 if wanted(provider, providers):
-                    out.append(Case(OP, name, mode, wl, provider, make, flops=fl, note=note))
+                    # our backward's kernels, as chosen and with each read forced, profiled
+                    breakdown = mode == "bwd" and provider in BREAKDOWN
+                    out.append(Case(OP, name, mode, wl, provider, make, flops=fl, note=note, breakdown=breakdown))
 
             for b in VDIT_BACKENDS:
                 op = "varlen_attention_bwd" if grad else "varlen_attention_fwd"
@@ -94,9 +103,14 @@ def cases(device: str, quick: bool, workloads, providers=None):
                     add(f"vdit-{b}" + ("+rope" if with_rope else ""), make,
                         note="fused 3D RoPE" if with_rope else "")
                 # forced variants of the Triton backend (the default picks by measuring)
-                forced = []
+                forced = []  # (variables, provider suffix, note)
                 if b == "triton" and mode != "bwd":
-                    forced += [("VDIT_ATTN_FWD", v, f"forward reads K/V by {v}") for v in ("pointers", "tma")]
+                    forced += [({"VDIT_ATTN_FWD": v}, v, f"forward reads K/V by {v}") for v in ("pointers", "tma")]
+                if b == "triton" and mode == "bwd":
+                    # the split backward's two reads (its kernels autotuned 4-5 ms apart on the
+                    # H100, TMA ahead, while the measured choice timed TMA slower end to end)
+                    forced += [({"VDIT_ATTN_BWD": "split", "VDIT_ATTN_BWD_READ": r}, f"split+{r}",
+                                f"split backward, q/dO and k/v read by {r}") for r in ("pointers", "tma")]
                 if b == "triton" and grad:
                     from vdit_kernels.triton.attention import BWD_STRATEGIES, _torch_fa2_possible
 
@@ -105,19 +119,19 @@ def cases(device: str, quick: bool, workloads, providers=None):
                     probe = torch.empty(1, wl.heads, wl.head_dim, dtype=dtype_for(device), device=device)
                     for s in BWD_STRATEGIES:
                         if s != "torch-fa2" or _torch_fa2_possible(probe, None):
-                            forced.append(("VDIT_ATTN_BWD", s, f"backward strategy {s}"))
+                            forced.append(({"VDIT_ATTN_BWD": s}, s, f"backward strategy {s}"))
                         else:
                             skips.append(Skip(OP, f"vdit-triton+{s} {mode}", "cannot run here (PyTorch's "
                                               "FlashAttention-2 backward: CUDA, half precision, head dim % 8)"))
-                for env, value, note in forced:
+                for env, suffix, note in forced:
 
-                    def make_forced(mode=mode, grad=grad, env=env, value=value):
+                    def make_forced(mode=mode, grad=grad, env=env):
                         x = _Inputs(wl, device, grad)
                         prepared = backward_fn(lambda: vk.varlen_attention(x.q, x.k, x.v, x.cu, x.cu, x.max,
                                                                            x.max, backend="triton"),
                                                (x.q, x.k, x.v), mode)
-                        return with_env(prepared, **{env: value})
-                    add(f"vdit-triton+{value}", make_forced, note=note)
+                        return with_env(prepared, **env)
+                    add(f"vdit-triton+{suffix}", make_forced, note=note)
 
             reason = peer_reason(device, "torch.nn.attention.varlen")
             if reason:

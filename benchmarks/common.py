@@ -40,6 +40,7 @@ class Case:
     bytes: Optional[float] = None   # memory-bound ops: GB/s against the copy limit; with
                                     # flops too: TFLOP/s against the roofline (the larger time)
     note: str = ""
+    breakdown: bool = False  # compute-bound rows too: which kernels the device time goes to
 
     @property
     def key(self) -> tuple:

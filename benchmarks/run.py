@@ -148,6 +148,11 @@ def run_case(case, device: str, quick: bool, lim: dict) -> dict:
             row["pct_of_limit"] = 100 * row["gbs"] / lim["bandwidth_gbs"]
             row["limit"] = "bandwidth"
         del prepared
+        if case.breakdown:  # one set of inputs (an attention backward's are GBs), 20 calls
+            measured = kernel_ms(case.build, 1e12, device, quick=quick)
+            row.update({k: v for k, v in measured.items() if k in ("kernel_breakdown", "kernel_note")})
+            if measured.get("kernel_ms"):
+                row["device_ms"] = measured["kernel_ms"]
         if case.bytes and case.flops and row["limit"] == "roofline: memory":
             # a GEMM the bytes bound (patch embedding): which of its kernels take the time
             measured = kernel_ms(case.build, case.bytes, device, quick=quick)

@@ -255,6 +255,42 @@ def test_gemm_bound_by_bytes_is_judged_against_the_roofline(monkeypatch):
     assert row["limit"] == "compute" and row["pct_of_limit"] == pytest.approx(100 * row["tflops"] / 693.0)
 
 
+def test_attention_backward_rows_force_each_read_and_are_profiled(monkeypatch):
+    # the split backward with each read forced; those and the default bwd row ask run.py
+    # for a kernel breakdown (kernel_ms on one set of inputs), recorded as device_ms
+    import benchmarks.run as run
+    from benchmarks import bench_attention
+    from benchmarks.common import Case, Prepared
+    from benchmarks.workloads import WORKLOADS
+
+    from benchmarks import common
+
+    wl = WORKLOADS["cpu-tiny"]
+    monkeypatch.setitem(common.OPTIONS, "cpu_peers", True)  # the Triton rows on CPU (interpreter)
+    cases, _ = bench_attention.cases("cuda" if torch.cuda.is_available() else "cpu", False, [wl])
+    bwd = {c.provider: c for c in cases if c.mode == "bwd"}
+    assert {"vdit-triton+split+pointers", "vdit-triton+split+tma"} <= set(bwd)
+    assert all(bwd[p].breakdown for p in bench_attention.BREAKDOWN)
+    assert not bwd["vdit-triton+split"].breakdown and not any(c.breakdown for c in cases if c.mode != "bwd")
+    forced = []
+    monkeypatch.setattr(bench_attention, "with_env", lambda prepared, **env: forced.append(env) or prepared)
+    bwd["vdit-triton+split+tma"].build()
+    assert forced == [{"VDIT_ATTN_BWD": "split", "VDIT_ATTN_BWD_READ": "tma"}]
+
+    monkeypatch.setattr(run, "bench", lambda fn, device, quick, grad_to_none=None:
+                        dict(median_ms=1.0, min_ms=1.0, max_ms=1.0))
+    asked = []
+    monkeypatch.setattr(run, "kernel_ms", lambda build, nbytes, device, quick=False:
+                        asked.append(nbytes) or {"kernel_ms": 0.9, "kernel_breakdown": [("k", 900.0)]})
+    lim = {"compute_tflops": 700.0, "bandwidth_gbs": 3000.0}
+    row = run.run_case(Case("attention", "varlen_attention", "bwd", wl, "p", lambda: Prepared(lambda: None),
+                            flops=1e9, breakdown=True), "cpu", True, lim)
+    assert row["device_ms"] == 0.9 and row["kernel_breakdown"] == [("k", 900.0)] and asked == [1e12]
+    row = run.run_case(Case("attention", "varlen_attention", "bwd", wl, "p", lambda: Prepared(lambda: None),
+                            flops=1e9), "cpu", True, lim)
+    assert "device_ms" not in row and len(asked) == 1
+
+
 def test_error_probe_reports_each_case():
     import subprocess
     import sys
