@@ -13,6 +13,11 @@ that tell "an error from vdit_C" from "an error with CUDA tensors" from "an erro
 CUDA is initialised". Every case runs with a small LD_PRELOAD library, built here with the
 C compiler, that prints the native stack and the libraries mapped on SIGSEGV/SIGBUS
 (gdb may be missing there). Writes a report to stdout; exits 0 whatever it finds.
+
+Found on 2026-11-27 (session 12): the machine's CXX=/opt/gcc/bin/g++ has only a static
+libstdc++, so _C carried its own copy (ldd: no libstdc++.so; the native stack: the crash
+inside std::ostream::_M_insert defined in _C, formatting the error message). setup.py's
+choose_cxx now links with a compiler that has the shared one.
 """
 from __future__ import annotations
 
