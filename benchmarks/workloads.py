@@ -10,6 +10,7 @@ spatial /8), cut into patches (pt, ph, pw) and projected to `hidden` = heads * h
 | hunyuan-720p  | 129 frames 720x1280                          | (33, 90, 160)                         | 16 | (1,2,2) | 3072   | 24 x 128    | 118800 |
 | mixed-pack    | 81f 480x832 + 49f 240x416 + 1 image 720x1280 | (21, 60, 104), (13, 30, 52), (1, 90, 160) | 16 | (1,2,2) | 3072 | 24 x 128 | 41430  |
 | mixed-60k     | 81f 480x832 + 49f 480x832 + 1 image 720x1280 | (21, 60, 104), (13, 60, 104), (1, 90, 160) | 16 | (1,2,2) | 3072 | 24 x 128 | 56640  |
+| train-pack    | 4 x 81f 480x832 + 2 x 129f 720x1280          | 4 x (21, 60, 104), 2 x (33, 90, 160)  | 16 | (1,2,2) | 3072   | 24 x 128    | 368640 |
 | sweep-<T>     | T latent frames at 480x832 (seq-length sweep) | (T, 60, 104)                         | 16 | (1,2,2) | 3072   | 24 x 128    | 1560*T |
 
 (Wan2.1-14B uses hidden 5120 / 40 heads at 720p; Wan2.1-1.3B, hidden 1536 / 12 heads, at 480p.)
@@ -69,6 +70,11 @@ WORKLOADS = {
         # the ROW_ALIGN hint; opt-in (--workload), not in the default list
         Workload("mixed-d72", "81f 480x832 + 49f 240x416 + one 720x1280 image, 16 heads of 72",
                  ((21, 60, 104), (13, 30, 52), (1, 90, 160)), 16, (1, 2, 2), 1152, 16, 72),
+        # a pack before sequence parallelism shards it (vdit_kernels.parallel): patchify
+        # moves 94 MB here against 10 MB on mixed-pack, whose few-microsecond kernels
+        # cannot reach a large copy's bandwidth (launch ramp and tail); opt-in (--workload)
+        Workload("train-pack", "4 x 81f 480x832 + 2 x 129f 720x1280 (a sequence-parallel training pack)",
+                 ((21, 60, 104),) * 4 + ((33, 90, 160),) * 2, 16, (1, 2, 2), 3072, 24, 128),
         Workload("cpu-tiny", "CPU smoke test: three tiny videos",
                  ((5, 12, 16), (1, 8, 8), (2, 6, 10)), 4, (1, 2, 2), 96, 2, 48),
     ]
