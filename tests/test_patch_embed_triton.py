@@ -206,11 +206,53 @@ def test_patch_embed_auto_times_the_variants_once_per_key(monkeypatch):
         check_patch_embed(pack, 4, 40, torch.float32)
 
 
+@pytest.mark.parametrize("variant", ["fused", "gemm"])
 @pytest.mark.parametrize("dtype", DOT_DTYPES)
 @pytest.mark.parametrize("patch_size", [(1, 2, 2), (2, 2, 2)])
 @pytest.mark.parametrize("bias", [True, False])
-def test_linear_unpatchify_dtypes(dtype, patch_size, bias):
+def test_linear_unpatchify_dtypes(monkeypatch, variant, dtype, patch_size, bias):
+    monkeypatch.setenv("VDIT_LINEAR_UNPATCHIFY_FWD", variant)
+    monkeypatch.setenv("VDIT_LINEAR_UNPATCHIFY_BWD", variant)
     check_linear_unpatchify(_pack(PACKS["mixed"], patch_size), 4, 40, dtype, bias=bias)
+
+
+@pytest.mark.parametrize("variant", ["fused", "gemm"])
+def test_linear_unpatchify_variant_runs_what_it_names(monkeypatch, variant):
+    import vdit_kernels.triton.patch as tp
+
+    calls = []
+    for name in ("_gather_gemm", "_scatter_gemm", "_wgrad", "_copies"):
+        real = getattr(tp, name)
+        monkeypatch.setattr(tp, name, lambda *a, real=real, name=name, **k: calls.append(name) or real(*a, **k))
+    monkeypatch.setenv("VDIT_LINEAR_UNPATCHIFY_FWD", variant)
+    monkeypatch.setenv("VDIT_LINEAR_UNPATCHIFY_BWD", variant)
+    check_linear_unpatchify(_pack(PACKS["mixed"], (1, 2, 2)), 4, 40, torch.float32)
+    expected = {"fused": ["_scatter_gemm", "_gather_gemm", "_wgrad"], "gemm": ["_copies", "_copies"]}[variant]
+    assert calls == expected
+
+
+def test_linear_unpatchify_auto_times_the_variants_once_per_key(monkeypatch):
+    import vdit_kernels.triton as T
+    import vdit_kernels.triton.patch as tp
+
+    timed = []
+
+    def fake_fastest(what, runs):
+        assert set(runs) == {"fused", "gemm"}
+        timed.append(what)
+        return "gemm"
+    monkeypatch.setattr(T, "fastest", fake_fastest)
+    monkeypatch.setattr(T, "can_measure", lambda t: True)
+    monkeypatch.setattr(tp, "_UNEMBED_FWD_CHOICE", {})
+    monkeypatch.setattr(tp, "_UNEMBED_BWD_CHOICE", {})
+    for env in ("VDIT_LINEAR_UNPATCHIFY_FWD", "VDIT_LINEAR_UNPATCHIFY_BWD"):
+        monkeypatch.delenv(env, raising=False)
+    pack = _pack(PACKS["mixed"], (1, 2, 2))
+    check_linear_unpatchify(pack, 4, 40, torch.float32)
+    check_linear_unpatchify(pack, 4, 40, torch.float32, seed=1)
+    assert timed == ["linear_unpatchify forward", "linear_unpatchify backward"]
+    assert any("linear_unpatchify backward F=16 hidden=40" in line and ": gemm" in line
+               for line in tp.measured_choices())
 
 
 @pytest.mark.parametrize("name,channels,hidden", [

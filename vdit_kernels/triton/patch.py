@@ -602,10 +602,15 @@ _embed_tuned = triton.autotune(
 # and the shapes, so "auto" (the default) times both on the first call per (hidden, F,
 # dtype, GPU, bias, token class); VDIT_PATCH_EMBED_FWD / VDIT_PATCH_EMBED_BWD = fused |
 # gemm force one. Without measurement (CPU, float32, autotuning off, a graph capture):
-# fused.
+# fused. linear_unpatchify (the output layer) has the same two variants, the other way
+# round (forward: PyTorch's addmm, then our scatter; backward: our gather, then dX, dW
+# and the bias gradient as a column sum), keyed and forced alike
+# (VDIT_LINEAR_UNPATCHIFY_FWD / VDIT_LINEAR_UNPATCHIFY_BWD).
 EMBED_VARIANTS = ("fused", "gemm")
 _EMBED_FWD_CHOICE: dict = {}
 _EMBED_BWD_CHOICE: dict = {}
+_UNEMBED_FWD_CHOICE: dict = {}
+_UNEMBED_BWD_CHOICE: dict = {}
 
 
 def _embed_key(w: torch.Tensor, videos, patch_size, with_bias: bool) -> tuple:
@@ -613,7 +618,17 @@ def _embed_key(w: torch.Tensor, videos, patch_size, with_bias: bool) -> tuple:
     up to 64K, more tokens)."""
     pt, ph, pw = patch_size
     n = sum((v.shape[1] // pt) * (v.shape[2] // ph) * (v.shape[3] // pw) for v in videos)
-    return (*w.shape, videos[0].dtype, videos[0].device, with_bias, sum(n > b for b in (4096, 65536)))
+    return (*w.shape, videos[0].dtype, videos[0].device, with_bias, _token_class(n))
+
+
+def _token_class(n: int) -> int:
+    """0: up to 4K tokens, 1: up to 64K, 2: more."""
+    return sum(n > b for b in (4096, 65536))
+
+
+def _unembed_key(x: torch.Tensor, weight: torch.Tensor, with_bias: bool) -> tuple:
+    """linear_unpatchify's measured choice key: (F, hidden, dtype, device, bias, token class)."""
+    return (*weight.shape, x.dtype, x.device, with_bias, _token_class(x.shape[0]))
 
 
 def measured_choices() -> list[str]:
@@ -622,6 +637,10 @@ def measured_choices() -> list[str]:
              f"bias={k[4]} token class {k[5]}: {choice} (of {', '.join(EMBED_VARIANTS)})"
              for what, cache in (("forward", _EMBED_FWD_CHOICE), ("backward", _EMBED_BWD_CHOICE))
              for k, choice in cache.items()]
+    lines += [f"linear_unpatchify {what} F={k[0]} hidden={k[1]} {str(k[2]).replace('torch.', '')} {k[3]} "
+              f"bias={k[4]} token class {k[5]}: {choice} (of {', '.join(EMBED_VARIANTS)})"
+              for what, cache in (("forward", _UNEMBED_FWD_CHOICE), ("backward", _UNEMBED_BWD_CHOICE))
+              for k, choice in cache.items()]
     return lines + autotuned_choices({"patch_embed": _embed_tuned})
 
 
@@ -823,25 +842,47 @@ def patch_embed_backward(grad, videos, weight, with_bias):
 
 @on_tensors_device
 def linear_unpatchify(x, weight, bias, shapes, patch_size, channels):
-    """videos = unpatchify(x @ weight.T + bias), scattered from the GEMM epilogue, one launch."""
+    """videos = unpatchify(x @ weight.T + bias): fused, scattered from the GEMM epilogue in
+    one launch; gemm, PyTorch's addmm and then our scatter (measured choice, see above)."""
     shapes, patch_size = [int(s) for s in shapes], tuple(int(p) for p in patch_size)
     if x.dtype == torch.float64:  # no float64 tl.dot: PyTorch GEMM + Triton scatter
         y = x @ weight.t()
         return unpatchify(y + bias if bias is not None else y, shapes, patch_size, channels)
-    return _scatter_gemm(x, weight.t(), bias, shapes, patch_size, channels)
+
+    def gemm():
+        y = torch.addmm(bias, x, weight.t()) if bias is not None else x @ weight.t()
+        return _copies(x).unpatchify(y, shapes, patch_size, channels)
+    runs = {"fused": lambda: _scatter_gemm(x, weight.t(), bias, shapes, patch_size, channels), "gemm": gemm}
+    run = runs[measured_choice("VDIT_LINEAR_UNPATCHIFY_FWD", EMBED_VARIANTS, _UNEMBED_FWD_CHOICE,
+                               _unembed_key(x, weight, bias is not None),
+                               timing("linear_unpatchify forward", runs, x))]
+    return run()
 
 
 @on_tensors_device
 def linear_unpatchify_backward(grad_videos, x, weight, patch_size, with_bias):
-    """grad videos -> (grad x, grad weight, grad bias | None); grad_y is gathered, never stored."""
+    """grad videos -> (grad x, grad weight, grad bias | None); fused: grad_y is gathered
+    inside the products, never stored; gemm: gathered once, (N, F), for PyTorch's GEMMs."""
     patch_size = tuple(int(p) for p in patch_size)
     grad_videos = [g.to(x.dtype) for g in grad_videos]
     if x.dtype == torch.float64:
         gy = patchify(grad_videos, patch_size)
         return gy @ weight, gy.t() @ x, gy.sum(0) if with_bias else None
-    grad_x = _gather_gemm(grad_videos, weight, None, patch_size)
-    grad_wt, grad_b = _wgrad(grad_videos, x, patch_size, bias="gathered" if with_bias else None)
-    return grad_x, grad_wt.t().to(weight.dtype).contiguous(), grad_b.to(weight.dtype) if with_bias else None
+
+    def fused():
+        grad_x = _gather_gemm(grad_videos, weight, None, patch_size)
+        grad_wt, grad_b = _wgrad(grad_videos, x, patch_size, bias="gathered" if with_bias else None)
+        return grad_x, grad_wt.t(), grad_b
+
+    def gemm():  # gy, the gathered gradient (N, F), is small: F columns against hidden
+        gy = _copies(x).patchify(grad_videos, patch_size)
+        return gy @ weight, gy.t() @ x, gy.sum(0, dtype=torch.float32) if with_bias else None
+    runs = {"fused": fused, "gemm": gemm}
+    run = runs[measured_choice("VDIT_LINEAR_UNPATCHIFY_BWD", EMBED_VARIANTS, _UNEMBED_BWD_CHOICE,
+                               _unembed_key(x, weight, with_bias),
+                               timing("linear_unpatchify backward", runs, x))]
+    grad_x, grad_w, grad_b = run()
+    return grad_x, grad_w.to(weight.dtype).contiguous(), grad_b.to(weight.dtype) if with_bias else None
 
 
 def aot_specs() -> list[dict]:
