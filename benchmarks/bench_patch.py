@@ -6,7 +6,8 @@ Providers: vdit backends (reference, triton, cuda) where they implement the op;
 peers: per-video reshape+permute (eager and torch.compile'd) for (un)patchify;
 nn.Conv3d (F.conv3d per video + flatten), reshape+permute+nn.Linear eager and
 torch.compile'd for patch_embed; and on a GPU vdit-triton+fused / vdit-triton+gemm, the
-Triton patch embedding with its variant forced (VDIT_PATCH_EMBED_FWD / _BWD).
+Triton patch embedding with its variant forced (VDIT_PATCH_EMBED_FWD / _BWD), and
+vdit-triton-compile, ours inside torch.compile (matched with the compiled peer).
 """
 from __future__ import annotations
 
@@ -143,6 +144,11 @@ def cases(device: str, quick: bool, workloads, providers=None):
                       lambda v, w, bias, pack, linear=linear: linear(v, w.reshape(w.shape[0], -1), bias, wl.patch))
             if not compiled:
                 add_embed("nn.Conv3d", lambda v, w, bias, pack: _conv3d(v, w, bias, wl.patch))
+            elif not vdit_reason("triton", "patch", device, "patch_embed"):
+                # ours under torch.compile too: the compiled peer's fair match (a compiled
+                # graph calls the registered op, without the eager autograd layers)
+                ours = wrap(lambda v, w, bias, pack: vk.patch_embed(v, pack, w, bias, backend="triton"))
+                add_embed("vdit-triton-compile", lambda v, w, bias, pack, ours=ours: ours(v, w, bias, pack))
 
         # the Triton patch embedding with its variant forced (by default it times both on its
         # first call): the fused kernels, or our gather / scatter around PyTorch's GEMMs

@@ -238,7 +238,9 @@ TARGETS = [
     ("RoPE >= flash-attn's Triton rotary", "rope", "rope_3d", "fwd", ("vdit-cuda", "vdit-triton"),
      "flash-attn-rotary", 1.0),
     ("RoPE >= Liger's rope", "rope", "rope_3d", "fwd", ("vdit-cuda", "vdit-triton"), "liger-rope", 1.0),
-] + [(f"patch_embed {mode} >= 1.2x {peer}", "patch", "patch_embed", mode, ("vdit-triton",), peer, 1.2)
+] + [(f"patch_embed {mode} >= 1.2x {peer}", "patch", "patch_embed", mode,
+      # against the compiled peer, ours eager or compiled (a user compiling both)
+      ("vdit-triton", "vdit-triton-compile") if peer.endswith("-compile") else ("vdit-triton",), peer, 1.2)
      for mode in ("fwd", "fwd+bwd") for peer in ("permute-linear", "permute-linear-compile")] + [
     ("patch_embed vs nn.Conv3d", "patch", "patch_embed", "fwd", ("vdit-triton",), "nn.Conv3d", None),
     ("attention fwd >= 1.3x varlen_attn", "attention", "varlen_attention", "fwd", ("vdit-triton",),

@@ -419,13 +419,21 @@ def test_target_table_judges_the_issues_targets():
             row("attention", "varlen_attention", "bwd", "vdit-triton", 80.0),  # auto may be PyTorch's kernel
             row("attention", "varlen_attention", "bwd", "torch-varlen", 100.0),
             row("patch", "patchify", "fwd", "vdit-cuda", 0.05, kernel_gbs=2500.0, kernel_pct_of_limit=83.3),
-            row("patch", "patchify", "fwd", "vdit-reference", 0.2)]
+            row("patch", "patchify", "fwd", "vdit-reference", 0.2),
+            row("patch", "patch_embed", "fwd", "vdit-triton", 0.124),
+            row("patch", "patch_embed", "fwd", "vdit-triton-compile", 0.09),
+            row("patch", "patch_embed", "fwd", "permute-linear", 0.13),
+            row("patch", "patch_embed", "fwd", "permute-linear-compile", 0.117)]
     lines = run.target_table(rows).splitlines()
     judged = {line.split(" | ")[0].lstrip("| "): line for line in lines[2:]}
     assert "| 1.11x | NO |" in judged["attention bwd (our kernels) >= 1.2x varlen_attn"]  # +atomic-dq, not auto
     assert "| 1.25x | - |" in judged["attention bwd as run by default vs varlen_attn"]
     assert "| 4.00x | yes |" in judged["patchify >= 3x the reference"]
     assert "| 83% | yes |" in judged["patchify kernels >= 80% of the copy bandwidth"]
+    # ours compiled counts against the compiled peer only
+    assert "vdit-triton 0.124 ms" in judged["patch_embed fwd >= 1.2x permute-linear"]
+    assert "vdit-triton-compile 0.090 ms | permute-linear-compile 0.117 ms | 1.30x | yes |" in \
+        judged["patch_embed fwd >= 1.2x permute-linear-compile"]
     assert run.target_table([]).startswith("No target")
 
 
