@@ -10,6 +10,11 @@ import triton
 import triton.language as tl
 from triton.runtime.errors import OutOfResources
 
+try:  # host-side TMA descriptors (Triton >= 3.4)
+    from triton.tools.tensor_descriptor import TensorDescriptor
+except ImportError:  # pragma: no cover
+    TensorDescriptor = None
+
 from ..checks import first_tensor
 
 _LOG = logging.getLogger("vdit_kernels")

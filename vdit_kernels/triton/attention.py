@@ -85,15 +85,10 @@ import torch
 import triton
 import triton.language as tl
 
-try:  # host-side TMA descriptors (Triton >= 3.4)
-    from triton.tools.tensor_descriptor import TensorDescriptor
-except ImportError:  # pragma: no cover
-    TensorDescriptor = None
-
 from .. import backend as _backend
 from ..checks import KERNEL_DTYPES
-from . import (COMPILE_OPTIONS, autotune_enabled, autotuned_choices, launch_first_that_fits, loop_bound,
-               measured_choice, on_tensors_device, pow2_dividing, timing)
+from . import (COMPILE_OPTIONS, TensorDescriptor, autotune_enabled, autotuned_choices, launch_first_that_fits,
+               loop_bound, measured_choice, on_tensors_device, pow2_dividing, timing)
 from . import rope as triton_rope
 
 # the accumulators are float32: a float64 product would be float32-accurate at best
