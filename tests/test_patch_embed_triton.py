@@ -145,114 +145,84 @@ def check_linear_unpatchify(pack, channels, hidden, dtype, bias=True, noncontig_
         _compare(g, s, r, name)
 
 
+# the two ops with a fused and a gemm variant: (check, their variables' prefix, the
+# measured choices' caches, what each variant calls, a measured_choices() line of hidden 40)
+VARIANT_OPS = {
+    "patch_embed": (check_patch_embed, "VDIT_PATCH_EMBED", ("_EMBED_FWD_CHOICE", "_EMBED_BWD_CHOICE"),
+                    {"fused": ["_gather_gemm", "_scatter_gemm", "_wgrad"],
+                     "gemm": ["_copies", "_embed_backward_gemm", "_copies"]},
+                    "patch_embed backward hidden=40 F=16"),
+    "linear_unpatchify": (check_linear_unpatchify, "VDIT_LINEAR_UNPATCHIFY",
+                          ("_UNEMBED_FWD_CHOICE", "_UNEMBED_BWD_CHOICE"),
+                          {"fused": ["_scatter_gemm", "_gather_gemm", "_wgrad"], "gemm": ["_copies", "_copies"]},
+                          "linear_unpatchify backward F=16 hidden=40"),
+}
+
+
+@pytest.mark.parametrize("op", VARIANT_OPS)
 @pytest.mark.parametrize("variant", ["fused", "gemm"])
 @pytest.mark.parametrize("dtype", DOT_DTYPES)
 @pytest.mark.parametrize("patch_size", [(1, 2, 2), (2, 2, 2)])
 @pytest.mark.parametrize("bias", [True, False])
-def test_patch_embed_dtypes(monkeypatch, variant, dtype, patch_size, bias):
+def test_dtypes(monkeypatch, op, variant, dtype, patch_size, bias):
     # both variants, forward and backward (vdit_kernels.triton.patch.EMBED_VARIANTS)
-    monkeypatch.setenv("VDIT_PATCH_EMBED_FWD", variant)
-    monkeypatch.setenv("VDIT_PATCH_EMBED_BWD", variant)
-    check_patch_embed(_pack(PACKS["mixed"], patch_size), 4, 40, dtype, bias=bias)
+    check, env = VARIANT_OPS[op][:2]
+    monkeypatch.setenv(env + "_FWD", variant)
+    monkeypatch.setenv(env + "_BWD", variant)
+    check(_pack(PACKS["mixed"], patch_size), 4, 40, dtype, bias=bias)
 
 
+@pytest.mark.parametrize("op", VARIANT_OPS)
 @pytest.mark.parametrize("variant", ["fused", "gemm"])
-def test_patch_embed_variant_runs_what_it_names(monkeypatch, variant):
+def test_variant_runs_what_it_names(monkeypatch, op, variant):
     import vdit_kernels.triton.patch as tp
 
+    check, env, _, expected, _ = VARIANT_OPS[op]
     calls = []
-    for name in ("_gather_gemm", "_scatter_gemm", "_wgrad", "_embed_backward_gemm"):
+    for name in ("_gather_gemm", "_scatter_gemm", "_wgrad", "_embed_backward_gemm", "_copies"):
         real = getattr(tp, name)
         monkeypatch.setattr(tp, name, lambda *a, real=real, name=name, **k: calls.append(name) or real(*a, **k))
-    monkeypatch.setenv("VDIT_PATCH_EMBED_FWD", variant)
-    monkeypatch.setenv("VDIT_PATCH_EMBED_BWD", variant)
-    check_patch_embed(_pack(PACKS["mixed"], (1, 2, 2)), 4, 40, torch.float32)
-    expected = {"fused": ["_gather_gemm", "_scatter_gemm", "_wgrad"], "gemm": ["_embed_backward_gemm"]}[variant]
-    assert calls == expected
+    monkeypatch.setenv(env + "_FWD", variant)
+    monkeypatch.setenv(env + "_BWD", variant)
+    check(_pack(PACKS["mixed"], (1, 2, 2)), 4, 40, torch.float32)
+    assert calls == expected[variant]
 
 
-def test_patch_embed_auto_times_the_variants_once_per_key(monkeypatch):
+@pytest.mark.parametrize("op", VARIANT_OPS)
+def test_auto_times_the_variants_once_per_key(monkeypatch, op):
     # "auto" where it may measure (a GPU, half precision): the first call of a key times
     # both variants and keeps the faster; calls of other hidden sizes or token classes time
     # again. Here the timing is a stand-in that names "gemm" (the real one needs a GPU)
+    import vdit_kernels.triton as T
     import vdit_kernels.triton.patch as tp
 
+    check, env, caches, expected, line = VARIANT_OPS[op]
     timed = []
 
     def fake_fastest(what, runs):
         assert set(runs) == {"fused", "gemm"}
         timed.append(what)
         return "gemm"
-    import vdit_kernels.triton as T
-
     monkeypatch.setattr(T, "fastest", fake_fastest)
     monkeypatch.setattr(T, "can_measure", lambda t: True)
-    monkeypatch.setattr(tp, "_EMBED_FWD_CHOICE", {})
-    monkeypatch.setattr(tp, "_EMBED_BWD_CHOICE", {})
-    gemm_calls = []
-    real = tp._embed_backward_gemm
-    monkeypatch.setattr(tp, "_embed_backward_gemm", lambda *a, **k: gemm_calls.append(1) or real(*a, **k))
-    for env in ("VDIT_PATCH_EMBED_FWD", "VDIT_PATCH_EMBED_BWD"):
-        monkeypatch.delenv(env, raising=False)
+    for cache in caches:
+        monkeypatch.setattr(tp, cache, {})
+    copies = []
+    real = tp._copies
+    monkeypatch.setattr(tp, "_copies", lambda *a: copies.append(1) or real(*a))
+    for suffix in ("_FWD", "_BWD"):
+        monkeypatch.delenv(env + suffix, raising=False)
     pack = _pack(PACKS["mixed"], (1, 2, 2))
-    check_patch_embed(pack, 4, 40, torch.float32)
-    check_patch_embed(pack, 4, 40, torch.float32, seed=1)
-    assert timed == ["patch_embed forward", "patch_embed backward"] and len(gemm_calls) == 2
-    check_patch_embed(pack, 4, 24, torch.float32)  # another hidden size: timed again
+    check(pack, 4, 40, torch.float32)
+    check(pack, 4, 40, torch.float32, seed=1)
+    assert timed == [f"{op} forward", f"{op} backward"]
+    assert len(copies) == 2 * expected["gemm"].count("_copies")  # both calls ran gemm, both ways
+    check(pack, 4, 24, torch.float32)  # another hidden size: timed again
     assert len(timed) == 4
-    assert any("patch_embed backward hidden=40 F=16" in line and ": gemm" in line for line in tp.measured_choices())
-    monkeypatch.setenv("VDIT_PATCH_EMBED_BWD", "turbo")
-    with pytest.raises(ValueError, match="VDIT_PATCH_EMBED_BWD must be one of"):
-        check_patch_embed(pack, 4, 40, torch.float32)
-
-
-@pytest.mark.parametrize("variant", ["fused", "gemm"])
-@pytest.mark.parametrize("dtype", DOT_DTYPES)
-@pytest.mark.parametrize("patch_size", [(1, 2, 2), (2, 2, 2)])
-@pytest.mark.parametrize("bias", [True, False])
-def test_linear_unpatchify_dtypes(monkeypatch, variant, dtype, patch_size, bias):
-    monkeypatch.setenv("VDIT_LINEAR_UNPATCHIFY_FWD", variant)
-    monkeypatch.setenv("VDIT_LINEAR_UNPATCHIFY_BWD", variant)
-    check_linear_unpatchify(_pack(PACKS["mixed"], patch_size), 4, 40, dtype, bias=bias)
-
-
-@pytest.mark.parametrize("variant", ["fused", "gemm"])
-def test_linear_unpatchify_variant_runs_what_it_names(monkeypatch, variant):
-    import vdit_kernels.triton.patch as tp
-
-    calls = []
-    for name in ("_gather_gemm", "_scatter_gemm", "_wgrad", "_copies"):
-        real = getattr(tp, name)
-        monkeypatch.setattr(tp, name, lambda *a, real=real, name=name, **k: calls.append(name) or real(*a, **k))
-    monkeypatch.setenv("VDIT_LINEAR_UNPATCHIFY_FWD", variant)
-    monkeypatch.setenv("VDIT_LINEAR_UNPATCHIFY_BWD", variant)
-    check_linear_unpatchify(_pack(PACKS["mixed"], (1, 2, 2)), 4, 40, torch.float32)
-    expected = {"fused": ["_scatter_gemm", "_gather_gemm", "_wgrad"], "gemm": ["_copies", "_copies"]}[variant]
-    assert calls == expected
-
-
-def test_linear_unpatchify_auto_times_the_variants_once_per_key(monkeypatch):
-    import vdit_kernels.triton as T
-    import vdit_kernels.triton.patch as tp
-
-    timed = []
-
-    def fake_fastest(what, runs):
-        assert set(runs) == {"fused", "gemm"}
-        timed.append(what)
-        return "gemm"
-    monkeypatch.setattr(T, "fastest", fake_fastest)
-    monkeypatch.setattr(T, "can_measure", lambda t: True)
-    monkeypatch.setattr(tp, "_UNEMBED_FWD_CHOICE", {})
-    monkeypatch.setattr(tp, "_UNEMBED_BWD_CHOICE", {})
-    for env in ("VDIT_LINEAR_UNPATCHIFY_FWD", "VDIT_LINEAR_UNPATCHIFY_BWD"):
-        monkeypatch.delenv(env, raising=False)
-    pack = _pack(PACKS["mixed"], (1, 2, 2))
-    check_linear_unpatchify(pack, 4, 40, torch.float32)
-    check_linear_unpatchify(pack, 4, 40, torch.float32, seed=1)
-    assert timed == ["linear_unpatchify forward", "linear_unpatchify backward"]
-    assert any("linear_unpatchify backward F=16 hidden=40" in line and ": gemm" in line
-               for line in tp.measured_choices())
+    assert any(line in choice and ": gemm" in choice for choice in tp.measured_choices())
+    monkeypatch.setenv(env + "_BWD", "turbo")
+    with pytest.raises(ValueError, match=f"{env}_BWD must be one of"):
+        check(pack, 4, 40, torch.float32)
 
 
 @pytest.mark.parametrize("name,channels,hidden", [
