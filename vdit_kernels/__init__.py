@@ -1,7 +1,8 @@
 """vdit_kernels: fused kernels for the attention stack of video diffusion transformers.
 
 Public API (each function validates its arguments, picks a backend - see
-vdit_kernels.backend - and calls a registered torch.library op):
+vdit_kernels.backend - and calls a registered torch.library op, or in plain eager code
+the same implementation and autograd formula without the dispatcher: ops/direct.py):
   VideoPack                       pack metadata (cu_seqlens, positions, ...)
   patchify / unpatchify           videos <-> packed tokens
   patch_embed                     patchify + linear projection (Conv3d weights)
