@@ -27,7 +27,7 @@ from .. import backend as _backend
 from .. import reference as ref
 from ..checks import (autocast_inputs, check, check_cu_seqlens, check_float, check_positions, check_rope_dims,
                       check_same, check_theta)
-from .direct import call, register
+from .direct import call, define, register_autograd
 from .rope import Rope3D
 
 FAMILY = "attention"
@@ -94,17 +94,16 @@ def _impl(backend: str):
 
 
 def _varlen_attention(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_seqlens_k: Tensor,
-                        max_seqlen_q: int, max_seqlen_k: int, softmax_scale: float,
-                        rope_positions: Optional[Tensor], rope_dims: list[int], rope_theta: float,
-                        rope_interleaved: bool, deterministic: bool,
-                        backend: str) -> tuple[Tensor, Tensor]:
+                      max_seqlen_q: int, max_seqlen_k: int, softmax_scale: float,
+                      rope_positions: Optional[Tensor], rope_dims: list[int], rope_theta: float,
+                      rope_interleaved: bool, deterministic: bool,
+                      backend: str) -> tuple[Tensor, Tensor]:
     rope = _rope_tuple(rope_positions, rope_dims, rope_theta, rope_interleaved)
     return _impl(backend).varlen_attention_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
                                                max_seqlen_k, softmax_scale, rope)
 
 
-
-varlen_attention_op = torch.library.custom_op("vdit::varlen_attention", _varlen_attention, mutates_args=())
+varlen_attention_op = define("vdit::varlen_attention", _varlen_attention)
 
 
 @varlen_attention_op.register_fake
@@ -114,12 +113,12 @@ def _(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_s
 
 
 def _varlen_attention_backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor,
-                                 lse: Tensor, grad_lse: Optional[Tensor], cu_seqlens_q: Tensor,
-                                 cu_seqlens_k: Tensor,
-                                 max_seqlen_q: int, max_seqlen_k: int, softmax_scale: float,
-                                 rope_positions: Optional[Tensor], rope_dims: list[int],
-                                 rope_theta: float, rope_interleaved: bool, deterministic: bool,
-                                 backend: str) -> tuple[Tensor, Tensor, Tensor]:
+                               lse: Tensor, grad_lse: Optional[Tensor], cu_seqlens_q: Tensor,
+                               cu_seqlens_k: Tensor,
+                               max_seqlen_q: int, max_seqlen_k: int, softmax_scale: float,
+                               rope_positions: Optional[Tensor], rope_dims: list[int],
+                               rope_theta: float, rope_interleaved: bool, deterministic: bool,
+                               backend: str) -> tuple[Tensor, Tensor, Tensor]:
     rope = _rope_tuple(rope_positions, rope_dims, rope_theta, rope_interleaved)
     return _impl(backend).varlen_attention_bwd(grad_out, q, k, v, out, lse, grad_lse, cu_seqlens_q,
                                                cu_seqlens_k,
@@ -127,10 +126,7 @@ def _varlen_attention_backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor
                                                deterministic)
 
 
-
-varlen_attention_backward_op = torch.library.custom_op("vdit::varlen_attention_backward",
-                                                       _varlen_attention_backward, mutates_args=())
-register(varlen_attention_backward_op, _varlen_attention_backward)
+varlen_attention_backward_op = define("vdit::varlen_attention_backward", _varlen_attention_backward)
 
 
 @varlen_attention_backward_op.register_fake
@@ -161,7 +157,7 @@ def _attention_backward(ctx, grad_out, grad_lse):
     return (gq, gk, gv) + (None,) * 11
 
 
-register(varlen_attention_op, _varlen_attention, _attention_setup, _attention_backward)
+register_autograd(varlen_attention_op, _attention_setup, _attention_backward)
 
 
 def varlen_attention(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_seqlens_k: Tensor,

@@ -16,7 +16,7 @@ takes 7 us. So each public function ends in `call(op, *args)`:
   * otherwise, when no input needs a gradient: the implementation the op runs, called
     directly;
   * otherwise: the same implementation, setup_context and backward the op registered
-    (register() below keeps them), through one torch.autograd.Function.
+    (define() and register_autograd() below keep them), through one torch.autograd.Function.
 
 Both routes run the same functions, so they agree bit for bit; VDIT_DIRECT=0 (read at
 import) sends every call through the ops, as tests do to compare the two.
@@ -34,12 +34,18 @@ _FORMULAS: dict = {}  # op -> (impl, setup_context, backward)
 _PLAIN = (torch.Tensor, torch.nn.Parameter)
 
 
-def register(op, impl: Callable, setup: Optional[Callable] = None, backward: Optional[Callable] = None):
-    """Give `op` (a torch.library custom op whose body is impl(*args)) its autograd
-    formula, if any, and keep impl and the formula for call()'s direct route."""
-    if backward is not None:
-        op.register_autograd(backward, setup_context=setup)
-    _FORMULAS[op] = (impl, setup, backward)
+def define(name: str, impl: Callable):
+    """The torch.library custom op `name` (no mutated arguments) whose body is impl, its
+    schema read from impl's annotations; call() may run impl for it directly."""
+    op = torch.library.custom_op(name, impl, mutates_args=())
+    _FORMULAS[op] = (impl, None, None)
+    return op
+
+
+def register_autograd(op, setup: Callable, backward: Callable) -> None:
+    """op.register_autograd(backward, setup_context=setup), kept for call()'s direct route too."""
+    op.register_autograd(backward, setup_context=setup)
+    _FORMULAS[op] = (_FORMULAS[op][0], setup, backward)
 
 
 def _count(arg) -> Optional[int]:

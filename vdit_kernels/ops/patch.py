@@ -25,7 +25,7 @@ from torch import Tensor
 from .. import backend as _backend
 from .. import reference as ref
 from ..checks import autocast_inputs, check_float, check_same, check_videos
-from .direct import call, register
+from .direct import call, define, register_autograd
 
 FAMILY = "patch"
 
@@ -119,7 +119,7 @@ def _patchify(videos: list[Tensor], patch_size: list[int], backend: str) -> Tens
     return _impl(backend).patchify(videos, patch_size)
 
 
-patchify_op = torch.library.custom_op("vdit::patchify", _patchify, mutates_args=())
+patchify_op = define("vdit::patchify", _patchify)
 
 
 @patchify_op.register_fake
@@ -135,7 +135,7 @@ def _unpatchify(tokens: Tensor, shapes: list[int], patch_size: list[int], channe
     return _impl(backend).unpatchify(tokens, shapes, patch_size, channels)
 
 
-unpatchify_op = torch.library.custom_op("vdit::unpatchify", _unpatchify, mutates_args=())
+unpatchify_op = define("vdit::unpatchify", _unpatchify)
 
 
 @unpatchify_op.register_fake
@@ -163,15 +163,15 @@ def _unpatchify_backward(ctx, grads):
     return call(patchify_op, [g.contiguous() for g in grads], ctx.patch_size, ctx.backend), None, None, None, None
 
 
-register(patchify_op, _patchify, _patchify_setup, _patchify_backward)
-register(unpatchify_op, _unpatchify, _unpatchify_setup, _unpatchify_backward)
+register_autograd(patchify_op, _patchify_setup, _patchify_backward)
+register_autograd(unpatchify_op, _unpatchify_setup, _unpatchify_backward)
 
 
 def _patch_embed(videos: list[Tensor], weight: Tensor, bias: Optional[Tensor], backend: str) -> Tensor:
     return _impl(backend).patch_embed(videos, weight, bias)
 
 
-patch_embed_op = torch.library.custom_op("vdit::patch_embed", _patch_embed, mutates_args=())
+patch_embed_op = define("vdit::patch_embed", _patch_embed)
 
 
 @patch_embed_op.register_fake
@@ -187,9 +187,7 @@ def _patch_embed_backward_impl(grad: Tensor, videos: list[Tensor], weight: Tenso
     return grad_x, grad_w, grad_b if grad_b is not None else weight.new_empty(0)
 
 
-patch_embed_backward_op = torch.library.custom_op("vdit::patch_embed_backward", _patch_embed_backward_impl,
-                                                  mutates_args=())
-register(patch_embed_backward_op, _patch_embed_backward_impl)
+patch_embed_backward_op = define("vdit::patch_embed_backward", _patch_embed_backward_impl)
 
 
 @patch_embed_backward_op.register_fake
@@ -211,7 +209,7 @@ def _patch_embed_backward(ctx, grad):
     return grad_x, grad_w, grad_b if ctx.with_bias else None, None
 
 
-register(patch_embed_op, _patch_embed, _patch_embed_setup, _patch_embed_backward)
+register_autograd(patch_embed_op, _patch_embed_setup, _patch_embed_backward)
 
 
 def _linear_unpatchify(x: Tensor, weight: Tensor, bias: Optional[Tensor], shapes: list[int],
@@ -219,7 +217,7 @@ def _linear_unpatchify(x: Tensor, weight: Tensor, bias: Optional[Tensor], shapes
     return _impl(backend).linear_unpatchify(x, weight, bias, shapes, patch_size, channels)
 
 
-linear_unpatchify_op = torch.library.custom_op("vdit::linear_unpatchify", _linear_unpatchify, mutates_args=())
+linear_unpatchify_op = define("vdit::linear_unpatchify", _linear_unpatchify)
 
 
 @linear_unpatchify_op.register_fake
@@ -235,9 +233,7 @@ def _linear_unpatchify_backward_impl(grad_videos: list[Tensor], x: Tensor, weigh
     return grad_x, grad_w, grad_b if grad_b is not None else weight.new_empty(0)
 
 
-linear_unpatchify_backward_op = torch.library.custom_op(
-    "vdit::linear_unpatchify_backward", _linear_unpatchify_backward_impl, mutates_args=())
-register(linear_unpatchify_backward_op, _linear_unpatchify_backward_impl)
+linear_unpatchify_backward_op = define("vdit::linear_unpatchify_backward", _linear_unpatchify_backward_impl)
 
 
 @linear_unpatchify_backward_op.register_fake
@@ -260,7 +256,7 @@ def _linear_unpatchify_backward(ctx, grads):
     return grad_x, grad_w, grad_b if ctx.with_bias else None, None, None, None, None
 
 
-register(linear_unpatchify_op, _linear_unpatchify, _linear_unpatchify_setup, _linear_unpatchify_backward)
+register_autograd(linear_unpatchify_op, _linear_unpatchify_setup, _linear_unpatchify_backward)
 
 
 # -- public functions ---------------------------------------------------------------

@@ -20,7 +20,7 @@ from .. import backend as _backend
 from .. import reference as ref
 from ..checks import (check, check_float, check_inplace_rope, check_positions, check_rope_dims, check_same,
                       check_theta)
-from .direct import call, register
+from .direct import call, define, register_autograd
 
 FAMILY = "rope"
 
@@ -49,7 +49,7 @@ def _rope_3d(q: Tensor, k: Tensor, positions: Tensor, dims: list[int], theta: fl
     return _impl(backend).rope_3d(q, k, positions, dims, theta, interleaved, inverse)
 
 
-rope_3d_op = torch.library.custom_op("vdit::rope_3d", _rope_3d, mutates_args=())
+rope_3d_op = define("vdit::rope_3d", _rope_3d)
 
 
 @rope_3d_op.register_fake
@@ -72,7 +72,7 @@ def _rope_backward(ctx, grad_q, grad_k):
     return gq, gk, None, None, None, None, None, None
 
 
-register(rope_3d_op, _rope_3d, _rope_setup, _rope_backward)
+register_autograd(rope_3d_op, _rope_setup, _rope_backward)
 
 
 # always through the dispatcher (not registered for call()'s direct route): the op's
