@@ -155,7 +155,7 @@ VARIANT_OPS = {
     "linear_unpatchify": (check_linear_unpatchify, "VDIT_LINEAR_UNPATCHIFY",
                           ("_UNEMBED_FWD_CHOICE", "_UNEMBED_BWD_CHOICE"),
                           {"fused": ["_scatter_gemm", "_gather_gemm", "_wgrad"], "gemm": ["_copies", "_copies"]},
-                          "linear_unpatchify backward F=16 hidden=40"),
+                          "linear_unpatchify backward hidden=40 F=16"),
 }
 
 

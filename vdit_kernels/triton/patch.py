@@ -454,6 +454,8 @@ def _embed_kernel(out_ptr, out_desc, b_ptr, bias_ptr, cu_blocks_ptr, meta_ptr,
         if HAS_BIAS:
             acc += tl.load(bias_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
         tile = acc.to(out_ptr.dtype.element_ty)
+        # (written out for both TMA_STORE values: Triton compiles both branches of a runtime
+        # `if` on a flag set to a constant in the other, and out_desc is then a pointer)
         if TMA_STORE:
             # n_end is NOUT or a multiple of BLOCK_N: the box's columns past NOUT are clipped
             if whole:
@@ -599,12 +601,16 @@ def _embed_fixed_list(fp: int) -> list:
     return cands + [c for c in _EMBED_FALLBACK if c not in cands]
 
 
+def _is_descriptor(x) -> bool:
+    return TensorDescriptor is not None and isinstance(x, TensorDescriptor)
+
+
 def _embed_prune(configs, named_args, **kwargs):
     """early_config_prune: the candidates of the call's FP (one autotuner holds them all),
     with TMA stores only where the call passes an output descriptor."""
     args = {**named_args, **kwargs}
-    tma = TensorDescriptor is not None and isinstance(args["out_desc"], TensorDescriptor)
-    wanted = {False: _embed_candidates(args["FP"]), True: _embed_tma_candidates(args["FP"]) if tma else []}
+    wanted = {False: _embed_candidates(args["FP"]),
+              True: _embed_tma_candidates(args["FP"]) if _is_descriptor(args["out_desc"]) else []}
     return [c for c in configs if (c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) in wanted[c.kwargs["TMA_STORE"]]]
 
 
@@ -612,7 +618,7 @@ def _tma_store_possible(out: torch.Tensor) -> bool:
     """Whether _embed_kernel can store `out` (N, NOUT), contiguous, through a tensor
     descriptor: Triton with host descriptors, a GPU of compute capability 9+ (the
     interpreter runs them on CPU), rows 16-byte aligned, 32-bit coordinates."""
-    if TensorDescriptor is None or out.dtype == torch.float32:  # float32 takes the K-looping GEMM on a GPU
+    if TensorDescriptor is None:
         return False
     if out.is_cuda and torch.cuda.get_device_capability(out.device)[0] < 9:
         return False
@@ -621,16 +627,15 @@ def _tma_store_possible(out: torch.Tensor) -> bool:
             and 0 < n < 2 ** 31 and 0 < nout < 2 ** 31)
 
 
-# autotuned per (hidden, F) and dtype; the kernel overwrites its output, so the timing
-# runs need no reset
 def _embed_box(nargs) -> None:
     """Autotuner pre_hook: the output descriptor's box is the config's tile."""
-    if TensorDescriptor is not None and isinstance(nargs["out_desc"], TensorDescriptor):
+    if _is_descriptor(nargs["out_desc"]):
         nargs["out_desc"].block_shape = [nargs["BLOCK_M"], nargs["BLOCK_N"]]
 
 
-# every candidate with register stores and, where the launch passes a descriptor, with
-# TMA stores (_embed_prune keeps those of the call's FP and store)
+# autotuned per (hidden, F) and dtype; the kernel overwrites its output, so the timing
+# runs need no reset. Every candidate with register stores and, where the launch passes a
+# descriptor, with TMA stores (_embed_prune keeps those of the call's FP and store)
 _embed_tuned = triton.autotune(
     [triton.Config({"BLOCK_N": bn, "TMA_STORE": tma}, num_warps=w, num_stages=st, pre_hook=_embed_box)
      for bn, w, st in dict.fromkeys(c for cands in _EMBED_GPU.values() for c in cands) for tma in (False, True)],
@@ -673,20 +678,18 @@ def _token_class(n: int) -> int:
 
 
 def _unembed_key(x: torch.Tensor, weight: torch.Tensor, with_bias: bool) -> tuple:
-    """linear_unpatchify's measured choice key: (F, hidden, dtype, device, bias, token class)."""
-    return (*weight.shape, x.dtype, x.device, with_bias, _token_class(x.shape[0]))
+    """linear_unpatchify's measured choice key, as _embed_key's: (hidden, F, dtype, device,
+    bias, token class); weight is (F, hidden)."""
+    return (weight.shape[1], weight.shape[0], x.dtype, x.device, with_bias, _token_class(x.shape[0]))
 
 
 def measured_choices() -> list[str]:
     """The variants and tiles the patch ops picked by measuring in this process."""
-    lines = [f"patch_embed {what} hidden={k[0]} F={k[1]} {str(k[2]).replace('torch.', '')} {k[3]} "
+    caches = (("patch_embed forward", _EMBED_FWD_CHOICE), ("patch_embed backward", _EMBED_BWD_CHOICE),
+              ("linear_unpatchify forward", _UNEMBED_FWD_CHOICE), ("linear_unpatchify backward", _UNEMBED_BWD_CHOICE))
+    lines = [f"{what} hidden={k[0]} F={k[1]} {str(k[2]).replace('torch.', '')} {k[3]} "
              f"bias={k[4]} token class {k[5]}: {choice} (of {', '.join(EMBED_VARIANTS)})"
-             for what, cache in (("forward", _EMBED_FWD_CHOICE), ("backward", _EMBED_BWD_CHOICE))
-             for k, choice in cache.items()]
-    lines += [f"linear_unpatchify {what} F={k[0]} hidden={k[1]} {str(k[2]).replace('torch.', '')} {k[3]} "
-              f"bias={k[4]} token class {k[5]}: {choice} (of {', '.join(EMBED_VARIANTS)})"
-              for what, cache in (("forward", _UNEMBED_FWD_CHOICE), ("backward", _UNEMBED_BWD_CHOICE))
-              for k, choice in cache.items()]
+             for what, cache in caches for k, choice in cache.items()]
     return lines + autotuned_choices({"patch_embed": _embed_tuned})
 
 
