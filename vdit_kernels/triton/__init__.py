@@ -176,11 +176,9 @@ def timing(what: str, runs: dict, like: torch.Tensor) -> Optional[Callable[[], s
 
 def _sample_ms(fn: Callable) -> float:
     """Device milliseconds of one call of fn, timed with CUDA events, the L2 cache
-    cleared first (a 256 MB buffer zeroed, as triton.testing.do_bench does)."""
-    global _FLUSH
-    if _FLUSH is None:
-        _FLUSH = torch.empty(256 * 1024 * 1024 // 4, dtype=torch.int32, device="cuda")
-    _FLUSH.zero_()
+    cleared first (a 256 MB buffer zeroed, as triton.testing.do_bench does; allocated per
+    sample, so the caching allocator reuses one block and no measurement keeps it)."""
+    torch.empty(256 * 1024 * 1024 // 4, dtype=torch.int32, device="cuda").zero_()
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     start.record()
     fn()
@@ -189,8 +187,7 @@ def _sample_ms(fn: Callable) -> float:
     return start.elapsed_time(end)
 
 
-_FLUSH: Optional[torch.Tensor] = None
-# fastest()'s rounds: at least MIN_ROUNDS, more while a round takes under ROUNDS_MS / rounds
+# fastest()'s rounds: at least MIN_ROUNDS, at most MAX_ROUNDS, as many as fit ROUNDS_MS
 MIN_ROUNDS, MAX_ROUNDS, ROUNDS_MS = 3, 10, 100.0
 
 
@@ -214,16 +211,12 @@ def fastest(what: str, runs: dict) -> str:
             _LOG.warning("%s variant %s failed, not used: %s: %s", what, name, type(exc).__name__, exc)
     if not ready:
         raise error
-    samples: dict = {name: [] for name in ready}
-    rounds = MIN_ROUNDS
-    r = 0
-    while r < rounds:
+    samples: dict = {name: [_sample_ms(fn)] for name, fn in ready.items()}
+    round_ms = sum(s[0] for s in samples.values())  # the first round's length sets the count
+    rounds = max(MIN_ROUNDS, min(MAX_ROUNDS, int(ROUNDS_MS / max(round_ms, 1e-3))))
+    for _ in range(rounds - 1):
         for name, fn in ready.items():
             samples[name].append(_sample_ms(fn))
-        if r == 0:  # the first round's length sets the count
-            round_ms = sum(s[0] for s in samples.values())
-            rounds = max(MIN_ROUNDS, min(MAX_ROUNDS, int(ROUNDS_MS / max(round_ms, 1e-3))))
-        r += 1
     times = {name: sorted(s)[len(s) // 2] for name, s in samples.items()}
     best = min(times, key=times.get)
     timed = ", ".join(f"{n} {t:.3f} ms" for n, t in times.items())
