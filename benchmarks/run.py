@@ -148,18 +148,16 @@ def run_case(case, device: str, quick: bool, lim: dict) -> dict:
             row["pct_of_limit"] = 100 * row["gbs"] / lim["bandwidth_gbs"]
             row["limit"] = "bandwidth"
         del prepared
-        if case.breakdown:  # one set of inputs (an attention backward's are GBs), 20 calls
-            measured = kernel_ms(case.build, 1e12, device, quick=quick)
+        roofline = bool(case.bytes and case.flops and row["limit"] == "roofline: memory")
+        if case.breakdown or roofline:
+            # which kernels take the device time of a row that asks (case.breakdown: no
+            # bytes, so one set of inputs, an attention backward's being GBs) or of a GEMM
+            # the bytes bound (patch embedding); as device_ms, not GB/s (FLOPs count too)
+            measured = kernel_ms(case.build, case.bytes or 1e12, device, quick=quick)
             row.update({k: v for k, v in measured.items() if k in ("kernel_breakdown", "kernel_note")})
             if measured.get("kernel_ms"):
                 row["device_ms"] = measured["kernel_ms"]
-        if case.bytes and case.flops and row["limit"] == "roofline: memory":
-            # a GEMM the bytes bound (patch embedding): which of its kernels take the time
-            measured = kernel_ms(case.build, case.bytes, device, quick=quick)
-            row.update({k: v for k, v in measured.items() if k in ("kernel_breakdown", "kernel_note")})
-            if measured.get("kernel_ms"):  # its device time (not as GB/s: FLOPs count here too)
-                row["device_ms"] = measured["kernel_ms"]
-            if case.provider.startswith("vdit-"):  # where median_ms exceeds device_ms: whose host time
+            if roofline and case.provider.startswith("vdit-"):  # median_ms far above device_ms: whose host time
                 # 50 calls: a forward+backward launches ~10 kernels, and 200 of them would
                 # fill CUDA's launch queue, making the loop wait for the GPU
                 row.update(host_ms(case.build, device, calls=50))
