@@ -31,6 +31,17 @@ def test_mixed_shapes_metadata():
     assert fpos is pack.float_positions
 
 
+def test_float_positions_traced_by_compile_are_not_kept():
+    # a compiled graph's output (possibly a CUDA-graph buffer) must not become the pack's
+    # cache, and the trace must not break on the CUDA-graph capture query (it broke a
+    # fullgraph model compile on the H100, 2026-11-27)
+    pack = VideoPack.from_shapes([(2, 4, 6)], patch_size=(1, 2, 2))
+    pack.positions  # (cached eagerly, as a model's first call does)
+    scaled = torch.compile(lambda p: p.float_positions * 2, fullgraph=True)(pack)
+    assert torch.equal(scaled, pack.positions.float() * 2)
+    assert "float_positions" not in pack._cache
+
+
 def test_positions_match_meshgrid_per_video():
     pack = VideoPack.from_shapes([(2, 4, 6), (3, 2, 8)], patch_size=(1, 2, 2))
     for (t, h, w), part in zip(pack.grid_sizes, pack.split(pack.positions)):

@@ -237,10 +237,13 @@ class VideoPack:
         if cached is not None:
             return cached
         pos = self.positions.to(torch.float32).contiguous()
-        # converted inside a CUDA graph capture, its values exist only once the graph
-        # runs: not kept for the calls outside it
-        if not (pos.is_cuda and torch.cuda.is_current_stream_capturing()):
-            self._cache["float_positions"] = pos
+        # not kept when traced by torch.compile (the compiled graph fuses the conversion,
+        # and a graph's output may be a CUDA-graph buffer it overwrites later; the capture
+        # query below also breaks a fullgraph trace) or converted inside a CUDA graph
+        # capture (its values exist only once the graph runs)
+        if torch.compiler.is_compiling() or (pos.is_cuda and torch.cuda.is_current_stream_capturing()):
+            return pos
+        self._cache["float_positions"] = pos
         return pos
 
     @property
