@@ -651,14 +651,13 @@ _BWD_TILES = {
 # (FlashAttention-2's D = 128 backward tile is 128 keys x 64 queries), where the
 # descriptors' register savings show most (Triton 3.6: 24-52 B spilled in the head loop,
 # none in the query loop; 24-432 B with pointers); dQ 128 x 128 (255 registers,
-# spill-free). And the 4-stage pipelines of the picked dK/dV and dQ tiles: on the H100
-# their 2 -> 3 stages took dK/dV from 64.4 to 50.9 ms (mixed pack, 2026-11-27), and with
-# descriptors 4 stages fit (200 / 197 KB of shared memory, 20 / 0 B spilled; the pointer
-# dK/dV spills 576 B there)
+# spill-free), and at 4 stages (197 KB of shared memory, spill-free; picked over 3 stages
+# by the H100's autotuner on the mixed pack, 2026-11-27, session 13). (The dK/dV tile at 4
+# stages, 200 KB and 20 B spilled, lost to 3 stages in the same run: dropped.)
 _TMA_EXTRA = {
     "fwd": {"d128": [Tile(128, 64, 8, 2, maxnreg=128)]},
     "dkdv": {"d128": [Tile(128, 64, 8, 2, keys_major=True), Tile(128, 64, 8, 1, keys_major=True),
-                      Tile(128, 32, 8, 3, keys_major=True), Tile(128, 64, 8, 4, keys_major=True)]},
+                      Tile(128, 32, 8, 3, keys_major=True)]},
     "fused": {"d128": [Tile(128, 32, 8, 2, keys_major=True)]},
     "dq": {"d128": [Tile(128, 128, 8, 2), Tile(128, 64, 8, 4)]},
 }
