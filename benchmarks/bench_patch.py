@@ -1,13 +1,15 @@
-"""Patch suite: patchify, unpatchify (memory bound, GB/s) and patch_embed (a GEMM, TFLOP/s),
-patch_embed forward and forward+backward (gradients of videos, weight and bias; 3x the
-forward FLOPs).
+"""Patch suite: patchify, unpatchify (memory bound, GB/s), patch_embed and the output layer
+linear_unpatchify (GEMMs, TFLOP/s), the two GEMMs forward and forward+backward (gradients
+of every input: 3x the forward FLOPs).
 
 Providers: vdit backends (reference, triton, cuda) where they implement the op;
 peers: per-video reshape+permute (eager and torch.compile'd) for (un)patchify;
 nn.Conv3d (F.conv3d per video + flatten), reshape+permute+nn.Linear eager and
-torch.compile'd for patch_embed; and on a GPU vdit-triton+fused / vdit-triton+gemm, the
-Triton patch embedding with its variant forced (VDIT_PATCH_EMBED_FWD / _BWD), and
-vdit-triton-compile, ours inside torch.compile (matched with the compiled peer).
+torch.compile'd for patch_embed; nn.Linear then per-video reshape+permute (eager and
+compiled) for linear_unpatchify; and on a GPU vdit-triton+fused / vdit-triton+gemm, the
+Triton op with its variant forced (VDIT_PATCH_EMBED_FWD / _BWD,
+VDIT_LINEAR_UNPATCHIFY_FWD / _BWD), and for patch_embed vdit-triton-compile, ours inside
+torch.compile (matched with the compiled peer).
 """
 from __future__ import annotations
 
@@ -52,6 +54,10 @@ def _permute_linear(videos, weight2d, bias, patch):
     return F.linear(_patchify_torch(videos, patch), weight2d, bias)
 
 
+def _linear_permute(x, weight, bias, shapes, patch, channels):
+    return _unpatchify_torch(F.linear(x, weight, bias), shapes, patch, channels)
+
+
 class _Inputs:
     def __init__(self, wl, device):
         dtype = dtype_for(device)
@@ -61,6 +67,10 @@ class _Inputs:
         self.tokens = torch.randn(wl.num_tokens, wl.features, generator=g).to(device, dtype)
         self.weight = (torch.randn(wl.hidden, wl.channels, *wl.patch, generator=g) * 0.05).to(device, dtype)
         self.bias = torch.zeros(wl.hidden, device=device, dtype=dtype)
+        # the output layer: (N, hidden) activations, nn.Linear's (features, hidden) weight
+        self.x = torch.randn(wl.num_tokens, wl.hidden, generator=g).to(device, dtype)
+        self.out_weight = (torch.randn(wl.features, wl.hidden, generator=g) * 0.02).to(device, dtype)
+        self.out_bias = torch.zeros(wl.features, device=device, dtype=dtype)
 
 
 def _embed_case(wl, device, embed, mode) -> Prepared:
@@ -72,6 +82,22 @@ def _embed_case(wl, device, embed, mode) -> Prepared:
     return backward_fn(lambda: embed(videos, weight, bias, x.pack), [*videos, weight, bias], mode)
 
 
+def _unembed_case(wl, device, unembed, mode) -> Prepared:
+    """linear_unpatchify as `mode` (fwd, fwd+bwd) for one provider, as backward_fn does for
+    one output: unembed(x, weight, bias, pack) returns one video per pack entry, each
+    back-propagating its own gradient."""
+    i = _Inputs(wl, device)
+    grad = mode != "fwd"
+    inputs = [t.requires_grad_(grad) for t in (i.x, i.out_weight, i.out_bias)]
+    if not grad:
+        return backward_fn(lambda: unembed(*inputs, i.pack), inputs, mode)
+    grads = [torch.randn_like(v) for v in _unpatchify_torch(i.tokens, wl.shapes, wl.patch, wl.channels)]
+
+    def run():
+        torch.autograd.backward(unembed(*inputs, i.pack), grads)
+    return Prepared(run, grad_to_none=inputs)
+
+
 def cases(device: str, quick: bool, workloads, providers=None):
     out, skips = [], []
     elt = torch.empty(0, dtype=dtype_for(device)).element_size()
@@ -80,7 +106,9 @@ def cases(device: str, quick: bool, workloads, providers=None):
         cost = {"patchify": dict(bytes=flops.patchify_bytes(n, k, elt)),
                 "unpatchify": dict(bytes=flops.patchify_bytes(n, k, elt)),
                 "patch_embed": dict(flops=flops.patch_embed_flops(n, k, wl.hidden),
-                                    bytes=flops.patch_embed_bytes(n, k, wl.hidden, elt))}
+                                    bytes=flops.patch_embed_bytes(n, k, wl.hidden, elt)),
+                "linear_unpatchify": dict(flops=flops.patch_embed_flops(n, k, wl.hidden),
+                                          bytes=flops.linear_unpatchify_bytes(n, k, wl.hidden, elt))}
 
         def add(name, provider, make, **kw):
             if wanted(provider, providers):
@@ -98,8 +126,19 @@ def cases(device: str, quick: bool, workloads, providers=None):
                                 flops=3 * cost["patch_embed"]["flops"],
                                 bytes=flops.patch_embed_bytes(n, k, wl.hidden, elt, "fwd+bwd")))
 
+        def add_unembed(provider, unembed, env=None):
+            """linear_unpatchify fwd and fwd+bwd, as add_embed."""
+            def build(mode):
+                prepared = _unembed_case(wl, device, unembed, mode)
+                return with_env(prepared, **env) if env else prepared
+            add("linear_unpatchify", provider, lambda: build("fwd"))
+            if wanted(provider, providers):
+                out.append(Case(OP, "linear_unpatchify", "fwd+bwd", wl, provider, lambda: build("fwd+bwd"),
+                                flops=3 * cost["linear_unpatchify"]["flops"],
+                                bytes=flops.linear_unpatchify_bytes(n, k, wl.hidden, elt, "fwd+bwd")))
+
         for b in VDIT_BACKENDS:
-            for name in ("patchify", "unpatchify", "patch_embed"):
+            for name in ("patchify", "unpatchify", "patch_embed", "linear_unpatchify"):
                 reason = vdit_reason(b, "patch", device, name)
                 if reason:
                     skips.append(Skip(OP, f"vdit-{b} {name}", reason))
@@ -107,6 +146,10 @@ def cases(device: str, quick: bool, workloads, providers=None):
 
                 if name == "patch_embed":
                     add_embed(f"vdit-{b}", lambda v, w, bias, pack, b=b: vk.patch_embed(v, pack, w, bias, backend=b))
+                    continue
+                if name == "linear_unpatchify":
+                    add_unembed(f"vdit-{b}", lambda x, w, bias, pack, b=b:
+                                vk.linear_unpatchify(x, pack, w, bias, wl.channels, backend=b))
                     continue
 
                 def make(b=b, name=name):
@@ -120,7 +163,7 @@ def cases(device: str, quick: bool, workloads, providers=None):
             suffix = "-compile" if compiled else ""
             reason = peer_reason(device, needs_cuda=compiled, cpu_ok=True)
             if reason:
-                for p in (f"torch-permute{suffix}", f"permute-linear{suffix}"):
+                for p in (f"torch-permute{suffix}", f"permute-linear{suffix}", f"linear-permute{suffix}"):
                     skips.append(Skip(OP, p, reason))
                 if not compiled:
                     skips.append(Skip(OP, "nn.Conv3d", reason))
@@ -142,6 +185,9 @@ def cases(device: str, quick: bool, workloads, providers=None):
             linear = wrap(_permute_linear)
             add_embed(f"permute-linear{suffix}",
                       lambda v, w, bias, pack, linear=linear: linear(v, w.reshape(w.shape[0], -1), bias, wl.patch))
+            unembed = wrap(_linear_permute)
+            add_unembed(f"linear-permute{suffix}", lambda x, w, bias, pack, unembed=unembed:
+                        unembed(x, w, bias, wl.shapes, wl.patch, wl.channels))
             if not compiled:
                 add_embed("nn.Conv3d", lambda v, w, bias, pack: _conv3d(v, w, bias, wl.patch))
             elif not vdit_reason("triton", "patch", device, "patch_embed"):
@@ -161,6 +207,9 @@ def cases(device: str, quick: bool, workloads, providers=None):
             add_embed(f"vdit-triton+{variant}",
                       lambda v, w, bias, pack: vk.patch_embed(v, pack, w, bias, backend="triton"),
                       env={"VDIT_PATCH_EMBED_FWD": variant, "VDIT_PATCH_EMBED_BWD": variant})
+            add_unembed(f"vdit-triton+{variant}",
+                        lambda x, w, bias, pack: vk.linear_unpatchify(x, pack, w, bias, wl.channels, backend="triton"),
+                        env={"VDIT_LINEAR_UNPATCHIFY_FWD": variant, "VDIT_LINEAR_UNPATCHIFY_BWD": variant})
     for wl in workloads:
         _one(wl)
     return out, skips

@@ -53,6 +53,21 @@ def patch_embed_bytes(num_tokens: int, features: int, hidden: int, element_size:
     return float(fwd + bwd)
 
 
+def linear_unpatchify_bytes(num_tokens: int, features: int, hidden: int, element_size: int,
+                            mode: str = "fwd") -> float:
+    """The fewest bytes linear_unpatchify (the output layer, x (N, hidden) -> videos of
+    N x K elements) can move. fwd: read x and the weight (K x hidden), write the videos.
+    fwd+bwd adds: read the videos' gradient once, x and the weight again, write grad-x
+    and grad-weight. The (N, hidden) terms dominate, as in patch_embed."""
+    fwd = (num_tokens * hidden + hidden * features + num_tokens * features) * element_size
+    if mode == "fwd":
+        return float(fwd)
+    if mode != "fwd+bwd":
+        raise ValueError(f"mode must be fwd or fwd+bwd, got {mode!r}")
+    bwd = (num_tokens * features + 2 * (num_tokens * hidden + hidden * features)) * element_size
+    return float(fwd + bwd)
+
+
 def patchify_bytes(num_tokens: int, features: int, element_size: int) -> float:
     """patchify or unpatchify: read every element once, write it once."""
     return 2.0 * num_tokens * features * element_size

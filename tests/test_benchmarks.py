@@ -35,6 +35,13 @@ def test_other_formulas():
         (640 + 3072 * 64 + 10 * 3072) * 2 + (10 * 3072 + 2 * (640 + 3072 * 64)) * 2
     with pytest.raises(ValueError):
         flops.patch_embed_bytes(10, 64, 3072, 2, "bwd")
+    # the output layer: read x (10 x 3072) and weight (64 x 3072), write the videos (10 x 64);
+    # fwd+bwd: the videos' gradient once, x and weight again, their gradients
+    assert flops.linear_unpatchify_bytes(10, 64, 3072, 2) == (10 * 3072 + 3072 * 64 + 640) * 2
+    assert flops.linear_unpatchify_bytes(10, 64, 3072, 2, "fwd+bwd") == \
+        (10 * 3072 + 3072 * 64 + 640) * 2 + (640 + 2 * (10 * 3072 + 3072 * 64)) * 2
+    with pytest.raises(ValueError):
+        flops.linear_unpatchify_bytes(10, 64, 3072, 2, "bwd")
     assert flops.patchify_bytes(10, 64, 2) == 2 * 10 * 64 * 2
     assert flops.rope_bytes(10, 4, 2, 8, 2, position_bytes=0) == 2 * 10 * 6 * 8 * 2
 
@@ -59,6 +66,11 @@ def test_peers_compute_the_same_thing():
                                atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(bench_patch._permute_linear(x.videos, x.weight.reshape(wl.hidden, -1), x.bias,
                                                            wl.patch), ref_embed, atol=1e-4, rtol=1e-4)
+    ref_videos = vk.linear_unpatchify(x.x, x.pack, x.out_weight, x.out_bias + 0.5, wl.channels, backend="reference")
+    peer_videos = bench_patch._linear_permute(x.x, x.out_weight, x.out_bias + 0.5, wl.shapes, wl.patch, wl.channels)
+    assert len(peer_videos) == len(ref_videos) == len(wl.shapes)
+    for a, b in zip(peer_videos, ref_videos):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
     a = bench_attention._Inputs(wl, "cpu", False)
     lens = wl.seqlens
     ref_out = vk.varlen_attention(a.q, a.k, a.v, a.cu, a.cu, a.max, a.max, backend="reference")
