@@ -25,7 +25,10 @@
 #       variants, so a cap cuts variants first. Each step has its own cap, so a slow
 #       one (first-call autotuning) cannot take the others' rows, cut to what LEASE_BUDGET
 #       (default 550 s from the start) leaves; $OUT is refreshed after every step, so a
-#       lease that ends mid-way still brings back what finished.
+#       lease that ends mid-way still brings back what finished. LEASE_STEPS (default
+#       "test mem mem-large attention dit") picks the steps after the build, for a short
+#       second call (e.g. LEASE_STEPS=attention with VDIT_ATTN_BWD=split exported): its
+#       rows still come back through $OUT, step by step.
 # Steps can run in separate calls (each stays under a 10-minute command limit); the
 # build output stays in the working tree between them.
 # Results: benchmarks/results/<gpu-slug>/ or $RESULTS_DIR (results.json, summary.md,
@@ -124,6 +127,10 @@ save_out() {  # copy what exists so far to $OUT (after every lease step: a kill 
     return 0
 }
 
+want() {  # is lease step $1 in LEASE_STEPS?
+    [[ " ${LEASE_STEPS:-test mem mem-large attention dit} " == *" $1 "* ]]
+}
+
 cap() {  # a step's time cap: its own ($1 s), cut to what LEASE_BUDGET leaves (30 s reserve)
     local left=$(( ${LEASE_BUDGET:-550} - SECONDS - 30 ))
     (( left < $1 )) && echo $(( left > 0 ? left : 1 )) || echo "$1"
@@ -143,21 +150,21 @@ case "$STEP" in
             save_out
             # not the static report and the benchmarks' CPU runs (CI has them); the
             # benchmark peers' GPU checks stay
-            TEST_TIMEOUT=$(cap "${TEST_TIMEOUT:-150}") run_tests "${per_test[@]}" --ignore=tests/test_static.py \
+            want test && TEST_TIMEOUT=$(cap "${TEST_TIMEOUT:-150}") run_tests "${per_test[@]}" --ignore=tests/test_static.py \
                 --deselect tests/test_benchmarks.py::test_main_command_quick \
                 --deselect tests/test_benchmarks.py::test_dit_suite_packed_and_padded_steps_run_and_count_flops
             save_out
             # the patch/RoPE suite before attention: its rows are cheap and hold the most
             # unmeasured work (2026-11-27)
-            BENCH_OUT="$RES-mem" BENCH_TIMEOUT=$(cap "${MEM_TIMEOUT:-130}") run_bench --workload mixed-pack \
+            want mem && BENCH_OUT="$RES-mem" BENCH_TIMEOUT=$(cap "${MEM_TIMEOUT:-130}") run_bench --workload mixed-pack \
                 --op patch --op rope --no-static
             save_out
             # our patch ops on a 9x larger pack, where a kernel's bandwidth is not capped by
             # its few microseconds of launch ramp and tail
-            BENCH_OUT="$RES-mem-large" BENCH_TIMEOUT=$(cap "${MEM_LARGE_TIMEOUT:-45}") run_bench \
+            want mem-large && BENCH_OUT="$RES-mem-large" BENCH_TIMEOUT=$(cap "${MEM_LARGE_TIMEOUT:-45}") run_bench \
                 --workload train-pack --op patch --provider vdit- --no-static
             save_out
-            BENCH_TIMEOUT=$(cap "${ATTN_TIMEOUT:-185}") run_bench --workload mixed-pack --op attention \
+            want attention && BENCH_TIMEOUT=$(cap "${ATTN_TIMEOUT:-185}") run_bench --workload mixed-pack --op attention \
                 --provider vdit-triton --provider torch-varlen --provider flex --no-static
             save_out
             # the reference model would materialize 40k x 40k scores per head: not run
@@ -165,7 +172,9 @@ case "$STEP" in
             # compiled ones and ours compiled (bench_dit._order)
             # under DIT_MIN seconds left (default 200) it would stop inside the first
             # autotuning and bring back nothing: skipped, with a message
-            if (( $(cap "${DIT_TIMEOUT:-240}") >= ${DIT_MIN:-200} )); then
+            if ! want dit; then
+                :
+            elif (( $(cap "${DIT_TIMEOUT:-240}") >= ${DIT_MIN:-200} )); then
                 BENCH_OUT="$RES-dit" BENCH_TIMEOUT=$(cap "${DIT_TIMEOUT:-240}") run_bench --workload mixed-60k \
                     --op dit --provider vdit-triton --provider torch-padded --no-static
             else
