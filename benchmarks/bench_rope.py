@@ -1,6 +1,7 @@
 """RoPE suite: 3D rotary embedding of q and k (memory bound: GB/s against the copy limit).
 
-Providers: vdit backends (out of place; forward), the reference under torch.compile,
+Providers: vdit backends (out of place; forward; the GPU backends also in place,
+vdit-<backend>+inplace, liger's way), the reference under torch.compile,
 and, if importable, flash-attn's Triton rotary kernel (apply_rotary from
 flash_attn.ops.triton.rotary, or the same module fetched alone as flash_attn_rotary by
 scripts/fetch_gpu_wheels.sh: flash-attn's wheels need a CUDA build, this module does
@@ -58,6 +59,15 @@ def cases(device: str, quick: bool, workloads, providers=None):
                 x = _Inputs(wl, device)
                 return Prepared(lambda: vk.apply_rope_3d(x.q, x.k, x.pack, wl.rope_dims, backend=b))
             add(f"vdit-{b}", make)
+            if b == "reference" or vdit_reason(b, "rope", device, "rope_3d_"):
+                continue
+
+            # in place, as liger's rope runs: the like-for-like match of that peer (the same
+            # bytes move; repeated rotations of one buffer time the same)
+            def make_inplace(b=b):
+                x = _Inputs(wl, device)
+                return Prepared(lambda: vk.apply_rope_3d(x.q, x.k, x.pack, wl.rope_dims, inplace=True, backend=b))
+            add(f"vdit-{b}+inplace", make_inplace, "in place")
 
         reason = peer_reason(device)
         if reason:

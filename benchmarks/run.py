@@ -236,6 +236,9 @@ TARGETS = [
     ("RoPE >= flash-attn's Triton rotary", "rope", "rope_3d", "fwd", ("vdit-cuda", "vdit-triton"),
      "flash-attn-rotary", 1.0),
     ("RoPE >= Liger's rope", "rope", "rope_3d", "fwd", ("vdit-cuda", "vdit-triton"), "liger-rope", 1.0),
+    # liger rotates in place: ours in place too, the like-for-like match
+    ("RoPE in place >= Liger's rope (in place)", "rope", "rope_3d", "fwd", ("vdit-cuda+inplace", "vdit-triton+inplace"),
+     "liger-rope", 1.0),
 ] + [(f"patch_embed {mode} >= 1.2x {peer}", "patch", "patch_embed", mode,
       # against the compiled peer, ours eager or compiled (a user compiling both)
       ("vdit-triton", "vdit-triton-compile") if peer.endswith("-compile") else ("vdit-triton",), peer, 1.2)

@@ -303,6 +303,35 @@ def test_attention_backward_rows_force_each_read_and_are_profiled(monkeypatch):
     assert "device_ms" not in row and len(asked) == 1
 
 
+def test_rope_in_place_rows_rotate_in_place_and_meet_liger_like_for_like(monkeypatch):
+    # liger's rope rotates in place: ours in place is its like-for-like match (the Triton
+    # rows under the interpreter here; the CUDA ones on a GPU)
+    import benchmarks.run as run
+    from benchmarks import bench_rope, common
+    from benchmarks.workloads import WORKLOADS
+
+    wl = WORKLOADS["cpu-tiny"]
+    monkeypatch.setitem(common.OPTIONS, "cpu_peers", True)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    cases, _ = bench_rope.cases(device, True, [wl], ["vdit-triton"])
+    by = {c.provider: c for c in cases}
+    assert set(by) == {"vdit-triton", "vdit-triton+inplace"}
+    out_q, out_k = by["vdit-triton"].build().fn()
+    inplace = by["vdit-triton+inplace"].build()
+    q, k = inplace.fn()
+    q0, k0 = bench_rope._Inputs(wl, device).q, bench_rope._Inputs(wl, device).k
+    assert not torch.equal(q, q0) and torch.equal(q, out_q) and torch.equal(k, out_k)
+    assert q.data_ptr() == inplace.fn()[0].data_ptr()  # the same buffer, rotated again
+
+    row = lambda provider, ms: dict(op="rope", name="rope_3d", mode="fwd", workload="w",  # noqa: E731
+                                    provider=provider, median_ms=ms)
+    judged = {line.split(" | ")[0].lstrip("| "): line for line in run.target_table(
+        [row("vdit-cuda", 0.36), row("vdit-cuda+inplace", 0.35), row("liger-rope", 0.353)]).splitlines()[2:]}
+    assert "| NO |" in judged["RoPE >= Liger's rope"]
+    assert "vdit-cuda+inplace 0.350 ms" in judged["RoPE in place >= Liger's rope (in place)"]
+    assert "| yes |" in judged["RoPE in place >= Liger's rope (in place)"]
+
+
 def test_error_probe_reports_each_case():
     import subprocess
     import sys
