@@ -67,6 +67,21 @@ def _padded(x, seqlens, max_len):
 BREAKDOWN = ("vdit-triton", "vdit-triton+split+pointers", "vdit-triton+split+tma")
 
 
+def _record_strategy(prepared) -> None:
+    """Runs a default Triton backward once (its measured choices happen there) and records
+    the strategy it picked, as the row's ran_as: the forced row it stands for
+    (vdit-triton+split, +atomic-dq), so the target of our own kernels is judged from the
+    default row when auto picked one of them (run.target_table)."""
+    from vdit_kernels.triton.attention import LAST_BACKWARD
+
+    LAST_BACKWARD["strategy"] = None
+    prepared.fn()
+    for t in prepared.grad_to_none:
+        t.grad = None
+    if LAST_BACKWARD["strategy"] in ("split", "atomic-dq"):
+        prepared.extra["ran_as"] = f"vdit-triton+{LAST_BACKWARD['strategy']}"
+
+
 def cases(device: str, quick: bool, workloads, providers=None):
     out, skips = [], []
     modes = MODES
@@ -97,9 +112,12 @@ def cases(device: str, quick: bool, workloads, providers=None):
                     def make(b=b, with_rope=with_rope, mode=mode, grad=grad):
                         x = _Inputs(wl, device, grad)
                         rope = vk.Rope3D.from_pack(x.pack, wl.rope_dims) if with_rope else None
-                        return backward_fn(lambda: vk.varlen_attention(x.q, x.k, x.v, x.cu, x.cu, x.max, x.max,
-                                                                       rope=rope, backend=b),
-                                           (x.q, x.k, x.v), mode)
+                        prepared = backward_fn(lambda: vk.varlen_attention(x.q, x.k, x.v, x.cu, x.cu, x.max,
+                                                                           x.max, rope=rope, backend=b),
+                                               (x.q, x.k, x.v), mode)
+                        if b == "triton" and grad and not with_rope:
+                            _record_strategy(prepared)
+                        return prepared
                     add(f"vdit-{b}" + ("+rope" if with_rope else ""), make,
                         note="fused 3D RoPE" if with_rope else "")
                 # forced variants of the Triton backend (the default picks by measuring)

@@ -284,6 +284,12 @@ def test_attention_backward_rows_force_each_read_and_are_profiled(monkeypatch):
     assert {"vdit-triton+split+pointers", "vdit-triton+split+tma"} <= set(bwd)
     assert all(bwd[p].breakdown for p in bench_attention.BREAKDOWN)
     assert not bwd["vdit-triton+split"].breakdown and not any(c.breakdown for c in cases if c.mode != "bwd")
+    # the default row runs once as it is built and says which strategy "auto" ran
+    from vdit_kernels.triton.attention import LAST_BACKWARD
+
+    default = bwd["vdit-triton"].build()
+    assert default.extra["ran_as"] == f"vdit-triton+{LAST_BACKWARD['strategy']}"
+    assert LAST_BACKWARD["strategy"] in ("split", "atomic-dq")
     forced = []
     monkeypatch.setattr(bench_attention, "with_env", lambda prepared, **env: forced.append(env) or prepared)
     bwd["vdit-triton+split+tma"].build()
@@ -469,6 +475,15 @@ def test_target_table_judges_the_issues_targets():
     judged = {line.split(" | ")[0].lstrip("| "): line for line in lines[2:]}
     assert "| 1.11x | NO |" in judged["attention bwd (our kernels) >= 1.2x varlen_attn"]  # +atomic-dq, not auto
     assert "| 1.25x | - |" in judged["attention bwd as run by default vs varlen_attn"]
+    # a default row that ran our split kernels stands for +split where that row did not run
+    alone = [row("attention", "varlen_attention", "bwd", "vdit-triton", 80.0, ran_as="vdit-triton+split"),
+             row("attention", "varlen_attention", "bwd", "torch-varlen", 100.0)]
+    line = run.target_table(alone).splitlines()[2]
+    assert line.startswith("| attention bwd (our kernels) >= 1.2x varlen_attn |")
+    assert "vdit-triton (ran split) 80.000 ms" in line and "| 1.25x | yes |" in line
+    rows[2]["ran_as"] = "vdit-triton+split"  # the forced +split row (100 ms) still counts as itself
+    judged = {line.split(" | ")[0].lstrip("| "): line for line in run.target_table(rows).splitlines()[2:]}
+    assert "| 1.11x | NO |" in judged["attention bwd (our kernels) >= 1.2x varlen_attn"]
     assert "| 4.00x | yes |" in judged["patchify >= 3x the reference"]
     assert "| 83% | yes |" in judged["patchify kernels >= 80% of the copy bandwidth"]
     # ours compiled counts against the compiled peer only

@@ -806,6 +806,9 @@ BWD_STRATEGIES = ("split", "atomic-dq", "torch-fa2")
 READS = ("pointers", "tma")
 _STRATEGY_CHOICE: dict = {}
 _FWD_CHOICE: dict = {}
+# the strategy the last backward of this process ran (the benchmarks report which kernels
+# a default row timed: "auto" may pick PyTorch's FlashAttention-2 backward)
+LAST_BACKWARD: dict = {"strategy": None}
 _BWD_READ_CHOICE: dict = {}
 
 
@@ -1138,6 +1141,7 @@ def varlen_attention_bwd(grad_out, q, k, v, out, lse, grad_lse, cu_seqlens_q, cu
                             measure=timing("attention backward", {s: (lambda s=s: run(s)) for s in available}, q),
                             available=available)
     dq, dk, dv = run(strategy)
+    LAST_BACKWARD["strategy"] = strategy
     dq = dq.to(q.dtype)  # atomic-dq accumulates in float32; the rope kernels take one dtype
     if rope is not None:
         _rotate(dq, dk, rope, inverse=True, inplace=True)
