@@ -653,11 +653,15 @@ _BWD_TILES = {
 # none in the query loop; 24-432 B with pointers); dQ 128 x 128 (255 registers,
 # spill-free), and at 4 stages (197 KB of shared memory, spill-free; picked over 3 stages
 # by the H100's autotuner on the mixed pack, 2026-11-27, session 13). (The dK/dV tile at 4
-# stages, 200 KB and 20 B spilled, lost to 3 stages in the same run: dropped.)
+# stages, 200 KB and 20 B spilled, lost to 3 stages in the same run: dropped.) And the
+# picked dK/dV step as two independent one-warpgroup programs per SM, 64 keys each (255
+# registers, 99 KB, 28 B spilled as the picked tile): each program's exponentials can run
+# while the other's products occupy the tensor cores, where the two warpgroups of one
+# 128-key program wait for each other at every barrier (not yet timed on a GPU)
 _TMA_EXTRA = {
     "fwd": {"d128": [Tile(128, 64, 8, 2, maxnreg=128)]},
     "dkdv": {"d128": [Tile(128, 64, 8, 2, keys_major=True), Tile(128, 64, 8, 1, keys_major=True),
-                      Tile(128, 32, 8, 3, keys_major=True)]},
+                      Tile(128, 32, 8, 3, keys_major=True), Tile(64, 64, 4, 2, keys_major=True)]},
     "fused": {"d128": [Tile(128, 32, 8, 2, keys_major=True)]},
     "dq": {"d128": [Tile(128, 128, 8, 2), Tile(128, 64, 8, 4)]},
 }
