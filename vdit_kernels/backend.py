@@ -103,7 +103,9 @@ def extension():
 
 def extension_has_cuda() -> bool:
     """True when _C was built with its CUDA kernels (not a CPU-only build)."""
-    return extension() is not None and bool(torch.ops.vdit_C.has_cuda())
+    if "has_cuda" not in _EXTENSION:  # asked once: a dispatcher call, on every op's resolution
+        _EXTENSION["has_cuda"] = extension() is not None and bool(torch.ops.vdit_C.has_cuda())
+    return _EXTENSION["has_cuda"]
 
 
 def _lacks(backend: str, family: str, op: Optional[str]) -> Optional[str]:
@@ -128,13 +130,23 @@ def why_not(backend: str, family: str, device: torch.device, op: Optional[str] =
             dtype: Optional[torch.dtype] = None) -> Optional[str]:
     """None if `backend` can run op `op` of family `family` on `device` (and on tensors of
     `dtype`, when given), else the reason."""
+    # every answer depends only on these arguments, the device's type, the interpreter
+    # switch and what this process has installed and built: asked again at every op call
+    # (auto's resolution, about 10 us of host time on the H100 machine), answered once
     device = torch.device(device)
+    return _why_not(backend, family, device.type, op, dtype, triton_interpreter())
+
+
+@lru_cache(maxsize=None)
+def _why_not(backend: str, family: str, device_type: str, op: Optional[str], dtype: Optional[torch.dtype],
+             interpreter: bool) -> Optional[str]:
+    device = torch.device(device_type)
     if backend == "reference":
         return None
     if backend == "triton":
         if not _has_module("triton"):
             return "triton is not installed"
-        if device.type == "cpu" and not triton_interpreter():
+        if device.type == "cpu" and not interpreter:
             return "Triton kernels need CUDA tensors (or TRITON_INTERPRET=1 for CPU tensors)"
         if device.type not in ("cpu", "cuda"):
             return f"Triton kernels do not run on {device.type} tensors"
@@ -181,9 +193,16 @@ def _resolve_name(backend: Optional[str], family: str, device: str, op: Optional
     return "reference"
 
 
+_IMPLEMENTATIONS: dict = {}
+
+
 def implementation(backend: str, family: str):
-    """The module holding `backend`'s kernels for `family` (imported on first use)."""
-    return importlib.import_module(f"vdit_kernels.{backend}.{family}")
+    """The module holding `backend`'s kernels for `family` (imported on first use; then a
+    dict lookup: importlib.import_module costs microseconds at every op call)."""
+    module = _IMPLEMENTATIONS.get((backend, family))
+    if module is None:
+        module = _IMPLEMENTATIONS[(backend, family)] = importlib.import_module(f"vdit_kernels.{backend}.{family}")
+    return module
 
 
 def available_backends(family: str, device="cuda") -> list[str]:
