@@ -288,8 +288,11 @@ def test_attention_backward_rows_force_each_read_and_are_profiled(monkeypatch):
     from vdit_kernels.triton.attention import LAST_BACKWARD
 
     default = bwd["vdit-triton"].build()
-    assert default.extra["ran_as"] == f"vdit-triton+{LAST_BACKWARD['strategy']}"
-    assert LAST_BACKWARD["strategy"] in ("split", "atomic-dq")
+    if LAST_BACKWARD["strategy"] == "torch-fa2":  # (a GPU's measured choice may pick the peer's kernel)
+        assert "ran_as" not in default.extra
+    else:
+        assert LAST_BACKWARD["strategy"] in ("split", "atomic-dq")
+        assert default.extra["ran_as"] == f"vdit-triton+{LAST_BACKWARD['strategy']}"
     forced = []
     monkeypatch.setattr(bench_attention, "with_env", lambda prepared, **env: forced.append(env) or prepared)
     bwd["vdit-triton+split+tma"].build()
