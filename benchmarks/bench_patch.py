@@ -114,28 +114,25 @@ def cases(device: str, quick: bool, workloads, providers=None):
             if wanted(provider, providers):
                 out.append(Case(OP, name, "fwd", wl, provider, make, **cost[name], **kw))
 
-        def add_embed(provider, embed, env=None):
-            """patch_embed fwd and fwd+bwd; embed(videos, weight5d, bias) -> (N, hidden); env:
-            variables set around every call."""
-            def build(mode):
-                prepared = _embed_case(wl, device, embed, mode)
-                return with_env(prepared, **env) if env else prepared
-            add("patch_embed", provider, lambda: build("fwd"))
-            if wanted(provider, providers):
-                out.append(Case(OP, "patch_embed", "fwd+bwd", wl, provider, lambda: build("fwd+bwd"),
-                                flops=3 * cost["patch_embed"]["flops"],
-                                bytes=flops.patch_embed_bytes(n, k, wl.hidden, elt, "fwd+bwd")))
+        def add_gemm(name, build_case, provider, fn, env=None):
+            """patch_embed or linear_unpatchify (name), fwd and fwd+bwd, of one provider:
+            build_case(wl, device, fn, mode) -> Prepared (_embed_case, _unembed_case);
+            env: variables set around every call."""
+            bytes_of = flops.patch_embed_bytes if name == "patch_embed" else flops.linear_unpatchify_bytes
 
-        def add_unembed(provider, unembed, env=None):
-            """linear_unpatchify fwd and fwd+bwd, as add_embed."""
             def build(mode):
-                prepared = _unembed_case(wl, device, unembed, mode)
+                prepared = build_case(wl, device, fn, mode)
                 return with_env(prepared, **env) if env else prepared
-            add("linear_unpatchify", provider, lambda: build("fwd"))
+            add(name, provider, lambda: build("fwd"))
             if wanted(provider, providers):
-                out.append(Case(OP, "linear_unpatchify", "fwd+bwd", wl, provider, lambda: build("fwd+bwd"),
-                                flops=3 * cost["linear_unpatchify"]["flops"],
-                                bytes=flops.linear_unpatchify_bytes(n, k, wl.hidden, elt, "fwd+bwd")))
+                out.append(Case(OP, name, "fwd+bwd", wl, provider, lambda: build("fwd+bwd"),
+                                flops=3 * cost[name]["flops"], bytes=bytes_of(n, k, wl.hidden, elt, "fwd+bwd")))
+
+        def add_embed(provider, embed, env=None):  # embed(videos, weight5d, bias, pack) -> (N, hidden)
+            add_gemm("patch_embed", _embed_case, provider, embed, env)
+
+        def add_unembed(provider, unembed, env=None):  # unembed(x, weight, bias, pack) -> videos
+            add_gemm("linear_unpatchify", _unembed_case, provider, unembed, env)
 
         for b in VDIT_BACKENDS:
             for name in ("patchify", "unpatchify", "patch_embed", "linear_unpatchify"):

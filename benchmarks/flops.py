@@ -37,35 +37,32 @@ def patch_embed_flops(num_tokens: int, features: int, hidden: int) -> float:
     return 2.0 * num_tokens * features * hidden
 
 
-def patch_embed_bytes(num_tokens: int, features: int, hidden: int, element_size: int,
-                      mode: str = "fwd") -> float:
-    """The fewest bytes patch_embed can move. fwd: read the latents (N x K) and the weight
-    (hidden x K), write (N, hidden) (the bias is negligible). fwd+bwd with every input
-    requiring grad adds: read the output gradient (N, hidden) once (one pass can feed both
-    grad-latents and grad-weight), the latents and the weight again, write grad-latents
-    and grad-weight. The (N, hidden) terms dominate: N x hidden x 2 elements for fwd+bwd."""
-    fwd = (num_tokens * features + hidden * features + num_tokens * hidden) * element_size
+def _linear_bytes(read: int, weight: int, written: int, element_size: int, mode: str) -> float:
+    """The fewest bytes of a linear layer y = x W^T that reads `read` elements of x and
+    `weight` of W and writes `written` of y. fwd+bwd adds: read y's gradient once (one pass
+    can feed both x's and W's gradients), x and W again, write their gradients."""
+    fwd = read + weight + written
     if mode == "fwd":
-        return float(fwd)
+        return float(fwd * element_size)
     if mode != "fwd+bwd":
         raise ValueError(f"mode must be fwd or fwd+bwd, got {mode!r}")
-    bwd = (num_tokens * hidden + 2 * (num_tokens * features + hidden * features)) * element_size
-    return float(fwd + bwd)
+    return float((fwd + written + 2 * (read + weight)) * element_size)
+
+
+def patch_embed_bytes(num_tokens: int, features: int, hidden: int, element_size: int,
+                      mode: str = "fwd") -> float:
+    """The fewest bytes patch_embed can move: read the latents (N x K) and the weight
+    (hidden x K), write (N, hidden) (the bias is negligible); fwd+bwd as _linear_bytes. The
+    (N, hidden) terms dominate: N x hidden x 2 elements for fwd+bwd."""
+    return _linear_bytes(num_tokens * features, hidden * features, num_tokens * hidden, element_size, mode)
 
 
 def linear_unpatchify_bytes(num_tokens: int, features: int, hidden: int, element_size: int,
                             mode: str = "fwd") -> float:
-    """The fewest bytes linear_unpatchify (the output layer, x (N, hidden) -> videos of
-    N x K elements) can move. fwd: read x and the weight (K x hidden), write the videos.
-    fwd+bwd adds: read the videos' gradient once, x and the weight again, write grad-x
-    and grad-weight. The (N, hidden) terms dominate, as in patch_embed."""
-    fwd = (num_tokens * hidden + hidden * features + num_tokens * features) * element_size
-    if mode == "fwd":
-        return float(fwd)
-    if mode != "fwd+bwd":
-        raise ValueError(f"mode must be fwd or fwd+bwd, got {mode!r}")
-    bwd = (num_tokens * features + 2 * (num_tokens * hidden + hidden * features)) * element_size
-    return float(fwd + bwd)
+    """The fewest bytes linear_unpatchify (the output layer) can move: read x (N, hidden)
+    and the weight (K x hidden), write the videos' N x K elements; fwd+bwd as _linear_bytes.
+    The (N, hidden) terms dominate, as in patch_embed."""
+    return _linear_bytes(num_tokens * hidden, hidden * features, num_tokens * features, element_size, mode)
 
 
 def patchify_bytes(num_tokens: int, features: int, element_size: int) -> float:
