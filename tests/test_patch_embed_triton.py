@@ -6,6 +6,8 @@ against a float32 reference must be at most 2x PyTorch's own float16 error. bflo
 only on a GPU (conftest.DOT_DTYPES). Runs under the Triton interpreter without a GPU,
 so the spatial sizes stay tiny.
 """
+import random
+
 import pytest
 import torch
 
@@ -462,3 +464,24 @@ def test_embed_autotuner_prunes_to_the_candidates_of_the_call():
     desc = tp.TensorDescriptor(out, [8, 16], [16, 1], [8, 16])
     assert kept(desc, FP=64) == [(*c, tma) for c in tp._embed_candidates(64) for tma in (False, True)]
     assert kept(desc, FP=128) == plain(128)[:1] + [(*tp._embed_candidates(128)[0], True)] + plain(128)[1:]
+
+
+@pytest.mark.parametrize("seed", range(16))
+def test_random_combinations(monkeypatch, seed):
+    # seeded draws of what the tests above vary one at a time: patch size, pack (1-4
+    # videos, 1 frame and 1x1 grids among them), channels, hidden, dtype, bias, variant,
+    # non-contiguous inputs (160 such draws matched the reference, 2026-11-27)
+    rng = random.Random(seed)
+    patch = rng.choice([(1, 2, 2), (2, 2, 2), (1, 1, 1), (2, 1, 3)])
+    shapes = [tuple(p * rng.randint(1, 3) for p in patch) for _ in range(rng.randint(1, 4))]
+    channels, hidden = rng.choice([1, 3, 4, 5, 16]), rng.choice([1, 8, 13, 32, 48])
+    dtype, bias = rng.choice(DOT_DTYPES), rng.random() < 0.7
+    # (the helpers' non-contiguous videos swap C and T: a layout change only when both exceed 1)
+    noncontig = rng.random() < 0.4 and channels > 1 and shapes[0][0] > 1
+    for check, env, *_ in VARIANT_OPS.values():
+        variant = rng.choice(["fused", "gemm"])
+        monkeypatch.setenv(env + "_FWD", variant)
+        monkeypatch.setenv(env + "_BWD", variant)
+    pack = vk.VideoPack.from_shapes(shapes, patch, device=DEVICE)
+    check_patch_embed(pack, channels, hidden, dtype, bias=bias, noncontig=noncontig, seed=seed)
+    check_linear_unpatchify(pack, channels, hidden, dtype, bias=bias, noncontig_x=noncontig, seed=seed)

@@ -3,6 +3,8 @@
 Runs on a GPU when there is one, else under the Triton interpreter on CPU tensors
 (conftest sets TRITON_INTERPRET=1). Spatial sizes stay tiny to keep the interpreter fast.
 """
+import random
+
 import pytest
 import torch
 
@@ -175,3 +177,32 @@ def test_cuda_graph_capture_and_replay():
     graph.replay()
     expected = vk.patchify(videos, pack, backend="reference")
     assert torch.equal(warm, expected) and torch.equal(cold, expected * 2)
+
+
+def _relayout(v, how):
+    """The same values in another storage: a slice of a larger buffer, (T, H, W, C) memory,
+    or every other element along W."""
+    if how == "slice":
+        big = torch.zeros(v.shape[0] + 2, *v.shape[1:], dtype=v.dtype, device=v.device)
+        big[1:-1] = v
+        return big[1:-1]
+    if how == "channels_last":
+        return v.permute(1, 2, 3, 0).contiguous().permute(3, 0, 1, 2)
+    if how == "strided_w":
+        big = torch.zeros(*v.shape[:3], 2 * v.shape[3], dtype=v.dtype, device=v.device)
+        big[..., ::2] = v
+        return big[..., ::2]
+    return v
+
+
+@pytest.mark.parametrize("seed", range(16))
+def test_random_combinations(seed):
+    # seeded draws of patch size, pack, channels, dtype and each video's storage at once
+    rng = random.Random(seed)
+    patch = rng.choice([(1, 2, 2), (2, 2, 2), (1, 1, 1), (2, 1, 3), (1, 3, 1)])
+    shapes = [tuple(p * rng.randint(1, 4) for p in patch) for _ in range(rng.randint(1, 5))]
+    channels, dtype = rng.choice([1, 3, 4, 5, 16]), rng.choice(ALL_DTYPES)
+    pack = vk.VideoPack.from_shapes(shapes, patch, device=DEVICE)
+    videos = [_relayout(v, rng.choice(["none", "slice", "channels_last", "strided_w"]))
+              for v in random_videos(pack, channels, dtype, seed=seed)]
+    _check(videos, pack, channels)

@@ -1,4 +1,6 @@
 """Triton backend of the rope family against the reference (interpreter on CPU, or a GPU)."""
+import random
+
 import pytest
 import torch
 
@@ -202,3 +204,19 @@ def test_alignment_hint_claims_only_what_holds(monkeypatch):
         assert seen == [align], (x.stride(), seen)
         assert_verbose_close(qo, qe, name="q")
         assert_verbose_close(ko, ke, name="k")
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_random_combinations(seed):
+    # seeded draws of the split (zero-size axes among them), heads, dtype, convention and
+    # pack at once
+    rng = random.Random(seed)
+    dims = tuple(2 * rng.randint(0 if i else 1, 8) for i in range(3))
+    shapes = [(rng.randint(1, 3), 2 * rng.randint(1, 3), 2 * rng.randint(1, 3)) for _ in range(rng.randint(1, 4))]
+    kv_heads = rng.choice([1, 2, 3])
+    dtype, interleaved = rng.choice(ALL_DTYPES), rng.random() < 0.5
+    pack = vk.VideoPack.from_shapes(shapes, (1, 2, 2), device=DEVICE)
+    q, k = _qk(pack.num_tokens, sum(dims), dtype, heads=kv_heads * rng.choice([1, 2]), kv_heads=kv_heads, seed=seed)
+    (qo, ko), (qe, ke) = _both(q, k, pack, dims, interleaved=interleaved)
+    assert_verbose_close(qo, qe, name="q")
+    assert_verbose_close(ko, ke, name="k")
