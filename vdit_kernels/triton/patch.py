@@ -84,8 +84,8 @@ import triton.language as tl
 
 from .. import backend as _backend
 from ..pack import device_table
-from . import (COMPILE_OPTIONS, TensorDescriptor, autotune_enabled, autotuned_choices, launch_first_that_fits,
-               loop_bound, measured_choice, on_tensors_device, pow2_dividing, timing)
+from . import (COMPILE_OPTIONS, autotune_enabled, autotuned_choices, launch_first_that_fits, loop_bound,
+               measured_choice, on_tensors_device, pow2_dividing, timing)
 
 # float64 too, exactly: the copies are dtype-blind and its GEMMs run in PyTorch (above)
 DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -415,28 +415,19 @@ def _gather_gemm_kernel(out_ptr, b_ptr, bias_ptr, cu_blocks_ptr, meta_ptr,
 
 
 @triton.jit
-def _embed_kernel(out_ptr, out_desc, b_ptr, bias_ptr, cu_blocks_ptr, meta_ptr,
+def _embed_kernel(out_ptr, b_ptr, bias_ptr, cu_blocks_ptr, meta_ptr,
                   stride_om, stride_on, stride_bk, stride_bn,
                   NOUT, F, B, N_PER_PROGRAM,
                   HAS_BIAS: tl.constexpr, IEEE: tl.constexpr,
                   PT: tl.constexpr, PH: tl.constexpr, PW: tl.constexpr,
                   LOG_B: tl.constexpr, META: tl.constexpr,
-                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, FP: tl.constexpr, TMA_STORE: tl.constexpr):
+                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, FP: tl.constexpr):
     """The same product for a small F (<= FP, one K tile): A is gathered once per token
     block and stays on chip while the program walks its N_PER_PROGRAM output columns in
     BLOCK_N steps (b tiles prefetched by the pipeline). The output write (N x NOUT) is
-    the bulk of the traffic; the gather is done once, not once per output column block.
-    TMA_STORE: a block whose BLOCK_M rows all belong to its video writes each output tile
-    through out_desc ((N, NOUT), box BLOCK_M x BLOCK_N: the copy engine's asynchronous bulk
-    store, as cuBLAS's epilogue does; on an H100 its GEMM wrote this output in 100 us, this
-    kernel's register stores in 131 us, and the autotuner times both ways); a video's
-    last, partial block stores with a row mask (a box would overwrite the next video's
-    first rows, which another program writes)."""
+    the bulk of the traffic; the gather is done once, not once per output column block."""
     row, local_block = _find_video(cu_blocks_ptr, meta_ptr, tl.program_id(0), B, LOG_B, META)
     tok, valid, tok_off = _token_offsets(row, local_block, PT, PH, PW, BLOCK_M)
-    if TMA_STORE:
-        whole = tl.sum(valid.to(tl.int32), axis=0) == BLOCK_M
-        first_row = tl.min(tok, axis=0).to(tl.int32)  # the block's rows are consecutive tokens
     src = tl.load(row).to(tl.pointer_type(out_ptr.dtype.element_ty))
     offs_k = tl.arange(0, FP).to(tl.int64)
     k_ok = offs_k < F
@@ -453,17 +444,8 @@ def _embed_kernel(out_ptr, out_desc, b_ptr, bias_ptr, cu_blocks_ptr, meta_ptr,
         acc = _dot(a, b, tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), IEEE)
         if HAS_BIAS:
             acc += tl.load(bias_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
-        tile = acc.to(out_ptr.dtype.element_ty)
-        # (written out for both TMA_STORE values: Triton compiles both branches of a runtime
-        # `if` on a flag set to a constant in the other, and out_desc is then a pointer)
-        if TMA_STORE:
-            # n_end is NOUT or a multiple of BLOCK_N: the box's columns past NOUT are clipped
-            if whole:
-                out_desc.store([first_row, n0], tile)
-            else:
-                tl.store(out_ptr + rows + offs_n[None, :] * stride_on, tile, mask=valid[:, None] & n_ok[None, :])
-        else:
-            tl.store(out_ptr + rows + offs_n[None, :] * stride_on, tile, mask=valid[:, None] & n_ok[None, :])
+        tl.store(out_ptr + rows + offs_n[None, :] * stride_on, acc.to(out_ptr.dtype.element_ty),
+                 mask=valid[:, None] & n_ok[None, :])
 
 
 @triton.jit
@@ -590,55 +572,22 @@ def _embed_candidates(fp: int) -> list:
     return _EMBED_GPU[64 if fp <= 64 else 128]
 
 
-def _embed_tma_candidates(fp: int) -> list:
-    """The candidates also tried with TMA stores: at FP = 128 the 64-column step spills
-    208 B with them (static report, Triton 3.8)."""
-    return _embed_candidates(fp) if fp <= 64 else _embed_candidates(fp)[:1]
-
-
 def _embed_fixed_list(fp: int) -> list:
     cands = _embed_candidates(fp)
     return cands + [c for c in _EMBED_FALLBACK if c not in cands]
 
 
-def _is_descriptor(x) -> bool:
-    return TensorDescriptor is not None and isinstance(x, TensorDescriptor)
-
-
 def _embed_prune(configs, named_args, **kwargs):
-    """early_config_prune: the candidates of the call's FP (one autotuner holds them all),
-    with TMA stores only where the call passes an output descriptor."""
-    args = {**named_args, **kwargs}
-    wanted = {False: _embed_candidates(args["FP"]),
-              True: _embed_tma_candidates(args["FP"]) if _is_descriptor(args["out_desc"]) else []}
-    return [c for c in configs if (c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) in wanted[c.kwargs["TMA_STORE"]]]
-
-
-def _tma_store_possible(out: torch.Tensor) -> bool:
-    """Whether _embed_kernel can store `out` (N, NOUT), contiguous, through a tensor
-    descriptor: Triton with host descriptors, a GPU of compute capability 9+ (the
-    interpreter runs them on CPU), rows 16-byte aligned, 32-bit coordinates."""
-    if TensorDescriptor is None:
-        return False
-    if out.is_cuda and torch.cuda.get_device_capability(out.device)[0] < 9:
-        return False
-    n, nout = out.shape
-    return (out.is_contiguous() and out.data_ptr() % 16 == 0 and nout * out.element_size() % 16 == 0
-            and 0 < n < 2 ** 31 and 0 < nout < 2 ** 31)
-
-
-def _embed_box(nargs) -> None:
-    """Autotuner pre_hook: the output descriptor's box is the config's tile."""
-    if _is_descriptor(nargs["out_desc"]):
-        nargs["out_desc"].block_shape = [nargs["BLOCK_M"], nargs["BLOCK_N"]]
+    """early_config_prune: the candidates of the call's FP (one autotuner holds them all)."""
+    wanted = _embed_candidates({**named_args, **kwargs}["FP"])
+    return [c for c in configs if (c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) in wanted]
 
 
 # autotuned per (hidden, F) and dtype; the kernel overwrites its output, so the timing
-# runs need no reset. Every candidate with register stores and, where the launch passes a
-# descriptor, with TMA stores (_embed_prune keeps those of the call's FP and store)
+# runs need no reset
 _embed_tuned = triton.autotune(
-    [triton.Config({"BLOCK_N": bn, "TMA_STORE": tma}, num_warps=w, num_stages=st, pre_hook=_embed_box)
-     for bn, w, st in dict.fromkeys(c for cands in _EMBED_GPU.values() for c in cands) for tma in (False, True)],
+    [triton.Config({"BLOCK_N": bn}, num_warps=w, num_stages=st)
+     for bn, w, st in dict.fromkeys(c for cands in _EMBED_GPU.values() for c in cands)],
     key=["NOUT", "F"], prune_configs_by={"early_config_prune": _embed_prune})(_embed_kernel)
 
 
@@ -726,24 +675,18 @@ def _gather_gemm(videos, b_mat, bias, patch_size):
         target = 2 if interp else 4 * sms
         splits = max(1, min(col_steps, triton.cdiv(target, blocks)))
         per_program = triton.cdiv(col_steps, splits) * step
-        # the output descriptor (its box: the interpreter's tile, or the autotuned config's
-        # by _embed_box); the interpreter stores through it wherever it can, so the tests
-        # run that path; a fixed GPU launch keeps the register stores
-        tma = _tma_store_possible(out)
-        desc = TensorDescriptor(out, [n, nout], [out.stride(0), 1], [bm, bn]) if tma else out
-        args = (out, desc, b_mat, bias if bias is not None else out, table, table[b + 1:],
+        args = (out, b_mat, bias if bias is not None else out, table, table[b + 1:],
                 out.stride(0), out.stride(1), b_mat.stride(0), b_mat.stride(1), nout, f, b, per_program)
         consts = dict(HAS_BIAS=bias is not None, IEEE=v0.dtype == torch.float32, PT=pt, PH=ph, PW=pw,
                       LOG_B=_log_b(b), META=_META, BLOCK_M=bm, FP=fp)
         grid = (blocks, triton.cdiv(nout, per_program))
         if interp:
-            _embed_kernel[grid](*args, **consts, BLOCK_N=bn, TMA_STORE=tma, num_warps=warps, num_stages=stages,
+            _embed_kernel[grid](*args, **consts, BLOCK_N=bn, num_warps=warps, num_stages=stages,
                                 **COMPILE_OPTIONS)
         elif not autotune_enabled():  # the first config the GPU has the shared memory for
-            plain = (out, out, *args[2:])  # register stores: no descriptor argument
             launch_first_that_fits("patch_embed", _embed_fixed_list(fp), lambda: (fp, v0.dtype, v0.device),
-                                   lambda c: _embed_kernel[grid](*plain, **consts, BLOCK_N=c[0], TMA_STORE=False,
-                                                                 num_warps=c[1], num_stages=c[2], **COMPILE_OPTIONS))
+                                   lambda c: _embed_kernel[grid](*args, **consts, BLOCK_N=c[0], num_warps=c[1],
+                                                                 num_stages=c[2], **COMPILE_OPTIONS))
         else:
             _embed_tuned[grid](*args, **consts, **COMPILE_OPTIONS)
         return out
@@ -1001,18 +944,13 @@ def aot_specs() -> list[dict]:
     # one launch per FP: "<launch>: <config>", its candidates in _embed_fixed_list order
     # (the autotuned ones first); the static report builds them for a 99 KB GPU too, where
     # a fixed launch falls back
-    # (the autotuned candidates also with TMA stores: " tma", the output as a descriptor)
     for fp in (64, 128):
         for bn, warps, stages in _embed_fixed_list(fp):
-            for tma in (False, True) if (bn, warps, stages) in _embed_tma_candidates(fp) else (False,):
-                spec = gemm(f"patch_embed (A on chip) bf16 FP={fp} hidden=3072: {_EMBED_BLOCK_M}x{bn} w{warps} "
-                            f"s{stages}{' tma' if tma else ''}", _embed_kernel, "bf16", "out_ptr",
-                            ("stride_om", "stride_on", "stride_bk", "stride_bn"), ("NOUT", "F", "B", "N_PER_PROGRAM"),
-                            {"BLOCK_M": _EMBED_BLOCK_M, "BLOCK_N": bn, "FP": fp, "TMA_STORE": tma}, warps, stages,
-                            unit_args=("stride_on", "stride_bk"), divisible_args=("NOUT", "F", "N_PER_PROGRAM"))
-                spec["signature"]["out_desc"] = f"tensordesc<bf16[{_EMBED_BLOCK_M},{bn}]>" if tma else "*bf16"
-                spec["expect_tma"] = tma
-                specs.append(spec)
+            specs.append(gemm(f"patch_embed (A on chip) bf16 FP={fp} hidden=3072: {_EMBED_BLOCK_M}x{bn} w{warps} "
+                              f"s{stages}", _embed_kernel, "bf16", "out_ptr",
+                              ("stride_om", "stride_on", "stride_bk", "stride_bn"), ("NOUT", "F", "B", "N_PER_PROGRAM"),
+                              {"BLOCK_M": _EMBED_BLOCK_M, "BLOCK_N": bn, "FP": fp}, warps, stages,
+                              unit_args=("stride_on", "stride_bk"), divisible_args=("NOUT", "F", "N_PER_PROGRAM")))
     # x (N, hidden); b = weight (F, hidden) transposed
     bm, bn, bk, warps = _SCATTER_GPU
     for dtype in ("bf16", "fp32"):
