@@ -67,19 +67,22 @@ def _padded(x, seqlens, max_len):
 BREAKDOWN = ("vdit-triton", "vdit-triton+split+pointers", "vdit-triton+split+tma")
 
 
-def _record_strategy(prepared) -> None:
-    """Runs a default Triton backward once (its measured choices happen there) and records
-    the strategy it picked, as the row's ran_as: the forced row it stands for
-    (vdit-triton+split, +atomic-dq), so the target of our own kernels is judged from the
-    default row when auto picked one of them (run.target_table)."""
+def _recording_strategy(prepared: Prepared) -> Prepared:
+    """The same case, recording after each call which strategy the default Triton backward
+    ran (its measured choice happens in the first call), as the row's ran_as: the forced
+    row it stands for (vdit-triton+split, +atomic-dq), so the target of our own kernels is
+    judged from the default row when auto picked one of them (run.target_table; run_case
+    reads `extra` after timing)."""
     from vdit_kernels.triton.attention import LAST_BACKWARD
 
-    LAST_BACKWARD["strategy"] = None
-    prepared.fn()
-    for t in prepared.grad_to_none:
-        t.grad = None
-    if LAST_BACKWARD["strategy"] in ("split", "atomic-dq"):
-        prepared.extra["ran_as"] = f"vdit-triton+{LAST_BACKWARD['strategy']}"
+    fn = prepared.fn
+
+    def run():
+        out = fn()
+        if LAST_BACKWARD["strategy"] in ("split", "atomic-dq"):
+            prepared.extra["ran_as"] = f"vdit-triton+{LAST_BACKWARD['strategy']}"
+        return out
+    return Prepared(run, grad_to_none=prepared.grad_to_none, extra=prepared.extra)
 
 
 def cases(device: str, quick: bool, workloads, providers=None):
@@ -115,9 +118,7 @@ def cases(device: str, quick: bool, workloads, providers=None):
                         prepared = backward_fn(lambda: vk.varlen_attention(x.q, x.k, x.v, x.cu, x.cu, x.max,
                                                                            x.max, rope=rope, backend=b),
                                                (x.q, x.k, x.v), mode)
-                        if b == "triton" and grad and not with_rope:
-                            _record_strategy(prepared)
-                        return prepared
+                        return _recording_strategy(prepared) if b == "triton" and grad and not with_rope else prepared
                     add(f"vdit-{b}" + ("+rope" if with_rope else ""), make,
                         note="fused 3D RoPE" if with_rope else "")
                 # forced variants of the Triton backend (the default picks by measuring)

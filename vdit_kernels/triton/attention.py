@@ -810,10 +810,10 @@ BWD_STRATEGIES = ("split", "atomic-dq", "torch-fa2")
 READS = ("pointers", "tma")
 _STRATEGY_CHOICE: dict = {}
 _FWD_CHOICE: dict = {}
+_BWD_READ_CHOICE: dict = {}
 # the strategy the last backward of this process ran (the benchmarks report which kernels
 # a default row timed: "auto" may pick PyTorch's FlashAttention-2 backward)
 LAST_BACKWARD: dict = {"strategy": None}
-_BWD_READ_CHOICE: dict = {}
 
 
 def bwd_available(q, grad_lse, *others) -> tuple:
