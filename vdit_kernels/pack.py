@@ -55,7 +55,8 @@ TABLE_CACHE_SIZE = 256
 
 def device_table(values: Sequence[int], device, dtype=torch.int64) -> torch.Tensor:
     """A small table of integers (launch metadata: pointers, strides, offsets; or a
-    constant, as patch embedding's bias columns) on `device`, in `dtype`, cached by its content. The same values again on the same stream (the same videos, as
+    constant, as patch embedding's bias columns) on `device`, in `dtype`, cached by its
+    content. The same values again on the same stream (the same videos, as
     in a loop over static buffers) reuse one device tensor and copy nothing; new values are
     copied from pinned memory with a non-blocking copy, and the cache keeps both copies
     alive. Keyed by stream too: a kernel on another stream could otherwise read a table
