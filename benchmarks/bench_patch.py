@@ -8,8 +8,8 @@ nn.Conv3d (F.conv3d per video + flatten), reshape+permute+nn.Linear eager and
 torch.compile'd for patch_embed; nn.Linear then per-video reshape+permute (eager and
 compiled) for linear_unpatchify; and on a GPU vdit-triton+fused / vdit-triton+gemm, the
 Triton op with its variant forced (VDIT_PATCH_EMBED_FWD / _BWD,
-VDIT_LINEAR_UNPATCHIFY_FWD / _BWD), and for patch_embed vdit-triton-compile, ours inside
-torch.compile (matched with the compiled peer).
+VDIT_LINEAR_UNPATCHIFY_FWD / _BWD), and for patch_embed vdit-cuda-compile and
+vdit-triton-compile, ours inside torch.compile (matched with the compiled peer).
 """
 from __future__ import annotations
 
@@ -187,11 +187,14 @@ def cases(device: str, quick: bool, workloads, providers=None):
                         unembed(x, w, bias, wl.shapes, wl.patch, wl.channels))
             if not compiled:
                 add_embed("nn.Conv3d", lambda v, w, bias, pack: _conv3d(v, w, bias, wl.patch))
-            elif not vdit_reason("triton", "patch", device, "patch_embed"):
+            else:
                 # ours under torch.compile too: the compiled peer's fair match (a compiled
                 # graph calls the registered op, without the eager autograd layers)
-                ours = wrap(lambda v, w, bias, pack: vk.patch_embed(v, pack, w, bias, backend="triton"))
-                add_embed("vdit-triton-compile", lambda v, w, bias, pack, ours=ours: ours(v, w, bias, pack))
+                for b in ("cuda", "triton"):
+                    if vdit_reason(b, "patch", device, "patch_embed"):
+                        continue  # said once for the eager row above
+                    ours = wrap(lambda v, w, bias, pack, b=b: vk.patch_embed(v, pack, w, bias, backend=b))
+                    add_embed(f"vdit-{b}-compile", lambda v, w, bias, pack, ours=ours: ours(v, w, bias, pack))
 
         # the Triton patch embedding with its variant forced (by default it times both on its
         # first call): the fused kernels, or our gather / scatter around PyTorch's GEMMs

@@ -39,6 +39,15 @@ TORCH_LIBRARY(vdit_C, m) {
   // memory-bound ops; CUDA kernels in csrc/patch.cu and csrc/rope.cu (CUDA builds only)
   m.def("patchify(Tensor[] videos, int[] patch_size) -> Tensor");
   m.def("unpatchify(Tensor tokens, int[] shapes, int[] patch_size, int channels) -> Tensor[]");
+  // patch embedding and the DiT output layer: our gather / scatter around ATen's GEMMs, with
+  // a C++ autograd formula (csrc/patch_gemm_host.cpp, CUDA builds only)
+  m.def("patch_embed(Tensor[] videos, Tensor weight, Tensor? bias) -> Tensor");
+  m.def("patch_embed_backward(Tensor grad, Tensor[] videos, Tensor weight, bool with_bias) "
+        "-> (Tensor[], Tensor, Tensor)");
+  m.def("linear_unpatchify(Tensor x, Tensor weight, Tensor? bias, int[] shapes, int[] patch_size, "
+        "int channels) -> Tensor[]");
+  m.def("linear_unpatchify_backward(Tensor[] grad_videos, Tensor x, Tensor weight, int[] patch_size, "
+        "bool with_bias) -> (Tensor, Tensor, Tensor)");
   m.def("rope_3d(Tensor q, Tensor k, Tensor positions, int[] dims, float theta, bool interleaved, "
         "bool inverse) -> (Tensor, Tensor)");
   m.def("rope_3d_(Tensor(a!) q, Tensor(b!) k, Tensor positions, int[] dims, float theta, "

@@ -20,6 +20,7 @@
 
 #include "common/host_errors.h"
 #include "patch.h"
+#include "patch_ops.h"
 
 namespace vdit {
 namespace {
@@ -198,6 +199,25 @@ std::vector<at::Tensor> unpatchify_cpu(const at::Tensor& tokens, c10::IntArrayRe
 }
 
 }  // namespace
+
+at::Tensor patchify_tokens(at::TensorList videos, c10::IntArrayRef patch_size) {
+  return patchify_cuda(videos, patch_size);
+}
+
+std::vector<at::Tensor> unpatchify_videos(const at::Tensor& tokens, c10::IntArrayRef shapes,
+                                          c10::IntArrayRef patch_size, int64_t channels) {
+  return unpatchify_cuda(tokens, shapes, patch_size, channels);
+}
+
+int64_t current_stream_id(const c10::Device& device) {
+  return c10::cuda::getCurrentCUDAStream(device.index()).id();
+}
+
+bool stream_is_capturing(const c10::Device& device) {
+  c10::cuda::CUDAGuard guard(device);
+  return c10::cuda::currentStreamCaptureStatusMayInitCtx() != c10::cuda::CaptureStatus::None;
+}
+
 }  // namespace vdit
 
 TORCH_LIBRARY_IMPL(vdit_C, CUDA, m) {

@@ -33,8 +33,9 @@ if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
 
 def device_for(backend: str) -> torch.device:
     """Where a test runs `backend`: Triton takes CUDA tensors where a GPU exists (CPU
-    tensors only under the interpreter, which a GPU run leaves off); the others CPU."""
-    return DEVICE if backend == "triton" else torch.device("cpu")
+    tensors only under the interpreter, which a GPU run leaves off), CUDA takes them
+    always (on CPU the backend is unavailable and such tests skip); the reference CPU."""
+    return DEVICE if backend in ("triton", "cuda") else torch.device("cpu")
 
 # (atol, rtol) for elementwise ops (RoPE, data movement is exact) per dtype
 TOLERANCES = {

@@ -24,6 +24,13 @@ SCHEMAS = {
     "build_info": "vdit_C::build_info() -> str",
     "patchify": "vdit_C::patchify(Tensor[] videos, int[] patch_size) -> Tensor",
     "unpatchify": "vdit_C::unpatchify(Tensor tokens, int[] shapes, int[] patch_size, int channels) -> Tensor[]",
+    "patch_embed": "vdit_C::patch_embed(Tensor[] videos, Tensor weight, Tensor? bias) -> Tensor",
+    "patch_embed_backward": "vdit_C::patch_embed_backward(Tensor grad, Tensor[] videos, Tensor weight, "
+                            "bool with_bias) -> (Tensor[], Tensor, Tensor)",
+    "linear_unpatchify": "vdit_C::linear_unpatchify(Tensor x, Tensor weight, Tensor? bias, int[] shapes, "
+                         "int[] patch_size, int channels) -> Tensor[]",
+    "linear_unpatchify_backward": "vdit_C::linear_unpatchify_backward(Tensor[] grad_videos, Tensor x, "
+                                  "Tensor weight, int[] patch_size, bool with_bias) -> (Tensor, Tensor, Tensor)",
     "rope_3d": "vdit_C::rope_3d(Tensor q, Tensor k, Tensor positions, int[] dims, float theta, "
                "bool interleaved, bool inverse) -> (Tensor, Tensor)",
     "rope_3d_": "vdit_C::rope_3d_(Tensor(a!) q, Tensor(b!) k, Tensor positions, int[] dims, float theta, "
@@ -63,13 +70,16 @@ def test_no_unexpected_ops():
 # -- backend selection ---------------------------------------------------------------
 
 @needs_cuda_build
-@pytest.mark.parametrize("family,ops", [("patch", ("patchify", "unpatchify")), ("rope", ("rope_3d", "rope_3d_"))])
+@pytest.mark.parametrize("family,ops", [
+    ("patch", ("patchify", "unpatchify", "patch_embed", "patch_embed_backward", "linear_unpatchify",
+               "linear_unpatchify_backward")),
+    ("rope", ("rope_3d", "rope_3d_"))])
 def test_cuda_backend_available_for_cuda_tensors(family, ops):
     for op in ops:
         assert B.why_not("cuda", family, torch.device("cuda"), op) is None
     # ops the CUDA backend does not implement are reported as missing, not broken
-    if family == "patch":
-        assert "does not implement patch_embed" in B.why_not("cuda", "patch", torch.device("cuda"), "patch_embed")
+    assert "does not implement rope_3d_backward" in B.why_not("cuda", family, torch.device("cuda"),
+                                                              "rope_3d_backward")
 
 
 @needs_cuda_build
@@ -202,7 +212,7 @@ def _patch_bad_input_checks():
 
 
 @needs_cuda_build
-@pytest.mark.parametrize("checks", ["_patch_bad_input_checks", "_rope_bad_input_checks"])
+@pytest.mark.parametrize("checks", ["_patch_bad_input_checks", "_rope_bad_input_checks", "_gemm_bad_input_checks"])
 def test_bad_input_raises_cleanly(checks):
     # Errors raised by the host code (csrc/*_host.cpp) must reach Python as RuntimeError
     # naming the argument. In a child process: on the H100 machine (torch 2.11) raising
@@ -239,6 +249,20 @@ def _graph_capture_checks():
     graph.replay()
     torch.cuda.synchronize()
     assert torch.equal(tokens, vk.patchify(videos, small, backend="reference"))
+    # patch embedding's backward makes its bias columns inside the capture (the cached ones
+    # are per stream, and a capture's fill runs only at replay): the replay equals eager
+    weight = torch.randn(16, 4, 1, 2, 2, device="cuda", dtype=torch.float16)
+    grad = torch.randn(small.num_tokens, 16, device="cuda", dtype=torch.float16)
+    torch.ops.vdit_C.patch_embed_backward(grad, videos, weight, True)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = torch.ops.vdit_C.patch_embed_backward(grad, videos, weight, True)
+    grad.normal_()
+    graph.replay()
+    torch.cuda.synchronize()
+    eager = torch.ops.vdit_C.patch_embed_backward(grad, videos, weight, True)
+    for a, b in zip([*captured[0], *captured[1:]], [*eager[0], *eager[1:]]):
+        assert torch.equal(a, b)
 
 
 @gpu_only
@@ -358,3 +382,196 @@ def _rope_bad_input_checks():
     for qq, kk in ((q, q), (q[:, :1].expand(-1, 2, -1), k)):
         with pytest.raises(RuntimeError, match="single memory location|more than one element"):
             torch.ops.vdit_C.rope_3d_(qq, kk, pos, [4, 4, 4], 1e4, True, False)
+
+
+# -- patch_embed / linear_unpatchify: gathers around ATen's GEMMs, autograd in C++ --------
+# (csrc/patch_gemm_host.cpp). The same code runs CPU tensors with ATen's copies in place of
+# the patch kernel: the formulas and the autograd wiring are tested here without a GPU.
+
+GEMM_SHAPES = [(2, 4, 6), (1, 2, 2), (3, 2, 4)]
+
+
+def _gemm_inputs(dtype, with_bias, device="cpu", seed=0, hidden=8, channels=3):
+    """(pack, videos, weight, bias) of patch_embed and (x, lin_w, lin_b) of linear_unpatchify,
+    all leaves requiring grad."""
+    g = torch.Generator().manual_seed(seed)
+    leaf = lambda *shape: torch.randn(*shape, generator=g).to(device=device, dtype=dtype).requires_grad_(True)
+    pack = vk.VideoPack.from_shapes(GEMM_SHAPES, (1, 2, 2), device=device)
+    videos = [leaf(channels, *s) for s in GEMM_SHAPES]
+    weight, bias = leaf(hidden, channels, 1, 2, 2), leaf(hidden) if with_bias else None
+    x, lin_w = leaf(pack.num_tokens, hidden), leaf(channels * 4, hidden)
+    lin_b = leaf(channels * 4) if with_bias else None
+    return pack, videos, weight, bias, x, lin_w, lin_b
+
+
+def _outputs_and_grads(fn, leaves, seed=1):
+    out = fn()
+    outs = [out] if isinstance(out, torch.Tensor) else list(out)
+    g = torch.Generator().manual_seed(seed)
+    loss = sum((o * torch.randn(o.shape, generator=g).to(o)).sum() for o in outs)
+    return [o.detach() for o in outs], list(torch.autograd.grad(loss, leaves))
+
+
+def _gemm_calls(pack, videos, weight, bias, x, lin_w, lin_b):
+    """op -> (the C++ op's call, the reference backend's call, leaves)."""
+    shapes = [s for shape in pack.shapes for s in shape]
+    embed_leaves = [*videos, weight] + ([bias] if bias is not None else [])
+    out_leaves = [x, lin_w] + ([lin_b] if lin_b is not None else [])
+    return {
+        "patch_embed": (lambda: torch.ops.vdit_C.patch_embed(videos, weight, bias),
+                        lambda: vk.patch_embed(videos, pack, weight, bias, backend="reference"), embed_leaves),
+        "linear_unpatchify": (lambda: torch.ops.vdit_C.linear_unpatchify(x, lin_w, lin_b, shapes, [1, 2, 2], 3),
+                              lambda: vk.linear_unpatchify(x, pack, lin_w, lin_b, 3, backend="reference"),
+                              out_leaves),
+    }
+
+
+@needs_cuda_build
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("with_bias", [True, False])
+@pytest.mark.parametrize("op", ["patch_embed", "linear_unpatchify"])
+def test_gemm_ops_cpu_match_reference(op, with_bias, dtype):
+    mine, theirs, leaves = _gemm_calls(*_gemm_inputs(dtype, with_bias))[op]
+    outs, grads = _outputs_and_grads(mine, leaves)
+    ref_outs, ref_grads = _outputs_and_grads(theirs, leaves)
+    assert len(outs) == len(ref_outs) and len(grads) == len(ref_grads)
+    tol = 1e-12 if dtype == torch.float64 else 1e-5
+    for a, b in zip(outs + grads, ref_outs + ref_grads):
+        assert a.dtype == b.dtype and a.shape == b.shape and a.is_contiguous()
+        assert_verbose_close(a, b, atol=tol, rtol=tol)
+
+
+@needs_cuda_build
+@pytest.mark.parametrize("op", ["patch_embed", "linear_unpatchify"])
+def test_gemm_ops_gradcheck(op):
+    pack, videos, weight, bias, x, lin_w, lin_b = _gemm_inputs(torch.float64, True)
+    shapes = [s for shape in pack.shapes for s in shape]
+    if op == "patch_embed":
+        assert torch.autograd.gradcheck(
+            lambda *t: torch.ops.vdit_C.patch_embed(list(t[:3]), t[3], t[4]), (*videos, weight, bias))
+    else:
+        assert torch.autograd.gradcheck(
+            lambda *t: tuple(torch.ops.vdit_C.linear_unpatchify(*t, shapes, [1, 2, 2], 3)), (x, lin_w, lin_b))
+
+
+@needs_cuda_build
+@pytest.mark.parametrize("op", ["patch_embed", "linear_unpatchify"])
+def test_gemm_backward_op_is_the_autograd_formula(op):
+    # the registered backward op (what the Python op's backward runs on backend "cuda") and
+    # the C++ autograd formula compute the same, bit for bit
+    pack, videos, weight, bias, x, lin_w, lin_b = _gemm_inputs(torch.float32, True)
+    mine, _, leaves = _gemm_calls(pack, videos, weight, bias, x, lin_w, lin_b)[op]
+    outs = mine()
+    outs = [outs] if isinstance(outs, torch.Tensor) else list(outs)
+    grad_outs = [torch.randn_like(o) for o in outs]
+    grads = torch.autograd.grad(outs, leaves, grad_outs)
+    if op == "patch_embed":
+        gx, gw, gb = torch.ops.vdit_C.patch_embed_backward(grad_outs[0], [v.detach() for v in videos],
+                                                           weight.detach(), True)
+        expected = [*gx, gw, gb]
+    else:
+        expected = list(torch.ops.vdit_C.linear_unpatchify_backward(grad_outs, x.detach(), lin_w.detach(),
+                                                                    [1, 2, 2], True))
+    for a, b in zip(grads, expected):
+        assert torch.equal(a, b)
+
+
+@needs_cuda_build
+def test_gemm_ops_compute_only_requested_gradients():
+    # frozen latents (the usual training case) or a frozen weight: the other gradients are
+    # still exact, and nothing flows into the frozen ones
+    pack, videos, weight, bias, x, lin_w, lin_b = _gemm_inputs(torch.float64, True)
+    for frozen in ("videos", "weight"):
+        vs = [v.detach().requires_grad_(frozen != "videos") for v in videos]
+        w = weight.detach().requires_grad_(frozen != "weight")
+        leaves = [t for t in (*vs, w, bias) if t.requires_grad]
+        _, grads = _outputs_and_grads(lambda: torch.ops.vdit_C.patch_embed(vs, w, bias), leaves)
+        _, ref_grads = _outputs_and_grads(lambda: vk.patch_embed(vs, pack, w, bias, backend="reference"), leaves)
+        for a, b in zip(grads, ref_grads):
+            assert_verbose_close(a, b, atol=1e-12, rtol=1e-12)
+    for frozen in ("x", "weight"):
+        xx, w = x.detach().requires_grad_(frozen != "x"), lin_w.detach().requires_grad_(frozen != "weight")
+        leaves = [t for t in (xx, w, lin_b) if t.requires_grad]
+        shapes = [s for shape in pack.shapes for s in shape]
+        _, grads = _outputs_and_grads(lambda: torch.ops.vdit_C.linear_unpatchify(xx, w, lin_b, shapes, [1, 2, 2], 3),
+                                      leaves)
+        _, ref_grads = _outputs_and_grads(lambda: vk.linear_unpatchify(xx, pack, w, lin_b, 3, backend="reference"),
+                                          leaves)
+        for a, b in zip(grads, ref_grads):
+            assert_verbose_close(a, b, atol=1e-12, rtol=1e-12)
+
+
+@needs_cuda_build
+@pytest.mark.parametrize("op", ["patch_embed", "linear_unpatchify"])
+def test_gemm_ops_double_backward_raises(op):
+    # create_graph=True works for first derivatives; differentiating them again raises
+    # (as the Python ops do) rather than treating the backward as constant
+    mine, _, leaves = _gemm_calls(*_gemm_inputs(torch.float64, True))[op]
+    out = mine()
+    outs = [out] if isinstance(out, torch.Tensor) else list(out)
+    grads = torch.autograd.grad(sum(o.square().sum() for o in outs), leaves, create_graph=True)
+    _, ref_grads = _outputs_and_grads(mine, leaves)  # a plain backward still works after
+    with pytest.raises(RuntimeError, match="differentiable once"):
+        sum(g.sum() for g in grads).backward()
+
+
+def _gemm_bad_input_checks():
+    v = torch.randn(3, 2, 4, 6, device=DEVICE)
+    w = torch.randn(8, 3, 1, 2, 2, device=DEVICE)
+    with pytest.raises(RuntimeError, match="weight must be"):
+        torch.ops.vdit_C.patch_embed([v], w[0], None)
+    with pytest.raises(RuntimeError, match="channels"):
+        torch.ops.vdit_C.patch_embed([v], w[:, :2].contiguous(), None)
+    with pytest.raises(RuntimeError, match="not divisible"):
+        torch.ops.vdit_C.patch_embed([v], torch.randn(8, 3, 1, 4, 4, device=DEVICE), None)
+    with pytest.raises(RuntimeError, match="bias must be"):
+        torch.ops.vdit_C.patch_embed([v], w, torch.randn(7, device=DEVICE))
+    with pytest.raises(RuntimeError, match="must match"):
+        torch.ops.vdit_C.patch_embed([v], w.double(), None)
+    with pytest.raises(RuntimeError, match="videos\\[1\\]"):
+        torch.ops.vdit_C.patch_embed([v, v.double()], w, None)
+    with pytest.raises(RuntimeError, match="grad must be"):
+        torch.ops.vdit_C.patch_embed_backward(torch.randn(12, 5, device=DEVICE), [v], w, True)
+    x, lw = torch.randn(12, 8, device=DEVICE), torch.randn(12, 8, device=DEVICE)
+    with pytest.raises(RuntimeError, match="x \\(N, hidden\\) and weight"):
+        torch.ops.vdit_C.linear_unpatchify(x, lw[:, :5], None, [2, 4, 6], [1, 2, 2], 3)
+    with pytest.raises(RuntimeError, match="bias must be"):
+        torch.ops.vdit_C.linear_unpatchify(x, lw, torch.randn(5, device=DEVICE), [2, 4, 6], [1, 2, 2], 3)
+    with pytest.raises(RuntimeError, match="video gradients make"):
+        torch.ops.vdit_C.linear_unpatchify_backward([v[:, :1]], x, lw, [1, 2, 2], False)
+
+
+@gpu_only
+@pytest.mark.parametrize("dtype", ALL_DTYPES)
+@pytest.mark.parametrize("with_bias", [True, False])
+@pytest.mark.parametrize("op", ["patch_embed", "linear_unpatchify"])
+def test_gemm_ops_gpu_match_triton_gemm_variant_and_reference(op, with_bias, dtype, monkeypatch):
+    # on backend "cuda" (the default for these ops on a GPU) the results are exactly the
+    # Triton backend's "gemm" variant (the same kernels and GEMMs, issued from C++; that
+    # variant meets the same-dtype error rule in test_patch_embed_triton.test_dtypes), and
+    # near a float32 reference
+    monkeypatch.setenv("VDIT_PATCH_EMBED_FWD", "gemm")
+    monkeypatch.setenv("VDIT_PATCH_EMBED_BWD", "gemm")
+    monkeypatch.setenv("VDIT_LINEAR_UNPATCHIFY_FWD", "gemm")
+    monkeypatch.setenv("VDIT_LINEAR_UNPATCHIFY_BWD", "gemm")
+    assert B.resolve("patch", torch.device("cuda"), None, op, dtype) == "cuda"
+    pack, videos, weight, bias, x, lin_w, lin_b = _gemm_inputs(dtype, with_bias, device="cuda", hidden=72,
+                                                               channels=4)
+    leaves = [*videos, weight, bias] if op == "patch_embed" else [x, lin_w, lin_b]
+    leaves = [t for t in leaves if t is not None]
+
+    def run(backend, cast=None):
+        ls = [t.detach().to(cast or t.dtype).requires_grad_(True) for t in leaves]
+        if op == "patch_embed":
+            b = ls[len(videos) + 1] if with_bias else None
+            fn = lambda: vk.patch_embed(ls[:len(videos)], pack, ls[len(videos)], b, backend=backend)
+        else:
+            fn = lambda: vk.linear_unpatchify(ls[0], pack, ls[1], ls[2] if with_bias else None, 4, backend=backend)
+        outs, grads = _outputs_and_grads(fn, ls)
+        return outs + grads
+    mine = run("cuda")
+    for a, b in zip(mine, run("triton")):
+        assert torch.equal(a, b)
+    tol = {torch.float32: 2e-2, torch.float16: 2e-2, torch.bfloat16: 1e-1}[dtype]  # TF32 may be on
+    for a, r in zip(mine, run("reference", torch.float32)):
+        assert_verbose_close(a.float(), r, atol=tol, rtol=tol)

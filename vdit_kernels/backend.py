@@ -35,8 +35,10 @@ FAMILIES = ("patch", "rope", "attention")
 # here). Measured on an H100 80GB HBM3 (benchmarks/results/nvidia-h100-80gb-hbm3/, torch
 # 2.11, Triton 3.6; `bash benchmarks/gpu_check.sh all --workload mixed-pack`), bf16, the
 # mixed pack of 41430 tokens: patchify 0.093 ms cuda vs 0.356 ms triton, unpatchify
-# 0.077 vs 0.258, rope_3d (24 heads x 128) 0.358 vs 1.155. An op a backend lacks
-# (patch_embed and linear_unpatchify have no CUDA kernels) takes the next one.
+# 0.077 vs 0.258, rope_3d (24 heads x 128) 0.358 vs 1.155. patch_embed and linear_unpatchify
+# on "cuda" are those kernels around PyTorch's GEMMs with a C++ autograd formula, which is
+# what Triton's measured choice picked on the H100 (its "gemm" variant) at less host time.
+# An op a backend lacks takes the next one.
 DEFAULT_ORDER = {
     "patch": ("cuda", "triton"),
     "rope": ("cuda", "triton"),

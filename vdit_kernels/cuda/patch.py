@@ -1,9 +1,17 @@
-"""CUDA patchify / unpatchify (csrc/patch.cu): one launch per pack and direction.
+"""CUDA patch ops: patchify / unpatchify (csrc/patch.cu, one launch per pack and
+direction), and patch_embed / linear_unpatchify as those gathers and scatters around
+PyTorch's GEMMs, forward and backward in C++ (csrc/patch_gemm_host.cpp).
 
 Contract (vdit_kernels/ops/patch.py): videos are (C, T, H, W) CUDA tensors of one dtype
 (float32, float16, bfloat16), any strides; tokens (N, C*pt*ph*pw). unpatchify returns
-fresh contiguous videos. The other patch-family ops (patch_embed, linear_unpatchify and
-their backwards) have no CUDA implementation: the backend reports them as missing.
+fresh contiguous videos.
+
+patch_embed and linear_unpatchify compute what the Triton backend's "gemm" variant
+computes, the variant the H100 picked on every pack; the fused Triton GEMMs stay with
+backend="triton". AUTOGRAD holds the same ops with their autograd formula in C++ (an
+Autograd kernel of vdit_C): in eager code ops/direct.py calls them instead of running the
+registered op's Python formula, so a training step's patch embedding costs one dispatcher
+call forward and no Python in the backward.
 """
 from __future__ import annotations
 
@@ -22,3 +30,34 @@ def patchify(videos, patch_size):
 def unpatchify(tokens, shapes, patch_size, channels):
     return list(torch.ops.vdit_C.unpatchify(tokens, [int(s) for s in shapes],
                                             [int(p) for p in patch_size], int(channels)))
+
+
+def patch_embed(videos, weight, bias):
+    return torch.ops.vdit_C.patch_embed(list(videos), weight, bias)
+
+
+def patch_embed_backward(grad, videos, weight, with_bias):
+    grad_x, grad_w, grad_b = torch.ops.vdit_C.patch_embed_backward(grad, list(videos), weight, bool(with_bias))
+    return list(grad_x), grad_w, grad_b if with_bias else None
+
+
+def linear_unpatchify(x, weight, bias, shapes, patch_size, channels):
+    return list(torch.ops.vdit_C.linear_unpatchify(x, weight, bias, [int(s) for s in shapes],
+                                                   [int(p) for p in patch_size], int(channels)))
+
+
+def linear_unpatchify_backward(grad_videos, x, weight, patch_size, with_bias):
+    grad_x, grad_w, grad_b = torch.ops.vdit_C.linear_unpatchify_backward(
+        list(grad_videos), x, weight, [int(p) for p in patch_size], bool(with_bias))
+    return grad_x, grad_w, grad_b if with_bias else None
+
+
+def _linear_unpatchify_autograd(x, weight, bias, shapes, patch_size, channels):
+    return list(torch.ops.vdit_C.linear_unpatchify(x, weight, bias, shapes, patch_size, channels))
+
+
+# op name -> the same computation with its autograd formula built in (ops/direct.py)
+AUTOGRAD = {
+    "patch_embed": torch.ops.vdit_C.patch_embed,
+    "linear_unpatchify": _linear_unpatchify_autograd,
+}

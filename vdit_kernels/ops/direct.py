@@ -16,7 +16,13 @@ takes 7 us. So each public function ends in `call(op, *args)`:
   * otherwise, when no input needs a gradient: the implementation the op runs, called
     directly;
   * otherwise: the same implementation, setup_context and backward the op registered
-    (define() and register_autograd() below keep them), through one torch.autograd.Function.
+    (define() and register_autograd() below keep them), through one torch.autograd.Function;
+  * except, in the last two cases, where the backend offers the op with its autograd formula
+    built in (define()'s `native`: the CUDA backend's patch_embed and linear_unpatchify, C++
+    ops with an Autograd kernel that compute what the op's implementation and registered
+    backward compute, with the same functions): that, called directly. A Python
+    autograd.Function and its backward cost the H100 machine's host more than those ops'
+    GPU work.
 
 Both routes run the same functions, so they agree bit for bit; VDIT_DIRECT=0 (read at
 import) sends every call through the ops, as tests do to compare the two.
@@ -31,14 +37,19 @@ from torch.utils import _python_dispatch
 
 ENABLED = os.environ.get("VDIT_DIRECT", "1") != "0"
 _FORMULAS: dict = {}  # op -> (impl, setup_context, backward)
+_NATIVE: dict = {}  # op -> native(backend name): the op with its own autograd, or None
 _PLAIN = (torch.Tensor, torch.nn.Parameter)
 
 
-def define(name: str, impl: Callable):
+def define(name: str, impl: Callable, native: Optional[Callable] = None):
     """The torch.library custom op `name` (no mutated arguments) whose body is impl, its
-    schema read from impl's annotations; call() may run impl for it directly."""
+    schema read from impl's annotations; call() may run impl for it directly. The op's last
+    argument is its backend's name; native(backend), where given, returns a function of the
+    other arguments that computes the op with its own autograd formula, or None."""
     op = torch.library.custom_op(name, impl, mutates_args=())
     _FORMULAS[op] = (impl, None, None)
+    if native is not None:
+        _NATIVE[op] = native
     return op
 
 
@@ -83,6 +94,11 @@ def call(op, *args):
     tensors = _tensors(args)
     if op not in _FORMULAS or not direct_ok(tensors):
         return op(*args)
+    native = _NATIVE.get(op)
+    if native is not None:
+        fn = native(args[-1])
+        if fn is not None:
+            return fn(*args[:-1])
     impl, setup, backward = _FORMULAS[op]
     if not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors)):
         return impl(*args)

@@ -14,6 +14,10 @@ videos are lists of (C, T, H, W) tensors, shapes a flat [T0, H0, W0, T1, ...] li
   linear_unpatchify_backward(grad_videos, x, weight, patch_size, with_bias)
       -> (grad_x, grad_weight, grad_bias|None)
   DTYPES: the dtypes it computes in (vdit_kernels.backend resolves by device and dtype)
+  AUTOGRAD (optional): {"patch_embed": fn, "linear_unpatchify": fn}, the same ops with their
+      autograd formula built in (fn takes the op's arguments but the backend name), which
+      eager calls run instead of the registered op's Python formula (ops/direct.py); they
+      must compute what the contract functions above compute
 """
 from __future__ import annotations
 
@@ -113,6 +117,14 @@ def _impl(backend: str):
     return _Reference if backend == "reference" else _backend.implementation(backend, FAMILY)
 
 
+def _native(name: str):
+    """define()'s `native` for op `name`: the backend's version with its autograd built in
+    (the backend module's AUTOGRAD table), where it has one."""
+    def lookup(backend: str):
+        return None if backend == "reference" else getattr(_impl(backend), "AUTOGRAD", {}).get(name)
+    return lookup
+
+
 # -- registered ops ---------------------------------------------------------------
 
 def _patchify(videos: list[Tensor], patch_size: list[int], backend: str) -> Tensor:
@@ -171,7 +183,7 @@ def _patch_embed(videos: list[Tensor], weight: Tensor, bias: Optional[Tensor], b
     return _impl(backend).patch_embed(videos, weight, bias)
 
 
-patch_embed_op = define("vdit::patch_embed", _patch_embed)
+patch_embed_op = define("vdit::patch_embed", _patch_embed, native=_native("patch_embed"))
 
 
 @patch_embed_op.register_fake
@@ -217,7 +229,8 @@ def _linear_unpatchify(x: Tensor, weight: Tensor, bias: Optional[Tensor], shapes
     return _impl(backend).linear_unpatchify(x, weight, bias, shapes, patch_size, channels)
 
 
-linear_unpatchify_op = define("vdit::linear_unpatchify", _linear_unpatchify)
+linear_unpatchify_op = define("vdit::linear_unpatchify", _linear_unpatchify,
+                              native=_native("linear_unpatchify"))
 
 
 @linear_unpatchify_op.register_fake
