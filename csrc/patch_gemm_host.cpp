@@ -75,11 +75,13 @@ std::vector<at::Tensor> scatter(const at::Tensor& tokens, c10::IntArrayRef shape
 }
 
 // [1, 0, 0, 0, 0, 0, 0, 0] on the device, per (device, stream, dtype): the columns that
-// turn grad^T @ A into [dW | db] (see patch_embed_backward). Made once and never freed
-// (a static tensor would be destroyed after the CUDA context at exit), per stream so that
-// no stream reads it before the fill queued on another has run. Inside a CUDA graph
-// capture it is made afresh and not kept: the capture queues the fill, which runs only
-// when the graph replays.
+// turn grad^T @ A into [dW | db] (see patch_embed_backward). Made once per key, in a map
+// that is never destroyed (a static tensor would be freed after the CUDA context at exit),
+// per stream so that no stream reads it before the fill queued on another has run. The
+// map is emptied when it reaches kMaxCached keys (code that makes a stream per step): a
+// freed tensor's memory goes back to its own stream's pool, reused only after the kernels
+// already queued there, which read it. Inside a CUDA graph capture it is made afresh and
+// not kept: the capture queues the fill, which runs only when the graph replays.
 at::Tensor bias_columns(const at::TensorOptions& opts, bool capturing) {
   auto make = [&] {
     at::Tensor t = at::zeros({1, 8}, opts);
@@ -92,9 +94,13 @@ at::Tensor bias_columns(const at::TensorOptions& opts, bool capturing) {
   const int64_t stream = opts.device().is_cuda() ? current_stream_id(opts.device()) : 0;
   const auto key = std::make_tuple(static_cast<int>(opts.device().is_cuda() ? opts.device().index() : -1), stream,
                                    static_cast<int>(c10::typeMetaToScalarType(opts.dtype())));
+  constexpr size_t kMaxCached = 64;
   std::lock_guard<std::mutex> lock(mutex);
   auto it = cache->find(key);
-  if (it == cache->end()) it = cache->emplace(key, make()).first;
+  if (it == cache->end()) {
+    if (cache->size() >= kMaxCached) cache->clear();
+    it = cache->emplace(key, make()).first;
+  }
   return it->second;
 }
 
