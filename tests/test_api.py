@@ -446,6 +446,33 @@ def test_compile_fullgraph_whole_stack(backend):
     assert w.grad is not None and out_w.grad is not None
 
 
+@gpu_only
+def test_compile_fullgraph_cuda_patch_gemms():
+    # the cuda backend's patch_embed / linear_unpatchify (C++ autograd in eager code) inside a
+    # compiled graph: the registered ops with their Python formula over the same C++ ops,
+    # forward and gradients as eager
+    torch._dynamo.reset()
+    pack = _make_pack("cuda")
+    g = torch.Generator().manual_seed(0)
+    videos = [torch.randn(4, *s, generator=g).cuda().requires_grad_(True) for s in pack.shapes]
+    w = torch.randn(24, 4, 1, 2, 2, generator=g).cuda().requires_grad_(True)
+    b = torch.randn(24, generator=g).cuda().requires_grad_(True)
+    out_w = torch.randn(16, 24, generator=g).cuda().requires_grad_(True)
+
+    def step(videos, w, b, out_w):
+        x = vk.patch_embed(videos, pack, w, b, backend="cuda")
+        return vk.linear_unpatchify(torch.tanh(x), pack, out_w, None, 4, backend="cuda")
+
+    leaves = [*videos, w, b, out_w]
+    results = []
+    for fn in (step, torch.compile(step, fullgraph=True)):
+        outs = fn(videos, w, b, out_w)
+        grads = torch.autograd.grad(sum((o * o).sum() for o in outs), leaves)
+        results.append([o.detach() for o in outs] + list(grads))
+    for c, e in zip(results[1], results[0]):
+        torch.testing.assert_close(c, e)
+
+
 def test_compile_reports_an_unavailable_backend(pack):
     # the choice is made at trace time; a backend that cannot run fails there, with its reason
     torch._dynamo.reset()
