@@ -520,3 +520,17 @@ def test_sigterm_writes_the_results_so_far(monkeypatch, tmp_path):
     assert len(calls) == 2 and len(result["rows"]) == 1 and "stopped by signal" in result["stopped"]
     assert "Cut short" in (tmp_path / "summary.md").read_text()
     assert signal.getsignal(signal.SIGTERM) is not run._stop
+
+
+def test_host_routes_runs_and_restores_the_routes(capsys):
+    from vdit_kernels import backend as B
+    from vdit_kernels.ops import direct
+    if B.extension() is None or not B.extension_has_cuda():
+        pytest.skip("vdit_kernels._C was built without CUDA")
+    from benchmarks import host_routes
+    native, enabled = dict(direct._NATIVE), direct.ENABLED
+    host_routes.main(["--calls", "10"])
+    out = capsys.readouterr().out
+    for route in ("c++ autograd", "python autograd", "registered op", "permute+linear"):
+        assert route in out
+    assert direct._NATIVE == native and direct.ENABLED == enabled

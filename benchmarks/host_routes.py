@@ -1,0 +1,87 @@
+"""Host time of one patch_embed forward + backward by route, on tiny CPU tensors.
+
+The H100 machine's timed patch_embed calls were bound by host time, not by the GPU
+(session 13: 0.35 ms of kernels under 1.4 ms a forward + backward). This measures, on
+any CPU machine with the CUDA build of vdit_kernels._C, the host cost of the layers
+around the same C++ computation (whose CPU tensors take ATen copies for the gather):
+
+  c++ autograd     ops/direct.py's native route: the C++ op with its C++ autograd formula
+  python autograd  the route the Python autograd.Function takes (the native table emptied)
+  registered op    VDIT_DIRECT=0: the torch.library op and its registered Python formula
+  permute+linear   the peer: per-video reshape + permute, torch.cat, nn.Linear
+
+Tensors are tiny, so the numbers are host time (Python, dispatcher, autograd engine) plus
+a few microseconds of CPU copies and GEMMs that every route shares. Not a GPU timing: the
+H100 machine's host took several times longer for each layer.
+
+    python -m benchmarks.host_routes [--calls 3000]
+"""
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+
+from vdit_kernels import backend as _backend
+from vdit_kernels.ops import direct
+from vdit_kernels.ops import patch as patch_ops
+
+SHAPES = [(2, 4, 6), (1, 2, 2), (3, 2, 4)]
+
+
+def _per_call_us(fn, calls: int) -> float:
+    """The best of 5 rounds of `calls` calls, microseconds a call (after a warm-up)."""
+    for _ in range(calls // 10):
+        fn()
+    best = float("inf")
+    for _ in range(5):
+        start = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        best = min(best, (time.perf_counter() - start) / calls * 1e6)
+    return best
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--calls", type=int, default=3000)
+    args = parser.parse_args(argv)
+    if _backend.extension() is None or not _backend.extension_has_cuda():
+        raise SystemExit("needs vdit_kernels._C built with CUDA (its C++ patch_embed)")
+    torch.manual_seed(0)
+    videos = [torch.randn(4, *s, requires_grad=True) for s in SHAPES]
+    weight = torch.randn(32, 4, 1, 2, 2, requires_grad=True)
+    bias = torch.randn(32, requires_grad=True)
+    linear = torch.nn.Linear(16, 32)
+
+    def ours():
+        out = direct.call(patch_ops.patch_embed_op, videos, weight, bias, "cuda")
+        out.backward(torch.ones_like(out))
+
+    def peer():
+        rows = [v.reshape(4, v.shape[1], v.shape[2] // 2, 2, v.shape[3] // 2, 2).permute(1, 2, 4, 0, 3, 5)
+                .reshape(-1, 16) for v in videos]
+        out = linear(torch.cat(rows))
+        out.backward(torch.ones_like(out))
+
+    native, enabled = dict(direct._NATIVE), direct.ENABLED
+    rows = []
+    try:
+        rows.append(("c++ autograd", _per_call_us(ours, args.calls)))
+        direct._NATIVE.clear()
+        rows.append(("python autograd", _per_call_us(ours, args.calls)))
+        direct.ENABLED = False
+        rows.append(("registered op", _per_call_us(ours, args.calls)))
+    finally:
+        direct._NATIVE.update(native)
+        direct.ENABLED = enabled
+    rows.append(("permute+linear", _per_call_us(peer, args.calls)))
+    print(f"patch_embed forward + backward, {len(SHAPES)} tiny CPU videos, torch {torch.__version__}: "
+          f"host microseconds a call (best of 5 x {args.calls})")
+    for name, us in rows:
+        print(f"  {name:16s} {us:7.1f} us")
+
+
+if __name__ == "__main__":
+    main()
