@@ -502,6 +502,24 @@ def test_gemm_ops_compute_only_requested_gradients():
 
 
 @needs_cuda_build
+def test_gemm_ops_zero_token_videos():
+    # a video with no frames gives no tokens: empty rows forward, zero-size gradients back
+    v = [torch.randn(3, 0, 4, 6, dtype=torch.float64, requires_grad=True),
+         torch.randn(3, 1, 2, 2, dtype=torch.float64, requires_grad=True)]
+    w = torch.randn(5, 3, 1, 2, 2, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(5, dtype=torch.float64, requires_grad=True)
+    out = torch.ops.vdit_C.patch_embed(v, w, b)
+    assert out.shape == (1, 5)
+    out.sum().backward()
+    assert v[0].grad.shape == v[0].shape and torch.equal(b.grad, torch.ones_like(b))
+    x = torch.randn(0, 5, requires_grad=True)
+    videos = torch.ops.vdit_C.linear_unpatchify(x, torch.randn(12, 5), torch.randn(12), [0, 4, 6], [1, 2, 2], 3)
+    assert [tuple(t.shape) for t in videos] == [(3, 0, 4, 6)]
+    sum(t.sum() for t in videos).backward()
+    assert x.grad.shape == (0, 5)
+
+
+@needs_cuda_build
 @pytest.mark.parametrize("op", ["patch_embed", "linear_unpatchify"])
 def test_gemm_ops_double_backward_raises(op):
     # create_graph=True works for first derivatives; differentiating them again raises
