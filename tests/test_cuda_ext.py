@@ -65,6 +65,21 @@ def test_no_unexpected_ops():
     assert B.extension() is not None
     registered = {name for name in torch._C._dispatch_get_all_op_names() if name.startswith("vdit_C::")}
     assert registered == {f"vdit_C::{op}" for op in SCHEMAS}
+    # the backend's list of the ops a current build has (a stale build is reported)
+    assert set(B.EXTENSION_OPS) == set(SCHEMAS) and B.extension_missing_ops() == ()
+
+
+def test_a_stale_build_is_reported(monkeypatch):
+    # _C built from older sources (no patch_embed): the cuda backend says to rebuild, and
+    # auto takes another backend instead of failing inside a call
+    B._why_not.cache_clear()
+    monkeypatch.setitem(B._EXTENSION, "missing", ("patch_embed",))
+    try:
+        reason = B.why_not("cuda", "patch", torch.device("cuda"), "patch_embed")
+        assert "built from older sources" in reason and "vdit_C::patch_embed" in reason
+        assert B.resolve("patch", torch.device("cuda"), None, "patch_embed", torch.float16) != "cuda"
+    finally:
+        B._why_not.cache_clear()
 
 
 # -- backend selection ---------------------------------------------------------------

@@ -110,6 +110,21 @@ def extension_has_cuda() -> bool:
     return _EXTENSION["has_cuda"]
 
 
+# the ops csrc/ops.cpp defines: a _C built from older sources lacks some (an editable
+# install after a pull, not rebuilt), and the cuda backend then says so instead of failing
+# inside a call
+EXTENSION_OPS = ("has_cuda", "build_info", "patchify", "unpatchify", "patch_embed", "patch_embed_backward",
+                 "linear_unpatchify", "linear_unpatchify_backward", "rope_3d", "rope_3d_")
+
+
+def extension_missing_ops() -> tuple:
+    """The ops of EXTENSION_OPS the loaded _C does not register (asked once)."""
+    if "missing" not in _EXTENSION:
+        names = set(torch._C._dispatch_get_all_op_names()) if extension() is not None else set()
+        _EXTENSION["missing"] = tuple(op for op in EXTENSION_OPS if f"vdit_C::{op}" not in names)
+    return _EXTENSION["missing"]
+
+
 def _lacks(backend: str, family: str, op: Optional[str]) -> Optional[str]:
     """A backend may implement part of a family: say so when `op` is missing."""
     if op is not None and not hasattr(implementation(backend, family), op):
@@ -160,6 +175,10 @@ def _why_not(backend: str, family: str, device_type: str, op: Optional[str], dty
             return f"there is no CUDA implementation of the {family} ops"
         if extension() is None:
             return f"vdit_kernels._C is not built: {_EXTENSION['error']}"
+        if extension_missing_ops():
+            return (f"vdit_kernels._C was built from older sources (it lacks vdit_C::"
+                    f"{', vdit_C::'.join(extension_missing_ops())}): rebuild it with "
+                    "pip install --no-build-isolation -e .")
         if not extension_has_cuda():
             return "vdit_kernels._C was built without CUDA (CPU-only torch or no nvcc at build time)"
         if device.type != "cuda":

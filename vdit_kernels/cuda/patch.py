@@ -52,12 +52,10 @@ def linear_unpatchify_backward(grad_videos, x, weight, patch_size, with_bias):
     return grad_x, grad_w, grad_b if with_bias else None
 
 
-def _linear_unpatchify_autograd(x, weight, bias, shapes, patch_size, channels):
-    return list(torch.ops.vdit_C.linear_unpatchify(x, weight, bias, shapes, patch_size, channels))
-
-
-# op name -> the same computation with its autograd formula built in (ops/direct.py)
+# op name -> the same computation with its autograd formula built in (ops/direct.py): the
+# ops above (their Autograd kernel runs when an input needs a gradient), looked up at call
+# time, so that importing this module never depends on which ops a build registered
 AUTOGRAD = {
-    "patch_embed": torch.ops.vdit_C.patch_embed,
-    "linear_unpatchify": _linear_unpatchify_autograd,
+    "patch_embed": lambda videos, weight, bias: torch.ops.vdit_C.patch_embed(videos, weight, bias),
+    "linear_unpatchify": linear_unpatchify,
 }
