@@ -517,6 +517,29 @@ def test_gemm_ops_compute_only_requested_gradients():
 
 
 @needs_cuda_build
+def test_gemm_ops_non_contiguous_inputs():
+    # strided videos (W not innermost), a weight and x that are views with gaps, a strided
+    # bias: the same results and gradients as the reference
+    pack, videos, weight, bias, x, lin_w, lin_b = _gemm_inputs(torch.float64, True)
+    vs = [v.detach().transpose(2, 3).contiguous().transpose(2, 3).requires_grad_(True) for v in videos]
+    w = torch.randn(8, 3, 1, 2, 4, dtype=torch.float64)[..., ::2].requires_grad_(True)
+    b = torch.randn(16, dtype=torch.float64)[::2].requires_grad_(True)
+    xx = torch.randn(pack.num_tokens, 16, dtype=torch.float64)[:, 3:11].requires_grad_(True)
+    lw = torch.randn(8, 12, dtype=torch.float64).t().requires_grad_(True)
+    assert not any(t.is_contiguous() for t in (*vs, w, b, xx, lw))
+    shapes = [s for shape in pack.shapes for s in shape]
+    for mine, theirs, leaves in (
+            (lambda: torch.ops.vdit_C.patch_embed(vs, w, b),
+             lambda: vk.patch_embed(vs, pack, w, b, backend="reference"), [*vs, w, b]),
+            (lambda: torch.ops.vdit_C.linear_unpatchify(xx, lw, b[:12 // 2].repeat(2), shapes, [1, 2, 2], 3),
+             lambda: vk.linear_unpatchify(xx, pack, lw, b[:12 // 2].repeat(2), 3, backend="reference"), [xx, lw])):
+        outs, grads = _outputs_and_grads(mine, leaves)
+        ref_outs, ref_grads = _outputs_and_grads(theirs, leaves)
+        for a, e in zip(outs + grads, ref_outs + ref_grads):
+            assert_verbose_close(a, e, atol=1e-12, rtol=1e-12)
+
+
+@needs_cuda_build
 def test_gemm_ops_zero_token_videos():
     # a video with no frames gives no tokens: empty rows forward, zero-size gradients back
     v = [torch.randn(3, 0, 4, 6, dtype=torch.float64, requires_grad=True),
