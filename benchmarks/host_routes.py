@@ -8,7 +8,7 @@ around the same C++ computation (whose CPU tensors take ATen copies for the gath
   c++ autograd     ops/direct.py's native route: the C++ op with its C++ autograd formula
   python autograd  the route the Python autograd.Function takes (the native table emptied)
   registered op    VDIT_DIRECT=0: the torch.library op and its registered Python formula
-  permute+linear   the peer: per-video reshape + permute, torch.cat, nn.Linear
+  permute+linear   the peer (the patch suite's): per-video view + permute, torch.cat, F.linear
 
 Tensors are tiny, so the numbers are host time (Python, dispatcher, autograd engine) plus
 a few microseconds of CPU copies and GEMMs that every route shares. Not a GPU timing: the
@@ -26,6 +26,8 @@ import torch
 from vdit_kernels import backend as _backend
 from vdit_kernels.ops import direct
 from vdit_kernels.ops import patch as patch_ops
+
+from .bench_patch import _permute_linear
 
 SHAPES = [(2, 4, 6), (1, 2, 2), (3, 2, 4)]
 
@@ -53,16 +55,13 @@ def main(argv=None) -> None:
     videos = [torch.randn(4, *s, requires_grad=True) for s in SHAPES]
     weight = torch.randn(32, 4, 1, 2, 2, requires_grad=True)
     bias = torch.randn(32, requires_grad=True)
-    linear = torch.nn.Linear(16, 32)
 
     def ours():
         out = direct.call(patch_ops.patch_embed_op, videos, weight, bias, "cuda")
         out.backward(torch.ones_like(out))
 
-    def peer():
-        rows = [v.reshape(4, v.shape[1], v.shape[2] // 2, 2, v.shape[3] // 2, 2).permute(1, 2, 4, 0, 3, 5)
-                .reshape(-1, 16) for v in videos]
-        out = linear(torch.cat(rows))
+    def peer():  # the patch suite's permute-linear row
+        out = _permute_linear(videos, weight.flatten(1), bias, (1, 2, 2))
         out.backward(torch.ones_like(out))
 
     native, enabled = dict(direct._NATIVE), direct.ENABLED

@@ -16,12 +16,9 @@
 // the same code with ATen's copies in place of the kernel, so the formulas and the autograd
 // wiring are tested without a GPU (tests/test_cuda_ext.py).
 #include <ATen/ATen.h>
-#include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/autograd.h>
 #include <torch/library.h>
 
-#include <map>
-#include <mutex>
 #include <tuple>
 #include <vector>
 
@@ -74,36 +71,6 @@ std::vector<at::Tensor> scatter(const at::Tensor& tokens, c10::IntArrayRef shape
   return videos;
 }
 
-// [1, 0, 0, 0, 0, 0, 0, 0] on the device, per (device, stream, dtype): the columns that
-// turn grad^T @ A into [dW | db] (see patch_embed_backward). Made once per key, in a map
-// that is never destroyed (a static tensor would be freed after the CUDA context at exit),
-// per stream so that no stream reads it before the fill queued on another has run. The
-// map is emptied when it reaches kMaxCached keys (code that makes a stream per step): a
-// freed tensor's memory goes back to its own stream's pool, reused only after the kernels
-// already queued there, which read it. Inside a CUDA graph capture it is made afresh and
-// not kept: the capture queues the fill, which runs only when the graph replays.
-at::Tensor bias_columns(const at::TensorOptions& opts, bool capturing) {
-  auto make = [&] {
-    at::Tensor t = at::zeros({1, 8}, opts);
-    t.select(1, 0).fill_(1);
-    return t;
-  };
-  if (capturing) return make();
-  static std::mutex mutex;
-  static auto* cache = new std::map<std::tuple<int, int64_t, int>, at::Tensor>();
-  const int64_t stream = opts.device().is_cuda() ? current_stream_id(opts.device()) : 0;
-  const auto key = std::make_tuple(static_cast<int>(opts.device().is_cuda() ? opts.device().index() : -1), stream,
-                                   static_cast<int>(c10::typeMetaToScalarType(opts.dtype())));
-  constexpr size_t kMaxCached = 64;
-  std::lock_guard<std::mutex> lock(mutex);
-  auto it = cache->find(key);
-  if (it == cache->end()) {
-    if (cache->size() >= kMaxCached) cache->clear();
-    it = cache->emplace(key, make()).first;
-  }
-  return it->second;
-}
-
 void check_embed_args(at::TensorList videos, const at::Tensor& weight, const std::optional<at::Tensor>& bias) {
   TORCH_CHECK(!videos.empty(), "vdit_C::patch_embed: videos must hold at least one video");
   TORCH_CHECK(weight.dim() == 5, "vdit_C::patch_embed: weight must be (hidden, C, pt, ph, pw), got ",
@@ -140,9 +107,10 @@ at::Tensor patch_embed(at::TensorList videos, const at::Tensor& weight, const st
 }
 
 // grad (N, hidden) -> grad videos, grad weight, grad bias (an empty tensor without bias).
-// grad^T @ [A | 1 | 0 ...] gives dW and, as its column F, db in one pass over grad (a
-// column sum of the 250 MB gradient alone costs the H100 as long as the GEMM); the 7 zero
-// columns keep A's rows 16 bytes apart. dX = unpatchify(grad @ W). Parts whose flag is
+// grad^T @ [A | 1 ...] gives dW and, as its column F, db in one pass over grad (a column
+// sum of the 250 MB gradient alone costs the H100 as long as the GEMM); 8 columns of ones
+// keep A's rows 16 bytes apart (columns F+1.. are db again, unused). The ones are made per
+// call (a 16-byte fill, captured by a CUDA graph like any other kernel). dX = unpatchify(grad @ W). Parts whose flag is
 // false come back undefined (the autograd formula skips gradients nobody asked for).
 std::tuple<std::vector<at::Tensor>, at::Tensor, at::Tensor> embed_backward(
     const at::Tensor& grad_in, at::TensorList videos, const at::Tensor& weight, bool with_bias, bool need_x,
@@ -159,8 +127,7 @@ std::tuple<std::vector<at::Tensor>, at::Tensor, at::Tensor> embed_backward(
   if (need_w || with_bias) {
     at::Tensor a = gather(videos, ps);
     if (with_bias) {
-      const bool capturing = a.is_cuda() && stream_is_capturing(a.device());
-      a = at::cat({a, bias_columns(a.options(), capturing).expand({a.size(0), 8})}, 1);
+      a = at::cat({a, at::ones({1, 8}, a.options()).expand({a.size(0), 8})}, 1);
       const at::Tensor gwb = at::mm(grad.t(), a);  // (hidden, F + 8)
       gw = gwb.narrow(1, 0, f).contiguous();
       gb = gwb.select(1, f).contiguous();

@@ -209,15 +209,6 @@ std::vector<at::Tensor> unpatchify_videos(const at::Tensor& tokens, c10::IntArra
   return unpatchify_cuda(tokens, shapes, patch_size, channels);
 }
 
-int64_t current_stream_id(const c10::Device& device) {
-  return c10::cuda::getCurrentCUDAStream(device.index()).id();
-}
-
-bool stream_is_capturing(const c10::Device& device) {
-  c10::cuda::CUDAGuard guard(device);
-  return c10::cuda::currentStreamCaptureStatusMayInitCtx() != c10::cuda::CaptureStatus::None;
-}
-
 }  // namespace vdit
 
 TORCH_LIBRARY_IMPL(vdit_C, CUDA, m) {

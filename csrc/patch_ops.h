@@ -1,10 +1,9 @@
 // The CUDA patchify / unpatchify as C++ functions (csrc/patch_host.cpp), for the host code
-// that builds on them without a dispatcher call (csrc/patch_gemm_host.cpp), and the two
-// stream queries that code needs. Host compiler only; no CUDA header here.
+// that builds on them without a dispatcher call (csrc/patch_gemm_host.cpp). Host compiler
+// only; no CUDA header here.
 #pragma once
 
 #include <ATen/core/Tensor.h>
-#include <c10/core/Device.h>
 
 #include <vector>
 
@@ -14,9 +13,5 @@ namespace vdit {
 at::Tensor patchify_tokens(at::TensorList videos, c10::IntArrayRef patch_size);
 std::vector<at::Tensor> unpatchify_videos(const at::Tensor& tokens, c10::IntArrayRef shapes,
                                           c10::IntArrayRef patch_size, int64_t channels);
-
-// The id of `device`'s current stream, and whether that stream is capturing a CUDA graph.
-int64_t current_stream_id(const c10::Device& device);
-bool stream_is_capturing(const c10::Device& device);
 
 }  // namespace vdit

@@ -264,8 +264,8 @@ def _graph_capture_checks():
     graph.replay()
     torch.cuda.synchronize()
     assert torch.equal(tokens, vk.patchify(videos, small, backend="reference"))
-    # patch embedding's backward makes its bias columns inside the capture (the cached ones
-    # are per stream, and a capture's fill runs only at replay): the replay equals eager
+    # patch embedding's backward (its bias columns are filled inside the capture, so the
+    # fill runs at replay): the replay equals eager
     weight = torch.randn(16, 4, 1, 2, 2, device="cuda", dtype=torch.float16)
     grad = torch.randn(small.num_tokens, 16, device="cuda", dtype=torch.float16)
     torch.ops.vdit_C.patch_embed_backward(grad, videos, weight, True)

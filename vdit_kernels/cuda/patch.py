@@ -53,9 +53,6 @@ def linear_unpatchify_backward(grad_videos, x, weight, patch_size, with_bias):
 
 
 # op name -> the same computation with its autograd formula built in (ops/direct.py): the
-# ops above (their Autograd kernel runs when an input needs a gradient), looked up at call
-# time, so that importing this module never depends on which ops a build registered
-AUTOGRAD = {
-    "patch_embed": lambda videos, weight, bias: torch.ops.vdit_C.patch_embed(videos, weight, bias),
-    "linear_unpatchify": linear_unpatchify,
-}
+# contract functions above, whose vdit_C ops run their C++ Autograd kernel when an input
+# needs a gradient
+AUTOGRAD = {"patch_embed": patch_embed, "linear_unpatchify": linear_unpatchify}
