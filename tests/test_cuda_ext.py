@@ -457,6 +457,44 @@ def test_gemm_ops_cpu_match_reference(op, with_bias, dtype):
 
 
 @needs_cuda_build
+@pytest.mark.parametrize("with_bias", [True, False])
+@pytest.mark.parametrize("op", ["patch_embed", "linear_unpatchify"])
+def test_gemm_ops_cpu_float16_matmul_rule(op, with_bias):
+    # float16, forward and every gradient: error against a float32 reference at most 2x
+    # that of plain PyTorch in float16 (per-video view + permute, torch.cat, F.linear)
+    from conftest import assert_matmul_rule
+    inputs = _gemm_inputs(torch.float16, with_bias)
+    pack, videos, weight, bias, x, lin_w, lin_b = inputs
+    mine, _, leaves = _gemm_calls(*inputs)[op]
+    shapes = [tuple(v.shape[1:]) for v in videos]
+
+    def torch_same_dtype(*ls):
+        if op == "patch_embed":
+            vs, w, b = ls[:len(videos)], ls[len(videos)], ls[len(videos) + 1] if with_bias else None
+            rows = [v.reshape(3, t, h // 2, 2, w_ // 2, 2).permute(1, 2, 4, 0, 3, 5).reshape(-1, 12)
+                    for v, (t, h, w_) in zip(vs, shapes)]
+            return torch.nn.functional.linear(torch.cat(rows), w.flatten(1), b)
+        xx, w, b = ls[0], ls[1], ls[2] if with_bias else None
+        y, out, row = torch.nn.functional.linear(xx, w, b), [], 0
+        for t, h, w_ in shapes:
+            n = t * (h // 2) * (w_ // 2)
+            out.append(y[row:row + n].reshape(t, h // 2, w_ // 2, 3, 2, 2).permute(3, 0, 1, 4, 2, 5)
+                       .reshape(3, t, h, w_))
+            row += n
+        return out
+
+    def leaves_as(dtype):
+        return [t.detach().to(dtype).requires_grad_(True) for t in leaves]
+    outs, grads = _outputs_and_grads(mine, leaves)
+    same_leaves, fp32_leaves = leaves_as(torch.float16), leaves_as(torch.float32)
+    same_outs, same_grads = _outputs_and_grads(lambda: torch_same_dtype(*same_leaves), same_leaves)
+    ref_outs, ref_grads = _outputs_and_grads(lambda: torch_same_dtype(*fp32_leaves), fp32_leaves)
+    for i, (a, s_, r) in enumerate(zip(outs + grads, same_outs + same_grads, ref_outs + ref_grads)):
+        assert a.dtype == torch.float16 and a.shape == r.shape
+        assert_matmul_rule(a, s_, r, name=f"{op} output/gradient {i}")
+
+
+@needs_cuda_build
 @pytest.mark.parametrize("op", ["patch_embed", "linear_unpatchify"])
 def test_gemm_ops_gradcheck(op):
     pack, videos, weight, bias, x, lin_w, lin_b = _gemm_inputs(torch.float64, True)
