@@ -1,4 +1,5 @@
-"""Sequence parallelism: merge_attention, and Ulysses attention on 2 gloo processes (CPU).
+"""Sequence parallelism: merge_attention, and the sharded attention schemes on 2, 3 and 4
+gloo processes (CPU): Ulysses, all-gather, ring, cross-attention, and Ulysses x ring (USP).
 
 merge_attention: keys of every segment are cut into 2-3 parts at random points (some
 parts empty for some segments, one segment without keys at all); the merged partial
@@ -11,6 +12,7 @@ padding row on rank 1) and the shard boundary (token 20) cuts video 1. Reference
 run in float64 (tolerance of the table), Triton cases (the interpreter on CPU, in the
 workers) in float32 against the float32 reference, 1e-4 as in test_attention_triton.
 """
+import contextlib
 import os
 import warnings
 from datetime import timedelta
@@ -25,6 +27,7 @@ from conftest import TOLERANCES, assert_verbose_close, device_for
 
 import vdit_kernels as vk
 from vdit_kernels import reference as ref
+from vdit_kernels.ops import attention as attn_ops
 
 # -- merge_attention ---------------------------------------------------------------------
 
@@ -452,3 +455,152 @@ def test_explicit_subgroup(three_rank_runs, scheme):
     n = pack.num_tokens
     for key, e in zip(("out", "dq", "dk", "dv"), (out.detach(), *grads)):
         assert_verbose_close(_gather(runs, key, n), e, 1e-6, 1e-6, name=key)
+
+
+# -- 4 processes: Ulysses x ring (USP) ----------------------------------------------------
+# U x R = 2 x 2 (both halves at work), 4 x 1 and 1 x 4 (each alone), on the pack of the
+# 2-process cases (N = 39: n = 10, one padding row) and on a pack of five 1-token videos
+# (N = 5: n = 2, three padding rows, more than a video's length and than R - 1: the ring
+# over 2 super-shards must still bound the padding segment by P - 1)
+
+TINY_SHAPES = [(1, 2, 2)] * 5
+USP_LAYOUTS = [(2, 2), (4, 1), (1, 4)]  # (U, R)
+# (case index, U x R layouts): 4 / 2 heads cannot split over U = 4
+USP_CASES = [(0, USP_LAYOUTS), (1, [(2, 2), (1, 4)]), (3, [(2, 2)])]
+
+
+def _tiny_inputs():
+    pack = vk.VideoPack.from_shapes(TINY_SHAPES, patch_size=(1, 2, 2))
+    g = torch.Generator().manual_seed(7)
+    x = {name: torch.randn(pack.num_tokens, 4, D, generator=g, dtype=torch.float64)
+         for name in ("q", "k", "v", "do")}
+    return pack, x
+
+
+@contextlib.contextmanager
+def _max_seqlen_audit():
+    """Records every attention op call (forward or backward, from any scheme) whose
+    max_seqlen is smaller than a segment of its cu_seqlens. The reference computes such a
+    call correctly anyway; the GPU kernels size their grids by max_seqlen and would leave
+    rows unwritten, so a scheme must pass a true bound. The public varlen_attention checks
+    that on CPU tensors; the ring calls the ops directly."""
+    too_long = []
+
+    def audited(name, first):  # cu_q, cu_k, max_q, max_k at args[first:first + 4]
+        op = getattr(attn_ops, name)
+
+        def call(*args):
+            for cu, bound in zip(args[first:first + 2], args[first + 2:first + 4]):
+                longest = int((cu[1:] - cu[:-1]).max())
+                if longest > bound:
+                    too_long.append((name, longest, bound))
+            return op(*args)
+        return call
+
+    with mock.patch.object(attn_ops, "varlen_attention_op", audited("varlen_attention_op", 3)), \
+            mock.patch.object(attn_ops, "varlen_attention_backward_op", audited("varlen_attention_backward_op", 7)):
+        yield too_long
+
+
+def _worker4(rank, store, out_dir):
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=4,
+                            timeout=timedelta(seconds=60))
+    groups = {layout: vk.usp_groups(layout[0]) for layout in USP_LAYOUTS}  # every rank, same order
+    results = {}
+    for index, layouts in USP_CASES:
+        backend = CASES[index][1]
+        pack, x, rope = _case_inputs(index)
+        local = {k: vk.shard_pack(t, 4, rank) for k, t in x.items() if k not in ("kt", "vt")}
+        for layout in layouts:
+            q, k, v = (local[n].clone().requires_grad_(True) for n in ("q", "k", "v"))
+            out, lse = vk.usp_varlen_attention(q, k, v, pack.cu_seqlens, pack.max_seqlen, *groups[layout],
+                                               rope=rope, return_lse=True, backend=backend)
+            ((out * local["do"]).sum() + (lse * local["dlse_t"].t()).sum()).backward()
+            results[(index, layout)] = dict(out=out.detach(), lse=lse.detach(), dq=q.grad, dk=k.grad,
+                                            dv=v.grad)
+    pack, x = _tiny_inputs()
+    local = {k: vk.shard_pack(t, 4, rank) for k, t in x.items()}
+    schemes = [("usp", lambda *a: vk.usp_varlen_attention(*a, *groups[(2, 2)], backend="reference")),
+               ("ulysses", lambda *a: vk.ulysses_varlen_attention(*a, backend="reference")),
+               ("ring", lambda *a: vk.ring_varlen_attention(*a, backend="reference")),
+               ("allgather", lambda *a: vk.allgather_varlen_attention(*a, backend="reference"))]
+    for scheme, attention in schemes:
+        q, k, v = (local[n].clone().requires_grad_(True) for n in ("q", "k", "v"))
+        with _max_seqlen_audit() as too_long:
+            out = attention(q, k, v, pack.cu_seqlens, pack.max_seqlen)
+            (out * local["do"]).sum().backward()
+        results[("tiny", scheme)] = dict(out=out.detach(), dq=q.grad, dk=k.grad, dv=v.grad,
+                                         too_long=too_long)
+    errors = []
+    q = torch.zeros(2, 3, D)  # 3 heads over U = 2
+    for call in (lambda: vk.usp_varlen_attention(q, q, q, pack.cu_seqlens, pack.max_seqlen, *groups[(2, 2)]),
+                 lambda: vk.usp_varlen_attention(q, q, q, pack.cu_seqlens, pack.max_seqlen),
+                 lambda: vk.usp_groups(3)):
+        try:
+            call()
+            errors.append(None)
+        except ValueError as exc:
+            errors.append(str(exc))
+    results["errors"] = errors
+    torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
+    dist.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def four_rank_runs(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("four_ranks")
+    _spawn(_worker4, tmp, 4)
+    return [torch.load(tmp / f"rank{r}.pt") for r in range(4)]
+
+
+@pytest.mark.parametrize("index,layout", [(i, lay) for i, lays in USP_CASES for lay in lays],
+                         ids=[f"{CASES[i][0]}-{u}x{r}" for i, lays in USP_CASES for u, r in lays])
+def test_usp_matches_single_process(four_rank_runs, index, layout):
+    runs = [run[(index, layout)] for run in four_rank_runs]
+    pack, out, lse, dq, dk, dv = _expected(index)
+    n = pack.num_tokens  # 39: shards of 10, the last row of rank 3 is padding
+    assert runs[0]["out"].shape == (10, out.shape[1], D) and runs[0]["lse"].shape == (out.shape[1], 10)
+    atol, rtol = _tol(index)
+    for key, e in (("out", out), ("dq", dq), ("dk", dk), ("dv", dv)):
+        assert_verbose_close(_gather(runs, key, n), e, atol, rtol, name=key)
+    assert_verbose_close(_gather(runs, "lse", n, dim=1), lse.to(runs[0]["lse"].dtype), atol, rtol,
+                         name="lse")
+    assert torch.all(runs[3]["dq"][n - 30:] == 0)  # the padding row
+
+
+@pytest.mark.parametrize("scheme", ["usp", "ulysses", "ring", "allgather"])
+def test_padding_longer_than_videos(four_rank_runs, scheme):
+    # five 1-token videos on 4 ranks: rows 5..7 are padding, a segment longer than max_seqlen
+    runs = [run[("tiny", scheme)] for run in four_rank_runs]
+    pack, x = _tiny_inputs()
+    q, k, v = (x[n].clone().requires_grad_(True) for n in ("q", "k", "v"))
+    out = vk.varlen_attention(q, k, v, pack.cu_seqlens, pack.cu_seqlens, pack.max_seqlen,
+                              pack.max_seqlen, backend="reference")
+    grads = torch.autograd.grad(out, (q, k, v), x["do"])
+    for key, e in zip(("out", "dq", "dk", "dv"), (out.detach(), *grads)):
+        assert_verbose_close(_gather(runs, key, pack.num_tokens), e, 1e-6, 1e-6, name=key)
+    for run in runs:  # (op, longest segment, max_seqlen given) of each call that understated it
+        assert run["too_long"] == []
+    # 1-token videos attend to themselves only: out = v
+    assert_verbose_close(out.detach(), x["v"], 1e-12, 1e-12, name="out = v")
+
+
+def test_usp_errors(four_rank_runs):
+    for run in four_rank_runs:
+        heads, no_groups, bad_size = run["errors"]
+        assert heads is not None and "q_local has 3 heads" in heads and "Ulysses group's size 2" in heads
+        assert no_groups is not None and "needs both process groups" in no_groups
+        assert bad_size is not None and "ulysses_size 3 does not divide the world size 4" in bad_size
+
+
+def test_usp_single_process_is_plain_attention():
+    pack, x, rope = _case_inputs(1)
+    assert vk.usp_groups(1) == (None, None)
+    with pytest.raises(ValueError, match="ulysses_size 2 does not divide the world size 1"):
+        vk.usp_groups(2)
+    out = vk.usp_varlen_attention(x["q"], x["k"], x["v"], pack.cu_seqlens, pack.max_seqlen,
+                                  rope=rope, backend="reference")
+    exp = vk.varlen_attention(x["q"], x["k"], x["v"], pack.cu_seqlens, pack.cu_seqlens,
+                              pack.max_seqlen, pack.max_seqlen, rope=rope, backend="reference")
+    assert_verbose_close(out, exp, name="out")

@@ -37,7 +37,15 @@ Ring attention (`ring_varlen_attention`): k/v shards passed around the ring, par
 results merged by their lse (`merge_attention`); no rank holds more than two k/v shards,
 for packs whose keys and values do not fit on one GPU.
 
-Not implemented: mixing Ulysses with ring (USP), and uneven shards.
+Ulysses x ring (USP, the unified sequence parallelism of xDiT / Fang & Zhao 2024,
+`usp_varlen_attention`): the P = U x R ranks form R ring groups of U Ulysses ranks each,
+as `usp_groups(U)` builds them from consecutive ranks (a node's GPUs with NVLink for the
+all-to-all, the ring between nodes). A Ulysses all-to-all turns U shards into one
+super-shard of U*n tokens with H/U heads, ring attention runs over the R super-shards,
+and a second all-to-all turns the result back. Heads need only be divisible by U; per rank
+the ring moves (R-1) k/v super-shards of H/U heads, the all-to-alls (U-1)/U of the shards.
+
+Not implemented: uneven shards.
 """
 from __future__ import annotations
 
@@ -387,11 +395,14 @@ class _RingAttention(torch.autograd.Function):
     current and the incoming one), never the whole pack's."""
 
     @staticmethod
-    def forward(ctx, q, k, v, cu_seqlens, max_seqlen, scale, deterministic, backend, group):
+    def forward(ctx, q, k, v, cu_seqlens, max_seqlen, scale, deterministic, backend, group, max_padding):
+        # max_padding: the most padding rows the pack has (its own segment in the last
+        # shard): P - 1 for P shards of the original tokens, also where the ring's shards are
+        # USP's super-shards (fewer ring ranks than shards)
         world_size, rank = _world(group)
         n = q.shape[0]
         cu_q = _shard_offsets(cu_seqlens, rank, n)
-        max_len = max(min(int(max_seqlen), n), min(n, world_size - 1))
+        max_len = max(min(int(max_seqlen), n), min(n, max_padding))
         out = lse = None
         k_cur, v_cur = k, v
         for step in range(world_size):
@@ -443,7 +454,7 @@ class _RingAttention(torch.autograd.Function):
                 req.wait()
             if pending is not None:
                 k_cur, v_cur = k_next, v_next
-        return (dq.to(q.dtype), dk_acc.to(k.dtype), dv_acc.to(v.dtype)) + (None,) * 6
+        return (dq.to(q.dtype), dk_acc.to(k.dtype), dv_acc.to(v.dtype)) + (None,) * 7
 
 
 def ring_varlen_attention(q_local: Tensor, k_local: Tensor, v_local: Tensor,
@@ -467,13 +478,103 @@ def ring_varlen_attention(q_local: Tensor, k_local: Tensor, v_local: Tensor,
     world_size, rank = _world(group)
     q_local, k_local = _rotate_shards(q_local, k_local, v_local, cu_seqlens, rope, world_size, rank,
                                       backend)
-    check(q_local.shape[2] == k_local.shape[2] and q_local.shape[1] % k_local.shape[1] == 0,
-          f"q_local {tuple(q_local.shape)} and k_local {tuple(k_local.shape)}: head dims must match "
-          "and kv heads divide q heads")
-    scale = float(softmax_scale) if softmax_scale is not None else q_local.shape[2] ** -0.5
-    name = _backend.resolve(attn_ops.FAMILY, q_local.device, backend, "varlen_attention_bwd", q_local.dtype)
-    out, lse = _RingAttention.apply(q_local, k_local, v_local, cu_seqlens.to(torch.int32),
-                                    int(max_seqlen), scale, bool(deterministic), name, group)
+    out, lse = _ring(q_local, k_local, v_local, cu_seqlens, max_seqlen, group, softmax_scale,
+                     deterministic, backend, max_padding=world_size - 1)
+    return (out, lse) if return_lse else out
+
+
+def _ring(q, k, v, cu_seqlens, max_seqlen, group, softmax_scale, deterministic, backend, max_padding):
+    """_RingAttention over `group` for already rotated shards: (out, lse)."""
+    check(q.shape[2] == k.shape[2] and q.shape[1] % k.shape[1] == 0,
+          f"q {tuple(q.shape)} and k {tuple(k.shape)}: head dims must match and kv heads divide q heads")
+    scale = float(softmax_scale) if softmax_scale is not None else q.shape[2] ** -0.5
+    name = _backend.resolve(attn_ops.FAMILY, q.device, backend, "varlen_attention_bwd", q.dtype)
+    return _RingAttention.apply(q, k, v, cu_seqlens.to(torch.int32), int(max_seqlen), scale,
+                                bool(deterministic), name, group, int(max_padding))
+
+
+def usp_groups(ulysses_size: int):
+    """(ulysses_group, ring_group) of this rank for usp_varlen_attention over the whole
+    job (the default process group, P ranks): R = P / ulysses_size ring groups of
+    consecutive ranks form the Ulysses groups, [0, U), [U, 2U), ...; ranks U apart form
+    the ring groups, {0, U, 2U, ...}, {1, U+1, ...}, ... So global rank r holds shard r
+    of P (shard_pack(x, P, r)), and with ranks numbered node by node and U at most the GPUs
+    of a node, the all-to-alls stay inside a node and only the ring crosses nodes.
+
+    Every process of the job must call it, in the same order as its other group creations
+    (torch.distributed.new_group's rule). Without torch.distributed initialized:
+    ulysses_size must be 1, and it returns (None, None) (usp_varlen_attention is then plain
+    attention).
+    """
+    u = _positive_int(ulysses_size, "ulysses_size")
+    world_size, _ = _world(None)
+    if world_size % u:
+        raise ValueError(f"ulysses_size {u} does not divide the world size {world_size}")
+    if not (dist.is_available() and dist.is_initialized()):
+        return None, None
+    ranks = list(range(world_size))
+    ulysses, _ = dist.new_subgroups_by_enumeration([ranks[i:i + u] for i in range(0, world_size, u)])
+    ring, _ = dist.new_subgroups_by_enumeration([ranks[j::u] for j in range(u)])
+    return ulysses, ring
+
+
+def _positive_int(value, name: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
+    return value
+
+
+def usp_varlen_attention(q_local: Tensor, k_local: Tensor, v_local: Tensor,
+                         cu_seqlens: Tensor, max_seqlen: int, ulysses_group=None, ring_group=None,
+                         rope: Optional[Rope3D] = None, softmax_scale: Optional[float] = None,
+                         return_lse: bool = False, deterministic: bool = False, *,
+                         backend: Optional[str] = None):
+    """Self-attention over a pack sharded by tokens, Ulysses inside groups and a ring
+    between them (USP).
+
+    Arguments as ulysses_varlen_attention, with two groups instead of one (usp_groups
+    builds them): U = ulysses_group's size, R = ring_group's, P = U * R shards. This rank
+    (Ulysses rank u, ring rank r) must hold shard s = r * U + u of the pack's P shards
+    (shard_pack(x, P, s); with usp_groups, s is the global rank). H and Hk must be
+    divisible by U (not by P).
+
+        rank (r, u): q_local (n, H, D) --all-to-all in ulysses_group--> (U*n, H/U, D):
+                     super-shard r (shards rU .. rU+U-1), head group u
+                     ring attention over ring_group's R super-shards (ring_varlen_attention)
+                     out (U*n, H/U, D) --all-to-all in ulysses_group--> (n, H, D)
+
+    RoPE rotates the local shards first (rope: the whole pack's positions; one pass, not
+    fused). Equals varlen_attention on the gathered pack, restricted to this rank's tokens;
+    padding rows attend only among themselves. Returns out (n, H, D) [and lse (H, n)
+    float32]; differentiable in q, k, v through out and lse. U = 1 is ring attention, R = 1
+    Ulysses (with RoPE unfused). Without torch.distributed initialized (both groups None)
+    it is plain varlen_attention. Every rank of both groups must call it (collectives).
+    """
+    initialized = dist.is_available() and dist.is_initialized()
+    if initialized:
+        check(ulysses_group is not None and ring_group is not None,
+              "usp_varlen_attention needs both process groups (ulysses_group, ring_group = "
+              "vk.usp_groups(ulysses_size)); None would mean the whole world for each")
+    u_size, u_rank = _world(ulysses_group)
+    r_size, r_rank = _world(ring_group)
+    world_size, shard = u_size * r_size, r_rank * u_size + u_rank
+    for name, t in (("q_local", q_local), ("k_local", k_local), ("v_local", v_local)):
+        check(t.dim() == 3, f"{name} must be (tokens, heads, head_dim), got shape {tuple(t.shape)}")
+        check(t.shape[1] % u_size == 0,
+              f"{name} has {t.shape[1]} heads, not divisible by the Ulysses group's size {u_size} "
+              f"(each rank of it attends with heads / {u_size} heads)")
+    q_local, k_local = _rotate_shards(q_local, k_local, v_local, cu_seqlens, rope, world_size, shard,
+                                      backend)
+    if u_size > 1:
+        q, k, v = (_AllToAll.apply(t, ulysses_group, u_size, True) for t in (q_local, k_local, v_local))
+    else:
+        q, k, v = q_local, k_local, v_local
+    out, lse = _ring(q, k, v, cu_seqlens, max_seqlen, ring_group, softmax_scale, deterministic,
+                     backend, max_padding=world_size - 1)
+    if u_size > 1:
+        out = _AllToAll.apply(out, ulysses_group, u_size, False)
+        if return_lse:  # (H/U, U*n) -> (U*n, H/U) -> all-to-all back -> (n, H) -> (H, n)
+            lse = _AllToAll.apply(lse.t().contiguous(), ulysses_group, u_size, False).t().contiguous()
     return (out, lse) if return_lse else out
 
 
