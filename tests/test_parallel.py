@@ -532,11 +532,14 @@ def _worker4(rank, store, out_dir):
             (out * local["do"]).sum().backward()
         results[("tiny", scheme)] = dict(out=out.detach(), dq=q.grad, dk=k.grad, dv=v.grad,
                                          too_long=too_long)
+    results["shards"] = {layout: vk.usp_shard(*groups[layout]) for layout in USP_LAYOUTS}
     errors = []
     q = torch.zeros(2, 3, D)  # 3 heads over U = 2
+    pairs = vk.usp_groups(2)[0]  # {0, 1} and {2, 3}: as both groups, not a grid
     for call in (lambda: vk.usp_varlen_attention(q, q, q, pack.cu_seqlens, pack.max_seqlen, *groups[(2, 2)]),
                  lambda: vk.usp_varlen_attention(q, q, q, pack.cu_seqlens, pack.max_seqlen),
-                 lambda: vk.usp_groups(3)):
+                 lambda: vk.usp_groups(3),
+                 lambda: vk.usp_shard(pairs, pairs)):
         try:
             call()
             errors.append(None)
@@ -586,17 +589,26 @@ def test_padding_longer_than_videos(four_rank_runs, scheme):
     assert_verbose_close(out.detach(), x["v"], 1e-12, 1e-12, name="out = v")
 
 
+def test_usp_shard_is_the_global_rank(four_rank_runs):
+    # usp_groups numbers the shards by global rank, whatever the layout
+    for rank, run in enumerate(four_rank_runs):
+        assert run["shards"] == {layout: (4, rank) for layout in USP_LAYOUTS}
+
+
 def test_usp_errors(four_rank_runs):
     for run in four_rank_runs:
-        heads, no_groups, bad_size = run["errors"]
+        heads, no_groups, bad_size, not_grid = run["errors"]
         assert heads is not None and "q_local has 3 heads" in heads and "Ulysses group's size 2" in heads
         assert no_groups is not None and "needs both process groups" in no_groups
         assert bad_size is not None and "ulysses_size 3 does not divide the world size 4" in bad_size
+        assert not_grid is not None and "do not form a grid" in not_grid
 
 
 def test_usp_single_process_is_plain_attention():
     pack, x, rope = _case_inputs(1)
-    assert vk.usp_groups(1) == (None, None)
+    assert vk.usp_groups(1) == (None, None) and vk.usp_shard(None, None) == (1, 0)
+    with pytest.raises(ValueError, match="torch.distributed is not initialized"):
+        vk.usp_shard(object(), None)
     with pytest.raises(ValueError, match="ulysses_size 2 does not divide the world size 1"):
         vk.usp_groups(2)
     out = vk.usp_varlen_attention(x["q"], x["k"], x["v"], pack.cu_seqlens, pack.max_seqlen,

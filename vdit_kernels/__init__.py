@@ -15,7 +15,8 @@ the same implementation and autograd formula without the dispatcher: ops/direct.
   ulysses_varlen_attention        self-attention over a pack sharded across ranks (Ulysses)
   allgather_varlen_attention      the same with all-gathered keys/values (any head count)
   ring_varlen_attention           the same with keys/values passed around a ring
-  usp_varlen_attention, usp_groups  Ulysses inside groups, a ring between them (USP)
+  usp_varlen_attention            Ulysses inside groups, a ring between them (USP)
+  usp_groups, usp_shard           USP's process groups, and the shard a rank holds
   local_cross_attention           cross-attention from a query shard to replicated text keys
   use_backend, BackendUnavailable backend choice
   available_backends              the backends that can run an op family here
@@ -27,7 +28,8 @@ from .ops.rope import Rope3D, apply_rope_3d
 from .pack import VideoPack
 from .parallel import (allgather_varlen_attention, gather_pack, local_cross_attention,
                        merge_attention, ring_varlen_attention, shard_mask, shard_pack,
-                       ulysses_varlen_attention, usp_groups, usp_varlen_attention)
+                       ulysses_varlen_attention, usp_groups, usp_shard,
+                       usp_varlen_attention)
 
 __version__ = "0.1.0"
 
@@ -37,5 +39,5 @@ __all__ = [
     "BackendUnavailable", "__version__",
     "merge_attention", "shard_pack", "shard_mask", "gather_pack", "ulysses_varlen_attention",
     "local_cross_attention", "allgather_varlen_attention", "ring_varlen_attention",
-    "usp_varlen_attention", "usp_groups",
+    "usp_varlen_attention", "usp_groups", "usp_shard",
 ]

@@ -518,6 +518,44 @@ def usp_groups(ulysses_size: int):
     return ulysses, ring
 
 
+_USP_LAYOUTS_CHECKED: set = set()
+
+
+def usp_shard(ulysses_group, ring_group) -> tuple[int, int]:
+    """(P, s): the number of shards and the one this rank must hold for
+    usp_varlen_attention over these groups, s = ring rank * U + Ulysses rank; so
+    `shard_pack(x, *vk.usp_shard(ulysses_group, ring_group))` is this rank's shard (with
+    usp_groups, s is the global rank). (1, 0) without torch.distributed initialized.
+
+    The first call per pair of groups checks that they form a grid (the members of a
+    Ulysses group share one ring rank, those of a ring group one Ulysses rank; one small
+    all-gather in each group, collective), since other groups would put a super-shard's
+    pieces on ranks of different ring positions: a ValueError, not a wrong result.
+    """
+    if not (dist.is_available() and dist.is_initialized()):
+        check(ulysses_group is None and ring_group is None,
+              "process groups given, but torch.distributed is not initialized")
+        return 1, 0
+    check(ulysses_group is not None and ring_group is not None,
+          "USP needs both process groups (ulysses_group, ring_group = vk.usp_groups(ulysses_size)); "
+          "None would mean the whole world for each")
+    u_size, u_rank = _world(ulysses_group)
+    r_size, r_rank = _world(ring_group)
+    key = (ulysses_group.group_name, ring_group.group_name)
+    if key not in _USP_LAYOUTS_CHECKED:
+        ring_ranks = [None] * u_size
+        dist.all_gather_object(ring_ranks, r_rank, group=ulysses_group)
+        ulysses_ranks = [None] * r_size
+        dist.all_gather_object(ulysses_ranks, u_rank, group=ring_group)
+        if len(set(ring_ranks)) != 1 or len(set(ulysses_ranks)) != 1:
+            raise ValueError(
+                "ulysses_group and ring_group do not form a grid: the members of this rank's Ulysses "
+                f"group have ring ranks {ring_ranks}, those of its ring group Ulysses ranks "
+                f"{ulysses_ranks} (each must be one value); build them with vk.usp_groups")
+        _USP_LAYOUTS_CHECKED.add(key)
+    return u_size * r_size, r_rank * u_size + u_rank
+
+
 def _positive_int(value, name: str) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ValueError(f"{name} must be a positive int, got {value!r}")
@@ -534,9 +572,10 @@ def usp_varlen_attention(q_local: Tensor, k_local: Tensor, v_local: Tensor,
 
     Arguments as ulysses_varlen_attention, with two groups instead of one (usp_groups
     builds them): U = ulysses_group's size, R = ring_group's, P = U * R shards. This rank
-    (Ulysses rank u, ring rank r) must hold shard s = r * U + u of the pack's P shards
-    (shard_pack(x, P, s); with usp_groups, s is the global rank). H and Hk must be
-    divisible by U (not by P).
+    (Ulysses rank u, ring rank r) must hold shard s = r * U + u of the pack's P shards:
+    shard_pack(x, *usp_shard(ulysses_group, ring_group)) (with usp_groups, s is the global
+    rank; groups that do not form such a grid raise). H and Hk must be divisible by U (not
+    by P).
 
         rank (r, u): q_local (n, H, D) --all-to-all in ulysses_group--> (U*n, H/U, D):
                      super-shard r (shards rU .. rU+U-1), head group u
@@ -550,14 +589,8 @@ def usp_varlen_attention(q_local: Tensor, k_local: Tensor, v_local: Tensor,
     Ulysses (with RoPE unfused). Without torch.distributed initialized (both groups None)
     it is plain varlen_attention. Every rank of both groups must call it (collectives).
     """
-    initialized = dist.is_available() and dist.is_initialized()
-    if initialized:
-        check(ulysses_group is not None and ring_group is not None,
-              "usp_varlen_attention needs both process groups (ulysses_group, ring_group = "
-              "vk.usp_groups(ulysses_size)); None would mean the whole world for each")
-    u_size, u_rank = _world(ulysses_group)
-    r_size, r_rank = _world(ring_group)
-    world_size, shard = u_size * r_size, r_rank * u_size + u_rank
+    world_size, shard = usp_shard(ulysses_group, ring_group)
+    u_size = _world(ulysses_group)[0]
     for name, t in (("q_local", q_local), ("k_local", k_local), ("v_local", v_local)):
         check(t.dim() == 3, f"{name} must be (tokens, heads, head_dim), got shape {tuple(t.shape)}")
         check(t.shape[1] % u_size == 0,
