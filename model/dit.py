@@ -16,7 +16,10 @@ needs no padding.
 
 `backend=` on forward picks the vdit_kernels backend for every op ("reference",
 "triton", "cuda", "auto"/None), or per op family with a dict such as
-{"patch": "cuda", "rope": "triton", "attention": "reference"}.
+{"patch": "cuda", "rope": "triton", "attention": "reference"}. `sp=` (a
+vk.SequenceParallel) runs inference with the tokens sharded across ranks after the patch
+embedding: self-attention by the layout's scheme (Ulysses, all-gather, ring or USP),
+cross-attention locally, the output layer's features gathered before the unpatchify.
 """
 from __future__ import annotations
 
@@ -202,17 +205,23 @@ class SelfAttention(nn.Module):
         self.k_norm = RMSNorm(cfg.head_dim, cfg.eps) if cfg.qk_norm else nn.Identity()
         self.proj = nn.Linear(cfg.hidden, cfg.hidden)
 
-    def forward(self, x: Tensor, pack: vk.VideoPack, rope: vk.Rope3D, backends: dict) -> Tensor:
+    def forward(self, x: Tensor, pack: vk.VideoPack, rope: vk.Rope3D, backends: dict,
+                sp: Optional[vk.SequenceParallel] = None) -> Tensor:
         n, h, d = x.shape[0], self.cfg.heads, self.cfg.head_dim
         q, k, v = self.qkv(x).view(n, 3, h, d).unbind(1)
         q, k = self.q_norm(q), self.k_norm(k)
         if not self.cfg.fused_rope:
-            q, k = vk.apply_rope_3d(q.contiguous(), k.contiguous(), positions=rope.positions,
+            positions = rope.positions if sp is None else sp.shard_pack(rope.positions)
+            q, k = vk.apply_rope_3d(q.contiguous(), k.contiguous(), positions=positions,
                                     dims=rope.dims, theta=rope.theta, backend=backends["rope"])
             rope = None
-        out = vk.varlen_attention(q.contiguous(), k.contiguous(), v.contiguous(), pack.cu_seqlens,
-                                  pack.cu_seqlens, pack.max_seqlen, pack.max_seqlen, rope=rope,
-                                  backend=backends["attention"])
+        q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+        if sp is None:
+            out = vk.varlen_attention(q, k, v, pack.cu_seqlens, pack.cu_seqlens, pack.max_seqlen,
+                                      pack.max_seqlen, rope=rope, backend=backends["attention"])
+        else:  # this rank's tokens; the pack's offsets and positions
+            out = sp.self_attention(q, k, v, pack.cu_seqlens, pack.max_seqlen, rope=rope,
+                                    backend=backends["attention"])
         return self.proj(out.reshape(n, h * d))
 
 
@@ -228,14 +237,15 @@ class CrossAttention(nn.Module):
         self.k_norm = RMSNorm(cfg.head_dim, cfg.eps) if cfg.qk_norm else nn.Identity()
         self.proj = nn.Linear(cfg.hidden, cfg.hidden)
 
-    def forward(self, x: Tensor, context: Tensor, pack: vk.VideoPack, backends: dict) -> Tensor:
+    def forward(self, x: Tensor, context: Tensor, pack: vk.VideoPack, backends: dict,
+                sp: Optional[vk.SequenceParallel] = None) -> Tensor:
         n, h, d = x.shape[0], self.cfg.heads, self.cfg.head_dim
         q = self.q_norm(self.q(x).view(n, h, d))
         k, v = self.kv(context).view(context.shape[0], 2, h, d).unbind(1)
-        k = self.k_norm(k)
-        out = vk.varlen_attention(q.contiguous(), k.contiguous(), v.contiguous(), pack.cu_seqlens,
-                                  pack.cu_seqlens_k, pack.max_seqlen, pack.max_seqlen_k,
-                                  backend=backends["attention"])
+        q, k, v = q.contiguous(), self.k_norm(k).contiguous(), v.contiguous()
+        attention = vk.varlen_attention if sp is None else sp.cross_attention
+        out = attention(q, k, v, pack.cu_seqlens, pack.cu_seqlens_k, pack.max_seqlen, pack.max_seqlen_k,
+                        backend=backends["attention"])
         return self.proj(out.reshape(n, h * d))
 
 
@@ -251,13 +261,13 @@ class Block(nn.Module):
         self.adaLN = nn.Sequential(nn.SiLU(), nn.Linear(cfg.hidden, 6 * cfg.hidden))
 
     def forward(self, x: Tensor, c: Tensor, context: Tensor, pack: vk.VideoPack, rope: vk.Rope3D,
-                seg: Tensor, backends: dict) -> Tensor:
+                seg: Tensor, backends: dict, sp: Optional[vk.SequenceParallel] = None) -> Tensor:
         # per-video (B, 6, hidden) modulation, gathered per token only as each piece is used
         mod = self.adaLN(c).view(c.shape[0], 6, -1)
         shift_a, scale_a, gate_a, shift_m, scale_m, gate_m = (per_token(m, seg) for m in mod.unbind(1))
         norm = lambda t: F.layer_norm(t, t.shape[-1:], eps=self.eps)
-        x = x + gate_a * self.attn(modulate(norm(x), shift_a, scale_a), pack, rope, backends)
-        x = x + self.cross_attn(self.cross_norm(x), context, pack, backends)
+        x = x + gate_a * self.attn(modulate(norm(x), shift_a, scale_a), pack, rope, backends, sp)
+        x = x + self.cross_attn(self.cross_norm(x), context, pack, backends, sp)
         x = x + gate_m * self.mlp(modulate(norm(x), shift_m, scale_m))
         return x
 
@@ -314,12 +324,24 @@ class VideoDiT(nn.Module):
         return self
 
     def forward(self, latents: Sequence[Tensor], pack: vk.VideoPack, timesteps: Tensor, text: Tensor,
-                backend: Backend = None) -> list[Tensor]:
+                backend: Backend = None, sp: Optional[vk.SequenceParallel] = None) -> list[Tensor]:
         """latents: B videos (C, T_i, H_i, W_i) matching `pack`; timesteps (B,) float;
         text (pack.num_text_tokens, text_dim), video i's text at rows
         pack.cu_seqlens_k[i]:pack.cu_seqlens_k[i+1]. Returns B predictions (C, T_i, H_i, W_i)
-        in the parameters' dtype (the autocast dtype inside an autocast region)."""
+        in the parameters' dtype (the autocast dtype inside an autocast region).
+
+        sp: sequence-parallel inference (vk.SequenceParallel: every rank of its group(s)
+        calls forward with the same arguments and gets the whole result). The tokens are
+        sharded after the patch embedding, the blocks run on this rank's shard (self-attention
+        by the layout's scheme, cross-attention to the replicated text locally), and the
+        output layer's patch features are gathered before the unpatchify. Inference only
+        (torch.no_grad or inference_mode): the final gather is not differentiable; for
+        training, run the blocks this way and compute the loss on the shards (vk.shard_mask).
+        """
         cfg, backends = self.config, family_backends(backend)
+        if sp is not None and torch.is_grad_enabled():
+            raise ValueError("forward(..., sp=) runs inference: call it under torch.no_grad() or "
+                             "torch.inference_mode() (its final gather is not differentiable)")
         if pack.cu_seqlens_k is None:
             raise ValueError("pack has no text lengths: build it with VideoPack.from_shapes(..., text_lengths=...)")
         if text.dim() != 2 or text.shape != (pack.num_text_tokens, cfg.text_dim):
@@ -333,11 +355,16 @@ class VideoDiT(nn.Module):
 
         x = vk.patch_embed(latents, pack, self.patch_embed.weight, self.patch_embed.bias,
                            backend=backends["patch"])                               # (N, hidden)
+        if sp is not None:  # this rank's rows (padding rows: video 0's modulation, dropped at the end)
+            x, seg = sp.shard_pack(x), sp.shard_pack(seg)                           # (n, hidden)
         c = self.time_embed(timestep_embedding(timesteps, cfg.time_freq_dim).to(dtype))  # (B, hidden)
         context = self.text_embed(text.to(dtype))                                   # (Ntext, hidden)
         for block in self.blocks:
-            x = block(x, c, context, pack, rope, seg, backends)
+            x = block(x, c, context, pack, rope, seg, backends, sp)
         shift, scale = (per_token(m, seg) for m in self.final_adaLN(c).view(c.shape[0], 2, -1).unbind(1))
         x = modulate(F.layer_norm(x, x.shape[-1:], eps=cfg.eps), shift, scale)
+        if sp is not None:  # the output layer on the shard, then the (N, C*pt*ph*pw) features gathered
+            tokens = sp.gather_pack(F.linear(x, self.final_proj.weight, self.final_proj.bias), pack.num_tokens)
+            return vk.unpatchify(tokens, pack, cfg.in_channels, backend=backends["patch"])
         return vk.linear_unpatchify(x, pack, self.final_proj.weight, self.final_proj.bias,
                                     cfg.in_channels, backend=backends["patch"])

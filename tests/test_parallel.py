@@ -502,6 +502,32 @@ def _max_seqlen_audit():
         yield too_long
 
 
+def _dit():
+    """The tiny video DiT with 4 heads (Ulysses over 4 ranks), float64, random weights, and
+    its inputs: 19 tokens in 3 videos, so 4 shards of 5 with one padding row."""
+    from vdit_kernels.model import DiTConfig, VideoDiT
+
+    cfg = DiTConfig.from_name("tiny", heads=4, head_dim=12)
+    g = torch.Generator().manual_seed(3)
+    model = VideoDiT(cfg).init_weights(zero_init=False, generator=g).to(torch.float64)
+    shapes = [(2, 4, 6), (1, 4, 4), (3, 2, 2)]
+    pack = vk.VideoPack.from_shapes(shapes, cfg.patch_size, text_lengths=[3, 5, 0])
+    latents = [torch.randn(cfg.in_channels, *sh, generator=g, dtype=torch.float64) for sh in shapes]
+    text = torch.randn(pack.num_text_tokens, cfg.text_dim, generator=g, dtype=torch.float64)
+    return model, (latents, pack, torch.tensor([10.0, 500.0, 999.0], dtype=torch.float64), text)
+
+
+def _dit_layouts(groups):
+    """(name, SequenceParallel, fused_rope) run by the 4 ranks."""
+    usp = vk.SequenceParallel("usp", *groups[(2, 2)])
+    return [("ulysses", vk.SequenceParallel("ulysses"), True),
+            ("ulysses-unfused-rope", vk.SequenceParallel("ulysses"), False),
+            ("allgather", vk.SequenceParallel("allgather"), True),
+            ("ring", vk.SequenceParallel("ring"), True),
+            ("usp-2x2", usp, True),
+            ("usp-2x2-unfused-rope", usp, False)]
+
+
 def _worker4(rank, store, out_dir):
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=4,
@@ -533,6 +559,11 @@ def _worker4(rank, store, out_dir):
         results[("tiny", scheme)] = dict(out=out.detach(), dq=q.grad, dk=k.grad, dv=v.grad,
                                          too_long=too_long)
     results["shards"] = {layout: vk.usp_shard(*groups[layout]) for layout in USP_LAYOUTS}
+    model, inputs = _dit()
+    for name, sp, fused in _dit_layouts(groups):
+        model.config.fused_rope = fused
+        with torch.no_grad():
+            results[("dit", name)] = model(*inputs, backend="reference", sp=sp)
     errors = []
     q = torch.zeros(2, 3, D)  # 3 heads over U = 2
     pairs = vk.usp_groups(2)[0]  # {0, 1} and {2, 3}: as both groups, not a grid
@@ -587,6 +618,33 @@ def test_padding_longer_than_videos(four_rank_runs, scheme):
         assert run["too_long"] == []
     # 1-token videos attend to themselves only: out = v
     assert_verbose_close(out.detach(), x["v"], 1e-12, 1e-12, name="out = v")
+
+
+@pytest.mark.parametrize("layout", [name for name, _, _ in _dit_layouts({(2, 2): (None, None)})])
+def test_dit_sequence_parallel_inference(four_rank_runs, layout):
+    # the whole model on 4 ranks equals it on one process, on every rank
+    model, inputs = _dit()
+    model.config.fused_rope = "unfused" not in layout
+    with torch.no_grad():
+        expected = model(*inputs, backend="reference")
+    for run in four_rank_runs:
+        for got, exp in zip(run[("dit", layout)], expected):
+            assert_verbose_close(got, exp, 1e-10, 1e-10, name=layout)
+
+
+def test_dit_sequence_parallel_needs_no_grad():
+    model, inputs = _dit()
+    with pytest.raises(ValueError, match="runs inference"):
+        model(*inputs, backend="reference", sp=vk.SequenceParallel())
+    with pytest.raises(ValueError, match="scheme must be one of"):
+        vk.SequenceParallel("zigzag")
+    with pytest.raises(ValueError, match="ring_group is for scheme='usp'"):
+        vk.SequenceParallel("ring", ring_group=object())
+    with torch.no_grad():  # P = 1 without torch.distributed
+        got = model(*inputs, backend="reference", sp=vk.SequenceParallel("usp"))
+        exp = model(*inputs, backend="reference")
+    for g, e in zip(got, exp):
+        assert_verbose_close(g, e, 1e-12, 1e-12, name="P = 1")
 
 
 def test_usp_shard_is_the_global_rank(four_rank_runs):

@@ -17,6 +17,7 @@ the same implementation and autograd formula without the dispatcher: ops/direct.
   ring_varlen_attention           the same with keys/values passed around a ring
   usp_varlen_attention            Ulysses inside groups, a ring between them (USP)
   usp_groups, usp_shard           USP's process groups, and the shard a rank holds
+  SequenceParallel                a layout (scheme, groups) with its shard, gather, attention
   local_cross_attention           cross-attention from a query shard to replicated text keys
   use_backend, BackendUnavailable backend choice
   available_backends              the backends that can run an op family here
@@ -26,7 +27,7 @@ from .ops.attention import varlen_attention
 from .ops.patch import linear_unpatchify, patch_embed, patchify, unpatchify
 from .ops.rope import Rope3D, apply_rope_3d
 from .pack import VideoPack
-from .parallel import (allgather_varlen_attention, gather_pack, local_cross_attention,
+from .parallel import (SequenceParallel, allgather_varlen_attention, gather_pack, local_cross_attention,
                        merge_attention, ring_varlen_attention, shard_mask, shard_pack,
                        ulysses_varlen_attention, usp_groups, usp_shard,
                        usp_varlen_attention)
@@ -39,5 +40,5 @@ __all__ = [
     "BackendUnavailable", "__version__",
     "merge_attention", "shard_pack", "shard_mask", "gather_pack", "ulysses_varlen_attention",
     "local_cross_attention", "allgather_varlen_attention", "ring_varlen_attention",
-    "usp_varlen_attention", "usp_groups", "usp_shard",
+    "usp_varlen_attention", "usp_groups", "usp_shard", "SequenceParallel",
 ]

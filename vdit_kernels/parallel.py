@@ -626,7 +626,13 @@ def local_cross_attention(q_local: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: T
     The gradients of k and v are this rank's share: sum them over the group (they
     usually come from a replicated projection whose weight gradients are all-reduced).
     """
-    world_size, rank = _world(group)
+    return _local_cross(q_local, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                        *_world(group), softmax_scale, return_lse, deterministic, backend)
+
+
+def _local_cross(q_local, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, world_size, rank,
+                 softmax_scale, return_lse, deterministic, backend):
+    """local_cross_attention for shard `rank` of `world_size`."""
     check(q_local.dim() == 3,
           f"q_local must be (tokens, heads, head_dim), got shape {tuple(q_local.shape)}")
     n = q_local.shape[0]
@@ -639,3 +645,81 @@ def local_cross_attention(q_local: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: T
     return varlen_attention(q_local, k, v, cu_q, cu_k, max_q, max_seqlen_k,
                             softmax_scale=softmax_scale, return_lse=return_lse,
                             deterministic=deterministic, backend=backend)
+
+
+# -- a layout object ---------------------------------------------------------------------
+
+SCHEMES = ("ulysses", "allgather", "ring", "usp")
+
+
+@dataclasses.dataclass(frozen=True)
+class SequenceParallel:
+    """One sequence-parallel layout, for code that runs a whole model on shards (as
+    vdit_kernels.model's VideoDiT does with forward(..., sp=)): the self-attention
+    scheme and its process group(s), and the shard this rank holds.
+
+    scheme: "ulysses", "allgather" or "ring" over `group` (None: the default group; this
+    rank holds shard group rank of group size), or "usp" over `group` = the Ulysses group
+    and `ring_group` (usp_groups(U) makes both; this rank holds shard usp_shard(...)).
+    Without torch.distributed initialized (and no groups) every layout is P = 1.
+    """
+
+    scheme: str = "ulysses"
+    group: object = None
+    ring_group: object = None
+
+    def __post_init__(self):
+        if self.scheme not in SCHEMES:
+            raise ValueError(f"scheme must be one of {SCHEMES}, got {self.scheme!r}")
+        if (self.ring_group is not None) != (self.scheme == "usp" and dist.is_available()
+                                            and dist.is_initialized()):
+            raise ValueError("ring_group is for scheme='usp' (with torch.distributed initialized), and "
+                             "usp needs it: group, ring_group = vk.usp_groups(ulysses_size)")
+
+    @property
+    def shard(self) -> tuple[int, int]:
+        """(P, s): the number of shards and this rank's (usp: collective on first use)."""
+        if self.scheme == "usp":
+            return usp_shard(self.group, self.ring_group)
+        return _world(self.group)
+
+    def shard_pack(self, x: Tensor) -> Tensor:
+        """This rank's rows of a packed (N, ...) tensor (shard_pack)."""
+        return shard_pack(x, *self.shard)
+
+    def shard_mask(self, num_tokens: int, device=None) -> Tensor:
+        """Which rows of this rank's shard are real tokens (shard_mask)."""
+        return shard_mask(num_tokens, *self.shard, device=device)
+
+    def gather_pack(self, x_local: Tensor, num_tokens: int) -> Tensor:
+        """The whole (num_tokens, ...) pack on every rank, shards in shard order; not
+        differentiable (gather_pack)."""
+        if self.scheme != "usp" or self.shard[0] == 1:
+            return gather_pack(x_local, num_tokens, self.group)
+        # Ulysses group: this super-shard's U shards in order; ring group: the super-shards
+        u_size = _world(self.group)[0]
+        x = gather_pack(x_local, u_size * x_local.shape[0], self.group)
+        return gather_pack(x, num_tokens, self.ring_group)
+
+    def self_attention(self, q_local: Tensor, k_local: Tensor, v_local: Tensor, cu_seqlens: Tensor,
+                       max_seqlen: int, rope: Optional[Rope3D] = None, softmax_scale: Optional[float] = None,
+                       return_lse: bool = False, deterministic: bool = False, *,
+                       backend: Optional[str] = None):
+        """Self-attention over the sharded pack by this layout's scheme (the functions
+        above; cu_seqlens, max_seqlen and rope of the whole pack)."""
+        kwargs = dict(rope=rope, softmax_scale=softmax_scale, return_lse=return_lse,
+                      deterministic=deterministic, backend=backend)
+        if self.scheme == "usp":
+            return usp_varlen_attention(q_local, k_local, v_local, cu_seqlens, max_seqlen, self.group,
+                                        self.ring_group, **kwargs)
+        attention = {"ulysses": ulysses_varlen_attention, "allgather": allgather_varlen_attention,
+                     "ring": ring_varlen_attention}[self.scheme]
+        return attention(q_local, k_local, v_local, cu_seqlens, max_seqlen, self.group, **kwargs)
+
+    def cross_attention(self, q_local: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor,
+                        cu_seqlens_k: Tensor, max_seqlen_q: int, max_seqlen_k: int,
+                        softmax_scale: Optional[float] = None, return_lse: bool = False,
+                        deterministic: bool = False, *, backend: Optional[str] = None):
+        """local_cross_attention from this rank's query shard to replicated text keys."""
+        return _local_cross(q_local, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                            *self.shard, softmax_scale, return_lse, deterministic, backend)
