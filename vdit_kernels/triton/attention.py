@@ -339,13 +339,16 @@ def _attn_bwd_pre_kernel(
 
 
 @triton.jit
-def _dkdv_step(dk, dv, k, v, nmask, key_tail, Q, DO, STATS, DQ, first_q, offs_m, rows_left, head,
+def _dkdv_step(dk, dv, k, v, nmask, key_tail, Q, DO, STATS, DQ, DQ_BOX, first_q, offs_m, rows_left, head,
                stride_qn, stride_qh, stride_don, stride_doh, N_Q, stride_dqn, stride_dqh,
                offs_d, dmask, scale, scale_log2,
                D: tl.constexpr, BLOCK_D: tl.constexpr, ROW_ALIGN: tl.constexpr,
-               ATOMIC_DQ: tl.constexpr, KEYS_MAJOR: tl.constexpr, TMA: tl.constexpr, IEEE: tl.constexpr):
+               ATOMIC_DQ: tl.constexpr, KEYS_MAJOR: tl.constexpr, TMA: tl.constexpr, IEEE: tl.constexpr,
+               EMULATE_TMA_ADD: tl.constexpr):
     """dV += P^T dO and dK += dS^T Q (unscaled) for one query block of one head; with
-    ATOMIC_DQ also DQ += scale * dS K for that block, added atomically (float32).
+    ATOMIC_DQ also DQ += scale * dS K for that block, added atomically (float32): with
+    TMA as one bulk reduction of the whole (BLOCK_M, D) box by the copy engine (_box_add:
+    the rows past the segment add the zeros their P = 0 gives), else element atomics.
     Two orientations of the same products (a tile choice, see the launch configuration):
       queries-major (default): P = exp2(q k^T - lse) is (queries, keys), so lse and delta
         vary along the MMA rows (a thread loads 2 of each, not 16); dV^T += dO^T P and
@@ -400,10 +403,32 @@ def _dkdv_step(dk, dv, k, v, nmask, key_tail, Q, DO, STATS, DQ, first_q, offs_m,
         dk = _mma(tl.trans(q), ds, dk, IEEE)
     if ATOMIC_DQ:
         dq = _mm(ds, k, IEEE) * scale
-        rows_dq = _row_off(tok_q, head, stride_dqn, stride_dqh, ROW_ALIGN)
-        tl.atomic_add(DQ + rows_dq + offs_d[None, :], dq, mask=_tile_mask(mmask, dmask, D == BLOCK_D),
-                      sem="relaxed")
+        if TMA:
+            _box_add(DQ_BOX, DQ, first_q, head, dq, offs_m, offs_d, N_Q, stride_dqn, stride_dqh, D,
+                     EMULATE_TMA_ADD)
+        else:
+            rows_dq = _row_off(tok_q, head, stride_dqn, stride_dqh, ROW_ALIGN)
+            tl.atomic_add(DQ + rows_dq + offs_d[None, :], dq, mask=_tile_mask(mmask, dmask, D == BLOCK_D),
+                          sem="relaxed")
     return dk, dv
+
+
+@triton.jit
+def _box_add(DQ_BOX, DQ, first_q, head, dq, offs_m, offs_d, N_Q, stride_dqn, stride_dqh, D: tl.constexpr,
+             EMULATED: tl.constexpr):
+    """DQ[first_q + i, head, :] += dq[i] for every row i of the (BLOCK_M, D) box, rows past
+    the tensor's N_Q dropped: on a GPU one TMA bulk reduction of the box through DQ_BOX (a
+    descriptor of DQ as (N_Q, H*D); cp.reduce.async.bulk.tensor.add: the copy engine adds
+    it in L2, where element atomics cost the SM an instruction per 4 to 16 bytes and made
+    this backward 40% slower than the atomic-free one on the H100). EMULATED (the
+    interpreter has no descriptor reductions): the same box semantics by element atomics,
+    without a segment mask, so tests see what the bulk reduction adds past a segment."""
+    if EMULATED:
+        rows = (first_q + offs_m).to(tl.int64)
+        tl.atomic_add(DQ + rows[:, None] * stride_dqn + head * stride_dqh + offs_d[None, :], dq,
+                      mask=(rows < N_Q)[:, None], sem="relaxed")
+    else:  # descriptor coordinates are 32-bit (N_Q and H*D fit: host-checked)
+        DQ_BOX.atomic_add([first_q.to(tl.int32), (head * D).to(tl.int32)], dq)
 
 
 @triton.jit
@@ -434,7 +459,7 @@ def _dq_step(dq, q, do, lse, delta, K, V, first_k, offs_n, keys_left, kv_head,
 
 @triton.jit
 def _attn_bwd_dkdv_kernel(
-    Q, K, V, DO, STATS, DK, DV, DQ, CU_Q, CU_K,
+    Q, K, V, DO, STATS, DK, DV, DQ, DQ_BOX, CU_Q, CU_K,
     stride_qn, stride_qh,
     stride_kn, stride_kh,
     stride_vn, stride_vh,
@@ -447,6 +472,7 @@ def _attn_bwd_dkdv_kernel(
     D: tl.constexpr, BLOCK_D: tl.constexpr, ROW_ALIGN: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     ATOMIC_DQ: tl.constexpr, KEYS_MAJOR: tl.constexpr, TMA: tl.constexpr, IEEE: tl.constexpr,
+    EMULATE_TMA_ADD: tl.constexpr = False,
 ):
     pid_n = tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -478,11 +504,11 @@ def _attn_bwd_dkdv_kernel(
     for g in range(0, loop_bound(GROUPS)):
         head = kv_head * GROUPS + g
         for start_m in range(0, loop_bound(seqlen_q), BLOCK_M):
-            dk, dv = _dkdv_step(dk, dv, k, v, nmask, key_tail, Q, DO, STATS, DQ,
+            dk, dv = _dkdv_step(dk, dv, k, v, nmask, key_tail, Q, DO, STATS, DQ, DQ_BOX,
                                 q_start + start_m, offs_m, seqlen_q - start_m, head,
                                 stride_qn, stride_qh, stride_don, stride_doh, N_Q,
                                 stride_dqn, stride_dqh, offs_d, dmask, scale, scale_log2,
-                                D, BLOCK_D, ROW_ALIGN, ATOMIC_DQ, KEYS_MAJOR, TMA, IEEE)
+                                D, BLOCK_D, ROW_ALIGN, ATOMIC_DQ, KEYS_MAJOR, TMA, IEEE, EMULATE_TMA_ADD)
     if not KEYS_MAJOR:
         dk = tl.trans(dk)
         dv = tl.trans(dv)
@@ -627,8 +653,9 @@ _BWD_TILES = {
     },
     # dK/dV with dQ added atomically (the "atomic-dq" backward): the dK/dV kernel plus a
     # third product and the float32 atomics, so mostly smaller steps than "dkdv", and
-    # FlashAttention-2's own D = 128 tile, 128 keys x 64 queries (1 stage: 256 B spilled,
-    # 136 B with TMA; at 2 stages 392 / 552 B)
+    # FlashAttention-2's own D = 128 tile, 128 keys x 64 queries (1 stage: 256 B spilled
+    # with pointer atomics; at 2 stages 392 B; the TMA variant's bulk dQ reductions: see
+    # _TMA_EXTRA)
     "fused": {
         "d64": [(64, 32, 8, 2), (128, 32, 8, 2), (64, 64, 8, 2), Tile(64, 32, 8, 2, keys_major=True)],
         # (the 64 x 32 default runs two of its products on mma.sync; three more such
@@ -657,12 +684,17 @@ _BWD_TILES = {
 # picked dK/dV step as two independent one-warpgroup programs per SM, 64 keys each (255
 # registers, 99 KB, 28 B spilled as the picked tile): each program's exponentials can run
 # while the other's products occupy the tensor cores, where the two warpgroups of one
-# 128-key program wait for each other at every barrier (not yet timed on a GPU)
+# 128-key program wait for each other at every barrier (not yet timed on a GPU). The
+# atomic-dq TMA variant adds dQ by bulk reductions (_box_add): its step issues 606
+# instructions for 32 wgmma at 128 keys x 64 queries where element atomics took 708, and
+# frees the atomics' address registers (1 stage: 0-8 B spilled against 256 B), so
+# FlashAttention-2's tile also runs pipelined over 2 stages (400-424 B spilled, the
+# budget's; Triton 3.8 / 3.6, sm_90a; not yet timed on a GPU)
 _TMA_EXTRA = {
     "fwd": {"d128": [Tile(128, 64, 8, 2, maxnreg=128)]},
     "dkdv": {"d128": [Tile(128, 64, 8, 2, keys_major=True), Tile(128, 64, 8, 1, keys_major=True),
                       Tile(128, 32, 8, 3, keys_major=True), Tile(64, 64, 4, 2, keys_major=True)]},
-    "fused": {"d128": [Tile(128, 32, 8, 2, keys_major=True)]},
+    "fused": {"d128": [Tile(128, 32, 8, 2, keys_major=True), Tile(128, 64, 8, 2, keys_major=True)]},
     "dq": {"d128": [Tile(128, 128, 8, 2), Tile(128, 64, 8, 4)]},
 }
 # register spills (bytes, sm_90a static report) allowed to a non-default candidate (the
@@ -749,7 +781,7 @@ def _configs(tag: str, pre_hook=None) -> list:
 # and those of (rows, 4) boxes (the backward's row statistics)
 _DESCRIPTOR_ARGS = {"fwd_tma": (("K", "V"), "BLOCK_N", ()), "dq_tma": (("K", "V"), "BLOCK_N", ()),
                     "dkdv_tma": (("Q", "DO"), "BLOCK_M", ("STATS",)),
-                    "fused_tma": (("Q", "DO"), "BLOCK_M", ("STATS",))}
+                    "fused_tma": (("Q", "DO", "DQ_BOX"), "BLOCK_M", ("STATS",))}
 
 
 def _descriptor_blocks(tag: str):
@@ -921,6 +953,13 @@ def _row_descriptors(a, b, block_rows: int):
     d = a.shape[2]
     return tuple(TensorDescriptor(t, [t.shape[0], t.shape[1] * d], [t.stride(0), 1], [block_rows, d])
                  for t in (a, b))
+
+
+def _dq_box(dq, block_rows: int):
+    """A tensor descriptor of the atomic-dq backward's float32 (tokens, heads, D) dQ
+    accumulator as (tokens, heads*D), whose reductions add (block_rows, D) boxes."""
+    flat = dq.view(dq.shape[0], -1)
+    return TensorDescriptor(flat, list(flat.shape), [flat.stride(0), 1], [block_rows, dq.shape[2]])
 
 
 def _stats_descriptor(stats, block_rows: int):
@@ -1117,14 +1156,16 @@ def varlen_attention_bwd(grad_out, q, k, v, out, lse, grad_lse, cu_seqlens_q, cu
         tiles = _candidates(kernel, d, q.dtype, q.device, tma)
         qq, dout = _row_descriptors(q, grad_out, tiles[0].loop) if tma else (q, grad_out)
         rows = _stats_descriptor(stats, tiles[0].loop) if tma else stats
-        args = (qq, k, v, dout, rows, gk, gv, gq, cu_q, cu_k,
+        box = _dq_box(gq, tiles[0].loop) if atomic and tma else gq
+        args = (qq, k, v, dout, rows, gk, gv, gq, box, cu_q, cu_k,
                 q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
                 grad_out.stride(0), grad_out.stride(1), nq,
                 gk.stride(0), gk.stride(1), gv.stride(0), gv.stride(1), gq.stride(0), gq.stride(1),
                 h // hk, scale, scale * LOG2E)
         _launch(_attn_bwd_dkdv_kernel, _tuner(tag, size), tag,
                 lambda meta: (triton.cdiv(max_seqlen_k, meta["BLOCK_N"]), hk, nseg), args,
-                tiles, fixed=deterministic, ATOMIC_DQ=atomic, **common)
+                tiles, fixed=deterministic, ATOMIC_DQ=atomic, EMULATE_TMA_ADD=q.device.type != "cuda",
+                **common)
         # -- dQ: one query block x head --
         if not atomic:
             tag = "dq_tma" if tma else "dq"
@@ -1215,12 +1256,14 @@ def aot_specs() -> list[dict]:
             for kernel, atomic in (("dkdv", False), ("fused", True)):
                 for i, tile in enumerate(_candidates(kernel, d, tdt, torch.device("cuda"), tma)):
                     own, loop, w, st = tile[:4]
-                    ce = dict(base, **_tile_meta(kernel, tile), ATOMIC_DQ=atomic, TMA=tma)
+                    ce = dict(base, **_tile_meta(kernel, tile), ATOMIC_DQ=atomic, TMA=tma, EMULATE_TMA_ADD=False)
                     signature = sig(dtype, dkdv_sig, ce, out=("DK", "DV"))
-                    signature["DQ"] = "*fp32" if atomic else f"*{dtype}"
+                    signature["DQ"] = signature["DQ_BOX"] = "*fp32" if atomic else f"*{dtype}"
                     if tma:  # q, dO and the row statistics read by descriptors
                         signature.update({n: f"tensordesc<{dtype}[{loop},{d}]>" for n in ("Q", "DO")})
                         signature["STATS"] = f"tensordesc<fp32[{loop},4]>"
+                        if atomic:  # dQ added by bulk reductions of (loop, D) boxes
+                            signature["DQ_BOX"] = f"tensordesc<fp32[{loop},{d}]>"
                     # wgmma needs 64-row tiles; the small D = 256 tiles run on mma.sync
                     major = "-keys" if ce["KEYS_MAJOR"] else ""
                     specs.append({"name": f"attn_bwd_{kernel}{suffix} {tag} {own}x{loop}{major} w{w}s{st}{_cap(tile)}",
