@@ -396,9 +396,9 @@ class _RingAttention(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, cu_seqlens, max_seqlen, scale, deterministic, backend, group, max_padding):
-        # max_padding: the most padding rows the pack has (its own segment in the last
-        # shard): P - 1 for P shards of the original tokens, also where the ring's shards are
-        # USP's super-shards (fewer ring ranks than shards)
+        # max_padding: a bound on the pack's padding rows (their own segment, at the end):
+        # P - 1 for P shards, which exceeds the ring's size - 1 where its shards are USP's
+        # super-shards (R ring ranks for P = U * R shards)
         world_size, rank = _world(group)
         n = q.shape[0]
         cu_q = _shard_offsets(cu_seqlens, rank, n)
@@ -495,11 +495,11 @@ def _ring(q, k, v, cu_seqlens, max_seqlen, group, softmax_scale, deterministic, 
 
 def usp_groups(ulysses_size: int):
     """(ulysses_group, ring_group) of this rank for usp_varlen_attention over the whole
-    job (the default process group, P ranks): R = P / ulysses_size ring groups of
-    consecutive ranks form the Ulysses groups, [0, U), [U, 2U), ...; ranks U apart form
-    the ring groups, {0, U, 2U, ...}, {1, U+1, ...}, ... So global rank r holds shard r
-    of P (shard_pack(x, P, r)), and with ranks numbered node by node and U at most the GPUs
-    of a node, the all-to-alls stay inside a node and only the ring crosses nodes.
+    job (the default process group, P ranks, U = ulysses_size): R = P / U Ulysses groups of
+    U consecutive ranks, [0, U), [U, 2U), ..., and U ring groups of ranks U apart,
+    {0, U, 2U, ...}, {1, U + 1, ...}, ... Global rank r then holds shard r of P
+    (shard_pack(x, P, r)), and with ranks numbered node by node and U at most the GPUs of
+    a node, the all-to-alls stay inside a node and only the ring crosses nodes.
 
     Every process of the job must call it, in the same order as its other group creations
     (torch.distributed.new_group's rule). Without torch.distributed initialized:
@@ -671,8 +671,8 @@ class SequenceParallel:
     def __post_init__(self):
         if self.scheme not in SCHEMES:
             raise ValueError(f"scheme must be one of {SCHEMES}, got {self.scheme!r}")
-        if (self.ring_group is not None) != (self.scheme == "usp" and dist.is_available()
-                                            and dist.is_initialized()):
+        usp_distributed = self.scheme == "usp" and dist.is_available() and dist.is_initialized()
+        if (self.ring_group is not None) != usp_distributed:
             raise ValueError("ring_group is for scheme='usp' (with torch.distributed initialized), and "
                              "usp needs it: group, ring_group = vk.usp_groups(ulysses_size)")
 
