@@ -17,9 +17,10 @@ needs no padding.
 `backend=` on forward picks the vdit_kernels backend for every op ("reference",
 "triton", "cuda", "auto"/None), or per op family with a dict such as
 {"patch": "cuda", "rope": "triton", "attention": "reference"}. `sp=` (a
-vk.SequenceParallel) runs inference with the tokens sharded across ranks after the patch
+vk.SequenceParallel) runs the model with the tokens sharded across ranks after the patch
 embedding: self-attention by the layout's scheme (Ulysses, all-gather, ring or USP),
-cross-attention locally, the output layer's features gathered before the unpatchify.
+cross-attention locally, the output layer's features gathered before the unpatchify
+(inference, or training with each rank's parameter gradients summed over the ranks).
 """
 from __future__ import annotations
 
@@ -330,18 +331,16 @@ class VideoDiT(nn.Module):
         pack.cu_seqlens_k[i]:pack.cu_seqlens_k[i+1]. Returns B predictions (C, T_i, H_i, W_i)
         in the parameters' dtype (the autocast dtype inside an autocast region).
 
-        sp: sequence-parallel inference (vk.SequenceParallel: every rank of its group(s)
-        calls forward with the same arguments and gets the whole result). The tokens are
-        sharded after the patch embedding, the blocks run on this rank's shard (self-attention
-        by the layout's scheme, cross-attention to the replicated text locally), and the
-        output layer's patch features are gathered before the unpatchify. Inference only
-        (torch.no_grad or inference_mode): the final gather is not differentiable; for
-        training, run the blocks this way and compute the loss on the shards (vk.shard_mask).
+        sp: sequence parallelism (vk.SequenceParallel: every rank of its group(s) calls
+        forward with the same arguments and gets the whole result). The tokens are sharded
+        after the patch embedding, the blocks run on this rank's shard (self-attention by
+        the layout's scheme, cross-attention to the replicated text locally), and the output
+        layer's patch features are gathered before the unpatchify. Training: every rank
+        computes the same loss from the whole result; each rank's parameter (and latent)
+        gradients are then its share, to be all-reduced with SUM over the P ranks
+        (vk.gather_pack's backward).
         """
         cfg, backends = self.config, family_backends(backend)
-        if sp is not None and torch.is_grad_enabled():
-            raise ValueError("forward(..., sp=) runs inference: call it under torch.no_grad() or "
-                             "torch.inference_mode() (its final gather is not differentiable)")
         if pack.cu_seqlens_k is None:
             raise ValueError("pack has no text lengths: build it with VideoPack.from_shapes(..., text_lengths=...)")
         if text.dim() != 2 or text.shape != (pack.num_text_tokens, cfg.text_dim):

@@ -517,6 +517,19 @@ def _dit():
     return model, (latents, pack, torch.tensor([10.0, 500.0, 999.0], dtype=torch.float64), text)
 
 
+def _dit_step(model, inputs, sp=None):
+    """Outputs, parameter gradients and latent gradients of one forward + backward of
+    sum_i <out_i, w_i> (w: fixed random cotangents, the same loss on every rank)."""
+    latents, pack, t, text = inputs
+    latents = [x.clone().requires_grad_(True) for x in latents]
+    model.zero_grad(set_to_none=True)
+    out = model(latents, pack, t, text, backend="reference", sp=sp)
+    g = torch.Generator().manual_seed(11)
+    sum((o * torch.randn(o.shape, generator=g, dtype=o.dtype)).sum() for o in out).backward()
+    return ([o.detach() for o in out], {n: p.grad.clone() for n, p in model.named_parameters()},
+            [x.grad for x in latents])
+
+
 def _dit_layouts(groups):
     """(name, SequenceParallel, fused_rope) run by the 4 ranks."""
     usp = vk.SequenceParallel("usp", *groups[(2, 2)])
@@ -562,8 +575,16 @@ def _worker4(rank, store, out_dir):
     model, inputs = _dit()
     for name, sp, fused in _dit_layouts(groups):
         model.config.fused_rope = fused
-        with torch.no_grad():
-            results[("dit", name)] = model(*inputs, backend="reference", sp=sp)
+        results[("dit", name)] = _dit_step(model, inputs, sp)
+    # gather_pack's backward: this rank's rows of its own gradient
+    x = vk.shard_pack(torch.arange(19.0).view(19, 1), 4, rank).requires_grad_(True)
+    for name, gather in (("world", lambda t: vk.gather_pack(t, 19)),
+                         ("usp", vk.SequenceParallel("usp", *groups[(2, 2)]).gather_pack)):
+        x.grad = None
+        weights = torch.linspace(1.0, 2.0, 19).view(19, 1)
+        gathered = gather(x) if name == "world" else gather(x, 19)
+        (gathered * weights).sum().backward()
+        results[("gather", name)] = (gathered.detach(), x.grad.clone())
     errors = []
     q = torch.zeros(2, 3, D)  # 3 heads over U = 2
     pairs = vk.usp_groups(2)[0]  # {0, 1} and {2, 3}: as both groups, not a grid
@@ -621,30 +642,43 @@ def test_padding_longer_than_videos(four_rank_runs, scheme):
 
 
 @pytest.mark.parametrize("layout", [name for name, _, _ in _dit_layouts({(2, 2): (None, None)})])
-def test_dit_sequence_parallel_inference(four_rank_runs, layout):
-    # the whole model on 4 ranks equals it on one process, on every rank
+def test_dit_sequence_parallel(four_rank_runs, layout):
+    # the whole model on 4 ranks: every rank's output equals the single process's, and the
+    # parameter and latent gradients summed over the ranks equal its gradients
     model, inputs = _dit()
     model.config.fused_rope = "unfused" not in layout
-    with torch.no_grad():
-        expected = model(*inputs, backend="reference")
-    for run in four_rank_runs:
-        for got, exp in zip(run[("dit", layout)], expected):
-            assert_verbose_close(got, exp, 1e-10, 1e-10, name=layout)
+    out, grads, latent_grads = _dit_step(model, inputs)
+    runs = [run[("dit", layout)] for run in four_rank_runs]
+    for run_out, _, _ in runs:
+        for got, exp in zip(run_out, out):
+            assert_verbose_close(got, exp, 1e-10, 1e-10, name=f"{layout} out")
+    for name, exp in grads.items():
+        assert_verbose_close(sum(run[1][name] for run in runs), exp, 1e-10, 1e-10, name=f"{layout} d{name}")
+    for i, exp in enumerate(latent_grads):
+        assert_verbose_close(sum(run[2][i] for run in runs), exp, 1e-10, 1e-10, name=f"{layout} dlatents[{i}]")
+    # each rank holds a share, not the whole: the shares differ
+    assert not torch.equal(runs[0][1]["final_proj.weight"], runs[1][1]["final_proj.weight"])
 
 
-def test_dit_sequence_parallel_needs_no_grad():
-    model, inputs = _dit()
-    with pytest.raises(ValueError, match="runs inference"):
-        model(*inputs, backend="reference", sp=vk.SequenceParallel())
+@pytest.mark.parametrize("name", ["world", "usp"])
+def test_gather_pack_backward_keeps_this_ranks_rows(four_rank_runs, name):
+    weights = torch.linspace(1.0, 2.0, 19).view(19, 1)
+    for rank, run in enumerate(four_rank_runs):
+        gathered, grad = run[("gather", name)]
+        assert torch.equal(gathered, torch.arange(19.0).view(19, 1))
+        # rows 5r .. 5r+4 of the 19, the padding row (rank 3's last) gets no gradient
+        assert torch.equal(grad, vk.shard_pack(weights, 4, rank))
+
+
+def test_dit_sequence_parallel_single_process():
     with pytest.raises(ValueError, match="scheme must be one of"):
         vk.SequenceParallel("zigzag")
     with pytest.raises(ValueError, match="ring_group is for scheme='usp'"):
         vk.SequenceParallel("ring", ring_group=object())
-    with torch.no_grad():  # P = 1 without torch.distributed
-        got = model(*inputs, backend="reference", sp=vk.SequenceParallel("usp"))
-        exp = model(*inputs, backend="reference")
-    for g, e in zip(got, exp):
-        assert_verbose_close(g, e, 1e-12, 1e-12, name="P = 1")
+    model, inputs = _dit()  # P = 1 without torch.distributed: the plain model
+    for got, exp in zip(_dit_step(model, inputs, vk.SequenceParallel("usp")), _dit_step(model, inputs)):
+        for name, g in (got.items() if isinstance(got, dict) else enumerate(got)):
+            assert_verbose_close(g, exp[name], 1e-12, 1e-12, name=f"P = 1: {name}")
 
 
 def test_usp_shard_is_the_global_rank(four_rank_runs):

@@ -151,18 +151,37 @@ def _world(group) -> tuple[int, int]:
 
 
 def gather_pack(x_local: Tensor, num_tokens: int, group=None) -> Tensor:
-    """The whole pack (num_tokens, ...) on every rank from the shards (padding dropped).
+    """The whole pack (num_tokens, ...) on every rank from the shards (padding dropped),
+    e.g. before `unpatchify`.
 
-    For outputs (e.g. before `unpatchify` at inference); not differentiable: in training,
-    compute the loss on the shards (without their padding rows: shard_mask) and let the
-    gradients all-reduce as usual.
+    Differentiable for the usual use, every rank computing the same thing from the whole
+    pack (the same loss on the whole output): the backward keeps this rank's rows of its
+    own gradient (no communication; Megatron's gather "split" backward). The gradient of
+    each parameter on a rank is then that rank's share: all-reduce them with SUM over the
+    group (DistributedDataParallel averages, which divides them by P). Where ranks compute
+    different things from the gathered pack, compute the loss on the shards instead
+    (without their padding rows: shard_mask).
     """
-    world_size, _ = _world(group)
+    world_size, rank = _world(group)
     if world_size == 1:
-        return x_local[:num_tokens].detach()
-    parts = [torch.empty_like(x_local) for _ in range(world_size)]
-    dist.all_gather(parts, x_local.detach().contiguous(), group=group)
-    return torch.cat(parts)[:num_tokens]
+        return x_local[:num_tokens]
+    return _GatherPack.apply(x_local, group, world_size, rank)[:num_tokens]
+
+
+class _GatherPack(torch.autograd.Function):
+    """(n, ...) shard -> (P*n, ...) on every rank; backward: this rank's rows of the
+    gradient (every rank's copy is taken to get the same gradient)."""
+
+    @staticmethod
+    def forward(ctx, x, group, world_size, rank):
+        ctx.rows = (rank * x.shape[0], x.shape[0])
+        out = x.new_empty((world_size * x.shape[0],) + tuple(x.shape[1:]))
+        _all_gather_single(out, x.contiguous(), group=group)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad.narrow(0, *ctx.rows), None, None, None
 
 
 # -- the differentiable all-to-all ---------------------------------------------------------
@@ -692,8 +711,8 @@ class SequenceParallel:
         return shard_mask(num_tokens, *self.shard, device=device)
 
     def gather_pack(self, x_local: Tensor, num_tokens: int) -> Tensor:
-        """The whole (num_tokens, ...) pack on every rank, shards in shard order; not
-        differentiable (gather_pack)."""
+        """The whole (num_tokens, ...) pack on every rank, shards in shard order
+        (gather_pack, and its backward)."""
         if self.scheme != "usp" or self.shard[0] == 1:
             return gather_pack(x_local, num_tokens, self.group)
         # Ulysses group: this super-shard's U shards in order; ring group: the super-shards
