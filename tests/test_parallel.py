@@ -168,12 +168,14 @@ CASES = [
     ("triton-mha-rope", "triton", torch.float32, 4, 4, True),
     # 3 heads: not divisible by the world size, all-gather only (Ulysses rejects it)
     ("reference-3heads-rope", "reference", torch.float64, 3, 3, True),
+    # one kv head for 2 ranks: Ulysses replicates it (GQA with fewer kv heads than ranks)
+    ("reference-1kv-rope", "reference", torch.float64, 4, 1, True),
 ]
 
 
-def _ulysses_ok(index):
+def _ulysses_ok(index, size=WORLD):
     _, _, _, h, hk, _ = CASES[index]
-    return h % WORLD == 0 and hk % WORLD == 0
+    return h % size == 0 and (hk % size == 0 or size % hk == 0)
 
 
 def _pack():
@@ -465,8 +467,10 @@ def test_explicit_subgroup(three_rank_runs, scheme):
 
 TINY_SHAPES = [(1, 2, 2)] * 5
 USP_LAYOUTS = [(2, 2), (4, 1), (1, 4)]  # (U, R)
-# (case index, U x R layouts): 4 / 2 heads cannot split over U = 4
-USP_CASES = [(0, USP_LAYOUTS), (1, [(2, 2), (1, 4)]), (3, [(2, 2)])]
+# (case index, U x R layouts): kv heads fewer than U are replicated, case 1's 2 of 4 heads
+# at U = 4 (each kv head twice, its q heads' own: the order of the replicas matters), case
+# 5's one kv head at U = 2 and 4
+USP_CASES = [(0, USP_LAYOUTS), (1, USP_LAYOUTS), (3, [(2, 2)]), (5, [(2, 2), (4, 1)])]
 
 
 def _tiny_inputs():

@@ -42,8 +42,8 @@ Ulysses x ring (USP, the unified sequence parallelism of xDiT / Fang & Zhao 2024
 as `usp_groups(U)` builds them from consecutive ranks (a node's GPUs with NVLink for the
 all-to-all, the ring between nodes). A Ulysses all-to-all turns U shards into one
 super-shard of U*n tokens with H/U heads, ring attention runs over the R super-shards,
-and a second all-to-all turns the result back. Heads need only be divisible by U; per rank
-the ring moves (R-1) k/v super-shards of H/U heads, the all-to-alls (U-1)/U of the shards.
+and a second all-to-all turns the result back. Heads need only be divisible by U (kv heads
+fewer than U: replicated, as Ulysses does); per rank the ring moves (R-1) k/v super-shards of H/U heads, the all-to-alls (U-1)/U of the shards.
 
 Not implemented: uneven shards.
 """
@@ -267,9 +267,11 @@ def ulysses_varlen_attention(q_local: Tensor, k_local: Tensor, v_local: Tensor,
     """Self-attention over a pack sharded by tokens across `group` (Ulysses).
 
     q_local (n, H, D), k_local / v_local (n, Hk, D): this rank's `shard_pack` slice of the
-    pack's q, k, v, with all heads; every rank holds n tokens. H and Hk must be divisible
-    by P = the group's size. cu_seqlens int32 (B+1,), max_seqlen: the WHOLE pack's
-    (e.g. pack.cu_seqlens, pack.max_seqlen), the same on every rank. rope: a Rope3D over
+    pack's q, k, v, with all heads; every rank holds n tokens. H must be divisible by P =
+    the group's size, and Hk too, or divide P (GQA with fewer kv heads than ranks: each is
+    replicated P / Hk times, which multiplies the k/v all-to-all's bytes by that).
+    cu_seqlens int32 (B+1,), max_seqlen: the WHOLE pack's (e.g. pack.cu_seqlens,
+    pack.max_seqlen), the same on every rank. rope: a Rope3D over
     the whole pack's positions (Rope3D.from_pack(pack, ...)), N or P*n rows; it stays
     fused into the attention kernels.
 
@@ -284,11 +286,7 @@ def ulysses_varlen_attention(q_local: Tensor, k_local: Tensor, v_local: Tensor,
     plain varlen_attention (P = 1). Every rank must call it (a collective).
     """
     world_size, _ = _world(group)
-    for name, t in (("q_local", q_local), ("k_local", k_local), ("v_local", v_local)):
-        check(t.dim() == 3, f"{name} must be (tokens, heads, head_dim), got shape {tuple(t.shape)}")
-        check(t.shape[1] % world_size == 0,
-              f"{name} has {t.shape[1]} heads, not divisible by the sequence-parallel world size "
-              f"{world_size} (Ulysses gives each rank heads / world_size heads)")
+    k_local, v_local = _ulysses_heads(q_local, k_local, v_local, world_size, "the sequence-parallel world size")
     check(q_local.shape[0] == k_local.shape[0] == v_local.shape[0],
           "q_local, k_local and v_local must hold the same tokens (self-attention over the pack)")
     check(isinstance(cu_seqlens, Tensor) and cu_seqlens.dim() == 1,
@@ -319,6 +317,28 @@ def ulysses_varlen_attention(q_local: Tensor, k_local: Tensor, v_local: Tensor,
         if return_lse:  # (H/P, P*n) -> (n, H/P)-shaped all-to-all back -> (H, n), differentiable
             lse = _AllToAll.apply(lse.t().contiguous(), group, world_size, False).t().contiguous()
     return (out, lse) if return_lse else out
+
+
+def _ulysses_heads(q, k, v, size: int, what: str):
+    """Checks the heads of q, k, v (n, heads, D) for a Ulysses all-to-all over `size` ranks,
+    which gives each rank heads / size of them; returns k, v with their heads replicated
+    where there are fewer kv heads than ranks (GQA): Hk dividing size, each kv head
+    repeated size / Hk times, so every rank holds the kv head of its q heads (the q heads
+    h of a rank keep their kv head h // (H / Hk)); the all-to-all then moves size / Hk times
+    the k/v bytes, and the replicas' gradients sum back (repeat_interleave's backward)."""
+    for name, t in (("q_local", q), ("k_local", k), ("v_local", v)):
+        check(t.dim() == 3, f"{name} must be (tokens, heads, head_dim), got shape {tuple(t.shape)}")
+    check(q.shape[1] % size == 0,
+          f"q_local has {q.shape[1]} heads, not divisible by {what} {size} "
+          f"(Ulysses gives each rank heads / {size} heads)")
+    for name, t in (("k_local", k), ("v_local", v)):
+        hk = t.shape[1]
+        check(hk > 0 and (hk % size == 0 or (size % hk == 0 and q.shape[1] % hk == 0)),
+              f"{name} has {hk} heads, neither divisible by {what} {size} nor dividing it "
+              f"(kv heads are replicated up to {size} when they divide it)")
+    if k.shape[1] < size:  # GQA with fewer kv heads than ranks
+        k, v = (t.repeat_interleave(size // t.shape[1], dim=1) for t in (k, v))
+    return k, v
 
 
 def _rotate_shards(q_local, k_local, v_local, cu_seqlens, rope, world_size, rank, backend):
@@ -593,8 +613,8 @@ def usp_varlen_attention(q_local: Tensor, k_local: Tensor, v_local: Tensor,
     builds them): U = ulysses_group's size, R = ring_group's, P = U * R shards. This rank
     (Ulysses rank u, ring rank r) must hold shard s = r * U + u of the pack's P shards:
     shard_pack(x, *usp_shard(ulysses_group, ring_group)) (with usp_groups, s is the global
-    rank; groups that do not form such a grid raise). H and Hk must be divisible by U (not
-    by P).
+    rank; groups that do not form such a grid raise). H must be divisible by U (not by
+    P), and Hk too, or divide U (then replicated, as in ulysses_varlen_attention).
 
         rank (r, u): q_local (n, H, D) --all-to-all in ulysses_group--> (U*n, H/U, D):
                      super-shard r (shards rU .. rU+U-1), head group u
@@ -610,13 +630,10 @@ def usp_varlen_attention(q_local: Tensor, k_local: Tensor, v_local: Tensor,
     """
     world_size, shard = usp_shard(ulysses_group, ring_group)
     u_size = _world(ulysses_group)[0]
-    for name, t in (("q_local", q_local), ("k_local", k_local), ("v_local", v_local)):
-        check(t.dim() == 3, f"{name} must be (tokens, heads, head_dim), got shape {tuple(t.shape)}")
-        check(t.shape[1] % u_size == 0,
-              f"{name} has {t.shape[1]} heads, not divisible by the Ulysses group's size {u_size} "
-              f"(each rank of it attends with heads / {u_size} heads)")
     q_local, k_local = _rotate_shards(q_local, k_local, v_local, cu_seqlens, rope, world_size, shard,
                                       backend)
+    # (after the rotation: RoPE rotates the Hk kv heads, not their replicas)
+    k_local, v_local = _ulysses_heads(q_local, k_local, v_local, u_size, "the Ulysses group's size")
     if u_size > 1:
         q, k, v = (_AllToAll.apply(t, ulysses_group, u_size, True) for t in (q_local, k_local, v_local))
     else:
