@@ -1,19 +1,27 @@
 """Forward + backward of the video DiT on a pack of videos with every available backend.
 
     python -m vdit_kernels.model.demo [--config wan-1.3b-like] [--depth 4] [--iters 3]
+    torchrun --nproc-per-node 4 -m vdit_kernels.model.demo --sp usp [--ulysses-size 2]
 
 On a GPU: a realistic width (wan-1.3b-like, a few blocks), bfloat16, four videos of
 different resolutions and lengths with text. On CPU: the small config in float32,
 reference backend only (other backends are listed with the reason they were skipped).
 Prints time per forward+backward, peak CUDA memory and the max difference of outputs
 and latent gradients to the reference backend.
+
+--sp (under torchrun, NCCL on GPUs, one per process, gloo on CPU): the same model
+sequence-parallel over the processes (vk.SequenceParallel: ulysses, allgather, ring or
+usp), auto backend, against the whole model run on every rank: time, peak memory, and the
+difference of the outputs and of the latent gradients summed over the ranks.
 """
 from __future__ import annotations
 
 import argparse
+import os
 import time
 
 import torch
+import torch.distributed as dist
 
 import vdit_kernels as vk
 from vdit_kernels import backend as _backend
@@ -54,12 +62,84 @@ def partial(cfg, backend, device):
     return mix if backend in mix.values() else None
 
 
-def run_once(model, pack, latents, t, text, backend):
+def run_once(model, pack, latents, t, text, backend, sp=None):
     latents = [x.detach().clone().requires_grad_(True) for x in latents]
     model.zero_grad(set_to_none=True)
-    out = model(latents, pack, t, text, backend=backend)
+    out = model(latents, pack, t, text, backend=backend, sp=sp)
     sum(o.float().square().mean() for o in out).backward()
     return [o.detach() for o in out], [x.grad for x in latents]
+
+
+def setup(args, device):
+    """(config, model, pack, latents, timesteps, text, text lengths): the same on every
+    process (seeded)."""
+    cuda = device.type == "cuda"
+    dtype = getattr(torch, args.dtype)
+    cfg = DiTConfig.from_name(args.config, depth=args.depth, fused_rope=not args.unfused_rope)
+    shapes, text_lengths = (GPU_SHAPES, GPU_TEXT) if cuda else (CPU_SHAPES, CPU_TEXT)
+    torch.manual_seed(0)
+    model = VideoDiT(cfg).init_weights(zero_init=False).to(device, dtype)
+    pack = vk.VideoPack.from_shapes(shapes, cfg.patch_size, device=device, text_lengths=text_lengths)
+    latents = [torch.randn(cfg.in_channels, *s, device=device, dtype=dtype) for s in shapes]
+    t = torch.rand(len(shapes), device=device) * 1000
+    text = torch.randn(pack.num_text_tokens, cfg.text_dim, device=device, dtype=dtype)
+    return cfg, model, pack, latents, t, text, text_lengths
+
+
+def timed(fn, iters: int, cuda: bool):
+    """(fn's last result, ms per call, peak CUDA GiB or "-") after one warm-up call."""
+    fn()
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    start = time.perf_counter()
+    for _ in range(iters):
+        result = fn()
+    if cuda:
+        torch.cuda.synchronize()
+    peak = f"{torch.cuda.max_memory_allocated() / 2**30:.2f}" if cuda else "-"
+    return result, (time.perf_counter() - start) / iters * 1e3, peak
+
+
+def sequence_parallel(args) -> None:
+    """--sp: the model over the torchrun processes against the whole model on each."""
+    if "WORLD_SIZE" not in os.environ:
+        raise SystemExit("--sp runs under torchrun, e.g. torchrun --nproc-per-node 2 -m "
+                         "vdit_kernels.model.demo --sp ulysses")
+    cuda = torch.cuda.is_available()
+    local = int(os.environ.get("LOCAL_RANK", 0))
+    if cuda:
+        torch.cuda.set_device(local)
+    dist.init_process_group("nccl" if cuda else "gloo")
+    try:
+        world, rank = dist.get_world_size(), dist.get_rank()
+        device = torch.device("cuda", local) if cuda else torch.device("cpu")
+        if args.sp == "usp":
+            u = args.ulysses_size or (2 if world % 2 == 0 and world > 2 else 1)
+            sp = vk.SequenceParallel("usp", *vk.usp_groups(u))
+            layout = f"usp, {u} x {world // u} (Ulysses x ring)"
+        else:
+            sp, layout = vk.SequenceParallel(args.sp), args.sp
+        cfg, model, pack, latents, t, text, _ = setup(args, device)
+        (out, grads), ms_whole, peak_whole = timed(lambda: run_once(model, pack, latents, t, text, "auto"),
+                                                   args.iters, cuda)
+        (out_sp, grads_sp), ms_sp, peak_sp = timed(
+            lambda: run_once(model, pack, latents, t, text, "auto", sp=sp), args.iters, cuda)
+        for g in grads_sp:  # each rank's share of the latent gradients
+            dist.all_reduce(g)
+        if rank == 0:
+            n = vk.parallel.shard_size(pack.num_tokens, world)
+            print(f"sequence parallel: {world} processes ({'NCCL' if cuda else 'gloo'}), {layout}; "
+                  f"{pack.num_tokens} tokens, {n} a rank; config {args.config}, depth {cfg.depth}, "
+                  f"{args.dtype}, backend auto")
+            print(f"  whole model on one rank: {ms_whole:.1f} ms fwd+bwd, peak {peak_whole} GiB")
+            print(f"  sharded over {world}:      {ms_sp:.1f} ms fwd+bwd, peak {peak_sp} GiB")
+            print(f"  rel. diff to the whole model: out {relative_diff(out_sp, out):.2e}, "
+                  f"d latents (summed over ranks) {relative_diff(grads_sp, grads):.2e}")
+            if not cuda:
+                print("(CPU run: timings are not a performance result)")
+    finally:
+        dist.destroy_process_group()
 
 
 def main(argv=None):
@@ -71,18 +151,17 @@ def main(argv=None):
     parser.add_argument("--iters", type=int, default=3)
     parser.add_argument("--unfused-rope", action="store_true",
                         help="apply_rope_3d then attention (runs the rope family's kernels)")
+    parser.add_argument("--sp", choices=vk.parallel.SCHEMES,
+                        help="under torchrun: the model sequence-parallel over the processes")
+    parser.add_argument("--ulysses-size", type=int, default=None,
+                        help="--sp usp: ranks per Ulysses group (default 2 where it divides P > 2, else 1)")
     args = parser.parse_args(argv)
+    if args.sp:
+        return sequence_parallel(args)
 
     device = torch.device("cuda" if cuda else "cpu")
-    dtype = getattr(torch, args.dtype)
-    cfg = DiTConfig.from_name(args.config, depth=args.depth, fused_rope=not args.unfused_rope)
-    shapes, text_lengths = (GPU_SHAPES, GPU_TEXT) if cuda else (CPU_SHAPES, CPU_TEXT)
-    torch.manual_seed(0)
-    model = VideoDiT(cfg).init_weights(zero_init=False).to(device, dtype)
-    pack = vk.VideoPack.from_shapes(shapes, cfg.patch_size, device=device, text_lengths=text_lengths)
-    latents = [torch.randn(cfg.in_channels, *s, device=device, dtype=dtype) for s in shapes]
-    t = torch.rand(len(shapes), device=device) * 1000
-    text = torch.randn(pack.num_text_tokens, cfg.text_dim, device=device, dtype=dtype)
+    cfg, model, pack, latents, t, text, text_lengths = setup(args, device)
+    shapes = pack.shapes
 
     params = sum(p.numel() for p in model.parameters())
     print(f"device: {torch.cuda.get_device_name() if cuda else 'cpu'}; config {args.config} "
@@ -106,17 +185,8 @@ def main(argv=None):
             candidates.append((f"{name} where available", mix))
     candidates.append(("auto", "auto"))
     for label, backend in candidates:
-        run_once(model, pack, latents, t, text, backend)  # warm-up (JIT compile, caches)
-        if cuda:
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-        start = time.perf_counter()
-        for _ in range(args.iters):
-            out, grads = run_once(model, pack, latents, t, text, backend)
-        if cuda:
-            torch.cuda.synchronize()
-        ms = (time.perf_counter() - start) / args.iters * 1e3
-        peak = f"{torch.cuda.max_memory_allocated() / 2**30:.2f}" if cuda else "-"
+        # a warm-up call first (JIT compile, caches)
+        (out, grads), ms, peak = timed(lambda: run_once(model, pack, latents, t, text, backend), args.iters, cuda)
         if ref is None:
             ref = (out, grads)
         rows.append((label, resolved(cfg, backend, device), f"{ms:.1f}", peak,
