@@ -211,9 +211,8 @@ class SelfAttention(nn.Module):
         n, h, d = x.shape[0], self.cfg.heads, self.cfg.head_dim
         q, k, v = self.qkv(x).view(n, 3, h, d).unbind(1)
         q, k = self.q_norm(q), self.k_norm(k)
-        if not self.cfg.fused_rope:
-            positions = rope.positions if sp is None else sp.shard_pack(rope.positions)
-            q, k = vk.apply_rope_3d(q.contiguous(), k.contiguous(), positions=positions,
+        if not self.cfg.fused_rope:  # (rope.positions: this rank's rows under sp, see forward)
+            q, k = vk.apply_rope_3d(q.contiguous(), k.contiguous(), positions=rope.positions,
                                     dims=rope.dims, theta=rope.theta, backend=backends["rope"])
             rope = None
         q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
@@ -356,6 +355,8 @@ class VideoDiT(nn.Module):
                            backend=backends["patch"])                               # (N, hidden)
         if sp is not None:  # this rank's rows (padding rows: video 0's modulation, dropped at the end)
             x, seg = sp.shard_pack(x), sp.shard_pack(seg)                           # (n, hidden)
+            if not cfg.fused_rope:  # apply_rope_3d rotates the shard: its positions, cut once
+                rope = replace(rope, positions=sp.shard_pack(rope.positions))
         c = self.time_embed(timestep_embedding(timesteps, cfg.time_freq_dim).to(dtype))  # (B, hidden)
         context = self.text_embed(text.to(dtype))                                   # (Ntext, hidden)
         for block in self.blocks:

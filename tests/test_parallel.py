@@ -246,18 +246,25 @@ def _worker(rank, store, out_dir):
     results["warnings"] = sorted({str(w.message) for w in records
                                   if issubclass(w.category, (FutureWarning, DeprecationWarning))
                                   and "torch.distributed" in str(w.message)})
-    errors = []
     pack = _pack()
-    for h, hk in ((3, 3), (6, 3)):
-        q, k = torch.zeros(20, h, D), torch.zeros(20, hk, D)
+    results["errors"] = _value_errors(
+        [lambda h=h, hk=hk: vk.ulysses_varlen_attention(torch.zeros(20, h, D), torch.zeros(20, hk, D),
+                                                        torch.zeros(20, hk, D), pack.cu_seqlens, pack.max_seqlen)
+         for h, hk in ((3, 3), (6, 3))])
+    torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
+    dist.destroy_process_group()
+
+
+def _value_errors(calls) -> list:
+    """Per call: None where it returned, the message of the ValueError it raised."""
+    errors = []
+    for call in calls:
         try:
-            vk.ulysses_varlen_attention(q, k, k, pack.cu_seqlens, pack.max_seqlen)
+            call()
             errors.append(None)
         except ValueError as exc:
             errors.append(str(exc))
-    results["errors"] = errors
-    torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
-    dist.destroy_process_group()
+    return errors
 
 
 def _spawn(worker, tmp, nprocs):
@@ -273,13 +280,18 @@ def _spawn(worker, tmp, nprocs):
         mp.spawn(worker, args=(str(tmp / "store"), str(tmp)), nprocs=nprocs, join=True)
 
 
+def _spawned_runs(tmp_path_factory, name: str, worker, nprocs: int) -> list:
+    """Each rank's saved results of one spawn of `worker` on `nprocs` processes. (join=True
+    raises ProcessRaisedException with the worker's traceback and stops the other workers,
+    so a failure cannot hang in a collective.)"""
+    tmp = tmp_path_factory.mktemp(name)
+    _spawn(worker, tmp, nprocs)
+    return [torch.load(tmp / f"rank{r}.pt") for r in range(nprocs)]
+
+
 @pytest.fixture(scope="module")
 def ulysses_runs(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("ulysses")
-    # join=True raises ProcessRaisedException with the worker's traceback and stops the
-    # other worker, so a failure cannot hang in a collective
-    _spawn(_worker, tmp, WORLD)
-    return [torch.load(tmp / f"rank{r}.pt") for r in range(WORLD)]
+    return _spawned_runs(tmp_path_factory, "ulysses", _worker, WORLD)
 
 
 def _gather(runs, key, n, dim=0):
@@ -288,6 +300,17 @@ def _gather(runs, key, n, dim=0):
 
 def _tol(index):
     return (1e-4, 1e-4) if CASES[index][1] == "triton" else TOLERANCES[CASES[index][2]]
+
+
+def _assert_gathered_match(runs, index, atol, rtol):
+    """The ranks' shards of out, lse, dq, dk, dv gathered equal single-process attention
+    (_expected) on case `index`; returns the pack's token count."""
+    pack, out, lse, dq, dk, dv = _expected(index)
+    n = pack.num_tokens
+    assert_verbose_close(_gather(runs, "lse", n, dim=1), lse.to(runs[0]["lse"].dtype), atol, rtol, name="lse")
+    for key, e in (("out", out), ("dq", dq), ("dk", dk), ("dv", dv)):
+        assert_verbose_close(_gather(runs, key, n), e, atol, rtol, name=key)
+    return n
 
 
 def _expected(index, cross=False):
@@ -321,17 +344,10 @@ def test_sequence_parallel_matches_single_process(ulysses_runs, index, scheme):
     prefix = {"ulysses": "", "allgather": "ag_", "ring": "ring_"}[scheme]
     runs = [{key[len(prefix):]: val for key, val in run[name].items() if key.startswith(prefix)}
             for run in ulysses_runs]
-    pack, out, lse, dq, dk, dv = _expected(index)
-    n = pack.num_tokens
-    h = out.shape[1]
+    h = CASES[index][3]
     assert runs[0]["out"].shape == (20, h, D) and runs[0]["lse"].shape == (h, 20)
     assert runs[0]["out"].dtype == dtype
-    atol, rtol = _tol(index)
-    assert_verbose_close(_gather(runs, "out", n), out, atol, rtol, name="out")
-    assert_verbose_close(_gather(runs, "lse", n, dim=1), lse.to(runs[0]["lse"].dtype), atol, rtol,
-                         name="lse")
-    for key, e in (("dq", dq), ("dk", dk), ("dv", dv)):
-        assert_verbose_close(_gather(runs, key, n), e, atol, rtol, name=key)
+    n = _assert_gathered_match(runs, index, *_tol(index))
     for run in runs:  # gather_pack: the whole output on every rank
         assert torch.equal(run["gathered"], _gather(runs, "out", n))
     # the padding row (token 39, on rank 1) gets no gradient from the zero upstream gradient
@@ -427,22 +443,15 @@ def _worker3(rank, store, out_dir):
 
 @pytest.fixture(scope="module")
 def three_rank_runs(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("three_ranks")
-    _spawn(_worker3, tmp, 3)
-    return [torch.load(tmp / f"rank{r}.pt") for r in range(3)]
+    return _spawned_runs(tmp_path_factory, "three_ranks", _worker3, 3)
 
 
 @pytest.mark.parametrize("scheme", ["ring", "allgather"])
 @pytest.mark.parametrize("index", [0, 4], ids=[CASES[0][0], CASES[4][0]])
 def test_three_ranks(three_rank_runs, index, scheme):
     runs = [run[(index, scheme)] for run in three_rank_runs]
-    pack, out, lse, dq, dk, dv = _expected(index)
-    n = pack.num_tokens  # 39 = 3 x 13: no padding
-    assert runs[0]["out"].shape[0] == 13
-    for key, e in (("out", out), ("dq", dq), ("dk", dk), ("dv", dv)):
-        assert_verbose_close(_gather(runs, key, n), e, 1e-6, 1e-6, name=key)
-    assert_verbose_close(_gather(runs, "lse", n, dim=1), lse.to(runs[0]["lse"].dtype), 1e-6, 1e-6,
-                         name="lse")
+    assert runs[0]["out"].shape[0] == 13  # 39 = 3 x 13: no padding
+    _assert_gathered_match(runs, index, 1e-6, 1e-6)
 
 
 @pytest.mark.parametrize("scheme", ["ring", "allgather", "ulysses"])
@@ -582,50 +591,37 @@ def _worker4(rank, store, out_dir):
         results[("dit", name)] = _dit_step(model, inputs, sp)
     # gather_pack's backward: this rank's rows of its own gradient
     x = vk.shard_pack(torch.arange(19.0).view(19, 1), 4, rank).requires_grad_(True)
-    for name, gather in (("world", lambda t: vk.gather_pack(t, 19)),
+    for name, gather in (("world", vk.gather_pack),
                          ("usp", vk.SequenceParallel("usp", *groups[(2, 2)]).gather_pack)):
         x.grad = None
         weights = torch.linspace(1.0, 2.0, 19).view(19, 1)
-        gathered = gather(x) if name == "world" else gather(x, 19)
+        gathered = gather(x, 19)
         (gathered * weights).sum().backward()
         results[("gather", name)] = (gathered.detach(), x.grad.clone())
-    errors = []
     q = torch.zeros(2, 3, D)  # 3 heads over U = 2
     pairs = vk.usp_groups(2)[0]  # {0, 1} and {2, 3}: as both groups, not a grid
-    for call in (lambda: vk.usp_varlen_attention(q, q, q, pack.cu_seqlens, pack.max_seqlen, *groups[(2, 2)]),
-                 lambda: vk.usp_varlen_attention(q, q, q, pack.cu_seqlens, pack.max_seqlen),
-                 lambda: vk.usp_groups(3),
-                 lambda: vk.usp_shard(pairs, pairs)):
-        try:
-            call()
-            errors.append(None)
-        except ValueError as exc:
-            errors.append(str(exc))
-    results["errors"] = errors
+    results["errors"] = _value_errors(
+        [lambda: vk.usp_varlen_attention(q, q, q, pack.cu_seqlens, pack.max_seqlen, *groups[(2, 2)]),
+         lambda: vk.usp_varlen_attention(q, q, q, pack.cu_seqlens, pack.max_seqlen),
+         lambda: vk.usp_groups(3),
+         lambda: vk.usp_shard(pairs, pairs)])
     torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
     dist.destroy_process_group()
 
 
 @pytest.fixture(scope="module")
 def four_rank_runs(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("four_ranks")
-    _spawn(_worker4, tmp, 4)
-    return [torch.load(tmp / f"rank{r}.pt") for r in range(4)]
+    return _spawned_runs(tmp_path_factory, "four_ranks", _worker4, 4)
 
 
 @pytest.mark.parametrize("index,layout", [(i, lay) for i, lays in USP_CASES for lay in lays],
                          ids=[f"{CASES[i][0]}-{u}x{r}" for i, lays in USP_CASES for u, r in lays])
 def test_usp_matches_single_process(four_rank_runs, index, layout):
     runs = [run[(index, layout)] for run in four_rank_runs]
-    pack, out, lse, dq, dk, dv = _expected(index)
-    n = pack.num_tokens  # 39: shards of 10, the last row of rank 3 is padding
-    assert runs[0]["out"].shape == (10, out.shape[1], D) and runs[0]["lse"].shape == (out.shape[1], 10)
-    atol, rtol = _tol(index)
-    for key, e in (("out", out), ("dq", dq), ("dk", dk), ("dv", dv)):
-        assert_verbose_close(_gather(runs, key, n), e, atol, rtol, name=key)
-    assert_verbose_close(_gather(runs, "lse", n, dim=1), lse.to(runs[0]["lse"].dtype), atol, rtol,
-                         name="lse")
-    assert torch.all(runs[3]["dq"][n - 30:] == 0)  # the padding row
+    h = CASES[index][3]
+    assert runs[0]["out"].shape == (10, h, D) and runs[0]["lse"].shape == (h, 10)
+    n = _assert_gathered_match(runs, index, *_tol(index))  # 39: shards of 10
+    assert torch.all(runs[3]["dq"][n - 30:] == 0)  # the padding row, rank 3's last
 
 
 @pytest.mark.parametrize("scheme", ["usp", "ulysses", "ring", "allgather"])

@@ -162,26 +162,10 @@ def gather_pack(x_local: Tensor, num_tokens: int, group=None) -> Tensor:
     different things from the gathered pack, compute the loss on the shards instead
     (without their padding rows: shard_mask).
     """
-    world_size, rank = _world(group)
+    world_size, _ = _world(group)
     if world_size == 1:
         return x_local[:num_tokens]
-    return _GatherPack.apply(x_local, group, world_size, rank)[:num_tokens]
-
-
-class _GatherPack(torch.autograd.Function):
-    """(n, ...) shard -> (P*n, ...) on every rank; backward: this rank's rows of the
-    gradient (every rank's copy is taken to get the same gradient)."""
-
-    @staticmethod
-    def forward(ctx, x, group, world_size, rank):
-        ctx.rows = (rank * x.shape[0], x.shape[0])
-        out = x.new_empty((world_size * x.shape[0],) + tuple(x.shape[1:]))
-        _all_gather_single(out, x.contiguous(), group=group)
-        return out
-
-    @staticmethod
-    def backward(ctx, grad):
-        return grad.narrow(0, *ctx.rows), None, None, None
+    return _GatherPack.apply(x_local, group, world_size)[:num_tokens]
 
 
 # -- the differentiable all-to-all ---------------------------------------------------------
@@ -255,6 +239,17 @@ class _AllGather(torch.autograd.Function):
         dist.all_reduce(grad, group=group)
         rank = dist.get_rank(group)
         return grad[rank * n:(rank + 1) * n].contiguous(), None, None
+
+
+class _GatherPack(_AllGather):
+    """_AllGather whose backward keeps this rank's rows of its own gradient (gather_pack:
+    every rank's copy is taken to get the same gradient, so nothing is summed)."""
+
+    @staticmethod
+    def backward(ctx, grad):
+        group, world_size = ctx.args
+        n = grad.shape[0] // world_size
+        return grad.narrow(0, dist.get_rank(group) * n, n), None, None
 
 
 # -- attention over a sharded pack ---------------------------------------------------------
