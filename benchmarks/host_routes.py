@@ -51,6 +51,9 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     if _backend.extension() is None or not _backend.extension_has_cuda():
         raise SystemExit("needs vdit_kernels._C built with CUDA (its C++ patch_embed)")
+    # one thread: the tiny GEMMs gain nothing from more, and on a loaded machine OpenMP's
+    # waiting threads made the C++ route's backward GEMMs 1.5 ms each (2 cores, 2026-11-27)
+    torch.set_num_threads(1)
     torch.manual_seed(0)
     videos = [torch.randn(4, *s, requires_grad=True) for s in SHAPES]
     weight = torch.randn(32, 4, 1, 2, 2, requires_grad=True)
