@@ -180,6 +180,16 @@ def test_inplace_rope_refuses_overlapping_q_and_k(pack, backend):
     expect = vk.apply_rope_3d(qkv[:, 0], qkv[:, 1], pack, (4, 4, 4), backend="reference")
     vk.apply_rope_3d(qkv[:, 0], qkv[:, 1], pack, (4, 4, 4), inplace=True, backend=backend)
     assert torch.allclose(qkv[:, 0], expect[0], atol=1e-6) and torch.allclose(qkv[:, 1], expect[1], atol=1e-6)
+    # a GQA projection: 4 q heads, then 2 k heads and 2 v heads, in one (N, 8, D) buffer
+    qkv = torch.randn(pack.num_tokens, 8, 12, device=x.device)
+    q, k = qkv[:, :4], qkv[:, 4:6]
+    expect = vk.apply_rope_3d(q, k, pack, (4, 4, 4), backend="reference")
+    v = qkv[:, 6:].clone()
+    vk.apply_rope_3d(q, k, pack, (4, 4, 4), inplace=True, backend=backend)
+    assert torch.allclose(q, expect[0], atol=1e-6) and torch.allclose(k, expect[1], atol=1e-6)
+    assert torch.equal(qkv[:, 6:], v)
+    with pytest.raises(ValueError, match="inplace RoPE"):  # one head in common
+        vk.apply_rope_3d(qkv[:, :4], qkv[:, 3:5], pack, (4, 4, 4), inplace=True, backend=backend)
 
 
 def test_shared_element_finder_matches_brute_force():
@@ -194,10 +204,11 @@ def test_shared_element_finder_matches_brute_force():
     g = torch.Generator().manual_seed(0)
     buf = torch.randn(400)
     rand = lambda lo, hi: int(torch.randint(lo, hi + 1, (1,), generator=g))
-    for _ in range(500):  # same strides (the exact case): never a miss, never a false alarm
+    for _ in range(800):  # same strides (the exact case): never a miss, never a false alarm,
+        # whatever the two views' sizes (fewer kv heads than q heads: GQA)
         shape, stride = (rand(1, 4), rand(1, 3), rand(1, 4)), (rand(0, 12), rand(0, 8), 1)
         a = buf.as_strided(shape, stride, rand(60, 100))
-        b = buf.as_strided((rand(1, 4),) + shape[1:], stride, rand(60, 100))
+        b = buf.as_strided((rand(1, 4), rand(1, 3), rand(1, 4)), stride, rand(60, 100))
         assert _may_share_elements(a, b) == brute(a, b), (shape, stride, a.storage_offset(), b.storage_offset())
     assert not _may_share_elements(buf[:10].view(2, 1, 5), torch.randn(2, 1, 5))
 
@@ -444,6 +455,33 @@ def test_compile_fullgraph_whole_stack(backend):
         torch.testing.assert_close(a, e)
     sum(o.sum() for o in compiled).backward()
     assert w.grad is not None and out_w.grad is not None
+
+
+def test_compile_fullgraph_dynamic_shapes_and_inplace_rope():
+    # dynamic=True makes softmax_scale and theta symbolic floats (math.isfinite cannot take
+    # them), and in-place RoPE's storage checks cannot be traced: both once failed fullgraph
+    pack = _make_pack()
+    cu, m = pack.cu_seqlens, pack.max_seqlen
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(pack.num_tokens, 3, 2, 12, generator=g)
+
+    def attention(q, scale, theta):
+        q, k = vk.apply_rope_3d(q, q, pack, (4, 4, 4), theta=theta)
+        return vk.varlen_attention(q, k, q, cu, cu, m, m, softmax_scale=scale)
+
+    def rotate_in_place(qkv):
+        vk.apply_rope_3d(qkv[:, 0], qkv[:, 1], pack, (4, 4, 4), inplace=True)
+        return qkv
+
+    for dynamic in (False, True):
+        torch._dynamo.reset()
+        compiled = torch.compile(attention, fullgraph=True, dynamic=dynamic)
+        for scale, theta in ((0.3, 100.0), (0.5, 10000.0)):
+            torch.testing.assert_close(compiled(x[:, 0], scale, theta), attention(x[:, 0], scale, theta))
+        torch.testing.assert_close(torch.compile(rotate_in_place, fullgraph=True, dynamic=dynamic)(x.clone()),
+                                   rotate_in_place(x.clone()))
+    with pytest.raises(ValueError, match="softmax_scale"):  # a bad value still fails in eager code
+        attention(x[:, 0], float("nan"), 100.0)
 
 
 @gpu_only

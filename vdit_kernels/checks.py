@@ -139,8 +139,9 @@ def check_cu_seqlens(name: str, cu: torch.Tensor, num_tokens: int, max_seqlen: i
 
 def _may_share_elements(a: torch.Tensor, b: torch.Tensor) -> bool:
     """Whether two (N, H, D) views may address a common element. Exact for views with the
-    same strides and a unit last stride (q and k sliced from one qkv buffer): some index
-    difference (e0, e1, e2), |e_i| < size_i, must bridge their offset difference. Otherwise
+    same strides and a unit last stride, whatever their sizes (q and k sliced from one
+    fused qkv buffer, with fewer kv heads under GQA): some index difference (e0, e1, e2),
+    -(size_b - 1) <= e_i <= size_a - 1, must bridge their offset difference. Otherwise
     whether their address ranges intersect (conservative)."""
     if a.numel() == 0 or b.numel() == 0 or a.untyped_storage().data_ptr() != b.untyped_storage().data_ptr():
         return False
@@ -151,14 +152,15 @@ def _may_share_elements(a: torch.Tensor, b: torch.Tensor) -> bool:
     (alo, ahi), (blo, bhi) = span(a), span(b)
     if ahi < blo or bhi < alo:
         return False
-    if a.stride() != b.stride() or a.shape[1:] != b.shape[1:] or a.dim() != 3 or a.stride(2) != 1:
+    if a.stride() != b.stride() or a.dim() != 3 or b.dim() != 3 or a.stride(2) != 1:
         return True
     # equal addresses: e0 * s0 + e1 * s1 + e2 = delta, e = (index in a) - (index in b)
-    (s0, s1, _), (h, d) = a.stride(), a.shape[1:]
+    s0, s1, _ = a.stride()
     delta = b.storage_offset() - a.storage_offset()
     e0_lo, e0_hi = -(b.shape[0] - 1), a.shape[0] - 1
-    for e1 in range(-(h - 1), h):
-        lo, hi = delta - e1 * s1 - (d - 1), delta - e1 * s1 + (d - 1)  # e0 * s0 in [lo, hi]
+    for e1 in range(-(b.shape[1] - 1), a.shape[1]):
+        # e0 * s0 = delta - e1 * s1 - e2 with -(d_b - 1) <= e2 <= d_a - 1
+        lo, hi = delta - e1 * s1 - (a.shape[2] - 1), delta - e1 * s1 + (b.shape[2] - 1)
         if s0 == 0:  # (torch strides are never negative)
             if lo <= 0 <= hi:
                 return True
@@ -192,8 +194,8 @@ def check_rope_dims(dims: Sequence[int], head_dim: Optional[int] = None) -> tupl
 
 
 def check_theta(theta) -> None:
-    if not (isinstance(theta, numbers.Real) and not isinstance(theta, bool) and math.isfinite(theta)
-            and theta > 0):
+    if not (isinstance(theta, numbers.Real) and not isinstance(theta, bool) and theta > 0
+            and theta != math.inf):  # (not math.isfinite: torch.compile(dynamic=True) cannot trace it)
         raise ValueError(f"rope theta (the frequency base) must be a positive finite number, got {theta!r}")
 
 

@@ -216,7 +216,8 @@ def varlen_attention(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_s
     check_cu_seqlens("cu_seqlens_k", cu_seqlens_k, k.shape[0], max_seqlen_k, q.device)
     scale = float(softmax_scale) if softmax_scale is not None else 1.0 / math.sqrt(q.shape[2])
     # the kernels track the running max of the scaled scores as scale * max(q k^T)
-    if not (math.isfinite(scale) and scale > 0):
+    # (not math.isfinite: torch.compile(dynamic=True) cannot trace it; NaN fails scale > 0)
+    if not (0 < scale < math.inf):
         raise ValueError(f"softmax_scale must be a positive finite number, got {scale}")
     rope_args = (None, [], 10000.0, True)
     if rope is not None:

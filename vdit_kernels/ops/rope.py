@@ -81,6 +81,9 @@ register_autograd(rope_3d_op, _rope_setup, _rope_backward)
 @torch.library.custom_op("vdit::rope_3d_", mutates_args=("q", "k"))
 def rope_3d_inplace_op(q: Tensor, k: Tensor, positions: Tensor, dims: list[int], theta: float,
                        interleaved: bool, inverse: bool, backend: str) -> None:
+    # here, on the tensors the op gets, not in apply_rope_3d: torch.compile cannot trace
+    # the storage checks, and a compiled graph runs this body on real tensors
+    check_inplace_rope(q, k)
     _impl(backend).rope_3d_(q, k, positions, dims, theta, interleaved, inverse)
 
 
@@ -140,7 +143,9 @@ def apply_rope_3d(q: Tensor, k: Tensor, pack=None, dims: Sequence[int] = None,
     coordinates for resolution extrapolation). Angles are computed in float32 from the
     positions inside the kernels; no (N, D) cos/sin table is read.
     inplace=True rotates q and k in place and returns them (inference only: it does
-    not record a gradient). Otherwise returns new contiguous (q_rot, k_rot) in the input
+    not record a gradient); q and k may be disjoint views of one buffer (a fused qkv
+    projection), never views sharing an element (refused in eager code; a compiled graph
+    writes rotated copies back instead and does not check). Otherwise returns new contiguous (q_rot, k_rot) in the input
     dtype, differentiable; the
     backward rotates the gradients back.
     """
@@ -160,7 +165,15 @@ def apply_rope_3d(q: Tensor, k: Tensor, pack=None, dims: Sequence[int] = None,
     if inplace:
         check(not (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad)),
               "inplace RoPE records no gradient; use inplace=False when q or k requires grad")
-        check_inplace_rope(q, k)
+        if torch.compiler.is_compiling():
+            # the rotated copies written back: torch.compile(dynamic=True) handed the
+            # mutating op q and k of qkv[:, 0] / qkv[:, 1] both at qkv's offset 0 (torch
+            # 2.14, 2026-11-27: k left unrotated, caught by the op's check below), and
+            # inductor fuses the copies back into the buffer anyway
+            q_rot, k_rot = rope_3d_op(q, k, pos, dims, float(theta), bool(interleaved), False, name)
+            q.copy_(q_rot)
+            k.copy_(k_rot)
+            return q, k
         rope_3d_inplace_op(q, k, pos, dims, float(theta), bool(interleaved), False, name)
         return q, k
     return call(rope_3d_op, q, k, pos, dims, float(theta), bool(interleaved), False, name)
