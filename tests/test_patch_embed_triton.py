@@ -257,6 +257,32 @@ def test_non_contiguous_inputs():
     check_linear_unpatchify(pack, 4, 24, torch.float32, noncontig_x=True)
 
 
+@pytest.mark.parametrize("variant", ["fused", "gemm"])
+def test_strided_weight_and_bias(variant, monkeypatch):
+    # a bias and a weight that are views with gaps (columns of wider buffers): the fused
+    # kernels once read bias[n] at bias_ptr + n, i.e. every second value here
+    monkeypatch.setenv("VDIT_PATCH_EMBED_FWD", variant)
+    monkeypatch.setenv("VDIT_LINEAR_UNPATCHIFY_FWD", variant)
+    pack = _pack(PACKS["mixed"], (1, 2, 2))
+    videos = random_videos(pack, 4, torch.float32, seed=0)
+    wide_b = _rand(24, 3, dtype=torch.float32, seed=1).requires_grad_(True)
+    wide_w = _rand(24, 4, 1, 2, 4, dtype=torch.float32, seed=2, scale=0.25).requires_grad_(True)
+    w, b = wide_w[..., :2], wide_b[:, 1]
+    assert not (w.is_contiguous() or b.is_contiguous())
+    outs = {be: vk.patch_embed(videos, pack, w, b, backend=be) for be in ("triton", "reference")}
+    torch.testing.assert_close(outs["triton"], outs["reference"], atol=1e-5, rtol=1e-5)
+    grads = {be: torch.autograd.grad(outs[be].sum(), [wide_w, wide_b]) for be in outs}
+    for g, r in zip(grads["triton"], grads["reference"]):
+        torch.testing.assert_close(g, r, atol=1e-4, rtol=1e-5)
+
+    x = _rand(pack.num_tokens, 24, dtype=torch.float32, seed=3)
+    wl = _rand(16, 48, dtype=torch.float32, seed=4, scale=0.2)[:, ::2]  # (16, 24), column stride 2
+    bl = wide_b[:16, 2].detach()  # stride 3
+    outs = {be: vk.linear_unpatchify(x, pack, wl, bl, 4, backend=be) for be in ("triton", "reference")}
+    for a, r in zip(outs["triton"], outs["reference"]):
+        torch.testing.assert_close(a, r, atol=1e-5, rtol=1e-5)
+
+
 def test_conv3d_equivalence_batch_input():
     pack = vk.VideoPack.from_shapes([(2, 4, 6)] * 2, (1, 2, 2), device=DEVICE)
     conv = torch.nn.Conv3d(4, 24, kernel_size=(1, 2, 2), stride=(1, 2, 2)).to(DEVICE)
