@@ -65,6 +65,34 @@ def test_backends_run_only_the_dtypes_they_compute_in(monkeypatch):
         vk.varlen_attention(q, q, q, cu, cu, 4, 4, backend="triton")
 
 
+def test_interpreter_refuses_bfloat16_matrix_products(monkeypatch):
+    # the interpreter's bfloat16 tl.dot multiplies raw bits (upstream): the matmul ops say
+    # so instead of returning garbage (patch_embed was off by 1e10); the copies and RoPE run
+    monkeypatch.setattr(B, "triton_interpreter", lambda: True)
+    cpu, bf16 = torch.device("cpu"), torch.bfloat16
+    for family, op in (("patch", "patch_embed"), ("patch", "linear_unpatchify"),
+                       ("attention", "varlen_attention_fwd")):
+        with pytest.raises(vk.BackendUnavailable, match="interpreter multiplies bfloat16"):
+            B.resolve(family, cpu, "triton", op, bf16)
+        assert B.resolve(family, cpu, "triton", op, torch.float16) == "triton"
+    for family, op in (("patch", "patchify"), ("patch", "unpatchify"), ("rope", "rope_3d")):
+        assert B.resolve(family, cpu, "triton", op, bf16) == "triton"
+    q = torch.randn(4, 1, 16, dtype=bf16)
+    cu = torch.tensor([0, 4], dtype=torch.int32)
+    with pytest.raises(vk.BackendUnavailable, match="bfloat16"):
+        vk.varlen_attention(q, q, q, cu, cu, 4, 4, backend="triton")
+
+
+def test_available_backends_says_what_runs_here():
+    with pytest.raises(ValueError, match="unknown op family"):
+        vk.available_backends("conv")
+    for family in B.FAMILIES:
+        assert vk.available_backends(family, "cpu")[0] == "reference"
+        if not torch.cuda.is_available():  # nothing runs on CUDA tensors without a GPU
+            assert vk.available_backends(family, "cuda") == ["reference"]
+            assert "no CUDA GPU is visible" in B.why_not("triton", family, torch.device("cuda"))
+
+
 def test_named_backend_that_cannot_run_raises(monkeypatch):
     monkeypatch.setattr(B, "triton_interpreter", lambda: False)  # (not the variable: see above)
     with pytest.raises(vk.BackendUnavailable, match="triton.*CUDA tensors"):

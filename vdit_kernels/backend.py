@@ -56,7 +56,10 @@ class BackendUnavailable(RuntimeError):
 
 @contextlib.contextmanager
 def use_backend(name: str):
-    """Run the enclosed ops on backend `name` ("auto", "reference", "triton", "cuda")."""
+    """Run the ops called inside the `with` block on backend `name` ("auto", "reference",
+    "triton", "cuda") unless a call names its own `backend=`; it takes precedence over the
+    VDIT_BACKEND environment variable. Per thread and async task (a context variable).
+    Under torch.compile the choice is made at trace time and kept in the graph."""
     _check_name(name)
     token = _requested.set(name)
     try:
@@ -154,6 +157,16 @@ def why_not(backend: str, family: str, device: torch.device, op: Optional[str] =
     return _why_not(backend, family, device.type, op, dtype, triton_interpreter())
 
 
+# the ops whose Triton kernels multiply matrices with tl.dot (the forward resolves; the
+# backward runs on the forward's backend): wrong under the interpreter in bfloat16
+INTERPRETER_BF16_DOT_OPS = ("patch_embed", "linear_unpatchify", "varlen_attention_fwd", "varlen_attention_bwd")
+_NO_GPU = "no CUDA GPU is visible to this process (torch.cuda.is_available() is False)"
+
+
+def _gpu_visible() -> bool:
+    return torch.cuda.is_available()
+
+
 @lru_cache(maxsize=None)
 def _why_not(backend: str, family: str, device_type: str, op: Optional[str], dtype: Optional[torch.dtype],
              interpreter: bool) -> Optional[str]:
@@ -169,6 +182,11 @@ def _why_not(backend: str, family: str, device_type: str, op: Optional[str], dty
             return f"Triton kernels do not run on {device.type} tensors"
         if not _has_module(f"vdit_kernels.triton.{family}"):
             return f"there is no Triton implementation of the {family} ops yet"
+        if device.type == "cuda" and not _gpu_visible():
+            return _NO_GPU
+        if device.type == "cpu" and dtype == torch.bfloat16 and op in INTERPRETER_BF16_DOT_OPS:
+            return ("the Triton interpreter multiplies bfloat16 matrices wrongly (its tl.dot multiplies "
+                    "the raw bits, an upstream bug): use float16 or float32 on CPU, bfloat16 on a GPU")
         return _lacks(backend, family, op) or _lacks_dtype(backend, family, dtype)
     if backend == "cuda":
         if not _has_module(f"vdit_kernels.cuda.{family}"):
@@ -183,6 +201,8 @@ def _why_not(backend: str, family: str, device_type: str, op: Optional[str], dty
             return "vdit_kernels._C was built without CUDA (CPU-only torch or no nvcc at build time)"
         if device.type != "cuda":
             return f"the CUDA kernels need CUDA tensors, got {device.type} tensors"
+        if not _gpu_visible():
+            return _NO_GPU
         return _lacks(backend, family, op) or _lacks_dtype(backend, family, dtype)
     raise ValueError(f"unknown backend {backend!r}")
 
@@ -227,5 +247,11 @@ def implementation(backend: str, family: str):
 
 
 def available_backends(family: str, device="cuda") -> list[str]:
-    """Backends that can run `family` on `device` in this process."""
+    """The backends that can run op family `family` ("patch", "rope" or "attention") on
+    tensors of `device` (default "cuda") in this process: "reference" always; "triton" and
+    "cuda" where installed and built, on a visible GPU (and "triton" on CPU tensors under
+    TRITON_INTERPRET=1). A backend may still refuse a dtype or one op of the family: a call
+    naming it then raises BackendUnavailable with the reason (backend.why_not)."""
+    if family not in FAMILIES:
+        raise ValueError(f"unknown op family {family!r}; choose one of {', '.join(FAMILIES)}")
     return [b for b in BACKENDS if why_not(b, family, torch.device(device)) is None]
