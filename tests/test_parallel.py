@@ -406,6 +406,59 @@ def test_single_process_is_plain_attention():
     assert not vk.shard_mask(5, 4, 3).any()  # ceil(5 / 4) = 2 rows a rank: rank 3 holds only padding
 
 
+SP_SCHEMES = {"ulysses": vk.ulysses_varlen_attention, "allgather": vk.allgather_varlen_attention,
+              "ring": vk.ring_varlen_attention, "usp": vk.usp_varlen_attention}
+
+
+@pytest.mark.parametrize("scheme", list(SP_SCHEMES))
+def test_sequence_parallel_checks_its_arguments(scheme):
+    # as varlen_attention: the ring and USP once called the op directly and accepted a
+    # too-small max_seqlen (a wrong result on the GPU kernels), decreasing offsets, int64
+    # or mixed dtypes; every scheme accepted offsets covering only part of the tokens
+    attention = SP_SCHEMES[scheme]
+    pack = vk.VideoPack.from_shapes([(4, 4, 8)])  # one video of 32 tokens
+    n, cu, m = pack.num_tokens, pack.cu_seqlens, pack.max_seqlen
+    q, k, v = (torch.randn(n, 2, 16) for _ in range(3))
+    bad = {"max_seqlen 1 is smaller": (q, k, v, cu, 1),
+           "must be non-decreasing": (q, k, v, torch.tensor([0, 20, 10, n], dtype=torch.int32), n),
+           "ends at 5 but there are 32 tokens": (q, k, v, torch.tensor([0, 5], dtype=torch.int32), m),
+           "cu_seqlens must be int32": (q, k, v, cu.long(), m),
+           "max_seqlen for cu_seqlens must be a non-negative int": (q, k, v, cu, 1.5),
+           "q_local must be float16": (q.long(), k.long(), v.long(), cu, m),
+           "k_local has dtype torch.float64": (q, k.double(), v.double(), cu, m),
+           "kv heads must divide": (q, k[:, :1].expand(-1, 3, -1), v[:, :1].expand(-1, 3, -1), cu, m)}
+    for message, args in bad.items():
+        with pytest.raises(ValueError, match=message):
+            attention(*args, backend="reference")
+    with pytest.raises(ValueError, match="softmax_scale"):
+        attention(q, k, v, cu, m, softmax_scale=-1.0, backend="reference")
+
+
+def test_sequence_parallel_offsets_may_stop_short_by_the_padding():
+    # P shards of n rows hold N tokens with P*n - P < N <= P*n: the rest is shard_pack's padding
+    from vdit_kernels.parallel import _checked_shards
+    q = torch.randn(10, 2, 16)  # this rank's 10 rows, 4 shards: 40 rows, 37 to 40 tokens
+    for tokens in (37, 40):
+        _checked_shards(q, q, q, torch.tensor([0, 30, tokens], dtype=torch.int32), 30, 4)
+    for tokens in (36, 41):
+        with pytest.raises(ValueError, match="between 37 and 40 tokens"):
+            _checked_shards(q, q, q, torch.tensor([0, 30, tokens], dtype=torch.int32), 30, 4)
+
+
+def test_local_cross_attention_checks_its_offsets():
+    pack = vk.VideoPack.from_shapes([(1, 4, 4), (1, 2, 4)], text_lengths=[3, 5])
+    q = torch.randn(pack.num_tokens, 2, 8)
+    kv = torch.randn(8, 2, 8)
+    cu, cu_k = pack.cu_seqlens, pack.cu_seqlens_k
+    args = (pack.max_seqlen, pack.max_seqlen_k)
+    with pytest.raises(TypeError, match="cu_seqlens_q must be an int32 tensor"):
+        vk.local_cross_attention(q, kv, kv, cu.tolist(), cu_k, *args)
+    with pytest.raises(ValueError, match="cu_seqlens_k ends at 8 but there are 7 tokens"):
+        vk.local_cross_attention(q, kv[:7], kv[:7], cu, cu_k, *args)
+    with pytest.raises(ValueError, match="one segment per video"):
+        vk.local_cross_attention(q, kv, kv, cu, torch.tensor([0, 8], dtype=torch.int32), pack.max_seqlen, 8)
+
+
 # -- 3 processes: the ring's direction and the accumulators' way home ---------------------
 # (with 2 ranks "previous" and "next" are the same rank, so only 3 can tell them apart)
 

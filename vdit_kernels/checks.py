@@ -111,7 +111,11 @@ def check_videos(videos: list[torch.Tensor], pack) -> int:
 
 
 def check_cu_seqlens(name: str, cu: torch.Tensor, num_tokens: int, max_seqlen: int,
-                     device: torch.device) -> None:
+                     device: torch.device, padding: int = 0) -> None:
+    """cu an int32 (B+1,) tensor on `device`, max_seqlen a non-negative int; where values are
+    checked (values_checked): cu starts at 0, never decreases, ends at num_tokens (or up
+    to `padding` rows before it: a sequence-parallel pack padded to equal shards), and no
+    segment is longer than max_seqlen."""
     if not isinstance(cu, torch.Tensor):
         raise TypeError(f"{name} must be an int32 tensor, got {type(cu).__name__}")
     if cu.dtype != torch.int32:
@@ -120,9 +124,12 @@ def check_cu_seqlens(name: str, cu: torch.Tensor, num_tokens: int, max_seqlen: i
         raise ValueError(f"{name} must be 1-D (B+1,), got shape {tuple(cu.shape)}")
     if cu.device != device:
         raise ValueError(f"{name} is on {cu.device} but the tokens are on {device}")
-    if not (isinstance(max_seqlen, int) and not isinstance(max_seqlen, bool) and max_seqlen >= 0):
-        raise ValueError(f"max_seqlen for {name} must be a non-negative Python int, "
-                         f"got {max_seqlen!r}")
+    # a Python or NumPy int; never a bool, a truncated float or a tensor (reading a CUDA
+    # one would wait for the GPU)
+    if (isinstance(max_seqlen, (bool, torch.Tensor)) or not hasattr(max_seqlen, "__index__")
+            or operator.index(max_seqlen) < 0):
+        raise ValueError(f"max_seqlen for {name} must be a non-negative int (a Python or NumPy int, "
+                         f"not a tensor), got {max_seqlen!r}")
     if values_checked(cu):
         vals = cu.tolist()
         if vals[0] != 0:
@@ -130,9 +137,11 @@ def check_cu_seqlens(name: str, cu: torch.Tensor, num_tokens: int, max_seqlen: i
         lengths = [b - a for a, b in zip(vals[:-1], vals[1:])]
         if not all(n >= 0 for n in lengths):
             raise ValueError(f"{name} must be non-decreasing, got {vals}")
-        if vals[-1] != num_tokens:
-            raise ValueError(f"{name} ends at {vals[-1]} but there are {num_tokens} tokens")
-        if max(lengths, default=0) > max_seqlen:
+        if not num_tokens - padding <= vals[-1] <= num_tokens:
+            raise ValueError(f"{name} ends at {vals[-1]} but there are {num_tokens} tokens" if not padding else
+                             f"{name} ends at {vals[-1]} but the shards hold {num_tokens} rows: the pack "
+                             f"must have between {num_tokens - padding} and {num_tokens} tokens")
+        if max(lengths, default=0) > operator.index(max_seqlen):
             raise ValueError(f"max_seqlen {max_seqlen} is smaller than the longest segment of {name} "
                              f"({max(lengths, default=0)})")
 

@@ -50,6 +50,7 @@ Not implemented: uneven shards.
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Optional, Sequence
 
 import torch
@@ -57,7 +58,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from . import backend as _backend
-from .checks import check
+from .checks import autocast_inputs, check, check_cu_seqlens, check_float, check_same
 from .ops import attention as attn_ops
 from .ops.attention import varlen_attention
 from .ops.rope import Rope3D, apply_rope_3d
@@ -254,6 +255,34 @@ class _GatherPack(_AllGather):
 
 # -- attention over a sharded pack ---------------------------------------------------------
 
+def _checked_shards(q_local: Tensor, k_local: Tensor, v_local: Tensor, cu_seqlens: Tensor, max_seqlen: int,
+                    world_size: int) -> tuple[Tensor, Tensor, Tensor]:
+    """varlen_attention's argument checks for self-attention over a pack cut into
+    world_size shards of n rows: q_local (n, H, D), k_local and v_local (n, Hk, D), floating
+    tensors of one dtype and device (cast to the autocast dtype under torch.autocast, as
+    varlen_attention does: before the communication, which then moves fewer bytes), Hk
+    dividing H; cu_seqlens the whole pack's int32 offsets, ending at N with
+    P*n - P < N <= P*n (the rows past N are the padding of shard_pack), max_seqlen an upper
+    bound of its segments (values checked as varlen_attention checks them: on CPU tensors,
+    on GPU ones with VDIT_CHECK_VALUES=1). Returns q, k, v as cast."""
+    for name, t in (("q_local", q_local), ("k_local", k_local), ("v_local", v_local)):
+        check_float(name, t)
+        if t.dim() != 3:
+            raise ValueError(f"{name} must be (tokens, heads, head_dim), got shape {tuple(t.shape)}")
+    q, k, v = autocast_inputs(q_local, k_local, v_local)
+    check_same(["q_local", "k_local", "v_local"], [q, k, v])
+    check(q.shape[0] == k.shape[0] == v.shape[0],
+          "q_local, k_local and v_local must hold the same tokens (self-attention over the pack)")
+    if k.shape != v.shape:
+        raise ValueError(f"k_local {tuple(k.shape)} and v_local {tuple(v.shape)} must have the same shape")
+    if not (q.shape[2] == k.shape[2] > 0 and k.shape[1] >= 1 and q.shape[1] % k.shape[1] == 0):
+        raise ValueError(f"q_local {tuple(q.shape)} and k_local {tuple(k.shape)}: the head dims must be "
+                         "equal and positive, and the kv heads must divide the q heads")
+    check_cu_seqlens("cu_seqlens", cu_seqlens, world_size * q.shape[0], max_seqlen, q.device,
+                     padding=world_size - 1)
+    return q, k, v
+
+
 def ulysses_varlen_attention(q_local: Tensor, k_local: Tensor, v_local: Tensor,
                              cu_seqlens: Tensor, max_seqlen: int, group=None,
                              rope: Optional[Rope3D] = None, softmax_scale: Optional[float] = None,
@@ -281,11 +310,8 @@ def ulysses_varlen_attention(q_local: Tensor, k_local: Tensor, v_local: Tensor,
     plain varlen_attention (P = 1). Every rank must call it (a collective).
     """
     world_size, _ = _world(group)
+    q_local, k_local, v_local = _checked_shards(q_local, k_local, v_local, cu_seqlens, max_seqlen, world_size)
     k_local, v_local = _ulysses_heads(q_local, k_local, v_local, world_size, "the sequence-parallel world size")
-    check(q_local.shape[0] == k_local.shape[0] == v_local.shape[0],
-          "q_local, k_local and v_local must hold the same tokens (self-attention over the pack)")
-    check(isinstance(cu_seqlens, Tensor) and cu_seqlens.dim() == 1,
-          "cu_seqlens must be a 1-D int32 tensor (the whole pack's offsets)")
     n_pad = world_size * q_local.shape[0]
     if rope is not None:
         check(isinstance(rope, Rope3D), f"rope must be a Rope3D, got {type(rope).__name__}")
@@ -336,15 +362,10 @@ def _ulysses_heads(q, k, v, size: int, what: str):
     return k, v
 
 
-def _rotate_shards(q_local, k_local, v_local, cu_seqlens, rope, world_size, rank, backend):
-    """Checks shared by the schemes that attend from a query shard to other ranks' keys,
-    and RoPE applied to the local q/k shards (positions: this rank's slice of the pack's)."""
-    for name, t in (("q_local", q_local), ("k_local", k_local), ("v_local", v_local)):
-        check(t.dim() == 3, f"{name} must be (tokens, heads, head_dim), got shape {tuple(t.shape)}")
-    check(q_local.shape[0] == k_local.shape[0] == v_local.shape[0],
-          "q_local, k_local and v_local must hold the same tokens (self-attention over the pack)")
-    check(isinstance(cu_seqlens, Tensor) and cu_seqlens.dim() == 1,
-          "cu_seqlens must be a 1-D int32 tensor (the whole pack's offsets)")
+def _rotate_shards(q_local, k_local, rope, world_size, rank, backend):
+    """RoPE applied to the local q/k shards (positions: this rank's slice of the pack's), for
+    the schemes that attend from a query shard to other ranks' keys; q, k, v as
+    _checked_shards returned them."""
     n = q_local.shape[0]
     n_pad = world_size * n
     if rope is not None:
@@ -390,8 +411,8 @@ def allgather_varlen_attention(q_local: Tensor, k_local: Tensor, v_local: Tensor
     Without torch.distributed initialized it is plain varlen_attention (P = 1).
     """
     world_size, rank = _world(group)
-    q_local, k_local = _rotate_shards(q_local, k_local, v_local, cu_seqlens, rope, world_size, rank,
-                                      backend)
+    q_local, k_local, v_local = _checked_shards(q_local, k_local, v_local, cu_seqlens, max_seqlen, world_size)
+    q_local, k_local = _rotate_shards(q_local, k_local, rope, world_size, rank, backend)
     n = q_local.shape[0]
     n_pad = world_size * n
     if world_size > 1:
@@ -510,20 +531,20 @@ def ring_varlen_attention(q_local: Tensor, k_local: Tensor, v_local: Tensor,
     and lse. Without torch.distributed initialized it is plain varlen_attention (P = 1).
     """
     world_size, rank = _world(group)
-    q_local, k_local = _rotate_shards(q_local, k_local, v_local, cu_seqlens, rope, world_size, rank,
-                                      backend)
+    q_local, k_local, v_local = _checked_shards(q_local, k_local, v_local, cu_seqlens, max_seqlen, world_size)
+    q_local, k_local = _rotate_shards(q_local, k_local, rope, world_size, rank, backend)
     out, lse = _ring(q_local, k_local, v_local, cu_seqlens, max_seqlen, group, softmax_scale,
                      deterministic, backend, max_padding=world_size - 1)
     return (out, lse) if return_lse else out
 
 
 def _ring(q, k, v, cu_seqlens, max_seqlen, group, softmax_scale, deterministic, backend, max_padding):
-    """_RingAttention over `group` for already rotated shards: (out, lse)."""
-    check(q.shape[2] == k.shape[2] and q.shape[1] % k.shape[1] == 0,
-          f"q {tuple(q.shape)} and k {tuple(k.shape)}: head dims must match and kv heads divide q heads")
+    """_RingAttention over `group` for checked (_checked_shards) and rotated shards: (out, lse)."""
     scale = float(softmax_scale) if softmax_scale is not None else q.shape[2] ** -0.5
+    if not (0 < scale < math.inf):  # (as varlen_attention checks it)
+        raise ValueError(f"softmax_scale must be a positive finite number, got {scale}")
     name = _backend.resolve(attn_ops.FAMILY, q.device, backend, "varlen_attention_bwd", q.dtype)
-    return _RingAttention.apply(q, k, v, cu_seqlens.to(torch.int32), int(max_seqlen), scale,
+    return _RingAttention.apply(q, k, v, cu_seqlens, int(max_seqlen), scale,
                                 bool(deterministic), name, group, int(max_padding))
 
 
@@ -625,8 +646,8 @@ def usp_varlen_attention(q_local: Tensor, k_local: Tensor, v_local: Tensor,
     """
     world_size, shard = usp_shard(ulysses_group, ring_group)
     u_size = _world(ulysses_group)[0]
-    q_local, k_local = _rotate_shards(q_local, k_local, v_local, cu_seqlens, rope, world_size, shard,
-                                      backend)
+    q_local, k_local, v_local = _checked_shards(q_local, k_local, v_local, cu_seqlens, max_seqlen, world_size)
+    q_local, k_local = _rotate_shards(q_local, k_local, rope, world_size, shard, backend)
     # (after the rotation: RoPE rotates the Hk kv heads, not their replicas)
     k_local, v_local = _ulysses_heads(q_local, k_local, v_local, u_size, "the Ulysses group's size")
     if u_size > 1:
@@ -664,9 +685,19 @@ def local_cross_attention(q_local: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: T
 def _local_cross(q_local, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, world_size, rank,
                  softmax_scale, return_lse, deterministic, backend):
     """local_cross_attention for shard `rank` of `world_size`."""
+    check_float("q_local", q_local)
     check(q_local.dim() == 3,
           f"q_local must be (tokens, heads, head_dim), got shape {tuple(q_local.shape)}")
     n = q_local.shape[0]
+    # (varlen_attention checks the rest, on the offsets below: these must be the whole
+    # pack's and the text's, one segment per video each)
+    check_cu_seqlens("cu_seqlens_q", cu_seqlens_q, world_size * n, max_seqlen_q, q_local.device,
+                     padding=world_size - 1)
+    check(isinstance(k, Tensor), f"k must be a tensor (Nk, Hk, D), got {type(k).__name__}")
+    check_cu_seqlens("cu_seqlens_k", cu_seqlens_k, k.shape[0], max_seqlen_k, q_local.device)
+    if cu_seqlens_q.shape != cu_seqlens_k.shape:
+        raise ValueError(f"cu_seqlens_q {tuple(cu_seqlens_q.shape)} and cu_seqlens_k "
+                         f"{tuple(cu_seqlens_k.shape)} must hold one segment per video each")
     start = rank * n
     # segment i of the shard = video i's tokens clamped to [start, start + n); then padding
     cu_q = torch.cat([(cu_seqlens_q - start).clamp(0, n), cu_seqlens_q.new_full((1,), n)])
