@@ -116,6 +116,22 @@ def test_extension_loaded_with_its_schemas():
 
 # -- bad input ------------------------------------------------------------------------
 
+def test_a_pack_that_is_not_a_videopack(pack):
+    videos = [torch.randn(3, *s) for s in pack.shapes]
+    q = torch.randn(pack.num_tokens, 1, 12)
+    tokens = vk.patchify(videos, pack)
+    for call in (lambda p: vk.patchify(videos, p), lambda p: vk.unpatchify(tokens, p, 3),
+                 lambda p: vk.patch_embed(videos, p, torch.randn(8, 3, 1, 2, 2)),
+                 lambda p: vk.linear_unpatchify(torch.randn(pack.num_tokens, 8), p, torch.randn(12, 8), None, 3),
+                 lambda p: vk.apply_rope_3d(q, q, p, (4, 4, 4)), lambda p: vk.Rope3D.from_pack(p, (4, 4, 4))):
+        for not_a_pack in (pack.shapes, {"shapes": pack.shapes}):
+            with pytest.raises(TypeError, match="pack must be a VideoPack"):
+                call(not_a_pack)
+    # fewer q rows than the pack's tokens: said of the pack, not of positions never passed
+    with pytest.raises(ValueError, match=f"q and k have 3 tokens but the pack has {pack.num_tokens}"):
+        vk.apply_rope_3d(q[:3], q[:3], pack, (4, 4, 4))
+
+
 def test_bad_videos(pack):
     videos = [torch.randn(3, *s) for s in pack.shapes]
     with pytest.raises(ValueError, match="got 2 videos for a pack of 3"):
@@ -254,8 +270,14 @@ def test_bad_attention(pack):
         vk.varlen_attention(q, k, v, cu + 1, cu, m, m)
     with pytest.raises(ValueError, match="max_seqlen 3 is smaller"):
         vk.varlen_attention(q, k, v, cu, cu, 3, m)
-    with pytest.raises(ValueError, match="Python int"):
+    with pytest.raises(ValueError, match="not a tensor"):  # reading a CUDA one would wait for the GPU
         vk.varlen_attention(q, k, v, cu, cu, torch.tensor(m), m)
+    for not_an_int in (float(m), True):
+        with pytest.raises(ValueError, match="non-negative int"):
+            vk.varlen_attention(q, k, v, cu, cu, not_an_int, m)
+    import numpy as np  # (requirements.txt)
+    torch.testing.assert_close(vk.varlen_attention(q, k, v, cu, cu, np.int64(m), m),
+                               vk.varlen_attention(q, k, v, cu, cu, m, m))
     with pytest.raises(ValueError, match="must divide"):
         vk.varlen_attention(q, k[:, :1].expand(-1, 3, -1).contiguous(), v[:, :1].expand(-1, 3, -1).contiguous(), cu, cu, m, m)
     with pytest.raises(ValueError, match="dtype"):

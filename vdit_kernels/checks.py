@@ -85,8 +85,16 @@ def values_checked(t: torch.Tensor) -> bool:
     return t.device.type == "cpu" or os.environ.get("VDIT_CHECK_VALUES", "0") == "1"
 
 
+def check_pack(pack) -> None:
+    """pack is a VideoPack: a TypeError naming the argument, not an AttributeError from inside."""
+    from .pack import VideoPack  # (pack.py imports this module)
+    if not isinstance(pack, VideoPack):
+        raise TypeError(f"pack must be a VideoPack (VideoPack.from_shapes(...)), got {type(pack).__name__}")
+
+
 def check_videos(videos: list[torch.Tensor], pack) -> int:
     """Videos match the pack; returns the channel count."""
+    check_pack(pack)
     if len(videos) != pack.batch_size:
         raise ValueError(f"got {len(videos)} videos for a pack of {pack.batch_size}")
     check(len(videos) > 0, "the pack holds no video")

@@ -28,7 +28,7 @@ from torch import Tensor
 
 from .. import backend as _backend
 from .. import reference as ref
-from ..checks import autocast_inputs, check_float, check_same, check_videos
+from ..checks import autocast_inputs, check_float, check_pack, check_same, check_videos
 from .direct import call, define, register_autograd
 
 FAMILY = "patch"
@@ -305,6 +305,7 @@ def unpatchify(tokens: Tensor, pack, channels: int, *, backend: Optional[str] = 
     """The inverse of patchify: (N, C*pt*ph*pw) tokens -> list of B contiguous
     (C, T_i, H_i, W_i) videos in the tokens' dtype. Differentiable; the backward is patchify."""
     check_float("tokens", tokens)
+    check_pack(pack)
     channels = _channels(channels)
     pt, ph, pw = pack.patch_size
     if tokens.dim() != 2:
@@ -364,6 +365,7 @@ def linear_unpatchify(x: Tensor, pack, weight: Tensor, bias: Optional[Tensor], c
     """
     check_float("x", x)
     check_float("weight", weight)
+    check_pack(pack)
     channels = _channels(channels)
     pt, ph, pw = pack.patch_size
     features = channels * pt * ph * pw

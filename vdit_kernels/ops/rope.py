@@ -18,8 +18,8 @@ from torch import Tensor
 
 from .. import backend as _backend
 from .. import reference as ref
-from ..checks import (check, check_float, check_inplace_rope, check_positions, check_rope_dims, check_same,
-                      check_theta)
+from ..checks import (check, check_float, check_inplace_rope, check_pack, check_positions, check_rope_dims,
+                      check_same, check_theta)
 from .direct import call, define, register_autograd
 
 FAMILY = "rope"
@@ -112,6 +112,8 @@ class Rope3D:
         """The RoPE of `pack` (its integer (t, h, w) token positions, or `positions` (N, 3),
         stored as float32 (N, 3)), for varlen_attention(..., rope=...); dims (dt, dh, dw)
         even, summing to the head dim (checked against it at the attention call)."""
+        if positions is None:
+            check_pack(pack)
         pos = pack.float_positions if positions is None else positions
         check_theta(theta)
         dims = check_rope_dims(dims)  # the sum: at the attention call, which knows the head dim
@@ -123,6 +125,9 @@ def float_positions(pack, positions: Optional[Tensor], num_tokens: int, device) 
     """Positions as the ops take them: float32 (N, 3) contiguous, checked against the tokens."""
     if positions is None:
         check(pack is not None, "apply_rope_3d needs a pack or explicit positions")
+        check_pack(pack)
+        if pack.num_tokens != num_tokens:  # (before positions, which the caller did not pass)
+            raise ValueError(f"q and k have {num_tokens} tokens but the pack has {pack.num_tokens}")
         positions = pack.float_positions  # converted once per pack, not per call
     check_positions(positions, num_tokens, device)
     return positions.to(torch.float32).contiguous()
