@@ -283,6 +283,32 @@ def test_strided_weight_and_bias(variant, monkeypatch):
         torch.testing.assert_close(a, r, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("variant", ["fused", "gemm"])
+def test_zero_width_products_keep_the_bias_gradient(variant, monkeypatch):
+    # hidden = 0 (linear_unpatchify) or no channels (patch_embed): the products are empty,
+    # but the bias gradient is a sum over the tokens of the other operand (the fused
+    # weight-gradient path returned zeros for it)
+    monkeypatch.setenv("VDIT_PATCH_EMBED_BWD", variant)
+    monkeypatch.setenv("VDIT_LINEAR_UNPATCHIFY_BWD", variant)
+    pack = _pack(PACKS["mixed"], (1, 2, 2))
+    grads = {}
+    for backend in ("triton", "reference"):
+        x = torch.zeros(pack.num_tokens, 0, device=DEVICE, requires_grad=True)
+        w = torch.zeros(8, 0, device=DEVICE, requires_grad=True)
+        b = torch.arange(8.0, device=DEVICE, requires_grad=True)
+        outs = vk.linear_unpatchify(x, pack, w, b, 2, backend=backend)
+        loss = sum((o * (i + 1)).sum() for i, o in enumerate(outs))
+        videos = [torch.zeros(0, *s, device=DEVICE, requires_grad=True) for s in pack.shapes]
+        we = torch.zeros(5, 0, 1, 2, 2, device=DEVICE, requires_grad=True)
+        be = torch.zeros(5, device=DEVICE, requires_grad=True)
+        y = vk.patch_embed(videos, pack, we, be, backend=backend)
+        loss = loss + (y * torch.arange(y.numel(), device=DEVICE).view_as(y)).sum()
+        grads[backend] = torch.autograd.grad(loss, [b, be])
+    for g, r in zip(grads["triton"], grads["reference"]):
+        assert g.abs().sum() > 0
+        torch.testing.assert_close(g, r)
+
+
 def test_conv3d_equivalence_batch_input():
     pack = vk.VideoPack.from_shapes([(2, 4, 6)] * 2, (1, 2, 2), device=DEVICE)
     conv = torch.nn.Conv3d(4, 24, kernel_size=(1, 2, 2), stride=(1, 2, 2)).to(DEVICE)

@@ -739,8 +739,14 @@ def _wgrad(videos, dense, patch_size, bias):
     p, q = hid, f
     with_bias = bias is not None
     if dense.shape[0] == 0 or p == 0 or q == 0:
+        # an empty product; the bias gradient, a sum over the tokens of one operand, is not
+        # empty where only the other operand's width is 0 (hidden = 0 or F = 0)
         zeros = torch.zeros(p, q, dtype=torch.float32, device=v0.device)
-        return zeros, (zeros.sum(1 if bias == "dense" else 0) if with_bias else None)
+        if bias == "dense":
+            return zeros, dense.sum(0, dtype=torch.float32)
+        if bias == "gathered":
+            return zeros, patchify(videos, patch_size).sum(0, dtype=torch.float32)
+        return zeros, None
     bt, bp, bq, warps, stages = ((*_SMALL, 1) if _interp(v0) else
                                  _WGRAD_GPU_FP32 if v0.dtype == torch.float32 else _WGRAD_GPU)
     table, blocks = _tables(videos, patch_size, bt, v0.device)
