@@ -275,6 +275,10 @@ def test_bad_attention(pack):
     for not_an_int in (float(m), True):
         with pytest.raises(ValueError, match="non-negative int"):
             vk.varlen_attention(q, k, v, cu, cu, not_an_int, m)
+    with pytest.raises(ValueError, match="softmax_scale requires grad"):  # no gradient would reach it
+        vk.varlen_attention(q, k, v, cu, cu, m, m, softmax_scale=torch.tensor(0.5, requires_grad=True))
+    torch.testing.assert_close(vk.varlen_attention(q, k, v, cu, cu, m, m, softmax_scale=torch.tensor(0.5)),
+                               vk.varlen_attention(q, k, v, cu, cu, m, m, softmax_scale=0.5))
     import numpy as np  # (requirements.txt)
     torch.testing.assert_close(vk.varlen_attention(q, k, v, cu, cu, np.int64(m), m),
                                vk.varlen_attention(q, k, v, cu, cu, m, m))

@@ -434,6 +434,19 @@ def test_sequence_parallel_checks_its_arguments(scheme):
         attention(q, k, v, cu, m, softmax_scale=-1.0, backend="reference")
 
 
+def test_sharding_helpers_check_their_arguments():
+    x = torch.randn(7, 2)
+    for call, message in ((lambda: vk.shard_mask(-3, 2, 0), "num_tokens must be a non-negative int"),
+                          (lambda: vk.shard_pack(x, 2.0, 0), "world_size must be a positive int"),
+                          (lambda: vk.shard_pack(x, 2, 2), r"rank 2 is not an int in \[0, world_size=2\)"),
+                          (lambda: vk.shard_mask(7, 2, True), "rank True"),
+                          (lambda: vk.shard_pack(x.tolist(), 2, 0), "x must be a tensor"),
+                          (lambda: vk.merge_attention([None], [None]), "outs.0. must be a tensor")):
+        with pytest.raises((ValueError, TypeError), match=message):
+            call()
+    assert vk.shard_mask(7, 2, 1).tolist() == [True, True, True, False]
+
+
 def test_sequence_parallel_offsets_may_stop_short_by_the_padding():
     # P shards of n rows hold N tokens with P*n - P < N <= P*n: the rest is shard_pack's padding
     from vdit_kernels.parallel import _checked_shards

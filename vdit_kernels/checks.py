@@ -118,6 +118,20 @@ def check_videos(videos: list[torch.Tensor], pack) -> int:
     return channels
 
 
+def softmax_scale_of(softmax_scale, head_dim: int) -> float:
+    """The attention's scale as a positive finite float: softmax_scale, or 1/sqrt(head_dim)."""
+    if isinstance(softmax_scale, torch.Tensor) and softmax_scale.requires_grad:
+        # float() would detach it with only torch's generic warning
+        raise ValueError("softmax_scale requires grad, but the attention is differentiable in q, k and v "
+                         "only: pass a float (or softmax_scale.detach())")
+    scale = float(softmax_scale) if softmax_scale is not None else 1.0 / math.sqrt(head_dim)
+    # the kernels track the running max of the scaled scores as scale * max(q k^T)
+    # (not math.isfinite: torch.compile(dynamic=True) cannot trace it; NaN fails 0 < scale)
+    if not (0 < scale < math.inf):
+        raise ValueError(f"softmax_scale must be a positive finite number, got {scale}")
+    return scale
+
+
 def check_cu_seqlens(name: str, cu: torch.Tensor, num_tokens: int, max_seqlen: int,
                      device: torch.device, padding: int = 0) -> None:
     """cu an int32 (B+1,) tensor on `device`, max_seqlen a non-negative int; where values are

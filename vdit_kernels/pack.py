@@ -27,13 +27,14 @@ _AXES = ("T", "H", "W")
 
 
 def _as_triple(value, name: str) -> tuple[int, int, int]:
+    given = value
     if hasattr(value, "__index__"):  # one int for all three axes
         value = (value,) * 3
     if not hasattr(value, "__iter__"):
         raise ValueError(f"{name} must be an int or three ints (t, h, w), got {value!r}")
     value = as_ints(value, name)
     if len(value) != 3 or any(v <= 0 for v in value):
-        raise ValueError(f"{name} must be three positive ints (t, h, w), got {value}")
+        raise ValueError(f"{name} must be a positive int or three positive ints (t, h, w), got {given!r}")
     return value
 
 

@@ -50,7 +50,6 @@ Not implemented: uneven shards.
 from __future__ import annotations
 
 import dataclasses
-import math
 from typing import Optional, Sequence
 
 import torch
@@ -58,7 +57,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from . import backend as _backend
-from .checks import autocast_inputs, check, check_cu_seqlens, check_float, check_same
+from .checks import autocast_inputs, check, check_cu_seqlens, check_float, check_same, softmax_scale_of
 from .ops import attention as attn_ops
 from .ops.attention import varlen_attention
 from .ops.rope import Rope3D, apply_rope_3d
@@ -88,6 +87,8 @@ def merge_attention(outs: Sequence[Tensor], lses: Sequence[Tensor]) -> tuple[Ten
     check(len(outs) > 0 and len(outs) == len(lses),
           f"need as many outs as lses, at least one (got {len(outs)} and {len(lses)})")
     for i, (o, l) in enumerate(zip(outs, lses)):
+        for name, t in ((f"outs[{i}]", o), (f"lses[{i}]", l)):
+            check_float(name, t)
         check(o.dim() == 3 and o.shape == outs[0].shape,
               f"outs[{i}] must be (Nq, H, D) like outs[0] {tuple(outs[0].shape)}, "
               f"got {tuple(o.shape)}")
@@ -113,8 +114,16 @@ def merge_attention(outs: Sequence[Tensor], lses: Sequence[Tensor]) -> tuple[Ten
 
 def shard_size(num_tokens: int, world_size: int) -> int:
     """Tokens per rank: ceil(num_tokens / world_size); the pack is padded to world_size times it."""
-    check(world_size >= 1, f"world_size must be positive, got {world_size}")
-    return -(-int(num_tokens) // world_size)
+    world_size = _positive_int(world_size, "world_size")
+    if isinstance(num_tokens, bool) or not hasattr(num_tokens, "__index__") or num_tokens.__index__() < 0:
+        raise ValueError(f"num_tokens must be a non-negative int, got {num_tokens!r}")
+    return -(-num_tokens.__index__() // world_size)
+
+
+def _rank_of(rank, world_size: int) -> int:
+    if isinstance(rank, bool) or not hasattr(rank, "__index__") or not 0 <= rank.__index__() < world_size:
+        raise ValueError(f"rank {rank!r} is not an int in [0, world_size={world_size})")
+    return rank.__index__()
 
 
 def shard_pack(x: Tensor, world_size: int, rank: int) -> Tensor:
@@ -124,8 +133,9 @@ def shard_pack(x: Tensor, world_size: int, rank: int) -> Tensor:
     activations, pack.positions, pack.segment_ids. Differentiable; a view when no
     padding is needed.
     """
-    check(0 <= rank < world_size, f"rank {rank} is not in [0, world_size={world_size})")
+    check(isinstance(x, Tensor), f"x must be a tensor (N, ...), got {type(x).__name__}")
     n = shard_size(x.shape[0], world_size)
+    rank = _rank_of(rank, world_size)
     piece = x[rank * n:(rank + 1) * n]
     if piece.shape[0] < n:
         piece = torch.cat([piece, piece.new_zeros((n - piece.shape[0],) + tuple(x.shape[1:]))])
@@ -139,9 +149,9 @@ def shard_mask(num_tokens: int, world_size: int, rank: int, device=None) -> Tens
     segment id 0 would give them video 0's modulation: in training, weight the loss with
     this mask so that they contribute no gradient to video 0's conditioning or the weights.
     """
-    check(0 <= rank < world_size, f"rank {rank} is not in [0, world_size={world_size})")
     n = shard_size(num_tokens, world_size)
-    return torch.arange(rank * n, (rank + 1) * n, device=device) < int(num_tokens)
+    rank = _rank_of(rank, world_size)
+    return torch.arange(rank * n, (rank + 1) * n, device=device) < num_tokens.__index__()
 
 
 def _world(group) -> tuple[int, int]:
@@ -540,9 +550,7 @@ def ring_varlen_attention(q_local: Tensor, k_local: Tensor, v_local: Tensor,
 
 def _ring(q, k, v, cu_seqlens, max_seqlen, group, softmax_scale, deterministic, backend, max_padding):
     """_RingAttention over `group` for checked (_checked_shards) and rotated shards: (out, lse)."""
-    scale = float(softmax_scale) if softmax_scale is not None else q.shape[2] ** -0.5
-    if not (0 < scale < math.inf):  # (as varlen_attention checks it)
-        raise ValueError(f"softmax_scale must be a positive finite number, got {scale}")
+    scale = softmax_scale_of(softmax_scale, q.shape[2])
     name = _backend.resolve(attn_ops.FAMILY, q.device, backend, "varlen_attention_bwd", q.dtype)
     return _RingAttention.apply(q, k, v, cu_seqlens, int(max_seqlen), scale,
                                 bool(deterministic), name, group, int(max_padding))

@@ -17,7 +17,6 @@ kernels); grads are w.r.t. the unrotated q and k.
 """
 from __future__ import annotations
 
-import math
 from typing import Optional
 
 import torch
@@ -26,7 +25,7 @@ from torch import Tensor
 from .. import backend as _backend
 from .. import reference as ref
 from ..checks import (autocast_inputs, check, check_cu_seqlens, check_float, check_positions, check_rope_dims,
-                      check_same, check_theta)
+                      check_same, check_theta, softmax_scale_of)
 from .direct import call, define, register_autograd
 from .rope import Rope3D
 
@@ -214,11 +213,7 @@ def varlen_attention(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_s
         raise ValueError("cu_seqlens_q and cu_seqlens_k must be tensors with the same number of segments")
     check_cu_seqlens("cu_seqlens_q", cu_seqlens_q, q.shape[0], max_seqlen_q, q.device)
     check_cu_seqlens("cu_seqlens_k", cu_seqlens_k, k.shape[0], max_seqlen_k, q.device)
-    scale = float(softmax_scale) if softmax_scale is not None else 1.0 / math.sqrt(q.shape[2])
-    # the kernels track the running max of the scaled scores as scale * max(q k^T)
-    # (not math.isfinite: torch.compile(dynamic=True) cannot trace it; NaN fails scale > 0)
-    if not (0 < scale < math.inf):
-        raise ValueError(f"softmax_scale must be a positive finite number, got {scale}")
+    scale = softmax_scale_of(softmax_scale, q.shape[2])
     rope_args = (None, [], 10000.0, True)
     if rope is not None:
         if not isinstance(rope, Rope3D):
