@@ -173,8 +173,9 @@ def apply_rope_3d(q: Tensor, k: Tensor, pack=None, dims: Sequence[int] = None,
         if torch.compiler.is_compiling():
             # the rotated copies written back: torch.compile(dynamic=True) handed the
             # mutating op q and k of qkv[:, 0] / qkv[:, 1] both at qkv's offset 0 (torch
-            # 2.14, 2026-11-27: k left unrotated, caught by the op's check below), and
-            # inductor fuses the copies back into the buffer anyway
+            # 2.14, 2026-11-27: k left unrotated, caught by the op's check below; the
+            # dropped view offset of pytorch/pytorch#198068, open), and inductor fuses the
+            # copies back into the buffer anyway
             q_rot, k_rot = rope_3d_op(q, k, pos, dims, float(theta), bool(interleaved), False, name)
             q.copy_(q_rot)
             k.copy_(k_rot)
