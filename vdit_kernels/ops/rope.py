@@ -150,9 +150,9 @@ def apply_rope_3d(q: Tensor, k: Tensor, pack=None, dims: Sequence[int] = None,
     inplace=True rotates q and k in place and returns them (inference only: it does
     not record a gradient); q and k may be disjoint views of one buffer (a fused qkv
     projection), never views sharing an element (refused in eager code; a compiled graph
-    writes rotated copies back instead and does not check). Otherwise returns new contiguous (q_rot, k_rot) in the input
-    dtype, differentiable; the
-    backward rotates the gradients back.
+    writes rotated copies back instead and does not check). Otherwise returns new
+    contiguous (q_rot, k_rot) in the input dtype, differentiable; the backward rotates the
+    gradients back.
     """
     check_float("q", q)
     check_float("k", k)
