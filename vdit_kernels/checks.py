@@ -148,8 +148,9 @@ def check_cu_seqlens(name: str, cu: torch.Tensor, num_tokens: int, max_seqlen: i
         raise ValueError(f"{name} is on {cu.device} but the tokens are on {device}")
     # a Python or NumPy int; never a bool, a truncated float or a tensor (reading a CUDA
     # one would wait for the GPU)
-    if (isinstance(max_seqlen, (bool, torch.Tensor)) or not hasattr(max_seqlen, "__index__")
-            or operator.index(max_seqlen) < 0):
+    # (isinstance, not hasattr(__index__): torch 2.13's dynamo cannot trace hasattr of a SymInt)
+    if (isinstance(max_seqlen, bool) or not isinstance(max_seqlen, (numbers.Integral, torch.SymInt))
+            or max_seqlen < 0):
         raise ValueError(f"max_seqlen for {name} must be a non-negative int (a Python or NumPy int, "
                          f"not a tensor), got {max_seqlen!r}")
     if values_checked(cu):
@@ -163,7 +164,7 @@ def check_cu_seqlens(name: str, cu: torch.Tensor, num_tokens: int, max_seqlen: i
             raise ValueError(f"{name} ends at {vals[-1]} but there are {num_tokens} tokens" if not padding else
                              f"{name} ends at {vals[-1]} but the shards hold {num_tokens} rows: the pack "
                              f"must have between {num_tokens - padding} and {num_tokens} tokens")
-        if max(lengths, default=0) > operator.index(max_seqlen):
+        if max(lengths, default=0) > max_seqlen:
             raise ValueError(f"max_seqlen {max_seqlen} is smaller than the longest segment of {name} "
                              f"({max(lengths, default=0)})")
 
