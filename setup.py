@@ -36,9 +36,9 @@ def real_cuda_home():
     for var in ("CUDA_HOME", "CUDA_PATH"):
         home = os.environ.get(var)
         if home:
-            if (Path(home) / "bin" / "nvcc").exists():
+            if (Path(home) / "bin" / "nvcc").exists() and (Path(home) / "include" / "cuda_runtime.h").exists():
                 return Path(home), f"${var}"
-            say(f"${var}={home} has no bin/nvcc; ignoring it")
+            say(f"${var}={home} has no bin/nvcc or no include/cuda_runtime.h; ignoring it")
     nvcc = shutil.which("nvcc")
     candidates = []
     if nvcc:

@@ -52,8 +52,10 @@ def render(data: dict, ops=None, modes=None) -> str:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--results", default=str(RESULTS), help="folder holding <gpu>/results.json")
-    parser.add_argument("--op", action="append")
-    parser.add_argument("--mode", action="append")
+    parser.add_argument("--op", action="append", choices=("attention", "block", "dit", "patch", "rope"),
+                        help="only this op suite's rows (repeatable)")
+    parser.add_argument("--mode", action="append", choices=("fwd", "bwd", "fwd+bwd", "setup"),
+                        help="only rows of this mode (repeatable)")
     args = parser.parse_args(argv)
     files = sorted(Path(args.results).glob("*/results.json"))
     shown = 0

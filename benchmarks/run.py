@@ -15,8 +15,9 @@ benchmarks/results/<gpu-name>/; on CPU a temporary directory): results.json (row
 environment, limits), summary.md, plots (if matplotlib is installed) and
 static_report.json (benchmarks/static_report.py, unless --no-static).
 
-On CPU only tiny sizes run, through the reference providers: a smoke test of the
-suite, not a performance result.
+On CPU the default workload is a tiny one ("cpu-tiny"), through the reference providers
+(and Triton's under the interpreter): a smoke test of the suite, not a performance result;
+--workload names a full-size one, which then runs slowly on the CPU.
 """
 from __future__ import annotations
 
@@ -33,6 +34,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Optional
 
 import torch
 import torch._dynamo
@@ -462,6 +464,17 @@ def main(argv=None) -> int:
     for knob in ("cache_size_limit", "recompile_limit", "accumulated_cache_size_limit", "accumulated_recompile_limit"):
         if hasattr(torch._dynamo.config, knob):
             setattr(torch._dynamo.config, knob, max(getattr(torch._dynamo.config, knob), 256))
+    if args.workload:
+        wls = []
+        for name in args.workload:
+            if name in workloads.WORKLOADS:
+                wls.append(workloads.WORKLOADS[name])
+            elif re.fullmatch(r"sweep-\d+", name):
+                wls.extend(workloads.sweep([int(name.split("-")[1])]))
+            else:
+                parser.error(f"unknown workload {name!r}; choose from {', '.join(workloads.WORKLOADS)} or sweep-<T>")
+    else:
+        wls = workloads.select(device, args.quick)
     if device == "cpu":
         print(BANNER)
     if args.out:
@@ -471,18 +484,6 @@ def main(argv=None) -> int:
     else:
         out = Path(tempfile.mkdtemp(prefix="vdit-bench-cpu-"))
     out.mkdir(parents=True, exist_ok=True)
-
-    if args.workload:
-        wls = []
-        for name in args.workload:
-            if name in workloads.WORKLOADS:
-                wls.append(workloads.WORKLOADS[name])
-            elif re.fullmatch(r"sweep-\d+", name):
-                wls.extend(workloads.sweep([int(name.split("-")[1])]))
-            else:
-                parser.error(f"unknown workload {name!r}")
-    else:
-        wls = workloads.select(device, args.quick)
 
     lim = limits.measure(device, args.quick)
     print(f"device: {gpu_name()} | torch {torch.__version__} | limits measured now: "
@@ -498,6 +499,10 @@ def main(argv=None) -> int:
         c, s = SUITES[op].cases(device, args.quick, op_wls, args.provider)
         all_cases += c
         skips += s
+    matched_skips = [x for x in skips if not args.provider or any(p in x.provider for p in args.provider)]
+    if not all_cases and not matched_skips:  # a filter that matches nothing: a typo, not an empty run
+        parser.error(f"no benchmark case matches --provider {' --provider '.join(args.provider or [])} "
+                     f"for --op {', '.join(ops)} on the workloads {', '.join(w.name for w in wls)}")
     seen = set()
     grouped: dict = {}
     for s in skips:

@@ -26,7 +26,7 @@ import torch.distributed as dist
 import vdit_kernels as vk
 from vdit_kernels import backend as _backend
 
-from .dit import DiTConfig, VideoDiT, family_backends, model_ops, why_not
+from .dit import PRESETS, DiTConfig, VideoDiT, family_backends, model_ops, why_not
 
 GPU_SHAPES = [(5, 30, 52), (9, 24, 40), (1, 60, 104), (13, 16, 16)]  # latent (T, H, W)
 GPU_TEXT = [77, 40, 12, 0]
@@ -142,13 +142,21 @@ def sequence_parallel(args) -> None:
         dist.destroy_process_group()
 
 
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive int, got {value}")
+    return value
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     cuda = torch.cuda.is_available()
-    parser.add_argument("--config", default="wan-1.3b-like" if cuda else "small")
-    parser.add_argument("--depth", type=int, default=4 if cuda else 2, help="number of blocks")
-    parser.add_argument("--dtype", default="bfloat16" if cuda else "float32")
-    parser.add_argument("--iters", type=int, default=3)
+    parser.add_argument("--config", default="wan-1.3b-like" if cuda else "small", choices=sorted(PRESETS))
+    parser.add_argument("--depth", type=_positive, default=4 if cuda else 2, help="number of blocks")
+    parser.add_argument("--dtype", default="bfloat16" if cuda else "float32",
+                        choices=("float32", "float16", "bfloat16", "float64"))
+    parser.add_argument("--iters", type=_positive, default=3, help="timed iterations (after one warm-up)")
     parser.add_argument("--unfused-rope", action="store_true",
                         help="apply_rope_3d then attention (runs the rope family's kernels)")
     parser.add_argument("--sp", choices=vk.parallel.SCHEMES,

@@ -34,6 +34,8 @@ from torch import Tensor, nn
 
 import vdit_kernels as vk
 from vdit_kernels import backend as _backend
+from vdit_kernels import reference as ref
+from vdit_kernels.checks import as_ints, check_pack, check_videos
 
 Backend = Union[None, str, dict]
 
@@ -64,14 +66,26 @@ class DiTConfig:
     eps: float = 1e-6
 
     def __post_init__(self):
-        self.patch_size = tuple(int(p) for p in self.patch_size)
+        for name in ("in_channels", "hidden", "heads", "head_dim", "depth", "text_dim", "time_freq_dim"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        if not (self.mlp_ratio > 0 and self.rope_theta > 0 and self.eps > 0):
+            raise ValueError(f"mlp_ratio, rope_theta and eps must be positive, got "
+                             f"{self.mlp_ratio}, {self.rope_theta}, {self.eps}")
+        patch = as_ints(self.patch_size, "patch_size")
+        if len(patch) != 3 or min(patch) < 1:
+            raise ValueError(f"patch_size must be three positive ints (pt, ph, pw), got {self.patch_size!r}")
+        self.patch_size = patch
         if self.rope_dims is None:
             self.rope_dims = wan_rope_dims(self.head_dim)
-        self.rope_dims = tuple(int(d) for d in self.rope_dims)
+        self.rope_dims = as_ints(self.rope_dims, "rope_dims")
         if self.heads * self.head_dim != self.hidden:
             raise ValueError(f"hidden ({self.hidden}) must be heads ({self.heads}) x head_dim ({self.head_dim})")
-        if sum(self.rope_dims) != self.head_dim or any(d % 2 for d in self.rope_dims):
-            raise ValueError(f"rope_dims {self.rope_dims} must be even and sum to head_dim {self.head_dim}")
+        if (len(self.rope_dims) != 3 or sum(self.rope_dims) != self.head_dim
+                or any(d < 0 or d % 2 for d in self.rope_dims)):
+            raise ValueError(f"rope_dims {self.rope_dims} must be three even non-negative ints (t, h, w) "
+                             f"summing to head_dim {self.head_dim}")
 
     @property
     def mlp_hidden(self) -> int:
@@ -130,15 +144,15 @@ def why_not(config: DiTConfig, backend: Backend, device) -> Optional[str]:
     """None if the model can run forward + backward with `backend` on `device`, else why not."""
     device = torch.device(device)
     chosen = family_backends(backend)
-    reasons = []
+    families: dict = {}  # reason -> the families it stops (each reason said once)
     for family, op in model_ops(config):
         name = chosen[family]
         if name in (None, "auto"):
             continue  # auto always finds a backend (reference at worst)
         reason = _backend.why_not(name, family, device, op)
-        if reason is not None and not any(reason in r for r in reasons):
-            reasons.append(f"{family}: {reason}")
-    return "; ".join(reasons) or None
+        if reason is not None and family not in families.setdefault(reason, []):
+            families[reason].append(family)
+    return "; ".join(f"{', '.join(fams)}: {reason}" for reason, fams in families.items()) or None
 
 
 # -- layers ---------------------------------------------------------------------------
@@ -323,6 +337,26 @@ class VideoDiT(nn.Module):
                 lin.bias.copy_(torch.randn(lin.bias.shape, generator=generator) * 0.02)
         return self
 
+    def check_inputs(self, latents: Sequence[Tensor], pack: vk.VideoPack, timesteps: Tensor, text: Tensor) -> None:
+        """forward's arguments (its docstring) or a ValueError / TypeError naming the wrong one."""
+        cfg = self.config
+        check_pack(pack)
+        if pack.cu_seqlens_k is None:
+            raise ValueError("pack has no text lengths: build it with VideoPack.from_shapes(..., text_lengths=...)")
+        if tuple(pack.patch_size) != cfg.patch_size:
+            raise ValueError(f"the pack's patch size {tuple(pack.patch_size)} is not the model's {cfg.patch_size}")
+        channels = check_videos(ref.as_video_list(latents), pack)
+        if channels != cfg.in_channels:
+            raise ValueError(f"latents have {channels} channels, the model takes {cfg.in_channels}")
+        for name, t in (("text", text), ("timesteps", timesteps)):
+            if not isinstance(t, Tensor):
+                raise TypeError(f"{name} must be a tensor, got {type(t).__name__}")
+        if text.dim() != 2 or text.shape != (pack.num_text_tokens, cfg.text_dim):
+            raise ValueError(f"text must be (num_text_tokens={pack.num_text_tokens}, text_dim={cfg.text_dim}), "
+                             f"got {tuple(text.shape)}")
+        if timesteps.shape != (pack.batch_size,):
+            raise ValueError(f"timesteps must be ({pack.batch_size},), got {tuple(timesteps.shape)}")
+
     def forward(self, latents: Sequence[Tensor], pack: vk.VideoPack, timesteps: Tensor, text: Tensor,
                 backend: Backend = None, sp: Optional[vk.SequenceParallel] = None) -> list[Tensor]:
         """latents: B videos (C, T_i, H_i, W_i) matching `pack`; timesteps (B,) float;
@@ -340,13 +374,7 @@ class VideoDiT(nn.Module):
         (vk.gather_pack's backward).
         """
         cfg, backends = self.config, family_backends(backend)
-        if pack.cu_seqlens_k is None:
-            raise ValueError("pack has no text lengths: build it with VideoPack.from_shapes(..., text_lengths=...)")
-        if text.dim() != 2 or text.shape != (pack.num_text_tokens, cfg.text_dim):
-            raise ValueError(f"text must be (num_text_tokens={pack.num_text_tokens}, text_dim={cfg.text_dim}), "
-                             f"got {tuple(text.shape)}")
-        if timesteps.shape != (pack.batch_size,):
-            raise ValueError(f"timesteps must be ({pack.batch_size},), got {tuple(timesteps.shape)}")
+        self.check_inputs(latents, pack, timesteps, text)
         dtype = self.patch_embed.weight.dtype
         seg = pack.segment_ids.long()
         rope = vk.Rope3D.from_pack(pack, cfg.rope_dims, cfg.rope_theta)

@@ -461,6 +461,21 @@ def test_every_row_has_several_samples(monkeypatch, call_ms, samples):
     assert row["median_ms"] == pytest.approx(call_ms)
 
 
+def test_cli_filters_that_match_nothing_are_errors(capsys):
+    # a typo once printed "0 cases, 0 errors" (or empty tables) and exited 0
+    import benchmarks.readme_table as readme_table
+    import benchmarks.run as run
+
+    for argv in (["--provider", "vdit-refrence", "--op", "rope", "--no-static"], ["--workload", "wan2.1"]):
+        with pytest.raises(SystemExit) as stop:
+            run.main(argv)
+        assert stop.value.code == 2
+    assert "no benchmark case matches --provider vdit-refrence" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as stop:
+        readme_table.main(["--op", "atention"])
+    assert stop.value.code == 2
+
+
 def test_target_table_judges_the_issues_targets():
     import benchmarks.run as run
 

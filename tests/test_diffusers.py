@@ -21,7 +21,7 @@ from diffusers.models.transformers.transformer_wan import WanAttnProcessor  # no
 
 import vdit_kernels.integrations.diffusers as vkd  # noqa: E402
 from vdit_kernels.integrations.diffusers import use_vdit_attention  # noqa: E402
-from vdit_kernels import Rope3D  # noqa: E402
+from vdit_kernels import BackendUnavailable, Rope3D  # noqa: E402
 
 from conftest import assert_verbose_close, device_for  # noqa: E402
 
@@ -342,6 +342,16 @@ def test_cogvideox_matches_diffusers(backend):
     out, (gx, _) = run_cog()
     assert_verbose_close(out, expected[0], ATOL, RTOL, name=f"cogvideox/{backend} output")
     assert_verbose_close(gx, expected[1][0], ATOL, RTOL, name=f"cogvideox/{backend} grad latents")
+
+
+def test_bad_backend_raises_when_installed():
+    # at use_vdit_attention, not at the first forward
+    with pytest.raises(ValueError, match="unknown backend 'refrence'"):
+        use_vdit_attention(tiny_wan(), backend="refrence")
+    with pytest.raises(BackendUnavailable, match="no attention kernels"):
+        use_vdit_attention(tiny_wan(), backend="cuda")
+    with pytest.raises(TypeError, match="nn.Module"):
+        use_vdit_attention(object())
 
 
 def test_unsupported_model_raises():

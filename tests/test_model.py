@@ -54,6 +54,13 @@ def test_config_presets():
         DiTConfig(hidden=100, heads=3, head_dim=32)
     with pytest.raises(ValueError, match="rope_dims"):
         DiTConfig(hidden=96, heads=4, head_dim=24, rope_dims=(7, 9, 8))
+    # at construction, not as an IndexError or an empty model later
+    for bad, message in (({"depth": 0}, "depth must be a positive int"), ({"depth": -1}, "depth"),
+                         ({"patch_size": (0, 2, 2)}, "patch_size must be three positive ints"),
+                         ({"patch_size": (1, 2)}, "patch_size"), ({"rope_dims": (12, 12)}, "rope_dims"),
+                         ({"rope_dims": (-2, 14, 12)}, "rope_dims"), ({"mlp_ratio": 0}, "mlp_ratio")):
+        with pytest.raises(ValueError, match=message):
+            DiTConfig.from_name("tiny", **bad)
 
 
 def test_zero_init_outputs_zero():
@@ -74,6 +81,18 @@ def test_bad_inputs():
     no_text = vk.VideoPack.from_shapes(SHAPES, cfg.patch_size, device=DEVICE)
     with pytest.raises(ValueError, match="text lengths"):
         model(latents, no_text, t, text, backend="reference")
+    # the plain-PyTorch baseline checks the same (it once took latents out of order and cut
+    # the outputs to the pack's shapes from the wrong videos)
+    from vdit_kernels.model.padded import padded_forward
+    pack = vk.VideoPack.from_shapes(SHAPES, cfg.patch_size, device=DEVICE, text_lengths=[3, 5, 1])
+    text = torch.randn(pack.num_text_tokens, cfg.text_dim, device=DEVICE)  # (padded: >= 1 token a video)
+    for forward in (model, lambda *a: padded_forward(model, *a)):
+        with pytest.raises(ValueError, match=r"video 0 has \(T, H, W\)"):
+            forward(latents[::-1], pack, t, text)
+        with pytest.raises(ValueError, match="channels, the model takes"):
+            forward([x[:-1] for x in latents], pack, t, text)
+        with pytest.raises(ValueError, match="timesteps"):
+            forward(latents, pack, t[:2], text)
 
 
 @pytest.mark.parametrize("backend", ["reference", "triton"])

@@ -78,3 +78,10 @@ def test_cuda_home_follows_an_nvcc_wrapper_script(setup_py, tmp_path, monkeypatc
     assert setup_py.toolkit_version(home) == (13, 0)
     monkeypatch.setenv("CUDA_HOME", str(tmp_path / "nowhere"))  # no bin/nvcc there: ignored
     assert setup_py.real_cuda_home()[0] == toolkit.resolve()
+    headerless = tmp_path / "headerless"  # bin/nvcc but no include/cuda_runtime.h: ignored too
+    (headerless / "bin").mkdir(parents=True)
+    _script(headerless / "bin" / "nvcc", "exit 0")
+    monkeypatch.setenv("CUDA_HOME", str(headerless))
+    assert setup_py.real_cuda_home()[0] == toolkit.resolve()
+    monkeypatch.setenv("CUDA_HOME", str(toolkit))
+    assert setup_py.real_cuda_home() == (toolkit, "$CUDA_HOME")

@@ -67,8 +67,8 @@ Not supported
   Attention masks: Wan and CogVideoX never pass one; a mask there (or a HunyuanVideo mask
   that is not a key prefix) raises ValueError rather than being ignored. Context
   parallelism (processor._parallel_config) raises NotImplementedError.
-  diffusers' set_attention_backend(...) conflicts with these
-  processors and raises; the vdit_kernels backend is chosen with backend= (or
+  diffusers' set_attention_backend(...) conflicts with these processors: the next forward
+  raises (diffusers' ValueError); the vdit_kernels backend is chosen with backend= (or
   vk.use_backend, VDIT_BACKEND). To go back, set the model's original processors
   (model.set_attn_processor(WanAttnProcessor())); the rope hook left in place is harmless.
 """
@@ -81,6 +81,8 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from .. import backend as _backend
+from ..backend import BackendUnavailable
 from ..ops.attention import varlen_attention
 from ..ops.rope import Rope3D
 
@@ -467,6 +469,14 @@ def use_vdit_attention(model: torch.nn.Module, backend: Optional[str] = None,
     block's attention. Other models raise TypeError.
     Returns the model (modified in place). Calling it again replaces the processors.
     """
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(f"use_vdit_attention takes a diffusers transformer (an nn.Module), got {type(model).__name__}")
+    if backend is not None:  # now, not at the first forward: a typo, or a backend without attention
+        # kernels (whether it runs on the model's device is asked at each call: the model may move)
+        _backend._check_name(backend)
+        if backend not in ("auto", "reference") and not _backend._has_module(f"vdit_kernels.{backend}.attention"):
+            raise BackendUnavailable(f"backend {backend!r} has no attention kernels; use 'triton', 'reference' "
+                                     "or 'auto'")
     from diffusers.models.attention_processor import Attention
     from diffusers.models.transformers import transformer_hunyuan_video as hunyuan
     from diffusers.models.transformers import transformer_wan
