@@ -429,6 +429,9 @@ def plots(rows: list[dict], out: Path) -> list[str]:
 
 
 def static_report(out: Path) -> str:
+    # a silent subprocess of minutes otherwise (every kernel and candidate compiled for sm_90a)
+    print("static report: compiling every Triton kernel for sm_90a (a few minutes, up to 10; "
+          "--no-static skips it) ...", flush=True)
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     try:
         proc = subprocess.run([sys.executable, "-m", "benchmarks.static_report", "--json",
