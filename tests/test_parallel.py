@@ -426,7 +426,8 @@ def test_sequence_parallel_checks_its_arguments(scheme):
            "max_seqlen for cu_seqlens must be a non-negative int": (q, k, v, cu, 1.5),
            "q_local must be float16": (q.long(), k.long(), v.long(), cu, m),
            "k_local has dtype torch.float64": (q, k.double(), v.double(), cu, m),
-           "kv heads must divide": (q, k[:, :1].expand(-1, 3, -1), v[:, :1].expand(-1, 3, -1), cu, m)}
+           r"k_local/v_local heads \(3\) must divide q_local heads \(2\)":
+               (q, k[:, :1].expand(-1, 3, -1), v[:, :1].expand(-1, 3, -1), cu, m)}
     for message, args in bad.items():
         with pytest.raises(ValueError, match=message):
             attention(*args, backend="reference")

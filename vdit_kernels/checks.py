@@ -69,6 +69,29 @@ def autocast_inputs(*tensors):
     return tuple(t if t is None or t.dtype == torch.float64 else t.to(low) for t in tensors)
 
 
+def checked_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, names: Sequence[str] = ("q", "k", "v")):
+    """Attention's q (Nq, H, D), k and v (Nk, Hk, D): floating tensors of one dtype and
+    device after the autocast cast (as scaled_dot_product_attention's: a float32 q from a
+    norm beside a bfloat16 v is common under autocast), equal positive head dims, Hk
+    dividing H. Returns q, k, v as cast."""
+    for name, t in zip(names, (q, k, v)):
+        check_float(name, t)
+        if t.dim() != 3:
+            raise ValueError(f"{name} must be (tokens, heads, head_dim), got shape {tuple(t.shape)}")
+    q, k, v = autocast_inputs(q, k, v)
+    check_same(names, [q, k, v])
+    nq, nk, nv = names
+    if k.shape != v.shape:
+        raise ValueError(f"{nk} {tuple(k.shape)} and {nv} {tuple(v.shape)} must have the same shape")
+    if q.shape[2] != k.shape[2]:
+        raise ValueError(f"{nq} head_dim {q.shape[2]} differs from {nk} head_dim {k.shape[2]}")
+    if q.shape[2] == 0:
+        raise ValueError("head_dim must be positive, got 0")
+    if not (k.shape[1] >= 1 and q.shape[1] % k.shape[1] == 0):
+        raise ValueError(f"{nk}/{nv} heads ({k.shape[1]}) must divide {nq} heads ({q.shape[1]})")
+    return q, k, v
+
+
 def check_same(names: Sequence[str], tensors: Sequence[torch.Tensor]) -> None:
     """Same dtype and device for all tensors."""
     dtype, device = tensors[0].dtype, tensors[0].device

@@ -57,7 +57,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from . import backend as _backend
-from .checks import autocast_inputs, check, check_cu_seqlens, check_float, check_same, softmax_scale_of
+from .checks import check, check_cu_seqlens, check_float, checked_qkv, softmax_scale_of
 from .ops import attention as attn_ops
 from .ops.attention import varlen_attention
 from .ops.rope import Rope3D, apply_rope_3d
@@ -275,19 +275,9 @@ def _checked_shards(q_local: Tensor, k_local: Tensor, v_local: Tensor, cu_seqlen
     P*n - P < N <= P*n (the rows past N are the padding of shard_pack), max_seqlen an upper
     bound of its segments (values checked as varlen_attention checks them: on CPU tensors,
     on GPU ones with VDIT_CHECK_VALUES=1). Returns q, k, v as cast."""
-    for name, t in (("q_local", q_local), ("k_local", k_local), ("v_local", v_local)):
-        check_float(name, t)
-        if t.dim() != 3:
-            raise ValueError(f"{name} must be (tokens, heads, head_dim), got shape {tuple(t.shape)}")
-    q, k, v = autocast_inputs(q_local, k_local, v_local)
-    check_same(["q_local", "k_local", "v_local"], [q, k, v])
-    check(q.shape[0] == k.shape[0] == v.shape[0],
+    q, k, v = checked_qkv(q_local, k_local, v_local, ("q_local", "k_local", "v_local"))
+    check(q.shape[0] == k.shape[0],
           "q_local, k_local and v_local must hold the same tokens (self-attention over the pack)")
-    if k.shape != v.shape:
-        raise ValueError(f"k_local {tuple(k.shape)} and v_local {tuple(v.shape)} must have the same shape")
-    if not (q.shape[2] == k.shape[2] > 0 and k.shape[1] >= 1 and q.shape[1] % k.shape[1] == 0):
-        raise ValueError(f"q_local {tuple(q.shape)} and k_local {tuple(k.shape)}: the head dims must be "
-                         "equal and positive, and the kv heads must divide the q heads")
     check_cu_seqlens("cu_seqlens", cu_seqlens, world_size * q.shape[0], max_seqlen, q.device,
                      padding=world_size - 1)
     return q, k, v

@@ -24,8 +24,8 @@ from torch import Tensor
 
 from .. import backend as _backend
 from .. import reference as ref
-from ..checks import (autocast_inputs, check, check_cu_seqlens, check_float, check_positions, check_rope_dims,
-                      check_same, check_theta, softmax_scale_of)
+from ..checks import (check, check_cu_seqlens, check_positions, check_rope_dims, check_theta, checked_qkv,
+                      softmax_scale_of)
 from .direct import call, define, register_autograd
 from .rope import Rope3D
 
@@ -192,22 +192,7 @@ def varlen_attention(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_s
     Differentiable in q, k and v, through out and through lse (merging partial results by
     their lse, as vdit_kernels.parallel.merge_attention does, has exact gradients).
     """
-    for name, t in (("q", q), ("k", k), ("v", v)):
-        check_float(name, t)
-        if t.dim() != 3:
-            raise ValueError(f"{name} must be (tokens, heads, head_dim), got shape {tuple(t.shape)}")
-    # as scaled_dot_product_attention under autocast (a float32 q from a norm beside a
-    # bfloat16 v is common there)
-    q, k, v = autocast_inputs(q, k, v)
-    check_same(["q", "k", "v"], [q, k, v])
-    if k.shape != v.shape:
-        raise ValueError(f"k {tuple(k.shape)} and v {tuple(v.shape)} must have the same shape")
-    if q.shape[2] != k.shape[2]:
-        raise ValueError(f"q head_dim {q.shape[2]} differs from k head_dim {k.shape[2]}")
-    if q.shape[2] == 0:
-        raise ValueError("head_dim must be positive, got 0")
-    if not (k.shape[1] >= 1 and q.shape[1] % k.shape[1] == 0):
-        raise ValueError(f"k/v heads ({k.shape[1]}) must divide q heads ({q.shape[1]})")
+    q, k, v = checked_qkv(q, k, v)
     if not (isinstance(cu_seqlens_q, torch.Tensor) and isinstance(cu_seqlens_k, torch.Tensor)
             and cu_seqlens_q.shape == cu_seqlens_k.shape):
         raise ValueError("cu_seqlens_q and cu_seqlens_k must be tensors with the same number of segments")
