@@ -8,7 +8,10 @@ name, fn, signature, constexprs, num_warps, num_stages, maxnreg (optional: a reg
 per thread, as the launch sets it) and expect_mma (True where the kernel should use
 tensor cores: wgmma on sm_90a), expect_tma (True where it should read through TMA
 descriptors: cp.async.bulk.tensor),
-spill_budget (bytes, default 0; only for extra autotuning candidates, never a default) and
+spill_budget (bytes, default 0; for extra autotuning candidates, and for a default only where a
+GPU measured that spilling tile fastest: attention's MEASURED_DEFAULTS), loop_spill_free (True:
+no local-memory access in the main loop, whatever the budget; the attention defaults that
+deterministic=True and VDIT_AUTOTUNE=0 run) and
 min_access_bytes (memory-bound kernels: the widest global load and store must be at least
 this wide, e.g. 16 for 16-byte vectors).
 
@@ -22,8 +25,8 @@ Other integer arguments divisible by 16 in the configuration the spec stands for
 feature count of 64, hidden 3072) are listed in its "divisible_args"; strides that are
 not (a head stride of 72, the LSE's stride of a token count) in its "unaligned_args".
 
-Each row also gives the kernel's main loop in its SASS (main_loop(): instructions, HGMMA
-and HMMA per step), which registers and spills do not show.
+Each row also gives the kernel's main loop in its SASS (main_loop(): instructions, HGMMA,
+HMMA and local-memory accesses per step), which registers and spill totals do not show.
 
 GPUs with less shared memory: every launch is also built for a 99 KB GPU (pointer variants
 for sm_86, as sm_89; TMA variants for sm_120), candidates in list order until one fits, i.e.
@@ -114,16 +117,18 @@ def main_loop(sass: str) -> dict:
     tensor-core instructions (HGMMA: wgmma, or HMMA: mma.sync, which a tile too small for
     warpgroup MMA falls back to), the shortest on a tie (the inner of nested loops).
     Returns its instruction count, conditional blocks inside it included (a tail block's
-    select, say), and its HGMMA and HMMA counts; zeros without a loop. The loop's size is
-    what registers and spills do not show: the instructions issued per step besides the
-    products (the keys-major dK/dV step's lse/delta loads were half of it once)."""
+    select, say), its HGMMA and HMMA counts and its local-memory accesses (LDL / STL: the
+    register spills it reloads or stores every step, where spills outside it cost once per
+    program); zeros without a loop. The loop's size is what registers and spills do not
+    show: the instructions issued per step besides the products (the keys-major dK/dV
+    step's lse/delta loads were half of it once)."""
     ops = []
     for line in sass.splitlines():
         m = _SASS_LINE.match(line)
         if m:
             ops.append((int(m.group(1), 16), bool(m.group(2)), m.group(3), m.group(4)))
     exits = [a for a, predicated, op, _ in ops if op == "EXIT" and not predicated]
-    best = (0, 0, 0, 0)  # (tensor-core instructions, -instructions, hgmma, hmma)
+    best = (0, 0, 0, 0, 0)  # (tensor-core instructions, -instructions, hgmma, hmma, local)
     for addr, _, op, rest in ops:
         target = re.match(r"\s*0x([0-9a-f]+)", rest) if op.startswith("BRA") else None
         if target is None or int(target.group(1), 16) >= addr:
@@ -134,8 +139,9 @@ def main_loop(sass: str) -> dict:
         body = [o for a, _, o, _ in ops if start <= a <= addr]
         hgmma = sum(o.startswith("HGMMA") for o in body)
         hmma = sum(o.startswith("HMMA") for o in body)
-        best = max(best, (hgmma + hmma, -len(body), hgmma, hmma))
-    return {"loop_instructions": -best[1], "loop_hgmma": best[2], "loop_hmma": best[3]}
+        local = sum(o.startswith(("LDL", "STL")) for o in body)
+        best = max(best, (hgmma + hmma, -len(body), hgmma, hmma, local))
+    return {"loop_instructions": -best[1], "loop_hgmma": best[2], "loop_hmma": best[3], "loop_local_ops": best[4]}
 
 
 def _compile(spec: dict, sm: int):
@@ -188,6 +194,7 @@ def compile_spec(spec: dict) -> dict:
         "mma": "mma.sync" in ptx or "wgmma" in ptx,
         "expect_mma": bool(spec.get("expect_mma", False)),
         "spill_budget": int(spec.get("spill_budget", 0)),
+        "loop_spill_free": bool(spec.get("loop_spill_free", False)),
         "load_bytes": widest_access(ptx)["ld"],
         "store_bytes": widest_access(ptx)["st"],
         "min_access_bytes": int(spec.get("min_access_bytes", 0)),
@@ -307,11 +314,16 @@ def cuda_rows() -> tuple[list[dict], str]:
 def problems(rows: list[dict]) -> list[str]:
     out = []
     for r in rows:
-        # spill_budget: only for extra autotuning candidates (never a default tile), which
-        # the autotuner keeps only where they measure faster than the spill-free default
+        # spill_budget: for extra autotuning candidates, which the autotuner keeps only
+        # where they measure faster, and for the default tiles a GPU measured fastest
+        # (attention's MEASURED_DEFAULTS); loop_spill_free: the pointer variants' default
+        # tiles, which deterministic=True and VDIT_AUTOTUNE=0 run, may not spill per step
         if r["spill_bytes"] > r.get("spill_budget", 0):
             out.append(f"{r['kernel']}: {r['spill_bytes']} B of register spills"
                        + (f" (budget {r['spill_budget']} B)" if r.get("spill_budget") else ""))
+        if r.get("loop_spill_free") and r.get("loop_local_ops"):
+            out.append(f"{r['kernel']}: {r['loop_local_ops']} local-memory accesses (spills) in its main loop, "
+                       "a default tile's")
         if r["expect_mma"] and not r["wgmma"]:
             out.append(f"{r['kernel']}: no wgmma instruction in the sm_90a PTX")
         if r.get("expect_tma") and not r.get("tma"):
@@ -338,15 +350,16 @@ def main(argv=None) -> int:
     rows, small = report(args.jobs)
     print(f"Static report: Triton kernels compiled for sm_{SM}a (no GPU needed)")
     print("(ld/st B: the widest global load / store per thread and instruction, 16 = 128-bit vectors;")
-    print(" loop: SASS instructions / HGMMA / HMMA of the main loop, per warp and step: main_loop())")
+    print(" loop: SASS instructions / HGMMA / HMMA / local-memory accesses of the main loop, per warp")
+    print(" and step: main_loop())")
     print(f"{'kernel':<50}{'warps':>6}{'regs':>6}{'spill B':>9}{'stack B':>9}{'smem B':>9}{'wgmma':>7}"
-          f"{'ld/st B':>9}{'loop':>13}")
+          f"{'ld/st B':>9}{'loop':>15}")
     for r in rows:
-        loop = (f"{r['loop_instructions']}/{r['loop_hgmma']}/{r['loop_hmma']}" if r["loop_instructions"]
-                else "-")
+        loop = (f"{r['loop_instructions']}/{r['loop_hgmma']}/{r['loop_hmma']}/{r['loop_local_ops']}"
+                if r["loop_instructions"] else "-")
         print(f"{r['kernel']:<50}{r['num_warps']:>6}{r['registers']:>6}{r['spill_bytes']:>9}"
               f"{r['stack_bytes']:>9}{r['shared_bytes']:>9}{('yes' if r['wgmma'] else 'no'):>7}"
-              f"{r['load_bytes']:>5}/{r['store_bytes']:<3}{loop:>13}")
+              f"{r['load_bytes']:>5}/{r['store_bytes']:<3}{loop:>15}")
     print(f"\nOn GPUs with {SMALL_SHARED // 1024} KB of shared memory a program (sm_{SMALL_SM} / sm_89; "
           f"TMA variants: sm_{SMALL_TMA_SM}), launches whose first candidate does not fit:")
     for r in small:

@@ -573,9 +573,9 @@ def _attn_bwd_dq_kernel(
 #
 # Candidate tiles per head-dim class for float16/bfloat16 on a GPU, the first of each list
 # being the default. Every candidate is compiled by aot_specs() for sm_90a and checked by
-# benchmarks/static_report.py (defaults spill-free, the others within SPILL_BUDGET); the
-# autotuner times the candidates of the call's class once per (class, D, dtypes, GQA
-# groups) and keeps the fastest.
+# benchmarks/static_report.py (defaults spill-free but for MEASURED_DEFAULTS, the others
+# within SPILL_BUDGET); the autotuner times the candidates of the call's class once per
+# (class, D, dtypes, GQA groups) and keeps the fastest.
 # A candidate is a Tile (own, loop, warps, stages[, keys_major, maxnreg]):
 #   forward  own = BLOCK_M queries, loop = BLOCK_N keys
 #   backward one list per kernel: own is the key block of the dK/dV kernel and the query
@@ -584,7 +584,8 @@ def _attn_bwd_dq_kernel(
 #   maxnreg  a register cap (forward only so far: two programs per SM, see below).
 # The first tile of every list (the default, also used with VDIT_AUTOTUNE=0 and
 # deterministic=True) is spill-free with Triton 3.6 (the GPU machines') and 3.8 (CI)
-# alike, compiled as a launch compiles it (16-divisible pointers and strides). The H100
+# alike, compiled as a launch compiles it (16-divisible pointers and strides), except
+# where an H100 measured a spilling tile fastest (MEASURED_DEFAULTS). The H100
 # autotuner picked dK/dV 64 x 64 (keys-major, 1 stage, 254 registers) and dQ 64 x 64 in
 # session 3 (backward 390 -> 211 ms on the 41430-token mixed pack against 16-row query
 # steps). The queries-major orientation came after that run (unmeasured): at 64 x 64 it
@@ -642,10 +643,11 @@ _BWD_TILES = {
                 Tile(64, 32, 8, 2, keys_major=True)],
         # (queries-major steps of 32 queries, listed here before the static report counted
         # loops, ran q k^T and dO v^T on mma.sync: dropped at D = 128. Instructions per
-        # step and million products, Triton 3.6: 128 x 64 keys-major ~100, 64 x 64 ~250)
-        "d128": [(64, 64, 8, 2), (64, 64, 8, 1),
+        # step and million products, Triton 3.6: 128 x 64 keys-major ~100, 64 x 64 ~250.)
+        # The default: flex_attention's tile, a MEASURED_DEFAULT
+        "d128": [Tile(128, 64, 8, 3, keys_major=True), (64, 64, 8, 2), (64, 64, 8, 1),
                  Tile(64, 64, 8, 1, keys_major=True), Tile(64, 32, 8, 2, keys_major=True),
-                 Tile(128, 32, 8, 2, keys_major=True), Tile(128, 64, 8, 3, keys_major=True)],
+                 Tile(128, 32, 8, 2, keys_major=True)],
         "masked": [(64, 16, 8, 1), (64, 16, 8, 2), (64, 32, 8, 1), (64, 32, 8, 2), (64, 64, 8, 1),
                    Tile(64, 16, 8, 1, keys_major=True)],
         # 64-row tiles spilled at D = 256 even with 16 warps: small mma.sync tiles instead
@@ -697,6 +699,16 @@ _TMA_EXTRA = {
     "fused": {"d128": [Tile(128, 32, 8, 2, keys_major=True), Tile(128, 64, 8, 2, keys_major=True)]},
     "dq": {"d128": [Tile(128, 128, 8, 2), Tile(128, 64, 8, 4)]},
 }
+# Default tiles that spill (within SPILL_BUDGET), each the tile an H100 measured fastest
+# for its list, by a factor no timing noise explains; (kernel tag, class). dK/dV at D =
+# 128: 128 keys x 64 queries keys-major over 3 stages (flex_attention's tile) took 53.2 ms
+# (pointers) / 50.8 ms (TMA) on the 41430-token mixed pack where the spill-free 64 x 64
+# queries-major step at 2 stages, the default before, took 126.7 / 118.0 (2026-11-27,
+# commit 70bdeefc23; on the DiT's 57k-token pack 71.7 against 169.0): deterministic=True
+# and VDIT_AUTOTUNE=0 ran the slow one. Its 408-432 B of spills are in the per-head
+# prologue: no local-memory access in the main loop with pointers (the static report's
+# loop_spill_free, checked for the pointer variants' defaults), 2-4 per step with TMA.
+MEASURED_DEFAULTS = {("dkdv", "d128"), ("dkdv_tma", "d128")}
 # register spills (bytes, sm_90a static report) allowed to a non-default candidate (the
 # most now: flex_attention's keys-major 128 x 64 dK/dV step at 3 stages, D = 128, 432 B
 # under Triton 3.6, all in the per-head prologue of its pipelined query loop; 1344 B
@@ -1250,10 +1262,11 @@ def aot_specs() -> list[dict]:
                               "fn": _attn_fwd_kernel, "signature": signature,
                               "constexprs": ce, "num_warps": w, "num_stages": st, "maxnreg": tile.maxnreg,
                               "expect_mma": mma, "expect_tma": tma, "unaligned_args": unaligned,
-                              "spill_budget": SPILL_BUDGET if i else 0})
+                              "spill_budget": SPILL_BUDGET if i else 0, "loop_spill_free": not (i or tma)})
         for tma in ((False, True) if d in (64, 128) and dtype != "fp32" else (False,)):
             suffix = "_tma" if tma else ""
             for kernel, atomic in (("dkdv", False), ("fused", True)):
+                measured = (kernel + suffix, _tile_class(d)) in MEASURED_DEFAULTS
                 for i, tile in enumerate(_candidates(kernel, d, tdt, torch.device("cuda"), tma)):
                     own, loop, w, st = tile[:4]
                     ce = dict(base, **_tile_meta(kernel, tile), ATOMIC_DQ=atomic, TMA=tma, EMULATE_TMA_ADD=False)
@@ -1270,7 +1283,9 @@ def aot_specs() -> list[dict]:
                                   "fn": _attn_bwd_dkdv_kernel, "signature": signature,
                                   "constexprs": ce, "num_warps": w, "num_stages": st, "maxnreg": tile.maxnreg,
                                   "expect_mma": mma and own >= 64, "expect_tma": tma,
-                                  "spill_budget": SPILL_BUDGET if i else 0, "unaligned_args": unaligned})
+                                  "spill_budget": SPILL_BUDGET if i or (measured and mma) else 0,
+                                  "measured_default": measured and mma and not i,
+                                  "loop_spill_free": not (i or tma), "unaligned_args": unaligned})
             for i, tile in enumerate(_candidates("dq", d, tdt, torch.device("cuda"), tma)):
                 own, loop, w, st = tile[:4]
                 ce = dict(base, BLOCK_M=own, BLOCK_N=loop, TMA=tma)
@@ -1281,7 +1296,8 @@ def aot_specs() -> list[dict]:
                               "fn": _attn_bwd_dq_kernel, "signature": signature,
                               "constexprs": ce, "num_warps": w, "num_stages": st, "maxnreg": tile.maxnreg,
                               "expect_mma": mma and own >= 64, "expect_tma": tma,
-                              "spill_budget": SPILL_BUDGET if i else 0, "unaligned_args": unaligned})
+                              "spill_budget": SPILL_BUDGET if i else 0, "loop_spill_free": not (i or tma),
+                              "unaligned_args": unaligned})
     d = 128
     ce = dict(D=d, BLOCK_D=d, BLOCK_M=16)
     pre = {"O": "*bf16", "DO": "*bf16", "LSE": "*fp32", "STATS": "*fp32", "N": "i32",
@@ -1289,5 +1305,5 @@ def aot_specs() -> list[dict]:
            "stride_lh": "i64"}
     pre.update({n: "constexpr" for n in ce})
     specs.append({"name": "attn_bwd_pre bf16 d=128", "fn": _attn_bwd_pre_kernel, "signature": pre,
-                  "constexprs": ce, "num_warps": 4, "unaligned_args": ["stride_lh"]})
+                  "constexprs": ce, "num_warps": 4, "unaligned_args": ["stride_lh"], "loop_spill_free": True})
     return specs
