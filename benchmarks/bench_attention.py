@@ -13,9 +13,12 @@ Providers:
   vdit-triton+pointers, vdit-triton+tma
                          fwd / fwd+bwd with the forward's K/V reads forced (VDIT_ATTN_FWD):
                          masked pointer loads, or TMA tensor descriptors (sm_90)
+  vdit-triton+deterministic
+                         bwd with deterministic=True: the split backward's pointer variant on
+                         the first tile of each list, unmeasured (what VDIT_AUTOTUNE=0 runs too)
   vdit-triton+split+pointers, vdit-triton+split+tma
                          bwd: the split backward with its reads forced (VDIT_ATTN_BWD_READ);
-                         these and vdit-triton's bwd row also record the device time per
+                         these, +deterministic and vdit-triton's bwd row also record the device time per
                          kernel (profiler)
   torch-varlen           torch.nn.attention.varlen.varlen_attn (CUDA)
   sdpa-padded            F.scaled_dot_product_attention on the pack padded to (B, H, max_seqlen, D)
@@ -64,7 +67,7 @@ def _padded(x, seqlens, max_len):
     return out.transpose(1, 2).detach()
 
 
-BREAKDOWN = ("vdit-triton", "vdit-triton+split+pointers", "vdit-triton+split+tma")
+BREAKDOWN = ("vdit-triton", "vdit-triton+split+pointers", "vdit-triton+split+tma", "vdit-triton+deterministic")
 
 
 def _recording_strategy(prepared: Prepared) -> Prepared:
@@ -151,6 +154,14 @@ def cases(device: str, quick: bool, workloads, providers=None):
                                                (x.q, x.k, x.v), mode)
                         return with_env(prepared, **env)
                     add(f"vdit-triton+{suffix}", make_forced, note=note)
+                if b == "triton" and mode == "bwd":
+                    def make_deterministic(mode=mode, grad=grad):
+                        x = _Inputs(wl, device, grad)
+                        return backward_fn(lambda: vk.varlen_attention(x.q, x.k, x.v, x.cu, x.cu, x.max, x.max,
+                                                                       deterministic=True, backend="triton"),
+                                           (x.q, x.k, x.v), mode)
+                    add("vdit-triton+deterministic", make_deterministic,
+                        note="deterministic=True: split, pointer reads, the default tiles (no autotuning)")
 
             reason = peer_reason(device, "torch.nn.attention.varlen")
             if reason:

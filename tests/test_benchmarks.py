@@ -299,6 +299,13 @@ def test_attention_backward_rows_force_each_read_and_are_profiled(monkeypatch):
     monkeypatch.setattr(bench_attention, "with_env", lambda prepared, **env: forced.append(env) or prepared)
     bwd["vdit-triton+split+tma"].build()
     assert forced == [{"VDIT_ATTN_BWD": "split", "VDIT_ATTN_BWD_READ": "tma"}]
+    # the deterministic row's calls ask for deterministic=True (and nothing forced)
+    calls = []
+    real = bench_attention.vk.varlen_attention
+    monkeypatch.setattr(bench_attention.vk, "varlen_attention",
+                        lambda *a, **kw: calls.append(kw.get("deterministic")) or real(*a, **kw))
+    bwd["vdit-triton+deterministic"].build().fn()
+    assert calls and all(calls) and len(forced) == 1
 
     monkeypatch.setattr(run, "bench", lambda fn, device, quick, grad_to_none=None:
                         dict(median_ms=1.0, min_ms=1.0, max_ms=1.0))
