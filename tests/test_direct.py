@@ -110,20 +110,48 @@ def test_direct_ok_refuses_subclasses_and_transforms():
     assert seen == [False]
 
 
-def test_inplace_rope_still_bumps_the_version_counter():
-    # x is saved by the matmul for w's gradient; rotating it in place must make that
-    # backward fail loudly (the registered op's mutates_args), not use the rotated x
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+@pytest.mark.parametrize("direct_route", [True, False])
+def test_inplace_rope_still_bumps_the_version_counter(backend, direct_route, monkeypatch):
+    # q is saved by the matmul for w's gradient; rotating it in place must make that
+    # backward fail loudly (as the registered op's mutates_args do), not use the rotated
+    # q; the Triton kernel writes through pointers, which alone bump nothing
+    if backend not in vk.available_backends("rope", "cpu"):
+        pytest.skip(f"{backend} unavailable here")
+    monkeypatch.setattr(direct, "ENABLED", direct_route)
     pack = vk.VideoPack.from_shapes(SHAPES, (1, 2, 2))
     n = pack.num_tokens
     w = torch.randn(16, 16, requires_grad=True)
     q = torch.randn(n, 2, 16)
     k = torch.randn(n, 2, 16)
+    expected = vk.apply_rope_3d(q, k, pack, (4, 6, 6), backend="reference")
     loss = (q @ w).sum()
-    version = q._version
-    vk.apply_rope_3d(q, k, pack, (4, 6, 6), inplace=True, backend="reference")
-    assert q._version > version
+    versions = q._version, k._version
+    vk.apply_rope_3d(q, k, pack, (4, 6, 6), inplace=True, backend=backend)
+    assert q._version > versions[0] and k._version > versions[1]
+    torch.testing.assert_close((q, k), expected)
     with pytest.raises(RuntimeError, match="modified by an inplace operation"):
         loss.backward()
+
+
+def test_inplace_rope_takes_the_direct_route_in_eager_code(monkeypatch):
+    # eager in-place RoPE skips the custom op's dispatch (half its host time), and still
+    # refuses q and k that share an element
+    from vdit_kernels.ops import rope as rope_ops
+
+    pack = vk.VideoPack.from_shapes(SHAPES, (1, 2, 2))
+    n = pack.num_tokens
+    q, k = torch.randn(n, 2, 16), torch.randn(n, 2, 16)
+    called = []
+    monkeypatch.setattr(rope_ops, "rope_3d_inplace_op", lambda *a: called.append(a))
+    vk.apply_rope_3d(q, k, pack, (4, 6, 6), inplace=True, backend="reference")
+    assert not called
+    monkeypatch.setattr(direct, "ENABLED", False)
+    vk.apply_rope_3d(q, k, pack, (4, 6, 6), inplace=True, backend="reference")
+    assert len(called) == 1
+    monkeypatch.setattr(direct, "ENABLED", True)
+    with pytest.raises(ValueError):
+        vk.apply_rope_3d(q, q, pack, (4, 6, 6), inplace=True, backend="reference")
 
 
 def _cuda_build() -> bool:

@@ -24,6 +24,8 @@ takes 7 us. So each public function ends in `call(op, *args)`:
     autograd.Function and its backward cost the H100 machine's host more than those ops'
     GPU work.
 
+In-place RoPE, the one op that mutates its inputs, takes the same route in apply_rope_3d
+itself (direct_ok, then the op's body and the version-counter bumps its mutates_args make).
 Both routes run the same functions, so they agree bit for bit; VDIT_DIRECT=0 (read at
 import) sends every call through the ops, as tests do to compare the two.
 """
