@@ -282,6 +282,12 @@ def test_attention_backward_rows_force_each_read_and_are_profiled(monkeypatch):
     cases, _ = bench_attention.cases("cuda" if torch.cuda.is_available() else "cpu", False, [wl])
     bwd = {c.provider: c for c in cases if c.mode == "bwd"}
     assert {"vdit-triton+split+pointers", "vdit-triton+split+tma"} <= set(bwd)
+    # order: comparison rows, then the variants a capped lease needs first, in that order
+    order = [(c.mode, c.provider) for c in cases]
+    variants = [i for i, (_, p) in enumerate(order) if "+" in p]
+    assert variants == list(range(variants[0], len(order)))
+    first = [order.index(v) for v in bench_attention.FIRST_VARIANTS if v in order]
+    assert first == variants[:len(first)] and len(first) >= 4
     assert all(bwd[p].breakdown for p in bench_attention.BREAKDOWN)
     assert not bwd["vdit-triton+split"].breakdown and not any(c.breakdown for c in cases if c.mode != "bwd")
     # the default row says which strategy "auto" ran, once it has run
