@@ -588,15 +588,15 @@ def _attn_bwd_dq_kernel(
 # where an H100 measured a spilling tile fastest (MEASURED_DEFAULTS). The H100
 # autotuner picked dK/dV 64 x 64 (keys-major, 1 stage, 254 registers) and dQ 64 x 64 in
 # session 3 (backward 390 -> 211 ms on the 41430-token mixed pack against 16-row query
-# steps). The queries-major orientation came after that run (unmeasured): at 64 x 64 it
-# holds 202 registers at 1 stage and 237 (Triton 3.6) / 254 (3.8) at 2, spill-free, so
-# the default dK/dV step is now pipelined (its loads of q, dO, lse and delta overlap the
-# products of the step before); the session-3 tiles stay in the lists as keys-major
-# candidates. torch's flex_attention backward, on the same Triton, took 93 ms there (7
-# products like "split", 2.3x our throughput per product) with dK/dV 128 keys x 64
-# queries keys-major and dQ 128 x 64, both at 3 stages and 8 warps (its sm_90 default
-# for head dims 64-128): both are candidates here, and that dQ tile (spill-free) is the
-# default. Beyond its tiles flex has no leaner loop: its backward template (torch
+# steps). The queries-major orientation came after that run: at 64 x 64 it holds 202
+# registers at 1 stage and 237 (Triton 3.6) / 254 (3.8) at 2, spill-free, and was the
+# D = 128 dK/dV default until a later H100 run timed it at 127 ms against 53 for
+# flex_attention's tile (MEASURED_DEFAULTS); the session-3 tiles stay in the lists as
+# keys-major candidates. torch's flex_attention backward, on the same Triton, took 93 ms
+# there (7 products like "split", 2.3x our throughput per product) with dK/dV 128 keys x
+# 64 queries keys-major and dQ 128 x 64, both at 3 stages and 8 warps (its sm_90 default
+# for head dims 64-128): both are candidates here and both the D = 128 defaults (the dQ
+# tile spill-free, the dK/dV one spilling outside its loop). Beyond its tiles flex has no leaner loop: its backward template (torch
 # 2.11's flex_backwards.py.jinja written out for no score_mod and lengths that are not
 # block multiples, the mixed pack's case) compiled for sm_90a under Triton 3.6 at those
 # tiles issues 898 instructions per dK/dV step (255 registers, 128 B spilled) and 537 per
