@@ -652,6 +652,7 @@ def _log_b(b: int) -> int:
 
 def _gather_gemm(videos, b_mat, bias, patch_size):
     """(N, NOUT) = patchify(videos) @ b_mat (F, NOUT) (+ bias), one launch, A never stored."""
+    bias = None if bias is None else bias.contiguous()  # the kernel reads bias[n] at bias_ptr + n
     pt, ph, pw = patch_size
     v0 = videos[0]
     f, nout = b_mat.shape
@@ -704,6 +705,7 @@ def _gather_gemm(videos, b_mat, bias, patch_size):
 
 def _scatter_gemm(x, b_mat, bias, shapes, patch_size, channels):
     """unpatchify(x (N, HID) @ b_mat (HID, F) (+ bias)) into new contiguous videos, one launch."""
+    bias = None if bias is None else bias.contiguous()  # the kernel reads bias[n] at bias_ptr + n
     pt, ph, pw = patch_size
     hid, f = b_mat.shape
     outs = [torch.empty(channels, *shapes[i:i + 3], dtype=x.dtype, device=x.device)
@@ -785,9 +787,7 @@ def patch_embed(videos, weight, bias):
     def gemm():
         a = _copies(videos[0]).patchify(videos, patch_size)
         return torch.addmm(bias, a, w.t()) if bias is not None else a @ w.t()
-    # the kernels read bias[n] at bias_ptr + n
-    runs = {"fused": lambda: _gather_gemm(videos, w.t(), bias if bias is None else bias.contiguous(), patch_size),
-            "gemm": gemm}
+    runs = {"fused": lambda: _gather_gemm(videos, w.t(), bias, patch_size), "gemm": gemm}
     key = _embed_key(w, videos, patch_size, bias is not None)
     run = runs[measured_choice("VDIT_PATCH_EMBED_FWD", EMBED_VARIANTS, _EMBED_FWD_CHOICE, key,
                                timing("patch_embed forward", runs, videos[0]))]
@@ -858,9 +858,7 @@ def linear_unpatchify(x, weight, bias, shapes, patch_size, channels):
     def gemm():
         y = torch.addmm(bias, x, weight.t()) if bias is not None else x @ weight.t()
         return _copies(x).unpatchify(y, shapes, patch_size, channels)
-    runs = {"fused": lambda: _scatter_gemm(x, weight.t(), bias if bias is None else bias.contiguous(), shapes,
-                                           patch_size, channels),  # (the kernel reads bias[n] at bias_ptr + n)
-            "gemm": gemm}
+    runs = {"fused": lambda: _scatter_gemm(x, weight.t(), bias, shapes, patch_size, channels), "gemm": gemm}
     run = runs[measured_choice("VDIT_LINEAR_UNPATCHIFY_FWD", EMBED_VARIANTS, _UNEMBED_FWD_CHOICE,
                                _unembed_key(x, weight, bias is not None),
                                timing("linear_unpatchify forward", runs, x))]
