@@ -134,6 +134,21 @@ def test_inplace_rope_still_bumps_the_version_counter(backend, direct_route, mon
         loss.backward()
 
 
+def test_a_mutating_ops_direct_call_bumps_what_it_mutates(monkeypatch):
+    # an op whose body writes through .data (as a kernel writes through pointers: no
+    # version bump of its own): call() runs the body directly and bumps x's version, not y's
+    def add_one_(x: torch.Tensor, y: torch.Tensor) -> None:
+        x.data.add_(y)
+    op = direct.define_mutating("vdit_test::add_one_", add_one_, mutates_args=("x",))
+    x, y = torch.zeros(3), torch.ones(3)
+    versions = x._version, y._version
+    for enabled in (True, False):
+        monkeypatch.setattr(direct, "ENABLED", enabled)
+        assert direct.call(op, x, y) is None
+    assert x.tolist() == [2.0, 2.0, 2.0]
+    assert x._version >= versions[0] + 2 and y._version == versions[1]
+
+
 def test_inplace_rope_takes_the_direct_route_in_eager_code(monkeypatch):
     # eager in-place RoPE skips the custom op's dispatch (half its host time), and still
     # refuses q and k that share an element
@@ -143,7 +158,10 @@ def test_inplace_rope_takes_the_direct_route_in_eager_code(monkeypatch):
     n = pack.num_tokens
     q, k = torch.randn(n, 2, 16), torch.randn(n, 2, 16)
     called = []
-    monkeypatch.setattr(rope_ops, "rope_3d_inplace_op", lambda *a: called.append(a))
+    op = rope_ops.rope_3d_inplace_op
+    spy = lambda *a: called.append(a) or op(*a)  # noqa: E731  (the op, counted)
+    monkeypatch.setattr(rope_ops, "rope_3d_inplace_op", spy)
+    monkeypatch.setitem(direct._MUTATING, spy, direct._MUTATING[op])
     vk.apply_rope_3d(q, k, pack, (4, 6, 6), inplace=True, backend="reference")
     assert not called
     monkeypatch.setattr(direct, "ENABLED", False)

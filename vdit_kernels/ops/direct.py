@@ -24,15 +24,17 @@ takes 7 us. So each public function ends in `call(op, *args)`:
     autograd.Function and its backward cost the H100 machine's host more than those ops'
     GPU work.
 
-In-place RoPE, the one op that mutates its inputs, takes the same route in apply_rope_3d
-itself (direct_ok, then the op's body and the version-counter bumps its mutates_args make).
+An op that mutates its inputs (define_mutating: in-place RoPE) takes the direct route
+under the same conditions when no input needs a gradient, and its direct call bumps the
+mutated tensors' version counters as the op's mutates_args would.
 Both routes run the same functions, so they agree bit for bit; VDIT_DIRECT=0 (read at
 import) sends every call through the ops, as tests do to compare the two.
 """
 from __future__ import annotations
 
+import inspect
 import os
-from typing import Callable, Optional
+from typing import Callable, Optional, Sequence
 
 import torch
 from torch.utils import _python_dispatch
@@ -40,6 +42,7 @@ from torch.utils import _python_dispatch
 ENABLED = os.environ.get("VDIT_DIRECT", "1") != "0"
 _FORMULAS: dict = {}  # op -> (impl, setup_context, backward)
 _NATIVE: dict = {}  # op -> native(backend name): the op with its own autograd, or None
+_MUTATING: dict = {}  # op -> (impl, positions of the arguments it mutates)
 _PLAIN = (torch.Tensor, torch.nn.Parameter)
 
 
@@ -52,6 +55,15 @@ def define(name: str, impl: Callable, native: Optional[Callable] = None):
     _FORMULAS[op] = (impl, None, None)
     if native is not None:
         _NATIVE[op] = native
+    return op
+
+
+def define_mutating(name: str, impl: Callable, mutates_args: Sequence[str]):
+    """The torch.library custom op `name` whose body impl writes into the arguments named
+    by mutates_args and returns None; call() may run impl for it directly."""
+    op = torch.library.custom_op(name, impl, mutates_args=tuple(mutates_args))
+    params = list(inspect.signature(impl).parameters)
+    _MUTATING[op] = (impl, [params.index(a) for a in mutates_args])
     return op
 
 
@@ -94,7 +106,16 @@ def call(op, *args):
     if torch.compiler.is_compiling():  # first: dynamo folds it and traces nothing below
         return op(*args)
     tensors = _tensors(args)
-    if op not in _FORMULAS or not direct_ok(tensors):
+    if not direct_ok(tensors):
+        return op(*args)
+    if op in _MUTATING:
+        impl, mutated = _MUTATING[op]
+        if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+            return op(*args)  # the op's own autograd error
+        impl(*args)
+        torch.autograd.graph.increment_version([args[i] for i in mutated])
+        return None
+    if op not in _FORMULAS:
         return op(*args)
     native = _NATIVE.get(op)
     if native is not None:

@@ -20,7 +20,7 @@ from .. import backend as _backend
 from .. import reference as ref
 from ..checks import (check, check_float, check_inplace_rope, check_pack, check_positions, check_rope_dims,
                       check_same, check_theta)
-from .direct import call, define, direct_ok, register_autograd
+from .direct import call, define, define_mutating, register_autograd
 
 FAMILY = "rope"
 
@@ -75,17 +75,18 @@ def _rope_backward(ctx, grad_q, grad_k):
 register_autograd(rope_3d_op, _rope_setup, _rope_backward)
 
 
-# not registered for call()'s direct route (which knows no mutation): apply_rope_3d runs
-# its body directly itself, and bumps q's and k's version counters as the op's
-# mutates_args do (a kernel writing through pointers does not; autograd relies on them to
-# refuse tensors changed after being saved)
-@torch.library.custom_op("vdit::rope_3d_", mutates_args=("q", "k"))
-def rope_3d_inplace_op(q: Tensor, k: Tensor, positions: Tensor, dims: list[int], theta: float,
-                       interleaved: bool, inverse: bool, backend: str) -> None:
-    # here, on the tensors the op gets, not in apply_rope_3d: torch.compile cannot trace
-    # the storage checks, and a compiled graph runs this body on real tensors
+def _rope_3d_inplace(q: Tensor, k: Tensor, positions: Tensor, dims: list[int], theta: float,
+                     interleaved: bool, inverse: bool, backend: str) -> None:
+    # the overlap check here, on the tensors the op gets, not in apply_rope_3d: torch.compile
+    # cannot trace the storage checks, and a compiled graph runs this body on real tensors
     check_inplace_rope(q, k)
     _impl(backend).rope_3d_(q, k, positions, dims, theta, interleaved, inverse)
+
+
+# call()'s direct route bumps q's and k's version counters as the op's mutates_args do (a
+# kernel writing through pointers does not; autograd relies on them to refuse tensors
+# changed after being saved)
+rope_3d_inplace_op = define_mutating("vdit::rope_3d_", _rope_3d_inplace, mutates_args=("q", "k"))
 
 
 @rope_3d_inplace_op.register_fake
@@ -181,11 +182,6 @@ def apply_rope_3d(q: Tensor, k: Tensor, pack=None, dims: Sequence[int] = None,
             q.copy_(q_rot)
             k.copy_(k_rot)
             return q, k
-        if direct_ok([q, k, pos]):  # the op's body without its dispatch (ops/direct.py)
-            check_inplace_rope(q, k)
-            _impl(name).rope_3d_(q, k, pos, dims, float(theta), bool(interleaved), False)
-            torch.autograd.graph.increment_version((q, k))
-        else:
-            rope_3d_inplace_op(q, k, pos, dims, float(theta), bool(interleaved), False, name)
+        call(rope_3d_inplace_op, q, k, pos, dims, float(theta), bool(interleaved), False, name)
         return q, k
     return call(rope_3d_op, q, k, pos, dims, float(theta), bool(interleaved), False, name)
