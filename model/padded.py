@@ -56,10 +56,10 @@ def padded_forward(model: VideoDiT, latents: Sequence[Tensor], pack: vk.VideoPac
     if pad not in ("grid", "tokens"):
         raise ValueError(f"pad must be 'grid' or 'tokens', got {pad!r}")
     cfg = model.config
-    if isinstance(pack, vk.VideoPack) and (pack.text_lengths is None or min(pack.text_lengths) < 1):
+    model.check_inputs(latents, pack, timesteps, text)
+    if min(pack.text_lengths) < 1:
         raise ValueError("padded_forward needs >= 1 text token per video (a fully masked "
                          "cross-attention row is NaN in SDPA)")
-    model.check_inputs(latents, pack, timesteps, text)
     latents = list(latents)
     b, dev, dtype = pack.batch_size, latents[0].device, model.patch_embed.weight.dtype
     pt, ph, pw = cfg.patch_size

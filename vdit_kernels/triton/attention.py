@@ -596,9 +596,9 @@ def _attn_bwd_dq_kernel(
 # there (7 products like "split", 2.3x our throughput per product) with dK/dV 128 keys x
 # 64 queries keys-major and dQ 128 x 64, both at 3 stages and 8 warps (its sm_90 default
 # for head dims 64-128): both are candidates here and both the D = 128 defaults (the dQ
-# tile spill-free, the dK/dV one spilling outside its loop). Beyond its tiles flex has no leaner loop: its backward template (torch
-# 2.11's flex_backwards.py.jinja written out for no score_mod and lengths that are not
-# block multiples, the mixed pack's case) compiled for sm_90a under Triton 3.6 at those
+# tile spill-free, the dK/dV one spilling outside its loop). Beyond its tiles flex has no
+# leaner loop: its backward template (torch 2.11's flex_backwards.py.jinja written out
+# for no score_mod and lengths that are not block multiples, the mixed pack's case) compiled for sm_90a under Triton 3.6 at those
 # tiles issues 898 instructions per dK/dV step (255 registers, 128 B spilled) and 537 per
 # dQ step, against 412 and 384 for the same tiles here (24 and 20 wgmma each on both).
 # Extra candidates may spill up to SPILL_BUDGET bytes (the static report
