@@ -50,6 +50,7 @@ Not implemented: uneven shards.
 from __future__ import annotations
 
 import dataclasses
+import operator
 from typing import Optional, Sequence
 
 import torch
@@ -112,18 +113,38 @@ def merge_attention(outs: Sequence[Tensor], lses: Sequence[Tensor]) -> tuple[Ten
 
 # -- sharding a pack ---------------------------------------------------------------------
 
+def _as_int(value) -> Optional[int]:
+    """value as an int (a Python or NumPy int, a 0-d integer tensor), or None for anything
+    else: a bool, a float, a string."""
+    if isinstance(value, bool):
+        return None
+    try:
+        return operator.index(value)
+    except TypeError:
+        return None
+
+
+def _positive_int(value, name: str) -> int:
+    v = _as_int(value)
+    if v is None or v < 1:
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
+    return v
+
+
 def shard_size(num_tokens: int, world_size: int) -> int:
     """Tokens per rank: ceil(num_tokens / world_size); the pack is padded to world_size times it."""
     world_size = _positive_int(world_size, "world_size")
-    if isinstance(num_tokens, bool) or not hasattr(num_tokens, "__index__") or num_tokens.__index__() < 0:
+    n = _as_int(num_tokens)
+    if n is None or n < 0:
         raise ValueError(f"num_tokens must be a non-negative int, got {num_tokens!r}")
-    return -(-num_tokens.__index__() // world_size)
+    return -(-n // world_size)
 
 
 def _rank_of(rank, world_size: int) -> int:
-    if isinstance(rank, bool) or not hasattr(rank, "__index__") or not 0 <= rank.__index__() < world_size:
+    r = _as_int(rank)
+    if r is None or not 0 <= r < world_size:
         raise ValueError(f"rank {rank!r} is not an int in [0, world_size={world_size})")
-    return rank.__index__()
+    return r
 
 
 def shard_pack(x: Tensor, world_size: int, rank: int) -> Tensor:
@@ -151,7 +172,7 @@ def shard_mask(num_tokens: int, world_size: int, rank: int, device=None) -> Tens
     """
     n = shard_size(num_tokens, world_size)
     rank = _rank_of(rank, world_size)
-    return torch.arange(rank * n, (rank + 1) * n, device=device) < num_tokens.__index__()
+    return torch.arange(rank * n, (rank + 1) * n, device=device) < operator.index(num_tokens)
 
 
 def _world(group) -> tuple[int, int]:
@@ -607,12 +628,6 @@ def usp_shard(ulysses_group, ring_group) -> tuple[int, int]:
                 f"{ulysses_ranks} (each must be one value); build them with vk.usp_groups")
         _USP_LAYOUTS_CHECKED.add(key)
     return u_size * r_size, r_rank * u_size + u_rank
-
-
-def _positive_int(value, name: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be a positive int, got {value!r}")
-    return value
 
 
 def usp_varlen_attention(q_local: Tensor, k_local: Tensor, v_local: Tensor,
