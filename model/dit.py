@@ -35,7 +35,7 @@ from torch import Tensor, nn
 import vdit_kernels as vk
 from vdit_kernels import backend as _backend
 from vdit_kernels import reference as ref
-from vdit_kernels.checks import as_ints, check_pack, check_videos
+from vdit_kernels.checks import as_ints, check_pack, check_videos, positive_int
 
 Backend = Union[None, str, dict]
 
@@ -67,9 +67,7 @@ class DiTConfig:
 
     def __post_init__(self):
         for name in ("in_channels", "hidden", "heads", "head_dim", "depth", "text_dim", "time_freq_dim"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive int, got {value!r}")
+            setattr(self, name, positive_int(getattr(self, name), name))
         if not (self.mlp_ratio > 0 and self.rope_theta > 0 and self.eps > 0):
             raise ValueError(f"mlp_ratio, rope_theta and eps must be positive, got "
                              f"{self.mlp_ratio}, {self.rope_theta}, {self.eps}")

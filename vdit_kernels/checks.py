@@ -48,6 +48,25 @@ def as_ints(values, name: str) -> tuple[int, ...]:
         raise ValueError(f"{name} must be a sequence of ints, got {values!r}") from None
 
 
+def as_int(value) -> Optional[int]:
+    """value as an int (operator.index: a Python or NumPy int, a 0-d integer tensor), or
+    None for anything else: a bool, a float, a string."""
+    if isinstance(value, bool):
+        return None
+    try:
+        return operator.index(value)
+    except TypeError:
+        return None
+
+
+def positive_int(value, name: str) -> int:
+    """value as a positive int (as_int), or a ValueError naming it."""
+    v = as_int(value)
+    if v is None or v < 1:
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
+    return v
+
+
 def first_tensor(args) -> Optional[torch.Tensor]:
     """The first tensor among `args`, or the first of the first list of tensors (videos)."""
     for a in args:

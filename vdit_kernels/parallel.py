@@ -58,7 +58,8 @@ import torch.distributed as dist
 from torch import Tensor
 
 from . import backend as _backend
-from .checks import check, check_cu_seqlens, check_float, checked_qkv, softmax_scale_of
+from .checks import (as_int, check, check_cu_seqlens, check_float, checked_qkv, positive_int,
+                     softmax_scale_of)
 from .ops import attention as attn_ops
 from .ops.attention import varlen_attention
 from .ops.rope import Rope3D, apply_rope_3d
@@ -113,35 +114,17 @@ def merge_attention(outs: Sequence[Tensor], lses: Sequence[Tensor]) -> tuple[Ten
 
 # -- sharding a pack ---------------------------------------------------------------------
 
-def _as_int(value) -> Optional[int]:
-    """value as an int (a Python or NumPy int, a 0-d integer tensor), or None for anything
-    else: a bool, a float, a string."""
-    if isinstance(value, bool):
-        return None
-    try:
-        return operator.index(value)
-    except TypeError:
-        return None
-
-
-def _positive_int(value, name: str) -> int:
-    v = _as_int(value)
-    if v is None or v < 1:
-        raise ValueError(f"{name} must be a positive int, got {value!r}")
-    return v
-
-
 def shard_size(num_tokens: int, world_size: int) -> int:
     """Tokens per rank: ceil(num_tokens / world_size); the pack is padded to world_size times it."""
-    world_size = _positive_int(world_size, "world_size")
-    n = _as_int(num_tokens)
+    world_size = positive_int(world_size, "world_size")
+    n = as_int(num_tokens)
     if n is None or n < 0:
         raise ValueError(f"num_tokens must be a non-negative int, got {num_tokens!r}")
     return -(-n // world_size)
 
 
 def _rank_of(rank, world_size: int) -> int:
-    r = _as_int(rank)
+    r = as_int(rank)
     if r is None or not 0 <= r < world_size:
         raise ValueError(f"rank {rank!r} is not an int in [0, world_size={world_size})")
     return r
@@ -580,7 +563,7 @@ def usp_groups(ulysses_size: int):
     ulysses_size must be 1, and it returns (None, None) (usp_varlen_attention is then plain
     attention).
     """
-    u = _positive_int(ulysses_size, "ulysses_size")
+    u = positive_int(ulysses_size, "ulysses_size")
     world_size, _ = _world(None)
     if world_size % u:
         raise ValueError(f"ulysses_size {u} does not divide the world size {world_size}")

@@ -28,7 +28,7 @@ from torch import Tensor
 
 from .. import backend as _backend
 from .. import reference as ref
-from ..checks import autocast_inputs, check_float, check_pack, check_same, check_videos
+from ..checks import autocast_inputs, check_float, check_pack, check_same, check_videos, positive_int
 from .direct import call, define, register_autograd
 
 FAMILY = "patch"
@@ -295,10 +295,6 @@ def patchify(latents, pack, *, backend: Optional[str] = None) -> Tensor:
     return call(patchify_op, videos, list(pack.patch_size), name)
 
 
-def _channels(channels) -> int:
-    if isinstance(channels, bool) or not hasattr(channels, "__index__") or channels.__index__() <= 0:
-        raise ValueError(f"channels must be a positive int, got {channels!r}")
-    return channels.__index__()
 
 
 def unpatchify(tokens: Tensor, pack, channels: int, *, backend: Optional[str] = None) -> list[Tensor]:
@@ -306,7 +302,7 @@ def unpatchify(tokens: Tensor, pack, channels: int, *, backend: Optional[str] = 
     (C, T_i, H_i, W_i) videos in the tokens' dtype. Differentiable; the backward is patchify."""
     check_float("tokens", tokens)
     check_pack(pack)
-    channels = _channels(channels)
+    channels = positive_int(channels, "channels")
     pt, ph, pw = pack.patch_size
     if tokens.dim() != 2:
         raise ValueError(f"tokens must be (N, C*pt*ph*pw), got shape {tuple(tokens.shape)}")
@@ -366,7 +362,7 @@ def linear_unpatchify(x: Tensor, pack, weight: Tensor, bias: Optional[Tensor], c
     check_float("x", x)
     check_float("weight", weight)
     check_pack(pack)
-    channels = _channels(channels)
+    channels = positive_int(channels, "channels")
     pt, ph, pw = pack.patch_size
     features = channels * pt * ph * pw
     if not (x.dim() == 2 and x.shape[0] == pack.num_tokens):
