@@ -142,6 +142,10 @@ def test_bad_videos(pack):
         vk.patchify([videos[0], videos[1], torch.randn(4, *pack.shapes[2])], pack)
     with pytest.raises(ValueError, match="dtype"):
         vk.patchify([videos[0], videos[1].half(), videos[2]], pack)
+    with pytest.raises(ValueError, match="video 1 is on meta but video 0 is on cpu"):
+        vk.patchify([videos[0], videos[1].to("meta"), videos[2]], pack)
+    with pytest.raises(TypeError, match="video 2 must be a tensor, got list"):
+        vk.patchify([videos[0], videos[1], videos[2].tolist()], pack)
     with pytest.raises(ValueError, match=r"\(C, T, H, W\)"):
         vk.patchify([videos[0][0], videos[1], videos[2]], pack)
     with pytest.raises(ValueError, match=r"\(B, C, T, H, W\)"):

@@ -73,8 +73,12 @@ def _check_name(name: str) -> None:
         raise ValueError(f"unknown backend {name!r}; choose one of auto, {', '.join(BACKENDS)}")
 
 
+@lru_cache(maxsize=None)
 def triton_interpreter() -> bool:
-    """True when TRITON_INTERPRET=1: Triton kernels then run on CPU tensors."""
+    """True when TRITON_INTERPRET=1: Triton kernels then run on CPU tensors. Read once,
+    at the first op call, as Triton itself decides once (when a module's kernels are
+    decorated) whether they are interpreted; a read per call was 0.85 us of host time
+    (os.environ.get) at every op call."""
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
@@ -211,7 +215,8 @@ def resolve(family: str, device: torch.device, backend: Optional[str] = None,
             op: Optional[str] = None, dtype: Optional[torch.dtype] = None) -> str:
     """The concrete backend for one call of op `op` (of `family`) on `device`, with
     tensors of `dtype` (when given)."""
-    return _resolve_name(backend, family, torch.device(device).type, op, dtype)
+    device_type = device.type if isinstance(device, torch.device) else torch.device(device).type
+    return _resolve_name(backend, family, device_type, op, dtype)
 
 
 # Under torch.compile the choice is made once, at trace time, and baked into the graph as
@@ -220,16 +225,19 @@ def resolve(family: str, device: torch.device, backend: Optional[str] = None,
 @torch.compiler.assume_constant_result
 def _resolve_name(backend: Optional[str], family: str, device: str, op: Optional[str],
                   dtype: Optional[torch.dtype]) -> str:
+    # the variables are read at every call (a use_backend block or VDIT_BACKEND may change
+    # between calls); the answers of _why_not are cached
     name = backend or _requested.get() or os.environ.get("VDIT_BACKEND") or "auto"
     _check_name(name)
+    interpreter = triton_interpreter()
     if name != "auto":
-        reason = why_not(name, family, device, op, dtype)
+        reason = _why_not(name, family, device, op, dtype, interpreter)
         if reason is not None:
             raise BackendUnavailable(f"backend {name!r} cannot run {op or 'the ' + family + ' ops'}: {reason}")
         return name
-    if torch.device(device).type == "cuda":
+    if device == "cuda":
         for candidate in DEFAULT_ORDER[family]:
-            if why_not(candidate, family, device, op, dtype) is None:
+            if _why_not(candidate, family, device, op, dtype, interpreter) is None:
                 return candidate
     return "reference"
 

@@ -81,12 +81,14 @@ def _count(arg) -> Optional[int]:
 
 
 def _tensors(args) -> list:
-    """The tensors among an op's arguments, lists of tensors flattened, in argument order."""
+    """The tensors among an op's arguments, lists of tensors flattened, in argument order
+    (the tensors _count counts; inlined: a call of _count per argument was half of this
+    function's 1.6 us for unpatchify's five)."""
     out = []
     for a in args:
         if isinstance(a, torch.Tensor):
             out.append(a)
-        elif _count(a):
+        elif isinstance(a, (list, tuple)) and a and isinstance(a[0], torch.Tensor):
             out.extend(a)
     return out
 
