@@ -14,6 +14,10 @@ Tensors are tiny, so the numbers are host time (Python, dispatcher, autograd eng
 a few microseconds of CPU copies and GEMMs that every route shares. Not a GPU timing: the
 H100 machine's host took several times longer for each layer.
 
+Second, the Python of the public patchify / unpatchify on the cuda backend, up to its C++
+op (the op replaced by a function returning preallocated outputs, the resolution answered
+as for CUDA tensors): what the train pack's host-bound calls spend before the C++ op.
+
     python -m benchmarks.host_routes [--calls 3000]
 """
 from __future__ import annotations
@@ -23,7 +27,9 @@ import time
 
 import torch
 
+import vdit_kernels as vk
 from vdit_kernels import backend as _backend
+from vdit_kernels.cuda import patch as cuda_patch
 from vdit_kernels.ops import direct
 from vdit_kernels.ops import patch as patch_ops
 
@@ -81,6 +87,32 @@ def main(argv=None) -> None:
     rows.append(("permute+linear", _per_call_us(peer, args.calls)))
     print(f"patch_embed forward + backward, {len(SHAPES)} tiny CPU videos, torch {torch.__version__}: "
           f"host microseconds a call (best of 5 x {args.calls})")
+    for name, us in rows:
+        print(f"  {name:16s} {us:7.1f} us")
+    python_before_the_op(args.calls)
+
+
+def python_before_the_op(calls: int) -> None:
+    """Host us of the public patchify / unpatchify's Python on the cuda route, 6 videos."""
+    shapes = [(3, 4, 4)] * 4 + [(5, 2, 4)] * 2
+    pack = vk.VideoPack.from_shapes(shapes, patch_size=(1, 2, 2))
+    videos = [torch.randn(16, *s) for s in shapes]
+    tokens = torch.empty(pack.num_tokens, 64)
+    outs = [torch.empty(16, *s) for s in shapes]
+    saved = (_backend.resolve, _backend._gpu_visible, cuda_patch.patchify, cuda_patch.unpatchify)
+    resolve = _backend.resolve
+    try:  # resolved as for CUDA tensors (a visible GPU), the C++ ops' place taken by stubs
+        _backend._gpu_visible = lambda: True
+        _backend.resolve = lambda family, device, *rest: resolve(family, torch.device("cuda"), *rest)
+        cuda_patch.patchify = lambda v, patch_size: tokens
+        cuda_patch.unpatchify = lambda t, s, patch_size, channels: outs
+        assert vk.patchify(videos, pack) is tokens  # the cuda route, not the reference
+        rows = [("patchify", _per_call_us(lambda: vk.patchify(videos, pack), calls)),
+                ("unpatchify", _per_call_us(lambda: vk.unpatchify(tokens, pack, 16), calls))]
+    finally:
+        _backend.resolve, _backend._gpu_visible, cuda_patch.patchify, cuda_patch.unpatchify = saved
+        _backend._why_not.cache_clear()  # it cached answers for the faked GPU
+    print(f"public functions on the cuda route, {len(shapes)} videos: host us of the Python before the C++ op")
     for name, us in rows:
         print(f"  {name:16s} {us:7.1f} us")
 

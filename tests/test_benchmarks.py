@@ -554,14 +554,22 @@ def test_sigterm_writes_the_results_so_far(monkeypatch, tmp_path):
 
 
 def test_host_routes_runs_and_restores_the_routes(capsys):
+    import vdit_kernels as vk
     from vdit_kernels import backend as B
     from vdit_kernels.ops import direct
     if B.extension() is None or not B.extension_has_cuda():
         pytest.skip("vdit_kernels._C was built without CUDA")
     from benchmarks import host_routes
+    from vdit_kernels.cuda import patch as cuda_patch
     native, enabled = dict(direct._NATIVE), direct.ENABLED
+    patched = (B.resolve, B._gpu_visible, cuda_patch.patchify, cuda_patch.unpatchify)
     host_routes.main(["--calls", "10"])
     out = capsys.readouterr().out
-    for route in ("c++ autograd", "python autograd", "registered op", "permute+linear"):
+    for route in ("c++ autograd", "python autograd", "registered op", "permute+linear", "patchify", "unpatchify"):
         assert route in out
     assert direct._NATIVE == native and direct.ENABLED == enabled
+    # the faked GPU and stubbed ops are gone, and so is what the resolution cached under them
+    assert (B.resolve, B._gpu_visible, cuda_patch.patchify, cuda_patch.unpatchify) == patched
+    if not torch.cuda.is_available():
+        with pytest.raises(vk.BackendUnavailable, match="no CUDA GPU"):
+            B.resolve("patch", torch.device("cuda"), "cuda", "patchify", torch.float32)
