@@ -54,10 +54,20 @@ TORCH_LIBRARY(vdit_C, m) {
         "bool interleaved, bool inverse) -> ()");
 }
 
-// Importing vdit_kernels._C runs the static registrations above; the module itself is empty.
+#ifdef VDIT_WITH_CUDA
+namespace vdit {
+PyMethodDef* direct_methods();  // csrc/direct_host.cpp
+}
+#endif
+
+// Importing vdit_kernels._C runs the static registrations above. The module itself holds,
+// in CUDA builds, the direct calls of csrc/direct_host.cpp; otherwise nothing.
 extern "C" {
 PyObject* PyInit__C(void) {
   static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", "vdit_kernels compiled ops", -1, nullptr};
+#ifdef VDIT_WITH_CUDA
+  module_def.m_methods = vdit::direct_methods();
+#endif
   return PyModule_Create(&module_def);
 }
 }

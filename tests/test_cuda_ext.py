@@ -212,21 +212,56 @@ def test_unpatchify_non_contiguous_tokens_and_grad():
 
 
 def _patch_bad_input_checks():
+    # both ways in: the registered ops and the direct calls cuda.patch makes (csrc/direct_host.cpp)
+    import vdit_kernels.cuda.patch  # noqa: F401  (loads _C)
+    from vdit_kernels import _C
     v = torch.randn(4, 2, 4, 6, device=DEVICE)
-    with pytest.raises(RuntimeError, match="patch_size"):
-        torch.ops.vdit_C.patchify([v], [1, 2])
-    with pytest.raises(RuntimeError, match="divisible"):
-        torch.ops.vdit_C.patchify([v], [1, 4, 4])
-    with pytest.raises(RuntimeError, match="dtype"):
-        torch.ops.vdit_C.patchify([v, v.half()], [1, 2, 2])
-    with pytest.raises(RuntimeError, match="rows"):
-        torch.ops.vdit_C.unpatchify(torch.randn(5, 16, device=DEVICE), [2, 4, 6], [1, 2, 2], 4)
-    with pytest.raises(RuntimeError, match="patch_size must be in"):
-        torch.ops.vdit_C.patchify([v], [1, 0, 2])
-    with pytest.raises(RuntimeError, match="patch_size must be in"):  # C*pt*ph*pw would overflow int64
-        torch.ops.vdit_C.patchify([v], [1, 2 ** 40, 2])
-    with pytest.raises(RuntimeError, match="channels must be in"):
-        torch.ops.vdit_C.unpatchify(torch.randn(5, 16, device=DEVICE), [2, 4, 6], [1, 2, 2], 2 ** 62)
+    for patchify, unpatchify in ((torch.ops.vdit_C.patchify, torch.ops.vdit_C.unpatchify),
+                                 (_C.direct_patchify, _C.direct_unpatchify)):
+        with pytest.raises(RuntimeError, match="patch_size"):
+            patchify([v], [1, 2])
+        with pytest.raises(RuntimeError, match="divisible"):
+            patchify([v], [1, 4, 4])
+        with pytest.raises(RuntimeError, match="dtype"):
+            patchify([v, v.half()], [1, 2, 2])
+        with pytest.raises(RuntimeError, match="rows"):
+            unpatchify(torch.randn(5, 16, device=DEVICE), [2, 4, 6], [1, 2, 2], 4)
+        with pytest.raises(RuntimeError, match="patch_size must be in"):
+            patchify([v], [1, 0, 2])
+        with pytest.raises(RuntimeError, match="patch_size must be in"):  # C*pt*ph*pw would overflow int64
+            patchify([v], [1, 2 ** 40, 2])
+        with pytest.raises(RuntimeError, match="channels must be in"):
+            unpatchify(torch.randn(5, 16, device=DEVICE), [2, 4, 6], [1, 2, 2], 2 ** 62)
+    # the direct calls' own argument conversion (the ops' schemas do it for torch.ops)
+    for call, message in ((lambda: _C.direct_patchify([v]), "takes 2 arguments, got 1"),
+                          (lambda: _C.direct_patchify(v, [1, 2, 2]), "videos must be a list or tuple, got Tensor"),
+                          (lambda: _C.direct_patchify([v, 3], [1, 2, 2]), "videos must hold tensors, got int"),
+                          (lambda: _C.direct_patchify([v], [1, True, 2]), "patch_size must be an int, got bool"),
+                          (lambda: _C.direct_unpatchify(v, [2, 4, 6], [1, 2, 2], 4.0), "channels must be an int"),
+                          (lambda: _C.direct_unpatchify([v], [2, 4, 6], [1, 2, 2], 4), "tokens must be a tensor")):
+        with pytest.raises(TypeError, match=message):
+            call()
+
+
+@needs_cuda_build
+def test_direct_calls_are_the_ops():
+    # cuda.patch calls the ops' implementation directly; on CPU tensors both ways run the
+    # same checks, then refuse the same way (on a GPU the patch tests compare results)
+    from vdit_kernels import _C
+    from vdit_kernels.cuda import patch as cuda_patch
+    assert cuda_patch._direct_patchify is _C.direct_patchify
+    assert cuda_patch._direct_unpatchify is _C.direct_unpatchify
+    v = torch.randn(4, 2, 4, 6)
+    for direct, op, args in ((_C.direct_patchify, torch.ops.vdit_C.patchify, ([v], [1, 2, 2])),
+                             (_C.direct_patchify, torch.ops.vdit_C.patchify, ([v, v.half()], [1, 2, 2])),
+                             (_C.direct_unpatchify, torch.ops.vdit_C.unpatchify,
+                              (torch.randn(12, 16), [2, 4, 6], [1, 2, 2], 4))):
+        errors = []
+        for fn in (direct, op):
+            with pytest.raises(RuntimeError) as info:
+                fn(*args)
+            errors.append(str(info.value))
+        assert errors[0] == errors[1]
 
 
 @needs_cuda_build
