@@ -5,7 +5,9 @@ The H100 machine's timed patch_embed calls were bound by host time, not by the G
 any CPU machine with the CUDA build of vdit_kernels._C, the host cost of the layers
 around the same C++ computation (whose CPU tensors take ATen copies for the gather):
 
-  c++ autograd     ops/direct.py's native route: the C++ op with its C++ autograd formula
+  c++ autograd     ops/direct.py's native route: the C++ op with its C++ autograd formula,
+                   called without the dispatcher (csrc/direct_host.cpp)
+  c++ via torch.ops  the same through the dispatcher (torch.ops.vdit_C.patch_embed)
   python autograd  the route the Python autograd.Function takes (the native table emptied)
   registered op    VDIT_DIRECT=0: the torch.library op and its registered Python formula
   permute+linear   the peer (the patch suite's): per-video view + permute, torch.cat, F.linear
@@ -74,21 +76,26 @@ def main(argv=None) -> None:
         out.backward(torch.ones_like(out))
 
     native, enabled = dict(direct._NATIVE), direct.ENABLED
+    table = dict(cuda_patch.AUTOGRAD)
     rows = []
     try:
         rows.append(("c++ autograd", _per_call_us(ours, args.calls)))
+        cuda_patch.AUTOGRAD["patch_embed"] = cuda_patch.patch_embed
+        rows.append(("c++ via torch.ops", _per_call_us(ours, args.calls)))
+        cuda_patch.AUTOGRAD.update(table)
         direct._NATIVE.clear()
         rows.append(("python autograd", _per_call_us(ours, args.calls)))
         direct.ENABLED = False
         rows.append(("registered op", _per_call_us(ours, args.calls)))
     finally:
+        cuda_patch.AUTOGRAD.update(table)
         direct._NATIVE.update(native)
         direct.ENABLED = enabled
     rows.append(("permute+linear", _per_call_us(peer, args.calls)))
     print(f"patch_embed forward + backward, {len(SHAPES)} tiny CPU videos, torch {torch.__version__}: "
           f"host microseconds a call (best of 5 x {args.calls})")
     for name, us in rows:
-        print(f"  {name:16s} {us:7.1f} us")
+        print(f"  {name:18s} {us:7.1f} us")
     python_before_the_op(args.calls)
 
 
@@ -114,7 +121,7 @@ def python_before_the_op(calls: int) -> None:
         _backend._why_not.cache_clear()  # it cached answers for the faked GPU
     print(f"public functions on the cuda route, {len(shapes)} videos: host us of the Python before the C++ op")
     for name, us in rows:
-        print(f"  {name:16s} {us:7.1f} us")
+        print(f"  {name:18s} {us:7.1f} us")
 
 
 if __name__ == "__main__":

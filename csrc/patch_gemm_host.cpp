@@ -294,6 +294,8 @@ struct LinearUnpatchifyFunction : public torch::autograd::Function<LinearUnpatch
   }
 };
 
+}  // namespace
+
 at::Tensor patch_embed_autograd(at::TensorList videos, const at::Tensor& weight,
                                 const std::optional<at::Tensor>& bias) {
   return PatchEmbedFunction::apply(videos, weight, bias);
@@ -305,7 +307,6 @@ std::vector<at::Tensor> linear_unpatchify_autograd(const at::Tensor& x, const at
   return LinearUnpatchifyFunction::apply(x, weight, bias, shapes, patch_size, channels);
 }
 
-}  // namespace
 }  // namespace vdit
 
 // Device-generic bodies (CPU: ATen copies for the gather), the autograd formula on top.

@@ -1,10 +1,11 @@
-// The CUDA patchify / unpatchify as C++ functions (csrc/patch_host.cpp), for the host code
-// that builds on them without a dispatcher call (csrc/patch_gemm_host.cpp). Host compiler
-// only; no CUDA header here.
+// The CUDA patch ops as C++ functions, for the host code that calls them without the
+// dispatcher: patch_gemm_host.cpp builds on patchify / unpatchify, and direct_host.cpp
+// exposes all four to Python. Host compiler only; no CUDA header here.
 #pragma once
 
 #include <ATen/core/Tensor.h>
 
+#include <optional>
 #include <vector>
 
 namespace vdit {
@@ -13,5 +14,13 @@ namespace vdit {
 at::Tensor patchify_tokens(at::TensorList videos, c10::IntArrayRef patch_size);
 std::vector<at::Tensor> unpatchify_videos(const at::Tensor& tokens, c10::IntArrayRef shapes,
                                           c10::IntArrayRef patch_size, int64_t channels);
+
+// vdit_C::patch_embed / vdit_C::linear_unpatchify as their Autograd kernels run them: the C++
+// autograd Function (csrc/patch_gemm_host.cpp), with a graph where an input requires grad.
+at::Tensor patch_embed_autograd(at::TensorList videos, const at::Tensor& weight,
+                                const std::optional<at::Tensor>& bias);
+std::vector<at::Tensor> linear_unpatchify_autograd(const at::Tensor& x, const at::Tensor& weight,
+                                                   const std::optional<at::Tensor>& bias, c10::IntArrayRef shapes,
+                                                   c10::IntArrayRef patch_size, int64_t channels);
 
 }  // namespace vdit

@@ -249,8 +249,8 @@ def test_direct_calls_are_the_ops():
     # same checks, then refuse the same way (on a GPU the patch tests compare results)
     from vdit_kernels import _C
     from vdit_kernels.cuda import patch as cuda_patch
-    assert cuda_patch._direct_patchify is _C.direct_patchify
-    assert cuda_patch._direct_unpatchify is _C.direct_unpatchify
+    assert cuda_patch._direct["patchify"] is _C.direct_patchify
+    assert cuda_patch._direct["unpatchify"] is _C.direct_unpatchify
     v = torch.randn(4, 2, 4, 6)
     for direct, op, args in ((_C.direct_patchify, torch.ops.vdit_C.patchify, ([v], [1, 2, 2])),
                              (_C.direct_patchify, torch.ops.vdit_C.patchify, ([v, v.half()], [1, 2, 2])),
@@ -480,6 +480,27 @@ def _gemm_calls(pack, videos, weight, bias, x, lin_w, lin_b):
 
 
 @needs_cuda_build
+@pytest.mark.parametrize("with_bias", [True, False])
+@pytest.mark.parametrize("op", ["patch_embed", "linear_unpatchify"])
+def test_gemm_direct_calls_are_the_ops(op, with_bias):
+    # the cuda backend's eager route (its AUTOGRAD table) calls the ops' Autograd kernels
+    # without the dispatcher (csrc/direct_host.cpp): the same outputs and gradients, bit for bit
+    from vdit_kernels import _C
+    from vdit_kernels.cuda import patch as cuda_patch
+    direct = getattr(_C, f"direct_{op}")
+    assert cuda_patch.AUTOGRAD[op] is direct
+    pack, videos, weight, bias, x, lin_w, lin_b = _gemm_inputs(torch.float32, with_bias)
+    through_op, _, leaves = _gemm_calls(pack, videos, weight, bias, x, lin_w, lin_b)[op]
+    shapes = [s for shape in pack.shapes for s in shape]
+    args = (videos, weight, bias) if op == "patch_embed" else (x, lin_w, lin_b, shapes, [1, 2, 2], 3)
+    outs, grads = _outputs_and_grads(lambda: direct(*args), leaves)
+    ref_outs, ref_grads = _outputs_and_grads(through_op, leaves)
+    assert all(torch.equal(a, b) for a, b in zip(outs + grads, ref_outs + ref_grads))
+    with torch.no_grad():  # no graph where nothing records one
+        assert all(o.grad_fn is None for o in ([direct(*args)] if op == "patch_embed" else direct(*args)))
+
+
+@needs_cuda_build
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("with_bias", [True, False])
 @pytest.mark.parametrize("op", ["patch_embed", "linear_unpatchify"])
@@ -671,6 +692,16 @@ def _gemm_bad_input_checks():
         torch.ops.vdit_C.linear_unpatchify(x, lw, torch.randn(5, device=DEVICE), [2, 4, 6], [1, 2, 2], 3)
     with pytest.raises(RuntimeError, match="video gradients make"):
         torch.ops.vdit_C.linear_unpatchify_backward([v[:, :1]], x, lw, [1, 2, 2], False)
+    # the direct calls (csrc/direct_host.cpp) raise the ops' checks, and their own for arguments
+    from vdit_kernels import _C
+    with pytest.raises(RuntimeError, match="bias must be"):
+        _C.direct_patch_embed([v], w, torch.randn(7, device=DEVICE))
+    with pytest.raises(RuntimeError, match="bias must be"):
+        _C.direct_linear_unpatchify(x, lw, torch.randn(5, device=DEVICE), [2, 4, 6], [1, 2, 2], 3)
+    with pytest.raises(TypeError, match="bias must be a tensor, got list"):
+        _C.direct_patch_embed([v], w, [0.0] * 8)
+    with pytest.raises(TypeError, match="takes 6 arguments, got 5"):
+        _C.direct_linear_unpatchify(x, lw, None, [2, 4, 6], [1, 2, 2])
 
 
 @gpu_only

@@ -23,28 +23,33 @@ from . import _backend  # (loads vdit_kernels._C)
 DTYPES = KERNEL_DTYPES
 
 
-# patchify / unpatchify call the ops' CUDA implementation as plain Python functions of _C
-# (csrc/direct_host.cpp), without the dispatcher's boxed call: on 6 small CPU tensors that
-# call cost 6.9 / 14.0 us through torch.ops and 3.2 / 8.7 us so (a stand-in op of the same
-# schema; 2026-11-27), beside a train pack's 39 / 35 us of kernels on an H100 whose host
-# runs these layers about 4x slower. A _C built before those functions existed takes the ops.
-# (The int lists arrive as the ops' schemas type them, Python ints: no conversion here.)
-_direct_patchify = getattr(_backend.extension(), "direct_patchify", None)
-_direct_unpatchify = getattr(_backend.extension(), "direct_unpatchify", None)
+# The eager calls skip the dispatcher's boxed call: patchify / unpatchify and the AUTOGRAD
+# table below call the ops' C++ functions as plain Python functions of _C
+# (csrc/direct_host.cpp). On 6 small CPU tensors a stand-in op of patchify's schema cost
+# 6.9 us a call through torch.ops and 3.2 us so, 14.0 / 8.7 us returning 6 tensors
+# (2026-11-27), beside a train pack's 39 / 35 us of patchify / unpatchify kernels on an H100
+# whose host runs these layers about 4x slower. A _C built before those functions existed
+# takes the ops. (The int lists arrive as the ops' schemas type them: no conversion here.)
+_C = _backend.extension()
+_direct = {name: getattr(_C, f"direct_{name}", None)
+           for name in ("patchify", "unpatchify", "patch_embed", "linear_unpatchify")}
 
 
 def patchify(videos, patch_size):
-    if _direct_patchify is not None:
-        return _direct_patchify(videos, patch_size)
+    if _direct["patchify"] is not None:
+        return _direct["patchify"](videos, patch_size)
     return torch.ops.vdit_C.patchify.default(videos, patch_size)
 
 
 def unpatchify(tokens, shapes, patch_size, channels):
-    if _direct_unpatchify is not None:
-        return _direct_unpatchify(tokens, shapes, patch_size, channels)
+    if _direct["unpatchify"] is not None:
+        return _direct["unpatchify"](tokens, shapes, patch_size, channels)
     return torch.ops.vdit_C.unpatchify.default(tokens, shapes, patch_size, channels)
 
 
+# patch_embed / linear_unpatchify stay on the dispatcher: the registered torch.ops.vdit op
+# calls them below its autograd layer, where their vdit_C op must not record a graph (the
+# dispatcher then skips its Autograd kernel; a direct call of that kernel would not)
 def patch_embed(videos, weight, bias):
     return torch.ops.vdit_C.patch_embed(list(videos), weight, bias)
 
@@ -55,17 +60,18 @@ def patch_embed_backward(grad, videos, weight, with_bias):
 
 
 def linear_unpatchify(x, weight, bias, shapes, patch_size, channels):
-    return list(torch.ops.vdit_C.linear_unpatchify(x, weight, bias, [int(s) for s in shapes],
-                                                   [int(p) for p in patch_size], int(channels)))
+    return list(torch.ops.vdit_C.linear_unpatchify(x, weight, bias, shapes, patch_size, channels))
 
 
 def linear_unpatchify_backward(grad_videos, x, weight, patch_size, with_bias):
     grad_x, grad_w, grad_b = torch.ops.vdit_C.linear_unpatchify_backward(
-        list(grad_videos), x, weight, [int(p) for p in patch_size], bool(with_bias))
+        list(grad_videos), x, weight, patch_size, bool(with_bias))
     return grad_x, grad_w, grad_b if with_bias else None
 
 
-# op name -> the same computation with its autograd formula built in (ops/direct.py): the
-# contract functions above, whose vdit_C ops run their C++ Autograd kernel when an input
-# needs a gradient
-AUTOGRAD = {"patch_embed": patch_embed, "linear_unpatchify": linear_unpatchify}
+# op name -> the same computation with its autograd formula built in (ops/direct.py, which
+# calls these only in plain eager code): the vdit_C ops' Autograd kernels, the C++ autograd
+# Function that records a graph where an input needs a gradient, called directly where _C
+# has the direct calls, else through the ops
+AUTOGRAD = {"patch_embed": _direct["patch_embed"] or patch_embed,
+            "linear_unpatchify": _direct["linear_unpatchify"] or linear_unpatchify}
