@@ -43,7 +43,7 @@ ENABLED = os.environ.get("VDIT_DIRECT", "1") != "0"
 _FORMULAS: dict = {}  # op -> (impl, setup_context, backward)
 _NATIVE: dict = {}  # op -> native(backend name): the op with its own autograd, or None
 _MUTATING: dict = {}  # op -> (impl, positions of the arguments it mutates)
-_PLAIN = (torch.Tensor, torch.nn.Parameter)
+_PLAIN = frozenset((torch.Tensor, torch.nn.Parameter))  # (a set: one C-level pass over the types)
 
 
 def define(name: str, impl: Callable, native: Optional[Callable] = None):
@@ -100,7 +100,7 @@ def direct_ok(tensors) -> bool:
             and _python_dispatch._get_current_dispatch_mode() is None
             and torch._C._len_torch_function_stack() == 0
             and not torch._C._are_functorch_transforms_active()
-            and all(type(t) in _PLAIN for t in tensors))
+            and _PLAIN.issuperset(map(type, tensors)))
 
 
 def call(op, *args):
