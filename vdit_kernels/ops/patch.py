@@ -21,6 +21,7 @@ videos are lists of (C, T, H, W) tensors, shapes a flat [T0, H0, W0, T1, ...] li
 """
 from __future__ import annotations
 
+import itertools
 from typing import Optional, Sequence
 
 import torch
@@ -40,6 +41,12 @@ def _triples(flat: Sequence[int]) -> list[tuple[int, int, int]]:
 
 def _flat(shapes) -> list[int]:
     return [int(s) for shape in shapes for s in shape]
+
+
+def _pack_shapes(pack) -> list[int]:
+    """pack.shapes as the ops' flat `shapes` list (its sizes are ints by construction: no
+    conversion, 0.5 us where _flat took 1.4 us for 6 videos)."""
+    return list(itertools.chain.from_iterable(pack.shapes))
 
 
 def _num_tokens(shapes: Sequence[int], patch_size: Sequence[int]) -> int:
@@ -312,7 +319,7 @@ def unpatchify(tokens: Tensor, pack, channels: int, *, backend: Optional[str] = 
         raise ValueError(f"tokens has {tokens.shape[1]} features, "
                          f"expected channels*pt*ph*pw = {channels * pt * ph * pw}")
     name = _backend.resolve(FAMILY, tokens.device, backend, "unpatchify", tokens.dtype)
-    return call(unpatchify_op, tokens, _flat(pack.shapes), list(pack.patch_size), channels, name)
+    return call(unpatchify_op, tokens, _pack_shapes(pack), list(pack.patch_size), channels, name)
 
 
 def patch_embed(latents, pack, weight: Tensor, bias: Optional[Tensor] = None, *,
@@ -381,5 +388,5 @@ def linear_unpatchify(x: Tensor, pack, weight: Tensor, bias: Optional[Tensor], c
         names.append("bias")
     check_same(names, tensors)
     name = _backend.resolve(FAMILY, x.device, backend, "linear_unpatchify", x.dtype)
-    return call(linear_unpatchify_op, x, weight, bias, _flat(pack.shapes), list(pack.patch_size), channels,
+    return call(linear_unpatchify_op, x, weight, bias, _pack_shapes(pack), list(pack.patch_size), channels,
                 name)
