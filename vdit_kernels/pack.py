@@ -72,11 +72,11 @@ def device_table(values: Sequence[int], device, dtype=torch.int64) -> torch.Tens
         if device.index is None:
             device = torch.device("cuda", torch.cuda.current_device())
         if torch.cuda.is_current_stream_capturing():
-            host = torch.tensor([int(v) for v in values], dtype=dtype).pin_memory()
+            host = torch.tensor(list(values), dtype=dtype).pin_memory()
             _CAPTURED_TABLES.append((host, host.to(device, non_blocking=True)))
             return _CAPTURED_TABLES[-1][1]
         stream = torch.cuda.current_stream(device).cuda_stream
-    key = (device, stream, dtype, tuple(int(v) for v in values))
+    key = (device, stream, dtype, tuple(values))  # (Python ints: the callers' pointers, strides, offsets)
     hit = _TABLES.get(key)
     if hit is not None:
         _TABLES.move_to_end(key)
