@@ -172,6 +172,28 @@ def test_bad_videos(pack):
         vk.linear_unpatchify(torch.randn(pack.num_tokens, 8), pack, None, None, 3)
 
 
+def test_videos_fast_check_accepts_what_the_named_checks_accept(pack):
+    # check_videos tries one comparison per video first (host time) and names what is
+    # wrong only when that fails: the two must accept the same inputs, with one channel count
+    from vdit_kernels.checks import _check_each_video, _videos_match
+    good = [torch.randn(3, *s) for s in pack.shapes]
+    cases = [good, [v.half() for v in good], [v.double() for v in good],
+             [torch.nn.Parameter(v) for v in good], [v.transpose(2, 3).contiguous().transpose(2, 3) for v in good],
+             [torch.randn(0, *s) for s in pack.shapes], [good[0], good[1].half(), good[2]],
+             [v.long() for v in good], [v > 0 for v in good], [good[0][0], good[1], good[2]],
+             [good[0], good[1][:, :, :1], good[2]], [good[0], good[1], torch.randn(4, *pack.shapes[2])],
+             [good[0], good[1].to("meta"), good[2]], [good[0], good[1].tolist(), good[2]],
+             [good[0].tolist(), good[1], good[2]], [v[None] for v in good]]
+    for i, videos in enumerate(cases):
+        fast = _videos_match(videos, pack)
+        try:
+            named = _check_each_video(videos, pack)
+        except (ValueError, TypeError):
+            named = None
+        assert fast == named, f"case {i}: the fast check says {fast}, the named checks {named}"
+    assert _videos_match(good, pack) == 3
+
+
 def test_pack_sizes_must_be_ints():
     for kwargs, name in ((dict(shapes=[(1, 4.5, 4)]), "video 0: shape"), (dict(shapes=["144"]), "video 0: shape"),
                          (dict(shapes=[(1, 4, 4)], patch_size=(1, 2.7, 2)), "patch_size"),

@@ -148,18 +148,30 @@ def check_videos(videos: list[torch.Tensor], pack) -> int:
     if len(videos) != pack.batch_size:
         raise ValueError(f"got {len(videos)} videos for a pack of {pack.batch_size}")
     check(len(videos) > 0, "the pack holds no video")
+    channels = _videos_match(videos, pack)
+    return channels if channels is not None else _check_each_video(videos, pack)
+
+
+def _videos_match(videos: list[torch.Tensor], pack) -> Optional[int]:
+    """The channel count C when every video is a floating (C, T_i, H_i, W_i) tensor of the
+    pack's sizes, of one dtype and device; else None. One comparison per property and
+    video: _check_each_video, which names what is wrong, took 1.4 us a video (CPU; the H100
+    machine's host ~4x that), as much as a train pack's patchify kernels on an H100. It
+    accepts exactly what _check_each_video accepts (tests/test_api.py compares them)."""
     first = videos[0]
-    # Fast path, one comparison per property and video: the loop below, which names what
-    # is wrong, took 1.4 us a video (CPU; the H100 machine's host ~4x that), as much as a
-    # train pack's patchify kernels on an H100. It accepts exactly what the loop accepts.
-    if isinstance(first, torch.Tensor) and first.dim() == 4 and first.dtype in FLOAT_DTYPES:
-        channels, dtype, device = first.shape[0], first.dtype, first.device
-        for v, (t, h, w) in zip(videos, pack.shapes):
-            if not (isinstance(v, torch.Tensor) and v.shape == (channels, t, h, w)
-                    and v.dtype == dtype and v.device == device):
-                break
-        else:
-            return channels
+    if not (isinstance(first, torch.Tensor) and first.dim() == 4 and first.dtype in FLOAT_DTYPES):
+        return None
+    channels, dtype, device = first.shape[0], first.dtype, first.device
+    for v, (t, h, w) in zip(videos, pack.shapes):
+        if not (isinstance(v, torch.Tensor) and v.shape == (channels, t, h, w)
+                and v.dtype == dtype and v.device == device):
+            return None
+    return channels
+
+
+def _check_each_video(videos: list[torch.Tensor], pack) -> int:
+    """check_videos' checks one by one, raising for the first that fails; the channel count."""
+    first = videos[0]
     check_float("video 0", first)
     channels, dtype, device = (first.shape[0] if first.dim() else None), first.dtype, first.device
     for i, (v, shape) in enumerate(zip(videos, pack.shapes)):
