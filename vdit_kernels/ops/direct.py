@@ -33,6 +33,7 @@ import) sends every call through the ops, as tests do to compare the two.
 from __future__ import annotations
 
 import inspect
+import operator
 import os
 from typing import Callable, Optional, Sequence
 
@@ -43,6 +44,7 @@ ENABLED = os.environ.get("VDIT_DIRECT", "1") != "0"
 _FORMULAS: dict = {}  # op -> (impl, setup_context, backward)
 _NATIVE: dict = {}  # op -> native(backend name): the op with its own autograd, or None
 _MUTATING: dict = {}  # op -> (impl, positions of the arguments it mutates)
+_REQUIRES_GRAD = operator.attrgetter("requires_grad")  # (map with it: no generator frame a tensor)
 _PLAIN = frozenset((torch.Tensor, torch.nn.Parameter))  # (a set: one C-level pass over the types)
 
 
@@ -112,7 +114,7 @@ def call(op, *args):
         return op(*args)
     if op in _MUTATING:
         impl, mutated = _MUTATING[op]
-        if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+        if torch.is_grad_enabled() and any(map(_REQUIRES_GRAD, tensors)):
             return op(*args)  # the op's own autograd error
         impl(*args)
         torch.autograd.graph.increment_version([args[i] for i in mutated])
@@ -125,7 +127,7 @@ def call(op, *args):
         if fn is not None:
             return fn(*args[:-1])
     impl, setup, backward = _FORMULAS[op]
-    if not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors)):
+    if not (torch.is_grad_enabled() and any(map(_REQUIRES_GRAD, tensors))):
         return impl(*args)
     if backward is None:  # no formula: the op's own error on backward
         return op(*args)
