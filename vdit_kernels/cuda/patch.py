@@ -10,8 +10,8 @@ patch_embed and linear_unpatchify compute what the Triton backend's "gemm" varia
 computes, the variant the H100 picked on every pack; the fused Triton GEMMs stay with
 backend="triton". AUTOGRAD holds the same ops with their autograd formula in C++ (an
 Autograd kernel of vdit_C): in eager code ops/direct.py calls them instead of running the
-registered op's Python formula, so a training step's patch embedding costs one dispatcher
-call forward and no Python in the backward.
+registered op's Python formula, so a training step's patch embedding costs one call of
+C++ forward (not even a dispatcher call: csrc/direct_host.cpp) and no Python in the backward.
 """
 from __future__ import annotations
 
