@@ -569,7 +569,7 @@ def test_host_routes_runs_and_restores_the_routes(capsys):
                   "patchify", "unpatchify"):
         assert route in out
     assert direct._NATIVE == native and direct.ENABLED == enabled
-    assert cuda_patch.AUTOGRAD["patch_embed"] is getattr(vk._C, "direct_patch_embed", cuda_patch.patch_embed)
+    assert cuda_patch.AUTOGRAD["patch_embed"] is vk._C.direct_patch_embed
     # the faked GPU and stubbed ops are gone, and so is what the resolution cached under them
     assert (B.resolve, B._gpu_visible, cuda_patch.patchify, cuda_patch.unpatchify) == patched
     if not torch.cuda.is_available():

@@ -69,14 +69,15 @@ def test_no_unexpected_ops():
     assert set(B.EXTENSION_OPS) == set(SCHEMAS) and B.extension_missing_ops() == ()
 
 
-def test_a_stale_build_is_reported(monkeypatch):
-    # _C built from older sources (no patch_embed): the cuda backend says to rebuild, and
-    # auto takes another backend instead of failing inside a call
+@pytest.mark.parametrize("missing", ["vdit_C::patch_embed", "_C.direct_patch_embed"])
+def test_a_stale_build_is_reported(monkeypatch, missing):
+    # _C built from older sources (no patch_embed op, or no direct calls): the cuda backend
+    # says to rebuild, and auto takes another backend instead of failing inside a call
     B._why_not.cache_clear()
-    monkeypatch.setitem(B._EXTENSION, "missing", ("patch_embed",))
+    monkeypatch.setitem(B._EXTENSION, "missing", (missing,))
     try:
         reason = B.why_not("cuda", "patch", torch.device("cuda"), "patch_embed")
-        assert "built from older sources" in reason and "vdit_C::patch_embed" in reason
+        assert "built from older sources" in reason and missing in reason
         assert B.resolve("patch", torch.device("cuda"), None, "patch_embed", torch.float16) != "cuda"
     finally:
         B._why_not.cache_clear()
@@ -244,13 +245,20 @@ def _patch_bad_input_checks():
 
 
 @needs_cuda_build
-def test_direct_calls_are_the_ops():
+def test_direct_calls_are_the_ops(monkeypatch):
     # cuda.patch calls the ops' implementation directly; on CPU tensors both ways run the
     # same checks, then refuse the same way (on a GPU the patch tests compare results)
     from vdit_kernels import _C
     from vdit_kernels.cuda import patch as cuda_patch
-    assert cuda_patch._direct["patchify"] is _C.direct_patchify
-    assert cuda_patch._direct["unpatchify"] is _C.direct_unpatchify
+    # the backend's list of them is what a CUDA build has (a stale build is reported)
+    assert {name for name in dir(_C) if name.startswith("direct_")} == set(B.EXTENSION_DIRECT_CALLS)
+    calls = []
+    for name in ("direct_patchify", "direct_unpatchify"):
+        monkeypatch.setattr(_C, name, lambda *args, name=name: calls.append((name, args)) or name)
+    assert cuda_patch.patchify(["v"], [1, 2, 2]) == "direct_patchify"
+    assert cuda_patch.unpatchify("t", [2, 4, 6], [1, 2, 2], 4) == "direct_unpatchify"
+    assert calls == [("direct_patchify", (["v"], [1, 2, 2])), ("direct_unpatchify", ("t", [2, 4, 6], [1, 2, 2], 4))]
+    monkeypatch.undo()
     v = torch.randn(4, 2, 4, 6)
     for direct, op, args in ((_C.direct_patchify, torch.ops.vdit_C.patchify, ([v], [1, 2, 2])),
                              (_C.direct_patchify, torch.ops.vdit_C.patchify, ([v, v.half()], [1, 2, 2])),

@@ -124,11 +124,21 @@ EXTENSION_OPS = ("has_cuda", "build_info", "patchify", "unpatchify", "patch_embe
                  "linear_unpatchify", "linear_unpatchify_backward", "rope_3d", "rope_3d_")
 
 
+# the Python functions csrc/direct_host.cpp adds to _C in CUDA builds (the cuda backend's
+# eager calls, vdit_kernels/cuda/patch.py): a CUDA build from older sources lacks them
+EXTENSION_DIRECT_CALLS = ("direct_patchify", "direct_unpatchify", "direct_patch_embed", "direct_linear_unpatchify")
+
+
 def extension_missing_ops() -> tuple:
-    """The ops of EXTENSION_OPS the loaded _C does not register (asked once)."""
+    """What the loaded _C lacks (asked once): the ops of EXTENSION_OPS it does not register
+    ("vdit_C::<op>") and, in a CUDA build, the functions of EXTENSION_DIRECT_CALLS ("_C.<name>")."""
     if "missing" not in _EXTENSION:
-        names = set(torch._C._dispatch_get_all_op_names()) if extension() is not None else set()
-        _EXTENSION["missing"] = tuple(op for op in EXTENSION_OPS if f"vdit_C::{op}" not in names)
+        module = extension()
+        names = set(torch._C._dispatch_get_all_op_names()) if module is not None else set()
+        missing = [f"vdit_C::{op}" for op in EXTENSION_OPS if f"vdit_C::{op}" not in names]
+        if not missing and extension_has_cuda():
+            missing += [f"_C.{name}" for name in EXTENSION_DIRECT_CALLS if not hasattr(module, name)]
+        _EXTENSION["missing"] = tuple(missing)
     return _EXTENSION["missing"]
 
 
@@ -198,8 +208,8 @@ def _why_not(backend: str, family: str, device_type: str, op: Optional[str], dty
         if extension() is None:
             return f"vdit_kernels._C is not built: {_EXTENSION['error']}"
         if extension_missing_ops():
-            return (f"vdit_kernels._C was built from older sources (it lacks vdit_C::"
-                    f"{', vdit_C::'.join(extension_missing_ops())}): rebuild it with "
+            return (f"vdit_kernels._C was built from older sources (it lacks "
+                    f"{', '.join(extension_missing_ops())}): rebuild it with "
                     "pip install --no-build-isolation -e .")
         if not extension_has_cuda():
             return "vdit_kernels._C was built without CUDA (CPU-only torch or no nvcc at build time)"

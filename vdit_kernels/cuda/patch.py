@@ -28,23 +28,19 @@ DTYPES = KERNEL_DTYPES
 # (csrc/direct_host.cpp). On 6 small CPU tensors a stand-in op of patchify's schema cost
 # 6.9 us a call through torch.ops and 3.2 us so, 14.0 / 8.7 us returning 6 tensors
 # (2026-11-27), beside a train pack's 39 / 35 us of patchify / unpatchify kernels on an H100
-# whose host runs these layers about 4x slower. A _C built before those functions existed
-# takes the ops. (The int lists arrive as the ops' schemas type them: no conversion here.)
+# whose host runs these layers about 4x slower. Where _C lacks them (no extension, a build
+# without CUDA kernels or from older sources: backend.extension_missing_ops) the backend
+# refuses every call, so nothing here runs. (The int lists arrive as the ops' schemas type
+# them: no conversion here.)
 _C = _backend.extension()
-_direct = {name: getattr(_C, f"direct_{name}", None)
-           for name in ("patchify", "unpatchify", "patch_embed", "linear_unpatchify")}
 
 
 def patchify(videos, patch_size):
-    if _direct["patchify"] is not None:
-        return _direct["patchify"](videos, patch_size)
-    return torch.ops.vdit_C.patchify.default(videos, patch_size)
+    return _C.direct_patchify(videos, patch_size)
 
 
 def unpatchify(tokens, shapes, patch_size, channels):
-    if _direct["unpatchify"] is not None:
-        return _direct["unpatchify"](tokens, shapes, patch_size, channels)
-    return torch.ops.vdit_C.unpatchify.default(tokens, shapes, patch_size, channels)
+    return _C.direct_unpatchify(tokens, shapes, patch_size, channels)
 
 
 # patch_embed / linear_unpatchify stay on the dispatcher: the registered torch.ops.vdit op
@@ -71,7 +67,6 @@ def linear_unpatchify_backward(grad_videos, x, weight, patch_size, with_bias):
 
 # op name -> the same computation with its autograd formula built in (ops/direct.py, which
 # calls these only in plain eager code): the vdit_C ops' Autograd kernels, the C++ autograd
-# Function that records a graph where an input needs a gradient, called directly where _C
-# has the direct calls, else through the ops
-AUTOGRAD = {"patch_embed": _direct["patch_embed"] or patch_embed,
-            "linear_unpatchify": _direct["linear_unpatchify"] or linear_unpatchify}
+# Function that records a graph where an input needs a gradient, called directly (None
+# where _C lacks them, as above)
+AUTOGRAD = {name: getattr(_C, f"direct_{name}", None) for name in ("patch_embed", "linear_unpatchify")}
