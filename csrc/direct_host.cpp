@@ -17,7 +17,9 @@
 #include <torch/csrc/autograd/python_variable.h>
 #include <torch/csrc/utils/python_numbers.h>
 
+#include <initializer_list>
 #include <optional>
+#include <string>
 #include <vector>
 
 #include "patch_ops.h"
@@ -25,97 +27,96 @@
 namespace vdit {
 namespace {
 
-// A Python list or tuple as a vector of its items (borrowed references).
-std::vector<PyObject*> items_of(PyObject* seq, const char* fn, const char* name) {
-  TORCH_CHECK_TYPE(PyList_Check(seq) || PyTuple_Check(seq), "vdit_C.", fn, ": ", name,
-                   " must be a list or tuple, got ", Py_TYPE(seq)->tp_name);
-  PyObject** first = PySequence_Fast_ITEMS(seq);
-  return std::vector<PyObject*>(first, first + PySequence_Fast_GET_SIZE(seq));
-}
-
-std::vector<at::Tensor> tensors_of(PyObject* seq, const char* fn, const char* name) {
-  std::vector<at::Tensor> out;
-  for (PyObject* item : items_of(seq, fn, name)) {
-    TORCH_CHECK_TYPE(THPVariable_Check(item), "vdit_C.", fn, ": ", name, " must hold tensors, got ",
-                     Py_TYPE(item)->tp_name);
-    out.push_back(THPVariable_Unpack(item));
+// The positional arguments of one direct call: their count checked against `names` at
+// construction, each read by position as its schema type, with a TypeError naming the
+// function and the argument.
+class Args {
+ public:
+  Args(const char* fn, PyObject* const* args, Py_ssize_t nargs, std::initializer_list<const char*> names)
+      : fn_(fn), args_(args), names_(names) {
+    if (nargs != static_cast<Py_ssize_t>(names_.size())) {
+      std::string signature;
+      for (const char* name : names_) signature += (signature.empty() ? "" : ", ") + std::string(name);
+      TORCH_CHECK_TYPE(false, "vdit_C.", fn, "(", signature, ") takes ", names_.size(), " arguments, got ", nargs);
+    }
   }
-  return out;
-}
 
-int64_t int_of(PyObject* obj, const char* fn, const char* name) {
-  TORCH_CHECK_TYPE(THPUtils_checkLong(obj), "vdit_C.", fn, ": ", name,  // (never a bool)
-                   " must be an int, got ", Py_TYPE(obj)->tp_name);
-  return THPUtils_unpackLong(obj);
-}
+  const at::Tensor& tensor(size_t i) const {
+    TORCH_CHECK_TYPE(THPVariable_Check(args_[i]), prefix(i), " must be a tensor, got ", type_name(args_[i]));
+    return THPVariable_Unpack(args_[i]);
+  }
 
-std::vector<int64_t> ints_of(PyObject* seq, const char* fn, const char* name) {
-  std::vector<int64_t> out;
-  for (PyObject* item : items_of(seq, fn, name)) out.push_back(int_of(item, fn, name));
-  return out;
-}
+  std::optional<at::Tensor> optional_tensor(size_t i) const {
+    if (args_[i] == Py_None) return std::nullopt;
+    return tensor(i);
+  }
 
-const at::Tensor& tensor_of(PyObject* obj, const char* fn, const char* name) {
-  TORCH_CHECK_TYPE(THPVariable_Check(obj), "vdit_C.", fn, ": ", name, " must be a tensor, got ",
-                   Py_TYPE(obj)->tp_name);
-  return THPVariable_Unpack(obj);
-}
+  std::vector<at::Tensor> tensors(size_t i) const {
+    std::vector<at::Tensor> out;
+    for (PyObject* item : items(i)) {
+      TORCH_CHECK_TYPE(THPVariable_Check(item), prefix(i), " must hold tensors, got ", type_name(item));
+      out.push_back(THPVariable_Unpack(item));
+    }
+    return out;
+  }
 
-std::optional<at::Tensor> optional_tensor_of(PyObject* obj, const char* fn, const char* name) {
-  if (obj == Py_None) return std::nullopt;
-  return tensor_of(obj, fn, name);
-}
+  int64_t integer(size_t i) const { return int_of(args_[i], i); }
 
-// direct_patchify(videos: list[Tensor], patch_size: list[int]) -> Tensor
+  std::vector<int64_t> ints(size_t i) const {
+    std::vector<int64_t> out;
+    for (PyObject* item : items(i)) out.push_back(int_of(item, i));
+    return out;
+  }
+
+ private:
+  std::string prefix(size_t i) const { return std::string("vdit_C.") + fn_ + ": " + names_[i]; }
+  static const char* type_name(PyObject* obj) { return Py_TYPE(obj)->tp_name; }
+
+  // a Python list or tuple as its items (borrowed references)
+  std::vector<PyObject*> items(size_t i) const {
+    PyObject* seq = args_[i];
+    TORCH_CHECK_TYPE(PyList_Check(seq) || PyTuple_Check(seq), prefix(i), " must be a list or tuple, got ",
+                     type_name(seq));
+    PyObject** first = PySequence_Fast_ITEMS(seq);
+    return std::vector<PyObject*>(first, first + PySequence_Fast_GET_SIZE(seq));
+  }
+
+  int64_t int_of(PyObject* obj, size_t i) const {
+    TORCH_CHECK_TYPE(THPUtils_checkLong(obj), prefix(i), " must be an int, got ", type_name(obj));  // (never a bool)
+    return THPUtils_unpackLong(obj);
+  }
+
+  const char* fn_;
+  PyObject* const* args_;
+  std::vector<const char*> names_;
+};
+
 PyObject* direct_patchify(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
   HANDLE_TH_ERRORS
-  TORCH_CHECK_TYPE(nargs == 2, "vdit_C.direct_patchify(videos, patch_size) takes 2 arguments, got ", nargs);
-  const std::vector<at::Tensor> videos = tensors_of(args[0], "direct_patchify", "videos");
-  const std::vector<int64_t> patch_size = ints_of(args[1], "direct_patchify", "patch_size");
-  return THPVariable_Wrap(patchify_tokens(videos, patch_size));
+  const Args a("direct_patchify", args, nargs, {"videos", "patch_size"});
+  return THPVariable_Wrap(patchify_tokens(a.tensors(0), a.ints(1)));
   END_HANDLE_TH_ERRORS
 }
 
-// direct_unpatchify(tokens: Tensor, shapes: list[int], patch_size: list[int], channels: int)
-//     -> list[Tensor]
 PyObject* direct_unpatchify(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
   HANDLE_TH_ERRORS
-  TORCH_CHECK_TYPE(nargs == 4, "vdit_C.direct_unpatchify(tokens, shapes, patch_size, channels) takes "
-                   "4 arguments, got ", nargs);
-  const char* fn = "direct_unpatchify";
-  const at::Tensor& tokens = tensor_of(args[0], fn, "tokens");
-  const std::vector<int64_t> shapes = ints_of(args[1], fn, "shapes");
-  const std::vector<int64_t> patch_size = ints_of(args[2], fn, "patch_size");
-  const int64_t channels = int_of(args[3], fn, "channels");
-  return THPVariable_WrapList(unpatchify_videos(tokens, shapes, patch_size, channels));
+  const Args a("direct_unpatchify", args, nargs, {"tokens", "shapes", "patch_size", "channels"});
+  return THPVariable_WrapList(unpatchify_videos(a.tensor(0), a.ints(1), a.ints(2), a.integer(3)));
   END_HANDLE_TH_ERRORS
 }
 
-// direct_patch_embed(videos: list[Tensor], weight: Tensor, bias: Tensor | None) -> Tensor
 PyObject* direct_patch_embed(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
   HANDLE_TH_ERRORS
-  TORCH_CHECK_TYPE(nargs == 3, "vdit_C.direct_patch_embed(videos, weight, bias) takes 3 arguments, got ", nargs);
-  const char* fn = "direct_patch_embed";
-  const std::vector<at::Tensor> videos = tensors_of(args[0], fn, "videos");
-  const at::Tensor& weight = tensor_of(args[1], fn, "weight");
-  return THPVariable_Wrap(patch_embed_autograd(videos, weight, optional_tensor_of(args[2], fn, "bias")));
+  const Args a("direct_patch_embed", args, nargs, {"videos", "weight", "bias"});
+  return THPVariable_Wrap(patch_embed_autograd(a.tensors(0), a.tensor(1), a.optional_tensor(2)));
   END_HANDLE_TH_ERRORS
 }
 
-// direct_linear_unpatchify(x: Tensor, weight: Tensor, bias: Tensor | None, shapes: list[int],
-//     patch_size: list[int], channels: int) -> list[Tensor]
 PyObject* direct_linear_unpatchify(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
   HANDLE_TH_ERRORS
-  TORCH_CHECK_TYPE(nargs == 6, "vdit_C.direct_linear_unpatchify(x, weight, bias, shapes, patch_size, channels) "
-                   "takes 6 arguments, got ", nargs);
-  const char* fn = "direct_linear_unpatchify";
-  const at::Tensor& x = tensor_of(args[0], fn, "x");
-  const at::Tensor& weight = tensor_of(args[1], fn, "weight");
-  const std::optional<at::Tensor> bias = optional_tensor_of(args[2], fn, "bias");
-  const std::vector<int64_t> shapes = ints_of(args[3], fn, "shapes");
-  const std::vector<int64_t> patch_size = ints_of(args[4], fn, "patch_size");
-  const int64_t channels = int_of(args[5], fn, "channels");
-  return THPVariable_WrapList(linear_unpatchify_autograd(x, weight, bias, shapes, patch_size, channels));
+  const Args a("direct_linear_unpatchify", args, nargs, {"x", "weight", "bias", "shapes", "patch_size", "channels"});
+  return THPVariable_WrapList(
+      linear_unpatchify_autograd(a.tensor(0), a.tensor(1), a.optional_tensor(2), a.ints(3), a.ints(4), a.integer(5)));
   END_HANDLE_TH_ERRORS
 }
 
