@@ -488,16 +488,17 @@ def _gemm_calls(pack, videos, weight, bias, x, lin_w, lin_b):
 
 
 @needs_cuda_build
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("with_bias", [True, False])
 @pytest.mark.parametrize("op", ["patch_embed", "linear_unpatchify"])
-def test_gemm_direct_calls_are_the_ops(op, with_bias):
+def test_gemm_direct_calls_are_the_ops(op, with_bias, dtype):
     # the cuda backend's eager route (its AUTOGRAD table) calls the ops' Autograd kernels
     # without the dispatcher (csrc/direct_host.cpp): the same outputs and gradients, bit for bit
     from vdit_kernels import _C
     from vdit_kernels.cuda import patch as cuda_patch
     direct = getattr(_C, f"direct_{op}")
     assert cuda_patch.AUTOGRAD[op] is direct
-    pack, videos, weight, bias, x, lin_w, lin_b = _gemm_inputs(torch.float32, with_bias)
+    pack, videos, weight, bias, x, lin_w, lin_b = _gemm_inputs(dtype, with_bias)
     through_op, _, leaves = _gemm_calls(pack, videos, weight, bias, x, lin_w, lin_b)[op]
     shapes = [s for shape in pack.shapes for s in shape]
     args = (videos, weight, bias) if op == "patch_embed" else (x, lin_w, lin_b, shapes, [1, 2, 2], 3)

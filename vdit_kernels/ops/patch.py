@@ -302,8 +302,6 @@ def patchify(latents, pack, *, backend: Optional[str] = None) -> Tensor:
     return call(patchify_op, videos, list(pack.patch_size), name)
 
 
-
-
 def unpatchify(tokens: Tensor, pack, channels: int, *, backend: Optional[str] = None) -> list[Tensor]:
     """The inverse of patchify: (N, C*pt*ph*pw) tokens -> list of B contiguous
     (C, T_i, H_i, W_i) videos in the tokens' dtype. Differentiable; the backward is patchify."""
