@@ -42,6 +42,8 @@ std::vector<int64_t> video_shapes(at::TensorList videos) {
 // values: a gather copies, it rounds nothing).
 at::Tensor gather(at::TensorList videos, c10::IntArrayRef ps) {
   if (videos[0].is_cuda()) return patchify_tokens(videos, ps);
+  // what the CUDA op refuses (a patch size of 0 would divide by 0 below)
+  check_patchify_args(videos, ps, /*kernel_dtypes=*/false);
   std::vector<at::Tensor> rows;
   rows.reserve(videos.size());
   for (const auto& v : videos) {
@@ -57,6 +59,8 @@ at::Tensor gather(at::TensorList videos, c10::IntArrayRef ps) {
 std::vector<at::Tensor> scatter(const at::Tensor& tokens, c10::IntArrayRef shapes, c10::IntArrayRef ps,
                                 int64_t channels) {
   if (tokens.is_cuda()) return unpatchify_videos(tokens, shapes, ps, channels);
+  // what the CUDA op refuses (shapes that do not make tokens' rows, a patch size of 0)
+  check_unpatchify_args(tokens, shapes, ps, channels, /*kernel_dtypes=*/false);
   std::vector<at::Tensor> videos;
   int64_t row = 0;
   for (size_t i = 0; i < shapes.size(); i += 3) {
@@ -75,6 +79,9 @@ void check_embed_args(at::TensorList videos, const at::Tensor& weight, const std
   TORCH_CHECK(!videos.empty(), "vdit_C::patch_embed: videos must hold at least one video");
   TORCH_CHECK(weight.dim() == 5, "vdit_C::patch_embed: weight must be (hidden, C, pt, ph, pw), got ",
               weight.sizes());
+  for (int a = 2; a < 5; ++a)  // (before the divisibility checks below divide by them)
+    TORCH_CHECK(weight.size(a) > 0, "vdit_C::patch_embed: the weight's kernel (pt, ph, pw) must be positive, got ",
+                weight.sizes().slice(2));
   TORCH_CHECK(videos[0].dim() == 4 && videos[0].size(0) == weight.size(1), "vdit_C::patch_embed: weight expects ",
               weight.size(1), " channels, videos[0] has shape ", videos[0].sizes());
   for (size_t i = 0; i < videos.size(); ++i) {

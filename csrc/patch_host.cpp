@@ -104,30 +104,6 @@ PatchVideo record(void* data, c10::IntArrayRef strides, int64_t t, int64_t h, in
   return r;
 }
 
-// Every check of patchify's arguments except where they live; returns patch_size.
-std::vector<int64_t> check_patchify_args(at::TensorList videos, c10::IntArrayRef patch_size) {
-  const auto ps = check_patch_size(patch_size);
-  TORCH_CHECK(!videos.empty(), "vdit_C::patchify: videos must hold at least one video");
-  const at::Tensor& v0 = videos[0];
-  TORCH_CHECK(v0.dim() == 4, "vdit_C::patchify: videos[0] must be (C, T, H, W), got ", v0.sizes());
-  check_dtype("videos", v0.scalar_type());
-  const int64_t channels = v0.size(0);
-  for (size_t i = 0; i < videos.size(); ++i) {
-    const at::Tensor& v = videos[i];
-    TORCH_CHECK(v.device() == v0.device(), "vdit_C::patchify: videos[", i, "] is on ", v.device(),
-                ", videos[0] on ", v0.device());
-    TORCH_CHECK(v.scalar_type() == v0.scalar_type(), "vdit_C::patchify: videos[", i, "] has dtype ",
-                v.scalar_type(), ", videos[0] has ", v0.scalar_type());
-    TORCH_CHECK(v.dim() == 4 && v.size(0) == channels, "vdit_C::patchify: videos[", i,
-                "] must be (C=", channels, ", T, H, W), got ", v.sizes());
-    for (int a = 0; a < 3; ++a) {
-      TORCH_CHECK(v.size(a + 1) % ps[a] == 0, "vdit_C::patchify: videos[", i, "] has shape ", v.sizes(),
-                  ", not divisible by patch_size ", patch_size);
-    }
-  }
-  return ps;
-}
-
 at::Tensor patchify_cuda(at::TensorList videos, c10::IntArrayRef patch_size) {
   const auto ps = check_patchify_args(videos, patch_size);
   const at::Tensor& v0 = videos[0];
@@ -145,31 +121,6 @@ at::Tensor patchify_cuda(at::TensorList videos, c10::IntArrayRef patch_size) {
   at::Tensor tokens = at::detail::empty_cuda({n, F}, v0.options());
   if (n > 0 && F > 0) launch(true, recs, tokens, channels, ps, v0.scalar_type(), v0.device());
   return tokens;
-}
-
-// Every check of unpatchify's arguments except where they live; returns patch_size.
-std::vector<int64_t> check_unpatchify_args(const at::Tensor& tokens_in, c10::IntArrayRef shapes,
-                                           c10::IntArrayRef patch_size, int64_t channels) {
-  const auto ps = check_patch_size(patch_size);
-  check_dtype("tokens", tokens_in.scalar_type());
-  TORCH_CHECK(channels > 0 && channels < (int64_t{1} << 31), "vdit_C::unpatchify: channels must be in [1, 2^31), got ",
-              channels);
-  TORCH_CHECK(shapes.size() % 3 == 0, "vdit_C::unpatchify: shapes must be a flat list of (T, H, W) "
-              "triples, got ", shapes.size(), " ints");
-  const int64_t F = channels * ps[0] * ps[1] * ps[2];
-  TORCH_CHECK(tokens_in.dim() == 2 && tokens_in.size(1) == F, "vdit_C::unpatchify: tokens must be "
-              "(N, channels*pt*ph*pw = ", F, "), got ", tokens_in.sizes());
-  int64_t n = 0;
-  for (size_t i = 0; i < shapes.size(); i += 3) {
-    const int64_t t = shapes[i], h = shapes[i + 1], w = shapes[i + 2];
-    TORCH_CHECK(t >= 0 && h >= 0 && w >= 0 && t % ps[0] == 0 && h % ps[1] == 0 && w % ps[2] == 0,
-                "vdit_C::unpatchify: shape ", i / 3, " (", t, ", ", h, ", ", w,
-                ") is not divisible by patch_size ", patch_size);
-    n += (t / ps[0]) * (h / ps[1]) * (w / ps[2]);
-  }
-  TORCH_CHECK(n == tokens_in.size(0), "vdit_C::unpatchify: tokens has ", tokens_in.size(0),
-              " rows, the shapes make ", n, " tokens");
-  return ps;
 }
 
 std::vector<at::Tensor> unpatchify_cuda(const at::Tensor& tokens_in, c10::IntArrayRef shapes,
@@ -203,6 +154,54 @@ std::vector<at::Tensor> unpatchify_cpu(const at::Tensor& tokens, c10::IntArrayRe
 }
 
 }  // namespace
+
+// Declared in patch_ops.h: every check but where the tensors live.
+std::vector<int64_t> check_patchify_args(at::TensorList videos, c10::IntArrayRef patch_size, bool kernel_dtypes) {
+  const auto ps = check_patch_size(patch_size);
+  TORCH_CHECK(!videos.empty(), "vdit_C::patchify: videos must hold at least one video");
+  const at::Tensor& v0 = videos[0];
+  TORCH_CHECK(v0.dim() == 4, "vdit_C::patchify: videos[0] must be (C, T, H, W), got ", v0.sizes());
+  if (kernel_dtypes) check_dtype("videos", v0.scalar_type());
+  const int64_t channels = v0.size(0);
+  for (size_t i = 0; i < videos.size(); ++i) {
+    const at::Tensor& v = videos[i];
+    TORCH_CHECK(v.device() == v0.device(), "vdit_C::patchify: videos[", i, "] is on ", v.device(),
+                ", videos[0] on ", v0.device());
+    TORCH_CHECK(v.scalar_type() == v0.scalar_type(), "vdit_C::patchify: videos[", i, "] has dtype ",
+                v.scalar_type(), ", videos[0] has ", v0.scalar_type());
+    TORCH_CHECK(v.dim() == 4 && v.size(0) == channels, "vdit_C::patchify: videos[", i,
+                "] must be (C=", channels, ", T, H, W), got ", v.sizes());
+    for (int a = 0; a < 3; ++a) {
+      TORCH_CHECK(v.size(a + 1) % ps[a] == 0, "vdit_C::patchify: videos[", i, "] has shape ", v.sizes(),
+                  ", not divisible by patch_size ", patch_size);
+    }
+  }
+  return ps;
+}
+
+std::vector<int64_t> check_unpatchify_args(const at::Tensor& tokens_in, c10::IntArrayRef shapes,
+                                           c10::IntArrayRef patch_size, int64_t channels, bool kernel_dtypes) {
+  const auto ps = check_patch_size(patch_size);
+  if (kernel_dtypes) check_dtype("tokens", tokens_in.scalar_type());
+  TORCH_CHECK(channels > 0 && channels < (int64_t{1} << 31), "vdit_C::unpatchify: channels must be in [1, 2^31), got ",
+              channels);
+  TORCH_CHECK(shapes.size() % 3 == 0, "vdit_C::unpatchify: shapes must be a flat list of (T, H, W) "
+              "triples, got ", shapes.size(), " ints");
+  const int64_t F = channels * ps[0] * ps[1] * ps[2];
+  TORCH_CHECK(tokens_in.dim() == 2 && tokens_in.size(1) == F, "vdit_C::unpatchify: tokens must be "
+              "(N, channels*pt*ph*pw = ", F, "), got ", tokens_in.sizes());
+  int64_t n = 0;
+  for (size_t i = 0; i < shapes.size(); i += 3) {
+    const int64_t t = shapes[i], h = shapes[i + 1], w = shapes[i + 2];
+    TORCH_CHECK(t >= 0 && h >= 0 && w >= 0 && t % ps[0] == 0 && h % ps[1] == 0 && w % ps[2] == 0,
+                "vdit_C::unpatchify: shape ", i / 3, " (", t, ", ", h, ", ", w,
+                ") is not divisible by patch_size ", patch_size);
+    n += (t / ps[0]) * (h / ps[1]) * (w / ps[2]);
+  }
+  TORCH_CHECK(n == tokens_in.size(0), "vdit_C::unpatchify: tokens has ", tokens_in.size(0),
+              " rows, the shapes make ", n, " tokens");
+  return ps;
+}
 
 at::Tensor patchify_tokens(at::TensorList videos, c10::IntArrayRef patch_size) {
   return patchify_cuda(videos, patch_size);

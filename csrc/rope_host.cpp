@@ -15,6 +15,8 @@
 #include <algorithm>
 #include <cstring>
 #include <tuple>
+#include <utility>
+#include <vector>
 
 #include "common/host_errors.h"
 #include "rope.h"
@@ -119,13 +121,32 @@ void rope_launch(const at::Tensor& q, const at::Tensor& k, const at::Tensor& qo,
   C10_CUDA_CHECK(launch_rope_kernel(p, dtype, vp, blocks, smem, stream.stream()));
 }
 
-// In place, an element reachable twice (a stride-0 view, or q and k sharing memory) would be
-// rotated twice by different threads. The Python layer checks q and k exactly
-// (vdit_kernels.checks.check_inplace_rope); ATen's test here catches what it can tell apart
-// (identical or overlapping dense ranges; interleaved views of one buffer pass).
+// Whether two indices of t might address one element (vdit_kernels.checks.may_overlap_itself,
+// the same test): its dims of size > 1 sorted by stride, some stride not past the farthest
+// offset the smaller ones reach. ATen's assert_no_internal_overlap passes every non-dense
+// view, overlapping ones included.
+bool may_overlap_itself(const at::Tensor& t) {
+  if (t.numel() == 0) return false;
+  std::vector<std::pair<int64_t, int64_t>> dims;  // (stride, size)
+  for (int64_t d = 0; d < t.dim(); ++d)
+    if (t.size(d) > 1) dims.emplace_back(t.stride(d), t.size(d));
+  std::sort(dims.begin(), dims.end());
+  int64_t reach = 0;
+  for (const auto& [stride, size] : dims) {
+    if (stride <= reach) return true;
+    reach += stride * (size - 1);
+  }
+  return false;
+}
+
+// In place, an element reachable twice (a stride-0 or overlapping view, or q and k sharing
+// memory) would be rotated twice by different threads. The Python layer checks q against k
+// exactly (vdit_kernels.checks.check_inplace_rope); ATen's test of the pair here catches what
+// it can tell apart (identical or overlapping dense ranges; interleaved views of one buffer pass).
 void check_no_overlap(const at::Tensor& q, const at::Tensor& k) {
-  at::assert_no_internal_overlap(q);
-  at::assert_no_internal_overlap(k);
+  TORCH_CHECK(!may_overlap_itself(q) && !may_overlap_itself(k), "vdit_C::rope_3d_: ",
+              may_overlap_itself(q) ? "q" : "k", " may address some elements more than once (an expanded, "
+              "stride-0 or overlapping view, or strides that interleave), which in-place RoPE would rotate twice");
   at::assert_no_overlap(q, k);
 }
 

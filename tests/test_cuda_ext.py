@@ -441,7 +441,12 @@ def _rope_bad_input_checks():
         torch.ops.vdit_C.rope_3d(q, k[:, :, :8], pos, [4, 4, 4], 1e4, True, False)
     # in place: elements reachable twice would be rotated twice (q is k, a stride-0 view)
     for qq, kk in ((q, q), (q[:, :1].expand(-1, 2, -1), k)):
-        with pytest.raises(RuntimeError, match="single memory location|more than one element"):
+        with pytest.raises(RuntimeError, match="single memory location|more than once"):
+            torch.ops.vdit_C.rope_3d_(qq, kk, pos, [4, 4, 4], 1e4, True, False)
+    # token rows that overlap with no zero stride (ATen's own test cannot tell: "too hard")
+    overlapping = torch.randn(4 * 4 + 2 * 12, device=DEVICE).as_strided((4, 2, 12), (4, 12, 1))
+    for qq, kk, name in ((overlapping, k, "q"), (q, overlapping, "k")):
+        with pytest.raises(RuntimeError, match=f"rope_3d_: {name} may address some elements more than once"):
             torch.ops.vdit_C.rope_3d_(qq, kk, pos, [4, 4, 4], 1e4, True, False)
 
 
@@ -701,6 +706,19 @@ def _gemm_bad_input_checks():
         torch.ops.vdit_C.linear_unpatchify(x, lw, torch.randn(5, device=DEVICE), [2, 4, 6], [1, 2, 2], 3)
     with pytest.raises(RuntimeError, match="video gradients make"):
         torch.ops.vdit_C.linear_unpatchify_backward([v[:, :1]], x, lw, [1, 2, 2], False)
+    # a patch size of 0 (a division by zero in the shape arithmetic: SIGFPE before it was
+    # checked), and shapes that do not cover x's rows, on CPU tensors as on CUDA ones
+    with pytest.raises(RuntimeError, match="kernel \\(pt, ph, pw\\) must be positive"):
+        torch.ops.vdit_C.patch_embed([v], torch.randn(8, 3, 1, 0, 2, device=DEVICE), None)
+    with pytest.raises(RuntimeError, match="kernel \\(pt, ph, pw\\) must be positive"):
+        torch.ops.vdit_C.patch_embed_backward(torch.randn(12, 8, device=DEVICE), [v],
+                                              torch.randn(8, 3, 0, 2, 2, device=DEVICE), True)
+    with pytest.raises(RuntimeError, match="patch_size must be in"):
+        torch.ops.vdit_C.linear_unpatchify(x, lw, None, [2, 4, 6], [1, 0, 2], 3)
+    with pytest.raises(RuntimeError, match="patch_size must be in"):
+        torch.ops.vdit_C.linear_unpatchify_backward([v], x, lw, [0, 2, 2], False)
+    with pytest.raises(RuntimeError, match="tokens has 12 rows, the shapes make 6 tokens"):
+        torch.ops.vdit_C.linear_unpatchify(x, lw, None, [1, 4, 6], [1, 2, 2], 3)
     # the direct calls (csrc/direct_host.cpp) raise the ops' checks, and their own for arguments
     from vdit_kernels import _C
     with pytest.raises(RuntimeError, match="bias must be"):
