@@ -81,6 +81,16 @@ def test_interpreter_refuses_bfloat16_matrix_products(monkeypatch):
     cu = torch.tensor([0, 4], dtype=torch.int32)
     with pytest.raises(vk.BackendUnavailable, match="bfloat16"):
         vk.varlen_attention(q, q, q, cu, cu, 4, 4, backend="triton")
+    # under autocast too: each op resolves its backend in the dtype it computes in, after
+    # the cast (patch_embed resolved on its float32 inputs, then ran bfloat16 products)
+    pack = vk.VideoPack.from_shapes([(1, 4, 4)], patch_size=(1, 2, 2))
+    videos, w, x = [torch.randn(4, 1, 4, 4)], torch.randn(8, 4, 1, 2, 2), torch.randn(4, 8)
+    with torch.autocast("cpu", dtype=bf16):
+        for call in (lambda: vk.patch_embed(videos, pack, w, None, backend="triton"),
+                     lambda: vk.linear_unpatchify(x, pack, torch.randn(16, 8), None, 4, backend="triton"),
+                     lambda: vk.varlen_attention(q.float(), q.float(), q.float(), cu, cu, 4, 4, backend="triton")):
+            with pytest.raises(vk.BackendUnavailable, match="interpreter multiplies bfloat16"):
+                call()
 
 
 def test_available_backends_says_what_runs_here():
@@ -262,6 +272,51 @@ def test_inplace_rope_refuses_overlapping_q_and_k(pack, backend):
         vk.apply_rope_3d(qkv[:, :4], qkv[:, 3:5], pack, (4, 4, 4), inplace=True, backend=backend)
 
 
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_inplace_rope_refuses_q_or_k_overlapping_itself(pack, backend):
+    # token rows 4 elements apart, 24 long: overlapping, with no zero stride (torch's own
+    # internal-overlap test answers "too hard" for it, as for every non-dense view)
+    pack = pack.to(device_for(backend))
+    n = pack.num_tokens
+    overlapping = torch.randn(4 * n + 24, device=pack.device).as_strided((n, 2, 12), (4, 12, 1))
+    k = torch.randn(n, 2, 12, device=pack.device)
+    for q_, k_, name in ((overlapping, k, "q"), (k, overlapping, "k")):
+        before = (q_.clone(), k_.clone())
+        with pytest.raises(ValueError, match=f"inplace RoPE: {name} .* may address some elements more than once"):
+            vk.apply_rope_3d(q_, k_, pack, (4, 4, 4), inplace=True, backend=backend)
+        assert torch.equal(q_, before[0]) and torch.equal(k_, before[1])  # refused before any write
+    # out of place it is only read: fine
+    expect = vk.apply_rope_3d(overlapping.contiguous(), k, pack, (4, 4, 4), backend="reference")
+    got = vk.apply_rope_3d(overlapping, k, pack, (4, 4, 4), backend=backend)
+    assert torch.allclose(got[0], expect[0], atol=1e-6)
+
+
+def _offsets(t):
+    grid = torch.meshgrid(*[torch.arange(n) for n in t.shape], indexing="ij")
+    return (t.storage_offset() + sum(i * s for i, s in zip(grid, t.stride()))).flatten().tolist()
+
+
+def test_self_overlap_test_never_misses_and_passes_usual_views():
+    from vdit_kernels.checks import may_overlap_itself
+    g = torch.Generator().manual_seed(0)
+    rand = lambda lo, hi: int(torch.randint(lo, hi + 1, (1,), generator=g))
+    buf = torch.randn(2000)
+    passed = 0
+    for _ in range(1500):  # never a miss; most disjoint layouts of random strides pass
+        t = buf.as_strided((rand(0, 4), rand(1, 3), rand(1, 5)), (rand(0, 40), rand(0, 12), rand(0, 3)))
+        offsets = _offsets(t)
+        if not may_overlap_itself(t):
+            assert len(set(offsets)) == len(offsets), (t.shape, t.stride())
+            passed += 1
+    assert passed > 300
+    x = torch.randn(6, 3, 4, 8)
+    for view in (x, x[:, 0], x[:, 1:], x.permute(2, 0, 3, 1), x[::2, :, 1::2], x[:, :1].expand(-1, 1, -1, -1),
+                 torch.randn(0, 3).expand(0, 3)):  # size-1 and empty dims: any stride
+        assert not may_overlap_itself(view), (view.shape, view.stride())
+    for view in (x[:, :1].expand(-1, 2, -1, -1), buf.as_strided((4, 3), (2, 1))):
+        assert may_overlap_itself(view), (view.shape, view.stride())
+
+
 def test_shared_element_finder_matches_brute_force():
     from vdit_kernels.checks import _may_share_elements
 
@@ -316,11 +371,16 @@ def test_bad_attention(pack):
         vk.varlen_attention(q, k, v[:, :1], cu, cu, m, m)
     with pytest.raises(ValueError, match="head_dim"):
         vk.varlen_attention(q, k[..., :8], v[..., :8], cu, cu, m, m)
-    with pytest.raises(ValueError, match="same number of segments"):
-        vk.varlen_attention(q, k, v, cu, torch.tensor([0, n], dtype=torch.int32), m, m)
+    with pytest.raises(ValueError, match=f"same number of segments, got {len(pack.shapes)} and 1"):
+        vk.varlen_attention(q, k, v, cu, torch.tensor([0, n], dtype=torch.int32), m, n)
+    # not a tensor at all: the argument and what it got are named
+    with pytest.raises(TypeError, match="cu_seqlens_q must be an int32 tensor, got list"):
+        vk.varlen_attention(q, k, v, cu.tolist(), cu, m, m)
+    with pytest.raises(TypeError, match="cu_seqlens_k must be an int32 tensor, got VideoPack"):
+        vk.varlen_attention(q, k, v, cu, pack, m, m)
     with pytest.raises(ValueError, match=r"\(tokens, heads, head_dim\)"):
         vk.varlen_attention(q[:, 0], k, v, cu, cu, m, m)
-    for scale in (0.0, -0.1, float("nan"), float("inf")):
+    for scale in (0.0, -0.1, float("nan"), float("inf"), "0.25", True):  # (float() takes the last two)
         with pytest.raises(ValueError, match="softmax_scale must be a positive finite number"):
             vk.varlen_attention(q, k, v, cu, cu, m, m, softmax_scale=scale)
     rope = vk.Rope3D.from_pack(pack, (4, 4, 6))

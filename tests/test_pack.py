@@ -65,6 +65,12 @@ def test_bad_pack_arguments():
         VideoPack.from_shapes([(2, 4, 4), (2, 4, 4)], patch_size=(1, 2, 2), text_lengths=[3])
     with pytest.raises(ValueError, match="non-negative"):
         VideoPack.from_shapes([(2, 4, 4)], patch_size=(1, 2, 2), text_lengths=[-1])
+    # ints, never bools (operator.index would take True as 1) nor floats
+    for shapes, patch, text in (([(True, 2, 2)], (1, 2, 2), None), ([(1, 2, 2)], (True, 2, 2), None),
+                                ([(1, 2, 2)], (1, 2, 2), [True]), ([(1.0, 2, 2)], (1, 2, 2), None)):
+        with pytest.raises(ValueError, match="ints"):
+            VideoPack.from_shapes(shapes, patch_size=patch, text_lengths=text)
+    assert tuple(VideoPack.from_shapes([(torch.tensor(1), 2, 2)], patch_size=(1, 2, 2)).shapes) == ((1, 2, 2),)
 
 
 def test_split_and_to():

@@ -8,7 +8,6 @@ Packs built by VideoPack are valid by construction.
 """
 from __future__ import annotations
 
-import functools
 import math
 import numbers
 import operator
@@ -39,14 +38,17 @@ def check_float(name: str, t: torch.Tensor) -> None:
 
 
 def as_ints(values, name: str) -> tuple[int, ...]:
-    """Integers as given (operator.index: Python, NumPy or 0-d integer tensors), never
-    truncated floats or digits of a string."""
+    """Integers as given (as_int: Python, NumPy or 0-d integer tensors), never truncated
+    floats, bools or digits of a string."""
     if isinstance(values, (str, bytes)):
         raise ValueError(f"{name} must be a sequence of ints, got {values!r}")
     try:
-        return tuple(operator.index(v) for v in values)
-    except TypeError:
+        ints = tuple(as_int(v) for v in values)
+    except TypeError:  # not iterable: an int, a 0-d tensor
         raise ValueError(f"{name} must be a sequence of ints, got {values!r}") from None
+    if None in ints:
+        raise ValueError(f"{name} must be a sequence of ints, got {values!r}")
+    return ints
 
 
 def as_int(value) -> Optional[int]:
@@ -128,17 +130,9 @@ def values_checked(t: torch.Tensor) -> bool:
     return t.device.type == "cpu" or os.environ.get("VDIT_CHECK_VALUES", "0") == "1"
 
 
-@functools.cache
-def _video_pack_class() -> type:
-    # imported on first use (pack.py imports this module), once: an import statement in
-    # check_pack cost 1 us a call
-    from .pack import VideoPack
-    return VideoPack
-
-
 def check_pack(pack) -> None:
     """pack is a VideoPack: a TypeError naming the argument, not an AttributeError from inside."""
-    if not isinstance(pack, _video_pack_class()):
+    if not isinstance(pack, _pack.VideoPack):
         raise TypeError(f"pack must be a VideoPack (VideoPack.from_shapes(...)), got {type(pack).__name__}")
 
 
@@ -193,6 +187,8 @@ def _check_each_video(videos: list[torch.Tensor], pack) -> int:
 
 def softmax_scale_of(softmax_scale, head_dim: int) -> float:
     """The attention's scale as a positive finite float: softmax_scale, or 1/sqrt(head_dim)."""
+    if isinstance(softmax_scale, (str, bytes, bool)):  # (float() would take "0.25" and True)
+        raise ValueError(f"softmax_scale must be a positive finite number, got {softmax_scale!r}")
     if isinstance(softmax_scale, torch.Tensor) and softmax_scale.requires_grad:
         # float() would detach it with only torch's generic warning
         raise ValueError("softmax_scale requires grad, but the attention is differentiable in q, k and v "
@@ -274,12 +270,30 @@ def _may_share_elements(a: torch.Tensor, b: torch.Tensor) -> bool:
     return False
 
 
+def may_overlap_itself(t: torch.Tensor) -> bool:
+    """Whether two indices of t might address one element. False when, its dims of size > 1
+    sorted by stride, each stride exceeds the farthest offset the smaller ones reach (dense
+    tensors, their slices, permutes and qkv views); True for every overlapping layout, and
+    for the rare disjoint ones whose strides interleave (told apart only by search).
+    (torch._debug_has_internal_overlap answers "too hard" for every non-dense view, the
+    overlapping ones included.)"""
+    if t.numel() == 0:
+        return False
+    reach = 0
+    for stride, size in sorted((st, sz) for sz, st in zip(t.shape, t.stride()) if sz > 1):
+        if stride <= reach:
+            return True
+        reach += stride * (size - 1)
+    return False
+
+
 def check_inplace_rope(q: torch.Tensor, k: torch.Tensor) -> None:
     """In-place RoPE reads and writes q and k: an element reachable twice would be rotated twice."""
     for name, t in (("q", q), ("k", k)):
-        if torch._debug_has_internal_overlap(t) == 1:
-            raise ValueError(f"inplace RoPE: {name} addresses some elements more than once (an "
-                             "expanded or stride-0 view); use inplace=False")
+        if may_overlap_itself(t):
+            raise ValueError(f"inplace RoPE: {name} (shape {tuple(t.shape)}, strides {t.stride()}) may "
+                             "address some elements more than once (an expanded, stride-0 or overlapping "
+                             "view, or strides that interleave); use inplace=False")
     if _may_share_elements(q, k):
         raise ValueError("inplace RoPE: q and k share memory, so shared elements would be rotated "
                          "twice; pass disjoint views (e.g. qkv[:, 0] and qkv[:, 1]) or use inplace=False")
@@ -319,3 +333,9 @@ def check_positions(positions: torch.Tensor, num_tokens: int, device: torch.devi
         raise ValueError(f"positions has {positions.shape[0]} rows but there are {num_tokens} tokens")
     if positions.device != device:
         raise ValueError(f"positions is on {positions.device} but the tokens are on {device}")
+
+
+# Last, as pack.py imports this module: whichever of the two is imported first, the other
+# is complete by the time check_pack runs. (An import statement inside check_pack cost 1 us
+# a call; a functools.cache around it made torch.compile warn at every traced call.)
+from . import pack as _pack  # noqa: E402

@@ -193,11 +193,11 @@ def varlen_attention(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_s
     their lse, as vdit_kernels.parallel.merge_attention does, has exact gradients).
     """
     q, k, v = checked_qkv(q, k, v)
-    if not (isinstance(cu_seqlens_q, torch.Tensor) and isinstance(cu_seqlens_k, torch.Tensor)
-            and cu_seqlens_q.shape == cu_seqlens_k.shape):
-        raise ValueError("cu_seqlens_q and cu_seqlens_k must be tensors with the same number of segments")
     check_cu_seqlens("cu_seqlens_q", cu_seqlens_q, q.shape[0], max_seqlen_q, q.device)
     check_cu_seqlens("cu_seqlens_k", cu_seqlens_k, k.shape[0], max_seqlen_k, q.device)
+    if cu_seqlens_q.shape != cu_seqlens_k.shape:
+        raise ValueError(f"cu_seqlens_q and cu_seqlens_k must have the same number of segments, got "
+                         f"{cu_seqlens_q.numel() - 1} and {cu_seqlens_k.numel() - 1}")
     scale = softmax_scale_of(softmax_scale, q.shape[2])
     rope_args = (None, [], 10000.0, True)
     if rope is not None:

@@ -281,13 +281,6 @@ register_autograd(linear_unpatchify_op, _linear_unpatchify_setup, _linear_unpatc
 
 # -- public functions ---------------------------------------------------------------
 
-def _videos_for(latents, pack, backend, op):
-    videos = ref.as_video_list(latents)
-    channels = check_videos(videos, pack)
-    name = _backend.resolve(FAMILY, videos[0].device, backend, op, videos[0].dtype)
-    return videos, channels, name
-
-
 def patchify(latents, pack, *, backend: Optional[str] = None) -> Tensor:
     """Gather a pack of videos into packed tokens, in one launch on GPU backends.
 
@@ -298,7 +291,9 @@ def patchify(latents, pack, *, backend: Optional[str] = None) -> Tensor:
     (c, pt, ph, pw) order (an nn.Conv3d weight's flattening). Differentiable; the
     backward is unpatchify.
     """
-    videos, _, name = _videos_for(latents, pack, backend, "patchify")
+    videos = ref.as_video_list(latents)
+    check_videos(videos, pack)
+    name = _backend.resolve(FAMILY, videos[0].device, backend, "patchify", videos[0].dtype)
     return call(patchify_op, videos, list(pack.patch_size), name)
 
 
@@ -332,7 +327,8 @@ def patch_embed(latents, pack, weight: Tensor, bias: Optional[Tensor] = None, *,
     torch.autocast, latents, weight and bias are first cast to the autocast dtype (float64
     excepted), as nn.Conv3d's are.
     """
-    videos, channels, name = _videos_for(latents, pack, backend, "patch_embed")
+    videos = ref.as_video_list(latents)
+    channels = check_videos(videos, pack)
     check_float("weight", weight)
     if weight.dim() != 5:
         raise ValueError(f"weight must be (hidden, C, pt, ph, pw), got shape {tuple(weight.shape)}")
@@ -351,6 +347,8 @@ def patch_embed(latents, pack, weight: Tensor, bias: Optional[Tensor] = None, *,
         tensors.append(bias)
         names.append("bias")
     check_same(names, tensors)
+    # resolved in the dtype the backend computes in: the autocast dtype where autocast cast
+    name = _backend.resolve(FAMILY, videos[0].device, backend, "patch_embed", videos[0].dtype)
     return call(patch_embed_op, videos, weight, bias, name)
 
 
