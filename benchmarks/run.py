@@ -16,7 +16,8 @@ environment, limits), summary.md, plots (if matplotlib is installed) and
 static_report.json (benchmarks/static_report.py, unless --no-static).
 
 On CPU the default workload is a tiny one ("cpu-tiny"), through the reference providers
-(and Triton's under the interpreter): a smoke test of the suite, not a performance result;
+(with --cpu-peers and TRITON_INTERPRET=1 also the eager peers and Triton's under the
+interpreter, as a code check): a smoke test of the suite, not a performance result;
 --workload names a full-size one, which then runs slowly on the CPU.
 """
 from __future__ import annotations
