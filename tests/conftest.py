@@ -56,6 +56,11 @@ def gpu_only(test):
     return pytest.mark.gpu(pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")(test))
 
 
+# the cuda backend as a test parameter: its kernels take CUDA tensors only, so it is marked
+# "gpu" like a gpu_only test (a GPU run takes those first: gpu_tests_first)
+CUDA_BACKEND = pytest.param("cuda", marks=pytest.mark.gpu)
+
+
 def gpu_tests_first(items) -> None:
     """Reorders collected tests in place (stable): the GPU-only ones and the bfloat16 cases
     (the interpreter cannot run bfloat16 dots) first, the rest after. A GPU is lent for

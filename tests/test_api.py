@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import vdit_kernels as vk
-from conftest import device_for, gpu_only, needs_extension
+from conftest import CUDA_BACKEND, device_for, gpu_only, needs_extension
 from vdit_kernels import backend as B
 from vdit_kernels import reference as ref
 from vdit_kernels.ops import attention as attn_ops, patch as patch_ops, rope as rope_ops
@@ -549,7 +549,7 @@ def _op_samples(pack, device="cpu"):
     ]
 
 
-@pytest.mark.parametrize("backend", ["reference", "triton", "cuda"])
+@pytest.mark.parametrize("backend", ["reference", "triton", CUDA_BACKEND])
 def test_opcheck_every_op(backend):
     # the backend name is each op's last argument; without a GPU, triton runs under the
     # interpreter on CPU tensors; cuda runs the families it implements, on a GPU only

@@ -80,12 +80,12 @@ def _run(fn, q, k, v, do):
 
 
 def _check(lens_q, lens_k, h, hk, d, dtype, max_q=None, max_k=None, rope_dims=None,
-           interleaved=True, grads=True, seed=0):
+           interleaved=True, grads=True, seed=0, softmax_scale=None):
     cu_q, cu_k = _cu(lens_q), _cu(lens_k)
     max_q = max(lens_q) if max_q is None else max_q
     max_k = max(lens_k) if max_k is None else max_k
     q, k, v, do = _inputs(sum(lens_q), sum(lens_k), h, hk, d, dtype, seed)
-    scale = d ** -0.5
+    scale = d ** -0.5 if softmax_scale is None else softmax_scale
     rope = None
     if rope_dims is not None:
         g = torch.Generator().manual_seed(seed + 7)
@@ -94,7 +94,7 @@ def _check(lens_q, lens_k, h, hk, d, dtype, max_q=None, max_k=None, rope_dims=No
 
     def api(backend):
         return lambda q, k, v: vk.varlen_attention(q, k, v, cu_q, cu_k, max_q, max_k, return_lse=True,
-                                                   rope=rope, backend=backend)
+                                                   rope=rope, backend=backend, softmax_scale=softmax_scale)
 
     tri = _run(api("triton"), q, k, v, do)
     # the float32 reference, float32 leaves: its gradients are not rounded to `dtype`
@@ -211,6 +211,47 @@ def test_very_negative_scores_keep_gradients_finite(strategy):
 
 
 @pytest.mark.parametrize("dtype", DOT_DTYPES, ids=str)
+@pytest.mark.parametrize("scale", [0.05, 0.4])  # flatter and sharper than 1/sqrt(64) = 0.125
+def test_softmax_scale(scale, dtype, strategy):
+    # forward and every backward strategy use the scale given (the others run the default)
+    _check([19, 0, 40], [19, 0, 40], 4, 2, 64, dtype, softmax_scale=scale, rope_dims=(16, 24, 24))
+    _check([19, 0, 40], [25, 3, 40], 4, 2, 64, dtype, softmax_scale=scale)  # cross-attention
+
+
+@pytest.mark.skipif(DEVICE.type != "cpu", reason="forces GPU tiles under the interpreter")
+@pytest.mark.parametrize("keys_major", [False, True], ids=["queries-major", "keys-major"])
+@pytest.mark.parametrize("strategy", ["split", "atomic-dq"])
+def test_very_negative_scores_with_gpu_tiles(monkeypatch, keys_major, strategy):
+    # test_very_negative_scores_keep_gradients_finite at a GPU dK/dV tile of 64 keys (float32
+    # always runs the interpreter's 16 x 16 queries-major one): the tail block's select of
+    # padded keys in each orientation, atomic-dq's included, in float16
+    from vdit_kernels.triton import attention as A
+
+    monkeypatch.setattr(A, "_half_on_gpu", lambda dtype, device: dtype == torch.float16)
+    monkeypatch.setenv("VDIT_AUTOTUNE", "0")
+    monkeypatch.setenv("VDIT_ATTN_BWD", strategy)
+    tag = "dkdv" if strategy == "split" else "fused"
+    monkeypatch.setitem(A._TILE_LISTS[tag], "d64", [A.Tile(64, 32, 8, 2, keys_major=keys_major)])
+    lens = [21, 5]
+    cu = _cu(lens)
+    n, h, d = sum(lens), 2, 64
+    g = torch.Generator().manual_seed(1)
+    q = torch.full((n, h, d), 6.0).half().to(DEVICE)
+    k = (torch.full((n, h, d), -6.0) + 0.1 * torch.randn(n, h, d, generator=g)).half().to(DEVICE)
+    v, do = (torch.randn(n, h, d, generator=g).half().to(DEVICE) for _ in range(2))
+    api = lambda backend: lambda q, k, v: vk.varlen_attention(q, k, v, cu, cu, 21, 21, return_lse=True,
+                                                              backend=backend)
+    tri = _run(api("triton"), q, k, v, do)
+    assert tri[1].max().item() < -250
+    base = _run(lambda q, k, v: _same_dtype_torch(q, k, v, cu, cu, d ** -0.5), q, k, v, do)
+    exp = _run(api("reference"), q.float(), k.float(), v.float(), do.float())
+    for name, a, b, e in zip(("out", "lse", "dq", "dk", "dv"), tri, base, exp):
+        if name != "lse":
+            assert torch.isfinite(a).all(), name
+            assert_matmul_rule(a, b, e, name=name)
+
+
+@pytest.mark.parametrize("dtype", DOT_DTYPES, ids=str)
 @pytest.mark.parametrize("interleaved", [True, False], ids=["interleaved", "half"])
 def test_fused_rope(interleaved, dtype, strategy):
     _check([19, 0, 6], [19, 0, 6], 2, 1, 64, dtype, rope_dims=(16, 24, 24),
@@ -309,10 +350,11 @@ def test_backward_through_tensor_descriptors(monkeypatch, dtype, d, kernels):
 
 @pytest.mark.parametrize("read", ["pointers", TMA])
 def test_backward_of_a_broadcast_output_gradient(monkeypatch, read):
-    # (out * w).sum() with w (H, D): dO is w expanded over the tokens (token stride 0,
-    # last dim contiguous): overlapping rows, which the descriptor path does not take (a
-    # TMA descriptor's strides must be 16-byte multiples, and 0 is one); the gradients
-    # stay right
+    # (out * w).sum() with w (H, D): autograd hands the op dO = w expanded over the tokens
+    # (token stride 0). The op makes it contiguous before the kernels (ops/attention.py), so
+    # the kernels never see those overlapping rows through the public API; this checks the
+    # gradients end to end on both read paths. That the descriptor path refuses such rows
+    # is test_tma_layout_conditions.
     monkeypatch.setenv("VDIT_ATTN_BWD_READ", read)
     lens = [17, 30]
     cu = _cu(lens)
@@ -549,6 +591,41 @@ def test_deterministic_bitwise(monkeypatch, lens):
     assert all(fixed and not atomic for _, fixed, atomic in backward), backward
     for run in runs[1:]:
         assert all(torch.equal(a, b) for a, b in zip(runs[0], run))
+
+
+@pytest.mark.skipif(DEVICE.type != "cpu", reason="forces GPU tiles under the interpreter")
+def test_deterministic_runs_the_first_tiles_not_the_autotuned_ones(monkeypatch):
+    # with GPU tiles (several candidates a kernel) and autotuning on, deterministic=True
+    # times nothing in the backward and launches each kernel at its list's first tile
+    # (test_deterministic_bitwise checks what is asked of _launch; this, what it runs)
+    from vdit_kernels.triton import attention as A
+
+    monkeypatch.setattr(A, "_half_on_gpu", lambda dtype, device: dtype == torch.float16)
+    monkeypatch.setenv("VDIT_AUTOTUNE", "1")
+    monkeypatch.setenv("VDIT_ATTN_BWD", "atomic-dq")
+    for name in ("VDIT_ATTN_FWD", "VDIT_ATTN_BWD_READ"):
+        monkeypatch.setenv(name, "pointers")
+    lens = [70, 3, 130]
+    size = A._size_class(130, 130)
+    timed = _fake_autotune_timers(monkeypatch, **{tag: A._tuner(tag, size) for tag in ("fwd", "dkdv", "dq", "fused")})
+    launched = []
+    real = A.launch_first_that_fits
+    monkeypatch.setattr(A, "launch_first_that_fits",
+                        lambda what, tiles, key, run: launched.append((what, tiles[0])) or real(what, tiles, key, run))
+    cu = _cu(lens)
+    q, k, v, do = _inputs(sum(lens), sum(lens), 2, 1, 64, torch.float16, seed=2)
+    leaves = [t.clone().requires_grad_(True) for t in (q, k, v)]
+    out = vk.varlen_attention(*leaves, cu, cu, 130, 130, deterministic=True, backend="triton")
+    grads = torch.autograd.grad(out, leaves, do)
+    assert not {"dkdv", "dq", "fused"} & set(timed), timed
+    cuda = torch.device("cuda")
+    first = {f"attention {tag}": A._candidates(tag, 64, torch.float16, cuda)[0] for tag in ("dkdv", "dq")}
+    assert len(A._candidates("dkdv", 64, torch.float16, cuda)) > 1 and len(A._candidates("dq", 64, torch.float16, cuda)) > 1
+    assert [entry for entry in launched if entry[0] in first] == list(first.items())
+    expect = torch.autograd.grad(vk.varlen_attention(*(t.float() for t in leaves), cu, cu, 130, 130,
+                                                     backend="reference"), leaves, do.float())
+    for name, a, e in zip(("dq", "dk", "dv"), grads, expect):
+        assert_verbose_close(a.float(), e, atol=2e-2, rtol=2e-2, name=name)
 
 
 @gpu_only

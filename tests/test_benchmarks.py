@@ -438,6 +438,8 @@ def test_every_gpu_only_test_is_marked_gpu():
     # and a lease's time cap would cut it (the realistic bf16 model test was such a one)
     import re
 
+    # the same for the cuda backend as a parameter: a bare "cuda" in a parametrize list, or
+    # a pytest.param naming it without the marker (use conftest.CUDA_BACKEND)
     unmarked = []
     for path in sorted((ROOT / "tests").glob("test_*.py")):
         lines = path.read_text().splitlines()
@@ -445,6 +447,10 @@ def test_every_gpu_only_test_is_marked_gpu():
             if re.search(r"skipif\(.*(DEVICE\.type != .cuda.|not HAS_CUDA)", line):
                 if "pytest.mark.gpu" not in line and "pytest.mark.gpu" not in lines[i - 1]:
                     unmarked.append(f"{path.name}:{i + 1}")
+            param = " ".join(lines[i:i + 2])  # (a pytest.param may wrap onto a second line)
+            if (re.search(r"parametrize\(.*\[.*[\"']cuda[\"']", line)
+                    or re.search(r"pytest\.param\(.*[\"']cuda[\"']", line) and "pytest.mark.gpu" not in param):
+                unmarked.append(f"{path.name}:{i + 1}")
     assert not unmarked, f"GPU-only tests without the gpu marker (use conftest.gpu_only): {unmarked}"
 
 

@@ -7,7 +7,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 import vdit_kernels as vk
 from vdit_kernels.ops import direct
 
-from conftest import device_for
+from conftest import CUDA_BACKEND, device_for
 
 SHAPES = [(2, 4, 6), (1, 2, 2), (3, 2, 4)]
 
@@ -55,7 +55,7 @@ def _run(fn, leaves):
 NATIVE_NODES = {("cuda", "patch_embed"): "PatchEmbedFunction", ("cuda", "linear_unpatchify"): "LinearUnpatchifyFunction"}
 
 
-@pytest.mark.parametrize("backend", ["reference", "triton", "cuda"])
+@pytest.mark.parametrize("backend", ["reference", "triton", CUDA_BACKEND])
 @pytest.mark.parametrize("name", ["patchify", "unpatchify", "patch_embed", "linear_unpatchify", "rope", "attention"])
 def test_direct_route_matches_the_registered_op(backend, name, monkeypatch):
     if backend not in vk.available_backends({"rope": "rope", "attention": "attention"}.get(name, "patch"),

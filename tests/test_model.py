@@ -162,7 +162,8 @@ BACKENDS = [
                  id="triton-rope-only"),
     # the CUDA kernels cover patchify/unpatchify and RoPE, not patch_embed, linear_unpatchify
     # or attention (which the model calls): its RoPE is what the model can take from them
-    pytest.param({"patch": "triton", "rope": "cuda", "attention": "triton"}, False, id="cuda-rope"),
+    pytest.param({"patch": "triton", "rope": "cuda", "attention": "triton"}, False, id="cuda-rope",
+                 marks=pytest.mark.gpu),
 ]
 
 
@@ -208,7 +209,8 @@ def test_compile_fullgraph_matches_eager():
 @pytest.mark.skipif(DEVICE.type != "cuda", reason="needs a CUDA GPU (realistic config in bfloat16)")
 @pytest.mark.parametrize("backend,fused_rope", [
     pytest.param("triton", True, id="triton"),
-    pytest.param({"patch": "triton", "rope": "cuda", "attention": "triton"}, False, id="cuda-rope"),
+    pytest.param({"patch": "triton", "rope": "cuda", "attention": "triton"}, False, id="cuda-rope",
+                 marks=pytest.mark.gpu),
 ])
 def test_realistic_config_bf16_gpu(backend, fused_rope):
     """Wan-1.3B-wide blocks (hidden 1536, 12 heads of 128, 2 of them) over a mixed pack in

@@ -328,19 +328,25 @@ def test_backend_reports_all_contract_functions():
         assert why_not("triton", "patch", DEVICE, op) is None
 
 
-def test_float64_gradcheck():
-    # float64 has no tl.dot path: Triton patchify/unpatchify around PyTorch float64 GEMMs
+def test_float64_values_and_gradcheck():
+    # float64 has no tl.dot path: Triton patchify/unpatchify around PyTorch float64 GEMMs;
+    # values against the reference (gradcheck alone would pass a wrong forward whose
+    # gradients are consistent with it, an added constant say)
     pack = _pack([(2, 4, 2), (1, 2, 2)], (1, 2, 2))
     videos = [torch.randn(2, *s, dtype=torch.float64, device=DEVICE, requires_grad=True) for s in pack.shapes]
     w = torch.randn(5, 2, 1, 2, 2, dtype=torch.float64, device=DEVICE, requires_grad=True)
     b = torch.randn(5, dtype=torch.float64, device=DEVICE, requires_grad=True)
-    assert torch.autograd.gradcheck(
-        lambda w, b, *v: vk.patch_embed(list(v), pack, w, b, backend="triton"), (w, b, *videos))
+    embed = lambda backend: lambda w, b, *v: vk.patch_embed(list(v), pack, w, b, backend=backend)
+    torch.testing.assert_close(embed("triton")(w, b, *videos), embed("reference")(w, b, *videos),
+                               atol=1e-12, rtol=1e-12)
+    assert torch.autograd.gradcheck(embed("triton"), (w, b, *videos))
     x = torch.randn(pack.num_tokens, 6, dtype=torch.float64, device=DEVICE, requires_grad=True)
     lw = torch.randn(8, 6, dtype=torch.float64, device=DEVICE, requires_grad=True)
     lb = torch.randn(8, dtype=torch.float64, device=DEVICE, requires_grad=True)
-    assert torch.autograd.gradcheck(
-        lambda x, w, b: vk.linear_unpatchify(x, pack, w, b, 2, backend="triton"), (x, lw, lb))
+    unembed = lambda backend: lambda x, w, b: vk.linear_unpatchify(x, pack, w, b, 2, backend=backend)
+    for got, expect in zip(unembed("triton")(x, lw, lb), unembed("reference")(x, lw, lb)):
+        torch.testing.assert_close(got, expect, atol=1e-12, rtol=1e-12)
+    assert torch.autograd.gradcheck(unembed("triton"), (x, lw, lb))
 
 
 @pytest.mark.skipif(DEVICE.type == "cuda", reason="interpreter-only: exercises the GPU split path on CPU")
