@@ -1,6 +1,6 @@
 // Host side of the CUDA 3D RoPE (kernel: csrc/rope.cu): argument checks with clear
-// errors, the vector width (pairs per 16-byte access) and CTA size, output allocation and
-// the registered ops. Compiled by the host compiler; the .cu file throws nothing.
+// errors, the launch (its plan, vector width and CTA size, is plan_rope in
+// csrc/rope_tile.cuh), output allocation and the registered ops. Compiled by the host compiler; the .cu file throws nothing.
 //
 // CPU tensors get the same argument checks, then an error saying the op needs CUDA
 // tensors (the CPU registration below), so the checks run in CPU-only CI too.
@@ -48,8 +48,6 @@ void check_rope_args(const char* op, const at::Tensor& q, const at::Tensor& k, c
   TORCH_CHECK(q.size(1) < (1 << 30) && k.size(1) < (1 << 30), op, ": too many heads");
 }
 
-bool aligned_to(const void* ptr, int64_t bytes) { return reinterpret_cast<uintptr_t>(ptr) % bytes == 0; }
-
 void rope_launch(const at::Tensor& q, const at::Tensor& k, const at::Tensor& qo, const at::Tensor& ko,
                  const at::Tensor& positions_in, c10::IntArrayRef dims, double theta, bool interleaved,
                  bool inverse) {
@@ -81,44 +79,16 @@ void rope_launch(const at::Tensor& q, const at::Tensor& k, const at::Tensor& qo,
   p.interleaved = interleaved;
   p.inverse = inverse;
 
-  // pairs per access: the largest VP in {4, 2, 1} with 2*VP*elem <= 16 B (interleaved)
-  // or VP*elem <= 16 B (rotate-half) that divides the groups' layout and alignment
-  const int64_t esize = q.element_size();
-  int vp = 1;
-  for (int cand : {4, 2}) {
-    const int64_t run = (interleaved ? 2 * cand : cand) * esize;  // bytes per access
-    if (run > 16) continue;
-    bool ok = p.half % cand == 0;
-    if (!interleaved) {
-      for (int a = 0; a < 3; ++a) ok = ok && p.axes.half[a] % cand == 0 && p.axes.chunk_begin[a] % cand == 0;
-    }
-    for (int i = 0; i < 2 && ok; ++i) {
-      if (p.heads[i] == 0) continue;
-      ok = p.sd[i] == 1 && p.osd[i] == 1 && aligned_to(p.in[i], run) && aligned_to(p.out[i], run) &&
-           (p.sn[i] * esize) % run == 0 && (p.sh[i] * esize) % run == 0 &&
-           (p.osn[i] * esize) % run == 0 && (p.osh[i] * esize) % run == 0;
-    }
-    if (ok) {
-      vp = cand;
-      break;
-    }
-  }
-
-  // tokens per CTA: about 2 work units per thread, at most 16 tokens
-  const int64_t units_per_token = (q.size(1) + k.size(1)) * (p.half / vp);
-  int64_t tok = std::max<int64_t>(1, (2 * kRopeThreads + units_per_token - 1) / units_per_token);
-  tok = std::min<int64_t>({tok, 16, N});
-  p.tok = static_cast<int32_t>(tok);
-  TORCH_CHECK(units_per_token * tok < (int64_t{1} << 31), "vdit_C rope: too many heads * head_dim");
-  const int64_t blocks = (N + tok - 1) / tok;
-  TORCH_CHECK(blocks < (int64_t{1} << 31), "vdit_C rope: N = ", N, " is too large");
-  const size_t smem = sizeof(float) * static_cast<size_t>(p.half) * (1 + 2 * tok);
-  TORCH_CHECK(smem <= 48 * 1024, "vdit_C rope: head_dim ", D, " is too large");
+  const RopePlan plan = plan_rope(p, q.element_size());  // fills p.tok
+  TORCH_CHECK(plan.units_per_token * p.tok < (int64_t{1} << 31), "vdit_C rope: too many heads * head_dim");
+  TORCH_CHECK(plan.blocks < (int64_t{1} << 31), "vdit_C rope: N = ", N, " is too large");
+  TORCH_CHECK(plan.smem_bytes <= kRopeMaxSmemBytes, "vdit_C rope: head_dim ", D, " is too large");
   auto stream = c10::cuda::getCurrentCUDAStream(q.device().index());
   const RopeDtype dtype = q.scalar_type() == at::kFloat ? RopeDtype::kFloat32
                           : q.scalar_type() == at::kHalf ? RopeDtype::kFloat16
                                                          : RopeDtype::kBFloat16;
-  C10_CUDA_CHECK(launch_rope_kernel(p, dtype, vp, blocks, smem, stream.stream()));
+  C10_CUDA_CHECK(launch_rope_kernel(p, dtype, plan.vp, plan.blocks, static_cast<size_t>(plan.smem_bytes),
+                                    stream.stream()));
 }
 
 // Whether two indices of t might address one element (vdit_kernels.checks.may_overlap_itself,

@@ -1,5 +1,5 @@
 // Runs the CUDA patch kernel's code (csrc/patch_tile.cuh) on the CPU and checks it
-// against a plain reference: tests/test_patch_cuda_emulation.py builds this file with
+// against a plain reference: tests/test_cuda_emulation.py builds this file with
 // the host compiler (with AddressSanitizer and UBSan where available: an access outside
 // a buffer, a misaligned vector access or an integer overflow fails) and runs it.
 //
