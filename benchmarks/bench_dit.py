@@ -79,7 +79,7 @@ class _Inputs:
         self.pack = vk.VideoPack.from_shapes(wl.shapes, wl.patch, device=device,
                                              text_lengths=[n_text] * len(wl.shapes))
         # the pack's per-token tensors built once, before timing, as a data loader would
-        # (otherwise a compiled model recompiles once when the pack's cache fills)
+        # (eager steps read them; compiled ones build them in their graph: VideoPack._per_token)
         self.pack.positions, self.pack.segment_ids
         self.latents = [torch.randn(wl.channels, *s, generator=g).to(device, dtype).requires_grad_(True)
                         for s in wl.shapes]

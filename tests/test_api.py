@@ -624,6 +624,50 @@ def test_compile_fullgraph_dynamic_shapes_and_inplace_rope():
         attention(x[:, 0], float("nan"), 100.0)
 
 
+@pytest.mark.parametrize("dynamic", [None, True])
+def test_compiled_step_does_not_recompile_per_pack(dynamic):
+    # training on native resolutions: every step's pack has other video sizes. A compiled
+    # step must not be specialized to each pack's sizes (an int() of a symbolic size in a
+    # fake implementation did so: one recompile per pack, until dynamo's limit of 8 ran the
+    # rest eagerly). Sizes > 1 and distinct (size 1 and equal sizes specialize in dynamo)
+    from torch._dynamo.testing import CompileCounter
+
+    torch._dynamo.reset()
+    w = torch.randn(24, 4, 1, 2, 2, requires_grad=True)
+    out_w = torch.randn(16, 24, requires_grad=True)
+
+    def step(videos, pack, w, out_w):
+        x = vk.patch_embed(videos, pack, w)
+        q = k = v = x.view(-1, 2, 12)
+        o = vk.varlen_attention(q, k, v, pack.cu_seqlens, pack.cu_seqlens, pack.max_seqlen, pack.max_seqlen)
+        return vk.linear_unpatchify(o.reshape(-1, 24), pack, out_w, None, 4)
+
+    def step_with_rope(videos, pack, w, out_w):  # reads the pack's cached per-token tensors
+        x = vk.patch_embed(videos, pack, w)
+        q, k = vk.apply_rope_3d(x.view(-1, 2, 12), x.view(-1, 2, 12), pack, (4, 4, 4))
+        return vk.varlen_attention(q, k, q, pack.cu_seqlens, pack.cu_seqlens, pack.max_seqlen, pack.max_seqlen)
+
+    packs = [[(2, 6, 10), (3, 4, 8)], [(3, 10, 6), (2, 8, 14)], [(4, 6, 14), (5, 10, 4)], [(2, 12, 18), (3, 6, 10)]]
+    for fn in (step, step_with_rope):
+        torch._dynamo.reset()
+        counter = CompileCounter()
+        compiled = torch.compile(fn, backend=counter, dynamic=dynamic, fullgraph=True)
+        for i, shapes in enumerate(packs):
+            pack = vk.VideoPack.from_shapes(shapes, patch_size=(1, 2, 2))
+            videos = [torch.randn(4, *s) for s in pack.shapes]
+            if i == 2:
+                pack.positions, pack.segment_ids  # its cache filled by eager code (a data loader)
+            # the same pack twice: what the first call computed is not cached for the second
+            runs = [compiled(videos, pack, w, out_w) for _ in range(2)]
+            expect = fn(videos, pack, w, out_w)
+            listed = lambda out: out if isinstance(out, list) else [out]
+            for got in runs:
+                for a, e in zip(listed(got), listed(expect)):
+                    torch.testing.assert_close(a, e)
+        # dynamic=None: a static first graph, then one dynamic graph for every later pack
+        assert counter.frame_count <= 2, f"{fn.__name__}: {counter.frame_count} graphs for {len(packs)} packs"
+
+
 @gpu_only
 def test_compile_fullgraph_cuda_patch_gemms():
     # the cuda backend's patch_embed / linear_unpatchify (C++ autograd in eager code) inside a

@@ -214,10 +214,23 @@ class VideoPack:
         return max(self.text_lengths, default=0) if self.text_lengths is not None else 0
 
     # -- lazily built per-token tensors --------------------------------------
+    def _per_token(self, key: str, build):
+        """self._cache[key], built once by build() in eager code. Under torch.compile it is
+        built inside the graph, the cache neither read nor written: a graph that read it
+        would guard on what the cache holds (one more compile once it fills, or when a data
+        loader filled it first), and one that wrote it would keep a graph output, which a
+        CUDA graph (mode="reduce-overhead") overwrites on its next replay."""
+        if torch.compiler.is_compiling():
+            return build()
+        cached = self._cache.get(key)
+        if cached is None:
+            cached = self._cache[key] = build()
+        return cached
+
     @property
     def positions(self) -> torch.Tensor:
         """int32 (N, 3): the (t, h, w) token coordinates, raster order per video."""
-        if "positions" not in self._cache:
+        def build():
             parts = []
             for t, h, w in self.grid_sizes:
                 grid = torch.stack(
@@ -228,21 +241,19 @@ class VideoPack:
                 )
                 parts.append(grid.reshape(-1, 3))
             pos = torch.cat(parts) if parts else torch.zeros(0, 3, dtype=torch.int64)
-            self._cache["positions"] = to_device(pos.to(torch.int32), self.device)
-        return self._cache["positions"]
+            return to_device(pos.to(torch.int32), self.device)
+        return self._per_token("positions", build)
 
     @property
     def float_positions(self) -> torch.Tensor:
         """float32 (N, 3) contiguous: `positions` as the RoPE kernels read them, converted
         once (per call, the conversion was a 4 us kernel beside a 355 us RoPE on the H100)."""
-        cached = self._cache.get("float_positions")
+        cached = None if torch.compiler.is_compiling() else self._cache.get("float_positions")
         if cached is not None:
             return cached
         pos = self.positions.to(torch.float32).contiguous()
-        # not kept when traced by torch.compile (the compiled graph fuses the conversion,
-        # and a graph's output may be a CUDA-graph buffer it overwrites later; the capture
-        # query below also breaks a fullgraph trace) or converted inside a CUDA graph
-        # capture (its values exist only once the graph runs)
+        # not kept when traced (_per_token) or converted inside a CUDA graph capture (its
+        # values exist only once the graph runs)
         if torch.compiler.is_compiling() or (pos.is_cuda and torch.cuda.is_current_stream_capturing()):
             return pos
         self._cache["float_positions"] = pos
@@ -251,16 +262,11 @@ class VideoPack:
     @property
     def segment_ids(self) -> torch.Tensor:
         """int32 (N,): index of the video each token belongs to."""
-        if "segment_ids" not in self._cache:
-            # output_size: a shape known without reading the repeats, so torch.compile
-            # traces this (first call of a compiled model) without a graph break
-            ids = torch.repeat_interleave(
-                torch.arange(self.batch_size, dtype=torch.int32),
-                torch.tensor(self.seqlens, dtype=torch.int64),
-                output_size=self.num_tokens,
-            )
-            self._cache["segment_ids"] = to_device(ids, self.device)
-        return self._cache["segment_ids"]
+        # output_size: a shape known without reading the repeats, so torch.compile traces
+        # this without a graph break
+        return self._per_token("segment_ids", lambda: to_device(torch.repeat_interleave(
+            torch.arange(self.batch_size, dtype=torch.int32), torch.tensor(self.seqlens, dtype=torch.int64),
+            output_size=self.num_tokens), self.device))
 
     def to(self, device) -> "VideoPack":
         """The same pack with its tensors on `device`."""
