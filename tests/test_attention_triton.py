@@ -232,6 +232,7 @@ def test_very_negative_scores_with_gpu_tiles(monkeypatch, keys_major, strategy):
     monkeypatch.setenv("VDIT_ATTN_BWD", strategy)
     tag = "dkdv" if strategy == "split" else "fused"
     monkeypatch.setitem(A._TILE_LISTS[tag], "d64", [A.Tile(64, 32, 8, 2, keys_major=keys_major)])
+    monkeypatch.setattr(A, "_TUNERS", {})  # autotuners made from that list die with the test
     lens = [21, 5]
     cu = _cu(lens)
     n, h, d = sum(lens), 2, 64
@@ -691,9 +692,20 @@ def test_gpu_tiles_under_the_interpreter(monkeypatch, d, rope_dims, strategy):
     monkeypatch.setattr(A, "_half_on_gpu", lambda dtype, device: dtype == torch.float16)
     monkeypatch.setenv("VDIT_ATTN_BWD", strategy)
     lens = [70, 3, 130]
-    timed = _fake_autotune_timers(monkeypatch, **{tag: A._tuner(tag, A._size_class(130, 130))
-                                                  for tag in ("fwd", "dkdv", "dq", "fused")})
+    snapshots = {}
+    timed = _fake_autotune_timers(monkeypatch, snapshots, **{tag: A._tuner(tag, A._size_class(130, 130))
+                                                             for tag in ("fwd", "dkdv", "dq", "fused")})
     _check(lens, lens, 2, 1, d, torch.float16, seed=4, rope_dims=rope_dims)
+    # _check verified the last candidate timed (the one kept); every other candidate wrote
+    # the same buffers to within float16 rounding of a different summation order
+    for tag, runs in snapshots.items():
+        for i, run in enumerate(runs[:-1]):
+            for a, kept in zip(run, runs[-1]):
+                finite = torch.isfinite(kept)  # (-inf lse rows: no keys)
+                assert torch.equal(finite, torch.isfinite(a)), (tag, i)
+                err = (a[finite].float() - kept[finite].float()).abs().max().item()
+                bound = 1e-2 * kept[finite].float().abs().max().item() + 1e-3
+                assert err <= bound, f"{tag} candidate {i} of {len(runs)}: off the kept one by {err:.3g} > {bound:.3g}"
     n_fwd = len(A._candidates("fwd", d, torch.float16, torch.device("cuda")))
     assert timed.get("fwd", 0) == (n_fwd if n_fwd > 1 else 0)
     for tag in (("dkdv", "dq") if strategy == "split" else ("fused",)):
@@ -788,17 +800,26 @@ def test_dkdv_orientations_with_gpu_tiles(monkeypatch, keys_major, strategy):
     monkeypatch.setenv("VDIT_ATTN_BWD", strategy)
     tag = "dkdv" if strategy == "split" else "fused"
     monkeypatch.setitem(A._TILE_LISTS[tag], "d64", [A.Tile(64, 32, 8, 2, keys_major=keys_major)])
+    monkeypatch.setattr(A, "_TUNERS", {})  # autotuners made from that list die with the test
     _check([64, 5, 97], [64, 5, 97], 4, 2, 64, torch.float16, seed=3)
 
 
-def _fake_autotune_timers(monkeypatch, **tuners) -> dict:
+# the buffers each autotuned kernel writes (its arguments by name)
+_KERNEL_OUTPUTS = {"fwd": ("O", "LSE"), "dkdv": ("DK", "DV"), "fused": ("DK", "DV", "DQ"), "dq": ("DQ",)}
+
+
+def _fake_autotune_timers(monkeypatch, snapshots: dict = None, **tuners) -> dict:
     """Give each autotuner (by tag) a fake timer that runs the candidate and ranks the last
-    one timed best, with an empty cache; returns {tag: candidates timed}."""
+    one timed best, with an empty cache; returns {tag: candidates timed}. With `snapshots`,
+    also {tag: [the buffers each candidate wrote]} (copies, in the order timed)."""
     timed = {}
     for tag, tuned in tuners.items():
-        def fake_bench(kernel_call, quantiles, tag=tag):
+        def fake_bench(kernel_call, quantiles, tag=tag, tuned=tuned):
             kernel_call()
             timed[tag] = timed.get(tag, 0) + 1
+            if snapshots is not None:
+                names = _KERNEL_OUTPUTS[tag.removesuffix("_tma")]
+                snapshots.setdefault(tag, []).append([tuned.nargs[name].clone() for name in names])
             return [1.0 / timed[tag]] * 3
         monkeypatch.setitem(tuned.__dict__, "do_bench", fake_bench)
         monkeypatch.setattr(tuned, "cache", {})
