@@ -1,5 +1,6 @@
 """Every Triton kernel compiles ahead of time for sm_90a (no GPU) without register spills
-(extra autotuning candidates: within their stated budget; defaults: none)."""
+(extra autotuning candidates: within their stated budget; defaults: none); the CUDA
+kernels (csrc/*.cu) too, for sm_90a and sm_80, where a CUDA toolkit is installed."""
 import json
 import os
 import pkgutil
@@ -223,3 +224,43 @@ def test_main_loop_reads_sass_loops():
     assert main_loop(sass) == {"loop_instructions": 4, "loop_hgmma": 1, "loop_hmma": 0, "loop_local_ops": 2}
     assert main_loop("        /*0000*/                   EXIT ;") == {"loop_instructions": 0, "loop_hgmma": 0,
                                                                      "loop_hmma": 0, "loop_local_ops": 0}
+
+
+def test_cuda_kernels_compile_without_spills(tmp_path):
+    # the CUDA kernels (csrc/*.cu) as setup.py builds them for sm_90a (and sm_80, its oldest
+    # target), through ptxas -v: no spill stores or loads in any kernel (RoPE's 32-byte stack
+    # frame is sincosf's slow-path argument reduction, not a spill)
+    import importlib.util
+    import re
+
+    import pytest
+    from torch.utils.cpp_extension import include_paths
+
+    spec = importlib.util.spec_from_file_location("vdit_setup", ROOT / "setup.py")
+    setup = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(setup)
+    home, how = setup.real_cuda_home()
+    if home is None:
+        pytest.skip(f"no CUDA toolkit: {how}")
+    flags = ["-std=c++17", "-O3", "-DNDEBUG", "--expt-relaxed-constexpr", f"-I{ROOT / 'csrc'}",
+             *(f"-I{p}" for p in include_paths()), "-Xptxas", "-v", "-cubin"]
+    kernels = {}
+    for source in sorted((ROOT / "csrc").glob("*.cu")):
+        for arch in ("sm_90a", "sm_80"):
+            proc = subprocess.run([str(home / "bin" / "nvcc"), *flags, f"-arch={arch}", str(source),
+                                   "-o", str(tmp_path / f"{source.stem}_{arch}.cubin")],
+                                  capture_output=True, text=True, timeout=600)
+            assert proc.returncode == 0, proc.stderr[-4000:]
+            # ptxas prints, per kernel: "Compiling entry function 'NAME' for 'sm_XX'", then
+            # "N bytes stack frame, S bytes spill stores, L bytes spill loads", "Used R registers"
+            for name, body in re.findall(r"Compiling entry function '(\w+)' for '\w+'(.*?)(?=Compiling entry|\Z)",
+                                         proc.stderr, re.S):
+                spills = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", body)
+                registers = re.search(r"Used (\d+) registers", body)
+                assert spills and registers, body
+                kernels[f"{source.name} {arch} {name}"] = (int(registers.group(1)), int(spills.group(1)),
+                                                           int(spills.group(2)))
+    for name, (registers, stores, loads) in sorted(kernels.items()):
+        print(f"{name}: {registers} registers, spills {stores} B stored / {loads} B loaded")
+    assert len(kernels) >= 2 * (4 + 9), sorted(kernels)  # patch: 2 dtypes x 2 directions; rope: 3 x 3 widths
+    assert not {name: k for name, k in kernels.items() if k[1] or k[2]}, "CUDA kernels spill"
