@@ -215,33 +215,29 @@ class VideoPack:
 
     # -- lazily built per-token tensors --------------------------------------
     def _per_token(self, key: str, build):
-        """self._cache[key], built once by build() in eager code. Under torch.compile it is
-        built inside the graph, the cache neither read nor written: a graph that read it
-        would guard on what the cache holds (one more compile once it fills, or when a data
-        loader filled it first), and one that wrote it would keep a graph output, which a
-        CUDA graph (mode="reduce-overhead") overwrites on its next replay."""
+        """self._cache[key]: build(device) made once in eager code, on the CPU and copied
+        (to_device). Under torch.compile it is built inside the graph, on the pack's device
+        (no CPU ops in a graph a CUDA graph may capture), the cache neither read nor
+        written: a graph that read it would guard on what the cache holds (one more compile
+        once it fills, or when a data loader filled it first), and one that wrote it would
+        keep a graph output, which a CUDA graph (mode="reduce-overhead") overwrites on its
+        next replay."""
         if torch.compiler.is_compiling():
-            return build()
+            return build(self.device)
         cached = self._cache.get(key)
         if cached is None:
-            cached = self._cache[key] = build()
+            cached = self._cache[key] = to_device(build("cpu"), self.device)
         return cached
 
     @property
     def positions(self) -> torch.Tensor:
         """int32 (N, 3): the (t, h, w) token coordinates, raster order per video."""
-        def build():
+        def build(device):
             parts = []
             for t, h, w in self.grid_sizes:
-                grid = torch.stack(
-                    torch.meshgrid(
-                        torch.arange(t), torch.arange(h), torch.arange(w), indexing="ij"
-                    ),
-                    dim=-1,
-                )
-                parts.append(grid.reshape(-1, 3))
-            pos = torch.cat(parts) if parts else torch.zeros(0, 3, dtype=torch.int64)
-            return to_device(pos.to(torch.int32), self.device)
+                axes = (torch.arange(n, dtype=torch.int32, device=device) for n in (t, h, w))
+                parts.append(torch.stack(torch.meshgrid(*axes, indexing="ij"), dim=-1).reshape(-1, 3))
+            return torch.cat(parts) if parts else torch.zeros(0, 3, dtype=torch.int32, device=device)
         return self._per_token("positions", build)
 
     @property
@@ -264,9 +260,9 @@ class VideoPack:
         """int32 (N,): index of the video each token belongs to."""
         # output_size: a shape known without reading the repeats, so torch.compile traces
         # this without a graph break
-        return self._per_token("segment_ids", lambda: to_device(torch.repeat_interleave(
-            torch.arange(self.batch_size, dtype=torch.int32), torch.tensor(self.seqlens, dtype=torch.int64),
-            output_size=self.num_tokens), self.device))
+        return self._per_token("segment_ids", lambda device: torch.repeat_interleave(
+            torch.arange(self.batch_size, dtype=torch.int32, device=device),
+            torch.tensor(self.seqlens, dtype=torch.int64, device=device), output_size=self.num_tokens))
 
     def to(self, device) -> "VideoPack":
         """The same pack with its tensors on `device`."""
