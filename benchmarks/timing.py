@@ -2,16 +2,24 @@
 
 GPU: warm-up, then repetitions timed with CUDA events, the L2 cache cleared before each
 (a 256 MB buffer zeroed between runs, as triton.testing.do_bench does), so memory-bound
-ops are timed from DRAM, not from a warm L2. Unlike do_bench (at least one sample), every
-row has at least MIN_REPS samples (3 for calls over a second): a 300 ms backward or a
-multi-second DiT step timed once would report a single hiccup as its median.
+ops are timed from DRAM, not from a warm L2. Unlike do_bench, each sample waits for the
+flush to finish before its start event: a sample is the call's latency from an idle GPU,
+its host time (Python, dispatch, launches) counted in full. Without that wait (do_bench's
+way, and ours until 2026-11-27) the host issued the call while the GPU still cleared the
+L2, about 90 us on an H100, so up to that much of a host-bound call's host time fell
+outside the timed window, and the median was neither its device time nor its cost.
+Unlike do_bench (at least one sample), every row has at least MIN_REPS samples (3 for
+calls over a second): a 300 ms backward or a multi-second DiT step timed once would
+report a single hiccup as its median.
 CPU: time.perf_counter over a few repetitions (a smoke test, not a performance result).
 
 kernel_ms (GPU, memory-bound cases): the device time of the calls alone, from the
 profiler's record of every GPU activity they launch (kernels, small copies), so host
 overhead is excluded. Small ops (a 10 MB patchify) are bound by Python dispatch when
-timed one call at a time: that is the user-visible cost (median_ms), this is the
-kernels' own efficiency (the % of copy bandwidth the issues ask about). The calls cycle
+timed one call at a time: that is a call's cost where nothing else runs (median_ms;
+inside a model whose GPU work outlasts its host work the host time is hidden, and the
+device time is what a call costs), this is the kernels' own efficiency (the % of copy
+bandwidth the issues ask about). The calls cycle
 over enough independently built inputs to exceed twice the L2 cache, so data comes from
 DRAM as with the flush of do_bench.
 host_ms (GPU, memory-bound cases and patch embedding): the host's time to issue one call,
@@ -43,9 +51,10 @@ def _l2_flush_buffer() -> torch.Tensor:
 
 
 def _cuda_events(fn: Callable, warmup_ms: float, rep_ms: float, grad_to_none) -> list[float]:
-    """Device milliseconds of `fn`, one sample per call, L2 flushed before each: about
-    rep_ms of samples after warmup_ms of warm-up, and never fewer than MIN_REPS (MIN_REPS_SLOW
-    for calls over SLOW_MS, whose warm-up is the first call alone)."""
+    """Milliseconds of `fn` from its start on an idle GPU to the end of its last kernel, one
+    sample per call, L2 flushed before each: about rep_ms of samples after warmup_ms of
+    warm-up, and never fewer than MIN_REPS (MIN_REPS_SLOW for calls over SLOW_MS, whose
+    warm-up is the first call alone)."""
     flush = _l2_flush_buffer()
     fn()  # compilation, autotuning, allocator
     torch.cuda.synchronize()
@@ -73,6 +82,7 @@ def _cuda_events(fn: Callable, warmup_ms: float, rep_ms: float, grad_to_none) ->
             for t in grad_to_none:
                 t.grad = None
         flush.zero_()
+        torch.cuda.synchronize()  # the call starts on an idle GPU: none of its host time is hidden
         s.record()
         fn()
         e.record()

@@ -480,6 +480,37 @@ def test_every_row_has_several_samples(monkeypatch, call_ms, samples):
     assert row["median_ms"] == pytest.approx(call_ms)
 
 
+def test_each_sample_starts_on_an_idle_gpu(monkeypatch):
+    # the flush before a sample must finish before its start event, or the host issues the
+    # timed call while the GPU still clears the L2 and that host time goes untimed (a
+    # host-bound patchify's median once sat between its device time and its host time)
+    import benchmarks.timing as T
+
+    order = []
+
+    class Event:
+        def __init__(self, enable_timing=True):
+            self.t = 0.0
+
+        def record(self):
+            order.append("event")
+
+        def elapsed_time(self, other):
+            return 1.0
+
+    class Flush:
+        def zero_(self):
+            order.append("flush")
+
+    monkeypatch.setattr(torch.cuda, "Event", Event)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda: order.append("sync"))
+    monkeypatch.setattr(T, "_l2_flush_buffer", lambda: Flush())
+    T.bench(lambda: order.append("call"), "cuda", quick=True)
+    timed = order[order.index("flush"):]  # after the warm-up and the estimate
+    n = timed.count("flush")
+    assert n >= T.MIN_REPS and timed == ["flush", "sync", "event", "call", "event"] * n + ["sync"], timed[:10]
+
+
 def test_cli_filters_that_match_nothing_are_errors(capsys):
     # a typo once printed "0 cases, 0 errors" (or empty tables) and exited 0
     import benchmarks.readme_table as readme_table
