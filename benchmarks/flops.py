@@ -2,7 +2,7 @@
 
 Attention (block-diagonal over a pack, no causal mask), per head of size D:
     forward  FLOPs = 4 * sum_i(Lq_i * Lk_i) * H * D     (QK^T and PV, 2 FLOPs per MAC)
-    backward FLOPs = 2.5 * forward                       (dV, dP, dS->dQ, dK: 5 matmuls vs 2)
+    backward FLOPs = 2.5 * forward                       (QK^T recomputed, dV, dP, dQ, dK: 5 matmuls vs 2)
     fwd+bwd  FLOPs = 3.5 * forward
 patch_embed (a GEMM): 2 * N * K * hidden, K = C * pt * ph * pw; with K = 64 (16 channels,
     patch 1x2x2) it does 64 FLOPs per byte of its (N, hidden) output, so on an H100 the
