@@ -195,7 +195,9 @@ class VideoPack:
 
     @property
     def max_seqlen(self) -> int:
-        return max(self.seqlens, default=0)
+        # (not max(..., default=0): torch 2.13's dynamo cannot trace the keyword over the
+        # symbolic sizes of a pack passed to a compiled function)
+        return max(self.seqlens) if self.seqlens else 0
 
     @property
     def offsets(self) -> tuple[int, ...]:
@@ -211,7 +213,7 @@ class VideoPack:
 
     @property
     def max_seqlen_k(self) -> int:
-        return max(self.text_lengths, default=0) if self.text_lengths is not None else 0
+        return max(self.text_lengths) if self.text_lengths else 0
 
     # -- lazily built per-token tensors --------------------------------------
     def _per_token(self, key: str, build):
