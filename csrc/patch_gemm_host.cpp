@@ -50,7 +50,7 @@ at::Tensor gather(at::TensorList videos, c10::IntArrayRef ps) {
     const int64_t c = v.size(0), t = v.size(1), h = v.size(2), w = v.size(3);
     rows.push_back(v.reshape({c, t / ps[0], ps[0], h / ps[1], ps[1], w / ps[2], ps[2]})
                        .permute({1, 3, 5, 0, 2, 4, 6})
-                       .reshape({-1, c * ps[0] * ps[1] * ps[2]}));
+                       .reshape({(t / ps[0]) * (h / ps[1]) * (w / ps[2]), c * ps[0] * ps[1] * ps[2]}));  // (not -1: C may be 0)
   }
   return at::cat(rows);
 }

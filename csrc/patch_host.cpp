@@ -138,7 +138,7 @@ std::vector<at::Tensor> unpatchify_cuda(const at::Tensor& tokens_in, c10::IntArr
     n += (t / ps[0]) * (h / ps[1]) * (w / ps[2]);
     outs.push_back(std::move(out));
   }
-  if (n > 0) launch(false, recs, tokens, channels, ps, tokens.scalar_type(), tokens.device());
+  if (n > 0 && channels > 0) launch(false, recs, tokens, channels, ps, tokens.scalar_type(), tokens.device());
   return outs;
 }
 
@@ -183,7 +183,8 @@ std::vector<int64_t> check_unpatchify_args(const at::Tensor& tokens_in, c10::Int
                                            c10::IntArrayRef patch_size, int64_t channels, bool kernel_dtypes) {
   const auto ps = check_patch_size(patch_size);
   if (kernel_dtypes) check_dtype("tokens", tokens_in.scalar_type());
-  TORCH_CHECK(channels > 0 && channels < (int64_t{1} << 31), "vdit_C::unpatchify: channels must be in [1, 2^31), got ",
+  // 0 channels is the gradient of 0-channel videos (patchify takes them: its tokens have 0 columns)
+  TORCH_CHECK(channels >= 0 && channels < (int64_t{1} << 31), "vdit_C::unpatchify: channels must be in [0, 2^31), got ",
               channels);
   TORCH_CHECK(shapes.size() % 3 == 0, "vdit_C::unpatchify: shapes must be a flat list of (T, H, W) "
               "triples, got ", shapes.size(), " ints");

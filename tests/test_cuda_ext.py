@@ -628,6 +628,26 @@ def test_gemm_ops_compute_only_requested_gradients():
 
 
 @needs_cuda_build
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a CUDA GPU")])])
+def test_gemm_ops_take_videos_of_zero_channels(device):
+    # patchify takes videos of 0 channels (tokens of 0 columns), so patch_embed's gradient
+    # scatters (N, 0) tokens back into (0, T, H, W) videos; the bias gradient is still
+    # grad's column sum (the CUDA unpatchify refused 0 channels: an H100 run, 2026-11-27)
+    shapes = [(2, 4, 6), (1, 2, 2), (4, 2, 4)]
+    videos = [torch.zeros(0, *s, device=device) for s in shapes]
+    weight = torch.zeros(5, 0, 1, 2, 2, device=device)
+    grad = torch.randn(sum(t * (h // 2) * (w // 2) for t, h, w in shapes), 5, device=device)
+    gx, gw, gb = torch.ops.vdit_C.patch_embed_backward(grad, videos, weight, True)
+    assert [g.shape for g in gx] == [v.shape for v in videos] and gw.shape == weight.shape
+    assert_verbose_close(gb, grad.sum(0), atol=1e-5, rtol=1e-5)
+    flat = [s for shape in shapes for s in shape]
+    outs = torch.ops.vdit_C.linear_unpatchify(torch.randn(grad.shape[0], 3, device=device),
+                                              torch.zeros(0, 3, device=device), None, flat, [1, 2, 2], 0)
+    assert [o.shape for o in outs] == [v.shape for v in videos]
+
+
+@needs_cuda_build
 def test_gemm_ops_non_contiguous_inputs():
     # strided videos (W not innermost), a weight and x that are views with gaps, a strided
     # bias: the same results and gradients as the reference
