@@ -210,6 +210,10 @@ class Stopped(BaseException):
 
 
 def _stop(signum, frame):
+    # the next SIGTERMs are ignored until main has written the results: `timeout` signals
+    # the command and then its process group, so a second SIGTERM follows the first at once
+    # (on an H100 it stopped the writing of 40 rows, 2026-11-27); main restores the handler
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     raise Stopped(f"signal {signum}")
 
 
@@ -536,7 +540,8 @@ def main(argv=None) -> int:
         stopped = f"stopped by {why} after {len(rows)} of {len(all_cases)} cases"
         print(f"\n{stopped}: writing the results of those")
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        if stopped is None:
+            signal.signal(signal.SIGTERM, previous)
     progress.close()
     add_speedups(rows)
     shares = add_attention_shares(rows)
@@ -603,6 +608,7 @@ def main(argv=None) -> int:
         print("(CPU smoke test: not a performance result)")
     # a peer failing is reported; a vdit provider failing fails the run
     if stopped:
+        signal.signal(signal.SIGTERM, previous)  # (ignored since the first one: _stop)
         return 124  # as `timeout` reports a command it stopped
     return 1 if any(r["provider"].startswith("vdit-") for r in errors) else 0
 
