@@ -2,6 +2,7 @@
 
     python -m benchmarks.run [--quick] [--op patch|rope|attention|block|dit ...] [--provider SUBSTR ...]
                              [--workload NAME ...] [--out DIR] [--no-static]
+    python -m benchmarks.run --from-partial DIR/rows.partial.jsonl [--out DIR]
 
 For each op: one table of workload, provider, median ms (min/max), TFLOP/s or GB/s,
 % of the hardware limit measured in this run (benchmarks/limits.py: large D2D copy,
@@ -13,7 +14,9 @@ where it cannot run, the first baseline of BASELINES that ran). Peers that canno
 are listed with the reason. Results go to --out (default on a GPU:
 benchmarks/results/<gpu-name>/; on CPU a temporary directory): results.json (rows,
 environment, limits), summary.md, plots (if matplotlib is installed) and
-static_report.json (benchmarks/static_report.py, unless --no-static).
+static_report.json (benchmarks/static_report.py, unless --no-static). Every finished case
+is also appended to rows.partial.jsonl at once: a run killed before it wrote its results
+(SIGKILL at a GPU lease's end) gets them back with --from-partial, which times nothing.
 
 On CPU the default workload is a tiny one ("cpu-tiny"), through the reference providers
 (with --cpu-peers and TRITON_INTERPRET=1 also the eager peers and Triton's under the
@@ -453,6 +456,83 @@ def static_report(out: Path) -> str:
     return f"static report: {n} kernels compiled for sm_90a, {len(problems)} problems -> static_report.json"
 
 
+def write_results(out: Path, rows: list[dict], env: dict, ops: list[str], *, stopped: Optional[str], seen: set,
+                  variants: list[str], static: bool, quick: Optional[bool], argv: list) -> list[dict]:
+    """Prints the tables of finished `rows` and writes summary.md, results.json and the plots
+    (and static_report.json if `static`) into `out`; returns the rows that failed. `env`
+    is environment()'s record of the run, `seen` its skipped (op, provider, reason)."""
+    device, lim = env["device"], env["limits"]
+    add_speedups(rows)
+    shares = add_attention_shares(rows)
+    md = []
+    if device == "cpu":
+        md.append(f"**{limits.CPU_LABEL.upper()}**\n")
+    if stopped:
+        md.append(f"**Cut short: {stopped}.**\n")
+    md.append(f"Device: {env['gpu']}, torch {env['torch']}, triton {env['triton']}, commit "
+              f"{(env['git_commit'] or '?')[:12]}{' (dirty)' if env['git_dirty'] else ''}, {env['date']}.  \n"
+              f"Limits measured in this run: copy {lim['bandwidth_gbs']:.1f} GB/s, "
+              f"{lim['matmul_dtype']} matmul {lim['compute_tflops']:.2f} TFLOP/s ({lim['label']}).\n")
+    for op in ops:
+        t = table(rows, op)
+        if op == "dit" and shares:
+            t += "\n\nShare of the step in self-attention (attention suite, same workload):\n" + "\n".join(shares)
+        print(f"\n== {op} ==" + ("   (CPU smoke test, not a performance result)" if device == "cpu" else ""))
+        print(t)
+        md += [f"\n## {op}\n", t]
+    targets = target_table(rows)
+    print("\n== the issues' targets (ours / peer speed, this run) ==\n" + targets)
+    md += ["\n## The issues' targets\n",
+           "Judged on the timed calls (median ms); the last column gives the same ratio of the "
+           "kernels' own device time (profiler), where both rows measured it.\n", targets]
+    choice = backend_choice(rows)
+    print("\n== backend choice (triton vs cuda; DEFAULT_ORDER in vdit_kernels/backend.py) ==")
+    print(choice)
+    md += ["\n## Backend choice: triton vs cuda\n", choice]
+    breakdown = kernel_breakdown(rows) + host_breakdown(rows)
+    if breakdown:
+        title = ("Device time per call by kernel (profiler; the 6 longest), and our calls' host "
+                 "time to issue one call by Python function (cProfile; the 8 largest)")
+        print(f"\n== {title} ==\n" + "\n".join(breakdown))
+        md += [f"\n## {title}\n"] + [f"- {b}" for b in breakdown]
+    if variants:
+        title = "Triton variants and tiles picked by measurement (the vdit-triton rows)"
+        print(f"\n== {title} ==\n" + "\n".join(variants))
+        md += [f"\n## {title}\n"] + [f"- {v}" for v in variants]
+    if seen:
+        md.append("\n## Skipped\n")
+        md += [f"- [{op}] {p}: {r}" for op, p, r in sorted(seen)]
+    made = plots(rows, out)
+    report = None
+    if static:
+        report = static_report(out)
+        print(report)
+        md.append(f"\n{report}\n")
+    (out / "summary.md").write_text("\n".join(md) + "\n")
+    (out / "results.json").write_text(json.dumps(
+        {"environment": env, "rows": rows, "skipped": [dict(op=o, provider=p, reason=r) for o, p, r in sorted(seen)],
+         "plots": made, "static_report": report, "triton_variants": variants, "quick": quick,
+         "stopped": stopped, "argv": argv},
+        indent=1, default=str))
+    return [r for r in rows if "error" in r]
+
+
+def rebuild(partial: Path, out: Path, argv: list) -> int:
+    """results.json and summary.md from a run's rows.partial.jsonl: a run killed before it
+    wrote them (SIGKILL at a lease's end) keeps its finished rows there."""
+    lines = [json.loads(line) for line in partial.read_text().splitlines() if line.strip()]
+    if not lines or "environment" not in lines[0]:
+        raise SystemExit(f"{partial}: not a rows.partial.jsonl (its first line is the run's environment)")
+    env, rows = lines[0]["environment"], lines[1:]
+    stopped = (f"rebuilt from {partial.name} ({len(rows)} cases): the run ended before it wrote its results; "
+               "the Triton variants it measured and the providers it skipped are not in that file")
+    out.mkdir(parents=True, exist_ok=True)
+    errors = write_results(out, rows, env, list(dict.fromkeys(r["op"] for r in rows)), stopped=stopped, seen=set(),
+                           variants=[], static=False, quick=None, argv=argv)
+    print(f"\n{len(rows)} cases, {len(errors)} errors, from {partial}; results in {out}")
+    return 0
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="small workloads, short timing")
@@ -463,7 +543,14 @@ def main(argv=None) -> int:
     parser.add_argument("--out", help="results directory (default: benchmarks/results/<gpu>/ on GPU, a temp dir on CPU)")
     parser.add_argument("--no-static", action="store_true", help="skip the static (sm_90a) report")
     parser.add_argument("--cpu-peers", action="store_true", help="on CPU also run the eager peers (code check only)")
+    parser.add_argument("--from-partial", metavar="JSONL",
+                        help="time nothing: write results.json and summary.md from the rows.partial.jsonl of a run "
+                             "killed before it wrote them, into --out (default: that file's folder)")
     args = parser.parse_args(argv)
+    if args.from_partial:
+        partial = Path(args.from_partial)
+        return rebuild(partial, Path(args.out) if args.out else partial.parent,
+                       sys.argv[1:] if argv is None else argv)
     OPTIONS["cpu_peers"] = args.cpu_peers
     started = time.perf_counter()
 
@@ -543,64 +630,9 @@ def main(argv=None) -> int:
         if stopped is None:
             signal.signal(signal.SIGTERM, previous)
     progress.close()
-    add_speedups(rows)
-    shares = add_attention_shares(rows)
-
-    md = []
-    if device == "cpu":
-        md.append(f"**{limits.CPU_LABEL.upper()}**\n")
-    if stopped:
-        md.append(f"**Cut short: {stopped}.**\n")
-    env = environment(device, lim)
-    md.append(f"Device: {env['gpu']}, torch {env['torch']}, triton {env['triton']}, commit "
-              f"{(env['git_commit'] or '?')[:12]}{' (dirty)' if env['git_dirty'] else ''}, {env['date']}.  \n"
-              f"Limits measured in this run: copy {lim['bandwidth_gbs']:.1f} GB/s, "
-              f"{lim['matmul_dtype']} matmul {lim['compute_tflops']:.2f} TFLOP/s ({lim['label']}).\n")
-    for op in ops:
-        t = table(rows, op)
-        if op == "dit" and shares:
-            t += "\n\nShare of the step in self-attention (attention suite, same workload):\n" + "\n".join(shares)
-        print(f"\n== {op} ==" + ("   (CPU smoke test, not a performance result)" if device == "cpu" else ""))
-        print(t)
-        md += [f"\n## {op}\n", t]
-    targets = target_table(rows)
-    print("\n== the issues' targets (ours / peer speed, this run) ==\n" + targets)
-    md += ["\n## The issues' targets\n",
-           "Judged on the timed calls (median ms); the last column gives the same ratio of the "
-           "kernels' own device time (profiler), where both rows measured it.\n", targets]
-    choice = backend_choice(rows)
-    print("\n== backend choice (triton vs cuda; DEFAULT_ORDER in vdit_kernels/backend.py) ==")
-    print(choice)
-    md += ["\n## Backend choice: triton vs cuda\n", choice]
-    breakdown = kernel_breakdown(rows) + host_breakdown(rows)
-    if breakdown:
-        title = ("Device time per call by kernel (profiler; the 6 longest), and our calls' host "
-                 "time to issue one call by Python function (cProfile; the 8 largest)")
-        print(f"\n== {title} ==\n" + "\n".join(breakdown))
-        md += [f"\n## {title}\n"] + [f"- {b}" for b in breakdown]
-    variants = measured_variants()
-    if variants:
-        title = "Triton variants and tiles picked by measurement (the vdit-triton rows)"
-        print(f"\n== {title} ==\n" + "\n".join(variants))
-        md += [f"\n## {title}\n"] + [f"- {v}" for v in variants]
-    if skips:
-        md.append("\n## Skipped\n")
-        md += [f"- [{op}] {p}: {r}" for op, p, r in sorted(seen)]
-    errors = [r for r in rows if "error" in r]
-
-    made = plots(rows, out)
-    static = None
-    if not (args.no_static or stopped):
-        static = static_report(out)
-        print(static)
-        md.append(f"\n{static}\n")
-    (out / "summary.md").write_text("\n".join(md) + "\n")
-    (out / "results.json").write_text(json.dumps(
-        {"environment": env, "rows": rows, "skipped": [dict(op=o, provider=p, reason=r) for o, p, r in sorted(seen)],
-         "plots": made, "static_report": static, "triton_variants": variants, "quick": args.quick,
-         "stopped": stopped,
-         "argv": sys.argv[1:] if argv is None else argv},
-        indent=1, default=str))
+    errors = write_results(out, rows, environment(device, lim), ops, stopped=stopped, seen=seen,
+                           variants=measured_variants(), static=not (args.no_static or stopped),
+                           quick=args.quick, argv=sys.argv[1:] if argv is None else argv)
     print(f"\n{len(rows)} cases, {len(errors)} errors, {time.perf_counter() - started:.1f} s; results in {out}")
     for r in errors:
         print(f"ERROR: [{r['op']}] {r['name']} {r['mode']} {r['provider']} {r['workload']}: {r['error']}")

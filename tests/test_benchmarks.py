@@ -608,6 +608,28 @@ def test_sigterm_writes_the_results_so_far(monkeypatch, tmp_path):
     assert not later and restored not in (run._stop, signal.SIG_IGN)  # the caller's handler is back
 
 
+def test_from_partial_rebuilds_the_results_of_a_killed_run(tmp_path):
+    # a run killed before it wrote its results (SIGKILL) keeps its finished rows in
+    # rows.partial.jsonl; --from-partial writes the same tables from them, timing nothing
+    import benchmarks.run as run
+    assert run.main(["--quick", "--op", "patch", "--out", str(tmp_path), "--no-static"]) == 0
+    written = json.loads((tmp_path / "results.json").read_text())
+    (tmp_path / "results.json").unlink()
+    summary = (tmp_path / "summary.md").read_text()
+    (tmp_path / "summary.md").unlink()
+    rebuilt_dir = tmp_path / "rebuilt"
+    assert run.main(["--from-partial", str(tmp_path / "rows.partial.jsonl"), "--out", str(rebuilt_dir)]) == 0
+    rebuilt = json.loads((rebuilt_dir / "results.json").read_text())
+    assert len(written["rows"]) > 3 and rebuilt["rows"] == written["rows"]
+    assert rebuilt["environment"] == {**written["environment"], "date": rebuilt["environment"]["date"]}
+    assert "rebuilt from rows.partial.jsonl" in rebuilt["stopped"]
+    tables = summary[summary.index("## patch"):summary.index("## Skipped")].rstrip()
+    assert tables in (rebuilt_dir / "summary.md").read_text()
+    (tmp_path / "bad.jsonl").write_text('{"op": "patch"}\n')
+    with pytest.raises(SystemExit, match="not a rows.partial.jsonl"):
+        run.main(["--from-partial", str(tmp_path / "bad.jsonl")])
+
+
 def test_host_routes_runs_and_restores_the_routes(capsys):
     import vdit_kernels as vk
     from vdit_kernels import backend as B
