@@ -480,6 +480,22 @@ def test_size_classes_get_their_own_autotuners():
     assert long.fn is text.fn  # one kernel: the compiled variants are shared
 
 
+def test_size_classes_never_share_triton_disk_cache(monkeypatch):
+    # Triton's on-disk autotuning cache (TRITON_CACHE_AUTOTUNING=1, off under the
+    # interpreter) names an entry by kernel, configs and key, which has no size class: a
+    # long self-attention would get the tile a text cross-attention picked
+    import triton
+    from vdit_kernels.triton import attention as A
+
+    monkeypatch.setattr(A, "_TUNERS", {})
+    monkeypatch.setattr(triton.knobs.autotuning, "cache", True)
+    monkeypatch.setattr(triton.knobs.runtime, "interpret", False)
+    plain = triton.autotune([triton.Config({})], key=["D"])(A._TUNED_KERNELS["dq"])
+    assert plain.cache_results  # (what the setting does to an autotuner that does not opt out)
+    for tag in A._TUNED_KERNELS:
+        assert not A._tuner(tag, (2, 2)).cache_results and not A._tuner(tag, (2, 0)).cache_results
+
+
 def test_autotuned_choices_name_the_picked_tiles():
     from types import SimpleNamespace
 

@@ -850,6 +850,10 @@ def _tuner(tag: str, size: tuple):
             _configs(tag, pre_hook=_descriptor_blocks(tag) if tag.endswith("_tma") else None),
             key=["D", "GROUPS"], reset_to_zero=["DQ"] if tag.startswith("fused") else None,
             prune_configs_by={"early_config_prune": _prune(tag)})(_TUNED_KERNELS[tag])
+        # never Triton's on-disk autotuning cache (TRITON_CACHE_AUTOTUNING=1): its entry is
+        # named by the kernel, the configs and the key (head dim, GQA groups, dtypes), not
+        # by the size class, so the first class tuned would pick every class's tile
+        _TUNERS[tag, size].cache_results = False
     return _TUNERS[tag, size]
 
 
