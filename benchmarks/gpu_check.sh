@@ -29,7 +29,10 @@
 #       lease that ends mid-way still brings back what finished. LEASE_STEPS (default
 #       "test mem attention mem-large dit", run in that order) picks the steps after the build, for a short
 #       second call (e.g. LEASE_STEPS=attention with VDIT_ATTN_BWD=split exported): its
-#       rows still come back through $OUT, step by step.
+#       rows still come back through $OUT, step by step. The bench steps share
+#       VDIT_TUNING_CACHE=/tmp/vdit_tuning (TUNING_CACHE names another folder, 0 turns it
+#       off): a later step or call on the same machine uses the tiles and variants an
+#       earlier one timed (the summary's last variants line says which).
 # Steps can run in separate calls (each stays under a 10-minute command limit); the
 # build output stays in the working tree between them.
 # Results: benchmarks/results/<gpu-slug>/ or $RESULTS_DIR (results.json, summary.md,
@@ -113,7 +116,10 @@ run_bench() {  # BENCH_OUT: the results folder (default $RES)
     # the log also records each autotuning (candidates, time taken, the pick): first-call
     # autotuning is what a time cap cuts first
     # at the cap, SIGTERM: run.py writes results.json from the cases that ran (20 s grace)
-    env -u TRITON_INTERPRET PYTHONUNBUFFERED=1 TRITON_PRINT_AUTOTUNING=1 timeout -k 20 "${BENCH_TIMEOUT:-0}" \
+    # VDIT_TUNING_CACHE: the steps and calls of a lease time each variant and tile once (a
+    # second call re-timed the attention's for ~100 s, 2026-11-27); TUNING_CACHE=0: off
+    env -u TRITON_INTERPRET PYTHONUNBUFFERED=1 TRITON_PRINT_AUTOTUNING=1 VDIT_TUNING_CACHE="${TUNING_CACHE:-/tmp/vdit_tuning}" \
+        timeout -k 20 "${BENCH_TIMEOUT:-0}" \
         $PY -m benchmarks.run --out "$out" "$@" 2>&1 \
         | tee "$out/logs/bench.log" | grep -v '^\[[0-9]*/[0-9]*\]\|^Autotuning kernel'
     [ "${PIPESTATUS[0]}" -eq 0 ] || status=1

@@ -376,13 +376,15 @@ def _fmt_ms(r):
 
 
 def measured_variants() -> list[str]:
-    """The variants and tiles the Triton backend picked by timing them in this run."""
+    """The variants and tiles the Triton backend picked by timing them in this run (or
+    took from earlier runs' VDIT_TUNING_CACHE, which the last line then names)."""
     try:
-        from vdit_kernels.triton import VARIANT_TIMES, attention, patch
+        from vdit_kernels.triton import VARIANT_TIMES, attention, patch, tuning_cache
     except ImportError:  # no Triton
         return []
+    cache = tuning_cache.describe()
     return (attention.measured_choices() + patch.measured_choices()
-            + [f"variants timed: {t}" for t in VARIANT_TIMES])
+            + [f"variants timed: {t}" for t in VARIANT_TIMES] + ([cache] if cache else []))
 
 
 def table(rows: list[dict], op: str) -> str:

@@ -11,8 +11,12 @@ Correctness rules:
            writing attention in that dtype gets), and its grads by autograd through it.
   lse:     within 1e-3 absolute of the reference (float32 everywhere).
 """
+import json
 import logging
+import os
 import random
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -999,3 +1003,106 @@ def test_fastest_takes_the_median_of_interleaved_rounds(monkeypatch):
     calls = []
     T.fastest("y", {"c": lambda: calls.append(1) or 1.0})
     assert len(calls) == 1 + T.MAX_ROUNDS
+
+
+# -- VDIT_TUNING_CACHE: measured variants and autotuned tiles kept between processes -----
+
+def _new_process(monkeypatch):
+    """Forget what this process measured and read from the tuning cache (as a new one)."""
+    from vdit_kernels.triton import attention as A
+    from vdit_kernels.triton import tuning_cache as TC
+    monkeypatch.setattr(A, "_TUNERS", {})
+    monkeypatch.setattr(TC, "_STATE", {"path": None, "entries": None, "new": {}})
+    monkeypatch.setattr(TC, "_PREFILLED", set())
+    monkeypatch.setattr(TC, "USED", [])
+
+
+def test_tuning_cache_keeps_measured_variants(monkeypatch, tmp_path):
+    from vdit_kernels.triton import measured_choice
+    from vdit_kernels.triton import tuning_cache as TC
+
+    key = (128, torch.bfloat16, 2, torch.device("cuda", 0), (2, 2))
+    options = ("a", "b", "c")
+    _new_process(monkeypatch)
+    monkeypatch.delenv("VDIT_TUNING_CACHE", raising=False)  # off: nothing read or written
+    assert measured_choice("VDIT_TEST_VARIANT", options, {}, key, lambda: "b") == "b"
+    assert TC.recall("VDIT_TEST_VARIANT", key) is None and TC.save() is None
+
+    monkeypatch.setenv("VDIT_TUNING_CACHE", str(tmp_path))
+    assert measured_choice("VDIT_TEST_VARIANT", options, {}, key, lambda: "b") == "b"
+    path = TC.save()
+    assert path.parent == tmp_path and f"triton{triton.__version__}" in path.name and TC.save() is None
+    _new_process(monkeypatch)
+
+    def must_not_measure():
+        raise AssertionError("measured again")
+    assert measured_choice("VDIT_TEST_VARIANT", options, {}, key, must_not_measure) == "b"
+    assert TC.describe() == f"VDIT_TUNING_CACHE: {path}; picks of earlier processes used instead of timing: " \
+                            f"VDIT_TEST_VARIANT {key!r}"
+    # another key, or a saved choice this call cannot run: measured
+    assert measured_choice("VDIT_TEST_VARIANT", options, {}, key[:4] + ((2, 0),), lambda: "c") == "c"
+    assert measured_choice("VDIT_TEST_VARIANT", options, {}, key, lambda: "c", available=("a", "c")) == "c"
+    assert measured_choice("VDIT_TEST_VARIANT", options, {}, key, None) == "a"  # nothing may be timed
+    # other Triton sources (or GPU, or releases): another file
+    _new_process(monkeypatch)
+    with monkeypatch.context() as m:
+        m.setattr(TC, "sources_digest", lambda: "0123456789abcdef")
+        assert TC.cache_path() != path and TC.recall("VDIT_TEST_VARIANT", key) is None
+    # an unreadable file counts as empty, and is replaced by the next save
+    path.write_text("{not json")
+    _new_process(monkeypatch)
+    assert measured_choice("VDIT_TEST_VARIANT", options, {}, key, lambda: "c") == "c"
+    assert TC.save() == path and json.loads(path.read_text()) == {"VDIT_TEST_VARIANT": {repr(key): "c"}}
+
+
+def test_tuning_cache_is_written_at_exit(tmp_path):
+    code = ("import vdit_kernels.triton as T; "
+            "print(T.measured_choice('VDIT_TEST_VARIANT', ('a', 'b'), {}, (64, 'key'), lambda: 'b'))")
+    env = {**os.environ, "VDIT_TUNING_CACHE": str(tmp_path)}
+    run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0 and run.stdout.strip() == "b", run.stderr
+    (path,) = tmp_path.glob("*.json")
+    assert json.loads(path.read_text()) == {"VDIT_TEST_VARIANT": {"(64, 'key')": "b"}}
+
+
+@pytest.mark.skipif(DEVICE.type != "cpu", reason="forces GPU tiles under the interpreter")
+def test_tuning_cache_keeps_autotuned_tiles(monkeypatch, tmp_path):
+    # a process saves the tiles its autotuners picked; the next starts its autotuners with
+    # them and times nothing for those keys (the fake timer ranks the last candidate best,
+    # not the default first one)
+    from vdit_kernels.triton import attention as A
+    from vdit_kernels.triton import describe_config
+    from vdit_kernels.triton import tuning_cache as TC
+
+    monkeypatch.setenv("VDIT_TUNING_CACHE", str(tmp_path))
+    monkeypatch.setattr(A, "_half_on_gpu", lambda dtype, device: dtype == torch.float16)
+    monkeypatch.setenv("VDIT_AUTOTUNE", "1")
+    monkeypatch.setenv("VDIT_ATTN_BWD", "split")
+    for name in ("VDIT_ATTN_FWD", "VDIT_ATTN_BWD_READ"):
+        monkeypatch.setenv(name, "pointers")
+    lens, tags = [70, 3, 130], ("fwd", "dkdv", "dq")
+    size = A._size_class(130, 130)
+    cu = _cu(lens)
+    q, k, v, do = _inputs(sum(lens), sum(lens), 2, 1, 64, torch.float16, seed=3)
+
+    def step():
+        leaves = [t.clone().requires_grad_(True) for t in (q, k, v)]
+        out = vk.varlen_attention(*leaves, cu, cu, 130, 130, backend="triton")
+        return (out,) + torch.autograd.grad(out, leaves, do)
+
+    _new_process(monkeypatch)
+    timed = _fake_autotune_timers(monkeypatch, **{tag: A._tuner(tag, size) for tag in tags})
+    first = step()
+    assert set(timed) == set(tags)
+    picked = {tag: {key: describe_config(c) for key, c in A._tuner(tag, size).cache.items()} for tag in tags}
+    assert TC.save() is not None
+
+    _new_process(monkeypatch)
+    for tag in tags:
+        tuner = A._tuner(tag, size)
+        assert {key: describe_config(c) for key, c in tuner.cache.items()} == picked[tag]
+        assert tuner.cache and all(c in tuner.configs for c in tuner.cache.values())
+        assert f"autotune {tag} size class {size}" in TC.describe()
+        monkeypatch.setitem(tuner.__dict__, "do_bench", lambda *args, **kwargs: pytest.fail("timed again"))
+    for a, b in zip(step(), first):
+        assert torch.equal(a, b)

@@ -16,6 +16,7 @@ except ImportError:  # pragma: no cover
     TensorDescriptor = None
 
 from ..checks import first_tensor
+from . import tuning_cache
 
 _LOG = logging.getLogger("vdit_kernels")
 
@@ -145,8 +146,9 @@ def measured_choice(env: str, options: tuple, cache: dict, key, measure: Optiona
     (all with the same result; one this call cannot run, i.e. not in `available`
     (default: all), gives way to options[0]) or one of `autos` ("auto", the default): the
     variant measure() found fastest among the available ones, timed once per key and
-    cached (the key must tell calls with different `available` apart); options[0] where
-    nothing was or can be measured (measure None)."""
+    cached (the key must tell calls with different `available` apart; with
+    VDIT_TUNING_CACHE also on disk: tuning_cache); options[0] where nothing was or can be
+    measured (measure None)."""
     name = os.environ.get(env, "auto")
     if name not in options + autos:
         raise ValueError(f"{env} must be one of {options + autos}, got {name!r}")
@@ -158,7 +160,9 @@ def measured_choice(env: str, options: tuple, cache: dict, key, measure: Optiona
     if key not in cache:  # (a choice measured before stays, e.g. during a graph capture)
         if measure is None:
             return options[0]
-        cache[key] = measure()
+        saved = tuning_cache.recall(env, key)  # an earlier process's (VDIT_TUNING_CACHE)
+        cache[key] = saved if saved in available else measure()
+        tuning_cache.remember(env, key, cache[key])
     return cache[key]
 
 

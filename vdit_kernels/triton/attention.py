@@ -90,6 +90,7 @@ from ..checks import KERNEL_DTYPES
 from . import (COMPILE_OPTIONS, TensorDescriptor, autotune_enabled, autotuned_choices, launch_first_that_fits,
                loop_bound, measured_choice, on_tensors_device, pow2_dividing, timing)
 from . import rope as triton_rope
+from . import tuning_cache
 
 # the accumulators are float32: a float64 product would be float32-accurate at best
 DTYPES = KERNEL_DTYPES
@@ -854,7 +855,13 @@ def _tuner(tag: str, size: tuple):
         # named by the kernel, the configs and the key (head dim, GQA groups, dtypes), not
         # by the size class, so the first class tuned would pick every class's tile
         _TUNERS[tag, size].cache_results = False
+    tuning_cache.prefill(f"{tag} size class {size}", _TUNERS[tag, size])  # (ours instead: VDIT_TUNING_CACHE)
     return _TUNERS[tag, size]
+
+
+def named_tuners() -> dict:
+    """{name: autotuner} of the attention kernels made in this process."""
+    return {f"{tag} size class {size}": tuner for (tag, size), tuner in _TUNERS.items()}
 
 
 # backward strategies ("split": no atomics, the fallback) and how the kernels read the
@@ -922,8 +929,7 @@ def measured_choices() -> list[str]:
             strategy = f" {key[5]}" if what == "backward read" else ""
             lines.append(f"{what}{strategy} D={d} {str(dtype).replace('torch.', '')} GQA groups={groups} "
                          f"{device} size class {size}: {choice}{among}")
-    tuners = {f"{tag} size class {size}": tuner for (tag, size), tuner in _TUNERS.items()}
-    return lines + autotuned_choices(tuners)
+    return lines + autotuned_choices(named_tuners())
 
 
 def _tma_possible(*tensors) -> bool:

@@ -85,7 +85,7 @@ import triton.language as tl
 from .. import backend as _backend
 from ..pack import device_table
 from . import (COMPILE_OPTIONS, autotune_enabled, autotuned_choices, launch_first_that_fits, loop_bound,
-               measured_choice, on_tensors_device, pow2_dividing, timing)
+               measured_choice, on_tensors_device, pow2_dividing, timing, tuning_cache)
 
 # float64 too, exactly: the copies are dtype-blind and its GEMMs run in PyTorch (above)
 DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -689,6 +689,7 @@ def _gather_gemm(videos, b_mat, bias, patch_size):
                                    lambda c: _embed_kernel[grid](*args, **consts, BLOCK_N=c[0], num_warps=c[1],
                                                                  num_stages=c[2], **COMPILE_OPTIONS))
         else:
+            tuning_cache.prefill("patch_embed", _embed_tuned)
             _embed_tuned[grid](*args, **consts, **COMPILE_OPTIONS)
         return out
     bm, bn, bk, warps = (_SMALL if _interp(v0) else

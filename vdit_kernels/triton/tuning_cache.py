@@ -1,0 +1,183 @@
+"""What the Triton backend measured (autotuned tiles, measured variants) kept on disk
+between processes, opt-in: VDIT_TUNING_CACHE=DIR (or 1: ~/.cache/vdit_kernels).
+
+The first call per key times candidates: on an H100 the first attention backward of a
+shape autotuned for about 75 s (the dK/dV, dQ and atomic-dQ kernels of each strategy
+and read variant it measures), the forward about 15 s (2026-11-27). With the cache set a
+process reads what earlier ones picked and times only keys they did not meet, then adds
+its own picks when it exits (atexit: a normal exit, or SIGTERM where a handler turns it
+into one, as benchmarks.run does; not SIGKILL).
+
+One JSON file per GPU model, torch and Triton release and version of this package's
+Triton sources (a hash of triton/*.py): a pick is never reused for a kernel it was not
+measured for. Within a file, entries are named by section (an autotuner's name, a
+variant's environment variable) and the key the choice was measured for. Triton's own
+on-disk autotuning cache (TRITON_CACHE_AUTOTUNING) cannot serve these kernels: it skips
+autotuners with pre-hooks (the TMA variants) and does not tell the attention's size
+classes apart.
+"""
+from __future__ import annotations
+
+import atexit
+import functools
+import hashlib
+import json
+import os
+import re
+import sys
+import tempfile
+from pathlib import Path
+from typing import Optional
+
+import torch
+import triton
+
+_ENV = "VDIT_TUNING_CACHE"
+_SOURCES = Path(__file__).resolve().parent
+
+# in memory: the file's entries (read once) and this process's picks, by section
+_STATE: dict = {"path": None, "entries": None, "new": {}}
+_PREFILLED: set = set()
+# picks of earlier processes this one used: (section, key text)
+USED: list = []
+
+
+def cache_path() -> Optional[Path]:
+    """The cache file for this process's GPU and releases, or None when VDIT_TUNING_CACHE
+    is unset, empty or 0."""
+    setting = os.environ.get(_ENV, "")
+    if setting in ("", "0"):
+        return None
+    folder = Path.home() / ".cache" / "vdit_kernels" if setting == "1" else Path(setting).expanduser()
+    gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+    name = f"{gpu}-torch{torch.__version__}-triton{triton.__version__}-{sources_digest()}"
+    return folder / (re.sub(r"[^A-Za-z0-9.+]+", "-", name).strip("-") + ".json")
+
+
+@functools.lru_cache(maxsize=None)
+def sources_digest() -> str:
+    """16 hex digits of a hash of this package's Triton sources (triton/*.py)."""
+    digest = hashlib.sha256()
+    for source in sorted(_SOURCES.glob("*.py")):
+        digest.update(source.name.encode() + b"\0" + source.read_bytes())
+    return digest.hexdigest()[:16]
+
+
+def _entries() -> Optional[dict]:
+    """The cache file's entries {section: {key text: value}}, read on first use; None
+    when the cache is off. A file that cannot be read counts as empty."""
+    path = cache_path()
+    if path is None:
+        return None
+    if _STATE["path"] != path:
+        _STATE["path"], _STATE["entries"], _STATE["new"] = path, _read(path), {}
+        _PREFILLED.clear()
+    return _STATE["entries"]
+
+
+def _read(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def _key_text(key) -> str:
+    return repr(key)  # tuples of ints, strings, dtypes and devices: their repr is stable
+
+
+def recall(section: str, key):
+    """The value saved for (section, key), or None."""
+    entries = _entries()
+    if entries is None:
+        return None
+    value = entries.get(section, {}).get(_key_text(key))
+    if value is not None:
+        USED.append((section, _key_text(key)))
+    return value
+
+
+def remember(section: str, key, value) -> None:
+    """Keeps (section, key) -> value (JSON) for save() when the cache is on."""
+    entries = _entries()
+    if entries is None:
+        return
+    text = _key_text(key)
+    if entries.get(section, {}).get(text) != value:
+        entries.setdefault(section, {})[text] = value
+        _STATE["new"].setdefault(section, {})[text] = value
+
+
+def _config_record(config) -> dict:
+    return {"kwargs": dict(config.kwargs), "num_warps": config.num_warps, "num_stages": config.num_stages,
+            "maxnreg": getattr(config, "maxnreg", None)}
+
+
+def prefill(name: str, tuner) -> None:
+    """Puts the tiles saved for autotuner `name` into its cache (once per process and
+    file), so Triton times only keys no earlier process met. A saved tile that is no
+    longer among the tuner's configs is ignored."""
+    if _entries() is None or name in _PREFILLED:
+        return
+    _PREFILLED.add(name)
+    section = _STATE["entries"].get("autotune " + name, {})
+    by_record = {json.dumps(_config_record(c), sort_keys=True): c for c in tuner.configs}
+    for entry in section.values():
+        config = by_record.get(json.dumps(entry.get("config"), sort_keys=True))
+        if config is not None and isinstance(entry.get("key"), list) and tuple(entry["key"]) not in tuner.cache:
+            tuner.cache[tuple(entry["key"])] = config
+            USED.append(("autotune " + name, _key_text(tuple(entry["key"]))))
+
+
+def record_tuner(name: str, tuner) -> None:
+    """Keeps every tile autotuner `name` picked in this process for save()."""
+    for key, config in getattr(tuner, "cache", {}).items():
+        remember("autotune " + name, key, {"key": list(key), "config": _config_record(config)})
+
+
+def describe() -> Optional[str]:
+    """One line on the cache for a report: the file, and which of its picks this process
+    used instead of timing; None when the cache is off."""
+    path = cache_path()
+    if path is None:
+        return None
+    used = ", ".join(f"{section} {key}" for section, key in USED) or "none"
+    return f"{_ENV}: {path}; picks of earlier processes used instead of timing: {used}"
+
+
+def save() -> Optional[Path]:
+    """Writes this process's new picks into the cache file (merged with what other
+    processes wrote there since; one atomic rename). Returns the file, or None when
+    there was nothing to write."""
+    if _entries() is None:
+        return None
+    # the autotuners of the modules this process loaded
+    attention, patch = (sys.modules.get(f"{__package__}.{m}") for m in ("attention", "patch"))
+    for name, tuner in (attention.named_tuners() if attention else {}).items():
+        record_tuner(name, tuner)
+    if patch is not None:
+        record_tuner("patch_embed", patch._embed_tuned)
+    path, new = _STATE["path"], _STATE["new"]
+    if not new:
+        return None
+    merged = _read(path)
+    for section, values in new.items():
+        merged.setdefault(section, {}).update(values)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+    with os.fdopen(fd, "w") as f:
+        json.dump(merged, f, indent=1, sort_keys=True)
+    os.replace(tmp, path)
+    _STATE["new"] = {}
+    return path
+
+
+def _save_at_exit() -> None:
+    try:
+        save()
+    except Exception:  # noqa: BLE001  (a cache write must never fail a program's exit)
+        pass
+
+
+atexit.register(_save_at_exit)
