@@ -13,12 +13,13 @@
 #       TEST_TIMEOUT, default 150 s; on a GPU the GPU-only tests and the bfloat16 cases,
 #       what CPU CI cannot run, come first: conftest.gpu_tests_first);
 #       patch ops and RoPE on the mixed pack into <results>-mem (MEM_TIMEOUT, default
-#       130 s: 89 s for its 32 cases on 2026-11-27; 53 cases since, the rows the targets
-#       judge first, so a cap cuts linear_unpatchify's and the forced variants); attention on the mixed pack,
-#       the vdit-triton rows and the peers the issue judges it by, torch-varlen and
+#       130 s: 89 s for its 32 cases on 2026-11-27; 52 cases since, the rows the targets
+#       judge first, so a cap cuts linear_unpatchify's and the forced variants: 40 of them
+#       ran in session 20's lease); our patch ops on the train-pack workload (368k tokens)
+#       into <results>-mem-large (MEM_LARGE_TIMEOUT, default 45 s); attention on the mixed
+#       pack, the vdit-triton rows and the peers the issue judges it by, torch-varlen and
 #       flex-attention (ATTN_TIMEOUT, default 230 s: the first backward autotunes about 40
-#       tiles, the first forward 11); our patch ops on the train-pack workload (368k
-#       tokens) into <results>-mem-large (MEM_LARGE_TIMEOUT, default 45 s); the DiT block on
+#       tiles, the first forward 11: 100 s of autotuning in all); the DiT block on
 #       mixed-60k, Triton and padded PyTorch (grid- and token-padded, eager and compiled)
 #       and the step's self-attention alone, into <results>-dit (DIT_TIMEOUT, default 240 s,
 #       cut to what is left, skipped under DIT_MIN = 200 s: its first autotuning alone
@@ -27,7 +28,7 @@
 #       one (first-call autotuning) cannot take the others' rows, cut to what LEASE_BUDGET
 #       (default 550 s from the start) leaves; $OUT is refreshed after every step, so a
 #       lease that ends mid-way still brings back what finished. LEASE_STEPS (default
-#       "test mem attention mem-large dit", run in that order) picks the steps after the build, for a short
+#       "test mem mem-large attention dit", run in that order) picks the steps after the build, for a short
 #       second call (e.g. LEASE_STEPS=attention with VDIT_ATTN_BWD=split exported): its
 #       rows still come back through $OUT, step by step. The bench steps share
 #       VDIT_TUNING_CACHE=/tmp/vdit_tuning (TUNING_CACHE names another folder, 0 turns it
@@ -135,7 +136,7 @@ save_out() {  # copy what exists so far to $OUT (after every lease step: a kill 
 }
 
 want() {  # is lease step $1 in LEASE_STEPS?
-    [[ " ${LEASE_STEPS:-test mem attention mem-large dit} " == *" $1 "* ]]
+    [[ " ${LEASE_STEPS:-test mem mem-large attention dit} " == *" $1 "* ]]
 }
 
 cap() {  # a step's time cap: its own ($1 s), cut to what LEASE_BUDGET leaves (30 s reserve)
@@ -167,14 +168,14 @@ case "$STEP" in
             want mem && BENCH_OUT="$RES-mem" BENCH_TIMEOUT=$(cap "${MEM_TIMEOUT:-130}") run_bench --workload mixed-pack \
                 --op rope --op patch --no-static
             save_out
-            want attention && BENCH_TIMEOUT=$(cap "${ATTN_TIMEOUT:-230}") run_bench --workload mixed-pack --op attention \
-                --provider vdit-triton --provider torch-varlen --provider flex --no-static
-            save_out
-            # (after attention, whose backward holds the open target: 2026-11-27)
             # our patch ops on a 9x larger pack, where a kernel's bandwidth is not capped by
-            # its few microseconds of launch ramp and tail
+            # its few microseconds of launch ramp and tail (before attention since session
+            # 20's lease met the attention targets and left this step no time)
             want mem-large && BENCH_OUT="$RES-mem-large" BENCH_TIMEOUT=$(cap "${MEM_LARGE_TIMEOUT:-45}") run_bench \
                 --workload train-pack --op patch --provider vdit- --no-static
+            save_out
+            want attention && BENCH_TIMEOUT=$(cap "${ATTN_TIMEOUT:-230}") run_bench --workload mixed-pack --op attention \
+                --provider vdit-triton --provider torch-varlen --provider flex --no-static
             save_out
             # the reference model would materialize 40k x 40k scores per head: not run
             # the last step takes what the lease has left (cap), padded baselines before the
