@@ -22,6 +22,8 @@ device time is what a call costs), this is the kernels' own efficiency (the % of
 bandwidth the issues ask about). The calls cycle
 over enough independently built inputs to exceed twice the L2 cache, so data comes from
 DRAM as with the flush of do_bench.
+interleaved (the head-to-head runs of benchmarks/run.py): two or more calls timed in turns,
+so a drift over the run reaches them alike.
 host_ms (GPU, memory-bound cases and patch embedding): the host's time to issue one call,
 calls queued back to back without waiting for the GPU, and the Python functions that time
 goes to (cProfile; a CUDA backward runs on autograd's own thread, which it does not see):
@@ -78,16 +80,58 @@ def _cuda_events(fn: Callable, warmup_ms: float, rep_ms: float, grad_to_none) ->
     starts = [torch.cuda.Event(enable_timing=True) for _ in range(n_rep)]
     ends = [torch.cuda.Event(enable_timing=True) for _ in range(n_rep)]
     for s, e in zip(starts, ends):
-        if grad_to_none:
-            for t in grad_to_none:
-                t.grad = None
-        flush.zero_()
-        torch.cuda.synchronize()  # the call starts on an idle GPU: none of its host time is hidden
-        s.record()
-        fn()
-        e.record()
+        _sample(fn, grad_to_none, flush, s, e)
     torch.cuda.synchronize()
     return [s.elapsed_time(e) for s, e in zip(starts, ends)]
+
+
+def _sample(fn: Callable, grad_to_none, flush: torch.Tensor, start, end) -> None:
+    """One GPU sample of fn between the events start and end: gradients reset, L2 flushed."""
+    if grad_to_none:
+        for t in grad_to_none:
+            t.grad = None
+    flush.zero_()
+    torch.cuda.synchronize()  # the call starts on an idle GPU: none of its host time is hidden
+    start.record()
+    fn()
+    end.record()
+
+
+def interleaved(calls: dict, device: str, budget_ms: float = 3000.0, min_rounds: int = 5,
+                max_rounds: int = 15) -> dict:
+    """{name: [ms of each sample]} of calls {name: (fn, grad_to_none)} timed in turns, one
+    sample of each per round, the order reversed every other round (A B, B A, ...): a
+    clock or temperature drift over the run (the GPU slowing after a burst of autotuning)
+    reaches them alike, where rows timed one after the other can each catch another state
+    (two rows of one kernel 2.8% apart on the H100, 2026-11-27). Each is called once first
+    (compilation, autotuning); then min_rounds to max_rounds rounds, as many as fit
+    budget_ms by the first round. Samples as bench's (GPU: CUDA events, L2 flushed, idle
+    GPU at each start; CPU: perf_counter)."""
+    names = list(calls)
+    for fn, _ in calls.values():
+        fn()
+    flush = _l2_flush_buffer() if device == "cuda" else None
+    samples: dict = {n: [] for n in names}
+    rounds = max_rounds
+    r = 0
+    while r < rounds:
+        for name in (names if r % 2 == 0 else names[::-1]):
+            fn, grad_to_none = calls[name]
+            if device == "cuda":
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                _sample(fn, grad_to_none, flush, start, end)
+                end.synchronize()
+                samples[name].append(start.elapsed_time(end))
+            else:
+                for t in grad_to_none or ():
+                    t.grad = None
+                t0 = time.perf_counter()
+                fn()
+                samples[name].append((time.perf_counter() - t0) * 1e3)
+        if r == 0:  # the first round's length sets the count
+            rounds = max(min_rounds, min(max_rounds, int(budget_ms / max(sum(s[0] for s in samples.values()), 1e-3))))
+        r += 1
+    return samples
 
 
 def bench(fn: Callable, device: str, *, quick: bool = False,

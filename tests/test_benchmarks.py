@@ -2,6 +2,7 @@
 import builtins
 import json
 import os
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -557,7 +558,7 @@ def test_target_table_judges_the_issues_targets():
     judged = {line.split(" | ")[0].lstrip("| "): line for line in run.target_table(rows).splitlines()[2:]}
     assert "| 1.11x | NO |" in judged["attention bwd (our kernels) >= 1.2x varlen_attn"]
     # the last column: the kernels' device times (kernel_ms / device_ms), where both rows have one
-    assert judged["patchify >= 3x the reference"].endswith("| 4.00x | yes | 2.75x |")
+    assert judged["patchify >= 3x the reference"].endswith("| 4.00x | yes | 2.75x | - |")
     assert judged["patch_embed fwd >= 1.2x permute-linear"].endswith("| - |")
     assert "| 83% | yes |" in judged["patchify kernels >= 80% of the copy bandwidth"]
     # ours compiled counts against the compiled peer only
@@ -565,6 +566,115 @@ def test_target_table_judges_the_issues_targets():
     assert "vdit-triton-compile 0.090 ms | permute-linear-compile 0.117 ms | 1.30x | yes |" in \
         judged["patch_embed fwd >= 1.2x permute-linear-compile"]
     assert run.target_table([]).startswith("No target")
+
+
+def test_head_to_head_pairs_are_the_targets_near_their_threshold():
+    # within H2H_BAND (15%) of the threshold, either side; ours: the first of the target's
+    # providers that ran (the default), not the fastest; no call over H2H_MAX_MS
+    import benchmarks.run as run
+
+    row = lambda provider, ms, **kw: dict(op="attention", name="varlen_attention", mode="bwd",  # noqa: E731
+                                          workload="w", provider=provider, median_ms=ms, **kw)
+    rows = [row("vdit-triton", 88.0, ran_as="vdit-triton+split"), row("torch-varlen", 105.5),
+            row("vdit-triton+split+tma", 85.5)]
+    pairs = run.head_to_head_pairs(rows)
+    assert [(what, wl, mine["provider"], other["provider"]) for what, wl, mine, other in pairs] == \
+        [("attention bwd (our kernels) >= 1.2x varlen_attn", "w", "vdit-triton", "torch-varlen")]
+    assert run.head_to_head_pairs([row("vdit-triton", 70.0, ran_as="vdit-triton+split"),
+                                   row("torch-varlen", 105.5)]) == []  # 1.51x: far above 1.2x
+    assert len(run.head_to_head_pairs([row("vdit-triton", 100.0, ran_as="vdit-triton+split"),
+                                       row("torch-varlen", 105.5)])) == 1  # 1.055x: 12% under
+    assert run.head_to_head_pairs([row("vdit-triton", 1100.0, ran_as="vdit-triton+split"),
+                                   row("torch-varlen", 1320.0)]) == []  # calls over a second
+    entry = {"target": "attention bwd (our kernels) >= 1.2x varlen_attn", "workload": "w", "ours": "vdit-triton",
+             "peer": "torch-varlen", "ours_ms": 86.0, "peer_ms": 105.0, "ratio": 105.0 / 86.0, "rounds": 15}
+    line = run.target_table(rows, [entry]).splitlines()[2]
+    assert line.endswith("| 1.23x | yes | - | 1.221x (vdit-triton, 15 rounds) |")
+
+
+def test_head_to_head_runs_in_the_main_command(monkeypatch, tmp_path):
+    # a target near its threshold is re-timed in turns as soon as both rows exist, and the
+    # summary, results.json and --from-partial carry it (CPU: forced on, a test target)
+    import benchmarks.run as run
+    from benchmarks import timing
+
+    monkeypatch.setattr(run, "head_to_head_on", lambda device, quick: True)
+    monkeypatch.setattr(run, "H2H_BAND", 100.0)  # whatever the CPU times
+    monkeypatch.setattr(run, "TARGETS", [("test: patchify >= the reference", "patch", "patchify", "fwd",
+                                          ("vdit-reference",), "vdit-reference", 1.0)])
+    orders = []
+    real = timing.interleaved
+
+    def interleaved(calls, device, **kw):
+        orders.append(list(calls))
+        return real(calls, device, **kw)
+    monkeypatch.setattr(timing, "interleaved", interleaved)
+    assert run.main(["--quick", "--op", "patch", "--out", str(tmp_path), "--no-static"]) == 0
+    result = json.loads((tmp_path / "results.json").read_text())
+    (entry,) = result["head_to_head"]
+    assert orders == [["ours", "peer"]] and entry["rounds"] >= 5 and entry["ratio"] > 0
+    assert f"{entry['ratio']:.3f}x (vdit-reference, {entry['rounds']} rounds) |" in \
+        (tmp_path / "summary.md").read_text()
+    rebuilt = tmp_path / "rebuilt"
+    assert run.main(["--from-partial", str(tmp_path / "rows.partial.jsonl"), "--out", str(rebuilt)]) == 0
+    again = json.loads((rebuilt / "results.json").read_text())
+    assert again["head_to_head"] == result["head_to_head"] and again["rows"] == result["rows"]
+
+
+def test_interleaved_samples_on_the_gpu_as_bench_does(monkeypatch):
+    # each sample: gradients reset, L2 flushed, idle GPU, events around the call; a fake
+    # clock that slows every call by 5% more than the one before (a GPU heating up): the
+    # ratio of the medians stays within a drift step of the true 1.5x
+    import benchmarks.timing as T
+
+    clock, order, calls = [0.0], [], [0]
+
+    class Event:
+        def __init__(self, enable_timing=True):
+            self.t = None
+
+        def record(self):
+            self.t = clock[0]
+            order.append("event")
+
+        def elapsed_time(self, other):
+            return other.t - self.t
+
+        def synchronize(self):
+            pass
+
+    class Flush:
+        def zero_(self):
+            order.append("flush")
+
+    def call(ms):
+        def run():
+            calls[0] += 1
+            clock[0] += ms * (1 + 0.05 * calls[0])
+            order.append("call")
+        return run
+    monkeypatch.setattr(torch.cuda, "Event", Event)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda: order.append("sync"))
+    monkeypatch.setattr(T, "_l2_flush_buffer", lambda: Flush())
+    leaf = torch.zeros(1, requires_grad=True)
+    leaf.grad = torch.ones(1)
+    samples = T.interleaved({"ours": (call(2.0), [leaf]), "peer": (call(3.0), None)}, "cuda", budget_ms=1e9,
+                            max_rounds=8)
+    assert leaf.grad is None and [len(v) for v in samples.values()] == [8, 8]
+    assert order[2:] == ["flush", "sync", "event", "call", "event"] * 16
+    ratio = statistics.median(samples["peer"]) / statistics.median(samples["ours"])
+    assert ratio == pytest.approx(1.5, rel=0.005)  # (A B A B ...: 1.55)
+
+
+def test_interleaved_alternates_the_order():
+    # A B, B A, A B, ...: a drift over the run reaches both alike
+    from benchmarks import timing
+
+    calls = []
+    fns = {name: ((lambda name=name: calls.append(name)), None) for name in ("a", "b")}
+    samples = timing.interleaved(fns, "cpu", budget_ms=1e9, min_rounds=5, max_rounds=6)
+    assert calls[:2] == ["a", "b"]  # the first calls (compilation, autotuning)
+    assert calls[2:] == ["a", "b", "b", "a"] * 3 and [len(v) for v in samples.values()] == [6, 6]
 
 
 def test_sigterm_writes_the_results_so_far(monkeypatch, tmp_path):
