@@ -2,7 +2,7 @@
 between processes, opt-in: VDIT_TUNING_CACHE=DIR (or 1: ~/.cache/vdit_kernels).
 
 The first call per key times candidates: on an H100 the first attention backward of a
-shape autotuned for about 75 s (the dK/dV, dQ and atomic-dQ kernels of each strategy
+shape autotuned for about 80 s (the dK/dV, dQ and atomic-dQ kernels of each strategy
 and read variant it measures), the forward about 15 s (2026-11-27). With the cache set a
 process reads what earlier ones picked and times only keys they did not meet, then adds
 its own picks when it exits (atexit: a normal exit, or SIGTERM where a handler turns it
