@@ -1048,11 +1048,18 @@ def test_tuning_cache_keeps_measured_variants(monkeypatch, tmp_path):
     with monkeypatch.context() as m:
         m.setattr(TC, "sources_digest", lambda: "0123456789abcdef")
         assert TC.cache_path() != path and TC.recall("VDIT_TEST_VARIANT", key) is None
-    # an unreadable file counts as empty, and is replaced by the next save
+    # an unreadable file counts as empty, and is replaced by the next save; entries of
+    # another form are ignored (a cache never fails a call)
     path.write_text("{not json")
     _new_process(monkeypatch)
     assert measured_choice("VDIT_TEST_VARIANT", options, {}, key, lambda: "c") == "c"
     assert TC.save() == path and json.loads(path.read_text()) == {"VDIT_TEST_VARIANT": {repr(key): "c"}}
+    path.write_text(json.dumps({"VDIT_TEST_VARIANT": ["b"], "autotune dq size class (2, 2)": {
+        "a": [1], "b": {"key": [[64], 1]}, "c": {"key": [64, 1], "config": "?"}}}))
+    _new_process(monkeypatch)
+    assert measured_choice("VDIT_TEST_VARIANT", options, {}, key, lambda: "a") == "a"
+    from vdit_kernels.triton import attention as A
+    assert A._tuner("dq", (2, 2)).cache == {}
 
 
 def test_tuning_cache_is_written_at_exit(tmp_path):

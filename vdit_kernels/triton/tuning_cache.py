@@ -76,11 +76,15 @@ def _entries() -> Optional[dict]:
 
 
 def _read(path: Path) -> dict:
+    """The file's sections that have the expected form ({section: {key text: value}}); a
+    file that cannot be read, or anything else in it, is ignored: a cache never fails a call."""
     try:
         data = json.loads(path.read_text())
     except (OSError, ValueError):
         return {}
-    return data if isinstance(data, dict) else {}
+    if not isinstance(data, dict):
+        return {}
+    return {section: values for section, values in data.items() if isinstance(values, dict)}
 
 
 def _key_text(key) -> str:
@@ -124,10 +128,15 @@ def prefill(name: str, tuner) -> None:
     section = _STATE["entries"].get("autotune " + name, {})
     by_record = {json.dumps(_config_record(c), sort_keys=True): c for c in tuner.configs}
     for entry in section.values():
+        if not isinstance(entry, dict) or not isinstance(entry.get("key"), list):
+            continue
+        key = tuple(entry["key"])
         config = by_record.get(json.dumps(entry.get("config"), sort_keys=True))
-        if config is not None and isinstance(entry.get("key"), list) and tuple(entry["key"]) not in tuner.cache:
-            tuner.cache[tuple(entry["key"])] = config
-            USED.append(("autotune " + name, _key_text(tuple(entry["key"]))))
+        # (a key as Triton makes them: ints, floats, strings, bools)
+        if config is None or not all(isinstance(k, (int, float, str)) for k in key) or key in tuner.cache:
+            continue
+        tuner.cache[key] = config
+        USED.append(("autotune " + name, _key_text(key)))
 
 
 def record_tuner(name: str, tuner) -> None:
