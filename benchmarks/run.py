@@ -301,23 +301,43 @@ def head_to_head_on(device: str, quick: bool) -> bool:
     return device == "cuda" and not quick
 
 
+def _judged(rows: list[dict]):
+    """(target, workload, the target's providers, our rows among them in that order, peer
+    row, threshold) of every TARGET these rows can judge."""
+    timed = _timed_groups(rows)
+    for what, op, name, mode, ours, peer, least in TARGETS:
+        for (o, n, m, wl), by_provider in sorted(timed.items()):
+            mine = [by_provider[p] for p in ours if p in by_provider]
+            if (o, n, m) == (op, name, mode) and mine and peer in by_provider:
+                yield what, wl, ours, mine, by_provider[peer], least
+
+
 def head_to_head_pairs(rows: list[dict]) -> list[tuple]:
     """(target, workload, our row, peer row) of every TARGET with a threshold whose timed
     ratio lies within H2H_BAND of it; our row is the first of the target's providers that
     ran (the default ahead of forced variants, as a user runs it), not the fastest."""
     pairs = []
-    for what, op, name, mode, ours, peer, least in TARGETS:
-        if least is None:
-            continue
-        for (o, n, m, wl), by_provider in sorted(_timed_groups(rows).items()):
-            mine = next((by_provider[p] for p in ours if p in by_provider), None)
-            if (o, n, m) != (op, name, mode) or mine is None or peer not in by_provider:
-                continue
-            other = by_provider[peer]
-            ratio = other["median_ms"] / mine["median_ms"] / least
-            if abs(ratio - 1) <= H2H_BAND and max(mine["median_ms"], other["median_ms"]) <= H2H_MAX_MS:
-                pairs.append((what, wl, mine, other))
+    for what, wl, _, mine, other, least in _judged(rows):
+        ratio = other["median_ms"] / mine[0]["median_ms"] / least if least else None
+        if ratio and abs(ratio - 1) <= H2H_BAND and max(mine[0]["median_ms"], other["median_ms"]) <= H2H_MAX_MS:
+            pairs.append((what, wl, mine[0], other))
     return pairs
+
+
+def run_head_to_heads(rows: list[dict], case_of: dict, device: str, done: list, partial: Path) -> None:
+    """head_to_head for each pair of head_to_head_pairs(rows) not in `done` yet (appended
+    there, printed and kept in `partial`); case_of: {id(row): its case}."""
+    for what, wl, mine, other in head_to_head_pairs(rows):
+        if any((h["target"], h["workload"], h["ours"], h["peer"]) == (what, wl, mine["provider"], other["provider"])
+               for h in done):
+            continue
+        entry = head_to_head(what, mine, other, case_of, device)
+        done.append(entry)
+        print(f"head to head: {what} ({wl}): " + (entry.get("error") or
+              f"{entry['ours']} {entry['ours_ms']:.3f} ms, {entry['peer']} {entry['peer_ms']:.3f} ms: "
+              f"{entry['ratio']:.3f}x over {entry['rounds']} rounds"))
+        with partial.open("a") as f:
+            f.write(json.dumps({"head_to_head": entry}, default=str) + "\n")
 
 
 def head_to_head(what: str, mine: dict, other: dict, cases: dict, device: str) -> dict:
@@ -360,7 +380,6 @@ def _timed_groups(rows: list[dict]) -> dict:
 
 def target_table(rows: list[dict], head_to_head: Optional[list] = None) -> str:
     """The TARGETS and BANDWIDTH_TARGETS this run's rows can judge, per workload."""
-    timed = _timed_groups(rows)
     latest = {(h["target"], h["workload"]): h for h in head_to_head or ()}
     # the device-time column: the same ratio from the kernels' device time alone
     # (profiler), where both rows measured it: a miss the timed calls show but the kernels
@@ -369,22 +388,19 @@ def target_table(rows: list[dict], head_to_head: Optional[list] = None) -> str:
     # threshold (H2H_BAND)
     lines = ["| target | workload | ours | peer | ours / peer speed | met | device-time ratio | head to head |",
              "| --- | --- | --- | --- | ---: | --- | ---: | ---: |"]
-    for what, op, name, mode, ours, peer, least in TARGETS:
-        for (o, n, m, wl), by_provider in sorted(timed.items()):
-            mine = [by_provider[p] for p in ours if p in by_provider]
-            if (o, n, m) != (op, name, mode) or not mine or peer not in by_provider:
-                continue
-            best = min(mine, key=lambda r: r["median_ms"])
-            ratio = by_provider[peer]["median_ms"] / best["median_ms"]
-            met = "-" if least is None else ("yes" if ratio >= least else "NO")
-            ran = f" (ran {best['ran_as'].split('+', 1)[1]})" if best.get("ran_as") in ours else ""
-            mine_dev, peer_dev = _device_ms(best), _device_ms(by_provider[peer])
-            dev = f"{peer_dev / mine_dev:.2f}x" if mine_dev and peer_dev else "-"
-            h = latest.get((what, wl))
-            h2h = "-" if h is None else (f"error: {h['error']}" if "error" in h else
-                                         f"{h['ratio']:.3f}x ({h['ours']}, {h['rounds']} rounds)")
-            lines.append(f"| {what} | {wl} | {best['provider']}{ran} {best['median_ms']:.3f} ms | {peer} "
-                         f"{by_provider[peer]['median_ms']:.3f} ms | {ratio:.2f}x | {met} | {dev} | {h2h} |")
+    for what, wl, ours, mine, other, least in _judged(rows):
+        best = min(mine, key=lambda r: r["median_ms"])
+        ratio = other["median_ms"] / best["median_ms"]
+        met = "-" if least is None else ("yes" if ratio >= least else "NO")
+        ran = f" (ran {best['ran_as'].split('+', 1)[1]})" if best.get("ran_as") in ours else ""
+        mine_dev, peer_dev = _device_ms(best), _device_ms(other)
+        dev = f"{peer_dev / mine_dev:.2f}x" if mine_dev and peer_dev else "-"
+        h = latest.get((what, wl))
+        h2h = "-" if h is None else (f"error: {h['error']}" if "error" in h else
+                                     f"{h['ratio']:.3f}x ({h['ours']}, {h['rounds']} rounds)")
+        lines.append(f"| {what} | {wl} | {best['provider']}{ran} {best['median_ms']:.3f} ms | {other['provider']} "
+                     f"{other['median_ms']:.3f} ms | {ratio:.2f}x | {met} | {dev} | {h2h} |")
+    timed = _timed_groups(rows)
     for name, op, ours, pct in BANDWIDTH_TARGETS:
         for (o, n, m, wl), by_provider in sorted(timed.items()):
             mine = [by_provider[p] for p in ours if p in by_provider and by_provider[p].get("kernel_pct_of_limit")]
@@ -692,7 +708,7 @@ def main(argv=None) -> int:
     partial = out / "rows.partial.jsonl"
     partial.write_text(json.dumps({"environment": environment(device, lim)}, default=str) + "\n")
     stopped = None
-    h2h, h2h_done, case_of = [], set(), {}
+    h2h, case_of = [], {}
     previous = signal.signal(signal.SIGTERM, _stop)
     try:
         for case in all_cases:
@@ -701,16 +717,8 @@ def main(argv=None) -> int:
             with partial.open("a") as f:
                 f.write(json.dumps(rows[-1], default=str) + "\n")
             progress.step(f"{case.op}/{case.name} {case.mode} {case.provider} {case.workload.name}")
-            for what, wl, mine, other in head_to_head_pairs(rows) if head_to_head_on(device, args.quick) else ():
-                if (what, wl, mine["provider"], other["provider"]) in h2h_done:
-                    continue
-                h2h_done.add((what, wl, mine["provider"], other["provider"]))
-                h2h.append(head_to_head(what, mine, other, case_of, device))
-                print(f"head to head: {what} ({wl}): " + (h2h[-1].get("error") or
-                      f"{mine['provider']} {h2h[-1]['ours_ms']:.3f} ms, {other['provider']} "
-                      f"{h2h[-1]['peer_ms']:.3f} ms: {h2h[-1]['ratio']:.3f}x over {h2h[-1]['rounds']} rounds"))
-                with partial.open("a") as f:
-                    f.write(json.dumps({"head_to_head": h2h[-1]}, default=str) + "\n")
+            if head_to_head_on(device, args.quick):
+                run_head_to_heads(rows, case_of, device, h2h, partial)
     except Stopped as why:
         stopped = f"stopped by {why} after {len(rows)} of {len(all_cases)} cases"
         print(f"\n{stopped}: writing the results of those")

@@ -97,6 +97,21 @@ def _sample(fn: Callable, grad_to_none, flush: torch.Tensor, start, end) -> None
     end.record()
 
 
+def _sample_ms(fn: Callable, grad_to_none, device: str, flush=None) -> float:
+    """Milliseconds of one call of fn, gradients reset first; GPU: as each of bench's
+    samples (_sample, read at once), CPU: perf_counter."""
+    if device == "cuda":
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        _sample(fn, grad_to_none, flush, start, end)
+        end.synchronize()
+        return start.elapsed_time(end)
+    for t in grad_to_none or ():
+        t.grad = None
+    t0 = time.perf_counter()
+    fn()
+    return (time.perf_counter() - t0) * 1e3
+
+
 def interleaved(calls: dict, device: str, budget_ms: float = 3000.0, min_rounds: int = 5,
                 max_rounds: int = 15) -> dict:
     """{name: [ms of each sample]} of calls {name: (fn, grad_to_none)} timed in turns, one
@@ -105,32 +120,16 @@ def interleaved(calls: dict, device: str, budget_ms: float = 3000.0, min_rounds:
     reaches them alike, where rows timed one after the other can each catch another state
     (two rows of one kernel 2.8% apart on the H100, 2026-11-27). Each is called once first
     (compilation, autotuning); then min_rounds to max_rounds rounds, as many as fit
-    budget_ms by the first round. Samples as bench's (GPU: CUDA events, L2 flushed, idle
-    GPU at each start; CPU: perf_counter)."""
+    budget_ms by the first round. Samples as bench's (_sample_ms)."""
     names = list(calls)
     for fn, _ in calls.values():
         fn()
     flush = _l2_flush_buffer() if device == "cuda" else None
-    samples: dict = {n: [] for n in names}
-    rounds = max_rounds
-    r = 0
-    while r < rounds:
+    samples = {n: [_sample_ms(*calls[n], device, flush)] for n in names}  # round 0: sets the count
+    rounds = max(min_rounds, min(max_rounds, int(budget_ms / max(sum(s[0] for s in samples.values()), 1e-3))))
+    for r in range(1, rounds):
         for name in (names if r % 2 == 0 else names[::-1]):
-            fn, grad_to_none = calls[name]
-            if device == "cuda":
-                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                _sample(fn, grad_to_none, flush, start, end)
-                end.synchronize()
-                samples[name].append(start.elapsed_time(end))
-            else:
-                for t in grad_to_none or ():
-                    t.grad = None
-                t0 = time.perf_counter()
-                fn()
-                samples[name].append((time.perf_counter() - t0) * 1e3)
-        if r == 0:  # the first round's length sets the count
-            rounds = max(min_rounds, min(max_rounds, int(budget_ms / max(sum(s[0] for s in samples.values()), 1e-3))))
-        r += 1
+            samples[name].append(_sample_ms(*calls[name], device, flush))
     return samples
 
 
@@ -144,14 +143,7 @@ def bench(fn: Callable, device: str, *, quick: bool = False,
                 "reps": len(times), "timer": "cuda-events"}
     fn()  # warm-up
     reps = 2 if quick else 5
-    times = []
-    for _ in range(reps):
-        if grad_to_none:
-            for t in grad_to_none:
-                t.grad = None
-        start = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - start) * 1e3)
+    times = [_sample_ms(fn, grad_to_none, "cpu") for _ in range(reps)]
     return {"median_ms": statistics.median(times), "min_ms": min(times), "max_ms": max(times),
             "reps": reps, "timer": "perf_counter"}
 

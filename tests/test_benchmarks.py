@@ -456,58 +456,63 @@ def test_every_gpu_only_test_is_marked_gpu():
     assert not unmarked, f"GPU-only tests without the gpu marker (use conftest.gpu_only): {unmarked}"
 
 
-@pytest.mark.parametrize("call_ms,samples", [(2000.0, 3), (300.0, 5), (50.0, 5), (0.015625, 6400)])
-def test_every_row_has_several_samples(monkeypatch, call_ms, samples):
-    # a fake clock: each call of fn advances it by call_ms; events read it when recorded
+@pytest.fixture
+def fake_gpu_timer(monkeypatch):
+    """benchmarks.timing on a fake GPU: a clock that calls advance (fake.tick(ms)), CUDA
+    events that read it, and the record of flushes, syncs, events (and what tests append)
+    in fake.order."""
+    import types
+
     import benchmarks.timing as T
 
-    clock = [0.0]
+    fake = types.SimpleNamespace(clock=0.0, order=[])
+
+    def tick(ms):
+        fake.clock += ms
 
     class Event:
         def __init__(self, enable_timing=True):
             self.t = None
 
         def record(self):
-            self.t = clock[0]
+            self.t = fake.clock
+            fake.order.append("event")
 
         def elapsed_time(self, other):
             return other.t - self.t
 
+        def synchronize(self):
+            pass
+
+    class Flush:
+        def zero_(self):
+            fake.order.append("flush")
+
+    fake.tick = tick
     monkeypatch.setattr(torch.cuda, "Event", Event)
-    monkeypatch.setattr(torch.cuda, "synchronize", lambda: None)
-    monkeypatch.setattr(T, "_l2_flush_buffer", lambda: torch.empty(1))
-    fn = lambda: clock.__setitem__(0, clock[0] + call_ms)  # noqa: E731
-    row = T.bench(fn, "cuda")
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda: fake.order.append("sync"))
+    monkeypatch.setattr(T, "_l2_flush_buffer", lambda: Flush())
+    return fake
+
+
+@pytest.mark.parametrize("call_ms,samples", [(2000.0, 3), (300.0, 5), (50.0, 5), (0.015625, 6400)])
+def test_every_row_has_several_samples(fake_gpu_timer, call_ms, samples):
+    # each call of fn advances the fake clock by call_ms
+    import benchmarks.timing as T
+
+    row = T.bench(lambda: fake_gpu_timer.tick(call_ms), "cuda")
     assert row["reps"] == samples and row["timer"] == "cuda-events"
     assert row["median_ms"] == pytest.approx(call_ms)
 
 
-def test_each_sample_starts_on_an_idle_gpu(monkeypatch):
+def test_each_sample_starts_on_an_idle_gpu(fake_gpu_timer):
     # the flush before a sample must finish before its start event, or the host issues the
     # timed call while the GPU still clears the L2 and that host time goes untimed (a
     # host-bound patchify's median once sat between its device time and its host time)
     import benchmarks.timing as T
 
-    order = []
-
-    class Event:
-        def __init__(self, enable_timing=True):
-            self.t = 0.0
-
-        def record(self):
-            order.append("event")
-
-        def elapsed_time(self, other):
-            return 1.0
-
-    class Flush:
-        def zero_(self):
-            order.append("flush")
-
-    monkeypatch.setattr(torch.cuda, "Event", Event)
-    monkeypatch.setattr(torch.cuda, "synchronize", lambda: order.append("sync"))
-    monkeypatch.setattr(T, "_l2_flush_buffer", lambda: Flush())
-    T.bench(lambda: order.append("call"), "cuda", quick=True)
+    order = fake_gpu_timer.order
+    T.bench(lambda: (order.append("call"), fake_gpu_timer.tick(1.0)), "cuda", quick=True)
     timed = order[order.index("flush"):]  # after the warm-up and the estimate
     n = timed.count("flush")
     assert n >= T.MIN_REPS and timed == ["flush", "sync", "event", "call", "event"] * n + ["sync"], timed[:10]
@@ -621,41 +626,20 @@ def test_head_to_head_runs_in_the_main_command(monkeypatch, tmp_path):
     assert again["head_to_head"] == result["head_to_head"] and again["rows"] == result["rows"]
 
 
-def test_interleaved_samples_on_the_gpu_as_bench_does(monkeypatch):
+def test_interleaved_samples_on_the_gpu_as_bench_does(fake_gpu_timer):
     # each sample: gradients reset, L2 flushed, idle GPU, events around the call; a fake
     # clock that slows every call by 5% more than the one before (a GPU heating up): the
     # ratio of the medians stays within a drift step of the true 1.5x
     import benchmarks.timing as T
 
-    clock, order, calls = [0.0], [], [0]
-
-    class Event:
-        def __init__(self, enable_timing=True):
-            self.t = None
-
-        def record(self):
-            self.t = clock[0]
-            order.append("event")
-
-        def elapsed_time(self, other):
-            return other.t - self.t
-
-        def synchronize(self):
-            pass
-
-    class Flush:
-        def zero_(self):
-            order.append("flush")
+    order, calls = fake_gpu_timer.order, [0]
 
     def call(ms):
         def run():
             calls[0] += 1
-            clock[0] += ms * (1 + 0.05 * calls[0])
+            fake_gpu_timer.tick(ms * (1 + 0.05 * calls[0]))
             order.append("call")
         return run
-    monkeypatch.setattr(torch.cuda, "Event", Event)
-    monkeypatch.setattr(torch.cuda, "synchronize", lambda: order.append("sync"))
-    monkeypatch.setattr(T, "_l2_flush_buffer", lambda: Flush())
     leaf = torch.zeros(1, requires_grad=True)
     leaf.grad = torch.ones(1)
     samples = T.interleaved({"ours": (call(2.0), [leaf]), "peer": (call(3.0), None)}, "cuda", budget_ms=1e9,

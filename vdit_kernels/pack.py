@@ -246,16 +246,16 @@ class VideoPack:
     def float_positions(self) -> torch.Tensor:
         """float32 (N, 3) contiguous: `positions` as the RoPE kernels read them, converted
         once (per call, the conversion was a 4 us kernel beside a 355 us RoPE on the H100)."""
-        cached = None if torch.compiler.is_compiling() else self._cache.get("float_positions")
-        if cached is not None:
-            return cached
-        pos = self.positions.to(torch.float32).contiguous()
-        # not kept when traced (_per_token) or converted inside a CUDA graph capture (its
-        # values exist only once the graph runs)
-        if torch.compiler.is_compiling() or (pos.is_cuda and torch.cuda.is_current_stream_capturing()):
-            return pos
-        self._cache["float_positions"] = pos
-        return pos
+        if torch.compiler.is_compiling():  # nothing read or kept in a graph (_per_token)
+            return self.positions.to(torch.float32).contiguous()
+        cached = self._cache.get("float_positions")
+        if cached is None:
+            cached = self.positions.to(torch.float32).contiguous()
+            # not kept when converted inside a CUDA graph capture (its values exist only
+            # once the graph runs)
+            if not (cached.is_cuda and torch.cuda.is_current_stream_capturing()):
+                self._cache["float_positions"] = cached
+        return cached
 
     @property
     def segment_ids(self) -> torch.Tensor:

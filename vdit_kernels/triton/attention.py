@@ -855,7 +855,7 @@ def _tuner(tag: str, size: tuple):
         # named by the kernel, the configs and the key (head dim, GQA groups, dtypes), not
         # by the size class, so the first class tuned would pick every class's tile
         _TUNERS[tag, size].cache_results = False
-    tuning_cache.prefill(f"{tag} size class {size}", _TUNERS[tag, size])  # (ours instead: VDIT_TUNING_CACHE)
+        tuning_cache.prefill(f"{tag} size class {size}", _TUNERS[tag, size])  # (ours instead: VDIT_TUNING_CACHE)
     return _TUNERS[tag, size]
 
 

@@ -71,7 +71,6 @@ def _entries() -> Optional[dict]:
         return None
     if _STATE["path"] != path:
         _STATE["path"], _STATE["entries"], _STATE["new"] = path, _read(path), {}
-        _PREFILLED.clear()
     return _STATE["entries"]
 
 
@@ -119,12 +118,15 @@ def _config_record(config) -> dict:
 
 
 def prefill(name: str, tuner) -> None:
-    """Puts the tiles saved for autotuner `name` into its cache (once per process and
-    file), so Triton times only keys no earlier process met. A saved tile that is no
-    longer among the tuner's configs is ignored."""
-    if _entries() is None or name in _PREFILLED:
+    """Puts the tiles saved for autotuner `name` into its cache, so Triton times only keys
+    no earlier process met. Once per autotuner and process (a launch path may call it
+    every time: a set lookup, VDIT_TUNING_CACHE read at the first). A saved tile that is
+    no longer among the tuner's configs is ignored."""
+    if name in _PREFILLED:
         return
     _PREFILLED.add(name)
+    if _entries() is None:
+        return
     section = _STATE["entries"].get("autotune " + name, {})
     by_record = {json.dumps(_config_record(c), sort_keys=True): c for c in tuner.configs}
     for entry in section.values():
