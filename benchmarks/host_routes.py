@@ -16,9 +16,10 @@ Tensors are tiny, so the numbers are host time (Python, dispatcher, autograd eng
 a few microseconds of CPU copies and GEMMs that every route shares. Not a GPU timing: the
 H100 machine's host took several times longer for each layer.
 
-Second, the Python of the public patchify / unpatchify on the cuda backend, up to its C++
-op (the op replaced by a function returning preallocated outputs, the resolution answered
-as for CUDA tensors): what the train pack's host-bound calls spend before the C++ op.
+Second, the Python of the public patchify / unpatchify / apply_rope_3d (out of place and in
+place) on the cuda backend, up to its C++ op (the op replaced by a function returning
+preallocated outputs, the resolution answered as for CUDA tensors): what host-bound calls
+spend before the C++ op.
 
     python -m benchmarks.host_routes [--calls 3000]
 """
@@ -32,6 +33,7 @@ import torch
 import vdit_kernels as vk
 from vdit_kernels import backend as _backend
 from vdit_kernels.cuda import patch as cuda_patch
+from vdit_kernels.cuda import rope as cuda_rope
 from vdit_kernels.ops import direct
 from vdit_kernels.ops import patch as patch_ops
 
@@ -100,26 +102,38 @@ def main(argv=None) -> None:
 
 
 def python_before_the_op(calls: int) -> None:
-    """Host us of the public patchify / unpatchify's Python on the cuda route, 6 videos."""
+    """Host us of the public patchify / unpatchify / apply_rope_3d's Python on the cuda route, 6 videos."""
     shapes = [(3, 4, 4)] * 4 + [(5, 2, 4)] * 2
     pack = vk.VideoPack.from_shapes(shapes, patch_size=(1, 2, 2))
     videos = [torch.randn(16, *s) for s in shapes]
     tokens = torch.empty(pack.num_tokens, 64)
     outs = [torch.empty(16, *s) for s in shapes]
-    saved = (_backend.resolve, _backend._gpu_visible, cuda_patch.patchify, cuda_patch.unpatchify)
+    q, k = torch.randn(pack.num_tokens, 4, 16), torch.randn(pack.num_tokens, 4, 16)
+    rotated = (torch.empty_like(q), torch.empty_like(k))
+    saved = (_backend.resolve, _backend._gpu_visible, cuda_patch.patchify, cuda_patch.unpatchify,
+             cuda_rope.rope_3d, cuda_rope.rope_3d_)
     resolve = _backend.resolve
     try:  # resolved as for CUDA tensors (a visible GPU), the C++ ops' place taken by stubs
         _backend._gpu_visible = lambda: True
         _backend.resolve = lambda family, device, *rest: resolve(family, torch.device("cuda"), *rest)
         cuda_patch.patchify = lambda v, patch_size: tokens
         cuda_patch.unpatchify = lambda t, s, patch_size, channels: outs
+        cuda_rope.rope_3d = lambda *args: rotated
+        cuda_rope.rope_3d_ = lambda *args: None
         assert vk.patchify(videos, pack) is tokens  # the cuda route, not the reference
-        rows = [("patchify", _per_call_us(lambda: vk.patchify(videos, pack), calls)),
-                ("unpatchify", _per_call_us(lambda: vk.unpatchify(tokens, pack, 16), calls))]
+        assert vk.apply_rope_3d(q, k, pack, (4, 6, 6))[0] is rotated[0]
+        with torch.no_grad():
+            rows = [("patchify", _per_call_us(lambda: vk.patchify(videos, pack), calls)),
+                    ("unpatchify", _per_call_us(lambda: vk.unpatchify(tokens, pack, 16), calls)),
+                    ("apply_rope_3d", _per_call_us(lambda: vk.apply_rope_3d(q, k, pack, (4, 6, 6)), calls)),
+                    ("apply_rope_3d in place",
+                     _per_call_us(lambda: vk.apply_rope_3d(q, k, pack, (4, 6, 6), inplace=True), calls))]
     finally:
-        _backend.resolve, _backend._gpu_visible, cuda_patch.patchify, cuda_patch.unpatchify = saved
+        (_backend.resolve, _backend._gpu_visible, cuda_patch.patchify, cuda_patch.unpatchify,
+         cuda_rope.rope_3d, cuda_rope.rope_3d_) = saved
         _backend._why_not.cache_clear()  # it cached answers for the faked GPU
-    print(f"public functions on the cuda route, {len(shapes)} videos: host us of the Python before the C++ op")
+    print(f"public functions on the cuda route, {len(shapes)} videos (RoPE: 4 heads of 16): host us of the Python "
+          "before the C++ op")
     for name, us in rows:
         print(f"  {name:18s} {us:7.1f} us")
 

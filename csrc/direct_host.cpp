@@ -1,9 +1,10 @@
-// vdit_kernels._C.direct_<op>: the cuda backend's patch ops as plain Python functions,
-// called without the dispatcher: patchify / unpatchify (csrc/patch_host.cpp, the same
-// checks and kernels) and patch_embed / linear_unpatchify as their Autograd kernels run them
-// (the C++ autograd Function of csrc/patch_gemm_host.cpp). vdit_kernels/cuda/patch.py calls
-// these; torch.ops.vdit_C.* stay registered for everything else (users, the profiler's op
-// records, torch.compile's graphs, which hold the torch.ops.vdit ops above them).
+// vdit_kernels._C.direct_<op>: the cuda backend's ops as plain Python functions, called
+// without the dispatcher: patchify / unpatchify (csrc/patch_host.cpp, the same checks and
+// kernels), patch_embed / linear_unpatchify as their Autograd kernels run them (the C++
+// autograd Function of csrc/patch_gemm_host.cpp) and rope_3d / rope_3d_ (csrc/rope_host.cpp).
+// vdit_kernels/cuda/patch.py and cuda/rope.py call these; torch.ops.vdit_C.* stay registered
+// for everything else (users, the profiler's op records, torch.compile's graphs, which hold
+// the torch.ops.vdit ops above them).
 //
 // Why: on the train pack the H100 machine's host took 67 / 81 us to issue a patchify /
 // unpatchify whose kernels take 39 / 35 us, and torch.ops' boxed call (arguments parsed
@@ -11,7 +12,8 @@
 // one of its layers: a stand-in op of patchify's schema cost 6.9 us a call through
 // torch.ops and 3.2 us so, 14.0 / 8.7 us for unpatchify's (6 small CPU tensors,
 // 2026-11-27). Arguments are what the ops' schemas take (lists of tensors, lists of Python
-// ints, None for an absent bias); errors are raised as the registered ops raise them.
+// ints, None for an absent bias, floats, bools); errors are raised as the registered ops
+// raise them.
 #include <Python.h>
 #include <torch/csrc/Exceptions.h>
 #include <torch/csrc/autograd/python_variable.h>
@@ -23,6 +25,7 @@
 #include <vector>
 
 #include "patch_ops.h"
+#include "rope_ops.h"
 
 namespace vdit {
 namespace {
@@ -61,6 +64,17 @@ class Args {
   }
 
   int64_t integer(size_t i) const { return int_of(args_[i], i); }
+
+  double real(size_t i) const {  // a float, or an int (as a schema's float takes)
+    TORCH_CHECK_TYPE(THPUtils_checkDouble(args_[i]) && !PyBool_Check(args_[i]), prefix(i),
+                     " must be a float, got ", type_name(args_[i]));
+    return THPUtils_unpackDouble(args_[i]);
+  }
+
+  bool boolean(size_t i) const {
+    TORCH_CHECK_TYPE(PyBool_Check(args_[i]), prefix(i), " must be a bool, got ", type_name(args_[i]));
+    return args_[i] == Py_True;
+  }
 
   std::vector<int64_t> ints(size_t i) const {
     std::vector<int64_t> out;
@@ -120,6 +134,31 @@ PyObject* direct_linear_unpatchify(PyObject*, PyObject* const* args, Py_ssize_t 
   END_HANDLE_TH_ERRORS
 }
 
+PyObject* direct_rope_3d(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
+  HANDLE_TH_ERRORS
+  const Args a("direct_rope_3d", args, nargs, {"q", "k", "positions", "dims", "theta", "interleaved", "inverse"});
+  auto [q, k] = rope_3d_tokens(a.tensor(0), a.tensor(1), a.tensor(2), a.ints(3), a.real(4), a.boolean(5),
+                               a.boolean(6));
+  PyObject* out = PyTuple_New(2);
+  if (out == nullptr) return nullptr;
+  PyTuple_SET_ITEM(out, 0, THPVariable_Wrap(std::move(q)));  // (steals the new references)
+  PyTuple_SET_ITEM(out, 1, THPVariable_Wrap(std::move(k)));
+  if (PyTuple_GET_ITEM(out, 0) == nullptr || PyTuple_GET_ITEM(out, 1) == nullptr) {
+    Py_DECREF(out);
+    return nullptr;
+  }
+  return out;
+  END_HANDLE_TH_ERRORS
+}
+
+PyObject* direct_rope_3d_(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
+  HANDLE_TH_ERRORS
+  const Args a("direct_rope_3d_", args, nargs, {"q", "k", "positions", "dims", "theta", "interleaved", "inverse"});
+  rope_3d_in_place(a.tensor(0), a.tensor(1), a.tensor(2), a.ints(3), a.real(4), a.boolean(5), a.boolean(6));
+  Py_RETURN_NONE;
+  END_HANDLE_TH_ERRORS
+}
+
 PyMethodDef kMethods[] = {
     {"direct_patchify", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(direct_patchify)),
      METH_FASTCALL, "vdit_C::patchify's CUDA implementation, called without the dispatcher."},
@@ -130,6 +169,10 @@ PyMethodDef kMethods[] = {
     {"direct_linear_unpatchify",
      reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(direct_linear_unpatchify)), METH_FASTCALL,
      "vdit_C::linear_unpatchify as its Autograd kernel runs it, called without the dispatcher."},
+    {"direct_rope_3d", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(direct_rope_3d)), METH_FASTCALL,
+     "vdit_C::rope_3d's CUDA implementation, called without the dispatcher."},
+    {"direct_rope_3d_", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(direct_rope_3d_)), METH_FASTCALL,
+     "vdit_C::rope_3d_'s CUDA implementation, called without the dispatcher."},
     {nullptr, nullptr, 0, nullptr},
 };
 

@@ -4,7 +4,6 @@
 //
 // CPU tensors get the same argument checks, then an error saying the op needs CUDA
 // tensors (the CPU registration below), so the checks run in CPU-only CI too.
-#include <ATen/MemoryOverlap.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <c10/cuda/CUDAException.h>
@@ -20,6 +19,7 @@
 
 #include "common/host_errors.h"
 #include "rope.h"
+#include "rope_ops.h"
 
 namespace vdit {
 namespace {
@@ -109,15 +109,55 @@ bool may_overlap_itself(const at::Tensor& t) {
   return false;
 }
 
+int64_t floor_div(int64_t a, int64_t b) {  // b > 0
+  return a / b - (a % b != 0 && a < 0);
+}
+
+// Whether q and k (one dtype) may address a common element: vdit_kernels.checks'
+// _may_share_elements, the same test. Exact for views with the same strides and a unit
+// last stride whatever their sizes (q and k sliced from one fused qkv buffer, with fewer
+// kv heads under GQA): some index difference (e0, e1, e2), -(size_k - 1) <= e_i <=
+// size_q - 1, must bridge their offset difference. Otherwise whether their address
+// ranges intersect. (ATen's assert_no_overlap passes interleaved views of one buffer
+// that share elements.)
+bool may_share_elements(const at::Tensor& a, const at::Tensor& b) {
+  if (a.numel() == 0 || b.numel() == 0 || a.storage().data() != b.storage().data()) return false;
+  auto last = [](const at::Tensor& t) {
+    int64_t end = t.storage_offset();
+    for (int64_t d = 0; d < t.dim(); ++d) end += (t.size(d) - 1) * t.stride(d);
+    return end;
+  };
+  if (last(a) < b.storage_offset() || last(b) < a.storage_offset()) return false;
+  if (a.strides() != b.strides() || a.dim() != 3 || b.dim() != 3 || a.stride(2) != 1) return true;
+  const int64_t s0 = a.stride(0), s1 = a.stride(1), delta = b.storage_offset() - a.storage_offset();
+  const int64_t e0_lo = -(b.size(0) - 1), e0_hi = a.size(0) - 1;
+  for (int64_t e1 = -(b.size(1) - 1); e1 < a.size(1); ++e1) {
+    // e0 * s0 = delta - e1 * s1 - e2 with -(d_k - 1) <= e2 <= d_q - 1
+    const int64_t lo = delta - e1 * s1 - (a.size(2) - 1), hi = delta - e1 * s1 + (b.size(2) - 1);
+    if (s0 == 0) {  // (torch strides are never negative)
+      if (lo <= 0 && 0 <= hi) return true;
+    } else if (std::max(-floor_div(-lo, s0), e0_lo) <= std::min(floor_div(hi, s0), e0_hi)) {
+      return true;
+    }
+  }
+  return false;
+}
+
 // In place, an element reachable twice (a stride-0 or overlapping view, or q and k sharing
-// memory) would be rotated twice by different threads. The Python layer checks q against k
-// exactly (vdit_kernels.checks.check_inplace_rope); ATen's test of the pair here catches what
-// it can tell apart (identical or overlapping dense ranges; interleaved views of one buffer pass).
+// memory) would be rotated twice by different threads. The same tests and messages as the
+// Python layer's (vdit_kernels.checks.check_inplace_rope), which the cuda backend leaves
+// to this function; a ValueError like it.
 void check_no_overlap(const at::Tensor& q, const at::Tensor& k) {
-  TORCH_CHECK(!may_overlap_itself(q) && !may_overlap_itself(k), "vdit_C::rope_3d_: ",
-              may_overlap_itself(q) ? "q" : "k", " may address some elements more than once (an expanded, "
-              "stride-0 or overlapping view, or strides that interleave), which in-place RoPE would rotate twice");
-  at::assert_no_overlap(q, k);
+  auto check_self = [](const char* name, const at::Tensor& t) {
+    TORCH_CHECK_VALUE(!may_overlap_itself(t), "vdit_C::rope_3d_: inplace RoPE: ", name, " (shape ", t.sizes(),
+                      ", strides ", t.strides(), ") may address some elements more than once (an expanded, "
+                      "stride-0 or overlapping view, or strides that interleave); use inplace=False");
+  };
+  check_self("q", q);
+  check_self("k", k);
+  TORCH_CHECK_VALUE(!may_share_elements(q, k), "vdit_C::rope_3d_: inplace RoPE: q and k share memory, so shared "
+                    "elements would be rotated twice; pass disjoint views (e.g. qkv[:, 0] and qkv[:, 1]) or use "
+                    "inplace=False");
 }
 
 std::tuple<at::Tensor, at::Tensor> rope_3d_cuda(const at::Tensor& q, const at::Tensor& k,
@@ -155,6 +195,18 @@ void rope_3d_inplace_cpu(const at::Tensor& q, const at::Tensor& k, const at::Ten
 }
 
 }  // namespace
+
+std::tuple<at::Tensor, at::Tensor> rope_3d_tokens(const at::Tensor& q, const at::Tensor& k,
+                                                  const at::Tensor& positions, c10::IntArrayRef dims, double theta,
+                                                  bool interleaved, bool inverse) {
+  return rope_3d_cuda(q, k, positions, dims, theta, interleaved, inverse);
+}
+
+void rope_3d_in_place(const at::Tensor& q, const at::Tensor& k, const at::Tensor& positions,
+                      c10::IntArrayRef dims, double theta, bool interleaved, bool inverse) {
+  rope_3d_inplace_cuda(q, k, positions, dims, theta, interleaved, inverse);
+}
+
 }  // namespace vdit
 
 TORCH_LIBRARY_IMPL(vdit_C, CUDA, m) {

@@ -247,9 +247,16 @@ def test_bad_rope(pack):
             vk.Rope3D.from_pack(pack, dims)
 
 
-@pytest.mark.parametrize("backend", ["reference", "triton"])
+def _skip_unless_rope_runs(backend):
+    reason = B.why_not(backend, "rope", device_for(backend), "rope_3d_")
+    if reason is not None:
+        pytest.skip(f"backend {backend}: {reason}")
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton", CUDA_BACKEND])  # cuda: the C++ op checks
 def test_inplace_rope_refuses_overlapping_q_and_k(pack, backend):
     # each shared element would be rotated twice by the kernels (once by the reference)
+    _skip_unless_rope_runs(backend)
     pack = pack.to(device_for(backend))
     x = torch.randn(pack.num_tokens, 3, 12, device=pack.device)
     for q, k in ((x, x), (x[:, 0:2], x[:, 1:3]), (x[:, :1].expand(-1, 2, -1), x[:, 2:])):
@@ -272,10 +279,11 @@ def test_inplace_rope_refuses_overlapping_q_and_k(pack, backend):
         vk.apply_rope_3d(qkv[:, :4], qkv[:, 3:5], pack, (4, 4, 4), inplace=True, backend=backend)
 
 
-@pytest.mark.parametrize("backend", ["reference", "triton"])
+@pytest.mark.parametrize("backend", ["reference", "triton", CUDA_BACKEND])  # cuda: the C++ op checks
 def test_inplace_rope_refuses_q_or_k_overlapping_itself(pack, backend):
     # token rows 4 elements apart, 24 long: overlapping, with no zero stride (torch's own
     # internal-overlap test answers "too hard" for it, as for every non-dense view)
+    _skip_unless_rope_runs(backend)
     pack = pack.to(device_for(backend))
     n = pack.num_tokens
     overlapping = torch.randn(4 * n + 24, device=pack.device).as_strided((n, 2, 12), (4, 12, 1))

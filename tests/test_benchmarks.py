@@ -737,17 +737,20 @@ def test_host_routes_runs_and_restores_the_routes(capsys):
         pytest.skip("vdit_kernels._C was built without CUDA")
     from benchmarks import host_routes
     from vdit_kernels.cuda import patch as cuda_patch
+    from vdit_kernels.cuda import rope as cuda_rope
     native, enabled = dict(direct._NATIVE), direct.ENABLED
-    patched = (B.resolve, B._gpu_visible, cuda_patch.patchify, cuda_patch.unpatchify)
+    patched = (B.resolve, B._gpu_visible, cuda_patch.patchify, cuda_patch.unpatchify, cuda_rope.rope_3d,
+               cuda_rope.rope_3d_)
     host_routes.main(["--calls", "10"])
     out = capsys.readouterr().out
     for route in ("c++ autograd", "c++ via torch.ops", "python autograd", "registered op", "permute+linear",
-                  "patchify", "unpatchify"):
+                  "patchify", "unpatchify", "apply_rope_3d ", "apply_rope_3d in place"):
         assert route in out
     assert direct._NATIVE == native and direct.ENABLED == enabled
     assert cuda_patch.AUTOGRAD["patch_embed"] is vk._C.direct_patch_embed
     # the faked GPU and stubbed ops are gone, and so is what the resolution cached under them
-    assert (B.resolve, B._gpu_visible, cuda_patch.patchify, cuda_patch.unpatchify) == patched
+    assert (B.resolve, B._gpu_visible, cuda_patch.patchify, cuda_patch.unpatchify, cuda_rope.rope_3d,
+            cuda_rope.rope_3d_) == patched
     if not torch.cuda.is_available():
         with pytest.raises(vk.BackendUnavailable, match="no CUDA GPU"):
             B.resolve("patch", torch.device("cuda"), "cuda", "patchify", torch.float32)

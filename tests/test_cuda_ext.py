@@ -426,28 +426,82 @@ def test_rope_grad_matches_reference(interleaved):
 
 
 def _rope_bad_input_checks():
+    # both ways in: the registered ops and the direct calls cuda.rope makes (csrc/direct_host.cpp)
+    import vdit_kernels.cuda.rope  # noqa: F401  (loads _C)
+    from vdit_kernels import _C
     q, k, pos = _rope_inputs(4, 2, 2, (4, 4, 4), torch.float32, device=DEVICE)
-    with pytest.raises(RuntimeError, match="dims"):
-        torch.ops.vdit_C.rope_3d(q, k, pos, [4, 4, 2], 1e4, True, False)
-    with pytest.raises(RuntimeError, match="dims"):
-        torch.ops.vdit_C.rope_3d(q, k, pos, [3, 5, 4], 1e4, True, False)
-    with pytest.raises(RuntimeError, match="positions"):
-        torch.ops.vdit_C.rope_3d(q, k, pos.double(), [4, 4, 4], 1e4, True, False)
-    with pytest.raises(RuntimeError, match="positions"):
-        torch.ops.vdit_C.rope_3d(q, k, pos[:3], [4, 4, 4], 1e4, True, False)
-    with pytest.raises(RuntimeError, match="dtype"):
-        torch.ops.vdit_C.rope_3d(q, k.half(), pos, [4, 4, 4], 1e4, True, False)
-    with pytest.raises(RuntimeError, match="k"):
-        torch.ops.vdit_C.rope_3d(q, k[:, :, :8], pos, [4, 4, 4], 1e4, True, False)
-    # in place: elements reachable twice would be rotated twice (q is k, a stride-0 view)
-    for qq, kk in ((q, q), (q[:, :1].expand(-1, 2, -1), k)):
-        with pytest.raises(RuntimeError, match="single memory location|more than once"):
-            torch.ops.vdit_C.rope_3d_(qq, kk, pos, [4, 4, 4], 1e4, True, False)
-    # token rows that overlap with no zero stride (ATen's own test cannot tell: "too hard")
-    overlapping = torch.randn(4 * 4 + 2 * 12, device=DEVICE).as_strided((4, 2, 12), (4, 12, 1))
-    for qq, kk, name in ((overlapping, k, "q"), (q, overlapping, "k")):
-        with pytest.raises(RuntimeError, match=f"rope_3d_: {name} may address some elements more than once"):
-            torch.ops.vdit_C.rope_3d_(qq, kk, pos, [4, 4, 4], 1e4, True, False)
+    for rope, rope_ in ((torch.ops.vdit_C.rope_3d, torch.ops.vdit_C.rope_3d_), (_C.direct_rope_3d, _C.direct_rope_3d_)):
+        with pytest.raises(RuntimeError, match="dims"):
+            rope(q, k, pos, [4, 4, 2], 1e4, True, False)
+        with pytest.raises(RuntimeError, match="dims"):
+            rope(q, k, pos, [3, 5, 4], 1e4, True, False)
+        with pytest.raises(RuntimeError, match="positions"):
+            rope(q, k, pos.double(), [4, 4, 4], 1e4, True, False)
+        with pytest.raises(RuntimeError, match="positions"):
+            rope(q, k, pos[:3], [4, 4, 4], 1e4, True, False)
+        with pytest.raises(RuntimeError, match="dtype"):
+            rope(q, k.half(), pos, [4, 4, 4], 1e4, True, False)
+        with pytest.raises(RuntimeError, match="k"):
+            rope(q, k[:, :, :8], pos, [4, 4, 4], 1e4, True, False)
+        # in place: elements reachable twice would be rotated twice (q is k, a stride-0 view)
+        with pytest.raises(ValueError, match="rope_3d_: inplace RoPE: q and k share memory"):
+            rope_(q, q, pos, [4, 4, 4], 1e4, True, False)
+        with pytest.raises(ValueError, match="rope_3d_: inplace RoPE: q .* more than once"):
+            rope_(q[:, :1].expand(-1, 2, -1), k, pos, [4, 4, 4], 1e4, True, False)
+        # token rows that overlap with no zero stride (ATen's own test cannot tell: "too hard")
+        overlapping = torch.randn(4 * 4 + 2 * 12, device=DEVICE).as_strided((4, 2, 12), (4, 12, 1))
+        for qq, kk, name in ((overlapping, k, "q"), (q, overlapping, "k")):
+            with pytest.raises(ValueError, match=f"rope_3d_: inplace RoPE: {name} .* may address some elements "
+                                                 "more than once"):
+                rope_(qq, kk, pos, [4, 4, 4], 1e4, True, False)
+    # the direct calls' own argument conversion (the ops' schemas do it for torch.ops)
+    for call, message in ((lambda: _C.direct_rope_3d(q, k, pos, [4, 4, 4], 1e4, True), "takes 7 arguments, got 6"),
+                          (lambda: _C.direct_rope_3d(q, k, pos, [4, 4, 4], "1e4", True, False), "theta must be a float"),
+                          (lambda: _C.direct_rope_3d(q, k, pos, [4, 4, 4], True, True, False), "theta must be a float"),
+                          (lambda: _C.direct_rope_3d(q, k, pos, [4, 4, 4], 1e4, 1, False), "interleaved must be a bool"),
+                          (lambda: _C.direct_rope_3d_(q, k, pos, [4, 4, 4.0], 1e4, True, False), "dims must be an int"),
+                          (lambda: _C.direct_rope_3d_(q, None, pos, [4, 4, 4], 1e4, True, False), "k must be a tensor")):
+        with pytest.raises(TypeError, match=message):
+            call()
+
+
+@needs_cuda_build
+def test_cpp_inplace_overlap_checks_match_python():
+    # the cuda backend leaves check_inplace_rope to its C++ op (cuda.rope.CHECKS_INPLACE_OVERLAP):
+    # on CPU tensors the op runs every check, then refuses the device, so its verdict on
+    # random views of one buffer (and of two) is seen here, against the Python one's
+    from vdit_kernels import _C
+    from vdit_kernels.checks import check_inplace_rope
+    from vdit_kernels.cuda import rope as cuda_rope
+    assert cuda_rope.CHECKS_INPLACE_OVERLAP
+    g = torch.Generator().manual_seed(0)
+    rand = lambda lo, hi: int(torch.randint(lo, hi + 1, (1,), generator=g))
+    buf = torch.randn(3000)
+    seen = {"q overlaps itself": 0, "k overlaps itself": 0, "q and k share": 0, "accepted": 0}
+    for i in range(900):
+        n = rand(1, 4)
+        stride = (rand(0, 80), rand(0, 26), 1 if i % 4 else rand(0, 2))
+        q = buf.as_strided((n, rand(1, 3), 12), stride, rand(0, 600))
+        if i % 5 == 0:  # another buffer
+            k = torch.randn(n, rand(1, 3), 12)
+        else:  # the same strides (a fused qkv projection's views: the exact case) or others
+            k = buf.as_strided((n, rand(1, 3), 12), stride if i % 3 else (rand(0, 80), rand(0, 26), 1), rand(0, 600))
+        try:
+            check_inplace_rope(q, k)
+            expected = None
+        except ValueError as exc:
+            expected = str(exc)
+        with pytest.raises(ValueError if expected else RuntimeError) as info:
+            _C.direct_rope_3d_(q, k, torch.zeros(n, 3), [4, 4, 4], 1e4, True, False)
+        brackets = lambda text: text.replace("[", "(").replace("]", ")")  # (C++ prints sizes as [..])
+        got = brackets(str(info.value))
+        if expected is None:
+            assert "CUDA tensors" in got, (q.shape, q.stride(), k.shape, k.stride(), got)
+            seen["accepted"] += 1
+        else:
+            assert got == brackets("vdit_C::rope_3d_: " + expected), (got, expected)
+            seen["q and k share" if "share" in expected else f"{expected[14]} overlaps itself"] += 1
+    assert min(seen.values()) >= 40, seen
 
 
 # -- patch_embed / linear_unpatchify: gathers around ATen's GEMMs, autograd in C++ --------

@@ -125,8 +125,9 @@ EXTENSION_OPS = ("has_cuda", "build_info", "patchify", "unpatchify", "patch_embe
 
 
 # the Python functions csrc/direct_host.cpp adds to _C in CUDA builds (the cuda backend's
-# eager calls, vdit_kernels/cuda/patch.py): a CUDA build from older sources lacks them
-EXTENSION_DIRECT_CALLS = ("direct_patchify", "direct_unpatchify", "direct_patch_embed", "direct_linear_unpatchify")
+# eager calls, vdit_kernels/cuda/patch.py and cuda/rope.py): a CUDA build from older sources lacks them
+EXTENSION_DIRECT_CALLS = ("direct_patchify", "direct_unpatchify", "direct_patch_embed", "direct_linear_unpatchify",
+                          "direct_rope_3d", "direct_rope_3d_")
 
 
 def extension_missing_ops() -> tuple:

@@ -6,19 +6,27 @@ even, summing to D. cos/sin are computed in float32 inside the kernel.
 """
 from __future__ import annotations
 
-import torch
-
 from ..checks import KERNEL_DTYPES
-from . import _backend  # noqa: F401  (loads vdit_kernels._C)
+from . import _backend
 
 DTYPES = KERNEL_DTYPES
 
 
+# Called without the dispatcher's boxed call, as cuda/patch.py calls the patch ops
+# (csrc/direct_host.cpp): the arguments arrive as the ops' schemas type them (a list of
+# ints, a float, bools), so nothing is converted here.
+_C = _backend.extension()
+
+# The C++ in-place op refuses q or k that may address an element twice, and q and k that
+# may share one, with the same exact tests and messages as checks.check_inplace_rope
+# (csrc/rope_host.cpp: check_no_overlap), so ops/rope.py leaves that check to it: the Python
+# one was about 5 of the 17 us of Python an in-place call took (2 small CPU videos).
+CHECKS_INPLACE_OVERLAP = True
+
+
 def rope_3d(q, k, positions, dims, theta, interleaved, inverse):
-    return torch.ops.vdit_C.rope_3d(q, k, positions, [int(d) for d in dims], float(theta),
-                                    bool(interleaved), bool(inverse))
+    return _C.direct_rope_3d(q, k, positions, dims, theta, interleaved, inverse)
 
 
 def rope_3d_(q, k, positions, dims, theta, interleaved, inverse):
-    torch.ops.vdit_C.rope_3d_(q, k, positions, [int(d) for d in dims], float(theta),
-                              bool(interleaved), bool(inverse))
+    _C.direct_rope_3d_(q, k, positions, dims, theta, interleaved, inverse)

@@ -78,9 +78,12 @@ register_autograd(rope_3d_op, _rope_setup, _rope_backward)
 def _rope_3d_inplace(q: Tensor, k: Tensor, positions: Tensor, dims: list[int], theta: float,
                      interleaved: bool, inverse: bool, backend: str) -> None:
     # the overlap check here, on the tensors the op gets, not in apply_rope_3d: torch.compile
-    # cannot trace the storage checks, and a compiled graph runs this body on real tensors
-    check_inplace_rope(q, k)
-    _impl(backend).rope_3d_(q, k, positions, dims, theta, interleaved, inverse)
+    # cannot trace the storage checks, and a compiled graph runs this body on real tensors;
+    # a backend whose own op runs the same check says so (the cuda backend's C++)
+    impl = _impl(backend)
+    if not getattr(impl, "CHECKS_INPLACE_OVERLAP", False):
+        check_inplace_rope(q, k)
+    impl.rope_3d_(q, k, positions, dims, theta, interleaved, inverse)
 
 
 # call()'s direct route bumps q's and k's version counters as the op's mutates_args do (a

@@ -1,0 +1,20 @@
+// The CUDA RoPE ops as C++ functions, for the host code that calls them without the
+// dispatcher (direct_host.cpp exposes them to Python, as patch_ops.h does the patch ops).
+// Host compiler only; no CUDA header here.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+
+#include <tuple>
+
+namespace vdit {
+
+// vdit_C::rope_3d / vdit_C::rope_3d_ (the same checks and kernel). CPU tensors get every
+// check, then the ops' error saying they need CUDA tensors.
+std::tuple<at::Tensor, at::Tensor> rope_3d_tokens(const at::Tensor& q, const at::Tensor& k,
+                                                  const at::Tensor& positions, c10::IntArrayRef dims, double theta,
+                                                  bool interleaved, bool inverse);
+void rope_3d_in_place(const at::Tensor& q, const at::Tensor& k, const at::Tensor& positions,
+                      c10::IntArrayRef dims, double theta, bool interleaved, bool inverse);
+
+}  // namespace vdit
