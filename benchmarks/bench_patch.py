@@ -9,7 +9,9 @@ torch.compile'd for patch_embed; nn.Linear then per-video reshape+permute (eager
 compiled) for linear_unpatchify; and on a GPU vdit-triton+fused / vdit-triton+gemm, the
 Triton op with its variant forced (VDIT_PATCH_EMBED_FWD / _BWD,
 VDIT_LINEAR_UNPATCHIFY_FWD / _BWD), and for patch_embed vdit-cuda-compile and
-vdit-triton-compile, ours inside torch.compile (matched with the compiled peer).
+vdit-triton-compile, ours inside torch.compile (matched with the compiled peer), and
+vdit-cuda+addmm, the cuda backend with its forward GEMM on ATen's addmm (VDIT_CUBLASLT=0)
+instead of its kept cuBLASLt plan.
 """
 from __future__ import annotations
 
@@ -244,6 +246,15 @@ def cases(device: str, quick: bool, workloads, providers=None):
             add_unembed(f"vdit-triton+{variant}",
                         lambda x, w, bias, pack: vk.linear_unpatchify(x, pack, w, bias, wl.channels, backend="triton"),
                         env={"VDIT_LINEAR_UNPATCHIFY_FWD": variant, "VDIT_LINEAR_UNPATCHIFY_BWD": variant})
+        # the cuda backend's patch embedding with its forward GEMM on ATen's addmm instead of
+        # its kept cuBLASLt plan (csrc/linear_gemm_host.cpp): what the plan saves of host time
+        reason = vdit_reason("cuda", "patch", device, "patch_embed") or (
+            None if device == "cuda" else "GPU only (CPU tensors take ATen's GEMMs anyway)")
+        if reason:
+            skips.append(Skip(OP, "vdit-cuda+addmm", reason))
+        else:
+            add_embed("vdit-cuda+addmm", lambda v, w, bias, pack: vk.patch_embed(v, pack, w, bias, backend="cuda"),
+                      env={"VDIT_CUBLASLT": "0"})
     for wl in workloads:
         _one(wl)
     # the rows the issues' targets judge first (a stable sort): a time cap, as in a short

@@ -460,14 +460,19 @@ def _fmt_ms(r):
 
 def measured_variants() -> list[str]:
     """The variants and tiles the Triton backend picked by timing them in this run (or
-    took from earlier runs' VDIT_TUNING_CACHE, which the last line then names)."""
+    took from earlier runs' VDIT_TUNING_CACHE, which the line after them then names), and
+    which GEMM path the cuda backend's patch_embed / linear_unpatchify forwards took."""
+    from vdit_kernels import backend as _backend
+    module = _backend.extension()
+    gemm = ([f"cuda backend forward GEMMs: {module.linear_forward_info()}"]
+            if module is not None and hasattr(module, "linear_forward_info") else [])
     try:
         from vdit_kernels.triton import VARIANT_TIMES, attention, patch, tuning_cache
     except ImportError:  # no Triton
-        return []
+        return gemm
     cache = tuning_cache.describe()
     return (attention.measured_choices() + patch.measured_choices()
-            + [f"variants timed: {t}" for t in VARIANT_TIMES] + ([cache] if cache else []))
+            + [f"variants timed: {t}" for t in VARIANT_TIMES] + ([cache] if cache else []) + gemm)
 
 
 def table(rows: list[dict], op: str) -> str:
@@ -586,7 +591,7 @@ def write_results(out: Path, rows: list[dict], env: dict, ops: list[str], *, sto
         print(f"\n== {title} ==\n" + "\n".join(breakdown))
         md += [f"\n## {title}\n"] + [f"- {b}" for b in breakdown]
     if variants:
-        title = "Triton variants and tiles picked by measurement (the vdit-triton rows)"
+        title = "Triton variants and tiles picked by measurement (the vdit-triton rows), GEMM paths"
         print(f"\n== {title} ==\n" + "\n".join(variants))
         md += [f"\n## {title}\n"] + [f"- {v}" for v in variants]
     if seen:

@@ -24,6 +24,7 @@
 #include <string>
 #include <vector>
 
+#include "linear_gemm.h"
 #include "patch_ops.h"
 #include "rope_ops.h"
 
@@ -159,6 +160,13 @@ PyObject* direct_rope_3d_(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
   END_HANDLE_TH_ERRORS
 }
 
+PyObject* linear_forward_info(PyObject*, PyObject* const*, Py_ssize_t nargs) {
+  HANDLE_TH_ERRORS
+  TORCH_CHECK_TYPE(nargs == 0, "vdit_C.linear_forward_info() takes no arguments, got ", nargs);
+  return PyUnicode_FromString(vdit::linear_forward_info().c_str());
+  END_HANDLE_TH_ERRORS
+}
+
 PyMethodDef kMethods[] = {
     {"direct_patchify", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(direct_patchify)),
      METH_FASTCALL, "vdit_C::patchify's CUDA implementation, called without the dispatcher."},
@@ -173,6 +181,9 @@ PyMethodDef kMethods[] = {
      "vdit_C::rope_3d's CUDA implementation, called without the dispatcher."},
     {"direct_rope_3d_", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(direct_rope_3d_)), METH_FASTCALL,
      "vdit_C::rope_3d_'s CUDA implementation, called without the dispatcher."},
+    {"linear_forward_info", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(linear_forward_info)),
+     METH_FASTCALL, "What the forward GEMMs of patch_embed / linear_unpatchify used in this process (cuBLASLt plans, "
+     "calls by path)."},
     {nullptr, nullptr, 0, nullptr},
 };
 

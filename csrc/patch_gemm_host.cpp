@@ -12,8 +12,10 @@
 // permute + nn.Linear's whole step. Registered with an Autograd kernel, the forward is one
 // dispatcher call and the backward runs in the autograd engine without Python.
 //
-// Every tensor op below is an ATen op or our patch kernel (csrc/patch.cu). CPU tensors run
-// the same code with ATen's copies in place of the kernel, so the formulas and the autograd
+// Every tensor op below is an ATen op or our patch kernel (csrc/patch.cu), and the forward
+// GEMMs cuBLASLt with kept plans (csrc/linear_gemm_host.cpp: ATen's addmm's host time was most
+// of a 41k-token forward's wait on the H100's host). CPU tensors run the same code with
+// ATen's copies in place of the kernel and ATen's GEMMs, so the formulas and the autograd
 // wiring are tested without a GPU (tests/test_cuda_ext.py).
 #include <ATen/ATen.h>
 #include <torch/autograd.h>
@@ -22,6 +24,7 @@
 #include <tuple>
 #include <vector>
 
+#include "linear_gemm.h"
 #include "patch_ops.h"
 
 namespace vdit {
@@ -110,7 +113,7 @@ at::Tensor patch_embed(at::TensorList videos, const at::Tensor& weight, const st
   check_embed_args(videos, weight, bias);
   const at::Tensor w = weight.reshape({weight.size(0), -1}).contiguous();  // (hidden, F)
   const at::Tensor a = gather(videos, weight.sizes().slice(2));             // (N, F)
-  return bias.has_value() && bias->defined() ? at::addmm(*bias, a, w.t()) : at::mm(a, w.t());
+  return linear_forward(a, w, bias);
 }
 
 // grad (N, hidden) -> grad videos, grad weight, grad bias (an empty tensor without bias).
@@ -174,7 +177,7 @@ std::vector<at::Tensor> linear_unpatchify(const at::Tensor& x, const at::Tensor&
                                           const std::optional<at::Tensor>& bias, c10::IntArrayRef shapes,
                                           c10::IntArrayRef patch_size, int64_t channels) {
   check_unembed_args(x, weight, bias);
-  const at::Tensor y = bias.has_value() && bias->defined() ? at::addmm(*bias, x, weight.t()) : at::mm(x, weight.t());
+  const at::Tensor y = linear_forward(x, weight, bias);
   return scatter(y, shapes, patch_size, channels);
 }
 

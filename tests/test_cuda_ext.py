@@ -5,6 +5,7 @@ Numerical tests need a GPU (conftest.gpu_only); without one they are skipped wit
 The argument checks (csrc/*_host.cpp) run on CPU tensors too, so they are tested here on
 the GPU where there is one and on CPU otherwise.
 """
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -842,8 +843,72 @@ def test_gemm_ops_gpu_match_triton_gemm_variant_and_reference(op, with_bias, dty
         outs, grads = _outputs_and_grads(fn, ls)
         return outs + grads
     mine = run("cuda")
-    for a, b in zip(mine, run("triton")):
-        assert torch.equal(a, b)
     tol = {torch.float32: 2e-2, torch.float16: 2e-2, torch.bfloat16: 1e-1}[dtype]  # TF32 may be on
     for a, r in zip(mine, run("reference", torch.float32)):
         assert_verbose_close(a.float(), r, atol=tol, rtol=tol)
+    # the forward GEMM on ATen's addmm, as the Triton variant calls it (cuBLASLt's own plan
+    # may pick another algorithm: test_forward_gemm_on_cublaslt_matches_aten)
+    monkeypatch.setenv("VDIT_CUBLASLT", "0")
+    for a, b in zip(run("cuda"), run("triton")):
+        assert torch.equal(a, b)
+
+
+def _linear_forward_calls() -> tuple[int, int]:
+    """(calls on cuBLASLt, CUDA calls on ATen) of the forward GEMMs so far (csrc/linear_gemm_host.cpp)."""
+    from vdit_kernels import _C
+    info = _C.linear_forward_info()
+    lt, aten = (re.search(rf"(\d+) {what}", info) for what in ("calls on cuBLASLt", "CUDA calls on ATen"))
+    assert lt and aten, info
+    return int(lt.group(1)), int(aten.group(1))
+
+
+@needs_cuda_build
+def test_forward_gemm_info_and_cpu_calls():
+    # CPU tensors take ATen's GEMMs and count on neither path
+    from vdit_kernels import _C
+    assert re.match(r"cuBLASLt (from libcublasLt\.so\.\d+|unavailable \(.+\)): \d+ plans \(\d+ usable\), ",
+                    _C.linear_forward_info()), _C.linear_forward_info()
+    with pytest.raises(TypeError, match="takes no arguments"):
+        _C.linear_forward_info(1)
+    before = _linear_forward_calls()
+    pack, videos, weight, bias, x, lin_w, lin_b = _gemm_inputs(torch.float32, True)
+    torch.ops.vdit_C.patch_embed(videos, weight, bias)
+    torch.ops.vdit_C.linear_unpatchify(x, lin_w, lin_b, [s for shape in GEMM_SHAPES for s in shape], [1, 2, 2], 3)
+    assert _linear_forward_calls() == before
+
+
+@gpu_only
+@needs_cuda_build
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("with_bias", [True, False])
+@pytest.mark.parametrize("op", ["patch_embed", "linear_unpatchify"])
+def test_forward_gemm_on_cublaslt_matches_aten(op, with_bias, dtype, monkeypatch):
+    # the cuda backend's forward GEMM runs cuBLASLt with a kept plan; ATen's addmm / mm
+    # (VDIT_CUBLASLT=0) is the check: the same products, float32 accumulation, one rounding
+    # to the output dtype, so at most a unit in the last place apart
+    pack, videos, weight, bias, x, lin_w, lin_b = _gemm_inputs(dtype, with_bias, device="cuda", hidden=72,
+                                                               channels=4)
+    shapes = [s for shape in GEMM_SHAPES for s in shape]
+
+    def forward(hidden_bias=bias, out_bias=lin_b):
+        with torch.no_grad():
+            if op == "patch_embed":
+                return torch.ops.vdit_C.patch_embed(videos, weight, hidden_bias)
+            return torch.cat([v.flatten() for v in torch.ops.vdit_C.linear_unpatchify(x, lin_w, out_bias, shapes,
+                                                                                       [1, 2, 2], 4)])
+    lt, aten = _linear_forward_calls()
+    got = forward()
+    forward()  # the kept plan, again
+    assert _linear_forward_calls() == (lt + 2, aten)
+    monkeypatch.setenv("VDIT_CUBLASLT", "0")
+    expect = forward()
+    assert _linear_forward_calls() == (lt + 2, aten + 1)
+    ulp = torch.finfo(dtype).eps
+    assert_verbose_close(got.float(), expect.float(), atol=ulp, rtol=ulp)
+    monkeypatch.delenv("VDIT_CUBLASLT")
+    if with_bias:  # a bias 2 bytes off 16-byte alignment: ATen's path
+        b = bias if op == "patch_embed" else lin_b
+        shifted = torch.empty(b.numel() + 1, dtype=dtype, device="cuda")[1:].copy_(b)
+        args = {"hidden_bias" if op == "patch_embed" else "out_bias": shifted}
+        assert_verbose_close(forward(**args).float(), expect.float(), atol=ulp, rtol=ulp)
+        assert _linear_forward_calls() == (lt + 2, aten + 2)
