@@ -206,3 +206,54 @@ def test_random_combinations(seed):
     videos = [_relayout(v, rng.choice(["none", "slice", "channels_last", "strided_w"]))
               for v in random_videos(pack, channels, dtype, seed=seed)]
     _check(videos, pack, channels)
+
+
+@pytest.mark.parametrize("count", [1, 2, 3, 4, 5])
+def test_line_kernels_find_each_video_both_ways(count, monkeypatch):
+    # packs of up to _FEW videos load every table row at once and pick by selects, larger
+    # ones search (_line_video): each way, every program must find its own video, the
+    # videos of different widths (16 channels: 64-token lines, so 1 or 2 lines a token
+    # row) and token counts
+    from vdit_kernels.triton import patch as P
+
+    grids = [(2, 4, 6), (1, 2, 2), (3, 6, 130), (1, 4, 8), (2, 2, 4)]
+    pack = vk.VideoPack.from_shapes(grids[:count], (1, 2, 2), device=DEVICE)
+    videos = random_videos(pack, 16, torch.float32, seed=count)
+    assert P._line_tiles(videos, (1, 2, 2), 64)[0] == (64 if count >= 3 else 4)
+    _check(videos, pack, 16)
+    monkeypatch.setattr(P, "_FEW", 0)  # the search, whatever the count
+    _check(videos, pack, 16)
+
+
+def test_line_kernels_drop_the_register_cap_where_it_spilled(monkeypatch):
+    # launched capped (more programs resident on an SM); a configuration whose capped build
+    # spilled (the compiled kernel's n_spills) is launched uncapped from then on, and only it
+    import types
+
+    from vdit_kernels.triton import patch as P
+
+    caps = []
+
+    class Compiled:  # stands for the JIT function: records the launch's cap, reports spills
+        def __init__(self, spills):
+            self.spills = spills
+
+        def __getitem__(self, grid):
+            def launch(*args, **options):
+                caps.append(options.get("maxnreg"))
+                return types.SimpleNamespace(n_spills=self.spills if options.get("maxnreg") else 0)
+            return launch
+
+    monkeypatch.setattr(P, "_LINE_CAP_SPILLED", set())
+    monkeypatch.setattr(P, "_patchify_lines_kernel", Compiled(spills=3))
+    monkeypatch.setattr(P, "_unpatchify_lines_kernel", Compiled(spills=0))
+    pack = vk.VideoPack.from_shapes([(2, 4, 6)], (1, 2, 2))
+    videos = random_videos(pack, 16, torch.float32, seed=0)
+    for _ in range(3):
+        P.patchify(videos, (1, 2, 2))
+    assert caps == [P._LINE_MAXNREG, None, None]
+    caps.clear()
+    tokens = torch.zeros(pack.num_tokens, 64)
+    for _ in range(2):
+        P.unpatchify(tokens, [2, 4, 6], (1, 2, 2), 16)
+    assert caps == [P._LINE_MAXNREG, P._LINE_MAXNREG]

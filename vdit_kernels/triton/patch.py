@@ -30,7 +30,9 @@
 # _line_align), transposes it in the chip (reshape (rows, BLOCK_W, pw) -> permute ->
 # (BLOCK_W, rows*pw)) and writes BLOCK_W whole tokens, contiguous in the output; unpatchify
 # the reverse. Grid (sum over videos of gt * gh * cdiv(gw, BLOCK_W),); ~4096 elements a
-# program (8 warps, ~30 registers); a partial last line masks along w.
+# program (8 warps, capped at 32 registers where that does not spill: 8 programs an SM); a
+# partial last line masks along w. A program of a pack of up to _FEW videos finds its
+# video by compares of the offsets, loaded at once, instead of the search (_line_video).
 #
 # The host side builds ONE int64 table from Python ints (shapes, strides, data_ptr());
 # pack.device_table caches it by content (the same videos again copy nothing) and copies a
@@ -193,16 +195,42 @@ def _unpatchify_kernel(tokens_ptr, cu_blocks_ptr, meta_ptr,
 
 
 @triton.jit
+def _line_video(cu_blocks_ptr, meta_ptr, pid, B, LOG_B: tl.constexpr, META: tl.constexpr, NB: tl.constexpr):
+    """Line-program pid -> its video's table fields (data pointer, strides c/t/h/w, first
+    token, grid h/w) and the line's index inside the video. NB > 0 (a pack of NB <= _FEW
+    videos): the NB - 1 program offsets past video 0's are loaded at once and the video
+    picked by compares, so its row is read in the second memory round trip, where the
+    binary search (NB = 0, _find_video) reads it in round LOG_B + 2 (the table comes from
+    DRAM when the pack's data evicted it, and a single-wave launch of a few microseconds
+    waits for it). (Loading every row at once, then selecting, took 50-54 registers a
+    thread against 40: fewer programs resident on an SM.)"""
+    if NB == 0:
+        row, line = _find_video(cu_blocks_ptr, meta_ptr, pid, B, LOG_B, META)
+    else:
+        vid = pid * 0
+        first = pid.to(tl.int64) * 0  # program offset of the video picked (video 0's: 0)
+        for i in tl.static_range(1, NB):
+            offset = tl.load(cu_blocks_ptr + i)
+            here = offset <= pid  # offsets never decrease: the last video starting at or before pid
+            vid = tl.where(here, i, vid)
+            first = tl.where(here, offset, first)
+        row = meta_ptr + vid.to(tl.int64) * META
+        line = pid - first
+    s_c, s_t, s_h, s_w, tok_start, g_h, g_w, _ = _video_fields(row)
+    return tl.load(row), s_c, s_t, s_h, s_w, tok_start, g_h, g_w, line
+
+
+@triton.jit
 def _line_offsets(cu_blocks_ptr, meta_ptr, pid, B, PT: tl.constexpr, PH: tl.constexpr, PW: tl.constexpr,
-                  LOG_B: tl.constexpr, META: tl.constexpr, BLOCK_W: tl.constexpr, RP: tl.constexpr,
-                  ALIGN: tl.constexpr):
+                  LOG_B: tl.constexpr, META: tl.constexpr, NB: tl.constexpr, BLOCK_W: tl.constexpr,
+                  RP: tl.constexpr, ALIGN: tl.constexpr):
     """Line-program pid -> (video base address as int64, first packed token, valid tokens of
     the line from it, element offsets (RP, BLOCK_W*PW) of its patch rows in the video).
     A line is BLOCK_W consecutive tokens of one token row (gt, gh). ALIGN > 0: every
     video has unit w stride (checked on the host), so a row is BLOCK_W*PW contiguous
     elements."""
-    row, line = _find_video(cu_blocks_ptr, meta_ptr, pid, B, LOG_B, META)
-    s_c, s_t, s_h, s_w, tok_start, g_h, g_w, _ = _video_fields(row)
+    base, s_c, s_t, s_h, s_w, tok_start, g_h, g_w, line = _line_video(cu_blocks_ptr, meta_ptr, pid, B, LOG_B,
+                                                                       META, NB)
     w_blocks = (g_w + BLOCK_W - 1) // BLOCK_W
     gth = line // w_blocks  # token row gt * g_h + gh
     w0 = (line % w_blocks) * BLOCK_W
@@ -220,7 +248,7 @@ def _line_offsets(cu_blocks_ptr, meta_ptr, pid, B, PT: tl.constexpr, PH: tl.cons
     else:
         off = off_r[:, None] + (w0 * PW + x)[None, :] * s_w
     n_valid = tl.minimum(g_w - w0, BLOCK_W)
-    return tl.load(row), tok_start + gth * g_w + w0, n_valid, off
+    return base, tok_start + gth * g_w + w0, n_valid, off
 
 
 @triton.jit
@@ -239,10 +267,10 @@ def _video_ptrs(base, off, dtype, BLOCK_W: tl.constexpr, PW: tl.constexpr, ALIGN
 @triton.jit
 def _patchify_lines_kernel(out_ptr, cu_blocks_ptr, meta_ptr, stride_on, F, R, B,
                            PT: tl.constexpr, PH: tl.constexpr, PW: tl.constexpr,
-                           LOG_B: tl.constexpr, META: tl.constexpr, BLOCK_W: tl.constexpr, RP: tl.constexpr,
+                           LOG_B: tl.constexpr, META: tl.constexpr, NB: tl.constexpr, BLOCK_W: tl.constexpr, RP: tl.constexpr,
                            ALIGN: tl.constexpr):
     base, tok0, n_valid, off = _line_offsets(cu_blocks_ptr, meta_ptr, tl.program_id(0), B, PT, PH, PW,
-                                             LOG_B, META, BLOCK_W, RP, ALIGN)
+                                             LOG_B, META, NB, BLOCK_W, RP, ALIGN)
     src = _video_ptrs(base, off, out_ptr.dtype.element_ty, BLOCK_W, PW, ALIGN)
     rmask = tl.arange(0, RP) < R
     # read whole video rows (coalesced along w), transpose in the chip, write whole tokens;
@@ -262,10 +290,10 @@ def _patchify_lines_kernel(out_ptr, cu_blocks_ptr, meta_ptr, stride_on, F, R, B,
 @triton.jit
 def _unpatchify_lines_kernel(tokens_ptr, cu_blocks_ptr, meta_ptr, stride_tn, F, R, B,
                              PT: tl.constexpr, PH: tl.constexpr, PW: tl.constexpr,
-                             LOG_B: tl.constexpr, META: tl.constexpr, BLOCK_W: tl.constexpr,
+                             LOG_B: tl.constexpr, META: tl.constexpr, NB: tl.constexpr, BLOCK_W: tl.constexpr,
                              RP: tl.constexpr, ALIGN: tl.constexpr):
     base, tok0, n_valid, off = _line_offsets(cu_blocks_ptr, meta_ptr, tl.program_id(0), B, PT, PH, PW,
-                                             LOG_B, META, BLOCK_W, RP, ALIGN)
+                                             LOG_B, META, NB, BLOCK_W, RP, ALIGN)
     dst = _video_ptrs(base, off, tokens_ptr.dtype.element_ty, BLOCK_W, PW, ALIGN)
     j = tl.arange(0, BLOCK_W)
     f = tl.arange(0, RP * PW)
@@ -303,6 +331,18 @@ def _tables(videos: Sequence[torch.Tensor], patch_size: Sequence[int], block_t: 
 
 
 _LINE_TILE = 4096  # elements of a line program's tile: 16 per thread at 8 warps
+# packs of up to _FEW videos: the line kernels find a program's video by compares of
+# offsets loaded at once (_line_video; a kernel variant per count), larger ones search
+_FEW = 4
+# a register cap on the line kernels: uncapped, ptxas gives them 40 registers a thread for
+# 16 channels at patch 1x2x2, so 6 programs of 8 warps fit an SM; capped at 32 (no spill
+# there, sm_90a: the static report) 8 do, the most 64 warps allow. The issue's mixed pack
+# makes 915 line programs: 792 fit an H100 at once uncapped (a second wave of 123), all 1056
+# capped. Other shapes spill under the cap (16-100 bytes a thread at some row counts and
+# patch widths, in a static sweep): a configuration whose capped build spilled (the compiled
+# kernel's n_spills, known after its first launch) is launched uncapped from then on.
+_LINE_MAXNREG = 32
+_LINE_CAP_SPILLED: set = set()
 
 
 def _line_tiles(videos, patch_size, features: int):
@@ -341,10 +381,14 @@ def _launch(kernel, packed, videos, patch_size):
         block_w, rp = line
         table, programs = _tables(videos, (pt, ph, pw), block_w, packed.device, lines=True)
         lines_kernel = _patchify_lines_kernel if kernel is _patchify_kernel else _unpatchify_lines_kernel
-        lines_kernel[(programs,)](packed, table, table[b + 1:], packed.stride(0), f, f // pw, b,
-                                  PT=pt, PH=ph, PW=pw, LOG_B=log_b, META=_META, BLOCK_W=block_w, RP=rp,
-                                  ALIGN=_line_align(videos, block_w * pw), num_warps=8,
-                                  **COMPILE_OPTIONS)
+        nb, align = (b if b <= _FEW else 0), _line_align(videos, block_w * pw)
+        config = (lines_kernel, packed.dtype, pt, ph, pw, block_w, rp, align, nb)
+        cap = {} if config in _LINE_CAP_SPILLED else {"maxnreg": _LINE_MAXNREG}
+        compiled = lines_kernel[(programs,)](packed, table, table[b + 1:], packed.stride(0), f, f // pw, b,
+                                             PT=pt, PH=ph, PW=pw, LOG_B=log_b, META=_META, NB=nb, BLOCK_W=block_w,
+                                             RP=rp, ALIGN=align, num_warps=8, **cap, **COMPILE_OPTIONS)
+        if cap and getattr(compiled, "n_spills", 0):  # (the interpreter returns nothing)
+            _LINE_CAP_SPILLED.add(config)
         return
     block_t, block_f = _tiles(f)
     table, blocks = _tables(videos, (pt, ph, pw), block_t, packed.device)
@@ -915,18 +959,24 @@ def aot_specs() -> list[dict]:
     # the line kernels (the launch path for power-of-two pw): bf16, realistic widths
     for name, fn, first, stride in (("patchify lines", _patchify_lines_kernel, "out_ptr", "stride_on"),
                                     ("unpatchify lines", _unpatchify_lines_kernel, "tokens_ptr", "stride_tn")):
-        for dtype, (pt, ph, pw), c in (("bf16", (1, 2, 2), 16), ("bf16", (2, 2, 2), 48), ("fp32", (1, 2, 2), 4)):
+        # a pack of 3 videos (the table rows loaded at once) and, for the first shape, of more
+        # than _FEW (the search)
+        for dtype, (pt, ph, pw), c, nb in (("bf16", (1, 2, 2), 16, 3), ("bf16", (1, 2, 2), 16, 0),
+                                           ("bf16", (2, 2, 2), 48, 3), ("fp32", (1, 2, 2), 4, 3)):
             rows = c * pt * ph
             rp = triton.next_power_of_2(rows)
             block_w = max(1, min(_LINE_TILE // (rp * pw), 64))
             specs.append({
-                "name": f"{name} {dtype} patch={pt}x{ph}x{pw} C={c}", "fn": fn,
+                "name": f"{name} {dtype} patch={pt}x{ph}x{pw} C={c} " + (f"{nb} videos" if nb else "many videos"),
+                "fn": fn,
                 "signature": {first: f"*{dtype}", "cu_blocks_ptr": "*i64", "meta_ptr": "*i64",
                               stride: "i64", "F": "i32", "R": "i32", "B": "i32",
-                              **{k: "constexpr" for k in ("PT", "PH", "PW", "LOG_B", "META", "BLOCK_W", "RP", "ALIGN")}},
-                "constexprs": {"PT": pt, "PH": ph, "PW": pw, "LOG_B": 2, "META": _META,
+                              **{k: "constexpr" for k in ("PT", "PH", "PW", "LOG_B", "META", "NB", "BLOCK_W", "RP",
+                                                          "ALIGN")}},
+                "constexprs": {"PT": pt, "PH": ph, "PW": pw, "LOG_B": 2, "META": _META, "NB": nb,
                                "BLOCK_W": block_w, "RP": rp, "ALIGN": 16},
-                "num_warps": 8, "divisible_args": ("F",) if c * pt * ph * pw % 16 == 0 else (),
+                "num_warps": 8, "maxnreg": _LINE_MAXNREG,
+                "divisible_args": ("F",) if c * pt * ph * pw % 16 == 0 else (),
                 "min_access_bytes": 16,
             })
     # the fused GEMMs: bf16, hidden 3072, F = 64 (C=16, patch 1x2x2), GPU tile shapes;
