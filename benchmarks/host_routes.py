@@ -16,8 +16,8 @@ Tensors are tiny, so the numbers are host time (Python, dispatcher, autograd eng
 a few microseconds of CPU copies and GEMMs that every route shares. Not a GPU timing: the
 H100 machine's host took several times longer for each layer.
 
-Second, the Python of the public patchify / unpatchify / apply_rope_3d (out of place and in
-place) on the cuda backend, up to its C++ op (the op replaced by a function returning
+Second, the Python of the public patchify / unpatchify / patch_embed (forward, no gradient) /
+apply_rope_3d (out of place and in place) on the cuda backend, up to its C++ op (the op replaced by a function returning
 preallocated outputs, the resolution answered as for CUDA tensors): what host-bound calls
 spend before the C++ op.
 
@@ -102,7 +102,8 @@ def main(argv=None) -> None:
 
 
 def python_before_the_op(calls: int) -> None:
-    """Host us of the public patchify / unpatchify / apply_rope_3d's Python on the cuda route, 6 videos."""
+    """Host us of the public patchify / unpatchify / patch_embed / apply_rope_3d's Python on the
+    cuda route, 6 videos."""
     shapes = [(3, 4, 4)] * 4 + [(5, 2, 4)] * 2
     pack = vk.VideoPack.from_shapes(shapes, patch_size=(1, 2, 2))
     videos = [torch.randn(16, *s) for s in shapes]
@@ -110,8 +111,10 @@ def python_before_the_op(calls: int) -> None:
     outs = [torch.empty(16, *s) for s in shapes]
     q, k = torch.randn(pack.num_tokens, 4, 16), torch.randn(pack.num_tokens, 4, 16)
     rotated = (torch.empty_like(q), torch.empty_like(k))
+    weight, bias = torch.randn(32, 16, 1, 2, 2), torch.randn(32)
+    embedded = torch.empty(pack.num_tokens, 32)
     saved = (_backend.resolve, _backend._gpu_visible, cuda_patch.patchify, cuda_patch.unpatchify,
-             cuda_rope.rope_3d, cuda_rope.rope_3d_)
+             cuda_rope.rope_3d, cuda_rope.rope_3d_, dict(cuda_patch.AUTOGRAD))
     resolve = _backend.resolve
     try:  # resolved as for CUDA tensors (a visible GPU), the C++ ops' place taken by stubs
         _backend._gpu_visible = lambda: True
@@ -120,17 +123,21 @@ def python_before_the_op(calls: int) -> None:
         cuda_patch.unpatchify = lambda t, s, patch_size, channels: outs
         cuda_rope.rope_3d = lambda *args: rotated
         cuda_rope.rope_3d_ = lambda *args: None
+        cuda_patch.AUTOGRAD["patch_embed"] = lambda v, w, b: embedded
         assert vk.patchify(videos, pack) is tokens  # the cuda route, not the reference
+        assert vk.patch_embed(videos, pack, weight, bias) is embedded
         assert vk.apply_rope_3d(q, k, pack, (4, 6, 6))[0] is rotated[0]
         with torch.no_grad():
             rows = [("patchify", _per_call_us(lambda: vk.patchify(videos, pack), calls)),
                     ("unpatchify", _per_call_us(lambda: vk.unpatchify(tokens, pack, 16), calls)),
+                    ("patch_embed", _per_call_us(lambda: vk.patch_embed(videos, pack, weight, bias), calls)),
                     ("apply_rope_3d", _per_call_us(lambda: vk.apply_rope_3d(q, k, pack, (4, 6, 6)), calls)),
                     ("apply_rope_3d in place",
                      _per_call_us(lambda: vk.apply_rope_3d(q, k, pack, (4, 6, 6), inplace=True), calls))]
     finally:
         (_backend.resolve, _backend._gpu_visible, cuda_patch.patchify, cuda_patch.unpatchify,
-         cuda_rope.rope_3d, cuda_rope.rope_3d_) = saved
+         cuda_rope.rope_3d, cuda_rope.rope_3d_, autograd) = saved
+        cuda_patch.AUTOGRAD.update(autograd)
         _backend._why_not.cache_clear()  # it cached answers for the faked GPU
     print(f"public functions on the cuda route, {len(shapes)} videos (RoPE: 4 heads of 16): host us of the Python "
           "before the C++ op")

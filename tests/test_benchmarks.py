@@ -2,6 +2,7 @@
 import builtins
 import json
 import os
+import re
 import statistics
 import subprocess
 import sys
@@ -749,8 +750,8 @@ def test_host_routes_runs_and_restores_the_routes(capsys):
     host_routes.main(["--calls", "10"])
     out = capsys.readouterr().out
     for route in ("c++ autograd", "c++ via torch.ops", "python autograd", "registered op", "permute+linear",
-                  "patchify", "unpatchify", "apply_rope_3d ", "apply_rope_3d in place"):
-        assert route in out
+                  "patchify", "unpatchify", "patch_embed", "apply_rope_3d", "apply_rope_3d in place"):
+        assert re.search(rf"^  {re.escape(route)} +[0-9.]+ us$", out, re.M), route
     assert direct._NATIVE == native and direct.ENABLED == enabled
     assert cuda_patch.AUTOGRAD["patch_embed"] is vk._C.direct_patch_embed
     # the faked GPU and stubbed ops are gone, and so is what the resolution cached under them
