@@ -853,6 +853,28 @@ def test_gemm_ops_gpu_match_triton_gemm_variant_and_reference(op, with_bias, dty
         assert torch.equal(a, b)
 
 
+@gpu_only
+@needs_cuda_build
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_forward_gemm_on_cublaslt_at_a_dit_shape(with_bias, monkeypatch):
+    # a DiT's patch embedding: 16 channels, patch 1x2x2 (F = 64), hidden 3072, an odd token
+    # count from two videos; cuBLASLt's kept plan against ATen's addmm, bfloat16
+    g = torch.Generator().manual_seed(1)
+    shapes = [(5, 30, 50), (3, 14, 18)]
+    videos = [torch.randn(16, *s, generator=g).to("cuda", torch.bfloat16) for s in shapes]
+    weight = (torch.randn(3072, 16, 1, 2, 2, generator=g) / 8).to("cuda", torch.bfloat16)
+    bias = torch.randn(3072, generator=g).to("cuda", torch.bfloat16) if with_bias else None
+    lt, aten = _linear_forward_calls()
+    with torch.no_grad():
+        got = torch.ops.vdit_C.patch_embed(videos, weight, bias)
+        assert _linear_forward_calls() == (lt + 1, aten)
+        monkeypatch.setenv("VDIT_CUBLASLT", "0")
+        expect = torch.ops.vdit_C.patch_embed(videos, weight, bias)
+    assert got.shape == (5 * 15 * 25 + 3 * 7 * 9, 3072)
+    ulp = torch.finfo(torch.bfloat16).eps
+    assert_verbose_close(got.float(), expect.float(), atol=ulp, rtol=ulp)
+
+
 def _linear_forward_calls() -> tuple[int, int]:
     """(calls on cuBLASLt, CUDA calls on ATen) of the forward GEMMs so far (csrc/linear_gemm_host.cpp)."""
     from vdit_kernels import _C
