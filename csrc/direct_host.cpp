@@ -17,6 +17,7 @@
 #include <Python.h>
 #include <torch/csrc/Exceptions.h>
 #include <torch/csrc/autograd/python_variable.h>
+#include <torch/csrc/autograd/utils/wrap_outputs.h>
 #include <torch/csrc/utils/python_numbers.h>
 
 #include <initializer_list>
@@ -138,17 +139,8 @@ PyObject* direct_linear_unpatchify(PyObject*, PyObject* const* args, Py_ssize_t 
 PyObject* direct_rope_3d(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
   HANDLE_TH_ERRORS
   const Args a("direct_rope_3d", args, nargs, {"q", "k", "positions", "dims", "theta", "interleaved", "inverse"});
-  auto [q, k] = rope_3d_tokens(a.tensor(0), a.tensor(1), a.tensor(2), a.ints(3), a.real(4), a.boolean(5),
-                               a.boolean(6));
-  PyObject* out = PyTuple_New(2);
-  if (out == nullptr) return nullptr;
-  PyTuple_SET_ITEM(out, 0, THPVariable_Wrap(std::move(q)));  // (steals the new references)
-  PyTuple_SET_ITEM(out, 1, THPVariable_Wrap(std::move(k)));
-  if (PyTuple_GET_ITEM(out, 0) == nullptr || PyTuple_GET_ITEM(out, 1) == nullptr) {
-    Py_DECREF(out);
-    return nullptr;
-  }
-  return out;
+  return torch::autograd::utils::wrap(rope_3d_tokens(a.tensor(0), a.tensor(1), a.tensor(2), a.ints(3), a.real(4),
+                                                     a.boolean(5), a.boolean(6)));
   END_HANDLE_TH_ERRORS
 }
 

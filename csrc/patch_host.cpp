@@ -104,7 +104,11 @@ PatchVideo record(void* data, c10::IntArrayRef strides, int64_t t, int64_t h, in
   return r;
 }
 
-at::Tensor patchify_cuda(at::TensorList videos, c10::IntArrayRef patch_size) {
+}  // namespace
+
+// vdit_C::patchify / unpatchify for every device: CPU tensors get every check, then the
+// error saying the op needs CUDA tensors (so the checks run in CPU-only CI too).
+at::Tensor patchify_tokens(at::TensorList videos, c10::IntArrayRef patch_size) {
   const auto ps = check_patchify_args(videos, patch_size);
   const at::Tensor& v0 = videos[0];
   if (!v0.is_cuda()) needs_cuda_tensors("vdit_C::patchify", v0.device());
@@ -123,8 +127,8 @@ at::Tensor patchify_cuda(at::TensorList videos, c10::IntArrayRef patch_size) {
   return tokens;
 }
 
-std::vector<at::Tensor> unpatchify_cuda(const at::Tensor& tokens_in, c10::IntArrayRef shapes,
-                                        c10::IntArrayRef patch_size, int64_t channels) {
+std::vector<at::Tensor> unpatchify_videos(const at::Tensor& tokens_in, c10::IntArrayRef shapes,
+                                          c10::IntArrayRef patch_size, int64_t channels) {
   const auto ps = check_unpatchify_args(tokens_in, shapes, patch_size, channels);
   if (!tokens_in.is_cuda()) needs_cuda_tensors("vdit_C::unpatchify", tokens_in.device());
   const at::Tensor tokens = tokens_in.contiguous();  // a strided token matrix is copied once
@@ -141,19 +145,6 @@ std::vector<at::Tensor> unpatchify_cuda(const at::Tensor& tokens_in, c10::IntArr
   if (n > 0 && channels > 0) launch(false, recs, tokens, channels, ps, tokens.scalar_type(), tokens.device());
   return outs;
 }
-
-at::Tensor patchify_cpu(at::TensorList videos, c10::IntArrayRef patch_size) {
-  check_patchify_args(videos, patch_size);
-  needs_cuda_tensors("vdit_C::patchify", videos[0].device());
-}
-
-std::vector<at::Tensor> unpatchify_cpu(const at::Tensor& tokens, c10::IntArrayRef shapes,
-                                       c10::IntArrayRef patch_size, int64_t channels) {
-  check_unpatchify_args(tokens, shapes, patch_size, channels);
-  needs_cuda_tensors("vdit_C::unpatchify", tokens.device());
-}
-
-}  // namespace
 
 // Declared in patch_ops.h: every check but where the tensors live.
 std::vector<int64_t> check_patchify_args(at::TensorList videos, c10::IntArrayRef patch_size, bool kernel_dtypes) {
@@ -204,23 +195,14 @@ std::vector<int64_t> check_unpatchify_args(const at::Tensor& tokens_in, c10::Int
   return ps;
 }
 
-at::Tensor patchify_tokens(at::TensorList videos, c10::IntArrayRef patch_size) {
-  return patchify_cuda(videos, patch_size);
-}
-
-std::vector<at::Tensor> unpatchify_videos(const at::Tensor& tokens, c10::IntArrayRef shapes,
-                                          c10::IntArrayRef patch_size, int64_t channels) {
-  return unpatchify_cuda(tokens, shapes, patch_size, channels);
-}
-
 }  // namespace vdit
 
 TORCH_LIBRARY_IMPL(vdit_C, CUDA, m) {
-  m.impl("patchify", &vdit::patchify_cuda);
-  m.impl("unpatchify", &vdit::unpatchify_cuda);
+  m.impl("patchify", &vdit::patchify_tokens);
+  m.impl("unpatchify", &vdit::unpatchify_videos);
 }
 
 TORCH_LIBRARY_IMPL(vdit_C, CPU, m) {
-  m.impl("patchify", &vdit::patchify_cpu);
-  m.impl("unpatchify", &vdit::unpatchify_cpu);
+  m.impl("patchify", &vdit::patchify_tokens);
+  m.impl("unpatchify", &vdit::unpatchify_videos);
 }

@@ -10,7 +10,8 @@
 
 namespace vdit {
 
-// vdit_C::patchify / vdit_C::unpatchify on CUDA tensors (the same checks and kernels).
+// vdit_C::patchify / vdit_C::unpatchify, the functions both registrations run (CPU tensors:
+// every check, then the error saying the op needs CUDA tensors).
 at::Tensor patchify_tokens(at::TensorList videos, c10::IntArrayRef patch_size);
 std::vector<at::Tensor> unpatchify_videos(const at::Tensor& tokens, c10::IntArrayRef shapes,
                                           c10::IntArrayRef patch_size, int64_t channels);

@@ -160,9 +160,13 @@ void check_no_overlap(const at::Tensor& q, const at::Tensor& k) {
                     "inplace=False");
 }
 
-std::tuple<at::Tensor, at::Tensor> rope_3d_cuda(const at::Tensor& q, const at::Tensor& k,
-                                                const at::Tensor& positions, c10::IntArrayRef dims,
-                                                double theta, bool interleaved, bool inverse) {
+}  // namespace
+
+// vdit_C::rope_3d / rope_3d_ for every device (declared in rope_ops.h for the direct calls):
+// CPU tensors get every check, then the error saying the op needs CUDA tensors.
+std::tuple<at::Tensor, at::Tensor> rope_3d_tokens(const at::Tensor& q, const at::Tensor& k,
+                                                  const at::Tensor& positions, c10::IntArrayRef dims, double theta,
+                                                  bool interleaved, bool inverse) {
   check_rope_args("vdit_C::rope_3d", q, k, positions, dims);
   if (!q.is_cuda()) needs_cuda_tensors("vdit_C::rope_3d", q.device());
   at::Tensor qo = at::empty(q.sizes(), q.options());
@@ -171,8 +175,8 @@ std::tuple<at::Tensor, at::Tensor> rope_3d_cuda(const at::Tensor& q, const at::T
   return {qo, ko};
 }
 
-void rope_3d_inplace_cuda(const at::Tensor& q, const at::Tensor& k, const at::Tensor& positions,
-                          c10::IntArrayRef dims, double theta, bool interleaved, bool inverse) {
+void rope_3d_in_place(const at::Tensor& q, const at::Tensor& k, const at::Tensor& positions,
+                      c10::IntArrayRef dims, double theta, bool interleaved, bool inverse) {
   check_rope_args("vdit_C::rope_3d_", q, k, positions, dims);
   check_no_overlap(q, k);
   if (!q.is_cuda()) needs_cuda_tensors("vdit_C::rope_3d_", q.device());
@@ -180,41 +184,14 @@ void rope_3d_inplace_cuda(const at::Tensor& q, const at::Tensor& k, const at::Te
   rope_launch(q, k, q, k, positions, dims, theta, interleaved, inverse);
 }
 
-std::tuple<at::Tensor, at::Tensor> rope_3d_cpu(const at::Tensor& q, const at::Tensor& k,
-                                               const at::Tensor& positions, c10::IntArrayRef dims,
-                                               double theta, bool interleaved, bool inverse) {
-  check_rope_args("vdit_C::rope_3d", q, k, positions, dims);
-  needs_cuda_tensors("vdit_C::rope_3d", q.device());
-}
-
-void rope_3d_inplace_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& positions,
-                         c10::IntArrayRef dims, double theta, bool interleaved, bool inverse) {
-  check_rope_args("vdit_C::rope_3d_", q, k, positions, dims);
-  check_no_overlap(q, k);
-  needs_cuda_tensors("vdit_C::rope_3d_", q.device());
-}
-
-}  // namespace
-
-std::tuple<at::Tensor, at::Tensor> rope_3d_tokens(const at::Tensor& q, const at::Tensor& k,
-                                                  const at::Tensor& positions, c10::IntArrayRef dims, double theta,
-                                                  bool interleaved, bool inverse) {
-  return rope_3d_cuda(q, k, positions, dims, theta, interleaved, inverse);
-}
-
-void rope_3d_in_place(const at::Tensor& q, const at::Tensor& k, const at::Tensor& positions,
-                      c10::IntArrayRef dims, double theta, bool interleaved, bool inverse) {
-  rope_3d_inplace_cuda(q, k, positions, dims, theta, interleaved, inverse);
-}
-
 }  // namespace vdit
 
 TORCH_LIBRARY_IMPL(vdit_C, CUDA, m) {
-  m.impl("rope_3d", &vdit::rope_3d_cuda);
-  m.impl("rope_3d_", &vdit::rope_3d_inplace_cuda);
+  m.impl("rope_3d", &vdit::rope_3d_tokens);
+  m.impl("rope_3d_", &vdit::rope_3d_in_place);
 }
 
 TORCH_LIBRARY_IMPL(vdit_C, CPU, m) {
-  m.impl("rope_3d", &vdit::rope_3d_cpu);
-  m.impl("rope_3d_", &vdit::rope_3d_inplace_cpu);
+  m.impl("rope_3d", &vdit::rope_3d_tokens);
+  m.impl("rope_3d_", &vdit::rope_3d_in_place);
 }

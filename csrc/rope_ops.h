@@ -9,8 +9,8 @@
 
 namespace vdit {
 
-// vdit_C::rope_3d / vdit_C::rope_3d_ (the same checks and kernel). CPU tensors get every
-// check, then the ops' error saying they need CUDA tensors.
+// vdit_C::rope_3d / vdit_C::rope_3d_, the functions both registrations run (CPU tensors:
+// every check, then the error saying the ops need CUDA tensors).
 std::tuple<at::Tensor, at::Tensor> rope_3d_tokens(const at::Tensor& q, const at::Tensor& k,
                                                   const at::Tensor& positions, c10::IntArrayRef dims, double theta,
                                                   bool interleaved, bool inverse);
