@@ -24,6 +24,19 @@ else:
 
 DEVICE = torch.device("cuda" if HAS_CUDA else "cpu")
 
+# Inductor's on-disk caches key a compiled graph on the graph, not on our ops' fake
+# implementations: a graph compiled under an earlier (wrong) fake was served again after
+# the fake changed (2026-11-28, attention's output strides), so a test of the fix failed
+# and, the other way round, a fake broken later could pass on an old entry. One fresh
+# cache per test session (the session's own repeats still hit it).
+if "TORCHINDUCTOR_CACHE_DIR" not in os.environ:
+    import atexit
+    import shutil
+    import tempfile
+
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="vdit_inductor_")
+    atexit.register(shutil.rmtree, os.environ["TORCHINDUCTOR_CACHE_DIR"], ignore_errors=True)
+
 # pytest-xdist workers (the GPU script runs 8) would each start one CPU thread per core:
 # on the 16-core GPU machine the float64 reference gradchecks, 2 s alone, then ran past
 # the 150 s per-test cap (2026-11-27). Each worker gets its share of the cores.

@@ -519,7 +519,8 @@ def test_inplace_rope_matches_out_of_place(pack):
 # -- registered ops: opcheck and torch.compile ------------------------------------------
 
 def _op_samples(pack, device="cpu"):
-    leaf = lambda *shape: torch.randn(*shape, device=device).requires_grad_(True)
+    randn = lambda *shape: torch.randn(*shape, device=device)
+    leaf = lambda *shape: randn(*shape).requires_grad_(True)
     videos = [leaf(2, *s) for s in pack.shapes]
     w = leaf(5, 2, 1, 2, 2)
     b = leaf(5)
@@ -534,16 +535,24 @@ def _op_samples(pack, device="cpu"):
     out, lse = vk.varlen_attention(q.detach(), k.detach(), v.detach(), cu, cu, m, m, return_lse=True,
                                    backend="reference")
     do, glse = torch.randn_like(out), torch.randn_like(lse)
+    head_major = lambda t: t.detach().transpose(0, 1).contiguous().transpose(0, 1).requires_grad_(True)
     return [
         (patch_ops.patchify_op, (videos, [1, 2, 2], "reference")),
         (patch_ops.unpatchify_op, (tokens, shapes, [1, 2, 2], 2, "reference")),
         (patch_ops.patch_embed_op, (videos, w, b, "reference")),
         (patch_ops.patch_embed_op, (videos, w, None, "reference")),
         (patch_ops.linear_unpatchify_op, (x, lw, None, shapes, [1, 2, 2], 2, "reference")),
+        # channels-last videos and weight (a model in torch.channels_last_3d), transposed x:
+        # the gradients come back contiguous from every backend, as the fakes say
+        (patch_ops.patch_embed_backward_op, (randn(pack.num_tokens, 5),
+                                             [randn(*s, 2).permute(3, 0, 1, 2) for s in pack.shapes],
+                                             randn(5, 1, 2, 2, 2).permute(0, 4, 1, 2, 3), True, "reference")),
+        (patch_ops.linear_unpatchify_backward_op, ([randn(2, *s) for s in pack.shapes],
+                                                   randn(5, pack.num_tokens).t(), lw.detach(), [1, 2, 2], True,
+                                                   "reference")),
         (rope_ops.rope_3d_op, (q, k, pos, [4, 4, 4], 10000.0, True, False, "reference")),
         # head-major q: every backend returns contiguous rotations, as the fake says
-        (rope_ops.rope_3d_op, (q.detach().transpose(0, 1).contiguous().transpose(0, 1).requires_grad_(True),
-                               k, pos, [4, 4, 4], 10000.0, False, False, "reference")),
+        (rope_ops.rope_3d_op, (head_major(q), k, pos, [4, 4, 4], 10000.0, False, False, "reference")),
         (rope_ops.rope_3d_inplace_op, (q.detach().clone(), k.detach().clone(), pos, [4, 4, 4], 10000.0,
                                        False, False, "reference")),
         (attn_ops.varlen_attention_op, (q, k, v, cu, cu, m, m, 0.5, None, [], 10000.0, True, False, "reference")),
@@ -554,6 +563,13 @@ def _op_samples(pack, device="cpu"):
                                                  "reference")),
         (attn_ops.varlen_attention_backward_op, (do, q.detach(), k.detach(), v.detach(), out, lse, None, cu,
                                                  cu, m, m, 0.5, None, [], 10000.0, True, True, "reference")),
+        # head-major q, k, v (an SDPA-layout (H, L, D) tensor transposed): out and the
+        # gradients come back contiguous from every backend, as the fakes say
+        (attn_ops.varlen_attention_op, (head_major(q), head_major(k), v, cu, cu, m, m, 0.5, None, [], 10000.0,
+                                        True, False, "reference")),
+        (attn_ops.varlen_attention_backward_op, (do, head_major(q).detach(), head_major(k).detach(),
+                                                 head_major(v).detach(), out, lse, None, cu, cu, m, m, 0.5, None,
+                                                 [], 10000.0, True, True, "reference")),
     ]
 
 
@@ -603,6 +619,54 @@ def test_compile_fullgraph_whole_stack(backend):
         torch.testing.assert_close(a, e)
     sum(o.sum() for o in compiled).backward()
     assert w.grad is not None and out_w.grad is not None
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_compile_training_step_of_a_channels_last_model(backend):
+    # model.to(memory_format=torch.channels_last_3d) gives the patch embedding's Conv3d a
+    # permuted weight; the backward's fakes once kept that layout where every backend
+    # returns contiguous gradients (inductor's stride assert failed)
+    torch._dynamo.reset()
+    device = device_for(backend)
+    pack = _make_pack(device)
+    conv = torch.nn.Conv3d(2, 8, (1, 2, 2), (1, 2, 2)).to(device).to(memory_format=torch.channels_last_3d)
+    videos = [torch.randn(*s, 2, device=device).permute(3, 0, 1, 2).requires_grad_(True) for s in pack.shapes]
+
+    def loss(videos):
+        return vk.patch_embed(videos, pack, conv.weight, conv.bias, backend=backend).square().sum()
+
+    inputs = (*videos, conv.weight, conv.bias)
+    expect = torch.autograd.grad(loss(videos), inputs)
+    got = torch.autograd.grad(torch.compile(loss, fullgraph=True)(videos), inputs)
+    for a, e in zip(got, expect):
+        torch.testing.assert_close(a, e)
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_compile_attention_of_head_major_inputs(backend):
+    # q from an SDPA-layout (H, L, D) tensor: the compiled graph plans its buffers by the
+    # fakes' strides, and a fake that kept q's layout where the backend returns a contiguous
+    # out once failed inductor's stride assert (or, without it, read out wrongly)
+    torch._dynamo.reset()
+    device = device_for(backend)
+    pack = _make_pack(device)
+    cu, m = pack.cu_seqlens, pack.max_seqlen
+    g = torch.Generator().manual_seed(0)
+    qh = torch.randn(2, pack.num_tokens, 12, generator=g).to(device).requires_grad_(True)
+    kv = torch.randn(pack.num_tokens, 2, 12, generator=g).to(device).requires_grad_(True)
+
+    def fn(qh, kv):
+        return vk.varlen_attention(qh.transpose(0, 1), kv, kv, cu, cu, m, m, backend=backend) * 2
+
+    compiled_fn = torch.compile(fn, fullgraph=True)
+    with torch.no_grad():  # inference (the failing case; under autograd the graph is split)
+        torch.testing.assert_close(compiled_fn(qh, kv), fn(qh, kv))
+    eager = fn(qh, kv)
+    grads = torch.autograd.grad(eager.square().sum(), (qh, kv))
+    compiled = compiled_fn(qh, kv)
+    torch.testing.assert_close(compiled, eager)
+    for a, e in zip(torch.autograd.grad(compiled.square().sum(), (qh, kv)), grads):
+        torch.testing.assert_close(a, e)
 
 
 def test_compile_fullgraph_dynamic_shapes_and_inplace_rope():

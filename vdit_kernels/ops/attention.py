@@ -62,8 +62,11 @@ class _Reference:
             qf, kf = ref.apply_rope_3d(qf, kf, None, dims, theta, interleaved, positions=positions)
         do, o = grad_out.to(cd), out.to(cd)
         groups = q.shape[1] // k.shape[1]
-        dq, dk, dv = torch.zeros_like(qf), torch.zeros_like(kf), torch.zeros_like(vf)
+        # contiguous, as the kernels' (zeros_like would keep a permuted q's layout)
+        dq, dk, dv = qf.new_zeros(qf.shape), kf.new_zeros(kf.shape), vf.new_zeros(vf.shape)
         cq, ck = cu_q.tolist(), cu_k.tolist()
+        if groups == 0:  # no query heads: no scores, every gradient is zero
+            cq = []
         for i in range(len(cq) - 1):
             sq, sk = slice(cq[i], cq[i + 1]), slice(ck[i], ck[i + 1])
             if cq[i] == cq[i + 1] or ck[i] == ck[i + 1]:
@@ -108,7 +111,9 @@ varlen_attention_op = define("vdit::varlen_attention", _varlen_attention)
 @varlen_attention_op.register_fake
 def _(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale,
       rope_positions, rope_dims, rope_theta, rope_interleaved, deterministic, backend):
-    return torch.empty_like(q), q.new_empty(q.shape[1], q.shape[0], dtype=ref.lse_dtype(q.dtype))
+    # contiguous whatever q's strides, as every backend's out (empty_like would keep a
+    # permuted q's layout, which torch.compile would then assume of the real output)
+    return q.new_empty(q.shape), q.new_empty(q.shape[1], q.shape[0], dtype=ref.lse_dtype(q.dtype))
 
 
 def _varlen_attention_backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor,
@@ -130,7 +135,7 @@ varlen_attention_backward_op = define("vdit::varlen_attention_backward", _varlen
 
 @varlen_attention_backward_op.register_fake
 def _(grad_out, q, k, v, out, lse, *args):
-    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)  # contiguous, as the forward's
 
 
 def _attention_setup(ctx, inputs, output):

@@ -209,7 +209,9 @@ patch_embed_backward_op = define("vdit::patch_embed_backward", _patch_embed_back
 
 @patch_embed_backward_op.register_fake
 def _(grad, videos, weight, with_bias, backend):
-    return ([torch.empty_like(v) for v in videos], torch.empty_like(weight),
+    # contiguous, as every backend's gradients (empty_like would keep a channels-last or
+    # permuted layout, which torch.compile would then assume of the real ones)
+    return ([v.new_empty(v.shape) for v in videos], weight.new_empty(weight.shape),
             weight.new_empty(weight.shape[0] if with_bias else 0))
 
 
@@ -256,7 +258,7 @@ linear_unpatchify_backward_op = define("vdit::linear_unpatchify_backward", _line
 
 @linear_unpatchify_backward_op.register_fake
 def _(grad_videos, x, weight, patch_size, with_bias, backend):
-    return (torch.empty_like(x), torch.empty_like(weight),
+    return (x.new_empty(x.shape), weight.new_empty(weight.shape),  # contiguous, as above
             weight.new_empty(weight.shape[0] if with_bias else 0))
 
 

@@ -1117,7 +1117,8 @@ def varlen_attention_bwd(grad_out, q, k, v, out, lse, grad_lse, cu_seqlens_q, cu
     nseg = cu_seqlens_q.numel() - 1
     _check_segments(nseg)
     if nq == 0 or nk == 0 or h == 0 or nseg <= 0 or max_seqlen_q <= 0 or max_seqlen_k <= 0:
-        return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
+        # contiguous, as the fake says (zeros_like would keep a permuted layout)
+        return q.new_zeros(q.shape), k.new_zeros(k.shape), v.new_zeros(v.shape)
     cu_q = cu_seqlens_q.to(torch.int32).contiguous()
     cu_k = cu_seqlens_k.to(torch.int32).contiguous()
     if rope is not None:
