@@ -12,6 +12,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstring>
 #include <tuple>
 #include <utility>
@@ -25,7 +26,10 @@ namespace vdit {
 namespace {
 
 void check_rope_args(const char* op, const at::Tensor& q, const at::Tensor& k, const at::Tensor& positions,
-                     c10::IntArrayRef dims) {
+                     c10::IntArrayRef dims, double theta) {
+  // (the kernel computes theta^(-2j/d): 0, a negative or a non-finite base gives NaN or inf)
+  TORCH_CHECK(std::isfinite(theta) && theta > 0, op, ": theta (the frequency base) must be a positive finite "
+              "number, got ", theta);
   TORCH_CHECK(k.device() == q.device(), op, ": k is on ", k.device(), ", q on ", q.device());
   TORCH_CHECK(positions.device() == q.device(), op, ": positions is on ", positions.device(), ", q on ",
               q.device());
@@ -155,8 +159,9 @@ void check_no_overlap(const at::Tensor& q, const at::Tensor& k) {
   };
   check_self("q", q);
   check_self("k", k);
-  TORCH_CHECK_VALUE(!may_share_elements(q, k), "vdit_C::rope_3d_: inplace RoPE: q and k share memory, so shared "
-                    "elements would be rotated twice; pass disjoint views (e.g. qkv[:, 0] and qkv[:, 1]) or use "
+  TORCH_CHECK_VALUE(!may_share_elements(q, k), "vdit_C::rope_3d_: inplace RoPE: q and k may share elements (their "
+                    "address ranges meet, and their layouts do not tell them apart), so a shared element would be "
+                    "rotated twice; pass disjoint views with the same strides (e.g. qkv[:, 0] and qkv[:, 1]) or use "
                     "inplace=False");
 }
 
@@ -167,7 +172,7 @@ void check_no_overlap(const at::Tensor& q, const at::Tensor& k) {
 std::tuple<at::Tensor, at::Tensor> rope_3d_tokens(const at::Tensor& q, const at::Tensor& k,
                                                   const at::Tensor& positions, c10::IntArrayRef dims, double theta,
                                                   bool interleaved, bool inverse) {
-  check_rope_args("vdit_C::rope_3d", q, k, positions, dims);
+  check_rope_args("vdit_C::rope_3d", q, k, positions, dims, theta);
   if (!q.is_cuda()) needs_cuda_tensors("vdit_C::rope_3d", q.device());
   at::Tensor qo = at::empty(q.sizes(), q.options());
   at::Tensor ko = at::empty(k.sizes(), k.options());
@@ -177,7 +182,7 @@ std::tuple<at::Tensor, at::Tensor> rope_3d_tokens(const at::Tensor& q, const at:
 
 void rope_3d_in_place(const at::Tensor& q, const at::Tensor& k, const at::Tensor& positions,
                       c10::IntArrayRef dims, double theta, bool interleaved, bool inverse) {
-  check_rope_args("vdit_C::rope_3d_", q, k, positions, dims);
+  check_rope_args("vdit_C::rope_3d_", q, k, positions, dims, theta);
   check_no_overlap(q, k);
   if (!q.is_cuda()) needs_cuda_tensors("vdit_C::rope_3d_", q.device());
   // each element is read and written by the same thread, so in = out is safe

@@ -245,6 +245,58 @@ def test_bad_rope(pack):
     for dims in ((3, 3, 3), (4.5, 4, 4), (4, 4)):  # at once, not first at the attention call
         with pytest.raises(ValueError, match="rope dims"):
             vk.Rope3D.from_pack(pack, dims)
+    # conventions and flags are bools, never the truth of something else
+    for bad in (None, "no", 0):
+        with pytest.raises(TypeError, match="interleaved must be a bool"):
+            vk.apply_rope_3d(q, q, pack, (4, 4, 4), interleaved=bad)
+        with pytest.raises(TypeError, match="inplace must be a bool"):
+            vk.apply_rope_3d(q, q.clone(), pack, (4, 4, 4), inplace=bad)
+        with pytest.raises(TypeError, match="interleaved must be a bool"):
+            vk.Rope3D.from_pack(pack, (4, 4, 4), interleaved=bad)
+    with pytest.raises(TypeError, match="rope.interleaved must be a bool"):
+        vk.varlen_attention(q, q, q, pack.cu_seqlens, pack.cu_seqlens, pack.max_seqlen, pack.max_seqlen,
+                            rope=vk.Rope3D(pack.float_positions, (4, 4, 4), interleaved=None))
+    with pytest.raises(TypeError, match="positions must be a tensor"):
+        vk.apply_rope_3d(q, q, None, (4, 4, 4), positions=pack.positions.tolist())
+    # from_pack's explicit positions get the same checks as apply_rope_3d's, against the pack
+    with pytest.raises(TypeError, match="positions must be a tensor"):
+        vk.Rope3D.from_pack(pack, (4, 4, 4), positions=pack.positions.tolist())
+    with pytest.raises(ValueError, match="integer or floating"):
+        vk.Rope3D.from_pack(pack, (4, 4, 4), positions=pack.positions.bool())
+    with pytest.raises(ValueError, match="positions has 3 rows"):
+        vk.Rope3D.from_pack(pack, (4, 4, 4), positions=torch.zeros(3, 3))
+    # a pack given with positions must still describe q's tokens
+    other = vk.VideoPack.from_shapes([(1, 2, 2)], (1, 2, 2))
+    with pytest.raises(ValueError, match="but the pack has 1"):
+        vk.apply_rope_3d(q, q, other, (4, 4, 4), positions=pack.float_positions)
+    # a pack on another device is named as the pack, not as positions the caller never passed
+    meta = torch.empty(pack.num_tokens, 2, 12, device="meta")
+    with pytest.raises(ValueError, match="the pack is on cpu but q and k are on meta"):
+        vk.apply_rope_3d(meta, meta, pack, (4, 4, 4))
+
+
+def test_rope_keeps_float64_positions_for_float64_inputs(pack):
+    # the reference path computes float64 in float64: fractional positions rounded to float32
+    # first would cap it at float32's accuracy (about 5e-5 at positions near 1000)
+    g = torch.Generator().manual_seed(0)
+    pos = 1000 + torch.rand(pack.num_tokens, 3, generator=g, dtype=torch.float64)
+    q = torch.randn(pack.num_tokens, 2, 12, generator=g, dtype=torch.float64)
+    k = torch.randn(pack.num_tokens, 1, 12, generator=g, dtype=torch.float64)
+    expect = ref.apply_rope_3d(q, k, None, (4, 4, 4), positions=pos)
+    got = vk.apply_rope_3d(q, k, None, (4, 4, 4), positions=pos, backend="reference")
+    assert torch.allclose(got[0], expect[0], rtol=0, atol=1e-12) and torch.allclose(got[1], expect[1], rtol=0,
+                                                                                     atol=1e-12)
+    rope = vk.Rope3D.from_pack(pack, (4, 4, 4), positions=pos)
+    assert rope.positions.dtype == torch.float64
+    assert vk.Rope3D.from_pack(pack, (4, 4, 4), positions=pack.positions).positions.dtype == torch.float32
+    v = torch.randn(pack.num_tokens, 1, 12, generator=g, dtype=torch.float64)
+    out = vk.varlen_attention(q, k, v, pack.cu_seqlens, pack.cu_seqlens, pack.max_seqlen, pack.max_seqlen,
+                              rope=rope, backend="reference")
+    expect_out = ref.varlen_attention(*expect, v, pack.cu_seqlens, pack.cu_seqlens, pack.max_seqlen,
+                                      pack.max_seqlen)
+    assert torch.allclose(out, expect_out, rtol=0, atol=1e-12)
+    # Rope3D compares by identity (== of its positions tensors has no single truth value)
+    assert rope == rope and rope != vk.Rope3D.from_pack(pack, (4, 4, 4), positions=pos)
 
 
 def _skip_unless_rope_runs(backend):

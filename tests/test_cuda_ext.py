@@ -444,8 +444,12 @@ def _rope_bad_input_checks():
             rope(q, k.half(), pos, [4, 4, 4], 1e4, True, False)
         with pytest.raises(RuntimeError, match="k"):
             rope(q, k[:, :, :8], pos, [4, 4, 4], 1e4, True, False)
+        for theta in (0.0, -1.0, float("inf"), float("nan")):  # theta^(-2j/d): NaN or inf angles
+            for op in (rope, rope_):
+                with pytest.raises(RuntimeError, match="theta .* must be a positive finite number"):
+                    op(q, k, pos, [4, 4, 4], theta, True, False)
         # in place: elements reachable twice would be rotated twice (q is k, a stride-0 view)
-        with pytest.raises(ValueError, match="rope_3d_: inplace RoPE: q and k share memory"):
+        with pytest.raises(ValueError, match="rope_3d_: inplace RoPE: q and k may share elements"):
             rope_(q, q, pos, [4, 4, 4], 1e4, True, False)
         with pytest.raises(ValueError, match="rope_3d_: inplace RoPE: q .* more than once"):
             rope_(q[:, :1].expand(-1, 2, -1), k, pos, [4, 4, 4], 1e4, True, False)

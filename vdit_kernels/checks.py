@@ -30,6 +30,14 @@ def check(cond: bool, message: str) -> None:
         raise ValueError(message)
 
 
+def check_flag(name: str, value) -> bool:
+    """A bool argument as given, never the truth of another object: interleaved=None or
+    "no" would silently pick a convention."""
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be a bool, got {value!r}")
+    return bool(value)
+
+
 def check_float(name: str, t: torch.Tensor) -> None:
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name} must be a tensor, got {type(t).__name__}")
@@ -295,8 +303,10 @@ def check_inplace_rope(q: torch.Tensor, k: torch.Tensor) -> None:
                              "address some elements more than once (an expanded, stride-0 or overlapping "
                              "view, or strides that interleave); use inplace=False")
     if _may_share_elements(q, k):
-        raise ValueError("inplace RoPE: q and k share memory, so shared elements would be rotated "
-                         "twice; pass disjoint views (e.g. qkv[:, 0] and qkv[:, 1]) or use inplace=False")
+        raise ValueError("inplace RoPE: q and k may share elements (their address ranges meet, and "
+                         "their layouts do not tell them apart), so a shared element would be rotated "
+                         "twice; pass disjoint views with the same strides (e.g. qkv[:, 0] and "
+                         "qkv[:, 1]) or use inplace=False")
 
 
 def check_rope_dims(dims: Sequence[int], head_dim: Optional[int] = None) -> tuple[int, int, int]:
@@ -319,7 +329,8 @@ def check_theta(theta) -> None:
 
 
 def check_positions(positions: torch.Tensor, num_tokens: int, device: torch.device) -> None:
-    check(isinstance(positions, torch.Tensor), "positions must be a tensor (N, 3)")
+    if not isinstance(positions, torch.Tensor):
+        raise TypeError(f"positions must be a tensor (N, 3), got {type(positions).__name__}")
     if positions.dtype == torch.bool or positions.is_complex():
         raise ValueError(f"positions must be an integer or floating tensor, got {positions.dtype}")
     if positions.requires_grad and torch.is_grad_enabled():

@@ -11,9 +11,9 @@ Backend contract (every backend module for the "attention" family provides):
 grad_lse is None or (H, Nq) in lse's dtype: the gradient flowing into lse (when partial results
 are merged, e.g. vdit_kernels.parallel.merge_attention). Since d lse_i / d S_ij = P_ij,
 it enters the backward as dS = P * (dP - (rowsum(dO * O) - grad_lse)).
-rope is None or a tuple (positions float32 (N, 3), dims, theta, interleaved): q and k
-are rotated first (the Triton backend: one pass of the RoPE kernel before the attention
-kernels); grads are w.r.t. the unrotated q and k.
+rope is None or a tuple (positions float32 (N, 3) (float64 for float64 q), dims, theta,
+interleaved): q and k are rotated first (the Triton backend: one pass of the RoPE kernel
+before the attention kernels); grads are w.r.t. the unrotated q and k.
 """
 from __future__ import annotations
 
@@ -24,10 +24,10 @@ from torch import Tensor
 
 from .. import backend as _backend
 from .. import reference as ref
-from ..checks import (check, check_cu_seqlens, check_positions, check_rope_dims, check_theta, checked_qkv,
-                      softmax_scale_of)
+from ..checks import (check, check_cu_seqlens, check_flag, check_positions, check_rope_dims, check_theta,
+                      checked_qkv, softmax_scale_of)
 from .direct import call, define, register_autograd
-from .rope import Rope3D
+from .rope import Rope3D, positions_dtype
 
 FAMILY = "attention"
 
@@ -185,9 +185,10 @@ def varlen_attention(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_s
     softmax_scale must be positive.
     Under torch.autocast, q, k and v are first cast to the autocast dtype (float64 excepted),
     as scaled_dot_product_attention does.
-    rope: a Rope3D (self-attention only, Nq == Nk): equal to apply_rope_3d followed by
-    attention; the backends rotate q and k once with the fastest RoPE kernel (one pass
-    over q and k, ~1% of the forward) and rotate dq and dk back in the backward.
+    rope: a Rope3D, for q and k of the same tokens (Nq == Nk: k is rotated with q's
+    positions, as in self-attention): equal to apply_rope_3d followed by attention; the
+    backends rotate q and k once with the fastest RoPE kernel (one pass over q and k, ~1%
+    of the forward) and rotate dq and dk back in the backward.
     deterministic=True: a backward free of atomics with fixed tiles, bitwise
     reproducible (the Triton backend may otherwise add dQ atomically or run PyTorch's
     FlashAttention-2 backward, whichever it measured fastest: VDIT_ATTN_BWD).
@@ -207,14 +208,17 @@ def varlen_attention(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_s
     rope_args = (None, [], 10000.0, True)
     if rope is not None:
         if not isinstance(rope, Rope3D):
-            raise ValueError(f"rope must be a Rope3D, got {type(rope).__name__}")
+            raise TypeError(f"rope must be a Rope3D, got {type(rope).__name__}")
         check(q.shape[0] == k.shape[0], "rope= is for self-attention: q and k need the same tokens")
         dims = check_rope_dims(rope.dims, q.shape[2])
         check_theta(rope.theta)
         check_positions(rope.positions, q.shape[0], q.device)
-        positions = rope.positions.to(torch.float32).contiguous()
-        rope_args = (positions, list(dims), float(rope.theta), bool(rope.interleaved))
+        positions = rope.positions.to(positions_dtype(q.dtype)).contiguous()
+        interleaved = check_flag("rope.interleaved", rope.interleaved)
+        rope_args = (positions, list(dims), float(rope.theta), interleaved)
+    deterministic = check_flag("deterministic", deterministic)
+    return_lse = check_flag("return_lse", return_lse)
     name = _backend.resolve(FAMILY, q.device, backend, "varlen_attention_fwd", q.dtype)
     out, lse = call(varlen_attention_op, q, k, v, cu_seqlens_q, cu_seqlens_k, int(max_seqlen_q),
-                    int(max_seqlen_k), scale, *rope_args, bool(deterministic), name)
+                    int(max_seqlen_k), scale, *rope_args, deterministic, name)
     return (out, lse) if return_lse else out

@@ -5,7 +5,8 @@ Backend contract (every backend module for the "rope" family provides):
   rope_3d_(q, k, positions, dims, theta, interleaved, inverse) -> None  (in place)
   DTYPES: the dtypes it computes in (vdit_kernels.backend resolves by device and dtype)
 q, k (N, heads, head_dim) (heads may differ between q and k), positions float32
-(N, 3) contiguous, dims (dt, dh, dw) even with dt+dh+dw = head_dim. inverse=True
+(N, 3) contiguous (float64 where q is: the reference path's float64 is float64
+throughout), dims (dt, dh, dw) even with dt+dh+dw = head_dim. inverse=True
 rotates by the negative angle: the backward of the forward rotation.
 """
 from __future__ import annotations
@@ -18,8 +19,8 @@ from torch import Tensor
 
 from .. import backend as _backend
 from .. import reference as ref
-from ..checks import (check, check_float, check_inplace_rope, check_pack, check_positions, check_rope_dims,
-                      check_same, check_theta)
+from ..checks import (check, check_flag, check_float, check_inplace_rope, check_pack, check_positions,
+                      check_rope_dims, check_same, check_theta)
 from .direct import call, define, define_mutating, register_autograd
 
 FAMILY = "rope"
@@ -97,11 +98,12 @@ def _(q, k, positions, dims, theta, interleaved, inverse, backend):
     return None
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)  # (identity: == of the positions tensors has no one truth value)
 class Rope3D:
     """What 3D RoPE needs, bundled for `varlen_attention(..., rope=...)`.
 
-    positions: (N, 3) token coordinates (t, h, w), float32 (use `from_pack`);
+    positions: (N, 3) token coordinates (t, h, w), float32, or float64 for float64
+    attention on the reference path (use `from_pack`);
     dims: head-dim split (dt, dh, dw), each even; theta: the frequency base;
     interleaved: pairs (x0, x1), ... (True) or rotate-half per axis chunk (False).
     """
@@ -114,28 +116,44 @@ class Rope3D:
     @classmethod
     def from_pack(cls, pack, dims: Sequence[int], theta: float = 10000.0,
                   interleaved: bool = True, positions: Optional[Tensor] = None) -> "Rope3D":
-        """The RoPE of `pack` (its integer (t, h, w) token positions, or `positions` (N, 3),
-        stored as float32 (N, 3)), for varlen_attention(..., rope=...); dims (dt, dh, dw)
-        even, summing to the head dim (checked against it at the attention call)."""
-        if positions is None:
-            check_pack(pack)
-        pos = pack.float_positions if positions is None else positions
+        """The RoPE of `pack` (its integer (t, h, w) token positions, or `positions` (N, 3)
+        on the pack's device, one row per token of the pack), stored as float32 (N, 3)
+        (float64 positions stay float64), for varlen_attention(..., rope=...); dims
+        (dt, dh, dw) even, summing to the head dim (checked against it at the attention
+        call)."""
+        check_pack(pack)
         check_theta(theta)
         dims = check_rope_dims(dims)  # the sum: at the attention call, which knows the head dim
-        return cls(pos.to(torch.float32).contiguous(), dims, float(theta),
-                   bool(interleaved))
+        interleaved = check_flag("interleaved", interleaved)
+        if positions is None:
+            return cls(pack.float_positions, dims, float(theta), interleaved)
+        check_positions(positions, pack.num_tokens, pack.device)
+        dtype = torch.float64 if positions.dtype == torch.float64 else torch.float32
+        return cls(positions.to(dtype).contiguous(), dims, float(theta), interleaved)
 
 
-def float_positions(pack, positions: Optional[Tensor], num_tokens: int, device) -> Tensor:
-    """Positions as the ops take them: float32 (N, 3) contiguous, checked against the tokens."""
+def positions_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype the ops take positions in for q of `dtype`: float32, float64 for float64 (the
+    reference path: fractional positions rounded to float32 would cap its accuracy)."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def float_positions(pack, positions: Optional[Tensor], num_tokens: int, device,
+                    dtype: torch.dtype = torch.float32) -> Tensor:
+    """Positions as the ops take them: (N, 3) contiguous in positions_dtype(dtype) for q of
+    `dtype`, checked against the tokens (and against the pack, where both are given)."""
+    if pack is not None:
+        check_pack(pack)
+        # (before positions, which the caller may not have passed)
+        if pack.num_tokens != num_tokens:
+            raise ValueError(f"q and k have {num_tokens} tokens but the pack has {pack.num_tokens}")
+        if pack.device != device:
+            raise ValueError(f"the pack is on {pack.device} but q and k are on {device}")
     if positions is None:
         check(pack is not None, "apply_rope_3d needs a pack or explicit positions")
-        check_pack(pack)
-        if pack.num_tokens != num_tokens:  # (before positions, which the caller did not pass)
-            raise ValueError(f"q and k have {num_tokens} tokens but the pack has {pack.num_tokens}")
         positions = pack.float_positions  # converted once per pack, not per call
     check_positions(positions, num_tokens, device)
-    return positions.to(torch.float32).contiguous()
+    return positions.to(positions_dtype(dtype)).contiguous()
 
 
 def apply_rope_3d(q: Tensor, k: Tensor, pack=None, dims: Sequence[int] = None,
@@ -150,8 +168,10 @@ def apply_rope_3d(q: Tensor, k: Tensor, pack=None, dims: Sequence[int] = None,
       interleaved=True:  (x[2j], x[2j+1]) -> (x0 cos - x1 sin, x1 cos + x0 sin) (complex multiply)
       interleaved=False: (x[j], x[j + d_a/2]) of each axis chunk (rotate_half)
     Positions: pack.positions, or `positions` (N, 3), float allowed (scaled or offset
-    coordinates for resolution extrapolation). Angles are computed in float32 from the
-    positions inside the kernels; no (N, D) cos/sin table is read.
+    coordinates for resolution extrapolation); where both are given, the pack must match
+    q's tokens and device too. Angles are computed in float32 from the positions inside
+    the kernels (float64 for float64 q on the reference path); no (N, D) cos/sin table is
+    read.
     inplace=True rotates q and k in place and returns them (inference only: it does
     not record a gradient); q and k may be disjoint views of one buffer (a fused qkv
     projection), never views sharing an element (refused in eager code; a compiled graph
@@ -170,7 +190,9 @@ def apply_rope_3d(q: Tensor, k: Tensor, pack=None, dims: Sequence[int] = None,
     check(dims is not None, "apply_rope_3d needs dims=(dt, dh, dw)")
     dims = list(check_rope_dims(dims, q.shape[2]))
     check_theta(theta)
-    pos = float_positions(pack, positions, q.shape[0], q.device)
+    interleaved = check_flag("interleaved", interleaved)
+    inplace = check_flag("inplace", inplace)
+    pos = float_positions(pack, positions, q.shape[0], q.device, q.dtype)
     name = _backend.resolve(FAMILY, q.device, backend, "rope_3d_" if inplace else "rope_3d", q.dtype)
     if inplace:
         check(not (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad)),
@@ -181,10 +203,10 @@ def apply_rope_3d(q: Tensor, k: Tensor, pack=None, dims: Sequence[int] = None,
             # 2.14, 2026-11-27: k left unrotated, caught by the op's check below; the
             # dropped view offset of pytorch/pytorch#198068, open), and inductor fuses the
             # copies back into the buffer anyway
-            q_rot, k_rot = rope_3d_op(q, k, pos, dims, float(theta), bool(interleaved), False, name)
+            q_rot, k_rot = rope_3d_op(q, k, pos, dims, float(theta), interleaved, False, name)
             q.copy_(q_rot)
             k.copy_(k_rot)
             return q, k
-        call(rope_3d_inplace_op, q, k, pos, dims, float(theta), bool(interleaved), False, name)
+        call(rope_3d_inplace_op, q, k, pos, dims, float(theta), interleaved, False, name)
         return q, k
-    return call(rope_3d_op, q, k, pos, dims, float(theta), bool(interleaved), False, name)
+    return call(rope_3d_op, q, k, pos, dims, float(theta), interleaved, False, name)
