@@ -111,8 +111,8 @@ void check_embed_args(at::TensorList videos, const at::Tensor& weight, const std
 
 at::Tensor patch_embed(at::TensorList videos, const at::Tensor& weight, const std::optional<at::Tensor>& bias) {
   check_embed_args(videos, weight, bias);
-  const at::Tensor w = weight.reshape({weight.size(0), -1}).contiguous();  // (hidden, F)
-  const at::Tensor a = gather(videos, weight.sizes().slice(2));             // (N, F)
+  const at::Tensor w = weight.flatten(1).contiguous();            // (hidden, F) (hidden may be 0: no -1)
+  const at::Tensor a = gather(videos, weight.sizes().slice(2));  // (N, F)
   return linear_forward(a, w, bias);
 }
 
@@ -127,11 +127,11 @@ std::tuple<std::vector<at::Tensor>, at::Tensor, at::Tensor> embed_backward(
     bool need_w) {
   check_embed_args(videos, weight, std::nullopt);
   const auto ps = weight.sizes().slice(2);
-  const int64_t f = weight.numel() / weight.size(0);
+  const int64_t f = weight.size(1) * ps[0] * ps[1] * ps[2];  // (not numel / hidden: hidden may be 0)
   TORCH_CHECK(grad_in.dim() == 2 && grad_in.size(1) == weight.size(0), "vdit_C::patch_embed_backward: grad must be "
               "(N, hidden=", weight.size(0), "), got ", grad_in.sizes());
   const at::Tensor grad = grad_in.to(videos[0].scalar_type()).contiguous();
-  const at::Tensor w = weight.reshape({weight.size(0), -1}).contiguous();
+  const at::Tensor w = weight.flatten(1).contiguous();
   std::vector<at::Tensor> gx;
   at::Tensor gw, gb;
   if (need_w || with_bias) {

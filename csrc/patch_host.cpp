@@ -37,10 +37,18 @@ void check_dtype(const char* name, at::ScalarType t) {
 std::vector<int64_t> check_patch_size(c10::IntArrayRef patch_size) {
   TORCH_CHECK(patch_size.size() == 3, "vdit_C: patch_size must be 3 ints (pt, ph, pw), got ",
               patch_size.size());
-  // bounded, so that C*pt*ph*pw (C < 2^31 checked with it) cannot overflow int64
+  // bounded, so that pt*ph*pw < 2^60 (features() bounds its product with C)
   for (auto s : patch_size)
     TORCH_CHECK(s > 0 && s < (1 << 20), "vdit_C: patch_size must be in [1, 2^20), got ", patch_size);
   return patch_size.vec();
+}
+
+// C * pt * ph * pw, the token width; refused past 2^62, where an int64 product of absurd
+// arguments (a huge patch over an empty video divides it) would wrap.
+int64_t features(int64_t channels, const std::vector<int64_t>& ps) {
+  const double f = double(channels) * double(ps[0]) * double(ps[1]) * double(ps[2]);
+  TORCH_CHECK(f < 0x1p62, "vdit_C: channels * pt * ph * pw = ", f, " is too large");
+  return channels * ps[0] * ps[1] * ps[2];
 }
 
 // Plans a launch (csrc/patch_tile.cuh: plan_patch fills the records' first tiles and
@@ -121,7 +129,7 @@ at::Tensor patchify_tokens(at::TensorList videos, c10::IntArrayRef patch_size) {
     recs.push_back(record(v.data_ptr(), v.strides(), v.size(1), v.size(2), v.size(3), ps, n));
     n += static_cast<int64_t>(recs.back().gt) * recs.back().gh * recs.back().gw;
   }
-  const int64_t F = channels * ps[0] * ps[1] * ps[2];
+  const int64_t F = features(channels, ps);
   at::Tensor tokens = at::detail::empty_cuda({n, F}, v0.options());
   if (n > 0 && F > 0) launch(true, recs, tokens, channels, ps, v0.scalar_type(), v0.device());
   return tokens;
@@ -179,7 +187,7 @@ std::vector<int64_t> check_unpatchify_args(const at::Tensor& tokens_in, c10::Int
               channels);
   TORCH_CHECK(shapes.size() % 3 == 0, "vdit_C::unpatchify: shapes must be a flat list of (T, H, W) "
               "triples, got ", shapes.size(), " ints");
-  const int64_t F = channels * ps[0] * ps[1] * ps[2];
+  const int64_t F = features(channels, ps);
   TORCH_CHECK(tokens_in.dim() == 2 && tokens_in.size(1) == F, "vdit_C::unpatchify: tokens must be "
               "(N, channels*pt*ph*pw = ", F, "), got ", tokens_in.sizes());
   int64_t n = 0;

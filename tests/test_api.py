@@ -42,6 +42,8 @@ def test_resolve_order(monkeypatch):
     with pytest.raises(ValueError, match="unknown backend"):
         with vk.use_backend("fast"):
             pass
+    with pytest.raises(ValueError, match="unknown backend ''"):  # given, not "not given"
+        B.resolve("patch", cpu, "")
 
 
 def test_backends_run_only_the_dtypes_they_compute_in(monkeypatch):
@@ -156,6 +158,9 @@ def test_bad_videos(pack):
         vk.patchify([videos[0], videos[1].to("meta"), videos[2]], pack)
     with pytest.raises(TypeError, match="video 2 must be a tensor, got list"):
         vk.patchify([videos[0], videos[1], videos[2].tolist()], pack)
+    for not_videos in (None, 5, dict(enumerate(videos))):  # (a dict iterates its keys)
+        with pytest.raises(TypeError, match="latents must be a"):
+            vk.patchify(not_videos, pack)
     with pytest.raises(ValueError, match=r"\(C, T, H, W\)"):
         vk.patchify([videos[0][0], videos[1], videos[2]], pack)
     with pytest.raises(ValueError, match=r"\(B, C, T, H, W\)"):
@@ -409,7 +414,7 @@ def test_bad_attention(pack):
         vk.varlen_attention(q[:-1], k, v, cu, cu, m, m)
     with pytest.raises(ValueError, match="must start at 0"):
         vk.varlen_attention(q, k, v, cu + 1, cu, m, m)
-    with pytest.raises(ValueError, match="max_seqlen 3 is smaller"):
+    with pytest.raises(ValueError, match="max_seqlen_q 3 is smaller"):
         vk.varlen_attention(q, k, v, cu, cu, 3, m)
     with pytest.raises(ValueError, match="not a tensor"):  # reading a CUDA one would wait for the GPU
         vk.varlen_attention(q, k, v, cu, cu, torch.tensor(m), m)
@@ -440,7 +445,8 @@ def test_bad_attention(pack):
         vk.varlen_attention(q, k, v, cu, pack, m, m)
     with pytest.raises(ValueError, match=r"\(tokens, heads, head_dim\)"):
         vk.varlen_attention(q[:, 0], k, v, cu, cu, m, m)
-    for scale in (0.0, -0.1, float("nan"), float("inf"), "0.25", True):  # (float() takes the last two)
+    for scale in (0.0, -0.1, float("nan"), float("inf"), "0.25", True,  # (float() takes these two)
+                  [0.5], 0.5j, torch.tensor([0.5, 0.5])):  # (float() raises its own errors for these)
         with pytest.raises(ValueError, match="softmax_scale must be a positive finite number"):
             vk.varlen_attention(q, k, v, cu, cu, m, m, softmax_scale=scale)
     rope = vk.Rope3D.from_pack(pack, (4, 4, 6))
@@ -450,6 +456,23 @@ def test_bad_attention(pack):
         vk.varlen_attention(q, k, v, cu, cu, m, m, rope=vk.Rope3D(pack.positions.float(), (4, 4, 4), -1.0))
     with pytest.raises(ValueError, match="head_dim must be positive"):
         vk.varlen_attention(q[..., :0], k[..., :0], v[..., :0], cu, cu, m, m)
+    for flag in ("return_lse", "deterministic"):  # "False" would be true
+        with pytest.raises(TypeError, match=f"{flag} must be a bool"):
+            vk.varlen_attention(q, k, v, cu, cu, m, m, **{flag: "False"})
+    with pytest.raises(TypeError, match="rope must be a Rope3D, got tuple"):
+        vk.varlen_attention(q, k, v, cu, cu, m, m, rope=(pack.positions, (4, 4, 4)))
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_attention_of_zero_query_heads(pack, backend):
+    # H = 0 passes "Hk divides H"; the forward is empty and the backward all zeros (the
+    # reference backward divided by its 0 groups)
+    q, k, v = _qkv(pack.num_tokens, heads=0, kv_heads=1, dtype=torch.float32, requires_grad=True)
+    cu, m = pack.cu_seqlens, pack.max_seqlen
+    out, lse = vk.varlen_attention(q, k, v, cu, cu, m, m, return_lse=True, backend=backend)
+    assert out.shape == q.shape and lse.shape == (0, pack.num_tokens)
+    gq, gk, gv = torch.autograd.grad(out.sum() + lse.sum(), (q, k, v), allow_unused=True)
+    assert gq.shape == q.shape and not gk.any() and not gv.any()
 
 
 # -- gradients (float64 gradcheck through the registered ops) ---------------------------

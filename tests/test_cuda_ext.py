@@ -686,7 +686,7 @@ def test_gemm_ops_compute_only_requested_gradients():
             assert_verbose_close(a, b, atol=1e-12, rtol=1e-12)
 
 
-def _zero_channel_gemm_ops(device):
+def _zero_size_gemm_ops(device):
     # patchify takes videos of 0 channels (tokens of 0 columns), so patch_embed's gradient
     # scatters (N, 0) tokens back into (0, T, H, W) videos; the bias gradient is still
     # grad's column sum (the CUDA unpatchify refused 0 channels: an H100 run, 2026-11-27)
@@ -701,17 +701,25 @@ def _zero_channel_gemm_ops(device):
     outs = torch.ops.vdit_C.linear_unpatchify(torch.randn(grad.shape[0], 3, device=device),
                                               torch.zeros(0, 3, device=device), None, flat, [1, 2, 2], 0)
     assert [o.shape for o in outs] == [v.shape for v in videos]
+    # hidden = 0 (the public patch_embed takes it): (N, 0) out, zero-size weight gradients,
+    # and the videos' gradient is zero (reshape(hidden, -1) of the empty weight failed)
+    videos = [torch.randn(3, *s, device=device) for s in shapes]
+    weight = torch.zeros(0, 3, 1, 2, 2, device=device)
+    assert torch.ops.vdit_C.patch_embed(videos, weight, torch.zeros(0, device=device)).shape == (grad.shape[0], 0)
+    gx, gw, gb = torch.ops.vdit_C.patch_embed_backward(grad[:, :0], videos, weight, True)
+    assert all(g.shape == v.shape and not g.any() for g, v in zip(gx, videos))
+    assert gw.shape == weight.shape and gb.shape == (0,)
 
 
 @needs_cuda_build
-def test_gemm_ops_take_videos_of_zero_channels():
-    _zero_channel_gemm_ops("cpu")
+def test_gemm_ops_take_zero_channels_and_zero_hidden():
+    _zero_size_gemm_ops("cpu")
 
 
 @gpu_only
 @needs_cuda_build
-def test_gemm_ops_take_videos_of_zero_channels_on_the_gpu():
-    _zero_channel_gemm_ops("cuda")
+def test_gemm_ops_take_zero_channels_and_zero_hidden_on_the_gpu():
+    _zero_size_gemm_ops("cuda")
 
 
 @needs_cuda_build

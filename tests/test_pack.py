@@ -71,6 +71,14 @@ def test_bad_pack_arguments():
         with pytest.raises(ValueError, match="ints"):
             VideoPack.from_shapes(shapes, patch_size=patch, text_lengths=text)
     assert tuple(VideoPack.from_shapes([(torch.tensor(1), 2, 2)], patch_size=(1, 2, 2)).shapes) == ((1, 2, 2),)
+    # a patch size given as an array or tensor of three ints is that sequence (every array
+    # has __index__: it was taken as one int for all three axes, and refused as such)
+    for patch in ((1, 2, 2), torch.tensor([1, 2, 2]), [torch.tensor(1), 2, 2]):
+        assert VideoPack.from_shapes([(2, 4, 4)], patch_size=patch).patch_size == (1, 2, 2)
+    assert VideoPack.from_shapes([(2, 4, 4)], patch_size=torch.tensor(2)).patch_size == (2, 2, 2)
+    for patch in (True, 2.0, torch.tensor([[1, 2, 2]]), torch.tensor([1.0, 2.0, 2.0])):
+        with pytest.raises(ValueError, match="patch_size must be"):
+            VideoPack.from_shapes([(2, 4, 4)], patch_size=patch)
 
 
 def test_split_and_to():

@@ -152,6 +152,19 @@ def test_merge_attention_empty_rows_and_dtypes():
     assert torch.all(o.grad == 0) and torch.all(lse.grad == 0)
     with pytest.raises(ValueError, match=r"lses\[1\]"):
         vk.merge_attention([o, o], [lse, lse.t()])
+    # parts of other dtypes or devices are named, never rounded to the first's dtype
+    o64, lse64 = o.detach().double(), lse.detach().double()
+    with pytest.raises(ValueError, match=r"outs\[1\] has dtype torch.float64"):
+        vk.merge_attention([o, o64], [lse, lse])
+    with pytest.raises(ValueError, match=r"lses\[1\] has dtype torch.float64"):
+        vk.merge_attention([o, o], [lse, lse64])
+    meta_o, meta_lse = o.detach().to("meta"), lse.detach().to("meta")
+    with pytest.raises(ValueError, match=r"outs\[1\] is on meta"):
+        vk.merge_attention([o, meta_o], [lse, meta_lse])
+    with pytest.raises(ValueError, match=r"lses\[0\] is on cpu but lses\[1\] is on meta"):
+        vk.merge_attention([o, o], [lse, meta_lse])
+    with pytest.raises(ValueError, match=r"lses\[0\] is on meta but outs\[0\] is on cpu"):
+        vk.merge_attention([o, o], [meta_lse, meta_lse])
 
 
 # -- Ulysses on 2 processes --------------------------------------------------------------
@@ -423,7 +436,7 @@ def test_sequence_parallel_checks_its_arguments(scheme):
            "must be non-decreasing": (q, k, v, torch.tensor([0, 20, 10, n], dtype=torch.int32), n),
            "ends at 5 but there are 32 tokens": (q, k, v, torch.tensor([0, 5], dtype=torch.int32), m),
            "cu_seqlens must be int32": (q, k, v, cu.long(), m),
-           "max_seqlen for cu_seqlens must be a non-negative int": (q, k, v, cu, 1.5),
+           "max_seqlen \\(for cu_seqlens\\) must be a non-negative int": (q, k, v, cu, 1.5),
            "q_local must be float16": (q.long(), k.long(), v.long(), cu, m),
            "k_local has dtype torch.float64": (q, k.double(), v.double(), cu, m),
            r"k_local/v_local heads \(3\) must divide q_local heads \(2\)":

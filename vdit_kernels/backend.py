@@ -238,7 +238,8 @@ def _resolve_name(backend: Optional[str], family: str, device: str, op: Optional
                   dtype: Optional[torch.dtype]) -> str:
     # the variables are read at every call (a use_backend block or VDIT_BACKEND may change
     # between calls); the answers of _why_not are cached
-    name = backend or _requested.get() or os.environ.get("VDIT_BACKEND") or "auto"
+    # (backend="" is no backend name: refused below, not taken for "not given")
+    name = backend if backend is not None else (_requested.get() or os.environ.get("VDIT_BACKEND") or "auto")
     _check_name(name)
     interpreter = triton_interpreter()
     if name != "auto":

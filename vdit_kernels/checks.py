@@ -201,12 +201,20 @@ def softmax_scale_of(softmax_scale, head_dim: int) -> float:
         # float() would detach it with only torch's generic warning
         raise ValueError("softmax_scale requires grad, but the attention is differentiable in q, k and v "
                          "only: pass a float (or softmax_scale.detach())")
-    scale = float(softmax_scale) if softmax_scale is not None else 1.0 / math.sqrt(head_dim)
+    try:
+        scale = float(softmax_scale) if softmax_scale is not None else 1.0 / math.sqrt(head_dim)
+    except (TypeError, ValueError, RuntimeError):  # a list, a complex, a tensor of several values
+        raise ValueError(f"softmax_scale must be a positive finite number, got {softmax_scale!r}") from None
     # the kernels track the running max of the scaled scores as scale * max(q k^T)
     # (not math.isfinite: torch.compile(dynamic=True) cannot trace it; NaN fails 0 < scale)
     if not (0 < scale < math.inf):
         raise ValueError(f"softmax_scale must be a positive finite number, got {scale}")
     return scale
+
+
+def _max_name(cu_name: str) -> str:
+    """The max_seqlen argument beside cu_name: cu_seqlens_q -> max_seqlen_q."""
+    return cu_name.replace("cu_seqlens", "max_seqlen")
 
 
 def check_cu_seqlens(name: str, cu: torch.Tensor, num_tokens: int, max_seqlen: int,
@@ -228,7 +236,7 @@ def check_cu_seqlens(name: str, cu: torch.Tensor, num_tokens: int, max_seqlen: i
     # (isinstance, not hasattr(__index__): torch 2.13's dynamo cannot trace hasattr of a SymInt)
     if (isinstance(max_seqlen, bool) or not isinstance(max_seqlen, (numbers.Integral, torch.SymInt))
             or max_seqlen < 0):
-        raise ValueError(f"max_seqlen for {name} must be a non-negative int (a Python or NumPy int, "
+        raise ValueError(f"{_max_name(name)} (for {name}) must be a non-negative int (a Python or NumPy int, "
                          f"not a tensor), got {max_seqlen!r}")
     if values_checked(cu):
         vals = cu.tolist()
@@ -242,7 +250,7 @@ def check_cu_seqlens(name: str, cu: torch.Tensor, num_tokens: int, max_seqlen: i
                              f"{name} ends at {vals[-1]} but the shards hold {num_tokens} rows: the pack "
                              f"must have between {num_tokens - padding} and {num_tokens} tokens")
         if max(lengths, default=0) > max_seqlen:
-            raise ValueError(f"max_seqlen {max_seqlen} is smaller than the longest segment of {name} "
+            raise ValueError(f"{_max_name(name)} {max_seqlen} is smaller than the longest segment of {name} "
                              f"({max(lengths, default=0)})")
 
 

@@ -15,6 +15,7 @@ video i's queries attend to text tokens cu_seqlens_k[i] : cu_seqlens_k[i+1].
 """
 from __future__ import annotations
 
+import operator
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Optional, Sequence
@@ -28,8 +29,12 @@ _AXES = ("T", "H", "W")
 
 def _as_triple(value, name: str) -> tuple[int, int, int]:
     given = value
-    if hasattr(value, "__index__"):  # one int for all three axes
-        value = (value,) * 3
+    if isinstance(value, bool):  # (an int to Python, never a patch size)
+        raise ValueError(f"{name} must be an int or three ints (t, h, w), got {value!r}")
+    try:  # one int for all three axes (a NumPy or 0-d tensor int too; arrays take the sequence path)
+        value = (operator.index(value),) * 3
+    except TypeError:
+        pass
     if not hasattr(value, "__iter__"):
         raise ValueError(f"{name} must be an int or three ints (t, h, w), got {value!r}")
     value = as_ints(value, name)

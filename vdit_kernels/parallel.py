@@ -58,7 +58,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from . import backend as _backend
-from .checks import (as_int, check, check_cu_seqlens, check_float, checked_qkv, positive_int,
+from .checks import (as_int, check, check_cu_seqlens, check_float, check_same, checked_qkv, positive_int,
                      softmax_scale_of)
 from .ops import attention as attn_ops
 from .ops.attention import varlen_attention
@@ -80,8 +80,8 @@ def merge_attention(outs: Sequence[Tensor], lses: Sequence[Tensor]) -> tuple[Ten
     computed stably around m = max_i lse_i. A part without keys for a row (lse_i = -inf)
     gets weight 0; a row with no keys in any part gets out = 0 and lse = -inf, no NaN, in
     the values and in the gradients. Weights and sums are float32 (float64 for float64
-    inputs). Returns out in outs' dtype and lse in lses' dtype (float32 from every
-    backend). Differentiable in outs and lses (plain PyTorch ops).
+    inputs). outs share one dtype, lses one dtype, all one device. Returns out in outs'
+    dtype and lse in lses' dtype (float32 from every backend). Differentiable in outs and lses (plain PyTorch ops).
 
     `varlen_attention` is differentiable through its lse, so gradients through a merge of
     its partial results are those of attention over all the keys.
@@ -96,6 +96,11 @@ def merge_attention(outs: Sequence[Tensor], lses: Sequence[Tensor]) -> tuple[Ten
               f"got {tuple(o.shape)}")
         check(tuple(l.shape) == (o.shape[1], o.shape[0]),
               f"lses[{i}] must be (H, Nq) = {(o.shape[1], o.shape[0])}, got {tuple(l.shape)}")
+        # one dtype for the outs and one for the lses (a float64 part would be rounded to
+        # the first part's dtype), all on one device
+        check_same([f"outs[{i}]", "outs[0]"], [o, outs[0]])
+        check_same([f"lses[{i}]", "lses[0]"], [l, lses[0]])
+        check(l.device == o.device, f"lses[{i}] is on {l.device} but outs[{i}] is on {o.device}")
     lse_dtype = torch.promote_types(lses[0].dtype, torch.float32)
     acc_dtype = torch.promote_types(outs[0].dtype, lse_dtype)
     stacked = torch.stack([l.to(lse_dtype) for l in lses])          # (P, H, Nq)

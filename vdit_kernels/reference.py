@@ -68,6 +68,9 @@ def as_video_list(latents: Videos) -> list[torch.Tensor]:
                 f"a latent batch must be (B, C, T, H, W), got shape {tuple(latents.shape)}"
             )
         return list(latents.unbind(0))
+    if not isinstance(latents, (list, tuple)):  # (a dict or a generator would "work" wrongly)
+        raise TypeError(f"latents must be a (B, C, T, H, W) tensor or a list of (C, T, H, W) videos, "
+                        f"got {type(latents).__name__}")
     return list(latents)
 
 

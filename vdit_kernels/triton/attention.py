@@ -40,7 +40,8 @@
 # ones with their own autotuned tiles, and keeps the fastest (VDIT_ATTN_BWD=triton: among
 # the Triton ones only); deterministic=True always runs "split" with pinned tiles.
 # Tiles: (BLOCK_M queries, BLOCK_D) and (BLOCK_N keys, BLOCK_D); BLOCK_D = head dim rounded
-# up to a power of two (tl.arange needs one; 72, 80, 96 are masked). Head dims up to 256.
+# up to a power of two, at least 16 (tl.arange needs a power of two, tl.dot a K of 16;
+# 8, 72, 80, 96 are masked). Head dims up to 256.
 # On a GPU the tiles are autotuned (triton.autotune, keyed on head dim, dtypes, GQA
 # groups and the size class of the segment lengths: _size_class, e.g. text-length keys vs
 # a video's) over a short candidate list per head-dim class (see "launch
