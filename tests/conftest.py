@@ -28,14 +28,22 @@ DEVICE = torch.device("cuda" if HAS_CUDA else "cpu")
 # implementations: a graph compiled under an earlier (wrong) fake was served again after
 # the fake changed (2026-11-28, attention's output strides), so a test of the fix failed
 # and, the other way round, a fake broken later could pass on an old entry. One fresh
-# cache per test session (the session's own repeats still hit it).
+# cache per test session (the session's own repeats still hit it; pytest-xdist workers of
+# one run share theirs, left for the machine's temp cleanup: a worker cannot tell when the
+# others are done with it).
 if "TORCHINDUCTOR_CACHE_DIR" not in os.environ:
-    import atexit
-    import shutil
     import tempfile
 
-    os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="vdit_inductor_")
-    atexit.register(shutil.rmtree, os.environ["TORCHINDUCTOR_CACHE_DIR"], ignore_errors=True)
+    if os.environ.get("PYTEST_XDIST_TESTRUNUID"):
+        _inductor_dir = os.path.join(tempfile.gettempdir(), "vdit_inductor_" + os.environ["PYTEST_XDIST_TESTRUNUID"])
+        os.makedirs(_inductor_dir, exist_ok=True)
+    else:
+        import atexit
+        import shutil
+
+        _inductor_dir = tempfile.mkdtemp(prefix="vdit_inductor_")
+        atexit.register(shutil.rmtree, _inductor_dir, ignore_errors=True)
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = _inductor_dir
 
 # pytest-xdist workers (the GPU script runs 8) would each start one CPU thread per core:
 # on the 16-core GPU machine the float64 reference gradchecks, 2 s alone, then ran past
