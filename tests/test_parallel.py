@@ -455,10 +455,16 @@ def test_sharding_helpers_check_their_arguments():
                           (lambda: vk.shard_pack(x, 2, 2), r"rank 2 is not an int in \[0, world_size=2\)"),
                           (lambda: vk.shard_mask(7, 2, True), "rank True"),
                           (lambda: vk.shard_pack(x.tolist(), 2, 0), "x must be a tensor"),
-                          (lambda: vk.merge_attention([None], [None]), "outs.0. must be a tensor")):
+                          (lambda: vk.merge_attention([None], [None]), "outs.0. must be a tensor"),
+                          # one process: the shard is the pack, no rows to drop or padding to keep
+                          (lambda: vk.gather_pack(x, -1), "num_tokens must be the pack's token count"),
+                          (lambda: vk.gather_pack(x, 6), r"between 7 and 7, got 6"),
+                          (lambda: vk.gather_pack(x, 8), r"between 7 and 7, got 8"),
+                          (lambda: vk.gather_pack(x, 7.0), "got 7.0")):
         with pytest.raises((ValueError, TypeError), match=message):
             call()
     assert vk.shard_mask(7, 2, 1).tolist() == [True, True, True, False]
+    assert torch.equal(vk.gather_pack(x, 7), x)
 
 
 def test_sequence_parallel_offsets_may_stop_short_by_the_padding():
@@ -665,6 +671,8 @@ def _worker4(rank, store, out_dir):
         results[("tiny", scheme)] = dict(out=out.detach(), dq=q.grad, dk=k.grad, dv=v.grad,
                                          too_long=too_long)
     results["shards"] = {layout: vk.usp_shard(*groups[layout]) for layout in USP_LAYOUTS}
+    q, k, v = (vk.shard_pack(t, 4, rank) for t in _bf16_ring_inputs()[1])
+    results["ring_bf16"] = vk.ring_varlen_attention(q, k, v, *_bf16_ring_inputs()[0], backend="reference")
     model, inputs = _dit()
     for name, sp, fused in _dit_layouts(groups):
         model.config.fused_rope = fused
@@ -687,6 +695,37 @@ def _worker4(rank, store, out_dir):
          lambda: vk.usp_shard(pairs, pairs)])
     torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
     dist.destroy_process_group()
+
+
+def _bf16_ring_inputs():
+    """((cu_seqlens, max_seqlen), (q, k, v)): one 256-token segment in bfloat16, v off zero
+    (out's rounding then shows)."""
+    g = torch.Generator().manual_seed(7)
+    q, k, v = (torch.randn(256, 2, D, generator=g) for _ in range(3))
+    return (torch.tensor([0, 256], dtype=torch.int32), 256), (q.bfloat16(), k.bfloat16(), (v + 3).bfloat16())
+
+
+def test_ring_keeps_its_running_result_in_float32(four_rank_runs):
+    # merged in bfloat16, the running result was rounded at each of the P - 1 merges (its
+    # max error against float64, 4 ranks: 2.7x a single process's; on 16 ranks 5x). Each
+    # step's partial result still comes rounded from the kernel: the ring is as close as
+    # those 4 partials merged in float32 (here 1.7x), and closer than merged in bfloat16
+    (cu, m), (q, k, v) = _bf16_ring_inputs()
+    exact = vk.varlen_attention(q.double(), k.double(), v.double(), cu, cu, m, m, backend="reference")
+    shard_cu = torch.tensor([0, 64], dtype=torch.int32)
+    parts = [vk.varlen_attention(q, k[j * 64:(j + 1) * 64], v[j * 64:(j + 1) * 64], cu, shard_cu, m, 64,
+                                 return_lse=True, backend="reference") for j in range(4)]
+
+    def merged(dtype):
+        out, lse = parts[0][0].to(dtype), parts[0][1]
+        for o, l in parts[1:]:
+            out, lse = vk.merge_attention([out, o.to(dtype)], [lse, l])
+        return out.bfloat16()
+
+    ring = torch.cat([run["ring_bf16"] for run in four_rank_runs])
+    err = lambda out: (out.double() - exact).abs().mean().item()
+    assert err(ring) <= 1.05 * err(merged(torch.float32)) < err(merged(torch.bfloat16)), \
+        (err(ring), err(merged(torch.float32)), err(merged(torch.bfloat16)))
 
 
 @pytest.fixture(scope="module")

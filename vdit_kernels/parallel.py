@@ -34,8 +34,9 @@ Cross-attention to text: text keys are short, so they are replicated on every ra
 each rank attends from its own query shard (`local_cross_attention`); no communication.
 
 Ring attention (`ring_varlen_attention`): k/v shards passed around the ring, partial
-results merged by their lse (`merge_attention`); no rank holds more than two k/v shards,
-for packs whose keys and values do not fit on one GPU.
+results merged by their lse (`merge_attention`); a rank holds three k/v shards at most
+(its own, the one it computes with, the incoming one), never the whole pack's: for packs
+whose keys and values do not fit on one GPU.
 
 Ulysses x ring (USP, the unified sequence parallelism of xDiT / Fang & Zhao 2024,
 `usp_varlen_attention`): the P = U x R ranks form R ring groups of U Ulysses ranks each,
@@ -81,7 +82,8 @@ def merge_attention(outs: Sequence[Tensor], lses: Sequence[Tensor]) -> tuple[Ten
     gets weight 0; a row with no keys in any part gets out = 0 and lse = -inf, no NaN, in
     the values and in the gradients. Weights and sums are float32 (float64 for float64
     inputs). outs share one dtype, lses one dtype, all one device. Returns out in outs'
-    dtype and lse in lses' dtype (float32 from every backend). Differentiable in outs and lses (plain PyTorch ops).
+    dtype and lse in lses' dtype (float32 from every backend). Differentiable in outs and
+    lses (plain PyTorch ops).
 
     `varlen_attention` is differentiable through its lse, so gradients through a merge of
     its partial results are those of attention over all the keys.
@@ -183,9 +185,17 @@ def gather_pack(x_local: Tensor, num_tokens: int, group=None) -> Tensor:
     (without their padding rows: shard_mask).
     """
     world_size, _ = _world(group)
+    n = x_local.shape[0]
+    # shard_pack's shards: P*n rows, the last P*n - N of them padding (fewer than P); a
+    # count outside that would drop real rows or keep padding ones without a word
+    num = as_int(num_tokens)
+    if num is None or not world_size * n - world_size < num <= world_size * n:
+        raise ValueError(f"num_tokens must be the pack's token count N, with {world_size} shards of {n} "
+                         f"rows between {max(world_size * n - world_size + 1, 0)} and {world_size * n}, "
+                         f"got {num_tokens!r}")
     if world_size == 1:
-        return x_local[:num_tokens]
-    return _GatherPack.apply(x_local, group, world_size)[:num_tokens]
+        return x_local[:num]
+    return _GatherPack.apply(x_local, group, world_size)[:num]
 
 
 # -- the differentiable all-to-all ---------------------------------------------------------
@@ -314,9 +324,10 @@ def ulysses_varlen_attention(q_local: Tensor, k_local: Tensor, v_local: Tensor,
 
     Equals varlen_attention on the gathered pack, restricted to this rank's tokens;
     padding rows (past N) attend only among themselves. Returns out (n, H, D) and with
-    return_lse=True also lse (H, n) float32. Differentiable in q, k, v through out and lse
-    (the backward runs the reverse all-to-alls). With torch.distributed not initialized and group=None it is
-    plain varlen_attention (P = 1). Every rank must call it (a collective).
+    return_lse=True also lse (H, n) float32 (float64 for float64). Differentiable in q,
+    k, v through out and lse (the backward runs the reverse all-to-alls). With
+    torch.distributed not initialized and group=None it is plain varlen_attention (P = 1).
+    Every rank must call it (a collective).
     """
     world_size, _ = _world(group)
     q_local, k_local, v_local = _checked_shards(q_local, k_local, v_local, cu_seqlens, max_seqlen, world_size)
@@ -415,7 +426,7 @@ def allgather_varlen_attention(q_local: Tensor, k_local: Tensor, v_local: Tensor
     With rope, q_local and k_local are rotated with this rank's positions before the
     gather (apply_rope_3d, one pass over the shards). Equals varlen_attention on the
     gathered pack, restricted to this rank's tokens; padding rows attend only among
-    themselves. Returns out (n, H, D) [and lse (H, n) float32]; differentiable in q, k, v
+    themselves. Returns out (n, H, D) [and lse (H, n) float32, float64 for float64]; differentiable in q, k, v
     through out and lse (the k/v gradients are reduce-scattered back to their ranks).
     Without torch.distributed initialized it is plain varlen_attention (P = 1).
     """
@@ -455,8 +466,10 @@ class _RingAttention(torch.autograd.Function):
     the k/v shard of rank j = r - s (mod P), passed along the ring, and merges the partial
     result by its lse. The backward runs the ring again with the final out and lse (so
     each block's P = exp(S - lse) is final): dQ accumulates here, dK/dV accumulators travel
-    with their k/v shard and arrive home after a last shift. Memory: two k/v shards (the
-    current and the incoming one), never the whole pack's."""
+    with their k/v shard and arrive home after a last shift. Memory: three k/v shards at
+    most (its own, kept for the backward, the current and the incoming one; in the
+    backward also the travelling float32 dK/dV accumulators and their incoming copies),
+    never the whole pack's."""
 
     @staticmethod
     def forward(ctx, q, k, v, cu_seqlens, max_seqlen, scale, deterministic, backend, group, max_padding):
@@ -468,6 +481,10 @@ class _RingAttention(torch.autograd.Function):
         cu_q = _shard_offsets(cu_seqlens, rank, n)
         max_len = max(min(int(max_seqlen), n), min(n, max_padding))
         out = lse = None
+        # the running result in float32 (float64 for float64): merged in q's dtype it was
+        # rounded once per step, its error growing with the ring's size (bfloat16, 16
+        # ranks: 5x a single process's)
+        acc = torch.promote_types(q.dtype, torch.float32)
         k_cur, v_cur = k, v
         for step in range(world_size):
             pending = None
@@ -477,11 +494,13 @@ class _RingAttention(torch.autograd.Function):
             o, l = attn_ops.varlen_attention_op(q, k_cur, v_cur, cu_q, _shard_offsets(cu_seqlens, j, n),
                                                 max_len, max_len, scale, None, [], 10000.0, True,
                                                 deterministic, backend)
+            o = o.to(acc)
             out, lse = (o, l) if out is None else merge_attention([out, o], [lse, l])
             if pending is not None:
                 for req in pending:
                     req.wait()
                 k_cur, v_cur = k_next, v_next
+        out = out.to(q.dtype)
         ctx.save_for_backward(q, k, v, out, lse, cu_seqlens)
         ctx.args = (max_len, scale, deterministic, backend, group)
         return out, lse
@@ -532,12 +551,14 @@ def ring_varlen_attention(q_local: Tensor, k_local: Tensor, v_local: Tensor,
     attends from its query shard to the k/v shard of rank r - s (offsets of both shards
     clamped on the device), merging the partial results by their lse (merge_attention),
     while the next k/v shard is sent/received (isend/irecv) behind the compute. No rank
-    ever holds more than two k/v shards, so packs whose keys and values do not fit on one
-    GPU work; each rank sends and receives (P-1) k/v shards per call, twice that plus the
-    dK/dV accumulators in the backward. RoPE rotates the local shards first (not fused).
-    Equals varlen_attention on the gathered pack, restricted to this rank's tokens.
-    Returns out (n, H, D) [and lse (H, n) float32]; differentiable in q, k, v through out
-    and lse. Without torch.distributed initialized it is plain varlen_attention (P = 1).
+    ever holds more than three k/v shards (its own, the current, the incoming), so packs
+    whose keys and values do not fit on one GPU work; each rank sends and receives (P-1)
+    k/v shards per call, twice that plus the dK/dV accumulators in the backward. RoPE
+    rotates the local shards first (not fused). Equals varlen_attention on the gathered
+    pack, restricted to this rank's tokens (the running result is kept in float32).
+    Returns out (n, H, D) [and lse (H, n) float32, float64 for float64]; differentiable in
+    q, k, v through out and lse. Without torch.distributed initialized it is plain
+    varlen_attention (P = 1).
     """
     world_size, rank = _world(group)
     q_local, k_local, v_local = _checked_shards(q_local, k_local, v_local, cu_seqlens, max_seqlen, world_size)
@@ -641,8 +662,8 @@ def usp_varlen_attention(q_local: Tensor, k_local: Tensor, v_local: Tensor,
     RoPE rotates the local shards first (rope: the whole pack's positions; one pass, not
     fused). Equals varlen_attention on the gathered pack, restricted to this rank's tokens;
     padding rows attend only among themselves. Returns out (n, H, D) [and lse (H, n)
-    float32]; differentiable in q, k, v through out and lse. U = 1 is ring attention, R = 1
-    Ulysses (with RoPE unfused). Without torch.distributed initialized (both groups None)
+    float32, float64 for float64]; differentiable in q, k, v through out and lse. U = 1 is
+    ring attention, R = 1 Ulysses (with RoPE unfused). Without torch.distributed initialized (both groups None)
     it is plain varlen_attention. Every rank of both groups must call it (collectives).
     """
     world_size, shard = usp_shard(ulysses_group, ring_group)

@@ -354,6 +354,13 @@ def _hunyuan_heads(attn, x: Tensor, to_q, to_k, to_v, norm_q, norm_k):
     return q, k, v
 
 
+def _version(t: Tensor) -> Optional[int]:
+    """t's version counter (bumped by every in-place write), or None for a tensor made
+    under torch.inference_mode, which has none (such a tensor is cached by identity: a
+    pipeline builds its mask once per forward and does not write to it)."""
+    return None if t.is_inference() else t._version
+
+
 class HunyuanVideoVarlenAttnProcessor(_VarlenProcessor):
     """diffusers' HunyuanVideoAttnProcessor2_0 on vdit_kernels.varlen_attention.
 
@@ -373,7 +380,7 @@ class HunyuanVideoVarlenAttnProcessor(_VarlenProcessor):
         if mask is None:
             return None
         cached = self._mask_cache
-        if cached is not None and cached[0]() is mask and cached[1] == mask._version:
+        if cached is not None and cached[0]() is mask and cached[1] == _version(mask):
             return cached[2]
         if not (isinstance(mask, Tensor) and mask.dtype == torch.bool
                 and tuple(mask.shape) == (batch, 1, 1, tokens)):
@@ -391,7 +398,7 @@ class HunyuanVideoVarlenAttnProcessor(_VarlenProcessor):
         starts = torch.arange(batch + 1, dtype=torch.int32, device=mask.device) * tokens
         cu_q = starts.repeat_interleave(2)[1:]
         cu_k = torch.cat([starts[:1], torch.stack([starts[:-1] + lengths, starts[1:]], dim=1).flatten()])
-        self._mask_cache = (weakref.ref(mask), mask._version, (cu_q, cu_k))
+        self._mask_cache = (weakref.ref(mask), _version(mask), (cu_q, cu_k))
         return cu_q, cu_k
 
     def __call__(self, attn, hidden_states: Tensor, encoder_hidden_states: Optional[Tensor] = None,
