@@ -42,7 +42,10 @@ void check_rope_args(const char* op, const at::Tensor& q, const at::Tensor& k, c
   TORCH_CHECK(k.size(0) == q.size(0) && k.size(2) == q.size(2), op, ": q ", q.sizes(), " and k ", k.sizes(),
               " must share N and head_dim");
   TORCH_CHECK(dims.size() == 3, op, ": dims must be 3 ints (dt, dh, dw), got ", dims.size());
-  for (auto d : dims) TORCH_CHECK(d >= 0 && d % 2 == 0, op, ": dims must be even and >= 0, got ", dims);
+  // each part at most head_dim first: their int64 sum could wrap and pass the check below
+  for (auto d : dims)
+    TORCH_CHECK(d >= 0 && d % 2 == 0 && d <= q.size(2), op, ": dims must be even, >= 0 and at most head_dim ",
+                q.size(2), ", got ", dims);
   TORCH_CHECK(dims[0] + dims[1] + dims[2] == q.size(2), op, ": dims ", dims, " must sum to head_dim ",
               q.size(2));
   TORCH_CHECK(positions.scalar_type() == at::kFloat, op, ": positions must be float32, got ",

@@ -436,6 +436,8 @@ def _rope_bad_input_checks():
             rope(q, k, pos, [4, 4, 2], 1e4, True, False)
         with pytest.raises(RuntimeError, match="dims"):
             rope(q, k, pos, [3, 5, 4], 1e4, True, False)
+        with pytest.raises(RuntimeError, match="at most head_dim"):  # the sum wraps to 12 in int64
+            rope(q, k, pos, [2**63 - 2, 2**63 - 2, 16], 1e4, True, False)
         with pytest.raises(RuntimeError, match="positions"):
             rope(q, k, pos.double(), [4, 4, 4], 1e4, True, False)
         with pytest.raises(RuntimeError, match="positions"):

@@ -131,6 +131,20 @@ def test_patch_width_not_a_power_of_two_uses_the_gather_kernels():
     _check(videos, pack, 4)
 
 
+def test_videos_past_the_32_bit_token_index_are_refused():
+    # the gather kernels divide a video's token index in 32 bits: a video of 2^31 tokens
+    # (a 12.9 GB bfloat16 latent at patch 1x1x3, C = 1) would come back unwritten, with no
+    # error; the line kernels index in 64 bits. (An expanded tensor: _tables reads shapes,
+    # strides and the data pointer only.)
+    from vdit_kernels.triton.patch import _tables
+
+    huge = torch.empty(1, 1, 1, 1).expand(1, 2, 2**15, 3 * 2**15)  # 2 * 2^15 * 2^15 = 2^31 tokens
+    with pytest.raises(ValueError, match="video 1 has 2147483648 tokens"):
+        _tables([torch.empty(1, 1, 1, 3), huge], (1, 1, 3), 64, "cpu")
+    _tables([huge], (1, 1, 3), 64, "cpu", lines=True)
+    _tables([huge[:, :, :, :-3]], (1, 1, 3), 64, "cpu")  # 2^31 - 2^15 tokens
+
+
 def test_line_alignment_claims_only_what_holds():
     # the line kernels tell the compiler every row of a tile starts ALIGN-byte aligned
     # (16-byte vector accesses on a GPU); the interpreter ignores the hint, so the host

@@ -67,7 +67,11 @@
 # TMA: on sm_90+ (and under the interpreter) the forward can read K and V through host
 # tensor descriptors over their (Nk, Hk*D) view (head dims 64 and 128, heads adjacent,
 # 16-byte aligned): the copy engine fetches whole (BLOCK_N, D) blocks and the kernel
-# computes no addresses (160 instead of 190 registers at 128 x 64, D = 128). Which
+# computes no addresses (160 instead of 190 registers at 128 x 64, D = 128). A block that
+# crosses the segment's end brings the next segment's rows, weighted 0: a NaN or Inf there
+# makes 0 x Inf = NaN in this segment's rows, which pointer loads (reading them as 0) do
+# not; left so, for finite packs (README; a select on the tail block's V would hold the
+# tile in registers beside the capped accumulator, untimed). Which
 # variant runs is fwd_variant() (VDIT_ATTN_FWD): by default the first forward per (head
 # dim, dtype, GQA groups, GPU, size class) times both and keeps the faster. The Triton
 # backward kernels can read what they stream the same way (dK/dV: q and dO as

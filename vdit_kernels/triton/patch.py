@@ -124,7 +124,7 @@ def _token_offsets(row, local_block, PT: tl.constexpr, PH: tl.constexpr, PW: tl.
                    BLOCK_T: tl.constexpr):
     """Packed token indices, valid mask and element offset of each token's first element.
     The (t, h, w) of a token inside its video is found by 32-bit division (a video has
-    fewer than 2^31 tokens: its latent alone would pass 100 GB): 64-bit division is a
+    fewer than 2^31 tokens: _tables refuses larger ones): 64-bit division is a
     software routine of tens of instructions and branches per token (the weight
     gradient's 128-token step, Triton 3.8: 1603 -> 1140 instructions; 3.6: 849 -> 790)."""
     _, s_t, s_h, s_w, tok_start, g_h, g_w, g_t = _video_fields(row)
@@ -320,9 +320,12 @@ def _tables(videos: Sequence[torch.Tensor], patch_size: Sequence[int], block_t: 
     tokens inside one token row (so a video has gt * gh * cdiv(gw, block_t) of them)."""
     pt, ph, pw = patch_size
     cu_blocks, rows, tok = [0], [], 0
-    for v in videos:
+    for i, v in enumerate(videos):
         _, t, h, w = v.shape
         gt, gh, gw = t // pt, h // ph, w // pw
+        if not lines and gt * gh * gw >= 2**31:  # (_token_offsets divides in 32 bits; the lines in 64)
+            raise ValueError(f"the Triton patch kernels index a video's tokens in 32 bits: video {i} has "
+                             f"{gt * gh * gw} tokens (at most 2^31 - 1); the cuda backend takes it")
         programs = gt * gh * -(-gw // block_t) if lines else -(-gt * gh * gw // block_t)
         cu_blocks.append(cu_blocks[-1] + programs)
         rows.extend([v.data_ptr(), *v.stride(), tok, gh, gw, gt])
