@@ -35,7 +35,8 @@ def result_cells(r: dict, detailed: bool = False) -> tuple[str, str, str]:
 def render(data: dict, ops=None, modes=None) -> str:
     env, lim = data["environment"], data["environment"]["limits"]
     lines = [f"**{env['gpu']}** (torch {env['torch']}, triton {env['triton']}, commit "
-             f"{(env.get('git_commit') or '?')[:10]}, {env['date'][:10]}; measured limits: "
+             f"{(env.get('git_commit') or '?')[:10]}{' (dirty)' if env.get('git_dirty') else ''}, "
+             f"{env['date'][:10]}; measured limits: "
              f"copy {lim['bandwidth_gbs']:.0f} GB/s, {lim['matmul_dtype']} matmul {lim['compute_tflops']:.0f} TFLOP/s)",
              "", "| op | mode | workload | provider | median ms | throughput | % of limit | speedup |",
              "| --- | --- | --- | --- | ---: | ---: | ---: | ---: |"]

@@ -74,7 +74,11 @@ def gpu_name() -> str:
     return torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
 
 
-def environment(device: str, lim: dict) -> dict:
+# environment variables that change what a run measures, recorded with it
+SETTINGS_PREFIXES = ("VDIT_", "TRITON_", "TORCHINDUCTOR_", "TORCH_CUDA_ARCH_LIST", "CUDA_VISIBLE_DEVICES")
+
+
+def environment(device: str, lim: dict, head_to_head: bool = False) -> dict:
     def version(mod):
         try:
             return __import__(mod).__version__
@@ -94,6 +98,9 @@ def environment(device: str, lim: dict) -> dict:
         "git_dirty": dirty, "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "python": platform.python_version(), "host": platform.node(), "limits": lim,
         "performance_result": device == "cuda",
+        "timing_method": timing.METHOD, "head_to_head": head_to_head,
+        # (e.g. VDIT_ATTN_BWD=split: a forced variant, not what a default call runs)
+        "settings": {k: v for k, v in sorted(os.environ.items()) if k.startswith(SETTINGS_PREFIXES)},
     }
     if device == "cuda":
         p = torch.cuda.get_device_properties(0)
@@ -257,10 +264,13 @@ TARGETS = [
     ("RoPE in place >= Liger's rope (in place)", "rope", "rope_3d", "fwd", ("vdit-cuda+inplace", "vdit-triton+inplace"),
      "liger-rope", 1.0),
 ] + [(f"patch_embed {mode} >= 1.2x {peer}", "patch", "patch_embed", mode,
-      # against the compiled peer, ours eager or compiled (a user compiling both)
-      EMBED_OURS + tuple(p + "-compile" for p in EMBED_OURS) if peer.endswith("-compile") else EMBED_OURS,
+      # like for like: against the compiled peer, ours compiled (the same torch.compile
+      # wrapper around each; ours called as it is beside it, a ratio without a target)
+      tuple(p + "-compile" for p in EMBED_OURS) if peer.endswith("-compile") else EMBED_OURS,
       peer, 1.2)
      for mode in ("fwd", "fwd+bwd") for peer in ("permute-linear", "permute-linear-compile")] + [
+    (f"patch_embed {mode} (ours eager) vs permute-linear-compile", "patch", "patch_embed", mode, EMBED_OURS,
+     "permute-linear-compile", None) for mode in ("fwd", "fwd+bwd")] + [
     ("patch_embed vs nn.Conv3d", "patch", "patch_embed", "fwd", EMBED_OURS, "nn.Conv3d", None),
     ("attention fwd >= 1.3x varlen_attn", "attention", "varlen_attention", "fwd", ("vdit-triton",),
      "torch-varlen", 1.3),
@@ -567,8 +577,11 @@ def write_results(out: Path, rows: list[dict], env: dict, ops: list[str], *, sto
         md.append(f"**{limits.CPU_LABEL.upper()}**\n")
     if stopped:
         md.append(f"**Cut short: {stopped}.**\n")
+    settings = ", ".join(f"{k}={v}" for k, v in (env.get("settings") or {}).items())
     md.append(f"Device: {env['gpu']}, torch {env['torch']}, triton {env['triton']}, commit "
-              f"{(env['git_commit'] or '?')[:12]}{' (dirty)' if env['git_dirty'] else ''}, {env['date']}.  \n"
+              f"{(env['git_commit'] or '?')[:12]}{' (dirty)' if env['git_dirty'] else ''}, {env['date']}, "
+              f"timing method {env.get('timing_method', 'before 2026-11-28 (not recorded)')}"
+              f"{'; settings: ' + settings if settings else ''}.  \n"
               f"Limits measured in this run: copy {lim['bandwidth_gbs']:.1f} GB/s, "
               f"{lim['matmul_dtype']} matmul {lim['compute_tflops']:.2f} TFLOP/s ({lim['label']}).\n")
     for op in ops:
@@ -583,8 +596,12 @@ def write_results(out: Path, rows: list[dict], env: dict, ops: list[str], *, sto
     md += ["\n## The issues' targets\n",
            "Judged on the timed calls (median ms, ours: the fastest of the target's providers). "
            "Device-time ratio: the same from the kernels' own device time (profiler), where both "
-           f"rows measured it. Head to head: for a ratio within {H2H_BAND:.0%} of its threshold, our "
-           "default provider and the peer built anew and timed in turns (ratio of their medians).\n",
+           "rows measured it. " + (
+               f"Head to head: for a ratio within {H2H_BAND:.0%} of its threshold, our default provider "
+               "and the peer built anew and timed in turns (ratio of their medians).\n"
+               if env.get("head_to_head") else
+               "Head to head: not run in this run (a full GPU run re-times targets near their threshold; "
+               "runs before 2026-11-28 did not record whether they did).\n"),
            targets]
     choice = backend_choice(rows)
     print("\n== backend choice (triton vs cuda; DEFAULT_ORDER in vdit_kernels/backend.py) ==")
@@ -717,7 +734,8 @@ def main(argv=None) -> int:
     rows = []
     # one JSON line per finished case: a run cut short (a GPU lease ending) keeps its rows
     partial = out / "rows.partial.jsonl"
-    partial.write_text(json.dumps({"environment": environment(device, lim)}, default=str) + "\n")
+    h2h_on = head_to_head_on(device, args.quick)
+    partial.write_text(json.dumps({"environment": environment(device, lim, h2h_on)}, default=str) + "\n")
     stopped = None
     h2h, case_of = [], {}
     previous = signal.signal(signal.SIGTERM, _stop)
@@ -728,7 +746,7 @@ def main(argv=None) -> int:
             with partial.open("a") as f:
                 f.write(json.dumps(rows[-1], default=str) + "\n")
             progress.step(f"{case.op}/{case.name} {case.mode} {case.provider} {case.workload.name}")
-            if head_to_head_on(device, args.quick):
+            if h2h_on:
                 run_head_to_heads(rows, case_of, device, h2h, partial)
     except Stopped as why:
         stopped = f"stopped by {why} after {len(rows)} of {len(all_cases)} cases"
@@ -737,7 +755,7 @@ def main(argv=None) -> int:
         if stopped is None:
             signal.signal(signal.SIGTERM, previous)
     progress.close()
-    errors = write_results(out, rows, environment(device, lim), ops, stopped=stopped, seen=seen,
+    errors = write_results(out, rows, environment(device, lim, h2h_on), ops, stopped=stopped, seen=seen,
                            variants=measured_variants(), static=not (args.no_static or stopped),
                            quick=args.quick, argv=sys.argv[1:] if argv is None else argv, head_to_head=h2h)
     print(f"\n{len(rows)} cases, {len(errors)} errors, {time.perf_counter() - started:.1f} s; results in {out}")

@@ -21,7 +21,9 @@ inside a model whose GPU work outlasts its host work the host time is hidden, an
 device time is what a call costs), this is the kernels' own efficiency (the % of copy
 bandwidth the issues ask about). The calls cycle
 over enough independently built inputs to exceed twice the L2 cache, so data comes from
-DRAM as with the flush of do_bench.
+DRAM as with the flush of do_bench, and each call's result lives until its inputs come
+round again, so its writes go to another place than the previous call's (a result freed
+at once gave the next call the same, possibly L2-resident, block).
 interleaved (the head-to-head runs of benchmarks/run.py): two or more calls timed in turns,
 so a drift over the run reaches them alike.
 host_ms (GPU, memory-bound cases and patch embedding): the host's time to issue one call,
@@ -42,6 +44,11 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
+
+# The measuring method's date, recorded with every run (results.json's environment): rows
+# of runs before a change are not comparable with rows after it. 2026-11-27: every sample
+# starts on an idle GPU; 2026-11-28: kernel_ms keeps each call's result alive for a cycle.
+METHOD = "2026-11-28"
 
 # samples of a timed row: at least this many whatever the call's length (a multi-second
 # DiT step timed once would make one hiccup the reported number)
@@ -161,7 +168,13 @@ def device_activities(prof) -> dict[str, float]:
 def kernel_ms(build: Callable, bytes_moved: float, device: str, quick: bool = False) -> dict:
     """{'kernel_ms': device ms per call, 'kernel_copies': inputs cycled, 'kernel_breakdown':
     [(activity name, device us per call)], the 6 longest} or {'kernel_note': why not}.
-    build() -> an object with .fn (a fresh set of inputs)."""
+    build() -> an object with .fn (a fresh set of inputs).
+
+    Each call's result is kept until its input set comes round again, so the calls write
+    to `copies` + 1 places in turn (at least twice the L2 cache between two writes to one
+    place, as copy_kernel_ms's copies do): a result freed at once gave the next call the
+    same block, whose lines could still sit in L2, and a small op's writes then reached
+    DRAM only in part."""
     if device != "cuda":
         return {"kernel_note": "GPU only"}
     try:
@@ -171,14 +184,13 @@ def kernel_ms(build: Callable, bytes_moved: float, device: str, quick: bool = Fa
     l2 = getattr(torch.cuda.get_device_properties(torch.cuda.current_device()), "L2_cache_size", 50 << 20)
     copies = max(1, min(16, -(-int(2 * l2) // max(int(bytes_moved or 1), 1))))
     prepared = [build() for _ in range(copies)]
-    for p in prepared:  # warm-up: compilation, autotuning, allocator
-        p.fn()
+    results = [p.fn() for p in prepared]  # warm-up: compilation, autotuning, allocator
     torch.cuda.synchronize()
     calls = (5 if quick else 20) * copies
     try:
         with profile(activities=[ProfilerActivity.CUDA]) as prof:
             for i in range(calls):
-                prepared[i % copies].fn()
+                results[i % copies] = prepared[i % copies].fn()
             torch.cuda.synchronize()
         activities = device_activities(prof)
         total = sum(activities.values())

@@ -85,6 +85,7 @@ def test_peers_compute_the_same_thing():
 
 def test_main_command_quick(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["VDIT_ATTN_BWD"] = "split"
     cmd = [sys.executable, "-m", "benchmarks.run", "--quick", "--no-static", "--out", str(tmp_path),
            "--op", "patch", "--op", "rope", "--op", "attention"]
     if torch.cuda.is_available():  # keep it short on a GPU too: one small video, vdit providers
@@ -97,8 +98,12 @@ def test_main_command_quick(tmp_path):
     data = json.loads((tmp_path / "results.json").read_text())
     assert (tmp_path / "summary.md").exists()
     env_info = data["environment"]
-    for key in ("gpu", "torch", "triton", "git_commit", "date", "limits"):
+    for key in ("gpu", "torch", "triton", "git_commit", "date", "limits", "timing_method", "settings"):
         assert key in env_info
+    # what changes a measurement is recorded with it (a forced variant is not the default)
+    assert env_info["settings"].get("VDIT_ATTN_BWD") == "split" and env_info["head_to_head"] is False
+    summary = (tmp_path / "summary.md").read_text()
+    assert "settings: " in summary and "VDIT_ATTN_BWD=split" in summary and "Head to head: not run" in summary
     assert env_info["limits"]["bandwidth_gbs"] > 0 and env_info["limits"]["compute_tflops"] > 0
     rows = data["rows"]
     assert {r["op"] for r in rows} >= {"patch", "rope", "attention"}
@@ -234,6 +239,56 @@ def test_host_time_names_the_functions_a_call_spends_it_in(monkeypatch):
     names = [name for name, _ in out["host_profile"]]
     assert any("genexpr" in n for n in names), names
     assert all(us >= 0 for _, us in out["host_profile"])
+
+
+def test_kernel_time_writes_each_call_to_another_place(monkeypatch):
+    # the GPU path's logic on CPU (a fake profiler, an L2 of 1 MB): a call's result stays
+    # alive until its input set is called again, so consecutive calls write to different
+    # blocks, as the copies measured beside them do (a result freed at once handed the
+    # next call the same block, whose lines could still sit in L2)
+    import weakref
+    from types import SimpleNamespace
+
+    import torch.profiler as tp
+
+    from benchmarks import timing
+
+    live = weakref.WeakSet()
+    alive_at_each_call = []
+
+    class Result:
+        pass
+
+    def build():
+        def fn():
+            alive_at_each_call.append(len(live))
+            r = Result()
+            live.add(r)
+            return r
+        return SimpleNamespace(fn=fn)
+
+    class Profile:
+        def __init__(self, activities):
+            pass
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+        def key_averages(self):
+            return [SimpleNamespace(key="kernel", device_type="DeviceType.CUDA", self_device_time_total=100.0)]
+
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda: None)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda _: SimpleNamespace(L2_cache_size=1 << 20))
+    monkeypatch.setattr(tp, "profile", Profile)
+    out = timing.kernel_ms(build, 0.5e6, "cuda", quick=True)
+    copies = out["kernel_copies"]
+    assert copies == 5 and out["kernel_ms"] > 0  # 2 MB of L2 twice over, in 0.5 MB calls
+    # from the first timed call on, the other copies' results are alive while a call writes
+    assert min(alive_at_each_call[copies:]) == copies
 
 
 def test_memory_bound_rows_show_the_kernels_against_both_copies():
@@ -576,6 +631,13 @@ def test_target_table_judges_the_issues_targets():
     assert "vdit-triton 0.124 ms" in judged["patch_embed fwd >= 1.2x permute-linear"]
     assert "vdit-triton-compile 0.090 ms | permute-linear-compile 0.117 ms | 1.30x | yes |" in \
         judged["patch_embed fwd >= 1.2x permute-linear-compile"]
+    # ours eager against the compiled peer: reported beside it, judged by nothing
+    assert "vdit-triton 0.124 ms | permute-linear-compile 0.117 ms | 0.94x | - |" in \
+        judged["patch_embed fwd (ours eager) vs permute-linear-compile"]
+    # and never the target's row: an eager row faster than our compiled one does not count
+    rows.append(row("patch", "patch_embed", "fwd", "vdit-cuda", 0.05))
+    judged = {line.split(" | ")[0].lstrip("| "): line for line in run.target_table(rows).splitlines()[2:]}
+    assert "| 1.30x | yes |" in judged["patch_embed fwd >= 1.2x permute-linear-compile"]
     assert run.target_table([]).startswith("No target")
 
 
