@@ -25,6 +25,7 @@ cross-attention locally, the output layer's features gathered before the unpatch
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass, replace
 from typing import Optional, Sequence, Union
 
@@ -35,7 +36,7 @@ from torch import Tensor, nn
 import vdit_kernels as vk
 from vdit_kernels import backend as _backend
 from vdit_kernels import reference as ref
-from vdit_kernels.checks import as_ints, check_pack, check_videos, positive_int
+from vdit_kernels.checks import as_ints, check_flag, check_pack, check_theta, check_videos, positive_int
 
 Backend = Union[None, str, dict]
 
@@ -68,9 +69,15 @@ class DiTConfig:
     def __post_init__(self):
         for name in ("in_channels", "hidden", "heads", "head_dim", "depth", "text_dim", "time_freq_dim"):
             setattr(self, name, positive_int(getattr(self, name), name))
-        if not (self.mlp_ratio > 0 and self.rope_theta > 0 and self.eps > 0):
-            raise ValueError(f"mlp_ratio, rope_theta and eps must be positive, got "
-                             f"{self.mlp_ratio}, {self.rope_theta}, {self.eps}")
+        for name in ("mlp_ratio", "eps"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0 < value < math.inf:
+                raise ValueError(f"{name} must be a positive finite number, got {value!r}")
+        check_theta(self.rope_theta)
+        if self.mlp_hidden < 1:
+            raise ValueError(f"mlp_ratio {self.mlp_ratio} leaves the MLP no hidden units at hidden {self.hidden}")
+        self.qk_norm = check_flag("qk_norm", self.qk_norm)
+        self.fused_rope = check_flag("fused_rope", self.fused_rope)
         patch = as_ints(self.patch_size, "patch_size")
         if len(patch) != 3 or min(patch) < 1:
             raise ValueError(f"patch_size must be three positive ints (pt, ph, pw), got {self.patch_size!r}")
@@ -343,12 +350,22 @@ class VideoDiT(nn.Module):
             raise ValueError("pack has no text lengths: build it with VideoPack.from_shapes(..., text_lengths=...)")
         if tuple(pack.patch_size) != cfg.patch_size:
             raise ValueError(f"the pack's patch size {tuple(pack.patch_size)} is not the model's {cfg.patch_size}")
-        channels = check_videos(ref.as_video_list(latents), pack)
+        videos = ref.as_video_list(latents)
+        channels = check_videos(videos, pack)
         if channels != cfg.in_channels:
             raise ValueError(f"latents have {channels} channels, the model takes {cfg.in_channels}")
+        dtype = self.patch_embed.weight.dtype
+        if videos[0].dtype != dtype and not torch.is_autocast_enabled(videos[0].device.type):
+            # (text and timesteps are cast: they are conditions; the latents are the data, as
+            # an nn.Conv3d would take them)
+            raise ValueError(f"latents are {videos[0].dtype} but the model's parameters are {dtype}: cast "
+                             f"them (or run under torch.autocast)")
         for name, t in (("text", text), ("timesteps", timesteps)):
             if not isinstance(t, Tensor):
                 raise TypeError(f"{name} must be a tensor, got {type(t).__name__}")
+            if not (t.is_floating_point() or (name == "timesteps" and not t.is_complex() and t.dtype != torch.bool)):
+                raise ValueError(f"{name} must be a real {'number' if name == 'timesteps' else 'floating'} "
+                                 f"tensor, got {t.dtype}")
         if text.dim() != 2 or text.shape != (pack.num_text_tokens, cfg.text_dim):
             raise ValueError(f"text must be (num_text_tokens={pack.num_text_tokens}, text_dim={cfg.text_dim}), "
                              f"got {tuple(text.shape)}")
@@ -373,6 +390,8 @@ class VideoDiT(nn.Module):
         """
         cfg, backends = self.config, family_backends(backend)
         self.check_inputs(latents, pack, timesteps, text)
+        if sp is not None and not isinstance(sp, vk.SequenceParallel):
+            raise TypeError(f"sp must be a vk.SequenceParallel (or None), got {type(sp).__name__}")
         dtype = self.patch_embed.weight.dtype
         seg = pack.segment_ids.long()
         rope = vk.Rope3D.from_pack(pack, cfg.rope_dims, cfg.rope_theta)

@@ -58,9 +58,15 @@ def test_config_presets():
     for bad, message in (({"depth": 0}, "depth must be a positive int"), ({"depth": -1}, "depth"),
                          ({"patch_size": (0, 2, 2)}, "patch_size must be three positive ints"),
                          ({"patch_size": (1, 2)}, "patch_size"), ({"rope_dims": (12, 12)}, "rope_dims"),
-                         ({"rope_dims": (-2, 14, 12)}, "rope_dims"), ({"mlp_ratio": 0}, "mlp_ratio")):
+                         ({"rope_dims": (-2, 14, 12)}, "rope_dims"), ({"mlp_ratio": 0}, "mlp_ratio"),
+                         ({"mlp_ratio": 0.001}, "no hidden units"), ({"mlp_ratio": "4"}, "mlp_ratio"),
+                         ({"rope_theta": "1e4"}, "theta"), ({"rope_theta": float("inf")}, "theta"),
+                         ({"eps": float("nan")}, "eps")):
         with pytest.raises(ValueError, match=message):
             DiTConfig.from_name("tiny", **bad)
+    for flag in ("qk_norm", "fused_rope"):  # "no" would switch it on
+        with pytest.raises(TypeError, match=f"{flag} must be a bool"):
+            DiTConfig.from_name("tiny", **{flag: "no"})
 
 
 def test_zero_init_outputs_zero():
@@ -78,6 +84,12 @@ def test_bad_inputs():
         model(latents, pack, t, text[:-1], backend="reference")
     with pytest.raises(ValueError, match="timesteps"):
         model(latents, pack, t[:2], text, backend="reference")
+    with pytest.raises(ValueError, match="latents are torch.float64 but the model's parameters are"):
+        model([x.double() for x in latents], pack, t, text, backend="reference")
+    with pytest.raises(ValueError, match="timesteps must be a real number tensor"):
+        model(latents, pack, t.to(torch.complex64), text, backend="reference")
+    with pytest.raises(TypeError, match="sp must be a vk.SequenceParallel"):
+        model(latents, pack, t, text, backend="reference", sp="ulysses")
     no_text = vk.VideoPack.from_shapes(SHAPES, cfg.patch_size, device=DEVICE)
     with pytest.raises(ValueError, match="text lengths"):
         model(latents, no_text, t, text, backend="reference")
