@@ -13,7 +13,7 @@ Layouts (see vdit_kernels.pack for the pack itself):
   packed tokens    (N, C*pt*ph*pw), features ordered (c, pt, ph, pw): exactly the
                    flattening of an nn.Conv3d weight (hidden, C, pt, ph, pw)
   q, k, v          (N, heads, head_dim), cu_seqlens int32 (B+1,)
-  lse              (heads, N) float32, natural log
+  lse              (heads, N) float32 (float64 for float64), natural log
 """
 from __future__ import annotations
 
