@@ -25,7 +25,7 @@ def test_attention_flops_hand_computed():
     assert flops.attention_flops([3, 5], [3, 5], 2, 4, "fwd+bwd") == 3.5 * 1088
     # wan2.1-480p: one video of 21*30*52 tokens, 12 heads x 128
     assert flops.attention_flops([32760], [32760], 12, 128) == 4 * 32760 ** 2 * 12 * 128
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="mode must be one of .* got 'causal'"):
         flops.attention_flops([1], [1], 1, 1, "causal")
 
 
@@ -36,14 +36,14 @@ def test_other_formulas():
     # fwd+bwd: also the output gradient once, latents and weight again, their gradients
     assert flops.patch_embed_bytes(10, 64, 3072, 2, "fwd+bwd") == \
         (640 + 3072 * 64 + 10 * 3072) * 2 + (10 * 3072 + 2 * (640 + 3072 * 64)) * 2
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="mode must be fwd or fwd\\+bwd, got 'bwd'"):
         flops.patch_embed_bytes(10, 64, 3072, 2, "bwd")
     # the output layer: read x (10 x 3072) and weight (64 x 3072), write the videos (10 x 64);
     # fwd+bwd: the videos' gradient once, x and weight again, their gradients
     assert flops.linear_unpatchify_bytes(10, 64, 3072, 2) == (10 * 3072 + 3072 * 64 + 640) * 2
     assert flops.linear_unpatchify_bytes(10, 64, 3072, 2, "fwd+bwd") == \
         (10 * 3072 + 3072 * 64 + 640) * 2 + (640 + 2 * (10 * 3072 + 3072 * 64)) * 2
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="mode must be fwd or fwd\\+bwd, got 'bwd'"):
         flops.linear_unpatchify_bytes(10, 64, 3072, 2, "bwd")
     assert flops.patchify_bytes(10, 64, 2) == 2 * 10 * 64 * 2
     assert flops.rope_bytes(10, 4, 2, 8, 2, position_bytes=0) == 2 * 10 * 6 * 8 * 2

@@ -75,6 +75,7 @@ def test_a_stale_build_is_reported(monkeypatch, missing):
     # _C built from older sources (no patch_embed op, or no direct calls): the cuda backend
     # says to rebuild, and auto takes another backend instead of failing inside a call
     B._why_not.cache_clear()
+    monkeypatch.setattr(B, "_gpu_visible", lambda: True)  # (else "no GPU" alone keeps cuda out)
     monkeypatch.setitem(B._EXTENSION, "missing", (missing,))
     try:
         reason = B.why_not("cuda", "patch", torch.device("cuda"), "patch_embed")
@@ -444,7 +445,7 @@ def _rope_bad_input_checks():
             rope(q, k, pos[:3], [4, 4, 4], 1e4, True, False)
         with pytest.raises(RuntimeError, match="dtype"):
             rope(q, k.half(), pos, [4, 4, 4], 1e4, True, False)
-        with pytest.raises(RuntimeError, match="k"):
+        with pytest.raises(RuntimeError, match="must share N and head_dim"):  # (not "k": the CPU refusal has one)
             rope(q, k[:, :, :8], pos, [4, 4, 4], 1e4, True, False)
         for theta in (0.0, -1.0, float("inf"), float("nan")):  # theta^(-2j/d): NaN or inf angles
             for op in (rope, rope_):

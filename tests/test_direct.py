@@ -168,7 +168,7 @@ def test_inplace_rope_takes_the_direct_route_in_eager_code(monkeypatch):
     vk.apply_rope_3d(q, k, pack, (4, 6, 6), inplace=True, backend="reference")
     assert len(called) == 1
     monkeypatch.setattr(direct, "ENABLED", True)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="inplace RoPE: q and k may share elements"):
         vk.apply_rope_3d(q, q, pack, (4, 6, 6), inplace=True, backend="reference")
 
 
