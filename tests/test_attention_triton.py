@@ -1033,6 +1033,9 @@ def test_tuning_cache_keeps_measured_variants(monkeypatch, tmp_path):
     assert measured_choice("VDIT_TEST_VARIANT", options, {}, key, lambda: "b") == "b"
     path = TC.save()
     assert path.parent == tmp_path and f"triton{triton.__version__}" in path.name and TC.save() is None
+    umask = os.umask(0)
+    os.umask(umask)
+    assert path.stat().st_mode & 0o777 == 0o666 & ~umask  # readable as the umask allows (mkstemp: 0600)
     _new_process(monkeypatch)
 
     def must_not_measure():

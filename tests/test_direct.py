@@ -108,6 +108,34 @@ def test_direct_ok_refuses_subclasses_and_transforms():
     seen = []
     torch.func.vmap(lambda r: seen.append(direct.direct_ok([r])) or r)(torch.randn(2, 3))
     assert seen == [False]
+    # torch.jit.trace records ops: the direct route would leave the op out of the trace
+    torch.jit.trace(lambda r: seen.append(direct.direct_ok([r])) or r * 2, (t,), check_trace=False)
+    assert seen == [False, False]
+
+
+def test_traced_patchify_records_the_op():
+    pack = vk.VideoPack.from_shapes(SHAPES, (1, 2, 2))
+    videos = [torch.randn(2, *s) for s in pack.shapes]
+    traced = torch.jit.trace(lambda *v: vk.patchify(list(v), pack, backend="reference"), tuple(videos))
+    assert "vdit::patchify" in str(traced.graph)
+    other = [torch.randn(2, *s) for s in pack.shapes]
+    assert torch.equal(traced(*other), vk.patchify(other, pack, backend="reference"))
+
+
+@pytest.mark.parametrize("direct_route", [True, False])
+def test_forward_mode_ad_is_refused_on_both_routes(direct_route, monkeypatch):
+    # no forward-mode formula: the registered op gave a dual input's tangent as None
+    # without a word, the direct route the right one on the reference backend only
+    from torch.autograd import forward_ad as fwad
+
+    monkeypatch.setattr(direct, "ENABLED", direct_route)
+    pack = vk.VideoPack.from_shapes(SHAPES, (1, 2, 2))
+    q = torch.randn(pack.num_tokens, 2, 12)
+    with fwad.dual_level():
+        dual = fwad.make_dual(q, torch.randn_like(q))
+        with pytest.raises(NotImplementedError, match="vdit::rope_3d: forward-mode AD"):
+            vk.apply_rope_3d(dual, q, pack, (4, 4, 4), backend="reference")
+        vk.apply_rope_3d(q, q, pack, (4, 4, 4), backend="reference")  # no dual input: fine
 
 
 @pytest.mark.parametrize("backend", ["reference", "triton"])

@@ -81,6 +81,46 @@ def test_bad_pack_arguments():
             VideoPack.from_shapes([(2, 4, 4)], patch_size=patch)
 
 
+def test_pack_device_as_its_tensors_report_it():
+    # "cuda" is stored as cuda:<current> and "cpu:0" as "cpu": torch.device("cuda") is not
+    # torch.device("cuda:0"), and RoPE compares the pack's device with q's
+    pack = VideoPack.from_shapes([(2, 4, 4)], patch_size=(1, 2, 2), device="cpu:0")
+    assert pack.device == pack.cu_seqlens.device == torch.device("cpu")
+    q = torch.randn(pack.num_tokens, 2, 12)
+    vk.apply_rope_3d(q, q, pack, (4, 4, 4), backend="reference")
+    vk.Rope3D.from_pack(pack, (4, 4, 4), positions=pack.positions)
+    if torch.cuda.is_available():
+        gpu = VideoPack.from_shapes([(2, 4, 4)], patch_size=(1, 2, 2), device="cuda")
+        assert gpu.device == torch.device("cuda", torch.cuda.current_device()) == gpu.cu_seqlens.device
+
+
+def test_a_pack_first_used_under_inference_mode_still_trains():
+    # its offsets and lazily cached positions were inference tensors, which autograd cannot
+    # save: every later training step with the pack failed
+    with torch.inference_mode():
+        pack = VideoPack.from_shapes([(2, 4, 4), (1, 2, 2)], patch_size=(1, 2, 2))
+        rope = vk.Rope3D.from_pack(pack, (4, 4, 4))
+        x = torch.randn(pack.num_tokens, 2, 12)
+        vk.varlen_attention(x, x, x, pack.cu_seqlens, pack.cu_seqlens, pack.max_seqlen, pack.max_seqlen,
+                            rope=rope, backend="reference")
+        pack.segment_ids
+    assert not any(t.is_inference() for t in (pack.cu_seqlens, pack.positions, pack.float_positions,
+                                                pack.segment_ids))
+    q = torch.randn(pack.num_tokens, 2, 12, requires_grad=True)
+    out = vk.varlen_attention(q, q, q, pack.cu_seqlens, pack.cu_seqlens, pack.max_seqlen, pack.max_seqlen,
+                              rope=rope, backend="reference")
+    out.sum().backward()
+    assert q.grad is not None
+
+
+def test_replace_gives_a_pack_its_own_cache():
+    import dataclasses
+
+    pack = VideoPack.from_shapes([(2, 4, 4)], patch_size=(1, 2, 2))
+    pack.positions
+    assert dataclasses.replace(pack)._cache == {}
+
+
 def test_split_and_to():
     pack = VideoPack.from_shapes([(1, 2, 2), (2, 2, 2)], patch_size=(1, 2, 2))
     parts = pack.split(torch.arange(3))

@@ -6,9 +6,10 @@ vdit_kernels._C, wrapped in vdit_kernels/cuda/<family>.py). Op families: "patch"
 (patchify, unpatchify, patch_embed, linear_unpatchify), "rope" and "attention".
 
 Choice, first match wins: the op's `backend=` argument, then `use_backend(...)`,
-then the VDIT_BACKEND environment variable, then "auto". "auto" takes the first
-backend of DEFAULT_ORDER[family] that can run on the tensors at hand and falls
-back to "reference" (the only place a fallback happens). "Can run" covers the device and
+then the VDIT_BACKEND environment variable, then "auto". "auto" takes, for CUDA tensors,
+the first backend of DEFAULT_ORDER[family] that can run on them and falls back to
+"reference" (the only place a fallback happens); for CPU tensors always "reference" (the
+Triton interpreter runs only where asked for by name). "Can run" covers the device and
 the dtype: each implementation module lists the dtypes it computes in (DTYPES; float64 is
 for gradcheck and runs on the reference path unless a module lists it). A backend asked for by
 name that cannot run raises BackendUnavailable saying why; it never falls back.
@@ -59,7 +60,8 @@ def use_backend(name: str):
     """Run the ops called inside the `with` block on backend `name` ("auto", "reference",
     "triton", "cuda") unless a call names its own `backend=`; it takes precedence over the
     VDIT_BACKEND environment variable. Per thread and async task (a context variable).
-    Under torch.compile the choice is made at trace time and kept in the graph."""
+    Under torch.compile the choice is made at trace time and kept in the graph: a later
+    use_backend or VDIT_BACKEND does not recompile a function compiled before it."""
     _check_name(name)
     token = _requested.set(name)
     try:

@@ -43,6 +43,18 @@ def _as_triple(value, name: str) -> tuple[int, int, int]:
     return value
 
 
+def tensor_device(device) -> torch.device:
+    """`device` as a tensor on it reports its device: "cuda" with the current device's
+    index, "cpu:0" as "cpu" (torch.device("cuda") != torch.device("cuda:0"), so a pack
+    built on "cuda" compared unequal to its tokens' device)."""
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        return torch.device("cuda", torch.cuda.current_device())
+    if device.type == "cpu":
+        return torch.device("cpu")
+    return device
+
+
 def to_device(host: torch.Tensor, device) -> torch.Tensor:
     """A small CPU tensor on `device` without a stream synchronization: a blocking
     host->device copy (torch.tensor(..., device="cuda"), .to("cuda")) waits for all the
@@ -97,10 +109,13 @@ def device_table(values: Sequence[int], device, dtype=torch.int64) -> torch.Tens
 
 
 def _cumsum_int32(lengths: Sequence[int], device) -> torch.Tensor:
+    # (never an inference tensor: a pack made under torch.inference_mode may train later,
+    # and attention saves its offsets for the backward)
     cu = [0]
     for n in lengths:
         cu.append(cu[-1] + n)
-    return to_device(torch.tensor(cu, dtype=torch.int32), device)
+    with torch.inference_mode(False):
+        return to_device(torch.tensor(cu, dtype=torch.int32), device)
 
 
 @dataclass(eq=False)
@@ -122,6 +137,9 @@ class VideoPack:
       positions:     int32 (N, 3) token coordinates (t, h, w), built lazily and cached
       float_positions: the same as float32, lazy and cached (what the RoPE ops read)
       segment_ids:   int32 (N,) the video each token belongs to, lazy and cached
+    The lazy tensors are copied to the device on the stream current at their first use
+    (without a host sync): first use them on the stream that reads them, or make that
+    stream wait for the one that built them.
     """
 
     shapes: tuple[tuple[int, int, int], ...]
@@ -132,7 +150,8 @@ class VideoPack:
     cu_seqlens: torch.Tensor
     text_lengths: Optional[tuple[int, ...]] = None
     cu_seqlens_k: Optional[torch.Tensor] = None
-    _cache: dict = field(default_factory=dict, repr=False)
+    # (not an init field: dataclasses.replace(pack, ...) gets a cache of its own)
+    _cache: dict = field(default_factory=dict, repr=False, init=False)
 
     @classmethod
     def from_shapes(
@@ -151,7 +170,7 @@ class VideoPack:
         video and axis at fault.
         """
         patch_size = _as_triple(patch_size, "patch_size")
-        device = torch.device(device) if device is not None else torch.device("cpu")
+        device = tensor_device(device if device is not None else "cpu")
         shapes = [as_ints(shape, f"video {i}: shape") for i, shape in enumerate(shapes)]
         grids = []
         for i, shape in enumerate(shapes):
@@ -233,7 +252,14 @@ class VideoPack:
             return build(self.device)
         cached = self._cache.get(key)
         if cached is None:
-            cached = self._cache[key] = to_device(build("cpu"), self.device)
+            if self.device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+                # a pageable host copy cannot be captured, and values made inside a capture
+                # exist only once the graph runs: built on the device, not kept
+                return build(self.device)
+            # never an inference tensor (a first use under torch.inference_mode would make
+            # every later training step with this pack fail to save it for backward)
+            with torch.inference_mode(False):
+                cached = self._cache[key] = to_device(build("cpu"), self.device)
         return cached
 
     @property
@@ -255,7 +281,8 @@ class VideoPack:
             return self.positions.to(torch.float32).contiguous()
         cached = self._cache.get("float_positions")
         if cached is None:
-            cached = self.positions.to(torch.float32).contiguous()
+            with torch.inference_mode(False):  # (as _per_token's)
+                cached = self.positions.to(torch.float32).contiguous()
             # not kept when converted inside a CUDA graph capture (its values exist only
             # once the graph runs)
             if not (cached.is_cuda and torch.cuda.is_current_stream_capturing()):

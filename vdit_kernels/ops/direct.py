@@ -28,7 +28,12 @@ An op that mutates its inputs (define_mutating: in-place RoPE) takes the direct 
 under the same conditions when no input needs a gradient, and its direct call bumps the
 mutated tensors' version counters as the op's mutates_args would.
 Both routes run the same functions, so they agree bit for bit; VDIT_DIRECT=0 (read at
-import) sends every call through the ops, as tests do to compare the two.
+import) sends every call through the ops, as tests do to compare the two. Not taken
+under torch.jit.trace (the trace would hold the kernels' outputs, not the op). Forward-mode
+AD is refused on both routes (no formula). Batched gradients (torch.autograd.grad(...,
+is_grads_batched=True), jacobian(vectorize=True): the legacy vmap, which no check here
+sees) fail on the direct route with a vmap error; VDIT_DIRECT=0 runs them through the
+ops' batching fallback.
 """
 from __future__ import annotations
 
@@ -38,6 +43,7 @@ import os
 from typing import Callable, Optional, Sequence
 
 import torch
+from torch.autograd import forward_ad as _forward_ad
 from torch.utils import _python_dispatch
 
 ENABLED = os.environ.get("VDIT_DIRECT", "1") != "0"
@@ -97,11 +103,13 @@ def _tensors(args) -> list:
 
 def direct_ok(tensors) -> bool:
     """Whether a call may skip the dispatcher: eager mode, no mode or transform that
-    intercepts ops, plain tensors (nn.Parameter included)."""
+    intercepts ops, no torch.jit.trace recording (it would record the kernels' outputs,
+    not the op), plain tensors (nn.Parameter included)."""
     return (ENABLED
             and _python_dispatch._get_current_dispatch_mode() is None
             and torch._C._len_torch_function_stack() == 0
             and not torch._C._are_functorch_transforms_active()
+            and not torch._C._is_tracing()
             and _PLAIN.issuperset(map(type, tensors)))
 
 
@@ -110,6 +118,8 @@ def call(op, *args):
     if torch.compiler.is_compiling():  # first: dynamo folds it and traces nothing below
         return op(*args)
     tensors = _tensors(args)
+    if _forward_ad._current_level >= 0:  # (a module int: nothing to pay outside forward AD)
+        _refuse_dual(op, tensors)
     if not direct_ok(tensors):
         return op(*args)
     if op in _MUTATING:
@@ -134,6 +144,16 @@ def call(op, *args):
     kind: list = []  # filled by forward: how the op's output was shaped
     flat = _Direct.apply((impl, setup, backward, kind), args, *tensors)
     return flat[0] if kind[0] is torch.Tensor else kind[0](flat)
+
+
+def _refuse_dual(op, tensors) -> None:
+    """Forward-mode AD (torch.autograd.forward_ad) has no formula in these ops: a dual
+    input's tangent came back None from the registered op (torch's custom ops do that
+    without a word) and correct from the direct route on some backends only."""
+    if any(_forward_ad.unpack_dual(t).tangent is not None for t in tensors):
+        raise NotImplementedError(f"{getattr(op, '_qualname', op)}: forward-mode AD (torch.autograd.forward_ad "
+                                  "dual tensors) is not implemented; use reverse mode (backward, "
+                                  "torch.autograd.grad)")
 
 
 class _Direct(torch.autograd.Function):

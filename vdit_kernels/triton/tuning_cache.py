@@ -179,6 +179,9 @@ def save() -> Optional[Path]:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
     with os.fdopen(fd, "w") as f:
         json.dump(merged, f, indent=1, sort_keys=True)
+    umask = os.umask(0)  # (mkstemp makes the file 0600 whatever the umask: others could not read it)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)
     os.replace(tmp, path)
     _STATE["new"] = {}
     return path
