@@ -27,23 +27,20 @@ DEVICE = torch.device("cuda" if HAS_CUDA else "cpu")
 # Inductor's on-disk caches key a compiled graph on the graph, not on our ops' fake
 # implementations: a graph compiled under an earlier (wrong) fake was served again after
 # the fake changed (2026-11-28, attention's output strides), so a test of the fix failed
-# and, the other way round, a fake broken later could pass on an old entry. One fresh
-# cache per test session (the session's own repeats still hit it; pytest-xdist workers of
-# one run share theirs, left for the machine's temp cleanup: a worker cannot tell when the
-# others are done with it).
+# and, the other way round, a fake broken later could pass on an old entry. So the tests
+# use a cache of their own per version of our Python sources (and of torch): a change to
+# any of them starts an empty one, while runs of the same sources (CI's main and compat
+# runs are separate venvs, hence separate torch versions) reuse theirs.
 if "TORCHINDUCTOR_CACHE_DIR" not in os.environ:
+    import hashlib
     import tempfile
+    from pathlib import Path
 
-    if os.environ.get("PYTEST_XDIST_TESTRUNUID"):
-        _inductor_dir = os.path.join(tempfile.gettempdir(), "vdit_inductor_" + os.environ["PYTEST_XDIST_TESTRUNUID"])
-        os.makedirs(_inductor_dir, exist_ok=True)
-    else:
-        import atexit
-        import shutil
-
-        _inductor_dir = tempfile.mkdtemp(prefix="vdit_inductor_")
-        atexit.register(shutil.rmtree, _inductor_dir, ignore_errors=True)
-    os.environ["TORCHINDUCTOR_CACHE_DIR"] = _inductor_dir
+    _digest = hashlib.sha256(torch.__version__.encode())
+    for _source in sorted(Path(__file__).resolve().parent.parent.joinpath("vdit_kernels").rglob("*.py")):
+        _digest.update(_source.read_bytes())
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = os.path.join(tempfile.gettempdir(),
+                                                         "vdit_inductor_" + _digest.hexdigest()[:16])
 
 # pytest-xdist workers (the GPU script runs 8) would each start one CPU thread per core:
 # on the 16-core GPU machine the float64 reference gradchecks, 2 s alone, then ran past
