@@ -543,15 +543,18 @@ def plots(rows: list[dict], out: Path) -> list[str]:
     return made
 
 
-def static_report(out: Path) -> str:
+def static_report(out: Path, sass: str = "all") -> str:
+    """Runs benchmarks/static_report.py into out/static_report.{json,txt} (and its _cuda /
+    _small_gpus JSON); returns a line: kernels compiled and problems found, or why it failed.
+    sass: its --sass (the test suite's run: "checked")."""
     # a silent subprocess of minutes otherwise (every kernel and candidate compiled for sm_90a)
     print("static report: compiling every Triton kernel for sm_90a (a few minutes, up to 10; "
           "--no-static skips it) ...", flush=True)
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     try:
         proc = subprocess.run([sys.executable, "-m", "benchmarks.static_report", "--json",
-                               str(out / "static_report.json")], cwd=ROOT, env=env, capture_output=True,
-                              text=True, timeout=600)
+                               str(out / "static_report.json"), "--sass", sass], cwd=ROOT, env=env,
+                              capture_output=True, text=True, timeout=600)
     except subprocess.TimeoutExpired:
         return "static report: timed out after 600 s"
     (out / "static_report.txt").write_text(proc.stdout + proc.stderr)

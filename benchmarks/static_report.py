@@ -33,7 +33,7 @@ for sm_86, as sm_89; TMA variants for sm_120), candidates in list order until on
 the tile a fixed launch (deterministic=True, VDIT_AUTOTUNE=0) falls to there; none fitting is
 a problem.
 
-python -m benchmarks.static_report [--json out.json] exits non-zero when a kernel
+python -m benchmarks.static_report [--json out.json] [--sass all|checked] exits non-zero when a kernel
 spills or misses its expected tensor-core instructions, or a launch has no tile for 99 KB
 (out.json holds the rows, out_cuda.json those of _C, out_small_gpus.json the 99 KB builds).
 """
@@ -58,21 +58,6 @@ def nvidia_tool(name: str) -> Path:
     import triton
 
     return Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / name
-
-
-def ptxas_path(sm: int) -> Path:
-    """The ptxas Triton itself assembles sm_<sm> code with. Triton 3.9 runs its CUDA 13
-    ptxas (the binary named ptxas-blackwell) from sm_90 on and writes PTX that the CUDA 12
-    ptxas beside it rejects (".version 9.4"); earlier releases run the CUDA 12 one below
-    sm_100. The spill counts must come from the assembler that built the cubin."""
-    try:
-        from triton.backends.nvidia.compiler import get_ptxas
-    except ImportError:  # pragma: no cover - older Triton
-        return nvidia_tool("ptxas")
-    try:
-        return Path(get_ptxas(sm).path)
-    except TypeError:  # Triton 3.5: get_ptxas() takes no target (one ptxas for every arch)
-        return Path(get_ptxas().path)
 
 
 def with_unit_args(spec: dict) -> dict:
@@ -145,8 +130,15 @@ def main_loop(sass: str) -> dict:
 
 
 def _compile(spec: dict, sm: int):
-    """The compiled kernel of a spec for sm_<sm> (sm_90: sm_90a), as its launch builds it."""
+    """(the compiled kernel of a spec for sm_<sm> (sm_90: sm_90a), as its launch builds it,
+    its options, the log of the ptxas run that assembled it). Compiled anew, past Triton's
+    cache, so that its own ptxas run (with its own flags: Triton 3.8 adds
+    --regAllocOptLevel=2) reports the spills of exactly this cubin."""
+    import contextlib
+    import io
+
     import triton
+    from triton import knobs
     from triton.backends.compiler import GPUTarget
 
     from vdit_kernels.triton import COMPILE_OPTIONS
@@ -158,27 +150,37 @@ def _compile(spec: dict, sm: int):
                **COMPILE_OPTIONS}
     if spec.get("maxnreg"):  # a register cap, as the launch passes it
         options["maxnreg"] = spec["maxnreg"]
-    return triton.compile(src, target=GPUTarget("cuda", sm, 32), options=options), options
+    # Triton prints its ptxas log (ptxas -v) with print() when asked to
+    log = io.StringIO()
+    saved = knobs.compilation.always_compile, knobs.nvidia.dump_ptxas_log
+    knobs.compilation.always_compile, knobs.nvidia.dump_ptxas_log = True, True
+    try:
+        with contextlib.redirect_stdout(log):
+            kernel = triton.compile(src, target=GPUTarget("cuda", sm, 32), options=options)
+    finally:
+        knobs.compilation.always_compile, knobs.nvidia.dump_ptxas_log = saved
+    return kernel, options, log.getvalue()
 
 
-def compile_spec(spec: dict) -> dict:
-    kernel, options = _compile(spec, SM)
+_SPILLS = re.compile(r"(\d+) bytes spill stores, (\d+) bytes spill loads")
+
+
+def compile_spec(spec: dict, sass: bool = True) -> dict:
+    """A spec's row. sass=False skips the disassembly (its main-loop fields are then zeros),
+    the slowest step: about 0.4 s of cuobjdump for an attention kernel."""
+    kernel, options, ptxas_log = _compile(spec, SM)
     ptx = kernel.asm["ptx"]
+    spills = [int(a) + int(b) for a, b in _SPILLS.findall(ptxas_log)]
+    if "Used" not in ptxas_log:  # no log: this Triton assembles differently; nothing is guessed
+        raise RuntimeError(f"{spec['name']}: Triton printed no ptxas log (knobs.nvidia.dump_ptxas_log)")
     with tempfile.TemporaryDirectory() as tmp:
-        cubin, ptx_file = Path(tmp) / "k.cubin", Path(tmp) / "k.ptx"
+        cubin = Path(tmp) / "k.cubin"
         cubin.write_bytes(kernel.asm["cubin"])
-        ptx_file.write_text(ptx)
         usage = subprocess.run([str(nvidia_tool("cuobjdump")), "-res-usage", str(cubin)],
                                capture_output=True, text=True, check=True).stdout
-        sass = subprocess.run([str(nvidia_tool("cuobjdump")), "-sass", str(cubin)],
-                              capture_output=True, text=True, check=True).stdout
-        # ptxas -v counts spills exactly; STACK alone also holds e.g. the scratch array of
-        # precise sinf/cosf argument reduction, which is not a spill
-        ptxas = subprocess.run([str(ptxas_path(SM)), f"-arch=sm_{SM}a", "-v", str(ptx_file),
-                                "-o", str(Path(tmp) / "check.cubin")],
-                               capture_output=True, text=True, check=True).stderr
+        loop = main_loop(subprocess.run([str(nvidia_tool("cuobjdump")), "-sass", str(cubin)],
+                                        capture_output=True, text=True, check=True).stdout if sass else "")
     fields = dict(re.findall(r"(REG|STACK|SHARED|LOCAL):(\d+)", usage))
-    spills = [int(a) + int(b) for a, b in re.findall(r"(\d+) bytes spill stores, (\d+) bytes spill loads", ptxas)]
     return {
         "kernel": spec["name"],
         "registers": int(fields.get("REG", 0)),
@@ -198,7 +200,7 @@ def compile_spec(spec: dict) -> dict:
         "load_bytes": widest_access(ptx)["ld"],
         "store_bytes": widest_access(ptx)["st"],
         "min_access_bytes": int(spec.get("min_access_bytes", 0)),
-        **main_loop(sass),
+        **loop,
     }
 
 
@@ -244,21 +246,29 @@ def all_specs() -> list[dict]:
 
 
 def _task(task: tuple) -> dict:
-    kind, arg = task
-    return compile_spec(all_specs()[arg]) if kind == "spec" else _small_gpu_group(arg)
+    kind, arg, sass = task
+    if kind == "small":
+        return _small_gpu_group(arg)
+    spec = all_specs()[arg]
+    return compile_spec(spec, sass=sass == "all" or bool(spec.get("loop_spill_free")))
 
 
-def report(jobs: int | None = None) -> tuple[list[dict], list[dict]]:
+def report(jobs: int | None = None, sass: str = "all") -> tuple[list[dict], list[dict]]:
     """(a row per spec compiled for sm_90a, a _small_gpu_group per launch), all built in
     one pool of `jobs` worker processes (default: one per CPU core), since each compile is
-    single-threaded and there are hundreds of them."""
+    single-threaded and there are hundreds of them. sass="checked" disassembles only the
+    specs whose main loop is checked (loop_spill_free): every problem is still found, in
+    about half the time (the test suite's run)."""
     if os.environ.get("TRITON_INTERPRET") == "1":
         raise SystemExit("unset TRITON_INTERPRET: the static report compiles real kernels")
     specs = all_specs()
     groups: dict = {}
     for spec in specs:
         groups.setdefault(launch_of(spec["name"]), []).append(spec["name"])
-    done = _map(_task, [("spec", i) for i in range(len(specs))] + [("small", g) for g in groups.values()], jobs)
+    if sass not in ("all", "checked"):
+        raise ValueError(f"sass must be 'all' or 'checked', got {sass!r}")
+    tasks = [("spec", i, sass) for i in range(len(specs))] + [("small", g, sass) for g in groups.values()]
+    done = _map(_task, tasks, jobs)
     return done[:len(specs)], done[len(specs):]
 
 
@@ -346,12 +356,16 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--json", help="write the rows as JSON here")
     parser.add_argument("--jobs", type=int, default=None, help="compile processes (default: CPU cores)")
+    parser.add_argument("--sass", choices=("all", "checked"), default="all",
+                        help="disassemble every kernel for its main loop (all), or only those whose "
+                             "main loop is checked (checked: same problems found, about half the time)")
     args = parser.parse_args(argv)
-    rows, small = report(args.jobs)
+    rows, small = report(args.jobs, args.sass)
     print(f"Static report: Triton kernels compiled for sm_{SM}a (no GPU needed)")
     print("(ld/st B: the widest global load / store per thread and instruction, 16 = 128-bit vectors;")
     print(" loop: SASS instructions / HGMMA / HMMA / local-memory accesses of the main loop, per warp")
-    print(" and step: main_loop())")
+    print(" and step: main_loop(); -: no loop" + (", or not disassembled (--sass checked))" if args.sass == "checked"
+                                                  else ")"))
     print(f"{'kernel':<50}{'warps':>6}{'regs':>6}{'spill B':>9}{'stack B':>9}{'smem B':>9}{'wgmma':>7}"
           f"{'ld/st B':>9}{'loop':>15}")
     for r in rows:
