@@ -34,7 +34,7 @@ echo "[compat] installing torch $TORCH_VERSION, triton $TRITON_VERSION in $(base
 # Triton 3.6 interpreter applies to range() bounds (our kernels pass them through
 # vdit_kernels.triton.loop_bound; later Triton releases squeeze first)
 if ! "$V/bin/python" -m pip install -q --disable-pip-version-check "torch==$TORCH_VERSION" "triton==$TRITON_VERSION" \
-    "numpy>=2.4" pytest einops setuptools wheel ninja 2>&1 | quiet; then
+    "numpy>=2.4" pytest pytest-xdist einops setuptools wheel ninja 2>&1 | quiet; then
   echo "[compat] pip install failed"; exit 1
 fi
 WORK=$(mktemp -d)
@@ -55,5 +55,9 @@ else
     --no-deps -e . 2>&1 | quiet
 fi
 "$V/bin/python" -c "import torch, triton, numpy; print('[compat] torch', torch.__version__, '| triton', triton.__version__, '| numpy', numpy.__version__)"
-# --disable-warnings: the 3.6 interpreter warns thousands of times about numpy conversions
-"$V/bin/python" -m pytest tests -p no:cacheprovider --disable-warnings "$@"
+# --disable-warnings: the 3.6 interpreter warns thousands of times about numpy conversions;
+# TEST_WORKERS: pytest-xdist processes, as in scripts/test.sh
+workers=${TEST_WORKERS:-2}
+par=()
+[ "$workers" = 1 ] || par=(-n "$workers")
+"$V/bin/python" -m pytest tests -p no:cacheprovider --disable-warnings "${par[@]}" "$@"
