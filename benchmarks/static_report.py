@@ -40,6 +40,7 @@ spills or misses its expected tensor-core instructions, or a launch has no tile 
 from __future__ import annotations
 
 import argparse
+import functools
 import importlib
 import json
 import os
@@ -169,10 +170,10 @@ def compile_spec(spec: dict, sass: bool = True) -> dict:
     """A spec's row. sass=False skips the disassembly (its main-loop fields are then zeros),
     the slowest step: about 0.4 s of cuobjdump for an attention kernel."""
     kernel, options, ptxas_log = _compile(spec, SM)
-    ptx = kernel.asm["ptx"]
-    spills = [int(a) + int(b) for a, b in _SPILLS.findall(ptxas_log)]
     if "Used" not in ptxas_log:  # no log: this Triton assembles differently; nothing is guessed
         raise RuntimeError(f"{spec['name']}: Triton printed no ptxas log (knobs.nvidia.dump_ptxas_log)")
+    ptx = kernel.asm["ptx"]
+    spills = [int(a) + int(b) for a, b in _SPILLS.findall(ptxas_log)]
     with tempfile.TemporaryDirectory() as tmp:
         cubin = Path(tmp) / "k.cubin"
         cubin.write_bytes(kernel.asm["cubin"])
@@ -245,8 +246,8 @@ def all_specs() -> list[dict]:
     return specs
 
 
-def _task(task: tuple) -> dict:
-    kind, arg, sass = task
+def _task(task: tuple, sass: str) -> dict:
+    kind, arg = task
     if kind == "small":
         return _small_gpu_group(arg)
     spec = all_specs()[arg]
@@ -267,8 +268,8 @@ def report(jobs: int | None = None, sass: str = "all") -> tuple[list[dict], list
         groups.setdefault(launch_of(spec["name"]), []).append(spec["name"])
     if sass not in ("all", "checked"):
         raise ValueError(f"sass must be 'all' or 'checked', got {sass!r}")
-    tasks = [("spec", i, sass) for i in range(len(specs))] + [("small", g, sass) for g in groups.values()]
-    done = _map(_task, tasks, jobs)
+    tasks = [("spec", i) for i in range(len(specs))] + [("small", g) for g in groups.values()]
+    done = _map(functools.partial(_task, sass=sass), tasks, jobs)
     return done[:len(specs)], done[len(specs):]
 
 

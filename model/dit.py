@@ -25,7 +25,6 @@ cross-attention locally, the output layer's features gathered before the unpatch
 from __future__ import annotations
 
 import math
-import numbers
 from dataclasses import dataclass, replace
 from typing import Optional, Sequence, Union
 
@@ -36,7 +35,8 @@ from torch import Tensor, nn
 import vdit_kernels as vk
 from vdit_kernels import backend as _backend
 from vdit_kernels import reference as ref
-from vdit_kernels.checks import as_ints, check_flag, check_pack, check_theta, check_videos, positive_int
+from vdit_kernels.checks import (as_ints, check_flag, check_pack, check_positive_finite, check_theta, check_videos,
+                                 positive_int)
 
 Backend = Union[None, str, dict]
 
@@ -69,10 +69,8 @@ class DiTConfig:
     def __post_init__(self):
         for name in ("in_channels", "hidden", "heads", "head_dim", "depth", "text_dim", "time_freq_dim"):
             setattr(self, name, positive_int(getattr(self, name), name))
-        for name in ("mlp_ratio", "eps"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0 < value < math.inf:
-                raise ValueError(f"{name} must be a positive finite number, got {value!r}")
+        check_positive_finite("mlp_ratio", self.mlp_ratio)
+        check_positive_finite("eps", self.eps)
         check_theta(self.rope_theta)
         if self.mlp_hidden < 1:
             raise ValueError(f"mlp_ratio {self.mlp_ratio} leaves the MLP no hidden units at hidden {self.hidden}")

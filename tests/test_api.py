@@ -701,14 +701,14 @@ def test_compile_fullgraph_whole_stack(backend):
         torch.testing.assert_close(a, e)
 
 
-# (the reference backend: the triton backend's strides against the same fakes are opcheck's,
-# test_opcheck_every_op, with the same layouts)
-@pytest.mark.parametrize("backend", ["reference"])
-def test_compile_training_step_of_a_channels_last_model(backend):
+# (on the reference backend: the triton backend's strides against the same fakes are
+# opcheck's, test_opcheck_every_op, with the same layouts)
+def test_compile_training_step_of_a_channels_last_model():
     # model.to(memory_format=torch.channels_last_3d) gives the patch embedding's Conv3d a
     # permuted weight; the backward's fakes once kept that layout where every backend
     # returns contiguous gradients (inductor's stride assert failed)
     torch._dynamo.reset()
+    backend = "reference"
     device = device_for(backend)
     pack = _make_pack(device)
     conv = torch.nn.Conv3d(2, 8, (1, 2, 2), (1, 2, 2)).to(device).to(memory_format=torch.channels_last_3d)
@@ -724,12 +724,12 @@ def test_compile_training_step_of_a_channels_last_model(backend):
         torch.testing.assert_close(a, e)
 
 
-@pytest.mark.parametrize("backend", ["reference"])  # (as above)
-def test_compile_attention_of_head_major_inputs(backend):
+def test_compile_attention_of_head_major_inputs():  # (on the reference backend, as above)
     # q from an SDPA-layout (H, L, D) tensor: the compiled graph plans its buffers by the
     # fakes' strides, and a fake that kept q's layout where the backend returns a contiguous
     # out once failed inductor's stride assert (or, without it, read out wrongly)
     torch._dynamo.reset()
+    backend = "reference"
     device = device_for(backend)
     pack = _make_pack(device)
     cu, m = pack.cu_seqlens, pack.max_seqlen

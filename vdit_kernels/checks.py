@@ -35,7 +35,7 @@ def check_flag(name: str, value) -> bool:
     "no" would silently pick a convention."""
     if not isinstance(value, bool):
         raise TypeError(f"{name} must be a bool, got {value!r}")
-    return bool(value)
+    return value
 
 
 def check_float(name: str, t: torch.Tensor) -> None:
@@ -330,10 +330,15 @@ def check_rope_dims(dims: Sequence[int], head_dim: Optional[int] = None) -> tupl
     return dims
 
 
+def check_positive_finite(name: str, value) -> None:
+    """value a real number in (0, inf): not a bool, a string, NaN or inf."""
+    if not (isinstance(value, numbers.Real) and not isinstance(value, bool) and value > 0
+            and value != math.inf):  # (not math.isfinite: torch.compile(dynamic=True) cannot trace it)
+        raise ValueError(f"{name} must be a positive finite number, got {value!r}")
+
+
 def check_theta(theta) -> None:
-    if not (isinstance(theta, numbers.Real) and not isinstance(theta, bool) and theta > 0
-            and theta != math.inf):  # (not math.isfinite: torch.compile(dynamic=True) cannot trace it)
-        raise ValueError(f"rope theta (the frequency base) must be a positive finite number, got {theta!r}")
+    check_positive_finite("rope theta (the frequency base)", theta)
 
 
 def check_positions(positions: torch.Tensor, num_tokens: int, device: torch.device) -> None:

@@ -128,8 +128,7 @@ class Rope3D:
         if positions is None:
             return cls(pack.float_positions, dims, float(theta), interleaved)
         check_positions(positions, pack.num_tokens, pack.device)
-        dtype = torch.float64 if positions.dtype == torch.float64 else torch.float32
-        return cls(positions.to(dtype).contiguous(), dims, float(theta), interleaved)
+        return cls(positions.to(positions_dtype(positions.dtype)).contiguous(), dims, float(theta), interleaved)
 
 
 def positions_dtype(dtype: torch.dtype) -> torch.dtype:
