@@ -464,10 +464,14 @@ def test_bad_attention(pack):
 
 
 @pytest.mark.parametrize("backend", ["reference", "triton"])
-def test_attention_of_zero_query_heads(pack, backend):
+def test_attention_of_zero_query_heads(backend):
     # H = 0 passes "Hk divides H"; the forward is empty and the backward all zeros (the
-    # reference backward divided by its 0 groups)
-    q, k, v = _qkv(pack.num_tokens, heads=0, kv_heads=1, dtype=torch.float32, requires_grad=True)
+    # reference backward divided by its 0 groups). On a GPU the triton backend takes CUDA
+    # tensors (device_for): CPU ones failed there as "needs CUDA tensors" (2026-11-28)
+    dev = device_for(backend)
+    pack = _make_pack(dev)
+    q, k, v = (t.detach().to(dev).requires_grad_() for t in
+               _qkv(pack.num_tokens, heads=0, kv_heads=1, dtype=torch.float32))
     cu, m = pack.cu_seqlens, pack.max_seqlen
     out, lse = vk.varlen_attention(q, k, v, cu, cu, m, m, return_lse=True, backend=backend)
     assert out.shape == q.shape and lse.shape == (0, pack.num_tokens)
