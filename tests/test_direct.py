@@ -144,14 +144,16 @@ def test_inplace_rope_still_bumps_the_version_counter(backend, direct_route, mon
     # q is saved by the matmul for w's gradient; rotating it in place must make that
     # backward fail loudly (as the registered op's mutates_args do), not use the rotated
     # q; the Triton kernel writes through pointers, which alone bump nothing
-    if backend not in vk.available_backends("rope", "cpu"):
+    # (on a GPU the triton case runs CUDA tensors, device_for: it was skipped there on CPU ones)
+    dev = device_for(backend)
+    if backend not in vk.available_backends("rope", dev.type):
         pytest.skip(f"{backend} unavailable here")
     monkeypatch.setattr(direct, "ENABLED", direct_route)
-    pack = vk.VideoPack.from_shapes(SHAPES, (1, 2, 2))
+    pack = vk.VideoPack.from_shapes(SHAPES, (1, 2, 2), device=dev)
     n = pack.num_tokens
-    w = torch.randn(16, 16, requires_grad=True)
-    q = torch.randn(n, 2, 16)
-    k = torch.randn(n, 2, 16)
+    w = torch.randn(16, 16, device=dev, requires_grad=True)
+    q = torch.randn(n, 2, 16, device=dev)
+    k = torch.randn(n, 2, 16, device=dev)
     expected = vk.apply_rope_3d(q, k, pack, (4, 6, 6), backend="reference")
     loss = (q @ w).sum()
     versions = q._version, k._version
