@@ -16,7 +16,7 @@ namespace vdit {
 enum class RopeDtype : int32_t { kFloat32, kFloat16, kBFloat16 };
 
 // Enqueues one launch: `blocks` CTAs of kRopeThreads, `smem` bytes of dynamic shared
-// memory, vp pairs per access (1, 2, 4 or 8). Returns the launch's error code.
+// memory, vp pairs per access (1, 2 or 4). Returns the launch's error code.
 cudaError_t launch_rope_kernel(const RopeParams& p, RopeDtype dtype, int vp, int64_t blocks, size_t smem,
                                cudaStream_t stream);
 

@@ -87,8 +87,7 @@ void rope_launch(const at::Tensor& q, const at::Tensor& k, const at::Tensor& qo,
   p.inverse = inverse;
 
   const RopePlan plan = plan_rope(p, q.element_size());  // fills p.tok
-  TORCH_CHECK(plan.units_per_token * p.tok + kRopeMaxBatch * kRopeThreads < (int64_t{1} << 31),
-              "vdit_C rope: too many heads * head_dim");
+  TORCH_CHECK(plan.units_per_token * p.tok < (int64_t{1} << 31), "vdit_C rope: too many heads * head_dim");
   TORCH_CHECK(plan.blocks < (int64_t{1} << 31), "vdit_C rope: N = ", N, " is too large");
   TORCH_CHECK(plan.smem_bytes <= kRopeMaxSmemBytes, "vdit_C rope: head_dim ", D, " is too large");
   auto stream = c10::cuda::getCurrentCUDAStream(q.device().index());

@@ -1,27 +1,19 @@
 // The 3D RoPE kernel's work (csrc/rope.cu) and its launch plan, in plain C++ that
 // compiles for the host too: csrc/rope_host.cpp plans launches with plan_rope, and
 // tests/cpp/rope_emulation.cpp runs the kernel's per-thread code on the CPU (every thread
-// of a CTA through phase 0, then phase 1, then phase 2: the kernel's two barriers, each
-// thread's loaded units kept between phases as its registers are) against a reference,
-// for strides, alignments and splits a GPU test would need a GPU for.
+// of a CTA through phase 0, then phase 1, then phase 2: the kernel's two barriers) against
+// a reference, for strides, alignments and splits a GPU test would need a GPU for.
 //
-// A CTA owns `tok` consecutive tokens and every head of q and k for them. Work units are
-// groups of VP consecutive pair slots of one (token, head): interleaved, a group is 2*VP
-// contiguous elements; rotate-half, two runs of VP contiguous elements (x[c0+j..],
-// x[c0+j+d_a/2..]), VP dividing every d_a/2 so a group stays in one axis. Phase 0 issues
-// the loads of the thread's first batch of units (into registers), then puts the per-pair
-// frequencies theta^(-2j/d_a) (computed in double, rounded to float32, as the reference
-// does) in shared memory; phase 1 computes cos/sin of angle = pos[axis] * freq (float32;
-// sincosf, the accurate libdevice path, on the GPU) for its tokens; phase 2 rotates and
-// stores the loaded units, every head reusing the tables, then loads and rotates any
-// further batches. Loading before the barriers puts the DRAM latency under the table
-// work, and a thread's units are all in flight at once: one unit at a time (load, rotate,
-// store, next: the compiler cannot move a load above a store that may alias it, the
-// in-place op's case) held the kernel at 81% of the copy bandwidth on an H200, where
-// Triton's tile kernel, loading its whole tile at once, reached 93% (2026-11-28).
-// VP (1, 2, 4 or 8 pairs; up to 16 B per access) is chosen by plan_rope from the head dim,
-// the split and the alignment of pointers and strides; VP = 1 takes any strides. Math in
-// float32, stored in the input dtype; inverse=True negates sin.
+// A CTA owns `tok` consecutive tokens and every head of q and k for them. Phase 0 puts
+// the per-pair frequencies theta^(-2j/d_a) (computed in double, rounded to float32, as
+// the reference does) in shared memory, phase 1 cos/sin of angle = pos[axis] * freq
+// (float32; sincosf, the accurate libdevice path, on the GPU) for its tokens; phase 2
+// rotates, every head reusing them. Work units are groups of VP consecutive pair slots of
+// one (token, head): interleaved, a group is 2*VP contiguous elements; rotate-half, two
+// runs of VP contiguous elements (x[c0+j..], x[c0+j+d_a/2..]), VP dividing every d_a/2 so
+// a group stays in one axis. VP (1, 2 or 4 pairs; up to 16 B per access) is chosen by
+// plan_rope from the head dim, the split and the alignment of pointers and strides; VP =
+// 1 takes any strides. Math in float32, stored in the input dtype; inverse=True negates sin.
 #pragma once
 
 #include <cmath>
@@ -32,13 +24,6 @@
 namespace vdit {
 
 constexpr int kRopeThreads = 256;
-// Work units a thread loads at once (the first batch before the barriers): 64 B of data,
-// at most 4 units (units of 8 or 16 B: 4; 32 B: 2). 4 units of 32 B spilled 156 B under the
-// kernel's 64-register cap (ptxas, sm_90a).
-constexpr int rope_batch(int vp, int64_t esize) {
-  return 2 * vp * esize >= 32 ? 2 : 4;
-}
-constexpr int kRopeMaxBatch = 4;
 constexpr int64_t kRopeMaxSmemBytes = 48 * 1024;  // default dynamic shared memory limit
 
 struct RopeParams {
@@ -60,7 +45,7 @@ struct RopeParams {
 // ---- launch plan (host) -----------------------------------------------------------
 
 struct RopePlan {
-  int vp;                  // pairs per access (1, 2, 4 or 8)
+  int vp;                  // pairs per access (1, 2 or 4)
   int64_t units_per_token; // work units of one token (every head of q and k)
   int64_t blocks;          // CTAs
   int64_t smem_bytes;      // dynamic shared memory per CTA
@@ -68,15 +53,14 @@ struct RopePlan {
 
 // Fills p.tok and returns the plan of a launch whose other fields p holds (pointers,
 // strides, heads, N >= 1, half >= 1, axes, interleaved); esize is the element size. The
-// caller checks units_per_token * tok + kRopeMaxBatch * kRopeThreads < 2^31 (the kernel's
-// int32 unit indices run one batch past the last unit), blocks < 2^31 and smem_bytes against
+// caller checks units_per_token * tok < 2^31, blocks < 2^31 and smem_bytes against
 // kRopeMaxSmemBytes.
 inline RopePlan plan_rope(RopeParams& p, int64_t esize) {
   RopePlan plan;
-  // pairs per access: the largest VP in {8, 4, 2, 1} with 2*VP*elem <= 16 B (interleaved)
+  // pairs per access: the largest VP in {4, 2, 1} with 2*VP*elem <= 16 B (interleaved)
   // or VP*elem <= 16 B (rotate-half) that divides the groups' layout and alignment
   plan.vp = 1;
-  for (int cand : {8, 4, 2}) {
+  for (int cand : {4, 2}) {
     const int64_t run = (p.interleaved ? 2 * cand : cand) * esize;  // bytes per access
     if (run > 16) continue;
     bool ok = p.half % cand == 0;
@@ -95,10 +79,9 @@ inline RopePlan plan_rope(RopeParams& p, int64_t esize) {
       break;
     }
   }
-  // tokens per CTA: as many as one batch of every thread covers (all of a CTA's loads in
-  // flight before its barriers), at least 1, at most 16
+  // tokens per CTA: about 2 work units per thread, at most 16 tokens
   plan.units_per_token = static_cast<int64_t>(p.heads[0] + p.heads[1]) * (p.half / plan.vp);
-  int64_t tok = rope_batch(plan.vp, esize) * kRopeThreads / plan.units_per_token;
+  int64_t tok = (2 * kRopeThreads + plan.units_per_token - 1) / plan.units_per_token;
   tok = tok < 1 ? 1 : tok;
   tok = tok > 16 ? 16 : tok;
   tok = tok > p.N ? p.N : tok;
@@ -115,113 +98,11 @@ struct alignas(sizeof(T) * N) Pack {
   T v[N];
 };
 
-// One work unit: which tensor (0 = q, 1 = k), its token (n, and t inside the CTA), head
-// and first pair slot p0 = g * VP with its axis and offsets.
-struct RopeUnit {
-  int which;
-  int32_t t;
-  int64_t n, h;
-  int32_t p0;
-  RopePair pr;
-};
-
-VDIT_HD RopeUnit rope_unit(const RopeParams& p, int64_t n0, int32_t u, int32_t groups, int32_t heads, int vp) {
-  RopeUnit w;
-  const int32_t g = u % groups;
-  const int32_t rest = u / groups;
-  const int32_t hh = rest % heads;
-  w.t = rest / heads;
-  w.which = hh >= p.heads[0];
-  w.h = w.which ? hh - p.heads[0] : hh;
-  w.n = n0 + w.t;
-  w.p0 = g * vp;
-  w.pr = rope_pair(p.axes, w.p0, p.interleaved != 0);
-  return w;
-}
-
-// A unit's 2*VP elements as loaded, in either convention x0 (the pairs' first members) at
-// i and x1 at VP + i: an interleaved run (x0 at 2i, x1 at 2i+1) is split as it is read.
-// Every index is a constant once unrolled: an index that depends on the convention at run
-// time put each thread's batch in local memory (ptxas, 2026-11-28).
-template <typename T, int VP>
-VDIT_HD void rope_load(const RopeParams& p, const RopeUnit& w, Pack<T, 2 * VP>& v) {
-  const T* x = static_cast<const T*>(p.in[w.which]) + w.n * p.sn[w.which] + w.h * p.sh[w.which];
-  if (VP == 1) {
-    const int64_t sd = p.sd[w.which];
-    v.v[0] = x[w.pr.off0 * sd];
-    v.v[1] = x[w.pr.off1 * sd];
-  } else if (p.interleaved) {  // VP > 1: stride_d == 1 and aligned (plan_rope)
-    const Pack<T, 2 * VP> a = *reinterpret_cast<const Pack<T, 2 * VP>*>(x + w.pr.off0);
-    VDIT_UNROLL
-    for (int i = 0; i < VP; ++i) {
-      v.v[i] = a.v[2 * i];
-      v.v[VP + i] = a.v[2 * i + 1];
-    }
-  } else {
-    const Pack<T, VP> a = *reinterpret_cast<const Pack<T, VP>*>(x + w.pr.off0);
-    const Pack<T, VP> b = *reinterpret_cast<const Pack<T, VP>*>(x + w.pr.off1);
-    VDIT_UNROLL
-    for (int i = 0; i < VP; ++i) {
-      v.v[i] = a.v[i];
-      v.v[VP + i] = b.v[i];
-    }
-  }
-}
-
-// Rotates a loaded unit by the CTA's tables (cs, sn: [tok][half]) and stores it.
-template <typename T, int VP>
-VDIT_HD void rope_store(const RopeParams& p, const RopeUnit& w, const Pack<T, 2 * VP>& v, const float* cs,
-                        const float* sn) {
-  T* y = static_cast<T*>(p.out[w.which]) + w.n * p.osn[w.which] + w.h * p.osh[w.which];
-  const bool interleaved = p.interleaved != 0;
-  float y0[VP], y1[VP];
-  VDIT_UNROLL
-  for (int i = 0; i < VP; ++i) {
-    const float x0 = static_cast<float>(v.v[i]);
-    const float x1 = static_cast<float>(v.v[VP + i]);
-    const float c = cs[w.t * p.half + w.p0 + i];
-    const float s = sn[w.t * p.half + w.p0 + i];
-    y0[i] = x0 * c - x1 * s;
-    y1[i] = x1 * c + x0 * s;
-  }
-  if (VP == 1) {
-    const int64_t osd = p.osd[w.which];
-    y[w.pr.off0 * osd] = static_cast<T>(y0[0]);
-    y[w.pr.off1 * osd] = static_cast<T>(y1[0]);
-  } else if (interleaved) {
-    Pack<T, 2 * VP> a;
-    VDIT_UNROLL
-    for (int i = 0; i < VP; ++i) {
-      a.v[2 * i] = static_cast<T>(y0[i]);
-      a.v[2 * i + 1] = static_cast<T>(y1[i]);
-    }
-    *reinterpret_cast<Pack<T, 2 * VP>*>(y + w.pr.off0) = a;
-  } else {
-    Pack<T, VP> a, b;
-    VDIT_UNROLL
-    for (int i = 0; i < VP; ++i) {
-      a.v[i] = static_cast<T>(y0[i]);
-      b.v[i] = static_cast<T>(y1[i]);
-    }
-    *reinterpret_cast<Pack<T, VP>*>(y + w.pr.off0) = a;
-    *reinterpret_cast<Pack<T, VP>*>(y + w.pr.off1) = b;
-  }
-}
-
-// A thread's units of one batch, loaded: unit u = first + j * kRopeThreads for j < kBatch.
-template <typename T, int VP>
-struct RopeLoaded {
-  static constexpr int kBatch = rope_batch(VP, sizeof(T));
-  Pack<T, 2 * VP> v[kBatch];
-};
-
-// Thread tid's part of CTA `block`, phase 0 (its first batch's loads; the frequencies),
-// 1 (cos / sin of the CTA's tokens) or 2 (rotations and stores); the kernel runs them with
-// a barrier between each two, `loaded` carried from phase 0 to phase 2 (registers).
+// Thread tid's part of CTA `block`, phase 0 (frequencies), 1 (cos / sin of the CTA's
+// tokens) or 2 (the rotations); the kernel runs them with a barrier between each two.
 // smem: p.half * (1 + 2 * p.tok) floats. T: float, c10::Half or c10::BFloat16.
 template <typename T, int VP>
-VDIT_HD void rope_phase(int phase, const RopeParams& p, int32_t block, float* smem, int tid,
-                        RopeLoaded<T, VP>& loaded) {
+VDIT_HD void rope_phase(int phase, const RopeParams& p, int32_t block, float* smem, int tid) {
   float* freq = smem;                       // [half]
   float* cs = smem + p.half;                // [tok][half]
   float* sn = cs + p.tok * p.half;          // [tok][half]
@@ -229,17 +110,8 @@ VDIT_HD void rope_phase(int phase, const RopeParams& p, int32_t block, float* sm
   const int64_t left = p.N - n0;
   const int32_t ntok = static_cast<int32_t>(left < p.tok ? left : p.tok);
   const bool interleaved = p.interleaved != 0;
-  const int32_t groups = p.half / VP;
-  const int32_t heads = p.heads[0] + p.heads[1];
-  const int32_t units = ntok * heads * groups;
 
-  constexpr int kBatch = RopeLoaded<T, VP>::kBatch;
   if (phase == 0) {
-    VDIT_UNROLL
-    for (int j = 0; j < kBatch; ++j) {
-      const int32_t u = tid + j * kRopeThreads;
-      if (u < units) rope_load<T, VP>(p, rope_unit(p, n0, u, groups, heads, VP), loaded.v[j]);
-    }
     for (int32_t i = tid; i < p.half; i += kRopeThreads) {
       const RopePair pr = rope_pair(p.axes, i, interleaved);
       const double d = 2.0 * p.axes.half[pr.axis];
@@ -266,22 +138,71 @@ VDIT_HD void rope_phase(int phase, const RopeParams& p, int32_t block, float* sm
     return;
   }
 
-  // the loaded batch, then any further ones (more units than a batch of every thread):
-  // each loaded whole before its stores
-  for (int32_t first = tid;; first += kBatch * kRopeThreads) {
-    if (first != tid) {
+  const int32_t groups = p.half / VP;
+  const int32_t heads = p.heads[0] + p.heads[1];
+  const int32_t units = ntok * heads * groups;
+  for (int32_t u = tid; u < units; u += kRopeThreads) {
+    const int32_t g = u % groups;
+    const int32_t rest = u / groups;
+    const int32_t hh = rest % heads;
+    const int32_t t = rest / heads;
+    const int which = hh >= p.heads[0];
+    const int64_t h = which ? hh - p.heads[0] : hh;
+    const int64_t n = n0 + t;
+    const T* x = static_cast<const T*>(p.in[which]) + n * p.sn[which] + h * p.sh[which];
+    T* y = static_cast<T*>(p.out[which]) + n * p.osn[which] + h * p.osh[which];
+    const int64_t sd = p.sd[which], osd = p.osd[which];
+    const int32_t p0 = g * VP;
+    const RopePair pr = rope_pair(p.axes, p0, interleaved);
+    float x0[VP], x1[VP];
+    if (VP == 1) {
+      x0[0] = static_cast<float>(x[pr.off0 * sd]);
+      x1[0] = static_cast<float>(x[pr.off1 * sd]);
+    } else if (interleaved) {  // VP > 1: stride_d == 1 and aligned (plan_rope)
+      const Pack<T, 2 * VP> a = *reinterpret_cast<const Pack<T, 2 * VP>*>(x + pr.off0);
       VDIT_UNROLL
-      for (int j = 0; j < kBatch; ++j) {
-        const int32_t u = first + j * kRopeThreads;
-        if (u < units) rope_load<T, VP>(p, rope_unit(p, n0, u, groups, heads, VP), loaded.v[j]);
+      for (int i = 0; i < VP; ++i) {
+        x0[i] = static_cast<float>(a.v[2 * i]);
+        x1[i] = static_cast<float>(a.v[2 * i + 1]);
+      }
+    } else {
+      const Pack<T, VP> a = *reinterpret_cast<const Pack<T, VP>*>(x + pr.off0);
+      const Pack<T, VP> b = *reinterpret_cast<const Pack<T, VP>*>(x + pr.off1);
+      VDIT_UNROLL
+      for (int i = 0; i < VP; ++i) {
+        x0[i] = static_cast<float>(a.v[i]);
+        x1[i] = static_cast<float>(b.v[i]);
       }
     }
+    float y0[VP], y1[VP];
     VDIT_UNROLL
-    for (int j = 0; j < kBatch; ++j) {
-      const int32_t u = first + j * kRopeThreads;
-      if (u < units) rope_store<T, VP>(p, rope_unit(p, n0, u, groups, heads, VP), loaded.v[j], cs, sn);
+    for (int i = 0; i < VP; ++i) {
+      const float c = cs[t * p.half + p0 + i];
+      const float s = sn[t * p.half + p0 + i];
+      y0[i] = x0[i] * c - x1[i] * s;
+      y1[i] = x1[i] * c + x0[i] * s;
     }
-    if (first + kBatch * kRopeThreads >= units) break;
+    if (VP == 1) {
+      y[pr.off0 * osd] = static_cast<T>(y0[0]);
+      y[pr.off1 * osd] = static_cast<T>(y1[0]);
+    } else if (interleaved) {
+      Pack<T, 2 * VP> a;
+      VDIT_UNROLL
+      for (int i = 0; i < VP; ++i) {
+        a.v[2 * i] = static_cast<T>(y0[i]);
+        a.v[2 * i + 1] = static_cast<T>(y1[i]);
+      }
+      *reinterpret_cast<Pack<T, 2 * VP>*>(y + pr.off0) = a;
+    } else {
+      Pack<T, VP> a, b;
+      VDIT_UNROLL
+      for (int i = 0; i < VP; ++i) {
+        a.v[i] = static_cast<T>(y0[i]);
+        b.v[i] = static_cast<T>(y1[i]);
+      }
+      *reinterpret_cast<Pack<T, VP>*>(y + pr.off0) = a;
+      *reinterpret_cast<Pack<T, VP>*>(y + pr.off1) = b;
+    }
   }
 }
 
