@@ -80,7 +80,8 @@ def test_peers_compute_the_same_thing():
     q, k, v = (bench_attention._padded(t, lens, max(lens)) for t in (a.q, a.k, a.v))
     valid = torch.arange(max(lens))[None, :] < torch.tensor(lens)[:, None]
     padded = F.scaled_dot_product_attention(q, k, v, attn_mask=valid[:, None, None, :]).transpose(1, 2)
-    torch.testing.assert_close(padded[valid], ref_out, atol=1e-5, rtol=1e-5)
+    # float32 sums in another order: 1.6e-5 apart on the H200 machine's CPU (2026-11-28)
+    torch.testing.assert_close(padded[valid], ref_out, atol=1e-4, rtol=1e-4)
 
 
 def test_main_command_quick(tmp_path):
