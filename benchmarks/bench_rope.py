@@ -1,7 +1,8 @@
 """RoPE suite: 3D rotary embedding of q and k (memory bound: GB/s against the copy limit).
 
 Providers: vdit backends (out of place; forward; the GPU backends also in place,
-vdit-<backend>+inplace, liger's way), the reference under torch.compile,
+vdit-<backend>+inplace, liger's way; the cuda backend's tiled kernel forced,
+vdit-cuda+tiled[+inplace], VDIT_ROPE_CUDA=tiled), the reference under torch.compile,
 and, if importable, flash-attn's Triton rotary kernel (apply_rotary from
 flash_attn.ops.triton.rotary, or the same module fetched alone as flash_attn_rotary by
 scripts/fetch_gpu_wheels.sh: flash-attn's wheels need a CUDA build, this module does
@@ -20,7 +21,8 @@ import vdit_kernels as vk
 from vdit_kernels import reference as ref
 
 from . import flops
-from .common import VDIT_BACKENDS, Case, Prepared, Skip, dtype_for, has_module, peer_reason, vdit_reason, wanted
+from .common import (VDIT_BACKENDS, Case, Prepared, Skip, dtype_for, has_module, peer_reason, vdit_reason, wanted,
+                     with_env)
 
 OP = "rope"
 # where flash-attn's apply_rotary is found: the package, else the standalone module
@@ -111,6 +113,21 @@ def cases(device: str, quick: bool, workloads, providers=None):
                 cos, sin = ang.cos().to(q.dtype), ang.sin().to(q.dtype)
                 return Prepared(lambda: LigerRopeFunction.apply(q, k, cos, sin))
             add("liger-rope", make_lg, "rotate-half 1D table, in place")
+
+        # the cuda backend's tiled kernel (VDIT_ROPE_CUDA=tiled), forced: not the default
+        # until a GPU has timed it against the shared-table kernel (the rows above); last,
+        # so a time cap cuts these first
+        reason = vdit_reason("cuda", "rope", device, "rope_3d")
+        for suffix, inplace in (("", False), ("+inplace", True)):
+            if reason:
+                skips.append(Skip(OP, f"vdit-cuda+tiled{suffix}", reason))
+                continue
+
+            def make_tiled(inplace=inplace):
+                x = _Inputs(wl, device)
+                return with_env(Prepared(lambda: vk.apply_rope_3d(x.q, x.k, x.pack, wl.rope_dims, inplace=inplace,
+                                                                  backend="cuda")), VDIT_ROPE_CUDA="tiled")
+            add(f"vdit-cuda+tiled{suffix}", make_tiled, "tiled kernel" + (", in place" if inplace else ""))
     for wl in workloads:
         _one(wl)
     return out, skips

@@ -29,6 +29,23 @@ __global__ void __launch_bounds__(kRopeThreads, 8) rope_kernel(const __grid_cons
   rope_phase<T, VP>(2, p, block, smem, tid);
 }
 
+// The tiled variant (csrc/rope_tile.cuh): 4 CTAs of 256 threads an SM (64 registers),
+// the Triton kernel's occupancy; a thread's two slots' cos / sin live in registers.
+template <typename T, int VP>
+__global__ void __launch_bounds__(kRopeThreads, 4) rope_tiled_kernel(const __grid_constant__ RopeTiledParams tp) {
+  rope_tiled_thread<T, VP>(tp, static_cast<int32_t>(blockIdx.x), static_cast<int32_t>(blockIdx.y),
+                           static_cast<int>(threadIdx.x));
+}
+
+template <typename T>
+void launch_tiled_typed(const RopeTiledParams& tp, int vp, dim3 grid, cudaStream_t stream) {
+  switch (vp) {
+    case 4: rope_tiled_kernel<T, 4><<<grid, kRopeThreads, 0, stream>>>(tp); break;
+    case 2: rope_tiled_kernel<T, 2><<<grid, kRopeThreads, 0, stream>>>(tp); break;
+    default: rope_tiled_kernel<T, 1><<<grid, kRopeThreads, 0, stream>>>(tp); break;
+  }
+}
+
 template <typename T>
 void launch_typed(const RopeParams& p, int vp, dim3 grid, size_t smem, cudaStream_t stream) {
   switch (vp) {
@@ -47,6 +64,17 @@ cudaError_t launch_rope_kernel(const RopeParams& p, RopeDtype dtype, int vp, int
     case RopeDtype::kFloat32: launch_typed<float>(p, vp, grid, smem, stream); break;
     case RopeDtype::kFloat16: launch_typed<c10::Half>(p, vp, grid, smem, stream); break;
     case RopeDtype::kBFloat16: launch_typed<c10::BFloat16>(p, vp, grid, smem, stream); break;
+  }
+  return cudaGetLastError();
+}
+
+cudaError_t launch_rope_tiled_kernel(const RopeTiledParams& tp, RopeDtype dtype, int vp, int64_t blocks,
+                                     int64_t head_groups, cudaStream_t stream) {
+  const dim3 grid(static_cast<unsigned>(blocks), static_cast<unsigned>(head_groups));
+  switch (dtype) {
+    case RopeDtype::kFloat32: launch_tiled_typed<float>(tp, vp, grid, stream); break;
+    case RopeDtype::kFloat16: launch_tiled_typed<c10::Half>(tp, vp, grid, stream); break;
+    case RopeDtype::kBFloat16: launch_tiled_typed<c10::BFloat16>(tp, vp, grid, stream); break;
   }
   return cudaGetLastError();
 }

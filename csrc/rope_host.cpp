@@ -5,6 +5,7 @@
 // CPU tensors get the same argument checks, then an error saying the op needs CUDA
 // tensors (the CPU registration below), so the checks run in CPU-only CI too.
 #include <ATen/core/Tensor.h>
+#include <ATen/cuda/CUDAContextLight.h>
 #include <ATen/ops/empty.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -13,7 +14,9 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdlib>
 #include <cstring>
+#include <string>
 #include <tuple>
 #include <utility>
 #include <vector>
@@ -24,6 +27,17 @@
 
 namespace vdit {
 namespace {
+
+// VDIT_ROPE_CUDA, read at every call (a benchmark switches it): "shared" (the default: the
+// kernel with shared-memory tables) or "tiled" (rope_tiled_kernel; head_dim up to
+// 2 * kRopeTiledMaxHalf, the shared kernel beyond). Whether the tiled variant is used.
+bool rope_tiled_requested(const char* op) {
+  const char* v = std::getenv("VDIT_ROPE_CUDA");
+  const std::string s = v == nullptr ? "" : v;
+  TORCH_CHECK_VALUE(s.empty() || s == "shared" || s == "tiled", op, ": VDIT_ROPE_CUDA must be \"shared\" or "
+                    "\"tiled\" (or unset), got \"", s, "\"");
+  return s == "tiled";
+}
 
 void check_rope_args(const char* op, const at::Tensor& q, const at::Tensor& k, const at::Tensor& positions,
                      c10::IntArrayRef dims, double theta) {
@@ -53,6 +67,7 @@ void check_rope_args(const char* op, const at::Tensor& q, const at::Tensor& k, c
   TORCH_CHECK(positions.dim() == 2 && positions.size(0) == q.size(0) && positions.size(1) == 3, op,
               ": positions must be (N=", q.size(0), ", 3), got ", positions.sizes());
   TORCH_CHECK(q.size(1) < (1 << 30) && k.size(1) < (1 << 30), op, ": too many heads");
+  rope_tiled_requested(op);  // a bad VDIT_ROPE_CUDA fails on CPU tensors too
 }
 
 void rope_launch(const at::Tensor& q, const at::Tensor& k, const at::Tensor& qo, const at::Tensor& ko,
@@ -85,15 +100,27 @@ void rope_launch(const at::Tensor& q, const at::Tensor& k, const at::Tensor& qo,
   p.theta = theta;
   p.interleaved = interleaved;
   p.inverse = inverse;
+  auto stream = c10::cuda::getCurrentCUDAStream(q.device().index());
+  const RopeDtype dtype = q.scalar_type() == at::kFloat ? RopeDtype::kFloat32
+                          : q.scalar_type() == at::kHalf ? RopeDtype::kFloat16
+                                                         : RopeDtype::kBFloat16;
+
+  if (p.half <= kRopeTiledMaxHalf && rope_tiled_requested("vdit_C rope")) {
+    RopeTiledParams tp;
+    std::memset(&tp, 0, sizeof(tp));
+    tp.base = p;
+    // about 8 waves of the 4 CTAs an SM holds (the Triton kernel's grid)
+    const int64_t sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+    const RopeTiledPlan plan = plan_rope_tiled(tp, q.element_size(), 32 * sms);  // fills tok, head_groups, freq
+    TORCH_CHECK(plan.blocks < (int64_t{1} << 31), "vdit_C rope: N = ", N, " is too large");
+    C10_CUDA_CHECK(launch_rope_tiled_kernel(tp, dtype, plan.vp, plan.blocks, plan.head_groups, stream.stream()));
+    return;
+  }
 
   const RopePlan plan = plan_rope(p, q.element_size());  // fills p.tok
   TORCH_CHECK(plan.units_per_token * p.tok < (int64_t{1} << 31), "vdit_C rope: too many heads * head_dim");
   TORCH_CHECK(plan.blocks < (int64_t{1} << 31), "vdit_C rope: N = ", N, " is too large");
   TORCH_CHECK(plan.smem_bytes <= kRopeMaxSmemBytes, "vdit_C rope: head_dim ", D, " is too large");
-  auto stream = c10::cuda::getCurrentCUDAStream(q.device().index());
-  const RopeDtype dtype = q.scalar_type() == at::kFloat ? RopeDtype::kFloat32
-                          : q.scalar_type() == at::kHalf ? RopeDtype::kFloat16
-                                                         : RopeDtype::kBFloat16;
   C10_CUDA_CHECK(launch_rope_kernel(p, dtype, plan.vp, plan.blocks, static_cast<size_t>(plan.smem_bytes),
                                     stream.stream()));
 }

@@ -51,15 +51,9 @@ struct RopePlan {
   int64_t smem_bytes;      // dynamic shared memory per CTA
 };
 
-// Fills p.tok and returns the plan of a launch whose other fields p holds (pointers,
-// strides, heads, N >= 1, half >= 1, axes, interleaved); esize is the element size. The
-// caller checks units_per_token * tok < 2^31, blocks < 2^31 and smem_bytes against
-// kRopeMaxSmemBytes.
-inline RopePlan plan_rope(RopeParams& p, int64_t esize) {
-  RopePlan plan;
-  // pairs per access: the largest VP in {4, 2, 1} with 2*VP*elem <= 16 B (interleaved)
-  // or VP*elem <= 16 B (rotate-half) that divides the groups' layout and alignment
-  plan.vp = 1;
+// Pairs per access: the largest VP in {4, 2, 1} with 2*VP*elem <= 16 B (interleaved) or
+// VP*elem <= 16 B (rotate-half) that divides the groups' layout and alignment.
+inline int rope_vp(const RopeParams& p, int64_t esize) {
   for (int cand : {4, 2}) {
     const int64_t run = (p.interleaved ? 2 * cand : cand) * esize;  // bytes per access
     if (run > 16) continue;
@@ -74,11 +68,18 @@ inline RopePlan plan_rope(RopeParams& p, int64_t esize) {
            (p.sn[i] * esize) % run == 0 && (p.sh[i] * esize) % run == 0 &&
            (p.osn[i] * esize) % run == 0 && (p.osh[i] * esize) % run == 0;
     }
-    if (ok) {
-      plan.vp = cand;
-      break;
-    }
+    if (ok) return cand;
   }
+  return 1;
+}
+
+// Fills p.tok and returns the plan of a launch whose other fields p holds (pointers,
+// strides, heads, N >= 1, half >= 1, axes, interleaved); esize is the element size. The
+// caller checks units_per_token * tok < 2^31, blocks < 2^31 and smem_bytes against
+// kRopeMaxSmemBytes.
+inline RopePlan plan_rope(RopeParams& p, int64_t esize) {
+  RopePlan plan;
+  plan.vp = rope_vp(p, esize);
   // tokens per CTA: about 2 work units per thread, at most 16 tokens
   plan.units_per_token = static_cast<int64_t>(p.heads[0] + p.heads[1]) * (p.half / plan.vp);
   int64_t tok = (2 * kRopeThreads + plan.units_per_token - 1) / plan.units_per_token;
@@ -203,6 +204,193 @@ VDIT_HD void rope_phase(int phase, const RopeParams& p, int32_t block, float* sm
       *reinterpret_cast<Pack<T, VP>*>(y + pr.off0) = a;
       *reinterpret_cast<Pack<T, VP>*>(y + pr.off1) = b;
     }
+  }
+}
+
+// ---- the tiled variant (VDIT_ROPE_CUDA=tiled; not the default until timed) -----------
+//
+// The kernel above spends each CTA on one token (at 48 heads of 128): a prologue of
+// positions, double-precision pow and sincos behind two barriers, then one unit at a time
+// per thread (load, rotate, store). It reached 81% of the copy bandwidth on an H200 where
+// the Triton kernel, laid out as below, reached 93% (2026-11-28); loading a batch of units
+// before the barriers at 64 registers made it slower (504 us against 300). The tiled
+// variant takes the Triton kernel's layout: a CTA owns `tok` tokens and a strided subset
+// of the heads (blockIdx.y, stepping by gridDim.y); each thread owns rope_tiled_slots
+// (token, pair group) slots, computes their cos / sin once into registers (frequencies
+// from the host, the float32 of the double theta^(-2j/d_a) as the reference), then walks
+// its heads, every slot's load issued before any store. No shared memory, no barrier.
+// Slots a thread owns: 2, or 1 where a slot's unit is 32 B (float32, 4 pairs: two slots
+// spilled 4-16 B at 64 registers, ptxas sm_90a / sm_80).
+constexpr int rope_tiled_slots(int vp, int64_t esize) {
+  return 2 * vp * esize >= 32 ? 1 : 2;
+}
+constexpr int kRopeTiledMaxHalf = 256;  // head_dim <= 512 (the frequencies travel in the launch's parameters)
+
+struct RopeTiledParams {
+  RopeParams base;  // tok: tokens per CTA
+  int32_t head_groups;  // gridDim.y: CTA (x, y) walks heads y, y + head_groups, ...
+  float freq[kRopeTiledMaxHalf];
+};
+
+struct RopeTiledPlan {
+  int vp;
+  int64_t blocks;       // gridDim.x
+  int64_t head_groups;  // gridDim.y
+};
+
+// The plan of a launch whose base params are filled (as for plan_rope) and half <=
+// kRopeTiledMaxHalf: tokens per CTA so that its threads' slots cover tok * (half / VP)
+// (at most N), head groups so that about target_ctas CTAs run (at most the heads and
+// 65535, gridDim.y's limit). Fills tp.base.tok, tp.head_groups and tp.freq.
+inline RopeTiledPlan plan_rope_tiled(RopeTiledParams& tp, int64_t esize, int64_t target_ctas) {
+  RopeParams& p = tp.base;
+  RopeTiledPlan plan;
+  plan.vp = rope_vp(p, esize);
+  const int64_t groups = p.half / plan.vp;
+  int64_t tok = rope_tiled_slots(plan.vp, esize) * kRopeThreads / groups;
+  tok = tok < 1 ? 1 : tok;
+  tok = tok > p.N ? p.N : tok;
+  p.tok = static_cast<int32_t>(tok);
+  plan.blocks = (p.N + tok - 1) / tok;
+  const int64_t heads = static_cast<int64_t>(p.heads[0]) + p.heads[1];
+  int64_t hg = (target_ctas + plan.blocks - 1) / plan.blocks;
+  hg = hg > heads ? heads : hg;
+  hg = hg > 65535 ? 65535 : hg;
+  hg = hg < 1 ? 1 : hg;
+  plan.head_groups = hg;
+  tp.head_groups = static_cast<int32_t>(hg);
+  for (int32_t i = 0; i < p.half; ++i) {
+    const RopePair pr = rope_pair(p.axes, i, p.interleaved != 0);
+    tp.freq[i] = static_cast<float>(std::pow(p.theta, -2.0 * pr.j / (2.0 * p.axes.half[pr.axis])));
+  }
+  return plan;
+}
+
+// One (token, pair group) slot of a thread: its token, the group's first pair and offsets,
+// and the cos / sin of its VP pairs.
+template <int VP>
+struct RopeSlot {
+  bool active;
+  int64_t n;
+  RopePair pr;
+  float c[VP], s[VP];
+};
+
+// A slot's 2*VP elements of one head, x0 (the pairs' first members) at i and x1 at VP + i
+// in either convention (an interleaved run is split as it is read: every index a constant
+// once unrolled, so the values stay in registers).
+template <typename T, int VP>
+VDIT_HD void rope_tiled_load(const T* x, int64_t sd, const RopePair& pr, bool interleaved, Pack<T, 2 * VP>& v) {
+  if (VP == 1) {
+    v.v[0] = x[pr.off0 * sd];
+    v.v[1] = x[pr.off1 * sd];
+  } else if (interleaved) {  // VP > 1: stride_d == 1 and aligned (rope_vp)
+    const Pack<T, 2 * VP> a = *reinterpret_cast<const Pack<T, 2 * VP>*>(x + pr.off0);
+    VDIT_UNROLL
+    for (int i = 0; i < VP; ++i) {
+      v.v[i] = a.v[2 * i];
+      v.v[VP + i] = a.v[2 * i + 1];
+    }
+  } else {
+    const Pack<T, VP> a = *reinterpret_cast<const Pack<T, VP>*>(x + pr.off0);
+    const Pack<T, VP> b = *reinterpret_cast<const Pack<T, VP>*>(x + pr.off1);
+    VDIT_UNROLL
+    for (int i = 0; i < VP; ++i) {
+      v.v[i] = a.v[i];
+      v.v[VP + i] = b.v[i];
+    }
+  }
+}
+
+template <typename T, int VP>
+VDIT_HD void rope_tiled_store(T* y, int64_t osd, const RopeSlot<VP>& sl, bool interleaved, const Pack<T, 2 * VP>& v) {
+  float y0[VP], y1[VP];
+  VDIT_UNROLL
+  for (int i = 0; i < VP; ++i) {
+    const float x0 = static_cast<float>(v.v[i]);
+    const float x1 = static_cast<float>(v.v[VP + i]);
+    y0[i] = x0 * sl.c[i] - x1 * sl.s[i];
+    y1[i] = x1 * sl.c[i] + x0 * sl.s[i];
+  }
+  if (VP == 1) {
+    y[sl.pr.off0 * osd] = static_cast<T>(y0[0]);
+    y[sl.pr.off1 * osd] = static_cast<T>(y1[0]);
+  } else if (interleaved) {
+    Pack<T, 2 * VP> a;
+    VDIT_UNROLL
+    for (int i = 0; i < VP; ++i) {
+      a.v[2 * i] = static_cast<T>(y0[i]);
+      a.v[2 * i + 1] = static_cast<T>(y1[i]);
+    }
+    *reinterpret_cast<Pack<T, 2 * VP>*>(y + sl.pr.off0) = a;
+  } else {
+    Pack<T, VP> a, b;
+    VDIT_UNROLL
+    for (int i = 0; i < VP; ++i) {
+      a.v[i] = static_cast<T>(y0[i]);
+      b.v[i] = static_cast<T>(y1[i]);
+    }
+    *reinterpret_cast<Pack<T, VP>*>(y + sl.pr.off0) = a;
+    *reinterpret_cast<Pack<T, VP>*>(y + sl.pr.off1) = b;
+  }
+}
+
+// Thread tid of CTA (bx, by): its slots tid + j * kRopeThreads (token slot / groups, group
+// slot % groups), rotated in every head by, by + head_groups, ... of q then k.
+template <typename T, int VP>
+VDIT_HD void rope_tiled_thread(const RopeTiledParams& tp, int32_t bx, int32_t by, int tid) {
+  const RopeParams& p = tp.base;
+  const bool interleaved = p.interleaved != 0;
+  const int32_t groups = p.half / VP;
+  const int32_t heads = p.heads[0] + p.heads[1];
+  const int64_t n0 = static_cast<int64_t>(bx) * p.tok;
+  constexpr int kSlots = rope_tiled_slots(VP, sizeof(T));
+  RopeSlot<VP> slot[kSlots];
+  VDIT_UNROLL
+  for (int j = 0; j < kSlots; ++j) {
+    RopeSlot<VP>& sl = slot[j];
+    const int32_t at = tid + j * kRopeThreads;
+    const int32_t t = at / groups;
+    const int32_t g = at - t * groups;
+    sl.n = n0 + t;
+    sl.active = t < p.tok && sl.n < p.N;
+    sl.pr = rope_pair(p.axes, g * VP, interleaved);
+    // the token's three positions: an interleaved group may span two axes (rope_vp asks
+    // only that VP divide D / 2 there), so each pair picks its own (by selects, not an
+    // index: an indexed array would live in local memory)
+    float pos[3] = {0.0f, 0.0f, 0.0f};
+    if (sl.active) {
+      VDIT_UNROLL
+      for (int a = 0; a < 3; ++a) pos[a] = p.pos[sl.n * 3 + a];
+    }
+    VDIT_UNROLL
+    for (int i = 0; i < VP; ++i) {
+      const int axis = rope_pair(p.axes, g * VP + i, interleaved).axis;
+      const float angle = (axis == 0 ? pos[0] : axis == 1 ? pos[1] : pos[2]) * tp.freq[g * VP + i];
+      float sn, cs;
+#if defined(__CUDA_ARCH__)
+      sincosf(angle, &sn, &cs);
+#else
+      sn = std::sin(angle);
+      cs = std::cos(angle);
+#endif
+      sl.c[i] = cs;
+      sl.s[i] = p.inverse ? -sn : sn;
+    }
+  }
+  for (int32_t hh = by; hh < heads; hh += tp.head_groups) {
+    const int which = hh >= p.heads[0];
+    const int64_t h = which ? hh - p.heads[0] : hh;
+    const T* x = static_cast<const T*>(p.in[which]) + h * p.sh[which];
+    T* y = static_cast<T*>(p.out[which]) + h * p.osh[which];
+    const int64_t sn = p.sn[which], osn = p.osn[which];
+    Pack<T, 2 * VP> v[kSlots];
+    VDIT_UNROLL
+    for (int j = 0; j < kSlots; ++j)
+      if (slot[j].active) rope_tiled_load<T, VP>(x + slot[j].n * sn, p.sd[which], slot[j].pr, interleaved, v[j]);
+    VDIT_UNROLL
+    for (int j = 0; j < kSlots; ++j)
+      if (slot[j].active) rope_tiled_store<T, VP>(y + slot[j].n * osn, p.osd[which], slot[j], interleaved, v[j]);
   }
 }
 

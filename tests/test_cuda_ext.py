@@ -5,6 +5,7 @@ Numerical tests need a GPU (conftest.gpu_only); without one they are skipped wit
 The argument checks (csrc/*_host.cpp) run on CPU tensors too, so they are tested here on
 the GPU where there is one and on CPU otherwise.
 """
+import os
 import re
 import subprocess
 import sys
@@ -362,22 +363,44 @@ def _check_rope(q, k, pos, dims, interleaved, inverse=False, theta=10000.0):
     assert torch.equal(q2, gq) and torch.equal(k2, gk)
 
 
+# the CUDA RoPE's two kernels (VDIT_ROPE_CUDA, read by the op at every call): the default
+# shared-table kernel and the tiled variant
+ROPE_VARIANTS = ["shared", "tiled"]
+
+
 @gpu_only
+@pytest.mark.parametrize("variant", ROPE_VARIANTS)
 @pytest.mark.parametrize("dtype", ALL_DTYPES)
 @pytest.mark.parametrize("interleaved", [True, False])
 # head dims 12, 128 (two splits), 64, 72, 96, and odd splits
 @pytest.mark.parametrize("dims", [(4, 4, 4), (44, 42, 42), (16, 56, 56), (16, 24, 24), (24, 24, 24), (32, 32, 32),
                                   (6, 4, 2), (0, 8, 8), (2, 2, 2)])
-def test_rope_matches_reference(dtype, interleaved, dims):
+def test_rope_matches_reference(dtype, interleaved, dims, variant, monkeypatch):
+    monkeypatch.setenv("VDIT_ROPE_CUDA", variant)
     q, k, pos = _rope_inputs(37, 3, 2, dims, dtype)
     _check_rope(q, k, pos, dims, interleaved)
     _check_rope(q, k, pos, dims, interleaved, inverse=True, theta=500.0)
 
 
 @gpu_only
+@pytest.mark.parametrize("interleaved", [True, False])
+def test_rope_tiled_many_heads_and_beyond_its_head_dim(interleaved, monkeypatch):
+    # 48 + 40 heads over 300 tokens: the tiled grid's head groups each walk several heads;
+    # head_dim 600 is past the tiled kernel's 512 (its frequencies travel in the launch
+    # parameters): the shared kernel runs it
+    monkeypatch.setenv("VDIT_ROPE_CUDA", "tiled")
+    q, k, pos = _rope_inputs(300, 48, 40, (44, 42, 42), torch.bfloat16)
+    _check_rope(q, k, pos, (44, 42, 42), interleaved)
+    q, k, pos = _rope_inputs(9, 2, 1, (200, 200, 200), torch.float32)
+    _check_rope(q, k, pos, (200, 200, 200), interleaved)
+
+
+@gpu_only
+@pytest.mark.parametrize("variant", ROPE_VARIANTS)
 @pytest.mark.parametrize("dtype", ALL_DTYPES)
 @pytest.mark.parametrize("interleaved", [True, False])
-def test_rope_non_contiguous_and_inverse_roundtrip(dtype, interleaved):
+def test_rope_non_contiguous_and_inverse_roundtrip(dtype, interleaved, variant, monkeypatch):
+    monkeypatch.setenv("VDIT_ROPE_CUDA", variant)
     dims = (16, 24, 24)
     n, h, d = 50, 4, sum(dims)
     qkv = torch.randn(n, 3, h, d, device="cuda").to(dtype)
@@ -451,6 +474,14 @@ def _rope_bad_input_checks():
             for op in (rope, rope_):
                 with pytest.raises(RuntimeError, match="theta .* must be a positive finite number"):
                     op(q, k, pos, [4, 4, 4], theta, True, False)
+        # the kernel choice: "shared", "tiled" or unset, a clear error otherwise (CPU tensors too)
+        os.environ["VDIT_ROPE_CUDA"] = "fast"
+        try:
+            for op in (rope, rope_):
+                with pytest.raises(ValueError, match='VDIT_ROPE_CUDA must be "shared" or "tiled" .*got "fast"'):
+                    op(q, k, pos, [4, 4, 4], 1e4, True, False)
+        finally:
+            del os.environ["VDIT_ROPE_CUDA"]
         # in place: elements reachable twice would be rotated twice (q is k, a stride-0 view)
         with pytest.raises(ValueError, match="rope_3d_: inplace RoPE: q and k may share elements"):
             rope_(q, q, pos, [4, 4, 4], 1e4, True, False)

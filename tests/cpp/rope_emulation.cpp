@@ -102,8 +102,9 @@ void reference_head(const Case& c, const float* pos, double theta, const std::ve
   }
 }
 
+// One case on the shared-table kernel (tiled = false) or the tiled variant.
 template <typename T>
-bool run_case(const Case& c) {
+bool run_case(const Case& c, bool tiled) {
   const int64_t D = c.dims[0] + c.dims[1] + c.dims[2];
   const double theta = 500.0;
   const View* views[2] = {&c.q, &c.k};
@@ -153,24 +154,48 @@ bool run_case(const Case& c) {
   p.theta = theta;
   p.interleaved = c.interleaved;
   p.inverse = c.inverse;
-  const RopePlan plan = plan_rope(p, sizeof(T));
-  std::printf("%s %s: vp=%d tok=%d blocks=%lld\n", c.name.c_str(), dtype_name<T>(), plan.vp, p.tok,
-              static_cast<long long>(plan.blocks));
-  if (c.expect_vp && plan.vp != c.expect_vp) {
-    std::printf("  FAIL: plan picked vp=%d, expected %d\n", plan.vp, c.expect_vp);
-    ++failures;
-    return false;
-  }
-
-  std::vector<float> smem(static_cast<size_t>(plan.smem_bytes / sizeof(float)));
-  for (int64_t b = 0; b < plan.blocks; ++b) {
-    std::fill(smem.begin(), smem.end(), std::numeric_limits<float>::quiet_NaN());
-    for (int phase = 0; phase < 3; ++phase) {
-      for (int tid = 0; tid < kRopeThreads; ++tid) {
-        switch (plan.vp) {
-          case 4: rope_phase<T, 4>(phase, p, static_cast<int32_t>(b), smem.data(), tid); break;
-          case 2: rope_phase<T, 2>(phase, p, static_cast<int32_t>(b), smem.data(), tid); break;
-          default: rope_phase<T, 1>(phase, p, static_cast<int32_t>(b), smem.data(), tid); break;
+  if (tiled) {
+    // a small CTA target (8): several head groups, each CTA walking several heads
+    RopeTiledParams tp;
+    std::memset(&tp, 0, sizeof(tp));
+    tp.base = p;
+    const RopeTiledPlan plan = plan_rope_tiled(tp, sizeof(T), 8);
+    std::printf("%s %s tiled: vp=%d tok=%d blocks=%lld head_groups=%lld\n", c.name.c_str(), dtype_name<T>(), plan.vp,
+                tp.base.tok, static_cast<long long>(plan.blocks), static_cast<long long>(plan.head_groups));
+    if (c.expect_vp && plan.vp != c.expect_vp) {
+      std::printf("  FAIL: plan picked vp=%d, expected %d\n", plan.vp, c.expect_vp);
+      ++failures;
+      return false;
+    }
+    for (int64_t bx = 0; bx < plan.blocks; ++bx)
+      for (int64_t by = 0; by < plan.head_groups; ++by)
+        for (int tid = 0; tid < kRopeThreads; ++tid) {
+          const int32_t x = static_cast<int32_t>(bx), y = static_cast<int32_t>(by);
+          switch (plan.vp) {
+            case 4: rope_tiled_thread<T, 4>(tp, x, y, tid); break;
+            case 2: rope_tiled_thread<T, 2>(tp, x, y, tid); break;
+            default: rope_tiled_thread<T, 1>(tp, x, y, tid); break;
+          }
+        }
+  } else {
+    const RopePlan plan = plan_rope(p, sizeof(T));
+    std::printf("%s %s: vp=%d tok=%d blocks=%lld\n", c.name.c_str(), dtype_name<T>(), plan.vp, p.tok,
+                static_cast<long long>(plan.blocks));
+    if (c.expect_vp && plan.vp != c.expect_vp) {
+      std::printf("  FAIL: plan picked vp=%d, expected %d\n", plan.vp, c.expect_vp);
+      ++failures;
+      return false;
+    }
+    std::vector<float> smem(static_cast<size_t>(plan.smem_bytes / sizeof(float)));
+    for (int64_t b = 0; b < plan.blocks; ++b) {
+      std::fill(smem.begin(), smem.end(), std::numeric_limits<float>::quiet_NaN());
+      for (int phase = 0; phase < 3; ++phase) {
+        for (int tid = 0; tid < kRopeThreads; ++tid) {
+          switch (plan.vp) {
+            case 4: rope_phase<T, 4>(phase, p, static_cast<int32_t>(b), smem.data(), tid); break;
+            case 2: rope_phase<T, 2>(phase, p, static_cast<int32_t>(b), smem.data(), tid); break;
+            default: rope_phase<T, 1>(phase, p, static_cast<int32_t>(b), smem.data(), tid); break;
+          }
         }
       }
     }
@@ -309,10 +334,31 @@ void run_all() {
           }
           c.expect_vp = vp;
         }
-        run_case<T>(c);
+        run_case<T>(c, false);
+        run_case<T>(c, true);
         ++count;
       }
     }
+  }
+  // 48 + 40 heads of 128: the shared kernel's CTA loops over more units than its threads,
+  // the tiled one's head groups over several heads each
+  for (int conv = 0; conv < 2; ++conv) {
+    Case c;
+    c.dims[0] = 44;
+    c.dims[1] = 42;
+    c.dims[2] = 42;
+    c.interleaved = conv == 0;
+    c.inverse = conv == 1;
+    c.inplace = conv == 0;
+    c.N = 37;
+    c.out_shift = 0;
+    c.q = c.oq = layout(c.N, 48, 128, 0, 1, 0, 0);
+    c.k = c.ok = layout(c.N, 40, 128, 0, 1, 0, 0);
+    c.expect_vp = c.interleaved ? static_cast<int>(8 / e) : 1;  // 16 B; (44, 42, 42): halves 22, 21, 21
+    c.name = std::string("D=128 (44,42,42) ") + (c.interleaved ? "interleaved" : "rotate-half") +
+             " many-heads (48 + 40)" + (c.inplace ? " in-place" : "") + (c.inverse ? " inverse" : "") + " N=37";
+    run_case<T>(c, false);
+    run_case<T>(c, true);
   }
 }
 
