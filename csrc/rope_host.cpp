@@ -1,6 +1,7 @@
-// Host side of the CUDA 3D RoPE (kernel: csrc/rope.cu): argument checks with clear
-// errors, the launch (its plan, vector width and CTA size, is plan_rope in
-// csrc/rope_tile.cuh), output allocation and the registered ops. Compiled by the host compiler; the .cu file throws nothing.
+// Host side of the CUDA 3D RoPE (kernels: csrc/rope.cu): argument checks with clear
+// errors, the launch of the shared-table kernel or, under VDIT_ROPE_CUDA=tiled, the tiled
+// one (their plans, plan_rope and plan_rope_tiled, are in csrc/rope_tile.cuh), output
+// allocation and the registered ops. Compiled by the host compiler; the .cu file throws nothing.
 //
 // CPU tensors get the same argument checks, then an error saying the op needs CUDA
 // tensors (the CPU registration below), so the checks run in CPU-only CI too.

@@ -3,7 +3,10 @@
 // host compiler (with AddressSanitizer and UBSan where available: an access outside a
 // buffer, a misaligned vector access or an integer overflow fails) and runs it.
 //
-// A launch is emulated as the GPU runs it: for every CTA, phase 0 of every thread, then
+// Every case runs on both kernels. The tiled variant's threads share nothing (no shared
+// memory, no barrier): every thread of every CTA (x, y) in turn, with a small CTA target so
+// that head groups walk several heads. The shared-table kernel:
+// a launch is emulated as the GPU runs it: for every CTA, phase 0 of every thread, then
 // (a barrier) phase 1 of every thread, then phase 2 of every thread, with the shared
 // tables filled with NaN first (a read of an entry no earlier phase wrote shows up as a
 // wrong result). q and k get strides, head paddings, pointer offsets and element strides
