@@ -764,7 +764,9 @@ def test_sigterm_writes_the_results_so_far(monkeypatch, tmp_path):
     monkeypatch.setattr(run, "add_speedups", add_speedups)
     before = signal.signal(signal.SIGTERM, lambda signum, frame: later.append(signum))  # (not pytest's death)
     try:
-        assert run.main(["--quick", "--op", "patch", "--out", str(tmp_path), "--no-static"]) == 124
+        # cpu-tiny: on a GPU --quick would run two full-size workloads inside the test
+        assert run.main(["--quick", "--op", "patch", "--workload", "cpu-tiny", "--out", str(tmp_path),
+                         "--no-static"]) == 124
         restored = signal.getsignal(signal.SIGTERM)
     finally:
         signal.signal(signal.SIGTERM, before)
@@ -779,7 +781,8 @@ def test_from_partial_rebuilds_the_results_of_a_killed_run(monkeypatch, tmp_path
     # rows.partial.jsonl; --from-partial writes the same tables from them, timing nothing
     import benchmarks.run as run
     monkeypatch.setattr(run, "measured_variants", lambda: ["tiles this process measured"])
-    assert run.main(["--quick", "--op", "patch", "--out", str(tmp_path), "--no-static"]) == 0
+    assert run.main(["--quick", "--op", "patch", "--workload", "cpu-tiny", "--out", str(tmp_path),
+                     "--no-static"]) == 0
     written = json.loads((tmp_path / "results.json").read_text())
     (tmp_path / "results.json").unlink()
     summary = (tmp_path / "summary.md").read_text()
