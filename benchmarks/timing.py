@@ -140,19 +140,24 @@ def interleaved(calls: dict, device: str, budget_ms: float = 3000.0, min_rounds:
     return samples
 
 
+def _summary(times: list[float], timer: str) -> dict:
+    """Median, min, max and the quartiles (p25_ms, p75_ms: whether the samples split in two,
+    as the H200's small calls seemed to, medians twice their minimums) of samples in ms."""
+    q = sorted(times)
+    at = lambda f: q[min(len(q) - 1, int(f * len(q)))]  # noqa: E731
+    return {"median_ms": statistics.median(q), "min_ms": q[0], "max_ms": q[-1], "p25_ms": at(0.25),
+            "p75_ms": at(0.75), "reps": len(q), "timer": timer}
+
+
 def bench(fn: Callable, device: str, *, quick: bool = False,
           grad_to_none: Optional[Sequence[torch.Tensor]] = None) -> dict:
-    """{'median_ms', 'min_ms', 'max_ms', 'reps', 'timer'} of fn() on `device`."""
+    """{'median_ms', 'min_ms', 'max_ms', 'p25_ms', 'p75_ms', 'reps', 'timer'} of fn() on `device`."""
     if device == "cuda":
         warmup, rep = (10, 40) if quick else (25, 100)
-        times = _cuda_events(fn, warmup, rep, grad_to_none)
-        return {"median_ms": statistics.median(times), "min_ms": min(times), "max_ms": max(times),
-                "reps": len(times), "timer": "cuda-events"}
+        return _summary(_cuda_events(fn, warmup, rep, grad_to_none), "cuda-events")
     fn()  # warm-up
     reps = 2 if quick else 5
-    times = [_sample_ms(fn, grad_to_none, "cpu") for _ in range(reps)]
-    return {"median_ms": statistics.median(times), "min_ms": min(times), "max_ms": max(times),
-            "reps": reps, "timer": "perf_counter"}
+    return _summary([_sample_ms(fn, grad_to_none, "cpu") for _ in range(reps)], "perf_counter")
 
 
 def device_activities(prof) -> dict[str, float]:

@@ -49,6 +49,17 @@ def test_other_formulas():
     assert flops.rope_bytes(10, 4, 2, 8, 2, position_bytes=0) == 2 * 10 * 6 * 8 * 2
 
 
+def test_timing_summary_reports_the_quartiles():
+    from benchmarks.timing import _summary
+
+    # half the samples twice as slow: the quartiles show the split the median hides
+    t = _summary([2.0, 1.0, 2.0, 1.0, 1.0, 2.0, 1.0, 2.0], "cuda-events")
+    assert (t["median_ms"], t["min_ms"], t["max_ms"], t["p25_ms"], t["p75_ms"], t["reps"]) == (1.5, 1.0, 2.0, 1.0,
+                                                                                              2.0, 8)
+    assert _summary([3.0], "perf_counter") == {"median_ms": 3.0, "min_ms": 3.0, "max_ms": 3.0, "p25_ms": 3.0,
+                                               "p75_ms": 3.0, "reps": 1, "timer": "perf_counter"}
+
+
 def test_peers_compute_the_same_thing():
     """The peer implementations benchmarked against vdit compute the same results (CPU, float32)."""
     import torch.nn.functional as F
