@@ -241,7 +241,9 @@ struct RopeTiledPlan {
 // The plan of a launch whose base params are filled (as for plan_rope) and half <=
 // kRopeTiledMaxHalf: tokens per CTA so that its threads' slots cover tok * (half / VP)
 // (at most N), head groups so that about target_ctas CTAs run (at most the heads and
-// 65535, gridDim.y's limit). Fills tp.base.tok, tp.head_groups and tp.freq.
+// 65535, gridDim.y's limit). Fills tp.base.tok, tp.head_groups and tp.freq. half <= 256
+// = kRopeThreads is what lets one token's groups always fit a CTA's slots (tok >= 1).
+static_assert(kRopeTiledMaxHalf <= kRopeThreads, "a token's pair groups must fit one CTA's slots");
 inline RopeTiledPlan plan_rope_tiled(RopeTiledParams& tp, int64_t esize, int64_t target_ctas) {
   RopeParams& p = tp.base;
   RopeTiledPlan plan;
