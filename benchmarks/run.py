@@ -263,6 +263,12 @@ TARGETS = [
     # liger rotates in place: ours in place too, the like-for-like match
     ("RoPE in place >= Liger's rope (in place)", "rope", "rope_3d", "fwd", ("vdit-cuda+inplace", "vdit-triton+inplace"),
      "liger-rope", 1.0),
+    # the cuda backend's tiled RoPE kernel, forced (not the default until timed): ratios
+    # without a target, which say whether it should become the default
+    ("RoPE, cuda tiled kernel (forced) vs Liger's rope", "rope", "rope_3d", "fwd", ("vdit-cuda+tiled",),
+     "liger-rope", None),
+    ("RoPE in place, cuda tiled kernel (forced) vs Liger's rope", "rope", "rope_3d", "fwd",
+     ("vdit-cuda+tiled+inplace",), "liger-rope", None),
 ] + [(f"patch_embed {mode} >= 1.2x {peer}", "patch", "patch_embed", mode,
       # like for like: against the compiled peer, ours compiled (the same torch.compile
       # wrapper around each; ours called as it is beside it, a ratio without a target)
