@@ -219,12 +219,15 @@ VDIT_HD void rope_phase(int phase, const RopeParams& p, int32_t block, float* sm
 // (token, pair group) slots, computes their cos / sin once into registers (frequencies
 // from the host, the float32 of the double theta^(-2j/d_a) as the reference), then walks
 // its heads, every slot's load issued before any store. No shared memory, no barrier.
+
 // Slots a thread owns: 2, or 1 where a slot's unit is 32 B (float32, 4 pairs: two slots
 // spilled 4-16 B at 64 registers, ptxas sm_90a / sm_80).
 constexpr int rope_tiled_slots(int vp, int64_t esize) {
   return 2 * vp * esize >= 32 ? 1 : 2;
 }
 constexpr int kRopeTiledMaxHalf = 256;  // head_dim <= 512 (the frequencies travel in the launch's parameters)
+// (what lets one token's pair groups always fit a CTA's slots: tok >= 1 covers them)
+static_assert(kRopeTiledMaxHalf <= kRopeThreads, "a token's pair groups must fit one CTA's slots");
 
 struct RopeTiledParams {
   RopeParams base;  // tok: tokens per CTA
@@ -241,9 +244,7 @@ struct RopeTiledPlan {
 // The plan of a launch whose base params are filled (as for plan_rope) and half <=
 // kRopeTiledMaxHalf: tokens per CTA so that its threads' slots cover tok * (half / VP)
 // (at most N), head groups so that about target_ctas CTAs run (at most the heads and
-// 65535, gridDim.y's limit). Fills tp.base.tok, tp.head_groups and tp.freq. half <= 256
-// = kRopeThreads is what lets one token's groups always fit a CTA's slots (tok >= 1).
-static_assert(kRopeTiledMaxHalf <= kRopeThreads, "a token's pair groups must fit one CTA's slots");
+// 65535, gridDim.y's limit). Fills tp.base.tok, tp.head_groups and tp.freq.
 inline RopeTiledPlan plan_rope_tiled(RopeTiledParams& tp, int64_t esize, int64_t target_ctas) {
   RopeParams& p = tp.base;
   RopeTiledPlan plan;
@@ -369,15 +370,15 @@ VDIT_HD void rope_tiled_thread(const RopeTiledParams& tp, int32_t bx, int32_t by
     for (int i = 0; i < VP; ++i) {
       const int axis = rope_pair(p.axes, g * VP + i, interleaved).axis;
       const float angle = (axis == 0 ? pos[0] : axis == 1 ? pos[1] : pos[2]) * tp.freq[g * VP + i];
-      float sn, cs;
+      float sin_a, cos_a;
 #if defined(__CUDA_ARCH__)
-      sincosf(angle, &sn, &cs);
+      sincosf(angle, &sin_a, &cos_a);
 #else
-      sn = std::sin(angle);
-      cs = std::cos(angle);
+      sin_a = std::sin(angle);
+      cos_a = std::cos(angle);
 #endif
-      sl.c[i] = cs;
-      sl.s[i] = p.inverse ? -sn : sn;
+      sl.c[i] = cos_a;
+      sl.s[i] = p.inverse ? -sin_a : sin_a;
     }
   }
   for (int32_t hh = by; hh < heads; hh += tp.head_groups) {
