@@ -268,7 +268,7 @@ def test_line_kernels_drop_the_register_cap_where_it_spilled(monkeypatch):
         P.patchify(videos, (1, 2, 2))
     assert caps == [P._LINE_MAXNREG, None, None]
     caps.clear()
-    tokens = torch.zeros(pack.num_tokens, 64)
+    tokens = torch.zeros(pack.num_tokens, 64, device=DEVICE)
     for _ in range(2):
         P.unpatchify(tokens, [2, 4, 6], (1, 2, 2), 16)
     assert caps == [P._LINE_MAXNREG, P._LINE_MAXNREG]
