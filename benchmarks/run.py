@@ -263,13 +263,13 @@ TARGETS = [
     # liger rotates in place: ours in place too, the like-for-like match
     ("RoPE in place >= Liger's rope (in place)", "rope", "rope_3d", "fwd", ("vdit-cuda+inplace", "vdit-triton+inplace"),
      "liger-rope", 1.0),
-    # the cuda backend's tiled RoPE kernel, forced (not the default until timed): ratios
-    # without a target, which say whether it should become the default
-    ("RoPE, cuda tiled kernel (forced) vs Liger's rope", "rope", "rope_3d", "fwd", ("vdit-cuda+tiled",),
-     "liger-rope", None),
-    ("RoPE in place, cuda tiled kernel (forced) vs Liger's rope", "rope", "rope_3d", "fwd",
-     ("vdit-cuda+tiled+inplace",), "liger-rope", None),
-] + [(f"patch_embed {mode} >= 1.2x {peer}", "patch", "patch_embed", mode,
+] + [
+    # the cuda backend's tiled RoPE kernel in its two shapes, forced (not the default until
+    # timed): ratios without a target, which say whether one should become the default
+    (f"RoPE{where}, cuda {variant} kernel (forced) vs Liger's rope", "rope", "rope_3d", "fwd",
+     (f"vdit-cuda+{variant}{suffix}",), "liger-rope", None)
+    for variant in ("tiled", "tiled-heads") for where, suffix in (("", ""), (" in place", "+inplace"))] + [
+    (f"patch_embed {mode} >= 1.2x {peer}", "patch", "patch_embed", mode,
       # like for like: against the compiled peer, ours compiled (the same torch.compile
       # wrapper around each; ours called as it is beside it, a ratio without a target)
       tuple(p + "-compile" for p in EMBED_OURS) if peer.endswith("-compile") else EMBED_OURS,

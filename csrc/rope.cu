@@ -29,21 +29,29 @@ __global__ void __launch_bounds__(kRopeThreads, 8) rope_kernel(const __grid_cons
   rope_phase<T, VP>(2, p, block, smem, tid);
 }
 
-// The tiled variant (csrc/rope_tile.cuh): 4 CTAs of 256 threads an SM (64 registers),
-// the Triton kernel's occupancy; a thread's two slots' cos / sin live in registers.
-template <typename T, int VP>
+// The tiled variants (csrc/rope_tile.cuh): 4 CTAs of 256 threads an SM (64 registers),
+// the Triton kernel's occupancy; a thread's slots' cos / sin live in registers.
+template <typename T, int VP, RopeTiling TILING>
 __global__ void __launch_bounds__(kRopeThreads, 4) rope_tiled_kernel(const __grid_constant__ RopeTiledParams tp) {
-  rope_tiled_thread<T, VP>(tp, static_cast<int32_t>(blockIdx.x), static_cast<int32_t>(blockIdx.y),
-                           static_cast<int>(threadIdx.x));
+  rope_tiled_thread<T, VP, TILING>(tp, static_cast<int32_t>(blockIdx.x), static_cast<int32_t>(blockIdx.y),
+                                   static_cast<int>(threadIdx.x));
+}
+
+template <typename T, RopeTiling TILING>
+void launch_tiled_shape(const RopeTiledParams& tp, int vp, dim3 grid, cudaStream_t stream) {
+  switch (vp) {
+    case 4: rope_tiled_kernel<T, 4, TILING><<<grid, kRopeThreads, 0, stream>>>(tp); break;
+    case 2: rope_tiled_kernel<T, 2, TILING><<<grid, kRopeThreads, 0, stream>>>(tp); break;
+    default: rope_tiled_kernel<T, 1, TILING><<<grid, kRopeThreads, 0, stream>>>(tp); break;
+  }
 }
 
 template <typename T>
-void launch_tiled_typed(const RopeTiledParams& tp, int vp, dim3 grid, cudaStream_t stream) {
-  switch (vp) {
-    case 4: rope_tiled_kernel<T, 4><<<grid, kRopeThreads, 0, stream>>>(tp); break;
-    case 2: rope_tiled_kernel<T, 2><<<grid, kRopeThreads, 0, stream>>>(tp); break;
-    default: rope_tiled_kernel<T, 1><<<grid, kRopeThreads, 0, stream>>>(tp); break;
-  }
+void launch_tiled_typed(const RopeTiledParams& tp, RopeTiling tiling, int vp, dim3 grid, cudaStream_t stream) {
+  if (tiling == RopeTiling::kHeads)
+    launch_tiled_shape<T, RopeTiling::kHeads>(tp, vp, grid, stream);
+  else
+    launch_tiled_shape<T, RopeTiling::kTokens>(tp, vp, grid, stream);
 }
 
 template <typename T>
@@ -68,13 +76,13 @@ cudaError_t launch_rope_kernel(const RopeParams& p, RopeDtype dtype, int vp, int
   return cudaGetLastError();
 }
 
-cudaError_t launch_rope_tiled_kernel(const RopeTiledParams& tp, RopeDtype dtype, int vp, int64_t blocks,
-                                     int64_t head_groups, cudaStream_t stream) {
+cudaError_t launch_rope_tiled_kernel(const RopeTiledParams& tp, RopeDtype dtype, RopeTiling tiling, int vp,
+                                     int64_t blocks, int64_t head_groups, cudaStream_t stream) {
   const dim3 grid(static_cast<unsigned>(blocks), static_cast<unsigned>(head_groups));
   switch (dtype) {
-    case RopeDtype::kFloat32: launch_tiled_typed<float>(tp, vp, grid, stream); break;
-    case RopeDtype::kFloat16: launch_tiled_typed<c10::Half>(tp, vp, grid, stream); break;
-    case RopeDtype::kBFloat16: launch_tiled_typed<c10::BFloat16>(tp, vp, grid, stream); break;
+    case RopeDtype::kFloat32: launch_tiled_typed<float>(tp, tiling, vp, grid, stream); break;
+    case RopeDtype::kFloat16: launch_tiled_typed<c10::Half>(tp, tiling, vp, grid, stream); break;
+    case RopeDtype::kBFloat16: launch_tiled_typed<c10::BFloat16>(tp, tiling, vp, grid, stream); break;
   }
   return cudaGetLastError();
 }

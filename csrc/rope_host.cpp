@@ -17,6 +17,7 @@
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
+#include <optional>
 #include <string>
 #include <tuple>
 #include <utility>
@@ -30,14 +31,17 @@ namespace vdit {
 namespace {
 
 // VDIT_ROPE_CUDA, read at every call (a benchmark switches it): "shared" (the default: the
-// kernel with shared-memory tables) or "tiled" (rope_tiled_kernel; head_dim up to
-// 2 * kRopeTiledMaxHalf, the shared kernel beyond). Whether the tiled variant is used.
-bool rope_tiled_requested(const char* op) {
+// kernel with shared-memory tables), "tiled" or "tiled-heads" (rope_tiled_kernel's two
+// shapes, csrc/rope_tile.cuh; head_dim up to 2 * kRopeTiledMaxHalf, the shared kernel
+// beyond). The tiled shape requested, if any.
+std::optional<RopeTiling> rope_tiled_requested(const char* op) {
   const char* v = std::getenv("VDIT_ROPE_CUDA");
   const std::string s = v == nullptr ? "" : v;
-  TORCH_CHECK_VALUE(s.empty() || s == "shared" || s == "tiled", op, ": VDIT_ROPE_CUDA must be \"shared\" or "
-                    "\"tiled\" (or unset), got \"", s, "\"");
-  return s == "tiled";
+  if (s == "tiled") return RopeTiling::kTokens;
+  if (s == "tiled-heads") return RopeTiling::kHeads;
+  TORCH_CHECK_VALUE(s.empty() || s == "shared", op, ": VDIT_ROPE_CUDA must be \"shared\", \"tiled\" or "
+                    "\"tiled-heads\" (or unset), got \"", s, "\"");
+  return std::nullopt;
 }
 
 void check_rope_args(const char* op, const at::Tensor& q, const at::Tensor& k, const at::Tensor& positions,
@@ -106,15 +110,18 @@ void rope_launch(const at::Tensor& q, const at::Tensor& k, const at::Tensor& qo,
                           : q.scalar_type() == at::kHalf ? RopeDtype::kFloat16
                                                          : RopeDtype::kBFloat16;
 
-  if (p.half <= kRopeTiledMaxHalf && rope_tiled_requested("vdit_C rope")) {
+  const std::optional<RopeTiling> tiling = rope_tiled_requested("vdit_C rope");
+  if (tiling && p.half <= kRopeTiledMaxHalf) {
     RopeTiledParams tp;
     std::memset(&tp, 0, sizeof(tp));
     tp.base = p;
     // about 8 waves of the 4 CTAs an SM holds (the Triton kernel's grid)
     const int64_t sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
-    const RopeTiledPlan plan = plan_rope_tiled(tp, q.element_size(), 32 * sms);  // fills tok, head_groups, freq
+    // fills tok, head_groups, freq
+    const RopeTiledPlan plan = plan_rope_tiled(tp, q.element_size(), 32 * sms, *tiling);
     TORCH_CHECK(plan.blocks < (int64_t{1} << 31), "vdit_C rope: N = ", N, " is too large");
-    C10_CUDA_CHECK(launch_rope_tiled_kernel(tp, dtype, plan.vp, plan.blocks, plan.head_groups, stream.stream()));
+    C10_CUDA_CHECK(launch_rope_tiled_kernel(tp, dtype, *tiling, plan.vp, plan.blocks, plan.head_groups,
+                                            stream.stream()));
     return;
   }
 

@@ -218,12 +218,23 @@ VDIT_HD void rope_phase(int phase, const RopeParams& p, int32_t block, float* sm
 // of the heads (blockIdx.y, stepping by gridDim.y); each thread owns rope_tiled_slots
 // (token, pair group) slots, computes their cos / sin once into registers (frequencies
 // from the host, the float32 of the double theta^(-2j/d_a) as the reference), then walks
-// its heads, every slot's load issued before any store. No shared memory, no barrier.
+// its heads, rope_tiled_heads of them a step, every load of a step issued before its
+// stores. No shared memory, no barrier. Two shapes, both untimed (VDIT_ROPE_CUDA):
+//   tiled        (kTokens) two slots a thread, one head a step: the Triton kernel's shape;
+//   tiled-heads  (kHeads)  one slot a thread, up to four heads a step: fewer registers
+//                of cos / sin, more loads in flight (Liger's kernel, at 96% on the H200,
+//                holds a whole token's heads in one program).
+enum class RopeTiling : int { kTokens = 0, kHeads = 1 };
 
-// Slots a thread owns: 2, or 1 where a slot's unit is 32 B (float32, 4 pairs: two slots
-// spilled 4-16 B at 64 registers, ptxas sm_90a / sm_80).
-constexpr int rope_tiled_slots(int vp, int64_t esize) {
-  return 2 * vp * esize >= 32 ? 1 : 2;
+// Slots a thread owns: kTokens 2, or 1 where a slot's unit is 32 B (float32, 4 pairs: two
+// slots spilled 4-16 B at 64 registers, ptxas sm_90a / sm_80); kHeads 1.
+constexpr int rope_tiled_slots(RopeTiling tiling, int vp, int64_t esize) {
+  return tiling == RopeTiling::kHeads || 2 * vp * esize >= 32 ? 1 : 2;
+}
+
+// Heads a step: kTokens 1; kHeads 4, or 2 where a unit is 32 B.
+constexpr int rope_tiled_heads(RopeTiling tiling, int vp, int64_t esize) {
+  return tiling == RopeTiling::kTokens ? 1 : (2 * vp * esize >= 32 ? 2 : 4);
 }
 constexpr int kRopeTiledMaxHalf = 256;  // head_dim <= 512 (the frequencies travel in the launch's parameters)
 // (what lets one token's pair groups always fit a CTA's slots: tok >= 1 covers them)
@@ -245,12 +256,12 @@ struct RopeTiledPlan {
 // kRopeTiledMaxHalf: tokens per CTA so that its threads' slots cover tok * (half / VP)
 // (at most N), head groups so that about target_ctas CTAs run (at most the heads and
 // 65535, gridDim.y's limit). Fills tp.base.tok, tp.head_groups and tp.freq.
-inline RopeTiledPlan plan_rope_tiled(RopeTiledParams& tp, int64_t esize, int64_t target_ctas) {
+inline RopeTiledPlan plan_rope_tiled(RopeTiledParams& tp, int64_t esize, int64_t target_ctas, RopeTiling tiling) {
   RopeParams& p = tp.base;
   RopeTiledPlan plan;
   plan.vp = rope_vp(p, esize);
   const int64_t groups = p.half / plan.vp;
-  int64_t tok = rope_tiled_slots(plan.vp, esize) * kRopeThreads / groups;
+  int64_t tok = rope_tiled_slots(tiling, plan.vp, esize) * kRopeThreads / groups;
   tok = tok < 1 ? 1 : tok;
   tok = tok > p.N ? p.N : tok;
   p.tok = static_cast<int32_t>(tok);
@@ -340,14 +351,15 @@ VDIT_HD void rope_tiled_store(T* y, int64_t osd, const RopeSlot<VP>& sl, bool in
 
 // Thread tid of CTA (bx, by): its slots tid + j * kRopeThreads (token slot / groups, group
 // slot % groups), rotated in every head by, by + head_groups, ... of q then k.
-template <typename T, int VP>
+template <typename T, int VP, RopeTiling TILING>
 VDIT_HD void rope_tiled_thread(const RopeTiledParams& tp, int32_t bx, int32_t by, int tid) {
   const RopeParams& p = tp.base;
   const bool interleaved = p.interleaved != 0;
   const int32_t groups = p.half / VP;
   const int32_t heads = p.heads[0] + p.heads[1];
   const int64_t n0 = static_cast<int64_t>(bx) * p.tok;
-  constexpr int kSlots = rope_tiled_slots(VP, sizeof(T));
+  constexpr int kSlots = rope_tiled_slots(TILING, VP, sizeof(T));
+  constexpr int kHeads = rope_tiled_heads(TILING, VP, sizeof(T));
   RopeSlot<VP> slot[kSlots];
   VDIT_UNROLL
   for (int j = 0; j < kSlots; ++j) {
@@ -381,19 +393,31 @@ VDIT_HD void rope_tiled_thread(const RopeTiledParams& tp, int32_t bx, int32_t by
       sl.s[i] = p.inverse ? -sin_a : sin_a;
     }
   }
-  for (int32_t hh = by; hh < heads; hh += tp.head_groups) {
-    const int which = hh >= p.heads[0];
-    const int64_t h = which ? hh - p.heads[0] : hh;
-    const T* x = static_cast<const T*>(p.in[which]) + h * p.sh[which];
-    T* y = static_cast<T*>(p.out[which]) + h * p.osh[which];
-    const int64_t sn = p.sn[which], osn = p.osn[which];
-    Pack<T, 2 * VP> v[kSlots];
+  // a step: heads h0 + u * head_groups for u < kHeads (int64: past the last head)
+  for (int64_t h0 = by; h0 < heads; h0 += static_cast<int64_t>(kHeads) * tp.head_groups) {
+    Pack<T, 2 * VP> v[kHeads][kSlots];
     VDIT_UNROLL
-    for (int j = 0; j < kSlots; ++j)
-      if (slot[j].active) rope_tiled_load<T, VP>(x + slot[j].n * sn, p.sd[which], slot[j].pr, interleaved, v[j]);
+    for (int u = 0; u < kHeads; ++u) {
+      const int64_t hh = h0 + static_cast<int64_t>(u) * tp.head_groups;
+      if (hh >= heads) continue;
+      const int which = hh >= p.heads[0];
+      const T* x = static_cast<const T*>(p.in[which]) + (which ? hh - p.heads[0] : hh) * p.sh[which];
+      VDIT_UNROLL
+      for (int j = 0; j < kSlots; ++j)
+        if (slot[j].active)
+          rope_tiled_load<T, VP>(x + slot[j].n * p.sn[which], p.sd[which], slot[j].pr, interleaved, v[u][j]);
+    }
     VDIT_UNROLL
-    for (int j = 0; j < kSlots; ++j)
-      if (slot[j].active) rope_tiled_store<T, VP>(y + slot[j].n * osn, p.osd[which], slot[j], interleaved, v[j]);
+    for (int u = 0; u < kHeads; ++u) {
+      const int64_t hh = h0 + static_cast<int64_t>(u) * tp.head_groups;
+      if (hh >= heads) continue;
+      const int which = hh >= p.heads[0];
+      T* y = static_cast<T*>(p.out[which]) + (which ? hh - p.heads[0] : hh) * p.osh[which];
+      VDIT_UNROLL
+      for (int j = 0; j < kSlots; ++j)
+        if (slot[j].active)
+          rope_tiled_store<T, VP>(y + slot[j].n * p.osn[which], p.osd[which], slot[j], interleaved, v[u][j]);
+    }
   }
 }
 

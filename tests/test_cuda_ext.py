@@ -363,9 +363,9 @@ def _check_rope(q, k, pos, dims, interleaved, inverse=False, theta=10000.0):
     assert torch.equal(q2, gq) and torch.equal(k2, gk)
 
 
-# the CUDA RoPE's two kernels (VDIT_ROPE_CUDA, read by the op at every call): the default
-# shared-table kernel and the tiled variant
-ROPE_VARIANTS = ["shared", "tiled"]
+# the CUDA RoPE's kernels (VDIT_ROPE_CUDA, read by the op at every call): the default
+# shared-table kernel and the tiled kernel's two shapes
+ROPE_VARIANTS = ["shared", "tiled", "tiled-heads"]
 
 
 @gpu_only
@@ -383,13 +383,15 @@ def test_rope_matches_reference(dtype, interleaved, dims, variant, monkeypatch):
 
 
 @gpu_only
+@pytest.mark.parametrize("variant", ["tiled", "tiled-heads"])
 @pytest.mark.parametrize("interleaved", [True, False])
-def test_rope_tiled_many_heads_and_beyond_its_head_dim(interleaved, monkeypatch):
-    # 48 + 40 heads over 300 tokens: the tiled grid's head groups each walk several heads;
-    # head_dim 600 is past the tiled kernel's 512 (its frequencies travel in the launch
-    # parameters): the shared kernel runs it
-    monkeypatch.setenv("VDIT_ROPE_CUDA", "tiled")
-    q, k, pos = _rope_inputs(300, 48, 40, (44, 42, 42), torch.bfloat16)
+def test_rope_tiled_many_heads_and_beyond_its_head_dim(interleaved, variant, monkeypatch):
+    # 48 + 41 heads over 300 tokens: the tiled grid's head groups each walk several heads
+    # (tiled-heads: four a step, the last step past the heads); head_dim 600 is past the
+    # tiled kernel's 512 (its frequencies travel in the launch parameters): the shared
+    # kernel runs it
+    monkeypatch.setenv("VDIT_ROPE_CUDA", variant)
+    q, k, pos = _rope_inputs(300, 48, 41, (44, 42, 42), torch.bfloat16)
     _check_rope(q, k, pos, (44, 42, 42), interleaved)
     q, k, pos = _rope_inputs(9, 2, 1, (200, 200, 200), torch.float32)
     _check_rope(q, k, pos, (200, 200, 200), interleaved)
@@ -474,11 +476,13 @@ def _rope_bad_input_checks():
             for op in (rope, rope_):
                 with pytest.raises(RuntimeError, match="theta .* must be a positive finite number"):
                     op(q, k, pos, [4, 4, 4], theta, True, False)
-        # the kernel choice: "shared", "tiled" or unset, a clear error otherwise (CPU tensors too)
+        # the kernel choice: "shared", "tiled", "tiled-heads" or unset, a clear error otherwise
+        # (CPU tensors too)
         os.environ["VDIT_ROPE_CUDA"] = "fast"
         try:
             for op in (rope, rope_):
-                with pytest.raises(ValueError, match='VDIT_ROPE_CUDA must be "shared" or "tiled" .*got "fast"'):
+                with pytest.raises(ValueError, match='VDIT_ROPE_CUDA must be "shared", "tiled" or "tiled-heads" '
+                                                     '.*got "fast"'):
                     op(q, k, pos, [4, 4, 4], 1e4, True, False)
         finally:
             del os.environ["VDIT_ROPE_CUDA"]

@@ -3,7 +3,7 @@
 // host compiler (with AddressSanitizer and UBSan where available: an access outside a
 // buffer, a misaligned vector access or an integer overflow fails) and runs it.
 //
-// Every case runs on both kernels. The tiled variant's threads share nothing (no shared
+// Every case runs on the three kernels. The tiled shapes' threads share nothing (no shared
 // memory, no barrier): every thread of every CTA (x, y) in turn, with a small CTA target so
 // that head groups walk several heads. The shared-table kernel:
 // a launch is emulated as the GPU runs it: for every CTA, phase 0 of every thread, then
@@ -24,6 +24,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <limits>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -105,9 +106,9 @@ void reference_head(const Case& c, const float* pos, double theta, const std::ve
   }
 }
 
-// One case on the shared-table kernel (tiled = false) or the tiled variant.
+// One case on the shared-table kernel (no tiling) or a tiled shape.
 template <typename T>
-bool run_case(const Case& c, bool tiled) {
+bool run_case(const Case& c, std::optional<RopeTiling> tiling) {
   const int64_t D = c.dims[0] + c.dims[1] + c.dims[2];
   const double theta = 500.0;
   const View* views[2] = {&c.q, &c.k};
@@ -157,14 +158,15 @@ bool run_case(const Case& c, bool tiled) {
   p.theta = theta;
   p.interleaved = c.interleaved;
   p.inverse = c.inverse;
-  if (tiled) {
+  if (tiling) {
     // a small CTA target (8): several head groups, each CTA walking several heads
     RopeTiledParams tp;
     std::memset(&tp, 0, sizeof(tp));
     tp.base = p;
-    const RopeTiledPlan plan = plan_rope_tiled(tp, sizeof(T), 8);
-    std::printf("%s %s tiled: vp=%d tok=%d blocks=%lld head_groups=%lld\n", c.name.c_str(), dtype_name<T>(), plan.vp,
-                tp.base.tok, static_cast<long long>(plan.blocks), static_cast<long long>(plan.head_groups));
+    const RopeTiledPlan plan = plan_rope_tiled(tp, sizeof(T), 8, *tiling);
+    std::printf("%s %s %s: vp=%d tok=%d blocks=%lld head_groups=%lld\n", c.name.c_str(), dtype_name<T>(),
+                *tiling == RopeTiling::kHeads ? "tiled-heads" : "tiled", plan.vp, tp.base.tok,
+                static_cast<long long>(plan.blocks), static_cast<long long>(plan.head_groups));
     if (c.expect_vp && plan.vp != c.expect_vp) {
       std::printf("  FAIL: plan picked vp=%d, expected %d\n", plan.vp, c.expect_vp);
       ++failures;
@@ -174,10 +176,18 @@ bool run_case(const Case& c, bool tiled) {
       for (int64_t by = 0; by < plan.head_groups; ++by)
         for (int tid = 0; tid < kRopeThreads; ++tid) {
           const int32_t x = static_cast<int32_t>(bx), y = static_cast<int32_t>(by);
-          switch (plan.vp) {
-            case 4: rope_tiled_thread<T, 4>(tp, x, y, tid); break;
-            case 2: rope_tiled_thread<T, 2>(tp, x, y, tid); break;
-            default: rope_tiled_thread<T, 1>(tp, x, y, tid); break;
+          if (*tiling == RopeTiling::kHeads) {
+            switch (plan.vp) {
+              case 4: rope_tiled_thread<T, 4, RopeTiling::kHeads>(tp, x, y, tid); break;
+              case 2: rope_tiled_thread<T, 2, RopeTiling::kHeads>(tp, x, y, tid); break;
+              default: rope_tiled_thread<T, 1, RopeTiling::kHeads>(tp, x, y, tid); break;
+            }
+          } else {
+            switch (plan.vp) {
+              case 4: rope_tiled_thread<T, 4, RopeTiling::kTokens>(tp, x, y, tid); break;
+              case 2: rope_tiled_thread<T, 2, RopeTiling::kTokens>(tp, x, y, tid); break;
+              default: rope_tiled_thread<T, 1, RopeTiling::kTokens>(tp, x, y, tid); break;
+            }
           }
         }
   } else {
@@ -337,14 +347,16 @@ void run_all() {
           }
           c.expect_vp = vp;
         }
-        run_case<T>(c, false);
-        run_case<T>(c, true);
+        for (const auto tiling : {std::optional<RopeTiling>(), std::optional<RopeTiling>(RopeTiling::kTokens),
+                                  std::optional<RopeTiling>(RopeTiling::kHeads)})
+          run_case<T>(c, tiling);
         ++count;
       }
     }
   }
-  // 48 + 40 heads of 128: the shared kernel's CTA loops over more units than its threads,
-  // the tiled one's head groups over several heads each
+  // 48 + 41 heads of 128: the shared kernel's CTA loops over more units than its threads,
+  // the tiled ones' head groups over several heads each (tiled-heads: a last step that
+  // runs past the heads)
   for (int conv = 0; conv < 2; ++conv) {
     Case c;
     c.dims[0] = 44;
@@ -356,12 +368,13 @@ void run_all() {
     c.N = 37;
     c.out_shift = 0;
     c.q = c.oq = layout(c.N, 48, 128, 0, 1, 0, 0);
-    c.k = c.ok = layout(c.N, 40, 128, 0, 1, 0, 0);
+    c.k = c.ok = layout(c.N, 41, 128, 0, 1, 0, 0);
     c.expect_vp = c.interleaved ? static_cast<int>(8 / e) : 1;  // 16 B; (44, 42, 42): halves 22, 21, 21
     c.name = std::string("D=128 (44,42,42) ") + (c.interleaved ? "interleaved" : "rotate-half") +
-             " many-heads (48 + 40)" + (c.inplace ? " in-place" : "") + (c.inverse ? " inverse" : "") + " N=37";
-    run_case<T>(c, false);
-    run_case<T>(c, true);
+             " many-heads (48 + 41)" + (c.inplace ? " in-place" : "") + (c.inverse ? " inverse" : "") + " N=37";
+    for (const auto tiling : {std::optional<RopeTiling>(), std::optional<RopeTiling>(RopeTiling::kTokens),
+                              std::optional<RopeTiling>(RopeTiling::kHeads)})
+      run_case<T>(c, tiling);
   }
 }
 
