@@ -144,9 +144,11 @@ def _summary(times: list[float], timer: str) -> dict:
     """Median, min, max and the quartiles (p25_ms, p75_ms: whether the samples split in two,
     as the H200's small calls seemed to, medians twice their minimums) of samples in ms."""
     q = sorted(times)
-    at = lambda f: q[min(len(q) - 1, int(f * len(q)))]  # noqa: E731
-    return {"median_ms": statistics.median(q), "min_ms": q[0], "max_ms": q[-1], "p25_ms": at(0.25),
-            "p75_ms": at(0.75), "reps": len(q), "timer": timer}
+    # interpolated between samples, over the range they span (an index into few samples
+    # leaned high: the max as p75 of four)
+    p25, _, p75 = statistics.quantiles(q, n=4, method="inclusive") if len(q) > 1 else (q[0],) * 3
+    return {"median_ms": statistics.median(q), "min_ms": q[0], "max_ms": q[-1], "p25_ms": p25, "p75_ms": p75,
+            "reps": len(q), "timer": timer}
 
 
 def bench(fn: Callable, device: str, *, quick: bool = False,

@@ -1,7 +1,8 @@
 // CUDA fused 3D RoPE of q and k, one launch for both (out of place or in place): the
-// kernel's frame and its launch. Its work, per thread and phase, and the launch plan are
-// in csrc/rope_tile.cuh (host-compilable: tests/cpp/rope_emulation.cpp runs the same code
-// on the CPU); argument checks and the registered ops live in csrc/rope_host.cpp.
+// kernels' frames (the shared-table kernel and the tiled one's two shapes) and their
+// launches. Their work, per thread, and the launch plans are in csrc/rope_tile.cuh
+// (host-compilable: tests/cpp/rope_emulation.cpp runs the same code on the CPU); argument
+// checks, the choice between the kernels and the registered ops live in csrc/rope_host.cpp.
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 #include <cuda_runtime.h>
@@ -48,10 +49,10 @@ void launch_tiled_shape(const RopeTiledParams& tp, int vp, dim3 grid, cudaStream
 
 template <typename T>
 void launch_tiled_typed(const RopeTiledParams& tp, RopeTiling tiling, int vp, dim3 grid, cudaStream_t stream) {
-  if (tiling == RopeTiling::kHeads)
-    launch_tiled_shape<T, RopeTiling::kHeads>(tp, vp, grid, stream);
+  if (tiling == RopeTiling::kTiledHeads)
+    launch_tiled_shape<T, RopeTiling::kTiledHeads>(tp, vp, grid, stream);
   else
-    launch_tiled_shape<T, RopeTiling::kTokens>(tp, vp, grid, stream);
+    launch_tiled_shape<T, RopeTiling::kTiled>(tp, vp, grid, stream);
 }
 
 template <typename T>

@@ -1,7 +1,8 @@
-// Launch interface of the 3D RoPE kernel (csrc/rope.cu), shared with its host side
-// (csrc/rope_host.cpp: argument checks, the registered ops). The kernel translation unit
-// holds no ATen code and throws nothing. The kernel's work and the launch plan (vector
-// width, tokens per CTA) are in csrc/rope_tile.cuh (plain C++, host-compilable).
+// Launch interface of the 3D RoPE kernels (csrc/rope.cu), shared with their host side
+// (csrc/rope_host.cpp: argument checks, the kernel choice, the registered ops). The kernel
+// translation unit holds no ATen code and throws nothing. The kernels' work and launch
+// plans (vector width, tokens per CTA, head groups) are in csrc/rope_tile.cuh (plain C++,
+// host-compilable).
 #pragma once
 
 #include <cuda_runtime_api.h>

@@ -1,7 +1,7 @@
 // Host side of the CUDA 3D RoPE (kernels: csrc/rope.cu): argument checks with clear
-// errors, the launch of the shared-table kernel or, under VDIT_ROPE_CUDA=tiled, the tiled
-// one (their plans, plan_rope and plan_rope_tiled, are in csrc/rope_tile.cuh), output
-// allocation and the registered ops. Compiled by the host compiler; the .cu file throws nothing.
+// errors, the launch of the shared-table kernel or, under VDIT_ROPE_CUDA=tiled or
+// tiled-heads, the tiled one (their plans, plan_rope and plan_rope_tiled, are in
+// csrc/rope_tile.cuh), output allocation and the registered ops. Compiled by the host compiler; the .cu file throws nothing.
 //
 // CPU tensors get the same argument checks, then an error saying the op needs CUDA
 // tensors (the CPU registration below), so the checks run in CPU-only CI too.
@@ -37,8 +37,8 @@ namespace {
 std::optional<RopeTiling> rope_tiled_requested(const char* op) {
   const char* v = std::getenv("VDIT_ROPE_CUDA");
   const std::string s = v == nullptr ? "" : v;
-  if (s == "tiled") return RopeTiling::kTokens;
-  if (s == "tiled-heads") return RopeTiling::kHeads;
+  if (s == "tiled") return RopeTiling::kTiled;
+  if (s == "tiled-heads") return RopeTiling::kTiledHeads;
   TORCH_CHECK_VALUE(s.empty() || s == "shared", op, ": VDIT_ROPE_CUDA must be \"shared\", \"tiled\" or "
                     "\"tiled-heads\" (or unset), got \"", s, "\"");
   return std::nullopt;
@@ -119,6 +119,7 @@ void rope_launch(const at::Tensor& q, const at::Tensor& k, const at::Tensor& qo,
     const int64_t sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
     // fills tok, head_groups, freq
     const RopeTiledPlan plan = plan_rope_tiled(tp, q.element_size(), 32 * sms, *tiling);
+    TORCH_CHECK(plan.vp > 0, "vdit_C rope: no tiled plan for head_dim ", D);  // (half checked above)
     TORCH_CHECK(plan.blocks < (int64_t{1} << 31), "vdit_C rope: N = ", N, " is too large");
     C10_CUDA_CHECK(launch_rope_tiled_kernel(tp, dtype, *tiling, plan.vp, plan.blocks, plan.head_groups,
                                             stream.stream()));

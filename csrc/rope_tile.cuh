@@ -1,19 +1,21 @@
-// The 3D RoPE kernel's work (csrc/rope.cu) and its launch plan, in plain C++ that
-// compiles for the host too: csrc/rope_host.cpp plans launches with plan_rope, and
-// tests/cpp/rope_emulation.cpp runs the kernel's per-thread code on the CPU (every thread
-// of a CTA through phase 0, then phase 1, then phase 2: the kernel's two barriers) against
-// a reference, for strides, alignments and splits a GPU test would need a GPU for.
+// The 3D RoPE kernels' work (csrc/rope.cu) and their launch plans, in plain C++ that
+// compiles for the host too: csrc/rope_host.cpp plans launches with plan_rope (the
+// shared-table kernel, the default) or plan_rope_tiled (the tiled kernel, below), and
+// tests/cpp/rope_emulation.cpp runs both kernels' per-thread code on the CPU against a
+// reference, for strides, alignments and splits a GPU test would need a GPU for.
 //
-// A CTA owns `tok` consecutive tokens and every head of q and k for them. Phase 0 puts
-// the per-pair frequencies theta^(-2j/d_a) (computed in double, rounded to float32, as
-// the reference does) in shared memory, phase 1 cos/sin of angle = pos[axis] * freq
-// (float32; sincosf, the accurate libdevice path, on the GPU) for its tokens; phase 2
-// rotates, every head reusing them. Work units are groups of VP consecutive pair slots of
-// one (token, head): interleaved, a group is 2*VP contiguous elements; rotate-half, two
-// runs of VP contiguous elements (x[c0+j..], x[c0+j+d_a/2..]), VP dividing every d_a/2 so
-// a group stays in one axis. VP (1, 2 or 4 pairs; up to 16 B per access) is chosen by
-// plan_rope from the head dim, the split and the alignment of pointers and strides; VP =
-// 1 takes any strides. Math in float32, stored in the input dtype; inverse=True negates sin.
+// The shared-table kernel: a CTA owns `tok` consecutive tokens and every head of q and k
+// for them. Phase 0 puts the per-pair frequencies theta^(-2j/d_a) (computed in double,
+// rounded to float32, as the reference does) in shared memory, phase 1 cos/sin of angle =
+// pos[axis] * freq (float32; sincosf, the accurate libdevice path, on the GPU) for its
+// tokens; phase 2 rotates, every head reusing them (the emulation runs every thread of a
+// CTA through phase 0, then phase 1, then phase 2: the kernel's two barriers). Work units
+// are groups of VP consecutive pair slots of one (token, head): interleaved, a group is
+// 2*VP contiguous elements; rotate-half, two runs of VP contiguous elements (x[c0+j..],
+// x[c0+j+d_a/2..]), VP dividing every d_a/2 so a group stays in one axis. VP (1, 2 or 4
+// pairs; up to 16 B per access) is chosen by rope_vp from the head dim, the split and the
+// alignment of pointers and strides; VP = 1 takes any strides. Math in float32, stored in
+// the input dtype; inverse=True negates sin.
 #pragma once
 
 #include <cmath>
@@ -207,34 +209,35 @@ VDIT_HD void rope_phase(int phase, const RopeParams& p, int32_t block, float* sm
   }
 }
 
-// ---- the tiled variant (VDIT_ROPE_CUDA=tiled; not the default until timed) -----------
+// ---- the tiled kernel (VDIT_ROPE_CUDA=tiled or tiled-heads; not the default until timed)
 //
 // The kernel above spends each CTA on one token (at 48 heads of 128): a prologue of
 // positions, double-precision pow and sincos behind two barriers, then one unit at a time
 // per thread (load, rotate, store). It reached 81% of the copy bandwidth on an H200 where
 // the Triton kernel, laid out as below, reached 93% (2026-11-28); loading a batch of units
 // before the barriers at 64 registers made it slower (504 us against 300). The tiled
-// variant takes the Triton kernel's layout: a CTA owns `tok` tokens and a strided subset
-// of the heads (blockIdx.y, stepping by gridDim.y); each thread owns rope_tiled_slots
-// (token, pair group) slots, computes their cos / sin once into registers (frequencies
-// from the host, the float32 of the double theta^(-2j/d_a) as the reference), then walks
-// its heads, rope_tiled_heads of them a step, every load of a step issued before its
-// stores. No shared memory, no barrier. Two shapes, both untimed (VDIT_ROPE_CUDA):
-//   tiled        (kTokens) two slots a thread, one head a step: the Triton kernel's shape;
-//   tiled-heads  (kHeads)  one slot a thread, up to four heads a step: fewer registers
-//                of cos / sin, more loads in flight (Liger's kernel, at 96% on the H200,
+// kernel takes the Triton kernel's layout: a CTA owns `tok` tokens and a strided subset of
+// the heads (blockIdx.y, stepping by gridDim.y); each thread owns a few (token, pair group)
+// slots, computes their cos / sin once into registers (frequencies from the host, the
+// float32 of the double theta^(-2j/d_a) as the reference), then walks its heads a few a
+// step, every load of a step issued before its stores. No shared memory, no barrier. Two
+// shapes, both untimed:
+//   kTiled       (tiled)        two slots a thread, one head a step: the Triton kernel's;
+//   kTiledHeads  (tiled-heads)  one slot a thread, four heads a step: fewer registers of
+//                cos / sin, more loads in flight (Liger's kernel, at 96% on the H200,
 //                holds a whole token's heads in one program).
-enum class RopeTiling : int { kTokens = 0, kHeads = 1 };
+// Where a unit is 32 B (float32 with 4 pairs an access) both halve: one slot, two heads.
+enum class RopeTiling : int { kTiled = 0, kTiledHeads = 1 };
 
-// Slots a thread owns: kTokens 2, or 1 where a slot's unit is 32 B (float32, 4 pairs: two
-// slots spilled 4-16 B at 64 registers, ptxas sm_90a / sm_80); kHeads 1.
-constexpr int rope_tiled_slots(RopeTiling tiling, int vp, int64_t esize) {
-  return tiling == RopeTiling::kHeads || 2 * vp * esize >= 32 ? 1 : 2;
+// (token, pair group) slots a thread owns. kTiled with 32-byte units: one, as two slots
+// spilled 4-16 B at 64 registers (ptxas sm_90a / sm_80).
+constexpr int rope_tiled_slots_per_thread(RopeTiling tiling, int vp, int64_t esize) {
+  return tiling == RopeTiling::kTiledHeads || 2 * vp * esize >= 32 ? 1 : 2;
 }
 
-// Heads a step: kTokens 1; kHeads 4, or 2 where a unit is 32 B.
-constexpr int rope_tiled_heads(RopeTiling tiling, int vp, int64_t esize) {
-  return tiling == RopeTiling::kTokens ? 1 : (2 * vp * esize >= 32 ? 2 : 4);
+// Heads a thread rotates a step (all their loads before their stores).
+constexpr int rope_tiled_heads_per_step(RopeTiling tiling, int vp, int64_t esize) {
+  return tiling == RopeTiling::kTiled ? 1 : (2 * vp * esize >= 32 ? 2 : 4);
 }
 constexpr int kRopeTiledMaxHalf = 256;  // head_dim <= 512 (the frequencies travel in the launch's parameters)
 // (what lets one token's pair groups always fit a CTA's slots: tok >= 1 covers them)
@@ -255,13 +258,19 @@ struct RopeTiledPlan {
 // The plan of a launch whose base params are filled (as for plan_rope) and half <=
 // kRopeTiledMaxHalf: tokens per CTA so that its threads' slots cover tok * (half / VP)
 // (at most N), head groups so that about target_ctas CTAs run (at most the heads and
-// 65535, gridDim.y's limit). Fills tp.base.tok, tp.head_groups and tp.freq.
+// 65535, gridDim.y's limit). Fills tp.base.tok, tp.head_groups and tp.freq. A half past
+// kRopeTiledMaxHalf gets vp = 0 (no plan).
 inline RopeTiledPlan plan_rope_tiled(RopeTiledParams& tp, int64_t esize, int64_t target_ctas, RopeTiling tiling) {
   RopeParams& p = tp.base;
   RopeTiledPlan plan;
+  if (p.half > kRopeTiledMaxHalf) {  // freq[] cannot hold it: no plan (vp = 0), the caller refuses
+    plan.vp = 0;
+    plan.blocks = plan.head_groups = 0;
+    return plan;
+  }
   plan.vp = rope_vp(p, esize);
   const int64_t groups = p.half / plan.vp;
-  int64_t tok = rope_tiled_slots(tiling, plan.vp, esize) * kRopeThreads / groups;
+  int64_t tok = rope_tiled_slots_per_thread(tiling, plan.vp, esize) * kRopeThreads / groups;
   tok = tok < 1 ? 1 : tok;
   tok = tok > p.N ? p.N : tok;
   p.tok = static_cast<int32_t>(tok);
@@ -358,11 +367,11 @@ VDIT_HD void rope_tiled_thread(const RopeTiledParams& tp, int32_t bx, int32_t by
   const int32_t groups = p.half / VP;
   const int32_t heads = p.heads[0] + p.heads[1];
   const int64_t n0 = static_cast<int64_t>(bx) * p.tok;
-  constexpr int kSlots = rope_tiled_slots(TILING, VP, sizeof(T));
-  constexpr int kHeads = rope_tiled_heads(TILING, VP, sizeof(T));
-  RopeSlot<VP> slot[kSlots];
+  constexpr int kSlotsPerThread = rope_tiled_slots_per_thread(TILING, VP, sizeof(T));
+  constexpr int kHeadsPerStep = rope_tiled_heads_per_step(TILING, VP, sizeof(T));
+  RopeSlot<VP> slot[kSlotsPerThread];
   VDIT_UNROLL
-  for (int j = 0; j < kSlots; ++j) {
+  for (int j = 0; j < kSlotsPerThread; ++j) {
     RopeSlot<VP>& sl = slot[j];
     const int32_t at = tid + j * kRopeThreads;
     const int32_t t = at / groups;
@@ -393,28 +402,28 @@ VDIT_HD void rope_tiled_thread(const RopeTiledParams& tp, int32_t bx, int32_t by
       sl.s[i] = p.inverse ? -sin_a : sin_a;
     }
   }
-  // a step: heads h0 + u * head_groups for u < kHeads (int64: past the last head)
-  for (int64_t h0 = by; h0 < heads; h0 += static_cast<int64_t>(kHeads) * tp.head_groups) {
-    Pack<T, 2 * VP> v[kHeads][kSlots];
+  // a step: heads h0 + u * head_groups for u < kHeadsPerStep (int64: past the last head)
+  for (int64_t h0 = by; h0 < heads; h0 += static_cast<int64_t>(kHeadsPerStep) * tp.head_groups) {
+    Pack<T, 2 * VP> v[kHeadsPerStep][kSlotsPerThread];
     VDIT_UNROLL
-    for (int u = 0; u < kHeads; ++u) {
+    for (int u = 0; u < kHeadsPerStep; ++u) {
       const int64_t hh = h0 + static_cast<int64_t>(u) * tp.head_groups;
       if (hh >= heads) continue;
       const int which = hh >= p.heads[0];
       const T* x = static_cast<const T*>(p.in[which]) + (which ? hh - p.heads[0] : hh) * p.sh[which];
       VDIT_UNROLL
-      for (int j = 0; j < kSlots; ++j)
+      for (int j = 0; j < kSlotsPerThread; ++j)
         if (slot[j].active)
           rope_tiled_load<T, VP>(x + slot[j].n * p.sn[which], p.sd[which], slot[j].pr, interleaved, v[u][j]);
     }
     VDIT_UNROLL
-    for (int u = 0; u < kHeads; ++u) {
+    for (int u = 0; u < kHeadsPerStep; ++u) {
       const int64_t hh = h0 + static_cast<int64_t>(u) * tp.head_groups;
       if (hh >= heads) continue;
       const int which = hh >= p.heads[0];
       T* y = static_cast<T*>(p.out[which]) + (which ? hh - p.heads[0] : hh) * p.osh[which];
       VDIT_UNROLL
-      for (int j = 0; j < kSlots; ++j)
+      for (int j = 0; j < kSlotsPerThread; ++j)
         if (slot[j].active)
           rope_tiled_store<T, VP>(y + slot[j].n * p.osn[which], p.osd[which], slot[j], interleaved, v[u][j]);
     }

@@ -58,6 +58,9 @@ def test_timing_summary_reports_the_quartiles():
                                                                                               2.0, 8)
     assert _summary([3.0], "perf_counter") == {"median_ms": 3.0, "min_ms": 3.0, "max_ms": 3.0, "p25_ms": 3.0,
                                                "p75_ms": 3.0, "reps": 1, "timer": "perf_counter"}
+    # interpolated: four samples' p75 is not their max
+    t = _summary([1.0, 2.0, 3.0, 4.0], "cuda-events")
+    assert (t["p25_ms"], t["p75_ms"]) == (1.75, 3.25)
 
 
 def test_peers_compute_the_same_thing():

@@ -386,12 +386,12 @@ def test_rope_matches_reference(dtype, interleaved, dims, variant, monkeypatch):
 @pytest.mark.parametrize("variant", ["tiled", "tiled-heads"])
 @pytest.mark.parametrize("interleaved", [True, False])
 def test_rope_tiled_many_heads_and_beyond_its_head_dim(interleaved, variant, monkeypatch):
-    # 48 + 41 heads over 300 tokens: the tiled grid's head groups each walk several heads
-    # (tiled-heads: four a step, the last step past the heads); head_dim 600 is past the
-    # tiled kernel's 512 (its frequencies travel in the launch parameters): the shared
-    # kernel runs it
+    # 48 + 41 heads over 8192 tokens: on a 132-SM GPU the grid's 5 to 17 head groups each
+    # walk several heads (tiled-heads: four a step, the last step past the heads; at 300
+    # tokens every group held one head); head_dim 600 is past the tiled kernel's 512 (its
+    # frequencies travel in the launch parameters): the shared kernel runs it
     monkeypatch.setenv("VDIT_ROPE_CUDA", variant)
-    q, k, pos = _rope_inputs(300, 48, 41, (44, 42, 42), torch.bfloat16)
+    q, k, pos = _rope_inputs(8192, 48, 41, (44, 42, 42), torch.bfloat16)
     _check_rope(q, k, pos, (44, 42, 42), interleaved)
     q, k, pos = _rope_inputs(9, 2, 1, (200, 200, 200), torch.float32)
     _check_rope(q, k, pos, (200, 200, 200), interleaved)

@@ -165,7 +165,7 @@ bool run_case(const Case& c, std::optional<RopeTiling> tiling) {
     tp.base = p;
     const RopeTiledPlan plan = plan_rope_tiled(tp, sizeof(T), 8, *tiling);
     std::printf("%s %s %s: vp=%d tok=%d blocks=%lld head_groups=%lld\n", c.name.c_str(), dtype_name<T>(),
-                *tiling == RopeTiling::kHeads ? "tiled-heads" : "tiled", plan.vp, tp.base.tok,
+                *tiling == RopeTiling::kTiledHeads ? "tiled-heads" : "tiled", plan.vp, tp.base.tok,
                 static_cast<long long>(plan.blocks), static_cast<long long>(plan.head_groups));
     if (c.expect_vp && plan.vp != c.expect_vp) {
       std::printf("  FAIL: plan picked vp=%d, expected %d\n", plan.vp, c.expect_vp);
@@ -176,17 +176,17 @@ bool run_case(const Case& c, std::optional<RopeTiling> tiling) {
       for (int64_t by = 0; by < plan.head_groups; ++by)
         for (int tid = 0; tid < kRopeThreads; ++tid) {
           const int32_t x = static_cast<int32_t>(bx), y = static_cast<int32_t>(by);
-          if (*tiling == RopeTiling::kHeads) {
+          if (*tiling == RopeTiling::kTiledHeads) {
             switch (plan.vp) {
-              case 4: rope_tiled_thread<T, 4, RopeTiling::kHeads>(tp, x, y, tid); break;
-              case 2: rope_tiled_thread<T, 2, RopeTiling::kHeads>(tp, x, y, tid); break;
-              default: rope_tiled_thread<T, 1, RopeTiling::kHeads>(tp, x, y, tid); break;
+              case 4: rope_tiled_thread<T, 4, RopeTiling::kTiledHeads>(tp, x, y, tid); break;
+              case 2: rope_tiled_thread<T, 2, RopeTiling::kTiledHeads>(tp, x, y, tid); break;
+              default: rope_tiled_thread<T, 1, RopeTiling::kTiledHeads>(tp, x, y, tid); break;
             }
           } else {
             switch (plan.vp) {
-              case 4: rope_tiled_thread<T, 4, RopeTiling::kTokens>(tp, x, y, tid); break;
-              case 2: rope_tiled_thread<T, 2, RopeTiling::kTokens>(tp, x, y, tid); break;
-              default: rope_tiled_thread<T, 1, RopeTiling::kTokens>(tp, x, y, tid); break;
+              case 4: rope_tiled_thread<T, 4, RopeTiling::kTiled>(tp, x, y, tid); break;
+              case 2: rope_tiled_thread<T, 2, RopeTiling::kTiled>(tp, x, y, tid); break;
+              default: rope_tiled_thread<T, 1, RopeTiling::kTiled>(tp, x, y, tid); break;
             }
           }
         }
@@ -347,8 +347,8 @@ void run_all() {
           }
           c.expect_vp = vp;
         }
-        for (const auto tiling : {std::optional<RopeTiling>(), std::optional<RopeTiling>(RopeTiling::kTokens),
-                                  std::optional<RopeTiling>(RopeTiling::kHeads)})
+        for (const auto tiling : {std::optional<RopeTiling>(), std::optional<RopeTiling>(RopeTiling::kTiled),
+                                  std::optional<RopeTiling>(RopeTiling::kTiledHeads)})
           run_case<T>(c, tiling);
         ++count;
       }
@@ -372,15 +372,55 @@ void run_all() {
     c.expect_vp = c.interleaved ? static_cast<int>(8 / e) : 1;  // 16 B; (44, 42, 42): halves 22, 21, 21
     c.name = std::string("D=128 (44,42,42) ") + (c.interleaved ? "interleaved" : "rotate-half") +
              " many-heads (48 + 41)" + (c.inplace ? " in-place" : "") + (c.inverse ? " inverse" : "") + " N=37";
-    for (const auto tiling : {std::optional<RopeTiling>(), std::optional<RopeTiling>(RopeTiling::kTokens),
-                              std::optional<RopeTiling>(RopeTiling::kHeads)})
+    for (const auto tiling : {std::optional<RopeTiling>(), std::optional<RopeTiling>(RopeTiling::kTiled),
+                              std::optional<RopeTiling>(RopeTiling::kTiledHeads)})
       run_case<T>(c, tiling);
+  }
+  // q without heads, then k without heads (the plans skip an empty tensor's layout)
+  for (int empty = 0; empty < 2; ++empty) {
+    Case c;
+    c.dims[0] = 16;
+    c.dims[1] = 24;
+    c.dims[2] = 24;
+    c.interleaved = empty == 0;
+    c.inverse = false;
+    c.inplace = empty == 1;
+    c.N = 9;
+    c.out_shift = 0;
+    c.q = c.oq = layout(c.N, empty == 0 ? 0 : 3, 64, 0, 1, 0, 0);
+    c.k = c.ok = layout(c.N, empty == 1 ? 0 : 2, 64, 0, 1, 0, 0);
+    c.expect_vp = 0;
+    c.name = std::string("D=64 (16,24,24) ") + (empty == 0 ? "q" : "k") + " without heads N=9";
+    for (const auto tiling : {std::optional<RopeTiling>(), std::optional<RopeTiling>(RopeTiling::kTiled),
+                              std::optional<RopeTiling>(RopeTiling::kTiledHeads)})
+      run_case<T>(c, tiling);
+  }
+}
+
+// plan_rope_tiled refuses a head dim whose frequencies its parameters cannot hold
+void check_tiled_plan_limit() {
+  RopeTiledParams tp;
+  std::memset(&tp, 0, sizeof(tp));
+  tp.base.heads[0] = tp.base.heads[1] = 1;
+  tp.base.N = 4;
+  tp.base.sd[0] = tp.base.sd[1] = tp.base.osd[0] = tp.base.osd[1] = 1;
+  for (int32_t half : {kRopeTiledMaxHalf, kRopeTiledMaxHalf + 1}) {
+    tp.base.half = half;
+    tp.base.axes = make_rope_axes(0, 0, 2 * half);
+    const RopeTiledPlan plan = plan_rope_tiled(tp, 4, 8, RopeTiling::kTiled);
+    const bool want = half <= kRopeTiledMaxHalf;
+    std::printf("tiled plan at half=%d: vp=%d\n", half, plan.vp);
+    if ((plan.vp > 0) != want) {
+      std::printf("  FAIL: half=%d %s a plan\n", half, want ? "did not get" : "got");
+      ++failures;
+    }
   }
 }
 
 }  // namespace
 
 int main() {
+  check_tiled_plan_limit();
   run_all<float>();
   run_all<c10::Half>();
   run_all<c10::BFloat16>();
