@@ -44,8 +44,10 @@ std::optional<RopeTiling> rope_tiled_requested(const char* op) {
   return std::nullopt;
 }
 
-void check_rope_args(const char* op, const at::Tensor& q, const at::Tensor& k, const at::Tensor& positions,
-                     c10::IntArrayRef dims, double theta) {
+// Every argument check; the kernel VDIT_ROPE_CUDA asks for (read once a call, here, so a
+// bad value fails on CPU tensors too).
+std::optional<RopeTiling> check_rope_args(const char* op, const at::Tensor& q, const at::Tensor& k,
+                                          const at::Tensor& positions, c10::IntArrayRef dims, double theta) {
   // (the kernel computes theta^(-2j/d): 0, a negative or a non-finite base gives NaN or inf)
   TORCH_CHECK(std::isfinite(theta) && theta > 0, op, ": theta (the frequency base) must be a positive finite "
               "number, got ", theta);
@@ -72,12 +74,12 @@ void check_rope_args(const char* op, const at::Tensor& q, const at::Tensor& k, c
   TORCH_CHECK(positions.dim() == 2 && positions.size(0) == q.size(0) && positions.size(1) == 3, op,
               ": positions must be (N=", q.size(0), ", 3), got ", positions.sizes());
   TORCH_CHECK(q.size(1) < (1 << 30) && k.size(1) < (1 << 30), op, ": too many heads");
-  rope_tiled_requested(op);  // a bad VDIT_ROPE_CUDA fails on CPU tensors too
+  return rope_tiled_requested(op);
 }
 
 void rope_launch(const at::Tensor& q, const at::Tensor& k, const at::Tensor& qo, const at::Tensor& ko,
                  const at::Tensor& positions_in, c10::IntArrayRef dims, double theta, bool interleaved,
-                 bool inverse) {
+                 bool inverse, std::optional<RopeTiling> tiling) {
   const int64_t N = q.size(0), D = q.size(2);
   if (N == 0 || D == 0 || q.size(1) + k.size(1) == 0) return;
   c10::cuda::CUDAGuard guard(q.device());
@@ -110,7 +112,6 @@ void rope_launch(const at::Tensor& q, const at::Tensor& k, const at::Tensor& qo,
                           : q.scalar_type() == at::kHalf ? RopeDtype::kFloat16
                                                          : RopeDtype::kBFloat16;
 
-  const std::optional<RopeTiling> tiling = rope_tiled_requested("vdit_C rope");
   if (tiling && p.half <= kRopeTiledMaxHalf) {
     RopeTiledParams tp;
     std::memset(&tp, 0, sizeof(tp));
@@ -211,21 +212,21 @@ void check_no_overlap(const at::Tensor& q, const at::Tensor& k) {
 std::tuple<at::Tensor, at::Tensor> rope_3d_tokens(const at::Tensor& q, const at::Tensor& k,
                                                   const at::Tensor& positions, c10::IntArrayRef dims, double theta,
                                                   bool interleaved, bool inverse) {
-  check_rope_args("vdit_C::rope_3d", q, k, positions, dims, theta);
+  const auto tiling = check_rope_args("vdit_C::rope_3d", q, k, positions, dims, theta);
   if (!q.is_cuda()) needs_cuda_tensors("vdit_C::rope_3d", q.device());
   at::Tensor qo = at::empty(q.sizes(), q.options());
   at::Tensor ko = at::empty(k.sizes(), k.options());
-  rope_launch(q, k, qo, ko, positions, dims, theta, interleaved, inverse);
+  rope_launch(q, k, qo, ko, positions, dims, theta, interleaved, inverse, tiling);
   return {qo, ko};
 }
 
 void rope_3d_in_place(const at::Tensor& q, const at::Tensor& k, const at::Tensor& positions,
                       c10::IntArrayRef dims, double theta, bool interleaved, bool inverse) {
-  check_rope_args("vdit_C::rope_3d_", q, k, positions, dims, theta);
+  const auto tiling = check_rope_args("vdit_C::rope_3d_", q, k, positions, dims, theta);
   check_no_overlap(q, k);
   if (!q.is_cuda()) needs_cuda_tensors("vdit_C::rope_3d_", q.device());
   // each element is read and written by the same thread, so in = out is safe
-  rope_launch(q, k, q, k, positions, dims, theta, interleaved, inverse);
+  rope_launch(q, k, q, k, positions, dims, theta, interleaved, inverse, tiling);
 }
 
 }  // namespace vdit

@@ -101,6 +101,71 @@ struct alignas(sizeof(T) * N) Pack {
   T v[N];
 };
 
+// One unit's 2*VP elements of a head (x: the head's first element, sd its element stride),
+// x0 (the pairs' first members) at i and x1 at VP + i in either convention: an interleaved
+// run is split as it is read, every index a constant once unrolled, so the values stay in
+// registers (an index chosen by the convention at run time put them in local memory).
+template <typename T, int VP>
+VDIT_HD void rope_load_unit(const T* x, int64_t sd, const RopePair& pr, bool interleaved, Pack<T, 2 * VP>& v) {
+  if (VP == 1) {
+    v.v[0] = x[pr.off0 * sd];
+    v.v[1] = x[pr.off1 * sd];
+  } else if (interleaved) {  // VP > 1: stride_d == 1 and aligned (rope_vp)
+    const Pack<T, 2 * VP> a = *reinterpret_cast<const Pack<T, 2 * VP>*>(x + pr.off0);
+    VDIT_UNROLL
+    for (int i = 0; i < VP; ++i) {
+      v.v[i] = a.v[2 * i];
+      v.v[VP + i] = a.v[2 * i + 1];
+    }
+  } else {
+    const Pack<T, VP> a = *reinterpret_cast<const Pack<T, VP>*>(x + pr.off0);
+    const Pack<T, VP> b = *reinterpret_cast<const Pack<T, VP>*>(x + pr.off1);
+    VDIT_UNROLL
+    for (int i = 0; i < VP; ++i) {
+      v.v[i] = a.v[i];
+      v.v[VP + i] = b.v[i];
+    }
+  }
+}
+
+// Stores a unit's rotated pairs (y0: first members, y1: second) to y (the head's first
+// output element, osd its element stride), in the unit's layout.
+template <typename T, int VP>
+VDIT_HD void rope_store_unit(T* y, int64_t osd, const RopePair& pr, bool interleaved, const float* y0,
+                             const float* y1) {
+  if (VP == 1) {
+    y[pr.off0 * osd] = static_cast<T>(y0[0]);
+    y[pr.off1 * osd] = static_cast<T>(y1[0]);
+  } else if (interleaved) {
+    Pack<T, 2 * VP> a;
+    VDIT_UNROLL
+    for (int i = 0; i < VP; ++i) {
+      a.v[2 * i] = static_cast<T>(y0[i]);
+      a.v[2 * i + 1] = static_cast<T>(y1[i]);
+    }
+    *reinterpret_cast<Pack<T, 2 * VP>*>(y + pr.off0) = a;
+  } else {
+    Pack<T, VP> a, b;
+    VDIT_UNROLL
+    for (int i = 0; i < VP; ++i) {
+      a.v[i] = static_cast<T>(y0[i]);
+      b.v[i] = static_cast<T>(y1[i]);
+    }
+    *reinterpret_cast<Pack<T, VP>*>(y + pr.off0) = a;
+    *reinterpret_cast<Pack<T, VP>*>(y + pr.off1) = b;
+  }
+}
+
+// y = the rotation of a unit's pairs (x0, x1) by their cos c[i] and sin s[i].
+template <int VP>
+VDIT_HD void rope_rotate(const float* x0, const float* x1, const float* c, const float* s, float* y0, float* y1) {
+  VDIT_UNROLL
+  for (int i = 0; i < VP; ++i) {
+    y0[i] = x0[i] * c[i] - x1[i] * s[i];
+    y1[i] = x1[i] * c[i] + x0[i] * s[i];
+  }
+}
+
 // Thread tid's part of CTA `block`, phase 0 (frequencies), 1 (cos / sin of the CTA's
 // tokens) or 2 (the rotations); the kernel runs them with a barrier between each two.
 // smem: p.half * (1 + 2 * p.tok) floats. T: float, c10::Half or c10::BFloat16.
@@ -154,9 +219,11 @@ VDIT_HD void rope_phase(int phase, const RopeParams& p, int32_t block, float* sm
     const int64_t n = n0 + t;
     const T* x = static_cast<const T*>(p.in[which]) + n * p.sn[which] + h * p.sh[which];
     T* y = static_cast<T*>(p.out[which]) + n * p.osn[which] + h * p.osh[which];
-    const int64_t sd = p.sd[which], osd = p.osd[which];
     const int32_t p0 = g * VP;
     const RopePair pr = rope_pair(p.axes, p0, interleaved);
+    // (converted to float32 as they are read: the measured kernel's code, which loading
+    // through rope_load_unit, as the tiled kernel does, would change)
+    const int64_t sd = p.sd[which];
     float x0[VP], x1[VP];
     if (VP == 1) {
       x0[0] = static_cast<float>(x[pr.off0 * sd]);
@@ -178,34 +245,8 @@ VDIT_HD void rope_phase(int phase, const RopeParams& p, int32_t block, float* sm
       }
     }
     float y0[VP], y1[VP];
-    VDIT_UNROLL
-    for (int i = 0; i < VP; ++i) {
-      const float c = cs[t * p.half + p0 + i];
-      const float s = sn[t * p.half + p0 + i];
-      y0[i] = x0[i] * c - x1[i] * s;
-      y1[i] = x1[i] * c + x0[i] * s;
-    }
-    if (VP == 1) {
-      y[pr.off0 * osd] = static_cast<T>(y0[0]);
-      y[pr.off1 * osd] = static_cast<T>(y1[0]);
-    } else if (interleaved) {
-      Pack<T, 2 * VP> a;
-      VDIT_UNROLL
-      for (int i = 0; i < VP; ++i) {
-        a.v[2 * i] = static_cast<T>(y0[i]);
-        a.v[2 * i + 1] = static_cast<T>(y1[i]);
-      }
-      *reinterpret_cast<Pack<T, 2 * VP>*>(y + pr.off0) = a;
-    } else {
-      Pack<T, VP> a, b;
-      VDIT_UNROLL
-      for (int i = 0; i < VP; ++i) {
-        a.v[i] = static_cast<T>(y0[i]);
-        b.v[i] = static_cast<T>(y1[i]);
-      }
-      *reinterpret_cast<Pack<T, VP>*>(y + pr.off0) = a;
-      *reinterpret_cast<Pack<T, VP>*>(y + pr.off1) = b;
-    }
+    rope_rotate<VP>(x0, x1, cs + t * p.half + p0, sn + t * p.half + p0, y0, y1);
+    rope_store_unit<T, VP>(y, p.osd[which], pr, interleaved, y0, y1);
   }
 }
 
@@ -299,63 +340,17 @@ struct RopeSlot {
   float c[VP], s[VP];
 };
 
-// A slot's 2*VP elements of one head, x0 (the pairs' first members) at i and x1 at VP + i
-// in either convention (an interleaved run is split as it is read: every index a constant
-// once unrolled, so the values stay in registers).
-template <typename T, int VP>
-VDIT_HD void rope_tiled_load(const T* x, int64_t sd, const RopePair& pr, bool interleaved, Pack<T, 2 * VP>& v) {
-  if (VP == 1) {
-    v.v[0] = x[pr.off0 * sd];
-    v.v[1] = x[pr.off1 * sd];
-  } else if (interleaved) {  // VP > 1: stride_d == 1 and aligned (rope_vp)
-    const Pack<T, 2 * VP> a = *reinterpret_cast<const Pack<T, 2 * VP>*>(x + pr.off0);
-    VDIT_UNROLL
-    for (int i = 0; i < VP; ++i) {
-      v.v[i] = a.v[2 * i];
-      v.v[VP + i] = a.v[2 * i + 1];
-    }
-  } else {
-    const Pack<T, VP> a = *reinterpret_cast<const Pack<T, VP>*>(x + pr.off0);
-    const Pack<T, VP> b = *reinterpret_cast<const Pack<T, VP>*>(x + pr.off1);
-    VDIT_UNROLL
-    for (int i = 0; i < VP; ++i) {
-      v.v[i] = a.v[i];
-      v.v[VP + i] = b.v[i];
-    }
-  }
-}
-
+// Rotates a slot's loaded unit of one head by the slot's cos / sin and stores it.
 template <typename T, int VP>
 VDIT_HD void rope_tiled_store(T* y, int64_t osd, const RopeSlot<VP>& sl, bool interleaved, const Pack<T, 2 * VP>& v) {
-  float y0[VP], y1[VP];
+  float x0[VP], x1[VP], y0[VP], y1[VP];
   VDIT_UNROLL
   for (int i = 0; i < VP; ++i) {
-    const float x0 = static_cast<float>(v.v[i]);
-    const float x1 = static_cast<float>(v.v[VP + i]);
-    y0[i] = x0 * sl.c[i] - x1 * sl.s[i];
-    y1[i] = x1 * sl.c[i] + x0 * sl.s[i];
+    x0[i] = static_cast<float>(v.v[i]);
+    x1[i] = static_cast<float>(v.v[VP + i]);
   }
-  if (VP == 1) {
-    y[sl.pr.off0 * osd] = static_cast<T>(y0[0]);
-    y[sl.pr.off1 * osd] = static_cast<T>(y1[0]);
-  } else if (interleaved) {
-    Pack<T, 2 * VP> a;
-    VDIT_UNROLL
-    for (int i = 0; i < VP; ++i) {
-      a.v[2 * i] = static_cast<T>(y0[i]);
-      a.v[2 * i + 1] = static_cast<T>(y1[i]);
-    }
-    *reinterpret_cast<Pack<T, 2 * VP>*>(y + sl.pr.off0) = a;
-  } else {
-    Pack<T, VP> a, b;
-    VDIT_UNROLL
-    for (int i = 0; i < VP; ++i) {
-      a.v[i] = static_cast<T>(y0[i]);
-      b.v[i] = static_cast<T>(y1[i]);
-    }
-    *reinterpret_cast<Pack<T, VP>*>(y + sl.pr.off0) = a;
-    *reinterpret_cast<Pack<T, VP>*>(y + sl.pr.off1) = b;
-  }
+  rope_rotate<VP>(x0, x1, sl.c, sl.s, y0, y1);
+  rope_store_unit<T, VP>(y, osd, sl.pr, interleaved, y0, y1);
 }
 
 // Thread tid of CTA (bx, by): its slots tid + j * kRopeThreads (token slot / groups, group
@@ -414,7 +409,7 @@ VDIT_HD void rope_tiled_thread(const RopeTiledParams& tp, int32_t bx, int32_t by
       VDIT_UNROLL
       for (int j = 0; j < kSlotsPerThread; ++j)
         if (slot[j].active)
-          rope_tiled_load<T, VP>(x + slot[j].n * p.sn[which], p.sd[which], slot[j].pr, interleaved, v[u][j]);
+          rope_load_unit<T, VP>(x + slot[j].n * p.sn[which], p.sd[which], slot[j].pr, interleaved, v[u][j]);
     }
     VDIT_UNROLL
     for (int u = 0; u < kHeadsPerStep; ++u) {

@@ -18,6 +18,7 @@
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 
+#include <array>
 #include <cmath>
 #include <cstdint>
 #include <cstdio>
@@ -255,6 +256,34 @@ bool run_case(const Case& c, std::optional<RopeTiling> tiling) {
   return ok;
 }
 
+// A case on the shared-table kernel and on both tiled shapes.
+template <typename T>
+void run_on_every_kernel(const Case& c) {
+  for (const auto tiling : {std::optional<RopeTiling>(), std::optional<RopeTiling>(RopeTiling::kTiled),
+                            std::optional<RopeTiling>(RopeTiling::kTiledHeads)})
+    run_case<T>(c, tiling);
+}
+
+// N tokens of contiguous q (hq heads) and k (hk heads), head dim split as dims.
+Case contiguous_case(int64_t N, int64_t hq, int64_t hk, const std::array<int64_t, 3>& dims, bool interleaved,
+                     bool inverse, bool inplace, int expect_vp, const std::string& what) {
+  Case c;
+  const int64_t D = dims[0] + dims[1] + dims[2];
+  for (int a = 0; a < 3; ++a) c.dims[a] = dims[a];
+  c.interleaved = interleaved;
+  c.inverse = inverse;
+  c.inplace = inplace;
+  c.N = N;
+  c.out_shift = 0;
+  c.q = c.oq = layout(N, hq, D, 0, 1, 0, 0);
+  c.k = c.ok = layout(N, hk, D, 0, 1, 0, 0);
+  c.expect_vp = expect_vp;
+  c.name = "D=" + std::to_string(D) + " (" + std::to_string(dims[0]) + "," + std::to_string(dims[1]) + "," +
+           std::to_string(dims[2]) + ") " + (interleaved ? "interleaved" : "rotate-half") + " " + what +
+           (inplace ? " in-place" : "") + (inverse ? " inverse" : "") + " N=" + std::to_string(N);
+  return c;
+}
+
 template <typename T>
 void run_all() {
   const int64_t e = sizeof(T);
@@ -347,54 +376,23 @@ void run_all() {
           }
           c.expect_vp = vp;
         }
-        for (const auto tiling : {std::optional<RopeTiling>(), std::optional<RopeTiling>(RopeTiling::kTiled),
-                                  std::optional<RopeTiling>(RopeTiling::kTiledHeads)})
-          run_case<T>(c, tiling);
+        run_on_every_kernel<T>(c);
         ++count;
       }
     }
   }
   // 48 + 41 heads of 128: the shared kernel's CTA loops over more units than its threads,
   // the tiled ones' head groups over several heads each (tiled-heads: a last step that
-  // runs past the heads)
+  // runs past the heads); (44, 42, 42) has halves 22, 21, 21: 16-byte interleaved units
   for (int conv = 0; conv < 2; ++conv) {
-    Case c;
-    c.dims[0] = 44;
-    c.dims[1] = 42;
-    c.dims[2] = 42;
-    c.interleaved = conv == 0;
-    c.inverse = conv == 1;
-    c.inplace = conv == 0;
-    c.N = 37;
-    c.out_shift = 0;
-    c.q = c.oq = layout(c.N, 48, 128, 0, 1, 0, 0);
-    c.k = c.ok = layout(c.N, 41, 128, 0, 1, 0, 0);
-    c.expect_vp = c.interleaved ? static_cast<int>(8 / e) : 1;  // 16 B; (44, 42, 42): halves 22, 21, 21
-    c.name = std::string("D=128 (44,42,42) ") + (c.interleaved ? "interleaved" : "rotate-half") +
-             " many-heads (48 + 41)" + (c.inplace ? " in-place" : "") + (c.inverse ? " inverse" : "") + " N=37";
-    for (const auto tiling : {std::optional<RopeTiling>(), std::optional<RopeTiling>(RopeTiling::kTiled),
-                              std::optional<RopeTiling>(RopeTiling::kTiledHeads)})
-      run_case<T>(c, tiling);
+    const bool interleaved = conv == 0;
+    run_on_every_kernel<T>(contiguous_case(37, 48, 41, {44, 42, 42}, interleaved, /*inverse=*/!interleaved,
+                                           /*inplace=*/interleaved, interleaved ? static_cast<int>(8 / e) : 1,
+                                           "many-heads (48 + 41)"));
   }
   // q without heads, then k without heads (the plans skip an empty tensor's layout)
-  for (int empty = 0; empty < 2; ++empty) {
-    Case c;
-    c.dims[0] = 16;
-    c.dims[1] = 24;
-    c.dims[2] = 24;
-    c.interleaved = empty == 0;
-    c.inverse = false;
-    c.inplace = empty == 1;
-    c.N = 9;
-    c.out_shift = 0;
-    c.q = c.oq = layout(c.N, empty == 0 ? 0 : 3, 64, 0, 1, 0, 0);
-    c.k = c.ok = layout(c.N, empty == 1 ? 0 : 2, 64, 0, 1, 0, 0);
-    c.expect_vp = 0;
-    c.name = std::string("D=64 (16,24,24) ") + (empty == 0 ? "q" : "k") + " without heads N=9";
-    for (const auto tiling : {std::optional<RopeTiling>(), std::optional<RopeTiling>(RopeTiling::kTiled),
-                              std::optional<RopeTiling>(RopeTiling::kTiledHeads)})
-      run_case<T>(c, tiling);
-  }
+  run_on_every_kernel<T>(contiguous_case(9, 0, 2, {16, 24, 24}, true, false, false, 0, "q without heads"));
+  run_on_every_kernel<T>(contiguous_case(9, 3, 0, {16, 24, 24}, false, false, true, 0, "k without heads"));
 }
 
 // plan_rope_tiled refuses a head dim whose frequencies its parameters cannot hold
