@@ -747,7 +747,11 @@ def main(argv=None) -> int:
     # one JSON line per finished case: a run cut short (a GPU lease ending) keeps its rows
     partial = out / "rows.partial.jsonl"
     h2h_on = head_to_head_on(device, args.quick)
-    partial.write_text(json.dumps({"environment": environment(device, lim, h2h_on)}, default=str) + "\n")
+    # recorded once, before any case: the settings are what the run was started with (by
+    # the end, torch.compile has added its own TRITON_* variables to os.environ; on the
+    # H200 --from-partial's results then differed from the run's own, 2026-11-28)
+    run_env = environment(device, lim, h2h_on)
+    partial.write_text(json.dumps({"environment": run_env}, default=str) + "\n")
     stopped = None
     h2h, case_of = [], {}
     previous = signal.signal(signal.SIGTERM, _stop)
@@ -767,7 +771,7 @@ def main(argv=None) -> int:
         if stopped is None:
             signal.signal(signal.SIGTERM, previous)
     progress.close()
-    errors = write_results(out, rows, environment(device, lim, h2h_on), ops, stopped=stopped, seen=seen,
+    errors = write_results(out, rows, run_env, ops, stopped=stopped, seen=seen,
                            variants=measured_variants(), static=not (args.no_static or stopped),
                            quick=args.quick, argv=sys.argv[1:] if argv is None else argv, head_to_head=h2h)
     print(f"\n{len(rows)} cases, {len(errors)} errors, {time.perf_counter() - started:.1f} s; results in {out}")

@@ -795,9 +795,20 @@ def test_from_partial_rebuilds_the_results_of_a_killed_run(monkeypatch, tmp_path
     # rows.partial.jsonl; --from-partial writes the same tables from them, timing nothing
     import benchmarks.run as run
     monkeypatch.setattr(run, "measured_variants", lambda: ["tiles this process measured"])
+    # a case that sets a recorded variable, as torch.compile sets TRITON_CACHE_DIR on a GPU:
+    # the results record the settings the run started with, as its partial rows do
+    monkeypatch.delenv("TRITON_CACHE_DIR", raising=False)
+    run_case = run.run_case
+
+    def run_case_that_sets_a_setting(*args, **kwargs):
+        os.environ["TRITON_CACHE_DIR"] = str(tmp_path / "set-by-a-case")
+        return run_case(*args, **kwargs)
+    monkeypatch.setattr(run, "run_case", run_case_that_sets_a_setting)
     assert run.main(["--quick", "--op", "patch", "--workload", "cpu-tiny", "--out", str(tmp_path),
                      "--no-static"]) == 0
+    monkeypatch.delenv("TRITON_CACHE_DIR")
     written = json.loads((tmp_path / "results.json").read_text())
+    assert "TRITON_CACHE_DIR" not in written["environment"]["settings"]
     (tmp_path / "results.json").unlink()
     summary = (tmp_path / "summary.md").read_text()
     (tmp_path / "summary.md").unlink()
@@ -805,7 +816,7 @@ def test_from_partial_rebuilds_the_results_of_a_killed_run(monkeypatch, tmp_path
     assert run.main(["--from-partial", str(tmp_path / "rows.partial.jsonl"), "--out", str(rebuilt_dir)]) == 0
     rebuilt = json.loads((rebuilt_dir / "results.json").read_text())
     assert len(written["rows"]) > 3 and rebuilt["rows"] == written["rows"]
-    assert rebuilt["environment"] == {**written["environment"], "date": rebuilt["environment"]["date"]}
+    assert rebuilt["environment"] == written["environment"]
     assert "rebuilt from rows.partial.jsonl" in rebuilt["stopped"]
     # (the op tables and the targets; not the Triton variants this process measured, which
     # earlier tests leave in a full run and the partial rows do not record)
@@ -843,3 +854,17 @@ def test_host_routes_runs_and_restores_the_routes(capsys):
     if not torch.cuda.is_available():
         with pytest.raises(vk.BackendUnavailable, match="no CUDA GPU"):
             B.resolve("patch", torch.device("cuda"), "cuda", "patchify", torch.float32)
+
+
+def test_profile_cases_runs_the_suites_cases_for_a_profiler(capsys):
+    # benchmarks/profile_cases.py: the cases ncu profiled on the H200 (2026-11-28), run
+    # untimed; on CPU the reference's (the GPU providers say why they are skipped)
+    from benchmarks import profile_cases
+    assert profile_cases.main(["--op", "rope", "--workload", "cpu-tiny", "--provider", "vdit-", "--calls", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "ran vdit-reference/rope_3d fwd: 2 warm-up + 2 calls" in out
+    if torch.cuda.is_available():
+        assert "ran vdit-cuda+tiled/rope_3d fwd" in out
+    else:
+        assert "skipped vdit-cuda+tiled" in out
+    assert profile_cases.main(["--op", "rope", "--workload", "cpu-tiny", "--provider", "no-such-provider"]) == 1
