@@ -1,8 +1,9 @@
 """RoPE suite: 3D rotary embedding of q and k (memory bound: GB/s against the copy limit).
 
 Providers: vdit backends (out of place; forward; the GPU backends also in place,
-vdit-<backend>+inplace, liger's way; the cuda backend's tiled kernel forced in its two
-shapes, vdit-cuda+tiled[-heads][+inplace], VDIT_ROPE_CUDA), the reference under torch.compile,
+vdit-<backend>+inplace, liger's way; the cuda backend's other kernels forced, the
+shared-table one and the tiled one's second shape, vdit-cuda+shared[+inplace] and
+vdit-cuda+tiled-heads[+inplace], VDIT_ROPE_CUDA), the reference under torch.compile,
 and, if importable, flash-attn's Triton rotary kernel (apply_rotary from
 flash_attn.ops.triton.rotary, or the same module fetched alone as flash_attn_rotary by
 scripts/fetch_gpu_wheels.sh: flash-attn's wheels need a CUDA build, this module does
@@ -25,6 +26,8 @@ from .common import (VDIT_BACKENDS, Case, Prepared, Skip, dtype_for, has_module,
                      with_env)
 
 OP = "rope"
+# VDIT_ROPE_CUDA's values other than the default (tiled), each a forced row vdit-cuda+<value>
+CUDA_FORCED_KERNELS = ("shared", "tiled-heads")
 # where flash-attn's apply_rotary is found: the package, else the standalone module
 FLASH_ROTARY_MODULES = ("flash_attn.ops.triton.rotary", "flash_attn_rotary")
 
@@ -116,22 +119,21 @@ def cases(device: str, quick: bool, workloads, providers=None):
                 return Prepared(lambda: LigerRopeFunction.apply(q, k, cos, sin))
             add("liger-rope", make_lg, "rotate-half 1D table, in place")
 
-        # the cuda backend's tiled kernel in its two shapes (VDIT_ROPE_CUDA=tiled,
-        # tiled-heads), forced: not the default until a GPU has timed them against the
-        # shared-table kernel (the rows above); last, so a time cap cuts these first
+        # the cuda backend's other kernels (VDIT_ROPE_CUDA), forced: the evidence for, or
+        # against, the default (the vdit-cuda rows above); last, so a time cap cuts these first
         reason = vdit_reason("cuda", "rope", device, "rope_3d")
-        for variant in ("tiled", "tiled-heads"):
+        for variant in CUDA_FORCED_KERNELS:
             for suffix, inplace in (("", False), ("+inplace", True)):
                 if reason:
                     skips.append(Skip(OP, f"vdit-cuda+{variant}{suffix}", reason))
                     continue
 
-                def make_tiled(inplace=inplace, variant=variant):
+                def make_forced(inplace=inplace, variant=variant):
                     x = _Inputs(wl, device)
                     return with_env(Prepared(lambda: vk.apply_rope_3d(x.q, x.k, x.pack, wl.rope_dims,
                                                                       inplace=inplace, backend="cuda")),
                                     VDIT_ROPE_CUDA=variant)
-                add(f"vdit-cuda+{variant}{suffix}", make_tiled, f"{variant} kernel" + (", in place" if inplace else ""))
+                add(f"vdit-cuda+{variant}{suffix}", make_forced, f"{variant} kernel" + (", in place" if inplace else ""))
     for wl in workloads:
         _one(wl)
     return out, skips

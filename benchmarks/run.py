@@ -264,13 +264,13 @@ TARGETS = [
     ("RoPE in place >= Liger's rope (in place)", "rope", "rope_3d", "fwd", ("vdit-cuda+inplace", "vdit-triton+inplace"),
      "liger-rope", 1.0),
 ] + [
-    # the cuda backend's tiled RoPE kernel in its two shapes, forced (not the default until
-    # timed): ratios without a target, against Liger's rope and against the default cuda
-    # kernel, which say whether one should become the default (the forced rows carry
-    # with_env's ~3 us a call, ~1% here: the device-time column has none)
+    # the cuda backend's other RoPE kernels, forced: ratios without a target, against
+    # Liger's rope and against the default cuda kernel, which say whether the default is
+    # the right one (the forced rows carry with_env's ~3 us a call, ~1% here: the
+    # device-time column has none)
     (f"RoPE{where}, cuda {variant} kernel (forced) vs {name}", "rope", "rope_3d", "fwd",
      (f"vdit-cuda+{variant}{suffix}",), peer + (suffix if peer == "vdit-cuda" else ""), None)
-    for variant in ("tiled", "tiled-heads") for where, suffix in (("", ""), (" in place", "+inplace"))
+    for variant in bench_rope.CUDA_FORCED_KERNELS for where, suffix in (("", ""), (" in place", "+inplace"))
     for name, peer in (("Liger's rope", "liger-rope"), ("the default cuda kernel", "vdit-cuda"))] + [
     (f"patch_embed {mode} >= 1.2x {peer}", "patch", "patch_embed", mode,
       # like for like: against the compiled peer, ours compiled (the same torch.compile

@@ -21,7 +21,7 @@ enum class RopeDtype : int32_t { kFloat32, kFloat16, kBFloat16 };
 cudaError_t launch_rope_kernel(const RopeParams& p, RopeDtype dtype, int vp, int64_t blocks, size_t smem,
                                cudaStream_t stream);
 
-// The tiled variants (VDIT_ROPE_CUDA=tiled or tiled-heads): a grid of blocks x head_groups
+// The tiled kernel (VDIT_ROPE_CUDA unset, tiled or tiled-heads): a grid of blocks x head_groups
 // CTAs of kRopeThreads, no shared memory (plan_rope_tiled).
 cudaError_t launch_rope_tiled_kernel(const RopeTiledParams& tp, RopeDtype dtype, RopeTiling tiling, int vp,
                                      int64_t blocks, int64_t head_groups, cudaStream_t stream);

@@ -1,7 +1,8 @@
 // Host side of the CUDA 3D RoPE (kernels: csrc/rope.cu): argument checks with clear
-// errors, the launch of the shared-table kernel or, under VDIT_ROPE_CUDA=tiled or
-// tiled-heads, the tiled one (their plans, plan_rope and plan_rope_tiled, are in
-// csrc/rope_tile.cuh), output allocation and the registered ops. Compiled by the host compiler; the .cu file throws nothing.
+// errors, the launch of the tiled kernel (the default) or, under VDIT_ROPE_CUDA=shared or
+// past the tiled kernel's head dims, the shared-table one (their plans, plan_rope and
+// plan_rope_tiled, are in csrc/rope_tile.cuh), output allocation and the registered ops.
+// Compiled by the host compiler; the .cu file throws nothing.
 //
 // CPU tensors get the same argument checks, then an error saying the op needs CUDA
 // tensors (the CPU registration below), so the checks run in CPU-only CI too.
@@ -30,16 +31,19 @@
 namespace vdit {
 namespace {
 
-// VDIT_ROPE_CUDA, read at every call (a benchmark switches it): "shared" (the default: the
-// kernel with shared-memory tables), "tiled" or "tiled-heads" (rope_tiled_kernel's two
-// shapes, csrc/rope_tile.cuh; head_dim up to 2 * kRopeTiledMaxHalf, the shared kernel
-// beyond). The tiled shape requested, if any.
+// VDIT_ROPE_CUDA, read at every call (a benchmark switches it): "tiled" (the default:
+// rope_tiled_kernel's first shape, csrc/rope_tile.cuh, for head_dim up to
+// 2 * kRopeTiledMaxHalf, the shared-table kernel beyond), "tiled-heads" (its second
+// shape) or "shared" (the kernel with shared-memory tables). The tiled shape, or none for
+// the shared-table kernel. Tiled is the default since the H200 timed both (2026-11-28):
+// the same device time on the mixed pack (301 against 298 us), 7% less on the train pack
+// (2.46 against 2.62 ms), before its loads were all put in flight together (untimed).
 std::optional<RopeTiling> rope_tiled_requested(const char* op) {
   const char* v = std::getenv("VDIT_ROPE_CUDA");
   const std::string s = v == nullptr ? "" : v;
-  if (s == "tiled") return RopeTiling::kTiled;
+  if (s.empty() || s == "tiled") return RopeTiling::kTiled;
   if (s == "tiled-heads") return RopeTiling::kTiledHeads;
-  TORCH_CHECK_VALUE(s.empty() || s == "shared", op, ": VDIT_ROPE_CUDA must be \"shared\", \"tiled\" or "
+  TORCH_CHECK_VALUE(s == "shared", op, ": VDIT_ROPE_CUDA must be \"shared\", \"tiled\" or "
                     "\"tiled-heads\" (or unset), got \"", s, "\"");
   return std::nullopt;
 }

@@ -1,6 +1,6 @@
 // The 3D RoPE kernels' work (csrc/rope.cu) and their launch plans, in plain C++ that
-// compiles for the host too: csrc/rope_host.cpp plans launches with plan_rope (the
-// shared-table kernel, the default) or plan_rope_tiled (the tiled kernel, below), and
+// compiles for the host too: csrc/rope_host.cpp plans launches with plan_rope_tiled (the
+// tiled kernel, below, the default) or plan_rope (the shared-table kernel), and
 // tests/cpp/rope_emulation.cpp runs both kernels' per-thread code on the CPU against a
 // reference, for strides, alignments and splits a GPU test would need a GPU for.
 //
@@ -250,7 +250,7 @@ VDIT_HD void rope_phase(int phase, const RopeParams& p, int32_t block, float* sm
   }
 }
 
-// ---- the tiled kernel (VDIT_ROPE_CUDA=tiled or tiled-heads; not the default until timed)
+// ---- the tiled kernel (the default; VDIT_ROPE_CUDA=tiled or tiled-heads picks a shape)
 //
 // The kernel above spends each CTA on one token (at 48 heads of 128): a prologue of
 // positions, double-precision pow and sincos behind two barriers, then one unit at a time
@@ -262,8 +262,11 @@ VDIT_HD void rope_phase(int phase, const RopeParams& p, int32_t block, float* sm
 // slots, computes their cos / sin once into registers (frequencies from the host, the
 // float32 of the double theta^(-2j/d_a) as the reference), then walks its heads a few a
 // step, every load of a step issued before its stores. No shared memory, no barrier. Two
-// shapes, both untimed:
-//   kTiled       (tiled)        two slots a thread, one head a step: the Triton kernel's;
+// shapes, timed on the H200 (2026-11-28) while each load still waited for the one before
+// (the fix: in rope_tiled_thread), at 301 and 294 us on the mixed pack, 2.46 and 2.52 ms
+// on the train pack, where the shared-table kernel took 298 us and 2.62 ms:
+//   kTiled       (tiled)        two slots a thread, one head a step: the Triton kernel's,
+//                               the default;
 //   kTiledHeads  (tiled-heads)  one slot a thread, four heads a step: fewer registers of
 //                cos / sin, more loads in flight (Liger's kernel, at 96% on the H200,
 //                holds a whole token's heads in one program).
@@ -399,17 +402,22 @@ VDIT_HD void rope_tiled_thread(const RopeTiledParams& tp, int32_t bx, int32_t by
   }
   // a step: heads h0 + u * head_groups for u < kHeadsPerStep (int64: past the last head)
   for (int64_t h0 = by; h0 < heads; h0 += static_cast<int64_t>(kHeadsPerStep) * tp.head_groups) {
+    // Every load of the step unconditional, an inactive slot or a head past the last
+    // reading the CTA's first token or the last head (valid addresses, values unused):
+    // a load under its own `if` was a branch of its own whose values were unpacked inside
+    // it, so each load waited for the one before (one 16-byte load in flight a thread, the
+    // sm_90a SASS; 300 us where the Triton kernel, both loads issued first, took 260 us)
     Pack<T, 2 * VP> v[kHeadsPerStep][kSlotsPerThread];
     VDIT_UNROLL
     for (int u = 0; u < kHeadsPerStep; ++u) {
-      const int64_t hh = h0 + static_cast<int64_t>(u) * tp.head_groups;
-      if (hh >= heads) continue;
+      int64_t hh = h0 + static_cast<int64_t>(u) * tp.head_groups;
+      hh = hh < heads ? hh : heads - 1;
       const int which = hh >= p.heads[0];
       const T* x = static_cast<const T*>(p.in[which]) + (which ? hh - p.heads[0] : hh) * p.sh[which];
       VDIT_UNROLL
       for (int j = 0; j < kSlotsPerThread; ++j)
-        if (slot[j].active)
-          rope_load_unit<T, VP>(x + slot[j].n * p.sn[which], p.sd[which], slot[j].pr, interleaved, v[u][j]);
+        rope_load_unit<T, VP>(x + (slot[j].active ? slot[j].n : n0) * p.sn[which], p.sd[which], slot[j].pr,
+                              interleaved, v[u][j]);
     }
     VDIT_UNROLL
     for (int u = 0; u < kHeadsPerStep; ++u) {

@@ -864,7 +864,7 @@ def test_profile_cases_runs_the_suites_cases_for_a_profiler(capsys):
     out = capsys.readouterr().out
     assert "ran vdit-reference/rope_3d fwd: 2 warm-up + 2 calls" in out
     if torch.cuda.is_available():
-        assert "ran vdit-cuda+tiled/rope_3d fwd" in out
+        assert "ran vdit-cuda+shared/rope_3d fwd" in out
     else:
-        assert "skipped vdit-cuda+tiled" in out
+        assert "skipped vdit-cuda+shared" in out
     assert profile_cases.main(["--op", "rope", "--workload", "cpu-tiny", "--provider", "no-such-provider"]) == 1

@@ -363,9 +363,9 @@ def _check_rope(q, k, pos, dims, interleaved, inverse=False, theta=10000.0):
     assert torch.equal(q2, gq) and torch.equal(k2, gk)
 
 
-# the CUDA RoPE's kernels (VDIT_ROPE_CUDA, read by the op at every call): the default
-# shared-table kernel and the tiled kernel's two shapes
-ROPE_VARIANTS = ["shared", "tiled", "tiled-heads"]
+# the CUDA RoPE's kernels (VDIT_ROPE_CUDA, read by the op at every call): the tiled
+# kernel's two shapes (the first the default) and the shared-table kernel
+ROPE_VARIANTS = ["tiled", "tiled-heads", "shared"]
 
 
 @gpu_only
