@@ -33,6 +33,11 @@ for sm_86, as sm_89; TMA variants for sm_120), candidates in list order until on
 the tile a fixed launch (deterministic=True, VDIT_AUTOTUNE=0) falls to there; none fitting is
 a problem.
 
+The CUDA kernels of a built vdit_kernels._C (its sm_90a cubins): registers, local memory
+(spills: a problem) and, for LOADS_FIRST_KERNELS (the tiled RoPE kernel), whether their
+load/store loop issues every global load of a step before any loaded value is used
+(loop_loads(); a problem where it does not).
+
 python -m benchmarks.static_report [--json out.json] [--sass all|checked] exits non-zero when a kernel
 spills or misses its expected tensor-core instructions, or a launch has no tile for 99 KB
 (out.json holds the rows, out_cuda.json those of _C, out_small_gpus.json the 99 KB builds).
@@ -285,6 +290,74 @@ def _map(fn, items: list, jobs: int | None) -> list:
         return list(pool.map(fn, items))
 
 
+# CUDA kernels whose load/store loop must issue every global load of a step before any
+# loaded value is used (memory-bound: bytes in flight are what they run on); the tiled
+# RoPE kernel once unpacked each load inside its own branch, so each waited for the one
+# before (H200 ncu, 2026-11-28)
+LOADS_FIRST_KERNELS = ("rope_tiled_kernel",)
+_REG = re.compile(r"\bR(\d+)(?:\.64)?\b")
+
+
+def _registers(operands: str) -> set[int]:
+    """Registers an operand list names (R32.64: R32 and R33)."""
+    out = set()
+    for m in _REG.finditer(operands):
+        out.add(int(m.group(1)))
+        if m.group(0).endswith(".64"):
+            out.add(int(m.group(1)) + 1)
+    return out
+
+
+def loop_loads(sass: str) -> dict:
+    """Of a kernel's innermost loops that hold global loads and stores (a branch back to a
+    lower address closes a loop; a kernel may have one per layout), the worst: its global
+    loads (LDG, not the read-only constant tables' LDG.CONSTANT) and how many of them
+    issue before the first instruction that reads a register one of them wrote. Equal
+    counts: every load of a step in flight together. Zeros without such a loop."""
+    ops = []
+    for line in sass.splitlines():
+        m = _SASS_LINE.match(line)
+        if m:
+            ops.append((int(m.group(1), 16), m.group(3), m.group(4)))
+    loops = []
+    for addr, op, rest in ops:
+        target = re.match(r"\s*0x([0-9a-f]+)", rest) if op.startswith("BRA") else None
+        if target is None or int(target.group(1), 16) >= addr:
+            continue
+        body = [(o, r) for a, o, r in ops if int(target.group(1), 16) <= a <= addr]
+        if any(_global_load(o) for o, _ in body) and any(o.startswith("STG") for o, _ in body):
+            loops.append((int(target.group(1), 16), addr, body))
+    innermost = [body for lo, hi, body in loops
+                 if not any(lo <= lo2 and hi2 <= hi and (lo2, hi2) != (lo, hi) for lo2, hi2, _ in loops)]
+    worst = {"loop_loads": 0, "loop_loads_first": 0}
+    for body in innermost:
+        loaded, total, first, used = set(), 0, 0, False
+        for op, rest in body:
+            if _global_load(op):
+                total += 1
+                first += not used
+                dst = re.match(r"\s*R(\d+)", rest)
+                width = {"128": 4, "64": 2}.get(op.rsplit(".", 1)[-1], 1)
+                if dst:
+                    loaded.update(range(int(dst.group(1)), int(dst.group(1)) + width))
+                continue
+            # a store reads every register it names; anything else, those after its destination
+            reads = _registers(rest if op.startswith("ST") else rest.split(",", 1)[1] if "," in rest else "")
+            used = used or bool(reads & loaded)
+        if not worst["loop_loads"] or total - first > worst["loop_loads"] - worst["loop_loads_first"]:
+            worst = {"loop_loads": total, "loop_loads_first": first}
+    return worst
+
+
+def sass_functions(sass: str) -> dict:
+    """{mangled name: its SASS} of a cuobjdump -sass listing."""
+    return dict(re.findall(r"Function : (\S+)\n(.*?)(?=\n\s*Function : |\Z)", sass, re.S))
+
+
+def _global_load(op: str) -> bool:
+    return op.startswith("LDG") and ".CONSTANT" not in op
+
+
 def cuda_rows() -> tuple[list[dict], str]:
     """Resource use of the compiled CUDA kernels in vdit_kernels._C (sm_90a cubins), read
     with cuobjdump: ([rows], "") or ([], why there are none)."""
@@ -312,14 +385,33 @@ def cuda_rows() -> tuple[list[dict], str]:
                          "stack_bytes": stack, "shared_bytes": shared})
     if not rows:
         return [], f"vdit_kernels._C has no sm_{SM}a kernels (a CPU-only build, or another arch list)"
+    if any(k in r["kernel"] for r in rows for k in LOADS_FIRST_KERNELS):
+        sass = subprocess.run([str(nvidia_tool("cuobjdump")), "-sass", "-arch", f"sm_{SM}a", spec.origin],
+                              capture_output=True, text=True).stdout
+        functions = sass_functions(sass)
+        for r in rows:
+            if any(k in r["kernel"] for k in LOADS_FIRST_KERNELS) and r["kernel"] in functions:
+                r.update(loop_loads(functions[r["kernel"]]), loads_first=True)
     if shutil.which("c++filt"):
         plain = subprocess.run(["c++filt"], input="\n".join(r["kernel"] for r in rows),
                                capture_output=True, text=True).stdout.splitlines()
         for r, name in zip(rows, plain):
             # "void vdit::(anonymous namespace)::patch_kernel<unsigned short, true>(...)"
             name = name.replace("(anonymous namespace)::", "").replace("vdit::", "")
-            r["kernel"] = re.sub(r"^void |\(.*$", "", name)
+            # (the argument list only: a template argument may hold a cast, "(RopeTiling)0")
+            r["kernel"] = re.sub(r"^void |\([^()]*\)$", "", name)
     return rows, ""
+
+
+def cuda_problems(rows: list[dict]) -> list[str]:
+    """The CUDA kernels' problems: local memory (spills), and a LOADS_FIRST_KERNELS kernel
+    whose loop uses a loaded value before its last load (or whose loop was not found)."""
+    out = [f"{r['kernel']} (CUDA): {r['spill_bytes']} B of local memory" for r in rows if r["spill_bytes"]]
+    for r in rows:
+        if r.get("loads_first") and not (0 < r["loop_loads"] == r["loop_loads_first"]):
+            out.append(f"{r['kernel']} (CUDA): {r['loop_loads_first']} of the {r['loop_loads']} global loads of "
+                       "its loop issue before a loaded value is used; all should")
+    return out
 
 
 def problems(rows: list[dict]) -> list[str]:
@@ -388,15 +480,16 @@ def main(argv=None) -> int:
     if why:
         print(f"  none: {why}")
     for r in cuda:
+        loads = (f"  loop loads {r['loop_loads_first']}/{r['loop_loads']} before a use" if r.get("loads_first")
+                 else "")
         print(f"  {r['kernel']:<48}{r['registers']:>6} regs{r['spill_bytes']:>6} B local"
-              f"{r['stack_bytes']:>6} B stack{r['shared_bytes']:>7} B static smem")
+              f"{r['stack_bytes']:>6} B stack{r['shared_bytes']:>7} B static smem{loads}")
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(rows, indent=2))
         Path(args.json).with_name(Path(args.json).stem + "_cuda.json").write_text(json.dumps(cuda, indent=2))
         Path(args.json).with_name(Path(args.json).stem + "_small_gpus.json").write_text(json.dumps(small, indent=2))
-    bad = problems(rows) + [f"{r['kernel']} (CUDA): {r['spill_bytes']} B of local memory"
-                            for r in cuda if r["spill_bytes"]]
+    bad = problems(rows) + cuda_problems(cuda)
     bad += [f"{r['launch']}: no candidate fits the {SMALL_SHARED} B of shared memory of an sm_{r['sm']} GPU"
             for r in small if r["runs"] is None]
     for line in bad:

@@ -356,6 +356,47 @@ VDIT_HD void rope_tiled_store(T* y, int64_t osd, const RopeSlot<VP>& sl, bool in
   rope_store_unit<T, VP>(y, osd, sl.pr, interleaved, y0, y1);
 }
 
+// The head loop of rope_tiled_thread: heads by, by + head_groups, ... of q then k, a few a
+// step, every load of a step before its stores, the convention a constant.
+template <typename T, int VP, RopeTiling TILING, bool INTERLEAVED>
+VDIT_HD void rope_tiled_walk(const RopeTiledParams& tp, int32_t by, int64_t n0, const RopeSlot<VP>* slot) {
+  const RopeParams& p = tp.base;
+  const int32_t heads = p.heads[0] + p.heads[1];
+  constexpr int kSlotsPerThread = rope_tiled_slots_per_thread(TILING, VP, sizeof(T));
+  constexpr int kHeadsPerStep = rope_tiled_heads_per_step(TILING, VP, sizeof(T));
+  // a step: heads h0 + u * head_groups for u < kHeadsPerStep (int64: past the last head)
+  for (int64_t h0 = by; h0 < heads; h0 += static_cast<int64_t>(kHeadsPerStep) * tp.head_groups) {
+    // Every load of the step unconditional, an inactive slot or a head past the last
+    // reading the CTA's first token or the last head (valid addresses, values unused):
+    // a load under its own `if` was a branch of its own whose values were unpacked inside
+    // it, so each load waited for the one before (one 16-byte load in flight a thread, the
+    // sm_90a SASS; 300 us where the Triton kernel, both loads issued first, took 260 us)
+    Pack<T, 2 * VP> v[kHeadsPerStep][kSlotsPerThread];
+    VDIT_UNROLL
+    for (int u = 0; u < kHeadsPerStep; ++u) {
+      int64_t hh = h0 + static_cast<int64_t>(u) * tp.head_groups;
+      hh = hh < heads ? hh : heads - 1;
+      const int which = hh >= p.heads[0];
+      const T* x = static_cast<const T*>(p.in[which]) + (which ? hh - p.heads[0] : hh) * p.sh[which];
+      VDIT_UNROLL
+      for (int j = 0; j < kSlotsPerThread; ++j)
+        rope_load_unit<T, VP>(x + (slot[j].active ? slot[j].n : n0) * p.sn[which], p.sd[which], slot[j].pr,
+                              INTERLEAVED, v[u][j]);
+    }
+    VDIT_UNROLL
+    for (int u = 0; u < kHeadsPerStep; ++u) {
+      const int64_t hh = h0 + static_cast<int64_t>(u) * tp.head_groups;
+      if (hh >= heads) continue;
+      const int which = hh >= p.heads[0];
+      T* y = static_cast<T*>(p.out[which]) + (which ? hh - p.heads[0] : hh) * p.osh[which];
+      VDIT_UNROLL
+      for (int j = 0; j < kSlotsPerThread; ++j)
+        if (slot[j].active)
+          rope_tiled_store<T, VP>(y + slot[j].n * p.osn[which], p.osd[which], slot[j], INTERLEAVED, v[u][j]);
+    }
+  }
+}
+
 // Thread tid of CTA (bx, by): its slots tid + j * kRopeThreads (token slot / groups, group
 // slot % groups), rotated in every head by, by + head_groups, ... of q then k.
 template <typename T, int VP, RopeTiling TILING>
@@ -363,10 +404,8 @@ VDIT_HD void rope_tiled_thread(const RopeTiledParams& tp, int32_t bx, int32_t by
   const RopeParams& p = tp.base;
   const bool interleaved = p.interleaved != 0;
   const int32_t groups = p.half / VP;
-  const int32_t heads = p.heads[0] + p.heads[1];
   const int64_t n0 = static_cast<int64_t>(bx) * p.tok;
   constexpr int kSlotsPerThread = rope_tiled_slots_per_thread(TILING, VP, sizeof(T));
-  constexpr int kHeadsPerStep = rope_tiled_heads_per_step(TILING, VP, sizeof(T));
   RopeSlot<VP> slot[kSlotsPerThread];
   VDIT_UNROLL
   for (int j = 0; j < kSlotsPerThread; ++j) {
@@ -400,37 +439,13 @@ VDIT_HD void rope_tiled_thread(const RopeTiledParams& tp, int32_t bx, int32_t by
       sl.s[i] = p.inverse ? -sin_a : sin_a;
     }
   }
-  // a step: heads h0 + u * head_groups for u < kHeadsPerStep (int64: past the last head)
-  for (int64_t h0 = by; h0 < heads; h0 += static_cast<int64_t>(kHeadsPerStep) * tp.head_groups) {
-    // Every load of the step unconditional, an inactive slot or a head past the last
-    // reading the CTA's first token or the last head (valid addresses, values unused):
-    // a load under its own `if` was a branch of its own whose values were unpacked inside
-    // it, so each load waited for the one before (one 16-byte load in flight a thread, the
-    // sm_90a SASS; 300 us where the Triton kernel, both loads issued first, took 260 us)
-    Pack<T, 2 * VP> v[kHeadsPerStep][kSlotsPerThread];
-    VDIT_UNROLL
-    for (int u = 0; u < kHeadsPerStep; ++u) {
-      int64_t hh = h0 + static_cast<int64_t>(u) * tp.head_groups;
-      hh = hh < heads ? hh : heads - 1;
-      const int which = hh >= p.heads[0];
-      const T* x = static_cast<const T*>(p.in[which]) + (which ? hh - p.heads[0] : hh) * p.sh[which];
-      VDIT_UNROLL
-      for (int j = 0; j < kSlotsPerThread; ++j)
-        rope_load_unit<T, VP>(x + (slot[j].active ? slot[j].n : n0) * p.sn[which], p.sd[which], slot[j].pr,
-                              interleaved, v[u][j]);
-    }
-    VDIT_UNROLL
-    for (int u = 0; u < kHeadsPerStep; ++u) {
-      const int64_t hh = h0 + static_cast<int64_t>(u) * tp.head_groups;
-      if (hh >= heads) continue;
-      const int which = hh >= p.heads[0];
-      T* y = static_cast<T*>(p.out[which]) + (which ? hh - p.heads[0] : hh) * p.osh[which];
-      VDIT_UNROLL
-      for (int j = 0; j < kSlotsPerThread; ++j)
-        if (slot[j].active)
-          rope_tiled_store<T, VP>(y + slot[j].n * p.osn[which], p.osd[which], slot[j], interleaved, v[u][j]);
-    }
-  }
+  // the convention chosen once, outside the loop: with the runtime flag inside it, both
+  // layouts' accesses were predicated into one body, where one layout's register moves
+  // waited for a load the other layout's next load was queued behind (float32, 4 pairs)
+  if (interleaved)
+    rope_tiled_walk<T, VP, TILING, true>(tp, by, n0, slot);
+  else
+    rope_tiled_walk<T, VP, TILING, false>(tp, by, n0, slot);
 }
 
 }  // namespace vdit

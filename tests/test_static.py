@@ -237,6 +237,35 @@ def test_main_loop_reads_sass_loops():
                                                                      "loop_hmma": 0, "loop_local_ops": 0}
 
 
+def test_loop_loads_counts_the_loads_issued_before_a_use():
+    # two loops: the first unpacks its first load (PRMT reads R16) before its second load
+    # issues, the second issues both first (a store reads its address and data registers);
+    # the worse one is reported; LDG.CONSTANT (sincosf's table) is not a load of the data
+    from benchmarks.static_report import cuda_problems, loop_loads
+
+    sass = """
+        /*0000*/                   LDG.E.CONSTANT R2, desc[UR4][R4.64] ;
+        /*0010*/                   LDG.E.128 R16, desc[UR4][R8.64] ;
+        /*0020*/                   PRMT R27, R16, 0x7610, R27 ;
+        /*0030*/                   LDG.E.128 R20, desc[UR4][R10.64] ;
+        /*0040*/                   STG.E.128 desc[UR4][R12.64], R20 ;
+        /*0050*/               @P0 BRA 0x10 ;
+        /*0060*/                   LDG.E.64 R16, desc[UR4][R8.64] ;
+        /*0070*/                   LDG.E.64 R18, desc[UR4][R10.64] ;
+        /*0080*/                   IMAD.U32 R30, R17, 0x10000, RZ ;
+        /*0090*/                   STG.E.64 desc[UR4][R12.64], R30 ;
+        /*00a0*/               @P1 BRA 0x60 ;
+        /*00b0*/                   EXIT ;
+    """
+    assert loop_loads(sass) == {"loop_loads": 2, "loop_loads_first": 1}
+    assert loop_loads(sass[sass.index("        /*0060*/"):]) == {"loop_loads": 2, "loop_loads_first": 2}
+    assert loop_loads("        /*0000*/                   EXIT ;") == {"loop_loads": 0, "loop_loads_first": 0}
+    row = {"kernel": "rope_tiled_kernel<float, 4, 0>", "spill_bytes": 0, "loads_first": True}
+    assert cuda_problems([dict(row, loop_loads=2, loop_loads_first=2)]) == []
+    assert "1 of the 2 global loads" in cuda_problems([dict(row, loop_loads=2, loop_loads_first=1)])[0]
+    assert "0 of the 0" in cuda_problems([dict(row, loop_loads=0, loop_loads_first=0)])[0]
+
+
 def test_cuda_kernels_compile_without_spills(tmp_path):
     # the CUDA kernels (csrc/*.cu) as setup.py builds them for sm_90a (and sm_80, its oldest
     # target), through ptxas -v: no spill stores or loads in any kernel (RoPE's 32-byte stack
@@ -275,3 +304,11 @@ def test_cuda_kernels_compile_without_spills(tmp_path):
         print(f"{name}: {registers} registers, spills {stores} B stored / {loads} B loaded")
     assert len(kernels) >= 2 * (4 + 9), sorted(kernels)  # patch: 2 dtypes x 2 directions; rope: 3 x 3 widths
     assert not {name: k for name, k in kernels.items() if k[1] or k[2]}, "CUDA kernels spill"
+    # the tiled RoPE kernels' loops issue every load of a step before using any loaded value
+    from benchmarks.static_report import LOADS_FIRST_KERNELS, loop_loads, nvidia_tool, sass_functions
+    sass = subprocess.run([str(nvidia_tool("cuobjdump")), "-sass", str(tmp_path / "rope_sm_90a.cubin")],
+                          capture_output=True, text=True, check=True).stdout
+    checked = {name: loop_loads(body) for name, body in sass_functions(sass).items()
+               if any(k in name for k in LOADS_FIRST_KERNELS)}
+    assert len(checked) == 3 * 3 * 2, sorted(checked)  # 3 dtypes x 3 widths x 2 shapes
+    assert all(0 < c["loop_loads"] == c["loop_loads_first"] for c in checked.values()), checked
