@@ -29,7 +29,8 @@
 #       one (first-call autotuning) cannot take the others' rows, cut to what LEASE_BUDGET
 #       (default 550 s from the start) leaves; $OUT is refreshed after every step, so a
 #       lease that ends mid-way still brings back what finished. LEASE_STEPS (default
-#       "test mem mem-large attention dit", run in that order) picks the steps after the build, for a short
+#       "test mem mem-large attention dit", run in that order; "ncu", opt-in, runs after
+#       mem-large: Nsight Compute on the RoPE and patch kernels, run_ncu) picks the steps after the build, for a short
 #       second call (e.g. LEASE_STEPS=attention with VDIT_ATTN_BWD=split exported): its
 #       rows still come back through $OUT, step by step. The bench steps share
 #       VDIT_TUNING_CACHE=/tmp/vdit_tuning (TUNING_CACHE names another folder, 0 turns it
@@ -130,10 +131,27 @@ run_bench() {  # BENCH_OUT: the results folder (default $RES)
 save_out() {  # copy what exists so far to $OUT (after every lease step: a kill keeps it)
     [ -n "${OUT:-}" ] || return 0
     mkdir -p "$OUT"
-    tar -czf "$OUT/gpu_check.tar.gz" "$RES" $(for d in "$RES-mem" "$RES-mem-large" "$RES-dit"; do [ -d "$d" ] && echo "$d"; done)
+    tar -czf "$OUT/gpu_check.tar.gz" "$RES" $(for d in "$RES-mem" "$RES-mem-large" "$RES-dit" "$RES-ncu"; do [ -d "$d" ] && echo "$d"; done)
     for f in summary.md results.json rows.partial.jsonl; do [ -f "$RES/$f" ] && cp "$RES/$f" "$OUT/"; done
     for f in build pytest bench; do [ -f "$LOGS/$f.log" ] && tail -c 200000 "$LOGS/$f.log" > "$OUT/$f.log"; done
     return 0
+}
+
+run_ncu() {  # NCU_OPS (default "rope patch"), NCU_WORKLOAD (default mixed-pack), cap NCU_TIMEOUT a op
+    local ncu op
+    ncu=$(command -v ncu || ls /usr/local/cuda/bin/ncu /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -1)
+    [ -n "$ncu" ] || { echo "== ncu step skipped: no ncu on this machine"; return 0; }
+    mkdir -p "$RES-ncu"
+    for op in ${NCU_OPS:-rope patch}; do
+        echo "== ncu: $op on ${NCU_WORKLOAD:-mixed-pack} (log: $RES-ncu/ncu_$op.txt)"
+        env -u TRITON_INTERPRET timeout -k 10 "$(cap "${NCU_TIMEOUT:-90}")" "$ncu" --clock-control none --nvtx \
+            -k "regex:$op" -c 60 --section SpeedOfLight --section Occupancy --section MemoryWorkloadAnalysis \
+            --section WarpStateStats --section LaunchStats \
+            $PY -m benchmarks.profile_cases --op "$op" --workload "${NCU_WORKLOAD:-mixed-pack}" \
+            --provider vdit-cuda --provider vdit-triton --provider liger --warmup 1 > "$RES-ncu/ncu_$op.txt" 2>&1 \
+            || echo "ncu on $op failed or timed out (exit $?): see its log"
+        grep -E "^  [^ ].*\(|Duration|DRAM Throughput" "$RES-ncu/ncu_$op.txt" | head -60
+    done
 }
 
 want() {  # is lease step $1 in LEASE_STEPS?
@@ -175,6 +193,13 @@ case "$STEP" in
             # no time); RoPE first: its 9 rows took 33 s on the H200 (2026-11-28)
             want mem-large && BENCH_OUT="$RES-mem-large" BENCH_TIMEOUT=$(cap "${MEM_LARGE_TIMEOUT:-140}") run_bench \
                 --workload train-pack --op rope --op patch --provider vdit- --provider liger --no-static
+            save_out
+            # hardware counters (opt-in: LEASE_STEPS with "ncu"): Nsight Compute on our RoPE and
+            # patch kernels and Liger's rope, one launch of each case after a warm-up
+            # (benchmarks/profile_cases.py), into <results>-ncu/ncu_<op>.txt; about 30 s an op
+            # on the H200 (2026-11-28); where ncu cannot read the counters (gVisor machines,
+            # the device tool's KINDS.md) the file says so
+            want ncu && run_ncu
             save_out
             want attention && BENCH_TIMEOUT=$(cap "${ATTN_TIMEOUT:-230}") run_bench --workload mixed-pack --op attention \
                 --provider vdit-triton --provider torch-varlen --provider flex --no-static
