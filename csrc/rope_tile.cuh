@@ -263,7 +263,7 @@ VDIT_HD void rope_phase(int phase, const RopeParams& p, int32_t block, float* sm
 // float32 of the double theta^(-2j/d_a) as the reference), then walks its heads a few a
 // step, every load of a step issued before its stores. No shared memory, no barrier. Two
 // shapes, timed on the H200 (2026-11-28) while each load still waited for the one before
-// (the fix: in rope_tiled_thread), at 301 and 294 us on the mixed pack, 2.46 and 2.52 ms
+// (the fix: in rope_tiled_walk), at 301 and 294 us on the mixed pack, 2.46 and 2.52 ms
 // on the train pack, where the shared-table kernel took 298 us and 2.62 ms:
 //   kTiled       (tiled)        two slots a thread, one head a step: the Triton kernel's,
 //                               the default;
@@ -367,7 +367,8 @@ VDIT_HD void rope_tiled_walk(const RopeTiledParams& tp, int32_t by, int64_t n0, 
   // a step: heads h0 + u * head_groups for u < kHeadsPerStep (int64: past the last head)
   for (int64_t h0 = by; h0 < heads; h0 += static_cast<int64_t>(kHeadsPerStep) * tp.head_groups) {
     // Every load of the step unconditional, an inactive slot or a head past the last
-    // reading the CTA's first token or the last head (valid addresses, values unused):
+    // reading the CTA's first token or the last head (valid addresses, values unused; in
+    // place, another thread may be rewriting them: the value is discarded all the same):
     // a load under its own `if` was a branch of its own whose values were unpacked inside
     // it, so each load waited for the one before (one 16-byte load in flight a thread, the
     // sm_90a SASS; 300 us where the Triton kernel, both loads issued first, took 260 us)
