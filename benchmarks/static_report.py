@@ -101,6 +101,22 @@ def widest_access(ptx: str) -> dict:
 _SASS_LINE = re.compile(r"^\s+/\*([0-9a-f]{4,})\*/\s+(@!?U?P[T0-9]+\s+)?([A-Z][A-Z0-9_.]*)(.*)$")
 
 
+def _sass_ops(sass: str) -> list[tuple]:
+    """(address, predicated, opcode, operands) of each instruction of a SASS listing."""
+    return [(int(m.group(1), 16), bool(m.group(2)), m.group(3), m.group(4))
+            for m in map(_SASS_LINE.match, sass.splitlines()) if m]
+
+
+def _loops(ops: list[tuple]) -> list[tuple[int, int]]:
+    """(first, last address) of each loop: a branch back to a lower address closes one."""
+    loops = []
+    for addr, _, op, rest in ops:
+        target = re.match(r"\s*0x([0-9a-f]+)", rest) if op.startswith("BRA") else None
+        if target is not None and int(target.group(1), 16) < addr:
+            loops.append((int(target.group(1), 16), addr))
+    return loops
+
+
 def main_loop(sass: str) -> dict:
     """The kernel's main loop in its SASS: of the loops (a branch back to a lower address
     closes one, unless the range holds the kernel's unpredicated EXIT: then it is the
@@ -113,21 +129,13 @@ def main_loop(sass: str) -> dict:
     program); zeros without a loop. The loop's size is what registers and spills do not
     show: the instructions issued per step besides the products (the keys-major dK/dV
     step's lse/delta loads were half of it once)."""
-    ops = []
-    for line in sass.splitlines():
-        m = _SASS_LINE.match(line)
-        if m:
-            ops.append((int(m.group(1), 16), bool(m.group(2)), m.group(3), m.group(4)))
+    ops = _sass_ops(sass)
     exits = [a for a, predicated, op, _ in ops if op == "EXIT" and not predicated]
     best = (0, 0, 0, 0, 0)  # (tensor-core instructions, -instructions, hgmma, hmma, local)
-    for addr, _, op, rest in ops:
-        target = re.match(r"\s*0x([0-9a-f]+)", rest) if op.startswith("BRA") else None
-        if target is None or int(target.group(1), 16) >= addr:
+    for start, end in _loops(ops):
+        if any(start <= a <= end for a in exits):
             continue
-        start = int(target.group(1), 16)
-        if any(start <= a <= addr for a in exits):
-            continue
-        body = [o for a, _, o, _ in ops if start <= a <= addr]
+        body = [o for a, _, o, _ in ops if start <= a <= end]
         hgmma = sum(o.startswith("HGMMA") for o in body)
         hmma = sum(o.startswith("HMMA") for o in body)
         local = sum(o.startswith(("LDL", "STL")) for o in body)
@@ -314,19 +322,12 @@ def loop_loads(sass: str) -> dict:
     loads (LDG, not the read-only constant tables' LDG.CONSTANT) and how many of them
     issue before the first instruction that reads a register one of them wrote. Equal
     counts: every load of a step in flight together. Zeros without such a loop."""
-    ops = []
-    for line in sass.splitlines():
-        m = _SASS_LINE.match(line)
-        if m:
-            ops.append((int(m.group(1), 16), m.group(3), m.group(4)))
+    ops = _sass_ops(sass)
     loops = []
-    for addr, op, rest in ops:
-        target = re.match(r"\s*0x([0-9a-f]+)", rest) if op.startswith("BRA") else None
-        if target is None or int(target.group(1), 16) >= addr:
-            continue
-        body = [(o, r) for a, o, r in ops if int(target.group(1), 16) <= a <= addr]
+    for start, end in _loops(ops):
+        body = [(o, r) for a, _, o, r in ops if start <= a <= end]
         if any(_global_load(o) for o, _ in body) and any(o.startswith("STG") for o, _ in body):
-            loops.append((int(target.group(1), 16), addr, body))
+            loops.append((start, end, body))
     innermost = [body for lo, hi, body in loops
                  if not any(lo <= lo2 and hi2 <= hi and (lo2, hi2) != (lo, hi) for lo2, hi2, _ in loops)]
     worst = {"loop_loads": 0, "loop_loads_first": 0}

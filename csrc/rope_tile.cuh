@@ -166,6 +166,25 @@ VDIT_HD void rope_rotate(const float* x0, const float* x1, const float* c, const
   }
 }
 
+// Pair slot i's frequency theta^(-2j/d_a), in double, rounded to float32 as the reference
+// rounds it: the shared-table kernel's phase 0, the tiled kernel's plan (host).
+VDIT_HD float rope_freq(const RopeParams& p, int32_t i) {
+  const RopePair pr = rope_pair(p.axes, i, p.interleaved != 0);
+  return static_cast<float>(pow(p.theta, -2.0 * pr.j / (2.0 * p.axes.half[pr.axis])));
+}
+
+// cos and sin of an angle (sin negated for the inverse rotation); on the GPU sincosf, the
+// accurate libdevice path.
+VDIT_HD void rope_cos_sin(float angle, bool inverse, float& c, float& s) {
+#if defined(__CUDA_ARCH__)
+  sincosf(angle, &s, &c);
+#else
+  s = std::sin(angle);
+  c = std::cos(angle);
+#endif
+  s = inverse ? -s : s;
+}
+
 // Thread tid's part of CTA `block`, phase 0 (frequencies), 1 (cos / sin of the CTA's
 // tokens) or 2 (the rotations); the kernel runs them with a barrier between each two.
 // smem: p.half * (1 + 2 * p.tok) floats. T: float, c10::Half or c10::BFloat16.
@@ -180,11 +199,7 @@ VDIT_HD void rope_phase(int phase, const RopeParams& p, int32_t block, float* sm
   const bool interleaved = p.interleaved != 0;
 
   if (phase == 0) {
-    for (int32_t i = tid; i < p.half; i += kRopeThreads) {
-      const RopePair pr = rope_pair(p.axes, i, interleaved);
-      const double d = 2.0 * p.axes.half[pr.axis];
-      freq[i] = static_cast<float>(pow(p.theta, -2.0 * pr.j / d));
-    }
+    for (int32_t i = tid; i < p.half; i += kRopeThreads) freq[i] = rope_freq(p, i);
     return;
   }
   if (phase == 1) {
@@ -192,16 +207,7 @@ VDIT_HD void rope_phase(int phase, const RopeParams& p, int32_t block, float* sm
       const int32_t t = i / p.half;
       const int32_t q = i - t * p.half;
       const RopePair pr = rope_pair(p.axes, q, interleaved);
-      const float angle = p.pos[(n0 + t) * 3 + pr.axis] * freq[q];
-      float s, c;
-#if defined(__CUDA_ARCH__)
-      sincosf(angle, &s, &c);
-#else
-      s = std::sin(angle);
-      c = std::cos(angle);
-#endif
-      cs[i] = c;
-      sn[i] = p.inverse ? -s : s;
+      rope_cos_sin(p.pos[(n0 + t) * 3 + pr.axis] * freq[q], p.inverse != 0, cs[i], sn[i]);
     }
     return;
   }
@@ -326,10 +332,7 @@ inline RopeTiledPlan plan_rope_tiled(RopeTiledParams& tp, int64_t esize, int64_t
   hg = hg < 1 ? 1 : hg;
   plan.head_groups = hg;
   tp.head_groups = static_cast<int32_t>(hg);
-  for (int32_t i = 0; i < p.half; ++i) {
-    const RopePair pr = rope_pair(p.axes, i, p.interleaved != 0);
-    tp.freq[i] = static_cast<float>(std::pow(p.theta, -2.0 * pr.j / (2.0 * p.axes.half[pr.axis])));
-  }
+  for (int32_t i = 0; i < p.half; ++i) tp.freq[i] = rope_freq(p, i);
   return plan;
 }
 
@@ -428,16 +431,8 @@ VDIT_HD void rope_tiled_thread(const RopeTiledParams& tp, int32_t bx, int32_t by
     VDIT_UNROLL
     for (int i = 0; i < VP; ++i) {
       const int axis = rope_pair(p.axes, g * VP + i, interleaved).axis;
-      const float angle = (axis == 0 ? pos[0] : axis == 1 ? pos[1] : pos[2]) * tp.freq[g * VP + i];
-      float sin_a, cos_a;
-#if defined(__CUDA_ARCH__)
-      sincosf(angle, &sin_a, &cos_a);
-#else
-      sin_a = std::sin(angle);
-      cos_a = std::cos(angle);
-#endif
-      sl.c[i] = cos_a;
-      sl.s[i] = p.inverse ? -sin_a : sin_a;
+      rope_cos_sin((axis == 0 ? pos[0] : axis == 1 ? pos[1] : pos[2]) * tp.freq[g * VP + i], p.inverse != 0,
+                   sl.c[i], sl.s[i]);
     }
   }
   // the convention chosen once, outside the loop: with the runtime flag inside it, both
