@@ -34,9 +34,9 @@ the tile a fixed launch (deterministic=True, VDIT_AUTOTUNE=0) falls to there; no
 a problem.
 
 The CUDA kernels of a built vdit_kernels._C (its sm_90a cubins): registers, local memory
-(spills: a problem) and, for LOADS_FIRST_KERNELS (the tiled RoPE kernel), whether their
-load/store loop issues every global load of a step before any loaded value is used
-(loop_loads(); a problem where it does not).
+(spills: a problem) and, for LOADS_FIRST_KERNELS (the tiled RoPE kernel, the patch
+kernel), whether their load/store loops issue every global load of a step before any
+loaded value is used (loop_loads(); a problem where they do not).
 
 python -m benchmarks.static_report [--json out.json] [--sass all|checked] exits non-zero when a kernel
 spills or misses its expected tensor-core instructions, or a launch has no tile for 99 KB
@@ -298,11 +298,13 @@ def _map(fn, items: list, jobs: int | None) -> list:
         return list(pool.map(fn, items))
 
 
-# CUDA kernels whose load/store loop must issue every global load of a step before any
+# CUDA kernels whose load/store loops must issue every global load of a step before any
 # loaded value is used (memory-bound: bytes in flight are what they run on); the tiled
 # RoPE kernel once unpacked each load inside its own branch, so each waited for the one
-# before (H200 ncu, 2026-11-28)
-LOADS_FIRST_KERNELS = ("rope_tiled_kernel",)
+# before (H200 ncu, 2026-11-28); the patch kernel's staging loops (global loads into
+# shared memory) are held to 32 registers, where the compiler could trade that batching
+# for registers
+LOADS_FIRST_KERNELS = ("rope_tiled_kernel", "patch_kernel")
 _REG = re.compile(r"\bR(\d+)(?:\.64)?\b")
 
 
@@ -317,8 +319,8 @@ def _registers(operands: str) -> set[int]:
 
 
 def loop_loads(sass: str) -> dict:
-    """Of a kernel's innermost loops that hold global loads and stores (a branch back to a
-    lower address closes a loop; a kernel may have one per layout), the worst: its global
+    """Of a kernel's innermost loops that hold global loads and stores, global or shared (a
+    branch back to a lower address closes a loop; a kernel may have one per layout), the worst: its global
     loads (LDG, not the read-only constant tables' LDG.CONSTANT) and how many of them
     issue before the first instruction that reads a register one of them wrote. Equal
     counts: every load of a step in flight together. Zeros without such a loop."""
@@ -326,7 +328,7 @@ def loop_loads(sass: str) -> dict:
     loops = []
     for start, end in _loops(ops):
         body = [(o, r) for a, _, o, r in ops if start <= a <= end]
-        if any(_global_load(o) for o, _ in body) and any(o.startswith("STG") for o, _ in body):
+        if any(_global_load(o) for o, _ in body) and any(o.startswith(("STG", "STS")) for o, _ in body):
             loops.append((start, end, body))
     innermost = [body for lo, hi, body in loops
                  if not any(lo <= lo2 and hi2 <= hi and (lo2, hi2) != (lo, hi) for lo2, hi2, _ in loops)]

@@ -20,7 +20,7 @@ namespace {
 
 // E: a raw word of the element size (uint16_t: float16 / bfloat16, uint32_t: float32)
 template <typename E, bool kToTokens>
-__global__ void __launch_bounds__(kPatchThreads) patch_kernel(const __grid_constant__ PatchParams p) {
+__global__ void __launch_bounds__(kPatchThreads, kPatchMinBlocks) patch_kernel(const __grid_constant__ PatchParams p) {
   extern __shared__ __align__(16) unsigned char stage[];
   const PatchCta c = patch_cta<E>(p, static_cast<int32_t>(blockIdx.x));
   patch_phase<E, kToTokens>(0, p, c, stage, static_cast<int>(threadIdx.x));

@@ -33,9 +33,17 @@
 
 namespace vdit {
 
-// 128 threads a CTA: at the kernel's 48-56 registers 9-10 CTAs fit an SM, so a launch of
-// up to ~1200 tiles runs in one wave on an H100 (the 41K-token pack it was measured on: 870)
+// 128 threads a CTA, and at least kPatchMinBlocks CTAs an SM (__launch_bounds__): the
+// kernel is then held to 32 registers (65536 / (16 * 128)), where it compiled to 48-56
+// and 9-10 CTAs (36-40 warps) fit an SM. At 32 it is still spill-free (sm_80, sm_90a)
+// and still issues each thread's kPatchBatch loads before using any (the static
+// report's LOADS_FIRST_KERNELS check), so an SM holds up to 64 warps of them in flight,
+// as many as shared memory allows (13 CTAs at full 16 KB stages). Why: on an H200 the
+// kernel reached 67% of the copy bandwidth on the 368K-token pack (80.6% on an H100),
+// where Triton's line kernels, held to 32 registers at 64 warps an SM, reached 77%.
+// (Not yet timed on a GPU at 32 registers.)
 constexpr int kPatchThreads = 128;
+constexpr int kPatchMinBlocks = 16;
 constexpr int kPatchBatch = 4;                  // global loads a thread issues before waiting
 constexpr int64_t kStageBytes = 16 * 1024;      // target staging buffer per CTA
 constexpr int64_t kMaxStageBytes = 48 * 1024;   // default dynamic shared memory limit

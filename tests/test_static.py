@@ -260,6 +260,9 @@ def test_loop_loads_counts_the_loads_issued_before_a_use():
     assert loop_loads(sass) == {"loop_loads": 2, "loop_loads_first": 1}
     assert loop_loads(sass[sass.index("        /*0060*/"):]) == {"loop_loads": 2, "loop_loads_first": 2}
     assert loop_loads("        /*0000*/                   EXIT ;") == {"loop_loads": 0, "loop_loads_first": 0}
+    # a staging loop (global loads into shared memory, the patch kernel's) counts too
+    staged = sass.replace("STG.E.128 desc[UR4][R12.64], R20", "STS.128 [R12], R20")
+    assert loop_loads(staged) == {"loop_loads": 2, "loop_loads_first": 1}
     row = {"kernel": "rope_tiled_kernel<float, 4, 0>", "spill_bytes": 0, "loads_first": True}
     assert cuda_problems([dict(row, loop_loads=2, loop_loads_first=2)]) == []
     assert "1 of the 2 global loads" in cuda_problems([dict(row, loop_loads=2, loop_loads_first=1)])[0]
@@ -304,11 +307,15 @@ def test_cuda_kernels_compile_without_spills(tmp_path):
         print(f"{name}: {registers} registers, spills {stores} B stored / {loads} B loaded")
     assert len(kernels) >= 2 * (4 + 9), sorted(kernels)  # patch: 2 dtypes x 2 directions; rope: 3 x 3 widths
     assert not {name: k for name, k in kernels.items() if k[1] or k[2]}, "CUDA kernels spill"
-    # the tiled RoPE kernels' loops issue every load of a step before using any loaded value
+    # the tiled RoPE kernels' loops and the patch kernel's staging loops (held to 32
+    # registers) issue every load of a step before using any loaded value
     from benchmarks.static_report import LOADS_FIRST_KERNELS, loop_loads, nvidia_tool, sass_functions
-    sass = subprocess.run([str(nvidia_tool("cuobjdump")), "-sass", str(tmp_path / "rope_sm_90a.cubin")],
-                          capture_output=True, text=True, check=True).stdout
-    checked = {name: loop_loads(body) for name, body in sass_functions(sass).items()
-               if any(k in name for k in LOADS_FIRST_KERNELS)}
-    assert len(checked) == 3 * 3 * 2, sorted(checked)  # 3 dtypes x 3 widths x 2 shapes
+    checked = {}
+    for stem in ("rope", "patch"):
+        sass = subprocess.run([str(nvidia_tool("cuobjdump")), "-sass", str(tmp_path / f"{stem}_sm_90a.cubin")],
+                              capture_output=True, text=True, check=True).stdout
+        checked.update({name: loop_loads(body) for name, body in sass_functions(sass).items()
+                        if any(k in name for k in LOADS_FIRST_KERNELS)})
+    # rope: 3 dtypes x 3 widths x 2 shapes; patch: 2 element sizes x 2 directions
+    assert len(checked) == 3 * 3 * 2 + 2 * 2, sorted(checked)
     assert all(0 < c["loop_loads"] == c["loop_loads_first"] for c in checked.values()), checked
