@@ -13,10 +13,10 @@
 
 namespace vdit {
 
-// The parameters (records of up to kInlineVideos videos inline) travel in the launch: over
-// the classic 4 KB of kernel parameters, which CUDA 12.1+ raises to 32 KB on sm_70+.
-static_assert(CUDART_VERSION >= 12010 || sizeof(PatchParams) <= 4096,
-              "PatchParams needs CUDA 12.1+ (kernel parameters over 4 KB); lower kInlineVideos");
+// The parameters (records of up to kInlineVideos videos inline) travel in the launch,
+// within the classic 4 KB of kernel parameters (CUDA 12.1+ allows 32 KB on sm_70+, a
+// launch path we do not need).
+static_assert(sizeof(PatchParams) <= 4096, "PatchParams exceeds 4 KB of kernel parameters; lower kInlineVideos");
 
 // Enqueues one launch of `tiles` CTAs with `smem` bytes of dynamic shared memory on
 // `stream`; esize is the element size (2 or 4). Returns the launch's error code.

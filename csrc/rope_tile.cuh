@@ -19,6 +19,7 @@
 #pragma once
 
 #include <cmath>
+#include <initializer_list>
 #include <cstdint>
 
 #include "common/index.cuh"

@@ -133,7 +133,7 @@ PACKS = {
     "one_video": [(4, 16, 32)],
     "odd_width": [(2, 6, 6), (2, 2, 10)],          # rows not 16-byte aligned: scalar paths
     "wide": [(1, 4, 200), (2, 2, 70)],              # several tiles per token row
-    "many": [(2, 2, 2) if i % 3 else (2, 2, 4) for i in range(70)],  # > 64: device table
+    "many": [(2, 2, 2) if i % 3 else (2, 2, 4) for i in range(70)],  # > kInlineVideos (48): device table
 }
 
 
@@ -289,8 +289,8 @@ def test_bad_input_raises_cleanly(checks):
 
 
 def _graph_capture_checks():
-    # > 64 videos: the launch table is copied from a pinned host buffer that the graph
-    # could not replay, so capturing raises; <= 64: records travel in the launch
+    # > 48 videos (kInlineVideos): the launch table is copied from a pinned host buffer that
+    # the graph could not replay, so capturing raises; <= 48: records travel in the launch
     # parameters, so a captured patchify replays exactly on new video contents
     many = _pack(PACKS["many"], (1, 2, 2))
     videos = _videos(many, 4, torch.float16)

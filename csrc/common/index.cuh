@@ -28,8 +28,11 @@ namespace vdit {
 // ---- patchify / unpatchify --------------------------------------------------------
 
 // Up to this many videos travel inside the kernel's parameter struct (__grid_constant__,
-// no copy); larger packs go through a device table of the same PatchVideo records.
-constexpr int kInlineVideos = 64;
+// no copy); larger packs go through a device table of the same PatchVideo records. 48
+// records of 72 bytes keep the struct (3.5 KB) within the classic 4 KB of kernel
+// parameters: no CUDA 12.1+ large-parameter launch (64 made it 4.6 KB), and builds with
+// older toolkits work (csrc/patch.h checks the size).
+constexpr int kInlineVideos = 48;
 
 // One video of a pack. A "tile" is ntok <= tw consecutive tokens along gw of one token
 // row (gt, gh) of one video: video rows are contiguous runs there (stride_w == 1), and

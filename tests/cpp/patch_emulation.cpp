@@ -339,12 +339,17 @@ int main() {
       }
     }
   }
-  // > kInlineVideos videos: the records come from a table
+  // > kInlineVideos videos: the records come from a table; exactly kInlineVideos: every
+  // inline record used, and one more: the first pack that takes the table
   {
     std::vector<VideoSpec> many;
     for (int i = 0; i < 70; ++i) many.push_back({2, 2, i % 3 ? 2 : 4 + 2 * (i % 5), i % 4 ? kContiguous : kOffset, i % 7});
     cases.push_back({"70 videos", 2, 4, {1, 2, 2}, many, 0, 0, 0, {}});
     cases.push_back({"70 videos fp32", 4, 4, {1, 2, 2}, many, 1, 0, 0, {}});
+    for (int n : {kInlineVideos, kInlineVideos + 1}) {
+      cases.push_back({std::to_string(n) + " videos", 2, 4, {1, 2, 2},
+                       std::vector<VideoSpec>(many.begin(), many.begin() + n), 0, 0, 0, {}});
+    }
   }
   // the largest tiles: rows = 3072 (stage exactly at the limit), and a stage whose slot
   // permutation padding does not fit (the plain layout runs)
