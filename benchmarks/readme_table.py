@@ -1,10 +1,14 @@
-"""Print the README performance table (markdown) from benchmarks/results/*/results.json.
+"""Print the README performance tables (markdown) from benchmarks/results/*/results.json.
 
     python -m benchmarks.readme_table [--results DIR] [--op attention ...] [--mode fwd ...]
+    python -m benchmarks.readme_table --targets [--results DIR]
 
 One section per result file (GPU), rows: op, mode, workload, provider, median ms,
-TFLOP/s or GB/s, % of the limit measured in that run, speedup. CPU smoke results
-(environment.performance_result false) are left out.
+TFLOP/s or GB/s, % of the limit measured in that run, speedup. --targets: instead, the
+issues' targets at a glance, one row per target and workload, one column per GPU, each
+cell from that GPU's newest result set that judges it (benchmarks/run.py's verdicts: the
+same judgement as each run's summary.md). CPU smoke results (environment.performance_result
+false) are left out.
 """
 from __future__ import annotations
 
@@ -50,6 +54,53 @@ def render(data: dict, ops=None, modes=None) -> str:
     return "\n".join(lines)
 
 
+def _performance_results(results: Path) -> list[tuple[Path, dict]]:
+    out = []
+    for f in sorted(results.glob("*/results.json")):
+        data = json.loads(f.read_text())
+        if data["environment"].get("performance_result", True):
+            out.append((f, data))
+    return out
+
+
+def targets(found: list[tuple[Path, dict]]) -> str:
+    """The targets with a threshold, a column per GPU: ratio (ours / peer speed, or % of
+    the copy bandwidth), met or not, and the head-to-head ratio where one was timed."""
+    from . import run  # (run imports this module)
+
+    order = [t[0] for t in run.TARGETS] + [f"{name} kernels >= {pct:.0f}% of the copy bandwidth"
+                                           for name, _, _, pct in run.BANDWIDTH_TARGETS]
+    gpus: list[str] = []
+    newest: dict = {}  # (target, workload) -> {gpu: (date, verdict, result set)}
+    for f, data in found:
+        env = data["environment"]
+        if env["gpu"] not in gpus:
+            gpus.append(env["gpu"])
+        for v in run.verdicts(data["rows"], data.get("head_to_head")):
+            if v["met"] is None:
+                continue
+            cells = newest.setdefault((v["target"], v["workload"]), {})
+            if env["gpu"] not in cells or env["date"] >= cells[env["gpu"]][0]:
+                cells[env["gpu"]] = (env["date"], v, f.parent.name)
+    if not newest:
+        return "_No result set judges a target yet._"
+    lines = ["| target | workload | " + " | ".join(gpus) + " |", "| --- | --- |" + " --- |" * len(gpus)]
+    for key in sorted(newest, key=lambda k: (order.index(k[0]) if k[0] in order else len(order), k)):
+        cells = []
+        for gpu in gpus:
+            if gpu not in newest[key]:
+                cells.append("-")
+                continue
+            _, v, _ = newest[key][gpu]
+            value = f"{v['value']:.2f}x" if v["unit"] == "x" else f"{v['value']:.0f}%"
+            h2h = f" (head to head {v['h2h']:.2f}x)" if v["h2h"] else ""
+            cells.append(f"{value} {'yes' if v['met'] else '**no**'}{h2h}")
+        lines.append(f"| {key[0]} | {key[1]} | " + " | ".join(cells) + " |")
+    sets = {gpu: sorted({s for c in newest.values() for g, (_, _, s) in c.items() if g == gpu}) for gpu in gpus}
+    lines += ["", "From " + "; ".join(f"{gpu}: " + ", ".join(f"`{s}`" for s in sets[gpu]) for gpu in gpus) + "."]
+    return "\n".join(lines)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--results", default=str(RESULTS), help="folder holding <gpu>/results.json")
@@ -57,17 +108,17 @@ def main(argv=None) -> int:
                         help="only this op suite's rows (repeatable)")
     parser.add_argument("--mode", action="append", choices=("fwd", "bwd", "fwd+bwd", "setup"),
                         help="only rows of this mode (repeatable)")
+    parser.add_argument("--targets", action="store_true",
+                        help="the issues' targets at a glance (a column per GPU) instead of the tables")
     args = parser.parse_args(argv)
-    files = sorted(Path(args.results).glob("*/results.json"))
-    shown = 0
-    for f in files:
-        data = json.loads(f.read_text())
-        if not data["environment"].get("performance_result", True):
-            continue
-        print(render(data, args.op, args.mode) + "\n")
-        shown += 1
-    if not shown:
+    found = _performance_results(Path(args.results))
+    if not found:
         print(f"_No GPU results under {args.results} yet: run `bash benchmarks/gpu_check.sh` on a GPU machine._")
+    elif args.targets:
+        print(targets(found))
+    else:
+        for _, data in found:
+            print(render(data, args.op, args.mode) + "\n")
     return 0
 
 

@@ -397,28 +397,34 @@ def _timed_groups(rows: list[dict]) -> dict:
     return timed
 
 
-def target_table(rows: list[dict], head_to_head: Optional[list] = None) -> str:
-    """The TARGETS and BANDWIDTH_TARGETS this run's rows can judge, per workload."""
+def verdicts(rows: list[dict], head_to_head: Optional[list] = None) -> list[dict]:
+    """The TARGETS and BANDWIDTH_TARGETS these rows can judge, one dict each: target,
+    workload, ours (the provider judged), value (ours / peer speed, or % of the copy
+    bandwidth), unit ("x" or "%"), met (True, False, or None: a ratio without a target),
+    h2h (the head-to-head ratio or None) and cells (target_table's columns after the
+    first two)."""
     latest = {(h["target"], h["workload"]): h for h in head_to_head or ()}
+    out = []
     # the device-time column: the same ratio from the kernels' device time alone
     # (profiler), where both rows measured it: a miss the timed calls show but the kernels
     # do not is host time or the timer's L2 state, not the kernels (timing.py). The last:
     # ours (the default provider) and the peer timed in turns, for a ratio near the
     # threshold (H2H_BAND)
-    lines = ["| target | workload | ours | peer | ours / peer speed | met | device-time ratio | head to head |",
-             "| --- | --- | --- | --- | ---: | --- | ---: | ---: |"]
     for what, wl, ours, mine, other, least in _judged(rows):
         best = min(mine, key=lambda r: r["median_ms"])
         ratio = other["median_ms"] / best["median_ms"]
-        met = "-" if least is None else ("yes" if ratio >= least else "NO")
+        met = None if least is None else ratio >= least
         ran = f" (ran {best['ran_as'].split('+', 1)[1]})" if best.get("ran_as") in ours else ""
         mine_dev, peer_dev = _device_ms(best), _device_ms(other)
         dev = f"{peer_dev / mine_dev:.2f}x" if mine_dev and peer_dev else "-"
         h = latest.get((what, wl))
         h2h = "-" if h is None else (f"error: {h['error']}" if "error" in h else
                                      f"{h['ratio']:.3f}x ({h['ours']}, {h['rounds']} rounds)")
-        lines.append(f"| {what} | {wl} | {best['provider']}{ran} {best['median_ms']:.3f} ms | {other['provider']} "
-                     f"{other['median_ms']:.3f} ms | {ratio:.2f}x | {met} | {dev} | {h2h} |")
+        out.append({"target": what, "workload": wl, "ours": best["provider"], "value": ratio, "unit": "x",
+                    "met": met, "h2h": h.get("ratio") if h else None,
+                    "cells": [f"{best['provider']}{ran} {best['median_ms']:.3f} ms",
+                              f"{other['provider']} {other['median_ms']:.3f} ms", f"{ratio:.2f}x",
+                              "-" if met is None else ("yes" if met else "NO"), dev, h2h]})
     timed = _timed_groups(rows)
     for name, op, ours, pct in BANDWIDTH_TARGETS:
         for (o, n, m, wl), by_provider in sorted(timed.items()):
@@ -431,12 +437,24 @@ def target_table(rows: list[dict], head_to_head: Optional[list] = None) -> str:
             same = (f" (a copy of the same bytes {best['kernel_gbs'] * best['kernel_ms'] / best['copy_kernel_ms']:.0f}"
                     f" GB/s: ours {100 * best['copy_kernel_ms'] / best['kernel_ms']:.0f}% of it)"
                     if best.get("copy_kernel_ms") and best.get("kernel_ms") else "")
-            lines.append(f"| {name} kernels >= {pct:.0f}% of the copy bandwidth | {wl} | {best['provider']} "
-                         f"{best['kernel_gbs']:.0f} GB/s | copy {best['kernel_gbs'] * 100 / best['kernel_pct_of_limit']:.0f}"
-                         f" GB/s{same} | {best['kernel_pct_of_limit']:.0f}% | "
-                         f"{'yes' if best['kernel_pct_of_limit'] >= pct else 'NO'} | - | - |")
-    if len(lines) == 2:
+            met = best["kernel_pct_of_limit"] >= pct
+            out.append({"target": f"{name} kernels >= {pct:.0f}% of the copy bandwidth", "workload": wl,
+                        "ours": best["provider"], "value": best["kernel_pct_of_limit"], "unit": "%", "met": met,
+                        "h2h": None,
+                        "cells": [f"{best['provider']} {best['kernel_gbs']:.0f} GB/s",
+                                  f"copy {best['kernel_gbs'] * 100 / best['kernel_pct_of_limit']:.0f} GB/s{same}",
+                                  f"{best['kernel_pct_of_limit']:.0f}%", "yes" if met else "NO", "-", "-"]})
+    return out
+
+
+def target_table(rows: list[dict], head_to_head: Optional[list] = None) -> str:
+    """The TARGETS and BANDWIDTH_TARGETS this run's rows can judge, per workload (verdicts)."""
+    judged = verdicts(rows, head_to_head)
+    if not judged:
         return "No target of the issues can be judged from the rows of this run."
+    lines = ["| target | workload | ours | peer | ours / peer speed | met | device-time ratio | head to head |",
+             "| --- | --- | --- | --- | ---: | --- | ---: | ---: |"]
+    lines += [f"| {v['target']} | {v['workload']} | " + " | ".join(v["cells"]) + " |" for v in judged]
     return "\n".join(lines)
 
 

@@ -656,6 +656,52 @@ def test_target_table_judges_the_issues_targets():
     assert run.target_table([]).startswith("No target")
 
 
+def test_readme_targets_take_each_gpus_newest_verdict(tmp_path, capsys):
+    # --targets: a row per target and workload, a column per GPU, each cell from that GPU's
+    # newest result set that judges it (run.verdicts, the summaries' judgement); ratios
+    # without a threshold and CPU smoke runs are left out
+    import json
+
+    import benchmarks.readme_table as readme_table
+
+    def rope(provider, ms):
+        return dict(op="rope", name="rope_3d", mode="fwd", workload="mixed-pack", provider=provider, median_ms=ms)
+
+    def results(name, gpu, date, rows, head_to_head=(), performance=True):
+        env = {"gpu": gpu, "date": date, "performance_result": performance}
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "results.json").write_text(json.dumps(
+            {"environment": env, "rows": rows, "head_to_head": list(head_to_head)}))
+
+    h2h = {"target": "RoPE >= Liger's rope", "workload": "mixed-pack", "ours": "vdit-cuda", "ratio": 0.9, "rounds": 5}
+    results("h200-old", "H200", "2026-11-28T04:00:00+00:00", [rope("vdit-cuda", 0.4), rope("liger-rope", 0.3)])
+    results("h200-new", "H200", "2026-11-28T07:00:00+00:00", [rope("vdit-cuda", 0.3), rope("liger-rope", 0.33)],
+            [h2h])
+    results("h100", "H100", "2026-11-27T20:00:00+00:00",
+            [rope("vdit-cuda", 0.5), rope("liger-rope", 0.4), rope("vdit-cuda+shared", 0.1)])
+    results("cpu", "cpu", "2026-11-29T00:00:00+00:00", [rope("vdit-cuda", 0.1), rope("liger-rope", 1.0)],
+            performance=False)
+    assert readme_table.main(["--targets", "--results", str(tmp_path)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == "| target | workload | H100 | H200 |"
+    assert lines[2] == "| RoPE >= Liger's rope | mixed-pack | 0.80x **no** | 1.10x yes (head to head 0.90x) |"
+    assert len([x for x in lines if x.startswith("| RoPE")]) == 1  # the forced kernel's ratio has no threshold
+    assert lines[-1] == "From H100: `h100`; H200: `h200-new`."
+
+
+def test_readme_performance_section_is_generated(capsys):
+    # "never typed by hand": the README holds readme_table's output for the committed
+    # results, the tables and the targets at a glance, verbatim (a new result set committed
+    # without regenerating them fails here)
+    import benchmarks.readme_table as readme_table
+
+    readme = (ROOT / "README.md").read_text()
+    for argv in ([], ["--targets"]):
+        readme_table.main(argv)
+        out = capsys.readouterr().out.strip()
+        assert out.startswith(("**", "| target")) and out in readme, f"README lacks readme_table {argv}'s output"
+
+
 def test_head_to_head_pairs_are_the_targets_near_their_threshold():
     # within H2H_BAND (15%) of the threshold, either side; ours: the first of the target's
     # providers that ran (the default), not the fastest; no call over H2H_MAX_MS
