@@ -208,11 +208,21 @@ def kernel_breakdown(rows: list[dict]) -> list[str]:
             for r in rows if r.get("kernel_breakdown")]
 
 
+def _quartiles_us(r: dict) -> str:
+    """A row's timed samples and their host issue times, p25 / median / p75 in us, where the
+    timer recorded both: samples near their issue time were bound by the host."""
+    if not (r.get("issue_ms") and "p25_ms" in r):
+        return ""
+    timed = "/".join(f"{r[k] * 1e3:.0f}" for k in ("p25_ms", "median_ms", "p75_ms"))
+    issued = "/".join(f"{ms * 1e3:.0f}" for ms in r["issue_ms"])
+    return f"; samples {timed} us (p25/median/p75), issued by the host in {issued} us"
+
+
 def host_breakdown(rows: list[dict]) -> list[str]:
     """One line per row whose host time was measured: the layers a small op's call pays for."""
     return [f"{r['name']} {r['mode']} {r['provider']} ({r['workload']}): host {r['host_ms'] * 1e3:.1f} us "
             f"a call (device {(r.get('kernel_ms') or r.get('device_ms') or 0) * 1e3:.1f} us); "
-            + ", ".join(f"{name} {us:.1f} us" for name, us in r.get("host_profile", []))
+            + ", ".join(f"{name} {us:.1f} us" for name, us in r.get("host_profile", [])) + _quartiles_us(r)
             for r in rows if r.get("host_ms")]
 
 

@@ -26,6 +26,9 @@ round again, so its writes go to another place than the previous call's (a resul
 at once gave the next call the same, possibly L2-resident, block).
 interleaved (the head-to-head runs of benchmarks/run.py): two or more calls timed in turns,
 so a drift over the run reaches them alike.
+issue_ms (GPU): each timed sample's host issue time (recording its start event to recording
+its end event), as its p25 / median / p75: the GPU is idle at a sample's start, so a sample
+close to its issue time spent it on the host, one far above it on the GPU.
 host_ms (GPU, memory-bound cases and patch embedding): the host's time to issue one call,
 calls queued back to back without waiting for the GPU, and the Python functions that time
 goes to (cProfile; a CUDA backward runs on autograd's own thread, which it does not see):
@@ -59,11 +62,12 @@ def _l2_flush_buffer() -> torch.Tensor:
     return torch.empty(256 * 1024 * 1024 // 4, dtype=torch.int32, device="cuda")
 
 
-def _cuda_events(fn: Callable, warmup_ms: float, rep_ms: float, grad_to_none) -> list[float]:
-    """Milliseconds of `fn` from its start on an idle GPU to the end of its last kernel, one
-    sample per call, L2 flushed before each: about rep_ms of samples after warmup_ms of
-    warm-up, and never fewer than MIN_REPS (MIN_REPS_SLOW for calls over SLOW_MS, whose
-    warm-up is the first call alone)."""
+def _cuda_events(fn: Callable, warmup_ms: float, rep_ms: float, grad_to_none) -> tuple[list[float], list[float]]:
+    """(samples, issue): milliseconds of `fn` from its start on an idle GPU to the end of its
+    last kernel, one sample per call, L2 flushed before each: about rep_ms of samples after
+    warmup_ms of warm-up, and never fewer than MIN_REPS (MIN_REPS_SLOW for calls over
+    SLOW_MS, whose warm-up is the first call alone); and each sample's host issue time (the
+    host's milliseconds from the start event's record to the end event's)."""
     flush = _l2_flush_buffer()
     fn()  # compilation, autotuning, allocator
     torch.cuda.synchronize()
@@ -86,22 +90,27 @@ def _cuda_events(fn: Callable, warmup_ms: float, rep_ms: float, grad_to_none) ->
         fn()
     starts = [torch.cuda.Event(enable_timing=True) for _ in range(n_rep)]
     ends = [torch.cuda.Event(enable_timing=True) for _ in range(n_rep)]
-    for s, e in zip(starts, ends):
-        _sample(fn, grad_to_none, flush, s, e)
+    issue = [_sample(fn, grad_to_none, flush, s, e) for s, e in zip(starts, ends)]
     torch.cuda.synchronize()
-    return [s.elapsed_time(e) for s, e in zip(starts, ends)]
+    return [s.elapsed_time(e) for s, e in zip(starts, ends)], issue
 
 
-def _sample(fn: Callable, grad_to_none, flush: torch.Tensor, start, end) -> None:
-    """One GPU sample of fn between the events start and end: gradients reset, L2 flushed."""
+def _sample(fn: Callable, grad_to_none, flush: torch.Tensor, start, end) -> float:
+    """One GPU sample of fn between the events start and end: gradients reset, L2 flushed.
+    Returns the host's milliseconds from recording start to recording end: with the GPU
+    idle at the start, a sample near its issue time was bound by the host, and one far
+    above it by the GPU (the H200's small calls had medians twice their minimums; this
+    says on which side the slow samples lost their time)."""
     if grad_to_none:
         for t in grad_to_none:
             t.grad = None
     flush.zero_()
     torch.cuda.synchronize()  # the call starts on an idle GPU: none of its host time is hidden
+    t0 = time.perf_counter()
     start.record()
     fn()
     end.record()
+    return (time.perf_counter() - t0) * 1e3
 
 
 def _sample_ms(fn: Callable, grad_to_none, device: str, flush=None) -> float:
@@ -153,10 +162,13 @@ def _summary(times: list[float], timer: str) -> dict:
 
 def bench(fn: Callable, device: str, *, quick: bool = False,
           grad_to_none: Optional[Sequence[torch.Tensor]] = None) -> dict:
-    """{'median_ms', 'min_ms', 'max_ms', 'p25_ms', 'p75_ms', 'reps', 'timer'} of fn() on `device`."""
+    """{'median_ms', 'min_ms', 'max_ms', 'p25_ms', 'p75_ms', 'reps', 'timer'} of fn() on `device`;
+    on a GPU also 'issue_ms': the (p25, median, p75) of the samples' host issue times."""
     if device == "cuda":
         warmup, rep = (10, 40) if quick else (25, 100)
-        return _summary(_cuda_events(fn, warmup, rep, grad_to_none), "cuda-events")
+        samples, issue = _cuda_events(fn, warmup, rep, grad_to_none)
+        p25, median, p75 = statistics.quantiles(issue, n=4, method="inclusive") if len(issue) > 1 else issue * 3
+        return {**_summary(samples, "cuda-events"), "issue_ms": [p25, median, p75]}
     fn()  # warm-up
     reps = 2 if quick else 5
     return _summary([_sample_ms(fn, grad_to_none, "cpu") for _ in range(reps)], "perf_counter")

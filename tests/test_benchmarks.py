@@ -576,6 +576,22 @@ def test_every_row_has_several_samples(fake_gpu_timer, call_ms, samples):
     assert row["median_ms"] == pytest.approx(call_ms)
 
 
+def test_samples_record_their_host_issue_time(fake_gpu_timer):
+    # each GPU sample also records how long the host took to issue it (real time here: a
+    # 2 ms sleep, where the fake GPU takes 50 ms); the summary prints both side by side
+    import time
+
+    import benchmarks.run as run
+    import benchmarks.timing as T
+
+    row = T.bench(lambda: (time.sleep(0.002), fake_gpu_timer.tick(50.0)), "cuda")
+    p25, median, p75 = row["issue_ms"]
+    assert 2.0 <= p25 <= median <= p75 < 50.0 and row["median_ms"] == pytest.approx(50.0)
+    line = run.host_breakdown([dict(row, name="patchify", mode="fwd", provider="vdit-cuda", workload="w",
+                                    host_ms=0.03, kernel_ms=0.008, issue_ms=[0.02, 0.025, 0.03])])[0]
+    assert line.endswith("; samples 50000/50000/50000 us (p25/median/p75), issued by the host in 20/25/30 us")
+
+
 def test_each_sample_starts_on_an_idle_gpu(fake_gpu_timer):
     # the flush before a sample must finish before its start event, or the host issues the
     # timed call while the GPU still clears the L2 and that host time goes untimed (a
