@@ -44,10 +44,9 @@ def main(argv=None) -> int:
         prepared = case.build()
         for _ in range(args.warmup):
             prepared.fn()
-        if device == "cuda":
-            torch.cuda.synchronize()
         label = f"{case.provider}/{case.name} {case.mode}"
         if device == "cuda":
+            torch.cuda.synchronize()
             torch.cuda.nvtx.range_push(label)
         for _ in range(args.calls):
             prepared.fn()

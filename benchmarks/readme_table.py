@@ -68,8 +68,7 @@ def targets(found: list[tuple[Path, dict]]) -> str:
     the copy bandwidth), met or not, and the head-to-head ratio where one was timed."""
     from . import run  # (run imports this module)
 
-    order = [t[0] for t in run.TARGETS] + [f"{name} kernels >= {pct:.0f}% of the copy bandwidth"
-                                           for name, _, _, pct in run.BANDWIDTH_TARGETS]
+    order = run.target_names()
     gpus: list[str] = []
     newest: dict = {}  # (target, workload) -> {gpu: (date, verdict, result set)}
     for f, data in found:

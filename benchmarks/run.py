@@ -317,6 +317,16 @@ BANDWIDTH_TARGETS = [(name, op, ("vdit-cuda", "vdit-triton"), 80.0)
                      for op, name in (("patch", "patchify"), ("patch", "unpatchify"), ("rope", "rope_3d"))]
 
 
+def bandwidth_target(name: str, pct: float) -> str:
+    """The name of a BANDWIDTH_TARGETS entry's target."""
+    return f"{name} kernels >= {pct:.0f}% of the copy bandwidth"
+
+
+def target_names() -> list[str]:
+    """Every target's name, in the order the tables list them."""
+    return [t[0] for t in TARGETS] + [bandwidth_target(name, pct) for name, _, _, pct in BANDWIDTH_TARGETS]
+
+
 # A target whose timed ratio lies within H2H_BAND of its threshold (either side) is timed
 # again head to head as soon as both its rows exist: our default provider's case and the
 # peer's, built anew and timed in turns (timing.interleaved), so its verdict does not hang
@@ -448,7 +458,7 @@ def verdicts(rows: list[dict], head_to_head: Optional[list] = None) -> list[dict
                     f" GB/s: ours {100 * best['copy_kernel_ms'] / best['kernel_ms']:.0f}% of it)"
                     if best.get("copy_kernel_ms") and best.get("kernel_ms") else "")
             met = best["kernel_pct_of_limit"] >= pct
-            out.append({"target": f"{name} kernels >= {pct:.0f}% of the copy bandwidth", "workload": wl,
+            out.append({"target": bandwidth_target(name, pct), "workload": wl,
                         "ours": best["provider"], "value": best["kernel_pct_of_limit"], "unit": "%", "met": met,
                         "h2h": None,
                         "cells": [f"{best['provider']} {best['kernel_gbs']:.0f} GB/s",

@@ -149,13 +149,17 @@ def interleaved(calls: dict, device: str, budget_ms: float = 3000.0, min_rounds:
     return samples
 
 
+def _quartiles(values: list[float]) -> list[float]:
+    """[p25, median, p75], interpolated between the values over the range they span (an
+    index into few samples leaned high: the max as p75 of four)."""
+    return statistics.quantiles(values, n=4, method="inclusive") if len(values) > 1 else list(values) * 3
+
+
 def _summary(times: list[float], timer: str) -> dict:
     """Median, min, max and the quartiles (p25_ms, p75_ms: whether the samples split in two,
     as the H200's small calls seemed to, medians twice their minimums) of samples in ms."""
     q = sorted(times)
-    # interpolated between samples, over the range they span (an index into few samples
-    # leaned high: the max as p75 of four)
-    p25, _, p75 = statistics.quantiles(q, n=4, method="inclusive") if len(q) > 1 else (q[0],) * 3
+    p25, _, p75 = _quartiles(q)
     return {"median_ms": statistics.median(q), "min_ms": q[0], "max_ms": q[-1], "p25_ms": p25, "p75_ms": p75,
             "reps": len(q), "timer": timer}
 
@@ -167,8 +171,7 @@ def bench(fn: Callable, device: str, *, quick: bool = False,
     if device == "cuda":
         warmup, rep = (10, 40) if quick else (25, 100)
         samples, issue = _cuda_events(fn, warmup, rep, grad_to_none)
-        p25, median, p75 = statistics.quantiles(issue, n=4, method="inclusive") if len(issue) > 1 else issue * 3
-        return {**_summary(samples, "cuda-events"), "issue_ms": [p25, median, p75]}
+        return {**_summary(samples, "cuda-events"), "issue_ms": _quartiles(issue)}
     fn()  # warm-up
     reps = 2 if quick else 5
     return _summary([_sample_ms(fn, grad_to_none, "cpu") for _ in range(reps)], "perf_counter")

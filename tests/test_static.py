@@ -309,13 +309,14 @@ def test_cuda_kernels_compile_without_spills(tmp_path):
     assert not {name: k for name, k in kernels.items() if k[1] or k[2]}, "CUDA kernels spill"
     # the tiled RoPE kernels' loops and the patch kernel's staging loops (held to 32
     # registers) issue every load of a step before using any loaded value
-    from benchmarks.static_report import LOADS_FIRST_KERNELS, loop_loads, nvidia_tool, sass_functions
-    checked = {}
+    from benchmarks.static_report import (LOADS_FIRST_KERNELS, cuda_problems, loop_loads, nvidia_tool,
+                                          sass_functions)
+    checked = []
     for stem in ("rope", "patch"):
         sass = subprocess.run([str(nvidia_tool("cuobjdump")), "-sass", str(tmp_path / f"{stem}_sm_90a.cubin")],
                               capture_output=True, text=True, check=True).stdout
-        checked.update({name: loop_loads(body) for name, body in sass_functions(sass).items()
-                        if any(k in name for k in LOADS_FIRST_KERNELS)})
+        checked += [{"kernel": name, "spill_bytes": 0, "loads_first": True, **loop_loads(body)}
+                    for name, body in sass_functions(sass).items() if any(k in name for k in LOADS_FIRST_KERNELS)]
     # rope: 3 dtypes x 3 widths x 2 shapes; patch: 2 element sizes x 2 directions
-    assert len(checked) == 3 * 3 * 2 + 2 * 2, sorted(checked)
-    assert all(0 < c["loop_loads"] == c["loop_loads_first"] for c in checked.values()), checked
+    assert len(checked) == 3 * 3 * 2 + 2 * 2, sorted(r["kernel"] for r in checked)
+    assert cuda_problems(checked) == [], checked
