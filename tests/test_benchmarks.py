@@ -742,6 +742,22 @@ def test_head_to_head_pairs_are_the_targets_near_their_threshold():
     assert line.endswith("| 1.23x | yes | - | 1.221x (vdit-triton, 15 rounds) |")
 
 
+def test_head_to_head_pairs_include_verdicts_their_minimums_overturn():
+    # far from the threshold by medians, but the rows' minimums judge the target otherwise
+    # (our samples split in two): re-timed in turns too; agreeing minimums are not
+    import benchmarks.run as run
+
+    row = lambda provider, med, low: dict(op="patch", name="patchify", mode="fwd", workload="w",  # noqa: E731
+                                          provider=provider, median_ms=med, min_ms=low)
+    peer = row("vdit-reference", 0.107, 0.098)
+    split = run.head_to_head_pairs([row("vdit-cuda", 0.058, 0.028), peer])  # 1.85x by medians, 3.5x by minimums
+    assert [(what, mine["provider"], other["provider"]) for what, _, mine, other in split] == \
+        [("patchify >= 3x the reference", "vdit-cuda", "vdit-reference")]
+    assert run.head_to_head_pairs([row("vdit-cuda", 0.058, 0.050), peer]) == []  # 1.96x by minimums: both miss
+    assert run.head_to_head_pairs([row("vdit-cuda", 0.020, 0.018), peer]) == []  # 5.4x: both meet
+    assert run.head_to_head_pairs([dict(row("vdit-cuda", 0.058, 0.028), min_ms=None), peer]) == []  # no minimum
+
+
 def test_head_to_head_runs_in_the_main_command(monkeypatch, tmp_path):
     # a target near its threshold is re-timed in turns as soon as both rows exist, and the
     # summary, results.json and --from-partial carry it (CPU: forced on, a test target)
