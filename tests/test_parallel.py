@@ -677,15 +677,21 @@ def _worker4(rank, store, out_dir):
     for name, sp, fused in _dit_layouts(groups):
         model.config.fused_rope = fused
         results[("dit", name)] = _dit_step(model, inputs, sp)
-    # gather_pack's backward: this rank's rows of its own gradient
-    x = vk.shard_pack(torch.arange(19.0).view(19, 1), 4, rank).requires_grad_(True)
-    for name, gather in (("world", vk.gather_pack),
-                         ("usp", vk.SequenceParallel("usp", *groups[(2, 2)]).gather_pack)):
-        x.grad = None
-        weights = torch.linspace(1.0, 2.0, 19).view(19, 1)
-        gathered = gather(x, 19)
-        (gathered * weights).sum().backward()
-        results[("gather", name)] = (gathered.detach(), x.grad.clone())
+    # gather_pack's backward: this rank's rows of its own gradient. 19 rows: 4 shards of 5,
+    # one padding row; 17: three, more than one ring-level gather of a 2 x 2 or 4 x 1 USP
+    # layout holds (R - 1)
+    gathers = [("world", vk.gather_pack)] + [
+        (f"usp-{u}x{r}", vk.SequenceParallel("usp", *groups[(u, r)]).gather_pack) for u, r in USP_LAYOUTS]
+    for num in (19, 17):
+        x = vk.shard_pack(torch.arange(float(num)).view(num, 1), 4, rank).requires_grad_(True)
+        for name, gather in gathers:
+            x.grad = None
+            weights = torch.linspace(1.0, 2.0, num).view(num, 1)
+            gathered = gather(x, num)
+            (gathered * weights).sum().backward()
+            results[("gather", name, num)] = (gathered.detach(), x.grad.clone())
+    usp_gather = dict(gathers)["usp-2x2"]
+    results["gather_errors"] = _value_errors([lambda: usp_gather(x, 16), lambda: usp_gather(x, 21)])
     q = torch.zeros(2, 3, D)  # 3 heads over U = 2
     pairs = vk.usp_groups(2)[0]  # {0, 1} and {2, 3}: as both groups, not a grid
     results["errors"] = _value_errors(
@@ -779,14 +785,23 @@ def test_dit_sequence_parallel(four_rank_runs, layout):
     assert not torch.equal(runs[0][1]["final_proj.weight"], runs[1][1]["final_proj.weight"])
 
 
-@pytest.mark.parametrize("name", ["world", "usp"])
-def test_gather_pack_backward_keeps_this_ranks_rows(four_rank_runs, name):
-    weights = torch.linspace(1.0, 2.0, 19).view(19, 1)
+@pytest.mark.parametrize("num", [19, 17])
+@pytest.mark.parametrize("name", ["world"] + [f"usp-{u}x{r}" for u, r in USP_LAYOUTS])
+def test_gather_pack_backward_keeps_this_ranks_rows(four_rank_runs, name, num):
+    weights = torch.linspace(1.0, 2.0, num).view(num, 1)
     for rank, run in enumerate(four_rank_runs):
-        gathered, grad = run[("gather", name)]
-        assert torch.equal(gathered, torch.arange(19.0).view(19, 1))
-        # rows 5r .. 5r+4 of the 19, the padding row (rank 3's last) gets no gradient
+        gathered, grad = run[("gather", name, num)]
+        assert torch.equal(gathered, torch.arange(float(num)).view(num, 1))
+        # rows 5r .. 5r+4, the padding rows (rank 3's last) get no gradient
         assert torch.equal(grad, vk.shard_pack(weights, 4, rank))
+
+
+def test_gather_pack_checks_the_count_against_every_shard(four_rank_runs):
+    # a USP layout's count is checked against all 4 shards of 5 rows (17 to 20), not one level's
+    for run in four_rank_runs:
+        assert [msg for msg in run["gather_errors"]] == [
+            f"num_tokens must be the pack's token count N, with 4 shards of 5 rows between 17 and 20, got {n}"
+            for n in (16, 21)]
 
 
 def test_dit_sequence_parallel_single_process():

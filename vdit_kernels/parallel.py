@@ -172,6 +172,17 @@ def _world(group) -> tuple[int, int]:
     return dist.get_world_size(group), dist.get_rank(group)
 
 
+def _checked_num_tokens(num_tokens, shards: int, n: int) -> int:
+    """num_tokens as an int, checked against `shards` shards of n rows: shard_pack's
+    shards hold P*n rows, the last P*n - N of them padding (fewer than P); a count outside
+    that would drop real rows or keep padding ones without a word."""
+    num = as_int(num_tokens)
+    if num is None or not shards * n - shards < num <= shards * n:
+        raise ValueError(f"num_tokens must be the pack's token count N, with {shards} shards of {n} "
+                         f"rows between {max(shards * n - shards + 1, 0)} and {shards * n}, got {num_tokens!r}")
+    return num
+
+
 def gather_pack(x_local: Tensor, num_tokens: int, group=None) -> Tensor:
     """The whole pack (num_tokens, ...) on every rank from the shards (padding dropped),
     e.g. before `unpatchify`.
@@ -185,14 +196,7 @@ def gather_pack(x_local: Tensor, num_tokens: int, group=None) -> Tensor:
     (without their padding rows: shard_mask).
     """
     world_size, _ = _world(group)
-    n = x_local.shape[0]
-    # shard_pack's shards: P*n rows, the last P*n - N of them padding (fewer than P); a
-    # count outside that would drop real rows or keep padding ones without a word
-    num = as_int(num_tokens)
-    if num is None or not world_size * n - world_size < num <= world_size * n:
-        raise ValueError(f"num_tokens must be the pack's token count N, with {world_size} shards of {n} "
-                         f"rows between {max(world_size * n - world_size + 1, 0)} and {world_size * n}, "
-                         f"got {num_tokens!r}")
+    num = _checked_num_tokens(num_tokens, world_size, x_local.shape[0])
     if world_size == 1:
         return x_local[:num]
     return _GatherPack.apply(x_local, group, world_size)[:num]
@@ -780,10 +784,13 @@ class SequenceParallel:
         (gather_pack, and its backward)."""
         if self.scheme != "usp" or self.shard[0] == 1:
             return gather_pack(x_local, num_tokens, self.group)
-        # Ulysses group: this super-shard's U shards in order; ring group: the super-shards
-        u_size = _world(self.group)[0]
-        x = gather_pack(x_local, u_size * x_local.shape[0], self.group)
-        return gather_pack(x, num_tokens, self.ring_group)
+        # checked against all P = U*R shards: the pack's padding (up to P - 1 rows) may
+        # exceed what one ring-level gather allows (R - 1), so both levels gather every row
+        # (Ulysses group: this super-shard's U shards in order; ring group: the
+        # super-shards) and the padding goes last
+        num = _checked_num_tokens(num_tokens, self.shard[0], x_local.shape[0])
+        x = gather_pack(x_local, _world(self.group)[0] * x_local.shape[0], self.group)
+        return gather_pack(x, _world(self.ring_group)[0] * x.shape[0], self.ring_group)[:num]
 
     def self_attention(self, q_local: Tensor, k_local: Tensor, v_local: Tensor, cu_seqlens: Tensor,
                        max_seqlen: int, rope: Optional[Rope3D] = None, softmax_scale: Optional[float] = None,
