@@ -161,9 +161,11 @@ def main(argv=None):
                         help="apply_rope_3d then attention (runs the rope family's kernels)")
     parser.add_argument("--sp", choices=vk.parallel.SCHEMES,
                         help="under torchrun: the model sequence-parallel over the processes")
-    parser.add_argument("--ulysses-size", type=int, default=None,
+    parser.add_argument("--ulysses-size", type=_positive, default=None,
                         help="--sp usp: ranks per Ulysses group (default 2 where it divides P > 2, else 1)")
     args = parser.parse_args(argv)
+    if args.ulysses_size is not None and args.sp != "usp":
+        parser.error("--ulysses-size is for --sp usp")
     if args.sp:
         return sequence_parallel(args)
 

@@ -290,11 +290,17 @@ class Block(nn.Module):
 
 
 class VideoDiT(nn.Module):
-    """Video DiT over a VideoPack; see the module docstring for the data flow."""
+    """Video DiT over a VideoPack; see the module docstring for the data flow.
+
+    The model keeps its own copy of `config` (model.config, shared by its blocks), so that
+    switching e.g. model.config.fused_rope changes this model only, never a PRESETS entry
+    or another model built from the same config."""
 
     def __init__(self, config: DiTConfig, zero_init: bool = True):
         super().__init__()
-        self.config = cfg = config
+        if not isinstance(config, DiTConfig):
+            raise TypeError(f"config must be a DiTConfig (DiTConfig.from_name(...)), got {type(config).__name__}")
+        self.config = cfg = replace(config)
         self.patch_embed = nn.Conv3d(cfg.in_channels, cfg.hidden, cfg.patch_size, cfg.patch_size)
         self.time_embed = nn.Sequential(nn.Linear(cfg.time_freq_dim, cfg.hidden), nn.SiLU(),
                                         nn.Linear(cfg.hidden, cfg.hidden))

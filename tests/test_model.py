@@ -67,6 +67,29 @@ def test_config_presets():
     for flag in ("qk_norm", "fused_rope"):  # "no" would switch it on
         with pytest.raises(TypeError, match=f"{flag} must be a bool"):
             DiTConfig.from_name("tiny", **{flag: "no"})
+    # a model keeps its own copy: switching its flag leaves the preset and other models alone
+    from vdit_kernels.model.dit import PRESETS
+
+    first, second = VideoDiT(PRESETS["tiny"]), VideoDiT(PRESETS["tiny"])
+    first.config.fused_rope = False
+    assert PRESETS["tiny"].fused_rope and second.config.fused_rope and DiTConfig.from_name("tiny").fused_rope
+    assert all(block.attn.cfg is first.config for block in first.blocks)
+    with pytest.raises(TypeError, match="config must be a DiTConfig"):
+        VideoDiT("tiny")
+
+
+def test_demo_arguments():
+    import contextlib
+    import io
+
+    from vdit_kernels.model import demo
+
+    for argv, message in ((["--ulysses-size", "2"], "--ulysses-size is for --sp usp"),
+                          (["--sp", "usp", "--ulysses-size", "0"], "must be a positive int")):
+        err = io.StringIO()
+        with contextlib.redirect_stderr(err), pytest.raises(SystemExit):
+            demo.main(argv)
+        assert message in err.getvalue()
 
 
 def test_zero_init_outputs_zero():
