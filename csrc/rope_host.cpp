@@ -16,6 +16,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdint>
 #include <cstdlib>
 #include <cstring>
 #include <optional>
@@ -161,23 +162,29 @@ int64_t floor_div(int64_t a, int64_t b) {  // b > 0
   return a / b - (a % b != 0 && a < 0);
 }
 
-// Whether q and k (one dtype) may address a common element: vdit_kernels.checks'
-// _may_share_elements, the same test. Exact for views with the same strides and a unit
-// last stride whatever their sizes (q and k sliced from one fused qkv buffer, with fewer
-// kv heads under GQA): some index difference (e0, e1, e2), -(size_k - 1) <= e_i <=
-// size_q - 1, must bridge their offset difference. Otherwise whether their address
-// ranges intersect. (ATen's assert_no_overlap passes interleaved views of one buffer
-// that share elements.)
+// Whether q and k may address a common element: vdit_kernels.checks' _may_share_elements,
+// the same test. By address, not storage: tensors over one memory may hold different
+// storages (from_blob, DLPack). Exact for views with the same strides and element size and
+// a unit last stride whatever their sizes (q and k sliced from one fused qkv buffer, with
+// fewer kv heads under GQA): some index difference (e0, e1, e2), -(size_k - 1) <= e_i <=
+// size_q - 1, must bridge their address difference. Otherwise whether their byte ranges
+// intersect. (ATen's assert_no_overlap passes interleaved views of one buffer that share
+// elements.)
 bool may_share_elements(const at::Tensor& a, const at::Tensor& b) {
-  if (a.numel() == 0 || b.numel() == 0 || a.storage().data() != b.storage().data()) return false;
-  auto last = [](const at::Tensor& t) {
-    int64_t end = t.storage_offset();
+  if (a.numel() == 0 || b.numel() == 0) return false;
+  // first and last byte of a tensor's elements
+  auto first = [](const at::Tensor& t) { return static_cast<int64_t>(reinterpret_cast<uintptr_t>(t.data_ptr())); };
+  auto last = [&first](const at::Tensor& t) {
+    int64_t end = 0;
     for (int64_t d = 0; d < t.dim(); ++d) end += (t.size(d) - 1) * t.stride(d);
-    return end;
+    return first(t) + (end + 1) * static_cast<int64_t>(t.element_size()) - 1;
   };
-  if (last(a) < b.storage_offset() || last(b) < a.storage_offset()) return false;
-  if (a.strides() != b.strides() || a.dim() != 3 || b.dim() != 3 || a.stride(2) != 1) return true;
-  const int64_t s0 = a.stride(0), s1 = a.stride(1), delta = b.storage_offset() - a.storage_offset();
+  if (last(a) < first(b) || last(b) < first(a)) return false;
+  const int64_t size = static_cast<int64_t>(a.element_size()), bytes = first(b) - first(a);
+  if (a.strides() != b.strides() || a.dim() != 3 || b.dim() != 3 || a.stride(2) != 1 ||
+      static_cast<int64_t>(b.element_size()) != size || bytes % size != 0)
+    return true;
+  const int64_t s0 = a.stride(0), s1 = a.stride(1), delta = bytes / size;
   const int64_t e0_lo = -(b.size(0) - 1), e0_hi = a.size(0) - 1;
   for (int64_t e1 = -(b.size(1) - 1); e1 < a.size(1); ++e1) {
     // e0 * s0 = delta - e1 * s1 - e2 with -(d_k - 1) <= e2 <= d_q - 1

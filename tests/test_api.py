@@ -334,6 +334,16 @@ def test_inplace_rope_refuses_overlapping_q_and_k(pack, backend):
     assert torch.equal(qkv[:, 6:], v)
     with pytest.raises(ValueError, match="inplace RoPE"):  # one head in common
         vk.apply_rope_3d(qkv[:, :4], qkv[:, 3:5], pack, (4, 4, 4), inplace=True, backend=backend)
+    # the same views through DLPack: one memory, different storages (told apart by address)
+    shared = lambda t: torch.from_dlpack(t)  # noqa: E731
+    q, k = shared(qkv[:, :4]), shared(qkv[:, 3:5])
+    assert q.untyped_storage().data_ptr() != k.untyped_storage().data_ptr()
+    with pytest.raises(ValueError, match="inplace RoPE: q and k may share elements"):
+        vk.apply_rope_3d(q, k, pack, (4, 4, 4), inplace=True, backend=backend)
+    q, k = shared(qkv[:, :4]), shared(qkv[:, 4:6])
+    expect = vk.apply_rope_3d(q, k, pack, (4, 4, 4), backend="reference")
+    vk.apply_rope_3d(q, k, pack, (4, 4, 4), inplace=True, backend=backend)
+    assert torch.allclose(qkv[:, :4], expect[0], atol=1e-6) and torch.allclose(qkv[:, 4:6], expect[1], atol=1e-6)
 
 
 @pytest.mark.parametrize("backend", ["reference", "triton", CUDA_BACKEND])  # cuda: the C++ op checks

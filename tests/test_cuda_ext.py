@@ -489,6 +489,9 @@ def _rope_bad_input_checks():
         # in place: elements reachable twice would be rotated twice (q is k, a stride-0 view)
         with pytest.raises(ValueError, match="rope_3d_: inplace RoPE: q and k may share elements"):
             rope_(q, q, pos, [4, 4, 4], 1e4, True, False)
+        # one memory, two storages (DLPack): by address, not by storage
+        with pytest.raises(ValueError, match="rope_3d_: inplace RoPE: q and k may share elements"):
+            rope_(torch.from_dlpack(q), torch.from_dlpack(q[:, 1:]), pos, [4, 4, 4], 1e4, True, False)
         with pytest.raises(ValueError, match="rope_3d_: inplace RoPE: q .* more than once"):
             rope_(q[:, :1].expand(-1, 2, -1), k, pos, [4, 4, 4], 1e4, True, False)
         # token rows that overlap with no zero stride (ATen's own test cannot tell: "too hard")

@@ -255,25 +255,31 @@ def check_cu_seqlens(name: str, cu: torch.Tensor, num_tokens: int, max_seqlen: i
 
 
 def _may_share_elements(a: torch.Tensor, b: torch.Tensor) -> bool:
-    """Whether two (N, H, D) views may address a common element. Exact for views with the
-    same strides and a unit last stride, whatever their sizes (q and k sliced from one
-    fused qkv buffer, with fewer kv heads under GQA): some index difference (e0, e1, e2),
-    -(size_b - 1) <= e_i <= size_a - 1, must bridge their offset difference. Otherwise
-    whether their address ranges intersect (conservative)."""
-    if a.numel() == 0 or b.numel() == 0 or a.untyped_storage().data_ptr() != b.untyped_storage().data_ptr():
+    """Whether two (N, H, D) views may address a common element. By address, not storage:
+    two tensors over one memory may hold different storages (torch.from_numpy of two numpy
+    views, DLPack, torch.frombuffer). Exact for views with the same strides and element size
+    and a unit last stride, whatever their sizes (q and k sliced from one fused qkv buffer,
+    with fewer kv heads under GQA): some index difference (e0, e1, e2),
+    -(size_b - 1) <= e_i <= size_a - 1, must bridge their address difference. Otherwise
+    whether their byte ranges intersect (conservative)."""
+    if a.numel() == 0 or b.numel() == 0:
         return False
 
-    def span(t):
-        return t.storage_offset(), t.storage_offset() + sum((n - 1) * s for n, s in zip(t.shape, t.stride()))
+    def byte_span(t):  # first and last byte of t's elements
+        first = t.data_ptr()
+        return first, first + sum((n - 1) * s for n, s in zip(t.shape, t.stride())) * t.element_size() \
+            + t.element_size() - 1
 
-    (alo, ahi), (blo, bhi) = span(a), span(b)
+    (alo, ahi), (blo, bhi) = byte_span(a), byte_span(b)
     if ahi < blo or bhi < alo:
         return False
-    if a.stride() != b.stride() or a.dim() != 3 or b.dim() != 3 or a.stride(2) != 1:
+    size = a.element_size()
+    if (a.stride() != b.stride() or a.dim() != 3 or b.dim() != 3 or a.stride(2) != 1
+            or b.element_size() != size or (blo - alo) % size):
         return True
     # equal addresses: e0 * s0 + e1 * s1 + e2 = delta, e = (index in a) - (index in b)
     s0, s1, _ = a.stride()
-    delta = b.storage_offset() - a.storage_offset()
+    delta = (blo - alo) // size
     e0_lo, e0_hi = -(b.shape[0] - 1), a.shape[0] - 1
     for e1 in range(-(b.shape[1] - 1), a.shape[1]):
         # e0 * s0 = delta - e1 * s1 - e2 with -(d_b - 1) <= e2 <= d_a - 1
