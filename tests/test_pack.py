@@ -113,6 +113,25 @@ def test_a_pack_first_used_under_inference_mode_still_trains():
     assert q.grad is not None
 
 
+def test_explicit_rope_positions_made_under_inference_mode_still_train():
+    # as the pack's own: Rope3D keeps its positions, and a call's inference-tensor
+    # positions are copied where a backward would save them
+    pack = VideoPack.from_shapes([(2, 4, 4), (1, 2, 2)], patch_size=(1, 2, 2))
+    with torch.inference_mode():
+        kept = vk.Rope3D.from_pack(pack, (4, 4, 4), positions=pack.positions.clone())
+        made = pack.positions.float()
+    assert not kept.positions.is_inference() and made.is_inference()
+    q = torch.randn(pack.num_tokens, 2, 12, requires_grad=True)
+    out = vk.varlen_attention(q, q, q, pack.cu_seqlens, pack.cu_seqlens, pack.max_seqlen, pack.max_seqlen,
+                              rope=kept, backend="reference")
+    qr, kr = vk.apply_rope_3d(q, q, dims=(4, 4, 4), positions=made, backend="reference")
+    (out.sum() + qr.sum() + kr.sum()).backward()
+    assert q.grad is not None
+    with torch.inference_mode():  # no copy where no backward can follow
+        from vdit_kernels.ops.rope import float_positions
+        assert float_positions(None, made, pack.num_tokens, made.device) is made
+
+
 def test_replace_gives_a_pack_its_own_cache():
     import dataclasses
 

@@ -128,7 +128,21 @@ class Rope3D:
         if positions is None:
             return cls(pack.float_positions, dims, float(theta), interleaved)
         check_positions(positions, pack.num_tokens, pack.device)
-        return cls(positions.to(positions_dtype(positions.dtype)).contiguous(), dims, float(theta), interleaved)
+        positions = _not_inference(positions.to(positions_dtype(positions.dtype)).contiguous(), kept=True)
+        return cls(positions, dims, float(theta), interleaved)
+
+
+def _not_inference(t: Tensor, kept: bool = False) -> Tensor:
+    """t, or a normal copy of it where it is an inference tensor (made, or converted, under
+    torch.inference_mode) that a backward may need: RoPE saves its positions for the
+    backward, which a training call cannot do with an inference tensor. kept: t outlives the
+    call (Rope3D's, as the pack's own positions, never an inference tensor), copied even
+    under inference mode; a call's own positions only outside it. (Not while torch.compile
+    traces, which cannot ask: a compiled graph's inputs are its caller's.)"""
+    if torch.compiler.is_compiling() or not t.is_inference() or (torch.is_inference_mode_enabled() and not kept):
+        return t
+    with torch.inference_mode(False):
+        return t.clone()
 
 
 def positions_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -152,7 +166,7 @@ def float_positions(pack, positions: Optional[Tensor], num_tokens: int, device,
         check(pack is not None, "apply_rope_3d needs a pack or explicit positions")
         positions = pack.float_positions  # converted once per pack, not per call
     check_positions(positions, num_tokens, device)
-    return positions.to(positions_dtype(dtype)).contiguous()
+    return _not_inference(positions.to(positions_dtype(dtype)).contiguous())
 
 
 def apply_rope_3d(q: Tensor, k: Tensor, pack=None, dims: Sequence[int] = None,
