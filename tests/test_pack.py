@@ -79,6 +79,13 @@ def test_bad_pack_arguments():
     for patch in (True, 2.0, torch.tensor([[1, 2, 2]]), torch.tensor([1.0, 2.0, 2.0])):
         with pytest.raises(ValueError, match="patch_size must be"):
             VideoPack.from_shapes([(2, 4, 4)], patch_size=patch)
+    # not a list of shapes, or no device: named, not torch's or Python's own message
+    for shapes in (None, 5, "2x4x4"):
+        with pytest.raises(TypeError, match="shapes must be a sequence of"):
+            VideoPack.from_shapes(shapes)
+    with pytest.raises(ValueError, match="device must name a torch device .*got 'gpu0'"):
+        VideoPack.from_shapes([(2, 4, 4)], device="gpu0")
+    assert VideoPack.from_shapes(s for s in [(2, 4, 4)]).num_tokens == 8  # any iterable
 
 
 def test_pack_device_as_its_tensors_report_it():
@@ -138,6 +145,14 @@ def test_replace_gives_a_pack_its_own_cache():
     pack = VideoPack.from_shapes([(2, 4, 4)], patch_size=(1, 2, 2))
     pack.positions
     assert dataclasses.replace(pack)._cache == {}
+    # fields that disagree with the shapes are refused, not used to place tokens
+    two = VideoPack.from_shapes([(1, 2, 2), (2, 4, 4)], patch_size=(1, 2, 2), text_lengths=[1, 2])
+    for change, message in (({"shapes": ((1, 2, 2),)}, "grid_sizes"), ({"patch_size": (1, 1, 1)}, "seqlens"),
+                            ({"cu_seqlens": two.cu_seqlens[:2]}, "cu_seqlens of shape"),
+                            ({"text_lengths": None}, "text_lengths / cu_seqlens_k")):
+        with pytest.raises(ValueError, match=f"VideoPack fields disagree .*{message}"):
+            dataclasses.replace(two, **change)
+    assert dataclasses.replace(two).seqlens == two.seqlens
 
 
 def test_split_and_to():

@@ -153,6 +153,29 @@ class VideoPack:
     # (not an init field: dataclasses.replace(pack, ...) gets a cache of its own)
     _cache: dict = field(default_factory=dict, repr=False, init=False)
 
+    def __post_init__(self):
+        # every other field follows from shapes, patch_size and text_lengths (from_shapes
+        # builds them all): a pack made by hand or by dataclasses.replace(pack, shapes=...)
+        # whose fields disagree would place tokens wrongly without a word. Python values and
+        # tensor shapes only: nothing waits for the GPU.
+        grids = tuple(tuple(int(n) // int(p) for n, p in zip(shape, self.patch_size)) for shape in self.shapes)
+        b = len(grids)
+        wrong = []
+        if tuple(map(tuple, self.grid_sizes)) != grids:
+            wrong.append(f"grid_sizes {list(self.grid_sizes)} (shapes / patch_size: {list(grids)})")
+        if tuple(self.seqlens) != tuple(t * h * w for t, h, w in grids):
+            wrong.append(f"seqlens {list(self.seqlens)}")
+        if tuple(self.cu_seqlens.shape) != (b + 1,) or self.cu_seqlens.device != self.device:
+            wrong.append(f"cu_seqlens of shape {tuple(self.cu_seqlens.shape)} on {self.cu_seqlens.device}")
+        if (self.text_lengths is None) != (self.cu_seqlens_k is None) or (
+                self.text_lengths is not None and (len(self.text_lengths) != b or tuple(self.cu_seqlens_k.shape) !=
+                                                   (b + 1,) or self.cu_seqlens_k.device != self.device)):
+            wrong.append("text_lengths / cu_seqlens_k")
+        if wrong:
+            raise ValueError(f"VideoPack fields disagree with its {b} shapes {list(self.shapes)}, patch size "
+                             f"{self.patch_size} on {self.device}: " + "; ".join(wrong)
+                             + " (build packs with VideoPack.from_shapes)")
+
     @classmethod
     def from_shapes(
         cls,
@@ -170,7 +193,13 @@ class VideoPack:
         video and axis at fault.
         """
         patch_size = _as_triple(patch_size, "patch_size")
-        device = tensor_device(device if device is not None else "cpu")
+        try:
+            device = tensor_device(device if device is not None else "cpu")
+        except (RuntimeError, TypeError) as exc:
+            raise ValueError(f"device must name a torch device (e.g. 'cuda', 'cuda:1', 'cpu'), got {device!r}") \
+                from exc
+        if isinstance(shapes, (str, bytes)) or not hasattr(shapes, "__iter__"):
+            raise TypeError(f"shapes must be a sequence of (T, H, W), one per video, got {type(shapes).__name__}")
         shapes = [as_ints(shape, f"video {i}: shape") for i, shape in enumerate(shapes)]
         grids = []
         for i, shape in enumerate(shapes):
