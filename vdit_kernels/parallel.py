@@ -265,7 +265,9 @@ class _AllGather(torch.autograd.Function):
         group, world_size = ctx.args
         grad = grad.contiguous()
         n = grad.shape[0] // world_size
-        if dist.get_backend(group) == "nccl":
+        # "nccl", or "cpu:gloo,cuda:nccl" from init_process_group() without a backend: NCCL
+        # serves CUDA tensors there
+        if grad.is_cuda and "nccl" in str(dist.get_backend(group)):
             out = grad.new_empty((n,) + tuple(grad.shape[1:]))
             _reduce_scatter_single(out, grad, group=group)
             return out, None, None
