@@ -56,10 +56,11 @@ class _Reference:
         #   P = exp(S - lse), dV = P^T dO, dP = dO V^T, dS = P * (dP - rowsum(dO * O) + dlse),
         #   dQ = scale dS K, dK = scale dS^T Q; RoPE'd q/k are rotated back at the end.
         cd = ref.compute_dtype(q.dtype)
-        qf, kf, vf = q.to(cd), k.to(cd), v.to(cd)
-        if rope is not None:
+        qr, kr = q, k
+        if rope is not None:  # rotated in the input dtype, as the forward's scores saw them
             positions, dims, theta, interleaved = rope
-            qf, kf = ref.apply_rope_3d(qf, kf, None, dims, theta, interleaved, positions=positions)
+            qr, kr = ref.apply_rope_3d(q, k, None, dims, theta, interleaved, positions=positions)
+        qf, kf, vf = qr.to(cd), kr.to(cd), v.to(cd)
         do, o = grad_out.to(cd), out.to(cd)
         groups = q.shape[1] // k.shape[1]
         # contiguous, as the kernels' (zeros_like would keep a permuted q's layout)
