@@ -4,9 +4,12 @@ What gets built:
   * CUDA torch + nvcc found      -> csrc/ops.cpp + csrc/*.cu (CUDA kernels for the
                                     memory-bound ops), for TORCH_CUDA_ARCH_LIST
   * otherwise, or VDIT_SKIP_CUDA_BUILD=1 -> csrc/ops.cpp alone (op schemas, no kernels)
-  * VDIT_SKIP_BUILD=1            -> no extension; the Python paths still work
+  * VDIT_SKIP_BUILD=1            -> no extension (an earlier in-place build is removed); the
+                                    Python paths still work
 No GPU is needed or looked for: the architectures come from TORCH_CUDA_ARCH_LIST
-(default below). Build with `pip install --no-build-isolation -e .` (torch must be
+(default below, also where it is empty; "native" needs a visible GPU). Wrong values of the
+switches (CUDA_HOME without nvcc, MAX_JOBS=0, VDIT_SKIP_BUILD=yes) stop the build with the
+reason; a build without CUDA kernels says why in _C's build_info(). Build with `pip install --no-build-isolation -e .` (torch must be
 importable at build time; the extension is tied to that torch).
 """
 import os
@@ -38,7 +41,11 @@ def real_cuda_home():
         if home:
             if (Path(home) / "bin" / "nvcc").exists() and (Path(home) / "include" / "cuda_runtime.h").exists():
                 return Path(home), f"${var}"
-            say(f"${var}={home} has no bin/nvcc or no include/cuda_runtime.h; ignoring it")
+            # the toolkit the user named, not another one found elsewhere without a word (pip
+            # shows a build's messages only with -v or when it fails)
+            raise SystemExit(f"[vdit_kernels setup] ${var}={home} has no bin/nvcc or no include/cuda_runtime.h: "
+                             f"point it at a CUDA toolkit, unset it (nvcc on PATH is then followed), or "
+                             f"set VDIT_SKIP_CUDA_BUILD=1 for a CPU-only build")
     nvcc = shutil.which("nvcc")
     candidates = []
     if nvcc:
@@ -107,46 +114,99 @@ def choose_cxx(candidates=("c++", "g++", "/usr/bin/c++", "/usr/bin/g++")):
     return current
 
 
+# why a build has no CUDA kernels, as _C's build_info() reports it (an int macro: a string
+# one would need quoting through ninja and nvcc)
+CPU_ONLY_REASONS = {"requested": 1, "no-toolkit": 2, "cpu-torch": 3}
+
+
+def switch(name: str) -> bool:
+    """A 0/1 build switch; any other value is an error, not silently "off"."""
+    value = os.environ.get(name, "0").strip()
+    if value not in ("0", "1", ""):
+        raise SystemExit(f"[vdit_kernels setup] {name} must be 1 or 0, got {value!r}")
+    return value == "1"
+
+
+def arch_list() -> str:
+    """TORCH_CUDA_ARCH_LIST, DEFAULT_ARCH_LIST where unset or empty (torch would take an empty
+    one as "detect the GPUs", and fail with an IndexError where there are none); "native" is
+    refused where no GPU is visible, with the reason."""
+    value = os.environ.get("TORCH_CUDA_ARCH_LIST", "").strip()
+    if not value:
+        return DEFAULT_ARCH_LIST
+    if value.lower() == "native":
+        import torch
+
+        if torch.cuda.device_count() == 0:
+            raise SystemExit("[vdit_kernels setup] TORCH_CUDA_ARCH_LIST=native builds for the GPUs of this "
+                             "machine, and it has none: name the architectures instead, e.g. "
+                             f"TORCH_CUDA_ARCH_LIST='{DEFAULT_ARCH_LIST}' (the default) or '9.0a'")
+    return value
+
+
+def max_jobs() -> str:
+    """MAX_JOBS as given (a positive int: torch ignores a word, ninja takes 0 as "no limit"),
+    else the cores, capped by memory: nvcc with torch headers takes ~2 GB per job."""
+    jobs = os.environ.get("MAX_JOBS", "").strip()
+    if jobs:
+        if not jobs.isdigit() or int(jobs) < 1:
+            raise SystemExit(f"[vdit_kernels setup] MAX_JOBS must be a positive int, got {jobs!r}")
+        return jobs
+    try:
+        mem_gb = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    except (ValueError, OSError):
+        mem_gb = 8
+    return str(max(1, min(os.cpu_count() or 1, int(mem_gb // 3))))
+
+
+def stale_inplace_build() -> list:
+    """_C libraries an earlier editable build left in the source tree."""
+    return sorted((ROOT / "vdit_kernels").glob("_C*.so")) + sorted((ROOT / "vdit_kernels").glob("_C*.pyd"))
+
+
 def extensions():
-    if os.environ.get("VDIT_SKIP_BUILD", "0") == "1":
+    if switch("VDIT_SKIP_BUILD"):
         say("VDIT_SKIP_BUILD=1: not building vdit_kernels._C")
+        for old in stale_inplace_build():
+            # else an editable install keeps loading the earlier build: no "no extension" mode
+            say(f"removing {old.relative_to(ROOT)}, left by an earlier build")
+            old.unlink()
         return [], {}
-    cuda_home, how = real_cuda_home()
+    skip_cuda = switch("VDIT_SKIP_CUDA_BUILD")
+    cuda_home, how = real_cuda_home() if not skip_cuda else (None, "VDIT_SKIP_CUDA_BUILD=1")
     if cuda_home is not None:
         os.environ["CUDA_HOME"] = str(cuda_home)  # before cpp_extension reads it at import
     import torch
     from torch.utils import cpp_extension
 
     torch_cuda = torch.version.cuda
-    skip_cuda = os.environ.get("VDIT_SKIP_CUDA_BUILD", "0") == "1"
     with_cuda = bool(torch_cuda) and cuda_home is not None and not skip_cuda
+    cpu_only = None
     if skip_cuda:
+        cpu_only = "requested"
         say("VDIT_SKIP_CUDA_BUILD=1: building the CPU-only extension (op schemas, no CUDA kernels)")
     elif torch_cuda and cuda_home is None:
+        cpu_only = "no-toolkit"
         say(f"torch {torch.__version__} is a CUDA {torch_cuda} build but no CUDA toolkit was found "
-            f"({how}). Set CUDA_HOME to the toolkit to build the CUDA kernels; building CPU-only.")
-    elif not torch_cuda and cuda_home is not None:
-        say(f"a CUDA toolkit is at {cuda_home} but torch {torch.__version__} is a CPU build; the CUDA "
-            "kernels need a CUDA build of torch. Building CPU-only.")
+            f"({how}). Set CUDA_HOME to the toolkit to build the CUDA kernels; building CPU-only "
+            "(its build_info() says so, and the first use on a GPU warns).")
     elif not torch_cuda:
-        say(f"torch {torch.__version__} is a CPU build and no CUDA toolkit was found: building CPU-only")
+        cpu_only = "cpu-torch"
+        say(f"torch {torch.__version__} is a CPU build" + (
+            f"; a CUDA toolkit is at {cuda_home}, but the CUDA kernels need a CUDA build of torch"
+            if cuda_home is not None else " and no CUDA toolkit was found") + ": building CPU-only")
 
-    if "MAX_JOBS" not in os.environ:
-        # nvcc with torch headers takes ~2 GB per job: cap jobs by memory as well as cores
-        try:
-            mem_gb = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
-        except (ValueError, OSError):
-            mem_gb = 8
-        os.environ["MAX_JOBS"] = str(max(1, min(os.cpu_count() or 1, int(mem_gb // 3))))
+    os.environ["MAX_JOBS"] = max_jobs()
 
     choose_cxx()
     cxx_flags = ["-O3", "-DNDEBUG"]  # the C++ standard is torch's own default
     sources = ["csrc/ops.cpp"]
     if not with_cuda:
-        ext = cpp_extension.CppExtension("vdit_kernels._C", sources, extra_compile_args={"cxx": cxx_flags})
+        ext = cpp_extension.CppExtension("vdit_kernels._C", sources, extra_compile_args={"cxx": cxx_flags},
+                                         define_macros=[("VDIT_CPU_ONLY_REASON", str(CPU_ONLY_REASONS[cpu_only]))])
         return [ext], {"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)}
 
-    os.environ.setdefault("TORCH_CUDA_ARCH_LIST", DEFAULT_ARCH_LIST)
+    os.environ["TORCH_CUDA_ARCH_LIST"] = arch_list()
     # the toolkit's own headers first: nvcc must compile against the runtime headers of its
     # own release (torch >= 2.15's wheels carry a whole newer CUDA include folder)
     include_dirs = [str(ROOT / "csrc"), str(cuda_home / "include")]

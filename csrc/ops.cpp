@@ -25,6 +25,11 @@ std::string build_info() {
 #else
   info += " cuda=0";
 #endif
+#ifdef VDIT_CPU_ONLY_REASON  // setup.py's CPU_ONLY_REASONS
+  info += VDIT_CPU_ONLY_REASON == 1   ? " (VDIT_SKIP_CUDA_BUILD=1)"
+          : VDIT_CPU_ONLY_REASON == 2 ? " (no CUDA toolkit found at build time: set CUDA_HOME and rebuild)"
+                                      : " (built against a CPU build of torch)";
+#endif
 #ifdef CUDA_VERSION
   info += " cuda_version=" + std::to_string(CUDA_VERSION);
 #endif

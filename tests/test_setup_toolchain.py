@@ -76,12 +76,45 @@ def test_cuda_home_follows_an_nvcc_wrapper_script(setup_py, tmp_path, monkeypatc
     home, how = setup_py.real_cuda_home()
     assert home == toolkit.resolve() and "wrapper script" in how
     assert setup_py.toolkit_version(home) == (13, 0)
-    monkeypatch.setenv("CUDA_HOME", str(tmp_path / "nowhere"))  # no bin/nvcc there: ignored
-    assert setup_py.real_cuda_home()[0] == toolkit.resolve()
-    headerless = tmp_path / "headerless"  # bin/nvcc but no include/cuda_runtime.h: ignored too
+    # a CUDA_HOME without a toolkit is an error, not a silent switch to the one on PATH
+    headerless = tmp_path / "headerless"  # bin/nvcc but no include/cuda_runtime.h
     (headerless / "bin").mkdir(parents=True)
     _script(headerless / "bin" / "nvcc", "exit 0")
-    monkeypatch.setenv("CUDA_HOME", str(headerless))
-    assert setup_py.real_cuda_home()[0] == toolkit.resolve()
+    for var, bad in (("CUDA_HOME", tmp_path / "nowhere"), ("CUDA_HOME", headerless), ("CUDA_PATH", headerless)):
+        monkeypatch.setenv(var, str(bad))
+        with pytest.raises(SystemExit, match=rf"\${var}={bad} has no bin/nvcc or no include/cuda_runtime.h"):
+            setup_py.real_cuda_home()
+        monkeypatch.delenv(var)
     monkeypatch.setenv("CUDA_HOME", str(toolkit))
     assert setup_py.real_cuda_home() == (toolkit, "$CUDA_HOME")
+
+
+def test_build_switches_are_checked(setup_py, monkeypatch):
+    # an empty arch list is the default (torch would detect GPUs, and fail with an IndexError
+    # without one); "native" needs a GPU; wrong switch values stop the build, never "off"
+    for value in (None, "", "  "):
+        if value is None:
+            monkeypatch.delenv("TORCH_CUDA_ARCH_LIST", raising=False)
+        else:
+            monkeypatch.setenv("TORCH_CUDA_ARCH_LIST", value)
+        assert setup_py.arch_list() == setup_py.DEFAULT_ARCH_LIST
+    monkeypatch.setenv("TORCH_CUDA_ARCH_LIST", "9.0a")
+    assert setup_py.arch_list() == "9.0a"
+    monkeypatch.setenv("TORCH_CUDA_ARCH_LIST", "native")
+    monkeypatch.setattr("torch.cuda.device_count", lambda: 0)
+    with pytest.raises(SystemExit, match="TORCH_CUDA_ARCH_LIST=native builds for the GPUs of this machine"):
+        setup_py.arch_list()
+    for value, on in (("1", True), ("0", False), ("", False)):
+        monkeypatch.setenv("VDIT_SKIP_BUILD", value)
+        assert setup_py.switch("VDIT_SKIP_BUILD") is on
+    monkeypatch.setenv("VDIT_SKIP_BUILD", "yes")
+    with pytest.raises(SystemExit, match="VDIT_SKIP_BUILD must be 1 or 0, got 'yes'"):
+        setup_py.switch("VDIT_SKIP_BUILD")
+    monkeypatch.setenv("MAX_JOBS", "3")
+    assert setup_py.max_jobs() == "3"
+    for bad in ("0", "abc", "-2"):
+        monkeypatch.setenv("MAX_JOBS", bad)
+        with pytest.raises(SystemExit, match=f"MAX_JOBS must be a positive int, got '{bad}'"):
+            setup_py.max_jobs()
+    monkeypatch.delenv("MAX_JOBS")
+    assert int(setup_py.max_jobs()) >= 1

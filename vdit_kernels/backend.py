@@ -116,6 +116,12 @@ def extension_has_cuda() -> bool:
     """True when _C was built with its CUDA kernels (not a CPU-only build)."""
     if "has_cuda" not in _EXTENSION:  # asked once: a dispatcher call, on every op's resolution
         _EXTENSION["has_cuda"] = extension() is not None and bool(torch.ops.vdit_C.has_cuda())
+        if extension() is not None and not _EXTENSION["has_cuda"] and torch.cuda.is_available():
+            info = str(torch.ops.vdit_C.build_info())
+            if "no CUDA toolkit" in info:  # not asked for (VDIT_SKIP_CUDA_BUILD=1 is, and says so)
+                warnings.warn(f"{info}: the cuda backend is disabled on this GPU machine (auto takes the "
+                              "Triton kernels); rebuild with the toolkit: CUDA_HOME=/path/to/cuda "
+                              "pip install --no-build-isolation -e .", stacklevel=3)
     return _EXTENSION["has_cuda"]
 
 
