@@ -55,9 +55,16 @@ def _per_call_us(fn, calls: int) -> float:
     return best
 
 
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive int, got {value}")
+    return value
+
+
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--calls", type=int, default=3000)
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.host_routes", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--calls", type=_positive, default=3000, help="timed calls per route")
     args = parser.parse_args(argv)
     if _backend.extension() is None or not _backend.extension_has_cuda():
         raise SystemExit("needs vdit_kernels._C built with CUDA (its C++ patch_embed)")

@@ -101,7 +101,8 @@ def targets(found: list[tuple[Path, dict]]) -> str:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.readme_table", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--results", default=str(RESULTS), help="folder holding <gpu>/results.json")
     parser.add_argument("--op", action="append", choices=("attention", "block", "dit", "patch", "rope"),
                         help="only this op suite's rows (repeatable)")
@@ -110,6 +111,8 @@ def main(argv=None) -> int:
     parser.add_argument("--targets", action="store_true",
                         help="the issues' targets at a glance (a column per GPU) instead of the tables")
     args = parser.parse_args(argv)
+    if not Path(args.results).is_dir():  # a typo, not "no results yet"
+        parser.error(f"--results {args.results}: no such folder")
     found = _performance_results(Path(args.results))
     if not found:
         print(f"_No GPU results under {args.results} yet: run `bash benchmarks/gpu_check.sh` on a GPU machine._")

@@ -703,7 +703,20 @@ def write_results(out: Path, rows: list[dict], env: dict, ops: list[str], *, sto
 def rebuild(partial: Path, out: Path, argv: list) -> int:
     """results.json and summary.md from a run's rows.partial.jsonl: a run killed before it
     wrote them (SIGKILL at a lease's end) keeps its finished rows there."""
-    lines = [json.loads(line) for line in partial.read_text().splitlines() if line.strip()]
+    if not partial.is_file():
+        raise SystemExit(f"{partial}: no such file (a run writes rows.partial.jsonl into its --out folder)")
+    text = partial.read_text().splitlines()
+    lines = []
+    for number, line in enumerate(text, 1):
+        if not line.strip():
+            continue
+        try:
+            lines.append(json.loads(line))
+        except json.JSONDecodeError as exc:
+            if number == len(text):  # a run killed while writing its last line: the others stand
+                print(f"{partial}:{number}: left out, cut off ({exc.msg}): the run was killed while writing it")
+                continue
+            raise SystemExit(f"{partial}:{number}: not a JSON line ({exc.msg}); the file is damaged") from exc
     if not lines or "environment" not in lines[0]:
         raise SystemExit(f"{partial}: not a rows.partial.jsonl (its first line is the run's environment)")
     env = lines[0]["environment"]
@@ -719,7 +732,8 @@ def rebuild(partial: Path, out: Path, argv: list) -> int:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.run", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="small workloads, short timing")
     parser.add_argument("--op", action="append", choices=sorted(SUITES), help="op suite (repeatable; default all)")
     parser.add_argument("--provider", action="append", help="only providers whose name contains this (repeatable)")
@@ -730,10 +744,13 @@ def main(argv=None) -> int:
     parser.add_argument("--cpu-peers", action="store_true", help="on CPU also run the eager peers (code check only)")
     parser.add_argument("--from-partial", metavar="JSONL",
                         help="time nothing: write results.json and summary.md from the rows.partial.jsonl of a run "
-                             "killed before it wrote them, into --out (default: that file's folder)")
+                             "killed before it wrote them (the file or its folder), into --out (default: that "
+                             "file's folder)")
     args = parser.parse_args(argv)
     if args.from_partial:
         partial = Path(args.from_partial)
+        if partial.is_dir():  # the run's folder: its rows.partial.jsonl
+            partial = partial / "rows.partial.jsonl"
         return rebuild(partial, Path(args.out) if args.out else partial.parent,
                        sys.argv[1:] if argv is None else argv)
     OPTIONS["cpu_peers"] = args.cpu_peers
@@ -750,10 +767,11 @@ def main(argv=None) -> int:
         for name in args.workload:
             if name in workloads.WORKLOADS:
                 wls.append(workloads.WORKLOADS[name])
-            elif re.fullmatch(r"sweep-\d+", name):
+            elif re.fullmatch(r"sweep-0*[1-9]\d*", name):
                 wls.extend(workloads.sweep([int(name.split("-")[1])]))
             else:
-                parser.error(f"unknown workload {name!r}; choose from {', '.join(workloads.WORKLOADS)} or sweep-<T>")
+                parser.error(f"unknown workload {name!r}; choose from {', '.join(workloads.WORKLOADS)} or sweep-<T> "
+                             "(T >= 1 frames)")
     else:
         wls = workloads.select(device, args.quick)
     if device == "cpu":

@@ -449,7 +449,8 @@ def problems(rows: list[dict]) -> list[str]:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.static_report", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--json", help="write the rows as JSON here")
     parser.add_argument("--jobs", type=int, default=None, help="compile processes (default: CPU cores)")
     parser.add_argument("--sass", choices=("all", "checked"), default="all",

@@ -905,6 +905,19 @@ def test_from_partial_rebuilds_the_results_of_a_killed_run(monkeypatch, tmp_path
     (tmp_path / "bad.jsonl").write_text('{"op": "patch"}\n')
     with pytest.raises(SystemExit, match="not a rows.partial.jsonl"):
         run.main(["--from-partial", str(tmp_path / "bad.jsonl")])
+    # a last line cut off by the kill is left out, the finished rows stand; the folder names
+    # its file; a missing file or a damaged line inside is a one-line error
+    partial = (tmp_path / "rows.partial.jsonl").read_text()
+    cut = tmp_path / "cut"
+    cut.mkdir()
+    (cut / "rows.partial.jsonl").write_text(partial + '{"op": "patch", "name": "patchify", "med')
+    assert run.main(["--from-partial", str(cut)]) == 0
+    assert json.loads((cut / "results.json").read_text())["rows"] == written["rows"]
+    with pytest.raises(SystemExit, match="no such file"):
+        run.main(["--from-partial", str(tmp_path / "nowhere.jsonl")])
+    (cut / "rows.partial.jsonl").write_text(partial.replace("\n", "\n{oops\n", 1))
+    with pytest.raises(SystemExit, match=r"rows.partial.jsonl:2: not a JSON line"):
+        run.main(["--from-partial", str(cut / "rows.partial.jsonl")])
 
 
 def test_host_routes_runs_and_restores_the_routes(capsys):
@@ -946,3 +959,18 @@ def test_profile_cases_runs_the_suites_cases_for_a_profiler(capsys):
     else:
         assert "skipped vdit-cuda+shared" in out
     assert profile_cases.main(["--op", "rope", "--workload", "cpu-tiny", "--provider", "no-such-provider"]) == 1
+
+
+def test_command_line_mistakes_are_named(capsys, tmp_path):
+    # a typo'd folder, a zero-frame sweep, no calls: argparse's one-line errors (exit 2),
+    # not "no results yet", a run of failing cases, or a ZeroDivisionError
+    import benchmarks.host_routes as host_routes
+    import benchmarks.readme_table as readme_table
+    import benchmarks.run as run
+
+    for main, argv, message in ((readme_table.main, ["--results", str(tmp_path / "typo")], "no such folder"),
+                                (run.main, ["--workload", "sweep-0"], "unknown workload 'sweep-0'"),
+                                (host_routes.main, ["--calls", "0"], "must be a positive int, got 0")):
+        with pytest.raises(SystemExit) as exit_:
+            main(argv)
+        assert exit_.value.code == 2 and message in capsys.readouterr().err
