@@ -802,6 +802,15 @@ def main(argv=None) -> int:
     if not all_cases and not matched_skips:  # a filter that matches nothing: a typo, not an empty run
         parser.error(f"no benchmark case matches --provider {' --provider '.join(args.provider or [])} "
                      f"for --op {', '.join(ops)} on the workloads {', '.join(w.name for w in wls)}")
+    names = {c.provider for c in all_cases} | {x.provider for x in skips}
+    unmatched = [p for p in args.provider or () if not any(p in name for name in names)]
+    if unmatched:  # one typo among several filters: said, not silently dropped
+        every = set()
+        for op in ops:
+            built, skipped = SUITES[op].cases(device, args.quick, wls, None)
+            every |= {c.provider for c in built} | {x.provider for x in skipped}
+        parser.error(f"--provider {', '.join(map(repr, unmatched))} matches no provider of --op {', '.join(ops)}; "
+                     f"they are: {', '.join(sorted(every))}")
     seen = set()
     grouped: dict = {}
     for s in skips:

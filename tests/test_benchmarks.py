@@ -970,7 +970,10 @@ def test_command_line_mistakes_are_named(capsys, tmp_path):
 
     for main, argv, message in ((readme_table.main, ["--results", str(tmp_path / "typo")], "no such folder"),
                                 (run.main, ["--workload", "sweep-0"], "unknown workload 'sweep-0'"),
-                                (host_routes.main, ["--calls", "0"], "must be a positive int, got 0")):
+                                (host_routes.main, ["--calls", "0"], "must be a positive int, got 0"),
+                                (run.main, ["--quick", "--op", "rope", "--no-static", "--out", str(tmp_path),
+                                            "--provider", "vdit-reference", "--provider", "vdit-refrence"],
+                                 "--provider 'vdit-refrence' matches no provider of --op rope; they are: ")):
         with pytest.raises(SystemExit) as exit_:
             main(argv)
         assert exit_.value.code == 2 and message in capsys.readouterr().err
