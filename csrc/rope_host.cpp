@@ -67,6 +67,9 @@ std::optional<RopeTiling> check_rope_args(const char* op, const at::Tensor& q, c
   TORCH_CHECK(k.dim() == 3, op, ": k must be (N, heads, head_dim), got ", k.sizes());
   TORCH_CHECK(k.size(0) == q.size(0) && k.size(2) == q.size(2), op, ": q ", q.sizes(), " and k ", k.sizes(),
               " must share N and head_dim");
+  // before anything narrows head_dim / 2 to int32 (a huge one wrapped into the tiled kernel's range)
+  TORCH_CHECK(q.size(2) <= kRopeMaxHeadDim, op, ": head_dim ", q.size(2), " is larger than the CUDA kernels take (",
+              kRopeMaxHeadDim, ")");
   TORCH_CHECK(dims.size() == 3, op, ": dims must be 3 ints (dt, dh, dw), got ", dims.size());
   // each part at most head_dim first: their int64 sum could wrap and pass the check below
   for (auto d : dims)
@@ -202,7 +205,21 @@ bool may_share_elements(const at::Tensor& a, const at::Tensor& b) {
 // memory) would be rotated twice by different threads. The same tests and messages as the
 // Python layer's (vdit_kernels.checks.check_inplace_rope), which the cuda backend leaves
 // to this function; a ValueError like it.
-void check_no_overlap(const at::Tensor& q, const at::Tensor& k) {
+// Whether two tensors' byte ranges (first to last element) meet.
+bool bytes_meet(const at::Tensor& a, const at::Tensor& b) {
+  if (a.numel() == 0 || b.numel() == 0) return false;
+  auto range = [](const at::Tensor& t) {
+    const auto first = static_cast<int64_t>(reinterpret_cast<uintptr_t>(t.data_ptr()));
+    int64_t end = 0;
+    for (int64_t d = 0; d < t.dim(); ++d) end += (t.size(d) - 1) * t.stride(d);
+    return std::make_pair(first, first + (end + 1) * static_cast<int64_t>(t.element_size()) - 1);
+  };
+  const auto [alo, ahi] = range(a);
+  const auto [blo, bhi] = range(b);
+  return alo <= bhi && blo <= ahi;
+}
+
+void check_no_overlap(const at::Tensor& q, const at::Tensor& k, const at::Tensor& positions) {
   auto check_self = [](const char* name, const at::Tensor& t) {
     TORCH_CHECK_VALUE(!may_overlap_itself(t), "vdit_C::rope_3d_: inplace RoPE: ", name, " (shape ", t.sizes(),
                       ", strides ", t.strides(), ") may address some elements more than once (an expanded, "
@@ -214,6 +231,10 @@ void check_no_overlap(const at::Tensor& q, const at::Tensor& k) {
                     "address ranges meet, and their layouts do not tell them apart), so a shared element would be "
                     "rotated twice; pass disjoint views with the same strides (e.g. qkv[:, 0] and qkv[:, 1]) or use "
                     "inplace=False");
+  // the kernels read positions while other CTAs write q and k
+  TORCH_CHECK_VALUE(!bytes_meet(positions, q) && !bytes_meet(positions, k), "vdit_C::rope_3d_: inplace RoPE: "
+                    "positions share memory with q or k, which the rotation overwrites while other tokens still "
+                    "read their positions; pass positions of their own (positions.clone()) or use inplace=False");
 }
 
 }  // namespace
@@ -234,7 +255,7 @@ std::tuple<at::Tensor, at::Tensor> rope_3d_tokens(const at::Tensor& q, const at:
 void rope_3d_in_place(const at::Tensor& q, const at::Tensor& k, const at::Tensor& positions,
                       c10::IntArrayRef dims, double theta, bool interleaved, bool inverse) {
   const auto tiling = check_rope_args("vdit_C::rope_3d_", q, k, positions, dims, theta);
-  check_no_overlap(q, k);
+  check_no_overlap(q, k, positions);
   if (!q.is_cuda()) needs_cuda_tensors("vdit_C::rope_3d_", q.device());
   // each element is read and written by the same thread, so in = out is safe
   rope_launch(q, k, q, k, positions, dims, theta, interleaved, inverse, tiling);

@@ -28,6 +28,9 @@ namespace vdit {
 
 constexpr int kRopeThreads = 256;
 constexpr int64_t kRopeMaxSmemBytes = 48 * 1024;  // default dynamic shared memory limit
+// the largest head_dim a kernel takes: the shared-table kernel's cos/sin and frequencies of
+// one token, 3 floats a pair, fill kRopeMaxSmemBytes (the tiled one stops at 512)
+constexpr int64_t kRopeMaxHeadDim = 2 * kRopeMaxSmemBytes / (3 * static_cast<int64_t>(sizeof(float)));
 
 struct RopeParams {
   const void* in[2];   // q, k

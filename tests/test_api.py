@@ -334,6 +334,11 @@ def test_inplace_rope_refuses_overlapping_q_and_k(pack, backend):
     assert torch.equal(qkv[:, 6:], v)
     with pytest.raises(ValueError, match="inplace RoPE"):  # one head in common
         vk.apply_rope_3d(qkv[:, :4], qkv[:, 3:5], pack, (4, 4, 4), inplace=True, backend=backend)
+    # positions in q's memory would be overwritten while other tokens read them
+    buf = torch.randn(pack.num_tokens * 2 * 12, device=x.device)
+    with pytest.raises(ValueError, match="inplace RoPE: positions share memory with q or k"):
+        vk.apply_rope_3d(buf.view(-1, 2, 12), qkv[:, 4:6], dims=(4, 4, 4), inplace=True, backend=backend,
+                         positions=buf[:pack.num_tokens * 3].view(-1, 3))
     # the same views through DLPack: one memory, different storages (told apart by address)
     shared = lambda t: torch.from_dlpack(t)  # noqa: E731
     q, k = shared(qkv[:, :4]), shared(qkv[:, 3:5])

@@ -466,6 +466,13 @@ def _rope_bad_input_checks():
             rope(q, k, pos, [2**63 - 2, 2**63 - 2, 16], 1e4, True, False)
         with pytest.raises(RuntimeError, match="positions"):
             rope(q, k, pos.double(), [4, 4, 4], 1e4, True, False)
+        # a head_dim past the kernels' (its half narrowed to int32 wrapped into the tiled
+        # kernel's range): stride-0 views, no memory
+        for d in (16384, 2**32, 2**33 + 128):
+            huge = torch.zeros(1, 1, 1, device=DEVICE).expand(4, 2, d)
+            with pytest.raises(RuntimeError, match=f"head_dim {d} is larger than the CUDA kernels take \\(8192\\)"):
+                op = rope_ if d == 16384 else rope
+                op(huge, huge, pos, [d - 128, 64, 64], 1e4, True, False)
         with pytest.raises(RuntimeError, match="positions"):
             rope(q, k, pos[:3], [4, 4, 4], 1e4, True, False)
         with pytest.raises(RuntimeError, match="dtype"):
@@ -489,6 +496,10 @@ def _rope_bad_input_checks():
         # in place: elements reachable twice would be rotated twice (q is k, a stride-0 view)
         with pytest.raises(ValueError, match="rope_3d_: inplace RoPE: q and k may share elements"):
             rope_(q, q, pos, [4, 4, 4], 1e4, True, False)
+        # positions in q's memory: overwritten while other tokens read them
+        buf = torch.randn(4 * 2 * 12, device=DEVICE)
+        with pytest.raises(ValueError, match="rope_3d_: inplace RoPE: positions share memory with q or k"):
+            rope_(buf.view(4, 2, 12), k, buf[:12].view(4, 3), [4, 4, 4], 1e4, True, False)
         # one memory, two storages (DLPack): by address, not by storage
         with pytest.raises(ValueError, match="rope_3d_: inplace RoPE: q and k may share elements"):
             rope_(torch.from_dlpack(q), torch.from_dlpack(q[:, 1:]), pos, [4, 4, 4], 1e4, True, False)

@@ -254,6 +254,20 @@ def check_cu_seqlens(name: str, cu: torch.Tensor, num_tokens: int, max_seqlen: i
                              f"({max(lengths, default=0)})")
 
 
+def _byte_span(t: torch.Tensor) -> tuple[int, int]:
+    """The addresses of the first and last byte of t's elements (t not empty)."""
+    first = t.data_ptr()
+    return first, first + (sum((n - 1) * s for n, s in zip(t.shape, t.stride())) + 1) * t.element_size() - 1
+
+
+def _bytes_meet(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether two tensors' byte ranges (first to last element) meet."""
+    if a.numel() == 0 or b.numel() == 0:
+        return False
+    (alo, ahi), (blo, bhi) = _byte_span(a), _byte_span(b)
+    return alo <= bhi and blo <= ahi
+
+
 def _may_share_elements(a: torch.Tensor, b: torch.Tensor) -> bool:
     """Whether two (N, H, D) views may address a common element. By address, not storage:
     two tensors over one memory may hold different storages (torch.from_numpy of two numpy
@@ -262,17 +276,9 @@ def _may_share_elements(a: torch.Tensor, b: torch.Tensor) -> bool:
     with fewer kv heads under GQA): some index difference (e0, e1, e2),
     -(size_b - 1) <= e_i <= size_a - 1, must bridge their address difference. Otherwise
     whether their byte ranges intersect (conservative)."""
-    if a.numel() == 0 or b.numel() == 0:
+    if not _bytes_meet(a, b):
         return False
-
-    def byte_span(t):  # first and last byte of t's elements
-        first = t.data_ptr()
-        return first, first + sum((n - 1) * s for n, s in zip(t.shape, t.stride())) * t.element_size() \
-            + t.element_size() - 1
-
-    (alo, ahi), (blo, bhi) = byte_span(a), byte_span(b)
-    if ahi < blo or bhi < alo:
-        return False
+    (alo, _), (blo, _) = _byte_span(a), _byte_span(b)
     size = a.element_size()
     if (a.stride() != b.stride() or a.dim() != 3 or b.dim() != 3 or a.stride(2) != 1
             or b.element_size() != size or (blo - alo) % size):
@@ -309,8 +315,9 @@ def may_overlap_itself(t: torch.Tensor) -> bool:
     return False
 
 
-def check_inplace_rope(q: torch.Tensor, k: torch.Tensor) -> None:
-    """In-place RoPE reads and writes q and k: an element reachable twice would be rotated twice."""
+def check_inplace_rope(q: torch.Tensor, k: torch.Tensor, positions: Optional[torch.Tensor] = None) -> None:
+    """In-place RoPE reads and writes q and k: an element reachable twice would be rotated
+    twice, and positions in their memory would be overwritten while other tokens read them."""
     for name, t in (("q", q), ("k", k)):
         if may_overlap_itself(t):
             raise ValueError(f"inplace RoPE: {name} (shape {tuple(t.shape)}, strides {t.stride()}) may "
@@ -321,6 +328,10 @@ def check_inplace_rope(q: torch.Tensor, k: torch.Tensor) -> None:
                          "their layouts do not tell them apart), so a shared element would be rotated "
                          "twice; pass disjoint views with the same strides (e.g. qkv[:, 0] and "
                          "qkv[:, 1]) or use inplace=False")
+    if positions is not None and (_bytes_meet(positions, q) or _bytes_meet(positions, k)):
+        raise ValueError("inplace RoPE: positions share memory with q or k, which the rotation overwrites "
+                         "while other tokens still read their positions; pass positions of their own "
+                         "(positions.clone()) or use inplace=False")
 
 
 def check_rope_dims(dims: Sequence[int], head_dim: Optional[int] = None) -> tuple[int, int, int]:

@@ -83,7 +83,7 @@ def _rope_3d_inplace(q: Tensor, k: Tensor, positions: Tensor, dims: list[int], t
     # a backend whose own op runs the same check says so (the cuda backend's C++)
     impl = _impl(backend)
     if not getattr(impl, "CHECKS_INPLACE_OVERLAP", False):
-        check_inplace_rope(q, k)
+        check_inplace_rope(q, k, positions)
     impl.rope_3d_(q, k, positions, dims, theta, interleaved, inverse)
 
 
