@@ -196,7 +196,11 @@ std::vector<int64_t> check_unpatchify_args(const at::Tensor& tokens_in, c10::Int
     TORCH_CHECK(t >= 0 && h >= 0 && w >= 0 && t % ps[0] == 0 && h % ps[1] == 0 && w % ps[2] == 0,
                 "vdit_C::unpatchify: shape ", i / 3, " (", t, ", ", h, ", ", w,
                 ") is not divisible by patch_size ", patch_size);
-    n += (t / ps[0]) * (h / ps[1]) * (w / ps[2]);
+    // (a count past int64 would wrap, e.g. to a 0-row match)
+    int64_t grid = 0;
+    TORCH_CHECK(!__builtin_mul_overflow(t / ps[0], h / ps[1], &grid) &&
+                    !__builtin_mul_overflow(grid, w / ps[2], &grid) && !__builtin_add_overflow(n, grid, &n),
+                "vdit_C::unpatchify: the shapes' token count overflows int64 at shape ", i / 3);
   }
   TORCH_CHECK(n == tokens_in.size(0), "vdit_C::unpatchify: tokens has ", tokens_in.size(0),
               " rows, the shapes make ", n, " tokens");

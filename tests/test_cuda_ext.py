@@ -236,6 +236,8 @@ def _patch_bad_input_checks():
             patchify([v], [1, 2 ** 40, 2])
         with pytest.raises(RuntimeError, match="channels must be in"):
             unpatchify(torch.randn(5, 16, device=DEVICE), [2, 4, 6], [1, 2, 2], 2 ** 62)
+        with pytest.raises(RuntimeError, match="token count overflows int64 at shape 0"):  # 2^64 wrapped to 0
+            unpatchify(torch.randn(0, 16, device=DEVICE), [2 ** 21, 2 ** 22, 2 ** 23], [1, 2, 2], 4)
     # the direct calls' own argument conversion (the ops' schemas do it for torch.ops)
     for call, message in ((lambda: _C.direct_patchify([v]), "takes 2 arguments, got 1"),
                           (lambda: _C.direct_patchify(v, [1, 2, 2]), "videos must be a list or tuple, got Tensor"),
