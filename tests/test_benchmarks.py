@@ -977,3 +977,38 @@ def test_command_line_mistakes_are_named(capsys, tmp_path):
         with pytest.raises(SystemExit) as exit_:
             main(argv)
         assert exit_.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_kernel_and_host_timings_reset_gradients_between_calls(monkeypatch):
+    # a fwd+bwd call repeated without resetting .grad adds into the last call's gradient,
+    # an elementwise add per input the op does not run (173 of the H200's 426 us for
+    # linear_unpatchify fwd+bwd). kernel_ms's and host_ms's own loops, on CPU: the CUDA
+    # calls stubbed, the profiler recording CPU ops in place of GPU activities
+    import types
+
+    import torch.profiler as tp
+
+    from benchmarks import bench_patch, timing
+    from benchmarks.workloads import WORKLOADS
+
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda *a, **k: None)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda i: types.SimpleNamespace(L2_cache_size=1 << 10))
+    monkeypatch.setattr(tp.ProfilerActivity, "CUDA", tp.ProfilerActivity.CPU)
+    monkeypatch.setattr(timing, "device_activities", lambda prof: {
+        e.key: float(e.count) for e in prof.key_averages() if e.key in ("aten::add_", "aten::mm")})
+    cases, _ = bench_patch.cases("cpu", True, [WORKLOADS["cpu-tiny"]])
+    case = next(c for c in cases if (c.name, c.mode, c.provider) == ("linear_unpatchify", "fwd+bwd", "vdit-reference"))
+    counts = dict(timing.kernel_ms(case.build, case.bytes, "cuda", quick=True)["kernel_breakdown"])
+    assert counts.get("aten::mm", 0) > 0 and "aten::add_" not in counts
+    # host_ms: every call starts from no gradient
+    from benchmarks.common import Prepared
+
+    t = torch.zeros(2, requires_grad=True)
+    fresh = []
+
+    def fn():
+        fresh.append(t.grad is None)
+        (2 * t).sum().backward()
+    timing.host_ms(lambda: Prepared(fn, grad_to_none=[t]), "cuda", calls=3)
+    assert len(fresh) == 5 + 3 + 3 and all(fresh)
