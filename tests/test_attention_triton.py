@@ -1076,6 +1076,63 @@ def test_tuning_cache_is_written_at_exit(tmp_path):
     assert json.loads(path.read_text()) == {"VDIT_TEST_VARIANT": {"(64, 'key')": "b"}}
 
 
+def test_tuning_cache_processes_exiting_together_keep_every_pick(tmp_path):
+    # torchrun's ranks exit together: each merges its picks into the file under a lock (an
+    # unlocked read-merge-rename kept 1 to 5 of 8)
+    # (each reads the file slowly, then waits for the others before exiting: their saves overlap)
+    code = "\n".join([
+        "import pathlib, sys, time", "import vdit_kernels.triton as T", "from vdit_kernels.triton import tuning_cache as TC",
+        "T.measured_choice('VDIT_TEST_VARIANT', ('a', 'b'), {}, (64, int(sys.argv[1])), lambda: 'b')",
+        "read = TC._read", "TC._read = lambda path: (read(path), time.sleep(0.3))[0]",
+        "ready = pathlib.Path(sys.argv[2])", "(ready / sys.argv[1]).touch()",
+        "while len(list(ready.iterdir())) < 4: time.sleep(0.01)"])
+    (tmp_path / "ready").mkdir()
+    (cache := tmp_path / "cache").mkdir()
+    env = {**os.environ, "VDIT_TUNING_CACHE": str(cache)}
+    runs = [subprocess.Popen([sys.executable, "-c", code, str(rank), str(tmp_path / "ready")], env=env,
+                             stderr=subprocess.PIPE, text=True) for rank in range(4)]
+    assert all(run.wait(timeout=300) == 0 for run in runs), [run.stderr.read() for run in runs]
+    (path,) = cache.glob("*.json")
+    assert json.loads(path.read_text()) == {"VDIT_TEST_VARIANT": {f"(64, {rank})": "b" for rank in range(4)}}
+    assert not list(cache.glob("*.tmp"))
+
+
+def test_tuning_cache_settings_and_failures(monkeypatch, tmp_path, capsys):
+    # "off" words are off, "on" words the default folder; a missing home folder turns the
+    # cache off with a note; a failed write leaves no partial file and fails no call
+    from pathlib import Path
+
+    from vdit_kernels.triton import autotune_enabled
+    from vdit_kernels.triton import tuning_cache as TC
+
+    _new_process(monkeypatch)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    for word in ("0", "false", "Off", "no", ""):
+        monkeypatch.setenv("VDIT_TUNING_CACHE", word)
+        assert TC.cache_path() is None
+    for word in ("1", "true", "ON", "yes"):
+        monkeypatch.setenv("VDIT_TUNING_CACHE", word)
+        assert TC.cache_path().parent == tmp_path / ".cache" / "vdit_kernels"
+    monkeypatch.setattr(TC, "_WARNED", set())
+    with monkeypatch.context() as m:
+        m.setattr(Path, "home", classmethod(lambda cls: (_ for _ in ()).throw(RuntimeError("no home"))))
+        assert TC.cache_path() is None and TC.recall("VDIT_TEST_VARIANT", (1,)) is None
+    assert "off: no home folder to put it in (no home)" in capsys.readouterr().err
+    monkeypatch.setenv("VDIT_TUNING_CACHE", str(tmp_path / "cache"))
+    TC.remember("VDIT_TEST_VARIANT", (1,), "a")
+    with monkeypatch.context() as m:
+        m.setattr(TC.json, "dump", lambda *a, **k: (_ for _ in ()).throw(OSError(28, "No space left on device")))
+        TC._save_at_exit()
+    assert "could not save this run's picks" in capsys.readouterr().err
+    assert list((tmp_path / "cache").iterdir()) == [TC.cache_path().with_name(TC.cache_path().name + ".lock")]
+    for word, on in (("0", False), ("false", False), ("off", False), ("1", True), ("yes", True)):
+        monkeypatch.setenv("VDIT_AUTOTUNE", word)
+        assert autotune_enabled() is on
+    monkeypatch.setenv("VDIT_AUTOTUNE", "sometimes")
+    with pytest.raises(ValueError, match="VDIT_AUTOTUNE must be 1 or 0 .*got 'sometimes'"):
+        autotune_enabled()
+
+
 @pytest.mark.skipif(DEVICE.type != "cpu", reason="forces GPU tiles under the interpreter")
 def test_tuning_cache_keeps_autotuned_tiles(monkeypatch, tmp_path):
     # a process saves the tiles its autotuners picked; the next starts its autotuners with

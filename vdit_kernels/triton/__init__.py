@@ -44,10 +44,15 @@ else:
 
 
 def autotune_enabled() -> bool:
-    """VDIT_AUTOTUNE=0 pins every autotuned kernel to its first (default) candidate; so
-    does a CUDA graph capture (an autotuner meeting a new key would time candidates, and
-    synchronize, inside the capture)."""
-    return os.environ.get("VDIT_AUTOTUNE", "1") != "0" and not (
+    """VDIT_AUTOTUNE=0 (or false / off / no) pins every autotuned kernel to its first
+    (default) candidate; so does a CUDA graph capture (an autotuner meeting a new key would
+    time candidates, and synchronize, inside the capture). Another value than those and
+    1 / true / on / yes is an error, not silently "on"."""
+    setting = os.environ.get("VDIT_AUTOTUNE", "1").strip().lower()
+    if setting not in ("0", "false", "off", "no", "1", "true", "on", "yes", ""):
+        raise ValueError(f"VDIT_AUTOTUNE must be 1 or 0 (true / false, on / off, yes / no), got "
+                         f"{os.environ['VDIT_AUTOTUNE']!r}")
+    return setting not in ("0", "false", "off", "no") and not (
         torch.cuda.is_available() and torch.cuda.is_current_stream_capturing())
 
 

@@ -9,8 +9,11 @@ its own picks when it exits (atexit: a normal exit, or SIGTERM where a handler t
 into one, as benchmarks.run does; not SIGKILL).
 
 One JSON file per GPU model, torch and Triton release and version of this package's
-Triton sources (a hash of triton/*.py): a pick is never reused for a kernel it was not
-measured for. Within a file, entries are named by section (an autotuner's name, a
+sources the picks depend on (a hash of triton/*.py, cuda/*.py and pack.py): a pick is never
+reused for a kernel it was not measured for. Processes that exit together (torchrun's
+ranks) merge their picks one at a time (an exclusive lock beside the file, where the file
+system has locks). A cache that cannot be used (no home folder, a folder that cannot be
+written) is said once on stderr and never fails a call. Within a file, entries are named by section (an autotuner's name, a
 variant's environment variable) and the key the choice was measured for. Triton's own
 on-disk autotuning cache (TRITON_CACHE_AUTOTUNING) cannot serve these kernels: it skips
 autotuners with pre-hooks (the TMA variants) and does not tell the attention's size
@@ -33,7 +36,11 @@ import torch
 import triton
 
 _ENV = "VDIT_TUNING_CACHE"
-_SOURCES = Path(__file__).resolve().parent
+_PACKAGE = Path(__file__).resolve().parent.parent
+# what the measured kernels and variants run: the Triton sources, the CUDA gather / scatter
+# the patch GEMMs' "gemm" variant calls, the launch tables
+_SOURCES = ("triton/*.py", "cuda/*.py", "pack.py")
+_OFF, _ON = ("", "0", "false", "off", "no"), ("1", "true", "on", "yes")
 
 # in memory: the file's entries (read once) and this process's picks, by section
 _STATE: dict = {"path": None, "entries": None, "new": {}}
@@ -42,13 +49,27 @@ _PREFILLED: set = set()
 USED: list = []
 
 
+_WARNED: set = set()
+
+
+def _warn_once(what: str) -> None:
+    if what not in _WARNED:
+        _WARNED.add(what)
+        print(f"vdit_kernels: {_ENV}: {what}", file=sys.stderr)
+
+
 def cache_path() -> Optional[Path]:
     """The cache file for this process's GPU and releases, or None when VDIT_TUNING_CACHE
-    is unset, empty or 0."""
-    setting = os.environ.get(_ENV, "")
-    if setting in ("", "0"):
+    is unset, empty or 0 / false / off / no (1 / true / on / yes: ~/.cache/vdit_kernels;
+    anything else: that folder), or names a home folder there is none of."""
+    setting = os.environ.get(_ENV, "").strip()
+    if setting.lower() in _OFF:
         return None
-    folder = Path.home() / ".cache" / "vdit_kernels" if setting == "1" else Path(setting).expanduser()
+    try:
+        folder = Path.home() / ".cache" / "vdit_kernels" if setting.lower() in _ON else Path(setting).expanduser()
+    except (RuntimeError, KeyError, OSError) as exc:  # no HOME, no passwd entry (containers, batch jobs)
+        _warn_once(f"off: no home folder to put it in ({exc}); set it to a folder")
+        return None
     gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
     name = f"{gpu}-torch{torch.__version__}-triton{triton.__version__}-{sources_digest()}"
     return folder / (re.sub(r"[^A-Za-z0-9.+]+", "-", name).strip("-") + ".json")
@@ -56,10 +77,10 @@ def cache_path() -> Optional[Path]:
 
 @functools.lru_cache(maxsize=None)
 def sources_digest() -> str:
-    """16 hex digits of a hash of this package's Triton sources (triton/*.py)."""
+    """16 hex digits of a hash of the sources the picks depend on (_SOURCES)."""
     digest = hashlib.sha256()
-    for source in sorted(_SOURCES.glob("*.py")):
-        digest.update(source.name.encode() + b"\0" + source.read_bytes())
+    for source in sorted(f for pattern in _SOURCES for f in _PACKAGE.glob(pattern)):
+        digest.update(str(source.relative_to(_PACKAGE)).encode() + b"\0" + source.read_bytes())
     return digest.hexdigest()[:16]
 
 
@@ -79,7 +100,7 @@ def _read(path: Path) -> dict:
     file that cannot be read, or anything else in it, is ignored: a cache never fails a call."""
     try:
         data = json.loads(path.read_text())
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):  # (RecursionError: a pathologically nested file)
         return {}
     if not isinstance(data, dict):
         return {}
@@ -172,26 +193,57 @@ def save() -> Optional[Path]:
     path, new = _STATE["path"], _STATE["new"]
     if not new:
         return None
-    merged = _read(path)
-    for section, values in new.items():
-        merged.setdefault(section, {}).update(values)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        json.dump(merged, f, indent=1, sort_keys=True)
-    umask = os.umask(0)  # (mkstemp makes the file 0600 whatever the umask: others could not read it)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)
-    os.replace(tmp, path)
+    with _locked(path):  # read, merge and replace as one step among processes saving together
+        merged = _read(path)
+        for section, values in new.items():
+            merged.setdefault(section, {}).update(values)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+        try:
+            with os.fdopen(fd, "w") as f:
+                json.dump(merged, f, indent=1, sort_keys=True)
+            umask = os.umask(0)  # (mkstemp makes the file 0600 whatever the umask: others could not read it)
+            os.umask(umask)
+            os.chmod(tmp, 0o666 & ~umask)
+            os.replace(tmp, path)
+        finally:
+            if os.path.exists(tmp):  # a failed write (disk full, quota): no partial file left behind
+                os.unlink(tmp)
     _STATE["new"] = {}
     return path
+
+
+class _locked:
+    """An exclusive lock on <path>.lock for the duration (fcntl.flock); without one where the
+    platform or file system has none (the merge is then as good as the timing of exits)."""
+
+    def __init__(self, path: Path):
+        self.lock = path.with_name(path.name + ".lock")
+        self.fd = None
+
+    def __enter__(self):
+        try:
+            import fcntl
+
+            self.fd = os.open(self.lock, os.O_RDWR | os.O_CREAT, 0o666)
+            fcntl.flock(self.fd, fcntl.LOCK_EX)
+        except (ImportError, OSError):
+            if self.fd is not None:
+                os.close(self.fd)
+            self.fd = None
+        return self
+
+    def __exit__(self, *exc):
+        if self.fd is not None:
+            os.close(self.fd)  # (closing releases the lock)
 
 
 def _save_at_exit() -> None:
     try:
         save()
-    except Exception:  # noqa: BLE001  (a cache write must never fail a program's exit)
-        pass
+    except Exception as exc:  # noqa: BLE001  (a cache write must never fail a program's exit)
+        _warn_once(f"could not save this run's picks to {_STATE['path']} ({type(exc).__name__}: {exc}); "
+                   "the next run times them again")
 
 
 atexit.register(_save_at_exit)
