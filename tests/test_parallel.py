@@ -405,6 +405,10 @@ def test_ulysses_heads_not_divisible(ulysses_runs):
 def test_single_process_is_plain_attention():
     # torch.distributed not initialized: P = 1, the same as varlen_attention
     pack, x, rope = _case_inputs(1)
+    for call, message in ((lambda: vk.shard_pack([1, 2], 2, 0), "x must be a tensor"),
+                          (lambda: vk.gather_pack([1], 1), "x_local must be a tensor")):
+        with pytest.raises(TypeError, match=message):
+            call()
     out = vk.ulysses_varlen_attention(x["q"], x["k"], x["v"], pack.cu_seqlens, pack.max_seqlen,
                                       rope=rope, backend="reference")
     exp = vk.varlen_attention(x["q"], x["k"], x["v"], pack.cu_seqlens, pack.cu_seqlens,
@@ -446,6 +450,9 @@ def test_sequence_parallel_checks_its_arguments(scheme):
             attention(*args, backend="reference")
     with pytest.raises(ValueError, match="softmax_scale"):
         attention(q, k, v, cu, m, softmax_scale=-1.0, backend="reference")
+    # objects not of their kind: TypeError, as varlen_attention's
+    with pytest.raises(TypeError, match="rope must be a Rope3D, got str"):
+        attention(q, k, v, cu, m, rope="r", backend="reference")
 
 
 def test_sharding_helpers_check_their_arguments():

@@ -144,7 +144,8 @@ def shard_pack(x: Tensor, world_size: int, rank: int) -> Tensor:
     activations, pack.positions, pack.segment_ids. Differentiable; a view when no
     padding is needed.
     """
-    check(isinstance(x, Tensor), f"x must be a tensor (N, ...), got {type(x).__name__}")
+    if not isinstance(x, Tensor):
+        raise TypeError(f"x must be a tensor (N, ...), got {type(x).__name__}")
     n = shard_size(x.shape[0], world_size)
     rank = _rank_of(rank, world_size)
     piece = x[rank * n:(rank + 1) * n]
@@ -195,6 +196,8 @@ def gather_pack(x_local: Tensor, num_tokens: int, group=None) -> Tensor:
     different things from the gathered pack, compute the loss on the shards instead
     (without their padding rows: shard_mask).
     """
+    if not isinstance(x_local, Tensor):
+        raise TypeError(f"x_local must be a tensor (n, ...), got {type(x_local).__name__}")
     world_size, _ = _world(group)
     num = _checked_num_tokens(num_tokens, world_size, x_local.shape[0])
     if world_size == 1:
@@ -340,7 +343,8 @@ def ulysses_varlen_attention(q_local: Tensor, k_local: Tensor, v_local: Tensor,
     k_local, v_local = _ulysses_heads(q_local, k_local, v_local, world_size, "the sequence-parallel world size")
     n_pad = world_size * q_local.shape[0]
     if rope is not None:
-        check(isinstance(rope, Rope3D), f"rope must be a Rope3D, got {type(rope).__name__}")
+        if not isinstance(rope, Rope3D):
+            raise TypeError(f"rope must be a Rope3D, got {type(rope).__name__}")
         rows = rope.positions.shape[0]
         check(n_pad - world_size < rows <= n_pad,
               f"rope.positions has {rows} rows; it must hold the whole pack's positions "
@@ -395,7 +399,8 @@ def _rotate_shards(q_local, k_local, rope, world_size, rank, backend):
     n = q_local.shape[0]
     n_pad = world_size * n
     if rope is not None:
-        check(isinstance(rope, Rope3D), f"rope must be a Rope3D, got {type(rope).__name__}")
+        if not isinstance(rope, Rope3D):
+            raise TypeError(f"rope must be a Rope3D, got {type(rope).__name__}")
         rows = rope.positions.shape[0]
         check(n_pad - world_size < rows <= n_pad,
               f"rope.positions has {rows} rows; it must hold the whole pack's positions "
@@ -721,7 +726,8 @@ def _local_cross(q_local, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_se
     # pack's and the text's, one segment per video each)
     check_cu_seqlens("cu_seqlens_q", cu_seqlens_q, world_size * n, max_seqlen_q, q_local.device,
                      padding=world_size - 1)
-    check(isinstance(k, Tensor), f"k must be a tensor (Nk, Hk, D), got {type(k).__name__}")
+    if not isinstance(k, Tensor):
+        raise TypeError(f"k must be a tensor (Nk, Hk, D), got {type(k).__name__}")
     check_cu_seqlens("cu_seqlens_k", cu_seqlens_k, k.shape[0], max_seqlen_k, q_local.device)
     if cu_seqlens_q.shape != cu_seqlens_k.shape:
         raise ValueError(f"cu_seqlens_q {tuple(cu_seqlens_q.shape)} and cu_seqlens_k "
