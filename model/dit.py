@@ -378,7 +378,7 @@ class VideoDiT(nn.Module):
 
     def forward(self, latents: Sequence[Tensor], pack: vk.VideoPack, timesteps: Tensor, text: Tensor,
                 backend: Backend = None, sp: Optional[vk.SequenceParallel] = None) -> list[Tensor]:
-        """latents: B videos (C, T_i, H_i, W_i) matching `pack`; timesteps (B,) float;
+        """latents: B videos (C, T_i, H_i, W_i) matching `pack`; timesteps (B,) real numbers (float or int);
         text (pack.num_text_tokens, text_dim), video i's text at rows
         pack.cu_seqlens_k[i]:pack.cu_seqlens_k[i+1]. Returns B predictions (C, T_i, H_i, W_i)
         in the parameters' dtype (the autocast dtype inside an autocast region).
