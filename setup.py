@@ -9,8 +9,9 @@ What gets built:
 No GPU is needed or looked for: the architectures come from TORCH_CUDA_ARCH_LIST
 (default below, also where it is empty; "native" needs a visible GPU). Wrong values of the
 switches (CUDA_HOME without nvcc, MAX_JOBS=0, VDIT_SKIP_BUILD=yes) stop the build with the
-reason; a build without CUDA kernels says why in _C's build_info(). Build with `pip install --no-build-isolation -e .` (torch must be
-importable at build time; the extension is tied to that torch).
+reason; a build without CUDA kernels says why in _C's build_info(). Build with
+`pip install --no-build-isolation -e .` (torch must be importable at build time; the
+extension is tied to that torch).
 """
 import os
 import re

@@ -165,6 +165,22 @@ int64_t floor_div(int64_t a, int64_t b) {  // b > 0
   return a / b - (a % b != 0 && a < 0);
 }
 
+// The addresses of the first and last byte of t's elements (t not empty).
+std::pair<int64_t, int64_t> byte_range(const at::Tensor& t) {
+  const auto first = static_cast<int64_t>(reinterpret_cast<uintptr_t>(t.data_ptr()));
+  int64_t end = 0;
+  for (int64_t d = 0; d < t.dim(); ++d) end += (t.size(d) - 1) * t.stride(d);
+  return {first, first + (end + 1) * static_cast<int64_t>(t.element_size()) - 1};
+}
+
+// Whether two tensors' byte ranges (first to last element) meet.
+bool bytes_meet(const at::Tensor& a, const at::Tensor& b) {
+  if (a.numel() == 0 || b.numel() == 0) return false;
+  const auto [alo, ahi] = byte_range(a);
+  const auto [blo, bhi] = byte_range(b);
+  return alo <= bhi && blo <= ahi;
+}
+
 // Whether q and k may address a common element: vdit_kernels.checks' _may_share_elements,
 // the same test. By address, not storage: tensors over one memory may hold different
 // storages (from_blob, DLPack). Exact for views with the same strides and element size and
@@ -175,15 +191,10 @@ int64_t floor_div(int64_t a, int64_t b) {  // b > 0
 // elements.)
 bool may_share_elements(const at::Tensor& a, const at::Tensor& b) {
   if (a.numel() == 0 || b.numel() == 0) return false;
-  // first and last byte of a tensor's elements
-  auto first = [](const at::Tensor& t) { return static_cast<int64_t>(reinterpret_cast<uintptr_t>(t.data_ptr())); };
-  auto last = [&first](const at::Tensor& t) {
-    int64_t end = 0;
-    for (int64_t d = 0; d < t.dim(); ++d) end += (t.size(d) - 1) * t.stride(d);
-    return first(t) + (end + 1) * static_cast<int64_t>(t.element_size()) - 1;
-  };
-  if (last(a) < first(b) || last(b) < first(a)) return false;
-  const int64_t size = static_cast<int64_t>(a.element_size()), bytes = first(b) - first(a);
+  const auto [alo, ahi] = byte_range(a);
+  const auto [blo, bhi] = byte_range(b);
+  if (ahi < blo || bhi < alo) return false;
+  const int64_t size = static_cast<int64_t>(a.element_size()), bytes = blo - alo;
   if (a.strides() != b.strides() || a.dim() != 3 || b.dim() != 3 || a.stride(2) != 1 ||
       static_cast<int64_t>(b.element_size()) != size || bytes % size != 0)
     return true;
@@ -205,20 +216,6 @@ bool may_share_elements(const at::Tensor& a, const at::Tensor& b) {
 // memory) would be rotated twice by different threads. The same tests and messages as the
 // Python layer's (vdit_kernels.checks.check_inplace_rope), which the cuda backend leaves
 // to this function; a ValueError like it.
-// Whether two tensors' byte ranges (first to last element) meet.
-bool bytes_meet(const at::Tensor& a, const at::Tensor& b) {
-  if (a.numel() == 0 || b.numel() == 0) return false;
-  auto range = [](const at::Tensor& t) {
-    const auto first = static_cast<int64_t>(reinterpret_cast<uintptr_t>(t.data_ptr()));
-    int64_t end = 0;
-    for (int64_t d = 0; d < t.dim(); ++d) end += (t.size(d) - 1) * t.stride(d);
-    return std::make_pair(first, first + (end + 1) * static_cast<int64_t>(t.element_size()) - 1);
-  };
-  const auto [alo, ahi] = range(a);
-  const auto [blo, bhi] = range(b);
-  return alo <= bhi && blo <= ahi;
-}
-
 void check_no_overlap(const at::Tensor& q, const at::Tensor& k, const at::Tensor& positions) {
   auto check_self = [](const char* name, const at::Tensor& t) {
     TORCH_CHECK_VALUE(!may_overlap_itself(t), "vdit_C::rope_3d_: inplace RoPE: ", name, " (shape ", t.sizes(),

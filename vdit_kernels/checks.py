@@ -30,6 +30,17 @@ def check(cond: bool, message: str) -> None:
         raise ValueError(message)
 
 
+ENV_OFF, ENV_ON = ("0", "false", "off", "no"), ("1", "true", "on", "yes")
+
+
+def env_switch(value: str) -> Optional[bool]:
+    """An environment variable's value as a switch: False for 0 / false / off / no, True for
+    1 / true / on / yes (any case, surrounding spaces ignored), None for anything else (the
+    caller says what else it takes, or refuses it)."""
+    word = value.strip().lower()
+    return False if word in ENV_OFF else True if word in ENV_ON else None
+
+
 def check_flag(name: str, value) -> bool:
     """A bool argument as given, never the truth of another object: interleaved=None or
     "no" would silently pick a convention."""
@@ -276,9 +287,11 @@ def _may_share_elements(a: torch.Tensor, b: torch.Tensor) -> bool:
     with fewer kv heads under GQA): some index difference (e0, e1, e2),
     -(size_b - 1) <= e_i <= size_a - 1, must bridge their address difference. Otherwise
     whether their byte ranges intersect (conservative)."""
-    if not _bytes_meet(a, b):
+    if a.numel() == 0 or b.numel() == 0:
         return False
-    (alo, _), (blo, _) = _byte_span(a), _byte_span(b)
+    (alo, ahi), (blo, bhi) = _byte_span(a), _byte_span(b)
+    if ahi < blo or bhi < alo:
+        return False
     size = a.element_size()
     if (a.stride() != b.stride() or a.dim() != 3 or b.dim() != 3 or a.stride(2) != 1
             or b.element_size() != size or (blo - alo) % size):

@@ -565,9 +565,9 @@ def ring_varlen_attention(q_local: Tensor, k_local: Tensor, v_local: Tensor,
     ever holds more than three k/v shards (its own, the current, the incoming), so packs
     whose keys and values do not fit on one GPU work; each rank sends and receives (P-1)
     k/v shards in the forward, and in the backward as many again plus P shifts of the
-    float32 dK/dV accumulators. RoPE
-    rotates the local shards first (not fused). Equals varlen_attention on the gathered
-    pack, restricted to this rank's tokens (the running result is kept in float32).
+    float32 dK/dV accumulators. RoPE rotates the local shards first (not fused). Equals
+    varlen_attention on the gathered pack, restricted to this rank's tokens (the running
+    result is kept in float32).
     Returns out (n, H, D) [and lse (H, n) float32, float64 for float64]; differentiable in
     q, k, v through out and lse. Without torch.distributed initialized it is plain
     varlen_attention (P = 1).

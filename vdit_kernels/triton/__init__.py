@@ -8,6 +8,8 @@ from typing import Callable, Iterable, Optional, Sequence
 import torch
 import triton
 import triton.language as tl
+
+from ..checks import env_switch
 from triton.runtime.errors import OutOfResources
 
 try:  # host-side TMA descriptors (Triton >= 3.4)
@@ -48,12 +50,11 @@ def autotune_enabled() -> bool:
     (default) candidate; so does a CUDA graph capture (an autotuner meeting a new key would
     time candidates, and synchronize, inside the capture). Another value than those and
     1 / true / on / yes is an error, not silently "on"."""
-    setting = os.environ.get("VDIT_AUTOTUNE", "1").strip().lower()
-    if setting not in ("0", "false", "off", "no", "1", "true", "on", "yes", ""):
-        raise ValueError(f"VDIT_AUTOTUNE must be 1 or 0 (true / false, on / off, yes / no), got "
-                         f"{os.environ['VDIT_AUTOTUNE']!r}")
-    return setting not in ("0", "false", "off", "no") and not (
-        torch.cuda.is_available() and torch.cuda.is_current_stream_capturing())
+    setting = os.environ.get("VDIT_AUTOTUNE", "")
+    on = env_switch(setting) if setting.strip() else True
+    if on is None:
+        raise ValueError(f"VDIT_AUTOTUNE must be 1 or 0 (true / false, on / off, yes / no), got {setting!r}")
+    return on and not (torch.cuda.is_available() and torch.cuda.is_current_stream_capturing())
 
 
 # (what, config, key) of fixed launches a GPU lacked the resources for (launch_first_that_fits)

@@ -13,8 +13,9 @@ sources the picks depend on (a hash of triton/*.py, cuda/*.py and pack.py): a pi
 reused for a kernel it was not measured for. Processes that exit together (torchrun's
 ranks) merge their picks one at a time (an exclusive lock beside the file, where the file
 system has locks). A cache that cannot be used (no home folder, a folder that cannot be
-written) is said once on stderr and never fails a call. Within a file, entries are named by section (an autotuner's name, a
-variant's environment variable) and the key the choice was measured for. Triton's own
+written) is said once on stderr and never fails a call. Within a file, entries are named
+by section (an autotuner's name, a variant's environment variable) and the key the choice
+was measured for. Triton's own
 on-disk autotuning cache (TRITON_CACHE_AUTOTUNING) cannot serve these kernels: it skips
 autotuners with pre-hooks (the TMA variants) and does not tell the attention's size
 classes apart.
@@ -35,12 +36,13 @@ from typing import Optional
 import torch
 import triton
 
+from ..checks import env_switch
+
 _ENV = "VDIT_TUNING_CACHE"
 _PACKAGE = Path(__file__).resolve().parent.parent
 # what the measured kernels and variants run: the Triton sources, the CUDA gather / scatter
 # the patch GEMMs' "gemm" variant calls, the launch tables
 _SOURCES = ("triton/*.py", "cuda/*.py", "pack.py")
-_OFF, _ON = ("", "0", "false", "off", "no"), ("1", "true", "on", "yes")
 
 # in memory: the file's entries (read once) and this process's picks, by section
 _STATE: dict = {"path": None, "entries": None, "new": {}}
@@ -63,10 +65,11 @@ def cache_path() -> Optional[Path]:
     is unset, empty or 0 / false / off / no (1 / true / on / yes: ~/.cache/vdit_kernels;
     anything else: that folder), or names a home folder there is none of."""
     setting = os.environ.get(_ENV, "").strip()
-    if setting.lower() in _OFF:
+    switch = env_switch(setting) if setting else False
+    if switch is False:
         return None
     try:
-        folder = Path.home() / ".cache" / "vdit_kernels" if setting.lower() in _ON else Path(setting).expanduser()
+        folder = Path.home() / ".cache" / "vdit_kernels" if switch else Path(setting).expanduser()
     except (RuntimeError, KeyError, OSError) as exc:  # no HOME, no passwd entry (containers, batch jobs)
         _warn_once(f"off: no home folder to put it in ({exc}); set it to a folder")
         return None
