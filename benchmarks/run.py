@@ -782,14 +782,6 @@ def main(argv=None) -> int:
         wls = workloads.select(device, args.quick)
     if device == "cpu":
         print(BANNER)
-    if args.out:
-        out = Path(args.out)
-    elif device == "cuda":
-        out = ROOT / "benchmarks" / "results" / slug(gpu_name())
-    else:
-        out = Path(tempfile.mkdtemp(prefix="vdit-bench-cpu-"))
-    out.mkdir(parents=True, exist_ok=True)
-
     lim = limits.measure(device, args.quick)
     print(f"device: {gpu_name()} | torch {torch.__version__} | limits measured now: "
           f"copy {lim['bandwidth_gbs']:.1f} GB/s (read+write), {lim['matmul_dtype']} matmul "
@@ -828,6 +820,15 @@ def main(argv=None) -> int:
     for (op, base, reason), details in grouped.items():
         print(f"skipped: [{op}] {base}{' (' + ', '.join(details) + ')' if details else ''}: {reason}")
 
+    # the results folder is made once the arguments are known good: a run refused above
+    # leaves no empty vdit-bench-cpu-* folder behind
+    if args.out:
+        out = Path(args.out)
+    elif device == "cuda":
+        out = ROOT / "benchmarks" / "results" / slug(gpu_name())
+    else:
+        out = Path(tempfile.mkdtemp(prefix="vdit-bench-cpu-"))
+    out.mkdir(parents=True, exist_ok=True)
     progress = Progress(len(all_cases))
     rows = []
     # one JSON line per finished case: a run cut short (a GPU lease ending) keeps its rows

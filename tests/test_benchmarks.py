@@ -605,16 +605,20 @@ def test_each_sample_starts_on_an_idle_gpu(fake_gpu_timer):
     assert n >= T.MIN_REPS and timed == ["flush", "sync", "event", "call", "event"] * n + ["sync"], timed[:10]
 
 
-def test_cli_filters_that_match_nothing_are_errors(capsys):
+def test_cli_filters_that_match_nothing_are_errors(capsys, monkeypatch, tmp_path):
     # a typo once printed "0 cases, 0 errors" (or empty tables) and exited 0
+    import tempfile
+
     import benchmarks.readme_table as readme_table
     import benchmarks.run as run
 
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # where a CPU run's default --out goes
     for argv in (["--provider", "vdit-refrence", "--op", "rope", "--no-static"], ["--workload", "wan2.1"]):
         with pytest.raises(SystemExit) as stop:
             run.main(argv)
         assert stop.value.code == 2
     assert "no benchmark case matches --provider vdit-refrence" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []  # a refused run leaves no empty results folder
     with pytest.raises(SystemExit) as stop:
         readme_table.main(["--op", "atention"])
     assert stop.value.code == 2
