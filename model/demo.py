@@ -41,23 +41,24 @@ def relative_diff(xs, refs) -> float:
     return diff / scale if scale else diff
 
 
-def resolved(cfg, backend, device) -> str:
-    """Which backend each family's ops actually run on (auto picks per op)."""
+def resolved(cfg, backend, device, dtype) -> str:
+    """Which backend each family's ops actually run on (auto picks per op and dtype)."""
     chosen = family_backends(backend)
     parts = {}
     for family, op in model_ops(cfg):
         if op.endswith("backward") or op.endswith("bwd"):
             continue
-        parts.setdefault(family, _backend.resolve(family, device, chosen[family], op))
+        parts.setdefault(family, _backend.resolve(family, device, chosen[family], op, dtype))
     return " ".join(f"{f}={b}" for f, b in parts.items())
 
 
-def partial(cfg, backend, device):
-    """backend for each family where it can run all of the model's ops of that family, else reference."""
+def partial(cfg, backend, device, dtype):
+    """backend for each family where it can run all of the model's ops of that family (on
+    tensors of `dtype`), else reference."""
     mix = {}
     for family in _backend.FAMILIES:
         ops = [op for f, op in model_ops(cfg) if f == family]
-        ok = ops and all(_backend.why_not(backend, family, device, op) is None for op in ops)
+        ok = ops and all(_backend.why_not(backend, family, device, op, dtype) is None for op in ops)
         mix[family] = backend if ok else "reference"
     return mix if backend in mix.values() else None
 
@@ -150,7 +151,7 @@ def _positive(text: str) -> int:
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(prog="python -m vdit_kernels.model.demo", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m vdit_kernels.model.demo", description=(__doc__ or "").partition("\n")[0] or None)  # None under python -OO
     cuda = torch.cuda.is_available()
     parser.add_argument("--config", default="wan-1.3b-like" if cuda else "small", choices=sorted(PRESETS))
     parser.add_argument("--depth", type=_positive, default=4 if cuda else 2, help="number of blocks")
@@ -170,6 +171,7 @@ def main(argv=None):
         return sequence_parallel(args)
 
     device = torch.device("cuda" if cuda else "cpu")
+    dtype = getattr(torch, args.dtype)
     cfg, model, pack, latents, t, text, text_lengths = setup(args, device)
     shapes = pack.shapes
 
@@ -185,12 +187,12 @@ def main(argv=None):
     rows, ref = [], None
     candidates = []
     for name in ("reference", "triton", "cuda"):
-        reason = why_not(cfg, name, device)
+        reason = why_not(cfg, name, device, dtype)
         if reason is None:
             candidates.append((name, name))
             continue
         print(f"skipped {name}: {reason}")
-        mix = partial(cfg, name, device)
+        mix = partial(cfg, name, device, dtype)
         if mix is not None:
             candidates.append((f"{name} where available", mix))
     candidates.append(("auto", "auto"))
@@ -199,7 +201,7 @@ def main(argv=None):
         (out, grads), ms, peak = timed(lambda: run_once(model, pack, latents, t, text, backend), args.iters, cuda)
         if ref is None:
             ref = (out, grads)
-        rows.append((label, resolved(cfg, backend, device), f"{ms:.1f}", peak,
+        rows.append((label, resolved(cfg, backend, device, dtype), f"{ms:.1f}", peak,
                      f"{relative_diff(out, ref[0]):.2e}", f"{relative_diff(grads, ref[1]):.2e}"))
 
     header = ("backend", "ops run on", "fwd+bwd ms", "peak GiB", "out: rel. diff", "d latents: rel. diff")

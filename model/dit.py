@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, replace
-from typing import Optional, Sequence, Union
+from typing import Mapping, Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
@@ -127,6 +127,9 @@ def family_backends(backend: Backend) -> dict:
     """backend= as one name for every family, or a dict per family (missing ones: auto)."""
     if backend is None or isinstance(backend, str):
         return {f: backend for f in _backend.FAMILIES}
+    if not isinstance(backend, Mapping):  # a list of names read as families once
+        raise TypeError(f"backend must be None, a backend name or a dict {{family: name}}, got "
+                        f"{type(backend).__name__} {backend!r}")
     unknown = set(backend) - set(_backend.FAMILIES)
     if unknown:
         raise ValueError(f"unknown op families {sorted(unknown)}; families are {_backend.FAMILIES}")
@@ -143,8 +146,9 @@ def model_ops(config: DiTConfig) -> list[tuple[str, str]]:
     return ops
 
 
-def why_not(config: DiTConfig, backend: Backend, device) -> Optional[str]:
-    """None if the model can run forward + backward with `backend` on `device`, else why not."""
+def why_not(config: DiTConfig, backend: Backend, device, dtype: Optional[torch.dtype] = None) -> Optional[str]:
+    """None if the model can run forward + backward with `backend` on `device` (with its
+    parameters and latents in `dtype`, when given), else why not."""
     device = torch.device(device)
     chosen = family_backends(backend)
     families: dict = {}  # reason -> the families it stops (each reason said once)
@@ -152,7 +156,7 @@ def why_not(config: DiTConfig, backend: Backend, device) -> Optional[str]:
         name = chosen[family]
         if name in (None, "auto"):
             continue  # auto always finds a backend (reference at worst)
-        reason = _backend.why_not(name, family, device, op)
+        reason = _backend.why_not(name, family, device, op, dtype)
         if reason is not None and family not in families.setdefault(reason, []):
             families[reason].append(family)
     return "; ".join(f"{', '.join(fams)}: {reason}" for reason, fams in families.items()) or None
@@ -294,13 +298,16 @@ class VideoDiT(nn.Module):
 
     The model keeps its own copy of `config` (model.config, shared by its blocks), so that
     switching e.g. model.config.fused_rope changes this model only, never a PRESETS entry
-    or another model built from the same config."""
+    or another model built from the same config. Only `fused_rope`, `rope_dims` and
+    `rope_theta` are read at every forward; the other fields (sizes, `qk_norm`, `eps`, ...)
+    built the layers and are fixed with them: for other values build another model."""
 
     def __init__(self, config: DiTConfig, zero_init: bool = True):
         super().__init__()
         if not isinstance(config, DiTConfig):
             raise TypeError(f"config must be a DiTConfig (DiTConfig.from_name(...)), got {type(config).__name__}")
         self.config = cfg = replace(config)
+        self.eps = cfg.eps  # fixed at construction, as in the blocks' norms
         self.patch_embed = nn.Conv3d(cfg.in_channels, cfg.hidden, cfg.patch_size, cfg.patch_size)
         self.time_embed = nn.Sequential(nn.Linear(cfg.time_freq_dim, cfg.hidden), nn.SiLU(),
                                         nn.Linear(cfg.hidden, cfg.hidden))
@@ -411,7 +418,7 @@ class VideoDiT(nn.Module):
         for block in self.blocks:
             x = block(x, c, context, pack, rope, seg, backends, sp)
         shift, scale = (per_token(m, seg) for m in self.final_adaLN(c).view(c.shape[0], 2, -1).unbind(1))
-        x = modulate(F.layer_norm(x, x.shape[-1:], eps=cfg.eps), shift, scale)
+        x = modulate(F.layer_norm(x, x.shape[-1:], eps=self.eps), shift, scale)
         if sp is not None:  # the output layer on the shard, then the (N, C*pt*ph*pw) features gathered
             tokens = sp.gather_pack(F.linear(x, self.final_proj.weight, self.final_proj.bias), pack.num_tokens)
             return vk.unpatchify(tokens, pack, cfg.in_channels, backend=backends["patch"])

@@ -76,11 +76,37 @@ def test_config_presets():
     assert all(block.attn.cfg is first.config for block in first.blocks)
     with pytest.raises(TypeError, match="config must be a DiTConfig"):
         VideoDiT("tiny")
+    # the fields read at every forward are only the RoPE ones; eps is fixed with the layers
+    # (the output layer once read it live while the blocks' norms kept theirs)
+    model, cfg = _model()
+    pack, latents, t, text, _ = _inputs(cfg)
+    before = model(latents, pack, t, text, backend="reference")
+    model.config.eps = 0.5
+    after = model(latents, pack, t, text, backend="reference")
+    assert all(torch.equal(a, b) for a, b in zip(before, after))
 
 
-def test_demo_arguments():
+def test_backend_choice_of_the_model():
+    from vdit_kernels.model import family_backends
+
+    cfg = DiTConfig.from_name("tiny")
+    # a list once read as op families ("unknown op families ['triton']"), an int as a TypeError
+    # from set(); now the argument is named
+    for bad in (["triton"], ("reference",), 3):
+        with pytest.raises(TypeError, match="backend must be None, a backend name or a dict"):
+            family_backends(bad)
+    # the dtype counts: the Triton and CUDA attention kernels take no float64 (the demo once
+    # crashed with --dtype float64 where it should have skipped them)
+    assert why_not(cfg, "reference", DEVICE, torch.float64) is None
+    for backend in ("triton", "cuda"):
+        assert why_not(cfg, backend, DEVICE, torch.float64) is not None
+
+
+def test_demo_arguments(capsys):
     import contextlib
     import io
+    import subprocess
+    import sys
 
     from vdit_kernels.model import demo
 
@@ -90,6 +116,14 @@ def test_demo_arguments():
         with contextlib.redirect_stderr(err), pytest.raises(SystemExit):
             demo.main(argv)
         assert message in err.getvalue()
+    # a dtype a backend cannot take skips that backend with its reason (was a traceback)
+    assert demo.main(["--config", "tiny", "--depth", "1", "--iters", "1", "--dtype", "float64"]) in (None, 0)
+    out = capsys.readouterr().out
+    assert "skipped triton: " in out and "float64" in out and "\nreference " in out
+    # python -OO strips docstrings; --help read the first line of one
+    help_ = subprocess.run([sys.executable, "-OO", "-m", "vdit_kernels.model.demo", "--help"],
+                           capture_output=True, text=True, timeout=300)
+    assert help_.returncode == 0 and "--dtype" in help_.stdout, help_.stderr[-2000:]
 
 
 def test_zero_init_outputs_zero():
@@ -255,7 +289,7 @@ def test_realistic_config_bf16_gpu(backend, fused_rope):
     bfloat16: the backend's error against the float32 reference is at most 2x the
     reference path's own bfloat16 error (plus a floor), outputs and latent gradients."""
     cfg = DiTConfig.from_name("wan-1.3b-like", depth=2, text_dim=512, fused_rope=fused_rope)
-    reason = why_not(cfg, backend, DEVICE)
+    reason = why_not(cfg, backend, DEVICE, torch.bfloat16)
     if reason is not None:
         pytest.skip(reason)
     shapes, text_lengths = [(5, 30, 52), (1, 60, 104), (3, 16, 16)], [77, 20, 0]
