@@ -151,7 +151,8 @@ def _positive(text: str) -> int:
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(prog="python -m vdit_kernels.model.demo", description=(__doc__ or "").partition("\n")[0] or None)  # None under python -OO
+    parser = argparse.ArgumentParser(prog="python -m vdit_kernels.model.demo",
+                                     description=(__doc__ or "").partition("\n")[0])  # no docstrings under -OO
     cuda = torch.cuda.is_available()
     parser.add_argument("--config", default="wan-1.3b-like" if cuda else "small", choices=sorted(PRESETS))
     parser.add_argument("--depth", type=_positive, default=4 if cuda else 2, help="number of blocks")
