@@ -138,6 +138,23 @@ def test_wan_rope_table_mismatch_warns_and_stays_exact():
     assert_same(run(model, latents, kw, grad=False), expected, "wan/mismatch")
 
 
+def test_wan_rope_table_changed_after_install():
+    """A table edited after use_vdit_attention (a RoPE-scaling patch) is checked again at the
+    next eager call (it was fused with the old formula regardless: 0.07 off diffusers)."""
+    model = use_vdit_attention(tiny_wan(), backend="reference")
+    latents, kw = wan_inputs()
+    model.rope.freqs_cos[:, :4] = 1.0  # in place: the buffers' version counters move
+    model.rope.freqs_sin[:, :4] = 0.0
+    with pytest.warns(UserWarning, match="changed after use_vdit_attention"):
+        ours = run(model, latents, kw, grad=False)
+    model.set_attn_processor(WanAttnProcessor())
+    assert_same(ours, run(model, latents, kw, grad=False), "wan/table changed")
+    # a table put back to the formula (new tensors) is fused again
+    fresh = tiny_wan()
+    model.rope.freqs_cos, model.rope.freqs_sin = fresh.rope.freqs_cos.clone(), fresh.rope.freqs_sin.clone()
+    assert vkd._wan_table_mismatch(model.rope) is None
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_wan_image_to_video(backend):
     """Wan 2.1 I2V layout: image tokens as extra keys in cross-attention (512 text tokens, hardcoded)."""
@@ -307,9 +324,46 @@ def test_hunyuan_mask_must_be_a_key_prefix():
     attn(x, text, prefix)  # a prefix is accepted; its segments are cached for the next layer
     cu_q, cu_k = attn.processor._mask_cache[2]
     assert cu_q.tolist() == [0, 8, 8, 16, 16] and cu_k.tolist() == [0, 8, 8, 14, 16]
+    # the cached mask passed with other (batch, tokens): its shape is checked first (16 query
+    # rows were once split into two cached "samples" of 8 without an error)
+    with pytest.raises(ValueError, match=r"key-padding mask of shape \(1, 1, 1, 16\)"):
+        attn(torch.randn(1, 13, 32), torch.randn(1, 3, 32), prefix)
     prefix[1, ..., 3] = False  # edited in place: the cache sees the new version and re-checks
     with pytest.raises(ValueError, match="prefix"):
         attn(x, text, prefix)
+
+
+@pytest.mark.parametrize("name", ["wan", "hunyuan"])
+def test_model_compiles_fullgraph(name):
+    """The whole model, RoPE hook and mask segments included, in one graph (the README's claim;
+    HunyuanVideo's mask check once broke it with a data-dependent torch.equal)."""
+    model, (latents, kw) = (tiny_wan(), wan_inputs()) if name == "wan" else (tiny_hunyuan(), hunyuan_inputs())
+    with torch.no_grad():
+        expected = model(latents, **kw).sample
+        use_vdit_attention(model, backend="reference")
+        torch._dynamo.reset()
+        out = torch.compile(model, fullgraph=True, backend="aot_eager")(latents, **kw).sample
+    assert_verbose_close(out, expected, ATOL, RTOL, name=f"{name} compiled")
+
+
+def test_hunyuan_compiles_fullgraph_and_pickles(tmp_path):
+    """The mask's check traces (a device assert in the graph: torch.equal is data-dependent)
+    and the model pickles after a forward (the mask cache held a weakref)."""
+    model = use_vdit_attention(tiny_hunyuan(), backend="reference")
+    attn = model.single_transformer_blocks[0].attn
+    x, text = torch.randn(2, 5, 32), torch.randn(2, 3, 32)
+    prefix = torch.ones(2, 1, 1, 8, dtype=torch.bool)
+    prefix[1, ..., 6:] = False
+    with torch.no_grad():
+        eager = attn(x, text, prefix)
+        compiled = torch.compile(attn, fullgraph=True, backend="aot_eager")
+        assert_verbose_close(compiled(x, text, prefix)[0], eager[0], ATOL, RTOL, name="compiled")
+        gaps = prefix.clone()
+        gaps[0, ..., 2] = False
+        with pytest.raises(RuntimeError, match="prefix"):
+            compiled(x, text, gaps)
+    torch.save(model, tmp_path / "model.pt")  # after a forward: the cache is dropped, not pickled
+    assert attn.processor._mask_cache is not None
 
 
 def test_hunyuan_rope_formula_check():

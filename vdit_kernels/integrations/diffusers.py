@@ -26,8 +26,10 @@ Wan (WanTransformer3DModel, WanVACETransformer3DModel: layers of class WanAttent
   repeat_interleave'd and WanAttnProcessor rotates adjacent pairs (x[2j], x[2j+1]) of the
   whole head dim, the chunks in (t, h, w) order. That is exactly
   vk.Rope3D(positions=grid indices, dims=(t, h, w), theta=10000, interleaved=True).
-  use_vdit_attention checks the model's rope table against that formula, then hooks
-  model.rope so that the (cos, sin) it returns carry the token positions
+  use_vdit_attention checks the model's rope table against that formula (an eager call
+  checks it again once the table has changed, e.g. by a RoPE-scaling patch, and if it no
+  longer matches, warns and rotates in PyTorch; a compiled graph keeps the install-time
+  check), then hooks model.rope so that the (cos, sin) it returns carry the token positions
   (GridRotaryEmb); self-attention then passes rope=Rope3D(...) to varlen_attention,
   which rotates q and k once with the RoPE kernel before its attention kernels (no RoPE
   in PyTorch, no cos/sin table read). A processor set by
@@ -55,7 +57,8 @@ HunyuanVideo (HunyuanVideoTransformer3DModel, T2V and token-replace I2V)
   queries against keys [bN, bN + n_b), then an empty query segment over its padding
   keys, so q, k and v stay where they are and cu_seqlens_k comes from mask.sum(1) on the
   device. Padded query rows attend to the valid keys, as with diffusers' masked SDPA.
-  The mask is checked once per mask tensor to be such a prefix (anything else raises).
+  The mask is checked once per mask tensor to be such a prefix (anything else raises; under
+  torch.compile the check is a device-side assert in the graph).
   HunyuanVideoRotaryPosEmbed (theta 256, dims (16, 56, 56), interleaved pairs, integer
   patch-grid positions) is a Rope3D; text tokens get position (0, 0, 0), the identity
   rotation, so the joint sequence is rotated by varlen_attention's RoPE pass. The hook on
@@ -198,7 +201,31 @@ def rope_table_mismatch(cos: Tensor, sin: Tensor, positions: Tensor, dims, theta
     return None
 
 
+_TABLE_ATTR = "_vdit_rope_table"  # on a hooked WanRotaryPosEmbed: (its table's state, mismatch)
+
+
+def _wan_table_mismatch(rope) -> Optional[str]:
+    """wan_rope_mismatch(rope), asked again only when its table changed since the last time:
+    other tensors (reassigned, or moved by model.to()) or an in-place write (a RoPE-scaling
+    patch applied after use_vdit_attention, once fused with the old formula regardless)."""
+    state = (rope.freqs_cos, _version(rope.freqs_cos), rope.freqs_sin, _version(rope.freqs_sin))
+    seen = getattr(rope, _TABLE_ATTR, None)
+    if seen is not None and all((a is b) if isinstance(a, Tensor) else a == b for a, b in zip(seen[0], state)):
+        return seen[1]
+    reason = wan_rope_mismatch(rope)
+    if reason is not None and seen is not None and seen[1] is None:
+        warnings.warn(f"the RoPE table of {type(rope).__name__} changed after use_vdit_attention and is "
+                      f"no longer fused into varlen_attention (applied in PyTorch instead): {reason}")
+    # (not a buffer: no state_dict entry; the hook reads it outside torch.compile only)
+    object.__setattr__(rope, _TABLE_ATTR, (state, reason))
+    return reason
+
+
 def _wan_rope_hook(module, args, kwargs, output):
+    # eager calls re-check a changed table (one host sync then); a traced graph keeps the
+    # table it was traced with, checked when use_vdit_attention installed the hook
+    if not torch.compiler.is_compiling() and _wan_table_mismatch(module) is not None:
+        return None  # diffusers' own (cos, sin): the processor rotates in PyTorch
     x = args[0] if args else kwargs["hidden_states"]
     pt, ph, pw = module.patch_size
     grid = (x.shape[2] // pt, x.shape[3] // ph, x.shape[4] // pw)
@@ -379,27 +406,38 @@ class HunyuanVideoVarlenAttnProcessor(_VarlenProcessor):
         and the padding keys. Nothing moves; the offsets stay on the device."""
         if mask is None:
             return None
-        cached = self._mask_cache
-        if cached is not None and cached[0]() is mask and cached[1] == _version(mask):
-            return cached[2]
+        # the shape first, also for a cached mask: the same tensor passed with other
+        # (batch, tokens) once split the queries into wrong segments without an error
         if not (isinstance(mask, Tensor) and mask.dtype == torch.bool
                 and tuple(mask.shape) == (batch, 1, 1, tokens)):
             shape = tuple(mask.shape) if isinstance(mask, Tensor) else mask
             raise ValueError(f"{type(self).__name__} takes a boolean key-padding mask of shape "
                              f"{(batch, 1, 1, tokens)} (as HunyuanVideoTransformer3DModel builds it), "
                              f"got {shape} {getattr(mask, 'dtype', '')}")
+        compiling = torch.compiler.is_compiling()  # no weakref cache or data-dependent branch to trace
+        cached = self._mask_cache
+        if not compiling and cached is not None and cached[0]() is mask and cached[1] == _version(mask):
+            return cached[2]
         flat = mask.view(batch, tokens)
         lengths = flat.sum(dim=1, dtype=torch.int32)
         prefix = torch.arange(tokens, device=mask.device) < lengths[:, None]
-        if not torch.equal(flat, prefix):  # one device sync per mask tensor, not per layer
-            raise ValueError(f"{type(self).__name__}: the attention mask must keep a prefix of each "
-                             "sample's tokens (video, then the prompt's real tokens); this one has "
-                             "gaps, which segment offsets cannot express")
+        gaps = (f"{type(self).__name__}: the attention mask must keep a prefix of each sample's tokens "
+                "(video, then the prompt's real tokens); this one has gaps, which segment offsets "
+                "cannot express")
+        if compiling:  # checked on the device, in the graph (a failed device assert there)
+            torch._assert_async((flat == prefix).all(), gaps)
+        elif not torch.equal(flat, prefix):  # one device sync per mask tensor, not per layer
+            raise ValueError(gaps)
         starts = torch.arange(batch + 1, dtype=torch.int32, device=mask.device) * tokens
         cu_q = starts.repeat_interleave(2)[1:]
         cu_k = torch.cat([starts[:1], torch.stack([starts[:-1] + lengths, starts[1:]], dim=1).flatten()])
-        self._mask_cache = (weakref.ref(mask), _version(mask), (cu_q, cu_k))
+        if not compiling:
+            self._mask_cache = (weakref.ref(mask), _version(mask), (cu_q, cu_k))
         return cu_q, cu_k
+
+    def __getstate__(self) -> dict:
+        # a weakref does not pickle: torch.save(model) failed after the first forward
+        return {**self.__dict__, "_mask_cache": None}
 
     def __call__(self, attn, hidden_states: Tensor, encoder_hidden_states: Optional[Tensor] = None,
                  attention_mask: Optional[Tensor] = None, image_rotary_emb=None):
@@ -496,7 +534,8 @@ def use_vdit_attention(model: torch.nn.Module, backend: Optional[str] = None,
             layer.set_processor(processor)
         rope = getattr(model, "rope", None)
         if isinstance(rope, transformer_wan.WanRotaryPosEmbed):
-            _hook_rope(model, rope, _wan_rope_hook, wan_rope_mismatch(rope))
+            object.__setattr__(rope, _TABLE_ATTR, None)  # checked afresh
+            _hook_rope(model, rope, _wan_rope_hook, _wan_table_mismatch(rope))
         return model
     if isinstance(model, hunyuan.HunyuanVideoTransformer3DModel):
         processor = HunyuanVideoVarlenAttnProcessor(backend, deterministic)
