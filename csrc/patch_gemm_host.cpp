@@ -68,11 +68,14 @@ std::vector<at::Tensor> scatter(const at::Tensor& tokens, c10::IntArrayRef shape
   int64_t row = 0;
   for (size_t i = 0; i < shapes.size(); i += 3) {
     const int64_t gt = shapes[i] / ps[0], gh = shapes[i + 1] / ps[1], gw = shapes[i + 2] / ps[2];
-    videos.push_back(tokens.narrow(0, row, gt * gh * gw)
-                         .reshape({gt, gh, gw, channels, ps[0], ps[1], ps[2]})
-                         .permute({3, 0, 4, 1, 5, 2, 6})
-                         .reshape({channels, shapes[i], shapes[i + 1], shapes[i + 2]})
-                         .contiguous());
+    // copied into a new tensor: .contiguous() of a permute that moves nothing (a one-token
+    // video) returned a view into tokens, where the op promises fresh videos
+    at::Tensor video = at::empty({channels, shapes[i], shapes[i + 1], shapes[i + 2]}, tokens.options());
+    video.view({channels, gt, ps[0], gh, ps[1], gw, ps[2]})
+        .copy_(tokens.narrow(0, row, gt * gh * gw)
+                   .reshape({gt, gh, gw, channels, ps[0], ps[1], ps[2]})
+                   .permute({3, 0, 4, 1, 5, 2, 6}));
+    videos.push_back(video);
     row += gt * gh * gw;
   }
   return videos;

@@ -116,6 +116,14 @@ def test_named_backend_that_cannot_run_raises(monkeypatch):
     with vk.use_backend("cuda"):
         with pytest.raises(vk.BackendUnavailable):
             vk.apply_rope_3d(q, q, pack, (4, 4, 4))
+    # the same types under torch.compile: raised inside the constant-result lookup they came
+    # out as dynamo's InternalTorchDynamoError, which `except BackendUnavailable` missed
+    for backend, error in (("cuda", vk.BackendUnavailable), ("bogus", ValueError)):
+        torch._dynamo.reset()
+        compiled = torch.compile(lambda q: vk.apply_rope_3d(q, q, pack, (4, 4, 4), backend=backend)[0],
+                                 backend="eager")
+        with pytest.raises(error, match=backend):
+            compiled(q)
 
 
 @needs_extension
@@ -349,6 +357,24 @@ def test_inplace_rope_refuses_overlapping_q_and_k(pack, backend):
     expect = vk.apply_rope_3d(q, k, pack, (4, 4, 4), backend="reference")
     vk.apply_rope_3d(q, k, pack, (4, 4, 4), inplace=True, backend=backend)
     assert torch.allclose(qkv[:, :4], expect[0], atol=1e-6) and torch.allclose(qkv[:, 4:6], expect[1], atol=1e-6)
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton", CUDA_BACKEND])
+def test_inplace_rope_on_inference_tensors(pack, backend):
+    # torch's in-place ops refuse inference tensors outside inference mode; the reference
+    # path did (through torch), the kernels wrote through pointers regardless
+    _skip_unless_rope_runs(backend)
+    pack = pack.to(device_for(backend))
+    with torch.inference_mode():
+        q, k = (torch.randn(pack.num_tokens, 2, 12, device=pack.device) for _ in range(2))
+    before = q.clone(), k.clone()
+    with pytest.raises(RuntimeError, match="inplace RoPE: q is an inference tensor"):
+        vk.apply_rope_3d(q, k, pack, (4, 4, 4), inplace=True, backend=backend)
+    assert torch.equal(q, before[0]) and torch.equal(k, before[1])
+    with torch.inference_mode():  # inside inference mode: rotated
+        expect = vk.apply_rope_3d(q, k, pack, (4, 4, 4), backend="reference")
+        vk.apply_rope_3d(q, k, pack, (4, 4, 4), inplace=True, backend=backend)
+    assert torch.allclose(q, expect[0], atol=1e-6) and torch.allclose(k, expect[1], atol=1e-6)
 
 
 @pytest.mark.parametrize("backend", ["reference", "triton", CUDA_BACKEND])  # cuda: the C++ op checks

@@ -810,6 +810,12 @@ def test_gemm_ops_zero_token_videos():
     assert out.shape == (1, 5)
     out.sum().backward()
     assert v[0].grad.shape == v[0].shape and torch.equal(b.grad, torch.ones_like(b))
+    # a one-token video's scatter moves nothing: the op still returns fresh videos (the CPU
+    # path once returned views into its GEMM's (N, F) result, which the fake op does not)
+    one = torch.ops.vdit_C.linear_unpatchify(torch.randn(3, 5), torch.randn(12, 5), None, [2, 2, 2, 1, 2, 2],
+                                             [1, 2, 2], 3)
+    assert all(t.storage_offset() == 0 and t.untyped_storage().nbytes() == t.numel() * t.element_size()
+               for t in one)
     x = torch.randn(0, 5, requires_grad=True)
     videos = torch.ops.vdit_C.linear_unpatchify(x, torch.randn(12, 5), torch.randn(12), [0, 4, 6], [1, 2, 2], 3)
     assert [tuple(t.shape) for t in videos] == [(3, 0, 4, 6)]

@@ -132,7 +132,10 @@ def test_explicit_rope_positions_made_under_inference_mode_still_train():
     out = vk.varlen_attention(q, q, q, pack.cu_seqlens, pack.cu_seqlens, pack.max_seqlen, pack.max_seqlen,
                               rope=kept, backend="reference")
     qr, kr = vk.apply_rope_3d(q, q, dims=(4, 4, 4), positions=made, backend="reference")
-    (out.sum() + qr.sum() + kr.sum()).backward()
+    # a Rope3D built directly (not from_pack) keeps what it is given: the attention copies it
+    direct = vk.varlen_attention(q, q, q, pack.cu_seqlens, pack.cu_seqlens, pack.max_seqlen, pack.max_seqlen,
+                                 rope=vk.Rope3D(made, (4, 4, 4)), backend="reference")
+    (out.sum() + qr.sum() + kr.sum() + direct.sum()).backward()
     assert q.grad is not None
     with torch.inference_mode():  # no copy where no backward can follow
         from vdit_kernels.ops.rope import float_positions

@@ -235,7 +235,14 @@ def resolve(family: str, device: torch.device, backend: Optional[str] = None,
     """The concrete backend for one call of op `op` (of `family`) on `device`, with
     tensors of `dtype` (when given)."""
     device_type = device.type if isinstance(device, torch.device) else torch.device(device).type
-    return _resolve_name(backend, family, device_type, op, dtype)
+    name, unknown, unavailable = _resolve_name(backend, family, device_type, op, dtype)
+    # raised here, not inside _resolve_name: dynamo wraps what a constant-result function
+    # raises into an InternalTorchDynamoError, which `except BackendUnavailable` missed
+    if unknown:
+        raise ValueError(unknown)
+    if unavailable:
+        raise BackendUnavailable(unavailable)
+    return name
 
 
 # Under torch.compile the choice is made once, at trace time, and baked into the graph as
@@ -243,23 +250,28 @@ def resolve(family: str, device: torch.device, backend: Optional[str] = None,
 # variable: torch <= 2.13 cannot trace ContextVar.get; the module probing: importlib).
 @torch.compiler.assume_constant_result
 def _resolve_name(backend: Optional[str], family: str, device: str, op: Optional[str],
-                  dtype: Optional[torch.dtype]) -> str:
+                  dtype: Optional[torch.dtype]) -> tuple[str, str, str]:
+    """(backend name, "", "") or ("", why the name is unknown, "") or ("", "", why it
+    cannot run): strings only, so that torch.compile keeps the answer as a constant."""
     # the variables are read at every call (a use_backend block or VDIT_BACKEND may change
     # between calls); the answers of _why_not are cached
     # (backend="" is no backend name: refused below, not taken for "not given")
     name = backend if backend is not None else (_requested.get() or os.environ.get("VDIT_BACKEND") or "auto")
-    _check_name(name)
+    try:
+        _check_name(name)
+    except ValueError as unknown:
+        return "", str(unknown), ""
     interpreter = triton_interpreter()
     if name != "auto":
         reason = _why_not(name, family, device, op, dtype, interpreter)
         if reason is not None:
-            raise BackendUnavailable(f"backend {name!r} cannot run {op or 'the ' + family + ' ops'}: {reason}")
-        return name
+            return "", "", f"backend {name!r} cannot run {op or 'the ' + family + ' ops'}: {reason}"
+        return name, "", ""
     if device == "cuda":
         for candidate in DEFAULT_ORDER[family]:
             if _why_not(candidate, family, device, op, dtype, interpreter) is None:
-                return candidate
-    return "reference"
+                return candidate, "", ""
+    return "reference", "", ""
 
 
 _IMPLEMENTATIONS: dict = {}

@@ -82,6 +82,12 @@ def _rope_3d_inplace(q: Tensor, k: Tensor, positions: Tensor, dims: list[int], t
     # cannot trace the storage checks, and a compiled graph runs this body on real tensors;
     # a backend whose own op runs the same check says so (the cuda backend's C++)
     impl = _impl(backend)
+    if not torch.is_inference_mode_enabled():
+        for name, t in (("q", q), ("k", k)):
+            if t.is_inference():  # what torch's own in-place ops refuse; kernels write through pointers
+                raise RuntimeError(f"inplace RoPE: {name} is an inference tensor (made under "
+                                   "torch.inference_mode), which may be updated in place only inside "
+                                   "inference mode; rotate it there, or use inplace=False")
     if not getattr(impl, "CHECKS_INPLACE_OVERLAP", False):
         check_inplace_rope(q, k, positions)
     impl.rope_3d_(q, k, positions, dims, theta, interleaved, inverse)
