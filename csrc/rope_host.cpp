@@ -136,7 +136,9 @@ void rope_launch(const at::Tensor& q, const at::Tensor& k, const at::Tensor& qo,
   }
 
   const RopePlan plan = plan_rope(p, q.element_size());  // fills p.tok
-  TORCH_CHECK(plan.units_per_token * p.tok < (int64_t{1} << 31), "vdit_C rope: too many heads * head_dim");
+  // (less kRopeThreads: the kernel's int32 loop index steps that far past the last unit)
+  TORCH_CHECK(plan.units_per_token * p.tok < (int64_t{1} << 31) - kRopeThreads,
+              "vdit_C rope: too many heads * head_dim");
   TORCH_CHECK(plan.blocks < (int64_t{1} << 31), "vdit_C rope: N = ", N, " is too large");
   TORCH_CHECK(plan.smem_bytes <= kRopeMaxSmemBytes, "vdit_C rope: head_dim ", D, " is too large");
   C10_CUDA_CHECK(launch_rope_kernel(p, dtype, plan.vp, plan.blocks, static_cast<size_t>(plan.smem_bytes),
