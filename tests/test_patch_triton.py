@@ -130,6 +130,12 @@ def test_patch_width_not_a_power_of_two_uses_the_gather_kernels():
     videos = random_videos(pack, 4, torch.float32, seed=6)
     assert P._line_tiles(videos, (1, 3, 3), 36) is None
     _check(videos, pack, 4)
+    # a program per line: with rows one token wide, 2^31 programs or more would overflow the
+    # grid's x (CUDA refuses the launch); such packs take the gather kernels (expanded
+    # views: no memory)
+    rows = 2**30 + 8
+    videos = [torch.zeros(1, 1, 1, 1).expand(1, 1, rows, 2) for _ in range(2)]
+    assert P._line_tiles(videos[:1], (1, 1, 2), 2) == (1, 1) and P._line_tiles(videos, (1, 1, 2), 2) is None
 
 
 def test_videos_past_the_32_bit_token_index_are_refused():

@@ -350,14 +350,18 @@ _LINE_CAP_SPILLED: set = set()
 
 def _line_tiles(videos, patch_size, features: int):
     """(BLOCK_W, RP) of the line kernels, or None where they do not apply: pw must be a
-    power of two (the tile is reshaped to (rows, BLOCK_W, pw)) and a patch row not huge."""
+    power of two (the tile is reshaped to (rows, BLOCK_W, pw)), a patch row not huge, and
+    the programs, one per line of BLOCK_W tokens, few enough for a grid's x (2^31 - 1:
+    rows one token wide make a program per token)."""
     pt, ph, pw = patch_size
     rows = features // pw
     if pw & (pw - 1) or rows > 2048:
         return None
     rp = triton.next_power_of_2(rows)
     widest = max(v.shape[3] // pw for v in videos)
-    return max(1, min(_LINE_TILE // (rp * pw), triton.next_power_of_2(max(widest, 1)))), rp
+    block_w = max(1, min(_LINE_TILE // (rp * pw), triton.next_power_of_2(max(widest, 1))))
+    programs = sum((v.shape[1] // pt) * (v.shape[2] // ph) * -(-(v.shape[3] // pw) // block_w) for v in videos)
+    return (block_w, rp) if programs < 2**31 else None
 
 
 def _line_align(videos, line_elements: int) -> int:
