@@ -133,7 +133,9 @@ def cases(device: str, quick: bool, workloads, providers=None):
                 def make(b=b, compiled=compiled, env=env):
                     x = _Inputs(wl, device)
                     fwd = lambda lat, pack, t, text: x.model(lat, pack, t, text, backend=b)  # noqa: E731
-                    prepared = x.step(torch.compile(fwd) if compiled else fwd)
+                    # dynamic=False as in every suite: fwd's code object is shared by the
+                    # workloads, so a second one would recompile with symbolic shapes
+                    prepared = x.step(torch.compile(fwd, dynamic=False) if compiled else fwd)
                     return with_env(prepared, **env) if env else prepared
                 add(f"vdit-{b}{suffix}", make, note)
 
@@ -148,7 +150,7 @@ def cases(device: str, quick: bool, workloads, providers=None):
 
                     x = _Inputs(wl, device)
                     fwd = lambda lat, pack, t, text: padded_forward(x.model, lat, pack, t, text, pad=pad)  # noqa: E731
-                    return x.step(torch.compile(fwd) if compiled else fwd)
+                    return x.step(torch.compile(fwd, dynamic=False) if compiled else fwd)
                 what = "padded batch" if pad == "grid" else "token rows padded per video"
                 add("torch-padded" + ("-tokens" if pad == "tokens" else "") + ("-compile" if compiled else ""),
                     make_padded, f"{what}, nn.Conv3d, eager RoPE, SDPA" + (", torch.compile" if compiled else ""))

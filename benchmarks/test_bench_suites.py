@@ -11,7 +11,7 @@ import torch
 
 pytest.importorskip("pytest_benchmark")  # (here: in the test, the fixture failed first)
 
-from benchmarks import bench_attention, bench_block, bench_patch, bench_rope, workloads
+from benchmarks import bench_attention, bench_block, bench_patch, bench_rope, timing, workloads
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 WORKLOADS = workloads.select(DEVICE, quick=True)
@@ -25,6 +25,7 @@ def test_bench(benchmark, case):
     prepared = case.build()
 
     def call():
+        timing._clear_grads(prepared)  # as run.py's samples: no add into the last call's grads
         prepared.fn()
         if DEVICE == "cuda":
             torch.cuda.synchronize()

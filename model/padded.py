@@ -28,7 +28,7 @@ masked (SDPA returns NaN there), so every video needs at least one text token he
 """
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -41,9 +41,10 @@ from vdit_kernels.pack import to_device
 from .dit import VideoDiT, modulate, timestep_embedding
 
 
-def _attention(q: Tensor, k: Tensor, v: Tensor, key_valid: Tensor) -> Tensor:
-    """q (B, Lq, H, D), k/v (B, Lk, H, D), key_valid (B, Lk) bool -> (B, Lq, H, D)."""
-    mask = key_valid[:, None, None, :]
+def _attention(q: Tensor, k: Tensor, v: Tensor, key_valid: Optional[Tensor]) -> Tensor:
+    """q (B, Lq, H, D), k/v (B, Lk, H, D), key_valid (B, Lk) bool or None (every key valid:
+    no mask, so that SDPA may take its FlashAttention kernel, which takes none) -> (B, Lq, H, D)."""
+    mask = None if key_valid is None else key_valid[:, None, None, :]
     out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
                                          attn_mask=mask)
     return out.transpose(1, 2)
@@ -76,11 +77,13 @@ def padded_forward(model: VideoDiT, latents: Sequence[Tensor], pack: vk.VideoPac
                                           torch.arange(gw, device=dev), indexing="ij"), -1).view(-1, 3)
         sizes = to_device(torch.tensor(pack.grid_sizes), dev)
         valid = (grid[None] < sizes[:, None]).all(-1)                        # (B, L)
+        padded = len(set(pack.grid_sizes)) > 1  # (decided on the host: no sync, none traced)
         positions = grid.float().expand(b, -1, -1).reshape(-1, 3)            # RoPE positions (t, h, w)
     else:
         tokens = [model.patch_embed(v[None]).flatten(2).transpose(1, 2)[0] for v in latents]
         x = torch.nn.utils.rnn.pad_sequence(tokens, batch_first=True)        # (B, L, hidden)
         valid = torch.arange(x.shape[1], device=dev)[None] < to_device(torch.tensor(pack.seqlens), dev)[:, None]
+        padded = len(set(pack.seqlens)) > 1
         positions = torch.nn.utils.rnn.pad_sequence(list(pack.split(pack.positions.float())),
                                                     batch_first=True).reshape(-1, 3)
 
@@ -105,13 +108,13 @@ def padded_forward(model: VideoDiT, latents: Sequence[Tensor], pack: vk.VideoPac
         q, k = att.q_norm(q), att.k_norm(k)
         q, k = ref.apply_rope_3d(q.reshape(-1, h, d), k.reshape(-1, h, d), None, cfg.rope_dims,
                                  cfg.rope_theta, positions=positions)
-        o = _attention(q.view(b, n_tok, h, d), k.view(b, n_tok, h, d), v, valid)
+        o = _attention(q.view(b, n_tok, h, d), k.view(b, n_tok, h, d), v, valid if padded else None)
         x = x + gate_a * att.proj(o.reshape(b, n_tok, h * d))
         # cross-attention to the padded text
         xa = block.cross_attn
         q = xa.q_norm(xa.q(block.cross_norm(x)).view(b, n_tok, h, d))
         k, v = xa.kv(ctx).view(b, lt, 2, h, d).unbind(2)
-        o = _attention(q, xa.k_norm(k), v, text_valid)
+        o = _attention(q, xa.k_norm(k), v, text_valid if min(pack.text_lengths) < lt else None)
         x = x + xa.proj(o.reshape(b, n_tok, h * d))
         # MLP
         x = x + gate_m * block.mlp(modulate(norm(x), shift_m, scale_m))

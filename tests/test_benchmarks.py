@@ -179,13 +179,21 @@ def test_dit_suite_packed_and_padded_steps_run_and_count_flops(monkeypatch):
     cases, _ = bench_dit.cases("cpu", True, [wl], ["vdit-reference", "torch-padded"])
     providers = {c.provider for c in cases}
     assert {"vdit-reference", "torch-padded", "torch-padded-compile", "torch-padded-tokens"} <= providers
+    compiles = []
     for case in cases:
         if case.provider.endswith("-compile"):
-            continue  # compiling costs CI minutes; the eager padded paths are the same functions
+            # compiling costs CI minutes (the eager padded paths are the same functions); the
+            # call is checked: static shapes, as every suite (a second workload otherwise
+            # recompiled the shared lambda with symbolic shapes, a slower peer)
+            with monkeypatch.context() as m:
+                m.setattr(torch, "compile", lambda fn, **kw: compiles.append(kw) or fn)
+                case.build()
+            continue
         prepared = case.build()
         prepared.fn()
         grads = [t.grad for t in prepared.grad_to_none]
         assert all(g is not None and torch.isfinite(g).all() for g in grads), case.provider
+    assert compiles and all(kw.get("dynamic") is False for kw in compiles), compiles
 
     cfg = bench_dit._config(wl, "cpu")
     n, h, f, m, s = wl.num_tokens, cfg.hidden, cfg.patch_features, cfg.mlp_hidden, 8 * len(wl.shapes)

@@ -311,16 +311,27 @@ def test_realistic_config_bf16_gpu(backend, fused_rope):
         assert err <= 2 * base_err + 1e-3, f"{name}: {backend} error {err:.3e} > 2 x reference bf16's {base_err:.3e}"
 
 
+@pytest.mark.parametrize("equal", [False, True], ids=["mixed", "equal"])
 @pytest.mark.parametrize("pad", ["grid", "tokens"])
-def test_padded_plain_pytorch_baseline_matches_the_packed_model(pad):
+def test_padded_plain_pytorch_baseline_matches_the_packed_model(pad, equal, monkeypatch):
     # benchmarks/bench_dit.py times model.padded.padded_forward as "the same model without
     # packing": it must compute the same outputs and gradients on the real tokens
+    import vdit_kernels.model.padded as padded
     from vdit_kernels.model.padded import padded_forward
 
     model, cfg = _model(torch.float64)
     pack, latents, t, text, cot = _inputs(cfg, torch.float64)
-    pack = vk.VideoPack.from_shapes(SHAPES, cfg.patch_size, device=DEVICE, text_lengths=[3, 5, 1])
+    shapes, text_lengths = ([SHAPES[0]] * 3, [4, 4, 4]) if equal else (SHAPES, [3, 5, 1])
+    if equal:  # nothing padded: the baseline must pass SDPA no mask (its FlashAttention takes none)
+        g = torch.Generator().manual_seed(3)
+        latents, cot = ([torch.randn(cfg.in_channels, *s, generator=g, dtype=torch.float64).to(DEVICE)
+                         for s in shapes] for _ in range(2))
+    pack = vk.VideoPack.from_shapes(shapes, cfg.patch_size, device=DEVICE, text_lengths=text_lengths)
     text = torch.randn(pack.num_text_tokens, cfg.text_dim, dtype=torch.float64, device=DEVICE)
+    masks = []
+    sdpa = padded.F.scaled_dot_product_attention
+    monkeypatch.setattr(padded.F, "scaled_dot_product_attention",
+                        lambda *a, attn_mask=None, **k: masks.append(attn_mask) or sdpa(*a, attn_mask=attn_mask, **k))
     results = []
     for forward in (lambda x: model(x, pack, t, text, backend="reference"),
                     lambda x: padded_forward(model, x, pack, t, text, pad=pad)):
@@ -336,10 +347,12 @@ def test_padded_plain_pytorch_baseline_matches_the_packed_model(pad):
     assert gw_b.keys() == gw_p.keys()
     for name in gw_p:
         assert_verbose_close(gw_b[name], gw_p[name], atol=1e-10, rtol=1e-9, name=name)
+    # self- then cross-attention per block: masked where keys are padded, else no mask
+    assert [m is None for m in masks] == ([True, True] if equal else [False, False]) * cfg.depth
     # (inputs the model takes, with a video of no text tokens: the padded SDPA's NaN rows)
     no_text = vk.VideoPack.from_shapes(SHAPES, cfg.patch_size, device=DEVICE, text_lengths=TEXT)
     with pytest.raises(ValueError, match="text token"):
-        padded_forward(model, latents, no_text, t, text[:no_text.num_text_tokens])
+        padded_forward(model, _inputs(cfg, torch.float64)[1], no_text, t, text[:no_text.num_text_tokens])
 
 
 def test_per_token_gradient_is_a_segment_sum():
