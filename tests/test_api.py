@@ -707,13 +707,22 @@ def test_opcheck_every_op(backend):
         torch.library.opcheck(op, (*args[:-1], backend))
 
 
-def test_opcheck_float64_attention():
-    # float64 (gradcheck) runs on the reference path, whose lse is float64: the fake agrees
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float16])
+def test_opcheck_attention_lse_dtype(dtype):
+    # the lse is float32 for half-precision q and float64 for float64 (the reference path's
+    # gradcheck dtype): the fakes agree, forward and backward (_op_samples are all float32,
+    # where either rule gives float32)
     pack = _make_pack()
-    q, k, v = _qkv(pack.num_tokens, requires_grad=True)
+    q, k, v = _qkv(pack.num_tokens, dtype=dtype, requires_grad=True)
     cu, m = pack.cu_seqlens, pack.max_seqlen
     torch.library.opcheck(attn_ops.varlen_attention_op,
                           (q, k, v, cu, cu, m, m, 0.5, None, [], 10000.0, True, False, "reference"))
+    out, lse = vk.varlen_attention(q.detach(), k.detach(), v.detach(), cu, cu, m, m, return_lse=True,
+                                   backend="reference")
+    assert lse.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+    torch.library.opcheck(attn_ops.varlen_attention_backward_op,
+                          (torch.randn_like(out), q.detach(), k.detach(), v.detach(), out, lse, torch.randn_like(lse),
+                           cu, cu, m, m, 0.5, None, [], 10000.0, True, False, "reference"))
 
 
 @pytest.mark.parametrize("backend", ["reference", "triton"])

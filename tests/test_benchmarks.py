@@ -47,6 +47,7 @@ def test_other_formulas():
         flops.linear_unpatchify_bytes(10, 64, 3072, 2, "bwd")
     assert flops.patchify_bytes(10, 64, 2) == 2 * 10 * 64 * 2
     assert flops.rope_bytes(10, 4, 2, 8, 2, position_bytes=0) == 2 * 10 * 6 * 8 * 2
+    assert flops.rope_bytes(10, 4, 2, 8, 2) == 2 * 10 * 6 * 8 * 2 + 10 * 3 * 4  # + float32 (N, 3) positions
 
 
 def test_timing_summary_reports_the_quartiles():

@@ -126,6 +126,26 @@ def test_demo_arguments(capsys):
     assert help_.returncode == 0 and "--dtype" in help_.stdout, help_.stderr[-2000:]
 
 
+def test_layers_against_their_formulas():
+    # the model's tests compare it with itself (packed vs one video, backends, dtypes) and
+    # with model/padded.py, which imports these same helpers: each is checked here against
+    # its formula written out (DiT's adaLN modulation, the sinusoidal timestep features, RMSNorm)
+    from vdit_kernels.model.dit import RMSNorm, modulate, timestep_embedding
+
+    g = torch.Generator().manual_seed(0)
+    x, shift, scale = (torch.randn(5, 8, generator=g, dtype=torch.float64) for _ in range(3))
+    torch.testing.assert_close(modulate(x, shift, scale), x * (1 + scale) + shift)
+    t = torch.tensor([0.0, 3.0, 999.0], dtype=torch.float64)
+    emb = timestep_embedding(t, 7)  # odd width: a zero column at the end
+    j = torch.arange(3, dtype=torch.float64)
+    angle = t[:, None] * 10000.0 ** (-j / 3)
+    torch.testing.assert_close(emb, torch.cat([angle.cos(), angle.sin(), torch.zeros(3, 1, dtype=t.dtype)], 1))
+    norm = RMSNorm(8, eps=1e-6).double()
+    with torch.no_grad():
+        norm.weight.copy_(torch.randn(8, generator=g))
+    torch.testing.assert_close(norm(x), x / (x.pow(2).mean(-1, keepdim=True) + 1e-6).sqrt() * norm.weight)
+
+
 def test_zero_init_outputs_zero():
     cfg = DiTConfig.from_name("tiny")
     model = VideoDiT(cfg).to(DEVICE)  # adaLN-Zero: the output layer starts at zero
