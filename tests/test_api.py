@@ -457,6 +457,8 @@ def test_bad_attention(pack):
         vk.varlen_attention(q, k, v, cu + 1, cu, m, m)
     with pytest.raises(ValueError, match="max_seqlen_q 3 is smaller"):
         vk.varlen_attention(q, k, v, cu, cu, 3, m)
+    with pytest.raises(ValueError, match=f"max_seqlen_k {m - 1} is smaller"):  # one short is too short
+        vk.varlen_attention(q, k, v, cu, cu, m, m - 1)
     with pytest.raises(ValueError, match="not a tensor"):  # reading a CUDA one would wait for the GPU
         vk.varlen_attention(q, k, v, cu, cu, torch.tensor(m), m)
     for not_an_int in (float(m), True):

@@ -1047,11 +1047,29 @@ def test_tuning_cache_keeps_measured_variants(monkeypatch, tmp_path):
     assert measured_choice("VDIT_TEST_VARIANT", options, {}, key[:4] + ((2, 0),), lambda: "c") == "c"
     assert measured_choice("VDIT_TEST_VARIANT", options, {}, key, lambda: "c", available=("a", "c")) == "c"
     assert measured_choice("VDIT_TEST_VARIANT", options, {}, key, None) == "a"  # nothing may be timed
+    assert TC.describe().endswith(f"VDIT_TEST_VARIANT {key!r}")  # the misses are not "used" picks
     # other Triton sources (or GPU, or releases): another file
     _new_process(monkeypatch)
     with monkeypatch.context() as m:
         m.setattr(TC, "sources_digest", lambda: "0123456789abcdef")
         assert TC.cache_path() != path and TC.recall("VDIT_TEST_VARIANT", key) is None
+    # the digest covers what the measured kernels and variants run: an edit to the Triton
+    # kernels, the CUDA wrappers or the launch tables' pack.py makes another file
+    package = tmp_path / "package"
+    for pattern in TC._SOURCES:
+        for source in TC._PACKAGE.glob(pattern):
+            (package / source.relative_to(TC._PACKAGE)).parent.mkdir(parents=True, exist_ok=True)
+            (package / source.relative_to(TC._PACKAGE)).write_bytes(source.read_bytes())
+    digests = set()
+    with monkeypatch.context() as m:
+        m.setattr(TC, "_PACKAGE", package)
+        for edited in ("triton/patch.py", "cuda/patch.py", "pack.py"):
+            with (package / edited).open("a") as f:
+                f.write("\n# edited\n")
+            TC.sources_digest.cache_clear()
+            digests.add(TC.sources_digest())
+    TC.sources_digest.cache_clear()
+    assert len(digests) == 3
     # an unreadable file counts as empty, and is replaced by the next save; entries of
     # another form are ignored (a cache never fails a call)
     path.write_text("{not json")

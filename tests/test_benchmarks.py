@@ -29,6 +29,20 @@ def test_attention_flops_hand_computed():
         flops.attention_flops([1], [1], 1, 1, "causal")
 
 
+def test_speedups_are_against_the_first_baseline_that_ran():
+    import benchmarks.run as run
+
+    row = lambda provider, **ms: dict(op="rope", name="rope_3d", mode="fwd", workload="w", provider=provider, **ms)
+    rows = [row("vdit-triton", median_ms=1.0), row("reference-compile", median_ms=2.0),
+            row("vdit-reference", median_ms=4.0), row("liger-rope")]  # (the last failed: no time)
+    run.add_speedups(rows)
+    assert [(r.get("baseline"), r.get("speedup")) for r in rows] == [
+        ("vdit-reference", 4.0), ("vdit-reference", 2.0), ("vdit-reference", 1.0), (None, None)]
+    rows = rows[:2]  # without the reference: the next baseline
+    run.add_speedups(rows)
+    assert [r["speedup"] for r in rows] == [2.0, 1.0] and rows[0]["baseline"] == "reference-compile"
+
+
 def test_other_formulas():
     assert flops.patch_embed_flops(10, 64, 3072) == 2 * 10 * 64 * 3072
     # read latents (10 x 64) and weight (3072 x 64), write the output (10 x 3072), bf16

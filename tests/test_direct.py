@@ -80,12 +80,16 @@ def test_direct_route_matches_the_registered_op(backend, name, monkeypatch):
         assert torch.equal(a, b)
 
 
-def test_no_grad_calls_skip_autograd_and_match():
+def test_no_grad_calls_skip_autograd_and_match(monkeypatch):
     fn, _ = _calls("reference")["patch_embed"]
+    applied = []
+    apply = direct._Direct.apply
+    monkeypatch.setattr(direct._Direct, "apply", lambda *a: applied.append(1) or apply(*a))
     with torch.no_grad():
         out = fn()
-    assert out.grad_fn is None and not out.requires_grad
-    assert torch.equal(out, fn().detach())
+    # not through the autograd Function at all (it would save tensors no backward reads)
+    assert out.grad_fn is None and not out.requires_grad and applied == []
+    assert torch.equal(out, fn().detach()) and applied == [1]
 
 
 def test_fake_tensors_go_through_the_op():

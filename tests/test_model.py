@@ -146,6 +146,18 @@ def test_layers_against_their_formulas():
     torch.testing.assert_close(norm(x), x / (x.pow(2).mean(-1, keepdim=True) + 1e-6).sqrt() * norm.weight)
 
 
+def test_fused_and_unfused_rope_agree():
+    # RoPE inside varlen_attention or apply_rope_3d before it: the same model, also at a
+    # theta that is not the default (an argument one path dropped would go unseen at 10000)
+    model, cfg = _model(torch.float64, rope_theta=256.0)
+    pack, latents, t, text, _ = _inputs(cfg, torch.float64)
+    fused = model(latents, pack, t, text, backend="reference")
+    model.config.fused_rope = False
+    unfused = model(latents, pack, t, text, backend="reference")
+    for a, b in zip(unfused, fused):
+        assert_verbose_close(a, b, atol=1e-12, rtol=1e-10)
+
+
 def test_zero_init_outputs_zero():
     cfg = DiTConfig.from_name("tiny")
     model = VideoDiT(cfg).to(DEVICE)  # adaLN-Zero: the output layer starts at zero
@@ -339,7 +351,8 @@ def test_padded_plain_pytorch_baseline_matches_the_packed_model(pad, equal, monk
     import vdit_kernels.model.padded as padded
     from vdit_kernels.model.padded import padded_forward
 
-    model, cfg = _model(torch.float64)
+    # eps and theta not the defaults: a layer that ignored them would still agree
+    model, cfg = _model(torch.float64, eps=1e-2, rope_theta=256.0)
     pack, latents, t, text, cot = _inputs(cfg, torch.float64)
     shapes, text_lengths = ([SHAPES[0]] * 3, [4, 4, 4]) if equal else (SHAPES, [3, 5, 1])
     if equal:  # nothing padded: the baseline must pass SDPA no mask (its FlashAttention takes none)

@@ -152,7 +152,11 @@ def test_replace_gives_a_pack_its_own_cache():
     two = VideoPack.from_shapes([(1, 2, 2), (2, 4, 4)], patch_size=(1, 2, 2), text_lengths=[1, 2])
     for change, message in (({"shapes": ((1, 2, 2),)}, "grid_sizes"), ({"patch_size": (1, 1, 1)}, "seqlens"),
                             ({"cu_seqlens": two.cu_seqlens[:2]}, "cu_seqlens of shape"),
-                            ({"text_lengths": None}, "text_lengths / cu_seqlens_k")):
+                            ({"text_lengths": None}, "text_lengths / cu_seqlens_k"),
+                            ({"text_lengths": (1, 2, 3)}, "text_lengths / cu_seqlens_k"),
+                            # the same count, the old offsets: video 0's text went to video 1
+                            ({"text_lengths": (2, 1)}, r"cu_seqlens_k \[0, 1, 3\] \(the offsets of \[2, 1\]\)"),
+                            ({"cu_seqlens": two.cu_seqlens.flip(0)}, "cu_seqlens .*the offsets of")):
         with pytest.raises(ValueError, match=f"VideoPack fields disagree .*{message}"):
             dataclasses.replace(two, **change)
     assert dataclasses.replace(two).seqlens == two.seqlens
@@ -165,6 +169,8 @@ def test_split_and_to():
     with pytest.raises(ValueError, match="rows"):
         pack.split(torch.arange(4))
     assert pack.to("cpu").cu_seqlens.tolist() == [0, 1, 3]
+    texts = VideoPack.from_shapes(pack.shapes, patch_size=(1, 2, 2), text_lengths=[3, 4]).to("cpu")
+    assert texts.text_lengths == (3, 4) and texts.cu_seqlens_k.tolist() == [0, 3, 7]
 
 
 def test_device_tables_are_cached_by_content(monkeypatch):
@@ -181,6 +187,11 @@ def test_device_tables_are_cached_by_content(monkeypatch):
     assert P.device_table([1, 2, 3], "cpu", dtype=torch.int32) is not a
     assert len(P._TABLES) == 2 and P.device_table([1, 2, 4], "cpu") is b  # [1, 2, 3] int64 evicted
     assert P.device_table([1, 2, 3], "cpu") is not a
+    # least recently used, not first in: a table used again outlives one made after it
+    x, y = P.device_table([7], "cpu"), P.device_table([8], "cpu")
+    assert P.device_table([7], "cpu") is x
+    P.device_table([9], "cpu")  # evicts [8], the least recently used
+    assert P.device_table([7], "cpu") is x and P.device_table([8], "cpu") is not y
 
 
 def test_patch_ops_reuse_their_launch_table(monkeypatch):

@@ -677,6 +677,14 @@ def _worker4(rank, store, out_dir):
             (out * local["do"]).sum().backward()
         results[("tiny", scheme)] = dict(out=out.detach(), dq=q.grad, dk=k.grad, dv=v.grad,
                                          too_long=too_long)
+    # cross-attention from the shards to replicated keys (each video's own tokens here):
+    # rank 3 holds padding rows only
+    q = local["q"].clone().requires_grad_(True)
+    with _max_seqlen_audit() as too_long:
+        out = vk.local_cross_attention(q, x["k"], x["v"], pack.cu_seqlens, pack.cu_seqlens, pack.max_seqlen,
+                                       pack.max_seqlen, backend="reference")
+        (out * local["do"]).sum().backward()
+    results[("tiny", "local-cross")] = dict(out=out.detach(), dq=q.grad, too_long=too_long)
     results["shards"] = {layout: vk.usp_shard(*groups[layout]) for layout in USP_LAYOUTS}
     q, k, v = (vk.shard_pack(t, 4, rank) for t in _bf16_ring_inputs()[1])
     results["ring_bf16"] = vk.ring_varlen_attention(q, k, v, *_bf16_ring_inputs()[0], backend="reference")
@@ -771,6 +779,21 @@ def test_padding_longer_than_videos(four_rank_runs, scheme):
         assert run["too_long"] == []
     # 1-token videos attend to themselves only: out = v
     assert_verbose_close(out.detach(), x["v"], 1e-12, 1e-12, name="out = v")
+
+
+def test_local_cross_attention_over_padding_shards(four_rank_runs):
+    # the same five 1-token videos, as cross-attention to replicated keys: the shards'
+    # padding rows make a segment longer than max_seqlen, which the bound passed on must
+    # cover (the GPU kernels size their grids by it and would leave rows unwritten)
+    runs = [run[("tiny", "local-cross")] for run in four_rank_runs]
+    pack, x = _tiny_inputs()
+    q = x["q"].clone().requires_grad_(True)
+    out = vk.varlen_attention(q, x["k"], x["v"], pack.cu_seqlens, pack.cu_seqlens, pack.max_seqlen,
+                              pack.max_seqlen, backend="reference")
+    (dq,) = torch.autograd.grad(out, (q,), x["do"])
+    for key, e in (("out", out.detach()), ("dq", dq)):
+        assert_verbose_close(_gather(runs, key, pack.num_tokens), e, 1e-12, 1e-12, name=key)
+    assert all(run["too_long"] == [] for run in runs)
 
 
 @pytest.mark.parametrize("layout", [name for name, _, _ in _dit_layouts({(2, 2): (None, None)})])

@@ -16,13 +16,14 @@ video i's queries attend to text tokens cu_seqlens_k[i] : cu_seqlens_k[i+1].
 from __future__ import annotations
 
 import operator
+from itertools import accumulate
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Optional, Sequence
 
 import torch
 
-from .checks import as_ints
+from .checks import as_ints, values_checked
 
 _AXES = ("T", "H", "W")
 
@@ -171,6 +172,14 @@ class VideoPack:
                 self.text_lengths is not None and (len(self.text_lengths) != b or tuple(self.cu_seqlens_k.shape) !=
                                                    (b + 1,) or self.cu_seqlens_k.device != self.device)):
             wrong.append("text_lengths / cu_seqlens_k")
+        if not wrong and not torch.compiler.is_compiling():
+            # the offsets' values too where that costs no sync (CPU, or VDIT_CHECK_VALUES=1):
+            # replace(pack, text_lengths=...) kept the old cu_seqlens_k, and the text of one
+            # video went to another
+            for name, cu, lengths in (("cu_seqlens", self.cu_seqlens, self.seqlens),
+                                      ("cu_seqlens_k", self.cu_seqlens_k, self.text_lengths)):
+                if cu is not None and values_checked(cu) and cu.tolist() != list(accumulate(lengths, initial=0)):
+                    wrong.append(f"{name} {cu.tolist()} (the offsets of {list(lengths)})")
         if wrong:
             raise ValueError(f"VideoPack fields disagree with its {b} shapes {list(self.shapes)}, patch size "
                              f"{self.patch_size} on {self.device}: " + "; ".join(wrong)
