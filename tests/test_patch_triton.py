@@ -278,3 +278,15 @@ def test_line_kernels_drop_the_register_cap_where_it_spilled(monkeypatch):
     for _ in range(2):
         P.unpatchify(tokens, [2, 4, 6], (1, 2, 2), 16)
     assert caps == [P._LINE_MAXNREG, P._LINE_MAXNREG]
+
+
+def test_host_grid_arithmetic_matches_triton():
+    # the launchers' plain-int cdiv / next_pow2 (triton's are ConstexprFunctions: ~2 us a
+    # call on the host) give triton's values
+    import triton
+
+    from vdit_kernels.triton import cdiv, next_pow2
+
+    assert all(next_pow2(x) == triton.next_power_of_2(x) for x in range(0, 5000))
+    assert next_pow2(2**40 + 1) == triton.next_power_of_2(2**40 + 1) == 2**41
+    assert all(cdiv(a, b) == triton.cdiv(a, b) for a in range(0, 200) for b in range(1, 70))

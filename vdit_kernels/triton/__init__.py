@@ -100,6 +100,20 @@ def on_tensors_device(fn):
     return run
 
 
+# Host-side grid and tile arithmetic. triton.cdiv and triton.next_power_of_2 are
+# ConstexprFunction objects (Triton 3.6 and 3.8): 2-3 us a call on this CPU machine, and a
+# launch made several, e.g. 8 of the Triton RoPE launcher's 15 us besides Triton's own.
+
+def cdiv(a: int, b: int) -> int:
+    """ceil(a / b) of ints (triton.cdiv's value)."""
+    return -(-a // b)
+
+
+def next_pow2(x: int) -> int:
+    """The smallest power of two >= x (triton.next_power_of_2's value: 0 for 0)."""
+    return 1 << (x - 1).bit_length() if x > 0 else 0
+
+
 def pow2_dividing(values: Iterable[int], cap: int) -> int:
     """The largest power of two up to `cap` (a power of two) that divides every value: the
     alignment a kernel may be told about (tl.multiple_of) when the values are its offsets."""

@@ -92,8 +92,8 @@ import triton.language as tl
 
 from .. import backend as _backend
 from ..checks import KERNEL_DTYPES
-from . import (COMPILE_OPTIONS, TensorDescriptor, autotune_enabled, autotuned_choices, launch_first_that_fits,
-               loop_bound, measured_choice, on_tensors_device, pow2_dividing, timing)
+from . import (COMPILE_OPTIONS, TensorDescriptor, autotune_enabled, autotuned_choices, cdiv, launch_first_that_fits,
+               loop_bound, measured_choice, next_pow2, on_tensors_device, pow2_dividing, timing)
 from . import rope as triton_rope
 from . import tuning_cache
 
@@ -754,7 +754,7 @@ _TILE_LISTS = _with_tma_variants({"fwd": _FWD_TILES, **_BWD_TILES})
 
 
 def _block_d(d: int) -> int:
-    return max(16, triton.next_power_of_2(d))
+    return max(16, next_pow2(d))
 
 
 def _tile_class(d: int) -> str:
@@ -1100,7 +1100,7 @@ def varlen_attention_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_
                 out.stride(0), out.stride(1), lse.stride(0),
                 h // hk, float(softmax_scale) * LOG2E)
         _launch(_attn_fwd_kernel, _tuner("fwd_tma" if tma else "fwd", size), "fwd_tma" if tma else "fwd",
-                lambda meta: (triton.cdiv(max_seqlen_q, meta["BLOCK_M"]), h, nseg), args,
+                lambda meta: (cdiv(max_seqlen_q, meta["BLOCK_M"]), h, nseg), args,
                 tiles, fixed=False, TMA=tma, **common)
 
     run(fwd_variant(_tma_possible(k, v), key=(d, q.dtype, h // hk, q.device, size),
@@ -1142,7 +1142,7 @@ def varlen_attention_bwd(grad_out, q, k, v, out, lse, grad_lse, cu_seqlens_q, cu
         delta = rowsum(dO * O) - grad_lse, 0, 0) per head and query row."""
         stats = torch.empty((h, nq, 4), dtype=torch.float32, device=q.device)
         pre_m = 16
-        _attn_bwd_pre_kernel[(triton.cdiv(nq, pre_m), h)](
+        _attn_bwd_pre_kernel[(cdiv(nq, pre_m), h)](
             out, grad_out, lse, stats, nq,
             out.stride(0), out.stride(1),
             grad_out.stride(0), grad_out.stride(1),
@@ -1198,7 +1198,7 @@ def varlen_attention_bwd(grad_out, q, k, v, out, lse, grad_lse, cu_seqlens_q, cu
                 gk.stride(0), gk.stride(1), gv.stride(0), gv.stride(1), gq.stride(0), gq.stride(1),
                 h // hk, scale, scale * LOG2E)
         _launch(_attn_bwd_dkdv_kernel, _tuner(tag, size), tag,
-                lambda meta: (triton.cdiv(max_seqlen_k, meta["BLOCK_N"]), hk, nseg), args,
+                lambda meta: (cdiv(max_seqlen_k, meta["BLOCK_N"]), hk, nseg), args,
                 tiles, fixed=deterministic, ATOMIC_DQ=atomic, EMULATE_TMA_ADD=q.device.type != "cuda",
                 **common)
         # -- dQ: one query block x head --
@@ -1212,7 +1212,7 @@ def varlen_attention_bwd(grad_out, q, k, v, out, lse, grad_lse, cu_seqlens_q, cu
                     gq.stride(0), gq.stride(1),
                     h // hk, scale, scale * LOG2E)
             _launch(_attn_bwd_dq_kernel, _tuner(tag, size), tag,
-                    lambda meta: (triton.cdiv(max_seqlen_q, meta["BLOCK_M"]), h, nseg), args,
+                    lambda meta: (cdiv(max_seqlen_q, meta["BLOCK_M"]), h, nseg), args,
                     tiles, fixed=deterministic, **common)
         return gq, gk, gv
 

@@ -86,8 +86,8 @@ import triton.language as tl
 
 from .. import backend as _backend
 from ..pack import device_table
-from . import (COMPILE_OPTIONS, autotune_enabled, autotuned_choices, launch_first_that_fits, loop_bound,
-               measured_choice, on_tensors_device, pow2_dividing, timing, tuning_cache)
+from . import (COMPILE_OPTIONS, autotune_enabled, autotuned_choices, cdiv, launch_first_that_fits, loop_bound,
+               measured_choice, next_pow2, on_tensors_device, pow2_dividing, timing, tuning_cache)
 
 # float64 too, exactly: the copies are dtype-blind and its GEMMs run in PyTorch (above)
 DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -309,7 +309,7 @@ def _unpatchify_lines_kernel(tokens_ptr, cu_blocks_ptr, meta_ptr, stride_tn, F, 
 
 
 def _tiles(features: int) -> tuple[int, int]:
-    block_f = min(triton.next_power_of_2(features), 128)
+    block_f = min(next_pow2(features), 128)
     return max(8, 1024 // block_f), block_f
 
 
@@ -357,9 +357,9 @@ def _line_tiles(videos, patch_size, features: int):
     rows = features // pw
     if pw & (pw - 1) or rows > 2048:
         return None
-    rp = triton.next_power_of_2(rows)
+    rp = next_pow2(rows)
     widest = max(v.shape[3] // pw for v in videos)
-    block_w = max(1, min(_LINE_TILE // (rp * pw), triton.next_power_of_2(max(widest, 1))))
+    block_w = max(1, min(_LINE_TILE // (rp * pw), next_pow2(max(widest, 1))))
     programs = sum((v.shape[1] // pt) * (v.shape[2] // ph) * -(-(v.shape[3] // pw) // block_w) for v in videos)
     return (block_w, rp) if programs < 2**31 else None
 
@@ -399,7 +399,7 @@ def _launch(kernel, packed, videos, patch_size):
         return
     block_t, block_f = _tiles(f)
     table, blocks = _tables(videos, (pt, ph, pw), block_t, packed.device)
-    grid = (blocks, triton.cdiv(f, block_f))
+    grid = (blocks, cdiv(f, block_f))
     kernel[grid](packed, table, table[b + 1:], packed.stride(0), packed.stride(1), f, b,
                  PT=pt, PH=ph, PW=pw, LOG_B=log_b, META=_META,
                  BLOCK_T=block_t, BLOCK_F=block_f, num_warps=4, **COMPILE_OPTIONS)
@@ -716,22 +716,22 @@ def _gather_gemm(videos, b_mat, bias, patch_size):
     b = len(videos)
     if f <= _EMBED_MAX_F and (v0.dtype != torch.float32 or _interp(v0)):
         interp = _interp(v0)
-        fp = max(16, triton.next_power_of_2(f))
+        fp = max(16, next_pow2(f))
         bm, bn, warps, stages = _EMBED_SMALL if interp else (_EMBED_BLOCK_M, *_embed_candidates(fp)[0])
         table, blocks = _tables(videos, patch_size, bm, v0.device)
         # enough programs to fill the GPU (~4 per SM), each walking a run of column blocks;
         # runs are whole multiples of every candidate's BLOCK_N, so the grid is the same
         step = bn if interp else max(c[0] for c in _embed_fixed_list(fp))
-        col_steps = triton.cdiv(nout, step)
+        col_steps = cdiv(nout, step)
         sms = torch.cuda.get_device_properties(v0.device).multi_processor_count if v0.is_cuda else 1
         target = 2 if interp else 4 * sms
-        splits = max(1, min(col_steps, triton.cdiv(target, blocks)))
-        per_program = triton.cdiv(col_steps, splits) * step
+        splits = max(1, min(col_steps, cdiv(target, blocks)))
+        per_program = cdiv(col_steps, splits) * step
         args = (out, b_mat, bias if bias is not None else out, table, table[b + 1:],
                 out.stride(0), out.stride(1), b_mat.stride(0), b_mat.stride(1), nout, f, b, per_program)
         consts = dict(HAS_BIAS=bias is not None, IEEE=v0.dtype == torch.float32, PT=pt, PH=ph, PW=pw,
                       LOG_B=_log_b(b), META=_META, BLOCK_M=bm, FP=fp)
-        grid = (blocks, triton.cdiv(nout, per_program))
+        grid = (blocks, cdiv(nout, per_program))
         if interp:
             _embed_kernel[grid](*args, **consts, BLOCK_N=bn, num_warps=warps, num_stages=stages,
                                 **COMPILE_OPTIONS)
@@ -746,7 +746,7 @@ def _gather_gemm(videos, b_mat, bias, patch_size):
     bm, bn, bk, warps = (_SMALL if _interp(v0) else
                          _GEMM_GPU_FP32 if v0.dtype == torch.float32 else _GEMM_GPU)
     table, blocks = _tables(videos, patch_size, bm, v0.device)
-    _gather_gemm_kernel[(blocks, triton.cdiv(nout, bn))](
+    _gather_gemm_kernel[(blocks, cdiv(nout, bn))](
         out, b_mat, bias if bias is not None else out, table, table[b + 1:],
         out.stride(0), out.stride(1), b_mat.stride(0), b_mat.stride(1), nout, f, b,
         HAS_BIAS=bias is not None, IEEE=v0.dtype == torch.float32,
@@ -773,7 +773,7 @@ def _scatter_gemm(x, b_mat, bias, shapes, patch_size, channels):
     bm, bn, bk, warps = _SMALL if _interp(x) else _SCATTER_GPU
     table, blocks = _tables(outs, patch_size, bm, x.device)
     b = len(outs)
-    _scatter_gemm_kernel[(blocks, triton.cdiv(f, bn))](
+    _scatter_gemm_kernel[(blocks, cdiv(f, bn))](
         x, b_mat, bias if bias is not None else x, table, table[b + 1:],
         x.stride(0), x.stride(1), b_mat.stride(0), b_mat.stride(1), hid, f, b,
         HAS_BIAS=bias is not None, IEEE=x.dtype == torch.float32,
@@ -804,17 +804,17 @@ def _wgrad(videos, dense, patch_size, bias):
     bt, bp, bq, warps, stages = ((*_SMALL, 1) if _interp(v0) else
                                  _WGRAD_GPU_FP32 if v0.dtype == torch.float32 else _WGRAD_GPU)
     table, blocks = _tables(videos, patch_size, bt, v0.device)
-    tiles = triton.cdiv(p, bp) * triton.cdiv(q, bq)
+    tiles = cdiv(p, bp) * cdiv(q, bq)
     # split the token reduction so that a GPU has ~2 programs per SM; partials summed below
     # (the interpreter takes two splits, so that the CPU tests cover the partial sums)
     splits = min(blocks, 2) if _interp(v0) else max(1, min(blocks, 264 // tiles))
-    per_split = triton.cdiv(blocks, splits)
-    splits = triton.cdiv(blocks, per_split)
+    per_split = cdiv(blocks, splits)
+    splits = cdiv(blocks, per_split)
     part = torch.empty(splits, p, q, dtype=torch.float32, device=v0.device)
     bias_part = (torch.empty(splits, p if bias == "dense" else q, dtype=torch.float32, device=v0.device)
                  if with_bias else part)
     b = len(videos)
-    _wgrad_kernel[(triton.cdiv(p, bp), triton.cdiv(q, bq), splits)](
+    _wgrad_kernel[(cdiv(p, bp), cdiv(q, bq), splits)](
         part, bias_part, dense, table, table[b + 1:],
         dense.stride(0), dense.stride(1), part.stride(0), part.stride(1), part.stride(2),
         bias_part.stride(0), hid, f, b, blocks, per_split,
@@ -971,7 +971,7 @@ def aot_specs() -> list[dict]:
         for dtype, (pt, ph, pw), c, nb in (("bf16", (1, 2, 2), 16, 3), ("bf16", (1, 2, 2), 16, 0),
                                            ("bf16", (2, 2, 2), 48, 3), ("fp32", (1, 2, 2), 4, 3)):
             rows = c * pt * ph
-            rp = triton.next_power_of_2(rows)
+            rp = next_pow2(rows)
             block_w = max(1, min(_LINE_TILE // (rp * pw), 64))
             specs.append({
                 "name": f"{name} {dtype} patch={pt}x{ph}x{pw} C={c} " + (f"{nb} videos" if nb else "many videos"),

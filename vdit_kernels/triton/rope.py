@@ -42,7 +42,7 @@ import triton
 import triton.language as tl
 
 from ..checks import KERNEL_DTYPES
-from . import COMPILE_OPTIONS, loop_bound, on_tensors_device, pow2_dividing
+from . import COMPILE_OPTIONS, cdiv, loop_bound, next_pow2, on_tensors_device, pow2_dividing
 
 DTYPES = KERNEL_DTYPES  # cos/sin are float32: a float64 rotation would be float32-accurate
 
@@ -172,21 +172,21 @@ _MAX_REGISTERS = 64
 
 def _meta(n: int, dims, heads: int, interleaved: bool, device: torch.device) -> tuple[dict, tuple]:
     """Constexprs (HP, BLOCK_N) and the grid (blocks, head groups) for N tokens."""
-    hp = triton.next_power_of_2(max(sum(dims) // 2, 1))
+    hp = next_pow2(max(sum(dims) // 2, 1))
     d_padded = 2 * hp
     # rotate-half holds cos and the signed sin per element (not per pair): half the tile
     # keeps it at ~60 registers (32 tokens: 112)
     tile = _TILE_ELEMENTS if interleaved else _TILE_ELEMENTS // 2
     fit = 1 << max(0, (tile // d_padded).bit_length() - 1)  # a power of two
-    block_n = max(1, min(64, fit, triton.next_power_of_2(max(n, 1))))
-    blocks = triton.cdiv(n, block_n)
+    block_n = max(1, min(64, fit, next_pow2(max(n, 1))))
+    blocks = cdiv(n, block_n)
     if device.type == "cuda":
         # ~10 waves of resident programs (4 per SM at ~60 registers x 8 warps): a program
         # loops over its heads, so few long programs would leave the last wave half empty
         target = 32 * torch.cuda.get_device_properties(device).multi_processor_count
     else:  # interpreter: few programs are fastest; 2 still exercises the head split
         target = 2
-    groups = max(1, min(heads, triton.cdiv(target, blocks)))
+    groups = max(1, min(heads, cdiv(target, blocks)))
     meta = {"HP": hp, "BLOCK_N": block_n}
     return meta, (blocks, groups)
 
