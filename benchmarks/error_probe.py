@@ -118,7 +118,8 @@ def main(argv=None) -> int:
 
     import torch
 
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.error_probe", description=(__doc__ or "").partition("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.error_probe",
+                                     description=(__doc__ or "").partition("\n")[0])  # no docstrings under -OO
     parser.add_argument("--no-gdb", action="store_true", help="skip the gdb backtrace (slow)")
     args = parser.parse_args(argv)
 

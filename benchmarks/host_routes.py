@@ -63,7 +63,8 @@ def _positive(text: str) -> int:
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.host_routes", description=(__doc__ or "").split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.host_routes",
+                                     description=(__doc__ or "").split("\n\n")[0])  # no docstrings under -OO
     parser.add_argument("--calls", type=_positive, default=3000, help="timed calls per route")
     args = parser.parse_args(argv)
     if _backend.extension() is None or not _backend.extension_has_cuda():
