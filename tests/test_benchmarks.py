@@ -1039,3 +1039,21 @@ def test_kernel_and_host_timings_reset_gradients_between_calls(monkeypatch):
         (2 * t).sum().backward()
     timing.host_ms(lambda: Prepared(fn, grad_to_none=[t]), "cuda", calls=3)
     assert len(fresh) == 5 + 3 + 3 and all(fresh)
+
+
+def test_command_line_help_without_docstrings():
+    # python -OO strips docstrings, which some parsers took their description from (an
+    # AttributeError before --help printed anything)
+    code = ("import contextlib, importlib, io\n"
+            "for name in ('benchmarks.run', 'benchmarks.readme_table', 'benchmarks.host_routes',\n"
+            "             'benchmarks.error_probe', 'benchmarks.static_report', 'benchmarks.profile_cases',\n"
+            "             'vdit_kernels.model.demo'):\n"
+            "    out = io.StringIO()\n"
+            "    try:\n"
+            "        with contextlib.redirect_stdout(out):\n"
+            "            importlib.import_module(name).main(['--help'])\n"
+            "    except SystemExit as stop:\n"
+            "        assert stop.code == 0 and 'usage: python -m ' + name in out.getvalue(), (name, stop.code)\n")
+    done = subprocess.run([sys.executable, "-OO", "-c", code], cwd=Path(__file__).parent.parent,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
