@@ -72,6 +72,7 @@ enum Layout {
   kWStep2,       // stride_w = 2 (every second element of rows of 2W), other strides aligned
   kWSlice,       // W-slice [2, W + 2) of rows of W + 4 elements
   kOddUnitStrides,  // axes of length 1 with odd strides (never indexed past 0)
+  kPaddedChannels,  // contiguous but for channel planes one element apart (only stride_c odd)
 };
 
 struct VideoSpec {
@@ -135,6 +136,9 @@ Video make_video(int64_t C, const VideoSpec& s, int esize) {
     case kWSlice:
       v.stride[3] = 1; v.stride[2] = W + 4; v.stride[1] = H * (W + 4); v.stride[0] = T * H * (W + 4);
       v.off = 2;
+      break;
+    case kPaddedChannels:
+      v.stride[3] = 1; v.stride[2] = W; v.stride[1] = H * W; v.stride[0] = T * H * W + 1;
       break;
   }
   int64_t last = 0;
@@ -358,6 +362,12 @@ int main() {
   // one, so 16-byte aligned rows still take 2-byte accesses
   cases.push_back({"tiles start unaligned", 2, 1536, {1, 1, 1},
                    {{1, 1, 32, kContiguous, 0}, {2, 2, 16, kPadded16, 0}}, 0, 0, 0, {2, 2}});
+  // the channel stride alone decides the width: planes one element apart leave channel 1
+  // at an odd element, so 2-byte (bf16) / 4-byte (fp32) accesses, never the rows' 16
+  for (int esize : {2, 4}) {
+    cases.push_back({"channel planes unaligned", esize, 3, {1, 2, 2}, {{2, 4, 16, kPaddedChannels, 0}}, 0, 0, 0,
+                     {esize}});
+  }
   cases.push_back({"no room for the permutation", 2, 800, {1, 1, 24},
                    {{1, 1, 48, kContiguous, 0}, {2, 2, 24, kWSlice, 0}}, 0, 0, 0, {}});
   for (const Case& cs : cases) ok = run(cs) && ok;

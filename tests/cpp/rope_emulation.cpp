@@ -390,6 +390,15 @@ void run_all() {
                                            /*inplace=*/interleaved, interleaved ? static_cast<int>(8 / e) : 1,
                                            "many-heads (48 + 41)"));
   }
+  // half = 6 pairs, heads 16 elements apart: every stride and pointer allows 4-pair
+  // (16-byte half-precision) accesses, but 6 pairs do not split into 4s: 2 pairs an access
+  {
+    Case c = contiguous_case(5, 2, 1, {4, 4, 4}, /*interleaved=*/true, false, /*inplace=*/true, 2,
+                             "heads padded to 16 elements");
+    c.q = c.oq = layout(5, 2, 12, 4, 1, 0, 0);
+    c.k = c.ok = layout(5, 1, 12, 4, 1, 0, 0);
+    run_on_every_kernel<T>(c);
+  }
   // q without heads, then k without heads (the plans skip an empty tensor's layout)
   run_on_every_kernel<T>(contiguous_case(9, 0, 2, {16, 24, 24}, true, false, false, 0, "q without heads"));
   run_on_every_kernel<T>(contiguous_case(9, 3, 0, {16, 24, 24}, false, false, true, 0, "k without heads"));
