@@ -230,6 +230,8 @@ def _patch_bad_input_checks():
             patchify([v, v.half()], [1, 2, 2])
         with pytest.raises(RuntimeError, match="rows"):
             unpatchify(torch.randn(5, 16, device=DEVICE), [2, 4, 6], [1, 2, 2], 4)
+        with pytest.raises(RuntimeError, match=r"channels\*pt\*ph\*pw = 16\), got \[12, 20\]"):  # too wide too
+            unpatchify(torch.randn(12, 20, device=DEVICE), [2, 4, 6], [1, 2, 2], 4)
         with pytest.raises(RuntimeError, match="patch_size must be in"):
             patchify([v], [1, 0, 2])
         with pytest.raises(RuntimeError, match="patch_size must be in"):  # C*pt*ph*pw would overflow int64
@@ -475,8 +477,9 @@ def _rope_bad_input_checks():
             with pytest.raises(RuntimeError, match=f"head_dim {d} is larger than the CUDA kernels take \\(8192\\)"):
                 op = rope_ if d == 16384 else rope
                 op(huge, huge, pos, [d - 128, 64, 64], 1e4, True, False)
-        with pytest.raises(RuntimeError, match="positions"):
-            rope(q, k, pos[:3], [4, 4, 4], 1e4, True, False)
+        for rows in (pos[:3], torch.cat([pos, pos[:1]])):  # too few rows, or too many
+            with pytest.raises(RuntimeError, match="positions"):
+                rope(q, k, rows, [4, 4, 4], 1e4, True, False)
         with pytest.raises(RuntimeError, match="dtype"):
             rope(q, k.half(), pos, [4, 4, 4], 1e4, True, False)
         with pytest.raises(RuntimeError, match="must share N and head_dim"):  # (not "k": the CPU refusal has one)
@@ -500,8 +503,9 @@ def _rope_bad_input_checks():
             rope_(q, q, pos, [4, 4, 4], 1e4, True, False)
         # positions in q's memory: overwritten while other tokens read them
         buf = torch.randn(4 * 2 * 12, device=DEVICE)
-        with pytest.raises(ValueError, match="rope_3d_: inplace RoPE: positions share memory with q or k"):
-            rope_(buf.view(4, 2, 12), k, buf[:12].view(4, 3), [4, 4, 4], 1e4, True, False)
+        for q_, k_ in ((buf.view(4, 2, 12), k), (q, buf.view(4, 2, 12))):  # in q's, then in k's
+            with pytest.raises(ValueError, match="rope_3d_: inplace RoPE: positions share memory with q or k"):
+                rope_(q_, k_, buf[:12].view(4, 3), [4, 4, 4], 1e4, True, False)
         # one memory, two storages (DLPack): by address, not by storage
         with pytest.raises(ValueError, match="rope_3d_: inplace RoPE: q and k may share elements"):
             rope_(torch.from_dlpack(q), torch.from_dlpack(q[:, 1:]), pos, [4, 4, 4], 1e4, True, False)
@@ -720,12 +724,13 @@ def test_gemm_ops_compute_only_requested_gradients():
     # frozen latents (the usual training case) or a frozen weight: the other gradients are
     # still exact, and nothing flows into the frozen ones
     pack, videos, weight, bias, x, lin_w, lin_b = _gemm_inputs(torch.float64, True)
-    for frozen in ("videos", "weight"):
+    # (without a bias too: the weight gradient was computed where either was asked for)
+    for frozen, b in (("videos", bias), ("weight", bias), ("videos", None)):
         vs = [v.detach().requires_grad_(frozen != "videos") for v in videos]
         w = weight.detach().requires_grad_(frozen != "weight")
-        leaves = [t for t in (*vs, w, bias) if t.requires_grad]
-        _, grads = _outputs_and_grads(lambda: torch.ops.vdit_C.patch_embed(vs, w, bias), leaves)
-        _, ref_grads = _outputs_and_grads(lambda: vk.patch_embed(vs, pack, w, bias, backend="reference"), leaves)
+        leaves = [t for t in (*vs, w, b) if t is not None and t.requires_grad]
+        _, grads = _outputs_and_grads(lambda: torch.ops.vdit_C.patch_embed(vs, w, b), leaves)
+        _, ref_grads = _outputs_and_grads(lambda: vk.patch_embed(vs, pack, w, b, backend="reference"), leaves)
         for a, b in zip(grads, ref_grads):
             assert_verbose_close(a, b, atol=1e-12, rtol=1e-12)
     for frozen in ("x", "weight"):
