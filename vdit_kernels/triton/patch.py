@@ -326,7 +326,7 @@ def _tables(videos: Sequence[torch.Tensor], patch_size: Sequence[int], block_t: 
         if not lines and gt * gh * gw >= 2**31:  # (_token_offsets divides in 32 bits; the lines in 64)
             raise ValueError(f"the Triton patch kernels index a video's tokens in 32 bits: video {i} has "
                              f"{gt * gh * gw} tokens (at most 2^31 - 1); the cuda backend takes it")
-        programs = gt * gh * -(-gw // block_t) if lines else -(-gt * gh * gw // block_t)
+        programs = gt * gh * cdiv(gw, block_t) if lines else cdiv(gt * gh * gw, block_t)
         cu_blocks.append(cu_blocks[-1] + programs)
         rows.extend([v.data_ptr(), *v.stride(), tok, gh, gw, gt])
         tok += gt * gh * gw
@@ -360,7 +360,7 @@ def _line_tiles(videos, patch_size, features: int):
     rp = next_pow2(rows)
     widest = max(v.shape[3] // pw for v in videos)
     block_w = max(1, min(_LINE_TILE // (rp * pw), next_pow2(max(widest, 1))))
-    programs = sum((v.shape[1] // pt) * (v.shape[2] // ph) * -(-(v.shape[3] // pw) // block_w) for v in videos)
+    programs = sum((v.shape[1] // pt) * (v.shape[2] // ph) * cdiv(v.shape[3] // pw, block_w) for v in videos)
     return (block_w, rp) if programs < 2**31 else None
 
 
