@@ -231,13 +231,17 @@ def extensions():
         f"toolkit at {cuda_home} (found via {how}), torch CUDA "
         f"{torch_cuda}, TORCH_CUDA_ARCH_LIST={os.environ['TORCH_CUDA_ARCH_LIST']}, "
         f"MAX_JOBS={os.environ['MAX_JOBS']}, sources: {', '.join(sources)}")
+    # what build_info() reports (csrc/ops.cpp), host compiler only: nvcc reads the commas
+    # of a -D value as a list of macros
+    build_defines = [f"-DVDIT_CUDA_TOOLKIT={'.'.join(map(str, toolkit or ())) or 'unknown'}",
+                     "-DVDIT_CUDA_ARCHS=" + re.sub(r"[^A-Za-z0-9.+]+", ",", os.environ["TORCH_CUDA_ARCH_LIST"]).strip(",")]
     ext = cpp_extension.CUDAExtension(
         "vdit_kernels._C",
         sources,
         include_dirs=include_dirs,
         define_macros=[("VDIT_WITH_CUDA", "1")],
         extra_compile_args={
-            "cxx": cxx_flags,
+            "cxx": cxx_flags + build_defines,
             "nvcc": ["-O3", "-DNDEBUG", "--expt-relaxed-constexpr", "-lineinfo"],
         },
     )

@@ -8,6 +8,11 @@
 
 #include <string>
 
+// the setup.py defines below are token lists (13.0; 8.0,9.0a,9.0+PTX): no quotes to escape
+// through ninja's shell; a variadic macro keeps the commas
+#define VDIT_STRINGIFY_TOKENS(...) #__VA_ARGS__
+#define VDIT_STRINGIFY(x) VDIT_STRINGIFY_TOKENS(x)
+
 namespace vdit {
 
 bool has_cuda() {
@@ -30,8 +35,8 @@ std::string build_info() {
           : VDIT_CPU_ONLY_REASON == 2 ? " (no CUDA toolkit found at build time: set CUDA_HOME and rebuild)"
                                       : " (built against a CPU build of torch)";
 #endif
-#ifdef CUDA_VERSION
-  info += " cuda_version=" + std::to_string(CUDA_VERSION);
+#ifdef VDIT_CUDA_TOOLKIT  // setup.py: the toolkit and TORCH_CUDA_ARCH_LIST the kernels were built with
+  info += " toolkit=" VDIT_STRINGIFY(VDIT_CUDA_TOOLKIT) " archs=" VDIT_STRINGIFY(VDIT_CUDA_ARCHS);
 #endif
   return info;
 }

@@ -54,7 +54,11 @@ def test_extension_loaded():
     if torch.version.cuda:
         assert torch.ops.vdit_C.has_cuda(), (
             "torch is a CUDA build but _C has no CUDA kernels: " + torch.ops.vdit_C.build_info())
-        assert "cuda=1" in torch.ops.vdit_C.build_info()
+        info = torch.ops.vdit_C.build_info()
+        assert "cuda=1" in info
+        # the toolkit and architectures setup.py built for (python -m vdit_kernels shows them)
+        archs = info.split(" archs=")[1].split(",")
+        assert " toolkit=1" in info and archs and all(a[0].isdigit() for a in archs), info
 
 
 @pytest.mark.parametrize("op", sorted(SCHEMAS))
