@@ -71,7 +71,7 @@ class DiTConfig:
             setattr(self, name, positive_int(getattr(self, name), name))
         check_positive_finite("mlp_ratio", self.mlp_ratio)
         check_positive_finite("eps", self.eps)
-        check_theta(self.rope_theta)
+        self.rope_theta = check_theta(self.rope_theta)
         if self.mlp_hidden < 1:
             raise ValueError(f"mlp_ratio {self.mlp_ratio} leaves the MLP no hidden units at hidden {self.hidden}")
         self.qk_norm = check_flag("qk_norm", self.qk_norm)

@@ -245,11 +245,18 @@ def test_bad_rope(pack):
         vk.apply_rope_3d(q[:, 0], q[:, 0], pack, (4, 4, 4))
     with pytest.raises(ValueError, match="records no gradient"):
         vk.apply_rope_3d(q.clone().requires_grad_(), q.clone(), pack, (4, 4, 4), inplace=True)
-    for theta in (0.0, -5.0, float("inf"), float("nan")):
+    for theta in (0.0, -5.0, float("inf"), float("nan"), torch.tensor(-5.0), torch.tensor([1e4, 1e4]),
+                  torch.tensor(1e4, requires_grad=True), torch.tensor(True)):
         with pytest.raises(ValueError, match="theta"):
             vk.apply_rope_3d(q, q, pack, (4, 4, 4), theta=theta)
         with pytest.raises(ValueError, match="theta"):
             vk.Rope3D.from_pack(pack, (4, 4, 4), theta=theta)
+    # a one-element tensor (a config buffer) is its value, as softmax_scale takes one
+    expect = vk.apply_rope_3d(q, q, pack, (4, 4, 4), theta=500.0)
+    for got in (vk.apply_rope_3d(q, q, pack, (4, 4, 4), theta=torch.tensor(500.0)),
+                vk.apply_rope_3d(q, q, pack, (4, 4, 4), theta=torch.tensor([500], dtype=torch.int32))):
+        assert all(torch.equal(a, b) for a, b in zip(got, expect))
+    assert vk.Rope3D.from_pack(pack, (4, 4, 4), theta=torch.tensor(500.0)).theta == 500.0
     pos = pack.positions.float().requires_grad_()
     with pytest.raises(ValueError, match="positions.detach"):  # no gradient would reach it
         vk.apply_rope_3d(q, q, None, (4, 4, 4), positions=pos)
@@ -944,3 +951,30 @@ def test_ops_never_wait_for_the_gpu(backend):
     finally:
         torch.cuda.set_sync_debug_mode(0)
     torch.cuda.synchronize()
+
+
+def test_every_op_gives_shapes_on_the_meta_device():
+    # shape inference for a port, as torch's own ops do on meta tensors: the registered
+    # ops' fake implementations (torch's autocast query raised on "meta" before any check)
+    pack = vk.VideoPack.from_shapes([(1, 4, 4), (2, 2, 2)], device="meta", text_lengths=[3, 4])
+    videos = [torch.empty(3, *s, device="meta", requires_grad=True) for s in pack.shapes]
+    tokens = vk.patchify(videos, pack)
+    assert tokens.shape == (6, 12) and tokens.is_meta
+    assert [v.shape for v in vk.unpatchify(tokens, pack, 3)] == [v.shape for v in videos]
+    x = vk.patch_embed(videos, pack, torch.empty(32, 3, 1, 2, 2, device="meta"), torch.empty(32, device="meta"))
+    assert x.shape == (6, 32) and x.is_meta
+    out = vk.linear_unpatchify(x, pack, torch.empty(12, 32, device="meta"), None, 3)
+    assert [v.shape for v in out] == [v.shape for v in videos]
+    q = x.view(6, 2, 16)
+    q_rot, k_rot = vk.apply_rope_3d(q, q, pack, (4, 6, 6))
+    assert q_rot.shape == k_rot.shape == (6, 2, 16)
+    o, lse = vk.varlen_attention(q, q, q, pack.cu_seqlens, pack.cu_seqlens, pack.max_seqlen, pack.max_seqlen,
+                                 return_lse=True, rope=vk.Rope3D.from_pack(pack, (4, 6, 6)))
+    assert o.shape == (6, 2, 16) and lse.shape == (2, 6) and lse.dtype == torch.float32 and o.is_meta
+    text = torch.empty(7, 2, 16, device="meta")
+    assert vk.varlen_attention(q, text, text, pack.cu_seqlens, pack.cu_seqlens_k, pack.max_seqlen,
+                               pack.max_seqlen_k).shape == (6, 2, 16)
+    o.sum().backward()
+    assert all(v.grad.shape == v.shape and v.grad.is_meta for v in videos)
+    with pytest.raises(ValueError, match="k is on cpu but q is on meta"):
+        vk.varlen_attention(q, torch.randn(6, 2, 16), q, pack.cu_seqlens, pack.cu_seqlens, 4, 4)

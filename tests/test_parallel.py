@@ -453,6 +453,13 @@ def test_sequence_parallel_checks_its_arguments(scheme):
     # objects not of their kind: TypeError, as varlen_attention's
     with pytest.raises(TypeError, match="rope must be a Rope3D, got str"):
         attention(q, k, v, cu, m, rope="r", backend="reference")
+    # a Rope3D passed positionally lands in the group's place: named, not an AttributeError
+    # from inside torch.distributed
+    rope = vk.Rope3D.from_pack(pack, (4, 6, 6))
+    group_name = "ulysses_group" if scheme == "usp" else "group"
+    with pytest.raises(TypeError, match=f"{group_name} must be a torch.distributed ProcessGroup or None, "
+                                        "got Rope3D"):
+        attention(q, k, v, cu, m, rope, backend="reference")
 
 
 def test_sharding_helpers_check_their_arguments():
@@ -467,7 +474,11 @@ def test_sharding_helpers_check_their_arguments():
                           (lambda: vk.gather_pack(x, -1), "num_tokens must be the pack's token count"),
                           (lambda: vk.gather_pack(x, 6), r"between 7 and 7, got 6"),
                           (lambda: vk.gather_pack(x, 8), r"between 7 and 7, got 8"),
-                          (lambda: vk.gather_pack(x, 7.0), "got 7.0")):
+                          (lambda: vk.gather_pack(x, 7.0), "got 7.0"),
+                          (lambda: vk.gather_pack(x, 7, 2), "group must be a torch.distributed ProcessGroup"),
+                          (lambda: vk.SequenceParallel("ring", 2), "group must be a torch.distributed"),
+                          (lambda: vk.SequenceParallel("usp", None, 4), "ring_group must be a torch.distributed"),
+                          (lambda: vk.usp_shard(None, 4), "ring_group must be a torch.distributed")):
         with pytest.raises((ValueError, TypeError), match=message):
             call()
     assert vk.shard_mask(7, 2, 1).tolist() == [True, True, True, False]
@@ -834,11 +845,17 @@ def test_gather_pack_checks_the_count_against_every_shard(four_rank_runs):
             for n in (16, 21)]
 
 
+def _unjoined_group():
+    """A ProcessGroup object of one rank over a local store, outside torch.distributed's
+    default group (which stays uninitialized)."""
+    return dist.ProcessGroup(dist.HashStore(), 0, 1)
+
+
 def test_dit_sequence_parallel_single_process():
     with pytest.raises(ValueError, match="scheme must be one of"):
         vk.SequenceParallel("zigzag")
     with pytest.raises(ValueError, match="ring_group is for scheme='usp'"):
-        vk.SequenceParallel("ring", ring_group=object())
+        vk.SequenceParallel("ring", ring_group=_unjoined_group())
     model, inputs = _dit()  # P = 1 without torch.distributed: the plain model
     for got, exp in zip(_dit_step(model, inputs, vk.SequenceParallel("usp")), _dit_step(model, inputs)):
         for name, g in (got.items() if isinstance(got, dict) else enumerate(got)):
@@ -864,7 +881,7 @@ def test_usp_single_process_is_plain_attention():
     pack, x, rope = _case_inputs(1)
     assert vk.usp_groups(1) == (None, None) and vk.usp_shard(None, None) == (1, 0)
     with pytest.raises(ValueError, match="torch.distributed is not initialized"):
-        vk.usp_shard(object(), None)
+        vk.usp_shard(_unjoined_group(), None)
     with pytest.raises(ValueError, match="ulysses_size 2 does not divide the world size 1"):
         vk.usp_groups(2)
     out = vk.usp_varlen_attention(x["q"], x["k"], x["v"], pack.cu_seqlens, pack.max_seqlen,

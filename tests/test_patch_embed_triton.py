@@ -309,6 +309,27 @@ def test_zero_width_products_keep_the_bias_gradient(variant, monkeypatch):
         torch.testing.assert_close(g, r)
 
 
+@pytest.mark.parametrize("variant", ["fused", "gemm"])
+def test_bias_gradients_near_the_float32_limit(variant, monkeypatch):
+    # bias gradients up to 3e37 (float32 holds 3.4e38): the fused weight-gradient kernel
+    # sums equal columns of a product with ones and averages them; summed before the
+    # scaling, 16 (64) copies of a gradient past float32's max / 16 (/ 64) overflowed to inf
+    monkeypatch.setenv("VDIT_PATCH_EMBED_BWD", variant)
+    monkeypatch.setenv("VDIT_LINEAR_UNPATCHIFY_BWD", variant)
+    pack = _pack([(1, 2, 2)], (1, 2, 2))  # one token, 4 features
+    for backend in ("triton", "reference"):
+        w = torch.full((4, 1, 1, 2, 2), 0.5, device=DEVICE, requires_grad=True)
+        b = torch.zeros(4, device=DEVICE, requires_grad=True)
+        out = vk.patch_embed([torch.ones(1, 1, 2, 2, device=DEVICE)], pack, w, b, backend=backend)
+        grad = torch.tensor([[1e37, -1e37, 3e37, 1.0]], device=DEVICE)
+        torch.testing.assert_close(torch.autograd.grad(out, b, grad)[0], grad[0], rtol=1e-6, atol=0)
+        wl = torch.full((4, 4), 0.5, device=DEVICE, requires_grad=True)
+        bl = torch.zeros(4, device=DEVICE, requires_grad=True)
+        video = vk.linear_unpatchify(torch.ones(1, 4, device=DEVICE), pack, wl, bl, 1, backend=backend)[0]
+        grad = torch.tensor([1e37, -2e37, 6e36, 1.0], device=DEVICE)
+        torch.testing.assert_close(torch.autograd.grad(video, bl, grad.view(1, 1, 2, 2))[0], grad, rtol=1e-6, atol=0)
+
+
 def test_conv3d_equivalence_batch_input():
     pack = vk.VideoPack.from_shapes([(2, 4, 6)] * 2, (1, 2, 2), device=DEVICE)
     conv = torch.nn.Conv3d(4, 24, kernel_size=(1, 2, 2), stride=(1, 2, 2)).to(DEVICE)

@@ -143,6 +143,38 @@ def test_attention_lse_is_logsumexp_of_scores_float32():
     assert out.dtype == torch.float32
 
 
+@pytest.mark.parametrize("scale", [1e4, 7.3e4, 1.3e6])
+def test_reference_attention_is_exact_at_large_scores(scale):
+    # two equal scores of `scale` (and a third far below): out = mean of the two values,
+    # exactly. P taken as exp(s - lse) with lse rounded to float32 was off by half an ulp of
+    # lse relative: out 1.99957 at scores of 1e4, 1.889 at 1.3e6. The backward recomputes P
+    # from the lse (its contract: ring attention passes the whole row's lse for a subset of
+    # the keys), so its gradients are off by that much: |lse| * 2^-24 relative, documented
+    q = torch.zeros(1, 1, 16)
+    q[..., 0] = 1
+    k = torch.zeros(3, 1, 16)
+    k[:2, :, 0], k[2, :, 0] = 1, -1
+    v = torch.zeros(3, 1, 16)
+    v[0], v[1], v[2] = 1, 3, 100
+    cq, ck = torch.tensor([0, 1], dtype=torch.int32), torch.tensor([0, 3], dtype=torch.int32)
+
+    def run(dtype):
+        xs = [t.to(dtype).requires_grad_() for t in (q, k, v)]
+        out, lse = vk.varlen_attention(*xs, cq, ck, 1, 3, softmax_scale=scale, return_lse=True,
+                                       backend="reference")
+        grads = torch.autograd.grad((out * torch.arange(16.0).to(dtype)).sum() + lse.sum(), xs)
+        return [out, lse, *grads]
+
+    out, lse, dq, dk, dv = run(torch.float32)
+    assert torch.equal(out[0, 0], torch.full((16,), 2.0))
+    exact = run(torch.float64)
+    assert_verbose_close(lse, exact[1].float(), atol=0, rtol=1e-7)
+    bound = abs(lse.item()) * 2.0**-24 * 2  # (and lse * log2(e)'s own rounding, in the kernels)
+    for name, ours, want in (("dq", dq, exact[2]), ("dk", dk, exact[3]), ("dv", dv, exact[4])):
+        err = ((ours.double() - want).abs().max() / want.abs().max()).item()
+        assert err <= bound, (name, err, bound)
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_reference_keeps_input_dtype_and_computes_in_float32(dtype):
     q, k, v = (torch.randn(12, 2, 8) for _ in range(3))
@@ -156,8 +188,8 @@ def test_reference_keeps_input_dtype_and_computes_in_float32(dtype):
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_reference_attention_backward_with_rope_is_its_forwards_gradient(dtype):
     # the forward rotates q and k in the input dtype (rounded there) before the float32
-    # attention; the backward must see the same rotated values: it reuses the forward's lse
-    # (rotated in float32 it was 5x further from the exact gradient than the Triton kernel)
+    # attention; the backward must see the same rotated values (rotated in float32 it was 5x
+    # further from the exact gradient than the Triton kernel)
     g = torch.Generator().manual_seed(0)
     n, d = 32, 32
     cu = torch.tensor([0, n], dtype=torch.int32)

@@ -90,6 +90,22 @@ def test_float_positions():
 
 
 @pytest.mark.parametrize("interleaved", [True, False])
+@pytest.mark.parametrize("theta", [10000.0, 1e6, 256.0])
+def test_large_positions_rotate_by_the_references_angles(theta, interleaved):
+    # positions up to 5000: every backend multiplies the position by the same float32
+    # frequency (theta^(-2j/d_a) in float64, rounded once); frequencies computed in the
+    # kernel as exp2(-2j/d_a * log2(theta)) in float32 were 8 ulp off, angles then 2e-3 rad
+    # apart at these positions
+    pack, dims = _pack(), (16, 24, 24)
+    g = torch.Generator().manual_seed(4)
+    pos = (torch.rand(pack.num_tokens, 3, generator=g) * 5000.0).to(DEVICE)
+    q, k = _qk(pack.num_tokens, sum(dims), torch.float32)
+    (qo, ko), (qe, ke) = _both(q, k, None, dims, theta=theta, interleaved=interleaved, positions=pos)
+    assert_verbose_close(qo, qe, atol=1e-5, rtol=1e-5, name="q")
+    assert_verbose_close(ko, ke, atol=1e-5, rtol=1e-5, name="k")
+
+
+@pytest.mark.parametrize("interleaved", [True, False])
 def test_non_contiguous_inputs(interleaved):
     pack, dims = _pack(), (44, 42, 42)
     n = pack.num_tokens
@@ -117,8 +133,11 @@ def test_last_dim_not_contiguous():
     qe, ke = vk.apply_rope_3d(q, k, pack, dims, backend="reference")
     assert_verbose_close(qo, qe, name="q")
     assert_verbose_close(ko, ke, name="k")
-    with pytest.raises(ValueError, match="contiguous"):
-        trope.rope_3d_(qt, k, pos, dims, 10000.0, True, False)
+    # in place: rotated out of place and copied back into the strided view
+    trope.rope_3d_(qt, k, pos, dims, 10000.0, True, False)
+    assert qt.stride(2) != 1
+    assert_verbose_close(qt, qe, name="q in place")
+    assert_verbose_close(k, ke, name="k in place")
 
 
 def test_pack_of_16_videos():

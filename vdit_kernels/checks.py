@@ -99,12 +99,21 @@ def first_tensor(args) -> Optional[torch.Tensor]:
     return None
 
 
+def autocast_enabled(device_type: str) -> bool:
+    """torch.is_autocast_enabled(device_type), False for a device type autocast does not
+    know (meta: torch raises there, before any of our checks could name the argument)."""
+    try:
+        return torch.is_autocast_enabled(device_type)
+    except RuntimeError:
+        return False
+
+
 def autocast_inputs(*tensors):
     """The tensors as a matmul-like op sees them under torch.autocast: float16/32 and
     bfloat16 cast to the autocast dtype of their device (float64 and None untouched), as
     torch casts the inputs of scaled_dot_product_attention, linear and conv3d."""
     device = next(t.device.type for t in tensors if t is not None)
-    if not torch.is_autocast_enabled(device):
+    if not autocast_enabled(device):
         return tensors
     low = torch.get_autocast_dtype(device)
     return tuple(t if t is None or t.dtype == torch.float64 else t.to(low) for t in tensors)
@@ -367,8 +376,20 @@ def check_positive_finite(name: str, value) -> None:
         raise ValueError(f"{name} must be a positive finite number, got {value!r}")
 
 
-def check_theta(theta) -> None:
-    check_positive_finite("rope theta (the frequency base)", theta)
+def check_theta(theta) -> float:
+    """RoPE's frequency base as a positive finite float: a real number, or a one-element
+    tensor (a config buffer) as softmax_scale takes one."""
+    name = "rope theta (the frequency base)"
+    if isinstance(theta, torch.Tensor):
+        if theta.numel() != 1 or theta.dtype == torch.bool or theta.is_complex():
+            raise ValueError(f"{name} must be a positive finite number or a one-element real tensor, "
+                             f"got a {theta.dtype} tensor of shape {tuple(theta.shape)}")
+        if theta.requires_grad:
+            raise ValueError(f"{name} requires grad, but RoPE is differentiable in q and k only: "
+                             "pass a float (or theta.detach())")
+        theta = theta.item()
+    check_positive_finite(name, theta)
+    return float(theta)
 
 
 def check_positions(positions: torch.Tensor, num_tokens: int, device: torch.device) -> None:

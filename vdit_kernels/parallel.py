@@ -166,8 +166,17 @@ def shard_mask(num_tokens: int, world_size: int, rank: int, device=None) -> Tens
     return torch.arange(rank * n, (rank + 1) * n, device=device) < operator.index(num_tokens)
 
 
-def _world(group) -> tuple[int, int]:
+def _check_group(group, name: str = "group") -> None:
+    """A process group argument: None (the default group) or a ProcessGroup; anything else
+    (a Rope3D passed positionally into group's place, a world size) fails here, naming the
+    argument, not inside torch.distributed."""
+    if group is not None and not (dist.is_available() and isinstance(group, dist.ProcessGroup)):
+        raise TypeError(f"{name} must be a torch.distributed ProcessGroup or None, got {type(group).__name__}")
+
+
+def _world(group, name: str = "group") -> tuple[int, int]:
     """(world_size, rank) of `group`; (1, 0) when torch.distributed is not initialized."""
+    _check_group(group, name)
     if group is None and not (dist.is_available() and dist.is_initialized()):
         return 1, 0
     return dist.get_world_size(group), dist.get_rank(group)
@@ -627,6 +636,8 @@ def usp_shard(ulysses_group, ring_group) -> tuple[int, int]:
     all-gather in each group, collective), since other groups would put a super-shard's
     pieces on ranks of different ring positions: a ValueError, not a wrong result.
     """
+    _check_group(ulysses_group, "ulysses_group")
+    _check_group(ring_group, "ring_group")
     if not (dist.is_available() and dist.is_initialized()):
         check(ulysses_group is None and ring_group is None,
               "process groups given, but torch.distributed is not initialized")
@@ -634,8 +645,8 @@ def usp_shard(ulysses_group, ring_group) -> tuple[int, int]:
     check(ulysses_group is not None and ring_group is not None,
           "USP needs both process groups (ulysses_group, ring_group = vk.usp_groups(ulysses_size)); "
           "None would mean the whole world for each")
-    u_size, u_rank = _world(ulysses_group)
-    r_size, r_rank = _world(ring_group)
+    u_size, u_rank = _world(ulysses_group, "ulysses_group")
+    r_size, r_rank = _world(ring_group, "ring_group")
     key = (ulysses_group.group_name, ring_group.group_name)
     if key not in _USP_LAYOUTS_CHECKED:
         ring_ranks = [None] * u_size
@@ -768,6 +779,8 @@ class SequenceParallel:
     def __post_init__(self):
         if self.scheme not in SCHEMES:
             raise ValueError(f"scheme must be one of {SCHEMES}, got {self.scheme!r}")
+        _check_group(self.group)
+        _check_group(self.ring_group, "ring_group")
         usp_distributed = self.scheme == "usp" and dist.is_available() and dist.is_initialized()
         if (self.ring_group is not None) != usp_distributed:
             raise ValueError("ring_group is for scheme='usp' (with torch.distributed initialized), and "

@@ -55,6 +55,8 @@ class _Reference:
         # Explicit FlashAttention backward math per segment (autograd is off inside an op):
         #   P = exp(S - lse), dV = P^T dO, dP = dO V^T, dS = P * (dP - rowsum(dO * O) + dlse),
         #   dQ = scale dS K, dK = scale dS^T Q; RoPE'd q/k are rotated back at the end.
+        # (P from the given lse, not a softmax of these keys' scores: ring attention calls the
+        # backward for a subset of the keys with the whole row's lse)
         cd = ref.compute_dtype(q.dtype)
         qr, kr = q, k
         if rope is not None:  # rotated in the input dtype, as the forward's scores saw them
@@ -198,6 +200,14 @@ def varlen_attention(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_s
     row's scaled scores.
     Differentiable in q, k and v, through out and through lse (merging partial results by
     their lse, as vdit_kernels.parallel.merge_attention does, has exact gradients).
+    Precision at extreme scores: every backward, as FlashAttention's, recomputes the
+    softmax as exp(scale * s - lse) from the float32 lse (which lets a ring of key subsets
+    share one row's lse), so gradients carry a relative error of a few |lse| * 2^-24 (1e-3
+    at scores of 1e4; negligible at the usual |scores| < 100; the forwards normalize each
+    row by its own sum and stay exact). In float16 the Triton backward rounds the dS tile
+    to float16 before the dQ / dK products (as PyTorch's FlashAttention-2 does), so an
+    entry of dS above 65504, possible under a large loss scale, gives inf and then NaN
+    gradients.
     """
     q, k, v = checked_qkv(q, k, v)
     check_cu_seqlens("cu_seqlens_q", cu_seqlens_q, q.shape[0], max_seqlen_q, q.device)
@@ -212,12 +222,12 @@ def varlen_attention(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_s
             raise TypeError(f"rope must be a Rope3D, got {type(rope).__name__}")
         check(q.shape[0] == k.shape[0], "rope= is for self-attention: q and k need the same tokens")
         dims = check_rope_dims(rope.dims, q.shape[2])
-        check_theta(rope.theta)
+        theta = check_theta(rope.theta)
         check_positions(rope.positions, q.shape[0], q.device)
         # a normal copy of inference-mode positions for a training call, as apply_rope_3d's
         positions = _not_inference(rope.positions.to(positions_dtype(q.dtype)).contiguous())
         interleaved = check_flag("rope.interleaved", rope.interleaved)
-        rope_args = (positions, list(dims), float(rope.theta), interleaved)
+        rope_args = (positions, list(dims), theta, interleaved)
     deterministic = check_flag("deterministic", deterministic)
     return_lse = check_flag("return_lse", return_lse)
     name = _backend.resolve(FAMILY, q.device, backend, "varlen_attention_fwd", q.dtype)

@@ -104,8 +104,10 @@ def _tensors(args) -> list:
 def direct_ok(tensors) -> bool:
     """Whether a call may skip the dispatcher: eager mode, no mode or transform that
     intercepts ops, no torch.jit.trace recording (it would record the kernels' outputs,
-    not the op), plain tensors (nn.Parameter included)."""
+    not the op), plain tensors (nn.Parameter included), not on the meta device (the
+    registered ops' fake implementations give meta tensors their shapes)."""
     return (ENABLED
+            and not (tensors and tensors[0].is_meta)  # (the ops' checks put every tensor on one device)
             and _python_dispatch._get_current_dispatch_mode() is None
             and torch._C._len_torch_function_stack() == 0
             and not torch._C._are_functorch_transforms_active()

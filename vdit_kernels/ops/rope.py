@@ -128,14 +128,14 @@ class Rope3D:
         (dt, dh, dw) even, summing to the head dim (checked against it at the attention
         call)."""
         check_pack(pack)
-        check_theta(theta)
+        theta = check_theta(theta)
         dims = check_rope_dims(dims)  # the sum: at the attention call, which knows the head dim
         interleaved = check_flag("interleaved", interleaved)
         if positions is None:
-            return cls(pack.float_positions, dims, float(theta), interleaved)
+            return cls(pack.float_positions, dims, theta, interleaved)
         check_positions(positions, pack.num_tokens, pack.device)
         positions = _not_inference(positions.to(positions_dtype(positions.dtype)).contiguous(), kept=True)
-        return cls(positions, dims, float(theta), interleaved)
+        return cls(positions, dims, theta, interleaved)
 
 
 def _not_inference(t: Tensor, kept: bool = False) -> Tensor:
@@ -208,7 +208,7 @@ def apply_rope_3d(q: Tensor, k: Tensor, pack=None, dims: Sequence[int] = None,
     check_same(["q", "k"], [q, k])
     check(dims is not None, "apply_rope_3d needs dims=(dt, dh, dw)")
     dims = list(check_rope_dims(dims, q.shape[2]))
-    check_theta(theta)
+    theta = check_theta(theta)
     interleaved = check_flag("interleaved", interleaved)
     inplace = check_flag("inplace", inplace)
     pos = float_positions(pack, positions, q.shape[0], q.device, q.dtype)
@@ -222,10 +222,10 @@ def apply_rope_3d(q: Tensor, k: Tensor, pack=None, dims: Sequence[int] = None,
             # 2.14, 2026-11-27: k left unrotated, caught by the op's check below; the
             # dropped view offset of pytorch/pytorch#198068, open), and inductor fuses the
             # copies back into the buffer anyway
-            q_rot, k_rot = rope_3d_op(q, k, pos, dims, float(theta), interleaved, False, name)
+            q_rot, k_rot = rope_3d_op(q, k, pos, dims, theta, interleaved, False, name)
             q.copy_(q_rot)
             k.copy_(k_rot)
             return q, k
-        call(rope_3d_inplace_op, q, k, pos, dims, float(theta), interleaved, False, name)
+        call(rope_3d_inplace_op, q, k, pos, dims, theta, interleaved, False, name)
         return q, k
-    return call(rope_3d_op, q, k, pos, dims, float(theta), interleaved, False, name)
+    return call(rope_3d_op, q, k, pos, dims, theta, interleaved, False, name)

@@ -1053,10 +1053,13 @@ def _rotate(q, k, rope, inverse: bool, inplace: bool = False):
     return fn(q, k, positions, [int(x) for x in dims], float(theta), bool(interleaved), inverse)
 
 
+# limits of these kernels that the backend's resolution (by device and dtype) does not see:
+# BackendUnavailable, as a backend asked for by name that cannot run (auto on a GPU takes
+# this backend for any head dim: the error names the way out)
 def _check_head_dim(d: int) -> None:
     if d > MAX_HEAD_DIM:
-        raise ValueError(f"the Triton attention supports head_dim <= {MAX_HEAD_DIM}, got {d} "
-                         "(backend='reference' has no limit)")
+        raise _backend.BackendUnavailable(f"the Triton attention supports head_dim <= {MAX_HEAD_DIM}, got {d} "
+                                          "(backend='reference' has no limit)")
 
 
 MAX_SEGMENTS = 65535  # the grids' z dimension is the segment (CUDA's limit on gridDim.z)
@@ -1064,8 +1067,9 @@ MAX_SEGMENTS = 65535  # the grids' z dimension is the segment (CUDA's limit on g
 
 def _check_segments(nseg: int) -> None:
     if nseg > MAX_SEGMENTS:
-        raise ValueError(f"the Triton attention takes packs of up to {MAX_SEGMENTS} segments (one CUDA grid "
-                         f"layer each), got {nseg}: split the pack (backend='reference' has no limit)")
+        raise _backend.BackendUnavailable(f"the Triton attention takes packs of up to {MAX_SEGMENTS} segments "
+                                          f"(one CUDA grid layer each), got {nseg}: split the pack "
+                                          "(backend='reference' has no limit)")
 
 
 # -- backend contract --------------------------------------------------------------------

@@ -324,8 +324,9 @@ def _tables(videos: Sequence[torch.Tensor], patch_size: Sequence[int], block_t: 
         _, t, h, w = v.shape
         gt, gh, gw = t // pt, h // ph, w // pw
         if not lines and gt * gh * gw >= 2**31:  # (_token_offsets divides in 32 bits; the lines in 64)
-            raise ValueError(f"the Triton patch kernels index a video's tokens in 32 bits: video {i} has "
-                             f"{gt * gh * gw} tokens (at most 2^31 - 1); the cuda backend takes it")
+            raise _backend.BackendUnavailable(f"the Triton patch kernels index a video's tokens in 32 bits: video {i} "
+                                              f"has {gt * gh * gw} tokens (at most 2^31 - 1); the cuda backend "
+                                              "takes it")
         programs = gt * gh * cdiv(gw, block_t) if lines else cdiv(gt * gh * gw, block_t)
         cu_blocks.append(cu_blocks[-1] + programs)
         rows.extend([v.data_ptr(), *v.stride(), tok, gh, gw, gt])
@@ -576,11 +577,13 @@ def _wgrad_kernel(out_ptr, bias_out_ptr, dense_ptr, cu_blocks_ptr, meta_ptr,
             bias_mm_cols = _dot(tl.full((64, BLOCK_T), 1.0, rt.dtype), rt, bias_mm_cols, IEEE)
     tl.store(out_ptr + split * stride_os + offs_p[:, None] * stride_op + offs_q[None, :] * stride_oq,
              acc, mask=p_ok[:, None] & q_ok[None, :])
+    # (each column scaled before the sum: summed first, a gradient past float32's max / 16
+    # overflowed to inf; the scaling is exact, a power of two)
     if rows_here:
-        bias_rows = tl.sum(bias_mm, axis=1) * (1.0 / 16)
+        bias_rows = tl.sum(bias_mm * (1.0 / 16), axis=1)
         tl.store(bias_out_ptr + split * stride_bs + offs_p, bias_rows, mask=p_ok)
     if cols_here:
-        bias_cols = tl.sum(bias_mm_cols, axis=0) * (1.0 / 64)
+        bias_cols = tl.sum(bias_mm_cols * (1.0 / 64), axis=0)
         tl.store(bias_out_ptr + split * stride_bs + offs_q, bias_cols, mask=q_ok)
 
 

@@ -3,9 +3,12 @@
 # Computes, for every token n and head of q (N, Hq, D) and k (N, Hk, D), the rotation of
 # D/2 pairs: pair j of axis chunk a (size d_a, axes t, h, w in order, chunk a starting at
 # element c0_a) turns by positions[n, a] * theta ** (-2j / d_a) (negated when INVERSE).
-# Angles, cos and sin are computed in float32 inside the kernel (frequency =
-# exp2(-2j/d_a * log2(theta))); no cos/sin table is read. Data is computed in float32 and
-# stored in the input dtype.
+# Angles, cos and sin are computed in float32 inside the kernel from the D/2 frequencies
+# (reference.rope_frequencies, float64 rounded to float32 once, as the reference and the
+# CUDA kernels round them: a table of D/2 floats the launcher caches on the device; no
+# cos/sin table is read). Frequencies computed in the kernel as exp2(-2j/d_a * log2(theta))
+# were 8 ulp off: angle errors of 5e-4 rad at positions of 1000. Data is computed in
+# float32 and stored in the input dtype.
 #
 # Grid: (cdiv(N, BLOCK_N), G). Program (i, g) owns tokens [i*BLOCK_N, (i+1)*BLOCK_N) and
 # the combined heads g, g+G, g+2G, ... of [q heads, k heads]; cos/sin of its token block
@@ -35,24 +38,26 @@
 # registers across the head loop.
 from __future__ import annotations
 
-import math
+import functools
 
 import torch
 import triton
 import triton.language as tl
 
 from ..checks import KERNEL_DTYPES
+from ..pack import device_table
+from ..reference import rope_frequencies
 from . import COMPILE_OPTIONS, cdiv, loop_bound, next_pow2, on_tensors_device, pow2_dividing
 
 DTYPES = KERNEL_DTYPES  # cos/sin are float32: a float64 rotation would be float32-accurate
 
 
 @triton.jit
-def _angles(pos_ptr, n64, nmask, log2_theta, ax1, ax2, j, d_a):
-    """(BLOCK_N, K) angles pos[n, axis] * theta^(-2j / d_a) of K slots (pair slots or
-    elements), each given its axis (ax1: past t, ax2: past h), in-chunk pair index j and
-    chunk size d_a (>= 2)."""
-    freq = tl.exp2(j.to(tl.float32) * (-2.0 / d_a.to(tl.float32)) * log2_theta)
+def _angles(pos_ptr, n64, nmask, freq_ptr, pair, valid, ax1, ax2):
+    """(BLOCK_N, K) angles pos[n, axis] * freq[pair] of K slots (pair slots or elements),
+    each given its axis (ax1: past t, ax2: past h) and its pair's index among the D/2
+    (slots past them, valid False: angle 0)."""
+    freq = tl.load(freq_ptr + pair, mask=valid, other=0.0)
     pos_t = tl.load(pos_ptr + n64 * 3 + 0, mask=nmask, other=0.0)
     pos_h = tl.load(pos_ptr + n64 * 3 + 1, mask=nmask, other=0.0)
     pos_w = tl.load(pos_ptr + n64 * 3 + 2, mask=nmask, other=0.0)
@@ -64,12 +69,12 @@ def _angles(pos_ptr, n64, nmask, log2_theta, ax1, ax2, j, d_a):
 @triton.jit
 def _chunk_size(ax1, ax2, DT: tl.constexpr, DH: tl.constexpr, DW: tl.constexpr):
     """Size d_a of each slot's axis chunk (ax1: past t, ax2: past h); padding slots and
-    empty axes get 2, so no frequency divides by 0."""
+    empty axes get 2, so every half chunk has an element."""
     return tl.maximum(tl.where(ax2 == 1, DW, tl.where(ax1 == 1, DH, DT)), 2)
 
 
 @triton.jit
-def _tables(pos_ptr, n64, nmask, log2_theta,
+def _tables(pos_ptr, n64, nmask, freq_ptr,
             DT: tl.constexpr, DH: tl.constexpr, DW: tl.constexpr, HP: tl.constexpr,
             INTERLEAVED: tl.constexpr, INVERSE: tl.constexpr):
     """What every head of a token block shares, kept in registers across the head loop.
@@ -82,8 +87,8 @@ def _tables(pos_ptr, n64, nmask, log2_theta,
         k = tl.arange(0, HP)
         ax1 = (k >= DT // 2).to(tl.int32)
         ax2 = (k >= DT // 2 + DH // 2).to(tl.int32)
-        d_a = _chunk_size(ax1, ax2, DT, DH, DW)
-        j = k - ax1 * (DT // 2) - ax2 * (DH // 2)
+        pair = k
+        valid = k < (DT + DH + DW) // 2
         sign = tl.full([HP], 1.0, tl.float32)
         partner = k  # unused: the pairs are split in registers
     else:
@@ -94,10 +99,11 @@ def _tables(pos_ptr, n64, nmask, log2_theta,
         half = d_a // 2
         i = k - ax1 * DT - ax2 * DH
         first = i < half
-        j = tl.where(first, i, i - half)
+        pair = ax1 * (DT // 2) + ax2 * (DH // 2) + tl.where(first, i, i - half)
+        valid = k < DT + DH + DW
         sign = tl.where(first, -1.0, 1.0)
-        partner = tl.where(k < DT + DH + DW, tl.where(first, k + half, k - half), k)
-    angle = _angles(pos_ptr, n64, nmask, log2_theta, ax1, ax2, j, d_a)
+        partner = tl.where(valid, tl.where(first, k + half, k - half), k)
+    angle = _angles(pos_ptr, n64, nmask, freq_ptr, pair, valid, ax1, ax2)
     if INVERSE:
         sign = -sign
     return tl.cos(angle), tl.sin(angle) * sign[None, :], partner
@@ -138,7 +144,7 @@ def _rope_3d_kernel(
     N, HQ, HK,
     stride_qn, stride_qh, stride_kn, stride_kh,
     stride_qon, stride_qoh, stride_kon, stride_koh,
-    log2_theta,
+    freq_ptr,
     DT: tl.constexpr, DH: tl.constexpr, DW: tl.constexpr,
     HP: tl.constexpr, BLOCK_N: tl.constexpr, INTERLEAVED: tl.constexpr, INVERSE: tl.constexpr,
     ALIGN: tl.constexpr = 1,
@@ -150,7 +156,7 @@ def _rope_3d_kernel(
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     nmask = offs_n < N
     n64 = offs_n.to(tl.int64)
-    cos, sin, partner = _tables(pos_ptr, n64, nmask, log2_theta, DT, DH, DW, HP, INTERLEAVED, INVERSE)
+    cos, sin, partner = _tables(pos_ptr, n64, nmask, freq_ptr, DT, DH, DW, HP, INTERLEAVED, INVERSE)
     for hh in range(loop_bound(pid_h), loop_bound(HQ + HK), loop_bound(num_g)):
         if hh < HQ:
             _rotate_rows(q_ptr, qo_ptr, n64, tl.cast(hh, tl.int64), stride_qn, stride_qh, stride_qon, stride_qoh,
@@ -191,6 +197,16 @@ def _meta(n: int, dims, heads: int, interleaved: bool, device: torch.device) -> 
     return meta, (blocks, groups)
 
 
+@functools.lru_cache(maxsize=256)
+def _frequency_values(dims: tuple, theta: float) -> tuple:
+    return tuple(rope_frequencies(dims, theta).float().tolist())
+
+
+def _frequencies(dims: tuple, theta: float, device: torch.device) -> torch.Tensor:
+    """The D/2 float32 frequencies on `device` (cached by content and stream: pack.device_table)."""
+    return device_table(_frequency_values(dims, theta), device, torch.float32)
+
+
 def _launch(q, k, qo, ko, positions, dims, theta, interleaved, inverse):
     n, hq, d = q.shape
     hk = k.shape[1]
@@ -205,7 +221,7 @@ def _launch(q, k, qo, ko, positions, dims, theta, interleaved, inverse):
         n, hq, hk,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1),
         qo.stride(0), qo.stride(1), ko.stride(0), ko.stride(1),
-        math.log2(float(theta)),
+        _frequencies((dt, dh, dw), float(theta), q.device),
         DT=dt, DH=dh, DW=dw, **meta,
         INTERLEAVED=bool(interleaved), INVERSE=bool(inverse), ALIGN=align,
         num_warps=_NUM_WARPS, maxnreg=_MAX_REGISTERS, **COMPILE_OPTIONS,
@@ -235,10 +251,14 @@ def rope_3d(q, k, positions, dims, theta, interleaved, inverse):
 
 @on_tensors_device
 def rope_3d_(q, k, positions, dims, theta, interleaved, inverse):
-    """Rotate q and k in place (their last dim must be contiguous)."""
+    """Rotate q and k in place. The kernel reads and writes whole contiguous head rows; a q
+    or k whose head_dim is strided (a heads-last projection's view) is rotated out of
+    place and copied back (the reference and cuda backends take such views as they are)."""
     if not (_last_dim_contiguous(q) and _last_dim_contiguous(k)):
-        raise ValueError("in-place RoPE needs q and k with a contiguous last (head_dim) dimension, "
-                         f"got strides {tuple(q.stride())} and {tuple(k.stride())}")
+        q_rot, k_rot = rope_3d(q, k, positions, dims, theta, interleaved, inverse)
+        q.copy_(q_rot)
+        k.copy_(k_rot)
+        return
     _launch(q, k, q, k, _positions(positions), dims, theta, interleaved, inverse)
 
 
@@ -255,7 +275,7 @@ def aot_specs() -> list[dict]:
         sig.update({"pos_ptr": "*fp32", "N": "i32", "HQ": "i32", "HK": "i32"})
         sig.update({s: "i64" for s in ("stride_qn", "stride_qh", "stride_kn", "stride_kh",
                                        "stride_qon", "stride_qoh", "stride_kon", "stride_koh")})
-        sig["log2_theta"] = "fp32"
+        sig["freq_ptr"] = "*fp32"
         meta, _ = _meta(1 << 20, dims, 48, interleaved, torch.device("cpu"))
         constexprs = {"DT": dims[0], "DH": dims[1], "DW": dims[2], **meta,
                       "INTERLEAVED": interleaved, "INVERSE": False, "ALIGN": align}
