@@ -31,6 +31,7 @@ from typing import Mapping, Optional, Sequence, Union
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 import vdit_kernels as vk
 from vdit_kernels import backend as _backend
@@ -63,6 +64,9 @@ class DiTConfig:
     rope_theta: float = 10000.0
     qk_norm: bool = True       # per-head RMSNorm on q and k (HunyuanVideo's; Wan's spans all heads)
     fused_rope: bool = True    # RoPE inside varlen_attention; False: apply_rope_3d, then attention
+    # training: each block's activations recomputed in the backward (torch.utils.checkpoint,
+    # non-reentrant) instead of kept, one block's at a time: about a third more compute
+    gradient_checkpointing: bool = False
     time_freq_dim: int = 256   # sinusoidal timestep embedding width
     eps: float = 1e-6
 
@@ -76,6 +80,7 @@ class DiTConfig:
             raise ValueError(f"mlp_ratio {self.mlp_ratio} leaves the MLP no hidden units at hidden {self.hidden}")
         self.qk_norm = check_flag("qk_norm", self.qk_norm)
         self.fused_rope = check_flag("fused_rope", self.fused_rope)
+        self.gradient_checkpointing = check_flag("gradient_checkpointing", self.gradient_checkpointing)
         patch = as_ints(self.patch_size, "patch_size")
         if len(patch) != 3 or min(patch) < 1:
             raise ValueError(f"patch_size must be three positive ints (pt, ph, pw), got {self.patch_size!r}")
@@ -298,9 +303,10 @@ class VideoDiT(nn.Module):
 
     The model keeps its own copy of `config` (model.config, shared by its blocks), so that
     switching e.g. model.config.fused_rope changes this model only, never a PRESETS entry
-    or another model built from the same config. Only `fused_rope`, `rope_dims` and
-    `rope_theta` are read at every forward; the other fields (sizes, `qk_norm`, `eps`, ...)
-    built the layers and are fixed with them: for other values build another model."""
+    or another model built from the same config. Only `fused_rope`, `rope_dims`,
+    `rope_theta` and `gradient_checkpointing` are read at every forward; the other fields
+    (sizes, `qk_norm`, `eps`, ...) built the layers and are fixed with them: for other
+    values build another model."""
 
     def __init__(self, config: DiTConfig, zero_init: bool = True):
         super().__init__()
@@ -415,8 +421,15 @@ class VideoDiT(nn.Module):
                 rope = replace(rope, positions=sp.shard_pack(rope.positions))
         c = self.time_embed(timestep_embedding(timesteps, cfg.time_freq_dim).to(dtype))  # (B, hidden)
         context = self.text_embed(text.to(dtype))                                   # (Ntext, hidden)
+        # recomputed blocks (under sp their collectives run again in the backward, on every
+        # rank alike); only where a backward will follow
+        checkpointed = check_flag("config.gradient_checkpointing", cfg.gradient_checkpointing) and \
+            torch.is_grad_enabled()
         for block in self.blocks:
-            x = block(x, c, context, pack, rope, seg, backends, sp)
+            if checkpointed:
+                x = checkpoint(block, x, c, context, pack, rope, seg, backends, sp, use_reentrant=False)
+            else:
+                x = block(x, c, context, pack, rope, seg, backends, sp)
         shift, scale = (per_token(m, seg) for m in self.final_adaLN(c).view(c.shape[0], 2, -1).unbind(1))
         x = modulate(F.layer_norm(x, x.shape[-1:], eps=self.eps), shift, scale)
         if sp is not None:  # the output layer on the shard, then the (N, C*pt*ph*pw) features gathered

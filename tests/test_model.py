@@ -158,6 +158,37 @@ def test_fused_and_unfused_rope_agree():
         assert_verbose_close(a, b, atol=1e-12, rtol=1e-10)
 
 
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_gradient_checkpointing_recomputes_the_blocks(backend):
+    # same outputs and gradients; the graph keeps a block's inputs, not its activations:
+    # far fewer tensors saved for the backward (counted by a saved-tensors hook)
+    model, cfg = _model()
+    if why_not(cfg, backend, DEVICE) is not None:
+        pytest.skip(why_not(cfg, backend, DEVICE))
+    pack, latents, t, text, cot = _inputs(cfg)
+
+    def run():
+        saved = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda x: saved.append(x) or x, lambda x: x):
+            result = _run(model, pack, latents, t, text, cot, backend=backend)
+        return result, len(saved)
+
+    (kept, kept_saved) = run()
+    model.config.gradient_checkpointing = True
+    (recomputed, recomputed_saved) = run()
+    for a, b in zip(recomputed[0] + recomputed[1], kept[0] + kept[1]):
+        assert_verbose_close(a, b, atol=1e-6, rtol=1e-6)
+    for name in kept[2]:
+        assert_verbose_close(recomputed[2][name], kept[2][name], atol=1e-6, rtol=1e-6, name=name)
+    assert recomputed_saved < kept_saved / 2, (recomputed_saved, kept_saved)
+    # without a backward to come (no_grad), nothing is checkpointed
+    with torch.no_grad():
+        assert all(torch.equal(a, b) for a, b in zip(model(latents, pack, t, text, backend=backend), kept[0]))
+    model.config.gradient_checkpointing = "yes"
+    with pytest.raises(TypeError, match="gradient_checkpointing"):
+        model(latents, pack, t, text)
+
+
 def test_zero_init_outputs_zero():
     cfg = DiTConfig.from_name("tiny")
     model = VideoDiT(cfg).to(DEVICE)  # adaLN-Zero: the output layer starts at zero

@@ -655,7 +655,9 @@ def _dit_layouts(groups):
             ("allgather", vk.SequenceParallel("allgather"), True),
             ("ring", vk.SequenceParallel("ring"), True),
             ("usp-2x2", usp, True),
-            ("usp-2x2-unfused-rope", usp, False)]
+            ("usp-2x2-unfused-rope", usp, False),
+            # blocks recomputed in the backward: their all-to-alls and ring passes run again
+            ("usp-2x2-checkpointed", usp, True)]
 
 
 def _worker4(rank, store, out_dir):
@@ -702,7 +704,9 @@ def _worker4(rank, store, out_dir):
     model, inputs = _dit()
     for name, sp, fused in _dit_layouts(groups):
         model.config.fused_rope = fused
+        model.config.gradient_checkpointing = "checkpointed" in name
         results[("dit", name)] = _dit_step(model, inputs, sp)
+    model.config.gradient_checkpointing = False
     # gather_pack's backward: this rank's rows of its own gradient. 19 rows: 4 shards of 5,
     # one padding row; 17: three, more than one ring-level gather of a 2 x 2 or 4 x 1 USP
     # layout holds (R - 1)
