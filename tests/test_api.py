@@ -308,7 +308,9 @@ def test_rope_keeps_float64_positions_for_float64_inputs(pack):
                                                                                      atol=1e-12)
     rope = vk.Rope3D.from_pack(pack, (4, 4, 4), positions=pos)
     assert rope.positions.dtype == torch.float64
-    assert vk.Rope3D.from_pack(pack, (4, 4, 4), positions=pack.positions).positions.dtype == torch.float32
+    # integer positions stay integers (exact under a mixed-precision cast of float inputs)
+    assert vk.Rope3D.from_pack(pack, (4, 4, 4), positions=pack.positions).positions.dtype == torch.int32
+    assert vk.Rope3D.from_pack(pack, (4, 4, 4)).positions.dtype == torch.int32
     v = torch.randn(pack.num_tokens, 1, 12, generator=g, dtype=torch.float64)
     out = vk.varlen_attention(q, k, v, pack.cu_seqlens, pack.cu_seqlens, pack.max_seqlen, pack.max_seqlen,
                               rope=rope, backend="reference")

@@ -162,6 +162,37 @@ def test_replace_gives_a_pack_its_own_cache():
     assert dataclasses.replace(two).seqlens == two.seqlens
 
 
+def test_mixed_precision_input_casts_keep_packs_and_rope_exact():
+    # FSDP's and DDP's mixed-precision casts of a module's floating inputs rebuild the
+    # dataclasses among them with dataclasses.replace(obj, **every field): a pack (its lazy
+    # cache a field(init=False)) made that fail; a Rope3D's float32 positions came back
+    # bfloat16 (coordinate 299 as 300), and attention took them without a word
+    import dataclasses
+
+    from torch.distributed.utils import _apply_to_tensors
+
+    pack = VideoPack.from_shapes([(1, 2, 600), (2, 4, 4)], patch_size=(1, 2, 2), text_lengths=[1, 2])
+    pack.positions, pack.segment_ids, pack.float_positions  # a warm cache stays out of the fields
+    fields = {f.name: getattr(pack, f.name) for f in dataclasses.fields(pack)}
+    assert "_cache" not in fields and dataclasses.replace(pack, **fields).seqlens == pack.seqlens
+    rope = vk.Rope3D.from_pack(pack, (8, 8, 8))
+    to_bf16 = lambda t: t.to(torch.bfloat16) if t.is_floating_point() else t  # noqa: E731
+    cast_pack, cast_rope = _apply_to_tensors(to_bf16, (pack, rope))
+    assert torch.equal(cast_pack.cu_seqlens, pack.cu_seqlens) and torch.equal(cast_pack.positions, pack.positions)
+    assert torch.equal(cast_rope.positions, pack.positions) and cast_rope.positions.dtype == torch.int32
+    q = torch.randn(pack.num_tokens, 2, 24)
+    out = [vk.varlen_attention(q, q, q, pack.cu_seqlens, pack.cu_seqlens, pack.max_seqlen, pack.max_seqlen,
+                               rope=r, backend="reference") for r in (rope, cast_rope)]
+    assert torch.equal(out[0], out[1])
+    # float positions cast so are refused, by name, not used
+    bf16_rope = _apply_to_tensors(to_bf16, vk.Rope3D.from_pack(pack, (8, 8, 8), positions=pack.float_positions))
+    with pytest.raises(ValueError, match="positions are torch.bfloat16, which holds whole coordinates only up to 256"):
+        vk.varlen_attention(q, q, q, pack.cu_seqlens, pack.cu_seqlens, pack.max_seqlen, pack.max_seqlen,
+                            rope=bf16_rope, backend="reference")
+    with pytest.raises(ValueError, match="float16, which holds whole coordinates only up to 2048"):
+        vk.apply_rope_3d(q, q, dims=(8, 8, 8), positions=pack.float_positions.half())
+
+
 def test_split_and_to():
     pack = VideoPack.from_shapes([(1, 2, 2), (2, 2, 2)], patch_size=(1, 2, 2))
     parts = pack.split(torch.arange(3))

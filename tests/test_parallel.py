@@ -849,6 +849,62 @@ def test_gather_pack_checks_the_count_against_every_shard(four_rank_runs):
             for n in (16, 21)]
 
 
+_FSDP2_MIXED_PRECISION = """
+import tempfile
+import torch, torch.distributed as dist
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+import vdit_kernels as vk
+from vdit_kernels.model import DiTConfig, VideoDiT
+
+torch.set_num_threads(1)
+dist.init_process_group("gloo", init_method="file://" + tempfile.mktemp(), rank=0, world_size=1)
+g = torch.Generator().manual_seed(0)
+pack = vk.VideoPack.from_shapes([(2, 4, 4), (1, 2, 600)], (1, 2, 2), text_lengths=[3, 2])
+cfg = DiTConfig.from_name("tiny")
+latents = [torch.randn(cfg.in_channels, *s, generator=g) for s in pack.shapes]
+t, text = torch.tensor([10.0, 700.0]), torch.randn(5, cfg.text_dim, generator=g)
+cot = [torch.randn(cfg.in_channels, *s, generator=g) for s in pack.shapes]
+
+def step(model):
+    out = model(latents, pack, t, text, backend="reference")
+    sum((o.float() * c).sum() for o, c in zip(out, cot)).backward()
+    return {n: p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad
+            for n, p in model.named_parameters()}
+
+def model():
+    return VideoDiT(cfg).init_weights(zero_init=False, generator=torch.Generator().manual_seed(1))
+
+exact = step(model())
+sharded = model()
+policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)  # casts the inputs
+for block in sharded.blocks:
+    fully_shard(block, mp_policy=policy)
+fully_shard(sharded, mp_policy=policy)
+grads = step(sharded)
+worst = max(((grads[n].float() - e).abs().max() / e.abs().max().clamp_min(1e-30)).item() for n, e in exact.items())
+print(f"worst relative gradient difference {worst:.3g}")
+assert worst < 0.1, worst  # bfloat16 compute (2^-8 a rounding) against float32
+dist.destroy_process_group()
+"""
+
+
+def test_fsdp2_mixed_precision_runs_the_model():
+    # the usual FSDP2 bfloat16 recipe casts every wrapped module's floating inputs,
+    # rebuilding dataclasses (the pack, the Rope3D) with dataclasses.replace: the pack's
+    # cache field made the forward fail, and float32 RoPE positions would have come back
+    # bfloat16 (coordinates past 256 off); the video of 300 tokens a row needs them exact
+    pytest.importorskip("torch.distributed.fsdp", reason="torch without FSDP")
+    from torch.distributed import fsdp
+    if not hasattr(fsdp, "fully_shard") or not dist.is_available():
+        pytest.skip("this torch has no FSDP2 (torch.distributed.fsdp.fully_shard)")
+    import subprocess
+    import sys
+    done = subprocess.run([sys.executable, "-c", _FSDP2_MIXED_PRECISION], capture_output=True, text=True,
+                          timeout=600, env={**os.environ, "VDIT_BACKEND": "reference"})
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
+    assert "worst relative gradient difference" in done.stdout
+
+
 def _unjoined_group():
     """A ProcessGroup object of one rank over a local store, outside torch.distributed's
     default group (which stays uninitialized)."""

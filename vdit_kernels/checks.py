@@ -397,6 +397,14 @@ def check_positions(positions: torch.Tensor, num_tokens: int, device: torch.devi
         raise TypeError(f"positions must be a tensor (N, 3), got {type(positions).__name__}")
     if positions.dtype == torch.bool or positions.is_complex():
         raise ValueError(f"positions must be an integer or floating tensor, got {positions.dtype}")
+    if positions.dtype in (torch.float16, torch.bfloat16):
+        # whole coordinates past 2048 (float16) or 256 (bfloat16) are not representable: the
+        # rotation would be another position's, without a word
+        raise ValueError(f"positions are {positions.dtype}, which holds whole coordinates only up to "
+                         f"{2048 if positions.dtype == torch.float16 else 256}: pass integer or float32 positions "
+                         "(a mixed-precision cast of a module's floating inputs, e.g. FSDP's cast_forward_inputs, "
+                         "makes float32 positions half precision; integer ones, as Rope3D.from_pack(pack, ...) "
+                         "keeps a pack's, it leaves alone)")
     if positions.requires_grad and torch.is_grad_enabled():
         # the ops take positions as constants (no kernel computes d/dpositions); a silent
         # None gradient would look like a zero one

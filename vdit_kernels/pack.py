@@ -18,7 +18,7 @@ from __future__ import annotations
 import operator
 from itertools import accumulate
 from collections import OrderedDict
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Optional, Sequence
 
 import torch
@@ -151,10 +151,13 @@ class VideoPack:
     cu_seqlens: torch.Tensor
     text_lengths: Optional[tuple[int, ...]] = None
     cu_seqlens_k: Optional[torch.Tensor] = None
-    # (not an init field: dataclasses.replace(pack, ...) gets a cache of its own)
-    _cache: dict = field(default_factory=dict, repr=False, init=False)
 
     def __post_init__(self):
+        # the lazy per-token tensors: an attribute, not a field, so that every copy by
+        # dataclasses.replace(pack, ...) gets a cache of its own, and replace(pack, **all
+        # fields) works (FSDP's and DDP's mixed-precision casts of a module's inputs rebuild
+        # dataclasses so; a field(init=False) made it fail)
+        self._cache: dict = {}
         # every other field follows from shapes, patch_size and text_lengths (from_shapes
         # builds them all): a pack made by hand or by dataclasses.replace(pack, shapes=...)
         # whose fields disagree would place tokens wrongly without a word. Python values and

@@ -108,8 +108,8 @@ def _(q, k, positions, dims, theta, interleaved, inverse, backend):
 class Rope3D:
     """What 3D RoPE needs, bundled for `varlen_attention(..., rope=...)`.
 
-    positions: (N, 3) token coordinates (t, h, w), float32, or float64 for float64
-    attention on the reference path (use `from_pack`);
+    positions: (N, 3) token coordinates (t, h, w): integers (a pack's, int32), float32, or
+    float64 for float64 attention on the reference path (use `from_pack`);
     dims: head-dim split (dt, dh, dw), each even; theta: the frequency base;
     interleaved: pairs (x0, x1), ... (True) or rotate-half per axis chunk (False).
     """
@@ -123,18 +123,23 @@ class Rope3D:
     def from_pack(cls, pack, dims: Sequence[int], theta: float = 10000.0,
                   interleaved: bool = True, positions: Optional[Tensor] = None) -> "Rope3D":
         """The RoPE of `pack` (its integer (t, h, w) token positions, or `positions` (N, 3)
-        on the pack's device, one row per token of the pack), stored as float32 (N, 3)
-        (float64 positions stay float64), for varlen_attention(..., rope=...); dims
-        (dt, dh, dw) even, summing to the head dim (checked against it at the attention
-        call)."""
+        on the pack's device, one row per token of the pack), for varlen_attention(...,
+        rope=...); dims (dt, dh, dw) even, summing to the head dim (checked against it at
+        the attention call). Integer positions stay integers (the pack's: int32), converted
+        to float32 at each call: a mixed-precision cast of a module's floating inputs (FSDP's
+        cast_forward_inputs, which rebuilds the dataclasses among them) leaves them exact,
+        where float32 coordinates past 256 became other coordinates in bfloat16. Floating
+        positions are stored as float32 (float64 stay float64)."""
         check_pack(pack)
         theta = check_theta(theta)
         dims = check_rope_dims(dims)  # the sum: at the attention call, which knows the head dim
         interleaved = check_flag("interleaved", interleaved)
         if positions is None:
-            return cls(pack.float_positions, dims, theta, interleaved)
+            return cls(pack.positions, dims, theta, interleaved)
         check_positions(positions, pack.num_tokens, pack.device)
-        positions = _not_inference(positions.to(positions_dtype(positions.dtype)).contiguous(), kept=True)
+        if positions.is_floating_point():
+            positions = positions.to(positions_dtype(positions.dtype))
+        positions = _not_inference(positions.contiguous(), kept=True)
         return cls(positions, dims, theta, interleaved)
 
 
