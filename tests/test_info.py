@@ -26,7 +26,8 @@ def test_report_says_what_each_family_takes_and_why_not_the_others():
     lines = done.stdout.splitlines()
     assert lines[0].startswith(f"vdit_kernels {vk.__version__} at ")
     assert f"torch {torch.__version__}" in lines[1]
-    assert "settings: TRITON_INTERPRET=1, VDIT_AUTOTUNE=0" in lines
+    settings = next(line for line in lines if line.startswith("settings: "))
+    assert "TRITON_INTERPRET=1" in settings and "VDIT_AUTOTUNE=0" in settings, settings
     for family in B.FAMILIES:
         at = lines.index(f"  {family:<9} cpu tensors: takes reference")
         assert lines[at + 1] == "      triton  can run"  # the interpreter runs them on CPU tensors
@@ -57,7 +58,9 @@ def test_install_check_passes_every_backend_that_runs_here():
     assert sum(" triton float16 " in line and " ok " in line for line in ran) == 6, out
     if not HAS_CUDA:
         assert out[-1] == "12 of 12 checks passed on cpu"
-        assert "skipped 10: cuda: the CUDA kernels need CUDA tensors, got cpu tensors" in out
+        # the cuda backend: CPU tensors (or no _C, in CI's compat run), and no attention kernels
+        assert any(line.startswith("skipped 10: cuda: ") for line in out), out
+        assert "skipped 2: cuda: there is no CUDA implementation of the attention ops" in out
 
 
 class _ScaledGradient(torch.autograd.Function):
