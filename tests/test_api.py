@@ -256,7 +256,11 @@ def test_bad_rope(pack):
     for got in (vk.apply_rope_3d(q, q, pack, (4, 4, 4), theta=torch.tensor(500.0)),
                 vk.apply_rope_3d(q, q, pack, (4, 4, 4), theta=torch.tensor([500], dtype=torch.int32))):
         assert all(torch.equal(a, b) for a, b in zip(got, expect))
-    assert vk.Rope3D.from_pack(pack, (4, 4, 4), theta=torch.tensor(500.0)).theta == 500.0
+    for theta in (torch.tensor(500.0), torch.tensor([500], dtype=torch.int32)):
+        kept = vk.Rope3D.from_pack(pack, (4, 4, 4), theta=theta).theta
+        # a float, not the tensor: a later bfloat16 cast of the Rope3D (FSDP's of a module's
+        # inputs) would make a tensor theta of 10000 one of 9984
+        assert type(kept) is float and kept == 500.0
     pos = pack.positions.float().requires_grad_()
     with pytest.raises(ValueError, match="positions.detach"):  # no gradient would reach it
         vk.apply_rope_3d(q, q, None, (4, 4, 4), positions=pos)

@@ -73,21 +73,27 @@ class _ScaledGradient(torch.autograd.Function):
         return grad * 1.001
 
 
-@pytest.mark.parametrize("wrong", ["output", "gradient"])
+@pytest.mark.parametrize("wrong", ["output", "gradient", "second output's gradient", "output 1e-5 off"])
 def test_install_check_fails_a_backend_a_little_off(monkeypatch, wrong):
-    # a rotation 0.1% off in its output, or in its gradient alone, is far above float32
-    # rounding and must fail (the check judges every result, not only the outputs)
+    # a rotation 0.1% off in its output, or in its gradient alone (q's, or k's: the second
+    # output), is far above float32 rounding and must fail; so must one 1e-5 off (the bound
+    # is a few units of float32 rounding, not a loose tolerance)
     right = vk.apply_rope_3d
 
     def off(q, k, *args, backend=None, **kwargs):
         q_out, k_out = right(q, k, *args, backend=backend, **kwargs)
         if backend == "reference":
             return q_out, k_out
-        return (q_out * 1.001, k_out) if wrong == "output" else (_ScaledGradient.apply(q_out), k_out)
+        return {"output": (q_out * 1.001, k_out), "gradient": (_ScaledGradient.apply(q_out), k_out),
+                "second output's gradient": (q_out, _ScaledGradient.apply(k_out)),
+                "output 1e-5 off": (q_out * (1 + 1e-5), k_out)}[wrong]
 
     monkeypatch.setattr(vk, "apply_rope_3d", off)
     passed, detail = info.check_op("apply_rope_3d", "rope", "triton", DEVICE, torch.float32)
     assert not passed, detail
+    # the line names the failing result: its error above its bound
+    error, bound = (float(detail.split(word)[1].split()[0].rstrip(";,)")) for word in ("max error", "bound"))
+    assert error > bound, detail
     monkeypatch.setattr(vk, "apply_rope_3d", right)
     passed, detail = info.check_op("apply_rope_3d", "rope", "triton", DEVICE, torch.float32)
     assert passed, detail

@@ -64,9 +64,12 @@ def test_config_presets():
                          ({"eps": float("nan")}, "eps")):
         with pytest.raises(ValueError, match=message):
             DiTConfig.from_name("tiny", **bad)
-    for flag in ("qk_norm", "fused_rope"):  # "no" would switch it on
+    for flag in ("qk_norm", "fused_rope", "gradient_checkpointing"):  # "no" would switch it on
         with pytest.raises(TypeError, match=f"{flag} must be a bool"):
             DiTConfig.from_name("tiny", **{flag: "no"})
+    # a one-element tensor theta (a config buffer) is kept as its float
+    theta = DiTConfig.from_name("tiny", rope_theta=torch.tensor(500.0)).rope_theta
+    assert type(theta) is float and theta == 500.0
     # a model keeps its own copy: switching its flag leaves the preset and other models alone
     from vdit_kernels.model.dit import PRESETS
 
@@ -182,8 +185,18 @@ def test_gradient_checkpointing_recomputes_the_blocks(backend):
         assert_verbose_close(recomputed[2][name], kept[2][name], atol=1e-6, rtol=1e-6, name=name)
     assert recomputed_saved < kept_saved / 2, (recomputed_saved, kept_saved)
     # without a backward to come (no_grad), nothing is checkpointed
-    with torch.no_grad():
-        assert all(torch.equal(a, b) for a, b in zip(model(latents, pack, t, text, backend=backend), kept[0]))
+    from vdit_kernels.model import dit
+    calls = []
+    real = dit.checkpoint
+    dit.checkpoint = lambda *args, **kwargs: calls.append(1) or real(*args, **kwargs)
+    try:
+        with torch.no_grad():
+            out = model(latents, pack, t, text, backend=backend)
+        assert all(torch.equal(a, b) for a, b in zip(out, kept[0])) and not calls
+        _run(model, pack, latents, t, text, cot, backend=backend)
+        assert len(calls) == cfg.depth  # (the counter counts)
+    finally:
+        dit.checkpoint = real
     model.config.gradient_checkpointing = "yes"
     with pytest.raises(TypeError, match="gradient_checkpointing"):
         model(latents, pack, t, text)
