@@ -174,9 +174,9 @@ def _check_group(group, name: str = "group") -> None:
         raise TypeError(f"{name} must be a torch.distributed ProcessGroup or None, got {type(group).__name__}")
 
 
-def _world(group, name: str = "group") -> tuple[int, int]:
+def _world(group) -> tuple[int, int]:
     """(world_size, rank) of `group`; (1, 0) when torch.distributed is not initialized."""
-    _check_group(group, name)
+    _check_group(group)
     if group is None and not (dist.is_available() and dist.is_initialized()):
         return 1, 0
     return dist.get_world_size(group), dist.get_rank(group)
@@ -645,8 +645,9 @@ def usp_shard(ulysses_group, ring_group) -> tuple[int, int]:
     check(ulysses_group is not None and ring_group is not None,
           "USP needs both process groups (ulysses_group, ring_group = vk.usp_groups(ulysses_size)); "
           "None would mean the whole world for each")
-    u_size, u_rank = _world(ulysses_group, "ulysses_group")
-    r_size, r_rank = _world(ring_group, "ring_group")
+    # (both checked above: ProcessGroups of an initialized world)
+    u_size, u_rank = dist.get_world_size(ulysses_group), dist.get_rank(ulysses_group)
+    r_size, r_rank = dist.get_world_size(ring_group), dist.get_rank(ring_group)
     key = (ulysses_group.group_name, ring_group.group_name)
     if key not in _USP_LAYOUTS_CHECKED:
         ring_ranks = [None] * u_size
