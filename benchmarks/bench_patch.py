@@ -8,7 +8,8 @@ nn.Conv3d (F.conv3d per video + flatten), reshape+permute+nn.Linear eager and
 torch.compile'd for patch_embed; nn.Linear then per-video reshape+permute (eager and
 compiled) for linear_unpatchify; and on a GPU vdit-triton+fused / vdit-triton+gemm, the
 Triton op with its variant forced (VDIT_PATCH_EMBED_FWD / _BWD,
-VDIT_LINEAR_UNPATCHIFY_FWD / _BWD), and for patch_embed vdit-cuda-compile and
+VDIT_LINEAR_UNPATCHIFY_FWD / _BWD), vdit-triton+fused-tma (patch_embed's forward with
+its output stored through TMA descriptors), and for patch_embed vdit-cuda-compile and
 vdit-triton-compile, ours inside torch.compile (matched with the compiled peer), and
 vdit-cuda+addmm, the cuda backend with its forward GEMM on ATen's addmm (VDIT_CUBLASLT=0)
 instead of its kept cuBLASLt plan.
@@ -246,6 +247,14 @@ def cases(device: str, quick: bool, workloads, providers=None):
             add_unembed(f"vdit-triton+{variant}",
                         lambda x, w, bias, pack: vk.linear_unpatchify(x, pack, w, bias, wl.channels, backend="triton"),
                         env={"VDIT_LINEAR_UNPATCHIFY_FWD": variant, "VDIT_LINEAR_UNPATCHIFY_BWD": variant})
+        # the fused forward storing whole token blocks by TMA (not timed on a GPU yet; "auto"
+        # measures it beside the others): forward only, its backward is "fused"'s
+        if reason:
+            skips.append(Skip(OP, "vdit-triton+fused-tma", reason))
+        else:
+            add("patch_embed", "vdit-triton+fused-tma", lambda: with_env(_embed_case(
+                wl, device, lambda v, w, bias, pack: vk.patch_embed(v, pack, w, bias, backend="triton"), "fwd"),
+                VDIT_PATCH_EMBED_FWD="fused-tma"))
         # the cuda backend's patch embedding with its forward GEMM on ATen's addmm instead of
         # its kept cuBLASLt plan (csrc/linear_gemm_host.cpp): what the plan saves of host time
         reason = vdit_reason("cuda", "patch", device, "patch_embed") or (

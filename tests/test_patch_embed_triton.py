@@ -202,7 +202,8 @@ def test_auto_times_the_variants_once_per_key(monkeypatch, op):
     timed = []
 
     def fake_fastest(what, runs):
-        assert set(runs) == {"fused", "gemm"}
+        # (patch_embed's forward also has "fused-tma" where its output rows are 16-byte aligned)
+        assert set(runs) == ({"fused", "gemm", "fused-tma"} if what == "patch_embed forward" else {"fused", "gemm"})
         timed.append(what)
         return "gemm"
     monkeypatch.setattr(T, "fastest", fake_fastest)
@@ -241,6 +242,39 @@ def test_packs_channels_hidden(monkeypatch, name, channels, hidden, dtype, varia
     pack = _pack(shapes, (1, 2, 2))
     check_patch_embed(pack, channels, hidden, dtype, seed=channels)
     check_linear_unpatchify(pack, channels, hidden, dtype, seed=channels)
+
+
+# packs with whole token blocks (16 tokens under the interpreter, 128 on a GPU) and partial
+# ones: two whole blocks, a lone token, a video of exactly one block; and 1 1/8 + 3/4 blocks
+TMA_PACKS = ({"whole_and_partial": [(4, 4, 8), (1, 2, 2), (2, 8, 4)], "one_partial_each": [(3, 4, 6), (2, 4, 6)]}
+             if DEVICE.type != "cuda" else
+             {"whole_and_partial": [(4, 16, 16), (1, 2, 2), (2, 16, 16)], "one_partial_each": [(1, 24, 24), (2, 8, 24)]})
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("name,channels,hidden", [
+    ("whole_and_partial", 4, 40),  # 40 columns: a 32-column step, then 8 (the descriptor clips the rest)
+    ("whole_and_partial", 16, 64), ("one_partial_each", 4, 24),
+    ("whole_and_partial", 4, 13),  # rows of 26 / 52 bytes: no descriptor, "fused" stores through pointers
+])
+def test_fused_tma_forward(monkeypatch, name, channels, hidden, dtype):
+    # patch_embed's "fused-tma" forward: whole token blocks stored through a TMA descriptor,
+    # each video's partial last block through pointers (masked: its rows past the video
+    # are the next video's); where the output rows are not 16-byte aligned the variant
+    # cannot run and "fused" does
+    import vdit_kernels.triton.patch as tp
+
+    launched = []
+    monkeypatch.setattr(tp, "_embed_kernel", OutOfSharedMemory(tp._embed_kernel, lambda kw: False,
+                                                               lambda kw: kw["TMA_STORE"], launched))
+    monkeypatch.setenv("VDIT_PATCH_EMBED_FWD", "fused-tma")
+    monkeypatch.setenv("VDIT_PATCH_EMBED_BWD", "fused")
+    if DEVICE.type == "cuda" and dtype == torch.float32:  # float32 on a GPU: the K-looping gather GEMM
+        pytest.skip("float32 on a GPU takes the gather GEMM (no TMA stores)")
+    check_patch_embed(_pack(TMA_PACKS[name], (1, 2, 2)), channels, hidden, dtype, seed=hidden)
+    aligned = hidden * dtype.itemsize % 16 == 0
+    tma = DEVICE.type != "cuda" or torch.cuda.get_device_capability()[0] >= 9
+    assert launched == [aligned and tma]
 
 
 def test_wide_features_patch_222_c48_fp16():
@@ -397,10 +431,13 @@ def test_embed_kernel_splits_columns_over_programs(monkeypatch):
 
 
 @pytest.mark.skipif(DEVICE.type == "cuda", reason="drives the autotuner with a fake timer under the interpreter")
-def test_embed_kernel_autotuned_candidates(monkeypatch):
+@pytest.mark.parametrize("variant,tuner", [("fused", "_embed_tuned"), ("fused-tma", "_embed_tuned_tma")])
+def test_embed_kernel_autotuned_candidates(monkeypatch, variant, tuner):
     # the GPU path of the on-chip-A kernel under the interpreter: every candidate of
     # _EMBED_GPU (128 token rows; 128- and 64-column steps) runs on the same grid and gives
-    # the right product (hidden 200: a partial column step for both)
+    # the right product (hidden 200: a partial column step for both); the TMA-store ones
+    # with the descriptor's box set to each candidate's tile (their pre_hook), on a pack
+    # with a whole 128-token block
     import vdit_kernels.triton.patch as tp
 
     for name in ("_GEMM_GPU", "_GEMM_GPU_FP32", "_SCATTER_GPU"):  # the backward: small tiles
@@ -414,13 +451,15 @@ def test_embed_kernel_autotuned_candidates(monkeypatch):
         kernel_call()
         timed.append(1)
         return [1.0 / len(timed)] * 3  # the last candidate timed wins
-    monkeypatch.setitem(tp._embed_tuned.__dict__, "do_bench", fake_bench)
-    monkeypatch.setattr(tp._embed_tuned, "cache", {})
-    pack = vk.VideoPack.from_shapes([(2, 6, 8), (1, 4, 4)], (1, 2, 2), device=DEVICE)  # 28 tokens
-    check_patch_embed(pack, 16, 200, torch.float16)
+    tuned = getattr(tp, tuner)
+    monkeypatch.setitem(tuned.__dict__, "do_bench", fake_bench)
+    monkeypatch.setattr(tuned, "cache", {})
+    monkeypatch.setenv("VDIT_PATCH_EMBED_FWD", variant)
+    shapes = [(2, 6, 8), (1, 4, 4)] if variant == "fused" else [(2, 16, 16), (1, 4, 4)]  # 28 / 132 tokens
+    check_patch_embed(vk.VideoPack.from_shapes(shapes, (1, 2, 2), device=DEVICE), 16, 200, torch.float16)
     assert len(timed) == len(tp._embed_candidates(64))  # F = 64: the FP = 64 list, pruned from all
-    assert tp._embed_tuned.cache and list(tp._embed_tuned.cache.values())[0].kwargs["BLOCK_N"] == \
-        tp._embed_candidates(64)[-1][0]
+    assert tuned.cache and list(tuned.cache.values())[0].kwargs["BLOCK_N"] == tp._embed_candidates(64)[-1][0]
+    assert list(tuned.cache.values())[0].kwargs.get("TMA_STORE", False) == (variant == "fused-tma")
 
 
 def test_embed_kernel_not_used_for_wide_patches(monkeypatch):
@@ -452,9 +491,11 @@ class _Recorder:
 
 
 @pytest.mark.skipif(DEVICE.type == "cuda", reason="forces the GPU configs under the interpreter")
-def test_fixed_embed_config_gives_way_to_one_that_fits(monkeypatch, caplog):
+@pytest.mark.parametrize("variant", ["fused", "fused-tma"])
+def test_fixed_embed_config_gives_way_to_one_that_fits(monkeypatch, caplog, variant):
     # VDIT_AUTOTUNE=0 (or a CUDA graph capture) on a 99 KB GPU: the first config, 131072 B
     # at FP = 128 in bf16, cannot launch; the next one runs, and later calls go to it directly
+    # (fused-tma: with the descriptor's box of that config's tile, on a whole 128-token block)
     import logging
 
     import vdit_kernels.triton as triton_pkg
@@ -466,18 +507,22 @@ def test_fixed_embed_config_gives_way_to_one_that_fits(monkeypatch, caplog):
     monkeypatch.setattr(tp, "_interp", lambda t: False)
     monkeypatch.setattr(triton_pkg, "TOO_LARGE", set())
     monkeypatch.setenv("VDIT_AUTOTUNE", "0")
+    monkeypatch.setenv("VDIT_PATCH_EMBED_FWD", variant)
     launched = []
     configs = tp._embed_fixed_list(64)
     monkeypatch.setattr(tp, "_embed_kernel", OutOfSharedMemory(
         tp._embed_kernel, lambda kw: kw["BLOCK_N"] == configs[0][0],
-        lambda kw: (kw["BLOCK_N"], kw["num_warps"], kw["num_stages"]), launched))
-    pack = vk.VideoPack.from_shapes([(2, 6, 8), (1, 4, 4)], (1, 2, 2), device=DEVICE)
+        lambda kw: tma.append(kw["TMA_STORE"]) or (kw["BLOCK_N"], kw["num_warps"], kw["num_stages"]), launched))
+    tma = []
+    shapes = [(2, 6, 8), (1, 4, 4)] if variant == "fused" else [(2, 16, 16), (1, 4, 4)]
+    pack = vk.VideoPack.from_shapes(shapes, (1, 2, 2), device=DEVICE)
     with caplog.at_level(logging.WARNING, logger="vdit_kernels"):
         check_patch_embed(pack, 16, 200, torch.float16)
     assert launched[:2] == configs[:2] and "does not fit this GPU" in caplog.text
     launched.clear()
     check_patch_embed(pack, 16, 200, torch.float16)
     assert launched and all(c == configs[1] for c in launched)
+    assert set(tma) == {variant == "fused-tma"}
 
 
 @pytest.mark.skipif(DEVICE.type == "cuda", reason="forces the GPU path under the interpreter")

@@ -50,7 +50,11 @@
 #     case): K is one tile, so A is gathered once per token block and kept on chip while
 #     the program walks a run of output column blocks (grid (token blocks, column runs),
 #     ~4 programs per SM), instead of re-gathering A for every (token, column) tile. The
-#     product is bound by writing the (N, hidden) output.
+#     product is bound by writing the (N, hidden) output; with TMA_STORE (the "fused-tma"
+#     forward, sm_90+) a whole token block writes it by TMA bulk copies (Triton keeps one
+#     in flight while the next tile is computed and waits only for its read of shared
+#     memory: cp.async.bulk.wait_group.read before the buffer's reuse, sm_90a PTX), in
+#     place of a shared-memory round trip with two barriers and 16-byte stores per thread.
 #   _scatter_gemm_kernel: videos <- unpatchify(X[N, HID] @ Bmat[HID, F] (+ bias)): dense
 #     loop over HID, the epilogue stores each token's F outputs into its (fresh,
 #     contiguous) video (the unpatchify address math). linear_unpatchify: X = x,
@@ -86,8 +90,8 @@ import triton.language as tl
 
 from .. import backend as _backend
 from ..pack import device_table
-from . import (COMPILE_OPTIONS, autotune_enabled, autotuned_choices, cdiv, launch_first_that_fits, loop_bound,
-               measured_choice, next_pow2, on_tensors_device, pow2_dividing, timing, tuning_cache)
+from . import (COMPILE_OPTIONS, TensorDescriptor, autotune_enabled, autotuned_choices, cdiv, launch_first_that_fits,
+               loop_bound, measured_choice, next_pow2, on_tensors_device, pow2_dividing, timing, tuning_cache)
 
 # float64 too, exactly: the copies are dtype-blind and its GEMMs run in PyTorch (above)
 DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -467,17 +471,24 @@ def _gather_gemm_kernel(out_ptr, b_ptr, bias_ptr, cu_blocks_ptr, meta_ptr,
 
 
 @triton.jit
-def _embed_kernel(out_ptr, b_ptr, bias_ptr, cu_blocks_ptr, meta_ptr,
+def _embed_kernel(out_ptr, out_desc, b_ptr, bias_ptr, cu_blocks_ptr, meta_ptr,
                   stride_om, stride_on, stride_bk, stride_bn,
                   NOUT, F, B, N_PER_PROGRAM,
                   HAS_BIAS: tl.constexpr, IEEE: tl.constexpr,
                   PT: tl.constexpr, PH: tl.constexpr, PW: tl.constexpr,
                   LOG_B: tl.constexpr, META: tl.constexpr,
-                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, FP: tl.constexpr):
+                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, FP: tl.constexpr,
+                  TMA_STORE: tl.constexpr = False):
     """The same product for a small F (<= FP, one K tile): A is gathered once per token
     block and stays on chip while the program walks its N_PER_PROGRAM output columns in
     BLOCK_N steps (b tiles prefetched by the pipeline). The output write (N x NOUT) is
-    the bulk of the traffic; the gather is done once, not once per output column block."""
+    the bulk of the traffic; the gather is done once, not once per output column block.
+    TMA_STORE: a whole token block (every block of a video but its last) writes each
+    (BLOCK_M, BLOCK_N) tile through out_desc (a TMA descriptor of out, box (BLOCK_M,
+    BLOCK_N)): one bulk copy from shared memory, issued by one thread and left in flight
+    while the next tile is computed, in place of the pointer path's shared-memory round
+    trip, barriers and per-thread 16-byte stores. A partial block (its rows past the
+    video's end belong to the next video) stores through pointers, masked."""
     row, local_block = _find_video(cu_blocks_ptr, meta_ptr, tl.program_id(0), B, LOG_B, META)
     tok, valid, tok_off = _token_offsets(row, local_block, PT, PH, PW, BLOCK_M)
     src = tl.load(row).to(tl.pointer_type(out_ptr.dtype.element_ty))
@@ -485,19 +496,57 @@ def _embed_kernel(out_ptr, b_ptr, bias_ptr, cu_blocks_ptr, meta_ptr,
     k_ok = offs_k < F
     a = tl.load(src + tok_off[:, None] + _feature_offsets(row, offs_k, PT, PH, PW)[None, :],
                 mask=valid[:, None] & k_ok[None, :], other=0.0)
-    rows = tok[:, None] * stride_om
     n_start = tl.program_id(1) * N_PER_PROGRAM
     n_end = tl.minimum(n_start + N_PER_PROGRAM, NOUT)
+    if TMA_STORE:
+        if (local_block + 1) * BLOCK_M <= _video_tokens(row):
+            first_row = tl.load(row + 5).to(tl.int32) + local_block.to(tl.int32) * BLOCK_M
+            for n0 in range(loop_bound(n_start), loop_bound(n_end), BLOCK_N):
+                acc = _embed_tile(a, b_ptr, bias_ptr, offs_k, k_ok, n0, n_end, stride_bk, stride_bn,
+                                  HAS_BIAS, IEEE, BLOCK_M, BLOCK_N)
+                # columns past NOUT are clipped by the descriptor's shape; a program's run
+                # of columns ends at a whole multiple of BLOCK_N or at NOUT
+                out_desc.store([first_row, n0], acc.to(out_ptr.dtype.element_ty))
+        else:
+            _embed_store_pointers(a, out_ptr, b_ptr, bias_ptr, tok, valid, offs_k, k_ok, n_start, n_end,
+                                  stride_om, stride_on, stride_bk, stride_bn, HAS_BIAS, IEEE, BLOCK_M, BLOCK_N)
+    else:
+        _embed_store_pointers(a, out_ptr, b_ptr, bias_ptr, tok, valid, offs_k, k_ok, n_start, n_end,
+                              stride_om, stride_on, stride_bk, stride_bn, HAS_BIAS, IEEE, BLOCK_M, BLOCK_N)
+
+
+@triton.jit
+def _video_tokens(row):
+    """A video's token count, gt * gh * gw (32-bit: _tables refuses larger videos)."""
+    return (tl.load(row + 8) * tl.load(row + 6) * tl.load(row + 7)).to(tl.int32)
+
+
+@triton.jit
+def _embed_tile(a, b_ptr, bias_ptr, offs_k, k_ok, n0, n_end, stride_bk, stride_bn,
+                HAS_BIAS: tl.constexpr, IEEE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """_embed_kernel's (BLOCK_M, BLOCK_N) float32 tile of columns n0.. (< n_end) (+ bias)."""
+    offs_n = n0 + tl.arange(0, BLOCK_N).to(tl.int64)
+    n_ok = offs_n < n_end
+    b = tl.load(b_ptr + offs_k[:, None] * stride_bk + offs_n[None, :] * stride_bn,
+                mask=k_ok[:, None] & n_ok[None, :], other=0.0)
+    acc = _dot(a, b, tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), IEEE)
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+    return acc
+
+
+@triton.jit
+def _embed_store_pointers(a, out_ptr, b_ptr, bias_ptr, tok, valid, offs_k, k_ok, n_start, n_end,
+                          stride_om, stride_on, stride_bk, stride_bn,
+                          HAS_BIAS: tl.constexpr, IEEE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """_embed_kernel's column run stored through pointers, masked to the valid tokens."""
+    rows = tok[:, None] * stride_om
     for n0 in range(loop_bound(n_start), loop_bound(n_end), BLOCK_N):
+        acc = _embed_tile(a, b_ptr, bias_ptr, offs_k, k_ok, n0, n_end, stride_bk, stride_bn,
+                          HAS_BIAS, IEEE, BLOCK_M, BLOCK_N)
         offs_n = n0 + tl.arange(0, BLOCK_N).to(tl.int64)
-        n_ok = offs_n < n_end
-        b = tl.load(b_ptr + offs_k[:, None] * stride_bk + offs_n[None, :] * stride_bn,
-                    mask=k_ok[:, None] & n_ok[None, :], other=0.0)
-        acc = _dot(a, b, tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), IEEE)
-        if HAS_BIAS:
-            acc += tl.load(bias_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
         tl.store(out_ptr + rows + offs_n[None, :] * stride_on, acc.to(out_ptr.dtype.element_ty),
-                 mask=valid[:, None] & n_ok[None, :])
+                 mask=valid[:, None] & (offs_n < n_end)[None, :])
 
 
 @triton.jit
@@ -639,10 +688,21 @@ def _embed_prune(configs, named_args, **kwargs):
 
 # autotuned per (hidden, F) and dtype; the kernel overwrites its output, so the timing
 # runs need no reset
-_embed_tuned = triton.autotune(
-    [triton.Config({"BLOCK_N": bn}, num_warps=w, num_stages=st)
-     for bn, w, st in dict.fromkeys(c for cands in _EMBED_GPU.values() for c in cands)],
-    key=["NOUT", "F"], prune_configs_by={"early_config_prune": _embed_prune})(_embed_kernel)
+def _embed_configs(pre_hook=None, **kwargs) -> list:
+    return [triton.Config({"BLOCK_N": bn, **kwargs}, num_warps=w, num_stages=st, pre_hook=pre_hook)
+            for bn, w, st in dict.fromkeys(c for cands in _EMBED_GPU.values() for c in cands)]
+
+
+def _embed_out_box(nargs) -> None:
+    """pre_hook of the TMA-store candidates: out_desc's box is the tile's (BLOCK_M, BLOCK_N)."""
+    nargs["out_desc"].block_shape = [nargs["BLOCK_M"], nargs["BLOCK_N"]]
+
+
+_embed_tuned = triton.autotune(_embed_configs(), key=["NOUT", "F"],
+                               prune_configs_by={"early_config_prune": _embed_prune})(_embed_kernel)
+# the same candidates storing whole token blocks through TMA (the "fused-tma" variant)
+_embed_tuned_tma = triton.autotune(_embed_configs(_embed_out_box, TMA_STORE=True), key=["NOUT", "F"],
+                                   prune_configs_by={"early_config_prune": _embed_prune})(_embed_kernel)
 
 
 # Patch embedding runs one of two variants, forward and backward each, with the same
@@ -661,6 +721,11 @@ _embed_tuned = triton.autotune(
 # and the bias gradient as a column sum), keyed and forced alike
 # (VDIT_LINEAR_UNPATCHIFY_FWD / VDIT_LINEAR_UNPATCHIFY_BWD).
 EMBED_VARIANTS = ("fused", "gemm")
+# patch_embed's forward has a third: "fused-tma", the fused kernel storing whole token
+# blocks through a TMA descriptor (_embed_kernel's TMA_STORE; sm_90+, 16-byte aligned
+# output rows: _tma_store_possible, else "fused" runs), not yet timed on a GPU, so "auto"
+# measures it beside the others and nothing picks it unmeasured
+EMBED_FWD_VARIANTS = EMBED_VARIANTS + ("fused-tma",)
 _EMBED_FWD_CHOICE: dict = {}
 _EMBED_BWD_CHOICE: dict = {}
 _UNEMBED_FWD_CHOICE: dict = {}
@@ -676,8 +741,9 @@ def _embed_key(w: torch.Tensor, videos, patch_size, with_bias: bool) -> tuple:
 
 
 def _token_class(n: int) -> int:
-    """0: up to 4K tokens, 1: up to 64K, 2: more."""
-    return sum(n > b for b in (4096, 65536))
+    """0: up to 4K tokens, 1: up to 64K, 2: more, 3: 2^31 or more (past 32-bit TMA
+    coordinates: no "fused-tma")."""
+    return sum(n > b for b in (4096, 65536, 2 ** 31 - 1))
 
 
 def _unembed_key(x: torch.Tensor, weight: torch.Tensor, with_bias: bool) -> tuple:
@@ -688,12 +754,14 @@ def _unembed_key(x: torch.Tensor, weight: torch.Tensor, with_bias: bool) -> tupl
 
 def measured_choices() -> list[str]:
     """The variants and tiles the patch ops picked by measuring in this process."""
-    caches = (("patch_embed forward", _EMBED_FWD_CHOICE), ("patch_embed backward", _EMBED_BWD_CHOICE),
-              ("linear_unpatchify forward", _UNEMBED_FWD_CHOICE), ("linear_unpatchify backward", _UNEMBED_BWD_CHOICE))
+    caches = (("patch_embed forward", _EMBED_FWD_CHOICE, EMBED_FWD_VARIANTS),
+              ("patch_embed backward", _EMBED_BWD_CHOICE, EMBED_VARIANTS),
+              ("linear_unpatchify forward", _UNEMBED_FWD_CHOICE, EMBED_VARIANTS),
+              ("linear_unpatchify backward", _UNEMBED_BWD_CHOICE, EMBED_VARIANTS))
     lines = [f"{what} hidden={k[0]} F={k[1]} {str(k[2]).replace('torch.', '')} {k[3]} "
-             f"bias={k[4]} token class {k[5]}: {choice} (of {', '.join(EMBED_VARIANTS)})"
-             for what, cache in caches for k, choice in cache.items()]
-    return lines + autotuned_choices({"patch_embed": _embed_tuned})
+             f"bias={k[4]} token class {k[5]}: {choice} (of {', '.join(options)})"
+             for what, cache, options in caches for k, choice in cache.items()]
+    return lines + autotuned_choices({"patch_embed": _embed_tuned, "patch_embed tma": _embed_tuned_tma})
 
 
 def _interp(t: torch.Tensor) -> bool:
@@ -704,8 +772,25 @@ def _log_b(b: int) -> int:
     return max(0, math.ceil(math.log2(b)))
 
 
-def _gather_gemm(videos, b_mat, bias, patch_size):
-    """(N, NOUT) = patchify(videos) @ b_mat (F, NOUT) (+ bias), one launch, A never stored."""
+def _tma_store_possible(videos, patch_size, f: int, nout: int) -> bool:
+    """Whether _gather_gemm can store its output (N, NOUT) through a TMA descriptor: the
+    on-chip-A kernel's case (F <= _EMBED_MAX_F; half precision on a GPU), Triton with host
+    descriptors, 16-byte aligned rows (a fresh output: its base is), 32-bit coordinates,
+    and on a GPU compute capability 9+ (the interpreter runs it on CPU)."""
+    v0 = videos[0]
+    if TensorDescriptor is None or not 0 < f <= _EMBED_MAX_F or v0.dtype == torch.float64:
+        return False
+    if v0.is_cuda and (v0.dtype == torch.float32 or torch.cuda.get_device_capability(v0.device)[0] < 9):
+        return False
+    pt, ph, pw = patch_size
+    n = sum((v.shape[1] // pt) * (v.shape[2] // ph) * (v.shape[3] // pw) for v in videos)
+    return nout * v0.element_size() % 16 == 0 and 0 < n < 2 ** 31 and 0 < nout < 2 ** 31
+
+
+def _gather_gemm(videos, b_mat, bias, patch_size, tma_store: bool = False):
+    """(N, NOUT) = patchify(videos) @ b_mat (F, NOUT) (+ bias), one launch, A never stored.
+    tma_store: the on-chip-A kernel writes whole token blocks through a TMA descriptor
+    (the caller checks _tma_store_possible)."""
     bias = None if bias is None else bias.contiguous()  # the kernel reads bias[n] at bias_ptr + n
     pt, ph, pw = patch_size
     v0 = videos[0]
@@ -730,21 +815,28 @@ def _gather_gemm(videos, b_mat, bias, patch_size):
         target = 2 if interp else 4 * sms
         splits = max(1, min(col_steps, cdiv(target, blocks)))
         per_program = cdiv(col_steps, splits) * step
-        args = (out, b_mat, bias if bias is not None else out, table, table[b + 1:],
+        # (a descriptor's box is set per launch: bm x the config's BLOCK_N)
+        desc = TensorDescriptor(out, list(out.shape), list(out.stride()), [bm, bn]) if tma_store else out
+        args = (out, desc, b_mat, bias if bias is not None else out, table, table[b + 1:],
                 out.stride(0), out.stride(1), b_mat.stride(0), b_mat.stride(1), nout, f, b, per_program)
         consts = dict(HAS_BIAS=bias is not None, IEEE=v0.dtype == torch.float32, PT=pt, PH=ph, PW=pw,
                       LOG_B=_log_b(b), META=_META, BLOCK_M=bm, FP=fp)
         grid = (blocks, cdiv(nout, per_program))
         if interp:
-            _embed_kernel[grid](*args, **consts, BLOCK_N=bn, num_warps=warps, num_stages=stages,
-                                **COMPILE_OPTIONS)
+            _embed_kernel[grid](*args, **consts, BLOCK_N=bn, TMA_STORE=tma_store, num_warps=warps,
+                                num_stages=stages, **COMPILE_OPTIONS)
         elif not autotune_enabled():  # the first config the GPU has the shared memory for
-            launch_first_that_fits("patch_embed", _embed_fixed_list(fp), lambda: (fp, v0.dtype, v0.device),
-                                   lambda c: _embed_kernel[grid](*args, **consts, BLOCK_N=c[0], num_warps=c[1],
-                                                                 num_stages=c[2], **COMPILE_OPTIONS))
+            def fixed(c):
+                if tma_store:
+                    desc.block_shape = [bm, c[0]]
+                _embed_kernel[grid](*args, **consts, BLOCK_N=c[0], TMA_STORE=tma_store, num_warps=c[1],
+                                    num_stages=c[2], **COMPILE_OPTIONS)
+            launch_first_that_fits("patch_embed" + " tma" * tma_store, _embed_fixed_list(fp),
+                                   lambda: (fp, v0.dtype, v0.device), fixed)
         else:
-            tuning_cache.prefill("patch_embed", _embed_tuned)
-            _embed_tuned[grid](*args, **consts, **COMPILE_OPTIONS)
+            name, tuner = ("patch_embed tma", _embed_tuned_tma) if tma_store else ("patch_embed", _embed_tuned)
+            tuning_cache.prefill(name, tuner)
+            tuner[grid](*args, **consts, **COMPILE_OPTIONS)
         return out
     bm, bn, bk, warps = (_SMALL if _interp(v0) else
                          _GEMM_GPU_FP32 if v0.dtype == torch.float32 else _GEMM_GPU)
@@ -843,9 +935,11 @@ def patch_embed(videos, weight, bias):
         a = _copies(videos[0]).patchify(videos, patch_size)
         return torch.addmm(bias, a, w.t()) if bias is not None else a @ w.t()
     runs = {"fused": lambda: _gather_gemm(videos, w.t(), bias, patch_size), "gemm": gemm}
+    if _tma_store_possible(videos, patch_size, w.shape[1], w.shape[0]):
+        runs["fused-tma"] = lambda: _gather_gemm(videos, w.t(), bias, patch_size, tma_store=True)
     key = _embed_key(w, videos, patch_size, bias is not None)
-    run = runs[measured_choice("VDIT_PATCH_EMBED_FWD", EMBED_VARIANTS, _EMBED_FWD_CHOICE, key,
-                               timing("patch_embed forward", runs, videos[0]))]
+    run = runs[measured_choice("VDIT_PATCH_EMBED_FWD", EMBED_FWD_VARIANTS, _EMBED_FWD_CHOICE, key,
+                               timing("patch_embed forward", runs, videos[0]), available=tuple(runs))]
     return run()
 
 
@@ -994,9 +1088,11 @@ def aot_specs() -> list[dict]:
     tab = {"cu_blocks_ptr": "*i64", "meta_ptr": "*i64"}
     fixed = {"PT": 1, "PH": 2, "PW": 2, "LOG_B": 2, "META": _META}
     consts = {k: "constexpr" for k in ("HAS_BIAS", "IEEE", "PT", "PH", "PW", "LOG_B", "META")}
-    def gemm(name, fn, dtype, first, strides, sizes, blocks, warps, stages=None, **checks):
-        """A fused GEMM's spec: operands in `dtype` (float32: IEEE products, no wgmma)."""
-        sig = {first: f"*{dtype}", "b_ptr": f"*{dtype}", "bias_ptr": f"*{dtype}", **tab,
+    def gemm(name, fn, dtype, first, strides, sizes, blocks, warps, stages=None, out_desc=None, **checks):
+        """A fused GEMM's spec: operands in `dtype` (float32: IEEE products, no wgmma);
+        out_desc: _embed_kernel's out_desc argument (a pointer, or a TMA descriptor's type)."""
+        sig = {first: f"*{dtype}", **({"out_desc": out_desc} if out_desc else {}),
+               "b_ptr": f"*{dtype}", "bias_ptr": f"*{dtype}", **tab,
                **{k: "i64" for k in strides}, **{k: "i32" for k in sizes}, **consts,
                **{k: "constexpr" for k in blocks}}
         return {"name": name, "fn": fn, "signature": sig,
@@ -1013,13 +1109,18 @@ def aot_specs() -> list[dict]:
     # one launch per FP: "<launch>: <config>", its candidates in _embed_fixed_list order
     # (the autotuned ones first); the static report builds them for a 99 KB GPU too, where
     # a fixed launch falls back
+    # The TMA-store variant ("fused-tma", autotuned only): its own launch, the same tiles
     for fp in (64, 128):
-        for bn, warps, stages in _embed_fixed_list(fp):
-            specs.append(gemm(f"patch_embed (A on chip) bf16 FP={fp} hidden=3072: {_EMBED_BLOCK_M}x{bn} w{warps} "
-                              f"s{stages}", _embed_kernel, "bf16", "out_ptr",
-                              ("stride_om", "stride_on", "stride_bk", "stride_bn"), ("NOUT", "F", "B", "N_PER_PROGRAM"),
-                              {"BLOCK_M": _EMBED_BLOCK_M, "BLOCK_N": bn, "FP": fp}, warps, stages,
-                              unit_args=("stride_on", "stride_bk"), divisible_args=("NOUT", "F", "N_PER_PROGRAM")))
+        for tma in (False, True):
+            for bn, warps, stages in _embed_fixed_list(fp):
+                desc = f"tensordesc<bf16[{_EMBED_BLOCK_M},{bn}]>" if tma else "*bf16"
+                specs.append(gemm(f"patch_embed (A on chip{', TMA stores' * tma}) bf16 FP={fp} hidden=3072: "
+                                  f"{_EMBED_BLOCK_M}x{bn} w{warps} s{stages}", _embed_kernel, "bf16", "out_ptr",
+                                  ("stride_om", "stride_on", "stride_bk", "stride_bn"),
+                                  ("NOUT", "F", "B", "N_PER_PROGRAM"),
+                                  {"BLOCK_M": _EMBED_BLOCK_M, "BLOCK_N": bn, "FP": fp, "TMA_STORE": tma},
+                                  warps, stages, out_desc=desc, expect_tma=tma,
+                                  unit_args=("stride_on", "stride_bk"), divisible_args=("NOUT", "F", "N_PER_PROGRAM")))
     # x (N, hidden); b = weight (F, hidden) transposed
     bm, bn, bk, warps = _SCATTER_GPU
     for dtype in ("bf16", "fp32"):

@@ -193,6 +193,7 @@ def save() -> Optional[Path]:
         record_tuner(name, tuner)
     if patch is not None:
         record_tuner("patch_embed", patch._embed_tuned)
+        record_tuner("patch_embed tma", patch._embed_tuned_tma)
     path, new = _STATE["path"], _STATE["new"]
     if not new:
         return None
