@@ -27,7 +27,7 @@ from .. import reference as ref
 from ..checks import (check, check_cu_seqlens, check_flag, check_positions, check_rope_dims, check_theta,
                       checked_qkv, softmax_scale_of)
 from .direct import call, define, register_autograd
-from .rope import Rope3D, _not_inference, positions_dtype
+from .rope import Rope3D
 
 FAMILY = "attention"
 
@@ -224,8 +224,7 @@ def varlen_attention(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_s
         dims = check_rope_dims(rope.dims, q.shape[2])
         theta = check_theta(rope.theta)
         check_positions(rope.positions, q.shape[0], q.device)
-        # a normal copy of inference-mode positions for a training call, as apply_rope_3d's
-        positions = _not_inference(rope.positions.to(positions_dtype(q.dtype)).contiguous())
+        positions = rope.positions_for(q.dtype)  # (converted once per Rope3D)
         interleaved = check_flag("rope.interleaved", rope.interleaved)
         rope_args = (positions, list(dims), theta, interleaved)
     deterministic = check_flag("deterministic", deterministic)

@@ -142,6 +142,31 @@ class Rope3D:
         positions = _not_inference(positions.contiguous(), kept=True)
         return cls(positions, dims, theta, interleaved)
 
+    def positions_for(self, dtype: torch.dtype) -> Tensor:
+        """`positions` as the ops take them for q of `dtype`: (N, 3) contiguous in
+        positions_dtype(dtype), never an inference tensor. Converted once and kept on this
+        Rope3D (a pack's int32 positions: a conversion kernel and ~4 us of host time per
+        attention call otherwise), until the tensor changes in place (its version counter)
+        or a call asks for another dtype; not kept while torch.compile traces or inside a
+        CUDA graph capture (as VideoPack.float_positions). A Rope3D made anew
+        (dataclasses.replace, FSDP's cast of its inputs) converts again."""
+        want = positions_dtype(dtype)
+        p = self.positions
+        # traced, or an inference tensor (no version counter): converted per call, a normal
+        # copy of inference-mode positions for a training call, as apply_rope_3d's
+        if torch.compiler.is_compiling() or p.is_inference():
+            return _not_inference(p.to(want).contiguous())
+        if p.dtype == want and p.is_contiguous():
+            return p
+        kept = self.__dict__.get("_converted")
+        if kept is not None and kept[0] == p._version and kept[1].dtype == want:
+            return kept[1]
+        with torch.inference_mode(False):  # (a normal tensor: a later training call saves it)
+            converted = p.to(want).contiguous()
+        if not (converted.is_cuda and torch.cuda.is_current_stream_capturing()):
+            object.__setattr__(self, "_converted", (p._version, converted))  # (frozen: not a field)
+        return converted
+
 
 def _not_inference(t: Tensor, kept: bool = False) -> Tensor:
     """t, or a normal copy of it where it is an inference tensor (made, or converted, under
