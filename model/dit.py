@@ -237,8 +237,9 @@ class SelfAttention(nn.Module):
         n, h, d = x.shape[0], self.cfg.heads, self.cfg.head_dim
         q, k, v = self.qkv(x).view(n, 3, h, d).unbind(1)
         q, k = self.q_norm(q), self.k_norm(k)
-        if not self.cfg.fused_rope:  # (rope.positions: this rank's rows under sp, see forward)
-            q, k = vk.apply_rope_3d(q.contiguous(), k.contiguous(), positions=rope.positions,
+        if not self.cfg.fused_rope:  # (rope.positions: this rank's rows under sp, see forward;
+            # positions_for: converted to float once per forward, not in every block)
+            q, k = vk.apply_rope_3d(q.contiguous(), k.contiguous(), positions=rope.positions_for(q.dtype),
                                     dims=rope.dims, theta=rope.theta, backend=backends["rope"])
             rope = None
         q, k, v = q.contiguous(), k.contiguous(), v.contiguous()

@@ -359,9 +359,10 @@ def ulysses_varlen_attention(q_local: Tensor, k_local: Tensor, v_local: Tensor,
               f"rope.positions has {rows} rows; it must hold the whole pack's positions "
               f"(N rows with {n_pad - world_size} < N <= {n_pad} for {world_size} shards of "
               f"{q_local.shape[0]} tokens)")
-        if rows < n_pad:
-            pad = rope.positions.new_zeros(n_pad - rows, rope.positions.shape[1])
-            rope = dataclasses.replace(rope, positions=torch.cat([rope.positions, pad]))
+        if rows < n_pad:  # (padded as the attention takes them: float, converted once per Rope3D)
+            positions = rope.positions_for(q_local.dtype)
+            pad = positions.new_zeros(n_pad - rows, positions.shape[1])
+            rope = dataclasses.replace(rope, positions=torch.cat([positions, pad]))
     # the padding rows [N, P*n) form one more segment (empty when N = P*n): no device read
     cu = torch.cat([cu_seqlens, cu_seqlens.new_full((1,), n_pad)])
     max_len = max(int(max_seqlen), world_size - 1)
@@ -414,7 +415,8 @@ def _rotate_shards(q_local, k_local, rope, world_size, rank, backend):
         check(n_pad - world_size < rows <= n_pad,
               f"rope.positions has {rows} rows; it must hold the whole pack's positions "
               f"(N rows with {n_pad - world_size} < N <= {n_pad} for {world_size} shards of {n} tokens)")
-        positions = shard_pack(rope.positions, world_size, rank) if world_size > 1 else rope.positions
+        positions = rope.positions_for(q_local.dtype)  # (float, converted once per Rope3D)
+        positions = shard_pack(positions, world_size, rank) if world_size > 1 else positions
         q_local, k_local = apply_rope_3d(q_local, k_local, None, rope.dims, rope.theta, rope.interleaved,
                                          positions=positions, backend=backend)
     return q_local, k_local
