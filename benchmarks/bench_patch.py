@@ -247,25 +247,24 @@ def cases(device: str, quick: bool, workloads, providers=None):
             add_unembed(f"vdit-triton+{variant}",
                         lambda x, w, bias, pack: vk.linear_unpatchify(x, pack, w, bias, wl.channels, backend="triton"),
                         env={"VDIT_LINEAR_UNPATCHIFY_FWD": variant, "VDIT_LINEAR_UNPATCHIFY_BWD": variant})
+
+        def add_forward_variant(provider, backend, reason, **env):
+            """patch_embed's forward alone on `backend` with `env` set around every call."""
+            if reason:
+                skips.append(Skip(OP, provider, reason))
+                return
+            add("patch_embed", provider, lambda: with_env(_embed_case(
+                wl, device, lambda v, w, bias, pack: vk.patch_embed(v, pack, w, bias, backend=backend), "fwd"),
+                **env))
+
         # the fused forward storing whole token blocks by TMA (not timed on a GPU yet; "auto"
         # measures it beside the others): forward only, its backward is "fused"'s
-        if reason:
-            skips.append(Skip(OP, "vdit-triton+fused-tma", reason))
-        else:
-            add("patch_embed", "vdit-triton+fused-tma", lambda: with_env(_embed_case(
-                wl, device, lambda v, w, bias, pack: vk.patch_embed(v, pack, w, bias, backend="triton"), "fwd"),
-                VDIT_PATCH_EMBED_FWD="fused-tma"))
+        add_forward_variant("vdit-triton+fused-tma", "triton", reason, VDIT_PATCH_EMBED_FWD="fused-tma")
         # the cuda backend's patch embedding with its forward GEMM on ATen's addmm instead of
-        # its kept cuBLASLt plan (csrc/linear_gemm_host.cpp): what the plan saves of host time
-        reason = vdit_reason("cuda", "patch", device, "patch_embed") or (
-            None if device == "cuda" else "GPU only (CPU tensors take ATen's GEMMs anyway)")
-        if reason:
-            skips.append(Skip(OP, "vdit-cuda+addmm", reason))
-        else:
-            # forward only: the backward's GEMMs are ATen's either way
-            add("patch_embed", "vdit-cuda+addmm", lambda: with_env(_embed_case(
-                wl, device, lambda v, w, bias, pack: vk.patch_embed(v, pack, w, bias, backend="cuda"), "fwd"),
-                VDIT_CUBLASLT="0"))
+        # its kept cuBLASLt plan (csrc/linear_gemm_host.cpp): what the plan saves of host time;
+        # forward only: the backward's GEMMs are ATen's either way
+        add_forward_variant("vdit-cuda+addmm", "cuda", vdit_reason("cuda", "patch", device, "patch_embed") or (
+            None if device == "cuda" else "GPU only (CPU tensors take ATen's GEMMs anyway)"), VDIT_CUBLASLT="0")
     for wl in workloads:
         _one(wl)
     # the rows the issues' targets judge first (a stable sort): a time cap, as in a short
