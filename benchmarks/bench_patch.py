@@ -233,10 +233,23 @@ def cases(device: str, quick: bool, workloads, providers=None):
                     ours = wrap(lambda v, w, bias, pack, b=b: vk.patch_embed(v, pack, w, bias, backend=b))
                     add_embed(f"vdit-{b}-compile", lambda v, w, bias, pack, ours=ours: ours(v, w, bias, pack))
 
-        # the Triton patch embedding with its variant forced (by default it times both on its
-        # first call): the fused kernels, or our gather / scatter around PyTorch's GEMMs
+        def add_forward_variant(provider, backend, reason, **env):
+            """patch_embed's forward alone on `backend` with `env` set around every call."""
+            if reason:
+                skips.append(Skip(OP, provider, reason))
+                return
+            add("patch_embed", provider, lambda: with_env(_embed_case(
+                wl, device, lambda v, w, bias, pack: vk.patch_embed(v, pack, w, bias, backend=backend), "fwd"),
+                **env))
+
+        # the Triton patch embedding with its variant forced (by default it times them on its
+        # first call): first the fused forward storing whole token blocks by TMA (forward
+        # only, its backward is "fused"'s; never timed on a GPU yet, so the first of the
+        # forced rows a lease's time cap reaches), then the fused kernels, or our gather /
+        # scatter around PyTorch's GEMMs
         reason = vdit_reason("triton", "patch", device, "patch_embed") or (
             None if device == "cuda" else "GPU only (without a GPU the fused kernels run)")
+        add_forward_variant("vdit-triton+fused-tma", "triton", reason, VDIT_PATCH_EMBED_FWD="fused-tma")
         for variant in ("fused", "gemm"):
             if reason:
                 skips.append(Skip(OP, f"vdit-triton+{variant}", reason))
@@ -247,19 +260,6 @@ def cases(device: str, quick: bool, workloads, providers=None):
             add_unembed(f"vdit-triton+{variant}",
                         lambda x, w, bias, pack: vk.linear_unpatchify(x, pack, w, bias, wl.channels, backend="triton"),
                         env={"VDIT_LINEAR_UNPATCHIFY_FWD": variant, "VDIT_LINEAR_UNPATCHIFY_BWD": variant})
-
-        def add_forward_variant(provider, backend, reason, **env):
-            """patch_embed's forward alone on `backend` with `env` set around every call."""
-            if reason:
-                skips.append(Skip(OP, provider, reason))
-                return
-            add("patch_embed", provider, lambda: with_env(_embed_case(
-                wl, device, lambda v, w, bias, pack: vk.patch_embed(v, pack, w, bias, backend=backend), "fwd"),
-                **env))
-
-        # the fused forward storing whole token blocks by TMA (not timed on a GPU yet; "auto"
-        # measures it beside the others): forward only, its backward is "fused"'s
-        add_forward_variant("vdit-triton+fused-tma", "triton", reason, VDIT_PATCH_EMBED_FWD="fused-tma")
         # the cuda backend's patch embedding with its forward GEMM on ATen's addmm instead of
         # its kept cuBLASLt plan (csrc/linear_gemm_host.cpp): what the plan saves of host time;
         # forward only: the backward's GEMMs are ATen's either way
