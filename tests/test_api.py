@@ -1,5 +1,7 @@
 """Public API: backend choice, bad input, registered ops (opcheck, torch.compile), gradients."""
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -325,32 +327,31 @@ def test_rope_keeps_float64_positions_for_float64_inputs(pack):
     assert rope != vk.Rope3D.from_pack(pack, (4, 4, 4), positions=pos)
 
 
-def test_rope3d_converts_its_positions_once(pack):
-    # varlen_attention(rope=) takes float32 positions: a Rope3D converts its int32 ones once
-    # and keeps them, until the tensor changes in place or a call wants another dtype; the
-    # attention then rotates with the new values
+def test_rope3d_positions_as_the_attention_reads_them(pack):
+    # varlen_attention(rope=) takes float positions: a Rope3D of the pack's own positions
+    # reads the pack's float32 copy (converted once per pack); other positions are
+    # converted at every call, so that every change to them is seen (in place, through
+    # .data, which no version counter records); float64 q gets float64 positions
     rope = vk.Rope3D.from_pack(pack, (4, 4, 4))
     first = rope.positions_for(torch.float32)
-    assert first.dtype == torch.float32 and torch.equal(first, pack.positions.float())
-    assert rope.positions_for(torch.bfloat16) is first  # the same float32 positions for half q
+    assert first is pack.float_positions and torch.equal(first, pack.positions.float())
+    assert rope.positions_for(torch.bfloat16) is first
+    assert vk.Rope3D.from_pack(pack, (4, 4, 4)).positions_for(torch.float16) is first  # per pack
+    assert rope.positions_for(torch.float64).dtype == torch.float64
+    assert dataclasses.replace(rope, theta=500.0).positions_for(torch.float32) is not first  # not the pack's
     q, k, v = _qkv(pack.num_tokens, dtype=torch.float32)
     cu, m = pack.cu_seqlens, pack.max_seqlen
     out = vk.varlen_attention(q, k, v, cu, cu, m, m, rope=rope)
-    assert rope.positions_for(torch.float32) is first
-    f64 = rope.positions_for(torch.float64)  # float64 attention: float64 positions, kept instead
-    assert f64.dtype == torch.float64 and rope.positions_for(torch.float64) is f64
     positions = pack.positions.clone()
     rope = vk.Rope3D(positions, (4, 4, 4))
-    kept = rope.positions_for(torch.float32)
-    positions[:, 0] += 3  # in place: the kept conversion is stale, converted again
-    moved = rope.positions_for(torch.float32)
-    assert moved is not kept and torch.equal(moved, positions.float())
-    shifted = vk.varlen_attention(q, k, v, cu, cu, m, m, rope=rope)
-    expect = ref.varlen_attention(*ref.apply_rope_3d(q, k, None, (4, 4, 4), positions=positions.float()),
-                                  v, cu, cu, m, m)
-    torch.testing.assert_close(shifted, expect)
-    assert not torch.allclose(shifted, out)
-    # float32 positions are taken as they are; inference tensors give a normal copy per call
+    torch.testing.assert_close(vk.varlen_attention(q, k, v, cu, cu, m, m, rope=rope), out, rtol=0, atol=0)
+    for change in (lambda: positions[:, 0].add_(3), lambda: positions.data[:, 1].add_(2)):
+        change()
+        got = vk.varlen_attention(q, k, v, cu, cu, m, m, rope=rope)
+        expect = ref.varlen_attention(*ref.apply_rope_3d(q, k, None, (4, 4, 4), positions=positions.float()),
+                                      v, cu, cu, m, m)
+        torch.testing.assert_close(got, expect)
+    # float32 positions are taken as they are; inference tensors give a normal copy
     rope = vk.Rope3D(pack.positions.float(), (4, 4, 4))
     assert rope.positions_for(torch.float16) is rope.positions
     with torch.inference_mode():

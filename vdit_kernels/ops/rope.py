@@ -125,17 +125,21 @@ class Rope3D:
         """The RoPE of `pack` (its integer (t, h, w) token positions, or `positions` (N, 3)
         on the pack's device, one row per token of the pack), for varlen_attention(...,
         rope=...); dims (dt, dh, dw) even, summing to the head dim (checked against it at
-        the attention call). Integer positions stay integers (the pack's: int32), converted
-        to float32 at each call: a mixed-precision cast of a module's floating inputs (FSDP's
-        cast_forward_inputs, which rebuilds the dataclasses among them) leaves them exact,
-        where float32 coordinates past 256 became other coordinates in bfloat16. Floating
-        positions are stored as float32 (float64 stay float64)."""
+        the attention call). Integer positions stay integers (the pack's: int32): a
+        mixed-precision cast of a module's floating inputs (FSDP's cast_forward_inputs, which
+        rebuilds the dataclasses among them) leaves them exact, where float32 coordinates
+        past 256 became other coordinates in bfloat16. The attention reads them as float32
+        (positions_for: the pack's float_positions, converted once per pack; explicit
+        integer positions converted at each call). Floating positions are stored as float32
+        (float64 stay float64)."""
         check_pack(pack)
         theta = check_theta(theta)
         dims = check_rope_dims(dims)  # the sum: at the attention call, which knows the head dim
         interleaved = check_flag("interleaved", interleaved)
         if positions is None:
-            return cls(pack.positions, dims, theta, interleaved)
+            rope = cls(pack.positions, dims, theta, interleaved)
+            object.__setattr__(rope, "_pack", pack)  # (frozen; positions_for reads its float positions)
+            return rope
         check_positions(positions, pack.num_tokens, pack.device)
         if positions.is_floating_point():
             positions = positions.to(positions_dtype(positions.dtype))
@@ -144,28 +148,19 @@ class Rope3D:
 
     def positions_for(self, dtype: torch.dtype) -> Tensor:
         """`positions` as the ops take them for q of `dtype`: (N, 3) contiguous in
-        positions_dtype(dtype), never an inference tensor. Converted once and kept on this
-        Rope3D (a pack's int32 positions: a conversion kernel and ~4 us of host time per
-        attention call otherwise), until the tensor changes in place (its version counter)
-        or a call asks for another dtype; not kept while torch.compile traces or inside a
-        CUDA graph capture (as VideoPack.float_positions). A Rope3D made anew
-        (dataclasses.replace, FSDP's cast of its inputs) converts again."""
+        positions_dtype(dtype) (float32; float64 for float64). A Rope3D of a pack's own
+        positions (from_pack without `positions`) reads its pack's float_positions,
+        converted once per pack (per call, the conversion was a kernel and ~4 us of host
+        time in every attention call on the H100); any other positions are converted at
+        each call, so that a change to them (in place, through .data, by a collective into
+        the same buffer) is always seen: nothing here keeps a copy of a tensor it does not
+        own. A normal tensor for a training call where the positions are an inference
+        tensor (as apply_rope_3d's)."""
         want = positions_dtype(dtype)
-        p = self.positions
-        # traced, or an inference tensor (no version counter): converted per call, a normal
-        # copy of inference-mode positions for a training call, as apply_rope_3d's
-        if torch.compiler.is_compiling() or p.is_inference():
-            return _not_inference(p.to(want).contiguous())
-        if p.dtype == want and p.is_contiguous():
-            return p
-        kept = self.__dict__.get("_converted")
-        if kept is not None and kept[0] == p._version and kept[1].dtype == want:
-            return kept[1]
-        with torch.inference_mode(False):  # (a normal tensor: a later training call saves it)
-            converted = p.to(want).contiguous()
-        if not (converted.is_cuda and torch.cuda.is_current_stream_capturing()):
-            object.__setattr__(self, "_converted", (p._version, converted))  # (frozen: not a field)
-        return converted
+        pack = getattr(self, "_pack", None)  # (from_pack's: not a field, so replace() drops it)
+        if pack is not None and want == torch.float32:
+            return pack.float_positions
+        return _not_inference(self.positions.to(want).contiguous())
 
 
 def _not_inference(t: Tensor, kept: bool = False) -> Tensor:

@@ -483,7 +483,7 @@ def _embed_kernel(out_ptr, out_desc, b_ptr, bias_ptr, cu_blocks_ptr, meta_ptr,
     block and stays on chip while the program walks its N_PER_PROGRAM output columns in
     BLOCK_N steps (b tiles prefetched by the pipeline). The output write (N x NOUT) is
     the bulk of the traffic; the gather is done once, not once per output column block.
-    TMA_STORE: a whole token block (every block of a video but its last) writes each
+    TMA_STORE: a whole token block (all of a video's blocks but a partial last one) writes each
     (BLOCK_M, BLOCK_N) tile through out_desc (a TMA descriptor of out, box (BLOCK_M,
     BLOCK_N)): one bulk copy from shared memory, issued by one thread and left in flight
     while the next tile is computed, in place of the pointer path's shared-memory round
@@ -734,7 +734,7 @@ _UNEMBED_BWD_CHOICE: dict = {}
 
 def _embed_key(w: torch.Tensor, videos, patch_size, with_bias: bool) -> tuple:
     """The measured choice's key: (hidden, F, dtype, device, bias, token class: up to 4K,
-    up to 64K, more tokens)."""
+    up to 64K, more tokens, 2^31 or more: _token_class)."""
     pt, ph, pw = patch_size
     n = sum((v.shape[1] // pt) * (v.shape[2] // ph) * (v.shape[3] // pw) for v in videos)
     return (*w.shape, videos[0].dtype, videos[0].device, with_bias, _token_class(n))
