@@ -238,7 +238,7 @@ class SelfAttention(nn.Module):
         q, k, v = self.qkv(x).view(n, 3, h, d).unbind(1)
         q, k = self.q_norm(q), self.k_norm(k)
         if not self.cfg.fused_rope:  # (rope.positions: this rank's rows under sp, see forward;
-            # positions_for: converted to float once per forward, not in every block)
+            # positions_for: float, converted once per pack or per forward, not in every block)
             q, k = vk.apply_rope_3d(q.contiguous(), k.contiguous(), positions=rope.positions_for(q.dtype),
                                     dims=rope.dims, theta=rope.theta, backend=backends["rope"])
             rope = None
@@ -418,8 +418,8 @@ class VideoDiT(nn.Module):
                            backend=backends["patch"])                               # (N, hidden)
         if sp is not None:  # this rank's rows (padding rows: video 0's modulation, dropped at the end)
             x, seg = sp.shard_pack(x), sp.shard_pack(seg)                           # (n, hidden)
-            if not cfg.fused_rope:  # apply_rope_3d rotates the shard: its positions, cut once
-                rope = replace(rope, positions=sp.shard_pack(rope.positions))
+            if not cfg.fused_rope:  # apply_rope_3d rotates the shard: its float positions, cut once
+                rope = replace(rope, positions=sp.shard_pack(rope.positions_for(dtype)))
         c = self.time_embed(timestep_embedding(timesteps, cfg.time_freq_dim).to(dtype))  # (B, hidden)
         context = self.text_embed(text.to(dtype))                                   # (Ntext, hidden)
         # recomputed blocks (under sp their collectives run again in the backward, on every

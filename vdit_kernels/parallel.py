@@ -359,7 +359,7 @@ def ulysses_varlen_attention(q_local: Tensor, k_local: Tensor, v_local: Tensor,
               f"rope.positions has {rows} rows; it must hold the whole pack's positions "
               f"(N rows with {n_pad - world_size} < N <= {n_pad} for {world_size} shards of "
               f"{q_local.shape[0]} tokens)")
-        if rows < n_pad:  # (padded as the attention takes them: float, converted once per Rope3D)
+        if rows < n_pad:  # (padded as the attention takes them: float; a pack's converted once per pack)
             positions = rope.positions_for(q_local.dtype)
             pad = positions.new_zeros(n_pad - rows, positions.shape[1])
             rope = dataclasses.replace(rope, positions=torch.cat([positions, pad]))
@@ -415,7 +415,7 @@ def _rotate_shards(q_local, k_local, rope, world_size, rank, backend):
         check(n_pad - world_size < rows <= n_pad,
               f"rope.positions has {rows} rows; it must hold the whole pack's positions "
               f"(N rows with {n_pad - world_size} < N <= {n_pad} for {world_size} shards of {n} tokens)")
-        positions = rope.positions_for(q_local.dtype)  # (float, converted once per Rope3D)
+        positions = rope.positions_for(q_local.dtype)  # (float; a pack's converted once per pack)
         positions = shard_pack(positions, world_size, rank) if world_size > 1 else positions
         q_local, k_local = apply_rope_3d(q_local, k_local, None, rope.dims, rope.theta, rope.interleaved,
                                          positions=positions, backend=backend)

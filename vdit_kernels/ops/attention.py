@@ -224,7 +224,7 @@ def varlen_attention(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_s
         dims = check_rope_dims(rope.dims, q.shape[2])
         theta = check_theta(rope.theta)
         check_positions(rope.positions, q.shape[0], q.device)
-        positions = rope.positions_for(q.dtype)  # (converted once per Rope3D)
+        positions = rope.positions_for(q.dtype)  # (a pack's: converted once per pack)
         interleaved = check_flag("rope.interleaved", rope.interleaved)
         rope_args = (positions, list(dims), theta, interleaved)
     deterministic = check_flag("deterministic", deterministic)

@@ -156,11 +156,8 @@ class Rope3D:
         the same buffer) is always seen: nothing here keeps a copy of a tensor it does not
         own. A normal tensor for a training call where the positions are an inference
         tensor (as apply_rope_3d's)."""
-        want = positions_dtype(dtype)
         pack = getattr(self, "_pack", None)  # (from_pack's: not a field, so replace() drops it)
-        if pack is not None and want == torch.float32:
-            return pack.float_positions
-        return _not_inference(self.positions.to(want).contiguous())
+        return _as_taken(pack.float_positions if pack is not None else self.positions, dtype)
 
 
 def _not_inference(t: Tensor, kept: bool = False) -> Tensor:
@@ -197,6 +194,12 @@ def float_positions(pack, positions: Optional[Tensor], num_tokens: int, device,
         check(pack is not None, "apply_rope_3d needs a pack or explicit positions")
         positions = pack.float_positions  # converted once per pack, not per call
     check_positions(positions, num_tokens, device)
+    return _as_taken(positions, dtype)
+
+
+def _as_taken(positions: Tensor, dtype: torch.dtype) -> Tensor:
+    """Checked positions as the ops take them for q of `dtype`: contiguous, in
+    positions_dtype(dtype), a normal tensor for a training call (no copy where they are so)."""
     return _not_inference(positions.to(positions_dtype(dtype)).contiguous())
 
 

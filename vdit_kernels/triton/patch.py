@@ -312,6 +312,12 @@ def _unpatchify_lines_kernel(tokens_ptr, cu_blocks_ptr, meta_ptr, stride_tn, F, 
         tl.store(dst, y, mask=rmask[:, None] & xmask[None, :])
 
 
+def _num_tokens(videos, patch_size) -> int:
+    """N: the tokens of a pack of (C, T, H, W) videos cut into patches of patch_size."""
+    pt, ph, pw = patch_size
+    return sum((v.shape[1] // pt) * (v.shape[2] // ph) * (v.shape[3] // pw) for v in videos)
+
+
 def _tiles(features: int) -> tuple[int, int]:
     block_f = min(next_pow2(features), 128)
     return max(8, 1024 // block_f), block_f
@@ -416,7 +422,7 @@ def patchify(videos, patch_size):
     videos = list(videos)
     pt, ph, pw = (int(p) for p in patch_size)
     c = videos[0].shape[0]
-    n = sum((v.shape[1] // pt) * (v.shape[2] // ph) * (v.shape[3] // pw) for v in videos)
+    n = _num_tokens(videos, (pt, ph, pw))
     out = torch.empty(n, c * pt * ph * pw, dtype=videos[0].dtype, device=videos[0].device)
     _launch(_patchify_kernel, out, videos, (pt, ph, pw))
     return out
@@ -735,8 +741,7 @@ _UNEMBED_BWD_CHOICE: dict = {}
 def _embed_key(w: torch.Tensor, videos, patch_size, with_bias: bool) -> tuple:
     """The measured choice's key: (hidden, F, dtype, device, bias, token class: up to 4K,
     up to 64K, more tokens, 2^31 or more: _token_class)."""
-    pt, ph, pw = patch_size
-    n = sum((v.shape[1] // pt) * (v.shape[2] // ph) * (v.shape[3] // pw) for v in videos)
+    n = _num_tokens(videos, patch_size)
     return (*w.shape, videos[0].dtype, videos[0].device, with_bias, _token_class(n))
 
 
@@ -782,8 +787,7 @@ def _tma_store_possible(videos, patch_size, f: int, nout: int) -> bool:
         return False
     if v0.is_cuda and (v0.dtype == torch.float32 or torch.cuda.get_device_capability(v0.device)[0] < 9):
         return False
-    pt, ph, pw = patch_size
-    n = sum((v.shape[1] // pt) * (v.shape[2] // ph) * (v.shape[3] // pw) for v in videos)
+    n = _num_tokens(videos, patch_size)
     return nout * v0.element_size() % 16 == 0 and 0 < n < 2 ** 31 and 0 < nout < 2 ** 31
 
 
@@ -795,7 +799,7 @@ def _gather_gemm(videos, b_mat, bias, patch_size, tma_store: bool = False):
     pt, ph, pw = patch_size
     v0 = videos[0]
     f, nout = b_mat.shape
-    n = sum((v.shape[1] // pt) * (v.shape[2] // ph) * (v.shape[3] // pw) for v in videos)
+    n = _num_tokens(videos, patch_size)
     out = torch.empty(n, nout, dtype=v0.dtype, device=v0.device)
     if n == 0 or nout == 0:
         return out
